@@ -1,0 +1,346 @@
+"""Filling a logit cache: teacher inference over shards, in one process or on a dask cluster.
+
+The plan is always the same: open or create the cache (schema first), work out which member-shards are missing
+(the done flags, never "a file exists"), compute them, write each whole shard then its flag, and mark the cache
+complete last. A single process overlaps inference with compression and writing through a writer thread; with
+``--workers``/``--scheduler`` shard ranges are mapped over dask workers, each of which loads the teachers once.
+Both paths run the same per-shard function on the same batch boundaries, so their caches are bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from .cache import (
+    ATTR_KEY,
+    CacheLock,
+    LogitCache,
+    add_member_arrays,
+    create_cache,
+    mark_complete,
+    read_header,
+    remove_partial_files,
+    shard_bounds,
+    write_shard,
+)
+from .checkpoints import LoadedModel, load_checkpoint, member_paths
+from .config import CacheConfig
+from .datasets import Dataset, load_dataset
+from .devices import describe_device, resolve_device
+from .errors import CacheError, CheckpointError
+
+DEFAULT_DTYPE = "float16"
+DEFAULT_ROWS_PER_SHARD = 4096
+
+
+@torch.inference_mode()
+def teacher_logits(model: torch.nn.Module, x: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+    """Raw logits of one model over raw inputs, in fixed batches.
+
+    Args:
+        x: (rows, *shape) raw inputs (uint8 stays uint8 until on the device: 4x fewer bytes to copy).
+
+    Returns:
+        (rows, C) float32.
+    """
+    pin = device.type == "cuda"
+    outs = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))
+        if pin:
+            xb = xb.pin_memory()
+        outs.append(model(xb.to(device, non_blocking=pin)).float())
+    return torch.cat(outs).cpu().numpy()
+
+
+@dataclass
+class WorkSpec:
+    """Everything a (possibly remote) worker needs to compute shards. Plain data: it is pickled to workers."""
+
+    location: str
+    dataset_spec: str
+    dataset_fingerprint: str
+    data_dir: str | None
+    checkpoints: dict[int, tuple[str, str]]  # member index -> (path, sha256)
+    device: str
+    batch_size: int
+    torch_threads: int = 0
+    tasks: list[tuple[int, list[int]]] = field(default_factory=list)  # (shard, member indices)
+
+
+def compute_shard(spec: WorkSpec, models: dict[int, torch.nn.Module], data: Dataset, group: zarr.Group,
+                  shard: int, members: list[int], device: torch.device,
+                  emit: Callable[[int, int, np.ndarray, np.ndarray], None]) -> int:
+    """Compute one shard for the given members and hand each result to ``emit(member, shard, logits, ids)``."""
+    h = group.attrs[ATTR_KEY]
+    start, stop = shard_bounds(shard, h["rows_per_shard"], h["n"])
+    x = data.x[start:stop]
+    ids = data.ids[start:stop]
+    for m in members:
+        emit(m, shard, teacher_logits(models[m], x, device, spec.batch_size), ids)
+    return stop - start
+
+
+# Per-process state of a dask worker: teachers and dataset are loaded once, not per task.
+_WORKER_STATE: dict[tuple, tuple[dict[int, torch.nn.Module], Dataset, torch.device]] = {}
+
+
+def _worker_state(spec: WorkSpec) -> tuple[dict[int, torch.nn.Module], Dataset, torch.device]:
+    key = (spec.location, spec.dataset_fingerprint, tuple(sorted(spec.checkpoints.items())), spec.device)
+    if key not in _WORKER_STATE:
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        device = resolve_device(spec.device)
+        data = load_dataset(spec.dataset_spec, spec.data_dir)
+        if data.fingerprint != spec.dataset_fingerprint:
+            raise CacheError(f"worker sees dataset {spec.dataset_spec} with fingerprint {data.fingerprint}, the "
+                             f"cache expects {spec.dataset_fingerprint}; workers must see the same files")
+        models = {}
+        for m, (path, sha) in spec.checkpoints.items():
+            lm = load_checkpoint(path, device)
+            if lm.sha256 != sha:
+                raise CacheError(f"worker's {path} has sha256 {lm.sha256}, expected {sha}: the file differs")
+            models[m] = lm.model
+        _WORKER_STATE.clear()  # one cache job at a time per worker: free the previous teachers
+        _WORKER_STATE[key] = (models, data, device)
+    return _WORKER_STATE[key]
+
+
+def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
+    """Dask task: compute and write ``spec.tasks`` (whole shards). Returns [(shard, rows)]."""
+    models, data, device = _worker_state(spec)
+    group = zarr.open_group(spec.location, mode="r+", use_consolidated=False)
+    done = []
+    for shard, members in spec.tasks:
+        rows = compute_shard(spec, models, data, group, shard, members, device,
+                             lambda m, s, lg, ids: write_shard(group, m, s, lg, ids))
+        done.append((shard, rows))
+    return done
+
+
+@dataclass
+class CacheResult:
+    location: str
+    status: str  # "created" | "resumed" | "already-complete" | "member-added"
+    shards_computed: int
+    rows_computed: int
+    seconds: float
+    members: int
+    message: str
+
+
+def _describe_difference(h: dict, data: Dataset, shas: list[str], cfg: CacheConfig) -> list[str]:
+    diffs = []
+    d = h["dataset"]
+    if d["fingerprint"] != data.fingerprint:
+        diffs.append(f"dataset: the cache holds {d['spec']} with fingerprint {d['fingerprint']}, you gave "
+                     f"{data.spec} with fingerprint {data.fingerprint}")
+    have = [m["checkpoint_sha256"] for m in h["members"]]
+    if have != shas:
+        diffs.append("teachers: the cache's members are "
+                     + ", ".join(f"{m['path']} ({m['checkpoint_sha256'][:19]})" for m in h["members"])
+                     + "; you gave " + ", ".join(s[:19] for s in shas))
+    if cfg.dtype and cfg.dtype != h["dtype"]:
+        diffs.append(f"dtype: the cache stores {h['dtype']}, you asked for {cfg.dtype}")
+    if cfg.rows_per_shard and cfg.rows_per_shard != h["rows_per_shard"]:
+        diffs.append(f"rows per shard: the cache uses {h['rows_per_shard']}, you asked for {cfg.rows_per_shard}")
+    return diffs
+
+
+def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: bool = True) -> CacheResult:
+    """Create, resume or extend the cache at ``cfg.out``; see the module docstring.
+
+    Raises:
+        CacheError, CheckpointError, DatasetError: with what differs / is wrong and what to do.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    paths = [p for t in cfg.teachers for p in member_paths(t)]
+    loaded: list[LoadedModel] = [load_checkpoint(p, "cpu") for p in paths]
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    _check_members(loaded, data)
+    num_classes = int(loaded[0].meta["num_classes"])
+    class_names = loaded[0].meta.get("class_names") or data.class_names
+    shas = [lm.sha256 for lm in loaded]
+    location = str(cfg.out)
+    existing = read_header(location)
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    if existing is None:
+        Path(location).mkdir(parents=True, exist_ok=True)
+    with CacheLock(Path(location)):
+        if existing is None:
+            if cfg.add_member:
+                raise CacheError(f"{location}: --add-member needs an existing complete cache; drop --add-member "
+                                 "to create one")
+            create_cache(location, dataset=data.describe(), ids=data.ids, labels=data.y, num_classes=num_classes,
+                         class_names=class_names, members=[lm.identity() for lm in loaded],
+                         dtype=cfg.dtype or DEFAULT_DTYPE, rows_per_shard=cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD,
+                         command=cfg.command)
+            status = "created"
+        elif cfg.add_member:
+            status = _add_members(location, existing, loaded, data, num_classes)
+            if status == "already-members":
+                return CacheResult(location, "already-complete", 0, 0, time.perf_counter() - t0,
+                                   len(existing["members"]),
+                                   f"{location}: every given teacher is already a member; nothing to do")
+        else:
+            diffs = _describe_difference(existing, data, shas, cfg)
+            if diffs:
+                raise CacheError(f"{location} already holds a different cache:\n  " + "\n  ".join(diffs)
+                                 + "\nUse another --out, or --add-member to add a teacher to a complete cache")
+            if existing["complete"]:
+                return CacheResult(location, "already-complete", 0, 0, time.perf_counter() - t0,
+                                   len(existing["members"]),
+                                   f"{location} is already complete ({existing['n']} rows, "
+                                   f"{len(existing['members'])} members); nothing to do")
+            removed = remove_partial_files(location)
+            if removed:
+                log(f"removed {removed} temporary files left by an interrupted write")
+            status = "resumed"
+        cache = LogitCache(location, allow_partial=True)
+        h = cache.header
+        by_sha = {lm.sha256: lm for lm in loaded}
+        checkpoints = {m["index"]: (str(by_sha[m["checkpoint_sha256"]].path), m["checkpoint_sha256"])
+                       for m in h["members"] if m["checkpoint_sha256"] in by_sha}
+        pending: dict[int, list[int]] = {}
+        for m in h["members"]:
+            for s in np.flatnonzero(~cache.done_flags(m["index"])):
+                pending.setdefault(int(s), []).append(m["index"])
+        tasks = sorted(pending.items())
+        rows_total = sum(np.subtract(*shard_bounds(s, h["rows_per_shard"], h["n"])[::-1]) for s, _ in tasks)
+        spec = WorkSpec(location, data.spec, data.fingerprint, cfg.data_dir, checkpoints, cfg.device,
+                        cfg.batch_size)
+        log(f"{status} {location}: {len(tasks)}/{h['n_shards']} shards to compute for {len(h['members'])} "
+            f"member(s), {rows_total} rows, on {describe_device(device)}")
+        bar = tqdm(total=int(rows_total), unit="row", unit_scale=True, desc="cache-logits", disable=not progress)
+        try:
+            if cfg.workers or cfg.scheduler:
+                _run_dask(spec, tasks, cfg, device, bar)
+            else:
+                models = {m: by_sha[sha].model.to(device) for m, (_, sha) in checkpoints.items()}
+                _run_local(spec, tasks, models, data, device, bar)
+        finally:
+            bar.close()
+        mark_complete(location)
+    seconds = time.perf_counter() - t0
+    return CacheResult(location, status, len(tasks), int(rows_total), seconds, len(h["members"]),
+                       f"{location} complete: {h['n']} rows x {h['num_classes']} classes x {len(h['members'])} "
+                       f"member(s), {len(tasks)} shards computed in {seconds:.1f}s")
+
+
+def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
+    classes = {int(lm.meta["num_classes"]) for lm in loaded}
+    if len(classes) > 1:
+        raise CheckpointError("teachers disagree on the number of classes: "
+                              + ", ".join(f"{lm.path}: {lm.meta['num_classes']}" for lm in loaded)
+                              + "; every member of one cache must predict the same classes")
+    for lm in loaded:
+        if tuple(lm.meta["in_shape"]) != data.sample_shape:
+            raise CheckpointError(f"{lm.path} expects inputs of shape {tuple(lm.meta['in_shape'])}, but "
+                                  f"{data.spec} has samples of shape {data.sample_shape}")
+    c = classes.pop()
+    if data.labeled and c != data.num_classes:
+        raise CheckpointError(f"the teachers predict {c} classes but {data.spec} has {data.num_classes}")
+    shas = [lm.sha256 for lm in loaded]
+    if len(set(shas)) != len(shas):
+        raise CheckpointError("the same checkpoint was given twice: " + ", ".join(str(lm.path) for lm in loaded))
+
+
+def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Dataset, num_classes: int) -> str:
+    if not h["complete"]:
+        raise CacheError(f"{location} is partial; finish it first by re-running its command without "
+                         "--add-member, then add members")
+    if h["dataset"]["fingerprint"] != data.fingerprint:
+        raise CacheError(f"--add-member: the cache was made on {h['dataset']['spec']} (fingerprint "
+                         f"{h['dataset']['fingerprint']}), you gave {data.spec} ({data.fingerprint})")
+    if num_classes != h["num_classes"]:
+        raise CacheError(f"--add-member: the new teacher predicts {num_classes} classes, the cache has "
+                         f"{h['num_classes']}")
+    have = {m["checkpoint_sha256"] for m in h["members"]}
+    new = [lm for lm in loaded if lm.sha256 not in have]
+    if not new:
+        return "already-members"
+    group = zarr.open_group(location, mode="r+", use_consolidated=False)
+    for lm in new:
+        add_member_arrays(group, lm.identity())
+    return "member-added"
+
+
+def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[int, torch.nn.Module],
+               data: Dataset, device: torch.device, bar: tqdm) -> None:
+    """One process: inference on this thread, compression + writes on a writer thread (they overlap)."""
+    group = zarr.open_group(spec.location, mode="r+", use_consolidated=False)
+    q: queue.Queue = queue.Queue(maxsize=8)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if failure:
+                continue  # drain after an error so the producer never blocks
+            try:
+                write_shard(group, *item)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                failure.append(e)
+
+    thread = threading.Thread(target=writer, name="cache-writer", daemon=True)
+    thread.start()
+    try:
+        for shard, members in tasks:
+            if failure:
+                break
+            rows = compute_shard(spec, models, data, group, shard, members, device,
+                                 lambda m, s, lg, ids: q.put((m, s, lg, ids)))
+            bar.update(rows)
+    finally:
+        q.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _run_dask(spec: WorkSpec, tasks: list[tuple[int, list[int]]], cfg: CacheConfig, device: torch.device,
+              bar: tqdm) -> None:
+    """Map shard ranges over dask workers (a LocalCluster of processes, or an existing scheduler)."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    else:
+        n_workers = cfg.workers
+        resources = {"GPU": 1} if device.type == "cuda" else None
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               resources=resources)
+        client = Client(cluster)
+    # Torch threads per worker so that workers on one machine do not oversubscribe its cores.
+    spec.torch_threads = max(1, (os.cpu_count() or 1) // n_workers) if cfg.workers else 0
+    per_task = max(1, math.ceil(len(tasks) / (n_workers * 4)))
+    chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
+    specs = [WorkSpec(**{**spec.__dict__, "tasks": c}) for c in chunks]
+    try:
+        resources = {"GPU": 1} if device.type == "cuda" else None
+        futures = client.map(run_worker_tasks, specs, pure=False, resources=resources)
+        for fut in as_completed(futures):
+            for _, rows in fut.result():
+                bar.update(rows)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

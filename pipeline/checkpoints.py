@@ -1,0 +1,121 @@
+"""Checkpoints that describe themselves and load without executing code.
+
+A checkpoint is a ``torch.save`` of ``{"kd_checkpoint": VERSION, "meta": {...JSON...}, "state_dict": {...}}``
+loaded back with ``weights_only=True`` (tensors and plain containers only: a checkpoint from someone else cannot
+run code on load). ``meta`` records the model spec, the input shape and classes, the training dataset's
+identity (spec + fingerprint), the resolved config, and test metrics.
+
+An ensemble is a directory of ``member-<i>.pt`` checkpoints (plus an ``ensemble.json`` summary).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, KDError
+from .models import KDModel, build_model
+
+CHECKPOINT_VERSION = 1
+
+
+def file_sha256(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: KDModel, meta: dict) -> Path:
+    """Write ``model`` and its JSON ``meta`` to ``path`` atomically (temp file + rename).
+
+    ``meta`` must hold at least ``model_spec``, ``in_shape``, ``num_classes``.
+    """
+    for key in ("model_spec", "in_shape", "num_classes"):
+        if key not in meta:
+            raise KDError(f"checkpoint meta is missing {key!r}")
+    json.dumps(meta)  # fail here, not at load time, if meta is not JSON
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"kd_checkpoint": CHECKPOINT_VERSION, "meta": meta, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded from a checkpoint, with where it came from."""
+
+    model: KDModel
+    meta: dict
+    path: Path
+    sha256: str
+
+    def identity(self) -> dict:
+        """JSON identity of this model for cache and run metadata."""
+        return {
+            "path": str(self.path),
+            "checkpoint_sha256": self.sha256,
+            "model_spec": self.meta.get("model_spec"),
+            "num_classes": self.meta.get("num_classes"),
+            "train_dataset": (self.meta.get("dataset") or {}).get("spec"),
+            "train_dataset_fingerprint": (self.meta.get("dataset") or {}).get("fingerprint"),
+            "metrics": self.meta.get("metrics"),
+        }
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); model in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged or unsafe files
+        raise CheckpointError(
+            f"{path}: cannot load as a kd-pipeline checkpoint with weights_only=True ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); is it damaged, or not written by kd-pipeline?"
+        ) from e
+    if not isinstance(blob, dict) or "kd_checkpoint" not in blob:
+        raise CheckpointError(f"{path}: not a kd-pipeline checkpoint (no 'kd_checkpoint' key)")
+    if blob["kd_checkpoint"] > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {blob['kd_checkpoint']} is newer than this kd-pipeline understands "
+            f"({CHECKPOINT_VERSION}); upgrade kd-pipeline"
+        )
+    meta = blob["meta"]
+    model = build_model(meta["model_spec"], tuple(meta["in_shape"]), int(meta["num_classes"]))
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit model {meta['model_spec']!r}: {e}") from e
+    model.to(device).eval()
+    return LoadedModel(model, meta, path, file_sha256(path))
+
+
+def member_paths(path: str | Path) -> list[Path]:
+    """The checkpoint files behind ``path``: itself, or the ``*.pt`` members of an ensemble directory."""
+    path = Path(path)
+    if path.is_dir():
+        members = sorted(path.glob("member-*.pt"), key=lambda p: (len(p.name), p.name)) or sorted(path.glob("*.pt"))
+        if not members:
+            raise CheckpointError(f"{path}: ensemble directory holds no *.pt checkpoints; train one with "
+                                  "`kd-pipeline train-teacher --out DIR`")
+        return members
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or ensemble directory")
+    return [path]
+
+
+def load_models(paths: list[str | Path], device: torch.device | str = "cpu") -> list[LoadedModel]:
+    """Load every member behind each path (checkpoint or ensemble directory), in order."""
+    return [load_checkpoint(p, device) for path in paths for p in member_paths(path)]

@@ -1,0 +1,166 @@
+"""Config dataclasses for each step. Each ``validate()`` reports every problem at once (``ConfigError``).
+
+Configs are plain data: the CLI fills them, the steps read them, and ``to_dict()`` is what runs record as their
+resolved config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+from .losses import ENSEMBLE_METHODS, LOSSES
+from .training import TrainConfig
+
+CACHE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class TeacherConfig:
+    """``train-teacher``: an ensemble of ``members`` models, one seed each."""
+
+    dataset: str = "fashion-mnist:train"
+    model: str = "mlp:1200,1200"
+    input_dropout: float = 0.2
+    dropout: float = 0.5
+    max_norm: float | None = None
+    jitter: int = 2
+    members: int = 3
+    eval: str | None = "fashion-mnist:test"
+    out: str = ""
+    device: str = "auto"
+    data_dir: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        problems = []
+        if self.members < 1:
+            problems.append(f"members must be >= 1, got {self.members}")
+        if self.jitter < 0:
+            problems.append(f"jitter must be >= 0 pixels, got {self.jitter}")
+        for name in ("input_dropout", "dropout"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                problems.append(f"{name} must be in [0, 1), got {v}")
+        if not self.out:
+            problems.append("out (the ensemble directory) must be given")
+        try:
+            self.train.validate()
+        except ConfigError as e:
+            problems += e.problems
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvaluateConfig:
+    """``evaluate``: test metrics of a checkpoint or an ensemble on a labeled dataset."""
+
+    model: str = ""
+    dataset: str = "fashion-mnist:test"
+    ensemble: str = "mean-probs"
+    batch_size: int = 1024
+    device: str = "auto"
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        problems = []
+        if not self.model:
+            problems.append("model (a checkpoint or ensemble directory) must be given")
+        if self.ensemble not in ENSEMBLE_METHODS:
+            problems.append(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {self.ensemble!r}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class CacheConfig:
+    """``cache-logits``: run teachers once over a transfer set into a Zarr cache."""
+
+    teachers: list[str] = field(default_factory=list)
+    dataset: str = "fashion-mnist:train"
+    out: str = ""
+    dtype: str | None = None  # None: the existing cache's, or float16 for a new one
+    batch_size: int = 1024
+    rows_per_shard: int | None = None  # None: the existing cache's, or 4096 for a new one
+    device: str = "auto"
+    workers: int = 0
+    scheduler: str | None = None
+    add_member: bool = False
+    data_dir: str | None = None
+    command: str = ""
+
+    def validate(self) -> None:
+        problems = []
+        if not self.teachers:
+            problems.append("at least one --teacher (checkpoint or ensemble directory) is needed")
+        if not self.out:
+            problems.append("--out CACHE must be given")
+        if self.dtype is not None and self.dtype not in CACHE_DTYPES:
+            problems.append(f"dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.dtype!r}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.rows_per_shard is not None and self.rows_per_shard < 1:
+            problems.append(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
+        if self.workers and self.scheduler:
+            problems.append("use --workers N or --scheduler ADDRESS, not both")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class StudentConfig:
+    """``train-student``: distil a student from a cache (or an online teacher)."""
+
+    cache: str = ""
+    student: str = "mlp:800,800"
+    temperature: float = 20.0
+    alpha: float = 0.9
+    loss: str = "kd"
+    ensemble: str = "mean-probs"
+    members: list[int] | None = None
+    eval: str | None = None
+    class_bias: dict[int, float] = field(default_factory=dict)
+    fit_bias_on: str | None = None
+    memory_budget: int = 2 << 30
+    allow_partial: bool = False
+    online_teacher: list[str] | None = None
+    out: str = ""
+    device: str = "auto"
+    data_dir: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        problems = []
+        if not self.cache and not self.online_teacher:
+            problems.append("--cache CACHE (or --online-teacher PATH with --dataset) must be given")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            problems.append(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.ensemble not in ENSEMBLE_METHODS:
+            problems.append(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {self.ensemble!r}")
+        if self.memory_budget < 1 << 20:
+            problems.append(f"memory_budget must be at least 1 MiB, got {self.memory_budget} bytes")
+        if not self.out:
+            problems.append("out (the run directory) must be given")
+        try:
+            self.train.validate()
+        except ConfigError as e:
+            problems += e.problems
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["class_bias"] = {str(k): v for k, v in self.class_bias.items()}
+        return d

@@ -1,0 +1,441 @@
+"""Datasets: specs, a registry of sources, stable sample ids and content fingerprints.
+
+A dataset spec is ``NAME:ARGS...:SPLIT[:key=value...]``:
+
+- ``fashion-mnist:train`` / ``fashion-mnist:test``: the shipped Fashion-MNIST (``data/fashion-mnist``).
+- ``mnist:train|test``: the original MNIST IDX files from ``--data-dir`` or ``$KD_DATA_DIR`` (or their ``mnist/``).
+- ``idx:DIR:train|test``: any directory holding the four MNIST-style file names, gzipped or not.
+- ``npz:FILE:SPLIT``: arrays ``x_<split>`` and optional ``y_<split>`` (no labels = an unlabeled transfer set);
+  optional ``class_names`` (strings) or ``num_classes`` (scalar).
+
+Modifiers, usable on any spec and recorded in metadata (applied in this order):
+
+- ``exclude=3,5`` drops those classes; ``keep=0,1`` keeps only those (the paper's omitted-class experiments).
+- ``fraction=0.03`` or ``count=1000`` keeps a random subset, drawn with ``seed=N`` (default 0), in original order.
+
+Every sample keeps its index in the unmodified split as its stable id, so ids survive filtering and subsetting.
+The fingerprint is a sha256 over the inputs and labels in order (with their shapes and dtypes), computed in
+chunks so that it never copies the whole array.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+MNIST_CLASSES = [str(i) for i in range(10)]
+MODIFIER_KEYS = ("exclude", "keep", "fraction", "count", "seed")
+_IDX_IMAGES_MAGIC = 0x00000803
+_IDX_LABELS_MAGIC = 0x00000801
+_FINGERPRINT_CHUNK = 1 << 22  # bytes hashed per step; keeps memory flat on large inputs
+
+
+@dataclass
+class Dataset:
+    """An in-memory dataset with identity.
+
+    Attributes:
+        spec: canonical spec string (modifiers included), enough to load it again.
+        x: raw inputs, shape (N, *sample_shape); uint8 pixels or float32. Models normalise themselves.
+        y: labels, shape (N,) int64, or None for an unlabeled transfer set.
+        ids: stable sample ids, shape (N,) int64: the index of each sample in the unmodified split.
+        num_classes: number of classes of the task (of the unmodified split: filtering keeps it).
+        class_names: one name per class.
+        source: where the data came from (files), for metadata.
+        modifiers: the applied modifiers, for metadata.
+    """
+
+    spec: str
+    x: np.ndarray
+    y: np.ndarray | None
+    ids: np.ndarray
+    num_classes: int
+    class_names: list[str]
+    source: dict = field(default_factory=dict)
+    modifiers: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def labeled(self) -> bool:
+        return self.y is not None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint_arrays(self.x, self.y)
+
+    @cached_property
+    def input_stats(self) -> tuple[float, float]:
+        """Mean and standard deviation of all input values, for the models' input normalisation."""
+        total, total_sq, count = 0.0, 0.0, 0
+        flat = self.x.reshape(len(self), -1)
+        step = max(1, _FINGERPRINT_CHUNK // max(1, flat.shape[1]))
+        for start in range(0, len(self), step):
+            block = flat[start:start + step].astype(np.float64)
+            total += float(block.sum())
+            total_sq += float((block * block).sum())
+            count += block.size
+        if count == 0:
+            return 0.0, 1.0
+        mean = total / count
+        std = max((total_sq / count - mean * mean), 0.0) ** 0.5
+        return mean, (std if std > 0 else 1.0)
+
+    def describe(self) -> dict:
+        """JSON metadata: what this dataset is, for caches and checkpoints."""
+        return {
+            "spec": self.spec,
+            "fingerprint": self.fingerprint,
+            "n": len(self),
+            "sample_shape": list(self.sample_shape),
+            "input_dtype": str(self.x.dtype),
+            "labeled": self.labeled,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "input_stats": list(self.input_stats),
+            "modifiers": self.modifiers,
+            "source": self.source,
+        }
+
+
+def fingerprint_arrays(x: np.ndarray, y: np.ndarray | None) -> str:
+    """sha256 over inputs then labels (shape and dtype included), streamed in chunks.
+
+    Args:
+        x: inputs, shape (N, ...).
+        y: labels, shape (N,), or None.
+
+    Returns:
+        ``"sha256:<hex>"``.
+    """
+    h = hashlib.sha256()
+    for name, arr in (("x", x), ("y", y)):
+        if arr is None:
+            h.update(f"{name}:none;".encode())
+            continue
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{name}:{arr.dtype.str}:{list(arr.shape)};".encode())
+        flat = arr.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _FINGERPRINT_CHUNK):
+            h.update(memoryview(flat[start:start + _FINGERPRINT_CHUNK]))
+    return "sha256:" + h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------- registry
+@dataclass
+class _Base:
+    """What a source returns: the unmodified split."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    class_names: list[str]
+    source: dict
+
+
+@dataclass
+class DatasetSource:
+    """A registered dataset source: how many positional args its spec takes, and its loader."""
+
+    name: str
+    args: tuple[str, ...]
+    load: Callable[..., _Base]
+    help: str
+
+
+DATASETS: dict[str, DatasetSource] = {}
+
+
+def register_dataset(name: str, args: tuple[str, ...], help: str) -> Callable:
+    """Register a loader ``fn(*args, data_dir=...) -> _Base`` under ``name``."""
+
+    def wrap(fn: Callable[..., _Base]) -> Callable[..., _Base]:
+        DATASETS[name] = DatasetSource(name, args, fn, help)
+        return fn
+
+    return wrap
+
+
+def data_root() -> Path:
+    """Where runs put caches and outputs by default: the checkout's ``data/`` (else ``./data``)."""
+    env = os.environ.get("KD_OUTPUT_DIR")
+    if env:
+        return Path(env)
+    repo_data = Path(__file__).resolve().parents[1] / "data"
+    if (repo_data / "fashion-mnist").is_dir():
+        return repo_data
+    return Path.cwd() / "data"
+
+
+def _shipped_fashion_mnist_dir(data_dir: str | None) -> Path:
+    candidates = []
+    if data_dir:
+        candidates += [Path(data_dir) / "fashion-mnist", Path(data_dir)]
+    if os.environ.get("KD_DATA_DIR"):
+        candidates += [Path(os.environ["KD_DATA_DIR"]) / "fashion-mnist"]
+    candidates += [
+        Path(__file__).resolve().parents[1] / "data" / "fashion-mnist",
+        Path.cwd() / "data" / "fashion-mnist",
+        Path("/usr/share/datasets/fashion-mnist"),  # Debian's dataset-fashion-mnist
+    ]
+    for c in candidates:
+        if _find_idx_file(c, IDX_FILES["train"][0]) is not None:
+            return c
+    raise DatasetError(
+        "the shipped Fashion-MNIST files were not found; looked in:\n"
+        + "\n".join(f"  {c}" for c in candidates)
+        + "\nExpected the four IDX files (e.g. train-images-idx3-ubyte.gz). Run from a checkout of kd-pipeline, "
+        "set KD_DATA_DIR, or `apt-get install dataset-fashion-mnist`."
+    )
+
+
+def _find_idx_file(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        p = directory / name
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_idx(path: Path, expected_magic: int, what: str) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"{path}: cannot read {what} IDX file ({e}); the file is damaged or not gzip") from e
+    if len(raw) < 8:
+        raise DatasetError(f"{path}: {len(raw)} bytes is too short for an IDX header; the file is truncated")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != expected_magic:
+        raise DatasetError(
+            f"{path}: wrong magic number 0x{magic:08x} for an IDX {what} file, expected 0x{expected_magic:08x}; "
+            "is this the right file?"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DatasetError(
+            f"{path}: header says {dims} ({expected} bytes) but the file has {len(raw)} bytes; "
+            "the file is truncated or damaged, fetch it again"
+        )
+    # Copy: frombuffer over bytes is read-only, and torch wants writable arrays.
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def read_idx_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one split of an MNIST-style IDX directory.
+
+    Returns:
+        images (N, 1, H, W) uint8 and labels (N,) int64.
+    """
+    if split not in IDX_FILES:
+        raise DatasetError(f"unknown split {split!r} for IDX data; expected 'train' or 'test'")
+    img_stem, lab_stem = IDX_FILES[split]
+    img_path, lab_path = _find_idx_file(directory, img_stem), _find_idx_file(directory, lab_stem)
+    if img_path is None or lab_path is None:
+        names = [n for pair in IDX_FILES.values() for n in pair]
+        raise DatasetError(
+            f"IDX files for split {split!r} not found in {directory}; expected these four files (gzipped or not):\n"
+            + "\n".join(f"  {n}[.gz]" for n in names)
+        )
+    images = _read_idx(img_path, _IDX_IMAGES_MAGIC, "images")
+    labels = _read_idx(lab_path, _IDX_LABELS_MAGIC, "labels")
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DatasetError(f"{img_path}: expected images of 3 dimensions and labels of 1, found {images.shape}"
+                           f" and {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(
+            f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels; "
+            "the pair must have the same count"
+        )
+    return images[:, None, :, :], labels.astype(np.int64)
+
+
+@register_dataset("fashion-mnist", ("split",), "the shipped Fashion-MNIST: fashion-mnist:train|test")
+def _fashion_mnist(split: str, data_dir: str | None = None) -> _Base:
+    directory = _shipped_fashion_mnist_dir(data_dir)
+    x, y = read_idx_split(directory, split)
+    return _Base(x, y, FASHION_MNIST_CLASSES, {"dir": str(directory)})
+
+
+@register_dataset("mnist", ("split",), "MNIST from --data-dir or $KD_DATA_DIR: mnist:train|test")
+def _mnist(split: str, data_dir: str | None = None) -> _Base:
+    root = data_dir or os.environ.get("KD_DATA_DIR")
+    if not root:
+        raise DatasetError(
+            "mnist needs its IDX files: pass --data-dir DIR or set KD_DATA_DIR to a directory holding "
+            + ", ".join(n + "[.gz]" for pair in IDX_FILES.values() for n in pair)
+        )
+    directory = Path(root)
+    if _find_idx_file(directory / "mnist", IDX_FILES[split][0] if split in IDX_FILES else "") is not None:
+        directory = directory / "mnist"
+    x, y = read_idx_split(directory, split)
+    return _Base(x, y, MNIST_CLASSES, {"dir": str(directory)})
+
+
+@register_dataset("idx", ("dir", "split"), "any MNIST-style IDX directory: idx:DIR:train|test")
+def _idx(directory: str, split: str, data_dir: str | None = None) -> _Base:
+    path = Path(directory)
+    if not path.is_dir():
+        raise DatasetError(f"idx:{directory}: no such directory")
+    x, y = read_idx_split(path, split)
+    n_classes = int(y.max()) + 1 if y.size else 0
+    return _Base(x, y, [str(i) for i in range(n_classes)], {"dir": str(path.resolve())})
+
+
+@register_dataset("npz", ("file", "split"), "arrays x_<split> [, y_<split>] in a .npz: npz:FILE:SPLIT")
+def _npz(file: str, split: str, data_dir: str | None = None) -> _Base:
+    path = Path(file)
+    if not path.is_file():
+        raise DatasetError(f"npz:{file}: no such file")
+    try:
+        # allow_pickle=False: a dataset file is data, never code.
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            if f"x_{split}" not in keys:
+                raise DatasetError(
+                    f"{path}: no array 'x_{split}' for split {split!r}; it holds {sorted(keys)}. "
+                    "Expected x_<split> and optionally y_<split>."
+                )
+            x = np.asarray(z[f"x_{split}"])
+            y = np.asarray(z[f"y_{split}"]).astype(np.int64) if f"y_{split}" in keys else None
+            names = [str(s) for s in z["class_names"]] if "class_names" in keys else None
+            n_classes = int(z["num_classes"]) if "num_classes" in keys else None
+            if names is None:
+                if n_classes is None:
+                    ys = [np.asarray(z[k]) for k in keys if k.startswith("y_")]
+                    n_classes = max((int(a.max()) + 1 for a in ys if a.size), default=0)
+                names = [str(i) for i in range(n_classes)]
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable .npz file without pickles ({e})") from e
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32)
+    if y is not None and y.shape[0] != x.shape[0]:
+        raise DatasetError(f"{path}: x_{split} has {x.shape[0]} rows but y_{split} has {y.shape[0]}")
+    return _Base(x, y, names, {"file": str(path.resolve())})
+
+
+# ------------------------------------------------------------------------------------------------ spec parsing
+def _parse_int_list(key: str, value: str, spec: str) -> list[int]:
+    try:
+        return sorted({int(v) for v in value.split(",") if v != ""})
+    except ValueError:
+        raise DatasetError(f"{spec}: {key}= expects class indices like {key}=3 or {key}=0,1; found {value!r}") from None
+
+
+def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
+    """Split ``spec`` into its source, positional args and modifiers (validated)."""
+    parts = spec.split(":")
+    name = parts[0]
+    if name not in DATASETS:
+        raise DatasetError(
+            f"unknown dataset {name!r} in spec {spec!r}; known: {', '.join(sorted(DATASETS))} "
+            "(e.g. fashion-mnist:train, idx:DIR:test, npz:FILE:train)"
+        )
+    source = DATASETS[name]
+    n = len(source.args)
+    args = parts[1:1 + n]
+    if len(args) != n or any("=" in a for a in args):
+        raise DatasetError(f"dataset spec {spec!r}: {name} expects {name}:{':'.join(a.upper() for a in source.args)}")
+    mods: dict = {}
+    for item in parts[1 + n:]:
+        key, eq, value = item.partition("=")
+        if not eq or key not in MODIFIER_KEYS:
+            raise DatasetError(
+                f"dataset spec {spec!r}: unknown modifier {item!r}; expected key=value with key in "
+                f"{', '.join(MODIFIER_KEYS)} (e.g. fashion-mnist:train:exclude=3:fraction=0.03:seed=0)"
+            )
+        if key in ("exclude", "keep"):
+            mods[key] = _parse_int_list(key, value, spec)
+        elif key == "fraction":
+            try:
+                mods[key] = float(value)
+            except ValueError:
+                raise DatasetError(f"{spec}: fraction= expects a number in (0, 1]; found {value!r}") from None
+            if not 0 < mods[key] <= 1:
+                raise DatasetError(f"{spec}: fraction= expects a number in (0, 1]; found {value!r}")
+        else:
+            try:
+                mods[key] = int(value)
+            except ValueError:
+                raise DatasetError(f"{spec}: {key}= expects an integer; found {value!r}") from None
+    if "exclude" in mods and "keep" in mods:
+        raise DatasetError(f"{spec}: use exclude= or keep=, not both")
+    if "fraction" in mods and "count" in mods:
+        raise DatasetError(f"{spec}: use fraction= or count=, not both")
+    return source, args, mods
+
+
+def canonical_spec(source: DatasetSource, args: list[str], mods: dict) -> str:
+    parts = [source.name, *args]
+    for key in MODIFIER_KEYS:
+        if key in mods:
+            v = mods[key]
+            parts.append(f"{key}={','.join(map(str, v)) if isinstance(v, list) else v}")
+    return ":".join(parts)
+
+
+def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
+    """Load a dataset from its spec (see the module docstring for the grammar).
+
+    Raises:
+        DatasetError: unknown spec, missing or damaged files, modifiers that leave nothing.
+    """
+    source, args, mods = parse_spec(spec)
+    base = source.load(*args, data_dir=data_dir)
+    n_classes = len(base.class_names)
+    idx = np.arange(base.x.shape[0], dtype=np.int64)
+    if "exclude" in mods or "keep" in mods:
+        if base.y is None:
+            raise DatasetError(f"{spec}: exclude=/keep= need labels but this dataset is unlabeled")
+        classes = mods.get("exclude") or mods.get("keep")
+        bad = [c for c in classes if not 0 <= c < n_classes]
+        if bad:
+            raise DatasetError(f"{spec}: classes {bad} out of range; this dataset has classes 0..{n_classes - 1}")
+        mask = np.isin(base.y, classes)
+        idx = idx[~mask] if "exclude" in mods else idx[mask]
+    if "fraction" in mods or "count" in mods:
+        k = int(round(mods["fraction"] * idx.size)) if "fraction" in mods else mods["count"]
+        if not 0 < k <= idx.size:
+            raise DatasetError(f"{spec}: the subset would hold {k} samples, but 1..{idx.size} are available")
+        rng = np.random.default_rng(mods.get("seed", 0))
+        idx = np.sort(rng.choice(idx, size=k, replace=False))
+    if idx.size == 0:
+        raise DatasetError(f"{spec}: no samples are left after the modifiers")
+    whole = idx.size == base.x.shape[0]
+    x = base.x if whole else base.x[idx]
+    y = None if base.y is None else (base.y if whole else base.y[idx])
+    return Dataset(
+        spec=canonical_spec(source, args, mods),
+        x=x,
+        y=y,
+        ids=idx,
+        num_classes=n_classes,
+        class_names=list(base.class_names),
+        source=base.source,
+        modifiers=mods,
+    )

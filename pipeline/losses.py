@@ -1,0 +1,138 @@
+"""The paper's losses behind one signature, and ensemble combination.
+
+Every loss is called as ``loss(student_logits, teacher_logits, labels) -> dict`` with
+``student_logits`` (B, C), ``teacher_logits`` (B, C) or None, ``labels`` (B,) int64 or None, and returns
+``{"loss": total, "soft": ..., "hard": ...}`` (scalars; parts that do not apply are 0). The training loop
+back-propagates ``"loss"`` and logs every part, so a new loss is a new registry entry, never a new loop.
+
+Distillation (Hinton et al. 2015, section 2)::
+
+    loss = alpha * T^2 * KL(softmax(v/T) || softmax(z/T)) + (1 - alpha) * CE(y, softmax(z))
+
+``v`` the teacher's logits, ``z`` the student's; ``alpha`` weights the soft term (the paper uses a high weight).
+The T^2 factor keeps the soft gradients' magnitude independent of T: d(T^2 KL)/dz = T (q - p) per sample.
+Logit matching is the high-temperature limit: for zero-mean logits T^2 KL -> (1 / 2C) * sum_i (z_i - v_i)^2,
+which is exactly ``logit-mse``'s soft term.
+
+All maths runs in float32 on log-probabilities (``log_softmax`` + ``kl_div(log_target=True)``), so logits of
+magnitude 1e4 give finite losses and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+ENSEMBLE_METHODS = ("mean-probs", "mean-logits")
+
+
+def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax at temperature T: q_i = exp(z_i/T) / sum_j exp(z_j/T). Shapes (..., C) -> (..., C)."""
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def combine_members(member_logits: torch.Tensor, method: str = "mean-probs",
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Combine an ensemble's logits into one set of logits.
+
+    The result ``v`` is such that ``softmax(v / T)`` is the ensemble's distribution at temperature T:
+
+    - ``mean-probs``: the arithmetic mean of the members' ``softmax(v_m / T)``;
+      ``v = T * log(mean_m softmax(v_m / T))`` (log-sum-exp, stable).
+    - ``mean-logits``: the geometric mean of the members' distributions, renormalised, which is
+      ``softmax(mean_m v_m / T)``; ``v = mean_m v_m`` (independent of T).
+
+    Args:
+        member_logits: (M, B, C) raw logits of M members.
+        method: ``mean-probs`` or ``mean-logits``.
+        temperature: T used for ``mean-probs``.
+
+    Returns:
+        (B, C) float32 logits.
+    """
+    v = member_logits.float()
+    if method == "mean-logits":
+        return v.mean(dim=0)
+    if method == "mean-probs":
+        logp = torch.log_softmax(v / temperature, dim=-1)  # (M, B, C)
+        return temperature * (torch.logsumexp(logp, dim=0) - math.log(v.shape[0]))
+    raise ConfigError([f"ensemble method must be one of {', '.join(ENSEMBLE_METHODS)}, got {method!r}"])
+
+
+def _hard_term(student_logits: torch.Tensor, labels: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    if alpha >= 1.0:
+        return student_logits.new_zeros((), dtype=torch.float32)
+    if labels is None:
+        raise ConfigError([f"alpha={alpha} < 1 needs hard labels, but this batch has none; use --alpha 1 on an "
+                           "unlabeled transfer set"])
+    return F.cross_entropy(student_logits.float(), labels)
+
+
+class DistillationLoss:
+    """``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)`` (the paper's loss; alpha = soft weight).
+
+    With ``alpha = 0`` it is plain cross-entropy and needs no teacher.
+    """
+
+    name = "kd"
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.9) -> None:
+        problems = []
+        if not temperature > 0:
+            problems.append(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= alpha <= 1.0:
+            problems.append(f"alpha must be in [0, 1], got {alpha}")
+        if problems:
+            raise ConfigError(problems)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+
+    def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """T^2 * KL(softmax(v/T) || softmax(z/T)), averaged over the batch. (B, C), (B, C) -> scalar."""
+        t = self.temperature
+        log_q = torch.log_softmax(student_logits.float() / t, dim=-1)
+        log_p = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+        return (t * t) * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                 labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        zero = student_logits.new_zeros((), dtype=torch.float32)
+        if self.alpha > 0:
+            if teacher_logits is None:
+                raise ConfigError([f"alpha={self.alpha} > 0 needs teacher logits (a cache or an online teacher)"])
+            soft = self.soft_term(student_logits, teacher_logits)
+        else:
+            soft = zero
+        hard = _hard_term(student_logits, labels, self.alpha)
+        return {"loss": self.alpha * soft + (1.0 - self.alpha) * hard, "soft": soft, "hard": hard}
+
+
+class LogitMatchingLoss(DistillationLoss):
+    """``alpha * (1 / 2C) * sum_i (z_i - v_i)^2 + (1 - alpha) * CE`` — Caruana's logit matching, the high-T limit.
+
+    The temperature is accepted (one signature) but does not enter: this is what T^2 KL tends to as T grows.
+    """
+
+    name = "logit-mse"
+
+    def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        diff = student_logits.float() - teacher_logits.float()
+        return 0.5 * diff.pow(2).mean(dim=-1).mean()
+
+
+LOSSES: dict[str, Callable[..., DistillationLoss]] = {
+    "kd": DistillationLoss,
+    "logit-mse": LogitMatchingLoss,
+}
+
+
+def make_loss(name: str, temperature: float, alpha: float) -> DistillationLoss:
+    """Build a registered loss by name (``kd`` or ``logit-mse``)."""
+    if name not in LOSSES:
+        raise ConfigError([f"loss must be one of {', '.join(LOSSES)}, got {name!r}"])
+    return LOSSES[name](temperature=temperature, alpha=alpha)

@@ -1,0 +1,99 @@
+"""Classification metrics computed from logits, and batched inference to get them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+ECE_BINS = 15
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None,
+                           teacher_logits: torch.Tensor | None = None) -> dict:
+    """Test errors, accuracy, NLL, expected calibration error and per-class errors.
+
+    Args:
+        logits: (N, C) model logits (T = 1).
+        labels: (N,) int64 true classes.
+        num_classes: C for the per-class table (defaults to logits' width).
+        teacher_logits: optional (N, C) logits to report argmax agreement with.
+
+    Returns:
+        JSON-able dict: ``n``, ``errors`` (count), ``accuracy``, ``nll`` (mean, nats), ``ece`` (15 equal-width
+        confidence bins), ``per_class_errors`` (list of counts), ``per_class_n``, and ``teacher_agreement``.
+    """
+    logits = logits.float()
+    labels = labels.long()
+    n = int(labels.shape[0])
+    c = num_classes or int(logits.shape[1])
+    logp = torch.log_softmax(logits, dim=1)
+    pred = logp.argmax(dim=1)
+    wrong = pred != labels
+    nll = float(-logp.gather(1, labels[:, None]).mean()) if n else float("nan")
+    conf = logp.max(dim=1).values.exp()
+    ece = 0.0
+    edges = torch.linspace(0, 1, ECE_BINS + 1)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            acc = (~wrong[in_bin]).float().mean()
+            ece += float(in_bin.float().mean() * (conf[in_bin].mean() - acc).abs())
+    per_class_errors = np.bincount(labels[wrong].numpy(), minlength=c).tolist()
+    out = {
+        "n": n,
+        "errors": int(wrong.sum()),
+        "accuracy": float(1.0 - wrong.float().mean()) if n else float("nan"),
+        "nll": nll,
+        "ece": ece,
+        "per_class_errors": per_class_errors,
+        "per_class_n": np.bincount(labels.numpy(), minlength=c).tolist(),
+    }
+    if teacher_logits is not None:
+        out["teacher_agreement"] = float((teacher_logits.argmax(dim=1) == pred).float().mean())
+    return out
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Run ``model`` over raw inputs in batches.
+
+    Args:
+        model: maps raw inputs (B, *shape) to logits (B, C).
+        x: (N, *shape) raw inputs (uint8 or float32).
+        device: where to run.
+        batch_size: rows per forward pass.
+
+    Returns:
+        (N, C) float32 logits on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(device, non_blocking=True)
+        outs.append(model(xb).float().cpu())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0, 0)
+
+
+def evaluate_ensemble(models: list[nn.Module], x: np.ndarray, y: np.ndarray, device: torch.device,
+                      num_classes: int, method: str = "mean-probs", batch_size: int = 1024) -> dict:
+    """Metrics of each member and of their combination (T = 1) on labeled data.
+
+    Args:
+        models: members, each mapping raw inputs (B, *shape) to logits (B, C).
+        x: (N, *shape) raw inputs. y: (N,) labels.
+        method: how members are combined (see ``losses.combine_members``).
+
+    Returns:
+        ``{"members": [metrics, ...], "ensemble": metrics}``; one member gives ensemble == members[0].
+    """
+    from .losses import combine_members  # local: metrics stays importable on its own
+
+    labels = torch.as_tensor(y).long()
+    member_logits = [predict_logits(m, x, device, batch_size) for m in models]
+    members = [classification_metrics(lg, labels, num_classes) for lg in member_logits]
+    combined = combine_members(torch.stack(member_logits), method, 1.0)
+    return {"members": members, "ensemble": classification_metrics(combined, labels, num_classes),
+            "method": method}

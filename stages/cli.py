@@ -1,0 +1,254 @@
+"""``kd-pipeline``: the click group behind the console script. One typed function per command, wiring only."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.errors import KDError
+
+DEVICE_HELP = "Where to run: auto (CUDA when present, else MPS, else CPU), cpu, cuda, cuda:N or mps."
+
+
+class KDGroup(click.Group):
+    """Prints library errors as one clear message (exit 2) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except KDError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+def common(fn: Callable) -> Callable:
+    """``--device`` and ``--seed``, on every command that computes."""
+
+    @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+    @click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights, shuffling and subsets.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def data_dir_option(fn: Callable) -> Callable:
+    return click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+                        help="Directory with dataset files for specs such as mnist:train (else $KD_DATA_DIR).")(fn)
+
+
+def train_options(fn: Callable) -> Callable:
+    """Optimiser options shared by every training command (their defaults train stably for T in [1, 20])."""
+    opts = [
+        click.option("--epochs", default=10, show_default=True, type=int, help="Passes over the training data."),
+        click.option("--batch-size", default=128, show_default=True, type=int, help="Rows per optimiser step."),
+        click.option("--lr", default=1e-3, show_default=True, type=float, help="Peak learning rate."),
+        click.option("--optimizer", default="adam", show_default=True, type=click.Choice(["adam", "adamw", "sgd"]),
+                     help="Optimiser (sgd uses --momentum)."),
+        click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum."),
+        click.option("--weight-decay", default=0.0, show_default=True, type=float, help="L2 weight decay."),
+        click.option("--grad-clip", default=5.0, show_default=True, type=float,
+                     help="Clip the gradient norm to this (0 disables)."),
+        click.option("--lr-schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "constant"]),
+                     help="Learning-rate schedule over all steps."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def make_train_config(kw: dict, seed: int):  # noqa: ANN201
+    from pipeline.training import TrainConfig
+
+    return TrainConfig(epochs=kw.pop("epochs"), batch_size=kw.pop("batch_size"), lr=kw.pop("lr"),
+                       optimizer=kw.pop("optimizer"), momentum=kw.pop("momentum"),
+                       weight_decay=kw.pop("weight_decay"), grad_clip=kw.pop("grad_clip") or None,
+                       lr_schedule=kw.pop("lr_schedule"), seed=seed)
+
+
+def default_out(kind: str, name: str) -> str:
+    from pipeline.datasets import data_root
+
+    return str(data_root() / kind / name)
+
+
+@click.group(cls=KDGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="kd-pipeline")
+def main() -> None:
+    """Knowledge distillation (Hinton, Vinyals & Dean 2015) in two stages.
+
+    Stage one (cache-logits) runs a teacher ensemble once over a transfer set and stores its raw logits in a Zarr
+    cache; stage two (train-student) trains students from that cache, so sweeping temperature, weight and student
+    costs only student training.
+
+    Dataset specs: NAME:SPLIT[:key=value...], e.g. fashion-mnist:train, mnist:test, idx:DIR:train, npz:FILE:train,
+    with modifiers exclude=3 | keep=0,1 | fraction=0.03 | count=1000 | seed=N.
+    """
+
+
+@main.command("train-teacher")
+@click.option("--dataset", default="fashion-mnist:train", show_default=True, help="Labeled training set spec.")
+@click.option("--model", default="mlp:1200,1200", show_default=True,
+              help="Model spec: mlp:H1,H2,...[:key=value], cnn[:...], torchscript:PATH, py:module:factory.")
+@click.option("--input-dropout", default=0.2, show_default=True, type=float, help="Dropout on the inputs (MLP).")
+@click.option("--dropout", default=0.5, show_default=True, type=float, help="Dropout on hidden units.")
+@click.option("--max-norm", default=None, type=float, help="Max-norm constraint on each unit's incoming weights.")
+@click.option("--jitter", default=2, show_default=True, type=int,
+              help="Random shifts of up to N pixels per image each step (0 disables).")
+@click.option("--members", default=3, show_default=True, type=int, help="Ensemble size (one seed per member).")
+@click.option("--eval", "eval_spec", default="fashion-mnist:test", show_default=True,
+              help="Labeled test set evaluated after each epoch ('' to skip).")
+@click.option("--out", default=None, help="Ensemble directory [default: data/teachers/<model>].")
+@train_options
+@data_dir_option
+@common
+def train_teacher(dataset: str, model: str, input_dropout: float, dropout: float, max_norm: float | None,
+                  jitter: int, members: int, eval_spec: str, out: str | None, device: str, seed: int,
+                  data_dir: str | None, **kw: object) -> None:
+    """Train a teacher ensemble; writes member-<i>.pt checkpoints and ensemble.json under --out."""
+    from pipeline.config import TeacherConfig
+    from stages import train_teacher as step
+
+    cfg = TeacherConfig(dataset=dataset, model=model, input_dropout=input_dropout, dropout=dropout,
+                        max_norm=max_norm, jitter=jitter, members=members, eval=eval_spec or None,
+                        out=out or default_out("teachers", model.replace(":", "-").replace(",", "-")),
+                        device=device, data_dir=data_dir, train=make_train_config(kw, seed))
+    step.run(cfg, log=click.echo)
+    click.echo(f"wrote {cfg.out}; next: kd-pipeline cache-logits --teacher {cfg.out} --dataset {dataset}")
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True),
+              help="A checkpoint (.pt) or an ensemble directory.")
+@click.option("--dataset", default="fashion-mnist:test", show_default=True, help="Labeled dataset spec.")
+@click.option("--ensemble", default="mean-probs", show_default=True, type=click.Choice(["mean-probs", "mean-logits"]),
+              help="How members are combined: arithmetic (mean-probs) or geometric (mean-logits) mean.")
+@click.option("--batch-size", default=1024, show_default=True, type=int, help="Rows per forward pass.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@data_dir_option
+@common
+def evaluate(model_path: str, dataset: str, ensemble: str, batch_size: int, as_json: bool, device: str, seed: int,
+             data_dir: str | None) -> None:
+    """Test errors (count), accuracy, NLL and ECE of a checkpoint or an ensemble and its members."""
+    from pipeline.config import EvaluateConfig
+    from stages import evaluate as step
+
+    res = step.run(EvaluateConfig(model=model_path, dataset=dataset, ensemble=ensemble, batch_size=batch_size,
+                                  device=device, data_dir=data_dir))
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"{'model':<28} {'errors':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7}   on {res['dataset']}")
+    rows = [(Path(p).name, m) for p, m in zip(res["paths"], res["members"], strict=True)]
+    if len(rows) > 1:
+        rows.append((f"ensemble ({res['method']})", res["ensemble"]))
+    for name, m in rows:
+        click.echo(f"{name:<28} {m['errors']:>7} {m['accuracy']:>9.4f} {m['nll']:>7.4f} {m['ece']:>7.4f}")
+
+
+@main.command("cache-logits")
+@click.option("--teacher", "teachers", multiple=True, required=True, type=click.Path(exists=True),
+              help="A teacher checkpoint or ensemble directory (each member becomes a cache member); repeatable.")
+@click.option("--dataset", default="fashion-mnist:train", show_default=True, help="Transfer set spec.")
+@click.option("--out", required=True, help="The cache (a directory, e.g. data/caches/fmnist.zarr).")
+@click.option("--dtype", default=None, type=click.Choice(["float16", "float32"]),
+              help="Storage dtype of the logits [default: float16 for a new cache, the cache's own on resume].")
+@click.option("--batch-size", default=1024, show_default=True, type=int, help="Rows per teacher forward pass.")
+@click.option("--rows-per-shard", default=None, type=int,
+              help="Rows per shard, the unit of writing, resuming and reading [default: 4096 for a new cache].")
+@click.option("--workers", default=0, show_default=True, type=int,
+              help="Start a dask LocalCluster of N worker processes and map shards over them (0: this process).")
+@click.option("--scheduler", default=None, help="Address of an existing dask scheduler to use instead of --workers.")
+@click.option("--add-member", is_flag=True, help="Add the given teacher(s) to an existing complete cache.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@data_dir_option
+@common
+def cache_logits(teachers: tuple[str, ...], dataset: str, out: str, dtype: str | None, batch_size: int,
+                 rows_per_shard: int | None, workers: int, scheduler: str | None, add_member: bool, quiet: bool,
+                 device: str, seed: int, data_dir: str | None) -> None:
+    """Stage one: run the teachers once over the transfer set into a Zarr logit cache.
+
+    Re-running the same command resumes an interrupted cache (only missing shards are computed) and is a no-op on
+    a complete one. A different teacher or dataset for an existing cache is refused.
+    """
+    from pipeline.config import CacheConfig
+    from stages import cache_logits as step
+
+    cfg = CacheConfig(teachers=list(teachers), dataset=dataset, out=out, dtype=dtype, batch_size=batch_size,
+                      rows_per_shard=rows_per_shard, device=device, workers=workers, scheduler=scheduler,
+                      add_member=add_member, data_dir=data_dir,
+                      command=shlex.join(["kd-pipeline", *sys.argv[1:]]))
+    res = step.run(cfg, log=click.echo, progress=not quiet)
+    click.echo(res.message)
+    if res.status != "already-complete":
+        click.echo(f"next: kd-pipeline cache info {out}  |  kd-pipeline train-student --cache {out} ...")
+
+
+@main.group("cache", cls=KDGroup)
+def cache_group() -> None:
+    """Inspect logit caches."""
+
+
+@cache_group.command("info")
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def cache_info(cache: str, as_json: bool) -> None:
+    """Describe CACHE: rows, classes, members, dtype, codecs, shards done, size, dataset, completeness."""
+    from pipeline.cache import LogitCache
+
+    info = LogitCache(cache, allow_partial=True).info().to_dict()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(format_cache_info(info))
+
+
+def format_cache_info(i: dict) -> str:
+    ratio = i["size_on_disk"] / i["raw_float32_size"] if i["raw_float32_size"] else float("nan")
+    lines = [
+        f"cache      {i['location']}  ({i['format']} v{i['version']})",
+        f"status     {'complete' if i['complete'] else 'PARTIAL'}: {len(i['shards_done'])}/{i['n_shards']} shards "
+        f"done by every member ({i['rows_per_shard']} rows per shard)",
+        f"rows       {i['n']}  ({'labeled' if i['labeled'] else 'unlabeled'})",
+        f"classes    {i['num_classes']}: {', '.join(i['class_names'])}",
+        f"dtype      {i['dtype']}  codecs {' -> '.join(i['codecs'])}",
+        f"size       {i['size_on_disk'] / 2**20:.2f} MiB on disk vs {i['raw_float32_size'] / 2**20:.2f} MiB raw "
+        f"float32 ({ratio:.2f}x)",
+        f"dataset    {i['dataset']['spec']}  n={i['dataset']['n']}  {i['dataset']['fingerprint']}",
+        f"members    {len(i['members'])}",
+    ]
+    for m in i["members"]:
+        acc = (m.get("metrics") or {}).get("accuracy")
+        lines.append(f"  [{m['index']}] {m['model_spec']}  {m['checkpoint_sha256'][:23]}…  {m['path']}"
+                     + (f"  test acc {acc:.4f}" if acc is not None else ""))
+    lines.append(f"created    {i['created']} by kd-pipeline {i['tool_version']}: {i['command']}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--out", default=None, help="Where the demo writes [default: data/demo].")
+@click.option("--epochs", default=3, show_default=True, type=int, help="Teacher epochs.")
+@click.option("--members", default=2, show_default=True, type=int, help="Teacher ensemble size.")
+@click.option("--model", default="mlp:1200,1200", show_default=True, help="Teacher model spec.")
+@click.option("--train-subset", default=None, type=float,
+              help="Fraction of fashion-mnist:train to use (e.g. 0.1 for a very quick run).")
+@common
+def demo(out: str | None, epochs: int, members: int, model: str, train_subset: float | None, device: str,
+         seed: int) -> None:
+    """The main job on the shipped Fashion-MNIST: train a teacher ensemble, evaluate it, cache its logits."""
+    from stages import demo as step
+
+    step.run(step.DemoConfig(out=out or default_out("demo", ""), epochs=epochs, members=members, model=model,
+                             train_subset=train_subset, device=device, seed=seed), log=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

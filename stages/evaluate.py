@@ -1,0 +1,30 @@
+"""``kd-pipeline evaluate``: test metrics of a checkpoint or ensemble directory."""
+
+from __future__ import annotations
+
+from pipeline.checkpoints import load_models
+from pipeline.config import EvaluateConfig
+from pipeline.datasets import load_dataset
+from pipeline.devices import resolve_device
+from pipeline.errors import KDError
+from pipeline.metrics import evaluate_ensemble
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """Evaluate each member and their combination; returns ``{"members", "ensemble", "dataset", ...}``."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    loaded = load_models([cfg.model], device)
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    if not data.labeled:
+        raise KDError(f"{data.spec} has no labels; evaluate needs a labeled dataset such as fashion-mnist:test")
+    for lm in loaded:
+        if lm.meta["num_classes"] != data.num_classes or tuple(lm.meta["in_shape"]) != data.sample_shape:
+            raise KDError(
+                f"{lm.path} expects inputs {tuple(lm.meta['in_shape'])} and {lm.meta['num_classes']} classes, but "
+                f"{data.spec} has inputs {data.sample_shape} and {data.num_classes} classes"
+            )
+    res = evaluate_ensemble([lm.model for lm in loaded], data.x, data.y, device, data.num_classes, cfg.ensemble,
+                            cfg.batch_size)
+    return {"dataset": data.spec, "dataset_fingerprint": data.fingerprint,
+            "paths": [str(lm.path) for lm in loaded], **res}
