@@ -477,3 +477,17 @@ def remove_partial_files(location: str | Path) -> int:
         f.unlink(missing_ok=True)
         count += 1
     return count
+
+
+def cache_fingerprint(header: dict, members: list[int] | None = None) -> str:
+    """Identity of a cache's content: dataset fingerprint, member checkpoints (in order), dtype and shape.
+
+    Two caches with the same fingerprint serve the same soft targets; runs record it. With ``members`` the
+    fingerprint covers just that subset (what a run actually used).
+    """
+    import hashlib
+
+    chosen = header["members"] if members is None else [header["members"][i] for i in members]
+    ident = {"dataset": header["dataset"]["fingerprint"], "members": [m["checkpoint_sha256"] for m in chosen],
+             "dtype": header["dtype"], "n": header["n"], "num_classes": header["num_classes"]}
+    return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -132,6 +132,7 @@ class StudentConfig:
     memory_budget: int = 2 << 30
     allow_partial: bool = False
     online_teacher: list[str] | None = None
+    dataset: str | None = None  # the transfer set for --online-teacher (a cache records its own)
     out: str = ""
     device: str = "auto"
     data_dir: str | None = None
@@ -141,6 +142,12 @@ class StudentConfig:
         problems = []
         if not self.cache and not self.online_teacher:
             problems.append("--cache CACHE (or --online-teacher PATH with --dataset) must be given")
+        if self.cache and self.online_teacher:
+            problems.append("use --cache or --online-teacher, not both")
+        if self.online_teacher and not self.dataset:
+            problems.append("--online-teacher needs --dataset SPEC (the transfer set)")
+        if self.members is not None and (not self.members or min(self.members) < 0):
+            problems.append(f"members must be non-negative member indices, got {self.members}")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:

@@ -235,6 +235,9 @@ def _read_idx(path: Path, expected_magic: int, what: str) -> np.ndarray:
         )
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: {len(raw)} bytes is too short for an IDX header of {ndim} dimensions; "
+                           "the file is truncated")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
@@ -342,9 +345,12 @@ def _npz(file: str, split: str, data_dir: str | None = None) -> _Base:
 # ------------------------------------------------------------------------------------------------ spec parsing
 def _parse_int_list(key: str, value: str, spec: str) -> list[int]:
     try:
-        return sorted({int(v) for v in value.split(",") if v != ""})
+        values = sorted({int(v) for v in value.split(",") if v != ""})
     except ValueError:
-        raise DatasetError(f"{spec}: {key}= expects class indices like {key}=3 or {key}=0,1; found {value!r}") from None
+        values = []
+    if not values:
+        raise DatasetError(f"{spec}: {key}= expects class indices like {key}=3 or {key}=0,1; found {value!r}")
+    return values
 
 
 def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
@@ -383,6 +389,8 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
                 mods[key] = int(value)
             except ValueError:
                 raise DatasetError(f"{spec}: {key}= expects an integer; found {value!r}") from None
+            if mods[key] < 0:
+                raise DatasetError(f"{spec}: {key}= expects a non-negative integer; found {value!r}")
     if "exclude" in mods and "keep" in mods:
         raise DatasetError(f"{spec}: use exclude= or keep=, not both")
     if "fraction" in mods and "count" in mods:

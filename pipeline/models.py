@@ -31,16 +31,21 @@ from .errors import ModelSpecError
 class KDModel(nn.Module):
     """Normalisation + network. ``forward`` takes raw inputs (B, *sample_shape) and returns logits (B, C)."""
 
-    def __init__(self, spec: str, body: nn.Module, input_stats: tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(self, spec: str, body: nn.Module, input_stats: tuple[float, float] = (0.0, 1.0),
+                 num_classes: int = 0) -> None:
         super().__init__()
         self.spec = spec
         self.body = body
         self.register_buffer("input_mean", torch.tensor(float(input_stats[0])))
         self.register_buffer("input_std", torch.tensor(float(input_stats[1])))
+        # Per-class offsets added to the logits after training (the paper's bias correction for classes absent
+        # from the transfer set); zeros unless set, saved with the checkpoint.
+        self.register_buffer("output_bias", torch.zeros(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.input_mean) / self.input_std
-        return self.body(x)
+        out = self.body(x)
+        return out + self.output_bias if self.output_bias.numel() else out
 
     @torch.no_grad()
     def constrain(self) -> None:
@@ -145,6 +150,20 @@ def _int_list(v: str) -> list[int]:
     return vals
 
 
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise ValueError(v)
+    return n
+
+
+def _positive_float(v: str) -> float:
+    x = float(v)
+    if not x > 0:  # also refuses nan
+        raise ValueError(v)
+    return x
+
+
 def _prob(v: str) -> float:
     p = float(v)
     if not 0 <= p < 1:
@@ -160,14 +179,14 @@ def _build_mlp(spec: str, parts: list[str], in_shape: tuple[int, ...], num_class
         hidden = _int_list(parts[0])
     except ValueError:
         raise ModelSpecError(f"model spec {spec!r}: hidden widths must be positive integers like 800,800") from None
-    o = _opts(spec, parts[1:], {"input_dropout": _prob, "dropout": _prob, "max_norm": float})
+    o = _opts(spec, parts[1:], {"input_dropout": _prob, "dropout": _prob, "max_norm": _positive_float})
     return MLP(math.prod(in_shape), hidden, num_classes, o.get("input_dropout", 0.0), o.get("dropout", 0.0),
                o.get("max_norm"))
 
 
 @register_model("cnn", "cnn[:channels=32,64][:hidden=128][:dropout=P] small conv net for images")
 def _build_cnn(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    o = _opts(spec, parts, {"channels": _int_list, "hidden": int, "dropout": _prob})
+    o = _opts(spec, parts, {"channels": _int_list, "hidden": _positive_int, "dropout": _prob})
     return SmallCNN(in_shape, num_classes, o.get("channels", [32, 64]), o.get("hidden", 128), o.get("dropout", 0.25))
 
 
@@ -215,7 +234,7 @@ def build_model(spec: str, in_shape: tuple[int, ...], num_classes: int,
         raise ModelSpecError(f"model spec {spec!r}: num_classes must be >= 1, got {num_classes}")
     parts = rest.split(":") if rest else []
     body = MODELS[name].build(spec, parts, tuple(in_shape), num_classes)
-    return KDModel(spec, body, input_stats)
+    return KDModel(spec, body, input_stats, num_classes)
 
 
 def with_options(spec: str, **options: float | None) -> str:

@@ -192,6 +192,80 @@ def cache_logits(teachers: tuple[str, ...], dataset: str, out: str, dtype: str |
         click.echo(f"next: kd-pipeline cache info {out}  |  kd-pipeline train-student --cache {out} ...")
 
 
+def parse_size(value: str) -> int:
+    """``512M``, ``2G``, ``1.5GiB``, ``1000000`` -> bytes."""
+    v = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(v[-1:], 1)
+    try:
+        return int(float(v[:-1] if scale > 1 else v) * scale)
+    except ValueError:
+        raise click.BadParameter(f"expected a size like 512M or 2G, got {value!r}") from None
+
+
+def parse_class_bias(items: tuple[str, ...]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for item in items:
+        cls, eq, delta = item.partition("=")
+        try:
+            out[int(cls)] = float(delta)
+        except ValueError:
+            raise click.BadParameter(f"expected CLASS=DELTA like 3=+3.5, got {item!r}") from None
+        if not eq:
+            raise click.BadParameter(f"expected CLASS=DELTA like 3=+3.5, got {item!r}")
+    return out
+
+
+@main.command("train-student")
+@click.option("--cache", default=None, help="The logit cache made by cache-logits (its dataset is used).")
+@click.option("--student", default="mlp:800,800", show_default=True, help="Student model spec.")
+@click.option("--temperature", "-T", default=20.0, show_default=True, type=float,
+              help="Softmax temperature of the soft targets (and of the student in the soft term).")
+@click.option("--alpha", default=0.9, show_default=True, type=float,
+              help="Weight of the soft term; 1 - alpha weighs the hard-label cross-entropy (1 = soft only).")
+@click.option("--loss", default="kd", show_default=True, type=click.Choice(["kd", "logit-mse"]),
+              help="kd: T^2 KL at temperature T; logit-mse: squared logit difference (the high-T limit).")
+@click.option("--ensemble", default="mean-probs", show_default=True, type=click.Choice(["mean-probs", "mean-logits"]),
+              help="Combine members by arithmetic mean of probabilities at T, or geometric mean (mean of logits).")
+@click.option("--members", default=None, help="Comma-separated member indices of the cache to use [default: all].")
+@click.option("--eval", "eval_spec", default=None,
+              help="Labeled test set [default: the transfer set's test split, e.g. fashion-mnist:test].")
+@click.option("--class-bias", multiple=True, help="CLASS=DELTA added to the student's logit bias after training.")
+@click.option("--fit-bias-on", default=None,
+              help="Labeled held-out set on which to fit bias offsets for classes absent from the transfer set.")
+@click.option("--memory-budget", default="2G", show_default=True,
+              help="Memory for targets+inputs: train from memory when they fit, else stream shards.")
+@click.option("--allow-partial", is_flag=True, help="Train on the finished shards of a partial cache.")
+@click.option("--online-teacher", multiple=True, type=click.Path(exists=True),
+              help="Baseline: soft targets from a live teacher forward pass each batch instead of a cache.")
+@click.option("--dataset", default=None, help="Transfer set for --online-teacher.")
+@click.option("--out", default=None, help="Run directory [default: data/runs/<student>-T<T>-a<alpha>].")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@train_options
+@data_dir_option
+@common
+def train_student(cache: str | None, student: str, temperature: float, alpha: float, loss: str, ensemble: str,
+                  members: str | None, eval_spec: str | None, class_bias: tuple[str, ...], fit_bias_on: str | None,
+                  memory_budget: str, allow_partial: bool, online_teacher: tuple[str, ...], dataset: str | None,
+                  out: str | None, quiet: bool, device: str, seed: int, data_dir: str | None, **kw: object) -> None:
+    """Stage two: train a student on cached soft targets at temperature T plus weighted hard labels."""
+    from pipeline.config import StudentConfig
+    from stages import train_student as step
+
+    try:
+        member_list = [int(m) for m in members.split(",")] if members else None
+    except ValueError:
+        raise click.BadParameter(f"expected indices like 0,2, got {members!r}", param_hint="--members") from None
+    name = f"{student.replace(':', '-').replace(',', '-')}-T{temperature:g}-a{alpha:g}"
+    cfg = StudentConfig(cache=cache or "", student=student, temperature=temperature, alpha=alpha, loss=loss,
+                        ensemble=ensemble, members=member_list, eval=eval_spec, class_bias=parse_class_bias(class_bias),
+                        fit_bias_on=fit_bias_on, memory_budget=parse_size(memory_budget), allow_partial=allow_partial,
+                        online_teacher=list(online_teacher) or None, dataset=dataset,
+                        out=out or default_out("runs", name), device=device, data_dir=data_dir,
+                        train=make_train_config(kw, seed))
+    step.run(cfg, log=(lambda s: None) if quiet else click.echo, progress=not quiet)
+    click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
+
+
 @main.group("cache", cls=KDGroup)
 def cache_group() -> None:
     """Inspect logit caches."""

@@ -1,0 +1,199 @@
+"""Streaming cached soft targets into training.
+
+:func:`cache_source` returns a batch source for :func:`pipeline.training.fit` that yields
+``(x, teacher_logits, labels)`` with the ensemble already combined (members chosen, mean type applied at the run's
+temperature) — so the per-batch cost over plain cross-entropy is one index into a float32 array.
+
+Two modes, chosen by a memory budget:
+
+- **in memory** (the cache's combined targets and the inputs fit): every shard is read once, whole, combined and
+  kept; epochs shuffle rows in memory. Fastest.
+- **streaming** (they do not fit): each epoch visits the shards in a seeded random order; a background thread
+  reads whole shards (never single rows) ahead of training into a bounded queue; rows are shuffled within a
+  buffer spanning several shards. Every row is served exactly once per epoch and memory stays near the budget.
+
+Sources hold no open file handles or threads between epochs (a thread lives only while an epoch is iterated), so
+they are safe to use from a torch ``DataLoader`` worker or after ``fork``.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cache import LogitCache
+from .losses import combine_members
+from .training import Batch, InMemorySource
+
+PREFETCH_SHARDS = 2
+
+
+def combined_shard(cache: LogitCache, shard: int, members: list[int], method: str,
+                   temperature: float) -> torch.Tensor:
+    """Read one whole shard and combine the chosen members.
+
+    Returns:
+        (rows, C) float32 teacher logits whose softmax at T is the ensemble's distribution.
+    """
+    raw = torch.from_numpy(cache.read_logits(shard, members))  # (M, rows, C) float16/32
+    if raw.shape[0] == 1:
+        return raw[0].float()
+    return combine_members(raw, method, temperature)
+
+
+@dataclass
+class LoaderPlan:
+    """How a cache will be served: mode and sizes (recorded in the run)."""
+
+    mode: str  # "memory" | "stream"
+    rows: int
+    shards: int
+    buffer_shards: int
+    bytes_in_memory_mode: int
+    budget: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def plan_loader(cache: LogitCache, x: np.ndarray, members: list[int], shards: np.ndarray, budget: int) -> LoaderPlan:
+    """Choose memory or streaming mode for ``budget`` bytes.
+
+    In-memory mode holds combined float32 targets (rows x C x 4) and the inputs; streaming holds a shuffle buffer
+    of ``buffer_shards`` shards plus ``PREFETCH_SHARDS`` prefetched raw shards.
+    """
+    rows = sum(int(np.subtract(*cache.shard_bounds(int(s))[::-1])) for s in shards)
+    c = cache.num_classes
+    in_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
+    raw_bytes = len(members) * c * (2 if cache.header["dtype"] == "float16" else 4)
+    memory_mode = rows * (c * 4 + in_bytes)
+    if memory_mode <= budget:
+        return LoaderPlan("memory", rows, len(shards), len(shards), memory_mode, budget)
+    # Streaming: per row in the buffer we hold combined targets + inputs + labels, twice (buffer and its shuffled
+    # copy); prefetched shards hold the raw member logits.
+    per_row = 2 * (c * 4 + in_bytes + 8)
+    prefetch = PREFETCH_SHARDS * cache.rows_per_shard * (raw_bytes + c * 4)
+    buffer_rows = max(0, budget - prefetch) // per_row
+    return LoaderPlan("stream", rows, len(shards), max(1, buffer_rows // cache.rows_per_shard), memory_mode, budget)
+
+
+class StreamingCacheSource:
+    """Shard-shuffled, buffer-shuffled, prefetched batches from a cache (every row once per epoch).
+
+    Args:
+        cache: an open cache.
+        x: (N, *shape) inputs of the cache's dataset (row i of the cache is row i of the dataset).
+        members: member indices to combine.
+        method, temperature: ensemble combination (see ``losses.combine_members``).
+        shards: which shards to serve (the finished ones).
+        batch_size: rows per batch.
+        buffer_shards: shards shuffled together.
+        seed: epoch e uses ``seed + e`` for its shard order and row shuffles.
+    """
+
+    def __init__(self, cache: LogitCache, x: np.ndarray, members: list[int], method: str, temperature: float,
+                 shards: np.ndarray, batch_size: int, buffer_shards: int, seed: int = 0) -> None:
+        self.cache, self.x, self.members = cache, x, list(members)
+        self.method, self.temperature = method, temperature
+        self.shards = np.asarray(shards, dtype=np.int64)
+        self.batch_size, self.buffer_shards, self.seed = batch_size, max(1, buffer_shards), seed
+        self.rows = sum(int(np.subtract(*cache.shard_bounds(int(s))[::-1])) for s in self.shards)
+        self.labeled = cache.labeled
+
+    def __len__(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows
+
+    def _read(self, shard: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None, np.ndarray]:
+        start, stop = self.cache.shard_bounds(shard)
+        teacher = combined_shard(self.cache, shard, self.members, self.method, self.temperature)
+        labels = self.cache.read_labels(shard)
+        return self.x[start:stop], teacher, labels, np.arange(start, stop)
+
+    def epoch(self, epoch: int, with_rows: bool = False) -> Iterator[Batch]:
+        rng = np.random.default_rng(self.seed + epoch)
+        order = rng.permutation(self.shards)
+        q: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
+        stop = threading.Event()
+
+        def producer() -> None:
+            try:
+                for s in order:
+                    if stop.is_set():
+                        return
+                    q.put(self._read(int(s)))
+                q.put(None)
+            except BaseException as e:  # noqa: BLE001 - surfaced on the consumer side
+                q.put(e)
+
+        thread = threading.Thread(target=producer, name="cache-prefetch", daemon=True)
+        thread.start()
+        try:
+            yield from self._batches(q, rng, with_rows)
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+    def _batches(self, q: queue.Queue, rng: np.random.Generator, with_rows: bool) -> Iterator:
+        carry: list | None = None  # a partial batch carried into the next buffer
+        done = False
+        while not done:
+            parts = [] if carry is None else [carry]
+            for _ in range(self.buffer_shards):
+                item = q.get()
+                if item is None:
+                    done = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                parts.append(item)
+            if not parts:
+                break
+            xs = np.concatenate([p[0] for p in parts])
+            ts = torch.cat([p[1] for p in parts])
+            ys = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+            rows = np.concatenate([p[3] for p in parts])
+            perm = rng.permutation(xs.shape[0])
+            n_full = xs.shape[0] if done else (xs.shape[0] // self.batch_size) * self.batch_size
+            for start in range(0, n_full, self.batch_size):
+                idx = perm[start:start + self.batch_size]
+                batch = (torch.from_numpy(xs[idx]), ts[torch.from_numpy(idx)],
+                         None if ys is None else torch.from_numpy(ys[idx]))
+                yield (*batch, rows[idx]) if with_rows else batch
+            rest = perm[n_full:]
+            carry = None if rest.size == 0 else (xs[rest], ts[torch.from_numpy(rest)],
+                                                  None if ys is None else ys[rest], rows[rest])
+
+
+def cache_source(cache: LogitCache, x: np.ndarray, members: list[int], method: str, temperature: float,
+                 batch_size: int, budget: int, seed: int = 0) -> tuple[InMemorySource | StreamingCacheSource,
+                                                                        LoaderPlan]:
+    """The batch source for a run: in memory when it fits ``budget`` bytes, streaming otherwise."""
+    shards = cache.done_shards(members)
+    plan = plan_loader(cache, x, members, shards, budget)
+    if plan.mode == "stream":
+        return StreamingCacheSource(cache, x, members, method, temperature, shards, batch_size,
+                                    plan.buffer_shards, seed), plan
+    rows = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards]) if len(shards) else \
+        np.zeros(0, dtype=np.int64)
+    teacher = torch.cat([combined_shard(cache, int(s), members, method, temperature) for s in shards]) \
+        if len(shards) else torch.zeros(0, cache.num_classes)
+    labels = None
+    if cache.labeled:
+        labels = np.concatenate([cache.read_labels(int(s)) for s in shards]) if len(shards) else None
+    all_rows = len(rows) == cache.n
+    xs = x if all_rows else x[rows]
+    return InMemorySource(xs, labels, teacher, batch_size=batch_size, seed=seed), plan
