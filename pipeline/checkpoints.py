@@ -87,12 +87,17 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         ) from e
     if not isinstance(blob, dict) or "kd_checkpoint" not in blob:
         raise CheckpointError(f"{path}: not a kd-pipeline checkpoint (no 'kd_checkpoint' key)")
+    meta = blob.get("meta")
+    if (not isinstance(blob["kd_checkpoint"], int) or not isinstance(meta, dict)
+            or not isinstance(blob.get("state_dict"), dict)
+            or any(k not in meta for k in ("model_spec", "in_shape", "num_classes"))):
+        raise CheckpointError(f"{path}: damaged kd-pipeline checkpoint: it needs an integer 'kd_checkpoint', a "
+                              "'state_dict' and 'meta' with model_spec, in_shape and num_classes")
     if blob["kd_checkpoint"] > CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {blob['kd_checkpoint']} is newer than this kd-pipeline understands "
             f"({CHECKPOINT_VERSION}); upgrade kd-pipeline"
         )
-    meta = blob["meta"]
     model = build_model(meta["model_spec"], tuple(meta["in_shape"]), int(meta["num_classes"]))
     try:
         model.load_state_dict(blob["state_dict"])

@@ -312,15 +312,24 @@ def format_cache_info(i: dict) -> str:
 @click.option("--epochs", default=3, show_default=True, type=int, help="Teacher epochs.")
 @click.option("--members", default=2, show_default=True, type=int, help="Teacher ensemble size.")
 @click.option("--model", default="mlp:1200,1200", show_default=True, help="Teacher model spec.")
+@click.option("--student", default="mlp:800,800", show_default=True, help="Student model spec.")
+@click.option("--student-epochs", default=3, show_default=True, type=int, help="Epochs of each student.")
+@click.option("--temperatures", default="4,20", show_default=True, help="Comma-separated temperatures to distil at.")
+@click.option("--alpha", default=0.9, show_default=True, type=float, help="Soft-term weight of distilled students.")
 @click.option("--train-subset", default=None, type=float,
               help="Fraction of fashion-mnist:train to use (e.g. 0.1 for a very quick run).")
 @common
-def demo(out: str | None, epochs: int, members: int, model: str, train_subset: float | None, device: str,
-         seed: int) -> None:
-    """The main job on the shipped Fashion-MNIST: train a teacher ensemble, evaluate it, cache its logits."""
+def demo(out: str | None, epochs: int, members: int, model: str, student: str, student_epochs: int,
+         temperatures: str, alpha: float, train_subset: float | None, device: str, seed: int) -> None:
+    """The main job on the shipped Fashion-MNIST: teacher ensemble, logit cache, baseline vs distilled students."""
     from stages import demo as step
 
+    try:
+        temps = [float(t) for t in temperatures.split(",") if t]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like 4,20, got {temperatures!r}") from None
     step.run(step.DemoConfig(out=out or default_out("demo", ""), epochs=epochs, members=members, model=model,
+                             student=student, student_epochs=student_epochs, temperatures=temps, alpha=alpha,
                              train_subset=train_subset, device=device, seed=seed), log=click.echo)
 
 
