@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import ConfigError
 from .losses import ENSEMBLE_METHODS, LOSSES
+from .models import with_options
 from .training import TrainConfig
 
 CACHE_DTYPES = ("float16", "float32")
@@ -21,9 +22,9 @@ class TeacherConfig:
 
     dataset: str = "fashion-mnist:train"
     model: str = "mlp:1200,1200"
-    input_dropout: float = 0.2
-    dropout: float = 0.5
-    max_norm: float | None = None
+    input_dropout: float | None = None  # mlp only; None = the paper's 0.2
+    dropout: float | None = None  # mlp (None = the paper's 0.5) and cnn (None = its own default)
+    max_norm: float | None = None  # mlp only
     jitter: int = 2
     members: int = 3
     eval: str | None = "fashion-mnist:test"
@@ -40,8 +41,14 @@ class TeacherConfig:
             problems.append(f"jitter must be >= 0 pixels, got {self.jitter}")
         for name in ("input_dropout", "dropout"):
             v = getattr(self, name)
-            if not 0 <= v < 1:
+            if v is not None and not 0 <= v < 1:
                 problems.append(f"{name} must be in [0, 1), got {v}")
+        kind = self.model.partition(":")[0]
+        if kind != "mlp" and (self.input_dropout is not None or self.max_norm is not None):
+            problems.append(f"--input-dropout and --max-norm apply to mlp models, not {kind}; put the model's own "
+                            "options in its spec")
+        if kind not in ("mlp", "cnn") and self.dropout is not None:
+            problems.append(f"--dropout applies to mlp and cnn models, not {kind}")
         if not self.out:
             problems.append("out (the ensemble directory) must be given")
         try:
@@ -50,6 +57,16 @@ class TeacherConfig:
             problems += e.problems
         if problems:
             raise ConfigError(problems)
+
+    def model_spec(self) -> str:
+        """The model spec with the dropout / max-norm options resolved into it (the paper's defaults for mlp)."""
+        kind = self.model.partition(":")[0]
+        if kind == "mlp":
+            return with_options(self.model, input_dropout=0.2 if self.input_dropout is None else self.input_dropout,
+                                dropout=0.5 if self.dropout is None else self.dropout, max_norm=self.max_norm)
+        if kind == "cnn":
+            return with_options(self.model, dropout=self.dropout)
+        return self.model
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -447,3 +447,22 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
         source=base.source,
         modifiers=mods,
     )
+
+
+def load_eval_dataset(spec: str, data_dir: str | None, like: Dataset, num_classes: int | None = None) -> Dataset:
+    """Load a labeled evaluation set and check it fits models trained on ``like`` (sample shape, classes).
+
+    Raises:
+        DatasetError: unlabeled, or samples / class count that differ from the training data's.
+    """
+    data = load_dataset(spec, data_dir)
+    classes = like.num_classes if num_classes is None else num_classes
+    if not data.labeled:
+        raise DatasetError(f"evaluation set {spec} has no labels; give a labeled set such as fashion-mnist:test")
+    if data.sample_shape != like.sample_shape or data.num_classes != classes:
+        raise DatasetError(
+            f"evaluation set {data.spec} has samples of shape {data.sample_shape} and {data.num_classes} classes, "
+            f"but the models are for {like.spec}: shape {like.sample_shape}, {classes} classes; pass a matching "
+            "--eval (or '' to skip evaluation)"
+        )
+    return data

@@ -24,7 +24,7 @@ import torch
 from .cache import LogitCache, cache_fingerprint
 from .checkpoints import load_models, save_checkpoint
 from .config import StudentConfig
-from .datasets import Dataset, load_dataset, parse_spec
+from .datasets import Dataset, load_dataset, load_eval_dataset, parse_spec
 from .devices import describe_device, resolve_device
 from .errors import CacheError, ConfigError, DatasetError
 from .loader import cache_source, combined_shard
@@ -45,18 +45,6 @@ def default_eval_spec(spec: str) -> str | None:
     if not args or args[-1] != "train":
         return None
     return ":".join([source.name, *args[:-1], "test"])
-
-
-def _load_eval(spec: str | None, data_dir: str | None, shape: tuple, num_classes: int) -> Dataset | None:
-    if not spec:
-        return None
-    data = load_dataset(spec, data_dir)
-    if not data.labeled:
-        raise DatasetError(f"--eval {spec}: the evaluation set needs labels")
-    if data.sample_shape != shape or data.num_classes != num_classes:
-        raise DatasetError(f"--eval {spec}: samples {data.sample_shape} with {data.num_classes} classes, but the "
-                           f"transfer set has {shape} with {num_classes} classes")
-    return data
 
 
 def absent_classes(dataset_meta: dict, num_classes: int, labels: np.ndarray | None) -> list[int]:
@@ -160,13 +148,19 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
 
     torch.manual_seed(cfg.train.seed)
     student = build_model(cfg.student, data.sample_shape, num_classes, stats).to(device)
+    # Probe the network itself: KDModel's forward adds an (num_classes,) output bias, which broadcasts a 1-wide
+    # output to num_classes and turns any other wrong width into a bare RuntimeError. Eval mode: the probe must
+    # not update batch-norm statistics.
+    student.eval()
     with torch.no_grad():
-        width = student(torch.as_tensor(data.x[:2]).to(device)).shape[-1]
+        xb = torch.as_tensor(data.x[:2]).to(device).float()
+        width = student.body((xb - student.input_mean) / student.input_std).shape[-1]
+    student.train()
     if width != num_classes:
         raise ConfigError([f"student {cfg.student} outputs {width} logits but the teacher has {num_classes} "
                            "classes; build the student for the cache's classes"])
     eval_spec = cfg.eval if cfg.eval is not None else default_eval_spec(data.spec)
-    test = _load_eval(eval_spec, cfg.data_dir, data.sample_shape, num_classes) if eval_spec else None
+    test = load_eval_dataset(eval_spec, cfg.data_dir, data, num_classes) if eval_spec else None
     loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -224,7 +218,7 @@ def _apply_bias(student: KDModel, cfg: StudentConfig, data: Dataset, num_classes
         if not 0 <= c < num_classes:
             raise ConfigError([f"--class-bias {c}={delta}: class out of range 0..{num_classes - 1}"])
     if cfg.fit_bias_on:
-        held = _load_eval(cfg.fit_bias_on, cfg.data_dir, data.sample_shape, num_classes)
+        held = load_eval_dataset(cfg.fit_bias_on, cfg.data_dir, data, num_classes)
         absent = absent_classes(data.describe(), num_classes, data.y)
         if not absent:
             raise ConfigError([f"--fit-bias-on: no class is absent from the transfer set {data.spec}; bias "

@@ -94,7 +94,7 @@ class StreamingCacheSource:
         shards: which shards to serve (the finished ones).
         batch_size: rows per batch.
         buffer_shards: shards shuffled together.
-        seed: epoch e uses ``seed + e`` for its shard order and row shuffles.
+        seed: epoch e uses the seed sequence ``[seed, e]`` for its shard order and row shuffles.
     """
 
     def __init__(self, cache: LogitCache, x: np.ndarray, members: list[int], method: str, temperature: float,
@@ -120,7 +120,7 @@ class StreamingCacheSource:
         return self.x[start:stop], teacher, labels, np.arange(start, stop)
 
     def epoch(self, epoch: int, with_rows: bool = False) -> Iterator[Batch]:
-        rng = np.random.default_rng(self.seed + epoch)
+        rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.shards)
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
         stop = threading.Event()

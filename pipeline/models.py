@@ -81,10 +81,11 @@ class MLP(nn.Module):
     def constrain(self) -> None:
         if not self.max_norm:
             return
-        # Max-norm on each unit's incoming weight vector (rows of Linear.weight), as in dropout training.
-        for m in self.net:
-            if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.renorm(m.weight, p=2, dim=0, maxnorm=self.max_norm))
+        # Max-norm on each hidden unit's incoming weight vector (rows of Linear.weight), as in dropout training;
+        # the output layer is left free, as in the paper's teacher.
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        for m in linears[:-1]:
+            m.weight.copy_(torch.renorm(m.weight, p=2, dim=0, maxnorm=self.max_norm))
 
 
 class SmallCNN(nn.Module):
@@ -238,9 +239,9 @@ def build_model(spec: str, in_shape: tuple[int, ...], num_classes: int,
 
 
 def with_options(spec: str, **options: float | None) -> str:
-    """Append ``key=value`` options (those not None or 0) to a model spec; existing keys are replaced."""
+    """Append ``key=value`` options (those not None) to a model spec; existing keys are replaced."""
     name, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
     keep = [p for p in parts if p.partition("=")[0] not in options or "=" not in p]
-    extra = [f"{k}={v}" for k, v in options.items() if v]
+    extra = [f"{k}={v}" for k, v in options.items() if v is not None]
     return ":".join([name, *keep, *extra])

@@ -78,7 +78,8 @@ class InMemorySource:
         y: (N,) labels or None.
         teacher: (N, C) teacher logits (already combined over members) or None.
         batch_size: rows per batch.
-        seed: the epoch-e permutation is drawn from ``seed + e``, so runs are reproducible.
+        seed: the epoch-e permutation is drawn from the seed sequence ``[seed, e]``: reproducible, and distinct
+            streams for different seeds (seed s, epoch e+1 never repeats seed s+1, epoch e).
     """
 
     def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None,
@@ -101,7 +102,7 @@ class InMemorySource:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         n = self.x.shape[0]
         if self.shuffle:
-            order = torch.from_numpy(np.random.default_rng(self.seed + epoch).permutation(n))
+            order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(n))
         else:
             order = torch.arange(n)
         for start in range(0, n, self.batch_size):

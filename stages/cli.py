@@ -98,9 +98,11 @@ def main() -> None:
 @click.option("--dataset", default="fashion-mnist:train", show_default=True, help="Labeled training set spec.")
 @click.option("--model", default="mlp:1200,1200", show_default=True,
               help="Model spec: mlp:H1,H2,...[:key=value], cnn[:...], torchscript:PATH, py:module:factory.")
-@click.option("--input-dropout", default=0.2, show_default=True, type=float, help="Dropout on the inputs (MLP).")
-@click.option("--dropout", default=0.5, show_default=True, type=float, help="Dropout on hidden units.")
-@click.option("--max-norm", default=None, type=float, help="Max-norm constraint on each unit's incoming weights.")
+@click.option("--input-dropout", default=None, type=float, help="Dropout on the inputs (mlp) [default: 0.2].")
+@click.option("--dropout", default=None, type=float,
+              help="Dropout on hidden units (mlp [default: 0.5]; cnn [default: its spec's, 0.25]).")
+@click.option("--max-norm", default=None, type=float,
+              help="Max-norm constraint on each hidden unit's incoming weights (mlp).")
 @click.option("--jitter", default=2, show_default=True, type=int,
               help="Random shifts of up to N pixels per image each step (0 disables).")
 @click.option("--members", default=3, show_default=True, type=int, help="Ensemble size (one seed per member).")
@@ -110,9 +112,9 @@ def main() -> None:
 @train_options
 @data_dir_option
 @common
-def train_teacher(dataset: str, model: str, input_dropout: float, dropout: float, max_norm: float | None,
-                  jitter: int, members: int, eval_spec: str, out: str | None, device: str, seed: int,
-                  data_dir: str | None, **kw: object) -> None:
+def train_teacher(dataset: str, model: str, input_dropout: float | None, dropout: float | None,
+                  max_norm: float | None, jitter: int, members: int, eval_spec: str, out: str | None, device: str,
+                  seed: int, data_dir: str | None, **kw: object) -> None:
     """Train a teacher ensemble; writes member-<i>.pt checkpoints and ensemble.json under --out."""
     from pipeline.config import TeacherConfig
     from stages import train_teacher as step
@@ -305,6 +307,18 @@ def format_cache_info(i: dict) -> str:
                      + (f"  test acc {acc:.4f}" if acc is not None else ""))
     lines.append(f"created    {i['created']} by kd-pipeline {i['tool_version']}: {i['command']}")
     return "\n".join(lines)
+
+
+@main.command()
+@click.option("--scale", default="small", show_default=True, type=click.Choice(["small", "medium", "large"]),
+              help="small: 10k rows (about two minutes on 2 CPU cores); medium/large: 60k rows.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--out", default=None, help="Write every figure, with the machine, to this JSON file.")
+def bench(scale: str, device: str, out: str | None) -> None:
+    """Measure what the cache buys, as ratios in one run (P1 epoch cost, P3 caching overhead, P4 streaming, P5 size)."""
+    from stages import bench as step
+
+    step.run(scale=scale, device=device, out=out, log=click.echo)
 
 
 @main.command()

@@ -11,12 +11,12 @@ import torch
 
 from pipeline.checkpoints import save_checkpoint
 from pipeline.config import TeacherConfig
-from pipeline.datasets import load_dataset
+from pipeline.datasets import load_dataset, load_eval_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import KDError
 from pipeline.losses import DistillationLoss
 from pipeline.metrics import classification_metrics, evaluate_ensemble, predict_logits
-from pipeline.models import build_model, with_options
+from pipeline.models import build_model
 from pipeline.training import InMemorySource, fit, random_shift
 
 
@@ -31,8 +31,8 @@ def run(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
     train = load_dataset(cfg.dataset, cfg.data_dir)
     if not train.labeled:
         raise KDError(f"{cfg.dataset} has no labels; a teacher needs a labeled dataset (e.g. fashion-mnist:train)")
-    test = load_dataset(cfg.eval, cfg.data_dir) if cfg.eval else None
-    spec = with_options(cfg.model, input_dropout=cfg.input_dropout, dropout=cfg.dropout, max_norm=cfg.max_norm)
+    test = load_eval_dataset(cfg.eval, cfg.data_dir, train) if cfg.eval else None
+    spec = cfg.model_spec()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     loss = DistillationLoss(temperature=1.0, alpha=0.0)  # hard labels only

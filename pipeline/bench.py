@@ -1,0 +1,270 @@
+"""``kd-pipeline bench``: what the cache buys, as ratios measured side by side in one run.
+
+Each figure is the median of ``repeats`` timed runs after one warm-up, on the same data and machine:
+
+- P1  stage-two epoch from the cache / the same student's epoch with plain cross-entropy (goal <= 1.05)
+- P3  ``cache-logits`` wall time / the teachers' inference alone over the same rows (goal <= 1.05)
+- P4  streaming read throughput of the cache (shuffled shards, whole-shard reads, prefetch) / a raw sequential
+      read of the same bytes from a .npy (goal >= 0.8); peak RSS growth while streaming a cache 10x larger than
+      the memory budget (goal <= budget + 300 MiB), measured in a child process
+- P5  bytes on disk per sample per member vs raw float32 (reported)
+
+P2 (a sweep vs online KD) needs ``kd-pipeline sweep``; it is reported as not measured until that exists.
+
+Teachers are the paper's shapes (3 x MLP 1200-1200 on 784 inputs) with random weights: inference cost does not
+depend on training, and the bench must not need a trained model. A 1000-class variant shows a bigger payload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import LogitCache
+from .cache_writer import build_cache, teacher_logits
+from .checkpoints import load_checkpoint, save_checkpoint
+from .config import CacheConfig
+from .datasets import load_dataset
+from .devices import describe_device, resolve_device
+from .loader import StreamingCacheSource, cache_source
+from .losses import DistillationLoss
+from .models import build_model
+from .training import InMemorySource, TrainConfig, fit
+
+SCALES = {
+    # rows of the transfer set, repetitions, student epochs timed per repetition
+    "small": {"rows": 10_000, "repeats": 3},
+    "medium": {"rows": 60_000, "repeats": 3},
+    "large": {"rows": 60_000, "repeats": 5},
+}
+TEACHER = "mlp:1200,1200"
+STUDENT = "mlp:800,800"
+MEMBERS = 3
+
+
+def _median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> tuple[float, list[float]]:
+    fn()  # warm-up: allocator, thread pools, first-call overheads
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": describe_device(device), "python": platform.python_version()}
+
+
+def _teachers(root: Path, data_meta: dict, num_classes: int, in_shape: tuple, stats: tuple) -> list[str]:
+    paths = []
+    for i in range(MEMBERS):
+        torch.manual_seed(100 + i)
+        model = build_model(TEACHER, in_shape, num_classes, stats)
+        meta = {"model_spec": TEACHER, "in_shape": list(in_shape), "num_classes": num_classes,
+                "class_names": [str(c) for c in range(num_classes)], "dataset": data_meta, "metrics": None}
+        paths.append(str(save_checkpoint(root / f"c{num_classes}" / f"member-{i}.pt", model, meta)))
+    return paths
+
+
+def run_bench(scale: str = "small", device_name: str = "auto", out: str | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Run every measurement; print a table; return (and optionally write) all figures."""
+    cfg = SCALES[scale]
+    device = resolve_device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reps = cfg["repeats"]
+    data = load_dataset(f"fashion-mnist:train:count={cfg['rows']}:seed=0")
+    results: dict = {"scale": scale, "rows": len(data), "machine": machine_info(device), "figures": {}}
+    fig = results["figures"]
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+        root = Path(tmp)
+        _measure(root, data, 10, device, device_name, reps, sync, fig, log)
+        # The 1000-class case runs on the same inputs without labels (an unlabeled transfer set).
+        np.savez(root / "unlabeled.npz", x_train=data.x)
+        unlabeled = load_dataset(f"npz:{root / 'unlabeled.npz'}:train")
+        _measure(root, unlabeled, 1000, device, device_name, reps, sync, fig, log)
+    fig["P2"] = {"status": "not measured: needs `kd-pipeline sweep` (issue 5)"}
+    fig["P4 rss"] = _p4_rss()
+    log(format_table(results))
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2))
+        log(f"wrote {out}")
+    return results
+
+
+def _measure(root: Path, data, classes: int, device: torch.device, device_name: str, reps: int,
+             sync: Callable[[], None], fig: dict, log: Callable[[str], None]) -> None:
+    """P3, P5, P4 (and P1 for 10 classes) for teachers with ``classes`` outputs."""
+    label = f"{classes} classes"
+    log(f"[{label}] teachers {MEMBERS} x {TEACHER}, {len(data)} rows, {describe_device(device)}")
+    paths = _teachers(root, {"spec": data.spec, "fingerprint": data.fingerprint}, classes, data.sample_shape,
+                      data.input_stats)
+    loaded = [load_checkpoint(p, device).model for p in paths]
+    batch = 1024
+
+    def infer() -> None:
+        for m in loaded:
+            teacher_logits(m, data.x, device, batch)
+
+    counter = iter(range(10_000))
+
+    def cache() -> None:
+        where = root / f"cache{classes}-{next(counter)}"
+        build_cache(CacheConfig(teachers=paths, dataset=data.spec, out=str(where), batch_size=batch,
+                                device=device_name, command="bench"), log=lambda s: None, progress=False)
+
+    t_inf, inf_all = _median_time(infer, reps, sync)
+    t_cache, cache_all = _median_time(cache, reps, sync)
+    fig[f"P3 {label}"] = {"cache_logits_s": t_cache, "inference_only_s": t_inf, "ratio": t_cache / t_inf,
+                          "goal": "<= 1.05", "runs": {"cache": cache_all, "inference": inf_all}}
+    kept = root / f"cache{classes}-0"
+    ci = LogitCache(kept).info()
+    fig[f"P5 {label}"] = {"bytes_per_sample_per_member": ci.size_on_disk / (len(data) * MEMBERS),
+                          "raw_float32": classes * 4, "ratio": ci.size_on_disk / ci.raw_size}
+    fig[f"P4 {label}"] = _p4(kept, data.x, reps)
+    if classes == 10:
+        fig["P1"] = _p1(LogitCache(kept), data, device, reps, sync)
+
+
+def _p1(cache: LogitCache, data, device: torch.device, reps: int, sync: Callable[[], None]) -> dict:
+    tcfg = TrainConfig(epochs=1, batch_size=128, seed=0)
+    kd_source, plan = cache_source(cache, data.x, list(range(MEMBERS)), "mean-probs", 4.0, 128, 4 << 30)
+    ce_source = InMemorySource(data.x, data.y, batch_size=128, seed=0)
+    kd_loss, ce_loss = DistillationLoss(4.0, 0.9), DistillationLoss(1.0, 0.0)
+
+    def epoch(source: InMemorySource, loss: DistillationLoss) -> Callable[[], None]:
+        def go() -> None:
+            torch.manual_seed(0)
+            model = build_model(STUDENT, data.sample_shape, cache.num_classes, data.input_stats).to(device)
+            fit(model, source, loss, tcfg, device, desc="bench")
+        return go
+
+    t_kd, kd_all = _median_time(epoch(kd_source, kd_loss), reps, sync)
+    t_ce, ce_all = _median_time(epoch(ce_source, ce_loss), reps, sync)
+    return {"kd_epoch_from_cache_s": t_kd, "ce_epoch_s": t_ce, "ratio": t_kd / t_ce, "goal": "<= 1.05",
+            "loader": plan.mode, "runs": {"kd": kd_all, "ce": ce_all}}
+
+
+def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
+    cache = LogitCache(location)
+    members = list(range(len(cache.members)))
+    shards = cache.done_shards()
+    payload = cache.n * cache.num_classes * len(members) * 2
+    src = StreamingCacheSource(cache, x, members, "mean-probs", 4.0, shards, batch_size=1024, buffer_shards=4)
+    raw = np.concatenate([cache.read_logits(int(s)).transpose(1, 0, 2).reshape(-1, len(members) * cache.num_classes)
+                          for s in shards])  # (N, M*C) float16: the same bytes, laid out for one sequential read
+    npy = location.parent / f"{location.name}.npy"
+    np.save(npy, raw)
+
+    def stream() -> None:
+        for _ in src.epoch(0):
+            pass
+
+    def sequential() -> None:
+        np.load(npy)
+
+    t_stream, _ = _median_time(stream, reps, lambda: None)
+    t_raw, _ = _median_time(sequential, reps, lambda: None)
+    return {"stream_MBps": payload / t_stream / 1e6, "raw_npy_MBps": payload / t_raw / 1e6,
+            "ratio": t_raw / t_stream, "goal": ">= 0.8", "payload_bytes": payload}
+
+
+_RSS_CHILD = r"""
+import json, resource, sys, tempfile, numpy as np
+from pathlib import Path
+from pipeline.cache import LogitCache, create_cache, write_shard
+from pipeline.datasets import fingerprint_arrays
+from pipeline.loader import cache_source
+n, c, m, budget = int(sys.argv[1]), int(sys.argv[2]), 2, int(sys.argv[3])
+tmp = Path(tempfile.mkdtemp(prefix="kd-rss-"))
+x = np.zeros((n, 4), dtype=np.uint8)
+meta = {"spec": "synthetic", "fingerprint": fingerprint_arrays(x, None), "n": n, "input_stats": [0.0, 1.0]}
+g = create_cache(tmp / "c.zarr", dataset=meta, ids=np.arange(n), labels=None, num_classes=c,
+                 class_names=[str(i) for i in range(c)],
+                 members=[{"checkpoint_sha256": f"sha256:{i}", "num_classes": c, "path": "synthetic"}
+                          for i in range(m)],
+                 dtype="float16", rows_per_shard=1024, command="bench")
+rng = np.random.default_rng(0)
+for k in range(m):
+    for s in range(g.attrs["kd_cache"]["n_shards"]):
+        a, b = s * 1024, min((s + 1) * 1024, n)
+        write_shard(g, k, s, rng.normal(0, 3, size=(b - a, c)).astype(np.float32), np.arange(a, b))
+from pipeline.cache import mark_complete
+mark_complete(tmp / "c.zarr")
+cache = LogitCache(tmp / "c.zarr")
+src, plan = cache_source(cache, x, [0, 1], "mean-probs", 4.0, 256, budget)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+seen = 0
+for xb, tb, yb in src.epoch(0):
+    seen += xb.shape[0]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+size = sum(f.stat().st_size for f in (tmp / "c.zarr").rglob("*") if f.is_file())
+print(json.dumps({"mode": plan.mode, "rows_seen": seen, "rows": n, "budget": budget,
+                  "raw_payload": n * c * m * 2, "combined_float32": n * c * 4, "size_on_disk": size,
+                  "rss_growth": max(0, peak - before)}))
+"""
+
+
+def _p4_rss(rows: int = 40_000, classes: int = 1000) -> dict:
+    """Stream a cache ~10x larger than the budget in a child process and measure its peak RSS growth."""
+    payload = rows * classes * 2 * 2
+    budget = payload // 10
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(rows), str(classes), str(budget)],
+                         capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["limit"] = budget + (300 << 20)
+    res["ok"] = res["rss_growth"] <= res["limit"] and res["rows_seen"] == rows
+    return res
+
+
+def format_table(results: dict) -> str:
+    f = results["figures"]
+    m = results["machine"]
+    lines = [f"kd-pipeline bench --scale {results['scale']}: {results['rows']} rows; {m['cpu']}, {m['cores']} "
+             f"cores, {m['torch_threads']} torch threads, {m['device']}", "",
+             "| id | measures | value | goal |", "|---|---|---|---|"]
+    for key in sorted(k for k in f if k.startswith("P3")):
+        v = f[key]
+        lines.append(f"| P3 | cache-logits {v['cache_logits_s']:.2f}s / inference {v['inference_only_s']:.2f}s "
+                     f"({key[3:]}) | {v['ratio']:.3f} | {v['goal']} |")
+    if "P1" in f:
+        v = f["P1"]
+        lines.append(f"| P1 | KD epoch from cache {v['kd_epoch_from_cache_s']:.2f}s / CE epoch "
+                     f"{v['ce_epoch_s']:.2f}s ({v['loader']} loader) | {v['ratio']:.3f} | {v['goal']} |")
+    for key in sorted(k for k in f if k.startswith("P4 ") and k != "P4 rss"):
+        v = f[key]
+        lines.append(f"| P4 | stream {v['stream_MBps']:.0f} MB/s / raw .npy {v['raw_npy_MBps']:.0f} MB/s "
+                     f"({key[3:]}) | {v['ratio']:.3f} | {v['goal']} |")
+    r = f["P4 rss"]
+    lines.append(f"| P4 | peak RSS growth streaming {r['raw_payload'] / 2**20:.0f} MiB cache, budget "
+                 f"{r['budget'] / 2**20:.0f} MiB ({r['mode']}) | {r['rss_growth'] / 2**20:.0f} MiB | "
+                 f"<= {r['limit'] / 2**20:.0f} MiB |")
+    for key in sorted(k for k in f if k.startswith("P5")):
+        v = f[key]
+        lines.append(f"| P5 | bytes/sample/member on disk vs float32 ({key[3:]}) | "
+                     f"{v['bytes_per_sample_per_member']:.1f} vs {v['raw_float32']} ({v['ratio']:.2f}x) | reported |")
+    lines.append(f"| P2 | sweep vs online KD | {f['P2']['status']} | <= 1.1 x ideal |")
+    return "\n".join(lines)

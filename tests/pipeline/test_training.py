@@ -1,0 +1,261 @@
+"""The one training loop: batch sources, jitter, fit() and its config."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError, KDError
+from pipeline.losses import DistillationLoss
+from pipeline.metrics import classification_metrics, predict_logits
+from pipeline.models import build_model
+from pipeline.training import InMemorySource, TrainConfig, fit, random_shift, write_history_csv
+from tests.conftest import make_image_task
+
+CPU = torch.device("cpu")
+HISTORY_KEYS = {"epoch", "loss", "soft", "hard", "train_errors", "train_error_rate", "lr", "seconds"}
+
+
+# -------------------------------------------------------------------------------------------- InMemorySource
+def _source(n: int = 23, batch_size: int = 5, seed: int = 0, **kw: object) -> InMemorySource:
+    x = np.arange(n, dtype=np.float32).reshape(n, 1)
+    y = np.arange(n) % 3
+    teacher = np.stack([np.arange(n), -np.arange(n)], axis=1).astype(np.float32)
+    return InMemorySource(x, y, teacher, batch_size=batch_size, seed=seed, **kw)
+
+
+def _order(src: InMemorySource, epoch: int) -> list[int]:
+    return [int(v) for xb, _, _ in src.epoch(epoch) for v in xb[:, 0]]
+
+
+def test_every_row_exactly_once_per_epoch_in_aligned_batches() -> None:
+    src = _source()
+    assert len(src) == 5 and src.num_rows == 23  # ceil(23 / 5) batches
+    for epoch in range(3):
+        batches = list(src.epoch(epoch))
+        assert [b[0].shape[0] for b in batches] == [5, 5, 5, 5, 3]
+        rows = []
+        for xb, tb, yb in batches:
+            ids = xb[:, 0].long()
+            assert torch.equal(yb, ids % 3)  # labels travel with their rows
+            assert torch.equal(tb, torch.stack([ids, -ids], 1).float())  # and teacher logits too
+            assert yb.dtype == torch.int64
+            rows += ids.tolist()
+        assert sorted(rows) == list(range(23))
+
+
+def test_shuffled_differently_per_epoch_and_reproducible_by_seed() -> None:
+    a, b = _source(seed=3), _source(seed=3)
+    orders = [_order(a, e) for e in range(4)]
+    assert orders == [_order(b, e) for e in range(4)]  # same seed, same orders
+    assert len({tuple(o) for o in orders}) == 4  # each epoch its own permutation
+    assert orders[0] != list(range(23))  # actually shuffled
+    assert _order(_source(seed=4), 0) != orders[0]
+    # The documented rule: epoch e's permutation comes from the seed sequence [seed, e] ...
+    assert orders[0] == np.random.default_rng([3, 0]).permutation(23).tolist()
+    assert orders[2] == np.random.default_rng([3, 2]).permutation(23).tolist()
+    # ... so seed s, epoch e+1 is not seed s+1, epoch e (ensemble members get distinct orders).
+    assert _order(_source(seed=3), 1) != _order(_source(seed=4), 0)
+
+
+def test_unshuffled_and_unlabeled_sources() -> None:
+    src = InMemorySource(np.arange(7, dtype=np.float32)[:, None], None, batch_size=3, shuffle=False)
+    batches = list(src.epoch(5))
+    assert [b[0][:, 0].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert all(tb is None and yb is None for _, tb, yb in batches)
+
+
+# ------------------------------------------------------------------------------------------------ random_shift
+def test_random_shift_moves_a_single_pixel_by_at_most_max_shift() -> None:
+    g = torch.Generator().manual_seed(0)
+    b, s = 400, 2
+    x = torch.zeros(b, 1, 9, 9)
+    x[:, 0, 4, 4] = 7.0
+    out = random_shift(x, s, generator=g)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    offsets = set()
+    for i in range(b):
+        nz = out[i, 0].nonzero()
+        assert nz.shape[0] == 1  # the pixel moved, it was not smeared
+        r, c = nz[0].tolist()
+        assert out[i, 0, r, c] == 7.0 and float(out[i].sum()) == 7.0
+        dy, dx = r - 4, c - 4
+        assert abs(dy) <= s and abs(dx) <= s
+        offsets.add((dy, dx))
+    assert len(offsets) == (2 * s + 1) ** 2  # every integer offset occurs
+
+
+def _shift_by_hand(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    out = np.zeros_like(img)
+    h, w = img.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        img[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def test_random_shift_is_an_integer_translation_with_zero_fill() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 255, (60, 2, 6, 5), dtype=torch.uint8)  # no zeros: zeros in the output are fill
+    out = random_shift(x, 1, generator=g)
+    assert out.dtype == torch.uint8
+    xs, outs = x.numpy(), out.numpy()
+    for i in range(60):
+        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   if np.array_equal(outs[i], _shift_by_hand(xs[i], dy, dx))]
+        assert len(matches) == 1
+        dy, dx = matches[0]
+        assert int((outs[i] == 0).sum()) == 2 * (abs(dy) * 5 + abs(dx) * 6 - abs(dy * dx))
+        # Both channels move together.
+        assert np.array_equal(outs[i, 1], _shift_by_hand(xs[i, 1], dy, dx))
+
+
+def test_random_shift_zero_is_identity_and_generator_reproducible() -> None:
+    x = torch.rand(4, 1, 5, 5)
+    assert random_shift(x, 0) is x
+    a = random_shift(x, 2, generator=torch.Generator().manual_seed(9))
+    b = random_shift(x, 2, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------------------------------- fit
+@pytest.fixture(scope="module")
+def task() -> tuple:
+    x, y = make_image_task(400, seed=0)
+    xt, yt = make_image_task(200, seed=1)
+    return x, y, xt, yt
+
+
+def _fit(task: tuple, epochs: int = 4, seed: int = 0, **kw: object) -> tuple:
+    x, y, xt, yt = task
+    torch.manual_seed(seed)
+    mean, std = float(x.mean()), float(x.std())
+    model = build_model("mlp:32", (1, 8, 8), 5, input_stats=(mean, std))
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        met = classification_metrics(predict_logits(m, xt, CPU), torch.as_tensor(yt))
+        return {"test_errors": met["errors"]}
+
+    cfg = TrainConfig(epochs=epochs, batch_size=32, seed=seed)
+    history = fit(model, InMemorySource(x, y, batch_size=32, seed=seed), DistillationLoss(1.0, 0.0), cfg, CPU,
+                  evaluate=evaluate, **kw)
+    return model, history
+
+
+def test_fit_learns_the_task_and_reports_history(task: tuple, tmp_path: Path) -> None:
+    lines: list[str] = []
+    model, history = _fit(task, history_csv=tmp_path / "h.csv", log=lines.append)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    for row in history:
+        assert set(row) == HISTORY_KEYS | {"test_errors"}
+        assert row["soft"] == 0.0 and row["hard"] == pytest.approx(row["loss"])  # alpha = 0: CE only
+        assert row["train_error_rate"] == pytest.approx(row["train_errors"] / 400)
+        assert row["seconds"] >= 0
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["train_error_rate"] < 0.1
+    assert history[-1]["test_errors"] < 20  # < 10% of 200
+    assert history[0]["lr"] < 1e-3 and history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert not model.training
+    final = classification_metrics(predict_logits(model, task[2], CPU), torch.as_tensor(task[3]))
+    assert final["errors"] == history[-1]["test_errors"]
+    # One log line per epoch, and the CSV mirrors the rows.
+    assert len(lines) == 4 and "test_errors=" in lines[-1] and lines[0].startswith("train epoch 1/4")
+    with open(tmp_path / "h.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and set(rows[0]) == HISTORY_KEYS | {"test_errors"}
+    assert float(rows[2]["loss"]) == pytest.approx(history[2]["loss"])
+
+
+def test_fit_is_reproducible_by_seed(task: tuple) -> None:
+    _, h1 = _fit(task, epochs=1, seed=5)
+    _, h2 = _fit(task, epochs=1, seed=5)
+    _, h3 = _fit(task, epochs=1, seed=6)
+    assert h1[0]["loss"] == h2[0]["loss"] and h1[0]["train_errors"] == h2[0]["train_errors"]
+    assert h1[0]["loss"] != h3[0]["loss"]
+
+
+def test_fit_with_soft_targets_only_and_constant_lr(task: tuple) -> None:
+    x, _, _, _ = task
+    teacher = torch.tensor(np.random.default_rng(0).normal(size=(400, 5)), dtype=torch.float32)
+    torch.manual_seed(0)
+    model = build_model("mlp:16:max_norm=1.0", (1, 8, 8), 5)
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=5e-3, lr_schedule="constant")
+    history = fit(model, InMemorySource(x, None, teacher, batch_size=50), DistillationLoss(2.0, 1.0), cfg, CPU)
+    assert all(r["train_errors"] is None and r["train_error_rate"] is None for r in history)
+    assert all(r["hard"] == 0.0 and r["soft"] == pytest.approx(r["loss"]) and r["soft"] > 0 for r in history)
+    assert history[1]["loss"] < history[0]["loss"]
+    assert history[-1]["lr"] == 5e-3
+    # The max-norm constraint was applied after the steps.
+    for m in model.body.modules():
+        if isinstance(m, torch.nn.Linear):
+            assert float(m.weight.detach().norm(dim=1).max()) <= 1.0 + 1e-5
+
+
+def test_fit_online_teacher_sees_the_augmented_inputs(task: tuple) -> None:
+    x, y, _, _ = task
+    seen: list[torch.Tensor] = []
+
+    def teacher_fn(xb: torch.Tensor) -> torch.Tensor:
+        seen.append(xb)
+        return torch.zeros(xb.shape[0], 5)
+
+    def augment(xb: torch.Tensor) -> torch.Tensor:
+        return xb + 100.0
+
+    model = build_model("mlp:8", (1, 8, 8), 5)
+    fit(model, InMemorySource(x[:64], y[:64], batch_size=32), DistillationLoss(1.0, 0.5),
+        TrainConfig(epochs=1, batch_size=32), CPU, teacher_fn=teacher_fn, augment=augment)
+    assert len(seen) == 2 and all(float(s.min()) > 90 for s in seen)
+
+
+def test_fit_refuses_a_diverging_loss(task: tuple) -> None:
+    x, y, _, _ = task
+
+    def nan_loss(z: torch.Tensor, t: object, labels: object) -> dict:
+        loss = z.sum() * float("nan")
+        return {"loss": loss, "soft": loss, "hard": loss}
+
+    model = build_model("mlp:8", (1, 8, 8), 5)
+    with pytest.raises(KDError, match="training diverged in epoch 1"):
+        fit(model, InMemorySource(x[:32], y[:32], batch_size=32), nan_loss, TrainConfig(epochs=3), CPU)
+
+
+def test_write_history_csv_skips_nested_values(tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    write_history_csv(path, [{"epoch": 1, "loss": 0.5, "per_class": [1, 2]}, {"epoch": 2, "loss": 0.25, "x": 3}])
+    assert path.read_text().splitlines() == ["epoch,loss,x", "1,0.5,", "2,0.25,3"]
+
+
+# ----------------------------------------------------------------------------------------------- TrainConfig
+def test_train_config_validate_lists_all_problems() -> None:
+    TrainConfig().validate()
+    cfg = TrainConfig(epochs=0, batch_size=0, lr=0.0, optimizer="lbfgs", lr_schedule="step", grad_clip=-1.0)
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    problems = info.value.problems
+    assert len(problems) == 6
+    msg = str(info.value)
+    for fragment in ("epochs must be >= 1, got 0", "batch_size must be >= 1, got 0", "lr must be > 0, got 0.0",
+                     "optimizer must be one of adam, adamw, sgd, got 'lbfgs'",
+                     "lr_schedule must be cosine or constant, got 'step'", "grad_clip must be > 0 or None, got -1.0"):
+        assert fragment in msg
+    assert msg.count("\n  - ") == 6
+
+
+def test_train_config_nan_lr_and_none_grad_clip() -> None:
+    TrainConfig(grad_clip=None).validate()
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(lr=math.nan).validate()
+    assert info.value.problems == ["lr must be > 0, got nan"]
+
+
+def test_fit_validates_its_config_first(task: tuple) -> None:
+    model = build_model("mlp:8", (1, 8, 8), 5)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ConfigError):
+        fit(model, InMemorySource(task[0], task[1]), DistillationLoss(1.0, 0.0), TrainConfig(epochs=0), CPU)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
