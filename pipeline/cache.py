@@ -13,6 +13,8 @@ A Zarr v3 group::
       labels                     (N,) int64   hard labels (only when the transfer set is labeled)
       members/<k>/logits         (N, C) float16|float32   member k's raw logits (no temperature, no softmax)
       members/<k>/done           (S,) uint8   1 once shard s of member k is written; chunk = one shard
+      kd-writer.lock             only while a writer runs (names its pid and host; a dead writer's is taken over)
+      kd-creating                only while the schema is being created: a store holding it is created afresh
 
 Rows are split into S = ceil(N / R) *shards* of R = ``rows_per_shard`` rows; a shard is exactly one Zarr chunk
 of every row-indexed array, so each writer writes whole chunks only and no two writers ever touch one object.
@@ -41,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -63,8 +66,12 @@ MAX_HEADER_BYTES = 1 << 20  # a header bigger than this is not ours: refuse befo
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 ZSTD_LEVEL = 3
 
+CREATING_MARKER = "kd-creating"  # present while a cache is being created: a store with it is unfinished
+
 # Consolidated metadata is a zarr-python extension; we use it deliberately (fewer reads from object stores).
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+# Our writer lock lives in the store while the metadata is consolidated; zarr notes it is not a zarr object.
+warnings.filterwarnings("ignore", message="Object at kd-writer.lock")
 
 
 def logit_codecs() -> list:
@@ -131,7 +138,8 @@ class CacheLock:
     """One writer at a time: ``CACHE/kd-writer.lock`` (created exclusively) names the writing process.
 
     A lock left by a process that died (SIGKILL) on this host is taken over; a live one makes the second writer
-    fail with a message naming the first.
+    fail with a message naming the first. The lock file appears with its content (written to a temp file, then
+    hard-linked into place), so a kill can never leave an empty lock that names no one.
     """
 
     NAME = "kd-writer.lock"
@@ -142,9 +150,17 @@ class CacheLock:
 
     def acquire(self) -> CacheLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = self.path.with_name(f"{self.NAME}.{me['pid']}.tmp")
+        tmp.write_text(json.dumps(me))
+        try:
+            return self._acquire(tmp, me)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _acquire(self, tmp: Path, me: dict) -> CacheLock:
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, self.path)  # atomic, and fails if the lock exists
             except FileExistsError:
                 try:
                     other = json.loads(self.path.read_text() or "{}")
@@ -158,8 +174,6 @@ class CacheLock:
                     f"{other.get('host')}, since {other.get('since')}); wait for it to finish, or remove "
                     f"{self.path} if that process is gone"
                 ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
             return self
         raise CacheError(f"{self.path}: could not take the writer lock")
@@ -205,6 +219,16 @@ def create_cache(location: str | Path, *, dataset: dict, ids: np.ndarray, labels
         members: teacher identities (``LoadedModel.identity()``), one per member.
     """
     n = int(ids.shape[0])
+    root = Path(location)
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / CREATING_MARKER
+    marker.touch()  # until the schema is whole: a kill before then leaves a store that is created afresh
+    for child in root.iterdir():  # leftovers of an interrupted creation (never the writer lock)
+        if child.name != CREATING_MARKER and not child.name.startswith(CacheLock.NAME):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "n": n, "num_classes": int(num_classes), "class_names": list(class_names),
@@ -215,7 +239,7 @@ def create_cache(location: str | Path, *, dataset: dict, ids: np.ndarray, labels
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
         "complete": False, "completed_at": None,
     }
-    group = zarr.open_group(str(location), mode="w", zarr_format=3)
+    group = zarr.create_group(str(location), zarr_format=3)
     kw = {"chunks": (rows_per_shard,), "compressors": logit_codecs()}
     group.create_array("ids", data=np.asarray(ids, dtype=np.int64), **kw)
     if labels is not None:
@@ -223,6 +247,7 @@ def create_cache(location: str | Path, *, dataset: dict, ids: np.ndarray, labels
     group.attrs[ATTR_KEY] = header
     for m in members:
         add_member_arrays(group, m)
+    marker.unlink()
     return group
 
 
@@ -232,11 +257,13 @@ def add_member_arrays(group: zarr.Group, identity: dict) -> dict:
     index = len(h["members"])
     entry = {"index": index, "array": member_array(index), **identity,
              "added": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    # overwrite: arrays at this index that the header does not list are leftovers of an add killed midway.
     group.create_array(member_array(index), shape=(h["n"], h["num_classes"]), dtype=h["dtype"],
-                       chunks=(h["rows_per_shard"], h["num_classes"]), compressors=logit_codecs(), fill_value=0)
+                       chunks=(h["rows_per_shard"], h["num_classes"]), compressors=logit_codecs(), fill_value=0,
+                       overwrite=True)
     # One chunk per flag: writers of different shards never share an object.
     group.create_array(member_done(index), shape=(h["n_shards"],), dtype="uint8", chunks=(1,),
-                       compressors=[zc.Crc32cCodec()], fill_value=0)
+                       compressors=[zc.Crc32cCodec()], fill_value=0, overwrite=True)
     h["members"] = [*h["members"], entry]
     h["complete"] = False
     h["completed_at"] = None
@@ -464,6 +491,10 @@ def read_header(location: str | Path) -> dict | None:
     p = Path(location)
     if not p.exists():
         return None
+    if p.is_dir():
+        names = {c.name for c in p.iterdir() if not c.name.startswith(CacheLock.NAME)}
+        if not names or CREATING_MARKER in names:
+            return None  # empty, or a creation that was interrupted: (re-)created by the writer
     if not (p / "zarr.json").is_file():
         raise CacheError(f"{location}: exists but is not a Zarr store; choose another --out or remove it")
     group = zarr.open_group(str(p), mode="r", use_consolidated=False)

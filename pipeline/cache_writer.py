@@ -181,6 +181,7 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
     if existing is None:
         Path(location).mkdir(parents=True, exist_ok=True)
     with CacheLock(Path(location)):
+        existing = read_header(location)  # again, now that no other writer can be making or finishing it
         if existing is None:
             if cfg.add_member:
                 raise CacheError(f"{location}: --add-member needs an existing complete cache; drop --add-member "
@@ -261,8 +262,9 @@ def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
 
 def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Dataset, num_classes: int) -> str:
     if not h["complete"]:
-        raise CacheError(f"{location} is partial; finish it first by re-running its command without "
-                         "--add-member, then add members")
+        raise CacheError(f"{location} is partial; finish it first by re-running cache-logits without --add-member, "
+                         "giving every member's checkpoint in order ("
+                         + ", ".join(str(m.get("path")) for m in h["members"]) + "), then add members")
     if h["dataset"]["fingerprint"] != data.fingerprint:
         raise CacheError(f"--add-member: the cache was made on {h['dataset']['spec']} (fingerprint "
                          f"{h['dataset']['fingerprint']}), you gave {data.spec} ({data.fingerprint})")

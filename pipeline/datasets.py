@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import os
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -219,11 +220,12 @@ def _find_idx_file(directory: Path, stem: str) -> Path | None:
 
 
 def _read_idx(path: Path, expected_magic: int, what: str) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            # One-shot decompression is about twice as fast as gzip.open's chunked reads.
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"{path}: cannot read {what} IDX file ({e}); the file is damaged or not gzip") from e
     if len(raw) < 8:
         raise DatasetError(f"{path}: {len(raw)} bytes is too short for an IDX header; the file is truncated")
