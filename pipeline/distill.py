@@ -135,6 +135,15 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
         if cfg.alpha < 1 and not data.labeled:
             raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but {data.spec} is unlabeled"])
         num_classes, stats = int(teachers[0].meta["num_classes"]), data.input_stats
+        # What cache-logits checks for a cache: otherwise a mismatch surfaces mid-training as a bare RuntimeError.
+        mismatched = [f"teacher {t.path} takes inputs {tuple(t.meta['in_shape'])} with {t.meta['num_classes']} "
+                      f"classes, but {data.spec} has samples {data.sample_shape}"
+                      + (f" with {data.num_classes} classes" if data.labeled else "")
+                      for t in teachers
+                      if tuple(t.meta["in_shape"]) != data.sample_shape or int(t.meta["num_classes"]) != num_classes
+                      or (data.labeled and data.num_classes != num_classes)]
+        if mismatched:
+            raise ConfigError(mismatched)
         models = [t.model for t in teachers]
 
         def teacher_fn(xb: torch.Tensor) -> torch.Tensor:

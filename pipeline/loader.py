@@ -189,8 +189,13 @@ def cache_source(cache: LogitCache, x: np.ndarray, members: list[int], method: s
                                     plan.buffer_shards, seed), plan
     rows = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards]) if len(shards) else \
         np.zeros(0, dtype=np.int64)
-    teacher = torch.cat([combined_shard(cache, int(s), members, method, temperature) for s in shards]) \
-        if len(shards) else torch.zeros(0, cache.num_classes)
+    # Filled shard by shard: a list of shards followed by torch.cat would hold the targets twice (2x the budget).
+    teacher = torch.empty(len(rows), cache.num_classes)
+    pos = 0
+    for s in shards:
+        part = combined_shard(cache, int(s), members, method, temperature)
+        teacher[pos:pos + part.shape[0]] = part
+        pos += part.shape[0]
     labels = None
     if cache.labeled:
         labels = np.concatenate([cache.read_labels(int(s)) for s in shards]) if len(shards) else None

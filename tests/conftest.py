@@ -58,9 +58,10 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> Pat
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread():
-    """Run a test with one torch thread (restored after): tiny models train far faster on a busy shared CPU."""
+    """One torch thread for a module's tests (restored after): tiny models train far faster on a busy shared CPU.
+    Module-scoped, so module fixtures that train can request it too."""
     import torch
 
     before = torch.get_num_threads()
