@@ -3,7 +3,8 @@
 Each figure is the median of ``repeats`` timed runs after one warm-up, on the same data and machine:
 
 - P1  stage-two epoch from the cache / the same student's epoch with plain cross-entropy (goal <= 1.05)
-- P3  ``cache-logits`` wall time / the teachers' inference alone over the same rows (goal <= 1.05)
+- P3  ``cache-logits`` wall time / the teachers' inference alone over the same rows, both including loading the
+      data and the checkpoints (goal <= 1.05)
 - P4  streaming read throughput of the cache (shuffled shards, whole-shard reads, prefetch) / a raw sequential
       read of the same bytes from a .npy (goal >= 0.8); peak RSS growth while streaming a cache 10x larger than
       the memory budget (goal <= budget + 300 MiB), measured in a child process
@@ -122,12 +123,14 @@ def _measure(root: Path, data, classes: int, device: torch.device, device_name: 
     log(f"[{label}] teachers {MEMBERS} x {TEACHER}, {len(data)} rows, {describe_device(device)}")
     paths = _teachers(root, {"spec": data.spec, "fingerprint": data.fingerprint}, classes, data.sample_shape,
                       data.input_stats)
-    loaded = [load_checkpoint(p, device).model for p in paths]
     batch = 1024
 
     def infer() -> None:
-        for m in loaded:
-            teacher_logits(m, data.x, device, batch)
+        # What running the teachers alone costs a user: load the data and the checkpoints, run every member. The
+        # cache's overhead is then exactly its own work (identity, schema, compression, writes, completion).
+        x = load_dataset(data.spec).x
+        for p in paths:
+            teacher_logits(load_checkpoint(p, device).model, x, device, batch)
 
     counter = iter(range(10_000))
 
@@ -179,17 +182,25 @@ def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
     npy = location.parent / f"{location.name}.npy"
     np.save(npy, raw)
 
-    def stream() -> None:
+    def stream() -> None:  # the training loader: shuffled shards, prefetch, ensemble combination, batches
         for _ in src.epoch(0):
             pass
+
+    order = np.random.default_rng(0).permutation(shards)
+
+    def reads() -> None:  # the read path alone: shuffled whole-shard reads, decoded (zstd + crc32c)
+        for s in order:
+            cache.read_logits(int(s))
 
     def sequential() -> None:
         np.load(npy)
 
     t_stream, _ = _median_time(stream, reps, lambda: None)
+    t_reads, _ = _median_time(reads, reps, lambda: None)
     t_raw, _ = _median_time(sequential, reps, lambda: None)
-    return {"stream_MBps": payload / t_stream / 1e6, "raw_npy_MBps": payload / t_raw / 1e6,
-            "ratio": t_raw / t_stream, "goal": ">= 0.8", "payload_bytes": payload}
+    return {"stream_MBps": payload / t_stream / 1e6, "reads_MBps": payload / t_reads / 1e6,
+            "raw_npy_MBps": payload / t_raw / 1e6, "ratio": t_raw / t_stream, "reads_ratio": t_raw / t_reads,
+            "goal": ">= 0.8", "payload_bytes": payload}
 
 
 _RSS_CHILD = r"""
@@ -256,8 +267,10 @@ def format_table(results: dict) -> str:
                      f"{v['ce_epoch_s']:.2f}s ({v['loader']} loader) | {v['ratio']:.3f} | {v['goal']} |")
     for key in sorted(k for k in f if k.startswith("P4 ") and k != "P4 rss"):
         v = f[key]
-        lines.append(f"| P4 | stream {v['stream_MBps']:.0f} MB/s / raw .npy {v['raw_npy_MBps']:.0f} MB/s "
+        lines.append(f"| P4 | loader {v['stream_MBps']:.0f} MB/s / raw .npy {v['raw_npy_MBps']:.0f} MB/s "
                      f"({key[3:]}) | {v['ratio']:.3f} | {v['goal']} |")
+        lines.append(f"| P4 | shard reads alone {v['reads_MBps']:.0f} MB/s / raw .npy ({key[3:]}) | "
+                     f"{v['reads_ratio']:.3f} | (diagnostic) |")
     r = f["P4 rss"]
     lines.append(f"| P4 | peak RSS growth streaming {r['raw_payload'] / 2**20:.0f} MiB cache, budget "
                  f"{r['budget'] / 2**20:.0f} MiB ({r['mode']}) | {r['rss_growth'] / 2**20:.0f} MiB | "

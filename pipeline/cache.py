@@ -434,11 +434,19 @@ class LogitCache:
         return done, self.n_shards * len(self.members)
 
     # -- data
+    def _array(self, path: str) -> zarr.Array:
+        # Array handles are kept: opening one reads and parses its metadata, which per shard read would dominate
+        # small shards. A handle is plain metadata (no file handles), so the cache stays fork-safe.
+        arrays = self.__dict__.setdefault("_arrays", {})
+        if path not in arrays:
+            try:
+                arrays[path] = self.group[path]
+            except KeyError:
+                raise CacheError(f"{self.location}: array {path!r} is missing; the cache is damaged") from None
+        return arrays[path]
+
     def _read(self, path: str, sel: Any) -> np.ndarray:
-        try:
-            arr = self.group[path]
-        except KeyError:
-            raise CacheError(f"{self.location}: array {path!r} is missing; the cache is damaged") from None
+        arr = self._array(path)
         try:
             return np.asarray(arr[sel])
         except Exception as e:  # checksum mismatch, decompression failure, truncated object

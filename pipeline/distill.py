@@ -185,7 +185,7 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
         f"ensemble={cfg.ensemble} on {describe_device(device)}"
         + (f", {record['cache']['loader']['mode']} loader" if cfg.cache else ", online teacher"))
     history = fit(student, source, loss, cfg.train, device, teacher_fn=teacher_fn, evaluate=evaluate,
-                  history_csv=out / "history.csv", log=log, desc="student")
+                  history_csv=out / "history.csv", log=log, desc="student", progress=progress)
     train_seconds = sum(r["seconds"] for r in history)
 
     metrics: dict = {"dataset": data.spec}

@@ -75,10 +75,12 @@ def plan_loader(cache: LogitCache, x: np.ndarray, members: list[int], shards: np
     memory_mode = rows * (c * 4 + in_bytes)
     if memory_mode <= budget:
         return LoaderPlan("memory", rows, len(shards), len(shards), memory_mode, budget)
-    # Streaming: per row in the buffer we hold combined targets + inputs + labels, twice (buffer and its shuffled
-    # copy); prefetched shards hold the raw member logits.
+    # Streaming: per row in the buffer we hold combined targets + inputs + labels twice (the buffer being served
+    # and its concatenated parts); the queue holds PREFETCH_SHARDS combined shards plus one being produced, whose
+    # raw member logits and float32 combine temporaries also count.
     per_row = 2 * (c * 4 + in_bytes + 8)
-    prefetch = PREFETCH_SHARDS * cache.rows_per_shard * (raw_bytes + c * 4)
+    prefetch = (PREFETCH_SHARDS + 1) * cache.rows_per_shard * (c * 4 + in_bytes + 8) \
+        + cache.rows_per_shard * (raw_bytes + 2 * len(members) * c * 4)
     buffer_rows = max(0, budget - prefetch) // per_row
     return LoaderPlan("stream", rows, len(shards), max(1, buffer_rows // cache.rows_per_shard), memory_mode, budget)
 

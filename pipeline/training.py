@@ -160,7 +160,7 @@ def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: Distill
         device: torch.device, *, teacher_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         evaluate: Callable[[nn.Module], dict] | None = None, history_csv: str | Path | None = None,
-        log: Callable[[str], None] | None = None, desc: str = "train") -> list[dict]:
+        log: Callable[[str], None] | None = None, desc: str = "train", progress: bool = True) -> list[dict]:
     """Train ``model`` in place; return one dict per epoch.
 
     Args:
@@ -177,6 +177,7 @@ def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: Distill
         history_csv: if given, the per-epoch rows are written there (rewritten after every epoch).
         log: receives one summary line per epoch.
         desc: progress-bar label.
+        progress: show a progress bar per epoch (on a terminal).
 
     Returns:
         Per-epoch rows: ``epoch``, ``loss``, ``soft``, ``hard`` (means over rows), ``train_errors``,
@@ -199,7 +200,7 @@ def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: Distill
         wrong = torch.zeros((), device=device, dtype=torch.long)
         rows = labeled = 0
         bar = tqdm(source.epoch(epoch), total=len(source), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, unit="batch", disable=None)
+                   leave=False, unit="batch", disable=None if progress else True)
         for xb, tb, yb in bar:
             xb = xb.to(device, non_blocking=non_blocking)
             tb = None if tb is None else tb.to(device, non_blocking=non_blocking)
