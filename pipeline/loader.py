@@ -32,6 +32,7 @@ from .losses import combine_members
 from .training import Batch, InMemorySource
 
 PREFETCH_SHARDS = 2
+COMBINE_BLOCK_ELEMENTS = 1 << 20  # float32 elements per member-combination block (4 MiB)
 
 
 def combined_shard(cache: LogitCache, shard: int, members: list[int], method: str,
@@ -44,7 +45,13 @@ def combined_shard(cache: LogitCache, shard: int, members: list[int], method: st
     raw = torch.from_numpy(cache.read_logits(shard, members))  # (M, rows, C) float16/32
     if raw.shape[0] == 1:
         return raw[0].float()
-    return combine_members(raw, method, temperature)
+    out = torch.empty(raw.shape[1:], dtype=torch.float32)
+    # Combined in row blocks: the float32 temporaries of log_softmax/logsumexp then stay a few MiB instead of
+    # several copies of the whole (M, rows, C) shard, which is what bounds streaming memory for many classes.
+    step = max(1, COMBINE_BLOCK_ELEMENTS // (raw.shape[0] * raw.shape[2]))
+    for start in range(0, raw.shape[1], step):
+        out[start:start + step] = combine_members(raw[:, start:start + step], method, temperature)
+    return out
 
 
 @dataclass
@@ -80,7 +87,8 @@ def plan_loader(cache: LogitCache, x: np.ndarray, members: list[int], shards: np
     # raw member logits and float32 combine temporaries also count.
     per_row = 2 * (c * 4 + in_bytes + 8)
     prefetch = (PREFETCH_SHARDS + 1) * cache.rows_per_shard * (c * 4 + in_bytes + 8) \
-        + cache.rows_per_shard * (raw_bytes + 2 * len(members) * c * 4)
+        + cache.rows_per_shard * raw_bytes \
+        + 2 * 4 * min(COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * len(members) * c)
     buffer_rows = max(0, budget - prefetch) // per_row
     return LoaderPlan("stream", rows, len(shards), max(1, buffer_rows // cache.rows_per_shard), memory_mode, budget)
 

@@ -73,8 +73,9 @@ def test_plan_chooses_memory_exactly_when_targets_and_inputs_fit(cache_path: Pat
     short = plan_loader(cache, data.x, [0, 1], shards, MEMORY_BYTES - 1)
     assert short.mode == "stream"
     # per row in the buffer: 2 x (targets 20 + inputs 256 + label 8); prefetch: 3 combined shards x 64 x (20 + 256
-    # + 8) plus one shard's raw logits (2 members x 5 x 2 bytes) and float32 combine temporaries (2 x 2 x 5 x 4).
-    prefetch = 3 * R * (C * 4 + IN_BYTES + 8) + R * (2 * C * 2 + 2 * 2 * C * 4)
+    # + 8) plus one shard's raw logits (2 members x 5 x 2 bytes) and float32 combine temporaries (2 blocks, here
+    # the whole shard: 2 x 4 bytes x 64 rows x 2 members x 5 classes).
+    prefetch = 3 * R * (C * 4 + IN_BYTES + 8) + R * 2 * C * 2 + 2 * 4 * R * 2 * C
     expected_rows = (MEMORY_BYTES - 1 - prefetch) // (2 * (C * 4 + IN_BYTES + 8))
     assert short.buffer_shards == expected_rows // R
     tiny = plan_loader(cache, data.x, [0, 1], shards, STREAM_BUDGET)
