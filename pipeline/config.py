@@ -16,6 +16,17 @@ from .training import TrainConfig
 CACHE_DTYPES = ("float16", "float32")
 
 
+def _raise_all(problems: list[str], train: TrainConfig | None = None) -> None:
+    """Raise one ``ConfigError`` with ``problems`` plus the training settings' own, if there are any."""
+    if train is not None:
+        try:
+            train.validate()
+        except ConfigError as e:
+            problems = [*problems, *e.problems]
+    if problems:
+        raise ConfigError(problems)
+
+
 @dataclass
 class TeacherConfig:
     """``train-teacher``: an ensemble of ``members`` models, one seed each."""
@@ -51,12 +62,7 @@ class TeacherConfig:
             problems.append(f"--dropout applies to mlp and cnn models, not {kind}")
         if not self.out:
             problems.append("out (the ensemble directory) must be given")
-        try:
-            self.train.validate()
-        except ConfigError as e:
-            problems += e.problems
-        if problems:
-            raise ConfigError(problems)
+        _raise_all(problems, self.train)
 
     def model_spec(self) -> str:
         """The model spec with the dropout / max-norm options resolved into it (the paper's defaults for mlp)."""
@@ -177,12 +183,7 @@ class StudentConfig:
             problems.append(f"memory_budget must be at least 1 MiB, got {self.memory_budget} bytes")
         if not self.out:
             problems.append("out (the run directory) must be given")
-        try:
-            self.train.validate()
-        except ConfigError as e:
-            problems += e.problems
-        if problems:
-            raise ConfigError(problems)
+        _raise_all(problems, self.train)
 
     def to_dict(self) -> dict:
         d = asdict(self)
