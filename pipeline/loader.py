@@ -13,7 +13,8 @@ Two modes, chosen by a memory budget:
   buffer spanning several shards. Every row is served exactly once per epoch and memory stays near the budget.
 
 Sources hold no open file handles or threads between epochs (a thread lives only while an epoch is iterated), so
-they are safe to use from a torch ``DataLoader`` worker or after ``fork``.
+they are safe after ``fork``. :class:`CacheIterableDataset` wraps a streaming source for a torch ``DataLoader``
+with workers, each serving a disjoint part of the epoch's shards.
 """
 
 from __future__ import annotations
@@ -129,9 +130,10 @@ class StreamingCacheSource:
         labels = self.cache.read_labels(shard)
         return self.x[start:stop], teacher, labels, np.arange(start, stop)
 
-    def epoch(self, epoch: int, with_rows: bool = False) -> Iterator[Batch]:
+    def epoch(self, epoch: int, with_rows: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+        """Yield the epoch's batches; ``part=(k, K)`` serves only every K-th shard of the order from k (workers)."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.shards)
+        order = rng.permutation(self.shards)[part[0]::part[1]]
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
         stop = threading.Event()
 
@@ -212,3 +214,23 @@ def cache_source(cache: LogitCache, x: np.ndarray, members: list[int], method: s
     all_rows = len(rows) == cache.n
     xs = x if all_rows else x[rows]
     return InMemorySource(xs, labels, teacher, batch_size=batch_size, seed=seed), plan
+
+
+class CacheIterableDataset(torch.utils.data.IterableDataset):
+    """A streaming cache source for torch's ``DataLoader`` (use ``batch_size=None``: batches are already made).
+
+    Each loader worker serves a disjoint slice of the epoch's shuffled shard order, so across workers every row
+    is still served exactly once per epoch. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, source: StreamingCacheSource, epoch: int = 0, with_rows: bool = False) -> None:
+        super().__init__()
+        self.source, self.epoch, self.with_rows = source, epoch, with_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        part = (0, 1) if info is None else (info.id, info.num_workers)
+        yield from self.source.epoch(self.epoch, with_rows=self.with_rows, part=part)

@@ -18,7 +18,7 @@ import torch
 from pipeline.cache import LogitCache
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError
-from pipeline.loader import StreamingCacheSource, cache_source, plan_loader
+from pipeline.loader import CacheIterableDataset, StreamingCacheSource, cache_source, plan_loader
 from pipeline.losses import combine_members
 from pipeline.training import InMemorySource
 
@@ -84,6 +84,22 @@ def test_plan_chooses_memory_exactly_when_targets_and_inputs_fit(cache_path: Pat
 
 
 # ------------------------------------------------------------------------------------------------ streaming
+def test_torch_dataloader_workers_together_serve_every_row_once(cache_path: Path) -> None:
+    # Two forked DataLoader workers each serve a disjoint slice of the epoch's shard order: the union is every row
+    # exactly once, with the cached targets, and the zarr state forked from this process does not hang them.
+    cache, data = _open(cache_path)
+    src, _ = cache_source(cache, data.x, [0, 1], "mean-probs", 4.0, batch_size=50, budget=STREAM_BUDGET, seed=3)
+    list(src.epoch(0))  # use zarr here first, so the workers inherit its state
+    ds = CacheIterableDataset(src, with_rows=True)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        # The DataLoader turns the row arrays into tensors; turn them back.
+        batches = [(xb, tb, yb, np.asarray(rows))
+                   for xb, tb, yb, rows in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+        assert np.bincount(_rows(batches), minlength=N).tolist() == [1] * N
+        _check_batches_against_cache(batches, cache, data, [0, 1], "mean-probs", 4.0)
+
+
 def test_streaming_serves_every_row_once_with_the_cached_targets(cache_path: Path) -> None:
     cache, data = _open(cache_path)
     src, plan = cache_source(cache, data.x, [0, 1], "mean-probs", 4.0, batch_size=50, budget=STREAM_BUDGET, seed=3)
