@@ -38,7 +38,7 @@ class TeacherConfig:
     max_norm: float | None = None  # mlp only
     jitter: int = 2
     members: int = 3
-    eval: str | None = "fashion-mnist:test"
+    eval: str | None = None  # None: the training set's test split; "": no evaluation
     out: str = ""
     device: str = "auto"
     data_dir: str | None = None
@@ -68,8 +68,14 @@ class TeacherConfig:
         """The model spec with the dropout / max-norm options resolved into it (the paper's defaults for mlp)."""
         kind = self.model.partition(":")[0]
         if kind == "mlp":
-            return with_options(self.model, input_dropout=0.2 if self.input_dropout is None else self.input_dropout,
-                                dropout=0.5 if self.dropout is None else self.dropout, max_norm=self.max_norm)
+            own = {p.partition("=")[0] for p in self.model.split(":")[1:] if "=" in p}
+
+            def pick(key: str, flag: float | None, paper: float) -> float | None:
+                # The flag wins; else the spec's own value stays; else the paper's default.
+                return flag if flag is not None else (None if key in own else paper)
+
+            return with_options(self.model, input_dropout=pick("input_dropout", self.input_dropout, 0.2),
+                                dropout=pick("dropout", self.dropout, 0.5), max_norm=self.max_norm)
         if kind == "cnn":
             return with_options(self.model, dropout=self.dropout)
         return self.model
@@ -171,6 +177,13 @@ class StudentConfig:
             problems.append("--online-teacher needs --dataset SPEC (the transfer set)")
         if self.members is not None and (not self.members or min(self.members) < 0):
             problems.append(f"members must be non-negative member indices, got {self.members}")
+        if self.members is not None and len(set(self.members)) != len(self.members):
+            problems.append(f"members must not repeat (a repeat would weigh a member twice), got {self.members}")
+        if self.cache and self.dataset:
+            problems.append("--dataset is for --online-teacher; a cache trains on the dataset it records")
+        if self.online_teacher and (self.members is not None or self.allow_partial):
+            problems.append("--members and --allow-partial select cache members and shards; they do not apply to "
+                            "--online-teacher")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:

@@ -468,3 +468,14 @@ def load_eval_dataset(spec: str, data_dir: str | None, like: Dataset, num_classe
             "--eval (or '' to skip evaluation)"
         )
     return data
+
+
+def default_eval_spec(spec: str) -> str | None:
+    """The test split matching a transfer set's spec (``fashion-mnist:train:...`` -> ``fashion-mnist:test``)."""
+    try:
+        source, args, _ = parse_spec(spec)
+    except DatasetError:
+        return None
+    if not args or args[-1] != "train":
+        return None
+    return ":".join([source.name, *args[:-1], "test"])

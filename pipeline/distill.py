@@ -24,7 +24,7 @@ import torch
 from .cache import LogitCache, cache_fingerprint
 from .checkpoints import load_models, save_checkpoint
 from .config import StudentConfig
-from .datasets import Dataset, load_dataset, load_eval_dataset, parse_spec
+from .datasets import Dataset, default_eval_spec, load_dataset, load_eval_dataset
 from .devices import describe_device, resolve_device
 from .errors import CacheError, ConfigError, DatasetError
 from .loader import cache_source, combined_shard
@@ -36,15 +36,19 @@ from .training import InMemorySource, fit
 BIAS_GRID = np.round(np.arange(-5.0, 15.0001, 0.1), 4)
 
 
-def default_eval_spec(spec: str) -> str | None:
-    """The test split matching a transfer set's spec (``fashion-mnist:train:...`` -> ``fashion-mnist:test``)."""
+def _eval_set(spec: str | None, data: Dataset, num_classes: int, data_dir: str | None,
+              log: Callable[[str], None]) -> Dataset | None:
+    """``--eval``: the given set ('' = none), else the transfer set's test split when there is a usable one."""
+    if spec is not None:
+        return load_eval_dataset(spec, data_dir, data, num_classes) if spec else None
+    guess = default_eval_spec(data.spec)
+    if guess is None:
+        return None
     try:
-        source, args, _ = parse_spec(spec)
-    except DatasetError:
+        return load_eval_dataset(guess, data_dir, data, num_classes)
+    except DatasetError as e:
+        log(f"warning: no evaluation set ({e}); pass --eval SPEC to name one")
         return None
-    if not args or args[-1] != "train":
-        return None
-    return ":".join([source.name, *args[:-1], "test"])
 
 
 def absent_classes(dataset_meta: dict, num_classes: int, labels: np.ndarray | None) -> list[int]:
@@ -168,8 +172,8 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
     if width != num_classes:
         raise ConfigError([f"student {cfg.student} outputs {width} logits but the teacher has {num_classes} "
                            "classes; build the student for the cache's classes"])
-    eval_spec = cfg.eval if cfg.eval is not None else default_eval_spec(data.spec)
-    test = load_eval_dataset(eval_spec, cfg.data_dir, data, num_classes) if eval_spec else None
+    test = _eval_set(cfg.eval, data, num_classes, cfg.data_dir, log)
+    held, absent = _check_bias(cfg, data, num_classes)
     loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -192,7 +196,7 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
     if test is not None and (cfg.class_bias or cfg.fit_bias_on):
         metrics["test_before_bias"] = classification_metrics(predict_logits(student, test.x, device),
                                                              torch.as_tensor(test.y), num_classes)
-    bias_record = _apply_bias(student, cfg, data, num_classes, device, log)
+    bias_record = _apply_bias(student, cfg, held, absent, num_classes, device, log)
     if test is not None:
         metrics["test"] = {"dataset": test.spec,
                            **classification_metrics(predict_logits(student, test.x, device),
@@ -219,19 +223,31 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
     return result
 
 
-def _apply_bias(student: KDModel, cfg: StudentConfig, data: Dataset, num_classes: int, device: torch.device,
-                log: Callable[[str], None]) -> dict:
-    """Apply ``--class-bias`` offsets and/or fit offsets for absent classes on ``--fit-bias-on``."""
+def _check_bias(cfg: StudentConfig, data: Dataset, num_classes: int) -> tuple[Dataset | None, list[int]]:
+    """Validate the bias options before training (a bad one must not cost a whole run).
+
+    Returns:
+        The held-out set for ``--fit-bias-on`` (or None) and the classes absent from the transfer set.
+    """
+    bad = [f"--class-bias {c}={d}: class out of range 0..{num_classes - 1}" for c, d in cfg.class_bias.items()
+           if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(bad)
+    if not cfg.fit_bias_on:
+        return None, []
+    held = load_eval_dataset(cfg.fit_bias_on, cfg.data_dir, data, num_classes)
+    absent = absent_classes(data.describe(), num_classes, data.y)
+    if not absent:
+        raise ConfigError([f"--fit-bias-on: no class is absent from the transfer set {data.spec}; bias "
+                           "fitting is for transfer sets made with exclude= or keep="])
+    return held, absent
+
+
+def _apply_bias(student: KDModel, cfg: StudentConfig, held: Dataset | None, absent: list[int], num_classes: int,
+                device: torch.device, log: Callable[[str], None]) -> dict:
+    """Fit offsets for the absent classes on the held-out set (if any), then add the ``--class-bias`` offsets."""
     rec: dict = {"manual": {str(k): v for k, v in cfg.class_bias.items()}}
-    for c, delta in cfg.class_bias.items():
-        if not 0 <= c < num_classes:
-            raise ConfigError([f"--class-bias {c}={delta}: class out of range 0..{num_classes - 1}"])
-    if cfg.fit_bias_on:
-        held = load_eval_dataset(cfg.fit_bias_on, cfg.data_dir, data, num_classes)
-        absent = absent_classes(data.describe(), num_classes, data.y)
-        if not absent:
-            raise ConfigError([f"--fit-bias-on: no class is absent from the transfer set {data.spec}; bias "
-                               "fitting is for transfer sets made with exclude= or keep="])
+    if held is not None:
         logits = predict_logits(student, held.x, device)
         labels = torch.as_tensor(held.y)
         before = classification_metrics(logits, labels, num_classes)

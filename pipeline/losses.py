@@ -12,7 +12,7 @@ Distillation (Hinton et al. 2015, section 2)::
 ``v`` the teacher's logits, ``z`` the student's; ``alpha`` weights the soft term (the paper uses a high weight).
 The T^2 factor keeps the soft gradients' magnitude independent of T: d(T^2 KL)/dz = T (q - p) per sample.
 Logit matching is the high-temperature limit: for zero-mean logits T^2 KL -> (1 / 2C) * sum_i (z_i - v_i)^2,
-which is exactly ``logit-mse``'s soft term.
+which is ``logit-mse``'s soft term (it removes each row's mean first, which softmax ignores anyway).
 
 All maths runs in float32 on log-probabilities (``log_softmax`` + ``kl_div(log_target=True)``), so logits of
 magnitude 1e4 give finite losses and gradients.
@@ -113,15 +113,19 @@ class DistillationLoss:
 
 
 class LogitMatchingLoss(DistillationLoss):
-    """``alpha * (1 / 2C) * sum_i (z_i - v_i)^2 + (1 - alpha) * CE`` — Caruana's logit matching, the high-T limit.
+    """``alpha * (1 / 2C) * sum_i (z'_i - v'_i)^2 + (1 - alpha) * CE`` — logit matching, the high-T limit.
 
-    The temperature is accepted (one signature) but does not enter: this is what T^2 KL tends to as T grows.
+    ``z'`` and ``v'`` are the logits with each row's mean removed: softmax ignores a per-row shift, so the shift
+    carries no knowledge, and the paper's limit assumes zero-mean logits. (Combined ensemble targets such as
+    ``mean-probs`` are ``T log(mean p)``, shifted by about ``-T log C``; matching raw values would spend the loss on
+    that shift.) The temperature is accepted (one signature) but does not enter.
     """
 
     name = "logit-mse"
 
     def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        diff = student_logits.float() - teacher_logits.float()
+        z, v = student_logits.float(), teacher_logits.float()
+        diff = (z - z.mean(dim=-1, keepdim=True)) - (v - v.mean(dim=-1, keepdim=True))
         return 0.5 * diff.pow(2).mean(dim=-1).mean()
 
 

@@ -239,9 +239,10 @@ def build_model(spec: str, in_shape: tuple[int, ...], num_classes: int,
 
 
 def with_options(spec: str, **options: float | None) -> str:
-    """Append ``key=value`` options (those not None) to a model spec; existing keys are replaced."""
+    """Set ``key=value`` options on a model spec: a value replaces the spec's own; None leaves the spec as it is."""
     name, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
-    keep = [p for p in parts if p.partition("=")[0] not in options or "=" not in p]
+    given = {k for k, v in options.items() if v is not None}
+    keep = [p for p in parts if p.partition("=")[0] not in given or "=" not in p]
     extra = [f"{k}={v}" for k, v in options.items() if v is not None]
     return ":".join([name, *keep, *extra])

@@ -32,7 +32,8 @@ def common(fn: Callable) -> Callable:
     """``--device`` and ``--seed``, on every command that computes."""
 
     @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-    @click.option("--seed", default=0, show_default=True, type=int, help="Seed for weights, shuffling and subsets.")
+    @click.option("--seed", default=0, show_default=True, type=int,
+                  help="Seed for weight initialisation, dropout and shuffling (dataset subsets take their own seed=).")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         return fn(*args, **kwargs)
@@ -106,21 +107,21 @@ def main() -> None:
 @click.option("--jitter", default=2, show_default=True, type=int,
               help="Random shifts of up to N pixels per image each step (0 disables).")
 @click.option("--members", default=3, show_default=True, type=int, help="Ensemble size (one seed per member).")
-@click.option("--eval", "eval_spec", default="fashion-mnist:test", show_default=True,
-              help="Labeled test set evaluated after each epoch ('' to skip).")
+@click.option("--eval", "eval_spec", default=None,
+              help="Labeled test set evaluated after each epoch [default: the training set's test split; '' skips].")
 @click.option("--out", default=None, help="Ensemble directory [default: data/teachers/<model>].")
 @train_options
 @data_dir_option
 @common
 def train_teacher(dataset: str, model: str, input_dropout: float | None, dropout: float | None,
-                  max_norm: float | None, jitter: int, members: int, eval_spec: str, out: str | None, device: str,
-                  seed: int, data_dir: str | None, **kw: object) -> None:
+                  max_norm: float | None, jitter: int, members: int, eval_spec: str | None, out: str | None,
+                  device: str, seed: int, data_dir: str | None, **kw: object) -> None:
     """Train a teacher ensemble; writes member-<i>.pt checkpoints and ensemble.json under --out."""
     from pipeline.config import TeacherConfig
     from stages import train_teacher as step
 
     cfg = TeacherConfig(dataset=dataset, model=model, input_dropout=input_dropout, dropout=dropout,
-                        max_norm=max_norm, jitter=jitter, members=members, eval=eval_spec or None,
+                        max_norm=max_norm, jitter=jitter, members=members, eval=eval_spec,
                         out=out or default_out("teachers", model.replace(":", "-").replace(",", "-")),
                         device=device, data_dir=data_dir, train=make_train_config(kw, seed))
     step.run(cfg, log=click.echo)
@@ -240,7 +241,9 @@ def parse_class_bias(items: tuple[str, ...]) -> dict[int, float]:
 @click.option("--online-teacher", multiple=True, type=click.Path(exists=True),
               help="Baseline: soft targets from a live teacher forward pass each batch instead of a cache.")
 @click.option("--dataset", default=None, help="Transfer set for --online-teacher.")
-@click.option("--out", default=None, help="Run directory [default: data/runs/<student>-T<T>-a<alpha>].")
+@click.option("--out", default=None,
+              help="Run directory [default: data/runs/<cache>-<student>-<loss>-<ensemble>-T<T>-a<alpha>"
+                   "[-m<members>]-s<seed>].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @train_options
 @data_dir_option
@@ -257,7 +260,9 @@ def train_student(cache: str | None, student: str, temperature: float, alpha: fl
         member_list = [int(m) for m in members.split(",")] if members else None
     except ValueError:
         raise click.BadParameter(f"expected indices like 0,2, got {members!r}", param_hint="--members") from None
-    name = f"{student.replace(':', '-').replace(',', '-')}-T{temperature:g}-a{alpha:g}"
+    source = Path(cache).name.removesuffix(".zarr") if cache else "online"
+    name = (f"{source}-{student.replace(':', '-').replace(',', '-')}-{loss}-{ensemble}-T{temperature:g}-a{alpha:g}"
+            + (f"-m{'.'.join(map(str, member_list))}" if member_list else "") + f"-s{seed}")
     cfg = StudentConfig(cache=cache or "", student=student, temperature=temperature, alpha=alpha, loss=loss,
                         ensemble=ensemble, members=member_list, eval=eval_spec, class_bias=parse_class_bias(class_bias),
                         fit_bias_on=fit_bias_on, memory_budget=parse_size(memory_budget), allow_partial=allow_partial,

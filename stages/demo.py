@@ -8,10 +8,12 @@ matches (the teacher is not retrained, the cache not recomputed, finished studen
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.cache import LogitCache, cache_fingerprint
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig
 from pipeline.training import TrainConfig
 from stages import cache_logits, evaluate, train_student, train_teacher
@@ -38,9 +40,12 @@ def _student(cfg: DemoConfig, cache: Path, out: Path, temperature: float, alpha:
                          eval="fashion-mnist:test", out=str(out), device=cfg.device,
                          train=TrainConfig(epochs=cfg.student_epochs, seed=cfg.seed))
     done = out / "metrics.json"
-    if done.is_file() and json.loads(done.read_text()).get("config") == scfg.to_dict():
-        log(f"reusing {out}")
-        return json.loads(done.read_text())
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        current = cache_fingerprint(LogitCache(cache).header)
+        if previous.get("config") == scfg.to_dict() and previous.get("cache", {}).get("fingerprint") == current:
+            log(f"reusing {out}")
+            return previous
     return train_student.run(scfg, log=log, progress=False)
 
 
@@ -56,6 +61,9 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     if summary_file.is_file() and json.loads(summary_file.read_text()).get("config") == tcfg.to_dict():
         log(f"reusing the teacher in {teacher_dir}")
     else:
+        # A new teacher makes the old cache and students stale: remove them rather than mix generations.
+        for stale in (out / "cache.zarr", out / "runs", teacher_dir):
+            shutil.rmtree(stale, ignore_errors=True)
         train_teacher.run(tcfg, log=log)
     teacher = evaluate.run(EvaluateConfig(model=str(teacher_dir), dataset="fashion-mnist:test", device=cfg.device))
     cache = out / "cache.zarr"

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.checkpoints import save_checkpoint
 from pipeline.config import TeacherConfig
-from pipeline.datasets import load_dataset, load_eval_dataset
+from pipeline.datasets import default_eval_spec, load_dataset, load_eval_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import KDError
 from pipeline.losses import DistillationLoss
@@ -31,7 +31,8 @@ def run(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
     train = load_dataset(cfg.dataset, cfg.data_dir)
     if not train.labeled:
         raise KDError(f"{cfg.dataset} has no labels; a teacher needs a labeled dataset (e.g. fashion-mnist:train)")
-    test = load_eval_dataset(cfg.eval, cfg.data_dir, train) if cfg.eval else None
+    eval_spec = default_eval_spec(train.spec) if cfg.eval is None else cfg.eval
+    test = load_eval_dataset(eval_spec, cfg.data_dir, train) if eval_spec else None
     spec = cfg.model_spec()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -185,6 +185,26 @@ def test_fit_bias_on_needs_an_absent_class(cache_path: Path, npz_path: Path, tmp
     with pytest.raises(ConfigError, match="no class is absent"):
         train_student(_student(tmp_path / "run", cache=str(cache_path), fit_bias_on=f"npz:{npz_path}:test"),
                       log=quiet)
+    # Refused before training: no epoch ran, nothing was written.
+    assert not (tmp_path / "run" / "history.csv").exists()
+
+
+def test_bad_class_bias_is_refused_before_training(cache_path: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match=r"--class-bias 9=1.0: class out of range 0..4"):
+        train_student(_student(tmp_path / "run", cache=str(cache_path), class_bias={9: 1.0}), log=lines.append)
+    assert not any("epoch" in line for line in lines)
+    assert not (tmp_path / "run" / "history.csv").exists()
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"members": [0, 0]}, "must not repeat"),
+    ({"dataset": "fashion-mnist:train"}, "--dataset is for --online-teacher"),
+])
+def test_options_that_would_be_ignored_or_double_counted_are_refused(cache_path: Path, tmp_path: Path, kw: dict,
+                                                                     message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train_student(_student(tmp_path / "run", cache=str(cache_path), **kw), log=quiet)
 
 
 # ----------------------------------------------------------------------------------------- online teacher

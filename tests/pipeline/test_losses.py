@@ -137,7 +137,18 @@ def test_logit_matching_gradient_is_difference_over_c() -> None:
     z = _logits(1, c, seed=9).requires_grad_(True)
     v = _logits(1, c, seed=10)
     LogitMatchingLoss(alpha=1.0)(z, v, None)["loss"].backward()
-    torch.testing.assert_close(z.grad, (z.detach() - v) / c)
+    # Row means are removed (softmax ignores them), so the gradient is the centred difference over C.
+    d = z.detach() - v
+    torch.testing.assert_close(z.grad, (d - d.mean(dim=-1, keepdim=True)) / c)
+
+
+def test_logit_matching_ignores_a_per_row_shift_of_the_targets() -> None:
+    # A mean-probs ensemble target is T log(mean p): shifted by about -T log C per row. The loss must not care.
+    z, v = _logits(6, 5, seed=21), _logits(6, 5, seed=22)
+    shift = torch.arange(6.0)[:, None] * -7.0
+    base = LogitMatchingLoss(alpha=1.0)(z, v, None)["soft"]
+    torch.testing.assert_close(LogitMatchingLoss(alpha=1.0)(z, v + shift, None)["soft"], base)
+    assert float(LogitMatchingLoss(alpha=1.0)(z, z + shift, None)["soft"]) < 1e-10
 
 
 # ------------------------------------------------------------------------------------ (c) alpha = 0 is plain CE
