@@ -178,6 +178,7 @@ class StreamingCacheSource:
             ts = torch.cat([p[1] for p in parts])
             ys = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
             rows = np.concatenate([p[3] for p in parts])
+            parts.clear()  # the shards are copied into the buffer: free them before serving it
             perm = rng.permutation(xs.shape[0])
             n_full = xs.shape[0] if done else (xs.shape[0] // self.batch_size) * self.batch_size
             for start in range(0, n_full, self.batch_size):

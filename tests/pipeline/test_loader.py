@@ -362,4 +362,6 @@ def test_streaming_memory_stays_near_the_budget_on_a_cache_larger_than_it(tmp_pa
     assert res["memory_growth"] > 160e6
     # ... and holds the combined targets once (filled in place, not concatenated from a list of shards).
     assert res["memory_growth"] < 1.5 * plan["bytes_in_memory_mode"]
-    assert res["stream_growth"] < res["memory_growth"] / 3
+    # Streaming needs a fraction of that. (45 MiB vs 173 MiB on an idle machine; the prefetch thread's lead, and so
+    # the peak, varies with scheduling: 58 MiB was seen in one CI run, hence a half rather than a third.)
+    assert res["stream_growth"] < res["memory_growth"] / 2
