@@ -332,14 +332,17 @@ def bench(scale: str, device: str, out: str | None) -> None:
 @click.option("--members", default=2, show_default=True, type=int, help="Teacher ensemble size.")
 @click.option("--model", default="mlp:1200,1200", show_default=True, help="Teacher model spec.")
 @click.option("--student", default="mlp:800,800", show_default=True, help="Student model spec.")
-@click.option("--student-epochs", default=3, show_default=True, type=int, help="Epochs of each student.")
+@click.option("--student-epochs", default=20, show_default=True, type=int, help="Epochs of each student.")
 @click.option("--temperatures", default="4,20", show_default=True, help="Comma-separated temperatures to distil at.")
 @click.option("--alpha", default=0.9, show_default=True, type=float, help="Soft-term weight of distilled students.")
+@click.option("--transfer-fraction", default=0.05, show_default=True, type=float,
+              help="Fraction of the training images in the transfer set the students learn from (1 = all).")
 @click.option("--train-subset", default=None, type=float,
-              help="Fraction of fashion-mnist:train to use (e.g. 0.1 for a very quick run).")
+              help="Fraction of fashion-mnist:train for the teacher and, as is, for the students (a quick run).")
 @common
 def demo(out: str | None, epochs: int, members: int, model: str, student: str, student_epochs: int,
-         temperatures: str, alpha: float, train_subset: float | None, device: str, seed: int) -> None:
+         temperatures: str, alpha: float, transfer_fraction: float, train_subset: float | None, device: str,
+         seed: int) -> None:
     """The main job on the shipped Fashion-MNIST: teacher ensemble, logit cache, baseline vs distilled students."""
     from stages import demo as step
 
@@ -349,7 +352,8 @@ def demo(out: str | None, epochs: int, members: int, model: str, student: str, s
         raise click.BadParameter(f"expected numbers like 4,20, got {temperatures!r}") from None
     step.run(step.DemoConfig(out=out or default_out("demo", ""), epochs=epochs, members=members, model=model,
                              student=student, student_epochs=student_epochs, temperatures=temps, alpha=alpha,
-                             train_subset=train_subset, device=device, seed=seed), log=click.echo)
+                             transfer_fraction=transfer_fraction or None, train_subset=train_subset, device=device,
+                             seed=seed), log=click.echo)
 
 
 if __name__ == "__main__":  # pragma: no cover
