@@ -206,17 +206,30 @@ def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
 _RSS_CHILD = r"""
 import json, resource, sys
 import numpy as np
+
+
+def peak_rss():
+    # VmHWM belongs to this process image; ru_maxrss on Linux keeps the parent's peak across fork + exec.
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 from pipeline.cache import LogitCache
 from pipeline.loader import cache_source
 location, budget = sys.argv[1], int(sys.argv[2])
 cache = LogitCache(location)
 x = np.zeros((cache.n, 4), dtype=np.uint8)
 src, plan = cache_source(cache, x, list(range(len(cache.members))), "mean-probs", 4.0, 256, budget)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss()
 seen = 0
 for xb, tb, yb in src.epoch(0):
     seen += xb.shape[0]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 print(json.dumps({"mode": plan.mode, "rows_seen": seen, "rss_growth": max(0, peak - before)}))
 """
 
