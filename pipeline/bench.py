@@ -33,13 +33,14 @@ import numpy as np
 import torch
 
 from .cache import LogitCache, create_cache, mark_complete, shard_bounds, write_shard
-from .cache_writer import build_cache, teacher_logits
+from .cache_writer import build_cache
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import CacheConfig
 from .datasets import fingerprint_arrays, load_dataset
 from .devices import describe_device, resolve_device
 from .loader import StreamingCacheSource, cache_source
 from .losses import DistillationLoss
+from .metrics import predict_logits
 from .models import build_model
 from .training import InMemorySource, TrainConfig, fit
 
@@ -130,7 +131,7 @@ def _measure(root: Path, data, classes: int, device: torch.device, device_name: 
         # cache's overhead is then exactly its own work (identity, schema, compression, writes, completion).
         x = load_dataset(data.spec).x
         for p in paths:
-            teacher_logits(load_checkpoint(p, device).model, x, device, batch)
+            predict_logits(load_checkpoint(p, device).model, x, device, batch)
 
     counter = iter(range(10_000))
 
