@@ -250,10 +250,12 @@ def _p4_rss(rows: int = 40_000, classes: int = 1000, members: int = 2) -> dict:
                              members=[{"checkpoint_sha256": f"sha256:{i}", "num_classes": classes, "path": "synthetic"}
                                       for i in range(members)], dtype="float16", rows_per_shard=1024, command="bench")
         rng = np.random.default_rng(0)
+        handles: dict = {}
         for k in range(members):
             for s in range(group.attrs["kd_cache"]["n_shards"]):
                 a, b = shard_bounds(s, 1024, rows)
-                write_shard(group, k, s, rng.normal(0, 3, size=(b - a, classes)).astype(np.float32), np.arange(a, b))
+                write_shard(group, k, s, rng.normal(0, 3, size=(b - a, classes)).astype(np.float32), np.arange(a, b),
+                            handles)
         mark_complete(location)
         payload = rows * classes * members * 2
         budget = payload // 10

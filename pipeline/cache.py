@@ -285,12 +285,25 @@ def mark_complete(location: str | Path) -> None:
     zarr.consolidate_metadata(str(location))
 
 
-def write_shard(group: zarr.Group, member: int, shard: int, logits: np.ndarray, ids: np.ndarray) -> None:
+def array_handle(group: zarr.Group, path: str, handles: dict) -> zarr.Array:
+    """``group[path]``, opened once per ``handles`` dict.
+
+    Opening an array reads and parses its metadata; per shard read or write that would dominate small shards. A
+    handle is plain metadata (no file handles), so holders stay fork-safe.
+    """
+    if path not in handles:
+        handles[path] = group[path]
+    return handles[path]
+
+
+def write_shard(group: zarr.Group, member: int, shard: int, logits: np.ndarray, ids: np.ndarray,
+                handles: dict | None = None) -> None:
     """Write one whole shard of one member's logits, then its done flag.
 
     Args:
         logits: (rows, C) float32 raw logits for the shard's rows.
         ids: (rows,) sample ids of those rows, named in errors.
+        handles: array handles kept across calls by a writer of many shards (see :func:`array_handle`).
 
     Raises:
         CacheError: NaN/inf logits, or logits beyond float16's range in a float16 cache (nothing is written).
@@ -314,8 +327,9 @@ def write_shard(group: zarr.Group, member: int, shard: int, logits: np.ndarray, 
     if logits.shape != (stop - start, h["num_classes"]):
         raise CacheError(f"shard {shard} of member {member}: expected logits of shape "
                          f"{(stop - start, h['num_classes'])}, got {logits.shape}")
-    group[member_array(member)][start:stop] = logits.astype(h["dtype"])
-    group[member_done(member)][shard] = 1
+    handles = {} if handles is None else handles
+    array_handle(group, member_array(member), handles)[start:stop] = logits.astype(h["dtype"])
+    array_handle(group, member_done(member), handles)[shard] = 1
 
 
 def _ids_list(ids: np.ndarray, limit: int = 20) -> str:
@@ -435,15 +449,10 @@ class LogitCache:
 
     # -- data
     def _array(self, path: str) -> zarr.Array:
-        # Array handles are kept: opening one reads and parses its metadata, which per shard read would dominate
-        # small shards. A handle is plain metadata (no file handles), so the cache stays fork-safe.
-        arrays = self.__dict__.setdefault("_arrays", {})
-        if path not in arrays:
-            try:
-                arrays[path] = self.group[path]
-            except KeyError:
-                raise CacheError(f"{self.location}: array {path!r} is missing; the cache is damaged") from None
-        return arrays[path]
+        try:
+            return array_handle(self.group, path, self.__dict__.setdefault("_arrays", {}))
+        except KeyError:
+            raise CacheError(f"{self.location}: array {path!r} is missing; the cache is damaged") from None
 
     def _read(self, path: str, sel: Any) -> np.ndarray:
         arr = self._array(path)

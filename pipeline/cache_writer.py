@@ -103,10 +103,11 @@ def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
     """Dask task: compute and write ``spec.tasks`` (whole shards). Returns [(shard, rows)]."""
     models, data, device = _worker_state(spec)
     group = zarr.open_group(spec.location, mode="r+", use_consolidated=False)
+    handles: dict = {}
     done = []
     for shard, members in spec.tasks:
         rows = compute_shard(spec, models, data, group, shard, members, device,
-                             lambda m, s, lg, ids: write_shard(group, m, s, lg, ids))
+                             lambda m, s, lg, ids: write_shard(group, m, s, lg, ids, handles))
         done.append((shard, rows))
     return done
 
@@ -266,6 +267,7 @@ def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[
                data: Dataset, device: torch.device, bar: tqdm) -> None:
     """One process: inference on this thread, compression + writes on a writer thread (they overlap)."""
     group = zarr.open_group(spec.location, mode="r+", use_consolidated=False)
+    handles: dict = {}
     q: queue.Queue = queue.Queue(maxsize=8)
     failure: list[BaseException] = []
 
@@ -277,7 +279,7 @@ def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[
             if failure:
                 continue  # drain after an error so the producer never blocks
             try:
-                write_shard(group, *item)
+                write_shard(group, *item, handles=handles)
             except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                 failure.append(e)
 
