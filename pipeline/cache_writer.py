@@ -35,7 +35,7 @@ from .cache import (
     shard_bounds,
     write_shard,
 )
-from .checkpoints import LoadedModel, load_checkpoint, member_paths
+from .checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
 from .config import CacheConfig
 from .datasets import Dataset, load_dataset
 from .devices import describe_device, resolve_device
@@ -230,13 +230,9 @@ def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
         raise CheckpointError("teachers disagree on the number of classes: "
                               + ", ".join(f"{lm.path}: {lm.meta['num_classes']}" for lm in loaded)
                               + "; every member of one cache must predict the same classes")
-    for lm in loaded:
-        if tuple(lm.meta["in_shape"]) != data.sample_shape:
-            raise CheckpointError(f"{lm.path} expects inputs of shape {tuple(lm.meta['in_shape'])}, but "
-                                  f"{data.spec} has samples of shape {data.sample_shape}")
-    c = classes.pop()
-    if data.labeled and c != data.num_classes:
-        raise CheckpointError(f"the teachers predict {c} classes but {data.spec} has {data.num_classes}")
+    problems = fit_problems(loaded, data)
+    if problems:
+        raise CheckpointError("; ".join(problems))
     shas = [lm.sha256 for lm in loaded]
     if len(set(shas)) != len(shas):
         raise CheckpointError("the same checkpoint was given twice: " + ", ".join(str(lm.path) for lm in loaded))

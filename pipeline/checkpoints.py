@@ -15,11 +15,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import CheckpointError, KDError
 from .models import KDModel, build_model
+
+if TYPE_CHECKING:
+    from .datasets import Dataset
 
 CHECKPOINT_VERSION = 1
 
@@ -119,6 +123,18 @@ def member_paths(path: str | Path) -> list[Path]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or ensemble directory")
     return [path]
+
+
+def fit_problems(models: list[LoadedModel], data: Dataset) -> list[str]:
+    """Why these models cannot run together on ``data``: one line per model whose input shape differs from the
+    samples', whose class count differs from the first model's, or (labeled data) from the dataset's. Empty if fine.
+    """
+    first = int(models[0].meta["num_classes"]) if models else 0
+    return [f"{m.path} takes inputs {tuple(m.meta['in_shape'])} with {m.meta['num_classes']} classes, but {data.spec} "
+            f"has samples {data.sample_shape}" + (f" with {data.num_classes} classes" if data.labeled else "")
+            for m in models
+            if tuple(m.meta["in_shape"]) != data.sample_shape or int(m.meta["num_classes"]) != first
+            or (data.labeled and int(m.meta["num_classes"]) != data.num_classes)]
 
 
 def load_models(paths: list[str | Path], device: torch.device | str = "cpu") -> list[LoadedModel]:

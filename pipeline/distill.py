@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cache import LogitCache, cache_fingerprint
-from .checkpoints import load_models, save_checkpoint
+from .checkpoints import fit_problems, load_models, save_checkpoint
 from .config import StudentConfig
 from .datasets import Dataset, default_eval_spec, load_dataset, load_eval_dataset
 from .devices import describe_device, resolve_device
@@ -140,12 +140,7 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
             raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but {data.spec} is unlabeled"])
         num_classes, stats = int(teachers[0].meta["num_classes"]), data.input_stats
         # What cache-logits checks for a cache: otherwise a mismatch surfaces mid-training as a bare RuntimeError.
-        mismatched = [f"teacher {t.path} takes inputs {tuple(t.meta['in_shape'])} with {t.meta['num_classes']} "
-                      f"classes, but {data.spec} has samples {data.sample_shape}"
-                      + (f" with {data.num_classes} classes" if data.labeled else "")
-                      for t in teachers
-                      if tuple(t.meta["in_shape"]) != data.sample_shape or int(t.meta["num_classes"]) != num_classes
-                      or (data.labeled and data.num_classes != num_classes)]
+        mismatched = fit_problems(teachers, data)
         if mismatched:
             raise ConfigError(mismatched)
         models = [t.model for t in teachers]

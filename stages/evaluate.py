@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.checkpoints import load_models
+from pipeline.checkpoints import fit_problems, load_models
 from pipeline.config import EvaluateConfig
 from pipeline.datasets import load_dataset
 from pipeline.devices import resolve_device
@@ -18,12 +18,9 @@ def run(cfg: EvaluateConfig) -> dict:
     data = load_dataset(cfg.dataset, cfg.data_dir)
     if not data.labeled:
         raise KDError(f"{data.spec} has no labels; evaluate needs a labeled dataset such as fashion-mnist:test")
-    for lm in loaded:
-        if lm.meta["num_classes"] != data.num_classes or tuple(lm.meta["in_shape"]) != data.sample_shape:
-            raise KDError(
-                f"{lm.path} expects inputs {tuple(lm.meta['in_shape'])} and {lm.meta['num_classes']} classes, but "
-                f"{data.spec} has inputs {data.sample_shape} and {data.num_classes} classes"
-            )
+    problems = fit_problems(loaded, data)
+    if problems:
+        raise KDError("; ".join(problems))
     res = evaluate_ensemble([lm.model for lm in loaded], data.x, data.y, device, data.num_classes, cfg.ensemble,
                             cfg.batch_size)
     return {"dataset": data.spec, "dataset_fingerprint": data.fingerprint,
