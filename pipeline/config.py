@@ -6,7 +6,7 @@ resolved config.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import ConfigError
 from .losses import ENSEMBLE_METHODS, LOSSES
@@ -202,3 +202,70 @@ class StudentConfig:
         d = asdict(self)
         d["class_bias"] = {str(k): v for k, v in self.class_bias.items()}
         return d
+
+
+@dataclass
+class SweepConfig:
+    """``sweep``: the cross product students x temperatures x alphas x seeds, each setting one ``train-student``.
+
+    Every setting runs :func:`pipeline.distill.train_student` with a :class:`StudentConfig` made from these fields
+    (``make_student_config``), so a sweep row and a ``train-student`` run with the same options are the same run.
+    """
+
+    cache: str = ""
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 20.0])
+    alphas: list[float] = field(default_factory=lambda: [0.5, 0.9, 1.0])
+    students: list[str] = field(default_factory=lambda: ["mlp:800,800"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    loss: str = "kd"
+    ensemble: str = "mean-probs"
+    members: list[int] | None = None
+    eval: str | None = None
+    memory_budget: int = 2 << 30
+    online_teacher: list[str] | None = None  # baseline: every setting distils from a live teacher instead
+    dataset: str | None = None  # the transfer set for online_teacher
+    workers: int | None = None  # None: 2 (or the scheduler's workers); 0: one after another in this process
+    scheduler: str | None = None
+    torch_threads: int = 0  # per worker; 0: the machine's cores divided by the workers
+    out: str = ""
+    device: str = "auto"
+    data_dir: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)  # its seed is replaced by each setting's
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("temperatures", "alphas", "students", "seeds"):
+            values = getattr(self, name)
+            if not values:
+                problems.append(f"{name} must have at least one value")
+            elif len(set(values)) != len(values):
+                problems.append(f"{name} has repeated values: {values}")
+        problems += [f"temperature must be > 0, got {t}" for t in self.temperatures if not t > 0]
+        problems += [f"alpha must be in [0, 1], got {a}" for a in self.alphas if not 0 <= a <= 1]
+        if self.workers is not None and self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
+        if self.workers is not None and self.scheduler:
+            problems.append("use --workers N or --scheduler ADDRESS, not both")
+        if self.torch_threads < 0:
+            problems.append(f"torch_threads must be >= 0, got {self.torch_threads}")
+        if not self.out:
+            problems.append("--out SWEEP_DIR must be given")
+        # Everything a single run would refuse, reported once for the whole grid.
+        probe = self.student_config(self.students[0] if self.students else "mlp:8", 1.0, 0.5, 0, out="probe")
+        try:
+            probe.validate()
+        except ConfigError as e:
+            problems += [p for p in e.problems if not p.startswith(("temperature", "alpha"))]
+        if problems:
+            raise ConfigError(problems)
+
+    def student_config(self, student: str, temperature: float, alpha: float, seed: int, out: str) -> StudentConfig:
+        """The one-run config of a setting: exactly what ``train-student`` would build from the same options."""
+        return StudentConfig(cache=self.cache, student=student, temperature=temperature, alpha=alpha, loss=self.loss,
+                             ensemble=self.ensemble, members=self.members, eval=self.eval,
+                             memory_budget=self.memory_budget, online_teacher=self.online_teacher,
+                             dataset=self.dataset, out=out, device=self.device, data_dir=self.data_dir,
+                             train=replace(self.train, seed=seed))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

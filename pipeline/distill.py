@@ -14,6 +14,7 @@ that describes itself::
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -210,7 +211,10 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
     }
     save_checkpoint(out / "student.pt", student, meta)
     result = {**record, "metrics": metrics, "config": cfg.to_dict()}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    # Written last and atomically: a run directory with metrics.json is a finished run (sweeps resume on it).
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "metrics.json")
     if test is not None:
         t = metrics["test"]
         log(f"student: {t['errors']} test errors ({t['accuracy']:.4f} accuracy, NLL {t['nll']:.4f}, "

@@ -273,6 +273,87 @@ def train_student(cache: str | None, student: str, temperature: float, alpha: fl
     click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
 
 
+def parse_floats(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers like 1,2,4, got {value!r}", param_hint=option) from None
+
+
+def parse_ints(value: str | None, option: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected integers like 0,1,2, got {value!r}", param_hint=option) from None
+
+
+@main.command()
+@click.option("--cache", default=None, help="The logit cache every setting trains from.")
+@click.option("--temperature", "-T", "temperatures", default="1,2,4,8,20", show_default=True,
+              help="Comma-separated temperatures.")
+@click.option("--alpha", "alphas", default="0.5,0.9,1.0", show_default=True,
+              help="Comma-separated soft-term weights (1 - alpha weighs the hard labels).")
+@click.option("--student", "students", multiple=True,
+              help="Student model spec; repeat for several [default: mlp:800,800].")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds (one run per seed).")
+@click.option("--loss", default="kd", show_default=True, type=click.Choice(["kd", "logit-mse"]),
+              help="The loss of every setting (see train-student).")
+@click.option("--ensemble", default="mean-probs", show_default=True, type=click.Choice(["mean-probs", "mean-logits"]),
+              help="How cache members are combined (see train-student).")
+@click.option("--members", default=None, help="Comma-separated member indices of the cache [default: all].")
+@click.option("--eval", "eval_spec", default=None,
+              help="Labeled test set [default: the transfer set's test split].")
+@click.option("--memory-budget", default="2G", show_default=True, help="Per setting (see train-student).")
+@click.option("--online-teacher", multiple=True, type=click.Path(exists=True),
+              help="Baseline: every setting distils from a live teacher forward pass instead of a cache.")
+@click.option("--dataset", default=None, help="Transfer set for --online-teacher.")
+@click.option("--workers", default=None, type=int,
+              help="Worker processes of a local dask cluster [default: 2]; 0 runs settings one by one here.")
+@click.option("--scheduler", default=None, help="Address of an existing dask scheduler (instead of --workers).")
+@click.option("--threads-per-worker", default=0, show_default=True, type=int,
+              help="Torch threads per worker (0: the cores divided by the workers, so they do not oversubscribe).")
+@click.option("--out", default=None, help="Sweep directory [default: data/sweeps/<cache>].")
+@click.option("--dry-run", is_flag=True, help="Print the grid and its estimated cost; train nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@train_options
+@data_dir_option
+@click.pass_context
+def sweep(ctx: click.Context, cache: str | None, temperatures: str, alphas: str, students: tuple[str, ...],
+          seeds: str, loss: str, ensemble: str, members: str | None, eval_spec: str | None, memory_budget: str,
+          online_teacher: tuple[str, ...], dataset: str | None, workers: int | None, scheduler: str | None,
+          threads_per_worker: int, out: str | None, dry_run: bool, quiet: bool, device: str, data_dir: str | None,
+          **kw: object) -> None:
+    """Train a grid (students x temperatures x alphas x seeds) from one cache, each setting a dask task.
+
+    Each setting is exactly one train-student run with its own run directory under OUT/runs. Results stream into
+    OUT/results.csv and results.json as settings finish; the end prints a Markdown table (best per student in bold)
+    and writes OUT/test_error_vs_temperature.png. Re-running the same command resumes: finished settings are read
+    back, failed or missing ones are trained. Exit status 1 if any setting failed, 130 if interrupted.
+    """
+    from pipeline.config import SweepConfig
+    from stages import sweep as step
+
+    name = Path(cache).name.removesuffix(".zarr") if cache else "online"
+    cfg = SweepConfig(cache=cache or "", temperatures=parse_floats(temperatures, "--temperature"),
+                      alphas=parse_floats(alphas, "--alpha"), students=list(students) or ["mlp:800,800"],
+                      seeds=parse_ints(seeds, "--seeds") or [], loss=loss, ensemble=ensemble,
+                      members=parse_ints(members, "--members"), eval=eval_spec,
+                      memory_budget=parse_size(memory_budget), online_teacher=list(online_teacher) or None,
+                      dataset=dataset, workers=workers, scheduler=scheduler, torch_threads=threads_per_worker,
+                      out=out or default_out("sweeps", name), device=device, data_dir=data_dir,
+                      train=make_train_config(kw, 0))
+    res = step.run(cfg, log=click.echo, progress=not quiet, dry_run=dry_run)
+    if res is not None and res.interrupted:
+        ctx.exit(130)
+    if res is not None and res.failed:
+        click.echo(f"{res.failed} setting(s) failed (see the error column and each run's error.txt); re-run the "
+                   "same command to retry them", err=True)
+        ctx.exit(1)
+
+
 @main.group("cache", cls=KDGroup)
 def cache_group() -> None:
     """Inspect logit caches."""

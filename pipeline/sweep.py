@@ -1,0 +1,437 @@
+"""Sweeps: many stage-two runs over one cache, as dask tasks, with a results table and plots.
+
+Once the teacher's logits are cached, a grid of students costs only student training. :func:`run_sweep` turns the
+cross product students x temperatures x alphas x seeds into :class:`Setting` s; each setting is one
+:func:`pipeline.distill.train_student` call (the same code path as ``train-student``, no second loop) writing its
+own run directory, submitted as a task to a dask cluster (a ``LocalCluster`` of worker processes, or an existing
+scheduler) or run in this process with ``workers=0``::
+
+    SWEEP_DIR/
+      sweep.json                  the resolved sweep config and the cache fingerprint
+      runs/<setting>/             one train-student run directory per setting (+ train.log, error.txt on failure)
+      results.csv, results.json   one row per setting, rewritten as each setting finishes
+      results.md                  the Markdown table (best setting per student in bold)
+      test_error_vs_temperature.png
+
+Resuming is by content, not by "the directory exists": a setting is finished when its run directory's
+``metrics.json`` (written last, atomically) records exactly the setting's config and the same cache fingerprint.
+Re-running the same command therefore trains only what is missing or failed. A failing setting is recorded with
+its error and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import LogitCache, cache_fingerprint
+from .checkpoints import file_sha256, member_paths
+from .config import StudentConfig, SweepConfig
+from .errors import KDError
+
+RESULT_FIELDS = ["setting", "student", "temperature", "alpha", "seed", "loss", "ensemble", "status", "test_errors",
+                 "test_accuracy", "test_nll", "test_ece", "teacher_agreement", "train_seconds", "wall_seconds",
+                 "epochs", "run_dir", "error"]
+PLOT_NAME = "test_error_vs_temperature.png"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid."""
+
+    student: str
+    temperature: float
+    alpha: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """A directory-safe name, e.g. ``mlp-800-800-T4-a0.9-s0``."""
+        slug = self.student.replace(":", "-").replace(",", "-").replace("/", "_").replace("=", "")
+        return f"{slug}-T{self.temperature:g}-a{self.alpha:g}-s{self.seed}"
+
+
+def grid(cfg: SweepConfig) -> list[Setting]:
+    """The cross product in a stable order: student, alpha, temperature, seed."""
+    return [Setting(s, float(t), float(a), int(seed)) for s in cfg.students for a in cfg.alphas
+            for t in cfg.temperatures for seed in cfg.seeds]
+
+
+def setting_config(cfg: SweepConfig, setting: Setting) -> StudentConfig:
+    return cfg.student_config(setting.student, setting.temperature, setting.alpha, setting.seed,
+                              out=str(Path(cfg.out) / "runs" / setting.name))
+
+
+def source_fingerprint(cfg: SweepConfig) -> dict:
+    """What the soft targets come from: the cache's fingerprint, or the online teachers' checkpoint hashes."""
+    if cfg.cache:
+        cache = LogitCache(cfg.cache)
+        members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
+        return {"cache": cache_fingerprint(cache.header, members), "rows": cache.n}
+    paths = [p for t in cfg.online_teacher or [] for p in member_paths(t)]
+    return {"online_teacher": [file_sha256(p) for p in paths]}
+
+
+def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
+    """The run's recorded result if it is a finished run of exactly this config on the same soft targets."""
+    path = Path(scfg.out) / "metrics.json"
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("config") != json.loads(json.dumps(scfg.to_dict())):
+        return None
+    if "cache" in fingerprint:
+        ok = previous.get("cache", {}).get("fingerprint") == fingerprint["cache"]
+    else:
+        ok = previous.get("online_teacher", {}).get("checkpoints") == fingerprint["online_teacher"]
+    return previous if ok else None
+
+
+def run_setting(scfg: StudentConfig, torch_threads: int = 0) -> dict:
+    """One setting, as a dask task or in-process: train_student, its log in ``train.log``; never raises.
+
+    Returns:
+        ``{"status": "ok", "result": <metrics.json>}`` or ``{"status": "failed", "error": message}``.
+    """
+    import torch
+
+    from .distill import train_student
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    _pin_worker_gpu(scfg.device)
+    out = Path(scfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "error.txt").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(out / "train.log", "w") as logf:
+        def log(line: str) -> None:
+            logf.write(line + "\n")
+            logf.flush()
+
+        try:
+            result = train_student(scfg, log=log, progress=False)
+            return {"status": "ok", "result": result, "seconds": time.perf_counter() - t0}
+        except Exception as e:  # noqa: BLE001 - a failed setting is a result, the sweep goes on
+            message = str(e) if isinstance(e, KDError) else f"{type(e).__name__}: {e}"
+            (out / "error.txt").write_text(traceback.format_exc())
+            log(f"failed: {message}")
+            return {"status": "failed", "error": message, "seconds": time.perf_counter() - t0}
+
+
+def _pin_worker_gpu(device: str) -> None:
+    """On a dask worker of a multi-GPU machine, worker i trains on GPU i mod count (its current CUDA device).
+
+    The setting's config keeps saying ``auto``/``cuda``, so its recorded config (what resuming compares) does not
+    depend on which worker ran it.
+    """
+    if device not in ("auto", "cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return
+    if str(name).isdigit():
+        torch.cuda.set_device(int(name) % torch.cuda.device_count())
+
+
+def make_row(setting: Setting, cfg: SweepConfig, outcome: dict) -> dict:
+    """A flat results row (RESULT_FIELDS) from a task's outcome."""
+    row = {"setting": setting.name, "student": setting.student, "temperature": setting.temperature,
+           "alpha": setting.alpha, "seed": setting.seed, "loss": cfg.loss, "ensemble": cfg.ensemble,
+           "status": outcome["status"], "run_dir": str(Path(cfg.out) / "runs" / setting.name),
+           "error": outcome.get("error", "")}
+    result = outcome.get("result")
+    if result:
+        m = result["metrics"]
+        test = m.get("test") or {}
+        row.update(test_errors=test.get("errors"), test_accuracy=test.get("accuracy"), test_nll=test.get("nll"),
+                   test_ece=test.get("ece"), teacher_agreement=m.get("teacher_agreement_transfer"),
+                   train_seconds=m.get("train_seconds"), wall_seconds=m.get("wall_seconds"), epochs=m.get("epochs"))
+    return {k: row.get(k) for k in RESULT_FIELDS}
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    rows: list[dict]
+    trained: int = 0
+    reused: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+    table: str = ""
+    files: dict = field(default_factory=dict)
+
+
+def plan_text(cfg: SweepConfig) -> tuple[list[Setting], str]:
+    """The grid and its cost (what ``--dry-run`` prints): settings, which are already done, student-epochs."""
+    cfg.validate()
+    settings = grid(cfg)
+    fp = source_fingerprint(cfg)
+    done = [finished_result(setting_config(cfg, s), fp) is not None for s in settings]
+    pending = len(settings) - sum(done)
+    lines = [f"{'#':>3}  {'setting':<40} {'student':<20} {'T':>6} {'alpha':>6} {'seed':>5}  status"]
+    for i, (s, d) in enumerate(zip(settings, done, strict=True)):
+        lines.append(f"{i:>3}  {s.name:<40} {s.student:<20} {s.temperature:>6g} {s.alpha:>6g} {s.seed:>5}  "
+                     + ("done" if d else "to run"))
+    rows = fp.get("rows")
+    cost = pending * cfg.train.epochs
+    lines.append(f"\n{len(settings)} settings = {len(cfg.students)} students x {len(cfg.temperatures)} temperatures x "
+                 f"{len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds; {sum(done)} done, {pending} to run")
+    lines.append(f"estimated cost: {pending} settings x {cfg.train.epochs} epochs = {cost} student-epochs"
+                 + (f" over {rows} cached rows each ({cost * rows:,} row passes)" if rows else "")
+                 + f", on {_workers_text(cfg)}")
+    return settings, "\n".join(lines)
+
+
+def _workers_text(cfg: SweepConfig) -> str:
+    if cfg.scheduler:
+        return f"the dask scheduler at {cfg.scheduler}"
+    n = _n_workers(cfg)
+    return "this process (--workers 0)" if n == 0 else f"a LocalCluster of {n} worker processes"
+
+
+def _n_workers(cfg: SweepConfig) -> int:
+    return 2 if cfg.workers is None else cfg.workers
+
+
+def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bool = True) -> SweepResult:
+    """Run (or resume) a sweep; results files are rewritten as settings finish. See the module docstring."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    cfg.validate()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = grid(cfg)
+    fp = source_fingerprint(cfg)
+    _write_atomic(out / "sweep.json", json.dumps({"config": cfg.to_dict(), "source": fp,
+                                                  "settings": [s.name for s in settings]}, indent=2))
+    res = SweepResult(out, [])
+    rows: dict[str, dict] = {}
+    pending: list[tuple[Setting, StudentConfig]] = []
+    for s in settings:
+        scfg = setting_config(cfg, s)
+        previous = finished_result(scfg, fp)
+        if previous is not None:
+            rows[s.name] = make_row(s, cfg, {"status": "ok", "result": previous})
+            res.reused += 1
+        else:
+            pending.append((s, scfg))
+    log(f"sweep {out}: {len(settings)} settings, {res.reused} already done, {len(pending)} to run on "
+        f"{_workers_text(cfg)}")
+
+    def ordered() -> list[dict]:
+        return [rows[s.name] for s in settings if s.name in rows]
+
+    bar = tqdm(total=len(pending), unit="setting", desc="sweep", disable=not progress)
+    say = bar.write if progress else log
+
+    def finish(setting: Setting, outcome: dict) -> None:
+        rows[setting.name] = make_row(setting, cfg, outcome)
+        if outcome["status"] == "ok":
+            res.trained += 1
+            r = rows[setting.name]
+            say(f"{setting.name}: {r['test_errors']} test errors ({outcome['seconds']:.1f}s)")
+        else:
+            res.failed += 1
+            say(f"{setting.name}: FAILED: {outcome['error']}")
+        write_results(out, ordered())
+        bar.update(1)
+
+    try:
+        if pending:
+            if cfg.scheduler or _n_workers(cfg):
+                _run_dask(cfg, pending, finish)
+            else:
+                for s, scfg in pending:
+                    finish(s, run_setting(scfg, cfg.torch_threads))
+    except KeyboardInterrupt:
+        res.interrupted = True
+        # Settings in flight may have finished while the cluster shut down: record what is on disk.
+        for s, scfg in pending:
+            previous = None if s.name in rows else finished_result(scfg, fp)
+            if previous is not None:
+                rows[s.name] = make_row(s, cfg, {"status": "ok", "result": previous})
+                res.trained += 1
+        say("interrupted: finished settings are kept; re-run the same command to run the rest")
+    finally:
+        bar.close()
+    res.rows = ordered()
+    res.files = write_results(out, res.rows)
+    res.table = markdown_table(res.rows, cfg)
+    (out / "results.md").write_text(res.table + "\n")
+    plot = plot_results(res.rows, out / PLOT_NAME)
+    if plot:
+        res.files["plot"] = str(plot)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
+              finish: Callable[[Setting, dict], None]) -> None:
+    """Submit every pending setting to dask and hand outcomes to ``finish`` as they complete."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    from .devices import resolve_device
+
+    gpu = resolve_device(cfg.device).type == "cuda"
+    cluster = None
+    if cfg.scheduler:
+        client = Client(cfg.scheduler)
+        threads = cfg.torch_threads
+    else:
+        n = _n_workers(cfg)
+        # One task per worker at a time (threads_per_worker=1); torch threads split the cores between workers.
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               resources={"GPU": 1} if gpu else None)
+        client = Client(cluster)
+        threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // n)
+    futures = {}
+    try:
+        for s, scfg in pending:
+            # A GPU resource per task: each GPU trains one student at a time (workers declare GPU=1 each).
+            fut = client.submit(run_setting, scfg, threads, key=f"sweep-{s.name}-{time.time_ns()}", pure=False,
+                                resources={"GPU": 1} if gpu else None)
+            futures[fut] = s
+        for fut in as_completed(list(futures)):
+            try:
+                outcome = fut.result()
+            except Exception as e:  # noqa: BLE001 - a lost worker fails its setting, not the sweep
+                outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": 0.0}
+            finish(futures[fut], outcome)
+    finally:
+        client.cancel(list(futures), force=True)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out: Path, rows: list[dict]) -> dict:
+    """``results.csv`` and ``results.json`` (atomically replaced, so a reader never sees half a file)."""
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / "results.csv")
+    _write_atomic(out / "results.json", json.dumps(rows, indent=2))
+    return {"csv": str(out / "results.csv"), "json": str(out / "results.json")}
+
+
+def _group(rows: list[dict]) -> dict[tuple[str, float, float], list[dict]]:
+    """Rows by (student, temperature, alpha), seeds together."""
+    groups: dict[tuple[str, float, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["student"], r["temperature"], r["alpha"]), []).append(r)
+    return groups
+
+
+def _mean(values: list) -> float:
+    return statistics.fmean(values) if values else math.nan
+
+
+def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
+    """One line per (student, T, alpha), means over seeds; each student's lowest mean test error in bold."""
+    groups = _group(rows)
+    seeds = max((len(v) for v in groups.values()), default=1)
+    head = "| student | T | alpha | test errors" + (" (mean ± sd over seeds)" if seeds > 1 else "") \
+           + " | accuracy | NLL | ECE | teacher agreement | train s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    best: dict[str, float] = {}
+    for (student, _, _), rs in groups.items():
+        ok = [r["test_errors"] for r in rs if r["status"] == "ok" and r["test_errors"] is not None]
+        if ok and len(ok) == len(rs):
+            best[student] = min(best.get(student, math.inf), _mean(ok))
+    for (student, t, a), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        if len(ok) < len(rs):
+            failed = next(r for r in rs if r["status"] != "ok")
+            lines.append(f"| {student} | {t:g} | {a:g} | failed: {failed['error'][:80]} | | | | | |")
+            continue
+        errs = [r["test_errors"] for r in ok]
+        if None in errs:
+            lines.append(f"| {student} | {t:g} | {a:g} | (no test set) | | | | | |")
+            continue
+        mean = _mean(errs)
+        cell = f"{mean:.1f} ± {statistics.stdev(errs):.1f}" if len(errs) > 1 else f"{errs[0]}"
+        if best.get(student) == mean:
+            cell = f"**{cell}**"
+
+        def avg(key: str, fmt: str, rs: list[dict] = ok) -> str:
+            vals = [r[key] for r in rs if r[key] is not None]
+            return format(_mean(vals), fmt) if vals else ""
+
+        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | {avg('test_accuracy', '.4f')} | "
+                     f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | {avg('teacher_agreement', '.4f')} | "
+                     f"{avg('train_seconds', '.1f')} |")
+    source = f"cache {cfg.cache}" if cfg.cache else "online teacher " + ", ".join(cfg.online_teacher or [])
+    return (f"Sweep over {source}: loss {cfg.loss}, ensemble {cfg.ensemble}, {cfg.train.epochs} epochs, "
+            f"{seeds} seed(s); bold: each student's best.\n\n" + "\n".join(lines))
+
+
+def plot_results(rows: list[dict], path: Path) -> Path | None:
+    """Test errors vs temperature (log scale), one line per alpha, one panel per student; min-max bars over seeds.
+
+    Returns:
+        The PNG's path, or None when there is nothing to plot (no finished rows with test errors).
+    """
+    groups = _group([r for r in rows if r["status"] == "ok" and r["test_errors"] is not None])
+    if not groups:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    students = list(dict.fromkeys(k[0] for k in groups))
+    fig, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 4), squeeze=False)
+    for ax, student in zip(axes[0], students, strict=True):
+        alphas = sorted({k[2] for k in groups if k[0] == student})
+        temps: set[float] = set()
+        for a in alphas:
+            pts = sorted((k[1], [r["test_errors"] for r in v]) for k, v in groups.items()
+                         if k[0] == student and k[2] == a)
+            ts = [t for t, _ in pts]
+            temps.update(ts)
+            means = [_mean(e) for _, e in pts]
+            lo = [m - min(e) for m, (_, e) in zip(means, pts, strict=True)]
+            hi = [max(e) - m for m, (_, e) in zip(means, pts, strict=True)]
+            ax.errorbar(ts, means, yerr=[lo, hi], marker="o", capsize=3, label=f"alpha = {a:g}")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(temps))
+        ax.set_xticklabels([f"{t:g}" for t in sorted(temps)])
+        ax.minorticks_off()
+        ax.set_xlabel("temperature T")
+        ax.set_ylabel("test errors")
+        ax.set_title(student)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,115 @@
+"""Sweeps on a real dask LocalCluster (worker processes) over a real cache: rows equal one-by-one train-student
+runs, resuming trains only what is missing, and a failing setting does not stop the others."""
+
+from __future__ import annotations
+
+import csv
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import SweepConfig
+from pipeline.distill import train_student
+from pipeline.errors import ConfigError
+from pipeline.sweep import RESULT_FIELDS, Setting, grid, markdown_table, plan_text, run_sweep, setting_config
+from pipeline.training import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def sweep_config(cache: Path, out: Path, **kw) -> SweepConfig:
+    base = dict(cache=str(cache), temperatures=[2.0, 8.0], alphas=[0.5, 1.0], students=["mlp:16"], seeds=[0],
+                out=str(out), device="cpu", torch_threads=1, train=TrainConfig(epochs=2, batch_size=64))
+    return SweepConfig(**{**base, **kw})
+
+
+def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:
+    cfg = SweepConfig(cache="c", temperatures=[1, 4], alphas=[0.9], students=["mlp:8", "mlp:30,30"], seeds=[0, 1],
+                      out=str(tmp_path))
+    names = [s.name for s in grid(cfg)]
+    assert names == ["mlp-8-T1-a0.9-s0", "mlp-8-T1-a0.9-s1", "mlp-8-T4-a0.9-s0", "mlp-8-T4-a0.9-s1",
+                     "mlp-30-30-T1-a0.9-s0", "mlp-30-30-T1-a0.9-s1", "mlp-30-30-T4-a0.9-s0", "mlp-30-30-T4-a0.9-s1"]
+    scfg = setting_config(cfg, Setting("mlp:30,30", 4.0, 0.9, 1))
+    assert (scfg.student, scfg.temperature, scfg.alpha, scfg.train.seed) == ("mlp:30,30", 4.0, 0.9, 1)
+    assert scfg.out == str(tmp_path / "runs" / "mlp-30-30-T4-a0.9-s1")
+
+
+def test_every_config_problem_is_reported_at_once() -> None:
+    cfg = SweepConfig(cache="c", temperatures=[0, 2, 2], alphas=[1.5], students=[], seeds=[], workers=-1,
+                      loss="nope", out="")
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    text = str(e.value)
+    for part in ("temperatures has repeated values", "temperature must be > 0, got 0",
+                 "alpha must be in [0, 1], got 1.5", "students must have at least one value",
+                 "seeds must have at least one value",
+                 "workers must be >= 0", "loss must be one of", "--out SWEEP_DIR must be given"):
+        assert part in text
+
+
+def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(cache_path: Path, tmp_path: Path) -> None:
+    cfg = sweep_config(cache_path, tmp_path / "sweep", workers=2)
+    res = run_sweep(cfg, log=lambda s: None, progress=False)
+    assert (res.trained, res.reused, res.failed, res.interrupted) == (4, 0, 0, False)
+    assert [r["setting"] for r in res.rows] == [s.name for s in grid(cfg)]
+
+    # The same settings one by one, in this process, through train-student's code path.
+    for row, setting in zip(res.rows, grid(cfg), strict=True):
+        scfg = setting_config(cfg, setting)
+        scfg.out = str(tmp_path / "single" / setting.name)
+        single = train_student(scfg, log=lambda s: None, progress=False)["metrics"]
+        assert row["test_errors"] == single["test"]["errors"]
+        assert row["test_nll"] == single["test"]["nll"]
+        assert row["test_ece"] == single["test"]["ece"]
+        assert row["teacher_agreement"] == single["teacher_agreement_transfer"]
+
+    with open(tmp_path / "sweep" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["setting"] for r in table] == [r["setting"] for r in res.rows]
+    assert list(table[0]) == RESULT_FIELDS
+    assert json.loads((tmp_path / "sweep" / "results.json").read_text()) == res.rows
+    assert (tmp_path / "sweep" / "test_error_vs_temperature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = min(r["test_errors"] for r in res.rows)
+    assert f"**{best}**" in (tmp_path / "sweep" / "results.md").read_text()
+
+    # Re-running reads every finished setting back; one whose config changed (more epochs) is not "finished".
+    again = run_sweep(sweep_config(cache_path, tmp_path / "sweep", workers=0), log=lambda s: None, progress=False)
+    assert (again.trained, again.reused) == (0, 4)
+    assert again.rows == res.rows
+    longer = sweep_config(cache_path, tmp_path / "sweep", workers=0, temperatures=[2.0],
+                          train=TrainConfig(epochs=3, batch_size=64))
+    _, plan = plan_text(longer)
+    assert "0 done, 2 to run" in plan
+
+
+def test_a_failing_setting_is_recorded_and_the_others_finish(cache_path: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # A user's own student factory that raises: a runtime failure validation cannot see.
+    (tmp_path / "broken_student.py").write_text(textwrap.dedent("""
+        def make(in_shape, num_classes):
+            raise RuntimeError("planted failure in the student factory")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = sweep_config(cache_path, tmp_path / "sweep", workers=0, temperatures=[4.0], alphas=[0.9],
+                       students=["py:broken_student:make", "mlp:16"])
+    res = run_sweep(cfg, log=lambda s: None, progress=False)
+    assert (res.trained, res.failed) == (1, 1)
+    failed, ok = res.rows
+    assert failed["status"] == "failed" and "planted failure in the student factory" in failed["error"]
+    assert "RuntimeError" in (Path(failed["run_dir"]) / "error.txt").read_text()
+    assert ok["status"] == "ok" and ok["test_errors"] is not None
+    assert "failed: RuntimeError: planted failure" in markdown_table(res.rows, cfg)
+    # A failed setting is retried on the next run; the finished one is not.
+    again = run_sweep(cfg, log=lambda s: None, progress=False)
+    assert (again.trained, again.reused, again.failed) == (0, 1, 1)
+
+
+def test_dry_run_lists_the_grid_and_its_cost(cache_path: Path, tmp_path: Path) -> None:
+    cfg = sweep_config(cache_path, tmp_path / "sweep", seeds=[0, 1], train=TrainConfig(epochs=3))
+    settings, text = plan_text(cfg)
+    assert len(settings) == 8
+    assert "8 settings = 1 students x 2 temperatures x 2 alphas x 2 seeds; 0 done, 8 to run" in text
+    assert "8 settings x 3 epochs = 24 student-epochs over 600 cached rows each (14,400 row passes)" in text
+    assert not (tmp_path / "sweep").exists()  # a dry run writes nothing

@@ -1,0 +1,99 @@
+"""``kd-pipeline sweep`` through the real CLI: click's CliRunner for output and exit codes, and a real subprocess
+interrupted with Ctrl-C (SIGINT) mid-way and re-run, which must train only the settings that were missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stages.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_cli_sweep_prints_the_table_and_resumes(cache_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = ["sweep", "--cache", str(cache_path), "-T", "2,8", "--alpha", "0.9", "--student", "mlp:16",
+            "--epochs", "2", "--batch-size", "64", "--workers", "0", "--threads-per-worker", "1", "--device", "cpu",
+            "--quiet", "--out", str(out)]
+    dry = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "2 settings = 1 students x 2 temperatures x 1 alphas x 1 seeds; 0 done, 2 to run" in dry.output
+    assert not out.exists()
+
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["setting"] for r in rows] == ["mlp-16-T2-a0.9-s0", "mlp-16-T8-a0.9-s0"]
+    assert "| student | T | alpha | test errors |" in res.output
+    best = min(r["test_errors"] for r in rows)
+    assert f"**{best}**" in res.output
+    assert "2 settings: 2 trained, 0 reused, 0 failed" in res.output
+    assert f"plot:    {out / 'test_error_vs_temperature.png'}" in res.output
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "2 settings: 0 trained, 2 reused, 0 failed" in again.output
+
+
+def test_cli_sweep_exit_status_1_when_a_setting_fails(cache_path: Path, tmp_path: Path) -> None:
+    # torchscript:PATH names a file that is missing: the setting fails when it builds its student.
+    res = CliRunner().invoke(main, ["sweep", "--cache", str(cache_path), "-T", "4", "--alpha", "0.9",
+                                    "--student", f"torchscript:{tmp_path / 'missing.pt'}", "--student", "mlp:16",
+                                    "--epochs", "1", "--workers", "0", "--device", "cpu", "--quiet",
+                                    "--out", str(tmp_path / "sweep")])
+    assert res.exit_code == 1, res.output
+    assert "1 setting(s) failed" in res.output
+    assert "2 settings: 1 trained, 0 reused, 1 failed" in res.output
+
+
+def test_cli_sweep_refuses_bad_grids_with_every_problem(cache_path: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["sweep", "--cache", str(cache_path), "-T", "0,4,4", "--alpha", "2",
+                                    "--workers", "2", "--scheduler", "tcp://x:1", "--out", str(tmp_path / "s")])
+    assert res.exit_code == 2
+    for part in ("temperature must be > 0, got 0.0", "temperatures has repeated values", "alpha must be in [0, 1]",
+                 "use --workers N or --scheduler ADDRESS, not both"):
+        assert part in res.output
+    bad = CliRunner().invoke(main, ["sweep", "--cache", str(cache_path), "-T", "a,b", "--out", str(tmp_path / "s")])
+    assert bad.exit_code == 2 and "expected numbers like 1,2,4, got 'a,b'" in bad.output
+
+
+def test_ctrl_c_keeps_finished_settings_and_a_rerun_completes_only_the_rest(cache_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "stages.cli", "sweep", "--cache", str(cache_path), "-T", "1,2,4,8",
+           "--alpha", "0.5,1", "--student", "mlp:64", "--epochs", "15", "--batch-size", "32", "--workers", "2",
+           "--threads-per-worker", "1", "--device", "cpu", "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            rows = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
+            if rows:
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, "the sweep finished before it could be interrupted: make its settings slower"
+        p.send_signal(signal.SIGINT)
+        output, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, output
+    assert "interrupted" in output
+    kept = json.loads((out / "results.json").read_text())
+    assert 1 <= len(kept) < 8 and all(r["status"] == "ok" for r in kept)
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"8 settings: {8 - len(kept)} trained, {len(kept)} reused, 0 failed" in rerun.stdout
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert [r for r in rows if r["setting"] in {k["setting"] for k in kept}] == kept
