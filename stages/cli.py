@@ -354,6 +354,43 @@ def sweep(ctx: click.Context, cache: str | None, temperatures: str, alphas: str,
         ctx.exit(1)
 
 
+@main.command()
+@click.argument("experiment", default="all")
+@click.option("--dataset", default="fashion-mnist", show_default=True,
+              help="A dataset source without its split: fashion-mnist, mnist, idx:DIR or npz:FILE.")
+@click.option("--scale", default="quick", show_default=True, type=click.Choice(["quick", "full"]),
+              help="quick: a subset and few epochs (minutes, a smoke test); full: the real run.")
+@click.option("--teacher", default=None, type=click.Path(exists=True),
+              help="Use this teacher ensemble instead of training the dataset's recipe.")
+@click.option("--omitted-class", default=3, show_default=True, type=int,
+              help="omitted-class: the class left out of the transfer set.")
+@click.option("--kept-classes", default="7,8", show_default=True,
+              help="omitted-class: the only classes of the two-class transfer set.")
+@click.option("--student", default="mlp:800,800", show_default=True, help="The (wide) student.")
+@click.option("--narrow-student", default="mlp:30,30", show_default=True, help="temperature: the narrow student.")
+@click.option("--out", default=None, help="Output directory [default: data/reproduce/<dataset>-<scale>].")
+@data_dir_option
+@common
+def reproduce(experiment: str, dataset: str, scale: str, teacher: str | None, omitted_class: int, kept_classes: str,
+              student: str, narrow_student: str, out: str | None, data_dir: str | None, device: str,
+              seed: int) -> None:
+    """The paper's experiments over the public stages, with a Markdown report next to the paper's numbers.
+
+    EXPERIMENT is all (default) or a comma-separated list of: main-table (teacher vs baseline vs distilled
+    student at T = 20), temperature (test error vs T for a wide and a narrow student, via the sweep),
+    omitted-class (a transfer set without one class, before and after bias correction; and a two-class transfer
+    set), small-data (3 % of the training set: hard vs soft targets). Artefacts are reused when re-run.
+    """
+    from stages import reproduce as step
+
+    name = dataset.replace(":", "-").replace("/", "_").strip("-_")
+    cfg = step.ReproduceConfig(experiment=experiment, dataset=dataset, data_dir=data_dir, scale=scale,
+                               out=out or default_out("reproduce", f"{name}-{scale}"), teacher=teacher,
+                               omitted_class=omitted_class, kept_classes=parse_ints(kept_classes, "--kept-classes"),
+                               student=student, narrow_student=narrow_student, device=device, seed=seed)
+    step.run(cfg, log=click.echo)
+
+
 @main.group("cache", cls=KDGroup)
 def cache_group() -> None:
     """Inspect logit caches."""

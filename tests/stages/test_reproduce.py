@@ -1,0 +1,86 @@
+"""``kd-pipeline reproduce --scale quick`` on a small synthetic npz dataset through the real CLI: every experiment
+runs over the public stages, the report and its figures agree with the run directories, and a re-run reuses them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stages.cli import main
+from tests.conftest import write_npz
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    root = tmp_path_factory.mktemp("reproduce")
+    data = write_npz(root / "task.npz", n_train=600, n_test=300)
+    out = root / "out"
+    res = CliRunner().invoke(main, ["reproduce", "--dataset", f"npz:{data}", "--scale", "quick", "--kept-classes",
+                                    "0,1", "--student", "mlp:32", "--narrow-student", "mlp:4", "--device", "cpu",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return data, out, res.output
+
+
+def test_every_experiment_reports_next_to_the_paper(reproduced: tuple[Path, Path, str]) -> None:
+    _, out, output = reproduced
+    report = (out / "report.md").read_text()
+    for name in ("main-table", "temperature", "omitted-class", "small-data"):
+        assert f"## {name}" in report and f"{name}: " in output
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "baseline 800-800 student 146" in report and "206 test errors" in report
+    summary = json.loads((out / "reproduce.json").read_text())
+    assert set(summary["experiments"]) == {"main-table", "temperature", "omitted-class", "small-data"}
+
+
+def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path, str]) -> None:
+    _, out, _ = reproduced
+    figs = json.loads((out / "reproduce.json").read_text())["experiments"]
+    base = json.loads((out / "runs/main-table/baseline/metrics.json").read_text())
+    dist = json.loads((out / "runs/main-table/distilled-T20/metrics.json").read_text())
+    main_table = figs["main-table"]["figures"]
+    assert main_table["baseline"] == base["metrics"]["test"]["errors"]
+    assert main_table["distilled"] == dist["metrics"]["test"]["errors"]
+    assert base["config"]["alpha"] == 0.0 and dist["config"]["alpha"] == 0.9 and dist["config"]["temperature"] == 20
+
+    # Without class 3 in the transfer set the student (almost) never predicts 3; the fitted bias restores it.
+    omitted = figs["omitted-class"]["figures"]
+    assert omitted["before_class"] >= 0.9 * omitted["class_n"]
+    assert omitted["fitted_class"] < omitted["before_class"]
+    run = json.loads((out / "runs/omitted-class/without-3/metrics.json").read_text())
+    assert run["metrics"]["test"]["errors"] == omitted["fitted"]
+    assert run["config"]["fit_bias_on"].endswith(":count=500:seed=1")
+
+    sweep = json.loads((out / "runs/temperature-sweep/results.json").read_text())
+    assert len(sweep) == 6 and all(r["status"] == "ok" for r in sweep)  # 2 students x 3 temperatures
+    rows = {r["model"]: r for r in figs["small-data"]["figures"]["rows"]}
+    hard = json.loads((out / "runs/small-data/hard/metrics.json").read_text())
+    assert rows["hard targets"]["test_accuracy"] == hard["metrics"]["test"]["accuracy"]
+    assert hard["cache"]["rows_used"] == 60  # 10 % of 600 rows at the quick scale
+
+
+def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None:
+    data, out, _ = reproduced
+    before = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")}
+    res = CliRunner().invoke(main, ["reproduce", "main-table,small-data", "--dataset", f"npz:{data}", "--scale",
+                                    "quick", "--kept-classes", "0,1", "--student", "mlp:32", "--narrow-student",
+                                    "mlp:4", "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "reusing the teacher" in res.output and "training " not in res.output
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")} == before
+
+
+def test_bad_requests_are_refused_with_every_problem(tmp_path: Path, npz_path: Path) -> None:
+    res = CliRunner().invoke(main, ["reproduce", "main-table,nope", "--dataset", "fashion-mnist:train",
+                                    "--omitted-class", "7", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "unknown experiment 'nope'" in res.output
+    assert "names a source without its split" in res.output
+    assert "--omitted-class 7 is also in --kept-classes [7, 8]" in res.output
+    res = CliRunner().invoke(main, ["reproduce", "--dataset", f"npz:{npz_path}", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "has classes 0..4" in res.output
