@@ -25,7 +25,9 @@ import csv
 import json
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -255,6 +257,7 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
         write_results(out, ordered())
         bar.update(1)
 
+    previous_term = _stop_on_sigterm()
     try:
         if pending:
             if cfg.scheduler or _n_workers(cfg):
@@ -273,6 +276,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
         say("interrupted: finished settings are kept; re-run the same command to run the rest")
     finally:
         bar.close()
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     res.rows = ordered()
     res.files = write_results(out, res.rows)
     res.table = markdown_table(res.rows, cfg)
@@ -282,6 +287,17 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
         res.files["plot"] = str(plot)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _stop_on_sigterm() -> signal.Handlers | None:
+    """SIGTERM (a scheduler's or ``kill``'s stop) ends the sweep like Ctrl-C: finished settings stay recorded."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],

@@ -97,3 +97,27 @@ def test_ctrl_c_keeps_finished_settings_and_a_rerun_completes_only_the_rest(cach
     rows = json.loads((out / "results.json").read_text())
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
     assert [r for r in rows if r["setting"] in {k["setting"] for k in kept}] == kept
+
+
+def test_sigterm_stops_an_in_process_sweep_like_ctrl_c(cache_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "stages.cli", "sweep", "--cache", str(cache_path), "-T", "1,2,4",
+           "--alpha", "1", "--student", "mlp:64", "--epochs", "6", "--batch-size", "32", "--workers", "0",
+           "--device", "cpu", "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None and not (out / "results.json").exists():
+            time.sleep(0.1)
+        assert p.poll() is None, "the sweep finished before it could be stopped"
+        p.send_signal(signal.SIGTERM)
+        output, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and "interrupted" in output, output
+    kept = json.loads((out / "results.json").read_text())
+    assert len(kept) == 1 and kept[0]["setting"] == "mlp-64-T1-a1-s0"
+    # The setting that was running when the signal came has no metrics.json: it is not taken for finished.
+    assert not (out / "runs" / "mlp-64-T2-a1-s0" / "metrics.json").exists()
