@@ -417,11 +417,9 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
     groups = _group([r for r in rows if r["status"] == "ok" and r["test_errors"] is not None])
     if not groups:
         return None
-    import matplotlib
+    from .plots import pyplot, save
 
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     students = list(dict.fromkeys(k[0] for k in groups))
     fig, axes = plt.subplots(1, len(students), figsize=(5 * len(students), 4), squeeze=False)
     for ax, student in zip(axes[0], students, strict=True):
@@ -445,9 +443,4 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
         ax.set_title(student)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save(fig, path, dpi=110)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.cache import LogitCache, cache_fingerprint
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig
+from pipeline.plots import bar_chart
 from pipeline.training import TrainConfig
 from stages import cache_logits, evaluate, train_student, train_teacher
 
@@ -95,10 +96,26 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     summary = {"config": asdict(cfg), "table": table, "teacher": str(teacher_dir), "cache": str(cache),
                "runs": {name: r["config"]["out"] for name, r in runs.items()}}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
+    plot = bar_chart(out / "demo.png", [r["model"] for r in table], [r["errors"] for r in table],
+                     "test errors (fashion-mnist:test)")
+    (out / "report.md").write_text(_report(cfg, table, train_spec, transfer_spec, runs))
     log("")
     log(f"{'model (fashion-mnist:test, 10000 images)':<44} {'errors':>7} {'accuracy':>9} {'ECE':>7}")
     for r in table:
         log(f"{r['model']:<44} {r['errors']:>7} {r['accuracy']:>9.4f} {r['ece']:>7.4f}")
     log(f"\nteacher: {teacher_dir}\ncache:   {cache}  (kd-pipeline cache info {cache})\nruns:    {out / 'runs'}"
-        f"\nsummary: {out / 'demo.json'}")
+        f"\nreport:  {out / 'report.md'} (plot {plot})\nsummary: {out / 'demo.json'}")
     return summary
+
+
+def _report(cfg: DemoConfig, table: list[dict], train_spec: str, transfer_spec: str, runs: dict) -> str:
+    """The demo's table as Markdown, with what each row was trained on."""
+    rows = [f"| {r['model']} | {r['errors']} | {100 * r['accuracy']:.2f} % | {r['ece']:.3f} |" for r in table]
+    return "\n".join([
+        "# kd-pipeline demo", "",
+        f"Teacher: {cfg.members} x `{cfg.model}`, {cfg.epochs} epochs on `{train_spec}`. Students: `{cfg.student}`, "
+        f"{cfg.student_epochs} epochs on the transfer set `{transfer_spec}` (the baseline on its hard labels, the "
+        f"distilled ones on the teacher's cached logits at each T with alpha = {cfg.alpha:g}).", "",
+        "| model (fashion-mnist:test) | errors | accuracy | ECE |", "|---|---|---|---|", *rows, "",
+        "![test errors](demo.png)", "",
+        "Run directories: " + ", ".join(f"`{p}`" for p in runs.values()), ""])

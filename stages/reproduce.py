@@ -36,6 +36,7 @@ from pipeline.datasets import load_dataset
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError
 from pipeline.metrics import classification_metrics, predict_logits
+from pipeline.plots import bar_chart, line_chart
 from pipeline.sweep import finished_result, run_sweep
 from pipeline.training import TrainConfig
 from stages import cache_logits, evaluate, train_student, train_teacher
@@ -244,7 +245,7 @@ def main_table(run: Run) -> dict:
              f"{d['errors']} errors; teacher {teacher_err})." if gap > 0 else
              f"The baseline student ({b['errors']} errors) is not worse than the teacher ({teacher_err}): there is no "
              "gap to recover with this teacher."]
-    plot = _bar_plot(run.out / "main-table.png", [r[0].split(",")[0] for r in rows], [r[1]["errors"] for r in rows],
+    plot = bar_chart(run.out / "main-table.png", [r[0].split(",")[0] for r in rows], [r[1]["errors"] for r in rows],
                      "test errors")
     holds = gap > 0 and recovered >= 0.5
     return {"figures": {"teacher": teacher_err, "baseline": b["errors"], "distilled": d["errors"],
@@ -316,7 +317,7 @@ def omitted_class(run: Run) -> dict:
             f"Only classes {keep} in the transfer set: test error {_pct(1 - b2['accuracy'])} before, "
             f"{_pct(1 - a2['accuracy'])} after fitting the absent classes' biases on held-out data (offsets "
             + ", ".join(f"{k}: {v:+.1f}" for k, v in offsets2.items()) + ")."]
-    plot = _bar_plot(run.out / "omitted-class.png", ["no correction", "+3.5", "fitted"],
+    plot = bar_chart(run.out / "omitted-class.png", ["no correction", "+3.5", "fitted"],
                      [before["per_class_errors"][c], paper_bias["per_class_errors"][c], after["per_class_errors"][c]],
                      f"test errors on class {c}")
     holds = after["per_class_errors"][c] < before["per_class_errors"][c] and a2["accuracy"] > b2["accuracy"]
@@ -363,7 +364,7 @@ def small_data(run: Run) -> dict:
                      f"{'yes' if r['early_stopping_needed'] else 'no'} |")
     lines.append(f"| hard targets, all data ({full['cache']['rows_used']} rows) | | "
                  f"{_pct(full['metrics']['test']['accuracy'])} | | |")
-    plot = _curve_plot(run.out / "small-data.png", curves, "epoch", "test error rate")
+    plot = line_chart(run.out / "small-data.png", curves, "epoch", "test error rate")
     holds = rows[1]["test_accuracy"] > rows[0]["test_accuracy"]
     return {"figures": {"rows": rows, "all_data_accuracy": full["metrics"]["test"]["accuracy"]},
             "text": "\n".join(lines), "plot": plot, "holds": holds,
@@ -471,42 +472,3 @@ def _spread(rows: list[dict]) -> str:
 
 def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.1f} %"
-
-
-def _bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 3.5))
-    ax.bar(range(len(labels)), values, color="tab:blue")
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:g}", ha="center", va="bottom")
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _curve_plot(path: Path, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (x, y) in curves.items():
-        ax.plot(x, y, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-

@@ -26,6 +26,11 @@ def test_demo_runs_the_stages_then_reuses_them(tmp_path: Path) -> None:
     assert (out / "cache.zarr" / "zarr.json").is_file()
     assert (out / "runs" / "T4" / "student.pt").is_file()
     assert "teacher ensemble (2)" in first.output and "student distilled T=4" in first.output
+    report = (out / "report.md").read_text()
+    for row in summary["table"]:
+        assert f"| {row['model']} | {row['errors']} |" in report
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"report:  {out / 'report.md'}" in first.output
 
     second = CliRunner().invoke(main, [*ARGS, "--out", str(out)])
     assert second.exit_code == 0, second.output
