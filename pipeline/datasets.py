@@ -92,6 +92,19 @@ class Dataset:
         """Mean and standard deviation of all input values, for the models' input normalisation."""
         total, total_sq, count = 0.0, 0.0, 0
         flat = self.x.reshape(len(self), -1)
+        if flat.dtype == np.uint8 and flat.size:
+            # Images: exact integer sums in int32 blocks (squares <= 255^2 fit), about twice as fast as float64
+            # blocks and the same result (those sums were exact integers in float64 too).
+            step = max(1, _FINGERPRINT_CHUNK // max(1, flat.shape[1]))
+            isum = isq = 0
+            for start in range(0, len(self), step):
+                block = flat[start:start + step].astype(np.int32)
+                isum += int(block.sum(dtype=np.int64))
+                isq += int((block * block).sum(dtype=np.int64))
+            total, total_sq, count = float(isum), float(isq), int(flat.size)
+            mean = total / count
+            std = max((total_sq / count - mean * mean), 0.0) ** 0.5
+            return mean, (std if std > 0 else 1.0)
         step = max(1, _FINGERPRINT_CHUNK // max(1, flat.shape[1]))
         for start in range(0, len(self), step):
             block = flat[start:start + step].astype(np.float64)

@@ -403,3 +403,13 @@ def test_shipped_fashion_mnist_test_split() -> None:
     assert np.bincount(ds.y, minlength=10).tolist() == [1000] * 10  # the test split is balanced
     assert ds.ids.tolist() == list(range(10000))
     assert int(ds.x.max()) == 255 and int(ds.x.min()) == 0
+
+
+def test_uint8_input_stats_equal_the_float_computation_exactly(tmp_path: Path) -> None:
+    x = np.random.default_rng(3).integers(0, 256, size=(300, 1, 6, 6), dtype=np.uint8)
+    np.savez(tmp_path / "u8.npz", x_train=x, y_train=np.zeros(300, dtype=np.int64))
+    np.savez(tmp_path / "f32.npz", x_train=x.astype(np.float32), y_train=np.zeros(300, dtype=np.int64))
+    u8 = load_dataset(f"npz:{tmp_path / 'u8.npz'}:train").input_stats
+    f32 = load_dataset(f"npz:{tmp_path / 'f32.npz'}:train").input_stats
+    assert u8 == f32  # bit for bit: both are exact integer sums
+    assert u8[0] == pytest.approx(float(x.mean())) and u8[1] == pytest.approx(float(x.std()))
