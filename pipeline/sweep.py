@@ -235,6 +235,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
             rows[s.name] = make_row(s, cfg, {"status": "ok", "result": previous})
             res.reused += 1
         else:
+            if (Path(scfg.out) / "metrics.json").exists():
+                log(f"{s.name}: its run directory holds a run with another config or cache; it will be replaced")
             pending.append((s, scfg))
     log(f"sweep {out}: {len(settings)} settings, {res.reused} already done, {len(pending)} to run on "
         f"{_workers_text(cfg)}")
@@ -315,7 +317,8 @@ def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
     else:
         n = _n_workers(cfg)
         # One task per worker at a time (threads_per_worker=1); torch threads split the cores between workers.
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+        # dashboard ":0": a free port; None still binds the default 8787 and warns when another cluster holds it.
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                                resources={"GPU": 1} if gpu else None)
         client = Client(cluster)
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // n)
