@@ -82,6 +82,12 @@ def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(cache_path: P
                           train=TrainConfig(epochs=3, batch_size=64))
     _, plan = plan_text(longer)
     assert "0 done, 2 to run" in plan
+    lines: list[str] = []
+    replaced = run_sweep(longer, log=lines.append, progress=False)
+    assert (replaced.trained, replaced.reused) == (2, 0)
+    assert "mlp-16-T2-a0.5-s0: its run directory holds a run with another config or cache; it will be replaced" \
+        in lines
+    assert json.loads((tmp_path / "sweep/runs/mlp-16-T2-a0.5-s0/metrics.json").read_text())["metrics"]["epochs"] == 3
 
 
 def test_a_failing_setting_is_recorded_and_the_others_finish(cache_path: Path, tmp_path: Path,
