@@ -166,24 +166,25 @@ def test_verify_checks_dataset_fingerprint_and_missing_chunks(cache_path: Path, 
 def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(s3_cache: str, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     dst = s3_url("interrupted/task.zarr")
-    real_put, calls = sharing.put_bytes, [0]
+    real_copy, calls = sharing._copy_object, [0]
 
-    def dying_put(store, key, data) -> None:  # noqa: ANN001
+    async def dying_copy(source, target, key, have, counts) -> None:  # noqa: ANN001
         calls[0] += 1
-        if calls[0] > 9:
-            raise KeyboardInterrupt  # the user's Ctrl-C half-way
-        real_put(store, key, data)
+        if calls[0] > 20:
+            raise ConnectionError("network dropped")  # half-way through the copy
+        await real_copy(source, target, key, have, counts)
 
-    monkeypatch.setattr(sharing, "put_bytes", dying_put)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(sharing, "_copy_object", dying_copy)
+    with pytest.raises(ConnectionError):
         sharing.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
-    monkeypatch.setattr(sharing, "put_bytes", real_put)
+    monkeypatch.setattr(sharing, "_copy_object", real_copy)
     # Half a copy: data objects only, no metadata, so no reader takes it for a cache.
     with pytest.raises(CacheError, match="no zarr.json"):
         read_header(dst)
     assert invoke("cache", "verify", dst, "--quiet")[0] == 1
     res = sharing.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
-    assert res.skipped == 9 and res.copied == len(all_objects(s3_cache)) - 9 and res.report.ok
+    total = len(all_objects(s3_cache))
+    assert res.skipped >= 16 and res.copied + res.skipped == total and res.report.ok, (res.copied, res.skipped)
     assert all_objects(dst) == all_objects(s3_cache)
 
 
@@ -191,7 +192,7 @@ def test_cache_ls_lists_caches_under_a_prefix(s3_cache: str, tmp_path: Path, cac
                                               partial_cache_path: Path) -> None:
     code, out = invoke("cache", "ls", s3_url("team"))
     assert code == 0, out
-    assert f"{s3_cache}  complete  members=2 (mlp:32, mlp:32)" in out and "N=600  classes=5" in out
+    assert f"{s3_cache}  complete  members=2 (mlp:32" in out and "N=600  classes=5" in out
     assert "1 cache(s)" in out
     root = tmp_path / "shelf"
     sharing.copy_cache(cache_path, root / "a.zarr", progress=False, log=lambda s: None)
@@ -219,7 +220,7 @@ def hostile_zip(tmp_path: Path, cache_path: Path, name: str, entry: str, symlink
 
 @pytest.mark.parametrize(("entry", "symlink", "says"), [("../evil.json", False, "contains '..'"),
                                                          ("members/../../x", False, "contains '..'"),
-                                                         ("/etc/cron.d/x", False, "absolute path"),
+                                                         ("/etc/cron.d/x", False, "has an absolute path"),
                                                          ("members/link", True, "is a symlink")])
 def test_zip_with_escaping_entry_is_refused(tmp_path: Path, cache_path: Path, entry: str, symlink: bool,
                                             says: str) -> None:
