@@ -55,9 +55,24 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs as zc
+from zarr.abc.store import Store
+from zarr.core.sync import sync
 
 from . import __version__
 from .errors import CacheError
+from .stores import (
+    MAX_METADATA_BYTES,
+    StoreLease,
+    delete_key,
+    is_local_dir,
+    is_url,
+    key_sizes,
+    list_keys,
+    local_path,
+    location_exists,
+    open_store,
+    put_bytes,
+)
 
 FORMAT_NAME = "kd-pipeline-logit-cache"
 FORMAT_VERSION = 1
@@ -137,18 +152,29 @@ def validate_header(h: Any, where: str = "cache") -> dict:
 class CacheLock:
     """One writer at a time: ``CACHE/kd-writer.lock`` (created exclusively) names the writing process.
 
-    A lock left by a process that died (SIGKILL) on this host is taken over; a live one makes the second writer
-    fail with a message naming the first. The lock file appears with its content (written to a temp file, then
-    hard-linked into place), so a kill can never leave an empty lock that names no one.
+    In a directory: a lock left by a process that died (SIGKILL) on this host is taken over; a live one makes the
+    second writer fail with a message naming the first. The lock file appears with its content (written to a temp
+    file, then hard-linked into place), so a kill can never leave an empty lock that names no one. In an object
+    store (``s3://``) the same key holds a lease taken with a conditional PUT (see :class:`pipeline.stores.StoreLease`).
     """
 
     NAME = "kd-writer.lock"
 
-    def __init__(self, root: Path) -> None:
-        self.path = Path(root) / self.NAME
+    def __init__(self, root: str | Path, storage_options: dict | None = None) -> None:
+        self.lease = StoreLease(str(root), storage_options) if is_url(root) else None
+        self.path = Path(local_path(root)) / self.NAME if self.lease is None else None
         self.held = False
 
+    def check(self) -> None:
+        """Raise ``CacheError`` if an object-store lease was lost while writing (a directory lock cannot be)."""
+        if self.lease is not None:
+            self.lease.check()
+
     def acquire(self) -> CacheLock:
+        if self.lease is not None:
+            self.lease.acquire()
+            self.held = True
+            return self
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = self.path.with_name(f"{self.NAME}.{me['pid']}.tmp")
         tmp.write_text(json.dumps(me))
@@ -180,7 +206,10 @@ class CacheLock:
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self.lease is not None:
+                self.lease.release()
+            else:
+                self.path.unlink(missing_ok=True)
             self.held = False
 
     def __enter__(self) -> CacheLock:
@@ -210,25 +239,35 @@ def _pid_alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------------------------ create
 def create_cache(location: str | Path, *, dataset: dict, ids: np.ndarray, labels: np.ndarray | None,
                  num_classes: int, class_names: list[str], members: list[dict], dtype: str,
-                 rows_per_shard: int, command: str) -> zarr.Group:
+                 rows_per_shard: int, command: str, storage_options: dict | None = None) -> zarr.Group:
     """Create the store schema-first: every array at full size, ids/labels written, no logits yet.
 
     Args:
+        location: a directory or an object-store URL (see :mod:`pipeline.stores`).
         dataset: the transfer set's ``Dataset.describe()``.
         ids: (N,) stable sample ids. labels: (N,) or None.
         members: teacher identities (``LoadedModel.identity()``), one per member.
+        storage_options: fsspec options for a URL.
     """
     n = int(ids.shape[0])
-    root = Path(location)
-    root.mkdir(parents=True, exist_ok=True)
-    marker = root / CREATING_MARKER
-    marker.touch()  # until the schema is whole: a kill before then leaves a store that is created afresh
-    for child in root.iterdir():  # leftovers of an interrupted creation (never the writer lock)
-        if child.name != CREATING_MARKER and not child.name.startswith(CacheLock.NAME):
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+    if is_local_dir(location):
+        root = local_path(location)
+        root.mkdir(parents=True, exist_ok=True)
+        marker = root / CREATING_MARKER
+        marker.touch()  # until the schema is whole: a kill before then leaves a store that is created afresh
+        for child in root.iterdir():  # leftovers of an interrupted creation (never the writer lock)
+            if child.name != CREATING_MARKER and not child.name.startswith(CacheLock.NAME):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        store = open_store(location, "w")
+    else:
+        store = open_store(location, "w", storage_options)
+        put_bytes(store, CREATING_MARKER, b"")  # the same protocol, as an object
+        for key in list_keys(store):
+            if key != CREATING_MARKER and not key.startswith(CacheLock.NAME):
+                delete_key(store, key)
     header = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "n": n, "num_classes": int(num_classes), "class_names": list(class_names),
@@ -239,7 +278,7 @@ def create_cache(location: str | Path, *, dataset: dict, ids: np.ndarray, labels
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
         "complete": False, "completed_at": None,
     }
-    group = zarr.create_group(str(location), zarr_format=3)
+    group = zarr.create_group(store, zarr_format=3)
     kw = {"chunks": (rows_per_shard,), "compressors": logit_codecs()}
     group.create_array("ids", data=np.asarray(ids, dtype=np.int64), **kw)
     if labels is not None:
@@ -247,7 +286,7 @@ def create_cache(location: str | Path, *, dataset: dict, ids: np.ndarray, labels
     group.attrs[ATTR_KEY] = header
     for m in members:
         add_member_arrays(group, m)
-    marker.unlink()
+    delete_key(store, CREATING_MARKER)
     return group
 
 
@@ -271,9 +310,10 @@ def add_member_arrays(group: zarr.Group, identity: dict) -> dict:
     return entry
 
 
-def mark_complete(location: str | Path) -> None:
+def mark_complete(location: str | Path, storage_options: dict | None = None) -> None:
     """Set ``complete`` (after verifying every done flag) and consolidate the metadata, in that order."""
-    group = zarr.open_group(str(location), mode="r+", use_consolidated=False)
+    store = open_store(location, "w", storage_options)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
     h = dict(group.attrs[ATTR_KEY])
     for m in h["members"]:
         flags = group[member_done(m["index"])][:]
@@ -282,7 +322,7 @@ def mark_complete(location: str | Path) -> None:
     h["complete"] = True
     h["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     group.attrs[ATTR_KEY] = h
-    zarr.consolidate_metadata(str(location))
+    zarr.consolidate_metadata(store)
 
 
 def array_handle(group: zarr.Group, path: str, handles: dict) -> zarr.Array:
@@ -368,20 +408,25 @@ class LogitCache:
     """Read access to a cache. Opening never writes.
 
     Args:
-        location: the cache directory.
+        location: the cache: a directory, a ``.zarr.zip`` bundle or an ``s3://`` URL (see :mod:`pipeline.stores`).
         allow_partial: accept an incomplete cache (only finished shards are then served).
+        storage_options: fsspec options for a URL (endpoint_url, profile, ...).
 
     Raises:
         CacheError: missing, not a cache, bad header, or partial without ``allow_partial``.
     """
 
-    def __init__(self, location: str | Path, allow_partial: bool = False) -> None:
+    def __init__(self, location: str | Path, allow_partial: bool = False,
+                 storage_options: dict | None = None) -> None:
         self.location = str(location)
-        if not Path(self.location).exists():
+        self.storage_options = dict(storage_options or {})
+        if not location_exists(self.location, storage_options):
             raise CacheError(f"{self.location}: no such cache; create one with `kd-pipeline cache-logits --out "
                              f"{self.location} ...`")
+        self.store = open_store(self.location, "r", storage_options)  # read-only: reading never writes
+        check_metadata_size(self.store, self.location)
         try:
-            self.group = zarr.open_group(self.location, mode="r", use_consolidated=False)
+            self.group = zarr.open_group(self.store, mode="r", use_consolidated=False)
         except Exception as e:  # zarr raises several types for a non-group path
             raise CacheError(f"{self.location}: not a Zarr v3 group ({type(e).__name__}: {e})") from e
         self.header = validate_header(self.group.attrs.get(ATTR_KEY), self.location)
@@ -493,7 +538,7 @@ class LogitCache:
     # -- description
     def info(self) -> CacheInfo:
         done = self.done_shards().tolist()
-        size = sum(f.stat().st_size for f in Path(self.location).rglob("*") if f.is_file())
+        size = sum(key_sizes(self.store).values())
         raw = self.n * self.num_classes * 4 * len(self.members)
         return CacheInfo(self.location, self.header, done, size, raw)
 
@@ -503,25 +548,56 @@ def _chunk_of(sel: Any, chunks: tuple[int, ...]) -> tuple[int, ...]:
     return (start // chunks[0],) + (0,) * (len(chunks) - 1)
 
 
-def read_header(location: str | Path) -> dict | None:
+def check_metadata_size(store: Store, where: str) -> None:
+    """Refuse a root ``zarr.json`` over ``MAX_METADATA_BYTES`` before zarr parses it (a cache's is kilobytes)."""
+    try:
+        size = sync(store.getsize("zarr.json"))
+    except (FileNotFoundError, KeyError):
+        return  # nothing to parse; the open that follows says what is missing
+    except Exception:  # noqa: BLE001 - a store that cannot tell sizes: zarr's own parsing still validates
+        return
+    if size > MAX_METADATA_BYTES:
+        raise CacheError(f"{where}: zarr.json is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for cache "
+                         "metadata; this is not a kd-pipeline cache (or it was tampered with). Refusing to parse it")
+
+
+def read_header(location: str | Path, storage_options: dict | None = None) -> dict | None:
     """The header of an existing cache at ``location`` (validated), or None if nothing is there."""
-    p = Path(location)
-    if not p.exists():
-        return None
-    if p.is_dir():
-        names = {c.name for c in p.iterdir() if not c.name.startswith(CacheLock.NAME)}
+    if is_local_dir(location):
+        p = local_path(location)
+        if not p.exists():
+            return None
+        if p.is_dir():
+            names = {c.name for c in p.iterdir() if not c.name.startswith(CacheLock.NAME)}
+            if not names or CREATING_MARKER in names:
+                return None  # empty, or a creation that was interrupted: (re-)created by the writer
+        if not (p / "zarr.json").is_file():
+            raise CacheError(f"{location}: exists but is not a Zarr store; choose another --out or remove it")
+        store = open_store(location, "r")
+    else:
+        if not location_exists(location, storage_options):
+            return None
+        store = open_store(location, "r", storage_options)
+        names = {k for k in list_keys(store) if not k.startswith(CacheLock.NAME)}
         if not names or CREATING_MARKER in names:
-            return None  # empty, or a creation that was interrupted: (re-)created by the writer
-    if not (p / "zarr.json").is_file():
-        raise CacheError(f"{location}: exists but is not a Zarr store; choose another --out or remove it")
-    group = zarr.open_group(str(p), mode="r", use_consolidated=False)
+            return None
+        if "zarr.json" not in names:
+            raise CacheError(f"{location}: holds objects but no zarr.json (not a Zarr store, or a copy that did not "
+                             "finish: re-run `kd-pipeline cache copy` to complete it); choose another --out")
+    check_metadata_size(store, str(location))
+    group = zarr.open_group(store, mode="r", use_consolidated=False)
     return validate_header(group.attrs.get(ATTR_KEY), str(location))
 
 
 def remove_partial_files(location: str | Path) -> int:
-    """Delete leftovers of writes interrupted by a kill (zarr's ``*.partial`` temp files); returns how many."""
+    """Delete leftovers of writes interrupted by a kill (zarr's ``*.partial`` temp files); returns how many.
+
+    Only local directories have them: an object store's PUT is atomic.
+    """
+    if not is_local_dir(location):
+        return 0
     count = 0
-    for f in Path(location).rglob("*.partial"):
+    for f in local_path(location).rglob("*.partial"):
         f.unlink(missing_ok=True)
         count += 1
     return count

@@ -41,6 +41,7 @@ from .datasets import Dataset, load_dataset
 from .devices import describe_device, resolve_device
 from .errors import CacheError, CheckpointError
 from .metrics import predict_logits
+from .stores import is_local_dir, is_zip, open_store
 
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
@@ -58,6 +59,7 @@ class WorkSpec:
     device: str
     batch_size: int
     torch_threads: int = 0
+    storage_options: dict = field(default_factory=dict)  # for an object-store location (workers open it too)
     tasks: list[tuple[int, list[int]]] = field(default_factory=list)  # (shard, member indices)
 
 
@@ -102,7 +104,7 @@ def _worker_state(spec: WorkSpec) -> tuple[dict[int, torch.nn.Module], Dataset, 
 def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
     """Dask task: compute and write ``spec.tasks`` (whole shards). Returns [(shard, rows)]."""
     models, data, device = _worker_state(spec)
-    group = zarr.open_group(spec.location, mode="r+", use_consolidated=False)
+    group = zarr.open_group(open_store(spec.location, "w", spec.storage_options), mode="r+", use_consolidated=False)
     handles: dict = {}
     done = []
     for shard, members in spec.tasks:
@@ -158,12 +160,17 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
     class_names = loaded[0].meta.get("class_names") or data.class_names
     shas = [lm.sha256 for lm in loaded]
     location = str(cfg.out)
-    existing = read_header(location)
-    Path(location).parent.mkdir(parents=True, exist_ok=True)
-    if existing is None:
-        Path(location).mkdir(parents=True, exist_ok=True)
-    with CacheLock(Path(location)):
-        existing = read_header(location)  # again, now that no other writer can be making or finishing it
+    opts = cfg.storage_options
+    if is_zip(location):
+        raise CacheError(f"{location}: a .zarr.zip bundle is written once by `kd-pipeline cache pack`; write the cache "
+                         f"to a directory or s3:// URL, then `kd-pipeline cache pack CACHE {location}`")
+    existing = read_header(location, opts)
+    if is_local_dir(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        if existing is None:
+            Path(location).mkdir(parents=True, exist_ok=True)
+    with CacheLock(location, opts) as lock:
+        existing = read_header(location, opts)  # again, now that no other writer can be making or finishing it
         if existing is None:
             if cfg.add_member:
                 raise CacheError(f"{location}: --add-member needs an existing complete cache; drop --add-member "
@@ -171,10 +178,10 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
             create_cache(location, dataset=data.describe(), ids=data.ids, labels=data.y, num_classes=num_classes,
                          class_names=class_names, members=[lm.identity() for lm in loaded],
                          dtype=cfg.dtype or DEFAULT_DTYPE, rows_per_shard=cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD,
-                         command=cfg.command)
+                         command=cfg.command, storage_options=opts)
             status = "created"
         elif cfg.add_member:
-            status = _add_members(location, existing, loaded, data, num_classes)
+            status = _add_members(location, existing, loaded, data, num_classes, opts)
             if status == "already-members":
                 return CacheResult(location, "already-complete", 0, 0, time.perf_counter() - t0,
                                    len(existing["members"]),
@@ -193,7 +200,7 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
             if removed:
                 log(f"removed {removed} temporary files left by an interrupted write")
             status = "resumed"
-        cache = LogitCache(location, allow_partial=True)
+        cache = LogitCache(location, allow_partial=True, storage_options=opts)
         h = cache.header
         by_sha = {lm.sha256: lm for lm in loaded}
         checkpoints = {m["index"]: (str(by_sha[m["checkpoint_sha256"]].path), m["checkpoint_sha256"])
@@ -205,7 +212,7 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
         tasks = sorted(pending.items())
         rows_total = sum(np.subtract(*shard_bounds(s, h["rows_per_shard"], h["n"])[::-1]) for s, _ in tasks)
         spec = WorkSpec(location, data.spec, data.fingerprint, cfg.data_dir, checkpoints, cfg.device,
-                        cfg.batch_size)
+                        cfg.batch_size, storage_options=dict(opts))
         log(f"{status} {location}: {len(tasks)}/{h['n_shards']} shards to compute for {len(h['members'])} "
             f"member(s), {rows_total} rows, on {describe_device(device)}")
         bar = tqdm(total=int(rows_total), unit="row", unit_scale=True, desc="cache-logits", disable=not progress)
@@ -217,7 +224,8 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
                 _run_local(spec, tasks, models, data, device, bar)
         finally:
             bar.close()
-        mark_complete(location)
+        lock.check()  # an object-store lease lost mid-write: do not declare someone else's cache complete
+        mark_complete(location, opts)
     seconds = time.perf_counter() - t0
     return CacheResult(location, status, len(tasks), int(rows_total), seconds, len(h["members"]),
                        f"{location} complete: {h['n']} rows x {h['num_classes']} classes x {len(h['members'])} "
@@ -238,7 +246,8 @@ def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
         raise CheckpointError("the same checkpoint was given twice: " + ", ".join(str(lm.path) for lm in loaded))
 
 
-def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Dataset, num_classes: int) -> str:
+def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Dataset, num_classes: int,
+                 storage_options: dict) -> str:
     if not h["complete"]:
         raise CacheError(f"{location} is partial; finish it first by re-running cache-logits without --add-member, "
                          "giving every member's checkpoint in order ("
@@ -253,7 +262,7 @@ def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Datase
     new = [lm for lm in loaded if lm.sha256 not in have]
     if not new:
         return "already-members"
-    group = zarr.open_group(location, mode="r+", use_consolidated=False)
+    group = zarr.open_group(open_store(location, "w", storage_options), mode="r+", use_consolidated=False)
     for lm in new:
         add_member_arrays(group, lm.identity())
     return "member-added"
@@ -262,7 +271,7 @@ def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Datase
 def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[int, torch.nn.Module],
                data: Dataset, device: torch.device, bar: tqdm) -> None:
     """One process: inference on this thread, compression + writes on a writer thread (they overlap)."""
-    group = zarr.open_group(spec.location, mode="r+", use_consolidated=False)
+    group = zarr.open_group(open_store(spec.location, "w", spec.storage_options), mode="r+", use_consolidated=False)
     handles: dict = {}
     q: queue.Queue = queue.Queue(maxsize=8)
     failure: list[BaseException] = []

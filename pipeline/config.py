@@ -107,6 +107,18 @@ class EvaluateConfig:
             raise ConfigError(problems)
 
 
+def redact_secrets(options: dict) -> dict:
+    """``options`` with values of credential-like keys (key, secret, token, password) replaced by ``"***"``."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = redact_secrets(v)
+        else:
+            secret = any(w in k.lower() for w in ("key", "secret", "token", "password"))
+            out[k] = "***" if secret else v
+    return out
+
+
 @dataclass
 class CacheConfig:
     """``cache-logits``: run teachers once over a transfer set into a Zarr cache."""
@@ -123,6 +135,7 @@ class CacheConfig:
     add_member: bool = False
     data_dir: str | None = None
     command: str = ""
+    storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// --out (endpoint_url, ...)
 
     def validate(self) -> None:
         problems = []
@@ -166,6 +179,7 @@ class StudentConfig:
     device: str = "auto"
     data_dir: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// --cache
 
     def validate(self) -> None:
         problems = []
@@ -201,6 +215,7 @@ class StudentConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["class_bias"] = {str(k): v for k, v in self.class_bias.items()}
+        d["storage_options"] = redact_secrets(self.storage_options)  # runs are shared; credentials are not
         return d
 
 

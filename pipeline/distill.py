@@ -100,7 +100,7 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
     record: dict = {}
     teacher_fn = None
     if cfg.cache:
-        cache = LogitCache(cfg.cache, allow_partial=cfg.allow_partial)
+        cache = LogitCache(cfg.cache, allow_partial=cfg.allow_partial, storage_options=cfg.storage_options)
         members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
         bad = [m for m in members if m >= len(cache.members)]
         if bad:

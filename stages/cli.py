@@ -46,6 +46,20 @@ def data_dir_option(fn: Callable) -> Callable:
                         help="Directory with dataset files for specs such as mnist:train (else $KD_DATA_DIR).")(fn)
 
 
+def storage_option(fn: Callable) -> Callable:
+    """``--storage-option KEY=VALUE`` (repeatable): fsspec options for s3:// caches beyond the AWS environment."""
+    return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                        help="Option for an s3:// cache's filesystem, e.g. endpoint_url=http://host:9000 or "
+                             "profile=team (credentials and endpoint otherwise come from the AWS_* environment "
+                             "variables); repeatable.")(fn)
+
+
+def storage_options_of(items: tuple[str, ...]) -> dict:
+    from pipeline.stores import parse_storage_options
+
+    return parse_storage_options(items)
+
+
 def train_options(fn: Callable) -> Callable:
     """Optimiser options shared by every training command (their defaults train stably for T in [1, 20])."""
     opts = [
@@ -161,7 +175,8 @@ def evaluate(model_path: str, dataset: str, ensemble: str, batch_size: int, as_j
 @click.option("--teacher", "teachers", multiple=True, required=True, type=click.Path(exists=True),
               help="A teacher checkpoint or ensemble directory (each member becomes a cache member); repeatable.")
 @click.option("--dataset", default="fashion-mnist:train", show_default=True, help="Transfer set spec.")
-@click.option("--out", required=True, help="The cache (a directory, e.g. data/caches/fmnist.zarr).")
+@click.option("--out", required=True,
+              help="The cache: a directory (e.g. data/caches/fmnist.zarr) or s3://bucket/prefix/NAME.zarr.")
 @click.option("--dtype", default=None, type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the logits [default: float16 for a new cache, the cache's own on resume].")
 @click.option("--batch-size", default=1024, show_default=True, type=int, help="Rows per teacher forward pass.")
@@ -172,11 +187,12 @@ def evaluate(model_path: str, dataset: str, ensemble: str, batch_size: int, as_j
 @click.option("--scheduler", default=None, help="Address of an existing dask scheduler to use instead of --workers.")
 @click.option("--add-member", is_flag=True, help="Add the given teacher(s) to an existing complete cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_option
 @data_dir_option
 @common
 def cache_logits(teachers: tuple[str, ...], dataset: str, out: str, dtype: str | None, batch_size: int,
                  rows_per_shard: int | None, workers: int, scheduler: str | None, add_member: bool, quiet: bool,
-                 device: str, seed: int, data_dir: str | None) -> None:
+                 storage_options: tuple[str, ...], device: str, seed: int, data_dir: str | None) -> None:
     """Stage one: run the teachers once over the transfer set into a Zarr logit cache.
 
     Re-running the same command resumes an interrupted cache (only missing shards are computed) and is a no-op on
@@ -187,7 +203,7 @@ def cache_logits(teachers: tuple[str, ...], dataset: str, out: str, dtype: str |
 
     cfg = CacheConfig(teachers=list(teachers), dataset=dataset, out=out, dtype=dtype, batch_size=batch_size,
                       rows_per_shard=rows_per_shard, device=device, workers=workers, scheduler=scheduler,
-                      add_member=add_member, data_dir=data_dir,
+                      add_member=add_member, data_dir=data_dir, storage_options=storage_options_of(storage_options),
                       command=shlex.join(["kd-pipeline", *sys.argv[1:]]))
     res = step.run(cfg, log=click.echo, progress=not quiet)
     click.echo(res.message)
@@ -219,7 +235,9 @@ def parse_class_bias(items: tuple[str, ...]) -> dict[int, float]:
 
 
 @main.command("train-student")
-@click.option("--cache", default=None, help="The logit cache made by cache-logits (its dataset is used).")
+@click.option("--cache", default=None,
+              help="The logit cache made by cache-logits (its dataset is used): a directory, NAME.zarr.zip or "
+                   "s3://bucket/prefix/NAME.zarr.")
 @click.option("--student", default="mlp:800,800", show_default=True, help="Student model spec.")
 @click.option("--temperature", "-T", default=20.0, show_default=True, type=float,
               help="Softmax temperature of the soft targets (and of the student in the soft term).")
@@ -246,12 +264,14 @@ def parse_class_bias(items: tuple[str, ...]) -> dict[int, float]:
                    "[-m<members>]-s<seed>].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @train_options
+@storage_option
 @data_dir_option
 @common
 def train_student(cache: str | None, student: str, temperature: float, alpha: float, loss: str, ensemble: str,
                   members: str | None, eval_spec: str | None, class_bias: tuple[str, ...], fit_bias_on: str | None,
                   memory_budget: str, allow_partial: bool, online_teacher: tuple[str, ...], dataset: str | None,
-                  out: str | None, quiet: bool, device: str, seed: int, data_dir: str | None, **kw: object) -> None:
+                  out: str | None, quiet: bool, storage_options: tuple[str, ...], device: str, seed: int,
+                  data_dir: str | None, **kw: object) -> None:
     """Stage two: train a student on cached soft targets at temperature T plus weighted hard labels."""
     from pipeline.config import StudentConfig
     from stages import train_student as step
@@ -260,7 +280,7 @@ def train_student(cache: str | None, student: str, temperature: float, alpha: fl
         member_list = [int(m) for m in members.split(",")] if members else None
     except ValueError:
         raise click.BadParameter(f"expected indices like 0,2, got {members!r}", param_hint="--members") from None
-    source = Path(cache).name.removesuffix(".zarr") if cache else "online"
+    source = Path(cache.rstrip("/")).name.removesuffix(".zip").removesuffix(".zarr") if cache else "online"
     name = (f"{source}-{student.replace(':', '-').replace(',', '-')}-{loss}-{ensemble}-T{temperature:g}-a{alpha:g}"
             + (f"-m{'.'.join(map(str, member_list))}" if member_list else "") + f"-s{seed}")
     cfg = StudentConfig(cache=cache or "", student=student, temperature=temperature, alpha=alpha, loss=loss,
@@ -268,7 +288,7 @@ def train_student(cache: str | None, student: str, temperature: float, alpha: fl
                         fit_bias_on=fit_bias_on, memory_budget=parse_size(memory_budget), allow_partial=allow_partial,
                         online_teacher=list(online_teacher) or None, dataset=dataset,
                         out=out or default_out("runs", name), device=device, data_dir=data_dir,
-                        train=make_train_config(kw, seed))
+                        train=make_train_config(kw, seed), storage_options=storage_options_of(storage_options))
     step.run(cfg, log=(lambda s: None) if quiet else click.echo, progress=not quiet)
     click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
 
@@ -393,21 +413,85 @@ def reproduce(experiment: str, dataset: str, scale: str, teacher: str | None, om
 
 @main.group("cache", cls=KDGroup)
 def cache_group() -> None:
-    """Inspect logit caches."""
+    """Inspect, verify, bundle, copy and list logit caches.
+
+    CACHE is a directory, a single-file bundle NAME.zarr.zip, or s3://bucket/prefix/NAME.zarr (credentials and
+    endpoint from the AWS_* environment variables, --storage-option KEY=VALUE for the rest).
+    """
 
 
 @cache_group.command("info")
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def cache_info(cache: str, as_json: bool) -> None:
+@storage_option
+def cache_info(cache: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Describe CACHE: rows, classes, members, dtype, codecs, shards done, size, dataset, completeness."""
     from pipeline.cache import LogitCache
 
-    info = LogitCache(cache, allow_partial=True).info().to_dict()
+    info = LogitCache(cache, allow_partial=True, storage_options=storage_options_of(storage_options)).info().to_dict()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(format_cache_info(info))
+
+
+@cache_group.command("verify")
+@click.argument("cache")
+@click.option("--dataset", default=None, help="A dataset spec whose fingerprint must match the cache's.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_option
+@data_dir_option
+def cache_verify(cache: str, dataset: str | None, quiet: bool, storage_options: tuple[str, ...],
+                 data_dir: str | None) -> None:
+    """Read every chunk of CACHE (checksums) and check it against the format: exit 1 naming each problem."""
+    from pipeline.sharing import verify_cache
+
+    report = verify_cache(cache, dataset=dataset, storage_options=storage_options_of(storage_options),
+                          data_dir=data_dir, progress=not quiet)
+    click.echo(report.format())
+    if not report.ok:
+        sys.exit(1)
+
+
+@cache_group.command("pack")
+@click.argument("cache")
+@click.argument("out")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_option
+def cache_pack(cache: str, out: str, quiet: bool, storage_options: tuple[str, ...]) -> None:
+    """Bundle CACHE into the single file OUT (NAME.zarr.zip), written once, then verified."""
+    from pipeline.sharing import pack_cache
+
+    res = pack_cache(cache, out, src_options=storage_options_of(storage_options), progress=not quiet,
+                     log=click.echo)
+    click.echo(res.message)
+
+
+@cache_group.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_option
+def cache_copy(src: str, dst: str, quiet: bool, storage_options: tuple[str, ...]) -> None:
+    """Copy SRC to DST (directory, NAME.zarr.zip or s3://), verify the copy; a re-run resumes an interrupted one."""
+    from pipeline.sharing import copy_cache
+
+    opts = storage_options_of(storage_options)
+    res = copy_cache(src, dst, src_options=opts, dst_options=opts, progress=not quiet, log=click.echo)
+    click.echo(res.message)
+
+
+@cache_group.command("ls")
+@click.argument("prefix")
+@storage_option
+def cache_ls(prefix: str, storage_options: tuple[str, ...]) -> None:
+    """List the caches under PREFIX (a directory or s3://bucket/prefix), one summary line each."""
+    from pipeline.sharing import list_caches
+
+    found = list_caches(prefix, storage_options_of(storage_options))
+    for s in found:
+        click.echo(s.line())
+    click.echo(f"{len(found)} cache(s) under {prefix}")
 
 
 def format_cache_info(i: dict) -> str:

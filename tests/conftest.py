@@ -146,3 +146,50 @@ def logits_cache(tmp_path: Path):
         return location, spec
 
     return make
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_BUCKET = "kd-team"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1 at a free port for the session, with bucket ``kd-team``.
+
+    The standard AWS variables point every client at it (botocore and s3fs honour ``AWS_ENDPOINT_URL``), so the
+    code under test and CLI subprocesses find it the way a team's machines find their bucket. Yields the endpoint.
+    """
+    server_mod = pytest.importorskip("moto.server")
+    import logging
+
+    import boto3
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+
+    port = free_port()
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "kd-test", "AWS_SECRET_ACCESS_KEY": "kd-test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

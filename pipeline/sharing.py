@@ -1,0 +1,505 @@
+"""Sharing caches: verify, copy (and pack into a ``.zarr.zip``), list.
+
+Every function takes cache locations as :mod:`pipeline.stores` understands them: a directory, a ``.zarr.zip``
+bundle or an ``s3://`` URL. Sources are always opened read-only.
+
+- :func:`verify_cache` reads every chunk (zstd + crc32c: a flipped byte fails, named by its key), checks the
+  metadata against the format schema, that every chunk a done shard needs is present, array shapes, dtypes and
+  class counts against the header, the done flags against ``complete``, and optionally the dataset fingerprint.
+- :func:`copy_cache` streams object by object, skips objects already at the destination with the same bytes (how
+  an interrupted copy resumes), writes the metadata (every ``zarr.json``, the root's last) after the data so a half
+  copy is never a readable cache, then verifies the destination.
+- :func:`list_caches` finds caches under a prefix, one summary each.
+
+This module imports without torch (the dataset check imports :mod:`pipeline.datasets`, numpy only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .cache import (
+    ATTR_KEY,
+    CREATING_MARKER,
+    CacheLock,
+    LogitCache,
+    member_array,
+    member_done,
+    validate_header,
+)
+from .errors import CacheError, KDError
+from .stores import (
+    LEASE_NAME,
+    MAX_METADATA_BYTES,
+    create_zip_store,
+    delete_key,
+    get_bytes,
+    is_url,
+    is_zip,
+    key_sizes,
+    local_path,
+    location_exists,
+    open_store,
+    put_bytes,
+    validate_zip,
+)
+
+META = "zarr.json"
+COPY_CONCURRENCY = 16  # objects in flight at once while copying
+
+
+def _is_meta(key: str) -> bool:
+    return key == META or key.endswith("/" + META)
+
+
+def _is_bookkeeping(key: str) -> bool:
+    """The writer lock/lease and the creation marker: never copied, never part of a cache's content."""
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(LEASE_NAME) or name == CREATING_MARKER
+
+
+# ----------------------------------------------------------------------------------------------------- verify
+@dataclass
+class VerifyReport:
+    """What ``cache verify`` found: ``problems`` empty means the cache is sound."""
+
+    location: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    chunks_read: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    header: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        h = self.header or {}
+        lines = [f"cache      {self.location}"]
+        if h:
+            lines.append(f"header     {h.get('format')} v{h.get('version')}: {h.get('n')} rows x "
+                         f"{h.get('num_classes')} classes x {len(h.get('members', []))} member(s), "
+                         f"{h.get('n_shards')} shards, {h.get('dtype')}, "
+                         f"{'complete' if h.get('complete') else 'PARTIAL'}")
+        lines.append(f"read       {self.chunks_read} chunks, {self.bytes_read / 2**20:.2f} MiB in {self.seconds:.2f}s")
+        lines += [f"note       {n}" for n in self.notes]
+        if self.ok:
+            lines.append("result     OK: every chunk read and checksummed, metadata matches the format schema")
+        else:
+            lines.append(f"result     {len(self.problems)} PROBLEM(S):")
+            lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def verify_cache(location: str | Path, dataset: str | None = None, storage_options: dict | None = None,
+                 data_dir: str | None = None, progress: bool = False) -> VerifyReport:
+    """Check a cache end to end; see the module docstring. Never raises for a problem with the cache itself.
+
+    Args:
+        dataset: a dataset spec whose fingerprint must match the cache's (e.g. the transfer set you hold).
+        progress: show a progress bar over the chunks.
+    """
+    t0 = time.perf_counter()
+    rep = VerifyReport(str(location))
+    try:
+        _verify(location, dataset, storage_options, data_dir, progress, rep)
+    except KDError as e:
+        rep.problems.append(str(e))
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _verify(location: str | Path, dataset: str | None, storage_options: dict | None, data_dir: str | None,
+            progress: bool, rep: VerifyReport) -> None:
+    if not location_exists(location, storage_options):
+        raise CacheError(f"{location}: no such cache")
+    store = open_store(location, "r", storage_options)  # a zip is validated here
+    sizes = key_sizes(store)
+    if META not in sizes:
+        raise CacheError(f"{location}: no zarr.json at its root: not a cache, or a copy that did not finish "
+                         "(re-run `kd-pipeline cache copy` to complete it)")
+    for key, size in sizes.items():
+        if _is_meta(key) and size > MAX_METADATA_BYTES:
+            rep.problems.append(f"metadata {key} is {size} bytes (limit {MAX_METADATA_BYTES})")
+        if key.rsplit("/", 1)[-1] == CREATING_MARKER:
+            rep.problems.append(f"{key} present: the cache's creation was interrupted; re-run cache-logits")
+        elif key.rsplit("/", 1)[-1].startswith(LEASE_NAME):
+            rep.notes.append(f"{key} present: a writer is running, or one was interrupted")
+    if rep.problems:
+        return
+    try:
+        group = zarr.open_group(store, mode="r", use_consolidated=False)
+        attrs = group.attrs.get(ATTR_KEY)
+    except Exception as e:  # noqa: BLE001 - unparsable JSON, wrong zarr format, ...
+        raise CacheError(f"{location}: zarr.json does not parse as Zarr v3 group metadata ({type(e).__name__}: "
+                         f"{e})") from None
+    h = validate_header(attrs, str(location))
+    rep.header = h
+    n, c, rps, ns = h["n"], h["num_classes"], h["rows_per_shard"], h["n_shards"]
+    expected = [("ids", (n,), "int64")]
+    if h["labeled"]:
+        expected.append(("labels", (n,), "int64"))
+    for m in h["members"]:
+        expected.append((member_array(m["index"]), (n, c), h["dtype"]))
+        expected.append((member_done(m["index"]), (ns,), "uint8"))
+    arrays: dict[str, zarr.Array] = {}
+    for name, shape, dtype in expected:
+        try:
+            arr = group[name]
+        except KeyError:
+            rep.problems.append(f"array {name} is missing")
+            continue
+        if not isinstance(arr, zarr.Array):
+            rep.problems.append(f"{name} is a group, expected an array")
+            continue
+        want_chunks = (1,) if name.endswith("/done") else (rps,) + ((c,) if len(shape) == 2 else ())
+        found = (tuple(arr.shape), str(arr.dtype), tuple(arr.chunks))
+        if found != (shape, dtype, want_chunks):
+            rep.problems.append(f"array {name} has shape {found[0]}, dtype {found[1]}, chunks {found[2]}; the header "
+                                f"says shape {shape}, dtype {dtype}, chunks {want_chunks}")
+            continue
+        arrays[name] = arr
+    done: dict[int, np.ndarray] = {}
+    # Done flags first (one chunk each): they say which logit chunks must be present.
+    for m in h["members"]:
+        name = member_done(m["index"])
+        if name in arrays:
+            done[m["index"]] = _read_chunks(arrays[name], name, ns, 1, sizes, rep, required=False).astype(bool)
+    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify", disable=not progress)
+    try:
+        for name, _, _ in expected:
+            if name not in arrays or name.endswith("/done"):
+                continue
+            member = int(name.split("/")[1]) if name.startswith("members/") else None
+            required = done.get(member) if member is not None else True
+            values = _read_chunks(arrays[name], name, ns, rps, sizes, rep, required=required, bar=bar)
+            if member is not None and not np.isfinite(values.astype(np.float32)).all():
+                bad = np.flatnonzero(~np.isfinite(values.astype(np.float32)).all(axis=1))
+                rep.problems.append(f"array {name} holds NaN/inf logits in rows {bad[:10].tolist()}")
+            if name == "ids" and np.unique(values).size != n:
+                rep.problems.append(f"array ids holds {n - np.unique(values).size} repeated sample ids")
+    finally:
+        bar.close()
+    total = ns * len(h["members"])
+    written = sum(int(d.sum()) for d in done.values())
+    if h["complete"] and written != total:
+        missing = [f"member {m} shards {np.flatnonzero(~d)[:10].tolist()}" for m, d in done.items() if not d.all()]
+        rep.problems.append(f"the header says complete, but {total - written}/{total} member-shards are not marked "
+                            "done: " + "; ".join(missing))
+    elif not h["complete"]:
+        rep.notes.append(f"partial cache: {written}/{total} member-shards done (resume it with cache-logits)")
+    if dataset:
+        from .datasets import load_dataset
+
+        data = load_dataset(dataset, data_dir)
+        if data.fingerprint != h["dataset"]["fingerprint"]:
+            rep.problems.append(f"dataset {dataset} has fingerprint {data.fingerprint}; the cache was made on "
+                                f"{h['dataset']['spec']} with fingerprint {h['dataset']['fingerprint']}")
+        else:
+            rep.notes.append(f"dataset {dataset} matches ({data.fingerprint})")
+
+
+def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: dict[str, int], rep: VerifyReport,
+                 required: bool | np.ndarray, bar: tqdm | None = None) -> np.ndarray:
+    """Read ``arr`` chunk by chunk (row blocks), recording missing and unreadable chunks by their store key."""
+    n = arr.shape[0]
+    present = []
+    for i in range(n_chunks):
+        coords = (i,) + (0,) * (arr.ndim - 1)
+        key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+        must = required if isinstance(required, bool) else bool(required[i])
+        if key in sizes:
+            present.append((i, key))
+        elif must:
+            rep.problems.append(f"chunk {key} is missing")
+    try:
+        # The happy path in one call: zarr fetches the chunks concurrently (what matters on an object store).
+        out = np.asarray(arr[:])
+    except Exception:  # noqa: BLE001 - some chunk is bad: read them one by one to name it
+        out = np.zeros(arr.shape, dtype=arr.dtype)
+        for i, key in present:
+            lo, hi = i * rows, min(n, (i + 1) * rows)
+            try:
+                out[lo:hi] = arr[lo:hi]
+            except Exception as e:  # noqa: BLE001 - crc32c mismatch, zstd failure, truncation
+                rep.problems.append(f"chunk {key} is corrupt ({type(e).__name__}: {e})")
+    for _, key in present:
+        rep.chunks_read += 1
+        rep.bytes_read += sizes[key]
+        if bar is not None:
+            bar.update(sizes[key])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- copy
+def _same_cache(theirs: object, ours: dict) -> bool:
+    """Whether a destination's header is an earlier or equal state of the source's cache (same dataset, same
+    members so far): only then may a copy resume into it."""
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("members"), list):
+        return False
+    a = [m.get("checkpoint_sha256") for m in theirs["members"] if isinstance(m, dict)]
+    b = [m["checkpoint_sha256"] for m in ours["members"]]
+    return (theirs.get("dataset", {}).get("fingerprint") == ours["dataset"]["fingerprint"]
+            and theirs.get("n") == ours["n"] and a == b[:len(a)])
+
+
+@dataclass
+class CopyResult:
+    src: str
+    dst: str
+    copied: int
+    skipped: int
+    bytes_copied: int
+    seconds: float
+    report: VerifyReport
+
+    @property
+    def message(self) -> str:
+        return (f"copied {self.src} -> {self.dst}: {self.copied} objects ({self.bytes_copied / 2**20:.2f} MiB) "
+                f"written, {self.skipped} already there, in {self.seconds:.1f}s; verified: "
+                f"{self.report.chunks_read} chunks OK")
+
+
+def copy_cache(src: str | Path, dst: str | Path, src_options: dict | None = None, dst_options: dict | None = None,
+               progress: bool = True, log: Callable[[str], None] = print) -> CopyResult:
+    """Copy a cache between any two locations (dir, ``.zarr.zip``, ``s3://``), resumably, then verify the copy.
+
+    Raises:
+        CacheError: the source is not a cache or is being created, the destination holds another cache, or the
+            copy does not verify (with the verify report).
+    """
+    t0 = time.perf_counter()
+    src, dst = str(src), str(dst)
+    if not location_exists(src, src_options):
+        raise CacheError(f"{src}: no such cache")
+    source = open_store(src, "r", src_options)
+    sizes = key_sizes(source)
+    if any(k.rsplit("/", 1)[-1] == CREATING_MARKER for k in sizes):
+        raise CacheError(f"{src}: the cache is still being created (or its creation was interrupted); finish it "
+                         "with cache-logits first")
+    if any(k.rsplit("/", 1)[-1].startswith(LEASE_NAME) for k in sizes):
+        log(f"warning: {src} holds a writer lock: a writer may be running; the copy is of what is there now")
+    if META not in sizes:
+        raise CacheError(f"{src}: no zarr.json at its root; not a cache")
+    src_header = validate_header(json.loads(get_bytes(source, META) or b"{}").get("attributes", {}).get(ATTR_KEY),
+                                 src)
+    keys = [k for k in sizes if not _is_bookkeeping(k)]
+    data_keys = [k for k in keys if not _is_meta(k)]
+    # Metadata last, deepest first, the root's zarr.json at the very end: until it lands, the copy is no cache.
+    meta_keys = sorted((k for k in keys if _is_meta(k)), key=lambda k: (-k.count("/"), k))
+    if is_zip(dst):
+        copied, skipped, nbytes = _copy_to_zip(source, sizes, data_keys + meta_keys, dst, progress)
+    else:
+        copied, skipped, nbytes = _copy_to_store(source, sizes, data_keys, meta_keys, src_header, dst, dst_options,
+                                                 progress)
+    report = verify_cache(dst, storage_options=dst_options, progress=progress)
+    if report.ok:
+        dst_sizes = {k: s for k, s in key_sizes(open_store(dst, "r", dst_options)).items() if not _is_bookkeeping(k)}
+        differ = sorted(k for k in keys if dst_sizes.get(k) != sizes[k])
+        if differ:
+            report.problems.append(f"{len(differ)} objects differ in size from the source: {differ[:5]}")
+    if not report.ok:
+        raise CacheError(f"the copy at {dst} does not verify; re-run the copy to repair it:\n{report.format()}")
+    return CopyResult(src, dst, copied, skipped, nbytes, time.perf_counter() - t0, report)
+
+
+def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], meta_keys: list[str],
+                   src_header: dict, dst: str, dst_options: dict | None, progress: bool) -> tuple[int, int, int]:
+    if not is_url(dst):
+        local_path(dst).mkdir(parents=True, exist_ok=True)
+    target = open_store(dst, "w", dst_options)
+    with CacheLock(dst, dst_options):  # no cache-logits (or other copy) writes it meanwhile
+        have = {k: s for k, s in key_sizes(target).items() if not _is_bookkeeping(k)}
+        if META in have:
+            try:
+                theirs = json.loads(get_bytes(target, META) or b"{}").get("attributes", {}).get(ATTR_KEY)
+            except ValueError:
+                theirs = None
+            if not _same_cache(theirs, src_header):
+                raise CacheError(f"{dst} already holds something else (another cache or not a cache); copy to a new "
+                                 "location, or remove it first")
+            if get_bytes(target, META) != get_bytes(source, META):
+                # The destination's root metadata describes an older state: drop it first so that, until the copy
+                # is whole again, the destination is not taken for a complete cache.
+                delete_key(target, META)
+                have.pop(META)
+        counts = {"copied": 0, "skipped": 0, "bytes": 0}
+        bar = tqdm(total=sum(sizes[k] for k in data_keys + meta_keys), unit="B", unit_scale=True, desc="copy",
+                   disable=not progress)
+        try:
+            # Data objects in concurrent batches (an object store's latency, not its bandwidth, bounds a serial
+            # copy); metadata after them, one by one in order, the root's zarr.json last.
+            for i in range(0, len(data_keys), COPY_CONCURRENCY):
+                batch = data_keys[i:i + COPY_CONCURRENCY]
+                sync(_gather(*(_copy_object(source, target, k, have, counts) for k in batch)))
+                bar.update(sum(sizes[k] for k in batch))
+            for key in meta_keys:
+                sync(_copy_object(source, target, key, have, counts))
+                bar.update(sizes[key])
+        finally:
+            bar.close()
+    return counts["copied"], counts["skipped"], counts["bytes"]
+
+
+async def _gather(*coros: Any) -> None:
+    await asyncio.gather(*coros)  # created inside zarr's event loop (sync() runs it there)
+
+
+async def _copy_object(source: Store, target: Store, key: str, have: dict[str, int], counts: dict[str, int]) -> None:
+    """Copy one object unless the destination already holds the same bytes (how a re-run resumes)."""
+    proto = default_buffer_prototype()
+    buf = await source.get(key, prototype=proto)
+    if buf is None:  # removed from the source since we listed it
+        return
+    data = buf.to_bytes()
+    if have.get(key) == len(data):
+        theirs = await target.get(key, prototype=proto)
+        if theirs is not None and theirs.to_bytes() == data:
+            counts["skipped"] += 1
+            return
+    await target.set(key, proto.buffer.from_bytes(data))
+    counts["copied"] += 1
+    counts["bytes"] += len(data)
+
+
+def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: str,
+                 progress: bool) -> tuple[int, int, int]:
+    """Write a bundle once: into ``DST.partial``, closed, validated, then renamed into place."""
+    path = local_path(dst)
+    if path.exists():
+        validate_zip(path)
+        have = key_sizes(open_store(dst, "r"))
+        if all(have.get(k) == sizes[k] for k in keys) and verify_cache(dst).ok:
+            return 0, len(keys), 0  # already an identical, sound bundle
+        raise CacheError(f"{dst} exists and is not a sound copy of the source; bundles are written once: remove it "
+                         "or choose another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.unlink(missing_ok=True)  # a bundle interrupted midway is rewritten whole (a zip cannot be resumed)
+    z = create_zip_store(tmp)
+    nbytes = 0
+    bar = tqdm(total=sum(sizes[k] for k in keys), unit="B", unit_scale=True, desc="pack", disable=not progress)
+    try:
+        for key in keys:
+            data = get_bytes(source, key)
+            if data is None:
+                continue
+            put_bytes(z, key, data)
+            nbytes += len(data)
+            bar.update(sizes[key])
+    finally:
+        bar.close()
+        z.close()
+    validate_zip(tmp)
+    os.replace(tmp, path)
+    return len(keys), 0, nbytes
+
+
+def pack_cache(src: str | Path, out: str | Path, src_options: dict | None = None, progress: bool = True,
+               log: Callable[[str], None] = print) -> CopyResult:
+    """``cache pack``: a single-file ``NAME.zarr.zip`` bundle of a cache (a copy to a zip)."""
+    if not str(out).endswith(".zarr.zip"):
+        raise CacheError(f"{out}: a bundle's name must end in .zarr.zip (e.g. {Path(str(out)).stem}.zarr.zip)")
+    return copy_cache(src, out, src_options=src_options, progress=progress, log=log)
+
+
+# --------------------------------------------------------------------------------------------------------- ls
+@dataclass
+class CacheSummary:
+    location: str
+    header: dict | None
+    size: int
+    shards_done: int = 0
+    error: str | None = None
+
+    def line(self) -> str:
+        if self.header is None:
+            return f"{self.location}  UNREADABLE: {self.error}"
+        h = self.header
+        total = h["n_shards"] * len(h["members"])
+        status = "complete" if h["complete"] else f"PARTIAL {self.shards_done}/{total}"
+        specs = ", ".join(str(m.get("model_spec")) for m in h["members"])
+        return (f"{self.location}  {status}  members={len(h['members'])} ({specs})  dataset={h['dataset']['spec']}  "
+                f"N={h['n']}  classes={h['num_classes']}  size={_human(self.size)}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _summary(location: str, storage_options: dict | None, size: int | None = None) -> CacheSummary | None:
+    try:
+        cache = LogitCache(location, allow_partial=True, storage_options=storage_options)
+    except CacheError as e:
+        if "no kd-pipeline cache header" in str(e):
+            return None  # a Zarr group, but not ours
+        return CacheSummary(location, None, size or 0, error=str(e))
+    done = sum(int(cache.done_flags(m["index"]).sum()) for m in cache.members)
+    if size is None:
+        size = sum(key_sizes(cache.store).values())
+    return CacheSummary(location, cache.header, size, done)
+
+
+def list_caches(prefix: str | Path, storage_options: dict | None = None) -> list[CacheSummary]:
+    """The caches under a directory or URL prefix (a cache's own location lists just itself), sorted by location."""
+    prefix = str(prefix).rstrip("/")
+    if is_zip(prefix):
+        s = _summary(prefix, None)
+        return [s] if s else []
+    if not location_exists(prefix, storage_options):
+        raise CacheError(f"{prefix}: nothing there to list")
+    if is_url(prefix):
+        sizes = key_sizes(open_store(prefix, "r", storage_options))
+        found: list[CacheSummary] = []
+        roots: list[str] = []
+        # Shallowest zarr.json first: once a cache's root is found, the metadata of its arrays is skipped.
+        for key in sorted((k for k in sizes if _is_meta(k)), key=lambda k: (k.count("/"), k)):
+            root = posixpath.dirname(key)
+            if any(root.startswith(r + "/") for r in roots):
+                continue
+            under = {k: v for k, v in sizes.items() if not root or k.startswith(root + "/")}
+            s = _summary(f"{prefix}/{root}" if root else prefix, storage_options, sum(under.values()))
+            if s is not None:
+                if not root:
+                    return [s]  # the prefix is itself a cache
+                roots.append(root)
+                found.append(s)
+        return sorted(found, key=lambda s: s.location)
+    out = []
+    base = local_path(prefix)
+    for dirpath, dirnames, filenames in os.walk(base):
+        if META in filenames:
+            s = _summary(dirpath, None)
+            if s is not None:
+                out.append(s)
+                dirnames[:] = []  # do not descend into a cache's arrays
+                continue
+        dirnames.sort()
+        for f in sorted(filenames):
+            if f.endswith(".zarr.zip"):
+                s = _summary(str(Path(dirpath) / f), None, (Path(dirpath) / f).stat().st_size)
+                if s is not None:
+                    out.append(s)
+    return sorted(out, key=lambda s: s.location)
+

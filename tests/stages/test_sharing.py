@@ -1,0 +1,322 @@
+"""Sharing caches end to end against a real S3 API (moto's server on 127.0.0.1): ``cache-logits --out s3://``,
+``cache verify | pack | copy | ls``, ``train-student --cache s3://`` and ``.zarr.zip``, the writer lease, and
+hostile bundles. Real teachers (``teacher_dir``), real stores, bit-for-bit comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from pipeline import sharing
+from pipeline.cache import ATTR_KEY, CacheLock, LogitCache, read_header
+from pipeline.cache_writer import build_cache
+from pipeline.config import CacheConfig
+from pipeline.errors import CacheError
+from pipeline.stores import StoreLease, get_bytes, key_sizes, open_store
+from stages.cli import main
+from tests.conftest import S3_BUCKET, write_npz
+
+REPO = Path(__file__).resolve().parents[2]
+RPS = "64"
+pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning")]
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def all_objects(location: str | Path) -> dict[str, bytes]:
+    """Every object of a cache (writer bookkeeping excluded), raw bytes by key."""
+    store = open_store(location, "r")
+    return {k: get_bytes(store, k) for k in key_sizes(store) if not k.rsplit("/", 1)[-1].startswith("kd-")}
+
+
+def raw_arrays(location: str | Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(open_store(location, "r"), mode="r", use_consolidated=False)
+    h = g.attrs[ATTR_KEY]
+    names = ["ids", "labels"] + [f"members/{m['index']}/{a}" for m in h["members"] for a in ("logits", "done")]
+    return {n: g[n][:] for n in names}
+
+
+def s3_url(name: str) -> str:
+    return f"s3://{S3_BUCKET}/{name}"
+
+
+# -------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def s3_cache(s3_server: str, teacher_dir: Path, npz_path: Path) -> str:
+    """``cache-logits --out s3://...`` (the real CLI command, in process): the same cache as ``cache_path``."""
+    url = s3_url("team/task.zarr")
+    code, out = invoke("cache-logits", "--teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train",
+                       "--out", url, "--rows-per-shard", RPS, "--device", "cpu", "--quiet")
+    assert code == 0, out
+    assert f"{url} complete: 600 rows x 5 classes x 2 member(s), 10 shards computed" in out
+    return url
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_s3_cache_is_the_local_cache_and_verifies(s3_cache: str, cache_path: Path) -> None:
+    # Written straight to the bucket, it holds exactly what the same command writes to a local directory.
+    a, b = raw_arrays(s3_cache), raw_arrays(cache_path)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+    assert read_header(s3_cache)["complete"] is True
+    code, out = invoke("cache", "verify", s3_cache, "--quiet")
+    assert code == 0, out
+    assert "result     OK" in out and "read       60 chunks" in out  # ids, labels, 2 x (logits, done): 10 each
+    code, out = invoke("cache", "info", s3_cache)
+    assert code == 0 and "status     complete: 10/10 shards" in out
+    # Reading never wrote: no lock, no marker, nothing new in the bucket.
+    assert not [k for k in key_sizes(open_store(s3_cache)) if k.startswith("kd-")]
+
+
+def test_copy_s3_to_dir_and_zip_round_trips_bit_for_bit(s3_cache: str, tmp_path: Path) -> None:
+    src = all_objects(s3_cache)
+    local, bundle = tmp_path / "copy.zarr", tmp_path / "copy.zarr.zip"
+    code, out = invoke("cache", "copy", s3_cache, str(local), "--quiet")
+    assert code == 0, out
+    assert f"{len(src)} objects" in out and "verified" in out
+    assert all_objects(local) == src
+    code, out = invoke("cache", "copy", s3_cache, str(bundle), "--quiet")
+    assert code == 0, out
+    assert all_objects(bundle) == src
+    # dir -> s3 -> dir again, and pack of the local copy: still the same bytes.
+    back = s3_url("roundtrip/copy.zarr")
+    assert invoke("cache", "copy", str(local), back, "--quiet")[0] == 0
+    assert all_objects(back) == src
+    packed = tmp_path / "packed.zarr.zip"
+    code, out = invoke("cache", "pack", back, str(packed), "--quiet")
+    assert code == 0, out
+    assert all_objects(packed) == src
+    with zipfile.ZipFile(packed) as z:
+        assert not any(n.startswith("kd-") for n in z.namelist())
+    # A re-run is a no-op that still verifies.
+    code, out = invoke("cache", "copy", s3_cache, str(local), "--quiet")
+    assert code == 0 and f"0 objects (0.00 MiB) written, {len(src)} already there" in out
+
+
+def test_train_student_from_s3_and_zip_matches_local(s3_cache: str, tmp_path: Path, one_torch_thread: None) -> None:
+    local = tmp_path / "local.zarr"
+    bundle = tmp_path / "local.zarr.zip"
+    sharing.copy_cache(s3_cache, local, progress=False, log=lambda s: None)
+    sharing.pack_cache(local, bundle, progress=False, log=lambda s: None)
+    results = {}
+    for name, cache in (("s3", s3_cache), ("dir", str(local)), ("zip", str(bundle))):
+        out = tmp_path / f"run-{name}"
+        code, text = invoke("train-student", "--cache", cache, "--student", "mlp:32", "--batch-size", "64",
+                            "--epochs", "2", "-T", "4", "--alpha", "0.8", "--device", "cpu", "--out", str(out),
+                            "--quiet")
+        assert code == 0, text
+        results[name] = json.loads((out / "metrics.json").read_text())
+    for name in ("s3", "zip"):
+        for key in ("test", "teacher_agreement_transfer"):
+            assert results[name]["metrics"][key] == results["dir"]["metrics"][key], (name, key)
+        assert results[name]["cache"]["fingerprint"] == results["dir"]["cache"]["fingerprint"]
+    assert results["s3"]["metrics"]["test"]["accuracy"] > 0.5
+
+
+def test_flipped_byte_in_one_s3_object_fails_verify_naming_it(s3_server: str, cache_path: Path) -> None:
+    url = s3_url("flip/task.zarr")
+    assert invoke("cache", "copy", str(cache_path), url, "--quiet")[0] == 0  # local -> s3
+    key = "members/1/logits/c/3/0"
+    s3 = boto3.client("s3")
+    body = bytearray(s3.get_object(Bucket=S3_BUCKET, Key=f"flip/task.zarr/{key}")["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    s3.put_object(Bucket=S3_BUCKET, Key=f"flip/task.zarr/{key}", Body=bytes(body))
+    code, out = invoke("cache", "verify", url, "--quiet")
+    assert code == 1, out
+    assert f"chunk {key} is corrupt" in out and "1 PROBLEM(S)" in out
+    with pytest.raises(CacheError, match="cannot read chunk \\(3, 0\\) of array 'members/1/logits'"):
+        LogitCache(url).read_logits(3)
+
+
+def test_verify_checks_dataset_fingerprint_and_missing_chunks(cache_path: Path, npz_path: Path,
+                                                              tmp_path: Path) -> None:
+    code, out = invoke("cache", "verify", str(cache_path), "--dataset", f"npz:{npz_path}:train", "--quiet")
+    assert code == 0 and "matches" in out, out
+    code, out = invoke("cache", "verify", str(cache_path), "--dataset", f"npz:{npz_path}:train:fraction=0.5",
+                       "--quiet")
+    assert code == 1 and "fingerprint" in out
+    broken = tmp_path / "broken.zarr"
+    sharing.copy_cache(cache_path, broken, progress=False, log=lambda s: None)
+    (broken / "members/0/logits/c/7/0").unlink()
+    code, out = invoke("cache", "verify", str(broken), "--quiet")
+    assert code == 1 and "chunk members/0/logits/c/7/0 is missing" in out
+
+
+def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(s3_cache: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    dst = s3_url("interrupted/task.zarr")
+    real_copy, calls = sharing._copy_object, [0]
+
+    async def dying_copy(source, target, key, have, counts) -> None:  # noqa: ANN001
+        calls[0] += 1
+        if calls[0] > 20:
+            raise ConnectionError("network dropped")  # half-way through the copy
+        await real_copy(source, target, key, have, counts)
+
+    monkeypatch.setattr(sharing, "_copy_object", dying_copy)
+    with pytest.raises(ConnectionError):
+        sharing.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
+    monkeypatch.setattr(sharing, "_copy_object", real_copy)
+    # Half a copy: data objects only, no metadata, so no reader takes it for a cache.
+    with pytest.raises(CacheError, match="no zarr.json"):
+        read_header(dst)
+    assert invoke("cache", "verify", dst, "--quiet")[0] == 1
+    res = sharing.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
+    total = len(all_objects(s3_cache))
+    assert res.skipped >= 16 and res.copied + res.skipped == total and res.report.ok, (res.copied, res.skipped)
+    assert all_objects(dst) == all_objects(s3_cache)
+
+
+def test_cache_ls_lists_caches_under_a_prefix(s3_cache: str, tmp_path: Path, cache_path: Path,
+                                              partial_cache_path: Path) -> None:
+    code, out = invoke("cache", "ls", s3_url("team"))
+    assert code == 0, out
+    assert f"{s3_cache}  complete  members=2 (mlp:32" in out and "N=600  classes=5" in out
+    assert "1 cache(s)" in out
+    root = tmp_path / "shelf"
+    sharing.copy_cache(cache_path, root / "a.zarr", progress=False, log=lambda s: None)
+    sharing.copy_cache(partial_cache_path, root / "sub" / "b.zarr", progress=False, log=lambda s: None)
+    sharing.pack_cache(cache_path, root / "c.zarr.zip", progress=False, log=lambda s: None)
+    lines = [s.line() for s in sharing.list_caches(root)]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(f"{root / 'a.zarr'}  complete")
+    assert lines[1].startswith(f"{root / 'c.zarr.zip'}  complete")
+    assert lines[2].startswith(f"{root / 'sub' / 'b.zarr'}  PARTIAL 19/20")
+
+
+# ----------------------------------------------------------------------------------------------- hostile zips
+def hostile_zip(tmp_path: Path, cache_path: Path, name: str, entry: str, symlink: bool = False) -> Path:
+    """A real bundle of ``cache_path`` plus one bad entry."""
+    path = tmp_path / name
+    sharing.pack_cache(cache_path, path, progress=False, log=lambda s: None)
+    with zipfile.ZipFile(path, "a") as z:
+        info = zipfile.ZipInfo(entry)
+        if symlink:
+            info.external_attr = (0o120777 << 16)
+        z.writestr(info, b"/etc/passwd" if symlink else b"{}")
+    return path
+
+
+@pytest.mark.parametrize(("entry", "symlink", "says"), [("../evil.json", False, "contains '..'"),
+                                                         ("members/../../x", False, "contains '..'"),
+                                                         ("/etc/cron.d/x", False, "has an absolute path"),
+                                                         ("members/link", True, "is a symlink")])
+def test_zip_with_escaping_entry_is_refused(tmp_path: Path, cache_path: Path, entry: str, symlink: bool,
+                                            says: str) -> None:
+    bad = hostile_zip(tmp_path, cache_path, "bad.zarr.zip", entry, symlink)
+    with pytest.raises(CacheError, match=f"refusing this bundle: entry '{entry}' {says}"):
+        LogitCache(bad)
+    code, out = invoke("cache", "verify", str(bad), "--quiet")
+    assert code == 1 and says in out
+    code, out = invoke("train-student", "--cache", str(bad), "--device", "cpu", "--out", str(tmp_path / "r"))
+    assert code == 2 and "refusing this bundle" in out and "Traceback" not in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_zip_is_read_only(tmp_path: Path, cache_path: Path, teacher_dir: Path, npz_path: Path) -> None:
+    bundle = tmp_path / "c.zarr.zip"
+    sharing.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
+    before = bundle.read_bytes()
+    code, out = invoke("cache-logits", "--teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train",
+                       "--out", str(bundle), "--device", "cpu", "--quiet")
+    assert code == 2 and "written once by `kd-pipeline cache pack`" in out
+    LogitCache(bundle).read_logits(0)
+    assert bundle.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------------------- two writers on s3
+def test_s3_lease_admits_one_writer_and_names_it(s3_server: str) -> None:
+    url = s3_url("lease/one.zarr")
+    first = CacheLock(url).acquire()
+    try:
+        with pytest.raises(CacheError, match=f"another process is writing this cache \\(pid {os.getpid()} on "):
+            CacheLock(url).acquire()
+    finally:
+        first.release()
+    assert not [k for k in key_sizes(open_store(url)) if k.startswith("kd-")]
+    # Racing takers: exactly one wins a conditional PUT.
+    results: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def take() -> None:
+        barrier.wait()
+        try:
+            lease = StoreLease(url).acquire()
+            results.append("won")
+            time.sleep(0.3)
+            lease.release()
+        except CacheError:
+            results.append("refused")
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["refused"] * 3 + ["won"]
+
+
+def test_expired_s3_lease_is_taken_over_and_the_old_holder_knows(s3_server: str) -> None:
+    url = s3_url("lease/expired.zarr")
+    old = StoreLease(url, seconds=0.4).acquire()
+    old._stop.set()  # the holder freezes: no more renewals
+    old._thread.join()
+    time.sleep(0.5)
+    new = StoreLease(url).acquire()  # taken over by compare-and-swap on the dead lease's ETag
+    with pytest.raises(CacheError, match="another process"):
+        StoreLease(url).acquire()
+    with pytest.raises(OSError, match="pre-conditions"):  # the old holder's renewal: a failed compare-and-swap
+        old._put(IfMatch=old.etag)
+    old.release()  # must not delete the new holder's lease
+    content, _ = new.read()
+    assert content["owner"] == new.owner
+    new.release()
+
+
+def test_second_cache_logits_on_s3_is_refused_while_the_first_runs(s3_server: str, teacher_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """A real CLI writer to s3, frozen (SIGSTOP) mid-compute, holds the lease: a second writer is refused."""
+    spec = f"npz:{write_npz(tmp_path / 'big.npz', n_train=20000, n_test=10)}:train"
+    url = s3_url("two-writers/c.zarr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "stages.cli", "cache-logits", "--teacher", str(teacher_dir),
+                          "--dataset", spec, "--out", url, "--rows-per-shard", "500", "--batch-size", "50",
+                          "--device", "cpu", "--quiet"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in p.stdout:
+            if "shards to compute" in line:
+                break
+        p.send_signal(signal.SIGSTOP)
+        cfg = CacheConfig(teachers=[str(teacher_dir)], dataset=spec, out=url, device="cpu", batch_size=250,
+                          rows_per_shard=500)
+        with pytest.raises(CacheError, match=f"another process is writing this cache \\(pid {p.pid} "):
+            build_cache(cfg, log=lambda s: None, progress=False)
+    finally:
+        p.send_signal(signal.SIGCONT)
+    rest = p.stdout.read()
+    assert p.wait(timeout=120) == 0, rest
+    p.stdout.close()
+    assert LogitCache(url).complete
+    assert not [k for k in key_sizes(open_store(url)) if k.startswith("kd-")]
