@@ -245,6 +245,7 @@ class SweepConfig:
     out: str = ""
     device: str = "auto"
     data_dir: str | None = None
+    storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// --cache
     train: TrainConfig = field(default_factory=TrainConfig)  # its seed is replaced by each setting's
 
     def validate(self) -> None:
@@ -280,7 +281,9 @@ class SweepConfig:
                              ensemble=self.ensemble, members=self.members, eval=self.eval,
                              memory_budget=self.memory_budget, online_teacher=self.online_teacher,
                              dataset=self.dataset, out=out, device=self.device, data_dir=self.data_dir,
-                             train=replace(self.train, seed=seed))
+                             storage_options=self.storage_options, train=replace(self.train, seed=seed))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["storage_options"] = redact_secrets(self.storage_options)
+        return d

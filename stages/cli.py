@@ -340,12 +340,13 @@ def parse_ints(value: str | None, option: str) -> list[int] | None:
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @train_options
 @data_dir_option
+@storage_option
 @click.pass_context
 def sweep(ctx: click.Context, cache: str | None, temperatures: str, alphas: str, students: tuple[str, ...],
           seeds: str, loss: str, ensemble: str, members: str | None, eval_spec: str | None, memory_budget: str,
           online_teacher: tuple[str, ...], dataset: str | None, workers: int | None, scheduler: str | None,
           threads_per_worker: int, out: str | None, dry_run: bool, quiet: bool, device: str, data_dir: str | None,
-          **kw: object) -> None:
+          storage_options: tuple[str, ...], **kw: object) -> None:
     """Train a grid (students x temperatures x alphas x seeds) from one cache, each setting a dask task.
 
     Each setting is exactly one train-student run with its own run directory under OUT/runs. Results stream into
@@ -356,7 +357,7 @@ def sweep(ctx: click.Context, cache: str | None, temperatures: str, alphas: str,
     from pipeline.config import SweepConfig
     from stages import sweep as step
 
-    name = Path(cache).name.removesuffix(".zarr") if cache else "online"
+    name = Path(cache.rstrip("/")).name.removesuffix(".zip").removesuffix(".zarr") if cache else "online"
     cfg = SweepConfig(cache=cache or "", temperatures=parse_floats(temperatures, "--temperature"),
                       alphas=parse_floats(alphas, "--alpha"), students=list(students) or ["mlp:800,800"],
                       seeds=parse_ints(seeds, "--seeds") or [], loss=loss, ensemble=ensemble,
@@ -364,7 +365,7 @@ def sweep(ctx: click.Context, cache: str | None, temperatures: str, alphas: str,
                       memory_budget=parse_size(memory_budget), online_teacher=list(online_teacher) or None,
                       dataset=dataset, workers=workers, scheduler=scheduler, torch_threads=threads_per_worker,
                       out=out or default_out("sweeps", name), device=device, data_dir=data_dir,
-                      train=make_train_config(kw, 0))
+                      storage_options=storage_options_of(storage_options), train=make_train_config(kw, 0))
     res = step.run(cfg, log=click.echo, progress=not quiet, dry_run=dry_run)
     if res is not None and res.interrupted:
         ctx.exit(130)

@@ -320,3 +320,17 @@ def test_second_cache_logits_on_s3_is_refused_while_the_first_runs(s3_server: st
     p.stdout.close()
     assert LogitCache(url).complete
     assert not [k for k in key_sizes(open_store(url)) if k.startswith("kd-")]
+
+
+def test_sweep_streams_from_s3_with_the_same_rows_as_local(s3_cache: str, cache_path: Path, tmp_path: Path,
+                                                           one_torch_thread: None) -> None:
+    rows = {}
+    for name, cache in (("s3", s3_cache), ("dir", str(cache_path))):
+        out = tmp_path / f"sweep-{name}"
+        code, text = invoke("sweep", "--cache", cache, "-T", "2,8", "--alpha", "0.9", "--student", "mlp:16",
+                            "--epochs", "1", "--batch-size", "64", "--workers", "0", "--device", "cpu", "--quiet",
+                            "--out", str(out))
+        assert code == 0, text
+        rows[name] = json.loads((out / "results.json").read_text())
+    keys = ("setting", "status", "test_errors", "test_nll", "teacher_agreement")
+    assert [{k: r[k] for k in keys} for r in rows["s3"]] == [{k: r[k] for k in keys} for r in rows["dir"]]
