@@ -10,8 +10,8 @@ and on the one training loop, :func:`pipeline.training.fit`:
    (it did not on Fashion-MNIST). The default ``log-moment`` similarity clusters the columns of
    ``log E[p pᵀ]`` instead — the covariance plus ``π πᵀ`` (how much probability two classes get *together*), on a
    log scale so that 1e-5 and 1e-2 co-predictions are told apart. ``covariance`` keeps the raw one. Automatic K:
-   the K in 2..C-1 whose clustering has the highest modularity of the co-prediction graph (weights
-   ``E[p_i p_j]``, i ≠ j). Clusters of one class get no specialist.
+   the largest K in 2..C-1 whose k-means partition comes within 0.5 % of the best modularity of the
+   co-prediction graph (weights ``E[p_i p_j]``, i ≠ j). Clusters of one class get no specialist.
 2. **Specialists** (:func:`train_specialist`). Specialist m predicts its classes S_m plus one *dustbin* class
    (every other class). Its training rows are every transfer-set row of S_m plus as many rows drawn (seeded) from
    the rest, its soft targets the generalist's distribution collapsed onto S_m + dustbin
@@ -53,6 +53,7 @@ from .models import KDModel, build_model
 from .training import InMemorySource, TrainConfig, fit
 
 SIMILARITIES = ("log-moment", "covariance")
+MODULARITY_TOLERANCE = 0.005  # automatic K: the largest K whose modularity is within 0.5 % of the best
 DUSTBIN = "dustbin"
 
 
@@ -155,15 +156,17 @@ def cluster_classes(probs: np.ndarray, labels: np.ndarray | None = None, k: int 
     ks = [k] if k is not None else (
         [math.ceil(c / classes_per_specialist)] if classes_per_specialist else list(range(2, c)))
     ks = [min(max(2, kk), c - 1) for kk in ks]
-    best: tuple[float, int, np.ndarray] | None = None
     scores: dict[int, float] = {}
+    labels_by_k: dict[int, np.ndarray] = {}
     for kk in ks:
-        lab = KMeans(n_clusters=kk, n_init=20, random_state=seed).fit(columns).labels_
-        scores[kk] = modularity(weights, lab)
-        if best is None or scores[kk] > best[0] + 1e-12:  # ties keep the smaller K
-            best = (scores[kk], kk, lab)
-    assert best is not None
-    _, kk, lab = best
+        labels_by_k[kk] = KMeans(n_clusters=kk, n_init=20, random_state=seed).fit(columns).labels_
+        scores[kk] = modularity(weights, labels_by_k[kk])
+    # The finest partition within MODULARITY_TOLERANCE of the best: a class the generalist hardly confuses with
+    # anything adds almost nothing to modularity wherever it goes, so the best K would often attach it to some group
+    # (and its specialist); a separate cluster leaves it to the generalist.
+    top = max(scores.values())
+    kk = max(k for k, v in scores.items() if v >= top - MODULARITY_TOLERANCE * abs(top))
+    lab = labels_by_k[kk]
     groups = [sorted(int(i) for i in np.flatnonzero(lab == g)) for g in np.unique(lab)]
     y = labels if labels is not None else p.argmax(axis=1)
     confusion = [group_confusion(p, y, g) for g in groups]
@@ -191,7 +194,7 @@ def group_confusion(probs: np.ndarray, labels: np.ndarray, group: list[int]) -> 
 
 def clusters_report(cl: Clustering, class_names: list[str]) -> str:
     """Readable markdown: the clusters, how confusable each is, and the modularity per K."""
-    how = "automatic (highest modularity)" if cl.auto else "given"
+    how = "automatic: the largest K within 0.5 % of the best modularity" if cl.auto else "given"
     lines = [f"# Class clusters ({cl.similarity} similarity, K = {cl.k}, {how})", "",
              "| cluster | classes | specialist | transfer rows | generalist's mean probability on the group's "
              "other classes | generalist errors on these rows | share of those errors inside the group |",
@@ -542,7 +545,7 @@ def combine_distributions(log_pg: torch.Tensor, log_ps: list[torch.Tensor], grou
 
     Gradient descent (Adam, learning rate decayed to 0 on a cosine) on q's logits from ``log p_g``. Rows are
     independent (the objective is a sum over rows and Adam's steps are per element), so one batch optimises each
-    row as if alone. A row with no active specialist has zero gradient at the start and keeps q = p_g exactly.
+    row as if alone. A row with no active specialist keeps q = p_g exactly (the optimum of KL(p_g ‖ q) alone).
 
     Args:
         log_pg: (N, C) generalist log-probabilities. log_ps, groups, active: as in :func:`combination_objective`.
@@ -551,18 +554,26 @@ def combine_distributions(log_pg: torch.Tensor, log_ps: list[torch.Tensor], grou
     Returns:
         (N, C) log q.
     """
-    z = log_pg.detach().clone().double().requires_grad_(True)
-    lpg = log_pg.detach().double()
-    lps = [lp.detach().double() for lp in log_ps]
+    out = torch.log_softmax(log_pg.detach().double(), dim=1)
+    # Only rows with an active specialist are optimised: for the others q = p_g is the exact optimum, and Adam,
+    # which rescales every gradient to about its step size, would turn rounding-level gradients into real steps.
+    rows = active.to(torch.bool).any(dim=1)
+    if steps == 0 or not bool(rows.any()):
+        return out.float()
+    lpg = out[rows]
+    lps = [lp.detach().double()[rows] for lp in log_ps]
+    act = active.to(torch.bool)[rows]
+    z = lpg.clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    act = active.to(torch.bool)
+    # Decaying to 0 lets Adam settle instead of circling the optimum at its step size.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         combination_objective(z, lpg, lps, groups, act).sum().backward()
         opt.step()
         sched.step()
-    return torch.log_softmax(z.detach(), dim=1).float()
+    out[rows] = torch.log_softmax(z.detach(), dim=1)
+    return out.float()
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
