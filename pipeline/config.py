@@ -287,3 +287,68 @@ class SweepConfig:
         d = asdict(self)
         d["storage_options"] = redact_secrets(self.storage_options)
         return d
+
+
+SPECIALIST_INITS = ("auto", "generalist", "scratch")
+
+
+@dataclass
+class SpecialistsConfig:
+    """``specialists``: cluster the classes, train one specialist per confusable cluster, combine at test time."""
+
+    cache: str = ""
+    out: str = ""
+    generalist: list[str] | None = None  # the cache members' checkpoints; None: the paths the cache records
+    specialists: int | None = None  # K clusters; None: --classes-per-specialist, else automatic
+    classes_per_specialist: int | None = None
+    similarity: str = "log-moment"
+    model: str | None = None  # None: the generalist members' spec (then initialised from member init_member)
+    init: str = "auto"
+    init_member: int = 0
+    temperature: float = 4.0
+    alpha: float = 0.5
+    max_rows: int | None = None
+    top_n: int = 1
+    kl_steps: int = 300
+    kl_lr: float = 0.1
+    dustbin_correction: bool = True
+    workers: int = 0
+    eval: str | None = None
+    device: str = "auto"
+    data_dir: str | None = None
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3))
+
+    def validate(self) -> None:
+        from .specialists import SIMILARITIES
+
+        problems = []
+        if not self.cache:
+            problems.append("--cache CACHE (the generalist's logits on the transfer set) must be given")
+        if not self.out:
+            problems.append("--out DIR must be given")
+        if self.specialists is not None and self.classes_per_specialist is not None:
+            problems.append("use --specialists K or --classes-per-specialist N, not both")
+        if self.similarity not in SIMILARITIES:
+            problems.append(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+        if self.init not in SPECIALIST_INITS:
+            problems.append(f"init must be one of {', '.join(SPECIALIST_INITS)}, got {self.init!r}")
+        if self.init_member < 0:
+            problems.append(f"init_member must be >= 0, got {self.init_member}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            problems.append(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.max_rows is not None and self.max_rows < 2:
+            problems.append(f"max_rows must be >= 2, got {self.max_rows}")
+        if self.top_n < 1:
+            problems.append(f"top_n must be >= 1, got {self.top_n}")
+        if self.kl_steps < 0:
+            problems.append(f"kl_steps must be >= 0, got {self.kl_steps}")
+        if not self.kl_lr > 0:
+            problems.append(f"kl_lr must be > 0, got {self.kl_lr}")
+        if self.workers < 0:
+            problems.append(f"workers must be >= 0, got {self.workers}")
+        _raise_all(problems, self.train)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

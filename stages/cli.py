@@ -412,6 +412,106 @@ def reproduce(experiment: str, dataset: str, scale: str, teacher: str | None, om
     step.run(cfg, log=click.echo)
 
 
+def specialist_options(fn: Callable) -> Callable:
+    """The options every ``specialists`` step takes: one resolved config describes the whole output directory."""
+    opts = [
+        click.option("--cache", required=True, help="The generalist's logit cache on the transfer set."),
+        click.option("--out", default=None, help="Output directory [default: data/specialists/<cache>]."),
+        click.option("--generalist", multiple=True, type=click.Path(exists=True),
+                     help="The cache members' checkpoints or ensemble directory (run on the test set, and the "
+                          "specialists' initial weights) [default: the paths the cache records]."),
+        click.option("--specialists", "k", default=None, type=int,
+                     help="Number of class clusters K [default: automatic, the largest K within 0.5 % of the best "
+                          "modularity]."),
+        click.option("--classes-per-specialist", default=None, type=int,
+                     help="Typical classes per specialist N (K = ceil(C / N)) instead of --specialists."),
+        click.option("--similarity", default="log-moment", show_default=True,
+                     type=click.Choice(["log-moment", "covariance"]),
+                     help="Matrix whose columns k-means clusters: log E[p pT] (covariance + mean outer product) or "
+                          "the raw covariance of the predicted probabilities."),
+        click.option("--model", default=None,
+                     help="Specialist model spec [default: the generalist members' own, initialised from one]."),
+        click.option("--init", default="auto", show_default=True,
+                     type=click.Choice(["auto", "generalist", "scratch"]),
+                     help="Start from a generalist member's weights (auto: when the architecture is the same)."),
+        click.option("--init-member", default=0, show_default=True, type=int,
+                     help="Which cache member initialises the specialists."),
+        click.option("--temperature", "-T", default=4.0, show_default=True, type=float,
+                     help="Temperature of the collapsed soft targets."),
+        click.option("--alpha", default=0.5, show_default=True, type=float,
+                     help="Weight of the soft term; 1 - alpha weighs the hard labels."),
+        click.option("--max-rows", default=None, type=int,
+                     help="Cap on each specialist's training rows (half its classes, half the rest)."),
+        click.option("--top-n", default=1, show_default=True, type=int,
+                     help="Activate specialists whose classes meet the generalist's top-n classes."),
+        click.option("--kl-steps", default=300, show_default=True, type=int,
+                     help="Gradient steps of the combination (Adam on q's logits)."),
+        click.option("--kl-lr", default=0.1, show_default=True, type=float, help="Step size of the combination."),
+        click.option("--no-dustbin-correction", is_flag=True,
+                     help="Do not raise the dustbin logit by log(oversampling) after training."),
+        click.option("--workers", default=0, show_default=True, type=int,
+                     help="Train specialists as tasks on a dask LocalCluster of N processes (0 or 1: in-process)."),
+        click.option("--eval", "eval_spec", default=None,
+                     help="Labeled test set [default: the transfer set's test split]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _specialists_config(kw: dict, seed: int, device: str, data_dir: str | None):  # noqa: ANN202
+    from pipeline.config import SpecialistsConfig
+
+    cache = kw.pop("cache")
+    generalist = list(kw.pop("generalist")) or None
+    train = make_train_config(kw, seed)
+    return SpecialistsConfig(
+        cache=cache, out=kw.pop("out") or default_out("specialists", Path(cache).name.removesuffix(".zarr")),
+        generalist=generalist, specialists=kw.pop("k"), classes_per_specialist=kw.pop("classes_per_specialist"),
+        similarity=kw.pop("similarity"), model=kw.pop("model"), init=kw.pop("init"),
+        init_member=kw.pop("init_member"), temperature=kw.pop("temperature"), alpha=kw.pop("alpha"),
+        max_rows=kw.pop("max_rows"), top_n=kw.pop("top_n"), kl_steps=kw.pop("kl_steps"), kl_lr=kw.pop("kl_lr"),
+        dustbin_correction=not kw.pop("no_dustbin_correction"), workers=kw.pop("workers"),
+        eval=kw.pop("eval_spec"), device=device, data_dir=data_dir, train=train)
+
+
+@main.group("specialists", cls=KDGroup)
+def specialists_group() -> None:
+    """Specialist ensembles (paper section 5) on a generalist's logit cache.
+
+    \b
+    cluster   group the classes the generalist confuses (k-means on its co-prediction matrix's columns)
+    train     one specialist per group: its classes + a dustbin, half its classes and half the rest,
+              soft targets from the cache collapsed onto its classes, initialised from the generalist
+    evaluate  combine generalist and specialists on the test set (KL combination) and write report.md
+    run       all three in order
+
+    Every step takes the same options and writes into one --out directory (config.json, clusters.json/.md,
+    specialists/<k>/specialist.pt, specialists.json, evaluation.json, report.md).
+    """
+
+
+def _specialists_step(steps: tuple[str, ...], name: str, doc: str) -> None:
+    @specialists_group.command(name, help=doc)
+    @specialist_options
+    @train_options
+    @data_dir_option
+    @common
+    def command(device: str, seed: int, data_dir: str | None, **kw: object) -> None:
+        from stages import specialists as step
+
+        cfg = _specialists_config(kw, seed, device, data_dir)
+        step.run(cfg, steps, log=click.echo)
+        click.echo(f"wrote {cfg.out}")
+
+
+_specialists_step(("cluster",), "cluster", "Cluster the classes by the generalist's confusions (clusters.md).")
+_specialists_step(("train",), "train", "Train one specialist per cluster of two or more classes (--workers N: dask).")
+_specialists_step(("evaluate",), "evaluate",
+                  "Combine generalist and specialists on the test set; accuracy, per class, Table 4 (report.md).")
+_specialists_step(("cluster", "train", "evaluate"), "run", "cluster, train and evaluate in one go.")
+
+
 @main.group("cache", cls=KDGroup)
 def cache_group() -> None:
     """Inspect, verify, bundle, copy and list logit caches.
