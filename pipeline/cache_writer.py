@@ -63,12 +63,15 @@ class WorkSpec:
     tasks: list[tuple[int, list[int]]] = field(default_factory=list)  # (shard, member indices)
 
 
-def compute_shard(spec: WorkSpec, models: dict[int, torch.nn.Module], data: Dataset, group: zarr.Group,
+def compute_shard(spec: WorkSpec, models: dict[int, torch.nn.Module], data: Dataset, layout: tuple[int, int],
                   shard: int, members: list[int], device: torch.device,
                   emit: Callable[[int, int, np.ndarray, np.ndarray], None]) -> int:
-    """Compute one shard for the given members and hand each result to ``emit(member, shard, logits, ids)``."""
-    h = group.attrs[ATTR_KEY]
-    start, stop = shard_bounds(shard, h["rows_per_shard"], h["n"])
+    """Compute one shard for the given members and hand each result to ``emit(member, shard, logits, ids)``.
+
+    Args:
+        layout: the cache's (rows_per_shard, n).
+    """
+    start, stop = shard_bounds(shard, *layout)
     x = data.x[start:stop]
     ids = data.ids[start:stop]
     for m in members:
@@ -105,10 +108,11 @@ def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
     """Dask task: compute and write ``spec.tasks`` (whole shards). Returns [(shard, rows)]."""
     models, data, device = _worker_state(spec)
     group = zarr.open_group(open_store(spec.location, "w", spec.storage_options), mode="r+", use_consolidated=False)
+    h = group.attrs[ATTR_KEY]
     handles: dict = {}
     done = []
     for shard, members in spec.tasks:
-        rows = compute_shard(spec, models, data, group, shard, members, device,
+        rows = compute_shard(spec, models, data, (h["rows_per_shard"], h["n"]), shard, members, device,
                              lambda m, s, lg, ids: write_shard(group, m, s, lg, ids, handles))
         done.append((shard, rows))
     return done
@@ -171,14 +175,22 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
             Path(location).mkdir(parents=True, exist_ok=True)
     with CacheLock(location, opts) as lock:
         existing = read_header(location, opts)  # again, now that no other writer can be making or finishing it
+        create: Callable[[], object] | None = None
         if existing is None:
             if cfg.add_member:
                 raise CacheError(f"{location}: --add-member needs an existing complete cache; drop --add-member "
                                  "to create one")
-            create_cache(location, dataset=data.describe(), ids=data.ids, labels=data.y, num_classes=num_classes,
-                         class_names=class_names, members=[lm.identity() for lm in loaded],
-                         dtype=cfg.dtype or DEFAULT_DTYPE, rows_per_shard=cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD,
-                         command=cfg.command, storage_options=opts)
+            rows_per_shard = cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD
+
+            def create() -> object:
+                return create_cache(location, dataset=data.describe(), ids=data.ids, labels=data.y,
+                                    num_classes=num_classes, class_names=class_names,
+                                    members=[lm.identity() for lm in loaded], dtype=cfg.dtype or DEFAULT_DTYPE,
+                                    rows_per_shard=rows_per_shard, command=cfg.command, storage_options=opts)
+
+            if cfg.workers or cfg.scheduler:
+                create()  # workers open the store: it must exist before they start
+                create = None
             status = "created"
         elif cfg.add_member:
             status = _add_members(location, existing, loaded, data, num_classes, opts)
@@ -200,16 +212,25 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
             if removed:
                 log(f"removed {removed} temporary files left by an interrupted write")
             status = "resumed"
-        cache = LogitCache(location, allow_partial=True, storage_options=opts)
-        h = cache.header
         by_sha = {lm.sha256: lm for lm in loaded}
+        if create is not None:
+            # A new cache in this process: every member-shard is pending, and the store is created by the writer
+            # thread while this one already runs the teachers (creation is a fixed cost; here it overlaps).
+            n = len(data)
+            h = {"n": n, "rows_per_shard": rows_per_shard, "n_shards": math.ceil(n / rows_per_shard),
+                 "num_classes": num_classes, "members": [{"index": i, "checkpoint_sha256": lm.sha256}
+                                                         for i, lm in enumerate(loaded)]}
+            tasks = [(s, [m["index"] for m in h["members"]]) for s in range(h["n_shards"])]
+        else:
+            cache = LogitCache(location, allow_partial=True, storage_options=opts)
+            h = cache.header
+            pending: dict[int, list[int]] = {}
+            for m in h["members"]:
+                for s in np.flatnonzero(~cache.done_flags(m["index"])):
+                    pending.setdefault(int(s), []).append(m["index"])
+            tasks = sorted(pending.items())
         checkpoints = {m["index"]: (str(by_sha[m["checkpoint_sha256"]].path), m["checkpoint_sha256"])
                        for m in h["members"] if m["checkpoint_sha256"] in by_sha}
-        pending: dict[int, list[int]] = {}
-        for m in h["members"]:
-            for s in np.flatnonzero(~cache.done_flags(m["index"])):
-                pending.setdefault(int(s), []).append(m["index"])
-        tasks = sorted(pending.items())
         rows_total = sum(np.subtract(*shard_bounds(s, h["rows_per_shard"], h["n"])[::-1]) for s, _ in tasks)
         spec = WorkSpec(location, data.spec, data.fingerprint, cfg.data_dir, checkpoints, cfg.device,
                         cfg.batch_size, storage_options=dict(opts))
@@ -221,7 +242,7 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
                 _run_dask(spec, tasks, cfg, device, bar)
             else:
                 models = {m: by_sha[sha].model.to(device) for m, (_, sha) in checkpoints.items()}
-                _run_local(spec, tasks, models, data, device, bar)
+                _run_local(spec, tasks, models, data, device, bar, (h["rows_per_shard"], h["n"]), create)
         finally:
             bar.close()
         lock.check()  # an object-store lease lost mid-write: do not declare someone else's cache complete
@@ -269,14 +290,24 @@ def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Datase
 
 
 def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[int, torch.nn.Module],
-               data: Dataset, device: torch.device, bar: tqdm) -> None:
-    """One process: inference on this thread, compression + writes on a writer thread (they overlap)."""
-    group = zarr.open_group(open_store(spec.location, "w", spec.storage_options), mode="r+", use_consolidated=False)
+               data: Dataset, device: torch.device, bar: tqdm, layout: tuple[int, int],
+               create: Callable[[], object] | None = None) -> None:
+    """One process: inference on this thread; creating the store (``create``, for a new cache), compression and
+    writes on a writer thread, so they overlap with inference."""
     handles: dict = {}
     q: queue.Queue = queue.Queue(maxsize=8)
     failure: list[BaseException] = []
+    ready: list[zarr.Group] = []
 
     def writer() -> None:
+        try:
+            if create is not None:
+                create()
+            ready.append(zarr.open_group(open_store(spec.location, "w", spec.storage_options), mode="r+",
+                                         use_consolidated=False))
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            failure.append(e)
+        group = ready[0] if ready else None
         while True:
             item = q.get()
             if item is None:
@@ -294,7 +325,7 @@ def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[
         for shard, members in tasks:
             if failure:
                 break
-            rows = compute_shard(spec, models, data, group, shard, members, device,
+            rows = compute_shard(spec, models, data, layout, shard, members, device,
                                  lambda m, s, lg, ids: q.put((m, s, lg, ids)))
             bar.update(rows)
     finally:
