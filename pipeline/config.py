@@ -64,6 +64,17 @@ class TeacherConfig:
             problems.append("out (the ensemble directory) must be given")
         _raise_all(problems, self.train)
 
+    def recipe(self) -> dict:
+        """What defines the trained teacher: the config without where it is written, evaluated or run.
+
+        Re-use compares this, so ``--out`` spelled relative vs absolute, ``--device`` or ``--data-dir`` do not
+        make an existing teacher look different.
+        """
+        d = self.to_dict()
+        for key in ("out", "device", "data_dir", "eval"):
+            d.pop(key)
+        return d
+
     def model_spec(self) -> str:
         """The model spec with the dropout / max-norm options resolved into it (the paper's defaults for mlp)."""
         kind = self.model.partition(":")[0]

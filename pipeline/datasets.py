@@ -10,6 +10,9 @@ A dataset spec is ``NAME:ARGS...:SPLIT[:key=value...]``:
 
 Modifiers, usable on any spec and recorded in metadata (applied in this order):
 
+- ``holdout=0.1`` sets aside a seeded share of the whole split (drawn before anything else, with ``seed=N``):
+  ``part=rest`` (the default) keeps the other rows, ``part=holdout`` only the set-aside ones, so the two are
+  disjoint whatever else follows (e.g. a transfer set without class 3 and a held-out set to fit its bias on).
 - ``exclude=3,5`` drops those classes; ``keep=0,1`` keeps only those (the paper's omitted-class experiments).
 - ``fraction=0.03`` or ``count=1000`` keeps a random subset, drawn with ``seed=N`` (default 0), in original order.
 
@@ -42,7 +45,8 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 MNIST_CLASSES = [str(i) for i in range(10)]
-MODIFIER_KEYS = ("exclude", "keep", "fraction", "count", "seed")
+MODIFIER_KEYS = ("holdout", "part", "exclude", "keep", "fraction", "count", "seed")
+PARTS = ("rest", "holdout")
 _IDX_IMAGES_MAGIC = 0x00000803
 _IDX_LABELS_MAGIC = 0x00000801
 _FINGERPRINT_CHUNK = 1 << 22  # bytes hashed per step; keeps memory flat on large inputs
@@ -392,13 +396,18 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
             )
         if key in ("exclude", "keep"):
             mods[key] = _parse_int_list(key, value, spec)
-        elif key == "fraction":
+        elif key in ("fraction", "holdout"):
             try:
                 mods[key] = float(value)
             except ValueError:
-                raise DatasetError(f"{spec}: fraction= expects a number in (0, 1]; found {value!r}") from None
-            if not 0 < mods[key] <= 1:
-                raise DatasetError(f"{spec}: fraction= expects a number in (0, 1]; found {value!r}")
+                raise DatasetError(f"{spec}: {key}= expects a number in (0, 1]; found {value!r}") from None
+            if not 0 < mods[key] <= 1 or (key == "holdout" and mods[key] == 1):
+                raise DatasetError(f"{spec}: {key}= expects a number in (0, 1{')' if key == 'holdout' else ']'}; "
+                                   f"found {value!r}")
+        elif key == "part":
+            if value not in PARTS:
+                raise DatasetError(f"{spec}: part= expects rest or holdout; found {value!r}")
+            mods[key] = value
         else:
             try:
                 mods[key] = int(value)
@@ -410,6 +419,10 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
         raise DatasetError(f"{spec}: use exclude= or keep=, not both")
     if "fraction" in mods and "count" in mods:
         raise DatasetError(f"{spec}: use fraction= or count=, not both")
+    if "part" in mods and "holdout" not in mods:
+        raise DatasetError(f"{spec}: part= needs holdout=F (the share set aside), e.g. holdout=0.1:part=holdout")
+    if "holdout" in mods:
+        mods.setdefault("part", "rest")
     return source, args, mods
 
 
@@ -432,6 +445,12 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
     base = source.load(*args, data_dir=data_dir)
     n_classes = len(base.class_names)
     idx = np.arange(base.x.shape[0], dtype=np.int64)
+    if "holdout" in mods:
+        # Its own random stream ([seed, 1]): the held-out rows do not depend on any later subset's draw.
+        k = int(round(mods["holdout"] * idx.size))
+        held = np.zeros(idx.size, dtype=bool)
+        held[np.random.default_rng([mods.get("seed", 0), 1]).permutation(idx.size)[:k]] = True
+        idx = idx[held] if mods["part"] == "holdout" else idx[~held]
     if "exclude" in mods or "keep" in mods:
         if base.y is None:
             raise DatasetError(f"{spec}: exclude=/keep= need labels but this dataset is unlabeled")
@@ -439,7 +458,7 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
         bad = [c for c in classes if not 0 <= c < n_classes]
         if bad:
             raise DatasetError(f"{spec}: classes {bad} out of range; this dataset has classes 0..{n_classes - 1}")
-        mask = np.isin(base.y, classes)
+        mask = np.isin(base.y[idx], classes)
         idx = idx[~mask] if "exclude" in mods else idx[mask]
     if "fraction" in mods or "count" in mods:
         k = int(round(mods["fraction"] * idx.size)) if "fraction" in mods else mods["count"]

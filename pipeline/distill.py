@@ -169,7 +169,7 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
         raise ConfigError([f"student {cfg.student} outputs {width} logits but the teacher has {num_classes} "
                            "classes; build the student for the cache's classes"])
     test = _eval_set(cfg.eval, data, num_classes, cfg.data_dir, log)
-    held, absent = _check_bias(cfg, data, num_classes)
+    held, absent = _check_bias(cfg, data, num_classes, log)
     loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -222,7 +222,8 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
     return result
 
 
-def _check_bias(cfg: StudentConfig, data: Dataset, num_classes: int) -> tuple[Dataset | None, list[int]]:
+def _check_bias(cfg: StudentConfig, data: Dataset, num_classes: int,
+                log: Callable[[str], None] = print) -> tuple[Dataset | None, list[int]]:
     """Validate the bias options before training (a bad one must not cost a whole run).
 
     Returns:
@@ -239,6 +240,13 @@ def _check_bias(cfg: StudentConfig, data: Dataset, num_classes: int) -> tuple[Da
     if not absent:
         raise ConfigError([f"--fit-bias-on: no class is absent from the transfer set {data.spec}; bias "
                            "fitting is for transfer sets made with exclude= or keep="])
+    if held.spec.split(":")[:2] == data.spec.split(":")[:2]:
+        # Same split: rows the student trains on are not held out (its overconfidence there biases the fit).
+        overlap = int(np.isin(held.ids, data.ids).sum())
+        if overlap:
+            log(f"warning: {overlap} of the {len(held)} rows of --fit-bias-on {held.spec} are in the transfer set "
+                f"{data.spec}; set rows aside with holdout=F (e.g. transfer ...:holdout=0.1:exclude=3, held-out "
+                "...:holdout=0.1:part=holdout)")
     return held, absent
 
 

@@ -89,7 +89,10 @@ def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
         previous = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if previous.get("config") != json.loads(json.dumps(scfg.to_dict())):
+    # Options added to StudentConfig after a run was made take their defaults there: it is still the same run.
+    defaults = json.loads(json.dumps(StudentConfig().to_dict()))
+    recorded = {**defaults, **(previous.get("config") or {})}
+    if recorded != json.loads(json.dumps(scfg.to_dict())):
         return None
     if "cache" in fingerprint:
         ok = previous.get("cache", {}).get("fingerprint") == fingerprint["cache"]

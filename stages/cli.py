@@ -390,11 +390,13 @@ def sweep(ctx: click.Context, cache: str | None, temperatures: str, alphas: str,
 @click.option("--student", default="mlp:800,800", show_default=True, help="The (wide) student.")
 @click.option("--narrow-student", default="mlp:30,30", show_default=True, help="temperature: the narrow student.")
 @click.option("--out", default=None, help="Output directory [default: data/reproduce/<dataset>-<scale>].")
+@click.option("--report", default=None,
+              help="Also write the report here, its plots beside it (e.g. data/reports/fashion-mnist.md).")
 @data_dir_option
 @common
 def reproduce(experiment: str, dataset: str, scale: str, teacher: str | None, omitted_class: int, kept_classes: str,
-              student: str, narrow_student: str, out: str | None, data_dir: str | None, device: str,
-              seed: int) -> None:
+              student: str, narrow_student: str, out: str | None, report: str | None, data_dir: str | None,
+              device: str, seed: int) -> None:
     """The paper's experiments over the public stages, with a Markdown report next to the paper's numbers.
 
     EXPERIMENT is all (default) or a comma-separated list of: main-table (teacher vs baseline vs distilled
@@ -406,7 +408,8 @@ def reproduce(experiment: str, dataset: str, scale: str, teacher: str | None, om
 
     name = dataset.replace(":", "-").replace("/", "_").strip("-_")
     cfg = step.ReproduceConfig(experiment=experiment, dataset=dataset, data_dir=data_dir, scale=scale,
-                               out=out or default_out("reproduce", f"{name}-{scale}"), teacher=teacher,
+                               out=out or default_out("reproduce", f"{name}-{scale}"), report=report,
+                               teacher=teacher,
                                omitted_class=omitted_class, kept_classes=parse_ints(kept_classes, "--kept-classes"),
                                student=student, narrow_student=narrow_student, device=device, seed=seed)
     step.run(cfg, log=click.echo)

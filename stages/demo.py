@@ -59,6 +59,15 @@ def _student(cfg: DemoConfig, cache: Path, out: Path, temperature: float, alpha:
     return train_student.run(scfg, log=log, progress=False)
 
 
+def _recorded_recipe(summary_file: Path) -> dict | None:
+    """The recipe of the teacher recorded in ``ensemble.json`` (None if unreadable)."""
+    try:
+        d = json.loads(summary_file.read_text())["config"]
+        return TeacherConfig(**{**d, "train": TrainConfig(**d["train"])}).recipe()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole story; returns (and writes to ``demo.json``) the table's numbers."""
     out = Path(cfg.out)
@@ -71,7 +80,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
                          jitter=cfg.jitter, members=cfg.members, out=str(teacher_dir), device=cfg.device,
                          train=TrainConfig(epochs=cfg.epochs, seed=cfg.seed))
     summary_file = teacher_dir / "ensemble.json"
-    if summary_file.is_file() and json.loads(summary_file.read_text()).get("config") == tcfg.to_dict():
+    if summary_file.is_file() and _recorded_recipe(summary_file) == tcfg.recipe():
         log(f"reusing the teacher in {teacher_dir}")
     else:
         # A new teacher makes the old cache and students stale: remove them rather than mix generations.

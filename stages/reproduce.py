@@ -103,6 +103,7 @@ PAPER = {
     "small-data": "speech, 3 % of the training set: hard targets 44.5 % test frame accuracy (needed early "
                   "stopping), soft targets 57.0 % (no early stopping); 58.9 % with all the data",
 }
+HOLDOUT = 0.1  # omitted-class: the share of the training split held out for fitting biases
 EXPERIMENT_NAMES = ("main-table", "temperature", "omitted-class", "small-data")
 
 
@@ -113,6 +114,7 @@ class ReproduceConfig:
     data_dir: str | None = None
     scale: str = "quick"
     out: str = ""
+    report: str | None = None  # also write the report (and its plots, prefixed) here, e.g. data/reports/NAME.md
     teacher: str | None = None  # an existing teacher ensemble instead of training the recipe's
     omitted_class: int = 3
     kept_classes: list[int] = field(default_factory=lambda: [7, 8])
@@ -166,11 +168,14 @@ class Run:
         self.teacher_metrics: dict | None = None
         self.recipe = QUICK_TEACHER if cfg.scale == "quick" else TEACHERS.get(cfg.dataset, TEACHERS["other"])
 
-    def spec(self, fraction: float = 1.0, **class_filter: str | int) -> str:
-        """A training-set spec: an optional class filter, then a seeded subset (this scale's share x fraction)."""
+    def spec(self, fraction: float = 1.0, **class_filter: str | int | float) -> str:
+        """A training-set spec: optional holdout / class filter, then a seeded subset (this scale's share x
+        fraction)."""
         extra = "".join(f":{k}={v}" for k, v in class_filter.items())
         frac = self.base_fraction * fraction
-        return f"{self.cfg.dataset}:train{extra}" + (f":fraction={frac:.6g}:seed={self.cfg.seed}" if frac < 1 else "")
+        seeded = frac < 1 or "holdout" in class_filter
+        return (f"{self.cfg.dataset}:train{extra}" + (f":fraction={frac:.6g}" if frac < 1 else "")
+                + (f":seed={self.cfg.seed}" if seeded else ""))
 
     def teacher(self) -> str:
         """The teacher ensemble: --teacher, or the recipe's, trained once (a changed recipe retrains it)."""
@@ -186,12 +191,17 @@ class Run:
                                  out=str(tdir), device=self.cfg.device, data_dir=self.cfg.data_dir,
                                  train=TrainConfig(epochs=r.epochs, seed=self.cfg.seed))
             summary = tdir / "ensemble.json"
-            if summary.is_file() and json.loads(summary.read_text()).get("config") == tcfg.to_dict():
+            if summary.is_file():
+                d = json.loads(summary.read_text())["config"]
+                recorded = TeacherConfig(**{**d, "train": TrainConfig(**d["train"])})
+                if recorded.recipe() != tcfg.recipe():
+                    # Never delete a finished teacher (and everything made from it) behind the user's back.
+                    diffs = [f"{k}: {recorded.recipe()[k]!r} there, {v!r} now" for k, v in tcfg.recipe().items()
+                             if recorded.recipe().get(k) != v]
+                    raise ConfigError([f"{tdir} holds a teacher trained with another recipe ({'; '.join(diffs)}); "
+                                       "use another --out, or remove that directory to retrain"])
                 self.log(f"reusing the teacher in {tdir}")
             else:
-                # A new teacher makes every cache and student made from the old one stale.
-                for stale in (self.out / "caches", self.out / "runs", tdir):
-                    shutil.rmtree(stale, ignore_errors=True)
                 self.log(f"training the teacher: {r.why}")
                 train_teacher.run(tcfg, log=self.log)
             self._teacher = str(tdir)
@@ -296,8 +306,10 @@ def temperature(run: Run) -> dict:
 def omitted_class(run: Run) -> dict:
     """The transfer set without one class; bias correction fitted on held-out data (and the paper's +3.5)."""
     c = run.cfg.omitted_class
-    held_spec = f"{run.cfg.dataset}:train:count={500 if run.scale.train_count else 5000}:seed={run.cfg.seed + 1}"
-    cache = run.cache(run.spec(exclude=c))
+    # The bias is fitted on rows the student never trained on: a seeded 10 % of the training split set aside
+    # before the class filter (the transfer sets below are drawn from the other 90 %).
+    held_spec = f"{run.cfg.dataset}:train:holdout={HOLDOUT}:part=holdout:seed={run.cfg.seed}"
+    cache = run.cache(run.spec(holdout=HOLDOUT, exclude=c))
     res = run.student(f"omitted-class/without-{c}", cache, run.cfg.temperature, run.cfg.alpha, fit_bias_on=held_spec)
     before, after = res["metrics"]["test_before_bias"], res["metrics"]["test"]
     fitted = res["metrics"]["bias"]["fitted"]["offsets"][str(c)]
@@ -308,7 +320,7 @@ def omitted_class(run: Run) -> dict:
     table = _metrics_table(rows, extra=(f"errors on class {c}", lambda m: f"{m['per_class_errors'][c]} / "
                                                                           f"{m['per_class_n'][c]}"))
     keep = ",".join(map(str, run.cfg.kept_classes))
-    cache2 = run.cache(run.spec(keep=keep))
+    cache2 = run.cache(run.spec(holdout=HOLDOUT, keep=keep))
     res2 = run.student(f"omitted-class/only-{keep.replace(',', '-')}", cache2, run.cfg.temperature, run.cfg.alpha,
                        fit_bias_on=held_spec)
     b2, a2 = res2["metrics"]["test_before_bias"], res2["metrics"]["test"]
@@ -394,16 +406,24 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict:
                "experiments": {k: {kk: (str(vv) if isinstance(vv, Path) else vv) for kk, vv in v.items()
                                    if kk != "text"} for k, v in sections.items()}}
     (r.out / "reproduce.json").write_text(json.dumps(summary, indent=2, default=str))
-    report = _report(r, sections, summary)
-    (r.out / "report.md").write_text(report)
+    (r.out / "report.md").write_text(_report(r, sections, summary))
     log(f"\nwrote {r.out / 'report.md'} and {r.out / 'reproduce.json'}")
+    if cfg.report:
+        # A copy to keep (e.g. committed under data/reports): plots beside it, named after it.
+        target = Path(cfg.report)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for sec in sections.values():
+            if sec.get("plot"):
+                shutil.copyfile(sec["plot"], target.parent / f"{target.stem}-{Path(sec['plot']).name}")
+        target.write_text(_report(r, sections, summary, plot_prefix=f"{target.stem}-"))
+        log(f"wrote {target}")
     for name, sec in sections.items():
         log(f"{name}: {sec['verdict']}")
     return summary
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _report(r: Run, sections: dict, summary: dict) -> str:
+def _report(r: Run, sections: dict, summary: dict, plot_prefix: str = "") -> str:
     cfg = r.cfg
     teacher = (f"`{cfg.teacher}` (given with --teacher)" if cfg.teacher else
                f"{r.recipe.members} x `{r.recipe.model}`, {r.recipe.epochs} epochs, jitter {r.recipe.jitter} "
@@ -420,7 +440,7 @@ def _report(r: Run, sections: dict, summary: dict) -> str:
     for name, sec in sections.items():
         lines += ["", f"## {name}", "", f"Paper: {PAPER[name]}.", "", sec["text"], ""]
         if sec.get("plot"):
-            lines.append(f"![{name}]({Path(sec['plot']).name})")
+            lines.append(f"![{name}]({plot_prefix}{Path(sec['plot']).name})")
         lines.append(f"\n({sec['seconds']:.0f} s)")
     return "\n".join(lines) + "\n"
 

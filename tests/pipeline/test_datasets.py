@@ -413,3 +413,20 @@ def test_uint8_input_stats_equal_the_float_computation_exactly(tmp_path: Path) -
     f32 = load_dataset(f"npz:{tmp_path / 'f32.npz'}:train").input_stats
     assert u8 == f32  # bit for bit: both are exact integer sums
     assert u8[0] == pytest.approx(float(x.mean())) and u8[1] == pytest.approx(float(x.std()))
+
+
+def test_holdout_parts_are_disjoint_and_cover_the_split(labeled_npz: Path) -> None:
+    rest = load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:seed=3")
+    held = load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:part=holdout:seed=3")
+    assert rest.spec.endswith(":holdout=0.25:part=rest:seed=3") and len(held) == 3 and len(rest) == 9
+    assert sorted([*rest.ids, *held.ids]) == list(range(12))
+    # Later modifiers act on the rest only: a class filter never pulls held-out rows back in.
+    filtered = load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:seed=3:exclude=0")
+    assert set(filtered.ids) <= set(rest.ids) and 0 not in filtered.y
+    assert np.array_equal(load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:part=holdout:seed=3").ids, held.ids)
+    with pytest.raises(DatasetError, match="part= needs holdout=F"):
+        load_dataset(f"npz:{labeled_npz}:train:part=holdout")
+    with pytest.raises(DatasetError, match="part= expects rest or holdout"):
+        load_dataset(f"npz:{labeled_npz}:train:holdout=0.5:part=train")
+    with pytest.raises(DatasetError, match=r"holdout= expects a number in \(0, 1\)"):
+        load_dataset(f"npz:{labeled_npz}:train:holdout=1")

@@ -311,3 +311,20 @@ def test_online_teacher_must_fit_the_transfer_set(teacher_dir: Path, tmp_path: P
         train_student(_student(tmp_path / "run", online_teacher=[str(teacher_dir)], dataset=f"npz:{npz}:train"),
                       log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_fit_bias_on_rows_of_the_transfer_set_is_warned(npz_path: Path, teacher_dir: Path, tmp_path: Path) -> None:
+    """A held-out set drawn from the transfer set's own split overlaps it; holdout= parts do not."""
+    overlapping = _cache(teacher_dir, f"npz:{npz_path}:train:exclude=3", tmp_path / "a.zarr")
+    lines: list[str] = []
+    train_student(StudentConfig(cache=str(overlapping), alpha=1.0, fit_bias_on=f"npz:{npz_path}:train:count=100",
+                                out=str(tmp_path / "a"), device="cpu", train=TrainConfig(epochs=1)), log=lines.append)
+    warned = [line for line in lines if line.startswith("warning: ")]
+    assert len(warned) == 1 and "of the 100 rows of --fit-bias-on" in warned[0] and "holdout=F" in warned[0]
+
+    disjoint = _cache(teacher_dir, f"npz:{npz_path}:train:holdout=0.2:exclude=3", tmp_path / "b.zarr")
+    lines.clear()
+    train_student(StudentConfig(cache=str(disjoint), alpha=1.0,
+                                fit_bias_on=f"npz:{npz_path}:train:holdout=0.2:part=holdout",
+                                out=str(tmp_path / "b"), device="cpu", train=TrainConfig(epochs=1)), log=lines.append)
+    assert not [line for line in lines if line.startswith("warning: ")]

@@ -78,6 +78,12 @@ def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(cache_path: P
     again = run_sweep(sweep_config(cache_path, tmp_path / "sweep", workers=0), log=lambda s: None, progress=False)
     assert (again.trained, again.reused) == (0, 4)
     assert again.rows == res.rows
+    # A run recorded before an option existed (here storage_options) is the same run: the option's default applies.
+    metrics = tmp_path / "sweep" / "runs" / grid(cfg)[0].name / "metrics.json"
+    old = json.loads(metrics.read_text())
+    del old["config"]["storage_options"]
+    metrics.write_text(json.dumps(old))
+    assert "4 done, 0 to run" in plan_text(cfg)[1]
     longer = sweep_config(cache_path, tmp_path / "sweep", workers=0, temperatures=[2.0],
                           train=TrainConfig(epochs=3, batch_size=64))
     _, plan = plan_text(longer)

@@ -54,7 +54,8 @@ def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path
     assert omitted["fitted_class"] < omitted["before_class"]
     run = json.loads((out / "runs/omitted-class/without-3/metrics.json").read_text())
     assert run["metrics"]["test"]["errors"] == omitted["fitted"]
-    assert run["config"]["fit_bias_on"].endswith(":count=500:seed=1")
+    assert run["config"]["fit_bias_on"].endswith(":train:holdout=0.1:part=holdout:seed=0")
+    assert ":holdout=0.1:part=rest:exclude=3" in run["cache"]["dataset"]  # disjoint from the bias's rows
 
     sweep = json.loads((out / "runs/temperature-sweep/results.json").read_text())
     assert len(sweep) == 6 and all(r["status"] == "ok" for r in sweep)  # 2 students x 3 temperatures
@@ -67,12 +68,17 @@ def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path
 def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None:
     data, out, _ = reproduced
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")}
+    kept = out.parent / "reports" / "task.md"
     res = CliRunner().invoke(main, ["reproduce", "main-table,small-data", "--dataset", f"npz:{data}", "--scale",
                                     "quick", "--kept-classes", "0,1", "--student", "mlp:32", "--narrow-student",
-                                    "mlp:4", "--device", "cpu", "--out", str(out)])
+                                    "mlp:4", "--device", "cpu", "--out", str(out), "--report", str(kept)])
     assert res.exit_code == 0, res.output
     assert "reusing the teacher" in res.output and "training " not in res.output
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")} == before
+    # The kept copy of the report has its plots beside it, linked by their new names.
+    text = kept.read_text()
+    for name in ("main-table", "small-data"):
+        assert f"![{name}](task-{name}.png)" in text and (kept.parent / f"task-{name}.png").is_file()
 
 
 def test_bad_requests_are_refused_with_every_problem(tmp_path: Path, npz_path: Path) -> None:
