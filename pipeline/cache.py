@@ -279,7 +279,9 @@ def create_cache(location: str | Path, *, dataset: dict, ids: np.ndarray, labels
         "complete": False, "completed_at": None,
     }
     group = zarr.create_group(store, zarr_format=3)
-    kw = {"chunks": (rows_per_shard,), "compressors": logit_codecs()}
+    # Every chunk is stored, even one equal to the fill value (an all-class-0 labels shard): a present object per
+    # shard is what verify and copy check, and a missing one then always means damage.
+    kw = {"chunks": (rows_per_shard,), "compressors": logit_codecs(), "config": {"write_empty_chunks": True}}
     group.create_array("ids", data=np.asarray(ids, dtype=np.int64), **kw)
     if labels is not None:
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), **kw)
@@ -332,7 +334,9 @@ def array_handle(group: zarr.Group, path: str, handles: dict) -> zarr.Array:
     handle is plain metadata (no file handles), so holders stay fork-safe.
     """
     if path not in handles:
-        handles[path] = group[path]
+        arr = group[path]
+        # The write_empty_chunks choice is a runtime setting in zarr 3, not metadata: apply it on every open.
+        handles[path] = arr.with_config({"write_empty_chunks": True}) if isinstance(arr, zarr.Array) else arr
     return handles[path]
 
 

@@ -334,3 +334,24 @@ def test_sweep_streams_from_s3_with_the_same_rows_as_local(s3_cache: str, cache_
         rows[name] = json.loads((out / "results.json").read_text())
     keys = ("setting", "status", "test_errors", "test_nll", "teacher_agreement")
     assert [{k: r[k] for k in keys} for r in rows["s3"]] == [{k: r[k] for k in keys} for r in rows["dir"]]
+
+
+def test_verify_accepts_a_shard_whose_labels_are_all_class_0(tmp_path: Path, teacher_dir: Path) -> None:
+    """zarr skips chunks equal to the fill value unless told not to: such a shard must not read as damage."""
+    from tests.conftest import make_image_task
+
+    x, y = make_image_task(128, seed=5, classes=5)
+    order = np.argsort(y, kind="stable")
+    y = y[order]
+    y[:64] = 0  # the first shard holds only class 0
+    np.savez(tmp_path / "sorted.npz", x_train=x[order], y_train=y, num_classes=np.int64(5))
+    out = tmp_path / "sorted.zarr"
+    build_cache(CacheConfig(teachers=[str(teacher_dir)], dataset=f"npz:{tmp_path / 'sorted.npz'}:train", out=str(out),
+                            rows_per_shard=64, device="cpu"), log=lambda s: None, progress=False)
+    assert (out / "labels" / "c" / "0").is_file()  # every chunk is stored now
+    assert sharing.verify_cache(out).ok
+    # A cache from before that change has no object for it: still sound, the chunk reads as the fill value.
+    (out / "labels" / "c" / "0").unlink()
+    report = sharing.verify_cache(out)
+    assert report.ok, report.problems
+    assert np.array_equal(LogitCache(out).read_labels(0), np.zeros(64, dtype=np.int64))
