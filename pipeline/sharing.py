@@ -46,6 +46,7 @@ from .errors import CacheError, KDError
 from .stores import (
     LEASE_NAME,
     MAX_METADATA_BYTES,
+    ZIP_SUFFIX,
     create_zip_store,
     delete_key,
     get_bytes,
@@ -329,6 +330,11 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
     target = open_store(dst, "w", dst_options)
     with CacheLock(dst, dst_options):  # no cache-logits (or other copy) writes it meanwhile
         have = {k: s for k, s in key_sizes(target).items() if not _is_bookkeeping(k)}
+        foreign = sorted(k for k in have if k not in sizes)
+        if META not in have and foreign:
+            # Objects but no cache root: a folder of other things (like `cp SRC DIR/`), not a half copy of SRC.
+            raise CacheError(f"{dst} already holds other objects ({', '.join(foreign[:3])}, ...) and is not a cache; "
+                             f"copy into a new location inside it, e.g. {dst.rstrip('/')}/{_name_of(src_header)}")
         if META in have:
             try:
                 theirs = json.loads(get_bytes(target, META) or b"{}").get("attributes", {}).get(ATTR_KEY)
@@ -360,6 +366,12 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
     return counts["copied"], counts["skipped"], counts["bytes"]
 
 
+def _name_of(header: dict) -> str:
+    """A destination name suggestion for a cache: its dataset spec, made path-safe."""
+    spec = str(header.get("dataset", {}).get("spec", "cache"))
+    return spec.replace(":", "_").replace("/", "_").replace("=", "").replace(",", "-") + ".zarr"
+
+
 async def _gather(*coros: Any) -> None:
     await asyncio.gather(*coros)  # created inside zarr's event loop (sync() runs it there)
 
@@ -383,7 +395,8 @@ async def _copy_object(source: Store, target: Store, key: str, have: dict[str, i
 
 def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: str,
                  progress: bool) -> tuple[int, int, int]:
-    """Write a bundle once: into ``DST.partial``, closed, validated, then renamed into place."""
+    """Write a bundle once: into ``NAME.partial.zarr.zip``, closed, validated and verified, then renamed into
+    place; a bundle that does not verify is removed, so DST never holds an unsound bundle."""
     path = local_path(dst)
     if path.exists():
         validate_zip(path)
@@ -393,7 +406,7 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: str
         raise CacheError(f"{dst} exists and is not a sound copy of the source; bundles are written once: remove it "
                          "or choose another name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(path.name.removesuffix(ZIP_SUFFIX) + ".partial" + ZIP_SUFFIX)
     tmp.unlink(missing_ok=True)  # a bundle interrupted midway is rewritten whole (a zip cannot be resumed)
     z = create_zip_store(tmp)
     nbytes = 0
@@ -410,6 +423,11 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: str
         bar.close()
         z.close()
     validate_zip(tmp)
+    report = verify_cache(tmp, progress=progress)
+    if not report.ok:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"the bundle for {dst} did not verify, so it was not kept; check the source with "
+                         f"`kd-pipeline cache verify`, then pack again:\n{report.format()}")
     os.replace(tmp, path)
     return len(keys), 0, nbytes
 
@@ -499,7 +517,7 @@ def list_caches(prefix: str | Path, storage_options: dict | None = None) -> list
                 continue
         dirnames.sort()
         for f in sorted(filenames):
-            if f.endswith(".zarr.zip"):
+            if f.endswith(ZIP_SUFFIX) and not f.endswith(".partial" + ZIP_SUFFIX):  # not a pack in progress
                 s = _summary(str(Path(dirpath) / f), None, (Path(dirpath) / f).stat().st_size)
                 if s is not None:
                     out.append(s)

@@ -355,3 +355,14 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(tmp_path: Path, tea
     report = sharing.verify_cache(out)
     assert report.ok, report.problems
     assert np.array_equal(LogitCache(out).read_labels(0), np.zeros(64, dtype=np.int64))
+
+
+def test_copy_into_a_folder_of_other_caches_is_refused(cache_path: Path, tmp_path: Path) -> None:
+    """`cache copy A caches/` (as with cp) must not spill A's objects into the folder holding other caches."""
+    folder = tmp_path / "caches"
+    sharing.copy_cache(cache_path, folder / "a.zarr", progress=False, log=lambda s: None)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(CacheError, match="already holds other objects .* and is not a cache; copy into a new location"):
+        sharing.copy_cache(cache_path, folder, progress=False, log=lambda s: None)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*") if p.name != "kd-writer.lock") == before
+    assert [s.location for s in sharing.list_caches(folder)] == [str(folder / "a.zarr")]
