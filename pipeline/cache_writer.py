@@ -242,7 +242,8 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
                 _run_dask(spec, tasks, cfg, device, bar)
             else:
                 models = {m: by_sha[sha].model.to(device) for m, (_, sha) in checkpoints.items()}
-                _run_local(spec, tasks, models, data, device, bar, (h["rows_per_shard"], h["n"]), create)
+                _run_local(spec, tasks, models, data, device, bar, (h["rows_per_shard"], h["n"]), create,
+                           check=lock.check)
         finally:
             bar.close()
         lock.check()  # an object-store lease lost mid-write: do not declare someone else's cache complete
@@ -291,7 +292,7 @@ def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Datase
 
 def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[int, torch.nn.Module],
                data: Dataset, device: torch.device, bar: tqdm, layout: tuple[int, int],
-               create: Callable[[], object] | None = None) -> None:
+               create: Callable[[], object] | None = None, check: Callable[[], None] = lambda: None) -> None:
     """One process: inference on this thread; creating the store (``create``, for a new cache), compression and
     writes on a writer thread, so they overlap with inference."""
     handles: dict = {}
@@ -325,6 +326,7 @@ def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[
         for shard, members in tasks:
             if failure:
                 break
+            check()  # a lost object-store lease stops the work now, not after the last shard
             rows = compute_shard(spec, models, data, layout, shard, members, device,
                                  lambda m, s, lg, ids: q.put((m, s, lg, ids)))
             bar.update(rows)

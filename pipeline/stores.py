@@ -320,11 +320,23 @@ class StoreLease:
         raise CacheError(f"{self.location}: could not take the writer lease (it changed hands while we tried)")
 
     def _renew_loop(self) -> None:
+        renewed = time.time()
         while not self._stop.wait(min(LEASE_RENEW_SECONDS, self.seconds / 4)):
             try:
                 self.etag = self._put(IfMatch=self.etag or "")
-            except Exception as e:  # noqa: BLE001 - reported by check()
-                self.lost = f"{type(e).__name__}: {e}"
+                renewed = time.time()
+                continue
+            except Exception as e:  # noqa: BLE001 - decided below; reported by check()
+                error = f"{type(e).__name__}: {e}"
+            # A failed renewal is not yet a lost lease: a throttled or dropped request leaves it ours. It is lost
+            # when someone else holds it, or when we could not renew it before it expired.
+            try:
+                other, _ = self.read()
+                taken = other.get("owner") != self.owner
+            except Exception:  # noqa: BLE001 - the store is unreachable: only expiry decides
+                taken = False
+            if taken or time.time() > renewed + self.seconds:
+                self.lost = error if not taken else f"taken over by lease {other.get('owner')} ({error})"
                 return
 
     def check(self) -> None:

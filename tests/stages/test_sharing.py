@@ -366,3 +366,34 @@ def test_copy_into_a_folder_of_other_caches_is_refused(cache_path: Path, tmp_pat
         sharing.copy_cache(cache_path, folder, progress=False, log=lambda s: None)
     assert sorted(p.relative_to(folder) for p in folder.rglob("*") if p.name != "kd-writer.lock") == before
     assert [s.location for s in sharing.list_caches(folder)] == [str(folder / "a.zarr")]
+
+
+def test_a_failed_renewal_keeps_a_lease_that_is_still_ours(s3_server: str) -> None:
+    url = s3_url("lease/flaky.zarr")
+    lease = StoreLease(url, seconds=2.0).acquire()  # renewed every 0.5 s
+    real_put, failures = lease._put, []
+
+    def flaky_put(**cond: str) -> str:
+        if not failures:
+            failures.append(cond)
+            raise OSError("SlowDown: please reduce your request rate")  # one throttled request
+        return real_put(**cond)
+
+    lease._put = flaky_put
+    time.sleep(1.3)  # one failed renewal, then a good one
+    assert failures and lease.lost is None
+    lease.check()
+    # Someone else holding it is a lost lease, reported by check() (which cache-logits calls before every shard).
+    lease._stop.set()
+    lease._thread.join()
+    other = StoreLease(url, seconds=60)
+    other.etag = other._put(IfMatch=lease.etag)  # as a takeover after expiry would
+    lease._stop.clear()
+    lease._thread = threading.Thread(target=lease._renew_loop, daemon=True)
+    lease._thread.start()
+    time.sleep(0.8)
+    with pytest.raises(CacheError, match="lost its lease .*taken over by lease"):
+        lease.check()
+    lease.release()  # must not delete the other holder's lease
+    assert other.read()[0]["owner"] == other.owner
+    other.release()
