@@ -343,13 +343,17 @@ def _run_dask(spec: WorkSpec, tasks: list[tuple[int, list[int]]], cfg: CacheConf
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = None
+    gpu = device.type == "cuda"
     if cfg.scheduler:
         client = Client(cfg.scheduler)
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        workers = client.scheduler_info().get("workers", {})
+        n_workers = max(1, len(workers))
+        # Ask for a GPU resource only if some worker declares one: otherwise the tasks could never run.
+        gpu = gpu and any("GPU" in (w.get("resources") or {}) for w in workers.values())
     else:
         n_workers = cfg.workers
         resources = {"GPU": 1} if device.type == "cuda" else None
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                resources=resources)
         client = Client(cluster)
     # Torch threads per worker so that workers on one machine do not oversubscribe its cores.
@@ -358,7 +362,7 @@ def _run_dask(spec: WorkSpec, tasks: list[tuple[int, list[int]]], cfg: CacheConf
     chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
     specs = [WorkSpec(**{**spec.__dict__, "tasks": c}) for c in chunks]
     try:
-        resources = {"GPU": 1} if device.type == "cuda" else None
+        resources = {"GPU": 1} if gpu else None
         futures = client.map(run_worker_tasks, specs, pure=False, resources=resources)
         for fut in as_completed(futures):
             for _, rows in fut.result():

@@ -230,6 +230,12 @@ class StudentConfig:
         return d
 
 
+def setting_name(student: str, temperature: float, alpha: float, seed: int) -> str:
+    """A sweep setting's run-directory name, e.g. ``mlp-800-800-T4-a0.9-s0``."""
+    slug = student.replace(":", "-").replace(",", "-").replace("/", "_").replace("=", "")
+    return f"{slug}-T{temperature:g}-a{alpha:g}-s{seed}"
+
+
 @dataclass
 class SweepConfig:
     """``sweep``: the cross product students x temperatures x alphas x seeds, each setting one ``train-student``.
@@ -277,6 +283,15 @@ class SweepConfig:
             problems.append(f"torch_threads must be >= 0, got {self.torch_threads}")
         if not self.out:
             problems.append("--out SWEEP_DIR must be given")
+        names: dict[str, tuple] = {}
+        for st in self.students:
+            for t in self.temperatures:
+                for al in self.alphas:
+                    name = setting_name(st, t, al, 0)
+                    if name in names and names[name] != (st, t, al):
+                        problems.append(f"settings {names[name]} and {(st, t, al)} would share the run directory "
+                                        f"{name}; make the student specs or values distinguishable")
+                    names[name] = (st, t, al)
         # Everything a single run would refuse, reported once for the whole grid.
         probe = self.student_config(self.students[0] if self.students else "mlp:8", 1.0, 0.5, 0, out="probe")
         try:

@@ -489,7 +489,7 @@ def run_tasks(tasks: list[SpecialistTask], workers: int, log: Callable[[str], No
     n = min(workers, len(tasks))
     threads = max(1, (os.cpu_count() or 1) // n)  # torch threads per worker: workers must not oversubscribe cores
     tasks = [SpecialistTask(**{**asdict(t), "torch_threads": threads}) for t in tasks]
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
     client = Client(cluster)
     try:
         futures = client.map(train_specialist, tasks, pure=False)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .cache import LogitCache, cache_fingerprint
 from .checkpoints import file_sha256, member_paths
-from .config import StudentConfig, SweepConfig
+from .config import StudentConfig, SweepConfig, setting_name
 from .errors import KDError
 
 RESULT_FIELDS = ["setting", "student", "temperature", "alpha", "seed", "loss", "ensemble", "status", "test_errors",
@@ -57,8 +57,7 @@ class Setting:
     @property
     def name(self) -> str:
         """A directory-safe name, e.g. ``mlp-800-800-T4-a0.9-s0``."""
-        slug = self.student.replace(":", "-").replace(",", "-").replace("/", "_").replace("=", "")
-        return f"{slug}-T{self.temperature:g}-a{self.alpha:g}-s{self.seed}"
+        return setting_name(self.student, self.temperature, self.alpha, self.seed)
 
 
 def grid(cfg: SweepConfig) -> list[Setting]:
@@ -317,6 +316,10 @@ def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
     if cfg.scheduler:
         client = Client(cfg.scheduler)
         threads = cfg.torch_threads
+        # Only ask for a GPU resource that some worker declares (dask-worker --resources GPU=1); otherwise no worker
+        # could ever run the tasks and the sweep would wait forever.
+        gpu = gpu and any("GPU" in (w.get("resources") or {})
+                          for w in client.scheduler_info().get("workers", {}).values())
     else:
         n = _n_workers(cfg)
         # One task per worker at a time (threads_per_worker=1); torch threads split the cores between workers.
@@ -391,7 +394,8 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         ok = [r for r in rs if r["status"] == "ok"]
         if len(ok) < len(rs):
             failed = next(r for r in rs if r["status"] != "ok")
-            lines.append(f"| {student} | {t:g} | {a:g} | failed: {failed['error'][:80]} | | | | | |")
+            reason = " ".join(failed["error"].split()).replace("|", "/")[:80]  # one table cell: no newlines, no |
+            lines.append(f"| {student} | {t:g} | {a:g} | failed: {reason} | | | | | |")
             continue
         errs = [r["test_errors"] for r in ok]
         if None in errs:

@@ -49,6 +49,13 @@ def test_every_config_problem_is_reported_at_once() -> None:
         assert part in text
 
 
+def test_settings_that_would_share_a_run_directory_are_refused() -> None:
+    cfg = SweepConfig(cache="c", students=["torchscript:a/b.pt", "torchscript:a_b.pt"], temperatures=[4],
+                      alphas=[0.9], out="x")
+    with pytest.raises(ConfigError, match="would share the run directory torchscript-a_b.pt-T4-a0.9-s0"):
+        cfg.validate()
+
+
 def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(cache_path: Path, tmp_path: Path) -> None:
     cfg = sweep_config(cache_path, tmp_path / "sweep", workers=2)
     res = run_sweep(cfg, log=lambda s: None, progress=False)
