@@ -705,6 +705,14 @@ def _read_json(path: Path, what: str, fix: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _check_same_cache(recorded: str | None, cache: LogitCache, where: Path, step: str) -> None:
+    """Clusters and specialists belong to the cache they were made from: refuse to mix them with another."""
+    current = cache_fingerprint(cache.header)
+    if recorded is not None and recorded != current:
+        raise CacheError(f"{where} was made from a cache with fingerprint {recorded}, but --cache {cache.location} "
+                         f"has {current}; re-run `kd-pipeline specialists {step}` for this cache, or use another --out")
+
+
 def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> Clustering:
     """Step 1: cluster the classes from the cache; writes ``clusters.json`` and ``clusters.md`` under ``cfg.out``."""
     cfg.validate()
@@ -718,7 +726,9 @@ def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
                       "--specialists K")
     _write_config(cfg, "cluster")
     out = Path(cfg.out)
-    (out / "clusters.json").write_text(json.dumps({"cache": cfg.cache, "class_names": cache.header["class_names"],
+    (out / "clusters.json").write_text(json.dumps({"cache": cfg.cache,
+                                                   "cache_fingerprint": cache_fingerprint(cache.header),
+                                                   "class_names": cache.header["class_names"],
                                                    **cl.to_dict()}, indent=2))
     report = clusters_report(cl, cache.header["class_names"])
     (out / "clusters.md").write_text(report)
@@ -733,6 +743,7 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
     clusters = _read_json(out / "clusters.json", "clusters",
                           "run `kd-pipeline specialists cluster` (or `specialists run`) first")
     cache = LogitCache(cfg.cache)
+    _check_same_cache(clusters.get("cache_fingerprint"), cache, out / "clusters.json", "cluster")
     check_groups(clusters["specialists"], cache.num_classes)
     if cfg.init_member >= len(cache.members):
         raise ConfigError([f"--init-member {cfg.init_member}: the cache has members 0..{len(cache.members) - 1}"])
@@ -788,6 +799,7 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     groups, logits, corrections = [], [], []
     for r in trained["specialists"]:
         lm = load_checkpoint(out / "specialists" / str(r["index"]) / "specialist.pt", device)
+        _check_same_cache(lm.meta.get("cache", {}).get("fingerprint"), cache, lm.path, "train")
         groups.append(lm.meta["specialist"]["classes"])
         corrections.append(float(lm.meta["specialist"]["dustbin_correction_applied"]))
         logits.append(predict_logits(lm.model, test.x, device))

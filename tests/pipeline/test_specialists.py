@@ -20,6 +20,7 @@ from pipeline.specialists import (
     collapse_logits,
     combination_objective,
     combine_distributions,
+    evaluate_all,
     evaluate_combination,
     sampling_plan,
     specialist_from_generalist,
@@ -317,3 +318,24 @@ def test_steps_out_of_order_and_wrong_generalist_are_clear_errors(planted: dict,
         generalist_members(LogitCache(planted["cache"]), [str(teacher_dir)])
     with pytest.raises(ConfigError, match="--specialists K or --classes-per-specialist"):
         SpecialistsConfig(cache="c", out="o", specialists=2, classes_per_specialist=2).validate()
+
+
+def test_steps_refuse_clusters_and_specialists_of_another_cache(planted: dict, tmp_path: Path) -> None:
+    """evaluate/train with --cache B on an --out made from cache A would silently mix two generalists."""
+    import shutil
+
+    from pipeline.cache_writer import build_cache
+    from pipeline.config import CacheConfig
+    from pipeline.errors import CacheError
+
+    other = tmp_path / "other.zarr"  # same data, the first 2000 rows only: another cache
+    build_cache(CacheConfig(teachers=[str(planted["teacher"])], dataset=f"npz:{planted['npz']}:train:count=2000",
+                            out=str(other), rows_per_shard=512, device="cpu"), log=lambda s: None, progress=False)
+    out = tmp_path / "spec"
+    shutil.copytree(planted["out"], out)
+    cfg = SpecialistsConfig(cache=str(other), out=str(out), generalist=[str(planted["teacher"])], device="cpu",
+                            train=TrainConfig(epochs=1))
+    with pytest.raises(CacheError, match="clusters.json was made from a cache with fingerprint"):
+        train_all(cfg, log=lambda s: None)
+    with pytest.raises(CacheError, match="specialist.pt was made from a cache with fingerprint"):
+        evaluate_all(cfg, log=lambda s: None)
