@@ -280,10 +280,13 @@ def temperature(run: Run) -> dict:
     for student in cfg.students:
         rows = [r for r in res.rows if r["student"] == student and r["status"] == "ok"]
         if rows:
-            top = min(rows, key=lambda r: r["test_errors"])
+            top = min(rows, key=lambda r: (r["test_errors"], -r["temperature"]))  # ties: the higher T
             spread = {a: _spread([r for r in rows if r["alpha"] == a and r["temperature"] >= 8]) for a in cfg.alphas}
+            low = [r["test_errors"] for r in rows if r["temperature"] <= 4]
+            high = [r["test_errors"] for r in rows if r["temperature"] >= 8]
             best[student] = {"temperature": top["temperature"], "alpha": top["alpha"], "errors": top["test_errors"],
-                             "spread_T_ge_8": spread}
+                             "spread_T_ge_8": spread, "best_T_le_4": min(low, default=None),
+                             "best_T_ge_8": min(high, default=None)}
     plot = run.out / "temperature.png"
     if "plot" in res.files:
         shutil.copyfile(res.files["plot"], plot)
@@ -296,11 +299,25 @@ def temperature(run: Run) -> dict:
                     f"{cfg.students[1]} T = {narrow['temperature']:g} ({narrow['errors']} errors).")
         spreads = ", ".join(f"alpha {a:g}: {v}" for a, v in wide["spread_T_ge_8"].items())
         text.append(f"Spread of the wide student's errors over T >= 8: {spreads}.")
-        holds = narrow["temperature"] < 8 <= wide["temperature"] or narrow["temperature"] < wide["temperature"]
+        # The paper's two observations, tested separately: (a) for the wide student, high temperatures are as good
+        # as any (its best at T >= 8 within 2 % of its best overall); (b) the narrow one does better at T <= 4 than
+        # at T >= 8.
+        wide_ok = wide["best_T_ge_8"] is not None and wide["best_T_ge_8"] <= 1.02 * wide["errors"]
+        narrow_ok = (narrow["best_T_le_4"] is not None and narrow["best_T_ge_8"] is not None
+                     and narrow["best_T_le_4"] < narrow["best_T_ge_8"])
+        holds = wide_ok and narrow_ok
+        text.append(f"Wide student: best at T >= 8 {wide['best_T_ge_8']} vs best overall {wide['errors']} "
+                    f"({'as good' if wide_ok else 'worse'}); narrow student: best at T <= 4 {narrow['best_T_le_4']} "
+                    f"vs at T >= 8 {narrow['best_T_ge_8']} ({'lower T better' if narrow_ok else 'not better'}).")
+        verdict = ("holds: high T is as good as any for the wide student, and the narrow one does better at T <= 4"
+                   if holds else "partly: " + ("high T is as good as any for the wide student" if wide_ok else
+                                               "the wide student is worse at high T")
+                   + "; " + ("the narrow one does better at T <= 4" if narrow_ok else
+                             "the narrow one does not do better at T <= 4"))
+    else:
+        verdict = "not measured: settings failed (see the table)"
     return {"figures": {"best": best, "failed": res.failed}, "text": "\n".join(text),
-            "plot": plot if plot.exists() else None, "holds": holds,
-            "verdict": ("holds: the narrow student prefers a lower temperature than the wide one" if holds else
-                        "does not hold here: the narrow student does not prefer a lower temperature")}
+            "plot": plot if plot.exists() else None, "holds": holds, "verdict": verdict}
 
 
 def omitted_class(run: Run) -> dict:
@@ -366,15 +383,16 @@ def small_data(run: Run) -> dict:
                      "best_epoch_test_accuracy": 1 - min(test) / r["metrics"]["test"]["n"], "best_epoch": best_epoch,
                      "early_stopping_needed": needs_stop})
         curves[label] = ([int(h["epoch"]) for h in hist], [t / r["metrics"]["test"]["n"] for t in test])
-    lines = [f"Transfer set `{spec}` ({hard['cache']['rows_used']} rows), {s.small_epochs} epochs; the teacher saw "
-             "the whole training set.", "",
+    lines = [f"Transfer set `{spec}` ({hard['cache']['rows_used']} rows), {s.small_epochs} epochs. Reference row: "
+             f"hard targets on `{run.spec()}` ({full['cache']['rows_used']} rows), the set the recipe's teacher is "
+             "trained on.", "",
              "| student | train accuracy | test accuracy (last epoch) | best epoch's test accuracy (epoch) | "
              "early stopping needed |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {_pct(r['train_accuracy'])} | {_pct(r['test_accuracy'])} | "
                      f"{_pct(r['best_epoch_test_accuracy'])} ({r['best_epoch']}) | "
                      f"{'yes' if r['early_stopping_needed'] else 'no'} |")
-    lines.append(f"| hard targets, all data ({full['cache']['rows_used']} rows) | | "
+    lines.append(f"| hard targets, the teacher's training set ({full['cache']['rows_used']} rows) | | "
                  f"{_pct(full['metrics']['test']['accuracy'])} | | |")
     plot = line_chart(run.out / "small-data.png", curves, "epoch", "test error rate")
     holds = rows[1]["test_accuracy"] > rows[0]["test_accuracy"]
