@@ -20,6 +20,23 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def stop_after_first_result(cmd: list[str], out: Path, sig: int) -> tuple[int, str]:
+    """Run the sweep CLI in a subprocess, send ``sig`` once results.json exists; return (exit status, output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None and not (out / "results.json").exists():
+            time.sleep(0.1)
+        assert p.poll() is None, "the sweep finished before it could be stopped: make its settings slower"
+        p.send_signal(sig)
+        output, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, output
+
+
 def test_cli_sweep_prints_the_table_and_resumes(cache_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     args = ["sweep", "--cache", str(cache_path), "-T", "2,8", "--alpha", "0.9", "--student", "mlp:16",
@@ -71,26 +88,13 @@ def test_ctrl_c_keeps_finished_settings_and_a_rerun_completes_only_the_rest(cach
     cmd = [sys.executable, "-m", "stages.cli", "sweep", "--cache", str(cache_path), "-T", "1,2,4,8",
            "--alpha", "0.5,1", "--student", "mlp:64", "--epochs", "15", "--batch-size", "32", "--workers", "2",
            "--threads-per-worker", "1", "--device", "cpu", "--quiet", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and p.poll() is None:
-            rows = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
-            if rows:
-                break
-            time.sleep(0.2)
-        assert p.poll() is None, "the sweep finished before it could be interrupted: make its settings slower"
-        p.send_signal(signal.SIGINT)
-        output, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130, output
+    code, output = stop_after_first_result(cmd, out, signal.SIGINT)
+    assert code == 130, output
     assert "interrupted" in output
     kept = json.loads((out / "results.json").read_text())
     assert 1 <= len(kept) < 8 and all(r["status"] == "ok" for r in kept)
 
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"8 settings: {8 - len(kept)} trained, {len(kept)} reused, 0 failed" in rerun.stdout
@@ -104,19 +108,8 @@ def test_sigterm_stops_an_in_process_sweep_like_ctrl_c(cache_path: Path, tmp_pat
     cmd = [sys.executable, "-m", "stages.cli", "sweep", "--cache", str(cache_path), "-T", "1,2,4",
            "--alpha", "1", "--student", "mlp:64", "--epochs", "6", "--batch-size", "32", "--workers", "0",
            "--device", "cpu", "--quiet", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and p.poll() is None and not (out / "results.json").exists():
-            time.sleep(0.1)
-        assert p.poll() is None, "the sweep finished before it could be stopped"
-        p.send_signal(signal.SIGTERM)
-        output, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 130 and "interrupted" in output, output
+    code, output = stop_after_first_result(cmd, out, signal.SIGTERM)
+    assert code == 130 and "interrupted" in output, output
     kept = json.loads((out / "results.json").read_text())
     assert len(kept) == 1 and kept[0]["setting"] == "mlp-64-T1-a1-s0"
     # The setting that was running when the signal came has no metrics.json: it is not taken for finished.
