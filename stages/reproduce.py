@@ -166,6 +166,7 @@ class Run:
         self.base_fraction = min(1.0, self.scale.train_count / n_train) if self.scale.train_count else 1.0
         self._teacher: str | None = None
         self.teacher_metrics: dict | None = None
+        self.runs: list[tuple[float, bool]] = []  # (wall seconds when it ran, re-used now?) per student run
         self.recipe = QUICK_TEACHER if cfg.scale == "quick" else TEACHERS.get(cfg.dataset, TEACHERS["other"])
 
     def spec(self, fraction: float = 1.0, **class_filter: str | int | float) -> str:
@@ -230,9 +231,16 @@ class Run:
         previous = finished_result(scfg, {"cache": cache_fingerprint(LogitCache(cache).header)})
         if previous is not None:
             self.log(f"reusing {scfg.out}")
+            self.account(previous["metrics"]["wall_seconds"], reused=True)
             return previous
         self.log(f"training {name}: {scfg.student}, T={temperature:g}, alpha={alpha:g}")
-        return train_student.run(scfg, log=lambda s: None, progress=False)
+        result = train_student.run(scfg, log=lambda s: None, progress=False)
+        self.account(result["metrics"]["wall_seconds"], reused=False)
+        return result
+
+    def account(self, seconds: float, reused: bool) -> None:
+        """Count a student run's recorded wall time (the report says what its figures cost, re-used or not)."""
+        self.runs.append((seconds, reused))
 
 
 # ------------------------------------------------------------------------------------------------ experiments
@@ -255,6 +263,8 @@ def main_table(run: Run) -> dict:
              f"{d['errors']} errors; teacher {teacher_err})." if gap > 0 else
              f"The baseline student ({b['errors']} errors) is not worse than the teacher ({teacher_err}): there is no "
              "gap to recover with this teacher."]
+    lines.append(f"Calibration: NLL {b['nll']:.3f} -> {d['nll']:.3f}, ECE {b['ece']:.3f} -> {d['ece']:.3f} "
+                 "(baseline -> distilled).")
     plot = bar_chart(run.out / "main-table.png", [r[0].split(",")[0] for r in rows], [r[1]["errors"] for r in rows],
                      "test errors")
     holds = gap > 0 and recovered >= 0.5
@@ -276,6 +286,9 @@ def temperature(run: Run) -> dict:
                       workers=s.workers, out=str(run.out / "runs" / "temperature-sweep"), device=run.cfg.device,
                       data_dir=run.cfg.data_dir, train=TrainConfig(epochs=s.student_epochs))
     res = run_sweep(cfg, log=run.log, progress=False)
+    flags = iter([True] * res.reused + [False] * (len(res.rows) - res.reused))  # only the counts are reported
+    for r in res.rows:
+        run.account(r["wall_seconds"] or 0.0, reused=next(flags))
     best = {}
     for student in cfg.students:
         rows = [r for r in res.rows if r["student"] == student and r["status"] == "ok"]
@@ -443,14 +456,17 @@ def run(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict:
 # ------------------------------------------------------------------------------------------------ report
 def _report(r: Run, sections: dict, summary: dict, plot_prefix: str = "") -> str:
     cfg = r.cfg
-    teacher = (f"`{cfg.teacher}` (given with --teacher)" if cfg.teacher else
+    teacher = (f"`{cfg.teacher}` (given with --teacher{_teacher_recipe(cfg.teacher)})" if cfg.teacher else
                f"{r.recipe.members} x `{r.recipe.model}`, {r.recipe.epochs} epochs, jitter {r.recipe.jitter} "
                f"({r.recipe.why})")
     lines = [f"# kd-pipeline reproduce: {cfg.dataset}, scale {cfg.scale}", "",
              f"Command: `kd-pipeline reproduce {cfg.experiment} --dataset {cfg.dataset} --scale {cfg.scale} --out "
              f"{cfg.out}" + (f" --teacher {cfg.teacher}" if cfg.teacher else "") + "`. "
-             f"Run {time.strftime('%Y-%m-%d')}, {summary['seconds'] / 60:.1f} min in all; device "
-             f"{resolve_device(cfg.device).type}, {torch.get_num_threads()} torch threads.", "",
+             f"Written {time.strftime('%Y-%m-%d')}; device {resolve_device(cfg.device).type}, "
+             f"{torch.get_num_threads()} torch threads. The {len(r.runs)} student runs behind these figures took "
+             f"{sum(t for t, _ in r.runs) / 60:.1f} min of wall time when they ran ({sum(u for _, u in r.runs)} of "
+             f"them re-used from an earlier invocation); this invocation took {summary['seconds'] / 60:.1f} min.",
+             "",
              f"Teacher: {teacher}: {summary['teacher_test']['errors']} test errors on `{r.test_spec}`.", "",
              "| experiment | the paper | verdict here |", "|---|---|---|"]
     for name, sec in sections.items():
@@ -459,8 +475,18 @@ def _report(r: Run, sections: dict, summary: dict, plot_prefix: str = "") -> str
         lines += ["", f"## {name}", "", f"Paper: {PAPER[name]}.", "", sec["text"], ""]
         if sec.get("plot"):
             lines.append(f"![{name}]({plot_prefix}{Path(sec['plot']).name})")
-        lines.append(f"\n({sec['seconds']:.0f} s)")
+        lines.append(f"\n(this invocation: {sec['seconds']:.0f} s)")
     return "\n".join(lines) + "\n"
+
+
+def _teacher_recipe(path: str) -> str:
+    """How a given teacher ensemble was trained, from its ``ensemble.json`` (empty if it has none)."""
+    try:
+        c = json.loads((Path(path) / "ensemble.json").read_text())["config"]
+        return (f"; trained by train-teacher: {c['members']} x `{c['model']}`, {c['train']['epochs']} epochs, jitter "
+                f"{c['jitter']}, on `{c['dataset']}`, device {c['device']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _metrics_table(rows: list[tuple[str, dict]], extra: tuple[str, Callable[[dict], str]] | None = None) -> str:
