@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -430,3 +431,28 @@ def test_holdout_parts_are_disjoint_and_cover_the_split(labeled_npz: Path) -> No
         load_dataset(f"npz:{labeled_npz}:train:holdout=0.5:part=train")
     with pytest.raises(DatasetError, match=r"holdout= expects a number in \(0, 1\)"):
         load_dataset(f"npz:{labeled_npz}:train:holdout=1")
+
+
+def test_idx_reads_are_memoised_per_file_version(tmp_path: Path) -> None:
+    """A second load of the same IDX file is served from memory, as a copy; a changed file is read again."""
+    from pipeline import datasets
+
+    d = tmp_path / "idx"
+    d.mkdir()
+    x, y = make_image_task(20, seed=2, classes=3, side=4)
+    imgs = (np.clip(x, -2, 2) * 60 + 128).astype(np.uint8)[:, 0]
+
+    def write(images: np.ndarray) -> None:
+        (d / IDX_FILES["train"][0]).write_bytes(struct.pack(">IIII", 2051, len(images), 4, 4) + images.tobytes())
+        (d / IDX_FILES["train"][1]).write_bytes(struct.pack(">II", 2049, len(y)) + y.astype(np.uint8).tobytes())
+
+    write(imgs)
+    first = load_dataset(f"idx:{d}:train")
+    first.x[:] = 0  # a caller's writes never reach the memo
+    again = load_dataset(f"idx:{d}:train")
+    assert np.array_equal(again.x[:, 0], imgs)
+    assert any(k[0].endswith(IDX_FILES["train"][0]) for k in datasets._IDX_MEMO)
+    write(255 - imgs)  # new content, same size: the modification time tells (set apart explicitly here, since
+    path = d / IDX_FILES["train"][0]  # two writes within one clock tick could share it)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert np.array_equal(load_dataset(f"idx:{d}:train").x[:, 0], 255 - imgs)
