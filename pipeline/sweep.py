@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import signal
@@ -261,11 +262,13 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
         write_results(out, ordered())
         bar.update(1)
 
-    previous_term = _stop_on_sigterm()
+    use_dask = bool(pending) and bool(cfg.scheduler or _n_workers(cfg))
+    stop = threading.Event()
+    saved_handlers = _install_stop_handlers(stop, raise_now=not use_dask)
     try:
         if pending:
-            if cfg.scheduler or _n_workers(cfg):
-                _run_dask(cfg, pending, finish)
+            if use_dask:
+                _run_dask(cfg, pending, finish, stop)
             else:
                 for s, scfg in pending:
                     finish(s, run_setting(scfg, cfg.torch_threads))
@@ -280,8 +283,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
         say("interrupted: finished settings are kept; re-run the same command to run the rest")
     finally:
         bar.close()
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        for signum, handler in saved_handlers.items():
+            signal.signal(signum, handler)
     res.rows = ordered()
     res.files = write_results(out, res.rows)
     res.table = markdown_table(res.rows, cfg)
@@ -293,21 +296,30 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
     return res
 
 
-def _stop_on_sigterm() -> signal.Handlers | None:
-    """SIGTERM (a scheduler's or ``kill``'s stop) ends the sweep like Ctrl-C: finished settings stay recorded."""
+def _install_stop_handlers(stop: threading.Event, raise_now: bool) -> dict:
+    """Ctrl-C (SIGINT) and SIGTERM end the sweep cleanly: finished settings stay recorded.
+
+    In-process settings are interrupted at once (KeyboardInterrupt); a dask sweep only sets ``stop``, which its
+    loop checks every fraction of a second: an exception raised inside the dask client's machinery could be lost.
+
+    Returns:
+        The previous handlers, to restore (empty when not on the main thread, where signals cannot be handled).
+    """
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+        if raise_now:
+            raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, stop)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
-              finish: Callable[[Setting, dict], None]) -> None:
+              finish: Callable[[Setting, dict], None], stop: threading.Event) -> None:
     """Submit every pending setting to dask and hand outcomes to ``finish`` as they complete."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, LocalCluster
 
     from .devices import resolve_device
 
@@ -324,7 +336,9 @@ def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
         n = _n_workers(cfg)
         # One task per worker at a time (threads_per_worker=1); torch threads split the cores between workers.
         # dashboard ":0": a free port; None still binds the default 8787 and warns when another cluster holds it.
+        # silence_logs: workers' warnings about tasks cancelled by a Ctrl-C are noise to a user.
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               silence_logs=logging.ERROR,
                                resources={"GPU": 1} if gpu else None)
         client = Client(cluster)
         threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // n)
@@ -335,12 +349,20 @@ def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
             fut = client.submit(run_setting, scfg, threads, key=f"sweep-{s.name}-{time.time_ns()}", pure=False,
                                 resources={"GPU": 1} if gpu else None)
             futures[fut] = s
-        for fut in as_completed(list(futures)):
-            try:
-                outcome = fut.result()
-            except Exception as e:  # noqa: BLE001 - a lost worker fails its setting, not the sweep
-                outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": 0.0}
-            finish(futures[fut], outcome)
+        remaining = dict(futures)
+        while remaining:
+            if stop.is_set():
+                raise KeyboardInterrupt
+            done = [f for f in remaining if f.done()]
+            if not done:
+                time.sleep(0.1)
+                continue
+            for fut in done:
+                try:
+                    outcome = fut.result()
+                except Exception as e:  # noqa: BLE001 - a lost worker fails its setting, not the sweep
+                    outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": 0.0}
+                finish(remaining.pop(fut), outcome)
     finally:
         client.cancel(list(futures), force=True)
         client.close()
