@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.cache import LogitCache, cache_fingerprint
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig
 from pipeline.plots import bar_chart
+from pipeline.sweep import finished_result
 from pipeline.training import TrainConfig
 from stages import cache_logits, evaluate, train_student, train_teacher
 
@@ -49,23 +50,11 @@ def _student(cfg: DemoConfig, cache: Path, out: Path, temperature: float, alpha:
     scfg = StudentConfig(cache=str(cache), student=cfg.student, temperature=temperature, alpha=alpha,
                          eval="fashion-mnist:test", out=str(out), device=cfg.device,
                          train=TrainConfig(epochs=cfg.student_epochs, seed=cfg.seed))
-    done = out / "metrics.json"
-    if done.is_file():
-        previous = json.loads(done.read_text())
-        current = cache_fingerprint(LogitCache(cache).header)
-        if previous.get("config") == scfg.to_dict() and previous.get("cache", {}).get("fingerprint") == current:
-            log(f"reusing {out}")
-            return previous
+    previous = finished_result(scfg, {"cache": cache_fingerprint(LogitCache(cache).header)})
+    if previous is not None:
+        log(f"reusing {out}")
+        return previous
     return train_student.run(scfg, log=log, progress=False)
-
-
-def _recorded_recipe(summary_file: Path) -> dict | None:
-    """The recipe of the teacher recorded in ``ensemble.json`` (None if unreadable)."""
-    try:
-        d = json.loads(summary_file.read_text())["config"]
-        return TeacherConfig(**{**d, "train": TrainConfig(**d["train"])}).recipe()
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
@@ -79,8 +68,8 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     tcfg = TeacherConfig(dataset=train_spec, model=cfg.model, input_dropout=cfg.input_dropout, dropout=cfg.dropout,
                          jitter=cfg.jitter, members=cfg.members, out=str(teacher_dir), device=cfg.device,
                          train=TrainConfig(epochs=cfg.epochs, seed=cfg.seed))
-    summary_file = teacher_dir / "ensemble.json"
-    if summary_file.is_file() and _recorded_recipe(summary_file) == tcfg.recipe():
+    recorded = train_teacher.recorded_config(teacher_dir)
+    if recorded is not None and recorded.recipe() == tcfg.recipe():
         log(f"reusing the teacher in {teacher_dir}")
     else:
         # A new teacher makes the old cache and students stale: remove them rather than mix generations.

@@ -191,10 +191,11 @@ class Run:
                                  dropout=r.dropout, jitter=r.jitter, members=r.members, eval=self.test_spec,
                                  out=str(tdir), device=self.cfg.device, data_dir=self.cfg.data_dir,
                                  train=TrainConfig(epochs=r.epochs, seed=self.cfg.seed))
-            summary = tdir / "ensemble.json"
-            if summary.is_file():
-                d = json.loads(summary.read_text())["config"]
-                recorded = TeacherConfig(**{**d, "train": TrainConfig(**d["train"])})
+            if (tdir / "ensemble.json").is_file():
+                recorded = train_teacher.recorded_config(tdir)
+                if recorded is None:
+                    raise ConfigError([f"{tdir / 'ensemble.json'} cannot be read; use another --out, or remove "
+                                       f"{tdir} to retrain"])
                 if recorded.recipe() != tcfg.recipe():
                     # Never delete a finished teacher (and everything made from it) behind the user's back.
                     diffs = [f"{k}: {recorded.recipe()[k]!r} there, {v!r} now" for k, v in tcfg.recipe().items()
@@ -481,12 +482,11 @@ def _report(r: Run, sections: dict, summary: dict, plot_prefix: str = "") -> str
 
 def _teacher_recipe(path: str) -> str:
     """How a given teacher ensemble was trained, from its ``ensemble.json`` (empty if it has none)."""
-    try:
-        c = json.loads((Path(path) / "ensemble.json").read_text())["config"]
-        return (f"; trained by train-teacher: {c['members']} x `{c['model']}`, {c['train']['epochs']} epochs, jitter "
-                f"{c['jitter']}, on `{c['dataset']}`, device {c['device']}")
-    except (OSError, ValueError, KeyError, TypeError):
+    c = train_teacher.recorded_config(path)
+    if c is None:
         return ""
+    return (f"; trained by train-teacher: {c.members} x `{c.model}`, {c.train.epochs} epochs, jitter {c.jitter}, "
+            f"on `{c.dataset}`, device {c.device}")
 
 
 def _metrics_table(rows: list[tuple[str, dict]], extra: tuple[str, Callable[[dict], str]] | None = None) -> str:

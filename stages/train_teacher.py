@@ -17,7 +17,7 @@ from pipeline.errors import KDError
 from pipeline.losses import DistillationLoss
 from pipeline.metrics import classification_metrics, evaluate_ensemble, predict_logits
 from pipeline.models import build_model
-from pipeline.training import InMemorySource, fit, random_shift
+from pipeline.training import InMemorySource, TrainConfig, fit, random_shift
 
 
 def run(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
@@ -83,3 +83,13 @@ def run(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
             f"({res['ensemble']['accuracy']:.4f} accuracy) on {test.spec}")
     (out / "ensemble.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def recorded_config(out: str | Path) -> TeacherConfig | None:
+    """The config a finished ensemble directory was trained with (from its ``ensemble.json``), or None when there
+    is none or it cannot be read."""
+    try:
+        d = json.loads((Path(out) / "ensemble.json").read_text())["config"]
+        return TeacherConfig(**{**d, "train": TrainConfig(**d["train"])})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
