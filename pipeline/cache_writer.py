@@ -10,7 +10,6 @@ Both paths run the same per-shard function on the same batch boundaries, so thei
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 import time
@@ -340,34 +339,17 @@ def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[
 def _run_dask(spec: WorkSpec, tasks: list[tuple[int, list[int]]], cfg: CacheConfig, device: torch.device,
               bar: tqdm) -> None:
     """Map shard ranges over dask workers (a LocalCluster of processes, or an existing scheduler)."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
 
-    cluster = None
-    gpu = device.type == "cuda"
-    if cfg.scheduler:
-        client = Client(cfg.scheduler)
-        workers = client.scheduler_info().get("workers", {})
-        n_workers = max(1, len(workers))
-        # Ask for a GPU resource only if some worker declares one: otherwise the tasks could never run.
-        gpu = gpu and any("GPU" in (w.get("resources") or {}) for w in workers.values())
-    else:
-        n_workers = cfg.workers
-        resources = {"GPU": 1} if device.type == "cuda" else None
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                               resources=resources)
-        client = Client(cluster)
-    # Torch threads per worker so that workers on one machine do not oversubscribe its cores.
-    spec.torch_threads = max(1, (os.cpu_count() or 1) // n_workers) if cfg.workers else 0
-    per_task = max(1, math.ceil(len(tasks) / (n_workers * 4)))
-    chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
-    specs = [WorkSpec(**{**spec.__dict__, "tasks": c}) for c in chunks]
-    try:
-        resources = {"GPU": 1} if gpu else None
-        futures = client.map(run_worker_tasks, specs, pure=False, resources=resources)
+    from .cluster import dask_cluster
+
+    with dask_cluster(cfg.workers, cfg.scheduler, gpu=device.type == "cuda") as cluster:
+        # An external scheduler's workers keep their own torch threads (0); a local cluster splits the cores.
+        spec.torch_threads = 0 if cfg.scheduler else cluster.torch_threads
+        per_task = max(1, math.ceil(len(tasks) / (cluster.workers * 4)))
+        chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
+        specs = [WorkSpec(**{**spec.__dict__, "tasks": c}) for c in chunks]
+        futures = cluster.client.map(run_worker_tasks, specs, pure=False, resources=cluster.resources)
         for fut in as_completed(futures):
             for _, rows in fut.result():
                 bar.update(rows)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()

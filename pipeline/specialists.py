@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -484,24 +483,19 @@ def run_tasks(tasks: list[SpecialistTask], workers: int, log: Callable[[str], No
     """Train specialists in this process (``workers`` <= 1) or as tasks on a dask ``LocalCluster`` of processes."""
     if workers <= 1:
         return [train_specialist(t, log=log) for t in tasks]
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
 
-    n = min(workers, len(tasks))
-    threads = max(1, (os.cpu_count() or 1) // n)  # torch threads per worker: workers must not oversubscribe cores
-    tasks = [SpecialistTask(**{**asdict(t), "torch_threads": threads}) for t in tasks]
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
-    client = Client(cluster)
-    try:
-        futures = client.map(train_specialist, tasks, pure=False)
+    from .cluster import dask_cluster
+
+    with dask_cluster(min(workers, len(tasks))) as cluster:
+        tasks = [SpecialistTask(**{**asdict(t), "torch_threads": cluster.torch_threads}) for t in tasks]
+        futures = cluster.client.map(train_specialist, tasks, pure=False)
         records = {}
         for fut in as_completed(futures):
             r = fut.result()
             records[r["index"]] = r
             log(f"specialist {r['index']} ({', '.join(r['class_names'])}) done in {r['seconds']:.1f}s")
         return [records[t.index] for t in tasks]
-    finally:
-        client.close()
-        cluster.close()
 
 
 # ----------------------------------------------------------------------------------------------- inference

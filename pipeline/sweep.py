@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 import signal
@@ -319,55 +318,35 @@ def _install_stop_handlers(stop: threading.Event, raise_now: bool) -> dict:
 def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
               finish: Callable[[Setting, dict], None], stop: threading.Event) -> None:
     """Submit every pending setting to dask and hand outcomes to ``finish`` as they complete."""
-    from dask.distributed import Client, LocalCluster
-
+    from .cluster import dask_cluster
     from .devices import resolve_device
 
-    gpu = resolve_device(cfg.device).type == "cuda"
-    cluster = None
-    if cfg.scheduler:
-        client = Client(cfg.scheduler)
-        threads = cfg.torch_threads
-        # Only ask for a GPU resource that some worker declares (dask-worker --resources GPU=1); otherwise no worker
-        # could ever run the tasks and the sweep would wait forever.
-        gpu = gpu and any("GPU" in (w.get("resources") or {})
-                          for w in client.scheduler_info().get("workers", {}).values())
-    else:
-        n = _n_workers(cfg)
-        # One task per worker at a time (threads_per_worker=1); torch threads split the cores between workers.
-        # dashboard ":0": a free port; None still binds the default 8787 and warns when another cluster holds it.
-        # silence_logs: workers' warnings about tasks cancelled by a Ctrl-C are noise to a user.
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                               silence_logs=logging.ERROR,
-                               resources={"GPU": 1} if gpu else None)
-        client = Client(cluster)
-        threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // n)
     futures = {}
-    try:
-        for s, scfg in pending:
-            # A GPU resource per task: each GPU trains one student at a time (workers declare GPU=1 each).
-            fut = client.submit(run_setting, scfg, threads, key=f"sweep-{s.name}-{time.time_ns()}", pure=False,
-                                resources={"GPU": 1} if gpu else None)
-            futures[fut] = s
-        remaining = dict(futures)
-        while remaining:
-            if stop.is_set():
-                raise KeyboardInterrupt
-            done = [f for f in remaining if f.done()]
-            if not done:
-                time.sleep(0.1)
-                continue
-            for fut in done:
-                try:
-                    outcome = fut.result()
-                except Exception as e:  # noqa: BLE001 - a lost worker fails its setting, not the sweep
-                    outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": 0.0}
-                finish(remaining.pop(fut), outcome)
-    finally:
-        client.cancel(list(futures), force=True)
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    with dask_cluster(_n_workers(cfg), cfg.scheduler, gpu=resolve_device(cfg.device).type == "cuda",
+                      torch_threads=cfg.torch_threads, quiet_workers=True) as cluster:
+        try:
+            for s, scfg in pending:
+                # Each task may ask for a GPU: each GPU then trains one student at a time.
+                fut = cluster.client.submit(run_setting, scfg, cluster.torch_threads,
+                                            key=f"sweep-{s.name}-{time.time_ns()}", pure=False,
+                                            resources=cluster.resources)
+                futures[fut] = s
+            remaining = dict(futures)
+            while remaining:
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                done = [f for f in remaining if f.done()]
+                if not done:
+                    time.sleep(0.1)
+                    continue
+                for fut in done:
+                    try:
+                        outcome = fut.result()
+                    except Exception as e:  # noqa: BLE001 - a lost worker fails its setting, not the sweep
+                        outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": 0.0}
+                    finish(remaining.pop(fut), outcome)
+        finally:
+            cluster.client.cancel(list(futures), force=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -344,7 +344,7 @@ def omitted_class(run: Run) -> dict:
     res = run.student(f"omitted-class/without-{c}", cache, run.cfg.temperature, run.cfg.alpha, fit_bias_on=held_spec)
     before, after = res["metrics"]["test_before_bias"], res["metrics"]["test"]
     fitted = res["metrics"]["bias"]["fitted"]["offsets"][str(c)]
-    paper_bias = _with_offsets(run, res, {c: 3.5})
+    paper_bias = _student_metrics(run, res, run.test_spec, {c: 3.5})
     rows = [(f"student without class {c}, no correction", before),
             (f"+ bias {c} by the paper's +3.5", paper_bias),
             (f"+ bias {c} fitted on held-out `{held_spec}` ({fitted:+.1f})", after)]
@@ -389,7 +389,7 @@ def small_data(run: Run) -> dict:
     rows, curves = [], {}
     for label, r in (("hard targets", hard), ("soft targets (alpha = 1)", soft)):
         hist = _history(Path(r["config"]["out"]) / "history.csv")
-        train_acc = _accuracy(run, r, spec)
+        train_acc = _student_metrics(run, r, spec)["accuracy"]
         test = [int(h["test_errors"]) for h in hist]
         best_epoch = int(np.argmin(test)) + 1
         needs_stop = test[-1] > min(test) * 1.02  # the last epoch is >2 % worse than the best one
@@ -498,28 +498,20 @@ def _metrics_table(rows: list[tuple[str, dict]], extra: tuple[str, Callable[[dic
     return "\n".join(lines)
 
 
-def _with_offsets(run: Run, result: dict, offsets: dict[int, float]) -> dict:
-    """Test metrics of a trained student with ``offsets`` in place of the bias correction it was saved with."""
+def _student_metrics(run: Run, result: dict, spec: str, offsets: dict[int, float] | None = None) -> dict:
+    """Metrics of a finished run's student on a labeled dataset; with ``offsets``, those replace the bias
+    correction the student was saved with (e.g. the paper's +3.5 instead of the fitted offset)."""
     device = resolve_device(run.cfg.device)
     loaded = load_checkpoint(Path(result["config"]["out"]) / "student.pt", device)
-    model = loaded.model
-    fitted = result["metrics"]["bias"]["fitted"]["offsets"]
-    with torch.no_grad():
-        for c, v in fitted.items():
-            model.output_bias[int(c)] -= v
-        for c, v in offsets.items():
-            model.output_bias[c] += v
-    test = load_dataset(run.test_spec, run.cfg.data_dir)
-    return classification_metrics(predict_logits(model, test.x, device), torch.as_tensor(test.y),
-                                  int(loaded.meta["num_classes"]))
-
-
-def _accuracy(run: Run, result: dict, spec: str) -> float:
-    """Accuracy of a finished run's student on a labeled dataset (e.g. its own training rows)."""
-    device = resolve_device(run.cfg.device)
-    model = load_checkpoint(Path(result["config"]["out"]) / "student.pt", device).model
+    if offsets is not None:
+        with torch.no_grad():
+            for c, v in result["metrics"]["bias"]["fitted"]["offsets"].items():
+                loaded.model.output_bias[int(c)] -= v
+            for c, v in offsets.items():
+                loaded.model.output_bias[c] += v
     data = load_dataset(spec, run.cfg.data_dir)
-    return classification_metrics(predict_logits(model, data.x, device), torch.as_tensor(data.y))["accuracy"]
+    return classification_metrics(predict_logits(loaded.model, data.x, device), torch.as_tensor(data.y),
+                                  int(loaded.meta["num_classes"]))
 
 
 def _history(path: Path) -> list[dict]:
