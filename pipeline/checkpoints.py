@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import CheckpointError, KDError
-from .models import KDModel, build_model
+from pipeline.errors import CheckpointError, KDError
+from pipeline.models import KDModel, build_model
 
 if TYPE_CHECKING:
-    from .datasets import Dataset
+    from pipeline.datasets import Dataset
 
 CHECKPOINT_VERSION = 1
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from .errors import ConfigError
-from .losses import ENSEMBLE_METHODS, LOSSES
-from .models import with_options
-from .training import TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.models import with_options
+from pipeline.training.loop import TrainConfig
+from pipeline.training.losses import ENSEMBLE_METHODS, LOSSES
 
 CACHE_DTYPES = ("float16", "float32")
 
@@ -345,7 +345,7 @@ class SpecialistsConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3))
 
     def validate(self) -> None:
-        from .specialists import SIMILARITIES
+        from pipeline.experiments.specialists import SIMILARITIES
 
         problems = []
         if not self.cache:

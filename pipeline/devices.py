@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import KDError
+from pipeline.errors import KDError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 

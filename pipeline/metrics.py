@@ -95,7 +95,7 @@ def evaluate_ensemble(models: list[nn.Module], x: np.ndarray, y: np.ndarray, dev
     Returns:
         ``{"members": [metrics, ...], "ensemble": metrics}``; one member gives ensemble == members[0].
     """
-    from .losses import combine_members  # local: metrics stays importable on its own
+    from pipeline.training.losses import combine_members  # local: metrics stays importable on its own
 
     labels = torch.as_tensor(y).long()
     member_logits = [predict_logits(m, x, device, batch_size) for m in models]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelSpecError
+from pipeline.errors import ModelSpecError
 
 
 class KDModel(nn.Module):

@@ -55,7 +55,7 @@ def storage_option(fn: Callable) -> Callable:
 
 
 def storage_options_of(items: tuple[str, ...]) -> dict:
-    from pipeline.stores import parse_storage_options
+    from pipeline.cache.location import parse_storage_options
 
     return parse_storage_options(items)
 
@@ -81,7 +81,7 @@ def train_options(fn: Callable) -> Callable:
 
 
 def make_train_config(kw: dict, seed: int):  # noqa: ANN201
-    from pipeline.training import TrainConfig
+    from pipeline.training.loop import TrainConfig
 
     return TrainConfig(epochs=kw.pop("epochs"), batch_size=kw.pop("batch_size"), lr=kw.pop("lr"),
                        optimizer=kw.pop("optimizer"), momentum=kw.pop("momentum"),
@@ -132,13 +132,13 @@ def train_teacher(dataset: str, model: str, input_dropout: float | None, dropout
                   device: str, seed: int, data_dir: str | None, **kw: object) -> None:
     """Train a teacher ensemble; writes member-<i>.pt checkpoints and ensemble.json under --out."""
     from pipeline.config import TeacherConfig
-    from stages import train_teacher as step
+    from pipeline.training.teacher import train_teacher
 
     cfg = TeacherConfig(dataset=dataset, model=model, input_dropout=input_dropout, dropout=dropout,
                         max_norm=max_norm, jitter=jitter, members=members, eval=eval_spec,
                         out=out or default_out("teachers", model.replace(":", "-").replace(",", "-")),
                         device=device, data_dir=data_dir, train=make_train_config(kw, seed))
-    step.run(cfg, log=click.echo)
+    train_teacher(cfg, log=click.echo)
     click.echo(f"wrote {cfg.out}; next: kd-pipeline cache-logits --teacher {cfg.out} --dataset {dataset}")
 
 
@@ -156,9 +156,9 @@ def evaluate(model_path: str, dataset: str, ensemble: str, batch_size: int, as_j
              data_dir: str | None) -> None:
     """Test errors (count), accuracy, NLL and ECE of a checkpoint or an ensemble and its members."""
     from pipeline.config import EvaluateConfig
-    from stages import evaluate as step
+    from pipeline.evaluation import evaluate_models
 
-    res = step.run(EvaluateConfig(model=model_path, dataset=dataset, ensemble=ensemble, batch_size=batch_size,
+    res = evaluate_models(EvaluateConfig(model=model_path, dataset=dataset, ensemble=ensemble, batch_size=batch_size,
                                   device=device, data_dir=data_dir))
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -198,14 +198,14 @@ def cache_logits(teachers: tuple[str, ...], dataset: str, out: str, dtype: str |
     Re-running the same command resumes an interrupted cache (only missing shards are computed) and is a no-op on
     a complete one. A different teacher or dataset for an existing cache is refused.
     """
+    from pipeline.cache.writer import build_cache
     from pipeline.config import CacheConfig
-    from stages import cache_logits as step
 
     cfg = CacheConfig(teachers=list(teachers), dataset=dataset, out=out, dtype=dtype, batch_size=batch_size,
                       rows_per_shard=rows_per_shard, device=device, workers=workers, scheduler=scheduler,
                       add_member=add_member, data_dir=data_dir, storage_options=storage_options_of(storage_options),
                       command=shlex.join(["kd-pipeline", *sys.argv[1:]]))
-    res = step.run(cfg, log=click.echo, progress=not quiet)
+    res = build_cache(cfg, log=click.echo, progress=not quiet)
     click.echo(res.message)
     if res.status != "already-complete":
         click.echo(f"next: kd-pipeline cache info {out}  |  kd-pipeline train-student --cache {out} ...")
@@ -274,7 +274,7 @@ def train_student(cache: str | None, student: str, temperature: float, alpha: fl
                   data_dir: str | None, **kw: object) -> None:
     """Stage two: train a student on cached soft targets at temperature T plus weighted hard labels."""
     from pipeline.config import StudentConfig
-    from stages import train_student as step
+    from pipeline.training.distill import train_student as step
 
     try:
         member_list = [int(m) for m in members.split(",")] if members else None
@@ -289,7 +289,7 @@ def train_student(cache: str | None, student: str, temperature: float, alpha: fl
                         online_teacher=list(online_teacher) or None, dataset=dataset,
                         out=out or default_out("runs", name), device=device, data_dir=data_dir,
                         train=make_train_config(kw, seed), storage_options=storage_options_of(storage_options))
-    step.run(cfg, log=(lambda s: None) if quiet else click.echo, progress=not quiet)
+    step(cfg, log=(lambda s: None) if quiet else click.echo, progress=not quiet)
     click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
 
 
@@ -355,7 +355,7 @@ def sweep(ctx: click.Context, cache: str | None, temperatures: str, alphas: str,
     back, failed or missing ones are trained. Exit status 1 if any setting failed, 130 if interrupted.
     """
     from pipeline.config import SweepConfig
-    from stages import sweep as step
+    from pipeline.experiments.sweep import sweep_command
 
     name = Path(cache.rstrip("/")).name.removesuffix(".zip").removesuffix(".zarr") if cache else "online"
     cfg = SweepConfig(cache=cache or "", temperatures=parse_floats(temperatures, "--temperature"),
@@ -366,7 +366,7 @@ def sweep(ctx: click.Context, cache: str | None, temperatures: str, alphas: str,
                       dataset=dataset, workers=workers, scheduler=scheduler, torch_threads=threads_per_worker,
                       out=out or default_out("sweeps", name), device=device, data_dir=data_dir,
                       storage_options=storage_options_of(storage_options), train=make_train_config(kw, 0))
-    res = step.run(cfg, log=click.echo, progress=not quiet, dry_run=dry_run)
+    res = sweep_command(cfg, log=click.echo, progress=not quiet, dry_run=dry_run)
     if res is not None and res.interrupted:
         ctx.exit(130)
     if res is not None and res.failed:
@@ -404,7 +404,7 @@ def reproduce(experiment: str, dataset: str, scale: str, teacher: str | None, om
     omitted-class (a transfer set without one class, before and after bias correction; and a two-class transfer
     set), small-data (3 % of the training set: hard vs soft targets). Artefacts are reused when re-run.
     """
-    from stages import reproduce as step
+    from pipeline.experiments import reproduce as step
 
     name = dataset.replace(":", "-").replace("/", "_").strip("-_")
     cfg = step.ReproduceConfig(experiment=experiment, dataset=dataset, data_dir=data_dir, scale=scale,
@@ -412,7 +412,7 @@ def reproduce(experiment: str, dataset: str, scale: str, teacher: str | None, om
                                teacher=teacher,
                                omitted_class=omitted_class, kept_classes=parse_ints(kept_classes, "--kept-classes"),
                                student=student, narrow_student=narrow_student, device=device, seed=seed)
-    step.run(cfg, log=click.echo)
+    step.run_reproduce(cfg, log=click.echo)
 
 
 def specialist_options(fn: Callable) -> Callable:
@@ -501,10 +501,10 @@ def _specialists_step(steps: tuple[str, ...], name: str, doc: str) -> None:
     @data_dir_option
     @common
     def command(device: str, seed: int, data_dir: str | None, **kw: object) -> None:
-        from stages import specialists as step
+        from pipeline.experiments.specialists import run_steps
 
         cfg = _specialists_config(kw, seed, device, data_dir)
-        step.run(cfg, steps, log=click.echo)
+        run_steps(cfg, steps, log=click.echo)
         click.echo(f"wrote {cfg.out}")
 
 
@@ -530,7 +530,7 @@ def cache_group() -> None:
 @storage_option
 def cache_info(cache: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Describe CACHE: rows, classes, members, dtype, codecs, shards done, size, dataset, completeness."""
-    from pipeline.cache import LogitCache
+    from pipeline.cache.format import LogitCache
 
     info = LogitCache(cache, allow_partial=True, storage_options=storage_options_of(storage_options)).info().to_dict()
     if as_json:
@@ -548,7 +548,7 @@ def cache_info(cache: str, as_json: bool, storage_options: tuple[str, ...]) -> N
 def cache_verify(cache: str, dataset: str | None, quiet: bool, storage_options: tuple[str, ...],
                  data_dir: str | None) -> None:
     """Read every chunk of CACHE (checksums) and check it against the format: exit 1 naming each problem."""
-    from pipeline.sharing import verify_cache
+    from pipeline.cache.sharing import verify_cache
 
     report = verify_cache(cache, dataset=dataset, storage_options=storage_options_of(storage_options),
                           data_dir=data_dir, progress=not quiet)
@@ -564,7 +564,7 @@ def cache_verify(cache: str, dataset: str | None, quiet: bool, storage_options: 
 @storage_option
 def cache_pack(cache: str, out: str, quiet: bool, storage_options: tuple[str, ...]) -> None:
     """Bundle CACHE into the single file OUT (NAME.zarr.zip), written once, then verified."""
-    from pipeline.sharing import pack_cache
+    from pipeline.cache.sharing import pack_cache
 
     res = pack_cache(cache, out, src_options=storage_options_of(storage_options), progress=not quiet,
                      log=click.echo)
@@ -578,7 +578,7 @@ def cache_pack(cache: str, out: str, quiet: bool, storage_options: tuple[str, ..
 @storage_option
 def cache_copy(src: str, dst: str, quiet: bool, storage_options: tuple[str, ...]) -> None:
     """Copy SRC to DST (directory, NAME.zarr.zip or s3://), verify the copy; a re-run resumes an interrupted one."""
-    from pipeline.sharing import copy_cache
+    from pipeline.cache.sharing import copy_cache
 
     opts = storage_options_of(storage_options)
     res = copy_cache(src, dst, src_options=opts, dst_options=opts, progress=not quiet, log=click.echo)
@@ -590,7 +590,7 @@ def cache_copy(src: str, dst: str, quiet: bool, storage_options: tuple[str, ...]
 @storage_option
 def cache_ls(prefix: str, storage_options: tuple[str, ...]) -> None:
     """List the caches under PREFIX (a directory or s3://bucket/prefix), one summary line each."""
-    from pipeline.sharing import list_caches
+    from pipeline.cache.sharing import list_caches
 
     found = list_caches(prefix, storage_options_of(storage_options))
     for s in found:
@@ -627,9 +627,9 @@ def format_cache_info(i: dict) -> str:
 @click.option("--out", default=None, help="Write every figure, with the machine, to this JSON file.")
 def bench(scale: str, device: str, out: str | None) -> None:
     """Measure what the cache buys, as ratios in one run (P1 epoch cost, P3 caching overhead, P4 streaming, P5 size)."""
-    from stages import bench as step
+    from pipeline.experiments.bench import run_bench
 
-    step.run(scale=scale, device=device, out=out, log=click.echo)
+    run_bench(scale, device, out, click.echo)
 
 
 @main.command()
@@ -650,13 +650,13 @@ def demo(out: str | None, epochs: int, members: int, model: str, student: str, s
          temperatures: str, alpha: float, transfer_fraction: float, train_subset: float | None, device: str,
          seed: int) -> None:
     """The main job on the shipped Fashion-MNIST: teacher ensemble, logit cache, baseline vs distilled students."""
-    from stages import demo as step
+    from pipeline.experiments import demo as step
 
     try:
         temps = [float(t) for t in temperatures.split(",") if t]
     except ValueError:
         raise click.BadParameter(f"expected numbers like 4,20, got {temperatures!r}") from None
-    step.run(step.DemoConfig(out=out or default_out("demo", ""), epochs=epochs, members=members, model=model,
+    step.run_demo(step.DemoConfig(out=out or default_out("demo", ""), epochs=epochs, members=members, model=model,
                              student=student, student_epochs=student_epochs, temperatures=temps, alpha=alpha,
                              transfer_fraction=transfer_fraction or None, train_subset=train_subset, device=device,
                              seed=seed), log=click.echo)

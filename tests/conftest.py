@@ -47,11 +47,11 @@ def npz_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> Path:
     """A real 2-member mlp:32 teacher ensemble trained on ``npz_path`` (seconds on a CPU)."""
     from pipeline.config import TeacherConfig
-    from pipeline.training import TrainConfig
-    from stages import train_teacher
+    from pipeline.training.loop import TrainConfig
+    from pipeline.training.teacher import train_teacher
 
     out = tmp_path_factory.mktemp("teacher")
-    train_teacher.run(TeacherConfig(dataset=f"npz:{npz_path}:train", model="mlp:32", input_dropout=0.0,
+    train_teacher(TeacherConfig(dataset=f"npz:{npz_path}:train", model="mlp:32", input_dropout=0.0,
                                     dropout=0.0, jitter=0, members=2, eval=f"npz:{npz_path}:test", out=str(out),
                                     device="cpu", train=TrainConfig(epochs=5, batch_size=64, seed=0)),
                       log=lambda s: None)
@@ -76,7 +76,7 @@ def cache_path(tmp_path_factory: pytest.TempPathFactory, npz_path: Path, teacher
 
     Shared by many tests: never write to it (copy it first).
     """
-    from pipeline.cache_writer import build_cache
+    from pipeline.cache.writer import build_cache
     from pipeline.config import CacheConfig
 
     out = tmp_path_factory.mktemp("cache") / "task.zarr"
@@ -114,7 +114,7 @@ def logits_cache(tmp_path: Path):
     """
     import numpy as np
 
-    from pipeline.cache import create_cache, mark_complete, write_shard
+    from pipeline.cache.format import create_cache, mark_complete, write_shard
     from pipeline.datasets import load_dataset
 
     count = [0]

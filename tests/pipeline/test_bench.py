@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import run_bench
+from pipeline.experiments.bench import run_bench
 
 
 @pytest.mark.slow

@@ -22,14 +22,14 @@ import torch
 import zarr
 
 from pipeline import __version__
-from pipeline.cache import ATTR_KEY, FORMAT_NAME, FORMAT_VERSION, CacheLock, LogitCache, read_header
-from pipeline.cache_writer import build_cache
+from pipeline.cache.format import ATTR_KEY, FORMAT_NAME, FORMAT_VERSION, CacheLock, LogitCache, read_header
+from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from pipeline.config import CacheConfig, TeacherConfig
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError, CheckpointError
-from pipeline.training import TrainConfig
-from stages import train_teacher
+from pipeline.training.loop import TrainConfig
+from pipeline.training.teacher import train_teacher
 from tests.conftest import write_npz
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def model_outputs(checkpoint: Path, x: np.ndarray, batch: int = BATCH) -> np.nda
 
 
 def train(out: Path, npz: Path, model: str, seed: int, members: int = 1, epochs: int = 2) -> Path:
-    train_teacher.run(TeacherConfig(dataset=spec_of(npz), model=model, input_dropout=0.0, dropout=0.0, jitter=0,
+    train_teacher(TeacherConfig(dataset=spec_of(npz), model=model, input_dropout=0.0, dropout=0.0, jitter=0,
                                     members=members, eval=None, out=str(out), device="cpu",
                                     train=TrainConfig(epochs=epochs, batch_size=64, seed=seed)),
                       log=lambda s: None)
@@ -568,7 +568,7 @@ def test_creation_killed_before_the_store_existed_is_redone(tmp_path: Path, comp
 def test_creation_killed_midway_is_redone(cache_copy: Path, complete_cache: Path, teacher_dir: Path,
                                           dataset_spec: str) -> None:
     """Killed while the schema was being written: the creation marker is there, the header is not whole."""
-    from pipeline.cache import CREATING_MARKER
+    from pipeline.cache.format import CREATING_MARKER
 
     shutil.rmtree(cache_copy / "members/1")
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)
@@ -606,7 +606,7 @@ def test_add_member_killed_after_the_header_named_it_is_finished(cache_copy: Pat
                                                                  teacher_dir: Path, new_teacher: Path,
                                                                  dataset_spec: str) -> None:
     """Killed after the header listed member 2 (cache partial): the message says how to finish it, and that works."""
-    from pipeline.cache import add_member_arrays
+    from pipeline.cache.format import add_member_arrays
 
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)
     add_member_arrays(g, load_checkpoint(new_teacher).identity())

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import LogitCache, cache_fingerprint
-from pipeline.cache_writer import build_cache
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, load_models
 from pipeline.config import CacheConfig, StudentConfig, TeacherConfig
 from pipeline.datasets import load_dataset
-from pipeline.distill import train_student
 from pipeline.errors import CacheError, ConfigError
 from pipeline.metrics import predict_logits
-from pipeline.training import TrainConfig
+from pipeline.training.distill import train_student
+from pipeline.training.loop import TrainConfig
 from tests.conftest import make_image_task, write_npz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,9 +58,9 @@ def noisy(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> d
     npz = d / "noisy.npz"
     np.savez(npz, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, num_classes=np.int64(5))
     teacher = d / "teacher"
-    from stages import train_teacher
+    from pipeline.training.teacher import train_teacher
 
-    train_teacher.run(TeacherConfig(dataset=f"npz:{npz}:train", model="mlp:64", input_dropout=0.0, dropout=0.0,
+    train_teacher(TeacherConfig(dataset=f"npz:{npz}:train", model="mlp:64", input_dropout=0.0, dropout=0.0,
                                     jitter=0, members=1, eval=f"npz:{npz}:test", out=str(teacher), device="cpu",
                                     train=TrainConfig(epochs=10, batch_size=128, seed=0)), log=quiet)
     return {"dir": d, "npz": npz, "teacher": teacher, "x_test": x_te, "y_test": y_te}

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import LogitCache
+from pipeline.cache.format import LogitCache
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError
-from pipeline.loader import CacheIterableDataset, StreamingCacheSource, cache_source, plan_loader
-from pipeline.losses import combine_members
-from pipeline.training import InMemorySource
+from pipeline.training.loader import CacheIterableDataset, StreamingCacheSource, cache_source, plan_loader
+from pipeline.training.loop import InMemorySource
+from pipeline.training.losses import combine_members
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -275,9 +275,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
     import numpy as np, psutil, torch
     torch.set_num_threads(1)
-    from pipeline.cache import LogitCache
+    from pipeline.cache.format import LogitCache
     from pipeline.datasets import load_dataset
-    from pipeline.loader import cache_source
+    from pipeline.training.loader import cache_source
 
     location, spec, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cache, data = LogitCache(location), load_dataset(spec)
@@ -327,7 +327,7 @@ def test_streaming_memory_stays_near_the_budget_on_a_cache_larger_than_it(tmp_pa
     to the OS and RSS shows what the loader holds. Under glibc's default dynamic threshold, freed 4-8 MB buffers
     stay in the heap: measured ~175 MiB growth for this stream, ~35 MiB after malloc_trim, flat across epochs.
     """
-    from pipeline.cache import create_cache, mark_complete, write_shard
+    from pipeline.cache.format import create_cache, mark_complete, write_shard
 
     n, c, rows_per_shard, budget = 40_000, 1000, 1000, 32 << 20
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.errors import ConfigError
-from pipeline.losses import (
+from pipeline.training.losses import (
     LOSSES,
     DistillationLoss,
     LogitMatchingLoss,

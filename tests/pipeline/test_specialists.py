@@ -13,8 +13,7 @@ from click.testing import CliRunner
 
 from pipeline.config import SpecialistsConfig
 from pipeline.errors import CheckpointError, ConfigError, KDError
-from pipeline.models import build_model
-from pipeline.specialists import (
+from pipeline.experiments.specialists import (
     active_specialists,
     cluster_classes,
     collapse_logits,
@@ -28,7 +27,8 @@ from pipeline.specialists import (
     table4,
     train_all,
 )
-from pipeline.training import TrainConfig
+from pipeline.models import build_model
+from pipeline.training.loop import TrainConfig
 
 GROUPS = [[0, 1, 2], [3, 4, 5]]  # planted confusable groups; 6 is confused with nothing
 
@@ -235,15 +235,15 @@ def planted(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) ->
     """A weak generalist (2 x mlp:24, 3 epochs: 73 % on the training set, errors only inside the planted groups)
     on the planted task, its cache, and a full specialists run with K = 3 (automatic K is tested above on planted
     probabilities: this generalist is weak enough to spread some probability onto class 6 as well)."""
-    from pipeline.cache_writer import build_cache
+    from pipeline.cache.writer import build_cache
     from pipeline.config import CacheConfig, TeacherConfig
-    from stages import train_teacher
+    from pipeline.training.teacher import train_teacher
     from stages.cli import main
 
     base = tmp_path_factory.mktemp("planted")
     npz = _planted_task(base / "planted.npz")
     teacher = base / "gen"
-    train_teacher.run(TeacherConfig(dataset=f"npz:{npz}:train", model="mlp:24", input_dropout=0.0, dropout=0.0,
+    train_teacher(TeacherConfig(dataset=f"npz:{npz}:train", model="mlp:24", input_dropout=0.0, dropout=0.0,
                                     jitter=0, members=2, eval="", out=str(teacher), device="cpu",
                                     train=TrainConfig(epochs=3, batch_size=64, lr=1e-3, seed=0)),
                       log=lambda s: None)
@@ -311,8 +311,8 @@ def test_steps_out_of_order_and_wrong_generalist_are_clear_errors(planted: dict,
     cfg = SpecialistsConfig(cache=str(planted["cache"]), out=str(tmp_path / "x"), device="cpu")
     with pytest.raises(KDError, match="run `kd-pipeline specialists cluster`"):
         train_all(cfg, log=lambda s: None)
-    from pipeline.cache import LogitCache
-    from pipeline.specialists import generalist_members
+    from pipeline.cache.format import LogitCache
+    from pipeline.experiments.specialists import generalist_members
 
     with pytest.raises(CheckpointError, match="must be the checkpoints the cache was made with"):
         generalist_members(LogitCache(planted["cache"]), [str(teacher_dir)])
@@ -324,7 +324,7 @@ def test_steps_refuse_clusters_and_specialists_of_another_cache(planted: dict, t
     """evaluate/train with --cache B on an --out made from cache A would silently mix two generalists."""
     import shutil
 
-    from pipeline.cache_writer import build_cache
+    from pipeline.cache.writer import build_cache
     from pipeline.config import CacheConfig
     from pipeline.errors import CacheError
 

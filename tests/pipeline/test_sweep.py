@@ -11,10 +11,18 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import SweepConfig
-from pipeline.distill import train_student
 from pipeline.errors import ConfigError
-from pipeline.sweep import RESULT_FIELDS, Setting, grid, markdown_table, plan_text, run_sweep, setting_config
-from pipeline.training import TrainConfig
+from pipeline.experiments.sweep import (
+    RESULT_FIELDS,
+    Setting,
+    grid,
+    markdown_table,
+    plan_text,
+    run_sweep,
+    setting_config,
+)
+from pipeline.training.distill import train_student
+from pipeline.training.loop import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

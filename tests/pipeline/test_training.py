@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, KDError
-from pipeline.losses import DistillationLoss
 from pipeline.metrics import classification_metrics, predict_logits
 from pipeline.models import build_model
-from pipeline.training import InMemorySource, TrainConfig, fit, random_shift, write_history_csv
+from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift, write_history_csv
+from pipeline.training.losses import DistillationLoss
 from tests.conftest import make_image_task
 
 CPU = torch.device("cpu")

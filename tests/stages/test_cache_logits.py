@@ -20,8 +20,8 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cache import ATTR_KEY, CacheLock, LogitCache
-from pipeline.cache_writer import build_cache
+from pipeline.cache.format import ATTR_KEY, CacheLock, LogitCache
+from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError

@@ -21,12 +21,12 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline import sharing
-from pipeline.cache import ATTR_KEY, CacheLock, LogitCache, read_header
-from pipeline.cache_writer import build_cache
+from pipeline.cache import sharing
+from pipeline.cache.format import ATTR_KEY, CacheLock, LogitCache, read_header
+from pipeline.cache.location import StoreLease, get_bytes, key_sizes, open_store
+from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
 from pipeline.errors import CacheError
-from pipeline.stores import StoreLease, get_bytes, key_sizes, open_store
 from stages.cli import main
 from tests.conftest import S3_BUCKET, write_npz
 

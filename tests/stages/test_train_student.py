@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache import LogitCache, cache_fingerprint
+from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.checkpoints import load_checkpoint
 from pipeline.datasets import load_dataset
 from pipeline.metrics import predict_logits
@@ -148,7 +148,7 @@ def test_online_teacher_baseline_through_the_cli(npz_path: Path, teacher_dir: Pa
 
 
 def test_unlabeled_transfer_set_with_alpha_below_one_exits_2(teacher_dir: Path, tmp_path: Path) -> None:
-    from pipeline.cache_writer import build_cache
+    from pipeline.cache.writer import build_cache
     from pipeline.config import CacheConfig
     from tests.conftest import write_npz
 

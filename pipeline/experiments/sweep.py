@@ -34,10 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import LogitCache, cache_fingerprint
-from .checkpoints import file_sha256, member_paths
-from .config import StudentConfig, SweepConfig, setting_name
-from .errors import KDError
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.checkpoints import file_sha256, member_paths
+from pipeline.config import StudentConfig, SweepConfig, setting_name
+from pipeline.errors import KDError
 
 RESULT_FIELDS = ["setting", "student", "temperature", "alpha", "seed", "loss", "ensemble", "status", "test_errors",
                  "test_accuracy", "test_nll", "test_ece", "teacher_agreement", "train_seconds", "wall_seconds",
@@ -108,7 +108,7 @@ def run_setting(scfg: StudentConfig, torch_threads: int = 0) -> dict:
     """
     import torch
 
-    from .distill import train_student
+    from pipeline.training.distill import train_student
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -318,8 +318,8 @@ def _install_stop_handlers(stop: threading.Event, raise_now: bool) -> dict:
 def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
               finish: Callable[[Setting, dict], None], stop: threading.Event) -> None:
     """Submit every pending setting to dask and hand outcomes to ``finish`` as they complete."""
-    from .cluster import dask_cluster
-    from .devices import resolve_device
+    from pipeline.cluster import dask_cluster
+    from pipeline.devices import resolve_device
 
     futures = {}
     with dask_cluster(_n_workers(cfg), cfg.scheduler, gpu=resolve_device(cfg.device).type == "cuda",
@@ -428,7 +428,7 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
     groups = _group([r for r in rows if r["status"] == "ok" and r["test_errors"] is not None])
     if not groups:
         return None
-    from .plots import pyplot, save
+    from pipeline.experiments.plots import pyplot, save
 
     plt = pyplot()
     students = list(dict.fromkeys(k[0] for k in groups))
@@ -455,3 +455,19 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
     return save(fig, path, dpi=110)
+
+
+def sweep_command(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bool = True,
+                  dry_run: bool = False) -> SweepResult | None:
+    """Print the grid and its cost (``dry_run``), or run / resume the sweep and print its table."""
+    if dry_run:
+        log(plan_text(cfg)[1])
+        return None
+    res = run_sweep(cfg, log=log, progress=progress)
+    log("")
+    log(res.table)
+    log(f"\n{len(res.rows)} settings: {res.trained} trained, {res.reused} reused, {res.failed} failed"
+        + (", interrupted" if res.interrupted else "") + f" in {res.seconds:.1f}s")
+    log(f"results: {res.files.get('csv')}, {res.files.get('json')}, {cfg.out}/results.md"
+        + (f"\nplot:    {res.files['plot']}" if "plot" in res.files else ""))
+    return res

@@ -36,7 +36,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, ZipStore
 
-from .errors import CacheError
+from pipeline.errors import CacheError
 
 ZIP_SUFFIX = ".zip"
 MAX_ZIP_ENTRIES = 2_000_000

@@ -58,9 +58,8 @@ import zarr.codecs as zc
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 
-from . import __version__
-from .errors import CacheError
-from .stores import (
+from pipeline import __version__
+from pipeline.cache.location import (
     MAX_METADATA_BYTES,
     StoreLease,
     delete_key,
@@ -73,6 +72,7 @@ from .stores import (
     open_store,
     put_bytes,
 )
+from pipeline.errors import CacheError
 
 FORMAT_NAME = "kd-pipeline-logit-cache"
 FORMAT_VERSION = 1

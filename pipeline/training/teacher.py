@@ -14,13 +14,13 @@ from pipeline.config import TeacherConfig
 from pipeline.datasets import default_eval_spec, load_dataset, load_eval_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import KDError
-from pipeline.losses import DistillationLoss
 from pipeline.metrics import classification_metrics, evaluate_ensemble, predict_logits
 from pipeline.models import build_model
-from pipeline.training import InMemorySource, TrainConfig, fit, random_shift
+from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift
+from pipeline.training.losses import DistillationLoss
 
 
-def run(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
+def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
     """Train ``cfg.members`` teachers and write ``member-<i>.pt`` + ``ensemble.json`` under ``cfg.out``.
 
     Returns:

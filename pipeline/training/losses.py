@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 ENSEMBLE_METHODS = ("mean-probs", "mean-logits")
 

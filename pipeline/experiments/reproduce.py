@@ -29,17 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import LogitCache, cache_fingerprint
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, SweepConfig, TeacherConfig
 from pipeline.datasets import load_dataset
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError
+from pipeline.evaluation import evaluate_models
+from pipeline.experiments.plots import bar_chart, line_chart
+from pipeline.experiments.sweep import finished_result, run_sweep
 from pipeline.metrics import classification_metrics, predict_logits
-from pipeline.plots import bar_chart, line_chart
-from pipeline.sweep import finished_result, run_sweep
-from pipeline.training import TrainConfig
-from stages import cache_logits, evaluate, train_student, train_teacher
+from pipeline.training.distill import train_student
+from pipeline.training.loop import TrainConfig
+from pipeline.training.teacher import recorded_config, train_teacher
 
 
 @dataclass
@@ -192,7 +195,7 @@ class Run:
                                  out=str(tdir), device=self.cfg.device, data_dir=self.cfg.data_dir,
                                  train=TrainConfig(epochs=r.epochs, seed=self.cfg.seed))
             if (tdir / "ensemble.json").is_file():
-                recorded = train_teacher.recorded_config(tdir)
+                recorded = recorded_config(tdir)
                 if recorded is None:
                     raise ConfigError([f"{tdir / 'ensemble.json'} cannot be read; use another --out, or remove "
                                        f"{tdir} to retrain"])
@@ -205,9 +208,9 @@ class Run:
                 self.log(f"reusing the teacher in {tdir}")
             else:
                 self.log(f"training the teacher: {r.why}")
-                train_teacher.run(tcfg, log=self.log)
+                train_teacher(tcfg, log=self.log)
             self._teacher = str(tdir)
-        self.teacher_metrics = evaluate.run(EvaluateConfig(model=self._teacher, dataset=self.test_spec,
+        self.teacher_metrics = evaluate_models(EvaluateConfig(model=self._teacher, dataset=self.test_spec,
                                                            device=self.cfg.device, data_dir=self.cfg.data_dir))
         return self._teacher
 
@@ -215,7 +218,7 @@ class Run:
         """The teacher's cache over a transfer set (cache-logits resumes a partial one, skips a complete one)."""
         name = spec.replace(":", "_").replace("/", "_").replace("=", "").replace(",", "-")
         location = self.out / "caches" / f"{name[-80:]}.zarr"
-        res = cache_logits.run(CacheConfig(teachers=[self.teacher()], dataset=spec, out=str(location),
+        res = build_cache(CacheConfig(teachers=[self.teacher()], dataset=spec, out=str(location),
                                            device=self.cfg.device, data_dir=self.cfg.data_dir,
                                            command=f"kd-pipeline reproduce ({spec})"), log=self.log, progress=False)
         self.log(res.message)
@@ -235,7 +238,7 @@ class Run:
             self.account(previous["metrics"]["wall_seconds"], reused=True)
             return previous
         self.log(f"training {name}: {scfg.student}, T={temperature:g}, alpha={alpha:g}")
-        result = train_student.run(scfg, log=lambda s: None, progress=False)
+        result = train_student(scfg, log=lambda s: None, progress=False)
         self.account(result["metrics"]["wall_seconds"], reused=False)
         return result
 
@@ -420,7 +423,7 @@ EXPERIMENTS: dict[str, Callable[[Run], dict]] = {"main-table": main_table, "temp
                                                  "omitted-class": omitted_class, "small-data": small_data}
 
 
-def run(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict:
+def run_reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict:
     """Run the chosen experiments; write ``report.md`` and ``reproduce.json``; return the summary."""
     cfg.validate()
     t0 = time.perf_counter()
@@ -482,7 +485,7 @@ def _report(r: Run, sections: dict, summary: dict, plot_prefix: str = "") -> str
 
 def _teacher_recipe(path: str) -> str:
     """How a given teacher ensemble was trained, from its ``ensemble.json`` (empty if it has none)."""
-    c = train_teacher.recorded_config(path)
+    c = recorded_config(path)
     if c is None:
         return ""
     return (f"; trained by train-teacher: {c.members} x `{c.model}`, {c.train.epochs} epochs, jitter {c.jitter}, "

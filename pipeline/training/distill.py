@@ -22,17 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import LogitCache, cache_fingerprint
-from .checkpoints import fit_problems, load_models, save_checkpoint
-from .config import StudentConfig
-from .datasets import Dataset, default_eval_spec, load_dataset, load_eval_dataset
-from .devices import describe_device, resolve_device
-from .errors import CacheError, ConfigError, DatasetError
-from .loader import cache_source, combined_shard
-from .losses import combine_members, make_loss
-from .metrics import classification_metrics, predict_logits
-from .models import KDModel, build_model
-from .training import InMemorySource, fit
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
+from pipeline.config import StudentConfig
+from pipeline.datasets import Dataset, default_eval_spec, load_dataset, load_eval_dataset
+from pipeline.devices import describe_device, resolve_device
+from pipeline.errors import CacheError, ConfigError, DatasetError
+from pipeline.metrics import classification_metrics, predict_logits
+from pipeline.models import KDModel, build_model
+from pipeline.training.loader import cache_source, combined_shard
+from pipeline.training.loop import InMemorySource, fit
+from pipeline.training.losses import combine_members, make_loss
 
 BIAS_GRID = np.round(np.arange(-5.0, 15.0001, 0.1), 4)
 

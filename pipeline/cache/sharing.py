@@ -33,7 +33,7 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .cache import (
+from pipeline.cache.format import (
     ATTR_KEY,
     CREATING_MARKER,
     CacheLock,
@@ -42,8 +42,7 @@ from .cache import (
     member_done,
     validate_header,
 )
-from .errors import CacheError, KDError
-from .stores import (
+from pipeline.cache.location import (
     LEASE_NAME,
     MAX_METADATA_BYTES,
     ZIP_SUFFIX,
@@ -59,6 +58,7 @@ from .stores import (
     put_bytes,
     validate_zip,
 )
+from pipeline.errors import CacheError, KDError
 
 META = "zarr.json"
 COPY_CONCURRENCY = 16  # objects in flight at once while copying
@@ -209,7 +209,7 @@ def _verify(location: str | Path, dataset: str | None, storage_options: dict | N
     elif not h["complete"]:
         rep.notes.append(f"partial cache: {written}/{total} member-shards done (resume it with cache-logits)")
     if dataset:
-        from .datasets import load_dataset
+        from pipeline.datasets import load_dataset
 
         data = load_dataset(dataset, data_dir)
         if data.fingerprint != h["dataset"]["fingerprint"]:

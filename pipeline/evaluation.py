@@ -10,7 +10,7 @@ from pipeline.errors import KDError
 from pipeline.metrics import evaluate_ensemble
 
 
-def run(cfg: EvaluateConfig) -> dict:
+def evaluate_models(cfg: EvaluateConfig) -> dict:
     """Evaluate each member and their combination; returns ``{"members", "ensemble", "dataset", ...}``."""
     cfg.validate()
     device = resolve_device(cfg.device)

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import LogitCache
-from .losses import combine_members
-from .training import Batch, InMemorySource
+from pipeline.cache.format import LogitCache
+from pipeline.training.loop import Batch, InMemorySource
+from pipeline.training.losses import combine_members
 
 PREFETCH_SHARDS = 2
 COMBINE_BLOCK_ELEMENTS = 1 << 20  # float32 elements per member-combination block (4 MiB)

@@ -34,18 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import LogitCache, create_cache, mark_complete, shard_bounds, write_shard
-from .cache_writer import build_cache
-from .checkpoints import load_checkpoint, save_checkpoint
-from .config import CacheConfig, SweepConfig
-from .datasets import fingerprint_arrays, load_dataset
-from .devices import describe_device, resolve_device
-from .loader import StreamingCacheSource, cache_source
-from .losses import DistillationLoss
-from .metrics import predict_logits
-from .models import build_model
-from .sweep import run_sweep
-from .training import InMemorySource, TrainConfig, fit
+from pipeline.cache.format import LogitCache, create_cache, mark_complete, shard_bounds, write_shard
+from pipeline.cache.writer import build_cache
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.config import CacheConfig, SweepConfig
+from pipeline.datasets import fingerprint_arrays, load_dataset
+from pipeline.devices import describe_device, resolve_device
+from pipeline.experiments.sweep import run_sweep
+from pipeline.metrics import predict_logits
+from pipeline.models import build_model
+from pipeline.training.loader import StreamingCacheSource, cache_source
+from pipeline.training.loop import InMemorySource, TrainConfig, fit
+from pipeline.training.losses import DistillationLoss
 
 SCALES = {
     # rows of the transfer set, repetitions, student epochs timed per repetition
@@ -265,8 +265,8 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-from pipeline.cache import LogitCache
-from pipeline.loader import cache_source
+from pipeline.cache.format import LogitCache
+from pipeline.training.loader import cache_source
 location, budget = sys.argv[1], int(sys.argv[2])
 cache = LogitCache(location)
 x = np.zeros((cache.n, 4), dtype=np.uint8)

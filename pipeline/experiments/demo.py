@@ -18,12 +18,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.cache import LogitCache, cache_fingerprint
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig
-from pipeline.plots import bar_chart
-from pipeline.sweep import finished_result
-from pipeline.training import TrainConfig
-from stages import cache_logits, evaluate, train_student, train_teacher
+from pipeline.evaluation import evaluate_models
+from pipeline.experiments.plots import bar_chart
+from pipeline.experiments.sweep import finished_result
+from pipeline.training.distill import train_student
+from pipeline.training.loop import TrainConfig
+from pipeline.training.teacher import recorded_config, train_teacher
 
 
 @dataclass
@@ -54,10 +57,10 @@ def _student(cfg: DemoConfig, cache: Path, out: Path, temperature: float, alpha:
     if previous is not None:
         log(f"reusing {out}")
         return previous
-    return train_student.run(scfg, log=log, progress=False)
+    return train_student(scfg, log=log, progress=False)
 
 
-def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole story; returns (and writes to ``demo.json``) the table's numbers."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,17 +71,17 @@ def run(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     tcfg = TeacherConfig(dataset=train_spec, model=cfg.model, input_dropout=cfg.input_dropout, dropout=cfg.dropout,
                          jitter=cfg.jitter, members=cfg.members, out=str(teacher_dir), device=cfg.device,
                          train=TrainConfig(epochs=cfg.epochs, seed=cfg.seed))
-    recorded = train_teacher.recorded_config(teacher_dir)
+    recorded = recorded_config(teacher_dir)
     if recorded is not None and recorded.recipe() == tcfg.recipe():
         log(f"reusing the teacher in {teacher_dir}")
     else:
         # A new teacher makes the old cache and students stale: remove them rather than mix generations.
         for stale in (out / "cache.zarr", out / "runs", teacher_dir):
             shutil.rmtree(stale, ignore_errors=True)
-        train_teacher.run(tcfg, log=log)
-    teacher = evaluate.run(EvaluateConfig(model=str(teacher_dir), dataset="fashion-mnist:test", device=cfg.device))
+        train_teacher(tcfg, log=log)
+    teacher = evaluate_models(EvaluateConfig(model=str(teacher_dir), dataset="fashion-mnist:test", device=cfg.device))
     cache = out / "cache.zarr"
-    cres = cache_logits.run(CacheConfig(teachers=[str(teacher_dir)], dataset=transfer_spec, out=str(cache),
+    cres = build_cache(CacheConfig(teachers=[str(teacher_dir)], dataset=transfer_spec, out=str(cache),
                                         device=cfg.device, command="kd-pipeline demo"), log=log, progress=False)
     log(cres.message)
     runs = {"baseline (hard labels)": _student(cfg, cache, out / "runs" / "baseline", 1.0, 0.0, log)}

@@ -22,7 +22,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from .cache import (
+from pipeline.cache.format import (
     ATTR_KEY,
     CacheLock,
     LogitCache,
@@ -34,13 +34,13 @@ from .cache import (
     shard_bounds,
     write_shard,
 )
-from .checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
-from .config import CacheConfig
-from .datasets import Dataset, load_dataset
-from .devices import describe_device, resolve_device
-from .errors import CacheError, CheckpointError
-from .metrics import predict_logits
-from .stores import is_local_dir, is_zip, open_store
+from pipeline.cache.location import is_local_dir, is_zip, open_store
+from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
+from pipeline.config import CacheConfig
+from pipeline.datasets import Dataset, load_dataset
+from pipeline.devices import describe_device, resolve_device
+from pipeline.errors import CacheError, CheckpointError
+from pipeline.metrics import predict_logits
 
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
@@ -341,7 +341,7 @@ def _run_dask(spec: WorkSpec, tasks: list[tuple[int, list[int]]], cfg: CacheConf
     """Map shard ranges over dask workers (a LocalCluster of processes, or an existing scheduler)."""
     from dask.distributed import as_completed
 
-    from .cluster import dask_cluster
+    from pipeline.cluster import dask_cluster
 
     with dask_cluster(cfg.workers, cfg.scheduler, gpu=device.type == "cuda") as cluster:
         # An external scheduler's workers keep their own torch threads (0); a local cluster splits the cores.

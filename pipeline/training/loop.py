@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, KDError
-from .losses import DistillationLoss
+from pipeline.errors import ConfigError, KDError
+from pipeline.training.losses import DistillationLoss
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 

@@ -40,16 +40,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache import LogitCache, cache_fingerprint
-from .checkpoints import LoadedModel, load_checkpoint, member_paths, save_checkpoint
-from .config import SpecialistsConfig
-from .datasets import Dataset, load_dataset
-from .errors import CacheError, CheckpointError, ConfigError, KDError
-from .loader import combined_shard
-from .losses import combine_members, make_loss
-from .metrics import classification_metrics, predict_logits
-from .models import KDModel, build_model
-from .training import InMemorySource, TrainConfig, fit
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.checkpoints import LoadedModel, load_checkpoint, member_paths, save_checkpoint
+from pipeline.config import SpecialistsConfig
+from pipeline.datasets import Dataset, load_dataset
+from pipeline.errors import CacheError, CheckpointError, ConfigError, KDError
+from pipeline.metrics import classification_metrics, predict_logits
+from pipeline.models import KDModel, build_model
+from pipeline.training.loader import combined_shard
+from pipeline.training.loop import InMemorySource, TrainConfig, fit
+from pipeline.training.losses import combine_members, make_loss
 
 SIMILARITIES = ("log-moment", "covariance")
 MODULARITY_TOLERANCE = 0.005  # automatic K: the largest K whose modularity is within 0.5 % of the best
@@ -427,7 +427,7 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
     Returns:
         The specialist's record (classes, sampling plan, dustbin correction, history summary, seconds).
     """
-    from .devices import resolve_device
+    from pipeline.devices import resolve_device
 
     t0 = time.perf_counter()
     if task.torch_threads:
@@ -485,7 +485,7 @@ def run_tasks(tasks: list[SpecialistTask], workers: int, log: Callable[[str], No
         return [train_specialist(t, log=log) for t in tasks]
     from dask.distributed import as_completed
 
-    from .cluster import dask_cluster
+    from pipeline.cluster import dask_cluster
 
     with dask_cluster(min(workers, len(tasks))) as cluster:
         tasks = [SpecialistTask(**{**asdict(t), "torch_threads": cluster.torch_threads}) for t in tasks]
@@ -773,8 +773,8 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
 
 def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> dict:
     """Step 3: combine generalist and specialists on the test set; writes ``evaluation.json`` and ``report.md``."""
-    from .datasets import default_eval_spec, load_eval_dataset
-    from .devices import describe_device, resolve_device
+    from pipeline.datasets import default_eval_spec, load_eval_dataset
+    from pipeline.devices import describe_device, resolve_device
 
     cfg.validate()
     t0 = time.perf_counter()
@@ -819,3 +819,17 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     log(f"generalist {g['errors']} errors ({g['accuracy']:.2%}), generalist + specialists {c['errors']} errors "
         f"({c['accuracy']:.2%}) on {test.spec}; wrote {out / 'report.md'}")
     return result
+
+
+#: The steps of ``kd-pipeline specialists``, in the order ``run`` takes them.
+STEPS: dict[str, Callable[[SpecialistsConfig, Callable[[str], None]], object]] = {
+    "cluster": lambda cfg, log: fit_clusters(cfg, log).to_dict(),
+    "train": train_all,
+    "evaluate": evaluate_all,
+}
+
+
+def run_steps(cfg: SpecialistsConfig, steps: tuple[str, ...] = tuple(STEPS),
+              log: Callable[[str], None] = print) -> dict:
+    """Run the given steps in order; returns what each produced, by step name."""
+    return {step: STEPS[step](cfg, log) for step in steps}
