@@ -7,10 +7,14 @@ resolved config.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
 from pipeline.models import with_options
 from pipeline.training.loop import TrainConfig
+
+if TYPE_CHECKING:
+    from pipeline.cache.location import CacheLocation
 from pipeline.training.losses import ENSEMBLE_METHODS, LOSSES
 
 CACHE_DTYPES = ("float16", "float32")
@@ -167,6 +171,13 @@ class CacheConfig:
         if problems:
             raise ConfigError(problems)
 
+    @property
+    def location(self) -> CacheLocation:
+        """The cache this run writes (``out`` with its storage options), resolved once."""
+        from pipeline.cache.location import CacheLocation
+
+        return CacheLocation.parse(self.out, self.storage_options)
+
 
 @dataclass
 class StudentConfig:
@@ -222,6 +233,13 @@ class StudentConfig:
         if not self.out:
             problems.append("out (the run directory) must be given")
         _raise_all(problems, self.train)
+
+    @property
+    def cache_location(self) -> CacheLocation | None:
+        """The cache this run reads, resolved once; None for an online teacher."""
+        from pipeline.cache.location import CacheLocation
+
+        return CacheLocation.parse(self.cache, self.storage_options) if self.cache else None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -309,6 +327,13 @@ class SweepConfig:
                              dataset=self.dataset, out=out, device=self.device, data_dir=self.data_dir,
                              storage_options=self.storage_options, train=replace(self.train, seed=seed))
 
+    @property
+    def cache_location(self) -> CacheLocation | None:
+        """The cache every setting reads, resolved once; None for an online teacher."""
+        from pipeline.cache.location import CacheLocation
+
+        return CacheLocation.parse(self.cache, self.storage_options) if self.cache else None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["storage_options"] = redact_secrets(self.storage_options)
@@ -343,6 +368,7 @@ class SpecialistsConfig:
     device: str = "auto"
     data_dir: str | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3))
+    storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// --cache
 
     def validate(self) -> None:
         from pipeline.experiments.specialists import SIMILARITIES
@@ -376,5 +402,14 @@ class SpecialistsConfig:
             problems.append(f"workers must be >= 0, got {self.workers}")
         _raise_all(problems, self.train)
 
+    @property
+    def cache_location(self) -> CacheLocation:
+        """The generalist's cache, resolved once."""
+        from pipeline.cache.location import CacheLocation
+
+        return CacheLocation.parse(self.cache, self.storage_options)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["storage_options"] = redact_secrets(self.storage_options)
+        return d
