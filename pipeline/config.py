@@ -1,15 +1,23 @@
-"""Config dataclasses for each step. Each ``validate()`` reports every problem at once (``ConfigError``).
+"""Config dataclasses for each step, and the one declaration of every command-line option.
 
-Configs are plain data: the CLI fills them, the steps read them, and ``to_dict()`` is what runs record as their
-resolved config.
+Each field the CLI may set is declared once with :func:`pipeline.options.option` (default, help,
+flag, choices from the library's registries, parser); ``stages/params.py`` generates the click
+options from these declarations, so the CLI and the library cannot drift apart. Each
+``validate()`` reports every problem at once (``ConfigError``). Configs are plain data: the CLI
+fills them, the steps read them, ``resolve()`` fills derived defaults (output directories named
+from the config), and ``to_dict()`` is what runs record as their resolved config.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.cache.location import parse_storage_options
 from pipeline.errors import ConfigError
+from pipeline.options import option, parse_class_deltas, parse_floats, parse_ints, parse_size
+from pipeline.options import show_list, show_size
 from pipeline.models import with_options
 from pipeline.training.loop import TrainConfig
 
@@ -18,6 +26,47 @@ if TYPE_CHECKING:
 from pipeline.training.losses import ENSEMBLE_METHODS, LOSSES
 
 CACHE_DTYPES = ("float16", "float32")
+SPECIALIST_INITS = ("auto", "generalist", "scratch")
+SIMILARITIES = ("log-moment", "covariance")  # TEMP: moves with the specialists split
+
+DEVICE_HELP = "Where to run: auto (CUDA when present, else MPS, else CPU), cpu, cuda, cuda:N or mps."
+
+
+# Options shared by several configs: each is declared once here and used as a field default.
+def device_option() -> str:
+    return option("auto", help=DEVICE_HELP)
+
+
+def data_dir_option() -> str | None:
+    return option(None, metavar="DIR",
+                  help="Directory with dataset files for specs such as mnist:train (else $KD_DATA_DIR).")
+
+
+def storage_options_option() -> dict:
+    return option(default_factory=dict, flag="--storage-option", multiple=True,
+                  parse=parse_storage_options, metavar="KEY=VALUE",
+                  help="Option for an s3:// cache's filesystem, e.g. endpoint_url=http://host:9000 or "
+                       "profile=team (credentials and endpoint otherwise come from the AWS_* "
+                       "environment variables); repeatable.")
+
+
+def members_option(help: str) -> list[int] | None:
+    return option(None, parse=parse_ints, help=help)
+
+
+def output_dir(kind: str, name: str) -> str:
+    """The default output directory ``<data root>/<kind>/<name>``."""
+    from pipeline.datasets import data_root
+
+    return str(data_root() / kind / name)
+
+
+def _slug(spec: str) -> str:
+    return spec.replace(":", "-").replace(",", "-")
+
+
+def _cache_name(cache: str) -> str:
+    return Path(cache.rstrip("/")).name.removesuffix(".zip").removesuffix(".zarr")
 
 
 def _raise_all(problems: list[str], train: TrainConfig | None = None) -> None:
@@ -35,18 +84,26 @@ def _raise_all(problems: list[str], train: TrainConfig | None = None) -> None:
 class TeacherConfig:
     """``train-teacher``: an ensemble of ``members`` models, one seed each."""
 
-    dataset: str = "fashion-mnist:train"
-    model: str = "mlp:1200,1200"
-    input_dropout: float | None = None  # mlp only; None = the paper's 0.2
-    dropout: float | None = None  # mlp (None = the paper's 0.5) and cnn (None = its own default)
-    max_norm: float | None = None  # mlp only
-    jitter: int = 2
-    members: int = 3
-    eval: str | None = None  # None: the training set's test split; "": no evaluation
-    out: str = ""
-    device: str = "auto"
-    data_dir: str | None = None
+    dataset: str = option("fashion-mnist:train", help="Labeled training set spec.")
+    model: str = option("mlp:1200,1200", help="Model spec: mlp:H1,H2,...[:key=value], cnn[:...], "
+                        "torchscript:PATH, py:module:factory.")
+    input_dropout: float | None = option(None, help="Dropout on the inputs (mlp) [default: 0.2].")
+    dropout: float | None = option(None, help="Dropout on hidden units (mlp [default: 0.5]; cnn "
+                                   "[default: its spec's, 0.25]).")
+    max_norm: float | None = option(None, help="Max-norm constraint on each hidden unit's incoming "
+                                    "weights (mlp).")
+    jitter: int = option(2, help="Random shifts of up to N pixels per image each step (0 disables).")
+    members: int = option(3, help="Ensemble size (one seed per member).")
+    eval: str | None = option(None, help="Labeled test set evaluated after each epoch [default: the "
+                              "training set's test split; '' skips].")
+    out: str = option("", help="Ensemble directory [default: data/teachers/<model>].")
+    device: str = device_option()
+    data_dir: str | None = data_dir_option()
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def resolve(self) -> TeacherConfig:
+        """This config with ``out`` named from the model when not given."""
+        return self if self.out else replace(self, out=output_dir("teachers", _slug(self.model)))
 
     def validate(self) -> None:
         problems = []
@@ -103,12 +160,15 @@ class TeacherConfig:
 class EvaluateConfig:
     """``evaluate``: test metrics of a checkpoint or an ensemble on a labeled dataset."""
 
-    model: str = ""
-    dataset: str = "fashion-mnist:test"
-    ensemble: str = "mean-probs"
-    batch_size: int = 1024
-    device: str = "auto"
-    data_dir: str | None = None
+    model: str = option("", required=True, exists=True,
+                        help="A checkpoint (.pt) or an ensemble directory.")
+    dataset: str = option("fashion-mnist:test", help="Labeled dataset spec.")
+    ensemble: str = option("mean-probs", choices=ENSEMBLE_METHODS,
+                           help="How members are combined: arithmetic (mean-probs) or geometric "
+                                "(mean-logits) mean.")
+    batch_size: int = option(1024, help="Rows per forward pass.")
+    device: str = device_option()
+    data_dir: str | None = data_dir_option()
 
     def validate(self) -> None:
         problems = []
@@ -138,19 +198,27 @@ def redact_secrets(options: dict) -> dict:
 class CacheConfig:
     """``cache-logits``: run teachers once over a transfer set into a Zarr cache."""
 
-    teachers: list[str] = field(default_factory=list)
-    dataset: str = "fashion-mnist:train"
-    out: str = ""
-    dtype: str | None = None  # None: the existing cache's, or float16 for a new one
-    batch_size: int = 1024
-    rows_per_shard: int | None = None  # None: the existing cache's, or 4096 for a new one
-    device: str = "auto"
-    workers: int = 0
-    scheduler: str | None = None
-    add_member: bool = False
-    data_dir: str | None = None
-    command: str = ""
-    storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// --out (endpoint_url, ...)
+    teachers: list[str] = option(default_factory=list, flag="--teacher", multiple=True,
+                                 required=True, exists=True,
+                                 help="A teacher checkpoint or ensemble directory (each member becomes "
+                                      "a cache member); repeatable.")
+    dataset: str = option("fashion-mnist:train", help="Transfer set spec.")
+    out: str = option("", required=True, help="The cache: a directory (e.g. data/caches/fmnist.zarr) "
+                      "or s3://bucket/prefix/NAME.zarr.")
+    dtype: str | None = option(None, choices=CACHE_DTYPES, help="Storage dtype of the logits "
+                               "[default: float16 for a new cache, the cache's own on resume].")
+    batch_size: int = option(1024, help="Rows per teacher forward pass.")
+    rows_per_shard: int | None = option(None, help="Rows per shard, the unit of writing, resuming "
+                                        "and reading [default: 4096 for a new cache].")
+    device: str = device_option()
+    workers: int = option(0, help="Start a dask LocalCluster of N worker processes and map shards "
+                          "over them (0: this process).")
+    scheduler: str | None = option(None, help="Address of an existing dask scheduler to use "
+                                   "instead of --workers.")
+    add_member: bool = option(False, help="Add the given teacher(s) to an existing complete cache.")
+    data_dir: str | None = data_dir_option()
+    command: str = ""  # the command line that made the cache (recorded in its header)
+    storage_options: dict = storage_options_option()
 
     def validate(self) -> None:
         problems = []
@@ -183,25 +251,53 @@ class CacheConfig:
 class StudentConfig:
     """``train-student``: distil a student from a cache (or an online teacher)."""
 
-    cache: str = ""
-    student: str = "mlp:800,800"
-    temperature: float = 20.0
-    alpha: float = 0.9
-    loss: str = "kd"
-    ensemble: str = "mean-probs"
-    members: list[int] | None = None
-    eval: str | None = None
-    class_bias: dict[int, float] = field(default_factory=dict)
-    fit_bias_on: str | None = None
-    memory_budget: int = 2 << 30
-    allow_partial: bool = False
-    online_teacher: list[str] | None = None
-    dataset: str | None = None  # the transfer set for --online-teacher (a cache records its own)
-    out: str = ""
-    device: str = "auto"
-    data_dir: str | None = None
+    cache: str = option("", help="The logit cache made by cache-logits (its dataset is used): a "
+                        "directory, NAME.zarr.zip or s3://bucket/prefix/NAME.zarr.")
+    student: str = option("mlp:800,800", help="Student model spec.")
+    temperature: float = option(20.0, short="-T", help="Softmax temperature of the soft targets "
+                                "(and of the student in the soft term).")
+    alpha: float = option(0.9, help="Weight of the soft term; 1 - alpha weighs the hard-label "
+                          "cross-entropy (1 = soft only).")
+    loss: str = option("kd", choices=LOSSES, help="kd: T^2 KL at temperature T; logit-mse: squared "
+                       "logit difference (the high-T limit).")
+    ensemble: str = option("mean-probs", choices=ENSEMBLE_METHODS,
+                           help="Combine members by arithmetic mean of probabilities at T, or "
+                                "geometric mean (mean of logits).")
+    members: list[int] | None = members_option("Comma-separated member indices of the cache to use "
+                                               "[default: all].")
+    eval: str | None = option(None, help="Labeled test set [default: the transfer set's test split, "
+                              "e.g. fashion-mnist:test].")
+    class_bias: dict[int, float] = option(default_factory=dict, multiple=True,
+                                          parse=parse_class_deltas, metavar="CLASS=DELTA",
+                                          help="CLASS=DELTA added to the student's logit bias after "
+                                               "training.")
+    fit_bias_on: str | None = option(None, help="Labeled held-out set on which to fit bias offsets "
+                                     "for classes absent from the transfer set.")
+    memory_budget: int = option(2 << 30, parse=parse_size, show=show_size,
+                                help="Memory for targets+inputs: train from memory when they fit, "
+                                     "else stream shards.")
+    allow_partial: bool = option(False, help="Train on the finished shards of a partial cache.")
+    online_teacher: list[str] | None = option(None, multiple=True, exists=True,
+                                              help="Baseline: soft targets from a live teacher "
+                                                   "forward pass each batch instead of a cache.")
+    dataset: str | None = option(None, help="Transfer set for --online-teacher.")
+    out: str = option("", help="Run directory [default: data/runs/<cache>-<student>-<loss>-"
+                      "<ensemble>-T<T>-a<alpha>[-m<members>]-s<seed>].")
+    device: str = device_option()
+    data_dir: str | None = data_dir_option()
     train: TrainConfig = field(default_factory=TrainConfig)
-    storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// --cache
+    storage_options: dict = storage_options_option()
+
+    def run_name(self) -> str:
+        """The default run-directory name: what the run is, so two different runs never share it."""
+        source = _cache_name(self.cache) if self.cache else "online"
+        members = f"-m{'.'.join(map(str, self.members))}" if self.members else ""
+        return (f"{source}-{_slug(self.student)}-{self.loss}-{self.ensemble}-T{self.temperature:g}"
+                f"-a{self.alpha:g}{members}-s{self.train.seed}")
+
+    def resolve(self) -> StudentConfig:
+        """This config with ``out`` named from the run when not given."""
+        return self if self.out else replace(self, out=output_dir("runs", self.run_name()))
 
     def validate(self) -> None:
         problems = []
@@ -262,26 +358,48 @@ class SweepConfig:
     (``make_student_config``), so a sweep row and a ``train-student`` run with the same options are the same run.
     """
 
-    cache: str = ""
-    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 20.0])
-    alphas: list[float] = field(default_factory=lambda: [0.5, 0.9, 1.0])
-    students: list[str] = field(default_factory=lambda: ["mlp:800,800"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    loss: str = "kd"
-    ensemble: str = "mean-probs"
-    members: list[int] | None = None
-    eval: str | None = None
-    memory_budget: int = 2 << 30
-    online_teacher: list[str] | None = None  # baseline: every setting distils from a live teacher instead
-    dataset: str | None = None  # the transfer set for online_teacher
-    workers: int | None = None  # None: 2 (or the scheduler's workers); 0: one after another in this process
-    scheduler: str | None = None
-    torch_threads: int = 0  # per worker; 0: the machine's cores divided by the workers
-    out: str = ""
-    device: str = "auto"
-    data_dir: str | None = None
-    storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// --cache
+    cache: str = option("", help="The logit cache every setting trains from.")
+    temperatures: list[float] = option(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 20.0],
+                                       flag="--temperature", short="-T", parse=parse_floats,
+                                       show=show_list, help="Comma-separated temperatures.")
+    alphas: list[float] = option(default_factory=lambda: [0.5, 0.9, 1.0], flag="--alpha",
+                                 parse=parse_floats, show=show_list,
+                                 help="Comma-separated soft-term weights (1 - alpha weighs the hard "
+                                      "labels).")
+    students: list[str] = option(default_factory=lambda: ["mlp:800,800"], flag="--student",
+                                 multiple=True, show=show_list,
+                                 help="Student model spec; repeat for several.")
+    seeds: list[int] = option(default_factory=lambda: [0], parse=parse_ints, show=show_list,
+                              help="Comma-separated seeds (one run per seed).")
+    loss: str = option("kd", choices=LOSSES, help="The loss of every setting (see train-student).")
+    ensemble: str = option("mean-probs", choices=ENSEMBLE_METHODS,
+                           help="How cache members are combined (see train-student).")
+    members: list[int] | None = members_option("Comma-separated member indices of the cache "
+                                               "[default: all].")
+    eval: str | None = option(None, help="Labeled test set [default: the transfer set's test split].")
+    memory_budget: int = option(2 << 30, parse=parse_size, show=show_size,
+                                help="Per setting (see train-student).")
+    online_teacher: list[str] | None = option(None, multiple=True, exists=True,
+                                              help="Baseline: every setting distils from a live "
+                                                   "teacher forward pass instead of a cache.")
+    dataset: str | None = option(None, help="Transfer set for --online-teacher.")
+    workers: int | None = option(None, help="Worker processes of a local dask cluster [default: 2]; "
+                                 "0 runs settings one by one here.")
+    scheduler: str | None = option(None, help="Address of an existing dask scheduler (instead of "
+                                   "--workers).")
+    torch_threads: int = option(0, flag="--threads-per-worker",
+                                help="Torch threads per worker (0: the cores divided by the "
+                                     "workers, so they do not oversubscribe).")
+    out: str = option("", help="Sweep directory [default: data/sweeps/<cache>].")
+    device: str = device_option()
+    data_dir: str | None = data_dir_option()
+    storage_options: dict = storage_options_option()
     train: TrainConfig = field(default_factory=TrainConfig)  # its seed is replaced by each setting's
+
+    def resolve(self) -> SweepConfig:
+        """This config with ``out`` named from the cache when not given."""
+        name = _cache_name(self.cache) if self.cache else "online"
+        return self if self.out else replace(self, out=output_dir("sweeps", name))
 
     def validate(self) -> None:
         problems = []
@@ -340,39 +458,59 @@ class SweepConfig:
         return d
 
 
-SPECIALIST_INITS = ("auto", "generalist", "scratch")
 
 
 @dataclass
 class SpecialistsConfig:
     """``specialists``: cluster the classes, train one specialist per confusable cluster, combine at test time."""
 
-    cache: str = ""
-    out: str = ""
-    generalist: list[str] | None = None  # the cache members' checkpoints; None: the paths the cache records
-    specialists: int | None = None  # K clusters; None: --classes-per-specialist, else automatic
-    classes_per_specialist: int | None = None
-    similarity: str = "log-moment"
-    model: str | None = None  # None: the generalist members' spec (then initialised from member init_member)
-    init: str = "auto"
-    init_member: int = 0
-    temperature: float = 4.0
-    alpha: float = 0.5
-    max_rows: int | None = None
-    top_n: int = 1
-    kl_steps: int = 300
-    kl_lr: float = 0.1
-    dustbin_correction: bool = True
-    workers: int = 0
-    eval: str | None = None
-    device: str = "auto"
-    data_dir: str | None = None
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3))
-    storage_options: dict = field(default_factory=dict)  # fsspec options for an s3:// --cache
+    cache: str = option("", required=True,
+                        help="The generalist's logit cache on the transfer set.")
+    out: str = option("", help="Output directory [default: data/specialists/<cache>].")
+    generalist: list[str] | None = option(None, multiple=True, exists=True,
+                                          help="The cache members' checkpoints or ensemble directory "
+                                               "(run on the test set, and the specialists' initial "
+                                               "weights) [default: the paths the cache records].")
+    specialists: int | None = option(None, help="Number of class clusters K [default: automatic, "
+                                     "the largest K within 0.5 % of the best modularity].")
+    classes_per_specialist: int | None = option(None, help="Typical classes per specialist N "
+                                                "(K = ceil(C / N)) instead of --specialists.")
+    similarity: str = option("log-moment", choices=SIMILARITIES,
+                             help="Matrix whose columns k-means clusters: log E[p pT] (covariance + "
+                                  "mean outer product) or the raw covariance of the predicted "
+                                  "probabilities.")
+    model: str | None = option(None, help="Specialist model spec [default: the generalist members' "
+                               "own, initialised from one].")
+    init: str = option("auto", choices=SPECIALIST_INITS,
+                       help="Start from a generalist member's weights (auto: when the architecture "
+                            "is the same).")
+    init_member: int = option(0, help="Which cache member initialises the specialists.")
+    temperature: float = option(4.0, short="-T", help="Temperature of the collapsed soft targets.")
+    alpha: float = option(0.5, help="Weight of the soft term; 1 - alpha weighs the hard labels.")
+    max_rows: int | None = option(None, help="Cap on each specialist's training rows (half its "
+                                  "classes, half the rest).")
+    top_n: int = option(1, help="Activate specialists whose classes meet the generalist's top-n "
+                        "classes.")
+    kl_steps: int = option(300, help="Gradient steps of the combination (Adam on q's logits).")
+    kl_lr: float = option(0.1, help="Step size of the combination.")
+    dustbin_correction: bool = option(True, flag="--no-dustbin-correction", negate=True,
+                                      help="Do not raise the dustbin logit by log(oversampling) "
+                                           "after training.")
+    workers: int = option(0, help="Train specialists as tasks on a dask LocalCluster of N "
+                          "processes (0 or 1: in-process).")
+    eval: str | None = option(None, help="Labeled test set [default: the transfer set's test split].")
+    device: str = device_option()
+    data_dir: str | None = data_dir_option()
+    # The CLI has always trained specialists for 10 epochs; the library now agrees with it.
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage_options: dict = storage_options_option()
+
+    def resolve(self) -> SpecialistsConfig:
+        """This config with ``out`` named from the cache when not given."""
+        return self if self.out else replace(
+            self, out=output_dir("specialists", _cache_name(self.cache)))
 
     def validate(self) -> None:
-        from pipeline.experiments.specialists import SIMILARITIES
-
         problems = []
         if not self.cache:
             problems.append("--cache CACHE (the generalist's logits on the transfer set) must be given")
