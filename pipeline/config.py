@@ -16,9 +16,17 @@ from typing import TYPE_CHECKING
 
 from pipeline.cache.location import parse_storage_options
 from pipeline.errors import ConfigError
-from pipeline.options import option, parse_class_deltas, parse_floats, parse_ints, parse_size
-from pipeline.options import show_list, show_size
 from pipeline.models import with_options
+from pipeline.options import (
+    option,
+    parse_class_deltas,
+    parse_floats,
+    parse_indices,
+    parse_ints,
+    parse_size,
+    show_list,
+    show_size,
+)
 from pipeline.training.loop import TrainConfig
 
 if TYPE_CHECKING:
@@ -51,7 +59,7 @@ def storage_options_option() -> dict:
 
 
 def members_option(help: str) -> list[int] | None:
-    return option(None, parse=parse_ints, help=help)
+    return option(None, parse=parse_indices, help=help)
 
 
 def output_dir(kind: str, name: str) -> str:
@@ -551,3 +559,28 @@ class SpecialistsConfig:
         d = asdict(self)
         d["storage_options"] = redact_secrets(self.storage_options)
         return d
+
+
+@dataclass
+class Display:
+    """How a command prints: never part of what a run is, so never recorded with it."""
+
+    quiet: bool = option(False, help="No progress bars or per-step lines.")
+    json: bool = option(False, help="Print the result as JSON.")
+    dry_run: bool = option(False, help="Print the grid and its estimated cost; train nothing.")
+
+
+@dataclass
+class CacheToolConfig:
+    """``cache info|verify|pack|copy|ls``: a cache (or a prefix of caches) and where it goes."""
+
+    cache: str = option("", argument=True, required=True, metavar="CACHE",
+                        help="A cache directory, NAME.zarr.zip or s3://bucket/prefix/NAME.zarr.")
+    out: str = option("", argument=True, required=True, metavar="OUT",
+                      help="Where the copy or bundle goes.")
+    prefix: str = option("", argument=True, required=True, metavar="PREFIX",
+                         help="A directory or s3://bucket/prefix holding caches.")
+    dataset: str | None = option(None, help="A dataset spec whose fingerprint must match the "
+                                 "cache's.")
+    storage_options: dict = storage_options_option()
+    data_dir: str | None = data_dir_option()

@@ -16,7 +16,6 @@ would type, for ``--help``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass
 from typing import Any
@@ -120,6 +119,14 @@ def parse_ints(value: str) -> list[int]:
         return [int(v) for v in str(value).split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"expected integers like 0,1,2, got {value!r}") from None
+
+
+def parse_indices(value: str) -> list[int]:
+    """``"0,2"`` -> ``[0, 2]`` (member indices)."""
+    try:
+        return parse_ints(value)
+    except ValueError:
+        raise ValueError(f"expected indices like 0,2, got {value!r}") from None
 
 
 def show_list(values: Iterable[Any] | None) -> str:

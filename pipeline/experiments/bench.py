@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +38,13 @@ import torch
 from pipeline.cache.format import LogitCache, create_cache, mark_complete, shard_bounds, write_shard
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.config import CacheConfig, SweepConfig
+from pipeline.config import CacheConfig, SweepConfig, device_option
 from pipeline.datasets import fingerprint_arrays, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.experiments.sweep import run_sweep
 from pipeline.metrics import predict_logits
 from pipeline.models import build_model
+from pipeline.options import option
 from pipeline.training.loader import StreamingCacheSource, cache_source
 from pipeline.training.loop import InMemorySource, TrainConfig, fit
 from pipeline.training.losses import DistillationLoss
@@ -53,6 +55,18 @@ SCALES = {
     "medium": {"rows": 60_000, "repeats": 3},
     "large": {"rows": 60_000, "repeats": 5},
 }
+
+
+@dataclass
+class BenchConfig:
+    """``bench``: which scale to measure, where, and where to write the figures."""
+
+    scale: str = option("small", choices=SCALES, help="small: 10k rows (about two minutes on 2 CPU "
+                        "cores); medium/large: 60k rows.")
+    device: str = device_option()
+    out: str | None = option(None, help="Write every figure, with the machine, to this JSON file.")
+
+
 TEACHER = "mlp:1200,1200"
 STUDENT = "mlp:800,800"
 MEMBERS = 3

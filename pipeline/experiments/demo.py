@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig
+from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig, device_option, output_dir
 from pipeline.evaluation import evaluate_models
 from pipeline.experiments.plots import bar_chart
 from pipeline.experiments.sweep import finished_result
+from pipeline.options import option, parse_floats, show_list
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher
@@ -31,21 +32,32 @@ from pipeline.training.teacher import recorded_config, train_teacher
 
 @dataclass
 class DemoConfig:
-    out: str
-    epochs: int = 3
-    members: int = 2
-    model: str = "mlp:1200,1200"
+    """``demo``: teacher ensemble, cache, baseline and distilled students on Fashion-MNIST."""
+
+    out: str = option("", help="Where the demo writes [default: data/demo].")
+    epochs: int = option(3, help="Teacher epochs.")
+    members: int = option(2, help="Teacher ensemble size.")
+    model: str = option("mlp:1200,1200", help="Teacher model spec.")
     input_dropout: float | None = 0.0
     dropout: float | None = 0.2
     jitter: int = 0
-    student: str = "mlp:800,800"
-    student_epochs: int = 20
-    temperatures: list[float] = field(default_factory=lambda: [4.0, 20.0])
-    alpha: float = 0.9
-    transfer_fraction: float | None = 0.05
-    train_subset: float | None = None
-    device: str = "auto"
-    seed: int = 0
+    student: str = option("mlp:800,800", help="Student model spec.")
+    student_epochs: int = option(20, help="Epochs of each student.")
+    temperatures: list[float] = option(default_factory=lambda: [4.0, 20.0], parse=parse_floats,
+                                       show=show_list,
+                                       help="Comma-separated temperatures to distil at.")
+    alpha: float = option(0.9, help="Soft-term weight of distilled students.")
+    transfer_fraction: float | None = option(
+        0.05, parse=lambda v: float(v) or None,
+        help="Fraction of the training images in the transfer set the students learn from "
+             "(1 = all).")
+    train_subset: float | None = option(None, help="Fraction of fashion-mnist:train for the "
+                                        "teacher and, as is, for the students (a quick run).")
+    device: str = device_option()
+    seed: int = option(0, help="Seed for weight initialisation, dropout and shuffling.")
+
+    def resolve(self) -> DemoConfig:
+        return self if self.out else replace(self, out=output_dir("demo", ""))
 
 
 def _student(cfg: DemoConfig, cache: Path, out: Path, temperature: float, alpha: float,

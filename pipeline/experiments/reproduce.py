@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,16 @@ import torch
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint
-from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, SweepConfig, TeacherConfig
+from pipeline.config import (
+    CacheConfig,
+    EvaluateConfig,
+    StudentConfig,
+    SweepConfig,
+    TeacherConfig,
+    data_dir_option,
+    device_option,
+    output_dir,
+)
 from pipeline.datasets import load_dataset
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError
@@ -40,6 +49,7 @@ from pipeline.evaluation import evaluate_models
 from pipeline.experiments.plots import bar_chart, line_chart
 from pipeline.experiments.sweep import finished_result, run_sweep
 from pipeline.metrics import classification_metrics, predict_logits
+from pipeline.options import option, parse_ints, show_list
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher
@@ -112,21 +122,36 @@ EXPERIMENT_NAMES = ("main-table", "temperature", "omitted-class", "small-data")
 
 @dataclass
 class ReproduceConfig:
-    experiment: str = "all"
-    dataset: str = "fashion-mnist"  # a source without its split: fashion-mnist, mnist, idx:DIR, npz:FILE
-    data_dir: str | None = None
-    scale: str = "quick"
-    out: str = ""
-    report: str | None = None  # also write the report (and its plots, prefixed) here, e.g. data/reports/NAME.md
-    teacher: str | None = None  # an existing teacher ensemble instead of training the recipe's
-    omitted_class: int = 3
-    kept_classes: list[int] = field(default_factory=lambda: [7, 8])
-    student: str = "mlp:800,800"
-    narrow_student: str = "mlp:30,30"
+    """``reproduce``: the paper's experiments over the public stages."""
+
+    experiment: str = option("all", argument=True, metavar="[EXPERIMENT]",
+                             help="all or a comma-separated list of experiments.")
+    dataset: str = option("fashion-mnist", help="A dataset source without its split: "
+                          "fashion-mnist, mnist, idx:DIR or npz:FILE.")
+    data_dir: str | None = data_dir_option()
+    scale: str = option("quick", choices=SCALES, help="quick: a subset and few epochs (minutes, a "
+                        "smoke test); full: the real run.")
+    out: str = option("", help="Output directory [default: data/reproduce/<dataset>-<scale>].")
+    report: str | None = option(None, help="Also write the report here, its plots beside it "
+                                "(e.g. data/reports/fashion-mnist.md).")
+    teacher: str | None = option(None, exists=True, help="Use this teacher ensemble instead of "
+                                 "training the dataset's recipe.")
+    omitted_class: int = option(3, help="omitted-class: the class left out of the transfer set.")
+    kept_classes: list[int] = option(default_factory=lambda: [7, 8], parse=parse_ints,
+                                     show=show_list, help="omitted-class: the only classes of "
+                                     "the two-class transfer set.")
+    student: str = option("mlp:800,800", help="The (wide) student.")
+    narrow_student: str = option("mlp:30,30", help="temperature: the narrow student.")
     temperature: float = 20.0
     alpha: float = 0.9
-    device: str = "auto"
-    seed: int = 0
+    device: str = device_option()
+    seed: int = option(0, help="Seed for weight initialisation, dropout and shuffling.")
+
+    def resolve(self) -> ReproduceConfig:
+        """This config with ``out`` named from the dataset and scale when not given."""
+        name = self.dataset.replace(":", "-").replace("/", "_").strip("-_")
+        return self if self.out else replace(self, out=output_dir("reproduce",
+                                                                  f"{name}-{self.scale}"))
 
     def validate(self) -> None:
         problems = []

@@ -21,9 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.errors import ConfigError, KDError
+from pipeline.options import option, parse_clip
 from pipeline.training.losses import DistillationLoss
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
 
 # A batch: raw inputs (B, *shape), teacher logits (B, C) or None, labels (B,) or None.
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -38,15 +40,18 @@ class TrainConfig:
     (which diverged at T = 20 in a trial), and gradient-norm clipping bounds the first steps.
     """
 
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    grad_clip: float | None = 5.0
-    lr_schedule: str = "cosine"
-    seed: int = 0
+    epochs: int = option(10, help="Passes over the training data.")
+    batch_size: int = option(128, help="Rows per optimiser step.")
+    lr: float = option(1e-3, help="Peak learning rate.")
+    optimizer: str = option("adam", choices=OPTIMIZERS, help="Optimiser (sgd uses --momentum).")
+    momentum: float = option(0.9, help="SGD momentum.")
+    weight_decay: float = option(0.0, help="L2 weight decay.")
+    grad_clip: float | None = option(5.0, parse=parse_clip,
+                                     help="Clip the gradient norm to this (0 disables).")
+    lr_schedule: str = option("cosine", choices=LR_SCHEDULES,
+                              help="Learning-rate schedule over all steps.")
+    seed: int = option(0, help="Seed for weight initialisation, dropout and shuffling (dataset "
+                       "subsets take their own seed=).")
 
     def validate(self) -> None:
         """Raise ``ConfigError`` listing every invalid field at once."""
@@ -59,7 +64,7 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
+        if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")

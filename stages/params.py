@@ -1,0 +1,176 @@
+"""Click parameters generated from the config fields' declarations (``pipeline.options``).
+
+``@configured(StudentConfig, Only(Display, "quiet"))`` adds one click parameter per declared field
+(nested config dataclasses such as ``train: TrainConfig`` are flattened into the same command) and
+calls the command with the built configs instead of loose keyword arguments. Only values the user
+actually typed override a config's own defaults, so a default exists once: on its field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from pipeline.errors import KDError
+from pipeline.options import Option, declared, nested
+
+#: The attribute every generated click parameter carries: ``"StudentConfig.temperature"``.
+FIELD_ATTR = "kd_field"
+
+
+@dataclass(frozen=True)
+class Only:
+    """Select some of a config's declared fields for a command (``exclude`` drops some instead)."""
+
+    cls: type
+    fields: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __init__(self, cls: type, *fields: str, exclude: tuple[str, ...] = ()) -> None:
+        object.__setattr__(self, "cls", cls)
+        object.__setattr__(self, "fields", fields)
+        object.__setattr__(self, "exclude", exclude)
+
+
+@dataclass(frozen=True)
+class _Param:
+    path: tuple[str, ...]  # ("train", "epochs")
+    owner: type  # the dataclass that declares the field
+    field: dataclasses.Field
+    option: Option
+    default: Any
+    annotation: Any
+
+    @property
+    def dest(self) -> str:
+        return "__".join(self.path)
+
+
+def _params(cls: type, base: Any, prefix: tuple[str, ...] = ()) -> Iterator[_Param]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(base, f.name)
+        if nested(hints[f.name]):
+            yield from _params(hints[f.name], value, (*prefix, f.name))
+            continue
+        opt = declared(f)
+        if opt is not None:
+            yield _Param((*prefix, f.name), cls, f, opt, value, hints[f.name])
+
+
+def _scalar_type(annotation: Any) -> type:
+    """``int | None`` -> int; lists, dicts and anything else -> str (parsed by the declaration)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    t = args[0] if len(args) == 1 else str
+    return t if t in (int, float, str, bool) else str
+
+
+def _click_param(p: _Param, dest: str) -> click.Parameter:
+    opt = p.option
+    ctype: Any = _scalar_type(p.annotation)
+    if opt.choices is not None:
+        ctype = click.Choice(opt.choice_names())
+    elif opt.exists:
+        ctype = click.Path(exists=True)
+    elif opt.parse is not None:
+        ctype = str
+    if opt.argument:
+        param: click.Parameter = click.Argument([dest], required=opt.required, type=ctype,
+                                                metavar=opt.metavar)
+    else:
+        names = [*opt.names(p.path[-1]), dest]
+        flag = ctype is bool
+        # click shows this default in --help; the value used when the flag is absent is still the
+        # field's own (``build`` skips parameters whose source is the default).
+        if flag or p.default is None or p.default == "" or p.default == {}:
+            default: Any = None
+        elif opt.multiple:
+            default = tuple(p.default) or None
+        elif opt.show is not None:
+            default = opt.show(p.default)
+        else:
+            default = p.default
+        param = click.Option(names, type=None if flag else ctype, is_flag=flag, default=default,
+                             multiple=opt.multiple, required=opt.required, help=opt.help,
+                             show_default=default is not None, metavar=opt.metavar)
+    setattr(param, FIELD_ATTR, f"{p.owner.__name__}.{p.field.name}")
+    return param
+
+
+def _selected(spec: type | Only) -> tuple[type, list[_Param]]:
+    only = spec if isinstance(spec, Only) else Only(spec)
+    params = list(_params(only.cls, only.cls()))
+    if only.fields:
+        unknown = set(only.fields) - {p.dest for p in params}
+        if unknown:
+            raise TypeError(f"{only.cls.__name__} declares no option {sorted(unknown)}")
+        params = [p for p in params if p.dest in only.fields]
+    return only.cls, [p for p in params if p.dest not in only.exclude]
+
+
+def _dest(cls: type, p: _Param) -> str:
+    return f"{cls.__name__.lower()}__{p.dest}"
+
+
+def _value(p: _Param, raw: Any) -> Any:
+    opt = p.option
+    try:
+        if opt.parse is not None:
+            return opt.parse(raw)
+    except (ValueError, KDError) as e:
+        hint = p.path[-1] if opt.argument else opt.names(p.path[-1])[0]
+        raise click.BadParameter(str(e), param_hint=hint) from None
+    if opt.negate:
+        return not raw
+    if opt.multiple:
+        return list(raw)
+    return raw
+
+
+def build(cls: type, params: list[_Param], kwargs: dict, ctx: click.Context) -> Any:
+    """The config ``cls`` with the values the user gave; every other field keeps its default."""
+    base = cls()
+    changes: dict[tuple[str, ...], dict[str, Any]] = {}
+    for p in params:
+        dest = _dest(cls, p)
+        if ctx.get_parameter_source(dest) in (None, ParameterSource.DEFAULT):
+            continue
+        changes.setdefault(p.path[:-1], {})[p.path[-1]] = _value(p, kwargs[dest])
+    top = changes.pop((), {})
+    for path, values in changes.items():  # nested configs: replace inside the default instance
+        inner = functools.reduce(getattr, path, base)
+        top[path[0]] = dataclasses.replace(inner, **values)
+    return dataclasses.replace(base, **top)
+
+
+def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
+    """Decorator: generate the click parameters of ``specs`` and call the command with configs.
+
+    The command receives one built config per spec, in order. Configs with a ``resolve()`` method
+    get it applied (derived defaults such as output directories named from the config).
+    """
+    selected = [_selected(s) for s in specs]
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            ctx = click.get_current_context()
+            configs = []
+            for cls, params in selected:
+                cfg = build(cls, params, kwargs, ctx)
+                configs.append(cfg.resolve() if hasattr(cfg, "resolve") else cfg)
+            return fn(*configs)
+
+        command.__click_params__ = [  # click reads this list bottom-up, as its decorators do
+            _click_param(p, _dest(cls, p)) for cls, params in reversed(selected)
+            for p in reversed(params)]
+        return command
+
+    return decorate

@@ -1,0 +1,111 @@
+"""Every command-line parameter is generated from one config field's declaration."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from pipeline.config import StudentConfig, SweepConfig
+from pipeline.options import declared, show_size
+from pipeline.training.loop import TrainConfig
+from stages.cli import main
+from stages.params import FIELD_ATTR
+
+
+def commands(group: click.Group, prefix: str = "") -> Iterator[tuple[str, click.Command]]:
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from commands(cmd, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", cmd
+
+
+def field_of(qualified: str) -> dataclasses.Field:
+    import pipeline.config
+    import pipeline.experiments.bench
+    import pipeline.experiments.demo
+    import pipeline.experiments.reproduce
+    import pipeline.training.loop
+
+    cls_name, name = qualified.split(".")
+    for mod in (pipeline.config, pipeline.training.loop, pipeline.experiments.bench,
+                pipeline.experiments.demo, pipeline.experiments.reproduce):
+        if hasattr(mod, cls_name):
+            return {f.name: f for f in dataclasses.fields(getattr(mod, cls_name))}[name]
+    raise AssertionError(f"no config class {cls_name}")
+
+
+ALL = list(commands(main))
+
+
+def test_every_command_is_walked() -> None:
+    names = {n for n, _ in ALL}
+    assert {"train-teacher", "evaluate", "cache-logits", "train-student", "sweep", "reproduce",
+            "bench", "demo", "cache info", "cache verify", "cache copy", "cache pack", "cache ls",
+            "specialists cluster", "specialists train", "specialists evaluate",
+            "specialists run"} <= names
+
+
+@pytest.mark.parametrize("name,cmd", ALL, ids=[n for n, _ in ALL])
+def test_every_parameter_comes_from_a_config_field(name: str, cmd: click.Command) -> None:
+    for param in cmd.params:
+        if param.name == "help":
+            continue
+        qualified = getattr(param, FIELD_ATTR, None)
+        assert qualified, f"{name}: {param.opts} is not generated from a config field"
+        f = field_of(qualified)
+        opt = declared(f)
+        assert opt is not None
+        if opt.choices is not None:  # the registry itself, not a copy
+            assert list(param.type.choices) == list(opt.choices)
+        if isinstance(param, click.Option) and opt.help:
+            assert param.help == opt.help
+
+
+def test_shown_defaults_are_the_fields_defaults() -> None:
+    cmd = main.commands["train-student"]
+    by_name = {p.opts[0]: p for p in cmd.params}
+    assert by_name["--temperature"].default == StudentConfig().temperature == 20.0
+    assert by_name["--epochs"].default == TrainConfig().epochs
+    assert by_name["--memory-budget"].default == show_size(StudentConfig().memory_budget) == "2G"
+    sweep = {p.opts[0]: p for p in main.commands["sweep"].params}
+    assert sweep["--temperature"].default == "1,2,4,8,20"
+    assert "--seed" not in sweep  # each setting's seed comes from --seeds
+
+
+def test_cli_builds_the_same_config_as_the_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a command receives equals the config built in Python with the same values."""
+    from pipeline.experiments import sweep as sweep_mod
+
+    seen = {}
+    monkeypatch.setattr(sweep_mod, "sweep_command",
+                        lambda cfg, **kw: seen.setdefault("cfg", cfg) and None)
+    res = CliRunner().invoke(main, ["sweep", "--cache", "c.zarr", "-T", "2,4", "--alpha", "1",
+                                    "--student", "mlp:8", "--student", "mlp:16", "--epochs", "3",
+                                    "--memory-budget", "64M", "--grad-clip", "0", "--out", "o",
+                                    "--dry-run"])
+    assert res.exit_code == 0, res.output
+    expected = SweepConfig(cache="c.zarr", temperatures=[2.0, 4.0], alphas=[1.0],
+                           students=["mlp:8", "mlp:16"], memory_budget=64 << 20, out="o",
+                           train=dataclasses.replace(TrainConfig(), epochs=3, grad_clip=None))
+    assert seen["cfg"] == expected
+
+
+def test_specialists_default_epochs_agree() -> None:
+    """The library and the CLI once disagreed (3 vs 10 epochs); there is one default now."""
+    from pipeline.config import SpecialistsConfig
+
+    param = {p.opts[0]: p for p in main.commands["specialists"].commands["run"].params}
+    assert param["--epochs"].default == SpecialistsConfig().train.epochs == 10
+
+
+def test_bad_values_name_the_option() -> None:
+    res = CliRunner().invoke(main, ["train-student", "--cache", "c", "--memory-budget", "lots"])
+    assert res.exit_code == 2
+    assert "--memory-budget" in res.output and "expected a size like 512M" in res.output
+    res = CliRunner().invoke(main, ["train-student", "--cache", "c", "--class-bias", "3"])
+    assert res.exit_code == 2 and "expected CLASS=DELTA" in res.output
