@@ -59,7 +59,7 @@ def storage_options_option() -> dict:
 
 
 def members_option(help: str) -> list[int] | None:
-    return option(None, parse=parse_indices, help=help)
+    return option(None, parse=parse_indices, metavar="I,J,...", help=help)
 
 
 def output_dir(kind: str, name: str) -> str:
@@ -281,7 +281,7 @@ class StudentConfig:
                                                "training.")
     fit_bias_on: str | None = option(None, help="Labeled held-out set on which to fit bias offsets "
                                      "for classes absent from the transfer set.")
-    memory_budget: int = option(2 << 30, parse=parse_size, show=show_size,
+    memory_budget: int = option(2 << 30, parse=parse_size, show=show_size, metavar="SIZE",
                                 help="Memory for targets+inputs: train from memory when they fit, "
                                      "else stream shards.")
     allow_partial: bool = option(False, help="Train on the finished shards of a partial cache.")
@@ -368,16 +368,16 @@ class SweepConfig:
 
     cache: str = option("", help="The logit cache every setting trains from.")
     temperatures: list[float] = option(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 20.0],
-                                       flag="--temperature", short="-T", parse=parse_floats,
+                                       flag="--temperature", short="-T", parse=parse_floats, metavar="T,T,...",
                                        show=show_list, help="Comma-separated temperatures.")
     alphas: list[float] = option(default_factory=lambda: [0.5, 0.9, 1.0], flag="--alpha",
-                                 parse=parse_floats, show=show_list,
+                                 parse=parse_floats, show=show_list, metavar="A,A,...",
                                  help="Comma-separated soft-term weights (1 - alpha weighs the hard "
                                       "labels).")
     students: list[str] = option(default_factory=lambda: ["mlp:800,800"], flag="--student",
                                  multiple=True, show=show_list,
                                  help="Student model spec; repeat for several.")
-    seeds: list[int] = option(default_factory=lambda: [0], parse=parse_ints, show=show_list,
+    seeds: list[int] = option(default_factory=lambda: [0], parse=parse_ints, show=show_list, metavar="N,N,...",
                               help="Comma-separated seeds (one run per seed).")
     loss: str = option("kd", choices=LOSSES, help="The loss of every setting (see train-student).")
     ensemble: str = option("mean-probs", choices=ENSEMBLE_METHODS,
@@ -385,7 +385,7 @@ class SweepConfig:
     members: list[int] | None = members_option("Comma-separated member indices of the cache "
                                                "[default: all].")
     eval: str | None = option(None, help="Labeled test set [default: the transfer set's test split].")
-    memory_budget: int = option(2 << 30, parse=parse_size, show=show_size,
+    memory_budget: int = option(2 << 30, parse=parse_size, show=show_size, metavar="SIZE",
                                 help="Per setting (see train-student).")
     online_teacher: list[str] | None = option(None, multiple=True, exists=True,
                                               help="Baseline: every setting distils from a live "

@@ -65,6 +65,22 @@ def _params(cls: type, base: Any, prefix: tuple[str, ...] = ()) -> Iterator[_Par
             yield _Param((*prefix, f.name), cls, f, opt, value, hints[f.name])
 
 
+class Parsed(click.ParamType):
+    """A click type for a declared parser: sizes (``2G``), comma lists (``1,2,4``), ``3=+3.5``."""
+
+    def __init__(self, parse: Callable[[str], Any], metavar: str | None) -> None:
+        self.parse = parse
+        self.name = (metavar or "TEXT").lower()
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):  # already converted (a default or a value set in Python)
+            return value
+        try:
+            return self.parse(value)
+        except (ValueError, KDError) as e:
+            self.fail(str(e), param, ctx)
+
+
 def _scalar_type(annotation: Any) -> type:
     """``int | None`` -> int; lists, dicts and anything else -> str (parsed by the declaration)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
@@ -79,8 +95,10 @@ def _click_param(p: _Param, dest: str) -> click.Parameter:
         ctype = click.Choice(opt.choice_names())
     elif opt.exists:
         ctype = click.Path(exists=True)
+    elif opt.parse is not None and not opt.multiple:
+        ctype = Parsed(opt.parse, opt.metavar)
     elif opt.parse is not None:
-        ctype = str
+        ctype = str  # each item as typed; the declared parse takes them all (KEY=VALUE pairs)
     if opt.argument:
         param: click.Parameter = click.Argument([dest], required=opt.required, type=ctype,
                                                 metavar=opt.metavar)
@@ -122,13 +140,15 @@ def _dest(cls: type, p: _Param) -> str:
 def _value(p: _Param, raw: Any) -> Any:
     opt = p.option
     try:
-        if opt.parse is not None:
+        if opt.parse is not None and opt.multiple:
             return opt.parse(raw)
     except (ValueError, KDError) as e:
         hint = p.path[-1] if opt.argument else opt.names(p.path[-1])[0]
         raise click.BadParameter(str(e), param_hint=hint) from None
     if opt.negate:
         return not raw
+    if opt.parse is not None:
+        return raw  # converted by its click type
     if opt.multiple:
         return list(raw)
     return raw

@@ -46,7 +46,7 @@ class TrainConfig:
     optimizer: str = option("adam", choices=OPTIMIZERS, help="Optimiser (sgd uses --momentum).")
     momentum: float = option(0.9, help="SGD momentum.")
     weight_decay: float = option(0.0, help="L2 weight decay.")
-    grad_clip: float | None = option(5.0, parse=parse_clip,
+    grad_clip: float | None = option(5.0, parse=parse_clip, metavar="FLOAT",
                                      help="Clip the gradient norm to this (0 disables).")
     lr_schedule: str = option("cosine", choices=LR_SCHEDULES,
                               help="Learning-rate schedule over all steps.")
