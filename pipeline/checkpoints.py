@@ -1,8 +1,9 @@
 """Checkpoints that describe themselves and load without executing code.
 
-A checkpoint is a ``torch.save`` of ``{"kd_checkpoint": VERSION, "meta": {...JSON...}, "state_dict": {...}}``
-loaded back with ``weights_only=True`` (tensors and plain containers only: a checkpoint from someone else cannot
-run code on load). ``meta`` records the model spec, the input shape and classes, the training dataset's
+A checkpoint is a ``torch.save`` of
+``{"kd_checkpoint": VERSION, "meta": {...JSON...}, "state_dict": {...}}`` loaded back with
+``weights_only=True`` (tensors and plain containers only: a checkpoint from someone else cannot run
+code on load). ``meta`` records the model spec, the input shape and classes, the training dataset's
 identity (spec + fingerprint), the resolved config, and test metrics.
 
 An ensemble is a directory of ``member-<i>.pt`` checkpoints (plus an ``ensemble.json`` summary).
@@ -78,7 +79,9 @@ class LoadedModel:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); model in eval mode."""
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); model in eval
+    mode.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -86,39 +89,53 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or unsafe files
         raise CheckpointError(
-            f"{path}: cannot load as a kd-pipeline checkpoint with weights_only=True ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); is it damaged, or not written by kd-pipeline?"
+            f"{path}: cannot load as a kd-pipeline checkpoint with weights_only=True "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "is it damaged, or not written by kd-pipeline?"
         ) from e
     if not isinstance(blob, dict) or "kd_checkpoint" not in blob:
         raise CheckpointError(f"{path}: not a kd-pipeline checkpoint (no 'kd_checkpoint' key)")
     meta = blob.get("meta")
-    if (not isinstance(blob["kd_checkpoint"], int) or not isinstance(meta, dict)
-            or not isinstance(blob.get("state_dict"), dict)
-            or any(k not in meta for k in ("model_spec", "in_shape", "num_classes"))):
-        raise CheckpointError(f"{path}: damaged kd-pipeline checkpoint: it needs an integer 'kd_checkpoint', a "
-                              "'state_dict' and 'meta' with model_spec, in_shape and num_classes")
+    if (
+        not isinstance(blob["kd_checkpoint"], int)
+        or not isinstance(meta, dict)
+        or not isinstance(blob.get("state_dict"), dict)
+        or any(k not in meta for k in ("model_spec", "in_shape", "num_classes"))
+    ):
+        raise CheckpointError(
+            f"{path}: damaged kd-pipeline checkpoint: it needs an integer 'kd_checkpoint', a "
+            "'state_dict' and 'meta' with model_spec, in_shape and num_classes"
+        )
     if blob["kd_checkpoint"] > CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint format {blob['kd_checkpoint']} is newer than this kd-pipeline understands "
-            f"({CHECKPOINT_VERSION}); upgrade kd-pipeline"
+            f"{path}: checkpoint format {blob['kd_checkpoint']} is newer than this kd-pipeline "
+            f"understands ({CHECKPOINT_VERSION}); upgrade kd-pipeline"
         )
     model = build_model(meta["model_spec"], tuple(meta["in_shape"]), int(meta["num_classes"]))
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit model {meta['model_spec']!r}: {e}") from e
+        raise CheckpointError(
+            f"{path}: weights do not fit model {meta['model_spec']!r}: {e}"
+        ) from e
     model.to(device).eval()
     return LoadedModel(model, meta, path, file_sha256(path))
 
 
 def member_paths(path: str | Path) -> list[Path]:
-    """The checkpoint files behind ``path``: itself, or the ``*.pt`` members of an ensemble directory."""
+    """The checkpoint files behind ``path``: itself, or the ``*.pt`` members of an ensemble
+    directory.
+    """
     path = Path(path)
     if path.is_dir():
-        members = sorted(path.glob("member-*.pt"), key=lambda p: (len(p.name), p.name)) or sorted(path.glob("*.pt"))
+        members = sorted(path.glob("member-*.pt"), key=lambda p: (len(p.name), p.name)) or sorted(
+            path.glob("*.pt")
+        )
         if not members:
-            raise CheckpointError(f"{path}: ensemble directory holds no *.pt checkpoints; train one with "
-                                  "`kd-pipeline train-teacher --out DIR`")
+            raise CheckpointError(
+                f"{path}: ensemble directory holds no *.pt checkpoints; train one with "
+                "`kd-pipeline train-teacher --out DIR`"
+            )
         return members
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or ensemble directory")
@@ -126,15 +143,20 @@ def member_paths(path: str | Path) -> list[Path]:
 
 
 def fit_problems(models: list[LoadedModel], data: Dataset) -> list[str]:
-    """Why these models cannot run together on ``data``: one line per model whose input shape differs from the
-    samples', whose class count differs from the first model's, or (labeled data) from the dataset's. Empty if fine.
+    """Why these models cannot run together on ``data``: one line per model whose input shape
+    differs from the samples', whose class count differs from the first model's, or (labeled data)
+    from the dataset's. Empty if fine.
     """
     first = int(models[0].meta["num_classes"]) if models else 0
-    return [f"{m.path} takes inputs {tuple(m.meta['in_shape'])} with {m.meta['num_classes']} classes, but {data.spec} "
-            f"has samples {data.sample_shape}" + (f" with {data.num_classes} classes" if data.labeled else "")
-            for m in models
-            if tuple(m.meta["in_shape"]) != data.sample_shape or int(m.meta["num_classes"]) != first
-            or (data.labeled and int(m.meta["num_classes"]) != data.num_classes)]
+    return [
+        f"{m.path} takes inputs {tuple(m.meta['in_shape'])} with {m.meta['num_classes']} classes, "
+        f"but {data.spec} has samples {data.sample_shape}"
+        + (f" with {data.num_classes} classes" if data.labeled else "")
+        for m in models
+        if tuple(m.meta["in_shape"]) != data.sample_shape
+        or int(m.meta["num_classes"]) != first
+        or (data.labeled and int(m.meta["num_classes"]) != data.num_classes)
+    ]
 
 
 def load_models(paths: list[str | Path], device: torch.device | str = "cpu") -> list[LoadedModel]:

@@ -1,9 +1,11 @@
-"""Dask clusters for the steps that fan out (cache-logits, sweep, specialists): one way to start or join one.
+"""Dask clusters for the steps that fan out (cache-logits, sweep, specialists): one way to start or
+join one.
 
-A local cluster is worker *processes* with one task thread each, and torch threads per worker = cores / workers,
-so workers on one machine do not oversubscribe its cores. On CUDA every task asks for a ``GPU`` resource, so a GPU
-runs one task at a time; with an existing scheduler only if some worker declares one (``dask worker ...
---resources GPU=1``), since otherwise no worker could ever run the tasks.
+A local cluster is worker *processes* with one task thread each, and torch threads per worker =
+cores / workers, so workers on one machine do not oversubscribe its cores. On CUDA every task asks
+for a ``GPU`` resource, so a GPU runs one task at a time; with an existing scheduler only if some
+worker declares one (``dask worker ... --resources GPU=1``), since otherwise no worker could ever
+run the tasks.
 """
 
 from __future__ import annotations
@@ -25,14 +27,20 @@ class Cluster:
 
 
 @contextmanager
-def dask_cluster(workers: int, scheduler: str | None = None, gpu: bool = False, torch_threads: int = 0,
-                 quiet_workers: bool = False) -> Iterator[Cluster]:
+def dask_cluster(
+    workers: int,
+    scheduler: str | None = None,
+    gpu: bool = False,
+    torch_threads: int = 0,
+    quiet_workers: bool = False,
+) -> Iterator[Cluster]:
     """Join ``scheduler``, or start a ``LocalCluster`` of ``workers`` processes; closed on exit.
 
     Args:
         gpu: tasks run on CUDA (each asks for a GPU resource, see the module docstring).
         torch_threads: torch threads per worker; 0 = cores / workers on a local cluster.
-        quiet_workers: show only errors from local workers (e.g. no warnings about tasks cancelled by a Ctrl-C).
+        quiet_workers: show only errors from local workers (e.g. no warnings about tasks cancelled
+            by a Ctrl-C).
     """
     from dask.distributed import Client, LocalCluster
 
@@ -44,10 +52,16 @@ def dask_cluster(workers: int, scheduler: str | None = None, gpu: bool = False, 
         gpu = gpu and any("GPU" in (w.get("resources") or {}) for w in info.values())
     else:
         n = workers
-        # dashboard ":0": a free port; None still binds the default 8787 and warns when another cluster holds it.
-        local = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                             resources={"GPU": 1} if gpu else None,
-                             silence_logs=logging.ERROR if quiet_workers else logging.WARNING)
+        # dashboard ":0": a free port; None still binds the default 8787 and warns when another
+        # cluster holds it.
+        local = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            resources={"GPU": 1} if gpu else None,
+            silence_logs=logging.ERROR if quiet_workers else logging.WARNING,
+        )
         client = Client(local)
         torch_threads = torch_threads or max(1, (os.cpu_count() or 1) // n)
     try:

@@ -2,23 +2,28 @@
 
 A dataset spec is ``NAME:ARGS...:SPLIT[:key=value...]``:
 
-- ``fashion-mnist:train`` / ``fashion-mnist:test``: the shipped Fashion-MNIST (``data/fashion-mnist``).
-- ``mnist:train|test``: the original MNIST IDX files from ``--data-dir`` or ``$KD_DATA_DIR`` (or their ``mnist/``).
+- ``fashion-mnist:train`` / ``fashion-mnist:test``: the shipped Fashion-MNIST
+  (``data/fashion-mnist``).
+- ``mnist:train|test``: the original MNIST IDX files from ``--data-dir`` or ``$KD_DATA_DIR`` (or
+  their ``mnist/``).
 - ``idx:DIR:train|test``: any directory holding the four MNIST-style file names, gzipped or not.
-- ``npz:FILE:SPLIT``: arrays ``x_<split>`` and optional ``y_<split>`` (no labels = an unlabeled transfer set);
-  optional ``class_names`` (strings) or ``num_classes`` (scalar).
+- ``npz:FILE:SPLIT``: arrays ``x_<split>`` and optional ``y_<split>`` (no labels = an unlabeled
+  transfer set); optional ``class_names`` (strings) or ``num_classes`` (scalar).
 
 Modifiers, usable on any spec and recorded in metadata (applied in this order):
 
-- ``holdout=0.1`` sets aside a seeded share of the whole split (drawn before anything else, with ``seed=N``):
-  ``part=rest`` (the default) keeps the other rows, ``part=holdout`` only the set-aside ones, so the two are
-  disjoint whatever else follows (e.g. a transfer set without class 3 and a held-out set to fit its bias on).
-- ``exclude=3,5`` drops those classes; ``keep=0,1`` keeps only those (the paper's omitted-class experiments).
-- ``fraction=0.03`` or ``count=1000`` keeps a random subset, drawn with ``seed=N`` (default 0), in original order.
+- ``holdout=0.1`` sets aside a seeded share of the whole split (drawn before anything else, with
+  ``seed=N``): ``part=rest`` (the default) keeps the other rows, ``part=holdout`` only the set-aside
+  ones, so the two are disjoint whatever else follows (e.g. a transfer set without class 3 and a
+  held-out set to fit its bias on).
+- ``exclude=3,5`` drops those classes; ``keep=0,1`` keeps only those (the paper's omitted-class
+  experiments).
+- ``fraction=0.03`` or ``count=1000`` keeps a random subset, drawn with ``seed=N`` (default 0), in
+  original order.
 
-Every sample keeps its index in the unmodified split as its stable id, so ids survive filtering and subsetting.
-The fingerprint is a sha256 over the inputs and labels in order (with their shapes and dtypes), computed in
-chunks so that it never copies the whole array.
+Every sample keeps its index in the unmodified split as its stable id, so ids survive filtering and
+subsetting. The fingerprint is a sha256 over the inputs and labels in order (with their shapes and
+dtypes), computed in chunks so that it never copies the whole array.
 """
 
 from __future__ import annotations
@@ -42,7 +47,16 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 MNIST_CLASSES = [str(i) for i in range(10)]
 MODIFIER_KEYS = ("holdout", "part", "exclude", "keep", "fraction", "count", "seed")
@@ -58,7 +72,8 @@ class Dataset:
 
     Attributes:
         spec: canonical spec string (modifiers included), enough to load it again.
-        x: raw inputs, shape (N, *sample_shape); uint8 pixels or float32. Models normalise themselves.
+        x: raw inputs, shape (N, *sample_shape); uint8 pixels or float32. Models normalise
+            themselves.
         y: labels, shape (N,) int64, or None for an unlabeled transfer set.
         ids: stable sample ids, shape (N,) int64: the index of each sample in the unmodified split.
         num_classes: number of classes of the task (of the unmodified split: filtering keeps it).
@@ -97,12 +112,12 @@ class Dataset:
         total, total_sq, count = 0.0, 0.0, 0
         flat = self.x.reshape(len(self), -1)
         if flat.dtype == np.uint8 and flat.size:
-            # Images: exact integer sums in int32 blocks (squares <= 255^2 fit), about twice as fast as float64
-            # blocks and the same result (those sums were exact integers in float64 too).
+            # Images: exact integer sums in int32 blocks (squares <= 255^2 fit), about twice as fast
+            # as float64 blocks and the same result (those sums were exact integers in float64 too).
             step = max(1, _FINGERPRINT_CHUNK // max(1, flat.shape[1]))
             isum = isq = 0
             for start in range(0, len(self), step):
-                block = flat[start:start + step].astype(np.int32)
+                block = flat[start : start + step].astype(np.int32)
                 isum += int(block.sum(dtype=np.int64))
                 isq += int((block * block).sum(dtype=np.int64))
             total, total_sq, count = float(isum), float(isq), int(flat.size)
@@ -111,7 +126,7 @@ class Dataset:
             return mean, (std if std > 0 else 1.0)
         step = max(1, _FINGERPRINT_CHUNK // max(1, flat.shape[1]))
         for start in range(0, len(self), step):
-            block = flat[start:start + step].astype(np.float64)
+            block = flat[start : start + step].astype(np.float64)
             total += float(block.sum())
             total_sq += float((block * block).sum())
             count += block.size
@@ -157,11 +172,11 @@ def fingerprint_arrays(x: np.ndarray, y: np.ndarray | None) -> str:
         h.update(f"{name}:{arr.dtype.str}:{list(arr.shape)};".encode())
         flat = arr.reshape(-1).view(np.uint8)
         for start in range(0, flat.size, _FINGERPRINT_CHUNK):
-            h.update(memoryview(flat[start:start + _FINGERPRINT_CHUNK]))
+            h.update(memoryview(flat[start : start + _FINGERPRINT_CHUNK]))
     return "sha256:" + h.hexdigest()
 
 
-# --------------------------------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------------------- registry
 @dataclass
 class _Base:
     """What a source returns: the unmodified split."""
@@ -223,8 +238,9 @@ def _shipped_fashion_mnist_dir(data_dir: str | None) -> Path:
     raise DatasetError(
         "the shipped Fashion-MNIST files were not found; looked in:\n"
         + "\n".join(f"  {c}" for c in candidates)
-        + "\nExpected the four IDX files (e.g. train-images-idx3-ubyte.gz). Run from a checkout of kd-pipeline, "
-        "set KD_DATA_DIR, or `apt-get install dataset-fashion-mnist`."
+        + "\nExpected the four IDX files (e.g. train-images-idx3-ubyte.gz). "
+        "Run from a checkout of kd-pipeline, set KD_DATA_DIR, or "
+        "`apt-get install dataset-fashion-mnist`."
     )
 
 
@@ -236,9 +252,9 @@ def _find_idx_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-# Decoded IDX files of this process, by (path, size, mtime): a sweep or a reproduce run trains many students on
-# the same files, and gunzipping Fashion-MNIST's 47 MB of images costs ~0.5 s each time. The key changes when the
-# file does, and callers get a copy, so nothing they do reaches the memo.
+# Decoded IDX files of this process, by (path, size, mtime): a sweep or a reproduce run trains many
+# students on the same files, and gunzipping Fashion-MNIST's 47 MB of images costs ~0.5 s each time.
+# The key changes when the file does, and callers get a copy, so nothing they do reaches the memo.
 _IDX_MEMO: dict[tuple[str, int, int, int], np.ndarray] = {}
 _IDX_MEMO_FILES = 8
 
@@ -263,20 +279,26 @@ def _decode_idx(path: Path, expected_magic: int, what: str) -> np.ndarray:
             # One-shot decompression is about twice as fast as gzip.open's chunked reads.
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
-        raise DatasetError(f"{path}: cannot read {what} IDX file ({e}); the file is damaged or not gzip") from e
+        raise DatasetError(
+            f"{path}: cannot read {what} IDX file ({e}); the file is damaged or not gzip"
+        ) from e
     if len(raw) < 8:
-        raise DatasetError(f"{path}: {len(raw)} bytes is too short for an IDX header; the file is truncated")
+        raise DatasetError(
+            f"{path}: {len(raw)} bytes is too short for an IDX header; the file is truncated"
+        )
     magic = struct.unpack(">I", raw[:4])[0]
     if magic != expected_magic:
         raise DatasetError(
-            f"{path}: wrong magic number 0x{magic:08x} for an IDX {what} file, expected 0x{expected_magic:08x}; "
-            "is this the right file?"
+            f"{path}: wrong magic number 0x{magic:08x} for an IDX {what} file, "
+            f"expected 0x{expected_magic:08x}; is this the right file?"
         )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DatasetError(f"{path}: {len(raw)} bytes is too short for an IDX header of {ndim} dimensions; "
-                           "the file is truncated")
+        raise DatasetError(
+            f"{path}: {len(raw)} bytes is too short for an IDX header of {ndim} dimensions; "
+            "the file is truncated"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
@@ -284,7 +306,8 @@ def _decode_idx(path: Path, expected_magic: int, what: str) -> np.ndarray:
             f"{path}: header says {dims} ({expected} bytes) but the file has {len(raw)} bytes; "
             "the file is truncated or damaged, fetch it again"
         )
-    # Copy: frombuffer over bytes is read-only (and the memo keeps this array; callers get copies of it).
+    # Copy: frombuffer over bytes is read-only (and the memo keeps this array; callers get copies of
+    # it).
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
@@ -301,23 +324,28 @@ def read_idx_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]
     if img_path is None or lab_path is None:
         names = [n for pair in IDX_FILES.values() for n in pair]
         raise DatasetError(
-            f"IDX files for split {split!r} not found in {directory}; expected these four files (gzipped or not):\n"
+            f"IDX files for split {split!r} not found in {directory}; "
+            "expected these four files (gzipped or not):\n"
             + "\n".join(f"  {n}[.gz]" for n in names)
         )
     images = _read_idx(img_path, _IDX_IMAGES_MAGIC, "images")
     labels = _read_idx(lab_path, _IDX_LABELS_MAGIC, "labels")
     if images.ndim != 3 or labels.ndim != 1:
-        raise DatasetError(f"{img_path}: expected images of 3 dimensions and labels of 1, found {images.shape}"
-                           f" and {labels.shape}")
+        raise DatasetError(
+            f"{img_path}: expected images of 3 dimensions and labels of 1, found {images.shape}"
+            f" and {labels.shape}"
+        )
     if images.shape[0] != labels.shape[0]:
         raise DatasetError(
-            f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels; "
-            "the pair must have the same count"
+            f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} "
+            "labels; the pair must have the same count"
         )
     return images[:, None, :, :], labels.astype(np.int64)
 
 
-@register_dataset("fashion-mnist", ("split",), "the shipped Fashion-MNIST: fashion-mnist:train|test")
+@register_dataset(
+    "fashion-mnist", ("split",), "the shipped Fashion-MNIST: fashion-mnist:train|test"
+)
 def _fashion_mnist(split: str, data_dir: str | None = None) -> _Base:
     directory = _shipped_fashion_mnist_dir(data_dir)
     x, y = read_idx_split(directory, split)
@@ -329,11 +357,14 @@ def _mnist(split: str, data_dir: str | None = None) -> _Base:
     root = data_dir or os.environ.get("KD_DATA_DIR")
     if not root:
         raise DatasetError(
-            "mnist needs its IDX files: pass --data-dir DIR or set KD_DATA_DIR to a directory holding "
-            + ", ".join(n + "[.gz]" for pair in IDX_FILES.values() for n in pair)
+            "mnist needs its IDX files: pass --data-dir DIR or set KD_DATA_DIR to a directory "
+            "holding " + ", ".join(n + "[.gz]" for pair in IDX_FILES.values() for n in pair)
         )
     directory = Path(root)
-    if _find_idx_file(directory / "mnist", IDX_FILES[split][0] if split in IDX_FILES else "") is not None:
+    if (
+        _find_idx_file(directory / "mnist", IDX_FILES[split][0] if split in IDX_FILES else "")
+        is not None
+    ):
         directory = directory / "mnist"
     x, y = read_idx_split(directory, split)
     return _Base(x, y, MNIST_CLASSES, {"dir": str(directory)})
@@ -349,7 +380,9 @@ def _idx(directory: str, split: str, data_dir: str | None = None) -> _Base:
     return _Base(x, y, [str(i) for i in range(n_classes)], {"dir": str(path.resolve())})
 
 
-@register_dataset("npz", ("file", "split"), "arrays x_<split> [, y_<split>] in a .npz: npz:FILE:SPLIT")
+@register_dataset(
+    "npz", ("file", "split"), "arrays x_<split> [, y_<split>] in a .npz: npz:FILE:SPLIT"
+)
 def _npz(file: str, split: str, data_dir: str | None = None) -> _Base:
     path = Path(file)
     if not path.is_file():
@@ -377,18 +410,22 @@ def _npz(file: str, split: str, data_dir: str | None = None) -> _Base:
     if x.dtype != np.uint8:
         x = x.astype(np.float32)
     if y is not None and y.shape[0] != x.shape[0]:
-        raise DatasetError(f"{path}: x_{split} has {x.shape[0]} rows but y_{split} has {y.shape[0]}")
+        raise DatasetError(
+            f"{path}: x_{split} has {x.shape[0]} rows but y_{split} has {y.shape[0]}"
+        )
     return _Base(x, y, names, {"file": str(path.resolve())})
 
 
-# ------------------------------------------------------------------------------------------------ spec parsing
+# ------------------------------------------------------------------------------------- spec parsing
 def _parse_int_list(key: str, value: str, spec: str) -> list[int]:
     try:
         values = sorted({int(v) for v in value.split(",") if v != ""})
     except ValueError:
         values = []
     if not values:
-        raise DatasetError(f"{spec}: {key}= expects class indices like {key}=3 or {key}=0,1; found {value!r}")
+        raise DatasetError(
+            f"{spec}: {key}= expects class indices like {key}=3 or {key}=0,1; found {value!r}"
+        )
     return values
 
 
@@ -403,16 +440,20 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
         )
     source = DATASETS[name]
     n = len(source.args)
-    args = parts[1:1 + n]
+    args = parts[1 : 1 + n]
     if len(args) != n or any("=" in a for a in args):
-        raise DatasetError(f"dataset spec {spec!r}: {name} expects {name}:{':'.join(a.upper() for a in source.args)}")
+        raise DatasetError(
+            f"dataset spec {spec!r}: {name} expects "
+            f"{name}:{':'.join(a.upper() for a in source.args)}"
+        )
     mods: dict = {}
-    for item in parts[1 + n:]:
+    for item in parts[1 + n :]:
         key, eq, value = item.partition("=")
         if not eq or key not in MODIFIER_KEYS:
             raise DatasetError(
                 f"dataset spec {spec!r}: unknown modifier {item!r}; expected key=value with key in "
-                f"{', '.join(MODIFIER_KEYS)} (e.g. fashion-mnist:train:exclude=3:fraction=0.03:seed=0)"
+                f"{', '.join(MODIFIER_KEYS)} "
+                "(e.g. fashion-mnist:train:exclude=3:fraction=0.03:seed=0)"
             )
         if key in ("exclude", "keep"):
             mods[key] = _parse_int_list(key, value, spec)
@@ -420,10 +461,14 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
             try:
                 mods[key] = float(value)
             except ValueError:
-                raise DatasetError(f"{spec}: {key}= expects a number in (0, 1]; found {value!r}") from None
+                raise DatasetError(
+                    f"{spec}: {key}= expects a number in (0, 1]; found {value!r}"
+                ) from None
             if not 0 < mods[key] <= 1 or (key == "holdout" and mods[key] == 1):
-                raise DatasetError(f"{spec}: {key}= expects a number in (0, 1{')' if key == 'holdout' else ']'}; "
-                                   f"found {value!r}")
+                raise DatasetError(
+                    f"{spec}: {key}= expects a number in (0, 1{')' if key == 'holdout' else ']'}; "
+                    f"found {value!r}"
+                )
         elif key == "part":
             if value not in PARTS:
                 raise DatasetError(f"{spec}: part= expects rest or holdout; found {value!r}")
@@ -434,13 +479,17 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
             except ValueError:
                 raise DatasetError(f"{spec}: {key}= expects an integer; found {value!r}") from None
             if mods[key] < 0:
-                raise DatasetError(f"{spec}: {key}= expects a non-negative integer; found {value!r}")
+                raise DatasetError(
+                    f"{spec}: {key}= expects a non-negative integer; found {value!r}"
+                )
     if "exclude" in mods and "keep" in mods:
         raise DatasetError(f"{spec}: use exclude= or keep=, not both")
     if "fraction" in mods and "count" in mods:
         raise DatasetError(f"{spec}: use fraction= or count=, not both")
     if "part" in mods and "holdout" not in mods:
-        raise DatasetError(f"{spec}: part= needs holdout=F (the share set aside), e.g. holdout=0.1:part=holdout")
+        raise DatasetError(
+            f"{spec}: part= needs holdout=F (the share set aside), e.g. holdout=0.1:part=holdout"
+        )
     if "holdout" in mods:
         mods.setdefault("part", "rest")
     return source, args, mods
@@ -466,7 +515,8 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
     n_classes = len(base.class_names)
     idx = np.arange(base.x.shape[0], dtype=np.int64)
     if "holdout" in mods:
-        # Its own random stream ([seed, 1]): the held-out rows do not depend on any later subset's draw.
+        # Its own random stream ([seed, 1]): the held-out rows do not depend on any later subset's
+        # draw.
         k = int(round(mods["holdout"] * idx.size))
         held = np.zeros(idx.size, dtype=bool)
         held[np.random.default_rng([mods.get("seed", 0), 1]).permutation(idx.size)[:k]] = True
@@ -477,13 +527,17 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
         classes = mods.get("exclude") or mods.get("keep")
         bad = [c for c in classes if not 0 <= c < n_classes]
         if bad:
-            raise DatasetError(f"{spec}: classes {bad} out of range; this dataset has classes 0..{n_classes - 1}")
+            raise DatasetError(
+                f"{spec}: classes {bad} out of range; this dataset has classes 0..{n_classes - 1}"
+            )
         mask = np.isin(base.y[idx], classes)
         idx = idx[~mask] if "exclude" in mods else idx[mask]
     if "fraction" in mods or "count" in mods:
         k = int(round(mods["fraction"] * idx.size)) if "fraction" in mods else mods["count"]
         if not 0 < k <= idx.size:
-            raise DatasetError(f"{spec}: the subset would hold {k} samples, but 1..{idx.size} are available")
+            raise DatasetError(
+                f"{spec}: the subset would hold {k} samples, but 1..{idx.size} are available"
+            )
         rng = np.random.default_rng(mods.get("seed", 0))
         idx = np.sort(rng.choice(idx, size=k, replace=False))
     if idx.size == 0:
@@ -503,8 +557,11 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
     )
 
 
-def load_eval_dataset(spec: str, data_dir: str | None, like: Dataset, num_classes: int | None = None) -> Dataset:
-    """Load a labeled evaluation set and check it fits models trained on ``like`` (sample shape, classes).
+def load_eval_dataset(
+    spec: str, data_dir: str | None, like: Dataset, num_classes: int | None = None
+) -> Dataset:
+    """Load a labeled evaluation set and check it fits models trained on ``like`` (sample shape,
+    classes).
 
     Raises:
         DatasetError: unlabeled, or samples / class count that differ from the training data's.
@@ -512,18 +569,23 @@ def load_eval_dataset(spec: str, data_dir: str | None, like: Dataset, num_classe
     data = load_dataset(spec, data_dir)
     classes = like.num_classes if num_classes is None else num_classes
     if not data.labeled:
-        raise DatasetError(f"evaluation set {spec} has no labels; give a labeled set such as fashion-mnist:test")
+        raise DatasetError(
+            f"evaluation set {spec} has no labels; give a labeled set such as fashion-mnist:test"
+        )
     if data.sample_shape != like.sample_shape or data.num_classes != classes:
         raise DatasetError(
-            f"evaluation set {data.spec} has samples of shape {data.sample_shape} and {data.num_classes} classes, "
-            f"but the models are for {like.spec}: shape {like.sample_shape}, {classes} classes; pass a matching "
+            f"evaluation set {data.spec} has samples of shape {data.sample_shape} and "
+            f"{data.num_classes} classes, but the models are for {like.spec}: "
+            f"shape {like.sample_shape}, {classes} classes; pass a matching "
             "--eval (or '' to skip evaluation)"
         )
     return data
 
 
 def default_eval_spec(spec: str) -> str | None:
-    """The test split matching a transfer set's spec (``fashion-mnist:train:...`` -> ``fashion-mnist:test``)."""
+    """The test split matching a transfer set's spec (``fashion-mnist:train:...`` ->
+    ``fashion-mnist:test``).
+    """
     try:
         source, args, _ = parse_spec(spec)
     except DatasetError:

@@ -1,7 +1,7 @@
 """Errors users see.
 
-Every error raised on bad input is a ``KDError`` whose message says what was expected, what was found and what
-to do next; the CLI prints it without a traceback and exits with status 2.
+Every error raised on bad input is a ``KDError`` whose message says what was expected, what was
+found and what to do next; the CLI prints it without a traceback and exits with status 2.
 """
 
 

@@ -11,17 +11,33 @@ from pipeline.metrics import evaluate_ensemble
 
 
 def evaluate_models(cfg: EvaluateConfig) -> dict:
-    """Evaluate each member and their combination; returns ``{"members", "ensemble", "dataset", ...}``."""
+    """Evaluate each member and their combination; returns
+    ``{"members", "ensemble", "dataset", ...}``.
+    """
     cfg.validate()
     device = resolve_device(cfg.device)
     loaded = load_models([cfg.model], device)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     if not data.labeled:
-        raise KDError(f"{data.spec} has no labels; evaluate needs a labeled dataset such as fashion-mnist:test")
+        raise KDError(
+            f"{data.spec} has no labels; evaluate needs a labeled dataset such as "
+            "fashion-mnist:test"
+        )
     problems = fit_problems(loaded, data)
     if problems:
         raise KDError("; ".join(problems))
-    res = evaluate_ensemble([lm.model for lm in loaded], data.x, data.y, device, data.num_classes, cfg.ensemble,
-                            cfg.batch_size)
-    return {"dataset": data.spec, "dataset_fingerprint": data.fingerprint,
-            "paths": [str(lm.path) for lm in loaded], **res}
+    res = evaluate_ensemble(
+        [lm.model for lm in loaded],
+        data.x,
+        data.y,
+        device,
+        data.num_classes,
+        cfg.ensemble,
+        cfg.batch_size,
+    )
+    return {
+        "dataset": data.spec,
+        "dataset_fingerprint": data.fingerprint,
+        "paths": [str(lm.path) for lm in loaded],
+        **res,
+    }

@@ -9,8 +9,12 @@ from torch import nn
 ECE_BINS = 15
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None,
-                           teacher_logits: torch.Tensor | None = None) -> dict:
+def classification_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int | None = None,
+    teacher_logits: torch.Tensor | None = None,
+) -> dict:
     """Test errors, accuracy, NLL, expected calibration error and per-class errors.
 
     Args:
@@ -20,8 +24,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
         teacher_logits: optional (N, C) logits to report argmax agreement with.
 
     Returns:
-        JSON-able dict: ``n``, ``errors`` (count), ``accuracy``, ``nll`` (mean, nats), ``ece`` (15 equal-width
-        confidence bins), ``per_class_errors`` (list of counts), ``per_class_n``, and ``teacher_agreement``.
+        JSON-able dict: ``n``, ``errors`` (count), ``accuracy``, ``nll`` (mean, nats), ``ece`` (15
+        equal-width confidence bins), ``per_class_errors`` (list of counts), ``per_class_n``, and
+        ``teacher_agreement``.
     """
     logits = logits.float()
     labels = labels.long()
@@ -55,11 +60,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
     """Run ``model`` over raw inputs in batches.
 
-    The one batched-inference loop: evaluation, teacher caching and the bench all use it, so a cache holds exactly
-    what evaluating the same checkpoint computes (same batch boundaries, same ops).
+    The one batched-inference loop: evaluation, teacher caching and the bench all use it, so a cache
+    holds exactly what evaluating the same checkpoint computes (same batch boundaries, same ops).
 
     Args:
         model: maps raw inputs (B, *shape) to logits (B, C).
@@ -72,10 +79,12 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
     """
     was_training = model.training
     model.eval()
-    pin = device.type == "cuda"  # pinned host memory lets the copy overlap the previous batch's compute
+    pin = (
+        device.type == "cuda"
+    )  # pinned host memory lets the copy overlap the previous batch's compute
     outs = []
     for start in range(0, x.shape[0], batch_size):
-        xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size]))
+        xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
         if pin:
             xb = xb.pin_memory()
         outs.append(model(xb.to(device, non_blocking=pin)).float())
@@ -83,8 +92,15 @@ def predict_logits(model: nn.Module, x: np.ndarray, device: torch.device, batch_
     return torch.cat(outs).cpu() if outs else torch.empty(0, 0)
 
 
-def evaluate_ensemble(models: list[nn.Module], x: np.ndarray, y: np.ndarray, device: torch.device,
-                      num_classes: int, method: str = "mean-probs", batch_size: int = 1024) -> dict:
+def evaluate_ensemble(
+    models: list[nn.Module],
+    x: np.ndarray,
+    y: np.ndarray,
+    device: torch.device,
+    num_classes: int,
+    method: str = "mean-probs",
+    batch_size: int = 1024,
+) -> dict:
     """Metrics of each member and of their combination (T = 1) on labeled data.
 
     Args:
@@ -93,13 +109,19 @@ def evaluate_ensemble(models: list[nn.Module], x: np.ndarray, y: np.ndarray, dev
         method: how members are combined (see ``losses.combine_members``).
 
     Returns:
-        ``{"members": [metrics, ...], "ensemble": metrics}``; one member gives ensemble == members[0].
+        ``{"members": [metrics, ...], "ensemble": metrics}``; one member gives
+        ensemble == members[0].
     """
-    from pipeline.training.losses import combine_members  # local: metrics stays importable on its own
+    from pipeline.training.losses import (
+        combine_members,
+    )  # local: metrics stays importable on its own
 
     labels = torch.as_tensor(y).long()
     member_logits = [predict_logits(m, x, device, batch_size) for m in models]
     members = [classification_metrics(lg, labels, num_classes) for lg in member_logits]
     combined = combine_members(torch.stack(member_logits), method, 1.0)
-    return {"members": members, "ensemble": classification_metrics(combined, labels, num_classes),
-            "method": method}
+    return {
+        "members": members,
+        "ensemble": classification_metrics(combined, labels, num_classes),
+        "method": method,
+    }

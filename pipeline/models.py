@@ -2,16 +2,18 @@
 
 A model spec is ``NAME[:ARG][:key=value...]``:
 
-- ``mlp:1200,1200`` — ReLU MLP with those hidden widths. Options: ``input_dropout=0.2``, ``dropout=0.5``,
-  ``max_norm=15`` (the paper's teacher: dropout on inputs and hidden units, a max-norm constraint on each hidden
-  unit's incoming weights).
-- ``cnn`` — a small conv net for 1×H×W images. Options: ``channels=32,64``, ``hidden=128``, ``dropout=0.25``.
+- ``mlp:1200,1200`` — ReLU MLP with those hidden widths. Options: ``input_dropout=0.2``,
+  ``dropout=0.5``, ``max_norm=15`` (the paper's teacher: dropout on inputs and hidden units, a
+  max-norm constraint on each hidden unit's incoming weights).
+- ``cnn`` — a small conv net for 1×H×W images. Options: ``channels=32,64``, ``hidden=128``,
+  ``dropout=0.25``.
 - ``torchscript:PATH`` — a user's TorchScript module (called on normalised inputs).
-- ``py:package.module:factory`` — ``factory(in_shape=..., num_classes=...) -> nn.Module``, a user's own model.
+- ``py:package.module:factory`` — ``factory(in_shape=..., num_classes=...) -> nn.Module``, a user's
+  own model.
 
-Every built model is a :class:`KDModel`: input normalisation (mean/std buffers recorded from the training data,
-saved in the checkpoint) in front of the network, so a checkpoint consumes raw inputs and no caller has to know
-how its model was trained.
+Every built model is a :class:`KDModel`: input normalisation (mean/std buffers recorded from the
+training data, saved in the checkpoint) in front of the network, so a checkpoint consumes raw inputs
+and no caller has to know how its model was trained.
 """
 
 from __future__ import annotations
@@ -29,17 +31,24 @@ from pipeline.errors import ModelSpecError
 
 
 class KDModel(nn.Module):
-    """Normalisation + network. ``forward`` takes raw inputs (B, *sample_shape) and returns logits (B, C)."""
+    """Normalisation + network. ``forward`` takes raw inputs (B, *sample_shape) and returns logits
+    (B, C).
+    """
 
-    def __init__(self, spec: str, body: nn.Module, input_stats: tuple[float, float] = (0.0, 1.0),
-                 num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        spec: str,
+        body: nn.Module,
+        input_stats: tuple[float, float] = (0.0, 1.0),
+        num_classes: int = 0,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.body = body
         self.register_buffer("input_mean", torch.tensor(float(input_stats[0])))
         self.register_buffer("input_std", torch.tensor(float(input_stats[1])))
-        # Per-class offsets added to the logits after training (the paper's bias correction for classes absent
-        # from the transfer set); zeros unless set, saved with the checkpoint.
+        # Per-class offsets added to the logits after training (the paper's bias correction for
+        # classes absent from the transfer set); zeros unless set, saved with the checkpoint.
         self.register_buffer("output_bias", torch.zeros(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +67,15 @@ class KDModel(nn.Module):
 class MLP(nn.Module):
     """ReLU MLP: flatten (B, *shape) → hidden layers → (B, C) logits."""
 
-    def __init__(self, in_features: int, hidden: list[int], num_classes: int, input_dropout: float = 0.0,
-                 dropout: float = 0.0, max_norm: float | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden: list[int],
+        num_classes: int,
+        input_dropout: float = 0.0,
+        dropout: float = 0.0,
+        max_norm: float | None = None,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         if input_dropout > 0:
@@ -81,8 +97,8 @@ class MLP(nn.Module):
     def constrain(self) -> None:
         if not self.max_norm:
             return
-        # Max-norm on each hidden unit's incoming weight vector (rows of Linear.weight), as in dropout training;
-        # the output layer is left free, as in the paper's teacher.
+        # Max-norm on each hidden unit's incoming weight vector (rows of Linear.weight), as in
+        # dropout training; the output layer is left free, as in the paper's teacher.
         linears = [m for m in self.net if isinstance(m, nn.Linear)]
         for m in linears[:-1]:
             m.weight.copy_(torch.renorm(m.weight, p=2, dim=0, maxnorm=self.max_norm))
@@ -91,19 +107,38 @@ class MLP(nn.Module):
 class SmallCNN(nn.Module):
     """Two conv blocks and an MLP head for (B, C_in, H, W) images."""
 
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int, channels: list[int], hidden: int,
-                 dropout: float) -> None:
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        num_classes: int,
+        channels: list[int],
+        hidden: int,
+        dropout: float,
+    ) -> None:
         super().__init__()
         if len(in_shape) != 3:
-            raise ModelSpecError(f"cnn needs image inputs of shape (C, H, W); this dataset's samples are {in_shape}")
+            raise ModelSpecError(
+                f"cnn needs image inputs of shape (C, H, W); this dataset's samples are {in_shape}"
+            )
         c, h, w = in_shape
         blocks: list[nn.Module] = []
         for out in channels:
-            blocks += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
+            blocks += [
+                nn.Conv2d(c, out, 3, padding=1),
+                nn.BatchNorm2d(out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             c, h, w = out, h // 2, w // 2
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, hidden), nn.ReLU(),
-                                  nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(c * h * w, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -135,7 +170,8 @@ def _opts(spec: str, items: list[str], allowed: dict[str, Callable]) -> dict:
         key, eq, value = item.partition("=")
         if not eq or key not in allowed:
             raise ModelSpecError(
-                f"model spec {spec!r}: unknown option {item!r}; expected key=value with key in {', '.join(allowed)}"
+                f"model spec {spec!r}: unknown option {item!r}; expected key=value with key in "
+                f"{', '.join(allowed)}"
             )
         try:
             out[key] = allowed[key](value)
@@ -173,26 +209,48 @@ def _prob(v: str) -> float:
 
 
 @register_model("mlp", "mlp:H1,H2,...[:input_dropout=P][:dropout=P][:max_norm=X] ReLU MLP")
-def _build_mlp(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _build_mlp(
+    spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
     if not parts or "=" in parts[0]:
         raise ModelSpecError(f"model spec {spec!r}: mlp needs hidden widths, e.g. mlp:800,800")
     try:
         hidden = _int_list(parts[0])
     except ValueError:
-        raise ModelSpecError(f"model spec {spec!r}: hidden widths must be positive integers like 800,800") from None
-    o = _opts(spec, parts[1:], {"input_dropout": _prob, "dropout": _prob, "max_norm": _positive_float})
-    return MLP(math.prod(in_shape), hidden, num_classes, o.get("input_dropout", 0.0), o.get("dropout", 0.0),
-               o.get("max_norm"))
+        raise ModelSpecError(
+            f"model spec {spec!r}: hidden widths must be positive integers like 800,800"
+        ) from None
+    o = _opts(
+        spec, parts[1:], {"input_dropout": _prob, "dropout": _prob, "max_norm": _positive_float}
+    )
+    return MLP(
+        math.prod(in_shape),
+        hidden,
+        num_classes,
+        o.get("input_dropout", 0.0),
+        o.get("dropout", 0.0),
+        o.get("max_norm"),
+    )
 
 
 @register_model("cnn", "cnn[:channels=32,64][:hidden=128][:dropout=P] small conv net for images")
-def _build_cnn(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _build_cnn(
+    spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
     o = _opts(spec, parts, {"channels": _int_list, "hidden": _positive_int, "dropout": _prob})
-    return SmallCNN(in_shape, num_classes, o.get("channels", [32, 64]), o.get("hidden", 128), o.get("dropout", 0.25))
+    return SmallCNN(
+        in_shape,
+        num_classes,
+        o.get("channels", [32, 64]),
+        o.get("hidden", 128),
+        o.get("dropout", 0.25),
+    )
 
 
 @register_model("torchscript", "torchscript:PATH a user's TorchScript module")
-def _build_torchscript(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _build_torchscript(
+    spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
     path = Path(":".join(parts))
     if not path.is_file():
         raise ModelSpecError(f"model spec {spec!r}: no TorchScript file at {path}")
@@ -200,21 +258,31 @@ def _build_torchscript(spec: str, parts: list[str], in_shape: tuple[int, ...], n
 
 
 @register_model("py", "py:package.module:factory a user's factory(in_shape=..., num_classes=...)")
-def _build_py(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _build_py(
+    spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
     if len(parts) != 2:
         raise ModelSpecError(f"model spec {spec!r}: expected py:package.module:factory")
     try:
         factory = getattr(importlib.import_module(parts[0]), parts[1])
     except (ImportError, AttributeError) as e:
-        raise ModelSpecError(f"model spec {spec!r}: cannot import {parts[0]}.{parts[1]} ({e})") from e
+        raise ModelSpecError(
+            f"model spec {spec!r}: cannot import {parts[0]}.{parts[1]} ({e})"
+        ) from e
     model = factory(in_shape=in_shape, num_classes=num_classes)
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"model spec {spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+        raise ModelSpecError(
+            f"model spec {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
+        )
     return model
 
 
-def build_model(spec: str, in_shape: tuple[int, ...], num_classes: int,
-                input_stats: tuple[float, float] = (0.0, 1.0)) -> KDModel:
+def build_model(
+    spec: str,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    input_stats: tuple[float, float] = (0.0, 1.0),
+) -> KDModel:
     """Build a model from its spec.
 
     Args:
@@ -229,7 +297,8 @@ def build_model(spec: str, in_shape: tuple[int, ...], num_classes: int,
     name, _, rest = spec.partition(":")
     if name not in MODELS:
         raise ModelSpecError(
-            f"unknown model {name!r} in spec {spec!r}; known: {', '.join(sorted(MODELS))} (e.g. mlp:800,800, cnn)"
+            f"unknown model {name!r} in spec {spec!r}; known: {', '.join(sorted(MODELS))} "
+            "(e.g. mlp:800,800, cnn)"
         )
     if num_classes < 1:
         raise ModelSpecError(f"model spec {spec!r}: num_classes must be >= 1, got {num_classes}")
@@ -239,7 +308,9 @@ def build_model(spec: str, in_shape: tuple[int, ...], num_classes: int,
 
 
 def with_options(spec: str, **options: float | None) -> str:
-    """Set ``key=value`` options on a model spec: a value replaces the spec's own; None leaves the spec as it is."""
+    """Set ``key=value`` options on a model spec: a value replaces the spec's own; None leaves the
+    spec as it is.
+    """
     name, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
     given = {k for k, v in options.items() if v is not None}

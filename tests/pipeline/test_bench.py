@@ -23,7 +23,8 @@ def test_bench_small_runs_and_writes_every_figure(tmp_path: Path) -> None:
     assert figs["P1"]["loader"] == "memory"
     p2 = figs["P2"]
     assert p2["k"] == 3 and 0 < p2["ideal"] < 1 and p2["ratio"] > 0
-    # The online sweep pays the teacher in every step: its trainings are slower than the cached ones.
+    # The online sweep pays the teacher in every step: its trainings are slower than the cached
+    # ones.
     assert p2["online_train_s"] > p2["student_train_s"]
     # P5 is exact arithmetic on the stored bytes: float16 + zstd must beat raw float32.
     assert 0 < figs["P5 10 classes"]["ratio"] < 1

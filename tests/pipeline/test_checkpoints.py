@@ -1,4 +1,6 @@
-"""Checkpoints: self-describing, loaded with weights_only=True, ensemble directories in member order."""
+"""Checkpoints: self-describing, loaded with weights_only=True, ensemble directories in member
+order.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +26,15 @@ IN_SHAPE = [1, 3, 3]
 
 
 def _meta(**extra: object) -> dict:
-    return {"model_spec": SPEC, "in_shape": IN_SHAPE, "num_classes": 4, "class_names": list("abcd"),
-            "dataset": {"spec": "npz:x.npz:train", "fingerprint": "sha256:00"}, "metrics": {"accuracy": 0.75},
-            **extra}
+    return {
+        "model_spec": SPEC,
+        "in_shape": IN_SHAPE,
+        "num_classes": 4,
+        "class_names": list("abcd"),
+        "dataset": {"spec": "npz:x.npz:train", "fingerprint": "sha256:00"},
+        "metrics": {"accuracy": 0.75},
+        **extra,
+    }
 
 
 def _model(seed: int = 0):  # noqa: ANN202
@@ -50,17 +58,28 @@ def test_round_trip_gives_identical_outputs_and_meta(tmp_path: Path) -> None:
     assert loaded.path == path
     assert loaded.sha256 == file_sha256(path)
     assert not loaded.model.training  # loaded in eval mode
-    assert float(loaded.model.input_mean) == pytest.approx(0.3) and float(loaded.model.input_std) == 2.0
+    assert (
+        float(loaded.model.input_mean) == pytest.approx(0.3)
+        and float(loaded.model.input_std) == 2.0
+    )
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded.model(_x()), model(_x()))
-    for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+    for (k1, v1), (k2, v2) in zip(
+        model.state_dict().items(), loaded.model.state_dict().items(), strict=True
+    ):
         assert k1 == k2 and torch.equal(v1, v2)
 
     ident = loaded.identity()
-    assert ident == {"path": str(path), "checkpoint_sha256": loaded.sha256, "model_spec": SPEC, "num_classes": 4,
-                     "train_dataset": "npz:x.npz:train", "train_dataset_fingerprint": "sha256:00",
-                     "metrics": {"accuracy": 0.75}}
+    assert ident == {
+        "path": str(path),
+        "checkpoint_sha256": loaded.sha256,
+        "model_spec": SPEC,
+        "num_classes": 4,
+        "train_dataset": "npz:x.npz:train",
+        "train_dataset_fingerprint": "sha256:00",
+        "metrics": {"accuracy": 0.75},
+    }
 
 
 def test_the_file_is_a_plain_weights_only_blob(tmp_path: Path) -> None:
@@ -96,24 +115,50 @@ def test_a_pickle_with_an_arbitrary_object_is_refused(tmp_path: Path) -> None:
     model = _model()
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
-    torch.save({"kd_checkpoint": 1, "meta": _meta(), "state_dict": model.state_dict(), "x": _Payload(marker)}, path)
+    torch.save(
+        {
+            "kd_checkpoint": 1,
+            "meta": _meta(),
+            "state_dict": model.state_dict(),
+            "x": _Payload(marker),
+        },
+        path,
+    )
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     assert "weights_only=True" in str(info.value) and str(path) in str(info.value)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("blob", "fragment"), [
-    ({"meta": {}, "state_dict": {}}, "no 'kd_checkpoint' key"),
-    ([1, 2, 3], "no 'kd_checkpoint' key"),
-    ({"kd_checkpoint": CHECKPOINT_VERSION + 1, "meta": _meta(), "state_dict": {}}, "newer than this kd-pipeline"),
-    ({"kd_checkpoint": 1, "state_dict": {}}, "damaged kd-pipeline checkpoint"),
-    ({"kd_checkpoint": 1, "meta": {"model_spec": SPEC}, "state_dict": {}}, "damaged kd-pipeline checkpoint"),
-    ({"kd_checkpoint": "1", "meta": _meta(), "state_dict": {}}, "damaged kd-pipeline checkpoint"),
-    ({"kd_checkpoint": 1, "meta": _meta()}, "damaged kd-pipeline checkpoint"),
-    ({"kd_checkpoint": 1, "meta": _meta(), "state_dict": {"body.net.0.weight": torch.zeros(2)}},
-     "weights do not fit model"),
-])
+@pytest.mark.parametrize(
+    ("blob", "fragment"),
+    [
+        ({"meta": {}, "state_dict": {}}, "no 'kd_checkpoint' key"),
+        ([1, 2, 3], "no 'kd_checkpoint' key"),
+        (
+            {"kd_checkpoint": CHECKPOINT_VERSION + 1, "meta": _meta(), "state_dict": {}},
+            "newer than this kd-pipeline",
+        ),
+        ({"kd_checkpoint": 1, "state_dict": {}}, "damaged kd-pipeline checkpoint"),
+        (
+            {"kd_checkpoint": 1, "meta": {"model_spec": SPEC}, "state_dict": {}},
+            "damaged kd-pipeline checkpoint",
+        ),
+        (
+            {"kd_checkpoint": "1", "meta": _meta(), "state_dict": {}},
+            "damaged kd-pipeline checkpoint",
+        ),
+        ({"kd_checkpoint": 1, "meta": _meta()}, "damaged kd-pipeline checkpoint"),
+        (
+            {
+                "kd_checkpoint": 1,
+                "meta": _meta(),
+                "state_dict": {"body.net.0.weight": torch.zeros(2)},
+            },
+            "weights do not fit model",
+        ),
+    ],
+)
 def test_blobs_that_are_not_checkpoints(tmp_path: Path, blob: object, fragment: str) -> None:
     path = tmp_path / "x.pt"
     torch.save(blob, path)
@@ -162,7 +207,7 @@ def test_file_sha256_is_the_sha256_of_the_bytes_and_stable(tmp_path: Path) -> No
     assert file_sha256(ck) == file_sha256(ck) == load_checkpoint(ck).sha256
 
 
-# --------------------------------------------------------------------------------------------------- ensembles
+# ---------------------------------------------------------------------------------------- ensembles
 def test_ensemble_members_in_numeric_order(tmp_path: Path) -> None:
     for i in (10, 2, 0, 1, 11):
         save_checkpoint(tmp_path / f"member-{i}.pt", _model(seed=i), _meta(member=i))
@@ -185,7 +230,10 @@ def test_member_paths_of_a_file_and_other_directories(tmp_path: Path) -> None:
     other = tmp_path / "other"
     for name in ("b.pt", "a.pt"):
         save_checkpoint(other / name, _model(), _meta())
-    assert [p.name for p in member_paths(other)] == ["a.pt", "b.pt"]  # no member-*.pt: every *.pt, sorted
+    assert [p.name for p in member_paths(other)] == [
+        "a.pt",
+        "b.pt",
+    ]  # no member-*.pt: every *.pt, sorted
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="holds no \\*.pt checkpoints"):

@@ -25,14 +25,16 @@ from tests.conftest import make_image_task, write_npz
 ALL_IDX_NAMES = [n for pair in IDX_FILES.values() for n in pair]
 
 
-# -------------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 def idx_bytes(arr: np.ndarray, magic_type: int = 0x08) -> bytes:
     """An IDX file: magic (0, 0, type, ndim), big-endian dims, then the uint8 data."""
     header = bytes([0, 0, magic_type, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
     return header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
 
 
-def write_idx(directory: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> Path:
+def write_idx(
+    directory: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     img_name, lab_name = IDX_FILES[split]
     for name, arr in ((img_name, images), (lab_name, labels)):
@@ -44,14 +46,20 @@ def write_idx(directory: Path, split: str, images: np.ndarray, labels: np.ndarra
     return directory
 
 
-def tiny_idx_split(n: int = 7, h: int = 4, w: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def tiny_idx_split(
+    n: int = 7, h: int = 4, w: int = 3, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(n, h, w), dtype=np.uint8), rng.integers(0, 4, size=n).astype(np.uint8)
+    return rng.integers(0, 256, size=(n, h, w), dtype=np.uint8), rng.integers(0, 4, size=n).astype(
+        np.uint8
+    )
 
 
 @pytest.fixture()
 def labeled_npz(tmp_path: Path) -> Path:
-    """12 rows, labels 0..3 three times each in a known order, 4 classes, float32 pixels = row index."""
+    """12 rows, labels 0..3 three times each in a known order, 4 classes, float32 pixels = row
+    index.
+    """
     y = np.array([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3], dtype=np.int64)
     x = np.arange(12, dtype=np.float32).reshape(12, 1, 1, 1) * np.ones((1, 1, 2, 2), np.float32)
     path = tmp_path / "small.npz"
@@ -59,7 +67,7 @@ def labeled_npz(tmp_path: Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------ spec parsing
+# ------------------------------------------------------------------------------------- spec parsing
 def test_parse_spec_splits_source_args_and_modifiers() -> None:
     source, args, mods = parse_spec("npz:/some/file.npz:train:exclude=3,1:fraction=0.5:seed=7")
     assert source is DATASETS["npz"]
@@ -73,13 +81,16 @@ def test_parse_spec_splits_source_args_and_modifiers() -> None:
     assert mods == {"keep": [0, 2], "count": 10}
 
 
-@pytest.mark.parametrize(("spec", "canonical"), [
-    ("fashion-mnist:train", "fashion-mnist:train"),
-    ("fashion-mnist:train:seed=3:fraction=.5", "fashion-mnist:train:fraction=0.5:seed=3"),
-    ("mnist:test:exclude=5,3,5", "mnist:test:exclude=3,5"),
-    ("idx:/d:test:count=4:keep=1", "idx:/d:test:keep=1:count=4"),
-    ("npz:f.npz:train:seed=0:count=2:exclude=0", "npz:f.npz:train:exclude=0:count=2:seed=0"),
-])
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("fashion-mnist:train", "fashion-mnist:train"),
+        ("fashion-mnist:train:seed=3:fraction=.5", "fashion-mnist:train:fraction=0.5:seed=3"),
+        ("mnist:test:exclude=5,3,5", "mnist:test:exclude=3,5"),
+        ("idx:/d:test:count=4:keep=1", "idx:/d:test:keep=1:count=4"),
+        ("npz:f.npz:train:seed=0:count=2:exclude=0", "npz:f.npz:train:exclude=0:count=2:seed=0"),
+    ],
+)
 def test_canonical_spec_orders_and_normalises_modifiers(spec: str, canonical: str) -> None:
     assert canonical_spec(*parse_spec(spec)) == canonical
     # Canonical specs are fixed points.
@@ -93,26 +104,32 @@ def test_loaded_dataset_records_its_canonical_spec(labeled_npz: Path) -> None:
     assert load_dataset(ds.spec).ids.tolist() == ds.ids.tolist()
 
 
-@pytest.mark.parametrize(("spec", "fragments"), [
-    ("cifar:train", ["unknown dataset 'cifar'", "fashion-mnist", "idx", "mnist", "npz"]),
-    ("npz:only-a-file", ["npz expects npz:FILE:SPLIT"]),
-    ("idx:train", ["idx expects idx:DIR:SPLIT"]),
-    ("fashion-mnist", ["fashion-mnist expects fashion-mnist:SPLIT"]),
-    ("fashion-mnist:count=3", ["fashion-mnist expects fashion-mnist:SPLIT"]),
-    ("fashion-mnist:train:bogus=1", ["unknown modifier 'bogus=1'", "exclude, keep, fraction, count, seed"]),
-    ("fashion-mnist:train:exclude", ["unknown modifier 'exclude'"]),
-    ("fashion-mnist:train:exclude=a", ["exclude= expects class indices", "'a'"]),
-    ("fashion-mnist:train:keep=", ["keep= expects class indices"]),
-    ("fashion-mnist:train:exclude=", ["exclude= expects class indices"]),
-    ("fashion-mnist:train:fraction=abc", ["fraction= expects a number in (0, 1]", "'abc'"]),
-    ("fashion-mnist:train:fraction=0", ["fraction= expects a number in (0, 1]"]),
-    ("fashion-mnist:train:fraction=1.5", ["fraction= expects a number in (0, 1]"]),
-    ("fashion-mnist:train:count=1.5", ["count= expects an integer", "'1.5'"]),
-    ("fashion-mnist:train:seed=x", ["seed= expects an integer"]),
-    ("fashion-mnist:train:seed=-1:count=3", ["seed= expects a non-negative integer"]),
-    ("fashion-mnist:train:exclude=1:keep=2", ["use exclude= or keep=, not both"]),
-    ("fashion-mnist:train:fraction=0.5:count=3", ["use fraction= or count=, not both"]),
-])
+@pytest.mark.parametrize(
+    ("spec", "fragments"),
+    [
+        ("cifar:train", ["unknown dataset 'cifar'", "fashion-mnist", "idx", "mnist", "npz"]),
+        ("npz:only-a-file", ["npz expects npz:FILE:SPLIT"]),
+        ("idx:train", ["idx expects idx:DIR:SPLIT"]),
+        ("fashion-mnist", ["fashion-mnist expects fashion-mnist:SPLIT"]),
+        ("fashion-mnist:count=3", ["fashion-mnist expects fashion-mnist:SPLIT"]),
+        (
+            "fashion-mnist:train:bogus=1",
+            ["unknown modifier 'bogus=1'", "exclude, keep, fraction, count, seed"],
+        ),
+        ("fashion-mnist:train:exclude", ["unknown modifier 'exclude'"]),
+        ("fashion-mnist:train:exclude=a", ["exclude= expects class indices", "'a'"]),
+        ("fashion-mnist:train:keep=", ["keep= expects class indices"]),
+        ("fashion-mnist:train:exclude=", ["exclude= expects class indices"]),
+        ("fashion-mnist:train:fraction=abc", ["fraction= expects a number in (0, 1]", "'abc'"]),
+        ("fashion-mnist:train:fraction=0", ["fraction= expects a number in (0, 1]"]),
+        ("fashion-mnist:train:fraction=1.5", ["fraction= expects a number in (0, 1]"]),
+        ("fashion-mnist:train:count=1.5", ["count= expects an integer", "'1.5'"]),
+        ("fashion-mnist:train:seed=x", ["seed= expects an integer"]),
+        ("fashion-mnist:train:seed=-1:count=3", ["seed= expects a non-negative integer"]),
+        ("fashion-mnist:train:exclude=1:keep=2", ["use exclude= or keep=, not both"]),
+        ("fashion-mnist:train:fraction=0.5:count=3", ["use fraction= or count=, not both"]),
+    ],
+)
 def test_bad_specs_give_helpful_dataset_errors(spec: str, fragments: list[str]) -> None:
     with pytest.raises(DatasetError) as info:
         parse_spec(spec)
@@ -120,7 +137,7 @@ def test_bad_specs_give_helpful_dataset_errors(spec: str, fragments: list[str]) 
         assert f in str(info.value)
 
 
-# ---------------------------------------------------------------------------------------------------- modifiers
+# ---------------------------------------------------------------------------------------- modifiers
 def test_unmodified_split_ids_are_positions(labeled_npz: Path) -> None:
     ds = load_dataset(f"npz:{labeled_npz}:train")
     assert len(ds) == 12 and ds.labeled
@@ -171,13 +188,16 @@ def test_fraction_rounds_and_applies_after_exclude(labeled_npz: Path) -> None:
     assert full.ids.tolist() == list(range(12))
 
 
-@pytest.mark.parametrize(("mods", "fragment"), [
-    ("count=13", "the subset would hold 13 samples, but 1..12 are available"),
-    ("count=0", "the subset would hold 0 samples"),
-    ("fraction=0.01", "the subset would hold 0 samples"),
-    ("exclude=4", "classes [4] out of range; this dataset has classes 0..3"),
-    ("keep=0,1,2,3:count=13", "1..12 are available"),
-])
+@pytest.mark.parametrize(
+    ("mods", "fragment"),
+    [
+        ("count=13", "the subset would hold 13 samples, but 1..12 are available"),
+        ("count=0", "the subset would hold 0 samples"),
+        ("fraction=0.01", "the subset would hold 0 samples"),
+        ("exclude=4", "classes [4] out of range; this dataset has classes 0..3"),
+        ("keep=0,1,2,3:count=13", "1..12 are available"),
+    ],
+)
 def test_modifiers_that_cannot_apply(labeled_npz: Path, mods: str, fragment: str) -> None:
     with pytest.raises(DatasetError) as info:
         load_dataset(f"npz:{labeled_npz}:train:{mods}")
@@ -189,7 +209,7 @@ def test_excluding_every_class_leaves_nothing(labeled_npz: Path) -> None:
         load_dataset(f"npz:{labeled_npz}:train:exclude=0,1,2,3")
 
 
-# ---------------------------------------------------------------------------------------------------- npz source
+# --------------------------------------------------------------------------------------- npz source
 def test_npz_unlabeled_split(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "u.npz", n_train=20, n_test=10, classes=5, labeled=False)
     ds = load_dataset(f"npz:{path}:train")
@@ -245,7 +265,7 @@ def test_npz_errors(tmp_path: Path, labeled_npz: Path) -> None:
         load_dataset(f"npz:{garbage}:train")
 
 
-# ---------------------------------------------------------------------------------------------------- IDX source
+# --------------------------------------------------------------------------------------- IDX source
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_directory_loads(tmp_path: Path, gz: bool) -> None:
     images, labels = tiny_idx_split()
@@ -292,7 +312,9 @@ def test_idx_wrong_magic_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as info:
         load_dataset(f"idx:{tmp_path}:train")
     msg = str(info.value)
-    assert str(lab) in msg and "wrong magic number 0x00000803" in msg and "expected 0x00000801" in msg
+    assert (
+        str(lab) in msg and "wrong magic number 0x00000803" in msg and "expected 0x00000801" in msg
+    )
 
 
 def test_idx_truncated_data_names_the_file(tmp_path: Path) -> None:
@@ -333,7 +355,10 @@ def test_idx_count_mismatch_names_both_files(tmp_path: Path) -> None:
         load_dataset(f"idx:{tmp_path}:train")
     msg = str(info.value)
     assert "7 images" in msg and "6 labels" in msg
-    assert str(tmp_path / IDX_FILES["train"][0]) in msg and str(tmp_path / IDX_FILES["train"][1]) in msg
+    assert (
+        str(tmp_path / IDX_FILES["train"][0]) in msg
+        and str(tmp_path / IDX_FILES["train"][1]) in msg
+    )
 
 
 def test_mnist_needs_a_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -354,7 +379,7 @@ def test_mnist_needs_a_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert len(load_dataset("mnist:train", data_dir=str(tmp_path / "mnist"))) == 5
 
 
-# ----------------------------------------------------------------------------------------------- fingerprints
+# ------------------------------------------------------------------------------------- fingerprints
 def test_fingerprints_follow_the_content(tmp_path: Path) -> None:
     x, y = make_image_task(30, seed=5)
     fp = fingerprint_arrays(x, y)
@@ -391,16 +416,22 @@ def test_input_stats_are_mean_and_std(labeled_npz: Path) -> None:
     assert mean == pytest.approx(5.5)
     assert std == pytest.approx(float(np.arange(12).std()))
     desc = ds.describe()
-    assert desc["n"] == 12 and desc["sample_shape"] == [1, 2, 2] and desc["input_dtype"] == "float32"
+    assert (
+        desc["n"] == 12 and desc["sample_shape"] == [1, 2, 2] and desc["input_dtype"] == "float32"
+    )
     assert desc["input_stats"] == pytest.approx([5.5, float(np.arange(12).std())])
 
 
-# ------------------------------------------------------------------------------------------ shipped Fashion-MNIST
+# ---------------------------------------------------------------------------- shipped Fashion-MNIST
 def test_shipped_fashion_mnist_test_split() -> None:
     ds = load_dataset("fashion-mnist:test")
     assert len(ds) == 10000
     assert ds.sample_shape == (1, 28, 28) and ds.x.dtype == np.uint8
-    assert ds.class_names == FASHION_MNIST_CLASSES and len(ds.class_names) == 10 and ds.num_classes == 10
+    assert (
+        ds.class_names == FASHION_MNIST_CLASSES
+        and len(ds.class_names) == 10
+        and ds.num_classes == 10
+    )
     assert np.bincount(ds.y, minlength=10).tolist() == [1000] * 10  # the test split is balanced
     assert ds.ids.tolist() == list(range(10000))
     assert int(ds.x.max()) == 255 and int(ds.x.min()) == 0
@@ -409,7 +440,9 @@ def test_shipped_fashion_mnist_test_split() -> None:
 def test_uint8_input_stats_equal_the_float_computation_exactly(tmp_path: Path) -> None:
     x = np.random.default_rng(3).integers(0, 256, size=(300, 1, 6, 6), dtype=np.uint8)
     np.savez(tmp_path / "u8.npz", x_train=x, y_train=np.zeros(300, dtype=np.int64))
-    np.savez(tmp_path / "f32.npz", x_train=x.astype(np.float32), y_train=np.zeros(300, dtype=np.int64))
+    np.savez(
+        tmp_path / "f32.npz", x_train=x.astype(np.float32), y_train=np.zeros(300, dtype=np.int64)
+    )
     u8 = load_dataset(f"npz:{tmp_path / 'u8.npz'}:train").input_stats
     f32 = load_dataset(f"npz:{tmp_path / 'f32.npz'}:train").input_stats
     assert u8 == f32  # bit for bit: both are exact integer sums
@@ -419,12 +452,16 @@ def test_uint8_input_stats_equal_the_float_computation_exactly(tmp_path: Path) -
 def test_holdout_parts_are_disjoint_and_cover_the_split(labeled_npz: Path) -> None:
     rest = load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:seed=3")
     held = load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:part=holdout:seed=3")
-    assert rest.spec.endswith(":holdout=0.25:part=rest:seed=3") and len(held) == 3 and len(rest) == 9
+    assert (
+        rest.spec.endswith(":holdout=0.25:part=rest:seed=3") and len(held) == 3 and len(rest) == 9
+    )
     assert sorted([*rest.ids, *held.ids]) == list(range(12))
     # Later modifiers act on the rest only: a class filter never pulls held-out rows back in.
     filtered = load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:seed=3:exclude=0")
     assert set(filtered.ids) <= set(rest.ids) and 0 not in filtered.y
-    assert np.array_equal(load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:part=holdout:seed=3").ids, held.ids)
+    assert np.array_equal(
+        load_dataset(f"npz:{labeled_npz}:train:holdout=0.25:part=holdout:seed=3").ids, held.ids
+    )
     with pytest.raises(DatasetError, match="part= needs holdout=F"):
         load_dataset(f"npz:{labeled_npz}:train:part=holdout")
     with pytest.raises(DatasetError, match="part= expects rest or holdout"):
@@ -434,7 +471,9 @@ def test_holdout_parts_are_disjoint_and_cover_the_split(labeled_npz: Path) -> No
 
 
 def test_idx_reads_are_memoised_per_file_version(tmp_path: Path) -> None:
-    """A second load of the same IDX file is served from memory, as a copy; a changed file is read again."""
+    """A second load of the same IDX file is served from memory, as a copy; a changed file is read
+    again.
+    """
     from pipeline import datasets
 
     d = tmp_path / "idx"
@@ -443,8 +482,12 @@ def test_idx_reads_are_memoised_per_file_version(tmp_path: Path) -> None:
     imgs = (np.clip(x, -2, 2) * 60 + 128).astype(np.uint8)[:, 0]
 
     def write(images: np.ndarray) -> None:
-        (d / IDX_FILES["train"][0]).write_bytes(struct.pack(">IIII", 2051, len(images), 4, 4) + images.tobytes())
-        (d / IDX_FILES["train"][1]).write_bytes(struct.pack(">II", 2049, len(y)) + y.astype(np.uint8).tobytes())
+        (d / IDX_FILES["train"][0]).write_bytes(
+            struct.pack(">IIII", 2051, len(images), 4, 4) + images.tobytes()
+        )
+        (d / IDX_FILES["train"][1]).write_bytes(
+            struct.pack(">II", 2049, len(y)) + y.astype(np.uint8).tobytes()
+        )
 
     write(imgs)
     first = load_dataset(f"idx:{d}:train")
@@ -452,7 +495,9 @@ def test_idx_reads_are_memoised_per_file_version(tmp_path: Path) -> None:
     again = load_dataset(f"idx:{d}:train")
     assert np.array_equal(again.x[:, 0], imgs)
     assert any(k[0].endswith(IDX_FILES["train"][0]) for k in datasets._IDX_MEMO)
-    write(255 - imgs)  # new content, same size: the modification time tells (set apart explicitly here, since
+    write(
+        255 - imgs
+    )  # new content, same size: the modification time tells (set apart explicitly here, since
     path = d / IDX_FILES["train"][0]  # two writes within one clock tick could share it)
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert np.array_equal(load_dataset(f"idx:{d}:train").x[:, 0], 255 - imgs)

@@ -1,4 +1,6 @@
-"""The paper's maths (Hinton, Vinyals & Dean 2015, section 2) checked numerically on small seeded inputs."""
+"""The paper's maths (Hinton, Vinyals & Dean 2015, section 2) checked numerically on small seeded
+inputs.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def _logits(b: int, c: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(b, c, generator=g, dtype=torch.float64).float() * scale
 
 
-# ------------------------------------------------------------------------------------------ (a) soft gradient
+# -------------------------------------------------------------------------------- (a) soft gradient
 @pytest.mark.parametrize("temperature", [1.0, 2.5, 20.0])
 def test_soft_gradient_of_one_sample_is_t_times_q_minus_p(temperature: float) -> None:
     z = torch.tensor([[1.5, -0.3, 0.2, 2.0, -1.1]], requires_grad=True)
@@ -70,10 +72,12 @@ def test_total_loss_mixes_soft_and_hard_with_alpha() -> None:
     out = loss(z, v, y)
     assert float(out["hard"]) == pytest.approx(float(F.cross_entropy(z, y)), rel=1e-6)
     assert float(out["soft"]) == pytest.approx(float(loss.soft_term(z, v)), rel=1e-6)
-    assert float(out["loss"]) == pytest.approx(0.3 * float(out["soft"]) + 0.7 * float(out["hard"]), rel=1e-6)
+    assert float(out["loss"]) == pytest.approx(
+        0.3 * float(out["soft"]) + 0.7 * float(out["hard"]), rel=1e-6
+    )
 
 
-# ------------------------------------------------------------------------------ (b) the high-temperature limit
+# ------------------------------------------------------------------- (b) the high-temperature limit
 def _zero_mean_pair(c: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     z, v = _logits(8, c, seed=7, scale=scale), _logits(8, c, seed=8, scale=scale)
     return z - z.mean(-1, keepdim=True), v - v.mean(-1, keepdim=True)
@@ -87,7 +91,9 @@ def test_logit_mse_soft_term_is_half_mean_squared_difference() -> None:
 
 
 def test_high_temperature_limit_of_the_formula_in_float64() -> None:
-    """T^2 KL(softmax(v/T) || softmax(z/T)) -> (1/2C) sum (z - v)^2 for zero-mean logits (T = 1000)."""
+    """T^2 KL(softmax(v/T) || softmax(z/T)) -> (1/2C) sum (z - v)^2 for zero-mean logits
+    (T = 1000).
+    """
     c, t = 10, 1000.0
     z, v = _zero_mean_pair(c, 0.5)
     z, v = z.double(), v.double()
@@ -99,10 +105,12 @@ def test_high_temperature_limit_of_the_formula_in_float64() -> None:
 
 @pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
 def test_kd_soft_term_approaches_logit_matching_as_t_grows(scale: float) -> None:
-    """The library's (float32) KD soft term: the gap to logit-mse shrinks like 1/T and is < 1% at T = 100.
+    """The library's (float32) KD soft term: the gap to logit-mse shrinks like 1/T and is < 1%
+    at T = 100.
 
-    (T = 1000 is not used here: in float32 the KL of two near-uniform distributions is dominated by rounding in
-    log-sum-exp, about 1e-7 absolute, which is several percent of T^-2 scaled values at T = 1000.)
+    (T = 1000 is not used here: in float32 the KL of two near-uniform distributions is dominated by
+    rounding in log-sum-exp, about 1e-7 absolute, which is several percent of T^-2 scaled values at
+    T = 1000.)
     """
     c = 10
     z, v = _zero_mean_pair(c, scale)
@@ -113,7 +121,9 @@ def test_kd_soft_term_approaches_logit_matching_as_t_grows(scale: float) -> None
         gaps.append(abs(kd - mse) / mse)
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < 1.5e-2 * scale
-    assert gaps[0] > 1e-2  # at T = 10 they are measurably different: the limit is real, not an identity
+    assert (
+        gaps[0] > 1e-2
+    )  # at T = 10 they are measurably different: the limit is real, not an identity
 
 
 def test_kd_and_logit_matching_differ_at_t_one() -> None:
@@ -137,13 +147,15 @@ def test_logit_matching_gradient_is_difference_over_c() -> None:
     z = _logits(1, c, seed=9).requires_grad_(True)
     v = _logits(1, c, seed=10)
     LogitMatchingLoss(alpha=1.0)(z, v, None)["loss"].backward()
-    # Row means are removed (softmax ignores them), so the gradient is the centred difference over C.
+    # Row means are removed (softmax ignores them), so the gradient is the centred difference
+    # over C.
     d = z.detach() - v
     torch.testing.assert_close(z.grad, (d - d.mean(dim=-1, keepdim=True)) / c)
 
 
 def test_logit_matching_ignores_a_per_row_shift_of_the_targets() -> None:
-    # A mean-probs ensemble target is T log(mean p): shifted by about -T log C per row. The loss must not care.
+    # A mean-probs ensemble target is T log(mean p): shifted by about -T log C per row. The loss
+    # must not care.
     z, v = _logits(6, 5, seed=21), _logits(6, 5, seed=22)
     shift = torch.arange(6.0)[:, None] * -7.0
     base = LogitMatchingLoss(alpha=1.0)(z, v, None)["soft"]
@@ -151,7 +163,7 @@ def test_logit_matching_ignores_a_per_row_shift_of_the_targets() -> None:
     assert float(LogitMatchingLoss(alpha=1.0)(z, z + shift, None)["soft"]) < 1e-10
 
 
-# ------------------------------------------------------------------------------------ (c) alpha = 0 is plain CE
+# ------------------------------------------------------------------------ (c) alpha = 0 is plain CE
 def test_alpha_zero_is_exactly_cross_entropy_and_needs_no_teacher() -> None:
     z = _logits(9, 4, seed=11, scale=3.0)
     y = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0])
@@ -163,17 +175,21 @@ def test_alpha_zero_is_exactly_cross_entropy_and_needs_no_teacher() -> None:
     assert torch.equal(out2["loss"], F.cross_entropy(z, y))
 
 
-# ------------------------------------------------------------------------------------ (d) huge logits stay finite
+# ---------------------------------------------------------------------- (d) huge logits stay finite
 @pytest.mark.parametrize("name", sorted(LOSSES))
 @pytest.mark.parametrize("temperature", [1.0, 20.0])
-def test_finite_loss_and_gradients_for_logits_of_magnitude_1e4(name: str, temperature: float) -> None:
+def test_finite_loss_and_gradients_for_logits_of_magnitude_1e4(
+    name: str, temperature: float
+) -> None:
     z = (_logits(4, 10, seed=13) * 1e4).requires_grad_(True)
     v = _logits(4, 10, seed=14) * 1e4
     y = torch.tensor([1, 2, 3, 4])
     assert z.dtype == torch.float32
     out = make_loss(name, temperature, 0.5)(z, v, y)
     assert all(math.isfinite(float(out[k].detach())) for k in ("loss", "soft", "hard"))
-    assert float(out["loss"].detach()) > 0  # distinct logits of this size: a real (large) loss, not 0
+    assert (
+        float(out["loss"].detach()) > 0
+    )  # distinct logits of this size: a real (large) loss, not 0
     out["loss"].backward()
     assert torch.isfinite(z.grad).all()
     assert z.grad.abs().sum() > 0
@@ -188,12 +204,14 @@ def test_kd_gradient_at_huge_logits_matches_the_formula() -> None:
     torch.testing.assert_close(z.grad, torch.tensor([[t, -t, 0.0]]))
 
 
-# ---------------------------------------------------------------------------------- (e) ensemble combination
-MEMBERS = torch.tensor([
-    [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]],
-    [[0.0, 1.0, 0.0], [-2.0, 1.0, 1.0]],
-    [[1.0, -1.0, 2.0], [0.0, 0.0, 0.0]],
-])  # (M=3, B=2, C=3)
+# ------------------------------------------------------------------------- (e) ensemble combination
+MEMBERS = torch.tensor(
+    [
+        [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]],
+        [[0.0, 1.0, 0.0], [-2.0, 1.0, 1.0]],
+        [[1.0, -1.0, 2.0], [0.0, 0.0, 0.0]],
+    ]
+)  # (M=3, B=2, C=3)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0, 20.0])
@@ -231,7 +249,9 @@ def test_mean_probs_and_mean_logits_differ_and_one_member_is_itself() -> None:
     assert (a - g).abs().max() > 1e-2
     one = MEMBERS[:1]
     for method in ("mean-probs", "mean-logits"):
-        torch.testing.assert_close(softmax_t(combine_members(one, method), 1.0), torch.softmax(one[0], -1))
+        torch.testing.assert_close(
+            softmax_t(combine_members(one, method), 1.0), torch.softmax(one[0], -1)
+        )
 
 
 def test_combine_members_is_stable_for_huge_logits() -> None:
@@ -246,9 +266,10 @@ def test_combine_members_unknown_method() -> None:
         combine_members(MEMBERS, "median")
 
 
-# ----------------------------------------------------------------------------------- (f) properties over logits
+# ----------------------------------------------------------------------- (f) properties over logits
 _row = arrays(
-    "float32", (3, 5),
+    "float32",
+    (3, 5),
     elements=st.floats(-30, 30, allow_nan=False, allow_infinity=False, width=32),
 )
 _temp = st.sampled_from([0.5, 1.0, 3.0, 20.0])
@@ -271,9 +292,17 @@ def test_kd_soft_term_is_zero_when_student_equals_teacher(z, t) -> None:
 
 
 @settings(max_examples=40, deadline=None, database=None)
-@given(z=_row, v=_row, t=_temp, shift_z=st.floats(-50, 50, width=32), shift_v=st.floats(-50, 50, width=32),
-       row=st.integers(0, 2))
-def test_kd_soft_term_is_invariant_to_a_constant_added_to_a_row(z, v, t, shift_z, shift_v, row) -> None:
+@given(
+    z=_row,
+    v=_row,
+    t=_temp,
+    shift_z=st.floats(-50, 50, width=32),
+    shift_v=st.floats(-50, 50, width=32),
+    row=st.integers(0, 2),
+)
+def test_kd_soft_term_is_invariant_to_a_constant_added_to_a_row(
+    z, v, t, shift_z, shift_v, row
+) -> None:
     loss = DistillationLoss(t, alpha=1.0)
     zt, vt = torch.from_numpy(z), torch.from_numpy(v)
     z2, v2 = zt.clone(), vt.clone()
@@ -292,7 +321,7 @@ def test_mean_probs_softmax_is_always_the_member_average(members, t) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------- (g) bad configs
+# ---------------------------------------------------------------------------------- (g) bad configs
 def test_alpha_below_one_without_labels_raises_config_error() -> None:
     z, v = _logits(2, 3, seed=15), _logits(2, 3, seed=16)
     with pytest.raises(ConfigError, match="needs hard labels"):
@@ -316,9 +345,16 @@ def test_bad_temperature_and_alpha_are_reported_together(cls) -> None:
     assert "alpha must be in [0, 1], got 1.5" in msg
 
 
-@pytest.mark.parametrize(("temperature", "alpha", "n"), [
-    (-1.0, 0.5, 1), (float("nan"), 0.5, 1), (1.0, -0.1, 1), (1.0, float("nan"), 1), (0.0, float("nan"), 2),
-])
+@pytest.mark.parametrize(
+    ("temperature", "alpha", "n"),
+    [
+        (-1.0, 0.5, 1),
+        (float("nan"), 0.5, 1),
+        (1.0, -0.1, 1),
+        (1.0, float("nan"), 1),
+        (0.0, float("nan"), 2),
+    ],
+)
 def test_each_bad_value_is_a_problem(temperature: float, alpha: float, n: int) -> None:
     with pytest.raises(ConfigError) as info:
         DistillationLoss(temperature, alpha)

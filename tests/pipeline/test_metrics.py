@@ -14,13 +14,15 @@ from pipeline.metrics import classification_metrics, evaluate_ensemble, predict_
 CPU = torch.device("cpu")
 
 # Five samples, three classes, given as probabilities (logits = log p, so softmax gives them back).
-PROBS = torch.tensor([
-    [0.70, 0.20, 0.10],  # y=0: right, confidence 0.70  (ECE bin (0.667, 0.733])
-    [0.10, 0.78, 0.12],  # y=1: right, confidence 0.78  (bin (0.733, 0.800])
-    [0.20, 0.75, 0.05],  # y=0: wrong (says 1), conf 0.75 (same bin as the row above)
-    [0.25, 0.25, 0.50],  # y=2: right, confidence 0.50  (bin (0.467, 0.533])
-    [0.12, 0.30, 0.58],  # y=1: wrong (says 2), conf 0.58 (bin (0.533, 0.600])
-])
+PROBS = torch.tensor(
+    [
+        [0.70, 0.20, 0.10],  # y=0: right, confidence 0.70  (ECE bin (0.667, 0.733])
+        [0.10, 0.78, 0.12],  # y=1: right, confidence 0.78  (bin (0.733, 0.800])
+        [0.20, 0.75, 0.05],  # y=0: wrong (says 1), conf 0.75 (same bin as the row above)
+        [0.25, 0.25, 0.50],  # y=2: right, confidence 0.50  (bin (0.467, 0.533])
+        [0.12, 0.30, 0.58],  # y=1: wrong (says 2), conf 0.58 (bin (0.533, 0.600])
+    ]
+)
 LABELS = torch.tensor([0, 1, 0, 2, 1])
 LOGITS = PROBS.log()
 
@@ -33,7 +35,12 @@ def test_metrics_on_a_hand_computed_example() -> None:
     nll = -(math.log(0.70) + math.log(0.78) + math.log(0.20) + math.log(0.50) + math.log(0.30)) / 5
     assert m["nll"] == pytest.approx(nll, rel=1e-5)
     # ECE = sum over bins of (bin share) * |mean confidence - accuracy|:
-    ece = 1 / 5 * abs(0.70 - 1) + 2 / 5 * abs((0.78 + 0.75) / 2 - 0.5) + 1 / 5 * abs(0.50 - 1) + 1 / 5 * 0.58
+    ece = (
+        1 / 5 * abs(0.70 - 1)
+        + 2 / 5 * abs((0.78 + 0.75) / 2 - 0.5)
+        + 1 / 5 * abs(0.50 - 1)
+        + 1 / 5 * 0.58
+    )
     assert ece == pytest.approx(0.382)
     assert m["ece"] == pytest.approx(ece, abs=1e-5)
     assert m["per_class_errors"] == [1, 1, 0]
@@ -46,11 +53,15 @@ def test_metrics_are_shift_invariant_in_logits() -> None:
     b = classification_metrics(LOGITS + torch.tensor([[3.0], [-2.0], [10.0], [0.5], [7.0]]), LABELS)
     for k in ("errors", "per_class_errors"):
         assert a[k] == b[k]
-    assert b["nll"] == pytest.approx(a["nll"], rel=1e-5) and b["ece"] == pytest.approx(a["ece"], abs=1e-5)
+    assert b["nll"] == pytest.approx(a["nll"], rel=1e-5) and b["ece"] == pytest.approx(
+        a["ece"], abs=1e-5
+    )
 
 
 def test_per_class_errors_with_more_classes_than_columns_seen() -> None:
-    logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 2.0, 0.0, 0.0]])
+    logits = torch.tensor(
+        [[2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 2.0, 0.0, 0.0]]
+    )
     labels = torch.tensor([3, 0, 3, 1])
     m = classification_metrics(logits, labels, num_classes=6)
     assert m["errors"] == 1
@@ -72,7 +83,10 @@ def test_teacher_agreement() -> None:
     teacher = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [0, 5.0, 0]])
     m = classification_metrics(LOGITS, LABELS, teacher_logits=teacher)
     assert m["teacher_agreement"] == pytest.approx(0.6)
-    assert classification_metrics(LOGITS, LABELS, teacher_logits=LOGITS * 2)["teacher_agreement"] == 1.0
+    assert (
+        classification_metrics(LOGITS, LABELS, teacher_logits=LOGITS * 2)["teacher_agreement"]
+        == 1.0
+    )
 
 
 class _Fixed(nn.Module):
@@ -114,7 +128,11 @@ def test_evaluate_ensemble_by_hand() -> None:
 
 
 def test_evaluate_ensemble_of_one_is_that_member() -> None:
-    res = evaluate_ensemble([_Fixed()], LOGITS.numpy(), LABELS.numpy(), CPU, 3, method="mean-logits")
+    res = evaluate_ensemble(
+        [_Fixed()], LOGITS.numpy(), LABELS.numpy(), CPU, 3, method="mean-logits"
+    )
     m, e = res["members"][0], res["ensemble"]
     assert e["errors"] == m["errors"] and e["per_class_errors"] == m["per_class_errors"]
-    assert e["nll"] == pytest.approx(m["nll"], rel=1e-6) and e["ece"] == pytest.approx(m["ece"], abs=1e-6)
+    assert e["nll"] == pytest.approx(m["nll"], rel=1e-6) and e["ece"] == pytest.approx(
+        m["ece"], abs=1e-6
+    )

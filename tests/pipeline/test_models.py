@@ -1,4 +1,6 @@
-"""Model specs and the registry: mlp, cnn, py:module:factory, torchscript:PATH, and KDModel's normalisation."""
+"""Model specs and the registry: mlp, cnn, py:module:factory, torchscript:PATH, and KDModel's
+normalisation.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def _dropouts(model: KDModel) -> list[float]:
     return [m.p for m in model.body.modules() if isinstance(m, nn.Dropout)]
 
 
-# ------------------------------------------------------------------------------------------------------- mlp
+# ---------------------------------------------------------------------------------------------- mlp
 def test_mlp_widths_build_the_right_layers() -> None:
     m = build_model("mlp:16,8", (1, 4, 4), 3)
     assert isinstance(m, KDModel) and isinstance(m.body, MLP) and m.spec == "mlp:16,8"
@@ -41,7 +43,11 @@ def test_mlp_options() -> None:
     assert _dropouts(m) == [0.2, 0.5]  # input dropout first, then after the hidden layer
     assert m.body.max_norm == 3.5
     layers = list(m.body.net)
-    assert isinstance(layers[1], nn.Dropout) and layers[1].p == 0.2 and isinstance(layers[2], nn.Linear)
+    assert (
+        isinstance(layers[1], nn.Dropout)
+        and layers[1].p == 0.2
+        and isinstance(layers[2], nn.Linear)
+    )
 
 
 def test_mlp_dropout_is_active_only_in_training() -> None:
@@ -60,7 +66,9 @@ def test_max_norm_caps_row_norms_after_constrain() -> None:
     with torch.no_grad():
         for lin in _linears(m):
             lin.weight.mul_(10.0)
-        small_row = _linears(m)[0].weight[0].clone() * 0.001  # a row already under the cap stays as it is
+        small_row = (
+            _linears(m)[0].weight[0].clone() * 0.001
+        )  # a row already under the cap stays as it is
         _linears(m)[0].weight[0] = small_row
     before = [lin.weight.detach().norm(dim=1) for lin in _linears(m)]
     assert all(float(n.max()) > 0.5 for n in before)
@@ -72,7 +80,9 @@ def test_max_norm_caps_row_norms_after_constrain() -> None:
         norms = lin.weight.detach().norm(dim=1)  # rows = each unit's incoming weights
         assert float(norms.max()) <= 0.5 * (1 + 1e-5)
         capped = old > 0.5
-        torch.testing.assert_close(norms[capped], torch.full_like(norms[capped], 0.5), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            norms[capped], torch.full_like(norms[capped], 0.5), rtol=1e-4, atol=1e-6
+        )
     torch.testing.assert_close(_linears(m)[0].weight[0], small_row)
 
 
@@ -86,7 +96,7 @@ def test_constrain_without_max_norm_changes_nothing() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
 
 
-# ------------------------------------------------------------------------------------------------------- cnn
+# ---------------------------------------------------------------------------------------------- cnn
 def test_cnn_on_small_images() -> None:
     torch.manual_seed(0)
     m = build_model("cnn:channels=4,6:hidden=12:dropout=0.1", (1, 8, 8), 5)
@@ -105,7 +115,10 @@ def test_cnn_defaults() -> None:
     m = build_model("cnn", (1, 8, 8), 10)
     convs = [x for x in m.body.modules() if isinstance(x, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 64]
-    assert [(lin.in_features, lin.out_features) for lin in _linears(m)] == [(64 * 2 * 2, 128), (128, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in _linears(m)] == [
+        (64 * 2 * 2, 128),
+        (128, 10),
+    ]
     assert _dropouts(m) == [0.25, 0.25]
 
 
@@ -115,28 +128,31 @@ def test_cnn_refuses_non_image_inputs(shape: tuple[int, ...]) -> None:
         build_model("cnn", shape, 3)
 
 
-# --------------------------------------------------------------------------------------------- bad specs
-@pytest.mark.parametrize(("spec", "fragment"), [
-    ("resnet:50", "unknown model 'resnet'"),
-    ("mlp", "mlp needs hidden widths"),
-    ("mlp:dropout=0.5", "mlp needs hidden widths"),
-    ("mlp:0,10", "hidden widths must be positive integers"),
-    ("mlp:a,b", "hidden widths must be positive integers"),
-    ("mlp:10:dropout=1.0", "bad value for dropout: '1.0'"),
-    ("mlp:10:input_dropout=-0.1", "bad value for input_dropout"),
-    ("mlp:10:max_norm=x", "bad value for max_norm"),
-    ("mlp:10:max_norm=-1", "bad value for max_norm"),
-    ("mlp:10:width=3", "unknown option 'width=3'"),
-    ("mlp:10:dropout", "unknown option 'dropout'"),
-    ("cnn:channels=0", "bad value for channels"),
-    ("cnn:hidden=-1", "bad value for hidden"),
-    ("cnn:hidden=0", "bad value for hidden"),
-    ("cnn:input_dropout=0.2", "unknown option 'input_dropout=0.2'"),
-    ("py:only_a_module", "expected py:package.module:factory"),
-    ("py:no_such_module_kd_test:factory", "cannot import no_such_module_kd_test.factory"),
-    ("py:math:no_such_factory", "cannot import math.no_such_factory"),
-    ("torchscript:/no/such/file.pt", "no TorchScript file at /no/such/file.pt"),
-])
+# ---------------------------------------------------------------------------------------- bad specs
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("resnet:50", "unknown model 'resnet'"),
+        ("mlp", "mlp needs hidden widths"),
+        ("mlp:dropout=0.5", "mlp needs hidden widths"),
+        ("mlp:0,10", "hidden widths must be positive integers"),
+        ("mlp:a,b", "hidden widths must be positive integers"),
+        ("mlp:10:dropout=1.0", "bad value for dropout: '1.0'"),
+        ("mlp:10:input_dropout=-0.1", "bad value for input_dropout"),
+        ("mlp:10:max_norm=x", "bad value for max_norm"),
+        ("mlp:10:max_norm=-1", "bad value for max_norm"),
+        ("mlp:10:width=3", "unknown option 'width=3'"),
+        ("mlp:10:dropout", "unknown option 'dropout'"),
+        ("cnn:channels=0", "bad value for channels"),
+        ("cnn:hidden=-1", "bad value for hidden"),
+        ("cnn:hidden=0", "bad value for hidden"),
+        ("cnn:input_dropout=0.2", "unknown option 'input_dropout=0.2'"),
+        ("py:only_a_module", "expected py:package.module:factory"),
+        ("py:no_such_module_kd_test:factory", "cannot import no_such_module_kd_test.factory"),
+        ("py:math:no_such_factory", "cannot import math.no_such_factory"),
+        ("torchscript:/no/such/file.pt", "no TorchScript file at /no/such/file.pt"),
+    ],
+)
 def test_bad_model_specs(spec: str, fragment: str) -> None:
     with pytest.raises(ModelSpecError) as info:
         build_model(spec, (1, 8, 8), 3)
@@ -155,7 +171,7 @@ def test_num_classes_must_be_positive() -> None:
         build_model("mlp:4", (3,), 0)
 
 
-# ---------------------------------------------------------------------------------------- user models
+# -------------------------------------------------------------------------------------- user models
 FACTORY_SOURCE = textwrap.dedent("""
     import math
     from torch import nn
@@ -198,7 +214,7 @@ def test_torchscript_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(m(x), net((x - 0.5) / 4.0))
 
 
-# --------------------------------------------------------------------------------------------- KDModel
+# ------------------------------------------------------------------------------------------ KDModel
 def test_kdmodel_normalises_inputs_with_its_stored_stats() -> None:
     body = nn.Identity()
     m = KDModel("identity", body, input_stats=(10.0, 4.0))
@@ -206,7 +222,9 @@ def test_kdmodel_normalises_inputs_with_its_stored_stats() -> None:
     x = torch.tensor([[10.0, 14.0, 2.0]])
     torch.testing.assert_close(m(x), torch.tensor([[0.0, 1.0, -2.0]]))
     # uint8 pixels are converted to float first.
-    torch.testing.assert_close(m(torch.tensor([[18, 6]], dtype=torch.uint8)), torch.tensor([[2.0, -1.0]]))
+    torch.testing.assert_close(
+        m(torch.tensor([[18, 6]], dtype=torch.uint8)), torch.tensor([[2.0, -1.0]])
+    )
     # The stats are buffers: they travel in the state dict (and so in checkpoints).
     sd = m.state_dict()
     assert float(sd["input_mean"]) == 10.0 and float(sd["input_std"]) == 4.0
@@ -222,12 +240,23 @@ def test_build_model_stores_the_stats() -> None:
     torch.testing.assert_close(m(x), m.body((x - 3.0) / 0.5))
 
 
-# ------------------------------------------------------------------------------------------- with_options
-@pytest.mark.parametrize(("spec", "options", "expected"), [
-    ("mlp:32", {"input_dropout": 0.2, "dropout": 0.5, "max_norm": None}, "mlp:32:input_dropout=0.2:dropout=0.5"),
-    ("mlp:32:dropout=0.1", {"dropout": 0.3}, "mlp:32:dropout=0.3"),
-    ("mlp:32:dropout=0.1:max_norm=2", {"dropout": 0.0}, "mlp:32:max_norm=2:dropout=0.0"),  # explicit 0 is kept
-    ("cnn", {"dropout": None}, "cnn"),
-])
+# ------------------------------------------------------------------------------------- with_options
+@pytest.mark.parametrize(
+    ("spec", "options", "expected"),
+    [
+        (
+            "mlp:32",
+            {"input_dropout": 0.2, "dropout": 0.5, "max_norm": None},
+            "mlp:32:input_dropout=0.2:dropout=0.5",
+        ),
+        ("mlp:32:dropout=0.1", {"dropout": 0.3}, "mlp:32:dropout=0.3"),
+        (
+            "mlp:32:dropout=0.1:max_norm=2",
+            {"dropout": 0.0},
+            "mlp:32:max_norm=2:dropout=0.0",
+        ),  # explicit 0 is kept
+        ("cnn", {"dropout": None}, "cnn"),
+    ],
+)
 def test_with_options(spec: str, options: dict, expected: str) -> None:
     assert with_options(spec, **options) == expected

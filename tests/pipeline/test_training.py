@@ -18,10 +18,19 @@ from pipeline.training.losses import DistillationLoss
 from tests.conftest import make_image_task
 
 CPU = torch.device("cpu")
-HISTORY_KEYS = {"epoch", "loss", "soft", "hard", "train_errors", "train_error_rate", "lr", "seconds"}
+HISTORY_KEYS = {
+    "epoch",
+    "loss",
+    "soft",
+    "hard",
+    "train_errors",
+    "train_error_rate",
+    "lr",
+    "seconds",
+}
 
 
-# -------------------------------------------------------------------------------------------- InMemorySource
+# ----------------------------------------------------------------------------------- InMemorySource
 def _source(n: int = 23, batch_size: int = 5, seed: int = 0, **kw: object) -> InMemorySource:
     x = np.arange(n, dtype=np.float32).reshape(n, 1)
     y = np.arange(n) % 3
@@ -70,7 +79,7 @@ def test_unshuffled_and_unlabeled_sources() -> None:
     assert all(tb is None and yb is None for _, tb, yb in batches)
 
 
-# ------------------------------------------------------------------------------------------------ random_shift
+# ------------------------------------------------------------------------------------- random_shift
 def test_random_shift_moves_a_single_pixel_by_at_most_max_shift() -> None:
     g = torch.Generator().manual_seed(0)
     b, s = 400, 2
@@ -93,20 +102,27 @@ def test_random_shift_moves_a_single_pixel_by_at_most_max_shift() -> None:
 def _shift_by_hand(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
     out = np.zeros_like(img)
     h, w = img.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        img[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[
+        ..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
     return out
 
 
 def test_random_shift_is_an_integer_translation_with_zero_fill() -> None:
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(1, 255, (60, 2, 6, 5), dtype=torch.uint8)  # no zeros: zeros in the output are fill
+    x = torch.randint(
+        1, 255, (60, 2, 6, 5), dtype=torch.uint8
+    )  # no zeros: zeros in the output are fill
     out = random_shift(x, 1, generator=g)
     assert out.dtype == torch.uint8
     xs, outs = x.numpy(), out.numpy()
     for i in range(60):
-        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                   if np.array_equal(outs[i], _shift_by_hand(xs[i], dy, dx))]
+        matches = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if np.array_equal(outs[i], _shift_by_hand(xs[i], dy, dx))
+        ]
         assert len(matches) == 1
         dy, dx = matches[0]
         assert int((outs[i] == 0).sum()) == 2 * (abs(dy) * 5 + abs(dx) * 6 - abs(dy * dx))
@@ -122,7 +138,7 @@ def test_random_shift_zero_is_identity_and_generator_reproducible() -> None:
     assert torch.equal(a, b)
 
 
-# -------------------------------------------------------------------------------------------------------- fit
+# ---------------------------------------------------------------------------------------------- fit
 @pytest.fixture(scope="module")
 def task() -> tuple:
     x, y = make_image_task(400, seed=0)
@@ -141,8 +157,15 @@ def _fit(task: tuple, epochs: int = 4, seed: int = 0, **kw: object) -> tuple:
         return {"test_errors": met["errors"]}
 
     cfg = TrainConfig(epochs=epochs, batch_size=32, seed=seed)
-    history = fit(model, InMemorySource(x, y, batch_size=32, seed=seed), DistillationLoss(1.0, 0.0), cfg, CPU,
-                  evaluate=evaluate, **kw)
+    history = fit(
+        model,
+        InMemorySource(x, y, batch_size=32, seed=seed),
+        DistillationLoss(1.0, 0.0),
+        cfg,
+        CPU,
+        evaluate=evaluate,
+        **kw,
+    )
     return model, history
 
 
@@ -152,18 +175,24 @@ def test_fit_learns_the_task_and_reports_history(task: tuple, tmp_path: Path) ->
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     for row in history:
         assert set(row) == HISTORY_KEYS | {"test_errors"}
-        assert row["soft"] == 0.0 and row["hard"] == pytest.approx(row["loss"])  # alpha = 0: CE only
+        assert row["soft"] == 0.0 and row["hard"] == pytest.approx(
+            row["loss"]
+        )  # alpha = 0: CE only
         assert row["train_error_rate"] == pytest.approx(row["train_errors"] / 400)
         assert row["seconds"] >= 0
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["train_error_rate"] < 0.1
     assert history[-1]["test_errors"] < 20  # < 10% of 200
-    assert history[0]["lr"] < 1e-3 and history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert history[0]["lr"] < 1e-3 and history[-1]["lr"] == pytest.approx(
+        0.0, abs=1e-12
+    )  # cosine to 0
     assert not model.training
     final = classification_metrics(predict_logits(model, task[2], CPU), torch.as_tensor(task[3]))
     assert final["errors"] == history[-1]["test_errors"]
     # One log line per epoch, and the CSV mirrors the rows.
-    assert len(lines) == 4 and "test_errors=" in lines[-1] and lines[0].startswith("train epoch 1/4")
+    assert (
+        len(lines) == 4 and "test_errors=" in lines[-1] and lines[0].startswith("train epoch 1/4")
+    )
     with open(tmp_path / "h.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and set(rows[0]) == HISTORY_KEYS | {"test_errors"}
@@ -184,9 +213,14 @@ def test_fit_with_soft_targets_only_and_constant_lr(task: tuple) -> None:
     torch.manual_seed(0)
     model = build_model("mlp:16:max_norm=1.0", (1, 8, 8), 5)
     cfg = TrainConfig(epochs=2, batch_size=50, lr=5e-3, lr_schedule="constant")
-    history = fit(model, InMemorySource(x, None, teacher, batch_size=50), DistillationLoss(2.0, 1.0), cfg, CPU)
+    history = fit(
+        model, InMemorySource(x, None, teacher, batch_size=50), DistillationLoss(2.0, 1.0), cfg, CPU
+    )
     assert all(r["train_errors"] is None and r["train_error_rate"] is None for r in history)
-    assert all(r["hard"] == 0.0 and r["soft"] == pytest.approx(r["loss"]) and r["soft"] > 0 for r in history)
+    assert all(
+        r["hard"] == 0.0 and r["soft"] == pytest.approx(r["loss"]) and r["soft"] > 0
+        for r in history
+    )
     assert history[1]["loss"] < history[0]["loss"]
     assert history[-1]["lr"] == 5e-3
     # The max-norm constraint was applied after the steps.
@@ -207,8 +241,15 @@ def test_fit_online_teacher_sees_the_augmented_inputs(task: tuple) -> None:
         return xb + 100.0
 
     model = build_model("mlp:8", (1, 8, 8), 5)
-    fit(model, InMemorySource(x[:64], y[:64], batch_size=32), DistillationLoss(1.0, 0.5),
-        TrainConfig(epochs=1, batch_size=32), CPU, teacher_fn=teacher_fn, augment=augment)
+    fit(
+        model,
+        InMemorySource(x[:64], y[:64], batch_size=32),
+        DistillationLoss(1.0, 0.5),
+        TrainConfig(epochs=1, batch_size=32),
+        CPU,
+        teacher_fn=teacher_fn,
+        augment=augment,
+    )
     assert len(seen) == 2 and all(float(s.min()) > 90 for s in seen)
 
 
@@ -221,27 +262,42 @@ def test_fit_refuses_a_diverging_loss(task: tuple) -> None:
 
     model = build_model("mlp:8", (1, 8, 8), 5)
     with pytest.raises(KDError, match="training diverged in epoch 1"):
-        fit(model, InMemorySource(x[:32], y[:32], batch_size=32), nan_loss, TrainConfig(epochs=3), CPU)
+        fit(
+            model,
+            InMemorySource(x[:32], y[:32], batch_size=32),
+            nan_loss,
+            TrainConfig(epochs=3),
+            CPU,
+        )
 
 
 def test_write_history_csv_skips_nested_values(tmp_path: Path) -> None:
     path = tmp_path / "h.csv"
-    write_history_csv(path, [{"epoch": 1, "loss": 0.5, "per_class": [1, 2]}, {"epoch": 2, "loss": 0.25, "x": 3}])
+    write_history_csv(
+        path, [{"epoch": 1, "loss": 0.5, "per_class": [1, 2]}, {"epoch": 2, "loss": 0.25, "x": 3}]
+    )
     assert path.read_text().splitlines() == ["epoch,loss,x", "1,0.5,", "2,0.25,3"]
 
 
-# ----------------------------------------------------------------------------------------------- TrainConfig
+# -------------------------------------------------------------------------------------- TrainConfig
 def test_train_config_validate_lists_all_problems() -> None:
     TrainConfig().validate()
-    cfg = TrainConfig(epochs=0, batch_size=0, lr=0.0, optimizer="lbfgs", lr_schedule="step", grad_clip=-1.0)
+    cfg = TrainConfig(
+        epochs=0, batch_size=0, lr=0.0, optimizer="lbfgs", lr_schedule="step", grad_clip=-1.0
+    )
     with pytest.raises(ConfigError) as info:
         cfg.validate()
     problems = info.value.problems
     assert len(problems) == 6
     msg = str(info.value)
-    for fragment in ("epochs must be >= 1, got 0", "batch_size must be >= 1, got 0", "lr must be > 0, got 0.0",
-                     "optimizer must be one of adam, adamw, sgd, got 'lbfgs'",
-                     "lr_schedule must be cosine or constant, got 'step'", "grad_clip must be > 0 or None, got -1.0"):
+    for fragment in (
+        "epochs must be >= 1, got 0",
+        "batch_size must be >= 1, got 0",
+        "lr must be > 0, got 0.0",
+        "optimizer must be one of adam, adamw, sgd, got 'lbfgs'",
+        "lr_schedule must be cosine or constant, got 'step'",
+        "grad_clip must be > 0 or None, got -1.0",
+    ):
         assert fragment in msg
     assert msg.count("\n  - ") == 6
 
@@ -257,5 +313,11 @@ def test_fit_validates_its_config_first(task: tuple) -> None:
     model = build_model("mlp:8", (1, 8, 8), 5)
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(ConfigError):
-        fit(model, InMemorySource(task[0], task[1]), DistillationLoss(1.0, 0.0), TrainConfig(epochs=0), CPU)
+        fit(
+            model,
+            InMemorySource(task[0], task[1]),
+            DistillationLoss(1.0, 0.0),
+            TrainConfig(epochs=0),
+            CPU,
+        )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
