@@ -37,7 +37,9 @@ CACHE_DTYPES = ("float16", "float32")
 SPECIALIST_INITS = ("auto", "generalist", "scratch")
 SIMILARITIES = ("log-moment", "covariance")  # TEMP: moves with the specialists split
 
-DEVICE_HELP = "Where to run: auto (CUDA when present, else MPS, else CPU), cpu, cuda, cuda:N or mps."
+DEVICE_HELP = (
+    "Where to run: auto (CUDA when present, else MPS, else CPU), cpu, cuda, cuda:N or mps."
+)
 
 
 # Options shared by several configs: each is declared once here and used as a field default.
@@ -46,16 +48,24 @@ def device_option() -> str:
 
 
 def data_dir_option() -> str | None:
-    return option(None, metavar="DIR",
-                  help="Directory with dataset files for specs such as mnist:train (else $KD_DATA_DIR).")
+    return option(
+        None,
+        metavar="DIR",
+        help="Directory with dataset files for specs such as mnist:train (else $KD_DATA_DIR).",
+    )
 
 
 def storage_options_option() -> dict:
-    return option(default_factory=dict, flag="--storage-option", multiple=True,
-                  parse=parse_storage_options, metavar="KEY=VALUE",
-                  help="Option for an s3:// cache's filesystem, e.g. endpoint_url=http://host:9000 or "
-                       "profile=team (credentials and endpoint otherwise come from the AWS_* "
-                       "environment variables); repeatable.")
+    return option(
+        default_factory=dict,
+        flag="--storage-option",
+        multiple=True,
+        parse=parse_storage_options,
+        metavar="KEY=VALUE",
+        help="Option for an s3:// cache's filesystem, e.g. endpoint_url=http://host:9000 or "
+        "profile=team (credentials and endpoint otherwise come from the AWS_* "
+        "environment variables); repeatable.",
+    )
 
 
 def members_option(help: str) -> list[int] | None:
@@ -78,7 +88,9 @@ def _cache_name(cache: str) -> str:
 
 
 def _raise_all(problems: list[str], train: TrainConfig | None = None) -> None:
-    """Raise one ``ConfigError`` with ``problems`` plus the training settings' own, if there are any."""
+    """Raise one ``ConfigError`` with ``problems`` plus the training settings' own, if there are
+    any.
+    """
     if train is not None:
         try:
             train.validate()
@@ -93,17 +105,27 @@ class TeacherConfig:
     """``train-teacher``: an ensemble of ``members`` models, one seed each."""
 
     dataset: str = option("fashion-mnist:train", help="Labeled training set spec.")
-    model: str = option("mlp:1200,1200", help="Model spec: mlp:H1,H2,...[:key=value], cnn[:...], "
-                        "torchscript:PATH, py:module:factory.")
+    model: str = option(
+        "mlp:1200,1200",
+        help="Model spec: mlp:H1,H2,...[:key=value], cnn[:...], "
+        "torchscript:PATH, py:module:factory.",
+    )
     input_dropout: float | None = option(None, help="Dropout on the inputs (mlp) [default: 0.2].")
-    dropout: float | None = option(None, help="Dropout on hidden units (mlp [default: 0.5]; cnn "
-                                   "[default: its spec's, 0.25]).")
-    max_norm: float | None = option(None, help="Max-norm constraint on each hidden unit's incoming "
-                                    "weights (mlp).")
-    jitter: int = option(2, help="Random shifts of up to N pixels per image each step (0 disables).")
+    dropout: float | None = option(
+        None, help="Dropout on hidden units (mlp [default: 0.5]; cnn [default: its spec's, 0.25])."
+    )
+    max_norm: float | None = option(
+        None, help="Max-norm constraint on each hidden unit's incoming weights (mlp)."
+    )
+    jitter: int = option(
+        2, help="Random shifts of up to N pixels per image each step (0 disables)."
+    )
     members: int = option(3, help="Ensemble size (one seed per member).")
-    eval: str | None = option(None, help="Labeled test set evaluated after each epoch [default: the "
-                              "training set's test split; '' skips].")
+    eval: str | None = option(
+        None,
+        help="Labeled test set evaluated after each epoch [default: the "
+        "training set's test split; '' skips].",
+    )
     out: str = option("", help="Ensemble directory [default: data/teachers/<model>].")
     device: str = device_option()
     data_dir: str | None = data_dir_option()
@@ -125,8 +147,10 @@ class TeacherConfig:
                 problems.append(f"{name} must be in [0, 1), got {v}")
         kind = self.model.partition(":")[0]
         if kind != "mlp" and (self.input_dropout is not None or self.max_norm is not None):
-            problems.append(f"--input-dropout and --max-norm apply to mlp models, not {kind}; put the model's own "
-                            "options in its spec")
+            problems.append(
+                f"--input-dropout and --max-norm apply to mlp models, not {kind}; put the model's "
+                "own options in its spec"
+            )
         if kind not in ("mlp", "cnn") and self.dropout is not None:
             problems.append(f"--dropout applies to mlp and cnn models, not {kind}")
         if not self.out:
@@ -134,10 +158,11 @@ class TeacherConfig:
         _raise_all(problems, self.train)
 
     def recipe(self) -> dict:
-        """What defines the trained teacher: the config without where it is written, evaluated or run.
+        """What defines the trained teacher: the config without where it is written, evaluated or
+        run.
 
-        Re-use compares this, so ``--out`` spelled relative vs absolute, ``--device`` or ``--data-dir`` do not
-        make an existing teacher look different.
+        Re-use compares this, so ``--out`` spelled relative vs absolute, ``--device`` or
+        ``--data-dir`` do not make an existing teacher look different.
         """
         d = self.to_dict()
         for key in ("out", "device", "data_dir", "eval"):
@@ -145,7 +170,9 @@ class TeacherConfig:
         return d
 
     def model_spec(self) -> str:
-        """The model spec with the dropout / max-norm options resolved into it (the paper's defaults for mlp)."""
+        """The model spec with the dropout / max-norm options resolved into it (the paper's defaults
+        for mlp).
+        """
         kind = self.model.partition(":")[0]
         if kind == "mlp":
             own = {p.partition("=")[0] for p in self.model.split(":")[1:] if "=" in p}
@@ -154,8 +181,12 @@ class TeacherConfig:
                 # The flag wins; else the spec's own value stays; else the paper's default.
                 return flag if flag is not None else (None if key in own else paper)
 
-            return with_options(self.model, input_dropout=pick("input_dropout", self.input_dropout, 0.2),
-                                dropout=pick("dropout", self.dropout, 0.5), max_norm=self.max_norm)
+            return with_options(
+                self.model,
+                input_dropout=pick("input_dropout", self.input_dropout, 0.2),
+                dropout=pick("dropout", self.dropout, 0.5),
+                max_norm=self.max_norm,
+            )
         if kind == "cnn":
             return with_options(self.model, dropout=self.dropout)
         return self.model
@@ -168,12 +199,15 @@ class TeacherConfig:
 class EvaluateConfig:
     """``evaluate``: test metrics of a checkpoint or an ensemble on a labeled dataset."""
 
-    model: str = option("", required=True, exists=True,
-                        help="A checkpoint (.pt) or an ensemble directory.")
+    model: str = option(
+        "", required=True, exists=True, help="A checkpoint (.pt) or an ensemble directory."
+    )
     dataset: str = option("fashion-mnist:test", help="Labeled dataset spec.")
-    ensemble: str = option("mean-probs", choices=ENSEMBLE_METHODS,
-                           help="How members are combined: arithmetic (mean-probs) or geometric "
-                                "(mean-logits) mean.")
+    ensemble: str = option(
+        "mean-probs",
+        choices=ENSEMBLE_METHODS,
+        help="How members are combined: arithmetic (mean-probs) or geometric (mean-logits) mean.",
+    )
     batch_size: int = option(1024, help="Rows per forward pass.")
     device: str = device_option()
     data_dir: str | None = data_dir_option()
@@ -183,7 +217,9 @@ class EvaluateConfig:
         if not self.model:
             problems.append("model (a checkpoint or ensemble directory) must be given")
         if self.ensemble not in ENSEMBLE_METHODS:
-            problems.append(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {self.ensemble!r}")
+            problems.append(
+                f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {self.ensemble!r}"
+            )
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if problems:
@@ -191,7 +227,9 @@ class EvaluateConfig:
 
 
 def redact_secrets(options: dict) -> dict:
-    """``options`` with values of credential-like keys (key, secret, token, password) replaced by ``"***"``."""
+    """``options`` with values of credential-like keys (key, secret, token, password) replaced by
+    ``"***"``.
+    """
     out = {}
     for k, v in options.items():
         if isinstance(v, dict):
@@ -206,23 +244,43 @@ def redact_secrets(options: dict) -> dict:
 class CacheConfig:
     """``cache-logits``: run teachers once over a transfer set into a Zarr cache."""
 
-    teachers: list[str] = option(default_factory=list, flag="--teacher", multiple=True,
-                                 required=True, exists=True,
-                                 help="A teacher checkpoint or ensemble directory (each member becomes "
-                                      "a cache member); repeatable.")
+    teachers: list[str] = option(
+        default_factory=list,
+        flag="--teacher",
+        multiple=True,
+        required=True,
+        exists=True,
+        help="A teacher checkpoint or ensemble directory (each member becomes "
+        "a cache member); repeatable.",
+    )
     dataset: str = option("fashion-mnist:train", help="Transfer set spec.")
-    out: str = option("", required=True, help="The cache: a directory (e.g. data/caches/fmnist.zarr) "
-                      "or s3://bucket/prefix/NAME.zarr.")
-    dtype: str | None = option(None, choices=CACHE_DTYPES, help="Storage dtype of the logits "
-                               "[default: float16 for a new cache, the cache's own on resume].")
+    out: str = option(
+        "",
+        required=True,
+        help="The cache: a directory (e.g. data/caches/fmnist.zarr) "
+        "or s3://bucket/prefix/NAME.zarr.",
+    )
+    dtype: str | None = option(
+        None,
+        choices=CACHE_DTYPES,
+        help="Storage dtype of the logits "
+        "[default: float16 for a new cache, the cache's own on resume].",
+    )
     batch_size: int = option(1024, help="Rows per teacher forward pass.")
-    rows_per_shard: int | None = option(None, help="Rows per shard, the unit of writing, resuming "
-                                        "and reading [default: 4096 for a new cache].")
+    rows_per_shard: int | None = option(
+        None,
+        help="Rows per shard, the unit of writing, resuming "
+        "and reading [default: 4096 for a new cache].",
+    )
     device: str = device_option()
-    workers: int = option(0, help="Start a dask LocalCluster of N worker processes and map shards "
-                          "over them (0: this process).")
-    scheduler: str | None = option(None, help="Address of an existing dask scheduler to use "
-                                   "instead of --workers.")
+    workers: int = option(
+        0,
+        help="Start a dask LocalCluster of N worker processes and map shards "
+        "over them (0: this process).",
+    )
+    scheduler: str | None = option(
+        None, help="Address of an existing dask scheduler to use instead of --workers."
+    )
     add_member: bool = option(False, help="Add the given teacher(s) to an existing complete cache.")
     data_dir: str | None = data_dir_option()
     command: str = ""  # the command line that made the cache (recorded in its header)
@@ -259,38 +317,73 @@ class CacheConfig:
 class StudentConfig:
     """``train-student``: distil a student from a cache (or an online teacher)."""
 
-    cache: str = option("", help="The logit cache made by cache-logits (its dataset is used): a "
-                        "directory, NAME.zarr.zip or s3://bucket/prefix/NAME.zarr.")
+    cache: str = option(
+        "",
+        help="The logit cache made by cache-logits (its dataset is used): a "
+        "directory, NAME.zarr.zip or s3://bucket/prefix/NAME.zarr.",
+    )
     student: str = option("mlp:800,800", help="Student model spec.")
-    temperature: float = option(20.0, short="-T", help="Softmax temperature of the soft targets "
-                                "(and of the student in the soft term).")
-    alpha: float = option(0.9, help="Weight of the soft term; 1 - alpha weighs the hard-label "
-                          "cross-entropy (1 = soft only).")
-    loss: str = option("kd", choices=LOSSES, help="kd: T^2 KL at temperature T; logit-mse: squared "
-                       "logit difference (the high-T limit).")
-    ensemble: str = option("mean-probs", choices=ENSEMBLE_METHODS,
-                           help="Combine members by arithmetic mean of probabilities at T, or "
-                                "geometric mean (mean of logits).")
-    members: list[int] | None = members_option("Comma-separated member indices of the cache to use "
-                                               "[default: all].")
-    eval: str | None = option(None, help="Labeled test set [default: the transfer set's test split, "
-                              "e.g. fashion-mnist:test].")
-    class_bias: dict[int, float] = option(default_factory=dict, multiple=True,
-                                          parse=parse_class_deltas, metavar="CLASS=DELTA",
-                                          help="CLASS=DELTA added to the student's logit bias after "
-                                               "training.")
-    fit_bias_on: str | None = option(None, help="Labeled held-out set on which to fit bias offsets "
-                                     "for classes absent from the transfer set.")
-    memory_budget: int = option(2 << 30, parse=parse_size, show=show_size, metavar="SIZE",
-                                help="Memory for targets+inputs: train from memory when they fit, "
-                                     "else stream shards.")
+    temperature: float = option(
+        20.0,
+        short="-T",
+        help="Softmax temperature of the soft targets (and of the student in the soft term).",
+    )
+    alpha: float = option(
+        0.9,
+        help="Weight of the soft term; 1 - alpha weighs the hard-label "
+        "cross-entropy (1 = soft only).",
+    )
+    loss: str = option(
+        "kd",
+        choices=LOSSES,
+        help="kd: T^2 KL at temperature T; logit-mse: squared logit difference (the high-T limit).",
+    )
+    ensemble: str = option(
+        "mean-probs",
+        choices=ENSEMBLE_METHODS,
+        help="Combine members by arithmetic mean of probabilities at T, or "
+        "geometric mean (mean of logits).",
+    )
+    members: list[int] | None = members_option(
+        "Comma-separated member indices of the cache to use [default: all]."
+    )
+    eval: str | None = option(
+        None,
+        help="Labeled test set [default: the transfer set's test split, e.g. fashion-mnist:test].",
+    )
+    class_bias: dict[int, float] = option(
+        default_factory=dict,
+        multiple=True,
+        parse=parse_class_deltas,
+        metavar="CLASS=DELTA",
+        help="CLASS=DELTA added to the student's logit bias after training.",
+    )
+    fit_bias_on: str | None = option(
+        None,
+        help="Labeled held-out set on which to fit bias offsets "
+        "for classes absent from the transfer set.",
+    )
+    memory_budget: int = option(
+        2 << 30,
+        parse=parse_size,
+        show=show_size,
+        metavar="SIZE",
+        help="Memory for targets+inputs: train from memory when they fit, else stream shards.",
+    )
     allow_partial: bool = option(False, help="Train on the finished shards of a partial cache.")
-    online_teacher: list[str] | None = option(None, multiple=True, exists=True,
-                                              help="Baseline: soft targets from a live teacher "
-                                                   "forward pass each batch instead of a cache.")
+    online_teacher: list[str] | None = option(
+        None,
+        multiple=True,
+        exists=True,
+        help="Baseline: soft targets from a live teacher "
+        "forward pass each batch instead of a cache.",
+    )
     dataset: str | None = option(None, help="Transfer set for --online-teacher.")
-    out: str = option("", help="Run directory [default: data/runs/<cache>-<student>-<loss>-"
-                      "<ensemble>-T<T>-a<alpha>[-m<members>]-s<seed>].")
+    out: str = option(
+        "",
+        help="Run directory [default: data/runs/<cache>-<student>-<loss>-"
+        "<ensemble>-T<T>-a<alpha>[-m<members>]-s<seed>].",
+    )
     device: str = device_option()
     data_dir: str | None = data_dir_option()
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -300,8 +393,10 @@ class StudentConfig:
         """The default run-directory name: what the run is, so two different runs never share it."""
         source = _cache_name(self.cache) if self.cache else "online"
         members = f"-m{'.'.join(map(str, self.members))}" if self.members else ""
-        return (f"{source}-{_slug(self.student)}-{self.loss}-{self.ensemble}-T{self.temperature:g}"
-                f"-a{self.alpha:g}{members}-s{self.train.seed}")
+        return (
+            f"{source}-{_slug(self.student)}-{self.loss}-{self.ensemble}-T{self.temperature:g}"
+            f"-a{self.alpha:g}{members}-s{self.train.seed}"
+        )
 
     def resolve(self) -> StudentConfig:
         """This config with ``out`` named from the run when not given."""
@@ -318,12 +413,18 @@ class StudentConfig:
         if self.members is not None and (not self.members or min(self.members) < 0):
             problems.append(f"members must be non-negative member indices, got {self.members}")
         if self.members is not None and len(set(self.members)) != len(self.members):
-            problems.append(f"members must not repeat (a repeat would weigh a member twice), got {self.members}")
+            problems.append(
+                f"members must not repeat (a repeat would weigh a member twice), got {self.members}"
+            )
         if self.cache and self.dataset:
-            problems.append("--dataset is for --online-teacher; a cache trains on the dataset it records")
+            problems.append(
+                "--dataset is for --online-teacher; a cache trains on the dataset it records"
+            )
         if self.online_teacher and (self.members is not None or self.allow_partial):
-            problems.append("--members and --allow-partial select cache members and shards; they do not apply to "
-                            "--online-teacher")
+            problems.append(
+                "--members and --allow-partial select cache members and shards; they do not apply "
+                "to --online-teacher"
+            )
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
@@ -331,7 +432,9 @@ class StudentConfig:
         if self.loss not in LOSSES:
             problems.append(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.ensemble not in ENSEMBLE_METHODS:
-            problems.append(f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {self.ensemble!r}")
+            problems.append(
+                f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {self.ensemble!r}"
+            )
         if self.memory_budget < 1 << 20:
             problems.append(f"memory_budget must be at least 1 MiB, got {self.memory_budget} bytes")
         if not self.out:
@@ -348,7 +451,9 @@ class StudentConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["class_bias"] = {str(k): v for k, v in self.class_bias.items()}
-        d["storage_options"] = redact_secrets(self.storage_options)  # runs are shared; credentials are not
+        d["storage_options"] = redact_secrets(
+            self.storage_options
+        )  # runs are shared; credentials are not
         return d
 
 
@@ -360,49 +465,93 @@ def setting_name(student: str, temperature: float, alpha: float, seed: int) -> s
 
 @dataclass
 class SweepConfig:
-    """``sweep``: the cross product students x temperatures x alphas x seeds, each setting one ``train-student``.
+    """``sweep``: the cross product students x temperatures x alphas x seeds, each setting one
+    ``train-student``.
 
-    Every setting runs :func:`pipeline.distill.train_student` with a :class:`StudentConfig` made from these fields
-    (``make_student_config``), so a sweep row and a ``train-student`` run with the same options are the same run.
+    Every setting runs :func:`pipeline.distill.train_student` with a :class:`StudentConfig` made
+    from these fields (``make_student_config``), so a sweep row and a ``train-student`` run with the
+    same options are the same run.
     """
 
     cache: str = option("", help="The logit cache every setting trains from.")
-    temperatures: list[float] = option(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 20.0],
-                                       flag="--temperature", short="-T", parse=parse_floats, metavar="T,T,...",
-                                       show=show_list, help="Comma-separated temperatures.")
-    alphas: list[float] = option(default_factory=lambda: [0.5, 0.9, 1.0], flag="--alpha",
-                                 parse=parse_floats, show=show_list, metavar="A,A,...",
-                                 help="Comma-separated soft-term weights (1 - alpha weighs the hard "
-                                      "labels).")
-    students: list[str] = option(default_factory=lambda: ["mlp:800,800"], flag="--student",
-                                 multiple=True, show=show_list,
-                                 help="Student model spec; repeat for several.")
-    seeds: list[int] = option(default_factory=lambda: [0], parse=parse_ints, show=show_list, metavar="N,N,...",
-                              help="Comma-separated seeds (one run per seed).")
+    temperatures: list[float] = option(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 20.0],
+        flag="--temperature",
+        short="-T",
+        parse=parse_floats,
+        metavar="T,T,...",
+        show=show_list,
+        help="Comma-separated temperatures.",
+    )
+    alphas: list[float] = option(
+        default_factory=lambda: [0.5, 0.9, 1.0],
+        flag="--alpha",
+        parse=parse_floats,
+        show=show_list,
+        metavar="A,A,...",
+        help="Comma-separated soft-term weights (1 - alpha weighs the hard labels).",
+    )
+    students: list[str] = option(
+        default_factory=lambda: ["mlp:800,800"],
+        flag="--student",
+        multiple=True,
+        show=show_list,
+        help="Student model spec; repeat for several.",
+    )
+    seeds: list[int] = option(
+        default_factory=lambda: [0],
+        parse=parse_ints,
+        show=show_list,
+        metavar="N,N,...",
+        help="Comma-separated seeds (one run per seed).",
+    )
     loss: str = option("kd", choices=LOSSES, help="The loss of every setting (see train-student).")
-    ensemble: str = option("mean-probs", choices=ENSEMBLE_METHODS,
-                           help="How cache members are combined (see train-student).")
-    members: list[int] | None = members_option("Comma-separated member indices of the cache "
-                                               "[default: all].")
-    eval: str | None = option(None, help="Labeled test set [default: the transfer set's test split].")
-    memory_budget: int = option(2 << 30, parse=parse_size, show=show_size, metavar="SIZE",
-                                help="Per setting (see train-student).")
-    online_teacher: list[str] | None = option(None, multiple=True, exists=True,
-                                              help="Baseline: every setting distils from a live "
-                                                   "teacher forward pass instead of a cache.")
+    ensemble: str = option(
+        "mean-probs",
+        choices=ENSEMBLE_METHODS,
+        help="How cache members are combined (see train-student).",
+    )
+    members: list[int] | None = members_option(
+        "Comma-separated member indices of the cache [default: all]."
+    )
+    eval: str | None = option(
+        None, help="Labeled test set [default: the transfer set's test split]."
+    )
+    memory_budget: int = option(
+        2 << 30,
+        parse=parse_size,
+        show=show_size,
+        metavar="SIZE",
+        help="Per setting (see train-student).",
+    )
+    online_teacher: list[str] | None = option(
+        None,
+        multiple=True,
+        exists=True,
+        help="Baseline: every setting distils from a live teacher forward pass instead of a cache.",
+    )
     dataset: str | None = option(None, help="Transfer set for --online-teacher.")
-    workers: int | None = option(None, help="Worker processes of a local dask cluster [default: 2]; "
-                                 "0 runs settings one by one here.")
-    scheduler: str | None = option(None, help="Address of an existing dask scheduler (instead of "
-                                   "--workers).")
-    torch_threads: int = option(0, flag="--threads-per-worker",
-                                help="Torch threads per worker (0: the cores divided by the "
-                                     "workers, so they do not oversubscribe).")
+    workers: int | None = option(
+        None,
+        help="Worker processes of a local dask cluster [default: 2]; "
+        "0 runs settings one by one here.",
+    )
+    scheduler: str | None = option(
+        None, help="Address of an existing dask scheduler (instead of --workers)."
+    )
+    torch_threads: int = option(
+        0,
+        flag="--threads-per-worker",
+        help="Torch threads per worker (0: the cores divided by the "
+        "workers, so they do not oversubscribe).",
+    )
     out: str = option("", help="Sweep directory [default: data/sweeps/<cache>].")
     device: str = device_option()
     data_dir: str | None = data_dir_option()
     storage_options: dict = storage_options_option()
-    train: TrainConfig = field(default_factory=TrainConfig)  # its seed is replaced by each setting's
+    train: TrainConfig = field(
+        default_factory=TrainConfig
+    )  # its seed is replaced by each setting's
 
     def resolve(self) -> SweepConfig:
         """This config with ``out`` named from the cache when not given."""
@@ -433,11 +582,15 @@ class SweepConfig:
                 for al in self.alphas:
                     name = setting_name(st, t, al, 0)
                     if name in names and names[name] != (st, t, al):
-                        problems.append(f"settings {names[name]} and {(st, t, al)} would share the run directory "
-                                        f"{name}; make the student specs or values distinguishable")
+                        problems.append(
+                            f"settings {names[name]} and {(st, t, al)} would share the run "
+                            f"directory {name}; make the student specs or values distinguishable"
+                        )
                     names[name] = (st, t, al)
         # Everything a single run would refuse, reported once for the whole grid.
-        probe = self.student_config(self.students[0] if self.students else "mlp:8", 1.0, 0.5, 0, out="probe")
+        probe = self.student_config(
+            self.students[0] if self.students else "mlp:8", 1.0, 0.5, 0, out="probe"
+        )
         try:
             probe.validate()
         except ConfigError as e:
@@ -445,13 +598,30 @@ class SweepConfig:
         if problems:
             raise ConfigError(problems)
 
-    def student_config(self, student: str, temperature: float, alpha: float, seed: int, out: str) -> StudentConfig:
-        """The one-run config of a setting: exactly what ``train-student`` would build from the same options."""
-        return StudentConfig(cache=self.cache, student=student, temperature=temperature, alpha=alpha, loss=self.loss,
-                             ensemble=self.ensemble, members=self.members, eval=self.eval,
-                             memory_budget=self.memory_budget, online_teacher=self.online_teacher,
-                             dataset=self.dataset, out=out, device=self.device, data_dir=self.data_dir,
-                             storage_options=self.storage_options, train=replace(self.train, seed=seed))
+    def student_config(
+        self, student: str, temperature: float, alpha: float, seed: int, out: str
+    ) -> StudentConfig:
+        """The one-run config of a setting: exactly what ``train-student`` would build from the same
+        options.
+        """
+        return StudentConfig(
+            cache=self.cache,
+            student=student,
+            temperature=temperature,
+            alpha=alpha,
+            loss=self.loss,
+            ensemble=self.ensemble,
+            members=self.members,
+            eval=self.eval,
+            memory_budget=self.memory_budget,
+            online_teacher=self.online_teacher,
+            dataset=self.dataset,
+            out=out,
+            device=self.device,
+            data_dir=self.data_dir,
+            storage_options=self.storage_options,
+            train=replace(self.train, seed=seed),
+        )
 
     @property
     def cache_location(self) -> CacheLocation | None:
@@ -466,47 +636,71 @@ class SweepConfig:
         return d
 
 
-
-
 @dataclass
 class SpecialistsConfig:
-    """``specialists``: cluster the classes, train one specialist per confusable cluster, combine at test time."""
+    """``specialists``: cluster the classes, train one specialist per confusable cluster, combine at
+    test time.
+    """
 
-    cache: str = option("", required=True,
-                        help="The generalist's logit cache on the transfer set.")
+    cache: str = option("", required=True, help="The generalist's logit cache on the transfer set.")
     out: str = option("", help="Output directory [default: data/specialists/<cache>].")
-    generalist: list[str] | None = option(None, multiple=True, exists=True,
-                                          help="The cache members' checkpoints or ensemble directory "
-                                               "(run on the test set, and the specialists' initial "
-                                               "weights) [default: the paths the cache records].")
-    specialists: int | None = option(None, help="Number of class clusters K [default: automatic, "
-                                     "the largest K within 0.5 % of the best modularity].")
-    classes_per_specialist: int | None = option(None, help="Typical classes per specialist N "
-                                                "(K = ceil(C / N)) instead of --specialists.")
-    similarity: str = option("log-moment", choices=SIMILARITIES,
-                             help="Matrix whose columns k-means clusters: log E[p pT] (covariance + "
-                                  "mean outer product) or the raw covariance of the predicted "
-                                  "probabilities.")
-    model: str | None = option(None, help="Specialist model spec [default: the generalist members' "
-                               "own, initialised from one].")
-    init: str = option("auto", choices=SPECIALIST_INITS,
-                       help="Start from a generalist member's weights (auto: when the architecture "
-                            "is the same).")
+    generalist: list[str] | None = option(
+        None,
+        multiple=True,
+        exists=True,
+        help="The cache members' checkpoints or ensemble directory "
+        "(run on the test set, and the specialists' initial "
+        "weights) [default: the paths the cache records].",
+    )
+    specialists: int | None = option(
+        None,
+        help="Number of class clusters K [default: automatic, "
+        "the largest K within 0.5 % of the best modularity].",
+    )
+    classes_per_specialist: int | None = option(
+        None, help="Typical classes per specialist N (K = ceil(C / N)) instead of --specialists."
+    )
+    similarity: str = option(
+        "log-moment",
+        choices=SIMILARITIES,
+        help="Matrix whose columns k-means clusters: log E[p pT] (covariance + "
+        "mean outer product) or the raw covariance of the predicted "
+        "probabilities.",
+    )
+    model: str | None = option(
+        None,
+        help="Specialist model spec [default: the generalist members' own, initialised from one].",
+    )
+    init: str = option(
+        "auto",
+        choices=SPECIALIST_INITS,
+        help="Start from a generalist member's weights (auto: when the architecture is the same).",
+    )
     init_member: int = option(0, help="Which cache member initialises the specialists.")
     temperature: float = option(4.0, short="-T", help="Temperature of the collapsed soft targets.")
     alpha: float = option(0.5, help="Weight of the soft term; 1 - alpha weighs the hard labels.")
-    max_rows: int | None = option(None, help="Cap on each specialist's training rows (half its "
-                                  "classes, half the rest).")
-    top_n: int = option(1, help="Activate specialists whose classes meet the generalist's top-n "
-                        "classes.")
+    max_rows: int | None = option(
+        None, help="Cap on each specialist's training rows (half its classes, half the rest)."
+    )
+    top_n: int = option(
+        1, help="Activate specialists whose classes meet the generalist's top-n classes."
+    )
     kl_steps: int = option(300, help="Gradient steps of the combination (Adam on q's logits).")
     kl_lr: float = option(0.1, help="Step size of the combination.")
-    dustbin_correction: bool = option(True, flag="--no-dustbin-correction", negate=True,
-                                      help="Do not raise the dustbin logit by log(oversampling) "
-                                           "after training.")
-    workers: int = option(0, help="Train specialists as tasks on a dask LocalCluster of N "
-                          "processes (0 or 1: in-process).")
-    eval: str | None = option(None, help="Labeled test set [default: the transfer set's test split].")
+    dustbin_correction: bool = option(
+        True,
+        flag="--no-dustbin-correction",
+        negate=True,
+        help="Do not raise the dustbin logit by log(oversampling) after training.",
+    )
+    workers: int = option(
+        0,
+        help="Train specialists as tasks on a dask LocalCluster of N "
+        "processes (0 or 1: in-process).",
+    )
+    eval: str | None = option(
+        None, help="Labeled test set [default: the transfer set's test split]."
+    )
     device: str = device_option()
     data_dir: str | None = data_dir_option()
     # The CLI has always trained specialists for 10 epochs; the library now agrees with it.
@@ -515,19 +709,26 @@ class SpecialistsConfig:
 
     def resolve(self) -> SpecialistsConfig:
         """This config with ``out`` named from the cache when not given."""
-        return self if self.out else replace(
-            self, out=output_dir("specialists", _cache_name(self.cache)))
+        return (
+            self
+            if self.out
+            else replace(self, out=output_dir("specialists", _cache_name(self.cache)))
+        )
 
     def validate(self) -> None:
         problems = []
         if not self.cache:
-            problems.append("--cache CACHE (the generalist's logits on the transfer set) must be given")
+            problems.append(
+                "--cache CACHE (the generalist's logits on the transfer set) must be given"
+            )
         if not self.out:
             problems.append("--out DIR must be given")
         if self.specialists is not None and self.classes_per_specialist is not None:
             problems.append("use --specialists K or --classes-per-specialist N, not both")
         if self.similarity not in SIMILARITIES:
-            problems.append(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
+            problems.append(
+                f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}"
+            )
         if self.init not in SPECIALIST_INITS:
             problems.append(f"init must be one of {', '.join(SPECIALIST_INITS)}, got {self.init!r}")
         if self.init_member < 0:
@@ -574,13 +775,25 @@ class Display:
 class CacheToolConfig:
     """``cache info|verify|pack|copy|ls``: a cache (or a prefix of caches) and where it goes."""
 
-    cache: str = option("", argument=True, required=True, metavar="CACHE",
-                        help="A cache directory, NAME.zarr.zip or s3://bucket/prefix/NAME.zarr.")
-    out: str = option("", argument=True, required=True, metavar="OUT",
-                      help="Where the copy or bundle goes.")
-    prefix: str = option("", argument=True, required=True, metavar="PREFIX",
-                         help="A directory or s3://bucket/prefix holding caches.")
-    dataset: str | None = option(None, help="A dataset spec whose fingerprint must match the "
-                                 "cache's.")
+    cache: str = option(
+        "",
+        argument=True,
+        required=True,
+        metavar="CACHE",
+        help="A cache directory, NAME.zarr.zip or s3://bucket/prefix/NAME.zarr.",
+    )
+    out: str = option(
+        "", argument=True, required=True, metavar="OUT", help="Where the copy or bundle goes."
+    )
+    prefix: str = option(
+        "",
+        argument=True,
+        required=True,
+        metavar="PREFIX",
+        help="A directory or s3://bucket/prefix holding caches.",
+    )
+    dataset: str | None = option(
+        None, help="A dataset spec whose fingerprint must match the cache's."
+    )
     storage_options: dict = storage_options_option()
     data_dir: str | None = data_dir_option()

@@ -29,7 +29,8 @@ class Option:
 
     Attributes:
         help: One line for ``--help``; a default of None is explained here ("[default: ...]").
-        flag: The long flag; None derives it from the field name (``batch_size`` -> ``--batch-size``).
+        flag: The long flag; None derives it from the field name (``batch_size`` ->
+            ``--batch-size``).
         short: An optional short flag, e.g. ``-T``.
         parse: Text -> value for values that are not a plain scalar (raises ``ValueError`` with
             what was expected); for ``multiple`` options it receives the tuple of all values.
@@ -65,8 +66,9 @@ class Option:
         return None if self.choices is None else list(self.choices)
 
 
-def option(default: Any = MISSING, *, default_factory: Callable[[], Any] | Any = MISSING,
-           **spec: Any) -> Any:
+def option(
+    default: Any = MISSING, *, default_factory: Callable[[], Any] | Any = MISSING, **spec: Any
+) -> Any:
     """A dataclass field that the command line may set (see :class:`Option` for ``spec``)."""
     meta = {META_KEY: Option(**spec)}
     if default_factory is not MISSING:

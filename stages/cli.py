@@ -47,8 +47,9 @@ def quiet_log(display: Display) -> object:
     return (lambda s: None) if display.quiet else click.echo
 
 
-@click.group(cls=KDGroup,
-             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=KDGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.version_option(__version__, prog_name="kd-pipeline")
 def main() -> None:
     """Knowledge distillation (Hinton, Vinyals & Dean 2015) in two stages.
@@ -69,8 +70,10 @@ def train_teacher(cfg: TeacherConfig) -> None:
     from pipeline.training.teacher import train_teacher as run
 
     run(cfg, log=click.echo)
-    click.echo(f"wrote {cfg.out}; next: kd-pipeline cache-logits --teacher {cfg.out} "
-               f"--dataset {cfg.dataset}")
+    click.echo(
+        f"wrote {cfg.out}; next: kd-pipeline cache-logits --teacher {cfg.out} "
+        f"--dataset {cfg.dataset}"
+    )
 
 
 @main.command()
@@ -98,8 +101,10 @@ def cache_logits(cfg: CacheConfig, display: Display) -> None:
     res = build_cache(cfg, log=click.echo, progress=not display.quiet)
     click.echo(res.message)
     if res.status != "already-complete":
-        click.echo(f"next: kd-pipeline cache info {cfg.out}  |  "
-                   f"kd-pipeline train-student --cache {cfg.out} ...")
+        click.echo(
+            f"next: kd-pipeline cache info {cfg.out}  |  "
+            f"kd-pipeline train-student --cache {cfg.out} ..."
+        )
 
 
 @main.command("train-student")
@@ -132,8 +137,11 @@ def sweep(ctx: click.Context, cfg: SweepConfig, display: Display) -> None:
     if res is not None and res.interrupted:
         ctx.exit(130)
     if res is not None and res.failed:
-        click.echo(f"{res.failed} setting(s) failed (see the error column and each run's "
-                   "error.txt); re-run the same command to retry them", err=True)
+        click.echo(
+            f"{res.failed} setting(s) failed (see the error column and each run's "
+            "error.txt); re-run the same command to retry them",
+            err=True,
+        )
         ctx.exit(1)
 
 
@@ -176,10 +184,15 @@ def specialists_group() -> None:
 
 SPECIALIST_STEPS = {
     "cluster": (("cluster",), "Cluster the classes by the generalist's confusions (clusters.md)."),
-    "train": (("train",), "Train one specialist per cluster of two or more classes (--workers N: "
-                          "dask)."),
-    "evaluate": (("evaluate",), "Combine generalist and specialists on the test set; accuracy, per "
-                                "class, Table 4 (report.md)."),
+    "train": (
+        ("train",),
+        "Train one specialist per cluster of two or more classes (--workers N: dask).",
+    ),
+    "evaluate": (
+        ("evaluate",),
+        "Combine generalist and specialists on the test set; accuracy, per "
+        "class, Table 4 (report.md).",
+    ),
     "run": (("cluster", "train", "evaluate"), "cluster, train and evaluate in one go."),
 }
 
@@ -215,21 +228,30 @@ def cache_info(cfg: CacheToolConfig, display: Display) -> None:
     completeness."""
     from pipeline.cache.format import LogitCache
 
-    info = LogitCache(cfg.cache, allow_partial=True,
-                      storage_options=cfg.storage_options).info().to_dict()
+    info = (
+        LogitCache(cfg.cache, allow_partial=True, storage_options=cfg.storage_options)
+        .info()
+        .to_dict()
+    )
     click.echo(json.dumps(info, indent=2) if display.json else format_cache_info(info))
 
 
 @cache_group.command("verify")
-@configured(Only(CacheToolConfig, "cache", "dataset", "storage_options", "data_dir"),
-            Only(Display, "quiet"))
+@configured(
+    Only(CacheToolConfig, "cache", "dataset", "storage_options", "data_dir"), Only(Display, "quiet")
+)
 def cache_verify(cfg: CacheToolConfig, display: Display) -> None:
     """Read every chunk of CACHE (checksums) and check it against the format: exit 1 naming each
     problem."""
     from pipeline.cache.sharing import verify_cache
 
-    report = verify_cache(cfg.cache, dataset=cfg.dataset, storage_options=cfg.storage_options,
-                          data_dir=cfg.data_dir, progress=not display.quiet)
+    report = verify_cache(
+        cfg.cache,
+        dataset=cfg.dataset,
+        storage_options=cfg.storage_options,
+        data_dir=cfg.data_dir,
+        progress=not display.quiet,
+    )
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)
@@ -241,8 +263,13 @@ def cache_pack(cfg: CacheToolConfig, display: Display) -> None:
     """Bundle CACHE into the single file OUT (NAME.zarr.zip), written once, then verified."""
     from pipeline.cache.sharing import pack_cache
 
-    res = pack_cache(cfg.cache, cfg.out, src_options=cfg.storage_options,
-                     progress=not display.quiet, log=click.echo)
+    res = pack_cache(
+        cfg.cache,
+        cfg.out,
+        src_options=cfg.storage_options,
+        progress=not display.quiet,
+        log=click.echo,
+    )
     click.echo(res.message)
 
 
@@ -253,8 +280,14 @@ def cache_copy(cfg: CacheToolConfig, display: Display) -> None:
     interrupted one."""
     from pipeline.cache.sharing import copy_cache
 
-    res = copy_cache(cfg.cache, cfg.out, src_options=cfg.storage_options,
-                     dst_options=cfg.storage_options, progress=not display.quiet, log=click.echo)
+    res = copy_cache(
+        cfg.cache,
+        cfg.out,
+        src_options=cfg.storage_options,
+        dst_options=cfg.storage_options,
+        progress=not display.quiet,
+        log=click.echo,
+    )
     click.echo(res.message)
 
 

@@ -100,8 +100,9 @@ def _click_param(p: _Param, dest: str) -> click.Parameter:
     elif opt.parse is not None:
         ctype = str  # each item as typed; the declared parse takes them all (KEY=VALUE pairs)
     if opt.argument:
-        param: click.Parameter = click.Argument([dest], required=opt.required, type=ctype,
-                                                metavar=opt.metavar)
+        param: click.Parameter = click.Argument(
+            [dest], required=opt.required, type=ctype, metavar=opt.metavar
+        )
     else:
         names = [*opt.names(p.path[-1]), dest]
         flag = ctype is bool
@@ -115,9 +116,17 @@ def _click_param(p: _Param, dest: str) -> click.Parameter:
             default = opt.show(p.default)
         else:
             default = p.default
-        param = click.Option(names, type=None if flag else ctype, is_flag=flag, default=default,
-                             multiple=opt.multiple, required=opt.required, help=opt.help,
-                             show_default=default is not None, metavar=opt.metavar)
+        param = click.Option(
+            names,
+            type=None if flag else ctype,
+            is_flag=flag,
+            default=default,
+            multiple=opt.multiple,
+            required=opt.required,
+            help=opt.help,
+            show_default=default is not None,
+            metavar=opt.metavar,
+        )
     setattr(param, FIELD_ATTR, f"{p.owner.__name__}.{p.field.name}")
     return param
 
@@ -189,8 +198,10 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
             return fn(*configs)
 
         command.__click_params__ = [  # click reads this list bottom-up, as its decorators do
-            _click_param(p, _dest(cls, p)) for cls, params in reversed(selected)
-            for p in reversed(params)]
+            _click_param(p, _dest(cls, p))
+            for cls, params in reversed(selected)
+            for p in reversed(params)
+        ]
         return command
 
     return decorate

@@ -7,13 +7,16 @@ from pathlib import Path
 
 def evaluation_table(res: dict) -> str:
     """``evaluate``'s result as one line per member (and the ensemble when there are several)."""
-    lines = [f"{'model':<28} {'errors':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7}   on {res['dataset']}"]
+    lines = [
+        f"{'model':<28} {'errors':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7}   on {res['dataset']}"
+    ]
     rows = [(Path(p).name, m) for p, m in zip(res["paths"], res["members"], strict=True)]
     if len(rows) > 1:
         rows.append((f"ensemble ({res['method']})", res["ensemble"]))
     for name, m in rows:
-        lines.append(f"{name:<28} {m['errors']:>7} {m['accuracy']:>9.4f} {m['nll']:>7.4f} "
-                     f"{m['ece']:>7.4f}")
+        lines.append(
+            f"{name:<28} {m['errors']:>7} {m['accuracy']:>9.4f} {m['nll']:>7.4f} {m['ece']:>7.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -21,19 +24,22 @@ def format_cache_info(i: dict) -> str:
     ratio = i["size_on_disk"] / i["raw_float32_size"] if i["raw_float32_size"] else float("nan")
     lines = [
         f"cache      {i['location']}  ({i['format']} v{i['version']})",
-        f"status     {'complete' if i['complete'] else 'PARTIAL'}: {len(i['shards_done'])}/{i['n_shards']} shards "
-        f"done by every member ({i['rows_per_shard']} rows per shard)",
+        f"status     {'complete' if i['complete'] else 'PARTIAL'}: "
+        f"{len(i['shards_done'])}/{i['n_shards']} shards done by every member "
+        f"({i['rows_per_shard']} rows per shard)",
         f"rows       {i['n']}  ({'labeled' if i['labeled'] else 'unlabeled'})",
         f"classes    {i['num_classes']}: {', '.join(i['class_names'])}",
         f"dtype      {i['dtype']}  codecs {' -> '.join(i['codecs'])}",
-        f"size       {i['size_on_disk'] / 2**20:.2f} MiB on disk vs {i['raw_float32_size'] / 2**20:.2f} MiB raw "
-        f"float32 ({ratio:.2f}x)",
+        f"size       {i['size_on_disk'] / 2**20:.2f} MiB on disk vs "
+        f"{i['raw_float32_size'] / 2**20:.2f} MiB raw float32 ({ratio:.2f}x)",
         f"dataset    {i['dataset']['spec']}  n={i['dataset']['n']}  {i['dataset']['fingerprint']}",
         f"members    {len(i['members'])}",
     ]
     for m in i["members"]:
         acc = (m.get("metrics") or {}).get("accuracy")
-        lines.append(f"  [{m['index']}] {m['model_spec']}  {m['checkpoint_sha256'][:23]}…  {m['path']}"
-                     + (f"  test acc {acc:.4f}" if acc is not None else ""))
+        lines.append(
+            f"  [{m['index']}] {m['model_spec']}  {m['checkpoint_sha256'][:23]}…  {m['path']}"
+            + (f"  test acc {acc:.4f}" if acc is not None else "")
+        )
     lines.append(f"created    {i['created']} by kd-pipeline {i['tool_version']}: {i['command']}")
     return "\n".join(lines)

@@ -35,8 +35,11 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def test_pipeline_never_imports_stages() -> None:
-    upward = {m: sorted(d for d in deps if d.startswith("stages"))
-              for m, deps in import_graph().items() if m.startswith("pipeline")}
+    upward = {
+        m: sorted(d for d in deps if d.startswith("stages"))
+        for m, deps in import_graph().items()
+        if m.startswith("pipeline")
+    }
     assert {m: d for m, d in upward.items() if d} == {}
 
 
@@ -44,8 +47,10 @@ def test_no_import_circles() -> None:
     graph = import_graph()
     # Package __init__ files only re-export their own modules: an edge into a package counts as an
     # edge into nothing, so a module may import a sibling through its package.
-    graph = {m: {d for d in deps if not (ROOT / d.replace(".", "/") / "__init__.py").exists()}
-             for m, deps in graph.items()}
+    graph = {
+        m: {d for d in deps if not (ROOT / d.replace(".", "/") / "__init__.py").exists()}
+        for m, deps in graph.items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
     cycles: list[list[str]] = []
@@ -55,7 +60,7 @@ def test_no_import_circles() -> None:
         stack.append(m)
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d)
         stack.pop()

@@ -1,5 +1,6 @@
-"""``kd-pipeline cache-logits`` and ``kd-pipeline cache info`` end to end: the real CLI in real subprocesses
-(SIGKILLed at random moments and resumed), a real dask LocalCluster of processes, and click's CliRunner.
+"""``kd-pipeline cache-logits`` and ``kd-pipeline cache info`` end to end: the real CLI in real
+subprocesses (SIGKILLed at random moments and resumed), a real dask LocalCluster of processes, and
+click's CliRunner.
 """
 
 from __future__ import annotations
@@ -34,29 +35,48 @@ BIG_ARGS = ["--rows-per-shard", "500", "--batch-size", "250", "--device", "cpu"]
 N_SHARDS = N_BIG // 500
 
 # pytest resets the warning filters pipeline.cache installs; these two are expected and harmless.
-pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
-              pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
+]
 
 
-# --------------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 def cli_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def cli_cmd(teacher: Path, dataset: str, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "stages.cli", "cache-logits", "--teacher", str(teacher), "--dataset", dataset,
-            "--out", str(out), "--quiet", *BIG_ARGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "stages.cli",
+        "cache-logits",
+        "--teacher",
+        str(teacher),
+        "--dataset",
+        dataset,
+        "--out",
+        str(out),
+        "--quiet",
+        *BIG_ARGS,
+        *extra,
+    ]
 
 
 def run_cli(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def raw_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of a cache, raw (float16 logits stay float16), by name."""
     g = zarr.open_group(str(path), mode="r", use_consolidated=False)
     h = g.attrs[ATTR_KEY]
-    names = ["ids", "labels"] + [f"members/{m['index']}/{a}" for m in h["members"] for a in ("logits", "done")]
+    names = ["ids", "labels"] + [
+        f"members/{m['index']}/{a}" for m in h["members"] for a in ("logits", "done")
+    ]
     return {name: g[name][:] for name in names}
 
 
@@ -71,7 +91,9 @@ def assert_same_cache(got: Path, ref: Path) -> None:
     assert ha["complete"] is True and hb["complete"] is True
     for key in ("n", "num_classes", "rows_per_shard", "n_shards", "dtype", "dataset"):
         assert ha[key] == hb[key], key
-    assert [m["checkpoint_sha256"] for m in ha["members"]] == [m["checkpoint_sha256"] for m in hb["members"]]
+    assert [m["checkpoint_sha256"] for m in ha["members"]] == [
+        m["checkpoint_sha256"] for m in hb["members"]
+    ]
 
 
 def done_count(path: Path) -> int | None:
@@ -84,17 +106,20 @@ def done_count(path: Path) -> int | None:
         return None
 
 
-# -------------------------------------------------------------------------------------------------- fixtures
+# ----------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def big_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 20000-row labeled set of the same task as ``npz_path`` (same class prototypes)."""
-    return f"npz:{write_npz(tmp_path_factory.mktemp('big') / 'big.npz', n_train=N_BIG, n_test=10)}:train"
+    return (
+        f"npz:{write_npz(tmp_path_factory.mktemp('big') / 'big.npz', n_train=N_BIG, n_test=10)}"
+        ":train"
+    )
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, big_spec: str) -> dict:
-    """An uninterrupted run over the big set (in this process, one torch thread like the CLI runs below), and
-    how long its compute phase took."""
+    """An uninterrupted run over the big set (in this process, one torch thread like the CLI runs
+    below), and how long its compute phase took."""
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
     marks: dict[str, float] = {}
 
@@ -105,15 +130,25 @@ def reference(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, big_s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = build_cache(CacheConfig(teachers=[str(teacher_dir)], dataset=big_spec, out=str(out), device="cpu",
-                                      batch_size=250, rows_per_shard=500), log=log, progress=False)
+        res = build_cache(
+            CacheConfig(
+                teachers=[str(teacher_dir)],
+                dataset=big_spec,
+                out=str(out),
+                device="cpu",
+                batch_size=250,
+                rows_per_shard=500,
+            ),
+            log=log,
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
     assert res.status == "created" and res.shards_computed == N_SHARDS
     return {"path": out, "t_compute": max(time.perf_counter() - marks["line"], 0.2)}
 
 
-# -------------------------------------------------------------------------------------------- 4. SIGKILL
+# --------------------------------------------------------------------------------------- 4. SIGKILL
 def wait_for_dir(path: Path, p: subprocess.Popen, timeout: float = 60) -> bool:
     """Poll until ``path`` exists (True), or the process ends or the timeout passes (False)."""
     end = time.perf_counter() + timeout
@@ -125,18 +160,27 @@ def wait_for_dir(path: Path, p: subprocess.Popen, timeout: float = 60) -> bool:
 
 
 def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int, seed: int) -> dict:
-    """SIGKILL the real CLI ``kills`` times at seeded random moments, resuming each time; finish and verify.
+    """SIGKILL the real CLI ``kills`` times at seeded random moments, resuming each time; finish and
+    verify.
 
-    On a fresh cache, half the runs are killed at a random moment just after the cache directory appears (taking
-    the lock, writing the schema, ids and labels). Of the rest, a quarter land at a random moment late in start-up
-    (loading teachers and data, reading the header, taking over the stale lock); the others wait for the
-    "N/S shards to compute" line and land at a random point of the estimated remaining compute (inference, the
-    writer thread mid-chunk, done flags, completion). When a run completes before its kill, its cache is verified
-    and a fresh cache is started, so that every kill hits a run with work left. Every cache is finally compared
-    with the uninterrupted ``ref``.
+    On a fresh cache, half the runs are killed at a random moment just after the cache directory
+    appears (taking the lock, writing the schema, ids and labels). Of the rest, a quarter land at a
+    random moment late in start-up (loading teachers and data, reading the header, taking over the
+    stale lock); the others wait for the "N/S shards to compute" line and land at a random point of
+    the estimated remaining compute (inference, the writer thread mid-chunk, done flags,
+    completion). When a run completes before its kill, its cache is verified and a fresh cache is
+    started, so that every kill hits a run with work left. Every cache is finally compared with the
+    uninterrupted ``ref``.
     """
     rng = random.Random(seed)
-    stats = {"kills": 0, "partial_after_kill": 0, "early": 0, "creating": 0, "launches": 0, "caches": []}
+    stats = {
+        "kills": 0,
+        "partial_after_kill": 0,
+        "early": 0,
+        "creating": 0,
+        "launches": 0,
+        "caches": [],
+    }
     t_line = None  # how long the CLI takes to reach its plan line (measured on the runs below)
     cache = None
     while stats["kills"] < kills:
@@ -144,19 +188,28 @@ def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int,
             cache = root / f"c{len(stats['caches'])}.zarr"
             stats["caches"].append(cache)
         t0 = time.perf_counter()
-        p = subprocess.Popen(cli_cmd(teacher, spec, cache), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(
+            cli_cmd(teacher, spec, cache),
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         stats["launches"] += 1
         lines: list[str] = []
         early = t_line is not None and rng.random() < 0.25
         if not cache.exists() and rng.random() < 0.5:
-            # A fresh cache: kill while it is being created (lock, schema, ids, labels, member arrays).
+            # A fresh cache: kill while it is being created (lock, schema, ids, labels, member
+            # arrays).
             stats["creating"] += wait_for_dir(cache, p) and 1
             time.sleep(rng.uniform(0.0, 0.15))
         elif early:
             time.sleep(rng.uniform(0.7, 1.05) * t_line)
         else:
-            for line in p.stdout:  # until the plan line, or EOF when the run ends (complete / error)
+            for (
+                line
+            ) in p.stdout:  # until the plan line, or EOF when the run ends (complete / error)
                 lines.append(line)
                 if "shards to compute" in line:
                     t_line = time.perf_counter() - t0
@@ -174,7 +227,8 @@ def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int,
             if n_done is not None and 0 < n_done < 2 * N_SHARDS:
                 stats["partial_after_kill"] += 1
             continue
-        # It finished before the kill: it must have succeeded (whatever the earlier kills left), and be whole.
+        # It finished before the kill: it must have succeeded (whatever the earlier kills left), and
+        # be whole.
         assert rc == 0, f"run on {cache} failed after earlier kills:\n{''.join(lines)}"
         assert_same_cache(cache, ref["path"])
         cache = None
@@ -193,12 +247,18 @@ def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int,
         assert cache.header["command"].startswith("kd-pipeline cache-logits --teacher ")
         assert not list(c.rglob("*.partial")), "temporary files left behind"
         assert not list(c.glob("kd-*")), "the writer lock or the creation marker was left behind"
-    print("kill stats:", {k: v for k, v in stats.items() if k != "caches"}, "caches:", len(stats["caches"]))
+    print(
+        "kill stats:",
+        {k: v for k, v in stats.items() if k != "caches"},
+        "caches:",
+        len(stats["caches"]),
+    )
     return stats
 
 
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path: Path, teacher_dir: Path, big_spec: str,
-                                                                reference: dict) -> None:
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(
+    tmp_path: Path, teacher_dir: Path, big_spec: str, reference: dict
+) -> None:
     stats = kill_and_resume(tmp_path, teacher_dir, big_spec, reference, kills=10, seed=20240611)
     assert stats["kills"] == 10
     # The kills really did interrupt writing, not only start-up.
@@ -206,19 +266,30 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_sigkill_many_times_then_resume_is_bit_identical(tmp_path: Path, teacher_dir: Path, big_spec: str,
-                                                         reference: dict) -> None:
+def test_sigkill_many_times_then_resume_is_bit_identical(
+    tmp_path: Path, teacher_dir: Path, big_spec: str, reference: dict
+) -> None:
     stats = kill_and_resume(tmp_path, teacher_dir, big_spec, reference, kills=30, seed=7)
     assert stats["kills"] == 30
     assert stats["partial_after_kill"] >= 6, stats
 
 
-# ------------------------------------------------------------------------------------- 10. concurrent writer
-def test_second_writer_is_refused_while_the_first_runs(tmp_path: Path, teacher_dir: Path, big_spec: str) -> None:
-    """A real writer, frozen (SIGSTOP) mid-compute on a cache it just created, still holds the lock."""
+# ---------------------------------------------------------------------------- 10. concurrent writer
+def test_second_writer_is_refused_while_the_first_runs(
+    tmp_path: Path, teacher_dir: Path, big_spec: str
+) -> None:
+    """A real writer, frozen (SIGSTOP) mid-compute on a cache it just created, still holds the
+    lock.
+    """
     out = tmp_path / "c.zarr"
-    p = subprocess.Popen(cli_cmd(teacher_dir, big_spec, out, "--batch-size", "50"), cwd=REPO, env=cli_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        cli_cmd(teacher_dir, big_spec, out, "--batch-size", "50"),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in p.stdout:
             if "shards to compute" in line:
@@ -227,12 +298,32 @@ def test_second_writer_is_refused_while_the_first_runs(tmp_path: Path, teacher_d
         lock = out / CacheLock.NAME
         assert lock.exists(), "the first writer does not hold the writer lock"
         assert json.loads(lock.read_text())["pid"] == p.pid
-        cfg = CacheConfig(teachers=[str(teacher_dir)], dataset=big_spec, out=str(out), device="cpu",
-                          batch_size=250, rows_per_shard=500)
-        with pytest.raises(CacheError, match=f"another process is writing this cache \\(pid {p.pid} "):
+        cfg = CacheConfig(
+            teachers=[str(teacher_dir)],
+            dataset=big_spec,
+            out=str(out),
+            device="cpu",
+            batch_size=250,
+            rows_per_shard=500,
+        )
+        with pytest.raises(
+            CacheError, match=f"another process is writing this cache \\(pid {p.pid} "
+        ):
             build_cache(cfg, log=lambda s: None, progress=False)
-        result = CliRunner().invoke(main, ["cache-logits", "--teacher", str(teacher_dir), "--dataset", big_spec,
-                                           "--out", str(out), "--quiet", *BIG_ARGS])
+        result = CliRunner().invoke(
+            main,
+            [
+                "cache-logits",
+                "--teacher",
+                str(teacher_dir),
+                "--dataset",
+                big_spec,
+                "--out",
+                str(out),
+                "--quiet",
+                *BIG_ARGS,
+            ],
+        )
         assert result.exit_code == 2 and f"pid {p.pid}" in result.output
     finally:
         p.send_signal(signal.SIGCONT)
@@ -242,11 +333,20 @@ def test_second_writer_is_refused_while_the_first_runs(tmp_path: Path, teacher_d
     assert LogitCache(out).complete and not (out / CacheLock.NAME).exists()
 
 
-# ------------------------------------------------------------------------------------------- 7. dask workers
-def test_workers_cache_is_bit_identical_to_single_process(tmp_path: Path, teacher_dir: Path,
-                                                          big_spec: str) -> None:
+# ---------------------------------------------------------------------------------- 7. dask workers
+def test_workers_cache_is_bit_identical_to_single_process(
+    tmp_path: Path, teacher_dir: Path, big_spec: str
+) -> None:
     runner = CliRunner()
-    args = ["cache-logits", "--teacher", str(teacher_dir), "--dataset", big_spec, "--quiet", *BIG_ARGS]
+    args = [
+        "cache-logits",
+        "--teacher",
+        str(teacher_dir),
+        "--dataset",
+        big_spec,
+        "--quiet",
+        *BIG_ARGS,
+    ]
     single = runner.invoke(main, [*args, "--out", str(tmp_path / "single.zarr")])
     assert single.exit_code == 0, single.output
     dist = runner.invoke(main, [*args, "--out", str(tmp_path / "dist.zarr"), "--workers", "2"])
@@ -266,13 +366,29 @@ def test_workers_cache_is_bit_identical_to_single_process(tmp_path: Path, teache
     assert_same_cache(part, tmp_path / "single.zarr")
 
 
-# ---------------------------------------------------------------------------------------------- 8. cache info
+# ------------------------------------------------------------------------------------ 8. cache info
 @pytest.fixture(scope="module")
-def small_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, npz_path: Path) -> Path:
+def small_cache(
+    tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, npz_path: Path
+) -> Path:
     out = tmp_path_factory.mktemp("info") / "small.zarr"
-    result = CliRunner().invoke(main, ["cache-logits", "--teacher", str(teacher_dir), "--dataset",
-                                       f"npz:{npz_path}:train", "--out", str(out), "--rows-per-shard", "64",
-                                       "--device", "cpu", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "cache-logits",
+            "--teacher",
+            str(teacher_dir),
+            "--dataset",
+            f"npz:{npz_path}:train",
+            "--out",
+            str(out),
+            "--rows-per-shard",
+            "64",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "complete: 600 rows x 5 classes x 2 member(s), 10 shards computed" in result.output
     assert f"next: kd-pipeline cache info {out}" in result.output
@@ -301,7 +417,8 @@ def test_cache_info_json(small_cache: Path, teacher_dir: Path, npz_path: Path) -
     assert info["complete"] is True and info["dtype"] == "float16" and info["labeled"] is True
     assert info["shards_done"] == list(range(10)) and len(info["shards_done"]) == info["n_shards"]
     assert [m["checkpoint_sha256"] for m in info["members"]] == [
-        file_sha256(teacher_dir / f"member-{i}.pt") for i in range(2)]
+        file_sha256(teacher_dir / f"member-{i}.pt") for i in range(2)
+    ]
     size = sum(f.stat().st_size for f in small_cache.rglob("*") if f.is_file())
     assert info["size_on_disk"] == size > 0
     assert info["raw_float32_size"] == 600 * 5 * 4 * 2
@@ -320,20 +437,52 @@ def test_cache_info_on_partial_cache(small_cache: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "status     PARTIAL: 9/10 shards done by every member" in result.output
     info = json.loads(CliRunner().invoke(main, ["cache", "info", str(part), "--json"]).output)
-    assert info["complete"] is False and 6 not in info["shards_done"] and len(info["shards_done"]) == 9
+    assert (
+        info["complete"] is False and 6 not in info["shards_done"] and len(info["shards_done"]) == 9
+    )
 
 
 def test_cache_info_errors_are_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["cache", "info", str(tmp_path / "nope.zarr")])
     assert result.exit_code == 2
-    assert "error:" in result.output and "no such cache" in result.output and "Traceback" not in result.output
+    assert (
+        "error:" in result.output
+        and "no such cache" in result.output
+        and "Traceback" not in result.output
+    )
 
 
-def test_cli_refuses_other_dataset_with_exit_2(small_cache: Path, teacher_dir: Path, npz_path: Path) -> None:
-    result = CliRunner().invoke(main, ["cache-logits", "--teacher", str(teacher_dir), "--dataset",
-                                       f"npz:{npz_path}:train:fraction=0.5", "--out", str(small_cache), "--quiet"])
+def test_cli_refuses_other_dataset_with_exit_2(
+    small_cache: Path, teacher_dir: Path, npz_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "cache-logits",
+            "--teacher",
+            str(teacher_dir),
+            "--dataset",
+            f"npz:{npz_path}:train:fraction=0.5",
+            "--out",
+            str(small_cache),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 2
     assert "already holds a different cache" in result.output and "fingerprint" in result.output
-    again = CliRunner().invoke(main, ["cache-logits", "--teacher", str(teacher_dir), "--dataset",
-                                      f"npz:{npz_path}:train", "--out", str(small_cache), "--quiet"])
-    assert again.exit_code == 0 and "already complete" in again.output and "next:" not in again.output
+    again = CliRunner().invoke(
+        main,
+        [
+            "cache-logits",
+            "--teacher",
+            str(teacher_dir),
+            "--dataset",
+            f"npz:{npz_path}:train",
+            "--out",
+            str(small_cache),
+            "--quiet",
+        ],
+    )
+    assert (
+        again.exit_code == 0 and "already complete" in again.output and "next:" not in again.output
+    )

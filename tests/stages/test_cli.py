@@ -16,7 +16,9 @@ from pipeline.datasets import load_dataset
 from stages.cli import main
 
 
-def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+def _commands(
+    group: click.Group, prefix: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], click.Command]]:
     """Every command under ``group``, recursively, with the argv path that reaches it."""
     out = []
     for name, cmd in sorted(group.commands.items()):
@@ -52,12 +54,18 @@ def test_group_help_and_version() -> None:
 
 
 @pytest.mark.parametrize(("path", "cmd"), ALL_COMMANDS, ids=[" ".join(p) for p, _ in ALL_COMMANDS])
-def test_every_subcommand_has_help_and_every_option_is_documented(path: tuple[str, ...], cmd: click.Command) -> None:
+def test_every_subcommand_has_help_and_every_option_is_documented(
+    path: tuple[str, ...], cmd: click.Command
+) -> None:
     res = _invoke([*path, "--help"])
     assert res.exit_code == 0, res.output
-    assert f"Usage: main {' '.join(path)}" in res.output or f"{' '.join(path)} [OPTIONS]" in res.output
+    assert (
+        f"Usage: main {' '.join(path)}" in res.output or f"{' '.join(path)} [OPTIONS]" in res.output
+    )
     assert cmd.help and cmd.help.strip(), f"{' '.join(path)} has no docstring"
-    undocumented = [p.name for p in cmd.params if isinstance(p, click.Option) and not (p.help or "").strip()]
+    undocumented = [
+        p.name for p in cmd.params if isinstance(p, click.Option) and not (p.help or "").strip()
+    ]
     assert undocumented == [], f"{' '.join(path)}: options without help: {undocumented}"
     for p in cmd.params:
         if isinstance(p, click.Option):
@@ -68,17 +76,39 @@ def test_group_options_are_documented() -> None:
     assert all((p.help or "").strip() for p in main.params if isinstance(p, click.Option))
 
 
-# ---------------------------------------------------------------------------------------------- real runs
+# ---------------------------------------------------------------------------------------- real runs
 @pytest.fixture(scope="module")
 def cli_teacher(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> tuple[Path, Result]:
     out = tmp_path_factory.mktemp("cli-teacher") / "ens"
-    res = _invoke(["train-teacher", "--dataset", f"npz:{npz_path}:train", "--eval", f"npz:{npz_path}:test",
-                   "--model", "mlp:32", "--epochs", "2", "--members", "2", "--jitter", "0", "--device", "cpu",
-                   "--batch-size", "64", "--out", str(out)])
+    res = _invoke(
+        [
+            "train-teacher",
+            "--dataset",
+            f"npz:{npz_path}:train",
+            "--eval",
+            f"npz:{npz_path}:test",
+            "--model",
+            "mlp:32",
+            "--epochs",
+            "2",
+            "--members",
+            "2",
+            "--jitter",
+            "0",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     return out, res
 
 
-def test_train_teacher_writes_members_and_summary(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
+def test_train_teacher_writes_members_and_summary(
+    cli_teacher: tuple[Path, Result], npz_path: Path
+) -> None:
     out, res = cli_teacher
     assert res.exit_code == 0, res.output
     assert (out / "member-0.pt").is_file() and (out / "member-1.pt").is_file()
@@ -104,8 +134,18 @@ def test_train_teacher_writes_members_and_summary(cli_teacher: tuple[Path, Resul
 
 def test_evaluate_json_is_consistent(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--json",
-                   "--device", "cpu"])
+    res = _invoke(
+        [
+            "evaluate",
+            "--model",
+            str(out),
+            "--dataset",
+            f"npz:{npz_path}:test",
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["dataset"] == f"npz:{npz_path}:test"
@@ -119,15 +159,28 @@ def test_evaluate_json_is_consistent(cli_teacher: tuple[Path, Result], npz_path:
     # Same models, same data: the numbers train-teacher recorded.
     summary = json.loads((out / "ensemble.json").read_text())
     assert data["ensemble"]["errors"] == summary["test"]["ensemble"]["errors"]
-    assert [m["errors"] for m in data["members"]] == [m["errors"] for m in summary["test"]["members"]]
+    assert [m["errors"] for m in data["members"]] == [
+        m["errors"] for m in summary["test"]["members"]
+    ]
     # 2 epochs on an easy task: clearly better than chance (80% errors).
     assert data["ensemble"]["errors"] < 150
 
 
 def test_evaluate_table(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(["evaluate", "--model", str(out / "member-1.pt"), "--dataset", f"npz:{npz_path}:test",
-                   "--device", "cpu", "--ensemble", "mean-logits"])
+    res = _invoke(
+        [
+            "evaluate",
+            "--model",
+            str(out / "member-1.pt"),
+            "--dataset",
+            f"npz:{npz_path}:test",
+            "--device",
+            "cpu",
+            "--ensemble",
+            "mean-logits",
+        ]
+    )
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert lines[0].split()[:5] == ["model", "errors", "accuracy", "NLL", "ECE"]
@@ -144,38 +197,102 @@ def _assert_clean_error(res: Result, *fragments: str) -> None:
 
 
 def test_bad_dataset_spec_exits_2_without_traceback(tmp_path: Path) -> None:
-    res = _invoke(["train-teacher", "--dataset", "bogus:train", "--eval", "", "--device", "cpu",
-                   "--out", str(tmp_path / "t")])
+    res = _invoke(
+        [
+            "train-teacher",
+            "--dataset",
+            "bogus:train",
+            "--eval",
+            "",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     _assert_clean_error(res, "unknown dataset 'bogus'")
-    res = _invoke(["train-teacher", "--dataset", "fashion-mnist:train:fraction=2", "--eval", "", "--device", "cpu",
-                   "--out", str(tmp_path / "t")])
+    res = _invoke(
+        [
+            "train-teacher",
+            "--dataset",
+            "fashion-mnist:train:fraction=2",
+            "--eval",
+            "",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     _assert_clean_error(res, "fraction= expects a number in (0, 1]")
 
 
 def test_bad_dataset_spec_on_evaluate(cli_teacher: tuple[Path, Result]) -> None:
     out, _ = cli_teacher
-    res = _invoke(["evaluate", "--model", str(out), "--dataset", "npz:/no/such/file.npz:test", "--device", "cpu"])
+    res = _invoke(
+        [
+            "evaluate",
+            "--model",
+            str(out),
+            "--dataset",
+            "npz:/no/such/file.npz:test",
+            "--device",
+            "cpu",
+        ]
+    )
     _assert_clean_error(res, "no such file")
 
 
 def test_invalid_config_lists_problems(tmp_path: Path) -> None:
-    res = _invoke(["train-teacher", "--members", "0", "--jitter", "-1", "--epochs", "0", "--device", "cpu",
-                   "--out", str(tmp_path / "t")])
+    res = _invoke(
+        [
+            "train-teacher",
+            "--members",
+            "0",
+            "--jitter",
+            "-1",
+            "--epochs",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     _assert_clean_error(res, "members must be >= 1", "jitter must be >= 0", "epochs must be >= 1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_cuda_exits_2(cli_teacher: tuple[Path, Result], npz_path: Path, tmp_path: Path) -> None:
+def test_device_cuda_without_cuda_exits_2(
+    cli_teacher: tuple[Path, Result], npz_path: Path, tmp_path: Path
+) -> None:
     out, _ = cli_teacher
-    res = _invoke(["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "cuda"])
-    _assert_clean_error(res, "--device cuda was asked for but torch sees no CUDA device", "--device cpu")
-    res = _invoke(["train-teacher", "--dataset", f"npz:{npz_path}:train", "--eval", "", "--device", "cuda",
-                   "--out", str(tmp_path / "t")])
+    res = _invoke(
+        ["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "cuda"]
+    )
+    _assert_clean_error(
+        res, "--device cuda was asked for but torch sees no CUDA device", "--device cpu"
+    )
+    res = _invoke(
+        [
+            "train-teacher",
+            "--dataset",
+            f"npz:{npz_path}:train",
+            "--eval",
+            "",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     _assert_clean_error(res, "no CUDA device")
     assert not (tmp_path / "t" / "member-0.pt").exists()
 
 
 def test_unknown_device_name(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "tpu"])
+    res = _invoke(
+        ["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "tpu"]
+    )
     _assert_clean_error(res, "unknown device 'tpu'")

@@ -1,4 +1,6 @@
-"""`kd-pipeline demo` end to end on a sliver of the shipped data, and its re-use of artefacts on a re-run."""
+"""`kd-pipeline demo` end to end on a sliver of the shipped data, and its re-use of artefacts on a
+re-run.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +11,25 @@ from click.testing import CliRunner
 
 from stages.cli import main
 
-ARGS = ["demo", "--train-subset", "0.02", "--epochs", "1", "--members", "2", "--model", "mlp:64", "--student",
-        "mlp:32", "--student-epochs", "1", "--temperatures", "4", "--device", "cpu"]
+ARGS = [
+    "demo",
+    "--train-subset",
+    "0.02",
+    "--epochs",
+    "1",
+    "--members",
+    "2",
+    "--model",
+    "mlp:64",
+    "--student",
+    "mlp:32",
+    "--student-epochs",
+    "1",
+    "--temperatures",
+    "4",
+    "--device",
+    "cpu",
+]
 
 
 def test_demo_runs_the_stages_then_reuses_them(tmp_path: Path) -> None:
@@ -19,10 +38,18 @@ def test_demo_runs_the_stages_then_reuses_them(tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     summary = json.loads((out / "demo.json").read_text())
     names = [row["model"] for row in summary["table"]]
-    assert names == ["teacher member 0", "teacher member 1", "teacher ensemble (2)",
-                     "student baseline (hard labels)", "student distilled T=4 alpha=0.9"]
+    assert names == [
+        "teacher member 0",
+        "teacher member 1",
+        "teacher ensemble (2)",
+        "student baseline (hard labels)",
+        "student distilled T=4 alpha=0.9",
+    ]
     for row in summary["table"]:
-        assert 0 <= row["errors"] <= 10_000 and abs(row["accuracy"] - (1 - row["errors"] / 10_000)) < 1e-6
+        assert (
+            0 <= row["errors"] <= 10_000
+            and abs(row["accuracy"] - (1 - row["errors"] / 10_000)) < 1e-6
+        )
     assert (out / "cache.zarr" / "zarr.json").is_file()
     assert (out / "runs" / "T4" / "student.pt").is_file()
     assert "teacher ensemble (2)" in first.output and "student distilled T=4" in first.output

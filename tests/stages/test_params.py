@@ -32,8 +32,13 @@ def field_of(qualified: str) -> dataclasses.Field:
     import pipeline.training.loop
 
     cls_name, name = qualified.split(".")
-    for mod in (pipeline.config, pipeline.training.loop, pipeline.experiments.bench,
-                pipeline.experiments.demo, pipeline.experiments.reproduce):
+    for mod in (
+        pipeline.config,
+        pipeline.training.loop,
+        pipeline.experiments.bench,
+        pipeline.experiments.demo,
+        pipeline.experiments.reproduce,
+    ):
         if hasattr(mod, cls_name):
             return {f.name: f for f in dataclasses.fields(getattr(mod, cls_name))}[name]
     raise AssertionError(f"no config class {cls_name}")
@@ -44,10 +49,25 @@ ALL = list(commands(main))
 
 def test_every_command_is_walked() -> None:
     names = {n for n, _ in ALL}
-    assert {"train-teacher", "evaluate", "cache-logits", "train-student", "sweep", "reproduce",
-            "bench", "demo", "cache info", "cache verify", "cache copy", "cache pack", "cache ls",
-            "specialists cluster", "specialists train", "specialists evaluate",
-            "specialists run"} <= names
+    assert {
+        "train-teacher",
+        "evaluate",
+        "cache-logits",
+        "train-student",
+        "sweep",
+        "reproduce",
+        "bench",
+        "demo",
+        "cache info",
+        "cache verify",
+        "cache copy",
+        "cache pack",
+        "cache ls",
+        "specialists cluster",
+        "specialists train",
+        "specialists evaluate",
+        "specialists run",
+    } <= names
 
 
 @pytest.mark.parametrize("name,cmd", ALL, ids=[n for n, _ in ALL])
@@ -82,16 +102,44 @@ def test_cli_builds_the_same_config_as_the_library(monkeypatch: pytest.MonkeyPat
     from pipeline.experiments import sweep as sweep_mod
 
     seen = {}
-    monkeypatch.setattr(sweep_mod, "sweep_command",
-                        lambda cfg, **kw: seen.setdefault("cfg", cfg) and None)
-    res = CliRunner().invoke(main, ["sweep", "--cache", "c.zarr", "-T", "2,4", "--alpha", "1",
-                                    "--student", "mlp:8", "--student", "mlp:16", "--epochs", "3",
-                                    "--memory-budget", "64M", "--grad-clip", "0", "--out", "o",
-                                    "--dry-run"])
+    monkeypatch.setattr(
+        sweep_mod, "sweep_command", lambda cfg, **kw: seen.setdefault("cfg", cfg) and None
+    )
+    res = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "--cache",
+            "c.zarr",
+            "-T",
+            "2,4",
+            "--alpha",
+            "1",
+            "--student",
+            "mlp:8",
+            "--student",
+            "mlp:16",
+            "--epochs",
+            "3",
+            "--memory-budget",
+            "64M",
+            "--grad-clip",
+            "0",
+            "--out",
+            "o",
+            "--dry-run",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    expected = SweepConfig(cache="c.zarr", temperatures=[2.0, 4.0], alphas=[1.0],
-                           students=["mlp:8", "mlp:16"], memory_budget=64 << 20, out="o",
-                           train=dataclasses.replace(TrainConfig(), epochs=3, grad_clip=None))
+    expected = SweepConfig(
+        cache="c.zarr",
+        temperatures=[2.0, 4.0],
+        alphas=[1.0],
+        students=["mlp:8", "mlp:16"],
+        memory_budget=64 << 20,
+        out="o",
+        train=dataclasses.replace(TrainConfig(), epochs=3, grad_clip=None),
+    )
     assert seen["cfg"] == expected
 
 

@@ -1,5 +1,6 @@
-"""``kd-pipeline sweep`` through the real CLI: click's CliRunner for output and exit codes, and a real subprocess
-interrupted with Ctrl-C (SIGINT) mid-way and re-run, which must train only the settings that were missing."""
+"""``kd-pipeline sweep`` through the real CLI: click's CliRunner for output and exit codes, and a
+real subprocess interrupted with Ctrl-C (SIGINT) mid-way and re-run, which must train only the
+settings that were missing."""
 
 from __future__ import annotations
 
@@ -21,14 +22,22 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def stop_after_first_result(cmd: list[str], out: Path, sig: int) -> tuple[int, str]:
-    """Run the sweep CLI in a subprocess, send ``sig`` once results.json exists; return (exit status, output)."""
+    """Run the sweep CLI in a subprocess, send ``sig`` once results.json exists; return (exit
+    status, output).
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and p.poll() is None and not (out / "results.json").exists():
+        while (
+            time.monotonic() < deadline and p.poll() is None and not (out / "results.json").exists()
+        ):
             time.sleep(0.1)
-        assert p.poll() is None, "the sweep finished before it could be stopped: make its settings slower"
+        assert p.poll() is None, (
+            "the sweep finished before it could be stopped: make its settings slower"
+        )
         p.send_signal(sig)
         output, _ = p.communicate(timeout=60)
     finally:
@@ -39,12 +48,36 @@ def stop_after_first_result(cmd: list[str], out: Path, sig: int) -> tuple[int, s
 
 def test_cli_sweep_prints_the_table_and_resumes(cache_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    args = ["sweep", "--cache", str(cache_path), "-T", "2,8", "--alpha", "0.9", "--student", "mlp:16",
-            "--epochs", "2", "--batch-size", "64", "--workers", "0", "--threads-per-worker", "1", "--device", "cpu",
-            "--quiet", "--out", str(out)]
+    args = [
+        "sweep",
+        "--cache",
+        str(cache_path),
+        "-T",
+        "2,8",
+        "--alpha",
+        "0.9",
+        "--student",
+        "mlp:16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--workers",
+        "0",
+        "--threads-per-worker",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     dry = CliRunner().invoke(main, [*args, "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert "2 settings = 1 students x 2 temperatures x 1 alphas x 1 seeds; 0 done, 2 to run" in dry.output
+    assert (
+        "2 settings = 1 students x 2 temperatures x 1 alphas x 1 seeds; 0 done, 2 to run"
+        in dry.output
+    )
     assert not out.exists()
 
     res = CliRunner().invoke(main, args)
@@ -63,31 +96,100 @@ def test_cli_sweep_prints_the_table_and_resumes(cache_path: Path, tmp_path: Path
 
 def test_cli_sweep_exit_status_1_when_a_setting_fails(cache_path: Path, tmp_path: Path) -> None:
     # torchscript:PATH names a file that is missing: the setting fails when it builds its student.
-    res = CliRunner().invoke(main, ["sweep", "--cache", str(cache_path), "-T", "4", "--alpha", "0.9",
-                                    "--student", f"torchscript:{tmp_path / 'missing.pt'}", "--student", "mlp:16",
-                                    "--epochs", "1", "--workers", "0", "--device", "cpu", "--quiet",
-                                    "--out", str(tmp_path / "sweep")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "--cache",
+            str(cache_path),
+            "-T",
+            "4",
+            "--alpha",
+            "0.9",
+            "--student",
+            f"torchscript:{tmp_path / 'missing.pt'}",
+            "--student",
+            "mlp:16",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(tmp_path / "sweep"),
+        ],
+    )
     assert res.exit_code == 1, res.output
     assert "1 setting(s) failed" in res.output
     assert "2 settings: 1 trained, 0 reused, 1 failed" in res.output
 
 
 def test_cli_sweep_refuses_bad_grids_with_every_problem(cache_path: Path, tmp_path: Path) -> None:
-    res = CliRunner().invoke(main, ["sweep", "--cache", str(cache_path), "-T", "0,4,4", "--alpha", "2",
-                                    "--workers", "2", "--scheduler", "tcp://x:1", "--out", str(tmp_path / "s")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            "--cache",
+            str(cache_path),
+            "-T",
+            "0,4,4",
+            "--alpha",
+            "2",
+            "--workers",
+            "2",
+            "--scheduler",
+            "tcp://x:1",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert res.exit_code == 2
-    for part in ("temperature must be > 0, got 0.0", "temperatures has repeated values", "alpha must be in [0, 1]",
-                 "use --workers N or --scheduler ADDRESS, not both"):
+    for part in (
+        "temperature must be > 0, got 0.0",
+        "temperatures has repeated values",
+        "alpha must be in [0, 1]",
+        "use --workers N or --scheduler ADDRESS, not both",
+    ):
         assert part in res.output
-    bad = CliRunner().invoke(main, ["sweep", "--cache", str(cache_path), "-T", "a,b", "--out", str(tmp_path / "s")])
+    bad = CliRunner().invoke(
+        main, ["sweep", "--cache", str(cache_path), "-T", "a,b", "--out", str(tmp_path / "s")]
+    )
     assert bad.exit_code == 2 and "expected numbers like 1,2,4, got 'a,b'" in bad.output
 
 
-def test_ctrl_c_keeps_finished_settings_and_a_rerun_completes_only_the_rest(cache_path: Path, tmp_path: Path) -> None:
+def test_ctrl_c_keeps_finished_settings_and_a_rerun_completes_only_the_rest(
+    cache_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "stages.cli", "sweep", "--cache", str(cache_path), "-T", "1,2,4,8",
-           "--alpha", "0.5,1", "--student", "mlp:64", "--epochs", "15", "--batch-size", "32", "--workers", "2",
-           "--threads-per-worker", "1", "--device", "cpu", "--quiet", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.cli",
+        "sweep",
+        "--cache",
+        str(cache_path),
+        "-T",
+        "1,2,4,8",
+        "--alpha",
+        "0.5,1",
+        "--student",
+        "mlp:64",
+        "--epochs",
+        "15",
+        "--batch-size",
+        "32",
+        "--workers",
+        "2",
+        "--threads-per-worker",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     code, output = stop_after_first_result(cmd, out, signal.SIGINT)
     assert code == 130, output
     assert "interrupted" in output
@@ -105,12 +207,35 @@ def test_ctrl_c_keeps_finished_settings_and_a_rerun_completes_only_the_rest(cach
 
 def test_sigterm_stops_an_in_process_sweep_like_ctrl_c(cache_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "stages.cli", "sweep", "--cache", str(cache_path), "-T", "1,2,4",
-           "--alpha", "1", "--student", "mlp:64", "--epochs", "6", "--batch-size", "32", "--workers", "0",
-           "--device", "cpu", "--quiet", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.cli",
+        "sweep",
+        "--cache",
+        str(cache_path),
+        "-T",
+        "1,2,4",
+        "--alpha",
+        "1",
+        "--student",
+        "mlp:64",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     code, output = stop_after_first_result(cmd, out, signal.SIGTERM)
     assert code == 130 and "interrupted" in output, output
     kept = json.loads((out / "results.json").read_text())
     assert len(kept) == 1 and kept[0]["setting"] == "mlp-64-T1-a1-s0"
-    # The setting that was running when the signal came has no metrics.json: it is not taken for finished.
+    # The setting that was running when the signal came has no metrics.json: it is not taken for
+    # finished.
     assert not (out / "runs" / "mlp-64-T2-a1-s0" / "metrics.json").exists()

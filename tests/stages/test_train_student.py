@@ -28,19 +28,45 @@ def run_cli(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_train_student_writes_a_run_directory_that_describes_itself(cache_path: Path, npz_path: Path,
-                                                                     tmp_path: Path) -> None:
+def test_train_student_writes_a_run_directory_that_describes_itself(
+    cache_path: Path, npz_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    code, output = run_cli("--cache", str(cache_path), *BASE, "--epochs", "3", "-T", "4", "--alpha", "0.8",
-                           "--out", str(out), "--quiet")
+    code, output = run_cli(
+        "--cache",
+        str(cache_path),
+        *BASE,
+        "--epochs",
+        "3",
+        "-T",
+        "4",
+        "--alpha",
+        "0.8",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert code == 0, output
     assert f"wrote {out} (student.pt, metrics.json, history.csv, config.json)" in output
-    assert {p.name for p in out.iterdir()} == {"student.pt", "metrics.json", "history.csv", "config.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "student.pt",
+        "metrics.json",
+        "history.csv",
+        "config.json",
+    }
 
     config = json.loads((out / "config.json").read_text())
-    assert (config["cache"], config["student"], config["temperature"], config["alpha"]) == \
-        (str(cache_path), "mlp:32", 4.0, 0.8)
-    assert (config["train"]["epochs"], config["train"]["batch_size"], config["ensemble"]) == (3, 64, "mean-probs")
+    assert (config["cache"], config["student"], config["temperature"], config["alpha"]) == (
+        str(cache_path),
+        "mlp:32",
+        4.0,
+        0.8,
+    )
+    assert (config["train"]["epochs"], config["train"]["batch_size"], config["ensemble"]) == (
+        3,
+        64,
+        "mean-probs",
+    )
 
     result = json.loads((out / "metrics.json").read_text())
     assert result["config"] == config
@@ -53,7 +79,12 @@ def test_train_student_writes_a_run_directory_that_describes_itself(cache_path: 
     header = LogitCache(cache_path).header
     rec = result["cache"]
     assert rec["fingerprint"] == cache_fingerprint(header, [0, 1]) == cache_fingerprint(header)
-    assert (rec["members"], rec["complete"], rec["partial_used"], rec["rows_used"]) == ([0, 1], True, False, 600)
+    assert (rec["members"], rec["complete"], rec["partial_used"], rec["rows_used"]) == (
+        [0, 1],
+        True,
+        False,
+        600,
+    )
     assert rec["dataset_fingerprint"] == header["dataset"]["fingerprint"]
     assert rec["loader"]["mode"] == "memory"
 
@@ -62,14 +93,22 @@ def test_train_student_writes_a_run_directory_that_describes_itself(cache_path: 
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     for r in history:
         assert all(math.isfinite(float(r[k])) for k in ("loss", "soft", "hard"))
-        assert float(r["loss"]) == pytest.approx(0.8 * float(r["soft"]) + 0.2 * float(r["hard"]), rel=1e-4)
-    assert [int(r["test_errors"]) for r in history][-1] == test["errors"]  # no bias: the final model's errors
+        assert float(r["loss"]) == pytest.approx(
+            0.8 * float(r["soft"]) + 0.2 * float(r["hard"]), rel=1e-4
+        )
+    assert [int(r["test_errors"]) for r in history][-1] == test[
+        "errors"
+    ]  # no bias: the final model's errors
 
     ckpt = load_checkpoint(out / "student.pt")
     assert ckpt.meta["cache"]["fingerprint"] == rec["fingerprint"]
     assert ckpt.meta["config"] == config
     assert ckpt.meta["metrics"] == test
-    assert (ckpt.meta["model_spec"], ckpt.meta["num_classes"], ckpt.meta["in_shape"]) == ("mlp:32", 5, [1, 8, 8])
+    assert (ckpt.meta["model_spec"], ckpt.meta["num_classes"], ckpt.meta["in_shape"]) == (
+        "mlp:32",
+        5,
+        [1, 8, 8],
+    )
     data = load_dataset(f"npz:{npz_path}:test")
     pred = predict_logits(ckpt.model, data.x, torch.device("cpu")).argmax(1).numpy()
     assert int((pred != data.y).sum()) == test["errors"]  # the saved model is the evaluated one
@@ -77,33 +116,68 @@ def test_train_student_writes_a_run_directory_that_describes_itself(cache_path: 
 
 def test_partial_cache_needs_allow_partial(partial_cache_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code, output = run_cli("--cache", str(partial_cache_path), *BASE, "--epochs", "1", "--out", str(out))
+    code, output = run_cli(
+        "--cache", str(partial_cache_path), *BASE, "--epochs", "1", "--out", str(out)
+    )
     assert code == 2
     assert "error:" in output and "partial" in output and "--allow-partial" in output
     assert "Traceback" not in output and not out.exists()
 
-    code, output = run_cli("--cache", str(partial_cache_path), *BASE, "--epochs", "1", "--out", str(out),
-                           "--allow-partial")
+    code, output = run_cli(
+        "--cache",
+        str(partial_cache_path),
+        *BASE,
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--allow-partial",
+    )
     assert code == 0, output
-    assert "is partial; training on 9/10 shards (536 rows) because --allow-partial was given" in output
+    assert (
+        "is partial; training on 9/10 shards (536 rows) because --allow-partial was given" in output
+    )
     rec = json.loads((out / "metrics.json").read_text())["cache"]
-    assert (rec["partial_used"], rec["complete"], rec["shards_used"], rec["n_shards"], rec["rows_used"]) == \
-        (True, False, 9, 10, 536)
+    assert (
+        rec["partial_used"],
+        rec["complete"],
+        rec["shards_used"],
+        rec["n_shards"],
+        rec["rows_used"],
+    ) == (True, False, 9, 10, 536)
     assert load_checkpoint(out / "student.pt").meta["cache"]["partial_used"] is True
 
 
 def test_members_out_of_range_exits_2(cache_path: Path, tmp_path: Path) -> None:
-    code, output = run_cli("--cache", str(cache_path), *BASE, "--members", "0,5", "--out", str(tmp_path / "r"))
+    code, output = run_cli(
+        "--cache", str(cache_path), *BASE, "--members", "0,5", "--out", str(tmp_path / "r")
+    )
     assert code == 2
     assert "--members [5] out of range: the cache has members 0..1" in output
-    code, output = run_cli("--cache", str(cache_path), *BASE, "--members", "0,x", "--out", str(tmp_path / "r"))
+    code, output = run_cli(
+        "--cache", str(cache_path), *BASE, "--members", "0,x", "--out", str(tmp_path / "r")
+    )
     assert code == 2 and "expected indices like 0,2" in output
 
 
-def test_class_bias_shifts_the_saved_output_bias(cache_path: Path, npz_path: Path, tmp_path: Path) -> None:
+def test_class_bias_shifts_the_saved_output_bias(
+    cache_path: Path, npz_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
-    code, output = run_cli("--cache", str(cache_path), *BASE, "--epochs", "1", "--class-bias", "3=+2",
-                           "--class-bias", "1=-0.5", "--out", str(out), "--quiet")
+    code, output = run_cli(
+        "--cache",
+        str(cache_path),
+        *BASE,
+        "--epochs",
+        "1",
+        "--class-bias",
+        "3=+2",
+        "--class-bias",
+        "1=-0.5",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert code == 0, output
     model = load_checkpoint(out / "student.pt").model
     assert model.output_bias.tolist() == [0.0, -0.5, 0.0, 2.0, 0.0]
@@ -112,20 +186,39 @@ def test_class_bias_shifts_the_saved_output_bias(cache_path: Path, npz_path: Pat
     shifted = predict_logits(model, x, torch.device("cpu"))
     model.output_bias.zero_()
     plain = predict_logits(model, x, torch.device("cpu"))
-    torch.testing.assert_close(shifted - plain, torch.tensor([0.0, -0.5, 0.0, 2.0, 0.0]).expand(20, 5))
+    torch.testing.assert_close(
+        shifted - plain, torch.tensor([0.0, -0.5, 0.0, 2.0, 0.0]).expand(20, 5)
+    )
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["bias"]["manual"] == {"3": 2.0, "1": -0.5}
     assert "test_before_bias" in metrics and "fitted" not in metrics["bias"]
-    code, output = run_cli("--cache", str(cache_path), *BASE, "--class-bias", "3", "--out", str(tmp_path / "x"))
+    code, output = run_cli(
+        "--cache", str(cache_path), *BASE, "--class-bias", "3", "--out", str(tmp_path / "x")
+    )
     assert code == 2 and "expected CLASS=DELTA" in output
-    code, output = run_cli("--cache", str(cache_path), *BASE, "--class-bias", "7=1", "--out", str(tmp_path / "y"))
+    code, output = run_cli(
+        "--cache", str(cache_path), *BASE, "--class-bias", "7=1", "--out", str(tmp_path / "y")
+    )
     assert code == 2 and "--class-bias 7=1.0: class out of range 0..4" in output
 
 
-def test_online_teacher_baseline_through_the_cli(npz_path: Path, teacher_dir: Path, tmp_path: Path) -> None:
+def test_online_teacher_baseline_through_the_cli(
+    npz_path: Path, teacher_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "online"
-    code, output = run_cli("--online-teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train", *BASE,
-                           "--epochs", "2", "-T", "4", "--out", str(out))
+    code, output = run_cli(
+        "--online-teacher",
+        str(teacher_dir),
+        "--dataset",
+        f"npz:{npz_path}:train",
+        *BASE,
+        "--epochs",
+        "2",
+        "-T",
+        "4",
+        "--out",
+        str(out),
+    )
     assert code == 0, output
     assert "online teacher" in output and "student epoch 2/2" in output
     result = json.loads((out / "metrics.json").read_text())
@@ -141,24 +234,54 @@ def test_online_teacher_baseline_through_the_cli(npz_path: Path, teacher_dir: Pa
     assert result["metrics"]["test"]["errors"] < 150
     assert load_checkpoint(out / "student.pt").meta["online_teacher"] == rec
 
-    code, output = run_cli("--online-teacher", str(teacher_dir), *BASE, "--out", str(tmp_path / "x"))
+    code, output = run_cli(
+        "--online-teacher", str(teacher_dir), *BASE, "--out", str(tmp_path / "x")
+    )
     assert code == 2 and "--online-teacher needs --dataset SPEC" in output
     code, output = run_cli(*BASE, "--out", str(tmp_path / "y"))
-    assert code == 2 and "--cache CACHE (or --online-teacher PATH with --dataset) must be given" in output
+    assert (
+        code == 2
+        and "--cache CACHE (or --online-teacher PATH with --dataset) must be given" in output
+    )
 
 
-def test_unlabeled_transfer_set_with_alpha_below_one_exits_2(teacher_dir: Path, tmp_path: Path) -> None:
+def test_unlabeled_transfer_set_with_alpha_below_one_exits_2(
+    teacher_dir: Path, tmp_path: Path
+) -> None:
     from pipeline.cache.writer import build_cache
     from pipeline.config import CacheConfig
     from tests.conftest import write_npz
 
     unlabeled = write_npz(tmp_path / "u.npz", labeled=False)
     cache = tmp_path / "u.zarr"
-    build_cache(CacheConfig(teachers=[str(teacher_dir)], dataset=f"npz:{unlabeled}:train", out=str(cache),
-                            rows_per_shard=128, device="cpu"), log=lambda s: None, progress=False)
-    code, output = run_cli("--cache", str(cache), *BASE, "--alpha", "0.5", "--out", str(tmp_path / "r"))
+    build_cache(
+        CacheConfig(
+            teachers=[str(teacher_dir)],
+            dataset=f"npz:{unlabeled}:train",
+            out=str(cache),
+            rows_per_shard=128,
+            device="cpu",
+        ),
+        log=lambda s: None,
+        progress=False,
+    )
+    code, output = run_cli(
+        "--cache", str(cache), *BASE, "--alpha", "0.5", "--out", str(tmp_path / "r")
+    )
     assert code == 2 and "--alpha 0.5 needs hard labels" in output and "use --alpha 1" in output
-    code, output = run_cli("--cache", str(cache), *BASE, "--alpha", "1", "--epochs", "1", "--out",
-                           str(tmp_path / "r"), "--quiet")
+    code, output = run_cli(
+        "--cache",
+        str(cache),
+        *BASE,
+        "--alpha",
+        "1",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+    )
     assert code == 0, output
-    assert np.isfinite(json.loads((tmp_path / "r" / "metrics.json").read_text())["metrics"]["test"]["nll"])
+    assert np.isfinite(
+        json.loads((tmp_path / "r" / "metrics.json").read_text())["metrics"]["test"]["nll"]
+    )
