@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from pipeline.files import atomic_write
 
 
 def pyplot() -> Any:
@@ -20,12 +21,12 @@ def pyplot() -> Any:
 def save(fig: Any, path: Path, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it."""
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=dpi)
-    pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        # The temporary name does not end in .png: name the format matplotlib would infer from ``path``.
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:] or None))
+    finally:
+        pyplot().close(fig)
 
 
 def bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str) -> Path:
