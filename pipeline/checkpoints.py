@@ -50,7 +50,7 @@ def save_checkpoint(path: str | Path, model: KDModel, meta: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob = {"kd_checkpoint": CHECKPOINT_VERSION, "meta": meta, "state_dict": state}
-    # torch.save into a file named after ``path`` (see atomic_path): its zip archive is named after it.
+    # torch.save names the zip archive after the file's stem, ``<name>`` here (see atomic_path).
     return atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 

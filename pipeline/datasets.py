@@ -536,22 +536,23 @@ def default_eval_spec(spec: str) -> str | None:
 def resolve_eval_set(eval_spec: str | None, train: Dataset, data_dir: str | None = None,
                      num_classes: int | None = None, *, required: bool = False,
                      log: Callable[[str], None] | None = None) -> Dataset | None:
-    """The labeled evaluation set of a step (``--eval``), resolved the one way every step resolves it.
+    """A step's labeled evaluation set (``--eval``), resolved the one way every step resolves it.
 
     - ``None`` (the default): the training set's own test split (``NAME[:ARGS]:train[:...]`` ->
-      ``NAME[:ARGS]:test``, modifiers dropped), when it has one that loads and fits the models. A spec without
-      a ``train`` split has none; one whose test split cannot be used is a warning through ``log`` (the step
-      runs without evaluation), not an error: nobody asked for that split by name.
+      ``NAME[:ARGS]:test``, modifiers dropped) when it has a usable one. A spec whose split is not
+      ``train`` has none; a test split that does not load or fit is a warning through ``log`` and
+      no evaluation, not an error: nobody asked for that split by name.
     - ``''``: no evaluation.
     - any other spec: that set, which must load, be labeled and fit (else ``DatasetError``).
 
     Args:
         eval_spec: ``--eval`` as given.
-        train: the data the models are trained on (sample shape, classes and the default's source).
-        data_dir: ``--data-dir`` for specs that need files.
+        train: the data the models train on (the default's source; sample shape and classes).
+        data_dir: ``--data-dir``, for specs that need files.
         num_classes: the models' class count when it is not ``train``'s (a cache's).
-        required: the step cannot run without a test set (``specialists evaluate``): where the rules above give
-            none, raise ``ConfigError`` instead (and an unusable default split raises its ``DatasetError``).
+        required: the step cannot run without a test set (``specialists evaluate``): where the
+            rules above give none, raise ``ConfigError`` (an unusable default split raises its
+            ``DatasetError``).
         log: where the warning about an unusable default split goes.
 
     Returns:
@@ -559,15 +560,17 @@ def resolve_eval_set(eval_spec: str | None, train: Dataset, data_dir: str | None
     """
     if eval_spec == "":
         if required:
-            raise ConfigError(["this step needs a labeled test set, and --eval '' asks for none; pass --eval SPEC, "
-                               "or leave it out for the transfer set's test split"])
+            raise ConfigError(["this step needs a labeled test set, and --eval '' asks for none; "
+                               "pass --eval SPEC, or leave it out for the transfer set's test "
+                               "split"])
         return None
     if eval_spec is not None:
         return load_eval_dataset(eval_spec, data_dir, train, num_classes)
     guess = default_eval_spec(train.spec)
     if guess is None:
         if required:
-            raise ConfigError([f"no test split for {train.spec}; pass --eval SPEC (a labeled test set)"])
+            raise ConfigError([f"no test split for {train.spec}; pass --eval SPEC (a labeled test "
+                               "set)"])
         return None
     try:
         return load_eval_dataset(guess, data_dir, train, num_classes)

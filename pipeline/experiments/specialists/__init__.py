@@ -1,19 +1,21 @@
-"""Specialist ensembles (Hinton et al. 2015, section 5): one generalist plus specialists on confusable classes.
+"""Specialist ensembles (Hinton et al. 2015, section 5): a generalist plus specialists on
+confusable classes.
 
-Everything is built on a logit cache of the generalist (one model, or the ensemble whose members the cache holds)
-and on the one training loop, :func:`pipeline.training.fit`. The modules, in the order of the method:
+Everything is built on a logit cache of the generalist (one model, or the ensemble whose members
+the cache holds) and on the one training loop, :func:`pipeline.training.fit`. The modules, in the
+order of the method:
 
-- ``clustering``: which classes the generalist confuses (k-means on a class-similarity matrix, automatic K by
-  modularity); :data:`SIMILARITIES`. numpy only: the configs import it.
-- ``specialist``: one specialist: the class map onto its classes + a dustbin, its training rows, its initial
-  weights from a generalist member, and its training (a dask task).
-- ``combine``: the test-time KL combination of generalist and specialists, its measurement (Table 4) and the
-  Markdown report.
-- ``steps``: ``cluster`` / ``train`` / ``evaluate``: the steps that read a ``SpecialistsConfig`` and write the
-  output directory; :func:`run_steps`.
+- ``clustering``: which classes the generalist confuses (k-means on a class-similarity matrix,
+  automatic K by modularity); :data:`SIMILARITIES`. numpy only: the configs import it.
+- ``specialist``: one specialist: the class map onto its classes + a dustbin, its training rows,
+  its initial weights from a generalist member, and its training (a dask task).
+- ``combine``: the test-time KL combination of generalist and specialists, its measurement
+  (Table 4) and the Markdown report.
+- ``steps``: ``cluster`` / ``train`` / ``evaluate``, the steps that read a ``SpecialistsConfig``
+  and write the output directory; :func:`run_steps`.
 
-Nothing here imports :mod:`pipeline.config` at run time (the steps name the config type for type checking only),
-so the config can import from this package without an import circle.
+Nothing here imports :mod:`pipeline.config` at run time (the steps name the config type for type
+checking only), so the config can import from this package without an import circle.
 """
 
 from pipeline.experiments.specialists.clustering import (

@@ -1,17 +1,18 @@
-"""Clustering the classes a generalist confuses (paper section 5, step 1); numpy and scikit-learn, no torch.
+"""Clustering the classes a generalist confuses (paper section 5, step 1); numpy, no torch.
 
-The generalist's predicted class probabilities ``p`` over the transfer set give the class-by-class covariance;
-k-means (scikit-learn) clusters its columns. The raw covariance is ``E[p pᵀ] − π πᵀ``: its off-diagonal is
-dominated by ``−π_i π_j`` (probabilities sum to one, so every pair of classes covaries negatively) and each
-column by its diagonal, so k-means on it does not find confusable groups (it did not on Fashion-MNIST). The
-default ``log-moment`` similarity clusters the columns of ``log E[p pᵀ]`` instead — the covariance plus ``π πᵀ``
-(how much probability two classes get *together*), on a log scale so that 1e-5 and 1e-2 co-predictions are told
-apart. ``covariance`` keeps the raw one. Automatic K: the largest K in 2..C-1 whose k-means partition comes within
-0.5 % of the best modularity of the co-prediction graph (weights ``E[p_i p_j]``, i ≠ j). Clusters of one class get
-no specialist.
+The generalist's predicted class probabilities ``p`` over the transfer set give the class-by-class
+covariance; k-means (scikit-learn) clusters its columns. The raw covariance is ``E[p pᵀ] − π πᵀ``:
+its off-diagonal is dominated by ``−π_i π_j`` (probabilities sum to one, so every pair of classes
+covaries negatively) and each column by its diagonal, so k-means on it does not find confusable
+groups (it did not on Fashion-MNIST). The default ``log-moment`` similarity clusters the columns of
+``log E[p pᵀ]`` instead — the covariance plus ``π πᵀ`` (how much probability two classes get
+*together*), on a log scale so that 1e-5 and 1e-2 co-predictions are told apart. ``covariance``
+keeps the raw one. Automatic K: the largest K in 2..C-1 whose k-means partition comes within 0.5 %
+of the best modularity of the co-prediction graph (weights ``E[p_i p_j]``, i ≠ j). Clusters of one
+class get no specialist.
 
-This module imports nothing of the library but its errors, so ``SpecialistsConfig`` can check ``similarity``
-against :data:`SIMILARITIES` without importing the steps (which import the configs).
+This module imports nothing of the library but its errors, so ``SpecialistsConfig`` can check
+``similarity`` against :data:`SIMILARITIES` cheaply and without an import circle.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Combining generalist and specialists at test time (paper section 5, steps 3 and 4), and the report.
+"""Combining generalist and specialists at test time (paper section 5, steps 3 and 4); the report.
 
 For each test case, specialists whose classes meet the generalist's top-n classes are active
-(:func:`active_specialists`); the full distribution q minimises ``KL(p_g ‖ q) + Σ_active KL(p_m ‖ q_m)``
-(q_m = q collapsed onto S_m + dustbin), found by batched gradient descent (Adam) on q's logits starting from
-log p_g (:func:`combine_distributions`). :func:`evaluate_combination` measures one setting (accuracy, per class,
-the paper's Table 4 view: gain by the number of active specialists covering the correct class) and
-:func:`evaluation_report` renders the result as Markdown.
+(:func:`active_specialists`); the full distribution q minimises
+``KL(p_g ‖ q) + Σ_active KL(p_m ‖ q_m)`` (q_m = q collapsed onto S_m + dustbin), found by batched
+gradient descent (Adam) on q's logits starting from log p_g (:func:`combine_distributions`).
+:func:`evaluate_combination` measures one setting (accuracy, per class, and the paper's Table 4
+view: the gain by the number of active specialists covering the correct class), and
+:func:`evaluation_report` renders a result as Markdown.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
-"""One specialist (paper section 5, step 2): its class map, training rows, initial weights and training.
+"""One specialist (paper section 5, step 2): class map, training rows, initial weights, training.
 
-Specialist m predicts its classes S_m plus one *dustbin* class (every other class). Its training rows are every
-transfer-set row of S_m plus as many rows drawn (seeded) from the rest (:func:`sampling_plan`), its soft targets
-the generalist's distribution collapsed onto S_m + dustbin (:func:`collapse_logits`), its hard labels mapped the
-same way (:func:`specialist_labels`); it trains through :func:`pipeline.training.fit` with the ``kd`` loss. It
-starts from a generalist member's weights when the architecture is the same (:func:`specialist_from_generalist`).
-Afterwards its dustbin logit is raised by the log of the factor by which the sampling over-represented S_m.
-Specialists are independent dask tasks (:func:`run_tasks`).
+Specialist m predicts its classes S_m plus one *dustbin* class (every other class). Its training
+rows are every transfer-set row of S_m plus as many rows drawn (seeded) from the rest
+(:func:`sampling_plan`), its soft targets the generalist's distribution collapsed onto S_m +
+dustbin (:func:`collapse_logits`), its hard labels mapped the same way (:func:`specialist_labels`);
+it trains through :func:`pipeline.training.fit` with the ``kd`` loss. It starts from a generalist
+member's weights when the architecture is the same (:func:`specialist_from_generalist`).
+Afterwards its dustbin logit is raised by the log of the factor by which the sampling
+over-represented S_m. Specialists are independent dask tasks (:func:`run_tasks`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pipeline.training.losses import make_loss
 DUSTBIN = "dustbin"
 
 
-# ------------------------------------------------------------------------------------------ class maps
+# ------------------------------------------------------------------------------------ class maps
 def collapse_logits(logits: torch.Tensor, classes: list[int], temperature: float = 1.0) -> torch.Tensor:
     """Logits whose softmax at T is ``softmax(logits / T)`` collapsed onto ``classes`` + a dustbin.
 

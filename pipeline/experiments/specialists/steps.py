@@ -1,11 +1,14 @@
-"""The ``kd-pipeline specialists`` steps: each reads a config and the output directory, and writes into it.
+"""The ``kd-pipeline specialists`` steps: each reads a config and the output directory, and
+writes into it.
 
-``cluster`` (:func:`fit_clusters`) -> ``clusters.json`` / ``clusters.md``; ``train`` (:func:`train_all`) ->
-``specialists/<k>/specialist.pt`` and ``specialists.json``; ``evaluate`` (:func:`evaluate_all`) ->
-``evaluation.json`` and ``report.md``; every step records ``config.json``. :data:`STEPS` lists them in order.
+``cluster`` (:func:`fit_clusters`) -> ``clusters.json`` / ``clusters.md``; ``train``
+(:func:`train_all`) -> ``specialists/<k>/specialist.pt`` and ``specialists.json``; ``evaluate``
+(:func:`evaluate_all`) -> ``evaluation.json`` and ``report.md``; every step records
+``config.json``. :data:`STEPS` lists them in order.
 
-The config type is imported for type checking only: nothing in this package imports :mod:`pipeline.config` at
-run time, so the config can import :data:`~pipeline.experiments.specialists.clustering.SIMILARITIES`.
+The config type is imported for type checking only: nothing in this package imports
+:mod:`pipeline.config` at run time, so the config can import
+:data:`~pipeline.experiments.specialists.clustering.SIMILARITIES` without an import circle.
 """
 
 from __future__ import annotations
