@@ -22,9 +22,10 @@ def save(fig: Any, path: Path, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it."""
     path = Path(path)
     fig.tight_layout()
+    # The temporary name does not end in .png: pass the format matplotlib infers from ``path``.
+    fmt = path.suffix[1:] or None
     try:
-        # The temporary name does not end in .png: name the format matplotlib would infer from ``path``.
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:] or None))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
     finally:
         pyplot().close(fig)
 

@@ -33,8 +33,8 @@ from pipeline.errors import CacheError, ConfigError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, predict_logits
 from pipeline.models import KDModel, build_model
-from pipeline.training.loader import cache_source, combined_shard
-from pipeline.training.loop import BatchSource, InMemorySource, fit
+from pipeline.training.loader import StreamingCacheSource, cache_source, combined_shard
+from pipeline.training.loop import InMemorySource, fit
 from pipeline.training.losses import combine_members, make_loss
 
 BIAS_GRID = np.round(np.arange(-5.0, 15.0001, 0.1), 4)
@@ -60,7 +60,7 @@ class SoftTargets:
     num_classes: int
     class_names: list[str]
     input_stats: tuple[float, float]
-    source: InMemorySource | BatchSource
+    source: InMemorySource | StreamingCacheSource
     teacher_fn: Callable[[torch.Tensor], torch.Tensor] | None
     record: dict
     cache: LogitCache | None = None

@@ -81,7 +81,7 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
         summary["test"] = {"dataset": test.spec, **res}
         log(f"ensemble of {cfg.members}: {res['ensemble']['errors']} test errors "
             f"({res['ensemble']['accuracy']:.4f} accuracy) on {test.spec}")
-    # Written last and atomically: reuse (``recorded_config``) takes a readable ensemble.json for a finished one.
+    # Last and atomically: reuse (``recorded_config``) takes a readable ensemble.json as finished.
     atomic_write_json(out / "ensemble.json", summary)
     return summary
 
