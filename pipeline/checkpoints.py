@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.errors import CheckpointError, KDError
+from pipeline.files import atomic_write
 from pipeline.models import KDModel, build_model
 
 if TYPE_CHECKING:
@@ -49,11 +49,10 @@ def save_checkpoint(path: str | Path, model: KDModel, meta: dict) -> Path:
     json.dumps(meta)  # fail here, not at load time, if meta is not JSON
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"kd_checkpoint": CHECKPOINT_VERSION, "meta": meta, "state_dict": state}, tmp)
-    os.replace(tmp, path)
-    return path
+    blob = {"kd_checkpoint": CHECKPOINT_VERSION, "meta": meta, "state_dict": state}
+    # torch.save names the zip archive after the file's stem, ``<name>`` here (see atomic_path).
+    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 @dataclass

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cache.location import parse_storage_options
+from pipeline.checks import collect, in_range, one_of, positive
 from pipeline.errors import ConfigError
+from pipeline.experiments.specialists.clustering import SIMILARITIES
 from pipeline.models import with_options
 from pipeline.options import (
     option,
@@ -35,7 +37,6 @@ from pipeline.training.losses import ENSEMBLE_METHODS, LOSSES
 
 CACHE_DTYPES = ("float16", "float32")
 SPECIALIST_INITS = ("auto", "generalist", "scratch")
-SIMILARITIES = ("log-moment", "covariance")  # TEMP: moves with the specialists split
 
 DEVICE_HELP = (
     "Where to run: auto (CUDA when present, else MPS, else CPU), cpu, cuda, cuda:N or mps."
@@ -216,10 +217,7 @@ class EvaluateConfig:
         problems = []
         if not self.model:
             problems.append("model (a checkpoint or ensemble directory) must be given")
-        if self.ensemble not in ENSEMBLE_METHODS:
-            problems.append(
-                f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {self.ensemble!r}"
-            )
+        problems += collect(one_of("ensemble", self.ensemble, ENSEMBLE_METHODS))
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if problems:
@@ -425,16 +423,10 @@ class StudentConfig:
                 "--members and --allow-partial select cache members and shards; they do not apply "
                 "to --online-teacher"
             )
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            problems.append(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.loss not in LOSSES:
-            problems.append(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.ensemble not in ENSEMBLE_METHODS:
-            problems.append(
-                f"ensemble must be one of {', '.join(ENSEMBLE_METHODS)}, got {self.ensemble!r}"
-            )
+        problems += collect(positive("temperature", self.temperature))
+        problems += collect(in_range("alpha", self.alpha, 0, 1))
+        problems += collect(one_of("loss", self.loss, LOSSES))
+        problems += collect(one_of("ensemble", self.ensemble, ENSEMBLE_METHODS))
         if self.memory_budget < 1 << 20:
             problems.append(f"memory_budget must be at least 1 MiB, got {self.memory_budget} bytes")
         if not self.out:
@@ -566,8 +558,8 @@ class SweepConfig:
                 problems.append(f"{name} must have at least one value")
             elif len(set(values)) != len(values):
                 problems.append(f"{name} has repeated values: {values}")
-        problems += [f"temperature must be > 0, got {t}" for t in self.temperatures if not t > 0]
-        problems += [f"alpha must be in [0, 1], got {a}" for a in self.alphas if not 0 <= a <= 1]
+        problems += collect(*(positive("temperature", t) for t in self.temperatures))
+        problems += collect(*(in_range("alpha", a, 0, 1) for a in self.alphas))
         if self.workers is not None and self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
         if self.workers is not None and self.scheduler:
@@ -733,18 +725,15 @@ class SpecialistsConfig:
             problems.append(f"init must be one of {', '.join(SPECIALIST_INITS)}, got {self.init!r}")
         if self.init_member < 0:
             problems.append(f"init_member must be >= 0, got {self.init_member}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            problems.append(f"alpha must be in [0, 1], got {self.alpha}")
+        problems += collect(positive("temperature", self.temperature))
+        problems += collect(in_range("alpha", self.alpha, 0, 1))
         if self.max_rows is not None and self.max_rows < 2:
             problems.append(f"max_rows must be >= 2, got {self.max_rows}")
         if self.top_n < 1:
             problems.append(f"top_n must be >= 1, got {self.top_n}")
         if self.kl_steps < 0:
             problems.append(f"kl_steps must be >= 0, got {self.kl_steps}")
-        if not self.kl_lr > 0:
-            problems.append(f"kl_lr must be > 0, got {self.kl_lr}")
+        problems += collect(positive("kl_lr", self.kl_lr))
         if self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
         _raise_all(problems, self.train)

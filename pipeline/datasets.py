@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DatasetError
+from pipeline.errors import ConfigError, DatasetError
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -593,3 +593,52 @@ def default_eval_spec(spec: str) -> str | None:
     if not args or args[-1] != "train":
         return None
     return ":".join([source.name, *args[:-1], "test"])
+
+
+def resolve_eval_set(eval_spec: str | None, train: Dataset, data_dir: str | None = None,
+                     num_classes: int | None = None, *, required: bool = False,
+                     log: Callable[[str], None] | None = None) -> Dataset | None:
+    """A step's labeled evaluation set (``--eval``), resolved the one way every step resolves it.
+
+    - ``None`` (the default): the training set's own test split (``NAME[:ARGS]:train[:...]`` ->
+      ``NAME[:ARGS]:test``, modifiers dropped) when it has a usable one. A spec whose split is not
+      ``train`` has none; a test split that does not load or fit is a warning through ``log`` and
+      no evaluation, not an error: nobody asked for that split by name.
+    - ``''``: no evaluation.
+    - any other spec: that set, which must load, be labeled and fit (else ``DatasetError``).
+
+    Args:
+        eval_spec: ``--eval`` as given.
+        train: the data the models train on (the default's source; sample shape and classes).
+        data_dir: ``--data-dir``, for specs that need files.
+        num_classes: the models' class count when it is not ``train``'s (a cache's).
+        required: the step cannot run without a test set (``specialists evaluate``): where the
+            rules above give none, raise ``ConfigError`` (an unusable default split raises its
+            ``DatasetError``).
+        log: where the warning about an unusable default split goes.
+
+    Returns:
+        The evaluation set, or None for no evaluation.
+    """
+    if eval_spec == "":
+        if required:
+            raise ConfigError(["this step needs a labeled test set, and --eval '' asks for none; "
+                               "pass --eval SPEC, or leave it out for the transfer set's test "
+                               "split"])
+        return None
+    if eval_spec is not None:
+        return load_eval_dataset(eval_spec, data_dir, train, num_classes)
+    guess = default_eval_spec(train.spec)
+    if guess is None:
+        if required:
+            raise ConfigError([f"no test split for {train.spec}; pass --eval SPEC (a labeled test "
+                               "set)"])
+        return None
+    try:
+        return load_eval_dataset(guess, data_dir, train, num_classes)
+    except DatasetError as e:
+        if required:
+            raise
+        if log is not None:
+            log(f"warning: no evaluation set ({e}); pass --eval SPEC to name one")
+        return None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from pipeline.files import atomic_write
 
 
 def pyplot() -> Any:
@@ -20,12 +21,13 @@ def pyplot() -> Any:
 def save(fig: Any, path: Path, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it."""
     path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=dpi)
-    pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
+    # The temporary name does not end in .png: pass the format matplotlib infers from ``path``.
+    fmt = path.suffix[1:] or None
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    finally:
+        pyplot().close(fig)
 
 
 def bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str) -> Path:

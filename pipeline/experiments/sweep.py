@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import signal
 import statistics
 import threading
@@ -38,6 +37,7 @@ from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.checkpoints import file_sha256, member_paths
 from pipeline.config import StudentConfig, SweepConfig, setting_name
 from pipeline.errors import KDError
+from pipeline.files import atomic_write, atomic_write_json
 
 RESULT_FIELDS = ["setting", "student", "temperature", "alpha", "seed", "loss", "ensemble", "status", "test_errors",
                  "test_accuracy", "test_nll", "test_ece", "teacher_agreement", "train_seconds", "wall_seconds",
@@ -225,8 +225,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     settings = grid(cfg)
     fp = source_fingerprint(cfg)
-    _write_atomic(out / "sweep.json", json.dumps({"config": cfg.to_dict(), "source": fp,
-                                                  "settings": [s.name for s in settings]}, indent=2))
+    atomic_write_json(out / "sweep.json", {"config": cfg.to_dict(), "source": fp,
+                                           "settings": [s.name for s in settings]})
     res = SweepResult(out, [])
     rows: dict[str, dict] = {}
     pending: list[tuple[Setting, StudentConfig]] = []
@@ -349,21 +349,17 @@ def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
             cluster.client.cancel(list(futures), force=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(out: Path, rows: list[dict]) -> dict:
     """``results.csv`` and ``results.json`` (atomically replaced, so a reader never sees half a file)."""
-    tmp = out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out / "results.csv")
-    _write_atomic(out / "results.json", json.dumps(rows, indent=2))
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(out / "results.csv", write_csv)
+    atomic_write_json(out / "results.json", rows)
     return {"csv": str(out / "results.csv"), "json": str(out / "results.json")}
 
 

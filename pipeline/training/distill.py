@@ -1,8 +1,11 @@
 """Stage two: train a student from cached soft targets (or, as a baseline, from a live teacher).
 
-:func:`train_student` is the one code path behind ``train-student`` (and later sweeps): resolve the soft-target
-source, build the student, run :func:`pipeline.training.fit`, correct biases, measure, and write a run directory
-that describes itself::
+:func:`train_student` is the one code path behind ``train-student`` (and sweeps, the demo and
+the experiments). It is a recipe of four steps, each a function of its own: set up the soft-target
+source (a cache, checked against the dataset it records, or a live teacher:
+:func:`setup_soft_targets`), build and check the student (:func:`build_student`), fit it with
+:func:`pipeline.training.fit` (:func:`fit_student`), and finish: correct biases, measure, and write
+a run directory that describes itself (:func:`finish_run`)::
 
     RUN_DIR/
       student.pt      checkpoint (weights_only-safe) with the resolved config, the cache fingerprint and metrics
@@ -13,10 +16,9 @@ that describes itself::
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,33 +27,250 @@ import torch
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig
-from pipeline.datasets import Dataset, default_eval_spec, load_dataset, load_eval_dataset
+from pipeline.datasets import Dataset, load_dataset, load_eval_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
-from pipeline.errors import CacheError, ConfigError, DatasetError
+from pipeline.errors import CacheError, ConfigError
+from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, predict_logits
 from pipeline.models import KDModel, build_model
-from pipeline.training.loader import cache_source, combined_shard
+from pipeline.training.loader import StreamingCacheSource, cache_source, combined_shard
 from pipeline.training.loop import InMemorySource, fit
 from pipeline.training.losses import combine_members, make_loss
 
 BIAS_GRID = np.round(np.arange(-5.0, 15.0001, 0.1), 4)
 
 
-def _eval_set(spec: str | None, data: Dataset, num_classes: int, data_dir: str | None,
-              log: Callable[[str], None]) -> Dataset | None:
-    """``--eval``: the given set ('' = none), else the transfer set's test split when there is a usable one."""
-    if spec is not None:
-        return load_eval_dataset(spec, data_dir, data, num_classes) if spec else None
-    guess = default_eval_spec(data.spec)
-    if guess is None:
-        return None
-    try:
-        return load_eval_dataset(guess, data_dir, data, num_classes)
-    except DatasetError as e:
-        log(f"warning: no evaluation set ({e}); pass --eval SPEC to name one")
-        return None
+@dataclass
+class SoftTargets:
+    """Where a student's soft targets come from, set up and checked (step 1 of a student's recipe).
+
+    Attributes:
+        data: the transfer set (the cache's recorded dataset, or an online teacher's ``--dataset``).
+        num_classes: the teacher's classes; class_names: their names.
+        input_stats: the inputs' mean and std, for the student's normalisation (caches record them).
+        source: the batches ``fit`` trains on (with cached soft targets, or inputs and labels only).
+        teacher_fn: online teacher: inputs (B, *shape) -> combined logits (B, C); None for a cache.
+        record: provenance for metrics.json and the checkpoint: ``{"cache": {...}}`` or
+            ``{"online_teacher": {...}}``.
+        cache, members: the cache and the member indices used (None for an online teacher).
+        describe: how the soft targets arrive, for the log ("memory loader", "online teacher").
+    """
+
+    data: Dataset
+    num_classes: int
+    class_names: list[str]
+    input_stats: tuple[float, float]
+    source: InMemorySource | StreamingCacheSource
+    teacher_fn: Callable[[torch.Tensor], torch.Tensor] | None
+    record: dict
+    cache: LogitCache | None = None
+    members: list[int] | None = None
+    describe: str = ""
 
 
+def train_student(cfg: StudentConfig, log: Callable[[str], None] = print,
+                  progress: bool = True) -> dict:
+    """Train, correct, evaluate and save one student; returns what ``metrics.json`` holds.
+
+    A recipe of named steps, each of which can be read (and tested) on its own:
+
+    1. set up the soft-target source: a cache or a live teacher (:func:`setup_soft_targets`);
+    2. build and check the student (:func:`build_student`), and resolve what it is measured on
+       (:func:`~pipeline.datasets.resolve_eval_set`; :func:`check_bias_options`, so that a bad bias
+       option fails before training, not after);
+    3. fit it (:func:`fit_student`);
+    4. finish: bias correction, evaluation, the run directory (:func:`finish_run`).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    t_start = time.perf_counter()
+    targets = setup_soft_targets(cfg, device, log)
+    student = build_student(cfg, targets, device)
+    test = resolve_eval_set(cfg.eval, targets.data, cfg.data_dir, targets.num_classes, log=log)
+    held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
+    history = fit_student(cfg, student, targets, test, device, log, progress)
+    return finish_run(cfg, student, targets, test, held, absent, history, device, t_start, log)
+
+
+# ------------------------------------------------------------------------------ 1. the soft targets
+def setup_soft_targets(cfg: StudentConfig, device: torch.device,
+                       log: Callable[[str], None]) -> SoftTargets:
+    """The cache's soft targets (checked against the dataset it records), or a live teacher's."""
+    return _cache_targets(cfg, log) if cfg.cache else _online_targets(cfg, device)
+
+
+def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTargets:
+    """Open the cache, check members, dataset and labels, and plan the loader (memory or stream)."""
+    cache = LogitCache(cfg.cache, allow_partial=cfg.allow_partial, storage_options=cfg.storage_options)
+    members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
+    bad = [m for m in members if m >= len(cache.members)]
+    if bad:
+        raise ConfigError([f"--members {bad} out of range: the cache has members "
+                           f"0..{len(cache.members) - 1}"])
+    dspec = cache.dataset["spec"]
+    data = load_dataset(dspec, cfg.data_dir)
+    if data.fingerprint != cache.dataset["fingerprint"]:
+        raise CacheError(
+            f"the cache was made on {dspec} with fingerprint {cache.dataset['fingerprint']}, but "
+            f"{dspec} now has fingerprint {data.fingerprint}: the data changed since. Re-create "
+            "the cache with `kd-pipeline cache-logits`, or restore the original data"
+        )
+    if not np.array_equal(data.ids, cache.read_ids()):
+        raise CacheError(f"{cfg.cache}: the cache's sample ids differ from {dspec}'s; "
+                         "the cache is damaged")
+    if cfg.alpha < 1 and not cache.labeled:
+        raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set "
+                           f"{dspec} is unlabeled; use --alpha 1 (soft targets only)"])
+    source, plan = cache_source(cache, data.x, members, cfg.ensemble, cfg.temperature,
+                                cfg.train.batch_size, cfg.memory_budget, seed=cfg.train.seed)
+    shards = cache.done_shards(members)
+    record = {"cache": {
+        "location": cfg.cache, "fingerprint": cache_fingerprint(cache.header, members),
+        "dataset": dspec, "dataset_fingerprint": data.fingerprint, "members": members,
+        "member_checkpoints": [cache.members[m]["checkpoint_sha256"] for m in members],
+        "complete": cache.complete, "partial_used": not cache.complete,
+        "shards_used": len(shards), "n_shards": cache.n_shards, "rows_used": source.num_rows,
+        "loader": plan.to_dict(),
+    }}
+    if not cache.complete:
+        log(f"warning: {cfg.cache} is partial; training on {len(shards)}/{cache.n_shards} shards "
+            f"({source.num_rows} rows) because --allow-partial was given")
+    return SoftTargets(data=data, num_classes=cache.num_classes,
+                       class_names=cache.header["class_names"],
+                       input_stats=tuple(cache.dataset["input_stats"]), source=source,
+                       teacher_fn=None, record=record, cache=cache, members=members,
+                       describe=f"{plan.mode} loader")
+
+
+def _online_targets(cfg: StudentConfig, device: torch.device) -> SoftTargets:
+    """Load the teachers and the transfer set; the soft targets are a forward pass on each batch."""
+    teachers = load_models(cfg.online_teacher, device)
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    if cfg.alpha < 1 and not data.labeled:
+        raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but {data.spec} is unlabeled"])
+    # What cache-logits checks for a cache: otherwise a mismatch surfaces mid-training as a bare
+    # RuntimeError.
+    mismatched = fit_problems(teachers, data)
+    if mismatched:
+        raise ConfigError(mismatched)
+    models = [t.model for t in teachers]
+
+    def teacher_fn(xb: torch.Tensor) -> torch.Tensor:
+        return combine_members(torch.stack([m(xb) for m in models]), cfg.ensemble, cfg.temperature)
+
+    record = {"online_teacher": {"paths": [str(t.path) for t in teachers],
+                                 "checkpoints": [t.sha256 for t in teachers], "dataset": data.spec,
+                                 "dataset_fingerprint": data.fingerprint}}
+    source = InMemorySource(data.x, data.y, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    return SoftTargets(data=data, num_classes=int(teachers[0].meta["num_classes"]),
+                       class_names=data.class_names, input_stats=data.input_stats, source=source,
+                       teacher_fn=teacher_fn, record=record, describe="online teacher")
+
+
+# ---------------------------------------------------------------------------------- 2. the student
+def build_student(cfg: StudentConfig, targets: SoftTargets, device: torch.device) -> KDModel:
+    """The student (seeded), checked to output one logit per teacher class.
+
+    Raises:
+        ConfigError: the student's network has another output width.
+    """
+    torch.manual_seed(cfg.train.seed)
+    data, num_classes = targets.data, targets.num_classes
+    student = build_model(cfg.student, data.sample_shape, num_classes, targets.input_stats)
+    student = student.to(device)
+    # Probe the network itself: KDModel's forward adds an (num_classes,) output bias, which
+    # broadcasts a 1-wide output to num_classes and turns any other wrong width into a bare
+    # RuntimeError. Eval mode: the probe must not update batch-norm statistics.
+    student.eval()
+    with torch.no_grad():
+        xb = torch.as_tensor(data.x[:2]).to(device).float()
+        width = student.body((xb - student.input_mean) / student.input_std).shape[-1]
+    student.train()
+    if width != num_classes:
+        raise ConfigError([f"student {cfg.student} outputs {width} logits but the teacher has "
+                           f"{num_classes} classes; build the student for the cache's classes"])
+    return student
+
+
+# ------------------------------------------------------------------------------------------- 3. fit
+def fit_student(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test: Dataset | None,
+                device: torch.device, log: Callable[[str], None], progress: bool) -> list[dict]:
+    """Record ``config.json`` in the run directory, then train with :func:`pipeline.training.fit`.
+
+    Returns:
+        The per-epoch history (also in ``history.csv``), with the test errors after each epoch.
+    """
+    loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", cfg.to_dict())
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        if test is None:
+            return {}
+        logits = predict_logits(m, test.x, device)
+        wrong = int((logits.argmax(1) != torch.as_tensor(test.y)).sum())
+        return {"test_errors": wrong, "test_error_rate": wrong / len(test)}
+
+    log(f"training {cfg.student} on {targets.source.num_rows} rows: loss={cfg.loss} "
+        f"T={cfg.temperature} alpha={cfg.alpha} ensemble={cfg.ensemble} on "
+        f"{describe_device(device)}, {targets.describe}")
+    return fit(student, targets.source, loss, cfg.train, device, teacher_fn=targets.teacher_fn,
+               evaluate=evaluate, history_csv=out / "history.csv", log=log, desc="student",
+               progress=progress)
+
+
+# ---------------------------------------------------------------------------------------- 4. finish
+def finish_run(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test: Dataset | None,
+               held: Dataset | None, absent: list[int], history: list[dict],
+               device: torch.device, t_start: float, log: Callable[[str], None]) -> dict:
+    """Correct the biases, measure, and complete the run directory: student.pt, then metrics.json.
+
+    ``metrics.json`` is written last and atomically: a run directory with one is a finished run
+    (sweeps and experiments resume on it).
+
+    Returns:
+        What ``metrics.json`` holds: the soft targets' provenance, ``metrics`` and the ``config``.
+    """
+    out = Path(cfg.out)
+    data, num_classes = targets.data, targets.num_classes
+
+    def test_metrics() -> dict:
+        return classification_metrics(predict_logits(student, test.x, device),
+                                      torch.as_tensor(test.y), num_classes)
+
+    metrics: dict = {"dataset": data.spec}
+    if test is not None and (cfg.class_bias or cfg.fit_bias_on):
+        metrics["test_before_bias"] = test_metrics()
+    bias_record = _apply_bias(student, cfg, held, absent, num_classes, device, log)
+    if test is not None:
+        metrics["test"] = {"dataset": test.spec, **test_metrics()}
+    if targets.cache is not None:
+        metrics["teacher_agreement_transfer"] = _transfer_agreement(
+            student, targets.cache, data, targets.members, cfg, device)
+    metrics["bias"] = bias_record
+    metrics["train_seconds"] = sum(r["seconds"] for r in history)
+    metrics["wall_seconds"] = time.perf_counter() - t_start
+    metrics["epochs"] = len(history)
+    metrics["final_epoch"] = history[-1]
+    meta = {
+        "model_spec": cfg.student, "in_shape": list(data.sample_shape), "num_classes": num_classes,
+        "class_names": targets.class_names,
+        "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
+        "config": cfg.to_dict(), **targets.record, "metrics": metrics.get("test"),
+        "device": describe_device(device),
+    }
+    save_checkpoint(out / "student.pt", student, meta)
+    result = {**targets.record, "metrics": metrics, "config": cfg.to_dict()}
+    atomic_write_json(out / "metrics.json", result)
+    if test is not None:
+        t = metrics["test"]
+        log(f"student: {t['errors']} test errors ({t['accuracy']:.4f} accuracy, NLL {t['nll']:.4f}, "
+            f"ECE {t['ece']:.4f}) on {test.spec}; wrote {out}")
+    return result
+
+
+# ----------------------------------------------------------------------------- bias correction
 def absent_classes(dataset_meta: dict, num_classes: int, labels: np.ndarray | None) -> list[int]:
     """Classes missing from a transfer set: excluded / not kept by its modifiers, or with no labeled rows."""
     mods = dataset_meta.get("modifiers") or {}
@@ -91,138 +310,7 @@ def fit_class_bias(logits: torch.Tensor, labels: torch.Tensor, classes: list[int
     return offsets
 
 
-def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Train, correct, evaluate and save one student; returns the metrics dict (also in metrics.json)."""
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
-    record: dict = {}
-    teacher_fn = None
-    if cfg.cache:
-        cache = LogitCache(cfg.cache, allow_partial=cfg.allow_partial, storage_options=cfg.storage_options)
-        members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
-        bad = [m for m in members if m >= len(cache.members)]
-        if bad:
-            raise ConfigError([f"--members {bad} out of range: the cache has members 0..{len(cache.members) - 1}"])
-        dspec = cache.dataset["spec"]
-        data = load_dataset(dspec, cfg.data_dir)
-        if data.fingerprint != cache.dataset["fingerprint"]:
-            raise CacheError(
-                f"the cache was made on {dspec} with fingerprint {cache.dataset['fingerprint']}, but {dspec} now "
-                f"has fingerprint {data.fingerprint}: the data changed since. Re-create the cache with "
-                "`kd-pipeline cache-logits`, or restore the original data"
-            )
-        if not np.array_equal(data.ids, cache.read_ids()):
-            raise CacheError(f"{cfg.cache}: the cache's sample ids differ from {dspec}'s; the cache is damaged")
-        if cfg.alpha < 1 and not cache.labeled:
-            raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set {dspec} is "
-                               "unlabeled; use --alpha 1 (soft targets only)"])
-        num_classes, stats = cache.num_classes, tuple(cache.dataset["input_stats"])
-        source, plan = cache_source(cache, data.x, members, cfg.ensemble, cfg.temperature, cfg.train.batch_size,
-                                    cfg.memory_budget, seed=cfg.train.seed)
-        shards = cache.done_shards(members)
-        record["cache"] = {
-            "location": cfg.cache, "fingerprint": cache_fingerprint(cache.header, members),
-            "dataset": dspec, "dataset_fingerprint": data.fingerprint, "members": members,
-            "member_checkpoints": [cache.members[m]["checkpoint_sha256"] for m in members],
-            "complete": cache.complete, "partial_used": not cache.complete,
-            "shards_used": len(shards), "n_shards": cache.n_shards, "rows_used": source.num_rows,
-            "loader": plan.to_dict(),
-        }
-        if not cache.complete:
-            log(f"warning: {cfg.cache} is partial; training on {len(shards)}/{cache.n_shards} shards "
-                f"({source.num_rows} rows) because --allow-partial was given")
-        class_names = cache.header["class_names"]
-    else:
-        teachers = load_models(cfg.online_teacher, device)
-        data = load_dataset(cfg.dataset, cfg.data_dir)
-        if cfg.alpha < 1 and not data.labeled:
-            raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but {data.spec} is unlabeled"])
-        num_classes, stats = int(teachers[0].meta["num_classes"]), data.input_stats
-        # What cache-logits checks for a cache: otherwise a mismatch surfaces mid-training as a bare RuntimeError.
-        mismatched = fit_problems(teachers, data)
-        if mismatched:
-            raise ConfigError(mismatched)
-        models = [t.model for t in teachers]
-
-        def teacher_fn(xb: torch.Tensor) -> torch.Tensor:
-            return combine_members(torch.stack([m(xb) for m in models]), cfg.ensemble, cfg.temperature)
-
-        source = InMemorySource(data.x, data.y, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-        record["online_teacher"] = {"paths": [str(t.path) for t in teachers],
-                                    "checkpoints": [t.sha256 for t in teachers], "dataset": data.spec,
-                                    "dataset_fingerprint": data.fingerprint}
-        class_names = data.class_names
-
-    torch.manual_seed(cfg.train.seed)
-    student = build_model(cfg.student, data.sample_shape, num_classes, stats).to(device)
-    # Probe the network itself: KDModel's forward adds an (num_classes,) output bias, which broadcasts a 1-wide
-    # output to num_classes and turns any other wrong width into a bare RuntimeError. Eval mode: the probe must
-    # not update batch-norm statistics.
-    student.eval()
-    with torch.no_grad():
-        xb = torch.as_tensor(data.x[:2]).to(device).float()
-        width = student.body((xb - student.input_mean) / student.input_std).shape[-1]
-    student.train()
-    if width != num_classes:
-        raise ConfigError([f"student {cfg.student} outputs {width} logits but the teacher has {num_classes} "
-                           "classes; build the student for the cache's classes"])
-    test = _eval_set(cfg.eval, data, num_classes, cfg.data_dir, log)
-    held, absent = _check_bias(cfg, data, num_classes, log)
-    loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    def evaluate(m: torch.nn.Module) -> dict:
-        if test is None:
-            return {}
-        logits = predict_logits(m, test.x, device)
-        wrong = int((logits.argmax(1) != torch.as_tensor(test.y)).sum())
-        return {"test_errors": wrong, "test_error_rate": wrong / len(test)}
-
-    log(f"training {cfg.student} on {source.num_rows} rows: loss={cfg.loss} T={cfg.temperature} alpha={cfg.alpha} "
-        f"ensemble={cfg.ensemble} on {describe_device(device)}"
-        + (f", {record['cache']['loader']['mode']} loader" if cfg.cache else ", online teacher"))
-    history = fit(student, source, loss, cfg.train, device, teacher_fn=teacher_fn, evaluate=evaluate,
-                  history_csv=out / "history.csv", log=log, desc="student", progress=progress)
-    train_seconds = sum(r["seconds"] for r in history)
-
-    metrics: dict = {"dataset": data.spec}
-    if test is not None and (cfg.class_bias or cfg.fit_bias_on):
-        metrics["test_before_bias"] = classification_metrics(predict_logits(student, test.x, device),
-                                                             torch.as_tensor(test.y), num_classes)
-    bias_record = _apply_bias(student, cfg, held, absent, num_classes, device, log)
-    if test is not None:
-        metrics["test"] = {"dataset": test.spec,
-                           **classification_metrics(predict_logits(student, test.x, device),
-                                                    torch.as_tensor(test.y), num_classes)}
-    if cfg.cache:
-        metrics["teacher_agreement_transfer"] = _transfer_agreement(student, cache, data, members, cfg, device)
-    metrics["bias"] = bias_record
-    metrics["train_seconds"] = train_seconds
-    metrics["wall_seconds"] = time.perf_counter() - t_start
-    metrics["epochs"] = len(history)
-    metrics["final_epoch"] = history[-1]
-    meta = {
-        "model_spec": cfg.student, "in_shape": list(data.sample_shape), "num_classes": num_classes,
-        "class_names": class_names, "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
-        "config": cfg.to_dict(), **record, "metrics": metrics.get("test"), "device": describe_device(device),
-    }
-    save_checkpoint(out / "student.pt", student, meta)
-    result = {**record, "metrics": metrics, "config": cfg.to_dict()}
-    # Written last and atomically: a run directory with metrics.json is a finished run (sweeps resume on it).
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "metrics.json")
-    if test is not None:
-        t = metrics["test"]
-        log(f"student: {t['errors']} test errors ({t['accuracy']:.4f} accuracy, NLL {t['nll']:.4f}, "
-            f"ECE {t['ece']:.4f}) on {test.spec}; wrote {out}")
-    return result
-
-
-def _check_bias(cfg: StudentConfig, data: Dataset, num_classes: int,
+def check_bias_options(cfg: StudentConfig, data: Dataset, num_classes: int,
                 log: Callable[[str], None] = print) -> tuple[Dataset | None, list[int]]:
     """Validate the bias options before training (a bad one must not cost a whole run).
 

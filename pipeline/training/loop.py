@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.checks import at_least, collect, one_of, positive
 from pipeline.errors import ConfigError, KDError
+from pipeline.files import atomic_write
 from pipeline.options import option, parse_clip
 from pipeline.training.losses import DistillationLoss
 
@@ -55,19 +57,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` listing every invalid field at once."""
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            problems.append(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            problems.append(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        problems = collect(
+            at_least("epochs", self.epochs, 1),
+            at_least("batch_size", self.batch_size, 1),
+            positive("lr", self.lr),
+            one_of("optimizer", self.optimizer, OPTIMIZERS),
+            one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES, prose=True),
+            positive("grad_clip", self.grad_clip, optional=True),
+        )
         if problems:
             raise ConfigError(problems)
 
@@ -265,10 +262,12 @@ def write_history_csv(path: str | Path, history: list[dict]) -> None:
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys and not isinstance(row[k], (list, dict))]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(history)
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(history)
+
+    # Rewritten after every epoch: atomically, so a reader (or a kill) never leaves half a history.
+    atomic_write(path, write)

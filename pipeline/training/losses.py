@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.checks import collect, in_range, positive
 from pipeline.errors import ConfigError
 
 ENSEMBLE_METHODS = ("mean-probs", "mean-logits")
@@ -82,11 +83,7 @@ class DistillationLoss:
     name = "kd"
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.9) -> None:
-        problems = []
-        if not temperature > 0:
-            problems.append(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= alpha <= 1.0:
-            problems.append(f"alpha must be in [0, 1], got {alpha}")
+        problems = collect(positive("temperature", temperature), in_range("alpha", alpha, 0, 1))
         if problems:
             raise ConfigError(problems)
         self.temperature = float(temperature)

@@ -11,9 +11,10 @@ import torch
 
 from pipeline.checkpoints import save_checkpoint
 from pipeline.config import TeacherConfig
-from pipeline.datasets import default_eval_spec, load_dataset, load_eval_dataset
+from pipeline.datasets import load_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import KDError
+from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, evaluate_ensemble, predict_logits
 from pipeline.models import build_model
 from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift
@@ -31,8 +32,7 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
     train = load_dataset(cfg.dataset, cfg.data_dir)
     if not train.labeled:
         raise KDError(f"{cfg.dataset} has no labels; a teacher needs a labeled dataset (e.g. fashion-mnist:train)")
-    eval_spec = default_eval_spec(train.spec) if cfg.eval is None else cfg.eval
-    test = load_eval_dataset(eval_spec, cfg.data_dir, train) if eval_spec else None
+    test = resolve_eval_set(cfg.eval, train, cfg.data_dir, log=log)
     spec = cfg.model_spec()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,8 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
         summary["test"] = {"dataset": test.spec, **res}
         log(f"ensemble of {cfg.members}: {res['ensemble']['errors']} test errors "
             f"({res['ensemble']['accuracy']:.4f} accuracy) on {test.spec}")
-    (out / "ensemble.json").write_text(json.dumps(summary, indent=2))
+    # Last and atomically: reuse (``recorded_config``) takes a readable ensemble.json as finished.
+    atomic_write_json(out / "ensemble.json", summary)
     return summary
 
 

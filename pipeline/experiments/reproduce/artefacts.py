@@ -1,0 +1,153 @@
+"""The shared artefacts of one reproduce directory: a teacher, a cache per transfer set, students.
+
+:class:`Run` calls the same steps a user would call (``train-teacher``, ``evaluate``,
+``cache-logits``, ``train-student``) and reuses what an earlier invocation made when its recorded
+config matches (a teacher by its recipe, a cache by cache-logits' own resume, a student by its
+config and cache fingerprint), so re-running after an interruption continues where it stopped::
+
+    OUT/
+      teacher/                 the teacher ensemble (unless --teacher names an existing one)
+      caches/<transfer>.zarr   one cache per transfer set
+      runs/<experiment>/...    train-student run directories; sweeps/ for the temperature sweep
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.writer import build_cache
+from pipeline.checkpoints import load_checkpoint
+from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig
+from pipeline.datasets import load_dataset
+from pipeline.devices import resolve_device
+from pipeline.errors import ConfigError
+from pipeline.evaluation import evaluate_models
+from pipeline.experiments.reproduce.recipes import QUICK_TEACHER, SCALES, TEACHERS, ReproduceConfig
+from pipeline.experiments.sweep import finished_result
+from pipeline.files import slug
+from pipeline.metrics import classification_metrics, predict_logits
+from pipeline.training.distill import train_student
+from pipeline.training.loop import TrainConfig
+from pipeline.training.teacher import recorded_config, train_teacher
+
+
+class Run:
+    """Shared artefacts of one reproduce directory, created on first use and reused after."""
+
+    def __init__(self, cfg: ReproduceConfig, log: Callable[[str], None]) -> None:
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out)
+        self.scale = SCALES[cfg.scale]
+        self.test_spec = f"{cfg.dataset}:test"
+        train = load_dataset(f"{cfg.dataset}:train", cfg.data_dir)
+        n_train = len(train)
+        bad = [c for c in [cfg.omitted_class, *cfg.kept_classes] if not 0 <= c < train.num_classes]
+        if bad:
+            raise ConfigError([f"--omitted-class / --kept-classes {bad}: {cfg.dataset} has classes "
+                               f"0..{train.num_classes - 1}"])
+        # quick: every transfer set is this share of its (class-filtered) training set.
+        self.base_fraction = min(1.0, self.scale.train_count / n_train) if self.scale.train_count else 1.0
+        self._teacher: str | None = None
+        self.teacher_metrics: dict | None = None
+        self.runs: list[tuple[float, bool]] = []  # (wall seconds when it ran, re-used now?) per student run
+        self.recipe = QUICK_TEACHER if cfg.scale == "quick" else TEACHERS.get(cfg.dataset, TEACHERS["other"])
+
+    def spec(self, fraction: float = 1.0, **class_filter: str | int | float) -> str:
+        """A training-set spec: optional holdout / class filter, then a seeded subset (this scale's share x
+        fraction)."""
+        extra = "".join(f":{k}={v}" for k, v in class_filter.items())
+        frac = self.base_fraction * fraction
+        seeded = frac < 1 or "holdout" in class_filter
+        return (f"{self.cfg.dataset}:train{extra}" + (f":fraction={frac:.6g}" if frac < 1 else "")
+                + (f":seed={self.cfg.seed}" if seeded else ""))
+
+    def teacher(self) -> str:
+        """The teacher ensemble: --teacher, or the recipe's, trained once (a changed recipe retrains it)."""
+        if self._teacher:
+            return self._teacher
+        if self.cfg.teacher:
+            self._teacher = self.cfg.teacher
+        else:
+            r = self.recipe
+            tdir = self.out / "teacher"
+            tcfg = TeacherConfig(dataset=self.spec(), model=r.model, input_dropout=r.input_dropout,
+                                 dropout=r.dropout, jitter=r.jitter, members=r.members, eval=self.test_spec,
+                                 out=str(tdir), device=self.cfg.device, data_dir=self.cfg.data_dir,
+                                 train=TrainConfig(epochs=r.epochs, seed=self.cfg.seed))
+            if (tdir / "ensemble.json").is_file():
+                recorded = recorded_config(tdir)
+                if recorded is None:
+                    raise ConfigError([f"{tdir / 'ensemble.json'} cannot be read; use another --out, or remove "
+                                       f"{tdir} to retrain"])
+                if recorded.recipe() != tcfg.recipe():
+                    # Never delete a finished teacher (and everything made from it) behind the user's back.
+                    diffs = [f"{k}: {recorded.recipe()[k]!r} there, {v!r} now" for k, v in tcfg.recipe().items()
+                             if recorded.recipe().get(k) != v]
+                    raise ConfigError([f"{tdir} holds a teacher trained with another recipe ({'; '.join(diffs)}); "
+                                       "use another --out, or remove that directory to retrain"])
+                self.log(f"reusing the teacher in {tdir}")
+            else:
+                self.log(f"training the teacher: {r.why}")
+                train_teacher(tcfg, log=self.log)
+            self._teacher = str(tdir)
+        self.teacher_metrics = evaluate_models(EvaluateConfig(model=self._teacher, dataset=self.test_spec,
+                                                           device=self.cfg.device, data_dir=self.cfg.data_dir))
+        return self._teacher
+
+    def cache(self, spec: str) -> str:
+        """The teacher's cache over a transfer set (cache-logits resumes a partial one, skips a complete one)."""
+        location = self.out / "caches" / f"{slug(spec, sep='_', max_len=80)}.zarr"
+        res = build_cache(CacheConfig(teachers=[self.teacher()], dataset=spec, out=str(location),
+                                           device=self.cfg.device, data_dir=self.cfg.data_dir,
+                                           command=f"kd-pipeline reproduce ({spec})"), log=self.log, progress=False)
+        self.log(res.message)
+        return str(location)
+
+    def student(self, name: str, cache: str, temperature: float, alpha: float, epochs: int | None = None,
+                student: str | None = None, **extra: object) -> dict:
+        """One train-student run under runs/<name>, reused when its config and cache fingerprint match."""
+        scfg = StudentConfig(cache=cache, student=student or self.cfg.student, temperature=temperature, alpha=alpha,
+                             eval=self.test_spec, out=str(self.out / "runs" / name), device=self.cfg.device,
+                             data_dir=self.cfg.data_dir,
+                             train=TrainConfig(epochs=epochs or self.scale.student_epochs, seed=self.cfg.seed),
+                             **extra)
+        previous = finished_result(scfg, {"cache": cache_fingerprint(LogitCache(cache).header)})
+        if previous is not None:
+            self.log(f"reusing {scfg.out}")
+            self.account(previous["metrics"]["wall_seconds"], reused=True)
+            return previous
+        self.log(f"training {name}: {scfg.student}, T={temperature:g}, alpha={alpha:g}")
+        result = train_student(scfg, log=lambda s: None, progress=False)
+        self.account(result["metrics"]["wall_seconds"], reused=False)
+        return result
+
+    def account(self, seconds: float, reused: bool) -> None:
+        """Count a student run's recorded wall time (the report says what its figures cost, re-used or not)."""
+        self.runs.append((seconds, reused))
+
+
+def student_metrics(run: Run, result: dict, spec: str, offsets: dict[int, float] | None = None) -> dict:
+    """Metrics of a finished run's student on a labeled dataset; with ``offsets``, those replace the bias
+    correction the student was saved with (e.g. the paper's +3.5 instead of the fitted offset)."""
+    device = resolve_device(run.cfg.device)
+    loaded = load_checkpoint(Path(result["config"]["out"]) / "student.pt", device)
+    if offsets is not None:
+        with torch.no_grad():
+            for c, v in result["metrics"]["bias"]["fitted"]["offsets"].items():
+                loaded.model.output_bias[int(c)] -= v
+            for c, v in offsets.items():
+                loaded.model.output_bias[c] += v
+    data = load_dataset(spec, run.cfg.data_dir)
+    return classification_metrics(predict_logits(loaded.model, data.x, device), torch.as_tensor(data.y),
+                                  int(loaded.meta["num_classes"]))
+
+
+def read_history(path: Path) -> list[dict]:
+    """A run's ``history.csv``: one dict per epoch, numbers as floats (empty cells left out)."""
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]

@@ -1,0 +1,197 @@
+"""The ``kd-pipeline specialists`` steps: each reads a config and the output directory, and
+writes into it.
+
+``cluster`` (:func:`fit_clusters`) -> ``clusters.json`` / ``clusters.md``; ``train``
+(:func:`train_all`) -> ``specialists/<k>/specialist.pt`` and ``specialists.json``; ``evaluate``
+(:func:`evaluate_all`) -> ``evaluation.json`` and ``report.md``; every step records
+``config.json``. :data:`STEPS` lists them in order.
+
+The config type is imported for type checking only: nothing in this package imports
+:mod:`pipeline.config` at run time, so the config can import
+:data:`~pipeline.experiments.specialists.clustering.SIMILARITIES` without an import circle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.checkpoints import load_checkpoint
+from pipeline.datasets import resolve_eval_set
+from pipeline.devices import describe_device, resolve_device
+from pipeline.errors import CacheError, ConfigError, KDError
+from pipeline.experiments.specialists.clustering import Clustering, cluster_classes, clusters_report
+from pipeline.experiments.specialists.combine import (
+    evaluate_combination,
+    evaluation_report,
+    generalist_log_probs,
+)
+from pipeline.experiments.specialists.specialist import (
+    SpecialistTask,
+    cached_generalist,
+    generalist_members,
+    run_tasks,
+    transfer_set,
+)
+from pipeline.metrics import predict_logits
+
+if TYPE_CHECKING:
+    from pipeline.config import SpecialistsConfig
+
+
+def check_groups(groups: list[list[int]], num_classes: int) -> None:
+    """Specialist class sets must be valid, non-trivial subsets of the classes."""
+    bad = [g for g in groups if len(g) < 1 or len(g) >= num_classes or min(g) < 0 or max(g) >= num_classes
+           or len(set(g)) != len(g)]
+    if bad or not groups:
+        raise KDError(f"specialist class sets must be non-empty proper subsets of 0..{num_classes - 1}; found "
+                      f"{groups}; re-run `kd-pipeline specialists cluster`")
+
+
+# ------------------------------------------------------------------------------------------------- the steps
+def _write_config(cfg: SpecialistsConfig, step: str) -> None:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"step": step, **cfg.to_dict()}, indent=2))
+
+
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    if not path.is_file():
+        raise KDError(f"{path}: no {what} here; {fix}")
+    return json.loads(path.read_text())
+
+
+def _check_same_cache(recorded: str | None, cache: LogitCache, where: Path, step: str) -> None:
+    """Clusters and specialists belong to the cache they were made from: refuse to mix them with another."""
+    current = cache_fingerprint(cache.header)
+    if recorded is not None and recorded != current:
+        raise CacheError(f"{where} was made from a cache with fingerprint {recorded}, but --cache {cache.location} "
+                         f"has {current}; re-run `kd-pipeline specialists {step}` for this cache, or use another --out")
+
+
+def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> Clustering:
+    """Step 1: cluster the classes from the cache; writes ``clusters.json`` and ``clusters.md`` under ``cfg.out``."""
+    cfg.validate()
+    cache = LogitCache(cfg.cache)
+    probs = torch.softmax(cached_generalist(cache, 1.0), dim=1).numpy()
+    labels = cache.read_labels() if cache.labeled else None
+    cl = cluster_classes(probs, labels, cfg.specialists, cfg.classes_per_specialist, cfg.similarity,
+                         seed=cfg.train.seed)
+    if not cl.specialists:
+        raise KDError(f"no cluster holds two or more classes (clusters: {cl.groups}); ask for fewer clusters with "
+                      "--specialists K")
+    _write_config(cfg, "cluster")
+    out = Path(cfg.out)
+    (out / "clusters.json").write_text(json.dumps({"cache": cfg.cache,
+                                                   "cache_fingerprint": cache_fingerprint(cache.header),
+                                                   "class_names": cache.header["class_names"],
+                                                   **cl.to_dict()}, indent=2))
+    report = clusters_report(cl, cache.header["class_names"])
+    (out / "clusters.md").write_text(report)
+    log(report)
+    return cl
+
+
+def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Step 2: train one specialist per cluster of two or more classes (dask tasks with ``--workers N``)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    clusters = _read_json(out / "clusters.json", "clusters",
+                          "run `kd-pipeline specialists cluster` (or `specialists run`) first")
+    cache = LogitCache(cfg.cache)
+    _check_same_cache(clusters.get("cache_fingerprint"), cache, out / "clusters.json", "cluster")
+    check_groups(clusters["specialists"], cache.num_classes)
+    if cfg.init_member >= len(cache.members):
+        raise ConfigError([f"--init-member {cfg.init_member}: the cache has members 0..{len(cache.members) - 1}"])
+    member_spec = cache.members[cfg.init_member]["model_spec"]
+    spec = cfg.model or member_spec
+    init = cfg.init if cfg.init != "auto" else ("generalist" if spec == member_spec else "scratch")
+    if init == "generalist" and spec != member_spec:
+        raise ConfigError([f"--init generalist needs the specialists' model to be the generalist's ({member_spec}), "
+                           f"got {spec}; use --init scratch or drop --model"])
+    init_path = init_sha = None
+    if init == "generalist":
+        lm = generalist_members(cache, cfg.generalist)[cfg.init_member]
+        init_path, init_sha = str(lm.path), lm.sha256
+    _write_config(cfg, "train")
+    tasks = [SpecialistTask(index=k, classes=list(g), cache=cfg.cache, out=str(out / "specialists" / str(k)),
+                            model_spec=spec, init_checkpoint=init_path, init_sha256=init_sha,
+                            temperature=cfg.temperature, alpha=cfg.alpha,
+                            train={**cfg.train.to_dict(), "seed": cfg.train.seed + k}, max_rows=cfg.max_rows,
+                            data_dir=cfg.data_dir, device=cfg.device, dustbin_correction=cfg.dustbin_correction)
+             for k, g in enumerate(clusters["specialists"])]
+    log(f"training {len(tasks)} specialist(s) ({spec}, init {init}) "
+        + (f"on a dask LocalCluster of {min(cfg.workers, len(tasks))} workers" if cfg.workers > 1 else "in-process"))
+    t0 = time.perf_counter()
+    records = run_tasks(tasks, cfg.workers, log)
+    summary = {"specialists": records, "wall_seconds": time.perf_counter() - t0, "workers": cfg.workers,
+               "init": init, "model": spec}
+    (out / "specialists.json").write_text(json.dumps(summary, indent=2))
+    for r in records:
+        log(f"specialist {r['index']}: {', '.join(r['class_names'])} + dustbin, {r['sampling']['rows']} rows, "
+            f"dustbin correction {r['dustbin_correction_applied']:+.3f}, {r['train_seconds']:.1f}s training")
+    return records
+
+
+def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> dict:
+    """Step 3: combine generalist and specialists on the test set; writes ``evaluation.json`` and ``report.md``."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    trained = _read_json(out / "specialists.json", "trained specialists",
+                         "run `kd-pipeline specialists train` (or `specialists run`) first")
+    device = resolve_device(cfg.device)
+    cache = LogitCache(cfg.cache)
+    data = transfer_set(cache, cfg.data_dir)
+    test = resolve_eval_set(cfg.eval, data, cfg.data_dir, cache.num_classes, required=True)
+    members = generalist_members(cache, cfg.generalist, device)
+    log_pg = generalist_log_probs(members, test.x, device)
+    groups, logits, corrections = [], [], []
+    for r in trained["specialists"]:
+        lm = load_checkpoint(out / "specialists" / str(r["index"]) / "specialist.pt", device)
+        _check_same_cache(lm.meta.get("cache", {}).get("fingerprint"), cache, lm.path, "train")
+        groups.append(lm.meta["specialist"]["classes"])
+        corrections.append(float(lm.meta["specialist"]["dustbin_correction_applied"]))
+        logits.append(predict_logits(lm.model, test.x, device))
+    labels = torch.as_tensor(test.y)
+    main = evaluate_combination(log_pg, logits, corrections, groups, labels, cfg.top_n, cfg.kl_steps, cfg.kl_lr)
+    sensitivity = []
+    for top_n in sorted({1, 2, 3, cfg.top_n}):
+        for corrected in (True, False):
+            r = main if (top_n, corrected) == (cfg.top_n, True) else evaluate_combination(
+                log_pg, logits, corrections, groups, labels, top_n, cfg.kl_steps, cfg.kl_lr, corrected)
+            sensitivity.append({"top_n": top_n, "dustbin_corrected": corrected, "errors": r["combined"]["errors"],
+                                "active_per_case": r["active_per_case"]})
+    result = {"dataset": test.spec, "generalist": f"{len(members)} member(s) of {cfg.cache} "
+              f"({', '.join(sorted({m.meta['model_spec'] for m in members}))}, mean-probs)",
+              "groups": groups, "specialists": trained["specialists"], "kl_steps": cfg.kl_steps, "kl_lr": cfg.kl_lr,
+              "main": main, "sensitivity": sensitivity, "device": describe_device(device),
+              "train_wall_seconds": trained.get("wall_seconds"), "evaluate_seconds": time.perf_counter() - t0}
+    _write_config(cfg, "evaluate")
+    (out / "evaluation.json").write_text(json.dumps(result, indent=2))
+    report = evaluation_report(result, cache.header["class_names"])
+    (out / "report.md").write_text(report)
+    g, c = main["generalist"], main["combined"]
+    log(f"generalist {g['errors']} errors ({g['accuracy']:.2%}), generalist + specialists {c['errors']} errors "
+        f"({c['accuracy']:.2%}) on {test.spec}; wrote {out / 'report.md'}")
+    return result
+
+
+#: The steps of ``kd-pipeline specialists``, in the order ``run`` takes them.
+STEPS: dict[str, Callable[[SpecialistsConfig, Callable[[str], None]], object]] = {
+    "cluster": lambda cfg, log: fit_clusters(cfg, log).to_dict(),
+    "train": train_all,
+    "evaluate": evaluate_all,
+}
+
+
+def run_steps(cfg: SpecialistsConfig, steps: tuple[str, ...] = tuple(STEPS),
+              log: Callable[[str], None] = print) -> dict:
+    """Run the given steps in order; returns what each produced, by step name."""
+    return {step: STEPS[step](cfg, log) for step in steps}
