@@ -1,23 +1,32 @@
 """kd-pipeline's library: everything the CLI does, usable without the CLI.
 
-Modules, by what they hold:
+Modules and sub-packages, lowest layer first (a module imports only from the ones above it, and
+nothing here imports ``stages``):
 
 - ``errors``: the one exception type users see (``KDError``) and its kinds.
-- ``files``: atomic writes (temp file, fsync, rename) and ``slug``, the spec -> directory-name rule.
+- ``files``: atomic writes (temp file, fsync, rename) and ``slug``, the spec -> name rule.
 - ``checks``: the field checks every config and loss shares (``positive``, ``in_range``, ...).
+- ``options``: how a config field declares its command-line option (``option(...)``), and the
+  parsers for sizes, comma lists and ``CLASS=DELTA``.
+- ``devices``: picking a torch device without hard-coding one.
 - ``datasets``: dataset specs (``NAME:SPLIT[:key=value...]``), the dataset registry,
   fingerprints, and ``resolve_eval_set`` (what ``--eval`` means, for every step).
-- ``models``: model specs (``mlp:1200,1200``, ``cnn``, ``torchscript:PATH``, ``py:module:factory``), the registry.
+- ``models``: model specs (``mlp:1200,1200``, ``cnn``, ``torchscript:PATH``,
+  ``py:module:factory``), the registry.
 - ``checkpoints``: saving/loading models with their metadata, safely (``weights_only=True``).
-- ``losses``: the paper's losses behind one signature, and ensemble combination.
 - ``metrics``: test errors, accuracy, NLL, ECE, agreement.
-- ``training``: the one training loop every mode uses; ``training.distill.train_student``
-  (stage two) as a recipe of steps: soft-target source, student, fit, finish.
-- ``experiments``: sweeps; ``specialists/`` (clustering, one specialist, the combination, the
-  steps); ``reproduce/`` (recipes, shared artefacts, sections measured as records, the report
-  rendered from them).
-- ``cache``: the Zarr logit cache format (imports without torch).
-- ``devices``: picking a torch device without hard-coding one.
+- ``cluster``: starting or joining a dask cluster for every step that maps tasks.
+- ``cache/``: the Zarr logit cache: ``location`` (where it lives), ``format`` (layout, header,
+  reader; imports without torch), ``writer`` (stage one), ``sharing`` (verify, pack, copy, ls).
+- ``training/``: ``losses`` (the paper's losses and ensemble means: registries), ``loop`` (the
+  one training loop, ``TrainConfig``), ``loader`` (streaming cached soft targets), ``teacher``
+  (teacher ensembles), ``distill`` (stage two, a recipe: soft-target source, student, fit,
+  finish).
+- ``config``: the configs of every step, each option declared once on its field.
+- ``evaluation``: test metrics of a checkpoint or an ensemble.
+- ``experiments/``: ``sweep`` (grids as dask tasks), ``specialists/`` (clustering, one
+  specialist, the combination, the steps), ``reproduce/`` (recipes, shared artefacts, sections
+  measured as records, the report rendered from them), ``bench``, ``demo``, ``plots``.
 """
 
 __version__ = "0.1.0"
