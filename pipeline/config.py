@@ -11,13 +11,13 @@ from the config), and ``to_dict()`` is what runs record as their resolved config
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cache.location import parse_storage_options
 from pipeline.checks import collect, in_range, one_of, positive
 from pipeline.errors import ConfigError
 from pipeline.experiments.specialists.clustering import SIMILARITIES
+from pipeline.files import location_stem, slug
 from pipeline.models import with_options
 from pipeline.options import (
     option,
@@ -80,14 +80,6 @@ def output_dir(kind: str, name: str) -> str:
     return str(data_root() / kind / name)
 
 
-def _slug(spec: str) -> str:
-    return spec.replace(":", "-").replace(",", "-")
-
-
-def _cache_name(cache: str) -> str:
-    return Path(cache.rstrip("/")).name.removesuffix(".zip").removesuffix(".zarr")
-
-
 def _raise_all(problems: list[str], train: TrainConfig | None = None) -> None:
     """Raise one ``ConfigError`` with ``problems`` plus the training settings' own, if there are
     any.
@@ -134,7 +126,7 @@ class TeacherConfig:
 
     def resolve(self) -> TeacherConfig:
         """This config with ``out`` named from the model when not given."""
-        return self if self.out else replace(self, out=output_dir("teachers", _slug(self.model)))
+        return self if self.out else replace(self, out=output_dir("teachers", slug(self.model)))
 
     def validate(self) -> None:
         problems = []
@@ -389,10 +381,10 @@ class StudentConfig:
 
     def run_name(self) -> str:
         """The default run-directory name: what the run is, so two different runs never share it."""
-        source = _cache_name(self.cache) if self.cache else "online"
+        source = location_stem(self.cache) if self.cache else "online"
         members = f"-m{'.'.join(map(str, self.members))}" if self.members else ""
         return (
-            f"{source}-{_slug(self.student)}-{self.loss}-{self.ensemble}-T{self.temperature:g}"
+            f"{source}-{slug(self.student)}-{self.loss}-{self.ensemble}-T{self.temperature:g}"
             f"-a{self.alpha:g}{members}-s{self.train.seed}"
         )
 
@@ -451,8 +443,7 @@ class StudentConfig:
 
 def setting_name(student: str, temperature: float, alpha: float, seed: int) -> str:
     """A sweep setting's run-directory name, e.g. ``mlp-800-800-T4-a0.9-s0``."""
-    slug = student.replace(":", "-").replace(",", "-").replace("/", "_").replace("=", "")
-    return f"{slug}-T{temperature:g}-a{alpha:g}-s{seed}"
+    return f"{slug(student)}-T{temperature:g}-a{alpha:g}-s{seed}"
 
 
 @dataclass
@@ -547,7 +538,7 @@ class SweepConfig:
 
     def resolve(self) -> SweepConfig:
         """This config with ``out`` named from the cache when not given."""
-        name = _cache_name(self.cache) if self.cache else "online"
+        name = location_stem(self.cache) if self.cache else "online"
         return self if self.out else replace(self, out=output_dir("sweeps", name))
 
     def validate(self) -> None:
@@ -704,7 +695,7 @@ class SpecialistsConfig:
         return (
             self
             if self.out
-            else replace(self, out=output_dir("specialists", _cache_name(self.cache)))
+            else replace(self, out=output_dir("specialists", location_stem(self.cache)))
         )
 
     def validate(self) -> None:

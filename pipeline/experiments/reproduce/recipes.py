@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from pipeline.config import data_dir_option, device_option, output_dir
 from pipeline.errors import ConfigError
+from pipeline.files import slug
 from pipeline.options import option, parse_ints, show_list
 
 
@@ -108,9 +109,8 @@ class ReproduceConfig:
 
     def resolve(self) -> ReproduceConfig:
         """This config with ``out`` named from the dataset and scale when not given."""
-        name = self.dataset.replace(":", "-").replace("/", "_").strip("-_")
-        return self if self.out else replace(self, out=output_dir("reproduce",
-                                                                  f"{name}-{self.scale}"))
+        name = f"{slug(self.dataset).strip('-_')}-{self.scale}"
+        return self if self.out else replace(self, out=output_dir("reproduce", name))
 
     def validate(self) -> None:
         problems = []
