@@ -456,6 +456,7 @@ def specialist_options(fn: Callable) -> Callable:
                      help="Train specialists as tasks on a dask LocalCluster of N processes (0 or 1: in-process)."),
         click.option("--eval", "eval_spec", default=None,
                      help="Labeled test set [default: the transfer set's test split]."),
+        storage_option,
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -475,7 +476,8 @@ def _specialists_config(kw: dict, seed: int, device: str, data_dir: str | None):
         init_member=kw.pop("init_member"), temperature=kw.pop("temperature"), alpha=kw.pop("alpha"),
         max_rows=kw.pop("max_rows"), top_n=kw.pop("top_n"), kl_steps=kw.pop("kl_steps"), kl_lr=kw.pop("kl_lr"),
         dustbin_correction=not kw.pop("no_dustbin_correction"), workers=kw.pop("workers"),
-        eval=kw.pop("eval_spec"), device=device, data_dir=data_dir, train=train)
+        eval=kw.pop("eval_spec"), device=device, data_dir=data_dir, train=train,
+        storage_options=storage_options_of(kw.pop("storage_options")))
 
 
 @main.group("specialists", cls=KDGroup)
@@ -531,8 +533,10 @@ def cache_group() -> None:
 def cache_info(cache: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Describe CACHE: rows, classes, members, dtype, codecs, shards done, size, dataset, completeness."""
     from pipeline.cache.format import LogitCache
+    from pipeline.cache.location import CacheLocation
 
-    info = LogitCache(cache, allow_partial=True, storage_options=storage_options_of(storage_options)).info().to_dict()
+    location = CacheLocation.parse(cache, storage_options_of(storage_options))
+    info = LogitCache(location, allow_partial=True).info().to_dict()
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -548,9 +552,10 @@ def cache_info(cache: str, as_json: bool, storage_options: tuple[str, ...]) -> N
 def cache_verify(cache: str, dataset: str | None, quiet: bool, storage_options: tuple[str, ...],
                  data_dir: str | None) -> None:
     """Read every chunk of CACHE (checksums) and check it against the format: exit 1 naming each problem."""
+    from pipeline.cache.location import CacheLocation
     from pipeline.cache.sharing import verify_cache
 
-    report = verify_cache(cache, dataset=dataset, storage_options=storage_options_of(storage_options),
+    report = verify_cache(CacheLocation.parse(cache, storage_options_of(storage_options)), dataset=dataset,
                           data_dir=data_dir, progress=not quiet)
     click.echo(report.format())
     if not report.ok:
@@ -564,10 +569,11 @@ def cache_verify(cache: str, dataset: str | None, quiet: bool, storage_options: 
 @storage_option
 def cache_pack(cache: str, out: str, quiet: bool, storage_options: tuple[str, ...]) -> None:
     """Bundle CACHE into the single file OUT (NAME.zarr.zip), written once, then verified."""
+    from pipeline.cache.location import CacheLocation
     from pipeline.cache.sharing import pack_cache
 
-    res = pack_cache(cache, out, src_options=storage_options_of(storage_options), progress=not quiet,
-                     log=click.echo)
+    source = CacheLocation.parse(cache, storage_options_of(storage_options))
+    res = pack_cache(source, out, progress=not quiet, log=click.echo)
     click.echo(res.message)
 
 
@@ -578,10 +584,12 @@ def cache_pack(cache: str, out: str, quiet: bool, storage_options: tuple[str, ..
 @storage_option
 def cache_copy(src: str, dst: str, quiet: bool, storage_options: tuple[str, ...]) -> None:
     """Copy SRC to DST (directory, NAME.zarr.zip or s3://), verify the copy; a re-run resumes an interrupted one."""
+    from pipeline.cache.location import CacheLocation
     from pipeline.cache.sharing import copy_cache
 
     opts = storage_options_of(storage_options)
-    res = copy_cache(src, dst, src_options=opts, dst_options=opts, progress=not quiet, log=click.echo)
+    res = copy_cache(CacheLocation.parse(src, opts), CacheLocation.parse(dst, opts), progress=not quiet,
+                     log=click.echo)
     click.echo(res.message)
 
 
@@ -590,9 +598,10 @@ def cache_copy(src: str, dst: str, quiet: bool, storage_options: tuple[str, ...]
 @storage_option
 def cache_ls(prefix: str, storage_options: tuple[str, ...]) -> None:
     """List the caches under PREFIX (a directory or s3://bucket/prefix), one summary line each."""
+    from pipeline.cache.location import CacheLocation
     from pipeline.cache.sharing import list_caches
 
-    found = list_caches(prefix, storage_options_of(storage_options))
+    found = list_caches(CacheLocation.parse(prefix, storage_options_of(storage_options)))
     for s in found:
         click.echo(s.line())
     click.echo(f"{len(found)} cache(s) under {prefix}")

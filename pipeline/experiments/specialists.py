@@ -33,7 +33,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, load_checkpoint, member_paths, save_checkpoint
 from pipeline.config import SpecialistsConfig
 from pipeline.datasets import Dataset, load_dataset
@@ -353,10 +354,10 @@ def cached_generalist(cache: LogitCache, temperature: float = 1.0) -> torch.Tens
 
 def transfer_set(cache: LogitCache, data_dir: str | None) -> Dataset:
     """Load the dataset behind a cache and check it is the one the cache was made on."""
-    spec = cache.dataset["spec"]
+    spec = cache.dataset.spec
     data = load_dataset(spec, data_dir)
-    if data.fingerprint != cache.dataset["fingerprint"]:
-        raise CacheError(f"the cache was made on {spec} with fingerprint {cache.dataset['fingerprint']}, but {spec} "
+    if data.fingerprint != cache.dataset.fingerprint:
+        raise CacheError(f"the cache was made on {spec} with fingerprint {cache.dataset.fingerprint}, but {spec} "
                          f"now has fingerprint {data.fingerprint}; re-create the cache or restore the data")
     if not np.array_equal(data.ids, cache.read_ids()):
         raise CacheError(f"{cache.location}: the cache's sample ids differ from {spec}'s; the cache is damaged")
@@ -375,17 +376,18 @@ def generalist_members(cache: LogitCache, given: list[str] | None, device: torch
     Raises:
         CheckpointError: a checkpoint is missing or is not the one the cache was made with.
     """
-    want = [m["checkpoint_sha256"] for m in cache.members]
+    want = [m.checkpoint_sha256 for m in cache.members]
     if given:
         paths = [p for g in given for p in member_paths(g)]
     else:
         paths = []
-        base = Path(cache.location).resolve().parents
+        here = cache.location.local_path
+        base = here.resolve().parents if here is not None else []
         for m in cache.members:
-            cands = [Path(m["path"])] + [b / m["path"] for b in base[:3]]
+            cands = [Path(m.path)] + [b / m.path for b in base[:3]]
             hit = next((p for p in cands if p.is_file()), None)
             if hit is None:
-                raise CheckpointError(f"the generalist's member {m['index']} ({m['path']}, recorded in the cache) was "
+                raise CheckpointError(f"the generalist's member {m.index} ({m.path}, recorded in the cache) was "
                                       "not found from here; pass --generalist PATH (its checkpoint or ensemble "
                                       "directory)")
             paths.append(hit)
@@ -393,7 +395,7 @@ def generalist_members(cache: LogitCache, given: list[str] | None, device: torch
     have = [lm.sha256 for lm in loaded]
     if sorted(have) != sorted(want):
         raise CheckpointError("--generalist must be the checkpoints the cache was made with; the cache's members are "
-                              + ", ".join(f"{m['path']} ({m['checkpoint_sha256'][:19]})" for m in cache.members)
+                              + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in cache.members)
                               + "; found " + ", ".join(f"{lm.path} ({lm.sha256[:19]})" for lm in loaded))
     by_sha = {lm.sha256: lm for lm in loaded}
     return [by_sha[s] for s in want]
@@ -406,7 +408,7 @@ class SpecialistTask:
 
     index: int
     classes: list[int]
-    cache: str
+    cache: CacheLocation  # with its storage options: a dask worker opens it too
     out: str
     model_spec: str
     init_checkpoint: str | None  # a generalist member to start from, or None (from scratch)
@@ -462,7 +464,7 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
     with torch.no_grad():
         model.output_bias.zero_()
         model.output_bias[-1] = correction
-    names = cache.header["class_names"]
+    names = cache.header.class_names
     record = {"index": task.index, "classes": task.classes, "class_names": [names[c] for c in task.classes],
               "model_spec": task.model_spec, "init": task.init_checkpoint or "scratch",
               "sampling": plan.summary(), "dustbin_correction_applied": correction,
@@ -472,7 +474,7 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
     meta = {"model_spec": task.model_spec, "in_shape": list(data.sample_shape), "num_classes": len(task.classes) + 1,
             "class_names": [*record["class_names"], DUSTBIN],
             "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
-            "cache": {"location": task.cache, "fingerprint": cache_fingerprint(cache.header)},
+            "cache": {"location": task.cache.display, "fingerprint": cache_fingerprint(cache.header)},
             "specialist": {k: v for k, v in record.items() if k != "final_epoch"}}
     save_checkpoint(out / "specialist.pt", model, meta)
     (out / "specialist.json").write_text(json.dumps(record, indent=2))
@@ -488,7 +490,7 @@ def run_tasks(tasks: list[SpecialistTask], workers: int, log: Callable[[str], No
     from pipeline.cluster import dask_cluster
 
     with dask_cluster(min(workers, len(tasks))) as cluster:
-        tasks = [SpecialistTask(**{**asdict(t), "torch_threads": cluster.torch_threads}) for t in tasks]
+        tasks = [replace(t, torch_threads=cluster.torch_threads) for t in tasks]
         futures = cluster.client.map(train_specialist, tasks, pure=False)
         records = {}
         for fut in as_completed(futures):
@@ -710,7 +712,7 @@ def _check_same_cache(recorded: str | None, cache: LogitCache, where: Path, step
 def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> Clustering:
     """Step 1: cluster the classes from the cache; writes ``clusters.json`` and ``clusters.md`` under ``cfg.out``."""
     cfg.validate()
-    cache = LogitCache(cfg.cache)
+    cache = LogitCache(cfg.cache_location)
     probs = torch.softmax(cached_generalist(cache, 1.0), dim=1).numpy()
     labels = cache.read_labels() if cache.labeled else None
     cl = cluster_classes(probs, labels, cfg.specialists, cfg.classes_per_specialist, cfg.similarity,
@@ -722,9 +724,9 @@ def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     out = Path(cfg.out)
     (out / "clusters.json").write_text(json.dumps({"cache": cfg.cache,
                                                    "cache_fingerprint": cache_fingerprint(cache.header),
-                                                   "class_names": cache.header["class_names"],
+                                                   "class_names": list(cache.header.class_names),
                                                    **cl.to_dict()}, indent=2))
-    report = clusters_report(cl, cache.header["class_names"])
+    report = clusters_report(cl, list(cache.header.class_names))
     (out / "clusters.md").write_text(report)
     log(report)
     return cl
@@ -736,12 +738,13 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
     out = Path(cfg.out)
     clusters = _read_json(out / "clusters.json", "clusters",
                           "run `kd-pipeline specialists cluster` (or `specialists run`) first")
-    cache = LogitCache(cfg.cache)
+    location = cfg.cache_location
+    cache = LogitCache(location)
     _check_same_cache(clusters.get("cache_fingerprint"), cache, out / "clusters.json", "cluster")
     check_groups(clusters["specialists"], cache.num_classes)
     if cfg.init_member >= len(cache.members):
         raise ConfigError([f"--init-member {cfg.init_member}: the cache has members 0..{len(cache.members) - 1}"])
-    member_spec = cache.members[cfg.init_member]["model_spec"]
+    member_spec = cache.members[cfg.init_member].model_spec
     spec = cfg.model or member_spec
     init = cfg.init if cfg.init != "auto" else ("generalist" if spec == member_spec else "scratch")
     if init == "generalist" and spec != member_spec:
@@ -752,7 +755,7 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
         lm = generalist_members(cache, cfg.generalist)[cfg.init_member]
         init_path, init_sha = str(lm.path), lm.sha256
     _write_config(cfg, "train")
-    tasks = [SpecialistTask(index=k, classes=list(g), cache=cfg.cache, out=str(out / "specialists" / str(k)),
+    tasks = [SpecialistTask(index=k, classes=list(g), cache=location, out=str(out / "specialists" / str(k)),
                             model_spec=spec, init_checkpoint=init_path, init_sha256=init_sha,
                             temperature=cfg.temperature, alpha=cfg.alpha,
                             train={**cfg.train.to_dict(), "seed": cfg.train.seed + k}, max_rows=cfg.max_rows,
@@ -782,7 +785,7 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     trained = _read_json(out / "specialists.json", "trained specialists",
                          "run `kd-pipeline specialists train` (or `specialists run`) first")
     device = resolve_device(cfg.device)
-    cache = LogitCache(cfg.cache)
+    cache = LogitCache(cfg.cache_location)
     data = transfer_set(cache, cfg.data_dir)
     spec = cfg.eval or default_eval_spec(data.spec)
     if not spec:
@@ -813,7 +816,7 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
               "train_wall_seconds": trained.get("wall_seconds"), "evaluate_seconds": time.perf_counter() - t0}
     _write_config(cfg, "evaluate")
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-    report = evaluation_report(result, cache.header["class_names"])
+    report = evaluation_report(result, list(cache.header.class_names))
     (out / "report.md").write_text(report)
     g, c = main["generalist"], main["combined"]
     log(f"generalist {g['errors']} errors ({g['accuracy']:.2%}), generalist + specialists {c['errors']} errors "

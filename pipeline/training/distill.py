@@ -100,16 +100,16 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
     record: dict = {}
     teacher_fn = None
     if cfg.cache:
-        cache = LogitCache(cfg.cache, allow_partial=cfg.allow_partial, storage_options=cfg.storage_options)
+        cache = LogitCache(cfg.cache_location, allow_partial=cfg.allow_partial)
         members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
         bad = [m for m in members if m >= len(cache.members)]
         if bad:
             raise ConfigError([f"--members {bad} out of range: the cache has members 0..{len(cache.members) - 1}"])
-        dspec = cache.dataset["spec"]
+        dspec = cache.dataset.spec
         data = load_dataset(dspec, cfg.data_dir)
-        if data.fingerprint != cache.dataset["fingerprint"]:
+        if data.fingerprint != cache.dataset.fingerprint:
             raise CacheError(
-                f"the cache was made on {dspec} with fingerprint {cache.dataset['fingerprint']}, but {dspec} now "
+                f"the cache was made on {dspec} with fingerprint {cache.dataset.fingerprint}, but {dspec} now "
                 f"has fingerprint {data.fingerprint}: the data changed since. Re-create the cache with "
                 "`kd-pipeline cache-logits`, or restore the original data"
             )
@@ -118,14 +118,14 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
         if cfg.alpha < 1 and not cache.labeled:
             raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set {dspec} is "
                                "unlabeled; use --alpha 1 (soft targets only)"])
-        num_classes, stats = cache.num_classes, tuple(cache.dataset["input_stats"])
+        num_classes, stats = cache.num_classes, tuple(cache.dataset.input_stats)
         source, plan = cache_source(cache, data.x, members, cfg.ensemble, cfg.temperature, cfg.train.batch_size,
                                     cfg.memory_budget, seed=cfg.train.seed)
         shards = cache.done_shards(members)
         record["cache"] = {
             "location": cfg.cache, "fingerprint": cache_fingerprint(cache.header, members),
             "dataset": dspec, "dataset_fingerprint": data.fingerprint, "members": members,
-            "member_checkpoints": [cache.members[m]["checkpoint_sha256"] for m in members],
+            "member_checkpoints": [cache.members[m].checkpoint_sha256 for m in members],
             "complete": cache.complete, "partial_used": not cache.complete,
             "shards_used": len(shards), "n_shards": cache.n_shards, "rows_used": source.num_rows,
             "loader": plan.to_dict(),
@@ -133,7 +133,7 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print, progre
         if not cache.complete:
             log(f"warning: {cfg.cache} is partial; training on {len(shards)}/{cache.n_shards} shards "
                 f"({source.num_rows} rows) because --allow-partial was given")
-        class_names = cache.header["class_names"]
+        class_names = list(cache.header.class_names)
     else:
         teachers = load_models(cfg.online_teacher, device)
         data = load_dataset(cfg.dataset, cfg.data_dir)

@@ -54,7 +54,7 @@ def test_train_student_writes_a_run_directory_that_describes_itself(cache_path: 
     rec = result["cache"]
     assert rec["fingerprint"] == cache_fingerprint(header, [0, 1]) == cache_fingerprint(header)
     assert (rec["members"], rec["complete"], rec["partial_used"], rec["rows_used"]) == ([0, 1], True, False, 600)
-    assert rec["dataset_fingerprint"] == header["dataset"]["fingerprint"]
+    assert rec["dataset_fingerprint"] == header.dataset.fingerprint
     assert rec["loader"]["mode"] == "memory"
 
     with open(out / "history.csv") as f:
