@@ -777,3 +777,9 @@ class CacheToolConfig:
     )
     storage_options: dict = storage_options_option()
     data_dir: str | None = data_dir_option()
+
+    def location(self, which: str = "cache") -> CacheLocation:
+        """``cache``, ``out`` or ``prefix`` resolved once with the storage options."""
+        from pipeline.cache.location import CacheLocation
+
+        return CacheLocation.parse(getattr(self, which), self.storage_options)

@@ -228,11 +228,7 @@ def cache_info(cfg: CacheToolConfig, display: Display) -> None:
     completeness."""
     from pipeline.cache.format import LogitCache
 
-    info = (
-        LogitCache(cfg.cache, allow_partial=True, storage_options=cfg.storage_options)
-        .info()
-        .to_dict()
-    )
+    info = LogitCache(cfg.location(), allow_partial=True).info().to_dict()
     click.echo(json.dumps(info, indent=2) if display.json else format_cache_info(info))
 
 
@@ -246,11 +242,7 @@ def cache_verify(cfg: CacheToolConfig, display: Display) -> None:
     from pipeline.cache.sharing import verify_cache
 
     report = verify_cache(
-        cfg.cache,
-        dataset=cfg.dataset,
-        storage_options=cfg.storage_options,
-        data_dir=cfg.data_dir,
-        progress=not display.quiet,
+        cfg.location(), dataset=cfg.dataset, data_dir=cfg.data_dir, progress=not display.quiet
     )
     click.echo(report.format())
     if not report.ok:
@@ -263,13 +255,7 @@ def cache_pack(cfg: CacheToolConfig, display: Display) -> None:
     """Bundle CACHE into the single file OUT (NAME.zarr.zip), written once, then verified."""
     from pipeline.cache.sharing import pack_cache
 
-    res = pack_cache(
-        cfg.cache,
-        cfg.out,
-        src_options=cfg.storage_options,
-        progress=not display.quiet,
-        log=click.echo,
-    )
+    res = pack_cache(cfg.location(), cfg.out, progress=not display.quiet, log=click.echo)
     click.echo(res.message)
 
 
@@ -281,12 +267,7 @@ def cache_copy(cfg: CacheToolConfig, display: Display) -> None:
     from pipeline.cache.sharing import copy_cache
 
     res = copy_cache(
-        cfg.cache,
-        cfg.out,
-        src_options=cfg.storage_options,
-        dst_options=cfg.storage_options,
-        progress=not display.quiet,
-        log=click.echo,
+        cfg.location(), cfg.location("out"), progress=not display.quiet, log=click.echo
     )
     click.echo(res.message)
 
@@ -297,7 +278,7 @@ def cache_ls(cfg: CacheToolConfig) -> None:
     """List the caches under PREFIX (a directory or s3://bucket/prefix), one summary line each."""
     from pipeline.cache.sharing import list_caches
 
-    found = list_caches(cfg.prefix, cfg.storage_options)
+    found = list_caches(cfg.location("prefix"))
     for s in found:
         click.echo(s.line())
     click.echo(f"{len(found)} cache(s) under {cfg.prefix}")

@@ -37,17 +37,12 @@ Header (``attributes["kd_cache"]``, JSON only, never pickle)::
 Readers refuse a partial cache unless asked to allow it (then only the shards every chosen member has finished
 are used). Values are raw logits: temperature, ensemble mean type and member subset are chosen at training time.
 """
-
 from __future__ import annotations
 
-import json
-import math
-import os
 import shutil
-import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,25 +54,36 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from pipeline import __version__
+from pipeline.cache.header import (
+    ATTR_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAX_HEADER_BYTES,
+    CacheHeader,
+    DatasetRecord,
+    MemberRecord,
+    validate_header,
+)
 from pipeline.cache.location import (
     MAX_METADATA_BYTES,
-    StoreLease,
+    CacheLocation,
+    CacheLock,
     delete_key,
-    is_local_dir,
-    is_url,
     key_sizes,
     list_keys,
     local_path,
-    location_exists,
-    open_store,
     put_bytes,
 )
 from pipeline.errors import CacheError
 
-FORMAT_NAME = "kd-pipeline-logit-cache"
-FORMAT_VERSION = 1
-ATTR_KEY = "kd_cache"
-MAX_HEADER_BYTES = 1 << 20  # a header bigger than this is not ours: refuse before parsing further
+__all__ = [  # the format's names, including those defined in header.py and location.py
+    "ATTR_KEY", "CREATING_MARKER", "FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES", "CacheHeader",
+    "CacheInfo", "CacheLock", "DatasetRecord", "LogitCache", "MemberRecord", "add_member_arrays",
+    "array_handle", "cache_fingerprint", "check_metadata_size", "create_cache", "logit_codecs",
+    "mark_complete", "member_array", "member_done", "read_header", "remove_partial_files",
+    "shard_bounds", "validate_header", "write_shard",
+]
+
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 ZSTD_LEVEL = 3
 
@@ -87,6 +93,11 @@ CREATING_MARKER = "kd-creating"  # present while a cache is being created: a sto
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 # Our writer lock lives in the store while the metadata is consolidated; zarr notes it is not a zarr object.
 warnings.filterwarnings("ignore", message="Object at kd-writer.lock")
+
+
+def now() -> str:
+    """The timestamp format of the header's ``created``, ``added`` and ``completed_at``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def logit_codecs() -> list:
@@ -112,226 +123,110 @@ def member_done(index: int) -> str:
     return f"members/{index}/done"
 
 
-# ------------------------------------------------------------------------------------------------- validation
-def validate_header(h: Any, where: str = "cache") -> dict:
-    """Check a header against the format schema; return it or raise ``CacheError`` listing what is wrong."""
-    if not isinstance(h, dict):
-        raise CacheError(f"{where}: no kd-pipeline cache header (attribute {ATTR_KEY!r}); is this a logit cache "
-                         "made by `kd-pipeline cache-logits`?")
-    if len(json.dumps(h)) > MAX_HEADER_BYTES:
-        raise CacheError(f"{where}: the cache header is over {MAX_HEADER_BYTES} bytes; refusing to use it")
-    if h.get("format") != FORMAT_NAME:
-        raise CacheError(f"{where}: format is {h.get('format')!r}, expected {FORMAT_NAME!r}")
-    if not isinstance(h.get("version"), int) or h["version"] > FORMAT_VERSION:
-        raise CacheError(f"{where}: cache format version {h.get('version')!r} is not supported by this kd-pipeline "
-                         f"(understands <= {FORMAT_VERSION}); upgrade kd-pipeline")
-    types = {"n": int, "num_classes": int, "rows_per_shard": int, "n_shards": int, "dtype": str,
-             "labeled": bool, "dataset": dict, "members": list, "complete": bool, "class_names": list}
-    problems = [f"{k} should be {t.__name__}, found {type(h.get(k)).__name__}"
-                for k, t in types.items() if not isinstance(h.get(k), t)]
-    if not problems:
-        if h["n_shards"] != math.ceil(h["n"] / h["rows_per_shard"]):
-            problems.append(f"n_shards={h['n_shards']} does not match n={h['n']} / "
-                            f"rows_per_shard={h['rows_per_shard']}")
-        if h["dtype"] not in ("float16", "float32"):
-            problems.append(f"dtype {h['dtype']!r} is not float16 or float32")
-        for i, m in enumerate(h["members"]):
-            if not isinstance(m, dict) or m.get("index") != i or not isinstance(m.get("checkpoint_sha256"), str):
-                problems.append(f"member {i} entry is malformed")
-            elif m.get("num_classes") != h["num_classes"]:
-                problems.append(f"member {i} has {m.get('num_classes')} classes, the cache {h['num_classes']}")
-        if not isinstance(h["dataset"].get("fingerprint"), str):
-            problems.append("dataset.fingerprint is missing")
-    if problems:
-        raise CacheError(f"{where}: the cache header does not match format {FORMAT_NAME} v{FORMAT_VERSION}: "
-                         + "; ".join(problems))
-    return h
+def group_header(group: zarr.Group, where: str = "cache") -> CacheHeader:
+    """The (validated) header of an open cache group."""
+    return CacheHeader.from_dict(group.attrs.get(ATTR_KEY), where)
 
 
-# ----------------------------------------------------------------------------------------------------- locking
-class CacheLock:
-    """One writer at a time: ``CACHE/kd-writer.lock`` (created exclusively) names the writing process.
-
-    In a directory: a lock left by a process that died (SIGKILL) on this host is taken over; a live one makes the
-    second writer fail with a message naming the first. The lock file appears with its content (written to a temp
-    file, then hard-linked into place), so a kill can never leave an empty lock that names no one. In an object
-    store (``s3://``) the same key holds a lease taken with a conditional PUT (see :class:`pipeline.stores.StoreLease`).
-    """
-
-    NAME = "kd-writer.lock"
-
-    def __init__(self, root: str | Path, storage_options: dict | None = None) -> None:
-        self.lease = StoreLease(str(root), storage_options) if is_url(root) else None
-        self.path = Path(local_path(root)) / self.NAME if self.lease is None else None
-        self.held = False
-
-    def check(self) -> None:
-        """Raise ``CacheError`` if an object-store lease was lost while writing (a directory lock cannot be)."""
-        if self.lease is not None:
-            self.lease.check()
-
-    def acquire(self) -> CacheLock:
-        if self.lease is not None:
-            self.lease.acquire()
-            self.held = True
-            return self
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp = self.path.with_name(f"{self.NAME}.{me['pid']}.tmp")
-        tmp.write_text(json.dumps(me))
-        try:
-            return self._acquire(tmp, me)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _acquire(self, tmp: Path, me: dict) -> CacheLock:
-        for _ in range(2):
-            try:
-                os.link(tmp, self.path)  # atomic, and fails if the lock exists
-            except FileExistsError:
-                try:
-                    other = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    other = {}
-                if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
-                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
-                    continue
-                raise CacheError(
-                    f"{self.path.parent}: another process is writing this cache (pid {other.get('pid')} on "
-                    f"{other.get('host')}, since {other.get('since')}); wait for it to finish, or remove "
-                    f"{self.path} if that process is gone"
-                ) from None
-            self.held = True
-            return self
-        raise CacheError(f"{self.path}: could not take the writer lock")
-
-    def release(self) -> None:
-        if self.held:
-            if self.lease is not None:
-                self.lease.release()
-            else:
-                self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> CacheLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed child not yet reaped) is gone for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
+def _set_header(group: zarr.Group, header: CacheHeader) -> None:
+    group.attrs[ATTR_KEY] = header.to_dict()  # attrs are stored as a whole: assign the whole header
 
 
 # ------------------------------------------------------------------------------------------------------ create
-def create_cache(location: str | Path, *, dataset: dict, ids: np.ndarray, labels: np.ndarray | None,
-                 num_classes: int, class_names: list[str], members: list[dict], dtype: str,
-                 rows_per_shard: int, command: str, storage_options: dict | None = None) -> zarr.Group:
+def create_cache(location: str | Path | CacheLocation, *, dataset: dict, ids: np.ndarray,
+                 labels: np.ndarray | None, num_classes: int, class_names: Sequence[str],
+                 members: Sequence[Mapping[str, Any]], dtype: str, rows_per_shard: int,
+                 command: str) -> zarr.Group:
     """Create the store schema-first: every array at full size, ids/labels written, no logits yet.
 
     Args:
-        location: a directory or an object-store URL (see :mod:`pipeline.stores`).
+        location: a directory or an object-store URL (see :mod:`pipeline.cache.location`).
         dataset: the transfer set's ``Dataset.describe()``.
         ids: (N,) stable sample ids. labels: (N,) or None.
         members: teacher identities (``LoadedModel.identity()``), one per member.
-        storage_options: fsspec options for a URL.
     """
+    where = CacheLocation.parse(location)
+    store = _clear_for_creation(where)
     n = int(ids.shape[0])
-    if is_local_dir(location):
-        root = local_path(location)
-        root.mkdir(parents=True, exist_ok=True)
-        marker = root / CREATING_MARKER
-        marker.touch()  # until the schema is whole: a kill before then leaves a store that is created afresh
-        for child in root.iterdir():  # leftovers of an interrupted creation (never the writer lock)
-            if child.name != CREATING_MARKER and not child.name.startswith(CacheLock.NAME):
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-        store = open_store(location, "w")
-    else:
-        store = open_store(location, "w", storage_options)
-        put_bytes(store, CREATING_MARKER, b"")  # the same protocol, as an object
-        for key in list_keys(store):
-            if key != CREATING_MARKER and not key.startswith(CacheLock.NAME):
-                delete_key(store, key)
-    header = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "n": n, "num_classes": int(num_classes), "class_names": list(class_names),
-        "rows_per_shard": int(rows_per_shard), "n_shards": math.ceil(n / rows_per_shard),
-        "dtype": dtype, "codecs": codecs_description(), "labeled": labels is not None,
-        "dataset": dataset, "members": [],
-        "tool": "kd-pipeline", "tool_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-        "complete": False, "completed_at": None,
-    }
+    header = CacheHeader.new(n=n, num_classes=int(num_classes), class_names=list(class_names),
+                             rows_per_shard=int(rows_per_shard), dtype=dtype,
+                             codecs=codecs_description(), labeled=labels is not None, dataset=dataset,
+                             tool_version=__version__, created=now(), command=command)
     group = zarr.create_group(store, zarr_format=3)
-    # Every chunk is stored, even one equal to the fill value (an all-class-0 labels shard): a present object per
-    # shard is what verify and copy check, and a missing one then always means damage.
-    kw = {"chunks": (rows_per_shard,), "compressors": logit_codecs(), "config": {"write_empty_chunks": True}}
+    # Every chunk is stored, even one equal to the fill value (an all-class-0 labels shard): a present
+    # object per shard is what verify and copy check, and a missing one then always means damage.
+    kw = {"chunks": (rows_per_shard,), "compressors": logit_codecs(),
+          "config": {"write_empty_chunks": True}}
     group.create_array("ids", data=np.asarray(ids, dtype=np.int64), **kw)
     if labels is not None:
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), **kw)
-    group.attrs[ATTR_KEY] = header
+    _set_header(group, header)
     for m in members:
         add_member_arrays(group, m)
     delete_key(store, CREATING_MARKER)
     return group
 
 
-def add_member_arrays(group: zarr.Group, identity: dict) -> dict:
+def _clear_for_creation(where: CacheLocation) -> Store:
+    """Mark ``where`` as being created and remove what an interrupted creation left; its writable store.
+
+    Until the schema is whole the marker stays, so a kill before then leaves a store that is created afresh.
+    The writer lock is never removed.
+    """
+    if where.kind == "dir":
+        root = local_path(where.text)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / CREATING_MARKER).touch()
+        for child in root.iterdir():
+            if child.name != CREATING_MARKER and not child.name.startswith(CacheLock.NAME):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        return where.open("w")
+    store = where.open("w")
+    put_bytes(store, CREATING_MARKER, b"")  # the same protocol, as an object
+    for key in list_keys(store):
+        if key != CREATING_MARKER and not key.startswith(CacheLock.NAME):
+            delete_key(store, key)
+    return store
+
+
+def add_member_arrays(group: zarr.Group, identity: Mapping[str, Any]) -> MemberRecord:
     """Append a member to the header and create its (empty) logits and done arrays."""
-    h = dict(group.attrs[ATTR_KEY])
-    index = len(h["members"])
-    entry = {"index": index, "array": member_array(index), **identity,
-             "added": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    h = group_header(group)
+    index = len(h.members)
+    h = h.with_member({"index": index, "array": member_array(index), **identity, "added": now()})
     # overwrite: arrays at this index that the header does not list are leftovers of an add killed midway.
-    group.create_array(member_array(index), shape=(h["n"], h["num_classes"]), dtype=h["dtype"],
-                       chunks=(h["rows_per_shard"], h["num_classes"]), compressors=logit_codecs(), fill_value=0,
-                       overwrite=True)
+    group.create_array(member_array(index), shape=(h.n, h.num_classes), dtype=h.dtype,
+                       chunks=(h.rows_per_shard, h.num_classes), compressors=logit_codecs(),
+                       fill_value=0, overwrite=True)
     # One chunk per flag: writers of different shards never share an object.
-    group.create_array(member_done(index), shape=(h["n_shards"],), dtype="uint8", chunks=(1,),
+    group.create_array(member_done(index), shape=(h.n_shards,), dtype="uint8", chunks=(1,),
                        compressors=[zc.Crc32cCodec()], fill_value=0, overwrite=True)
-    h["members"] = [*h["members"], entry]
-    h["complete"] = False
-    h["completed_at"] = None
-    group.attrs[ATTR_KEY] = h
-    return entry
+    _set_header(group, h)
+    return h.members[-1]
 
 
-def mark_complete(location: str | Path, storage_options: dict | None = None) -> None:
+def mark_complete(location: str | Path | CacheLocation) -> None:
     """Set ``complete`` (after verifying every done flag) and consolidate the metadata, in that order."""
-    store = open_store(location, "w", storage_options)
+    where = CacheLocation.parse(location)
+    store = where.open("w")
     group = zarr.open_group(store, mode="r+", use_consolidated=False)
-    h = dict(group.attrs[ATTR_KEY])
-    for m in h["members"]:
-        flags = group[member_done(m["index"])][:]
+    h = group_header(group, where.display)
+    for m in h.members:
+        flags = group[member_done(m.index)][:]
         if not flags.all():
-            raise CacheError(f"{location}: member {m['index']} still misses {int((flags == 0).sum())} shards")
-    h["complete"] = True
-    h["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    group.attrs[ATTR_KEY] = h
+            raise CacheError(f"{where}: member {m.index} still misses {int((flags == 0).sum())} shards")
+    _set_header(group, h.completed(now()))
     zarr.consolidate_metadata(store)
 
 
 def array_handle(group: zarr.Group, path: str, handles: dict) -> zarr.Array:
     """``group[path]``, opened once per ``handles`` dict.
 
-    Opening an array reads and parses its metadata; per shard read or write that would dominate small shards. A
-    handle is plain metadata (no file handles), so holders stay fork-safe.
+    Opening an array reads and parses its metadata; per shard read or write that would dominate small
+    shards. A handle is plain metadata (no file handles), so holders stay fork-safe.
     """
     if path not in handles:
         arr = group[path]
@@ -341,38 +236,40 @@ def array_handle(group: zarr.Group, path: str, handles: dict) -> zarr.Array:
 
 
 def write_shard(group: zarr.Group, member: int, shard: int, logits: np.ndarray, ids: np.ndarray,
-                handles: dict | None = None) -> None:
+                handles: dict | None = None, header: CacheHeader | None = None) -> None:
     """Write one whole shard of one member's logits, then its done flag.
 
     Args:
         logits: (rows, C) float32 raw logits for the shard's rows.
         ids: (rows,) sample ids of those rows, named in errors.
         handles: array handles kept across calls by a writer of many shards (see :func:`array_handle`).
+        header: the cache's header, when the caller holds it (else read from ``group``).
 
     Raises:
-        CacheError: NaN/inf logits, or logits beyond float16's range in a float16 cache (nothing is written).
+        CacheError: NaN/inf logits, or logits beyond float16's range in a float16 cache (nothing is
+            written).
     """
-    h = group.attrs[ATTR_KEY]
+    h = header if header is not None else group_header(group)
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
         raise CacheError(
-            f"member {member} produced NaN or inf logits for sample ids {_ids_list(ids[bad])}; the teacher is "
-            "broken on these inputs, nothing was written for this shard"
+            f"member {member} produced NaN or inf logits for sample ids {_ids_list(ids[bad])}; the teacher "
+            "is broken on these inputs, nothing was written for this shard"
         )
-    if h["dtype"] == "float16":
+    if h.dtype == "float16":
         over = (np.abs(logits) > FLOAT16_MAX).any(axis=1)
         if over.any():
             raise CacheError(
                 f"member {member} has logits beyond float16's range (|v| > {FLOAT16_MAX:.0f}, max "
-                f"{np.abs(logits).max():.4g}) for sample ids {_ids_list(ids[over])}; they would be stored as inf. "
-                "Re-create the cache with --dtype float32"
+                f"{np.abs(logits).max():.4g}) for sample ids {_ids_list(ids[over])}; they would be stored "
+                "as inf. Re-create the cache with --dtype float32"
             )
-    start, stop = shard_bounds(shard, h["rows_per_shard"], h["n"])
-    if logits.shape != (stop - start, h["num_classes"]):
+    start, stop = h.shard_bounds(shard)
+    if logits.shape != (stop - start, h.num_classes):
         raise CacheError(f"shard {shard} of member {member}: expected logits of shape "
-                         f"{(stop - start, h['num_classes'])}, got {logits.shape}")
+                         f"{(stop - start, h.num_classes)}, got {logits.shape}")
     handles = {} if handles is None else handles
-    array_handle(group, member_array(member), handles)[start:stop] = logits.astype(h["dtype"])
+    array_handle(group, member_array(member), handles)[start:stop] = logits.astype(h.dtype)
     array_handle(group, member_done(member), handles)[shard] = 1
 
 
@@ -387,24 +284,27 @@ class CacheInfo:
     """What ``cache info`` prints."""
 
     location: str
-    header: dict
+    header: CacheHeader
     shards_done: list[int]
     size_on_disk: int
     raw_size: int
 
     def to_dict(self) -> dict:
         h = self.header
+        dataset = h.dataset.to_dict()
         return {
-            "location": self.location, "format": h["format"], "version": h["version"], "n": h["n"],
-            "num_classes": h["num_classes"], "class_names": h["class_names"], "dtype": h["dtype"],
-            "codecs": h["codecs"], "rows_per_shard": h["rows_per_shard"], "n_shards": h["n_shards"],
-            "shards_done": self.shards_done, "complete": h["complete"], "labeled": h["labeled"],
-            "members": [{k: m.get(k) for k in ("index", "model_spec", "checkpoint_sha256", "path", "metrics")}
-                        for m in h["members"]],
-            "dataset": {k: h["dataset"].get(k) for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")},
+            "location": self.location, "format": h.format, "version": h.version, "n": h.n,
+            "num_classes": h.num_classes, "class_names": list(h.class_names), "dtype": h.dtype,
+            "codecs": None if h.codecs is None else list(h.codecs), "rows_per_shard": h.rows_per_shard,
+            "n_shards": h.n_shards, "shards_done": self.shards_done, "complete": h.complete,
+            "labeled": h.labeled,
+            "members": [{k: m.to_dict().get(k)
+                         for k in ("index", "model_spec", "checkpoint_sha256", "path", "metrics")}
+                        for m in h.members],
+            "dataset": {k: dataset.get(k) for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")},
             "size_on_disk": self.size_on_disk, "raw_float32_size": self.raw_size,
-            "created": h["created"], "completed_at": h["completed_at"], "command": h["command"],
-            "tool_version": h["tool_version"],
+            "created": h.created, "completed_at": h.completed_at, "command": h.command,
+            "tool_version": h.tool_version,
         }
 
 
@@ -412,71 +312,69 @@ class LogitCache:
     """Read access to a cache. Opening never writes.
 
     Args:
-        location: the cache: a directory, a ``.zarr.zip`` bundle or an ``s3://`` URL (see :mod:`pipeline.stores`).
+        location: the cache: a :class:`~pipeline.cache.location.CacheLocation`, or a directory, a
+            ``.zarr.zip`` bundle or an ``s3://`` URL (then without storage options: the AWS environment's).
         allow_partial: accept an incomplete cache (only finished shards are then served).
-        storage_options: fsspec options for a URL (endpoint_url, profile, ...).
 
     Raises:
         CacheError: missing, not a cache, bad header, or partial without ``allow_partial``.
     """
 
-    def __init__(self, location: str | Path, allow_partial: bool = False,
-                 storage_options: dict | None = None) -> None:
-        self.location = str(location)
-        self.storage_options = dict(storage_options or {})
-        if not location_exists(self.location, storage_options):
-            raise CacheError(f"{self.location}: no such cache; create one with `kd-pipeline cache-logits --out "
-                             f"{self.location} ...`")
-        self.store = open_store(self.location, "r", storage_options)  # read-only: reading never writes
-        check_metadata_size(self.store, self.location)
+    def __init__(self, location: str | Path | CacheLocation, allow_partial: bool = False) -> None:
+        self.location = CacheLocation.parse(location)
+        if not self.location.exists():
+            raise CacheError(f"{self.location}: no such cache; create one with `kd-pipeline cache-logits "
+                             f"--out {self.location} ...`")
+        self.store = self.location.open("r")  # read-only: reading never writes
+        check_metadata_size(self.store, self.location.display)
         try:
             self.group = zarr.open_group(self.store, mode="r", use_consolidated=False)
         except Exception as e:  # zarr raises several types for a non-group path
             raise CacheError(f"{self.location}: not a Zarr v3 group ({type(e).__name__}: {e})") from e
-        self.header = validate_header(self.group.attrs.get(ATTR_KEY), self.location)
+        self.header = group_header(self.group, self.location.display)
         if not self.complete and not allow_partial:
             done, total = self.count_done()
             raise CacheError(
-                f"{self.location}: the cache is partial ({done}/{total} member-shards written). Finish it by "
-                "re-running the same `kd-pipeline cache-logits` command (it resumes), or pass --allow-partial "
-                "to use only the finished shards"
+                f"{self.location}: the cache is partial ({done}/{total} member-shards written). Finish it "
+                "by re-running the same `kd-pipeline cache-logits` command (it resumes), or pass "
+                "--allow-partial to use only the finished shards"
             )
 
     # -- header fields
     @property
     def complete(self) -> bool:
-        return bool(self.header["complete"])
+        return self.header.complete
 
     @property
     def n(self) -> int:
-        return int(self.header["n"])
+        return self.header.n
 
     @property
     def num_classes(self) -> int:
-        return int(self.header["num_classes"])
+        return self.header.num_classes
 
     @property
     def n_shards(self) -> int:
-        return int(self.header["n_shards"])
+        return self.header.n_shards
 
     @property
     def rows_per_shard(self) -> int:
-        return int(self.header["rows_per_shard"])
+        return self.header.rows_per_shard
 
     @property
-    def members(self) -> list[dict]:
-        return list(self.header["members"])
+    def members(self) -> tuple[MemberRecord, ...]:
+        return self.header.members
 
     @property
     def labeled(self) -> bool:
-        return bool(self.header["labeled"])
+        return self.header.labeled
 
     @property
-    def dataset(self) -> dict:
-        return dict(self.header["dataset"])
+    def dataset(self) -> DatasetRecord:
+        return self.header.dataset
 
     def shard_bounds(self, shard: int) -> tuple[int, int]:
-        return shard_bounds(shard, self.rows_per_shard, self.n)
+        return self.header.shard_bounds(shard)
 
     # -- completion
     def done_flags(self, member: int) -> np.ndarray:
@@ -493,7 +391,7 @@ class LogitCache:
 
     def count_done(self) -> tuple[int, int]:
         """(member-shards written, member-shards in all)."""
-        done = sum(int(self.done_flags(m["index"]).sum()) for m in self.members)
+        done = sum(int(self.done_flags(m.index).sum()) for m in self.members)
         return done, self.n_shards * len(self.members)
 
     # -- data
@@ -510,9 +408,9 @@ class LogitCache:
         except Exception as e:  # checksum mismatch, decompression failure, truncated object
             chunk = _chunk_of(sel, arr.chunks)
             raise CacheError(
-                f"{self.location}: cannot read chunk {chunk} of array {path!r} ({type(e).__name__}: {e}); the cache "
-                "is corrupted there. Re-create that shard by deleting the cache's member or re-running "
-                "`kd-pipeline cache-logits` into a fresh --out, or get a good copy"
+                f"{self.location}: cannot read chunk {chunk} of array {path!r} ({type(e).__name__}: {e}); "
+                "the cache is corrupted there. Re-create that shard by deleting the cache's member or "
+                "re-running `kd-pipeline cache-logits` into a fresh --out, or get a good copy"
             ) from e
 
     def read_logits(self, shard: int, members: list[int] | None = None) -> np.ndarray:
@@ -544,7 +442,7 @@ class LogitCache:
         done = self.done_shards().tolist()
         size = sum(key_sizes(self.store).values())
         raw = self.n * self.num_classes * 4 * len(self.members)
-        return CacheInfo(self.location, self.header, done, size, raw)
+        return CacheInfo(self.location.display, self.header, done, size, raw)
 
 
 def _chunk_of(sel: Any, chunks: tuple[int, ...]) -> tuple[int, ...]:
@@ -553,7 +451,7 @@ def _chunk_of(sel: Any, chunks: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def check_metadata_size(store: Store, where: str) -> None:
-    """Refuse a root ``zarr.json`` over ``MAX_METADATA_BYTES`` before zarr parses it (a cache's is kilobytes)."""
+    """Refuse a root ``zarr.json`` over ``MAX_METADATA_BYTES`` before zarr parses it (a cache's is KiB)."""
     try:
         size = sync(store.getsize("zarr.json"))
     except (FileNotFoundError, KeyError):
@@ -561,14 +459,16 @@ def check_metadata_size(store: Store, where: str) -> None:
     except Exception:  # noqa: BLE001 - a store that cannot tell sizes: zarr's own parsing still validates
         return
     if size > MAX_METADATA_BYTES:
-        raise CacheError(f"{where}: zarr.json is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for cache "
-                         "metadata; this is not a kd-pipeline cache (or it was tampered with). Refusing to parse it")
+        raise CacheError(f"{where}: zarr.json is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for "
+                         "cache metadata; this is not a kd-pipeline cache (or it was tampered with). "
+                         "Refusing to parse it")
 
 
-def read_header(location: str | Path, storage_options: dict | None = None) -> dict | None:
+def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
     """The header of an existing cache at ``location`` (validated), or None if nothing is there."""
-    if is_local_dir(location):
-        p = local_path(location)
+    where = CacheLocation.parse(location)
+    if where.kind == "dir":
+        p = local_path(where.text)
         if not p.exists():
             return None
         if p.is_dir():
@@ -576,46 +476,41 @@ def read_header(location: str | Path, storage_options: dict | None = None) -> di
             if not names or CREATING_MARKER in names:
                 return None  # empty, or a creation that was interrupted: (re-)created by the writer
         if not (p / "zarr.json").is_file():
-            raise CacheError(f"{location}: exists but is not a Zarr store; choose another --out or remove it")
-        store = open_store(location, "r")
+            raise CacheError(f"{where}: exists but is not a Zarr store; choose another --out or remove it")
+        store = where.open("r")
     else:
-        if not location_exists(location, storage_options):
+        if not where.exists():
             return None
-        store = open_store(location, "r", storage_options)
+        store = where.open("r")
         names = {k for k in list_keys(store) if not k.startswith(CacheLock.NAME)}
         if not names or CREATING_MARKER in names:
             return None
         if "zarr.json" not in names:
-            raise CacheError(f"{location}: holds objects but no zarr.json (not a Zarr store, or a copy that did not "
-                             "finish: re-run `kd-pipeline cache copy` to complete it); choose another --out")
-    check_metadata_size(store, str(location))
+            raise CacheError(f"{where}: holds objects but no zarr.json (not a Zarr store, or a copy that "
+                             "did not finish: re-run `kd-pipeline cache copy` to complete it); choose "
+                             "another --out")
+    check_metadata_size(store, where.display)
     group = zarr.open_group(store, mode="r", use_consolidated=False)
-    return validate_header(group.attrs.get(ATTR_KEY), str(location))
+    return group_header(group, where.display)
 
 
-def remove_partial_files(location: str | Path) -> int:
+def remove_partial_files(location: str | Path | CacheLocation) -> int:
     """Delete leftovers of writes interrupted by a kill (zarr's ``*.partial`` temp files); returns how many.
 
     Only local directories have them: an object store's PUT is atomic.
     """
-    if not is_local_dir(location):
+    where = CacheLocation.parse(location)
+    if where.kind != "dir":
         return 0
     count = 0
-    for f in local_path(location).rglob("*.partial"):
+    for f in local_path(where.text).rglob("*.partial"):
         f.unlink(missing_ok=True)
         count += 1
     return count
 
 
-def cache_fingerprint(header: dict, members: list[int] | None = None) -> str:
-    """Identity of a cache's content: dataset fingerprint, member checkpoints (in order), dtype and shape.
-
-    Two caches with the same fingerprint serve the same soft targets; runs record it. With ``members`` the
-    fingerprint covers just that subset (what a run actually used).
-    """
-    import hashlib
-
-    chosen = header["members"] if members is None else [header["members"][i] for i in members]
-    ident = {"dataset": header["dataset"]["fingerprint"], "members": [m["checkpoint_sha256"] for m in chosen],
-             "dtype": header["dtype"], "n": header["n"], "num_classes": header["num_classes"]}
-    return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+def cache_fingerprint(header: CacheHeader | Mapping[str, Any], members: list[int] | None = None) -> str:
+    """Identity of a cache's content (:meth:`CacheHeader.fingerprint`); a header dict is read first."""
+    if not isinstance(header, CacheHeader):
+        header = CacheHeader.from_dict(dict(header))
+    return header.fingerprint(members)

@@ -1,18 +1,27 @@
-"""Where caches live: the one place that turns a cache location into a Zarr store.
+"""Where caches live: a cache location resolved once into a value, and the one place that opens its store.
 
 A location is one of
 
 - a local directory ``data/caches/NAME.zarr`` (zarr's ``LocalStore``),
-- a single-file bundle ``NAME.zarr.zip`` (zarr's ``ZipStore``; read-only except while ``cache pack`` writes it once),
-- an object-store URL ``s3://bucket/prefix/NAME.zarr`` (zarr's ``FsspecStore`` over s3fs; other fsspec schemes such
-  as ``gs://`` go the same way but are untested). Credentials, region and endpoint come from the standard AWS
-  environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
-  ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``) that botocore reads; ``storage_options`` (the CLI's
-  ``--storage-option key=value``) are passed to the filesystem for the rest.
+- a single-file bundle ``NAME.zarr.zip`` (zarr's ``ZipStore``; read-only except while ``cache pack`` writes
+  it once),
+- an object-store URL ``s3://bucket/prefix/NAME.zarr`` (zarr's ``FsspecStore`` over s3fs; other fsspec
+  schemes such as ``gs://`` go the same way but are untested). Credentials, region and endpoint come from the
+  standard AWS environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``) that botocore reads;
+  storage options (the CLI's ``--storage-option key=value``) are passed to the filesystem for the rest.
+
+:class:`CacheLocation` is that choice made once at the edge (like zarr's ``StorePath`` / ``make_store_path``):
+the normalised text, its kind (``"dir"``, ``"zip"`` or ``"url"``) and its storage options, with what callers
+need: :meth:`~CacheLocation.open` (read-only or writable store, each opened once per value),
+:meth:`~CacheLocation.exists`, :meth:`~CacheLocation.lock` (a directory's lock file or an object store's
+lease), :attr:`~CacheLocation.name` and :attr:`~CacheLocation.display`. Library functions take one and
+accept a plain ``str`` / ``Path`` for convenience (``CacheLocation.parse`` at their entry).
 
 Read-only opens use read-only stores, so opening a cache for reading can never write to it. A zip is validated
-before zarr sees it (no absolute names, no ``..``, no symlinks, sane sizes). Also here: key-level helpers that work
-on any of the three (list, sizes, get, put, delete) and the object-store writer lease.
+before zarr sees it (no absolute names, no ``..``, no symlinks, sane sizes). Also here: key-level helpers that
+work on any of the three stores (list, sizes, get, put, delete) and the writer lock (:class:`CacheLock`, with
+:class:`StoreLease` for object stores).
 
 This module imports without torch.
 """
@@ -27,9 +36,10 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
@@ -39,6 +49,7 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 from pipeline.errors import CacheError
 
 ZIP_SUFFIX = ".zip"
+ZARR_SUFFIX = ".zarr"
 MAX_ZIP_ENTRIES = 2_000_000
 MAX_ZIP_ENTRY_BYTES = 4 << 30  # a logit chunk is one shard of one member: far below this
 MAX_ZIP_TOTAL_BYTES = 1 << 40
@@ -48,8 +59,12 @@ LEASE_NAME = "kd-writer.lock"
 LEASE_SECONDS = 120.0  # an object-store lease not renewed for this long is taken over
 LEASE_RENEW_SECONDS = 30.0
 
+Kind = Literal["dir", "zip", "url"]
+SECRET_WORDS = ("key", "secret", "token", "password")  # as pipeline.config.redact_secrets
+_OPEN_LOCK = threading.Lock()  # two threads opening one location's store get the same store
 
-# ------------------------------------------------------------------------------------------------ locations
+
+# ------------------------------------------------------------------------------------------ location text
 def is_url(location: str | Path) -> bool:
     """True for ``scheme://...`` (an fsspec URL; ``file://`` counts as a local path)."""
     s = str(location)
@@ -57,19 +72,22 @@ def is_url(location: str | Path) -> bool:
 
 
 def is_zip(location: str | Path) -> bool:
+    """True for a local ``*.zip`` path (a cache bundle)."""
     return not is_url(location) and str(location).endswith(ZIP_SUFFIX)
 
 
 def is_local_dir(location: str | Path) -> bool:
+    """True for a local path that is not a bundle (a cache directory)."""
     return not is_url(location) and not is_zip(location)
 
 
 def local_path(location: str | Path) -> Path:
+    """The local path of a non-URL location (``file://`` removed)."""
     return Path(str(location).removeprefix("file://"))
 
 
 def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
-    """``["endpoint_url=http://...", "anon=true"]`` -> dict; values that parse as JSON (true, 3, null) are decoded.
+    """``["endpoint_url=http://...", "anon=true"]`` -> dict; values that parse as JSON are decoded.
 
     A dotted key sets a nested option: ``client_kwargs.region_name=eu-west-1``.
 
@@ -80,8 +98,8 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise CacheError(f"--storage-option expects KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000), "
-                             f"got {item!r}")
+            raise CacheError(f"--storage-option expects KEY=VALUE (e.g. "
+                             f"endpoint_url=http://127.0.0.1:9000), got {item!r}")
         try:
             parsed: Any = json.loads(value)
         except ValueError:
@@ -94,8 +112,19 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _fsspec_options(storage_options: dict | None) -> dict:
-    opts = dict(storage_options or {})
+def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with the values of credential-like keys (key, secret, token, password) as ``"***"``."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, Mapping):
+            out[k] = redact_options(v)
+        else:
+            out[k] = "***" if any(w in k.lower() for w in SECRET_WORDS) else v
+    return out
+
+
+def _fsspec_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    opts = dict(storage_options)
     # s3fs caches listings per filesystem instance; another process (a writer, a copy) may change the store
     # between our listings, so never trust a cached one.
     opts.setdefault("use_listings_cache", False)
@@ -150,50 +179,166 @@ def validate_zip(path: str | Path) -> None:
                          "bundle made by `kd-pipeline cache pack`")
 
 
-# ---------------------------------------------------------------------------------------------------- stores
-def open_store(location: str | Path, mode: str = "r", storage_options: dict | None = None) -> Store:
-    """The Zarr store for a cache location.
+# ----------------------------------------------------------------------------------------------- location
+@dataclass(frozen=True, repr=False)
+class CacheLocation:
+    """Where one cache lives, resolved once: normalised text, kind and storage options.
 
-    Args:
-        location: a directory, a ``.zarr.zip`` file or an fsspec URL (``s3://bucket/prefix/NAME.zarr``).
-        mode: ``"r"`` read-only; ``"w"`` writable (directories and URLs; a zip is written only by
-            :func:`create_zip_store`).
-        storage_options: passed to fsspec for URLs (endpoint_url, anon, profile, client_kwargs, ...).
+    Build it with :meth:`parse` (the CLI's and configs' edge: ``CacheConfig.location``,
+    ``StudentConfig.cache_location``, ...) and pass it everywhere instead of a location string and its
+    storage options. It is hashable and picklable (dask tasks carry it to workers); the stores it opened stay
+    behind (a worker opens its own). Storage options are never printed: ``repr`` redacts credential-like keys
+    and ``str`` is :attr:`display`.
 
-    Raises:
-        CacheError: a zip opened for writing, or an invalid zip.
+    Attributes:
+        text: the location, normalised: trailing ``/`` removed; a local path as given otherwise.
+        kind: ``"dir"`` (a local directory), ``"zip"`` (a ``.zarr.zip`` bundle) or ``"url"`` (fsspec URL).
+        options_json: the storage options as canonical JSON (``"{}"`` for local locations, which take none).
     """
-    if mode not in ("r", "w"):
-        raise ValueError(f"mode must be 'r' or 'w', got {mode!r}")
-    if is_url(location):
+
+    text: str
+    kind: Kind
+    options_json: str = "{}"
+    _stores: dict[str, Store] = field(default_factory=dict, init=False, compare=False, hash=False)
+
+    @classmethod
+    def parse(cls, location: str | Path | CacheLocation,
+              storage_options: Mapping[str, Any] | None = None) -> CacheLocation:
+        """Resolve ``location`` (and, for a URL, its storage options) into a value; validated once.
+
+        A value given as ``location`` is returned as it is. Storage options only apply to URLs: with a local
+        directory or bundle they are ignored (``cache copy`` passes one option list for both sides).
+
+        Raises:
+            CacheError: an empty location, or storage options that are not plain JSON values.
+            TypeError: a ``CacheLocation`` together with storage options (it already has its own).
+        """
+        if isinstance(location, CacheLocation):
+            if storage_options:
+                raise TypeError("a CacheLocation carries its own storage options; parse the text instead")
+            return location
+        text = str(location)
+        if not text.strip():
+            raise CacheError("no cache location given; expected a directory NAME.zarr, a bundle "
+                             "NAME.zarr.zip or an s3://bucket/prefix/NAME.zarr URL")
+        text = text.rstrip("/") or text
+        kind: Kind = "url" if is_url(text) else "zip" if is_zip(text) else "dir"
+        options = dict(storage_options or {}) if kind == "url" else {}
         try:
-            store = FsspecStore.from_url(str(location).rstrip("/"), storage_options=_fsspec_options(storage_options),
-                                         read_only=mode == "r")
-        except ImportError as e:
-            raise CacheError(f"{location}: this URL needs an fsspec backend that is not installed ({e}); for s3:// "
-                             "install s3fs (`pip install s3fs`)") from None
+            options_json = json.dumps(options, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise CacheError(f"{text}: storage options must be plain JSON values (strings, numbers, "
+                             f"booleans, null, lists, objects): {e}") from None
+        return cls(text, kind, options_json)
+
+    # -- what it is
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The fsspec options of a URL (a fresh dict; empty for local locations)."""
+        return json.loads(self.options_json)
+
+    @property
+    def display(self) -> str:
+        """What messages print: the location text, never its storage options."""
+        return self.text
+
+    @property
+    def name(self) -> str:
+        """The cache's name: its last path part without ``.zarr.zip`` / ``.zip`` / ``.zarr``.
+
+        The one slug rule for caches (run-directory names such as ``data/runs/<cache>-...``).
+        """
+        last = PurePosixPath(self.text).name if self.kind == "url" else local_path(self.text).name
+        return last.removesuffix(ZIP_SUFFIX).removesuffix(ZARR_SUFFIX)
+
+    @property
+    def local_path(self) -> Path | None:
+        """The local path of a directory or bundle; None for a URL."""
+        return None if self.kind == "url" else local_path(self.text)
+
+    def child(self, relative: str) -> CacheLocation:
+        """The location ``relative`` below this one (same kind of store, same storage options)."""
+        relative = relative.strip("/")
+        if self.kind == "url":
+            return CacheLocation.parse(f"{self.text}/{relative}", self.storage_options)
+        return CacheLocation.parse(str(local_path(self.text) / relative))
+
+    def __str__(self) -> str:
+        return self.display
+
+    def __repr__(self) -> str:
+        opts = redact_options(self.storage_options)
+        return f"CacheLocation({self.text!r}, kind={self.kind!r}" + (f", storage_options={opts}"
+                                                                    if opts else "") + ")"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"text": self.text, "kind": self.kind, "options_json": self.options_json}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_stores", {})
+
+    # -- stores
+    def open(self, mode: Literal["r", "w"] = "r") -> Store:
+        """The Zarr store: ``"r"`` read-only, ``"w"`` writable (directories and URLs only).
+
+        Each mode's store is opened once per value and reused: a command holding one location opens it once.
+        (Stores keep no data or listings of their own, so a reused read-only store sees later writes.)
+
+        Raises:
+            CacheError: a bundle opened for writing, an invalid bundle, or a URL scheme whose fsspec
+                backend is not installed.
+        """
+        if mode not in ("r", "w"):
+            raise ValueError(f"mode must be 'r' or 'w', got {mode!r}")
+        with _OPEN_LOCK:
+            store = self._stores.get(mode)
+            if store is None:
+                store = self._stores[mode] = self._new_store(mode)
         return store
-    if is_zip(location):
-        if mode != "r":
-            raise CacheError(f"{location}: a .zarr.zip bundle is read-only; write to a directory or s3:// URL and "
-                             f"bundle it with `kd-pipeline cache pack CACHE {location}`")
-        validate_zip(local_path(location))
-        return ZipStore(local_path(location), mode="r")
-    return LocalStore(local_path(location), read_only=mode == "r")
+
+    def _new_store(self, mode: str) -> Store:
+        if self.kind == "url":
+            try:
+                return FsspecStore.from_url(self.text, read_only=mode == "r",
+                                            storage_options=_fsspec_options(self.storage_options))
+            except ImportError as e:
+                raise CacheError(f"{self.text}: this URL needs an fsspec backend that is not installed "
+                                 f"({e}); for s3:// install s3fs (`pip install s3fs`)") from None
+        if self.kind == "zip":
+            if mode != "r":
+                raise CacheError(f"{self.text}: a .zarr.zip bundle is read-only; write to a directory or "
+                                 "s3:// URL and bundle it with `kd-pipeline cache pack CACHE "
+                                 f"{self.text}`")
+            validate_zip(local_path(self.text))
+            return ZipStore(local_path(self.text), mode="r")
+        return LocalStore(local_path(self.text), read_only=mode == "r")
+
+    def create_zip(self) -> ZipStore:
+        """A fresh bundle at this (zip) location, written once by ``cache pack``; close it when done."""
+        if self.kind != "zip":
+            raise CacheError(f"{self.text}: not a .zarr.zip bundle location")
+        return ZipStore(local_path(self.text), mode="w")
+
+    def exists(self) -> bool:
+        """Whether anything is stored here (a URL exists when at least one key lies under it)."""
+        if self.kind != "url":
+            return local_path(self.text).exists()
+        return bool(list_keys(self.open("r"), limit=1))
+
+    def lock(self) -> CacheLock:
+        """The writer lock of this cache (not yet taken: use it as a context manager or ``acquire()``)."""
+        return CacheLock(self)
 
 
-def create_zip_store(path: str | Path) -> ZipStore:
-    """A fresh zip written once (``cache pack``); close it when done."""
-    return ZipStore(local_path(path), mode="w")
+def open_store(location: str | Path | CacheLocation, mode: Literal["r", "w"] = "r",
+               storage_options: Mapping[str, Any] | None = None) -> Store:
+    """``CacheLocation.parse(location, storage_options).open(mode)``, for one-off uses (tests, scripts)."""
+    return CacheLocation.parse(location, storage_options).open(mode)
 
 
-def location_exists(location: str | Path, storage_options: dict | None = None) -> bool:
-    """Whether anything is stored at ``location`` (a URL exists when at least one key lies under it)."""
-    if not is_url(location):
-        return local_path(location).exists()
-    return bool(list_keys(open_store(location, "r", storage_options), limit=1))
-
-
+# ---------------------------------------------------------------------------------------------- store keys
 def list_keys(store: Store, limit: int | None = None) -> list[str]:
     """Every key of a store, sorted (``limit``: stop after that many, unsorted)."""
 
@@ -235,9 +380,6 @@ def delete_key(store: Store, key: str) -> None:
     sync(store.delete(key))
 
 
-def display(location: str | Path) -> str:
-    return str(location)
-
 
 # ----------------------------------------------------------------------------------------------------- lease
 class StoreLease:
@@ -256,10 +398,12 @@ class StoreLease:
     deterministic bytes the new writer computes, and each shard is one object, so the damage is duplicate work.
     """
 
-    def __init__(self, location: str, storage_options: dict | None = None, seconds: float = LEASE_SECONDS) -> None:
-        self.location = str(location).rstrip("/")
-        store = open_store(self.location, "w", storage_options)
-        assert isinstance(store, FsspecStore)
+    def __init__(self, location: str | CacheLocation, seconds: float = LEASE_SECONDS) -> None:
+        where = CacheLocation.parse(location)
+        self.location = where.display
+        store = where.open("w")
+        if not isinstance(store, FsspecStore):
+            raise CacheError(f"{where}: an object-store lease needs an object-store URL (s3://...)")
         self.fs = store.fs
         self.key = f"{store.path.rstrip('/')}/{LEASE_NAME}"
         self.seconds = seconds
@@ -355,3 +499,92 @@ class StoreLease:
             if other.get("owner") == self.owner:  # never delete a lease someone else took over
                 sync(self.fs._rm_file(self.key))
         self.etag = None
+
+
+# ---------------------------------------------------------------------------------------------------- lock
+class CacheLock:
+    """One writer at a time: ``CACHE/kd-writer.lock`` (created exclusively) names the writing process.
+
+    In a directory: a lock left by a process that died (SIGKILL) on this host is taken over; a live one makes the
+    second writer fail with a message naming the first. The lock file appears with its content (written to a temp
+    file, then hard-linked into place), so a kill can never leave an empty lock that names no one. In an object
+    store (``s3://``) the same key holds a lease taken with a conditional PUT (see :class:`StoreLease`).
+    """
+
+    NAME = LEASE_NAME
+
+    def __init__(self, location: str | Path | CacheLocation) -> None:
+        where = CacheLocation.parse(location)
+        self.lease = StoreLease(where) if where.kind == "url" else None
+        self.path = local_path(where.text) / self.NAME if self.lease is None else None
+        self.held = False
+
+    def check(self) -> None:
+        """Raise ``CacheError`` if an object-store lease was lost while writing (a directory lock cannot be)."""
+        if self.lease is not None:
+            self.lease.check()
+
+    def acquire(self) -> CacheLock:
+        if self.lease is not None:
+            self.lease.acquire()
+            self.held = True
+            return self
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = self.path.with_name(f"{self.NAME}.{me['pid']}.tmp")
+        tmp.write_text(json.dumps(me))
+        try:
+            return self._acquire(tmp, me)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _acquire(self, tmp: Path, me: dict) -> CacheLock:
+        for _ in range(2):
+            try:
+                os.link(tmp, self.path)  # atomic, and fails if the lock exists
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                    continue
+                raise CacheError(
+                    f"{self.path.parent}: another process is writing this cache (pid {other.get('pid')} on "
+                    f"{other.get('host')}, since {other.get('since')}); wait for it to finish, or remove "
+                    f"{self.path} if that process is gone"
+                ) from None
+            self.held = True
+            return self
+        raise CacheError(f"{self.path}: could not take the writer lock")
+
+    def release(self) -> None:
+        if self.held:
+            if self.lease is not None:
+                self.lease.release()
+            else:
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> CacheLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed child not yet reaped) is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True

@@ -1,21 +1,26 @@
 """Filling a logit cache: teacher inference over shards, in one process or on a dask cluster.
 
-The plan is always the same: open or create the cache (schema first), work out which member-shards are missing
-(the done flags, never "a file exists"), compute them, write each whole shard then its flag, and mark the cache
-complete last. A single process overlaps inference with compression and writing through a writer thread; with
-``--workers``/``--scheduler`` shard ranges are mapped over dask workers, each of which loads the teachers once.
-Both paths run the same per-shard function on the same batch boundaries, so their caches are bit-identical.
+``build_cache`` is a recipe in two steps. :func:`plan_cache` inspects the location and the inputs and decides
+what to do (nothing is written): create a new cache, resume a partial one, add members to a complete one, or
+nothing (already complete), as a :class:`CachePlan` with the (shard, members) tasks still missing (the done
+flags, never "a file exists") and the shard layout. :func:`execute_plan` then does it: creates the schema or
+the new members' arrays, computes the tasks, writes each whole shard then its flag, and marks the cache
+complete last. A single process overlaps inference with compression and writing through a writer thread;
+with ``--workers``/``--scheduler`` shard ranges are mapped over dask workers, each of which loads the
+teachers once. Both paths run the same per-shard function on the same batch boundaries, so their caches are
+bit-identical.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -23,18 +28,19 @@ import zarr
 from tqdm.auto import tqdm
 
 from pipeline.cache.format import (
-    ATTR_KEY,
+    CacheHeader,
     CacheLock,
     LogitCache,
     add_member_arrays,
     create_cache,
+    group_header,
     mark_complete,
     read_header,
     remove_partial_files,
     shard_bounds,
     write_shard,
 )
-from pipeline.cache.location import is_local_dir, is_zip, open_store
+from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
 from pipeline.config import CacheConfig
 from pipeline.datasets import Dataset, load_dataset
@@ -45,12 +51,29 @@ from pipeline.metrics import predict_logits
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
 
+Task = tuple[int, list[int]]  # (shard, member indices to compute for it)
+
+
+class ShardLayout(NamedTuple):
+    """How a cache's rows are split: ``rows_per_shard`` rows per shard, ``n`` rows in all."""
+
+    rows_per_shard: int
+    n: int
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n / self.rows_per_shard)
+
+    def rows(self, tasks: list[Task]) -> int:
+        """Rows the given tasks compute (each task is one shard)."""
+        return sum(stop - start for start, stop in (shard_bounds(s, *self) for s, _ in tasks))
+
 
 @dataclass
 class WorkSpec:
     """Everything a (possibly remote) worker needs to compute shards. Plain data: it is pickled to workers."""
 
-    location: str
+    location: CacheLocation  # with its storage options: workers open the store too
     dataset_spec: str
     dataset_fingerprint: str
     data_dir: str | None
@@ -58,12 +81,11 @@ class WorkSpec:
     device: str
     batch_size: int
     torch_threads: int = 0
-    storage_options: dict = field(default_factory=dict)  # for an object-store location (workers open it too)
-    tasks: list[tuple[int, list[int]]] = field(default_factory=list)  # (shard, member indices)
+    tasks: list[Task] = field(default_factory=list)
 
 
-def compute_shard(spec: WorkSpec, models: dict[int, torch.nn.Module], data: Dataset, layout: tuple[int, int],
-                  shard: int, members: list[int], device: torch.device,
+def compute_shard(spec: WorkSpec, models: dict[int, torch.nn.Module], data: Dataset,
+                  layout: tuple[int, int], shard: int, members: list[int], device: torch.device,
                   emit: Callable[[int, int, np.ndarray, np.ndarray], None]) -> int:
     """Compute one shard for the given members and hand each result to ``emit(member, shard, logits, ids)``.
 
@@ -90,8 +112,8 @@ def _worker_state(spec: WorkSpec) -> tuple[dict[int, torch.nn.Module], Dataset, 
         device = resolve_device(spec.device)
         data = load_dataset(spec.dataset_spec, spec.data_dir)
         if data.fingerprint != spec.dataset_fingerprint:
-            raise CacheError(f"worker sees dataset {spec.dataset_spec} with fingerprint {data.fingerprint}, the "
-                             f"cache expects {spec.dataset_fingerprint}; workers must see the same files")
+            raise CacheError(f"worker sees dataset {spec.dataset_spec} with fingerprint {data.fingerprint}, "
+                             f"the cache expects {spec.dataset_fingerprint}; workers must see the same files")
         models = {}
         for m, (path, sha) in spec.checkpoints.items():
             lm = load_checkpoint(path, device)
@@ -103,16 +125,20 @@ def _worker_state(spec: WorkSpec) -> tuple[dict[int, torch.nn.Module], Dataset, 
     return _WORKER_STATE[key]
 
 
+def _writable_group(location: CacheLocation) -> zarr.Group:
+    return zarr.open_group(location.open("w"), mode="r+", use_consolidated=False)
+
+
 def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
     """Dask task: compute and write ``spec.tasks`` (whole shards). Returns [(shard, rows)]."""
     models, data, device = _worker_state(spec)
-    group = zarr.open_group(open_store(spec.location, "w", spec.storage_options), mode="r+", use_consolidated=False)
-    h = group.attrs[ATTR_KEY]
+    group = _writable_group(spec.location)
+    h = group_header(group, spec.location.display)
     handles: dict = {}
     done = []
     for shard, members in spec.tasks:
-        rows = compute_shard(spec, models, data, (h["rows_per_shard"], h["n"]), shard, members, device,
-                             lambda m, s, lg, ids: write_shard(group, m, s, lg, ids, handles))
+        rows = compute_shard(spec, models, data, (h.rows_per_shard, h.n), shard, members, device,
+                             lambda m, s, lg, ids: write_shard(group, m, s, lg, ids, handles, h))
         done.append((shard, rows))
     return done
 
@@ -128,129 +154,157 @@ class CacheResult:
     message: str
 
 
-def _describe_difference(h: dict, data: Dataset, shas: list[str], cfg: CacheConfig) -> list[str]:
-    diffs = []
-    d = h["dataset"]
-    if d["fingerprint"] != data.fingerprint:
-        diffs.append(f"dataset: the cache holds {d['spec']} with fingerprint {d['fingerprint']}, you gave "
-                     f"{data.spec} with fingerprint {data.fingerprint}")
-    have = [m["checkpoint_sha256"] for m in h["members"]]
-    if have != shas:
-        diffs.append("teachers: the cache's members are "
-                     + ", ".join(f"{m['path']} ({m['checkpoint_sha256'][:19]})" for m in h["members"])
-                     + "; you gave " + ", ".join(s[:19] for s in shas))
-    if cfg.dtype and cfg.dtype != h["dtype"]:
-        diffs.append(f"dtype: the cache stores {h['dtype']}, you asked for {cfg.dtype}")
-    if cfg.rows_per_shard and cfg.rows_per_shard != h["rows_per_shard"]:
-        diffs.append(f"rows per shard: the cache uses {h['rows_per_shard']}, you asked for {cfg.rows_per_shard}")
-    return diffs
+# -------------------------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class CacheInputs:
+    """What ``cache-logits`` was given, loaded and checked: the teachers (on the CPU) and the transfer set."""
+
+    teachers: tuple[LoadedModel, ...]
+    data: Dataset
+    num_classes: int
+    class_names: list[str]
+
+    @classmethod
+    def load(cls, cfg: CacheConfig) -> CacheInputs:
+        """Load ``cfg``'s teachers and dataset and check that they fit each other.
+
+        Raises:
+            CheckpointError, DatasetError: with what is wrong.
+        """
+        paths = [p for t in cfg.teachers for p in member_paths(t)]
+        loaded = tuple(load_checkpoint(p, "cpu") for p in paths)
+        data = load_dataset(cfg.dataset, cfg.data_dir)
+        _check_members(list(loaded), data)
+        return cls(loaded, data, int(loaded[0].meta["num_classes"]),
+                   loaded[0].meta.get("class_names") or data.class_names)
+
+    @property
+    def shas(self) -> list[str]:
+        return [lm.sha256 for lm in self.teachers]
+
+    def by_sha(self) -> dict[str, LoadedModel]:
+        return {lm.sha256: lm for lm in self.teachers}
 
 
-def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: bool = True) -> CacheResult:
-    """Create, resume or extend the cache at ``cfg.out``; see the module docstring.
+Action = Literal["create", "resume", "add-member", "already-complete"]
+STATUS: dict[str, str] = {"create": "created", "resume": "resumed", "add-member": "member-added",
+                          "already-complete": "already-complete"}
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What :func:`execute_plan` will do at a location, decided before anything is written.
+
+    Attributes:
+        action: ``create`` a new cache, ``resume`` a partial one, ``add-member`` (new teachers become
+            members ``len(existing)..``), or ``already-complete`` (nothing to do: ``message`` says why).
+        layout: the shard layout (rows per shard, rows).
+        num_classes: classes of every member.
+        members: (index, checkpoint sha256) of every member once the plan is done.
+        tasks: the (shard, member indices) still to compute, by shard.
+        new_members: the teachers ``add-member`` appends, in order.
+    """
+
+    location: CacheLocation
+    action: Action
+    layout: ShardLayout
+    num_classes: int
+    members: tuple[tuple[int, str], ...]
+    tasks: tuple[Task, ...] = ()
+    new_members: tuple[LoadedModel, ...] = ()
+    message: str = ""
+
+    @property
+    def status(self) -> str:
+        """The result's status word: created, resumed, member-added or already-complete."""
+        return STATUS[self.action]
+
+
+def plan_cache(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -> CachePlan:
+    """Inspect ``location`` and decide what ``cfg`` asks of it (read only; call it holding the lock).
 
     Raises:
-        CacheError, CheckpointError, DatasetError: with what differs / is wrong and what to do.
+        CacheError: the location holds a different cache, a partial one for ``--add-member``, or none for
+            ``--add-member``; with what differs and what to do.
     """
-    cfg.validate()
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    paths = [p for t in cfg.teachers for p in member_paths(t)]
-    loaded: list[LoadedModel] = [load_checkpoint(p, "cpu") for p in paths]
-    data = load_dataset(cfg.dataset, cfg.data_dir)
-    _check_members(loaded, data)
-    num_classes = int(loaded[0].meta["num_classes"])
-    class_names = loaded[0].meta.get("class_names") or data.class_names
-    shas = [lm.sha256 for lm in loaded]
-    location = str(cfg.out)
-    opts = cfg.storage_options
-    if is_zip(location):
-        raise CacheError(f"{location}: a .zarr.zip bundle is written once by `kd-pipeline cache pack`; write the cache "
-                         f"to a directory or s3:// URL, then `kd-pipeline cache pack CACHE {location}`")
-    existing = read_header(location, opts)
-    if is_local_dir(location):
-        Path(location).parent.mkdir(parents=True, exist_ok=True)
-        if existing is None:
-            Path(location).mkdir(parents=True, exist_ok=True)
-    with CacheLock(location, opts) as lock:
-        existing = read_header(location, opts)  # again, now that no other writer can be making or finishing it
-        create: Callable[[], object] | None = None
-        if existing is None:
-            if cfg.add_member:
-                raise CacheError(f"{location}: --add-member needs an existing complete cache; drop --add-member "
-                                 "to create one")
-            rows_per_shard = cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD
+    existing = read_header(location)
+    if existing is None:
+        if cfg.add_member:
+            raise CacheError(f"{location}: --add-member needs an existing complete cache; drop "
+                             "--add-member to create one")
+        return _plan_create(cfg, location, inputs)
+    if cfg.add_member:
+        return _plan_add_members(location, existing, inputs)
+    return _plan_resume(cfg, location, existing, inputs)
 
-            def create() -> object:
-                return create_cache(location, dataset=data.describe(), ids=data.ids, labels=data.y,
-                                    num_classes=num_classes, class_names=class_names,
-                                    members=[lm.identity() for lm in loaded], dtype=cfg.dtype or DEFAULT_DTYPE,
-                                    rows_per_shard=rows_per_shard, command=cfg.command, storage_options=opts)
 
-            if cfg.workers or cfg.scheduler:
-                create()  # workers open the store: it must exist before they start
-                create = None
-            status = "created"
-        elif cfg.add_member:
-            status = _add_members(location, existing, loaded, data, num_classes, opts)
-            if status == "already-members":
-                return CacheResult(location, "already-complete", 0, 0, time.perf_counter() - t0,
-                                   len(existing["members"]),
-                                   f"{location}: every given teacher is already a member; nothing to do")
-        else:
-            diffs = _describe_difference(existing, data, shas, cfg)
-            if diffs:
-                raise CacheError(f"{location} already holds a different cache:\n  " + "\n  ".join(diffs)
-                                 + "\nUse another --out, or --add-member to add a teacher to a complete cache")
-            if existing["complete"]:
-                return CacheResult(location, "already-complete", 0, 0, time.perf_counter() - t0,
-                                   len(existing["members"]),
-                                   f"{location} is already complete ({existing['n']} rows, "
-                                   f"{len(existing['members'])} members); nothing to do")
-            removed = remove_partial_files(location)
-            if removed:
-                log(f"removed {removed} temporary files left by an interrupted write")
-            status = "resumed"
-        by_sha = {lm.sha256: lm for lm in loaded}
-        if create is not None:
-            # A new cache in this process: every member-shard is pending, and the store is created by the writer
-            # thread while this one already runs the teachers (creation is a fixed cost; here it overlaps).
-            n = len(data)
-            h = {"n": n, "rows_per_shard": rows_per_shard, "n_shards": math.ceil(n / rows_per_shard),
-                 "num_classes": num_classes, "members": [{"index": i, "checkpoint_sha256": lm.sha256}
-                                                         for i, lm in enumerate(loaded)]}
-            tasks = [(s, [m["index"] for m in h["members"]]) for s in range(h["n_shards"])]
-        else:
-            cache = LogitCache(location, allow_partial=True, storage_options=opts)
-            h = cache.header
-            pending: dict[int, list[int]] = {}
-            for m in h["members"]:
-                for s in np.flatnonzero(~cache.done_flags(m["index"])):
-                    pending.setdefault(int(s), []).append(m["index"])
-            tasks = sorted(pending.items())
-        checkpoints = {m["index"]: (str(by_sha[m["checkpoint_sha256"]].path), m["checkpoint_sha256"])
-                       for m in h["members"] if m["checkpoint_sha256"] in by_sha}
-        rows_total = sum(np.subtract(*shard_bounds(s, h["rows_per_shard"], h["n"])[::-1]) for s, _ in tasks)
-        spec = WorkSpec(location, data.spec, data.fingerprint, cfg.data_dir, checkpoints, cfg.device,
-                        cfg.batch_size, storage_options=dict(opts))
-        log(f"{status} {location}: {len(tasks)}/{h['n_shards']} shards to compute for {len(h['members'])} "
-            f"member(s), {rows_total} rows, on {describe_device(device)}")
-        bar = tqdm(total=int(rows_total), unit="row", unit_scale=True, desc="cache-logits", disable=not progress)
-        try:
-            if cfg.workers or cfg.scheduler:
-                _run_dask(spec, tasks, cfg, device, bar)
-            else:
-                models = {m: by_sha[sha].model.to(device) for m, (_, sha) in checkpoints.items()}
-                _run_local(spec, tasks, models, data, device, bar, (h["rows_per_shard"], h["n"]), create,
-                           check=lock.check)
-        finally:
-            bar.close()
-        lock.check()  # an object-store lease lost mid-write: do not declare someone else's cache complete
-        mark_complete(location, opts)
-    seconds = time.perf_counter() - t0
-    return CacheResult(location, status, len(tasks), int(rows_total), seconds, len(h["members"]),
-                       f"{location} complete: {h['n']} rows x {h['num_classes']} classes x {len(h['members'])} "
-                       f"member(s), {len(tasks)} shards computed in {seconds:.1f}s")
+def _plan_create(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -> CachePlan:
+    layout = ShardLayout(cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD, len(inputs.data))
+    indices = list(range(len(inputs.teachers)))
+    return CachePlan(location, "create", layout, inputs.num_classes, tuple(enumerate(inputs.shas)),
+                     tuple((s, list(indices)) for s in range(layout.n_shards)))
+
+
+def _plan_resume(cfg: CacheConfig, location: CacheLocation, h: CacheHeader,
+                 inputs: CacheInputs) -> CachePlan:
+    diffs = _describe_difference(h, inputs.data, inputs.shas, cfg)
+    if diffs:
+        raise CacheError(f"{location} already holds a different cache:\n  " + "\n  ".join(diffs)
+                         + "\nUse another --out, or --add-member to add a teacher to a complete cache")
+    layout = ShardLayout(h.rows_per_shard, h.n)
+    members = tuple((m.index, m.checkpoint_sha256) for m in h.members)
+    if h.complete:
+        return CachePlan(location, "already-complete", layout, h.num_classes, members,
+                         message=f"{location} is already complete ({h.n} rows, {len(h.members)} "
+                                 "members); nothing to do")
+    cache = LogitCache(location, allow_partial=True)
+    pending: dict[int, list[int]] = {}
+    for m in cache.members:
+        for s in np.flatnonzero(~cache.done_flags(m.index)):
+            pending.setdefault(int(s), []).append(m.index)
+    return CachePlan(location, "resume", layout, h.num_classes, members, tuple(sorted(pending.items())))
+
+
+def _plan_add_members(location: CacheLocation, h: CacheHeader, inputs: CacheInputs) -> CachePlan:
+    if not h.complete:
+        raise CacheError(f"{location} is partial; finish it first by re-running cache-logits without "
+                         "--add-member, giving every member's checkpoint in order ("
+                         + ", ".join(str(m.path) for m in h.members) + "), then add members")
+    data = inputs.data
+    if h.dataset.fingerprint != data.fingerprint:
+        raise CacheError(f"--add-member: the cache was made on {h.dataset.spec} (fingerprint "
+                         f"{h.dataset.fingerprint}), you gave {data.spec} ({data.fingerprint})")
+    if inputs.num_classes != h.num_classes:
+        raise CacheError(f"--add-member: the new teacher predicts {inputs.num_classes} classes, the cache "
+                         f"has {h.num_classes}")
+    layout = ShardLayout(h.rows_per_shard, h.n)
+    have = tuple((m.index, m.checkpoint_sha256) for m in h.members)
+    new = tuple(lm for lm in inputs.teachers if lm.sha256 not in {sha for _, sha in have})
+    if not new:
+        return CachePlan(location, "already-complete", layout, h.num_classes, have,
+                         message=f"{location}: every given teacher is already a member; nothing to do")
+    added = tuple((len(have) + i, lm.sha256) for i, lm in enumerate(new))
+    tasks = tuple((s, [i for i, _ in added]) for s in range(layout.n_shards))
+    return CachePlan(location, "add-member", layout, h.num_classes, have + added, tasks, new)
+
+
+def _describe_difference(h: CacheHeader, data: Dataset, shas: list[str], cfg: CacheConfig) -> list[str]:
+    diffs = []
+    d = h.dataset
+    if d.fingerprint != data.fingerprint:
+        diffs.append(f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you gave "
+                     f"{data.spec} with fingerprint {data.fingerprint}")
+    have = [m.checkpoint_sha256 for m in h.members]
+    if have != shas:
+        diffs.append("teachers: the cache's members are "
+                     + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in h.members)
+                     + "; you gave " + ", ".join(s[:19] for s in shas))
+    if cfg.dtype and cfg.dtype != h.dtype:
+        diffs.append(f"dtype: the cache stores {h.dtype}, you asked for {cfg.dtype}")
+    if cfg.rows_per_shard and cfg.rows_per_shard != h.rows_per_shard:
+        diffs.append(f"rows per shard: the cache uses {h.rows_per_shard}, you asked for "
+                     f"{cfg.rows_per_shard}")
+    return diffs
 
 
 def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
@@ -264,50 +318,122 @@ def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
         raise CheckpointError("; ".join(problems))
     shas = [lm.sha256 for lm in loaded]
     if len(set(shas)) != len(shas):
-        raise CheckpointError("the same checkpoint was given twice: " + ", ".join(str(lm.path) for lm in loaded))
+        raise CheckpointError("the same checkpoint was given twice: "
+                              + ", ".join(str(lm.path) for lm in loaded))
 
 
-def _add_members(location: str, h: dict, loaded: list[LoadedModel], data: Dataset, num_classes: int,
-                 storage_options: dict) -> str:
-    if not h["complete"]:
-        raise CacheError(f"{location} is partial; finish it first by re-running cache-logits without --add-member, "
-                         "giving every member's checkpoint in order ("
-                         + ", ".join(str(m.get("path")) for m in h["members"]) + "), then add members")
-    if h["dataset"]["fingerprint"] != data.fingerprint:
-        raise CacheError(f"--add-member: the cache was made on {h['dataset']['spec']} (fingerprint "
-                         f"{h['dataset']['fingerprint']}), you gave {data.spec} ({data.fingerprint})")
-    if num_classes != h["num_classes"]:
-        raise CacheError(f"--add-member: the new teacher predicts {num_classes} classes, the cache has "
-                         f"{h['num_classes']}")
-    have = {m["checkpoint_sha256"] for m in h["members"]}
-    new = [lm for lm in loaded if lm.sha256 not in have]
-    if not new:
-        return "already-members"
-    group = zarr.open_group(open_store(location, "w", storage_options), mode="r+", use_consolidated=False)
-    for lm in new:
-        add_member_arrays(group, lm.identity())
-    return "member-added"
+# ------------------------------------------------------------------------------------------------- executing
+def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: bool = True) -> CacheResult:
+    """Create, resume or extend the cache at ``cfg.out``: :func:`plan_cache`, then :func:`execute_plan`.
+
+    Raises:
+        CacheError, CheckpointError, DatasetError: with what differs / is wrong and what to do.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    inputs = CacheInputs.load(cfg)
+    location = cfg.location
+    if location.kind == "zip":
+        raise CacheError(f"{location}: a .zarr.zip bundle is written once by `kd-pipeline cache pack`; "
+                         "write the cache to a directory or s3:// URL, then `kd-pipeline cache pack CACHE "
+                         f"{location}`")
+    existing = read_header(location)  # refuses what is not a cache before anything is made there
+    if location.kind == "dir":
+        root = location.local_path
+        root.parent.mkdir(parents=True, exist_ok=True)
+        if existing is None:
+            root.mkdir(parents=True, exist_ok=True)
+    with location.lock() as lock:
+        plan = plan_cache(cfg, location, inputs)  # again under the lock: no other writer changes it now
+        if plan.action == "already-complete":
+            return CacheResult(location.display, plan.status, 0, 0, time.perf_counter() - t0,
+                               len(plan.members), plan.message)
+        rows = execute_plan(plan, cfg, inputs, device, lock, log, progress)
+    seconds = time.perf_counter() - t0
+    return CacheResult(location.display, plan.status, len(plan.tasks), rows, seconds, len(plan.members),
+                       f"{location} complete: {plan.layout.n} rows x {plan.num_classes} classes x "
+                       f"{len(plan.members)} member(s), {len(plan.tasks)} shards computed in "
+                       f"{seconds:.1f}s")
 
 
-def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[int, torch.nn.Module],
-               data: Dataset, device: torch.device, bar: tqdm, layout: tuple[int, int],
-               create: Callable[[], object] | None = None, check: Callable[[], None] = lambda: None) -> None:
-    """One process: inference on this thread; creating the store (``create``, for a new cache), compression and
-    writes on a writer thread, so they overlap with inference."""
+def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device: torch.device,
+                 lock: CacheLock, log: Callable[[str], None] = print, progress: bool = True) -> int:
+    """Carry out a create / resume / add-member plan (holding ``lock``); returns the rows computed.
+
+    The store is prepared first (a new cache's schema, new members' arrays, or a resumed cache's leftover
+    temporary files removed), then the tasks are computed and written, and the cache is marked complete.
+    A new cache computed in this process is created by the writer thread while this one already runs the
+    teachers (creation is a fixed cost; there it overlaps).
+    """
+    on_dask = bool(cfg.workers or cfg.scheduler)
+    if plan.action == "resume":
+        removed = remove_partial_files(plan.location)
+        if removed:
+            log(f"removed {removed} temporary files left by an interrupted write")
+    elif plan.action == "add-member":
+        group = _writable_group(plan.location)
+        for lm in plan.new_members:
+            add_member_arrays(group, lm.identity())
+    elif plan.action == "create" and on_dask:
+        _create(plan, cfg, inputs)  # workers open the store: it must exist before they start
+    by_sha = inputs.by_sha()
+    checkpoints = {m: (str(by_sha[sha].path), sha) for m, sha in plan.members if sha in by_sha}
+    tasks = list(plan.tasks)
+    rows = plan.layout.rows(tasks)
+    spec = WorkSpec(plan.location, inputs.data.spec, inputs.data.fingerprint, cfg.data_dir, checkpoints,
+                    cfg.device, cfg.batch_size)
+    log(f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
+        f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}")
+    bar = tqdm(total=rows, unit="row", unit_scale=True, desc="cache-logits", disable=not progress)
+    try:
+        if on_dask:
+            _run_dask(spec, tasks, cfg, device, bar)
+        else:
+            models = {m: by_sha[sha].model.to(device) for m, (_, sha) in checkpoints.items()}
+            open_group = functools.partial(_prepared_group, plan, cfg, inputs)
+            _run_local(spec, tasks, models, inputs.data, device, bar, tuple(plan.layout), open_group,
+                       check=lock.check)
+    finally:
+        bar.close()
+    lock.check()  # an object-store lease lost mid-write: do not declare someone else's cache complete
+    mark_complete(plan.location)
+    return rows
+
+
+def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
+    """Create the planned cache's schema (every array at full size, no logits yet)."""
+    data = inputs.data
+    create_cache(plan.location, dataset=data.describe(), ids=data.ids, labels=data.y,
+                 num_classes=inputs.num_classes, class_names=inputs.class_names,
+                 members=[lm.identity() for lm in inputs.teachers], dtype=cfg.dtype or DEFAULT_DTYPE,
+                 rows_per_shard=plan.layout.rows_per_shard, command=cfg.command)
+
+
+def _prepared_group(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> zarr.Group:
+    """The writer thread's group: for a new cache computed in this process, created first."""
+    if plan.action == "create":
+        _create(plan, cfg, inputs)
+    return _writable_group(plan.location)
+
+
+def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Module], data: Dataset,
+               device: torch.device, bar: tqdm, layout: tuple[int, int],
+               open_group: Callable[[], zarr.Group], check: Callable[[], None] = lambda: None) -> None:
+    """One process: inference on this thread; opening (or creating) the store with ``open_group``,
+    compression and writes on a writer thread, so they overlap with inference."""
     handles: dict = {}
     q: queue.Queue = queue.Queue(maxsize=8)
     failure: list[BaseException] = []
-    ready: list[zarr.Group] = []
+    ready: list[tuple[zarr.Group, CacheHeader]] = []
 
     def writer() -> None:
         try:
-            if create is not None:
-                create()
-            ready.append(zarr.open_group(open_store(spec.location, "w", spec.storage_options), mode="r+",
-                                         use_consolidated=False))
+            group = open_group()
+            ready.append((group, group_header(group, spec.location.display)))
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             failure.append(e)
-        group = ready[0] if ready else None
+        group, header = ready[0] if ready else (None, None)
         while True:
             item = q.get()
             if item is None:
@@ -315,7 +441,7 @@ def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[
             if failure:
                 continue  # drain after an error so the producer never blocks
             try:
-                write_shard(group, *item, handles=handles)
+                write_shard(group, *item, handles=handles, header=header)
             except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                 failure.append(e)
 
@@ -336,7 +462,7 @@ def _run_local(spec: WorkSpec, tasks: list[tuple[int, list[int]]], models: dict[
         raise failure[0]
 
 
-def _run_dask(spec: WorkSpec, tasks: list[tuple[int, list[int]]], cfg: CacheConfig, device: torch.device,
+def _run_dask(spec: WorkSpec, tasks: list[Task], cfg: CacheConfig, device: torch.device,
               bar: tqdm) -> None:
     """Map shard ranges over dask workers (a LocalCluster of processes, or an existing scheduler)."""
     from dask.distributed import as_completed

@@ -74,7 +74,7 @@ def setting_config(cfg: SweepConfig, setting: Setting) -> StudentConfig:
 def source_fingerprint(cfg: SweepConfig) -> dict:
     """What the soft targets come from: the cache's fingerprint, or the online teachers' checkpoint hashes."""
     if cfg.cache:
-        cache = LogitCache(cfg.cache, storage_options=cfg.storage_options)
+        cache = LogitCache(cfg.cache_location)
         members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
         return {"cache": cache_fingerprint(cache.header, members), "rows": cache.n}
     paths = [p for t in cfg.online_teacher or [] for p in member_paths(t)]

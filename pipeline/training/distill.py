@@ -101,17 +101,17 @@ def setup_soft_targets(cfg: StudentConfig, device: torch.device,
 
 def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTargets:
     """Open the cache, check members, dataset and labels, and plan the loader (memory or stream)."""
-    cache = LogitCache(cfg.cache, allow_partial=cfg.allow_partial, storage_options=cfg.storage_options)
+    cache = LogitCache(cfg.cache_location, allow_partial=cfg.allow_partial)
     members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
     bad = [m for m in members if m >= len(cache.members)]
     if bad:
         raise ConfigError([f"--members {bad} out of range: the cache has members "
                            f"0..{len(cache.members) - 1}"])
-    dspec = cache.dataset["spec"]
+    dspec = cache.dataset.spec
     data = load_dataset(dspec, cfg.data_dir)
-    if data.fingerprint != cache.dataset["fingerprint"]:
+    if data.fingerprint != cache.dataset.fingerprint:
         raise CacheError(
-            f"the cache was made on {dspec} with fingerprint {cache.dataset['fingerprint']}, but "
+            f"the cache was made on {dspec} with fingerprint {cache.dataset.fingerprint}, but "
             f"{dspec} now has fingerprint {data.fingerprint}: the data changed since. Re-create "
             "the cache with `kd-pipeline cache-logits`, or restore the original data"
         )
@@ -127,7 +127,7 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
     record = {"cache": {
         "location": cfg.cache, "fingerprint": cache_fingerprint(cache.header, members),
         "dataset": dspec, "dataset_fingerprint": data.fingerprint, "members": members,
-        "member_checkpoints": [cache.members[m]["checkpoint_sha256"] for m in members],
+        "member_checkpoints": [cache.members[m].checkpoint_sha256 for m in members],
         "complete": cache.complete, "partial_used": not cache.complete,
         "shards_used": len(shards), "n_shards": cache.n_shards, "rows_used": source.num_rows,
         "loader": plan.to_dict(),
@@ -136,8 +136,8 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
         log(f"warning: {cfg.cache} is partial; training on {len(shards)}/{cache.n_shards} shards "
             f"({source.num_rows} rows) because --allow-partial was given")
     return SoftTargets(data=data, num_classes=cache.num_classes,
-                       class_names=cache.header["class_names"],
-                       input_stats=tuple(cache.dataset["input_stats"]), source=source,
+                       class_names=list(cache.header.class_names),
+                       input_stats=tuple(cache.dataset.input_stats), source=source,
                        teacher_fn=None, record=record, cache=cache, members=members,
                        describe=f"{plan.mode} loader")
 

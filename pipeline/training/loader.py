@@ -79,7 +79,7 @@ def plan_loader(cache: LogitCache, x: np.ndarray, members: list[int], shards: np
     rows = sum(int(np.subtract(*cache.shard_bounds(int(s))[::-1])) for s in shards)
     c = cache.num_classes
     in_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
-    raw_bytes = len(members) * c * (2 if cache.header["dtype"] == "float16" else 4)
+    raw_bytes = len(members) * c * (2 if cache.header.dtype == "float16" else 4)
     memory_mode = rows * (c * 4 + in_bytes)
     if memory_mode <= budget:
         return LoaderPlan("memory", rows, len(shards), len(shards), memory_mode, budget)

@@ -202,7 +202,7 @@ def test_float32_option_stores_exact_logits(tmp_path: Path, teacher_dir: Path, n
     res = make(out, [teacher_dir], spec, dtype="float32", rows_per_shard=50, batch_size=50)
     assert res.status == "created" and res.shards_computed == 6 and res.rows_computed == 300
     cache = LogitCache(out)
-    assert cache.header["dtype"] == "float32" and cache.n == 300
+    assert cache.header.dtype == "float32" and cache.n == 300
     # Stable ids: each row keeps its index in the unmodified split.
     assert np.array_equal(cache.read_ids(), data.ids) and not np.array_equal(data.ids, np.arange(300))
     assert np.array_equal(cache.read_labels(), data.y)
@@ -255,8 +255,8 @@ def test_add_member_appends_without_rewriting(cache_copy: Path, teacher_dir: Pat
     cache = LogitCache(cache_copy)
     assert cache.complete
     m = cache.members[2]
-    assert m["index"] == 2 and m["checkpoint_sha256"] == file_sha256(new_teacher)
-    assert m["model_spec"].startswith("mlp:16")
+    assert m.index == 2 and m.checkpoint_sha256 == file_sha256(new_teacher)
+    assert m.model_spec.startswith("mlp:16")
     data = load_dataset(dataset_spec)
     assert np.array_equal(stored_logits(cache_copy, 2), model_outputs(new_teacher, data.x).astype(np.float16))
     for k in (0, 1):

@@ -220,7 +220,7 @@ def test_online_teacher_baseline_matches_a_float32_cache(npz_path: Path, teacher
     rec = online["online_teacher"]
     assert "cache" not in online and len(members) == 2
     assert rec["paths"] == [str(p) for p in members]
-    assert rec["checkpoints"] == [m["checkpoint_sha256"] for m in LogitCache(cache).members]
+    assert rec["checkpoints"] == [m.checkpoint_sha256 for m in LogitCache(cache).members]
     assert rec["dataset"] == f"npz:{npz_path}:train"
     assert json.loads((tmp_path / "online" / "metrics.json").read_text())["online_teacher"] == rec
     for k in ("loss", "soft", "hard"):
@@ -235,7 +235,7 @@ def test_changed_data_is_refused_with_both_fingerprints(npz_path: Path, teacher_
     shutil.copy(npz_path, data_file)
     spec = f"npz:{data_file}:train"
     cache = _cache(teacher_dir, spec, tmp_path / "c.zarr")
-    before = LogitCache(cache).dataset["fingerprint"]
+    before = LogitCache(cache).dataset.fingerprint
     with np.load(data_file) as z:
         arrays = dict(z)
     arrays["x_train"][17, 0, 3, 4] += 0.5
@@ -295,7 +295,7 @@ def test_members_subset_and_out_of_range(cache_path: Path, tmp_path: Path) -> No
     res = train_student(_student(tmp_path / "one", cache=str(cache_path), members=[1]), log=quiet)
     rec = res["cache"]
     assert rec["members"] == [1]
-    assert rec["member_checkpoints"] == [header["members"][1]["checkpoint_sha256"]]
+    assert rec["member_checkpoints"] == [header.members[1].checkpoint_sha256]
     assert rec["fingerprint"] == cache_fingerprint(header, [1]) != cache_fingerprint(header)
 
 

@@ -33,7 +33,7 @@ STREAM_BUDGET = 140_000  # below MEMORY_BYTES: streaming, with a shuffle buffer 
 def _open(location: Path, allow_partial: bool = False):
     """The cache and its transfer set (the dataset its header names)."""
     cache = LogitCache(location, allow_partial=allow_partial)
-    data = load_dataset(cache.dataset["spec"])
+    data = load_dataset(cache.dataset.spec)
     return cache, data
 
 

@@ -244,7 +244,7 @@ def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int,
         ids = cache.read_ids()
         assert np.array_equal(ids, np.arange(N_BIG)) and np.unique(ids).size == N_BIG
         assert np.array_equal(cache.read_labels(), load_dataset(spec).y)
-        assert cache.header["command"].startswith("kd-pipeline cache-logits --teacher ")
+        assert cache.header.command.startswith("kd-pipeline cache-logits --teacher ")
         assert not list(c.rglob("*.partial")), "temporary files left behind"
         assert not list(c.glob("kd-*")), "the writer lock or the creation marker was left behind"
     print(

@@ -79,7 +79,7 @@ def test_s3_cache_is_the_local_cache_and_verifies(s3_cache: str, cache_path: Pat
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
-    assert read_header(s3_cache)["complete"] is True
+    assert read_header(s3_cache).complete is True
     code, out = invoke("cache", "verify", s3_cache, "--quiet")
     assert code == 0, out
     assert "result     OK" in out and "read       60 chunks" in out  # ids, labels, 2 x (logits, done): 10 each

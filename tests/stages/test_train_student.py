@@ -85,7 +85,7 @@ def test_train_student_writes_a_run_directory_that_describes_itself(
         False,
         600,
     )
-    assert rec["dataset_fingerprint"] == header["dataset"]["fingerprint"]
+    assert rec["dataset_fingerprint"] == header.dataset.fingerprint
     assert rec["loader"]["mode"] == "memory"
 
     with open(out / "history.csv") as f:

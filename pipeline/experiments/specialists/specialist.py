@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, load_checkpoint, member_paths, save_checkpoint
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.errors import CacheError, CheckpointError, ConfigError
@@ -181,10 +182,10 @@ def cached_generalist(cache: LogitCache, temperature: float = 1.0) -> torch.Tens
 
 def transfer_set(cache: LogitCache, data_dir: str | None) -> Dataset:
     """Load the dataset behind a cache and check it is the one the cache was made on."""
-    spec = cache.dataset["spec"]
+    spec = cache.dataset.spec
     data = load_dataset(spec, data_dir)
-    if data.fingerprint != cache.dataset["fingerprint"]:
-        raise CacheError(f"the cache was made on {spec} with fingerprint {cache.dataset['fingerprint']}, but {spec} "
+    if data.fingerprint != cache.dataset.fingerprint:
+        raise CacheError(f"the cache was made on {spec} with fingerprint {cache.dataset.fingerprint}, but {spec} "
                          f"now has fingerprint {data.fingerprint}; re-create the cache or restore the data")
     if not np.array_equal(data.ids, cache.read_ids()):
         raise CacheError(f"{cache.location}: the cache's sample ids differ from {spec}'s; the cache is damaged")
@@ -203,17 +204,18 @@ def generalist_members(cache: LogitCache, given: list[str] | None, device: torch
     Raises:
         CheckpointError: a checkpoint is missing or is not the one the cache was made with.
     """
-    want = [m["checkpoint_sha256"] for m in cache.members]
+    want = [m.checkpoint_sha256 for m in cache.members]
     if given:
         paths = [p for g in given for p in member_paths(g)]
     else:
         paths = []
-        base = Path(cache.location).resolve().parents
+        here = cache.location.local_path
+        base = here.resolve().parents if here is not None else []
         for m in cache.members:
-            cands = [Path(m["path"])] + [b / m["path"] for b in base[:3]]
+            cands = [Path(m.path)] + [b / m.path for b in base[:3]]
             hit = next((p for p in cands if p.is_file()), None)
             if hit is None:
-                raise CheckpointError(f"the generalist's member {m['index']} ({m['path']}, recorded in the cache) was "
+                raise CheckpointError(f"the generalist's member {m.index} ({m.path}, recorded in the cache) was "
                                       "not found from here; pass --generalist PATH (its checkpoint or ensemble "
                                       "directory)")
             paths.append(hit)
@@ -221,7 +223,7 @@ def generalist_members(cache: LogitCache, given: list[str] | None, device: torch
     have = [lm.sha256 for lm in loaded]
     if sorted(have) != sorted(want):
         raise CheckpointError("--generalist must be the checkpoints the cache was made with; the cache's members are "
-                              + ", ".join(f"{m['path']} ({m['checkpoint_sha256'][:19]})" for m in cache.members)
+                              + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in cache.members)
                               + "; found " + ", ".join(f"{lm.path} ({lm.sha256[:19]})" for lm in loaded))
     by_sha = {lm.sha256: lm for lm in loaded}
     return [by_sha[s] for s in want]
@@ -234,7 +236,7 @@ class SpecialistTask:
 
     index: int
     classes: list[int]
-    cache: str
+    cache: CacheLocation  # with its storage options: a dask worker opens it too
     out: str
     model_spec: str
     init_checkpoint: str | None  # a generalist member to start from, or None (from scratch)
@@ -290,7 +292,7 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
     with torch.no_grad():
         model.output_bias.zero_()
         model.output_bias[-1] = correction
-    names = cache.header["class_names"]
+    names = cache.header.class_names
     record = {"index": task.index, "classes": task.classes, "class_names": [names[c] for c in task.classes],
               "model_spec": task.model_spec, "init": task.init_checkpoint or "scratch",
               "sampling": plan.summary(), "dustbin_correction_applied": correction,
@@ -300,7 +302,7 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
     meta = {"model_spec": task.model_spec, "in_shape": list(data.sample_shape), "num_classes": len(task.classes) + 1,
             "class_names": [*record["class_names"], DUSTBIN],
             "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
-            "cache": {"location": task.cache, "fingerprint": cache_fingerprint(cache.header)},
+            "cache": {"location": task.cache.display, "fingerprint": cache_fingerprint(cache.header)},
             "specialist": {k: v for k, v in record.items() if k != "final_epoch"}}
     save_checkpoint(out / "specialist.pt", model, meta)
     (out / "specialist.json").write_text(json.dumps(record, indent=2))
@@ -316,7 +318,7 @@ def run_tasks(tasks: list[SpecialistTask], workers: int, log: Callable[[str], No
     from pipeline.cluster import dask_cluster
 
     with dask_cluster(min(workers, len(tasks))) as cluster:
-        tasks = [SpecialistTask(**{**asdict(t), "torch_threads": cluster.torch_threads}) for t in tasks]
+        tasks = [replace(t, torch_threads=cluster.torch_threads) for t in tasks]
         futures = cluster.client.map(train_specialist, tasks, pure=False)
         records = {}
         for fut in as_completed(futures):

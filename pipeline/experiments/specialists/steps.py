@@ -78,7 +78,7 @@ def _check_same_cache(recorded: str | None, cache: LogitCache, where: Path, step
 def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> Clustering:
     """Step 1: cluster the classes from the cache; writes ``clusters.json`` and ``clusters.md`` under ``cfg.out``."""
     cfg.validate()
-    cache = LogitCache(cfg.cache)
+    cache = LogitCache(cfg.cache_location)
     probs = torch.softmax(cached_generalist(cache, 1.0), dim=1).numpy()
     labels = cache.read_labels() if cache.labeled else None
     cl = cluster_classes(probs, labels, cfg.specialists, cfg.classes_per_specialist, cfg.similarity,
@@ -90,9 +90,9 @@ def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     out = Path(cfg.out)
     (out / "clusters.json").write_text(json.dumps({"cache": cfg.cache,
                                                    "cache_fingerprint": cache_fingerprint(cache.header),
-                                                   "class_names": cache.header["class_names"],
+                                                   "class_names": list(cache.header.class_names),
                                                    **cl.to_dict()}, indent=2))
-    report = clusters_report(cl, cache.header["class_names"])
+    report = clusters_report(cl, list(cache.header.class_names))
     (out / "clusters.md").write_text(report)
     log(report)
     return cl
@@ -104,12 +104,13 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
     out = Path(cfg.out)
     clusters = _read_json(out / "clusters.json", "clusters",
                           "run `kd-pipeline specialists cluster` (or `specialists run`) first")
-    cache = LogitCache(cfg.cache)
+    location = cfg.cache_location
+    cache = LogitCache(location)
     _check_same_cache(clusters.get("cache_fingerprint"), cache, out / "clusters.json", "cluster")
     check_groups(clusters["specialists"], cache.num_classes)
     if cfg.init_member >= len(cache.members):
         raise ConfigError([f"--init-member {cfg.init_member}: the cache has members 0..{len(cache.members) - 1}"])
-    member_spec = cache.members[cfg.init_member]["model_spec"]
+    member_spec = cache.members[cfg.init_member].model_spec
     spec = cfg.model or member_spec
     init = cfg.init if cfg.init != "auto" else ("generalist" if spec == member_spec else "scratch")
     if init == "generalist" and spec != member_spec:
@@ -120,7 +121,7 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
         lm = generalist_members(cache, cfg.generalist)[cfg.init_member]
         init_path, init_sha = str(lm.path), lm.sha256
     _write_config(cfg, "train")
-    tasks = [SpecialistTask(index=k, classes=list(g), cache=cfg.cache, out=str(out / "specialists" / str(k)),
+    tasks = [SpecialistTask(index=k, classes=list(g), cache=location, out=str(out / "specialists" / str(k)),
                             model_spec=spec, init_checkpoint=init_path, init_sha256=init_sha,
                             temperature=cfg.temperature, alpha=cfg.alpha,
                             train={**cfg.train.to_dict(), "seed": cfg.train.seed + k}, max_rows=cfg.max_rows,
@@ -147,7 +148,7 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     trained = _read_json(out / "specialists.json", "trained specialists",
                          "run `kd-pipeline specialists train` (or `specialists run`) first")
     device = resolve_device(cfg.device)
-    cache = LogitCache(cfg.cache)
+    cache = LogitCache(cfg.cache_location)
     data = transfer_set(cache, cfg.data_dir)
     test = resolve_eval_set(cfg.eval, data, cfg.data_dir, cache.num_classes, required=True)
     members = generalist_members(cache, cfg.generalist, device)
@@ -175,7 +176,7 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
               "train_wall_seconds": trained.get("wall_seconds"), "evaluate_seconds": time.perf_counter() - t0}
     _write_config(cfg, "evaluate")
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-    report = evaluation_report(result, cache.header["class_names"])
+    report = evaluation_report(result, list(cache.header.class_names))
     (out / "report.md").write_text(report)
     g, c = main["generalist"], main["combined"]
     log(f"generalist {g['errors']} errors ({g['accuracy']:.2%}), generalist + specialists {c['errors']} errors "
