@@ -134,6 +134,39 @@ def test_train_student_from_s3_and_zip_matches_local(s3_cache: str, tmp_path: Pa
     assert results["s3"]["metrics"]["test"]["accuracy"] > 0.5
 
 
+def test_specialists_run_from_s3_with_storage_options_and_from_a_bundle_match_local(
+        s3_cache: str, s3_server: str, cache_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        one_torch_thread: None) -> None:
+    """`specialists run --cache s3://... --storage-option endpoint_url=...` through the real CLI: the endpoint
+    reaches the reader only through the option (the AWS_ENDPOINT_URL the session set is removed here)."""
+    bundle = tmp_path / "task.zarr.zip"
+    sharing.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    runs = {}
+    for name, cache, extra in (("dir", str(cache_path), []), ("zip", str(bundle), []),
+                               ("s3", s3_cache, ["--storage-option", f"endpoint_url={s3_server}"])):
+        out = tmp_path / f"spec-{name}"
+        code, text = invoke("specialists", "run", "--cache", cache, "--out", str(out), "--specialists", "2",
+                            "--epochs", "1", "--batch-size", "64", "--device", "cpu", *extra)
+        assert code == 0, text
+        runs[name] = {f: json.loads((out / f).read_text())
+                      for f in ("clusters.json", "evaluation.json", "config.json")}
+        specialist = json.loads((out / "specialists" / "0" / "specialist.json").read_text())
+        assert specialist["sampling"]["rows"] > 0
+    local = runs["dir"]
+    assert local["evaluation.json"]["main"]["generalist"]["accuracy"] > 0.5
+    assert any(len(g) >= 2 for g in local["clusters.json"]["groups"])
+    for name in ("zip", "s3"):
+        run = runs[name]
+        assert run["clusters.json"]["groups"] == local["clusters.json"]["groups"], name
+        assert run["clusters.json"]["cache_fingerprint"] == local["clusters.json"]["cache_fingerprint"]
+        for part in ("generalist", "combined"):
+            for key in ("accuracy", "errors"):
+                assert run["evaluation.json"]["main"][part][key] == local["evaluation.json"]["main"][part][key]
+    assert runs["s3"]["clusters.json"]["cache"] == s3_cache
+    assert runs["s3"]["config.json"]["storage_options"] == {"endpoint_url": s3_server}
+
+
 def test_flipped_byte_in_one_s3_object_fails_verify_naming_it(s3_server: str, cache_path: Path) -> None:
     url = s3_url("flip/task.zarr")
     assert invoke("cache", "copy", str(cache_path), url, "--quiet")[0] == 0  # local -> s3
