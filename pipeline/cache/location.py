@@ -46,14 +46,16 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, ZipStore
 
-from pipeline.errors import CacheError
+# MAX_METADATA_BYTES lives with the other read limits in guard.py; format.py imports it from here.
+from pipeline.cache.guard import MAX_METADATA_BYTES as MAX_METADATA_BYTES
+from pipeline.cache.guard import GuardedStore
+from pipeline.errors import CacheError, StorageError, explain
 
 ZIP_SUFFIX = ".zip"
 ZARR_SUFFIX = ".zarr"
 MAX_ZIP_ENTRIES = 2_000_000
 MAX_ZIP_ENTRY_BYTES = 4 << 30  # a logit chunk is one shard of one member: far below this
 MAX_ZIP_TOTAL_BYTES = 1 << 40
-MAX_METADATA_BYTES = 16 << 20  # any zarr.json bigger than this is not a cache's: refuse before parsing it
 
 LEASE_NAME = "kd-writer.lock"
 LEASE_SECONDS = 120.0  # an object-store lease not renewed for this long is taken over
@@ -299,6 +301,12 @@ class CacheLocation:
         return store
 
     def _new_store(self, mode: str) -> Store:
+        store = self._raw_store(mode)
+        # Reading someone else's cache: every key is checked against its header before zarr
+        # parses or decompresses it (see pipeline.cache.guard).
+        return GuardedStore(store, self.display) if mode == "r" else store
+
+    def _raw_store(self, mode: str) -> Store:
         if self.kind == "url":
             try:
                 return FsspecStore.from_url(self.text, read_only=mode == "r",
@@ -356,6 +364,8 @@ def list_keys(store: Store, limit: int | None = None) -> list[str]:
 
 def key_sizes(store: Store) -> dict[str, int]:
     """{key: size in bytes} of every key, with as few requests as the store allows."""
+    if isinstance(store, GuardedStore):
+        return key_sizes(store.inner)
     if isinstance(store, FsspecStore):
         found = sync(store.fs._find(store.path, detail=True, withdirs=False))
         base = store.path.rstrip("/") + "/"
@@ -456,6 +466,11 @@ class StoreLease:
                 except (OSError, FileExistsError):
                     continue  # someone else took it over (or renewed it) first: look again
             except OSError as e:
+                # A missing bucket or refused credentials fail this first write too: say that, not
+                # that conditional writes are missing.
+                reason = explain(e, self.location)
+                if isinstance(reason, StorageError) and not _conditional_write_refused(e):
+                    raise reason from e
                 raise CacheError(f"{self.location}: could not take the writer lease ({e}); the object store must "
                                  "support conditional writes (If-None-Match), as AWS S3 does") from None
             self._thread = threading.Thread(target=self._renew_loop, name="kd-lease", daemon=True)
@@ -499,6 +514,18 @@ class StoreLease:
             if other.get("owner") == self.owner:  # never delete a lease someone else took over
                 sync(self.fs._rm_file(self.key))
         self.etag = None
+
+
+def _conditional_write_refused(e: BaseException) -> bool:
+    """Whether the store rejected the conditional PUT itself (501 NotImplemented, or a 400 naming
+    the If-None-Match header), rather than failing for a reason any write would."""
+    for cause in (e, e.__cause__, e.__context__):
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            text = str(response.get("Error", {}).get("Message", ""))
+            return code in ("NotImplemented", "501") or "If-None-Match" in text
+    return "If-None-Match" in str(e) or "NotImplemented" in str(e)
 
 
 # ---------------------------------------------------------------------------------------------------- lock
