@@ -3,8 +3,12 @@
 A checkpoint is a ``torch.save`` of
 ``{"kd_checkpoint": VERSION, "meta": {...JSON...}, "state_dict": {...}}`` loaded back with
 ``weights_only=True`` (tensors and plain containers only: a checkpoint from someone else cannot run
-code on load). ``meta`` records the model spec, the input shape and classes, the training dataset's
-identity (spec + fingerprint), the resolved config, and test metrics.
+code on load). Its recorded model spec is data too: a ``py:`` or ``torchscript:`` spec, whose code
+its author chose, is built only when the caller allows that module or file (``trust_code``, the
+``--trust-code`` option); otherwise loading stops before anything is imported.
+
+``meta`` records the model spec, the input shape and classes, the training dataset's identity
+(spec + fingerprint), the resolved config, and test metrics.
 
 An ensemble is a directory of ``member-<i>.pt`` checkpoints (plus an ``ensemble.json`` summary).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +26,7 @@ import torch
 
 from pipeline.errors import CheckpointError, KDError
 from pipeline.files import atomic_write
-from pipeline.models import KDModel, build_model
+from pipeline.models import KDModel, build_model, check_trusted
 
 if TYPE_CHECKING:
     from pipeline.datasets import Dataset
@@ -77,9 +82,20 @@ class LoadedModel:
         }
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
+                    trust_code: Sequence[str] = ()) -> LoadedModel:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); model in eval
     mode.
+
+    Args:
+        path: the checkpoint file.
+        device: where the model goes.
+        trust_code: modules (and packages) or TorchScript files a recorded ``py:`` or
+            ``torchscript:`` spec may use; any other such spec is refused before it is imported.
+
+    Raises:
+        CheckpointError: missing, damaged or not a kd-pipeline checkpoint.
+        UntrustedCodeError: its model spec names code the caller did not allow.
     """
     path = Path(path)
     if not path.is_file():
@@ -110,6 +126,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
             f"{path}: checkpoint format {blob['kd_checkpoint']} is newer than this kd-pipeline "
             f"understands ({CHECKPOINT_VERSION}); upgrade kd-pipeline"
         )
+    if not isinstance(meta["model_spec"], str):
+        raise CheckpointError(f"{path}: damaged kd-pipeline checkpoint: model_spec is not a string")
+    check_trusted(meta["model_spec"], trust_code, str(path))
     model = build_model(meta["model_spec"], tuple(meta["in_shape"]), int(meta["num_classes"]))
     try:
         model.load_state_dict(blob["state_dict"])
@@ -158,6 +177,8 @@ def fit_problems(models: list[LoadedModel], data: Dataset) -> list[str]:
     ]
 
 
-def load_models(paths: list[str | Path], device: torch.device | str = "cpu") -> list[LoadedModel]:
-    """Load every member behind each path (checkpoint or ensemble directory), in order."""
-    return [load_checkpoint(p, device) for path in paths for p in member_paths(path)]
+def load_models(paths: list[str | Path], device: torch.device | str = "cpu",
+                trust_code: Sequence[str] = ()) -> list[LoadedModel]:
+    """Load every member behind each path (checkpoint or ensemble directory), in order
+    (``trust_code`` as for :func:`load_checkpoint`)."""
+    return [load_checkpoint(p, device, trust_code) for path in paths for p in member_paths(path)]

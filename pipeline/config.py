@@ -69,6 +69,17 @@ def storage_options_option() -> dict:
     )
 
 
+def trust_code_option() -> list[str]:
+    return option(
+        default_factory=list,
+        multiple=True,
+        metavar="MODULE",
+        help="Allow a checkpoint or cache whose recorded model spec is py:MODULE:FACTORY (or "
+        "torchscript:PATH) to import MODULE and its submodules (or load PATH); repeatable. "
+        "Without it such a file is refused: its author, not you, chose that code.",
+    )
+
+
 def members_option(help: str) -> list[int] | None:
     return option(None, parse=parse_indices, metavar="I,J,...", help=help)
 
@@ -204,6 +215,7 @@ class EvaluateConfig:
     batch_size: int = option(1024, help="Rows per forward pass.")
     device: str = device_option()
     data_dir: str | None = data_dir_option()
+    trust_code: list[str] = trust_code_option()
 
     def validate(self) -> None:
         problems = []
@@ -275,6 +287,7 @@ class CacheConfig:
     data_dir: str | None = data_dir_option()
     command: str = ""  # the command line that made the cache (recorded in its header)
     storage_options: dict = storage_options_option()
+    trust_code: list[str] = trust_code_option()
 
     def validate(self) -> None:
         problems = []
@@ -378,6 +391,7 @@ class StudentConfig:
     data_dir: str | None = data_dir_option()
     train: TrainConfig = field(default_factory=TrainConfig)
     storage_options: dict = storage_options_option()
+    trust_code: list[str] = trust_code_option()
 
     def run_name(self) -> str:
         """The default run-directory name: what the run is, so two different runs never share it."""
@@ -532,6 +546,7 @@ class SweepConfig:
     device: str = device_option()
     data_dir: str | None = data_dir_option()
     storage_options: dict = storage_options_option()
+    trust_code: list[str] = trust_code_option()
     train: TrainConfig = field(
         default_factory=TrainConfig
     )  # its seed is replaced by each setting's
@@ -603,6 +618,7 @@ class SweepConfig:
             device=self.device,
             data_dir=self.data_dir,
             storage_options=self.storage_options,
+            trust_code=self.trust_code,
             train=replace(self.train, seed=seed),
         )
 
@@ -689,6 +705,7 @@ class SpecialistsConfig:
     # The CLI has always trained specialists for 10 epochs; the library now agrees with it.
     train: TrainConfig = field(default_factory=TrainConfig)
     storage_options: dict = storage_options_option()
+    trust_code: list[str] = trust_code_option()
 
     def resolve(self) -> SpecialistsConfig:
         """This config with ``out`` named from the cache when not given."""

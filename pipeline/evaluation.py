@@ -16,7 +16,7 @@ def evaluate_models(cfg: EvaluateConfig) -> dict:
     """
     cfg.validate()
     device = resolve_device(cfg.device)
-    loaded = load_models([cfg.model], device)
+    loaded = load_models([cfg.model], device, cfg.trust_code)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     if not data.labeled:
         raise KDError(

@@ -11,6 +11,10 @@ A model spec is ``NAME[:ARG][:key=value...]``:
 - ``py:package.module:factory`` — ``factory(in_shape=..., num_classes=...) -> nn.Module``, a user's
   own model.
 
+The last two run code the spec names. A spec typed on the command line is the user's own choice;
+one *recorded* in a checkpoint or a cache was chosen by whoever made that file, so it is built only
+when the user allowed its module or file (``--trust-code``, :func:`check_trusted`).
+
 Every built model is a :class:`KDModel`: input normalisation (mean/std buffers recorded from the
 training data, saved in the checkpoint) in front of the network, so a checkpoint consumes raw inputs
 and no caller has to know how its model was trained.
@@ -20,14 +24,14 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.errors import ModelSpecError
+from pipeline.errors import ModelSpecError, UntrustedCodeError
 
 
 class KDModel(nn.Module):
@@ -275,6 +279,57 @@ def _build_py(
             f"model spec {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
         )
     return model
+
+
+def code_source(spec: str) -> str | None:
+    """What code besides this library a spec runs: the module of ``py:MODULE:FACTORY``, the file
+    of ``torchscript:PATH``; None for the built-in models."""
+    name, _, rest = spec.partition(":")
+    if name == "py":
+        return rest.split(":")[0]
+    if name == "torchscript":
+        return rest
+    return None
+
+
+def is_trusted(source: str, trust_code: Iterable[str]) -> bool:
+    """Whether ``source`` (a module or a TorchScript file) is allowed by ``trust_code``: a module
+    by its name or a package above it, a file by its path."""
+    for t in trust_code:
+        if source == t or source.startswith(t + "."):
+            return True
+        if Path(source).resolve() == Path(t).resolve():  # a TorchScript file, however spelled
+            return True
+    return False
+
+
+def trusting(trust_code: Iterable[str], *explicit_specs: str | None) -> tuple[str, ...]:
+    """``trust_code`` plus the code of specs the user typed (their own choice, so allowed)."""
+    typed = [code_source(s) for s in explicit_specs if s]
+    return (*trust_code, *(c for c in typed if c))
+
+
+def check_trusted(spec: str, trust_code: Iterable[str], recorded_in: str) -> None:
+    """Refuse a recorded spec whose code the user did not allow.
+
+    Args:
+        spec: the model spec read from a file.
+        trust_code: the modules and TorchScript files the user allowed (``--trust-code``).
+        recorded_in: the file it was read from, for the message.
+
+    Raises:
+        UntrustedCodeError: naming the module (or file) and the flag that allows it.
+    """
+    source = code_source(spec)
+    if source is None or is_trusted(source, trust_code):
+        return
+    what = (f"import and run the Python module {source!r}" if spec.startswith("py:")
+            else f"load and run the TorchScript program {source!r}")
+    raise UntrustedCodeError(
+        f"{recorded_in} records the model spec {spec!r}, which would {what}; the file's author "
+        "chose that code, and loading a checkpoint or cache runs no code you did not allow. "
+        f"Nothing was imported. If you trust it, re-run with --trust-code {source}"
+    )
 
 
 def build_model(

@@ -7,6 +7,7 @@ command only builds its configs, calls one library function and prints the outco
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from dataclasses import replace
@@ -24,7 +25,7 @@ from pipeline.config import (
     SweepConfig,
     TeacherConfig,
 )
-from pipeline.errors import KDError
+from pipeline.errors import explain
 from pipeline.experiments.bench import BenchConfig
 from pipeline.experiments.demo import DemoConfig
 from pipeline.experiments.reproduce import ReproduceConfig
@@ -33,14 +34,30 @@ from stages.show import evaluation_table, format_cache_info
 
 
 class KDGroup(click.Group):
-    """Prints library errors as one clear message (exit 2) instead of a traceback."""
+    """Prints every failure as one clear message (exit 2) instead of a traceback.
+
+    Library errors are printed as they are; storage and OS failures get their message from
+    ``pipeline.errors.explain``; anything else is a bug, said so in one line (set
+    KD_TRACEBACK=1 to see the traceback instead).
+    """
 
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
         try:
             return super().invoke(ctx)
-        except KDError as e:
-            click.echo(f"error: {e}", err=True)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # click's own: usage errors, ctx.exit(), Ctrl-C
+        except Exception as e:
+            err = explain(e)
+            if err is None and os.environ.get("KD_TRACEBACK"):
+                raise
+            click.echo(f"error: {err or _bug(e)}", err=True)
             ctx.exit(2)
+
+
+def _bug(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return (f"internal error ({type(e).__name__}: {first}); this is a bug in kd-pipeline: "
+            "please report it with the command you ran (KD_TRACEBACK=1 shows the traceback)")
 
 
 def quiet_log(display: Display) -> object:
@@ -281,7 +298,8 @@ def cache_ls(cfg: CacheToolConfig) -> None:
     found = list_caches(cfg.location("prefix"))
     for s in found:
         click.echo(s.line())
-    click.echo(f"{len(found)} cache(s) under {cfg.prefix}")
+    bad = sum(s.unreadable for s in found)
+    click.echo(f"{len(found)} cache(s) under {cfg.prefix}" + (f", {bad} unreadable" if bad else ""))
 
 
 @main.command()

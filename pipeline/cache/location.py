@@ -49,7 +49,7 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 # MAX_METADATA_BYTES lives with the other read limits in guard.py; format.py imports it from here.
 from pipeline.cache.guard import MAX_METADATA_BYTES as MAX_METADATA_BYTES
 from pipeline.cache.guard import GuardedStore
-from pipeline.errors import CacheError, StorageError, explain
+from pipeline.errors import CacheError, StorageError, explain, storage_errors
 
 ZIP_SUFFIX = ".zip"
 ZARR_SUFFIX = ".zarr"
@@ -365,7 +365,8 @@ def list_keys(store: Store, limit: int | None = None) -> list[str]:
 def key_sizes(store: Store) -> dict[str, int]:
     """{key: size in bytes} of every key, with as few requests as the store allows."""
     if isinstance(store, GuardedStore):
-        return key_sizes(store.inner)
+        with storage_errors(store.where, keep=(FileNotFoundError,)):
+            return key_sizes(store.inner)
     if isinstance(store, FsspecStore):
         found = sync(store.fs._find(store.path, detail=True, withdirs=False))
         base = store.path.rstrip("/") + "/"

@@ -19,7 +19,6 @@ This module imports without torch (the dataset check imports :mod:`pipeline.data
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import posixpath
 import time
@@ -43,6 +42,7 @@ from pipeline.cache.format import (
     member_array,
     member_done,
 )
+from pipeline.cache.guard import read_json
 from pipeline.cache.location import (
     LEASE_NAME,
     MAX_METADATA_BYTES,
@@ -54,7 +54,7 @@ from pipeline.cache.location import (
     put_bytes,
     validate_zip,
 )
-from pipeline.errors import CacheError, KDError
+from pipeline.errors import CacheError, KDError, explain, storage_errors
 
 META = "zarr.json"
 COPY_CONCURRENCY = 16  # objects in flight at once while copying
@@ -65,9 +65,38 @@ def _is_meta(key: str) -> bool:
 
 
 def _is_bookkeeping(key: str) -> bool:
-    """The writer lock/lease and the creation marker: never copied, never part of a cache's content."""
+    """The writer lock/lease, the creation marker and zarr's temp files of a killed write
+    (``*.partial``): never copied, never part of a cache's content."""
     name = key.rsplit("/", 1)[-1]
-    return name.startswith(LEASE_NAME) or name == CREATING_MARKER
+    return name.startswith(LEASE_NAME) or name == CREATING_MARKER or name.endswith(".partial")
+
+
+def own_keys(h: CacheHeader) -> set[str]:
+    """Every key a cache with header ``h`` may hold: its metadata and the chunks it implies.
+
+    A cache is exactly these (old caches lack some ids/labels chunks); anything else in its
+    store is not the cache's and is never copied.
+    """
+    arrays = ["ids"] + (["labels"] if h.labeled else [])
+    keys = {META, f"members/{META}"}
+    for name in arrays:
+        keys |= {f"{name}/{META}"} | {f"{name}/c/{s}" for s in range(h.n_shards)}
+    for m in h.members:
+        logits, done = member_array(m.index), member_done(m.index)
+        keys |= {f"members/{m.index}/{META}", f"{logits}/{META}", f"{done}/{META}"}
+        keys |= {f"{logits}/c/{s}/0" for s in range(h.n_shards)}
+        keys |= {f"{done}/c/{s}" for s in range(h.n_shards)}
+    return keys
+
+
+def _foreign(sizes: dict[str, int], h: CacheHeader) -> list[str]:
+    """The stored keys that are neither the cache's own nor a writer's bookkeeping."""
+    own = own_keys(h)
+    return sorted(k for k in sizes if k not in own and not _is_bookkeeping(k))
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 # ----------------------------------------------------------------------------------------------------- verify
@@ -136,6 +165,11 @@ def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, pro
         return
     group, h = _read_verified_header(store, where)
     rep.header = h
+    foreign = _foreign(sizes, h)
+    if foreign:
+        rep.problems.append(f"{len(foreign)} object(s) are not part of the cache "
+                            f"({_some(foreign)}); a cache holds only its metadata and the chunks "
+                            "its header implies")
     expected = _expected_arrays(h)
     arrays = _check_arrays(group, expected, h, rep)
     done = _read_done_flags(arrays, h, sizes, rep)
@@ -199,6 +233,9 @@ def _check_arrays(group: zarr.Group, expected: Expected, h: CacheHeader,
             arr = group[name]
         except KeyError:
             rep.problems.append(f"array {name} is missing")
+            continue
+        except KDError as e:  # its metadata is damaged or exceeds the header (the guard's check)
+            rep.problems.append(f"array {name}: {e}")
             continue
         if not isinstance(arr, zarr.Array):
             rep.problems.append(f"{name} is a group, expected an array")
@@ -364,18 +401,29 @@ def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
             "there now")
     if META not in sizes:
         raise CacheError(f"{source_at}: no zarr.json at its root; not a cache")
-    root_meta = json.loads(get_bytes(source, META) or b"{}")
-    src_header = CacheHeader.from_dict(root_meta.get("attributes", {}).get(ATTR_KEY), source_at.display)
+    root_meta = sync(read_json(source, META, source_at.display))
+    attrs = root_meta.get("attributes") if isinstance(root_meta, dict) else None
+    src_header = CacheHeader.from_dict(attrs.get(ATTR_KEY) if isinstance(attrs, dict) else None,
+                                       source_at.display)
+    foreign = _foreign(sizes, src_header)
+    if foreign:
+        # Only the cache's own keys are ever copied; a source holding more is not a sound cache.
+        raise CacheError(f"{source_at} holds {len(foreign)} object(s) that are not part of the "
+                         f"cache ({_some(foreign)}); a cache holds only its metadata and the "
+                         "chunks its header implies. Refusing to copy it: remove them from the "
+                         "source, or ask its sender for a bundle made by `kd-pipeline cache pack`")
     keys = [k for k in sizes if not _is_bookkeeping(k)]
     data_keys = [k for k in keys if not _is_meta(k)]
     # Metadata last, deepest first, the root's zarr.json at the very end: until it lands, the copy is no
     # cache.
     meta_keys = sorted((k for k in keys if _is_meta(k)), key=lambda k: (-k.count("/"), k))
-    if target_at.kind == "zip":
-        copied, skipped, nbytes = _copy_to_zip(source, sizes, data_keys + meta_keys, target_at, progress)
-    else:
-        copied, skipped, nbytes = _copy_to_store(source, sizes, data_keys, meta_keys, src_header,
-                                                 target_at, progress)
+    with storage_errors(target_at.display):  # failures writing name the destination
+        if target_at.kind == "zip":
+            copied, skipped, nbytes = _copy_to_zip(source, sizes, data_keys + meta_keys, target_at,
+                                                   progress)
+        else:
+            copied, skipped, nbytes = _copy_to_store(source, sizes, data_keys, meta_keys,
+                                                     src_header, target_at, progress)
     report = verify_cache(target_at, progress=progress)
     if report.ok:
         dst_sizes = {k: s for k, s in key_sizes(target_at.open("r")).items() if not _is_bookkeeping(k)}
@@ -404,8 +452,9 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
                              f"{dst.text}/{_name_of(src_header)}")
         if META in have:
             try:
-                theirs = json.loads(get_bytes(target, META) or b"{}").get("attributes", {}).get(ATTR_KEY)
-            except ValueError:
+                found = sync(read_json(target, META, dst.display))
+                theirs = (found.get("attributes") or {}).get(ATTR_KEY)
+            except (CacheError, AttributeError):  # not JSON, too big or deep, not an object
                 theirs = None
             if not _same_cache(theirs, src_header):
                 raise CacheError(f"{dst} already holds something else (another cache or not a cache); copy "
@@ -476,9 +525,29 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: Cac
     tmp = path.with_name(path.name.removesuffix(ZIP_SUFFIX) + ".partial" + ZIP_SUFFIX)
     tmp.unlink(missing_ok=True)  # a bundle interrupted midway is rewritten whole (a zip cannot be resumed)
     partial = CacheLocation.parse(tmp)
+    try:
+        nbytes = _write_zip(source, sizes, keys, partial, progress)
+        validate_zip(tmp)
+        report = verify_cache(partial, progress=progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk, an unreadable source: no half bundle stays
+        raise
+    if not report.ok:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"the bundle for {dst} did not verify, so it was not kept; check the "
+                         "source with `kd-pipeline cache verify`, then pack again:\n"
+                         f"{report.format()}")
+    os.replace(tmp, path)
+    return len(keys), 0, nbytes
+
+
+def _write_zip(source: Store, sizes: dict[str, int], keys: list[str], partial: CacheLocation,
+               progress: bool) -> int:
+    """Write ``keys`` of ``source`` into the new bundle ``partial``; returns the bytes written."""
     z = partial.create_zip()
     nbytes = 0
-    bar = tqdm(total=sum(sizes[k] for k in keys), unit="B", unit_scale=True, desc="pack", disable=not progress)
+    bar = tqdm(total=sum(sizes[k] for k in keys), unit="B", unit_scale=True, desc="pack",
+               disable=not progress)
     try:
         for key in keys:
             data = get_bytes(source, key)
@@ -490,14 +559,7 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: Cac
     finally:
         bar.close()
         z.close()
-    validate_zip(tmp)
-    report = verify_cache(partial, progress=progress)
-    if not report.ok:
-        tmp.unlink(missing_ok=True)
-        raise CacheError(f"the bundle for {dst} did not verify, so it was not kept; check the source with "
-                         f"`kd-pipeline cache verify`, then pack again:\n{report.format()}")
-    os.replace(tmp, path)
-    return len(keys), 0, nbytes
+    return nbytes
 
 
 def pack_cache(src: str | Path | CacheLocation, out: str | Path | CacheLocation, progress: bool = True,
@@ -519,6 +581,10 @@ class CacheSummary:
     shards_done: int = 0
     error: str | None = None
 
+    @property
+    def unreadable(self) -> bool:
+        return self.header is None
+
     def line(self) -> str:
         if self.header is None:
             return f"{self.location}  UNREADABLE: {self.error}"
@@ -539,15 +605,18 @@ def _human(n: float) -> str:
 
 
 def _summary(location: CacheLocation, size: int | None = None) -> CacheSummary | None:
+    """One cache's summary; a damaged or unreadable one is listed with the reason, not raised."""
     try:
         cache = LogitCache(location, allow_partial=True)
-    except CacheError as e:
+        done = sum(int(cache.done_flags(m.index).sum()) for m in cache.members)
+        if size is None:
+            size = sum(key_sizes(cache.store).values())
+    except Exception as e:  # noqa: BLE001 - one bad cache must not end the listing
         if "no kd-pipeline cache header" in str(e):
             return None  # a Zarr group, but not ours
-        return CacheSummary(location.display, None, size or 0, error=str(e))
-    done = sum(int(cache.done_flags(m.index).sum()) for m in cache.members)
-    if size is None:
-        size = sum(key_sizes(cache.store).values())
+        reason = explain(e) or e
+        text = str(reason).removeprefix(f"{location.display}: ").splitlines()[0]
+        return CacheSummary(location.display, None, size or 0, error=text)
     return CacheSummary(location.display, cache.header, size, done)
 
 

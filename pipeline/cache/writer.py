@@ -45,7 +45,7 @@ from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, mem
 from pipeline.config import CacheConfig
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
-from pipeline.errors import CacheError, CheckpointError
+from pipeline.errors import CacheError, CheckpointError, storage_errors
 from pipeline.metrics import predict_logits
 
 DEFAULT_DTYPE = "float16"
@@ -82,6 +82,7 @@ class WorkSpec:
     batch_size: int
     torch_threads: int = 0
     tasks: list[Task] = field(default_factory=list)
+    trust_code: tuple[str, ...] = ()  # what the teachers' recorded specs may import (--trust-code)
 
 
 def compute_shard(spec: WorkSpec, models: dict[int, torch.nn.Module], data: Dataset,
@@ -116,7 +117,7 @@ def _worker_state(spec: WorkSpec) -> tuple[dict[int, torch.nn.Module], Dataset, 
                              f"the cache expects {spec.dataset_fingerprint}; workers must see the same files")
         models = {}
         for m, (path, sha) in spec.checkpoints.items():
-            lm = load_checkpoint(path, device)
+            lm = load_checkpoint(path, device, spec.trust_code)
             if lm.sha256 != sha:
                 raise CacheError(f"worker's {path} has sha256 {lm.sha256}, expected {sha}: the file differs")
             models[m] = lm.model
@@ -172,7 +173,7 @@ class CacheInputs:
             CheckpointError, DatasetError: with what is wrong.
         """
         paths = [p for t in cfg.teachers for p in member_paths(t)]
-        loaded = tuple(load_checkpoint(p, "cpu") for p in paths)
+        loaded = tuple(load_checkpoint(p, "cpu", cfg.trust_code) for p in paths)
         data = load_dataset(cfg.dataset, cfg.data_dir)
         _check_members(list(loaded), data)
         return cls(loaded, data, int(loaded[0].meta["num_classes"]),
@@ -338,6 +339,14 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
         raise CacheError(f"{location}: a .zarr.zip bundle is written once by `kd-pipeline cache pack`; "
                          "write the cache to a directory or s3:// URL, then `kd-pipeline cache pack CACHE "
                          f"{location}`")
+    # Storage failures (a full disk, a missing bucket, refused credentials) name the cache.
+    with storage_errors(location.display):
+        return _build(cfg, location, inputs, device, t0, log, progress)
+
+
+def _build(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs, device: torch.device,
+           t0: float, log: Callable[[str], None], progress: bool) -> CacheResult:
+    """:func:`build_cache` once its inputs are loaded and its location is known to be writable."""
     existing = read_header(location)  # refuses what is not a cache before anything is made there
     if location.kind == "dir":
         root = location.local_path
@@ -382,7 +391,7 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
     tasks = list(plan.tasks)
     rows = plan.layout.rows(tasks)
     spec = WorkSpec(plan.location, inputs.data.spec, inputs.data.fingerprint, cfg.data_dir, checkpoints,
-                    cfg.device, cfg.batch_size)
+                    cfg.device, cfg.batch_size, trust_code=tuple(cfg.trust_code))
     log(f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}")
     bar = tqdm(total=rows, unit="row", unit_scale=True, desc="cache-logits", disable=not progress)

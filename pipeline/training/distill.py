@@ -144,7 +144,7 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
 
 def _online_targets(cfg: StudentConfig, device: torch.device) -> SoftTargets:
     """Load the teachers and the transfer set; the soft targets are a forward pass on each batch."""
-    teachers = load_models(cfg.online_teacher, device)
+    teachers = load_models(cfg.online_teacher, device, cfg.trust_code)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     if cfg.alpha < 1 and not data.labeled:
         raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but {data.spec} is unlabeled"])

@@ -31,6 +31,7 @@ from pipeline.experiments.reproduce.recipes import QUICK_TEACHER, SCALES, TEACHE
 from pipeline.experiments.sweep import finished_result
 from pipeline.files import slug
 from pipeline.metrics import classification_metrics, predict_logits
+from pipeline.models import trusting
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher
@@ -95,8 +96,9 @@ class Run:
                 self.log(f"training the teacher: {r.why}")
                 train_teacher(tcfg, log=self.log)
             self._teacher = str(tdir)
-        self.teacher_metrics = evaluate_models(EvaluateConfig(model=self._teacher, dataset=self.test_spec,
-                                                           device=self.cfg.device, data_dir=self.cfg.data_dir))
+        self.teacher_metrics = evaluate_models(EvaluateConfig(
+            model=self._teacher, dataset=self.test_spec, device=self.cfg.device,
+            data_dir=self.cfg.data_dir, trust_code=self.cfg.trust_code))
         return self._teacher
 
     def cache(self, spec: str) -> str:
@@ -104,7 +106,9 @@ class Run:
         location = self.out / "caches" / f"{slug(spec, sep='_', max_len=80)}.zarr"
         res = build_cache(CacheConfig(teachers=[self.teacher()], dataset=spec, out=str(location),
                                            device=self.cfg.device, data_dir=self.cfg.data_dir,
-                                           command=f"kd-pipeline reproduce ({spec})"), log=self.log, progress=False)
+                                           command=f"kd-pipeline reproduce ({spec})",
+                                           trust_code=self.cfg.trust_code),
+                          log=self.log, progress=False)
         self.log(res.message)
         return str(location)
 
@@ -135,7 +139,9 @@ def student_metrics(run: Run, result: dict, spec: str, offsets: dict[int, float]
     """Metrics of a finished run's student on a labeled dataset; with ``offsets``, those replace the bias
     correction the student was saved with (e.g. the paper's +3.5 instead of the fitted offset)."""
     device = resolve_device(run.cfg.device)
-    loaded = load_checkpoint(Path(result["config"]["out"]) / "student.pt", device)
+    # The students' specs are the ones typed for this run (--student, --narrow-student).
+    trust = trusting(run.cfg.trust_code, run.cfg.student, run.cfg.narrow_student)
+    loaded = load_checkpoint(Path(result["config"]["out"]) / "student.pt", device, trust)
     if offsets is not None:
         with torch.no_grad():
             for c, v in result["metrics"]["bias"]["fitted"]["offsets"].items():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pipeline.config import data_dir_option, device_option, output_dir
+from pipeline.config import data_dir_option, device_option, output_dir, trust_code_option
 from pipeline.errors import ConfigError
 from pipeline.files import slug
 from pipeline.options import option, parse_ints, show_list
@@ -106,6 +106,7 @@ class ReproduceConfig:
     alpha: float = 0.9
     device: str = device_option()
     seed: int = option(0, help="Seed for weight initialisation, dropout and shuffling.")
+    trust_code: list[str] = trust_code_option()
 
     def resolve(self) -> ReproduceConfig:
         """This config with ``out`` named from the dataset and scale when not given."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, load_checkpoint, member_paths, save_checkpoint
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.errors import CacheError, CheckpointError, ConfigError
-from pipeline.models import KDModel, build_model
+from pipeline.models import KDModel, build_model, check_trusted
 from pipeline.training.loader import combined_shard
 from pipeline.training.loop import InMemorySource, TrainConfig, fit
 from pipeline.training.losses import make_loss
@@ -192,14 +192,16 @@ def transfer_set(cache: LogitCache, data_dir: str | None) -> Dataset:
     return data
 
 
-def generalist_members(cache: LogitCache, given: list[str] | None, device: torch.device | str = "cpu"
-                       ) -> list[LoadedModel]:
+def generalist_members(cache: LogitCache, given: list[str] | None,
+                       device: torch.device | str = "cpu",
+                       trust_code: Sequence[str] = ()) -> list[LoadedModel]:
     """Load the checkpoints of the cache's members (the generalist), checked by sha256.
 
     Args:
         cache: the generalist's cache.
         given: checkpoints / ensemble directories (``--generalist``); None: the paths the cache header records
             (as given, then relative to the directory above the cache's ``data/``).
+        trust_code: what the members' recorded ``py:`` / ``torchscript:`` specs may use.
 
     Raises:
         CheckpointError: a checkpoint is missing or is not the one the cache was made with.
@@ -219,7 +221,7 @@ def generalist_members(cache: LogitCache, given: list[str] | None, device: torch
                                       "not found from here; pass --generalist PATH (its checkpoint or ensemble "
                                       "directory)")
             paths.append(hit)
-    loaded = [load_checkpoint(p, device) for p in paths]
+    loaded = [load_checkpoint(p, device, trust_code) for p in paths]
     have = [lm.sha256 for lm in loaded]
     if sorted(have) != sorted(want):
         raise CheckpointError("--generalist must be the checkpoints the cache was made with; the cache's members are "
@@ -249,6 +251,7 @@ class SpecialistTask:
     device: str
     dustbin_correction: bool = True
     torch_threads: int = 0
+    trust_code: tuple[str, ...] = ()  # what model_spec and the init checkpoint may import
 
 
 def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = None) -> dict:
@@ -276,11 +279,13 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
     alpha = task.alpha if hard is not None else 1.0
     torch.manual_seed(cfg.seed)
     if task.init_checkpoint:
-        member = load_checkpoint(task.init_checkpoint, "cpu")
+        member = load_checkpoint(task.init_checkpoint, "cpu", task.trust_code)
         if task.init_sha256 and member.sha256 != task.init_sha256:
             raise CheckpointError(f"{task.init_checkpoint} has sha256 {member.sha256}, expected {task.init_sha256}")
         model = specialist_from_generalist(member.model, task.classes, data.sample_shape)
     else:
+        # model_spec may come from the cache's header: checked again on the worker building it.
+        check_trusted(task.model_spec, task.trust_code, f"{task.cache} (the specialists' model)")
         model = build_model(task.model_spec, data.sample_shape, len(task.classes) + 1, data.input_stats)
     model = model.to(device)
     source = InMemorySource(data.x[plan.rows], hard, soft, batch_size=cfg.batch_size, seed=cfg.seed)

@@ -40,6 +40,7 @@ from pipeline.experiments.specialists.specialist import (
     transfer_set,
 )
 from pipeline.metrics import predict_logits
+from pipeline.models import check_trusted, trusting
 
 if TYPE_CHECKING:
     from pipeline.config import SpecialistsConfig
@@ -112,20 +113,23 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
         raise ConfigError([f"--init-member {cfg.init_member}: the cache has members 0..{len(cache.members) - 1}"])
     member_spec = cache.members[cfg.init_member].model_spec
     spec = cfg.model or member_spec
+    trust = trusting(cfg.trust_code, cfg.model)  # --model is typed, the cache's spec is recorded
+    check_trusted(spec, trust, f"{location} (member {cfg.init_member})")
     init = cfg.init if cfg.init != "auto" else ("generalist" if spec == member_spec else "scratch")
     if init == "generalist" and spec != member_spec:
         raise ConfigError([f"--init generalist needs the specialists' model to be the generalist's ({member_spec}), "
                            f"got {spec}; use --init scratch or drop --model"])
     init_path = init_sha = None
     if init == "generalist":
-        lm = generalist_members(cache, cfg.generalist)[cfg.init_member]
+        lm = generalist_members(cache, cfg.generalist, trust_code=trust)[cfg.init_member]
         init_path, init_sha = str(lm.path), lm.sha256
     _write_config(cfg, "train")
     tasks = [SpecialistTask(index=k, classes=list(g), cache=location, out=str(out / "specialists" / str(k)),
                             model_spec=spec, init_checkpoint=init_path, init_sha256=init_sha,
                             temperature=cfg.temperature, alpha=cfg.alpha,
                             train={**cfg.train.to_dict(), "seed": cfg.train.seed + k}, max_rows=cfg.max_rows,
-                            data_dir=cfg.data_dir, device=cfg.device, dustbin_correction=cfg.dustbin_correction)
+                            data_dir=cfg.data_dir, device=cfg.device,
+                            dustbin_correction=cfg.dustbin_correction, trust_code=trust)
              for k, g in enumerate(clusters["specialists"])]
     log(f"training {len(tasks)} specialist(s) ({spec}, init {init}) "
         + (f"on a dask LocalCluster of {min(cfg.workers, len(tasks))} workers" if cfg.workers > 1 else "in-process"))
@@ -151,11 +155,12 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     cache = LogitCache(cfg.cache_location)
     data = transfer_set(cache, cfg.data_dir)
     test = resolve_eval_set(cfg.eval, data, cfg.data_dir, cache.num_classes, required=True)
-    members = generalist_members(cache, cfg.generalist, device)
+    trust = trusting(cfg.trust_code, cfg.model)
+    members = generalist_members(cache, cfg.generalist, device, trust)
     log_pg = generalist_log_probs(members, test.x, device)
     groups, logits, corrections = [], [], []
     for r in trained["specialists"]:
-        lm = load_checkpoint(out / "specialists" / str(r["index"]) / "specialist.pt", device)
+        lm = load_checkpoint(out / "specialists" / str(r["index"]) / "specialist.pt", device, trust)
         _check_same_cache(lm.meta.get("cache", {}).get("fingerprint"), cache, lm.path, "train")
         groups.append(lm.meta["specialist"]["classes"])
         corrections.append(float(lm.meta["specialist"]["dustbin_correction_applied"]))
