@@ -265,7 +265,6 @@ class GuardedStore(WrapperStore[Store]):
         super().__init__(store)
         self.where = where
         self._limits: Limits | None = None
-        self._bundle_checked = False
 
     def _with_store(self, store: Store) -> GuardedStore:
         return type(self)(store, self.where)
@@ -368,9 +367,6 @@ class GuardedStore(WrapperStore[Store]):
         if self._limits is None:
             raise CacheError(f"{self.where}: no readable kd-pipeline cache header, so no chunk "
                              "can be read safely; is this a cache made by kd-pipeline?")
-        if not self._bundle_checked and isinstance(self._store, ZipStore):
-            check_bundle_sizes(self._store, self._limits, self.where)
-            self._bundle_checked = True
         return self._limits
 
     async def get_partial_values(
@@ -408,14 +404,28 @@ class GuardedStore(WrapperStore[Store]):
                 yield key
 
 
-def check_bundle_sizes(store: ZipStore, limits: Limits, where: str) -> None:
-    """Refuse a bundle whose entries declare more bytes than the header allows for their keys.
+def check_bundle(store: ZipStore, where: str) -> None:
+    """Refuse a bundle whose entries declare more bytes than its header allows for their keys.
 
-    The zip module never inflates an entry beyond its declared size, so bounding declared sizes
-    bounds what reading the bundle can cost.
+    Run when a bundle is opened, before zarr reads it. The zip module never inflates an entry
+    beyond its declared size, so bounding declared sizes bounds what reading it can cost. A
+    bundle without a readable header is left to the readers, which say what is missing.
     """
     if not store._is_open:
         store._sync_open()
+    try:
+        info = store._zf.getinfo(META)
+    except KeyError:
+        return
+    if info.file_size > MAX_METADATA_BYTES:
+        raise CacheError(f"{where}: refusing this bundle: its {META} declares {info.file_size} "
+                         f"bytes (at most {MAX_METADATA_BYTES}). {REFUSE}")
+    with store._zf.open(info) as f:
+        meta = parse_json(f.read(MAX_METADATA_BYTES + 1), f"{where}: {META}")
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    limits = Limits.from_header(attrs.get(ATTR_KEY) if isinstance(attrs, dict) else None)
+    if limits is None:
+        return
     problems = []
     for info in store._zf.infolist():
         key = info.filename

@@ -48,7 +48,7 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 # MAX_METADATA_BYTES lives with the other read limits in guard.py; format.py imports it from here.
 from pipeline.cache.guard import MAX_METADATA_BYTES as MAX_METADATA_BYTES
-from pipeline.cache.guard import GuardedStore
+from pipeline.cache.guard import GuardedStore, check_bundle
 from pipeline.errors import CacheError, StorageError, explain, storage_errors
 
 ZIP_SUFFIX = ".zip"
@@ -320,7 +320,9 @@ class CacheLocation:
                                  "s3:// URL and bundle it with `kd-pipeline cache pack CACHE "
                                  f"{self.text}`")
             validate_zip(local_path(self.text))
-            return ZipStore(local_path(self.text), mode="r")
+            store = ZipStore(local_path(self.text), mode="r")
+            check_bundle(store, self.display)  # entry sizes against the header, before zarr reads
+            return store
         return LocalStore(local_path(self.text), read_only=mode == "r")
 
     def create_zip(self) -> ZipStore:
