@@ -555,8 +555,8 @@ def cache_verify(cache: str, dataset: str | None, quiet: bool, storage_options: 
     from pipeline.cache.location import CacheLocation
     from pipeline.cache.sharing import verify_cache
 
-    report = verify_cache(CacheLocation.parse(cache, storage_options_of(storage_options)), dataset=dataset,
-                          data_dir=data_dir, progress=not quiet)
+    report = verify_cache(CacheLocation.parse(cache, storage_options_of(storage_options)),
+                          dataset=dataset, data_dir=data_dir, progress=not quiet)
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)
@@ -588,8 +588,8 @@ def cache_copy(src: str, dst: str, quiet: bool, storage_options: tuple[str, ...]
     from pipeline.cache.sharing import copy_cache
 
     opts = storage_options_of(storage_options)
-    res = copy_cache(CacheLocation.parse(src, opts), CacheLocation.parse(dst, opts), progress=not quiet,
-                     log=click.echo)
+    res = copy_cache(CacheLocation.parse(src, opts), CacheLocation.parse(dst, opts),
+                     progress=not quiet, log=click.echo)
     click.echo(res.message)
 
 
