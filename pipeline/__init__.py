@@ -16,8 +16,9 @@ nothing here imports ``stages``):
 - ``checkpoints``: saving/loading models with their metadata, safely (``weights_only=True``).
 - ``metrics``: test errors, accuracy, NLL, ECE, agreement.
 - ``cluster``: starting or joining a dask cluster for every step that maps tasks.
-- ``cache/``: the Zarr logit cache: ``location`` (where it lives), ``format`` (layout, header,
-  reader; imports without torch), ``writer`` (stage one), ``sharing`` (verify, pack, copy, ls).
+- ``cache/``: the Zarr logit cache: ``location`` (where it lives), ``header`` (the typed
+  header), ``format`` (layout, reader; imports without torch), ``writer`` (stage one),
+  ``sharing`` (verify, pack, copy, ls).
 - ``training/``: ``losses`` (the paper's losses and ensemble means: registries), ``loop`` (the
   one training loop, ``TrainConfig``), ``loader`` (streaming cached soft targets), ``teacher``
   (teacher ensembles), ``distill`` (stage two, a recipe: soft-target source, student, fit,

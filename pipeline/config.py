@@ -407,6 +407,14 @@ class StudentConfig:
         return self if self.out else replace(self, out=output_dir("runs", self.run_name()))
 
     def validate(self) -> None:
+        problems = self.shared_problems()
+        problems += collect(positive("temperature", self.temperature))
+        problems += collect(in_range("alpha", self.alpha, 0, 1))
+        _raise_all(problems, self.train)
+
+    def shared_problems(self) -> list[str]:
+        """Every problem but the setting's own temperature and alpha (what a sweep's settings
+        share, so a sweep reports them once for the whole grid)."""
         problems = []
         if not self.cache and not self.online_teacher:
             problems.append("--cache CACHE (or --online-teacher PATH with --dataset) must be given")
@@ -429,15 +437,13 @@ class StudentConfig:
                 "--members and --allow-partial select cache members and shards; they do not apply "
                 "to --online-teacher"
             )
-        problems += collect(positive("temperature", self.temperature))
-        problems += collect(in_range("alpha", self.alpha, 0, 1))
         problems += collect(one_of("loss", self.loss, LOSSES))
         problems += collect(one_of("ensemble", self.ensemble, ENSEMBLE_METHODS))
         if self.memory_budget < 1 << 20:
             problems.append(f"memory_budget must be at least 1 MiB, got {self.memory_budget} bytes")
         if not self.out:
             problems.append("out (the run directory) must be given")
-        _raise_all(problems, self.train)
+        return problems
 
     @property
     def cache_location(self) -> CacheLocation | None:
@@ -586,15 +592,9 @@ class SweepConfig:
                         )
                     names[name] = (st, t, al)
         # Everything a single run would refuse, reported once for the whole grid.
-        probe = self.student_config(
-            self.students[0] if self.students else "mlp:8", 1.0, 0.5, 0, out="probe"
-        )
-        try:
-            probe.validate()
-        except ConfigError as e:
-            problems += [p for p in e.problems if not p.startswith(("temperature", "alpha"))]
-        if problems:
-            raise ConfigError(problems)
+        student = self.students[0] if self.students else "mlp:8"
+        problems += self.student_config(student, 1.0, 0.5, 0, out="probe").shared_problems()
+        _raise_all(problems, self.train)
 
     def student_config(
         self, student: str, temperature: float, alpha: float, seed: int, out: str

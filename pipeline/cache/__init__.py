@@ -1,11 +1,16 @@
 """The logit cache: its Zarr format, where it lives, how it is written, verified and shared.
 
-- ``location``: where a cache lives (a directory, a ``.zarr.zip`` bundle or ``s3://``), resolved once into a value.
-- ``format``: the layout and header of format version 1, and ``LogitCache``, the reader (imports without torch).
-- ``writer``: stage one, teachers run once over a transfer set into a cache (create, resume, add members).
+- ``location``: where a cache lives (a directory, a ``.zarr.zip`` bundle or ``s3://``), resolved
+  once into a :class:`CacheLocation` that opens its stores, says if it exists and locks it.
+- ``header``: the header of format version 1 as a frozen, typed :class:`CacheHeader`.
+- ``format``: the layout of format version 1, and ``LogitCache``, the reader (no torch needed).
+- ``writer``: stage one, teachers run once over a transfer set into a cache (planned: create,
+  resume, add members; then executed).
 - ``sharing``: verify, pack, copy and list caches.
 """
 
 from pipeline.cache.format import LogitCache, cache_fingerprint, read_header
+from pipeline.cache.header import CacheHeader
+from pipeline.cache.location import CacheLocation
 
-__all__ = ["LogitCache", "cache_fingerprint", "read_header"]
+__all__ = ["CacheHeader", "CacheLocation", "LogitCache", "cache_fingerprint", "read_header"]

@@ -16,13 +16,15 @@ A Zarr v3 group::
       kd-writer.lock             only while a writer runs (names its pid and host; a dead writer's is taken over)
       kd-creating                only while the schema is being created: a store holding it is created afresh
 
-Rows are split into S = ceil(N / R) *shards* of R = ``rows_per_shard`` rows; a shard is exactly one Zarr chunk
-of every row-indexed array, so each writer writes whole chunks only and no two writers ever touch one object.
-Logit chunks are compressed (zstd) and checksummed (crc32c): a corrupted chunk fails to read with an error naming
-the array and the chunk. The ``done`` flags are written after the shard's data, so an interrupted write is
-recomputed, never trusted; the header's ``complete`` is set last, then the metadata is consolidated.
+Rows are split into S = ceil(N / R) *shards* of R = ``rows_per_shard`` rows; a shard is exactly one
+Zarr chunk of every row-indexed array, so each writer writes whole chunks only and no two writers
+ever touch one object. Logit chunks are compressed (zstd) and checksummed (crc32c): a corrupted
+chunk fails to read with an error naming the array and the chunk. The ``done`` flags are written
+after the shard's data, so an interrupted write is recomputed, never trusted; the header's
+``complete`` is set last, then the metadata is consolidated.
 
-Header (``attributes["kd_cache"]``, JSON only, never pickle)::
+Header (``attributes["kd_cache"]``, JSON only, never pickle; read and written as the frozen
+:class:`pipeline.cache.header.CacheHeader`, which gives back the same JSON byte for byte)::
 
     format, version            "kd-pipeline-logit-cache", 1
     n, num_classes, class_names
@@ -34,8 +36,9 @@ Header (``attributes["kd_cache"]``, JSON only, never pickle)::
     tool, tool_version, created, command
     complete, completed_at     true only when every member's every shard is done
 
-Readers refuse a partial cache unless asked to allow it (then only the shards every chosen member has finished
-are used). Values are raw logits: temperature, ensemble mean type and member subset are chosen at training time.
+Readers refuse a partial cache unless asked to allow it (then only the shards every chosen member
+has finished are used). Values are raw logits: temperature, ensemble mean type and member subset are
+chosen at training time.
 """
 from __future__ import annotations
 
@@ -77,8 +80,9 @@ from pipeline.cache.location import (
 from pipeline.errors import CacheError
 
 __all__ = [  # the format's names, including those defined in header.py and location.py
-    "ATTR_KEY", "CREATING_MARKER", "FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES", "CacheHeader",
-    "CacheInfo", "CacheLock", "DatasetRecord", "LogitCache", "MemberRecord", "add_member_arrays",
+    "ATTR_KEY", "CREATING_MARKER", "FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES",
+    "CacheHeader", "CacheInfo", "CacheLock", "DatasetRecord", "LogitCache", "MemberRecord",
+    "add_member_arrays",
     "array_handle", "cache_fingerprint", "check_metadata_size", "create_cache", "logit_codecs",
     "mark_complete", "member_array", "member_done", "read_header", "remove_partial_files",
     "shard_bounds", "validate_header", "write_shard",
@@ -89,9 +93,11 @@ ZSTD_LEVEL = 3
 
 CREATING_MARKER = "kd-creating"  # present while a cache is being created: a store with it is unfinished
 
-# Consolidated metadata is a zarr-python extension; we use it deliberately (fewer reads from object stores).
+# Consolidated metadata is a zarr-python extension; we use it deliberately (fewer reads from object
+# stores).
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-# Our writer lock lives in the store while the metadata is consolidated; zarr notes it is not a zarr object.
+# Our writer lock lives in the store while the metadata is consolidated; zarr notes it is not a zarr
+# object.
 warnings.filterwarnings("ignore", message="Object at kd-writer.lock")
 
 
@@ -132,7 +138,7 @@ def _set_header(group: zarr.Group, header: CacheHeader) -> None:
     group.attrs[ATTR_KEY] = header.to_dict()  # attrs are stored as a whole: assign the whole header
 
 
-# ------------------------------------------------------------------------------------------------------ create
+# ------------------------------------------------------------------------------------------- create
 def create_cache(location: str | Path | CacheLocation, *, dataset: dict, ids: np.ndarray,
                  labels: np.ndarray | None, num_classes: int, class_names: Sequence[str],
                  members: Sequence[Mapping[str, Any]], dtype: str, rows_per_shard: int,
@@ -150,11 +156,13 @@ def create_cache(location: str | Path | CacheLocation, *, dataset: dict, ids: np
     n = int(ids.shape[0])
     header = CacheHeader.new(n=n, num_classes=int(num_classes), class_names=list(class_names),
                              rows_per_shard=int(rows_per_shard), dtype=dtype,
-                             codecs=codecs_description(), labeled=labels is not None, dataset=dataset,
-                             tool_version=__version__, created=now(), command=command)
+                             codecs=codecs_description(), labeled=labels is not None,
+                             dataset=dataset, tool_version=__version__, created=now(),
+                             command=command)
     group = zarr.create_group(store, zarr_format=3)
-    # Every chunk is stored, even one equal to the fill value (an all-class-0 labels shard): a present
-    # object per shard is what verify and copy check, and a missing one then always means damage.
+    # Every chunk is stored, even one equal to the fill value (an all-class-0 labels shard): a
+    # present object per shard is what verify and copy check, and a missing one then always means
+    # damage.
     kw = {"chunks": (rows_per_shard,), "compressors": logit_codecs(),
           "config": {"write_empty_chunks": True}}
     group.create_array("ids", data=np.asarray(ids, dtype=np.int64), **kw)
@@ -168,10 +176,10 @@ def create_cache(location: str | Path | CacheLocation, *, dataset: dict, ids: np
 
 
 def _clear_for_creation(where: CacheLocation) -> Store:
-    """Mark ``where`` as being created and remove what an interrupted creation left; its writable store.
+    """Mark ``where`` as being created and clear an interrupted creation; returns its store.
 
-    Until the schema is whole the marker stays, so a kill before then leaves a store that is created afresh.
-    The writer lock is never removed.
+    Until the schema is whole the marker stays, so a kill before then leaves a store that is created
+    afresh. The writer lock is never removed.
     """
     if where.kind == "dir":
         root = local_path(where.text)
@@ -197,7 +205,8 @@ def add_member_arrays(group: zarr.Group, identity: Mapping[str, Any]) -> MemberR
     h = group_header(group)
     index = len(h.members)
     h = h.with_member({"index": index, "array": member_array(index), **identity, "added": now()})
-    # overwrite: arrays at this index that the header does not list are leftovers of an add killed midway.
+    # overwrite: arrays at this index that the header does not list are leftovers of an add killed
+    # midway.
     group.create_array(member_array(index), shape=(h.n, h.num_classes), dtype=h.dtype,
                        chunks=(h.rows_per_shard, h.num_classes), compressors=logit_codecs(),
                        fill_value=0, overwrite=True)
@@ -217,7 +226,8 @@ def mark_complete(location: str | Path | CacheLocation) -> None:
     for m in h.members:
         flags = group[member_done(m.index)][:]
         if not flags.all():
-            raise CacheError(f"{where}: member {m.index} still misses {int((flags == 0).sum())} shards")
+            raise CacheError(f"{where}: member {m.index} still misses {int((flags == 0).sum())} "
+                             "shards")
     _set_header(group, h.completed(now()))
     zarr.consolidate_metadata(store)
 
@@ -225,12 +235,13 @@ def mark_complete(location: str | Path | CacheLocation) -> None:
 def array_handle(group: zarr.Group, path: str, handles: dict) -> zarr.Array:
     """``group[path]``, opened once per ``handles`` dict.
 
-    Opening an array reads and parses its metadata; per shard read or write that would dominate small
-    shards. A handle is plain metadata (no file handles), so holders stay fork-safe.
+    Opening an array reads and parses its metadata; per shard read or write that would dominate
+    small shards. A handle is plain metadata (no file handles), so holders stay fork-safe.
     """
     if path not in handles:
         arr = group[path]
-        # The write_empty_chunks choice is a runtime setting in zarr 3, not metadata: apply it on every open.
+        # The write_empty_chunks choice is a runtime setting in zarr 3, not metadata: apply it on
+        # every open.
         handles[path] = arr.with_config({"write_empty_chunks": True}) if isinstance(arr, zarr.Array) else arr
     return handles[path]
 
@@ -242,7 +253,8 @@ def write_shard(group: zarr.Group, member: int, shard: int, logits: np.ndarray, 
     Args:
         logits: (rows, C) float32 raw logits for the shard's rows.
         ids: (rows,) sample ids of those rows, named in errors.
-        handles: array handles kept across calls by a writer of many shards (see :func:`array_handle`).
+        handles: array handles kept across calls by a writer of many shards (see
+            :func:`array_handle`).
         header: the cache's header, when the caller holds it (else read from ``group``).
 
     Raises:
@@ -253,16 +265,16 @@ def write_shard(group: zarr.Group, member: int, shard: int, logits: np.ndarray, 
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
         raise CacheError(
-            f"member {member} produced NaN or inf logits for sample ids {_ids_list(ids[bad])}; the teacher "
-            "is broken on these inputs, nothing was written for this shard"
+            f"member {member} produced NaN or inf logits for sample ids {_ids_list(ids[bad])}; the "
+            "teacher is broken on these inputs, nothing was written for this shard"
         )
     if h.dtype == "float16":
         over = (np.abs(logits) > FLOAT16_MAX).any(axis=1)
         if over.any():
             raise CacheError(
                 f"member {member} has logits beyond float16's range (|v| > {FLOAT16_MAX:.0f}, max "
-                f"{np.abs(logits).max():.4g}) for sample ids {_ids_list(ids[over])}; they would be stored "
-                "as inf. Re-create the cache with --dtype float32"
+                f"{np.abs(logits).max():.4g}) for sample ids {_ids_list(ids[over])}; they would be "
+                "stored as inf. Re-create the cache with --dtype float32"
             )
     start, stop = h.shard_bounds(shard)
     if logits.shape != (stop - start, h.num_classes):
@@ -278,7 +290,7 @@ def _ids_list(ids: np.ndarray, limit: int = 20) -> str:
     return f"[{shown}{', ...' if ids.size > limit else ''}] ({ids.size} in all)"
 
 
-# ------------------------------------------------------------------------------------------------------ reader
+# ------------------------------------------------------------------------------------------- reader
 @dataclass
 class CacheInfo:
     """What ``cache info`` prints."""
@@ -295,13 +307,14 @@ class CacheInfo:
         return {
             "location": self.location, "format": h.format, "version": h.version, "n": h.n,
             "num_classes": h.num_classes, "class_names": list(h.class_names), "dtype": h.dtype,
-            "codecs": None if h.codecs is None else list(h.codecs), "rows_per_shard": h.rows_per_shard,
-            "n_shards": h.n_shards, "shards_done": self.shards_done, "complete": h.complete,
-            "labeled": h.labeled,
+            "codecs": None if h.codecs is None else list(h.codecs),
+            "rows_per_shard": h.rows_per_shard, "n_shards": h.n_shards,
+            "shards_done": self.shards_done, "complete": h.complete, "labeled": h.labeled,
             "members": [{k: m.to_dict().get(k)
                          for k in ("index", "model_spec", "checkpoint_sha256", "path", "metrics")}
                         for m in h.members],
-            "dataset": {k: dataset.get(k) for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")},
+            "dataset": {k: dataset.get(k)
+                        for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")},
             "size_on_disk": self.size_on_disk, "raw_float32_size": self.raw_size,
             "created": h.created, "completed_at": h.completed_at, "command": h.command,
             "tool_version": h.tool_version,
@@ -313,7 +326,8 @@ class LogitCache:
 
     Args:
         location: the cache: a :class:`~pipeline.cache.location.CacheLocation`, or a directory, a
-            ``.zarr.zip`` bundle or an ``s3://`` URL (then without storage options: the AWS environment's).
+            ``.zarr.zip`` bundle or an ``s3://`` URL (then without storage options: the AWS
+            environment's).
         allow_partial: accept an incomplete cache (only finished shards are then served).
 
     Raises:
@@ -323,21 +337,22 @@ class LogitCache:
     def __init__(self, location: str | Path | CacheLocation, allow_partial: bool = False) -> None:
         self.location = CacheLocation.parse(location)
         if not self.location.exists():
-            raise CacheError(f"{self.location}: no such cache; create one with `kd-pipeline cache-logits "
-                             f"--out {self.location} ...`")
+            raise CacheError(f"{self.location}: no such cache; create one with `kd-pipeline "
+                             f"cache-logits --out {self.location} ...`")
         self.store = self.location.open("r")  # read-only: reading never writes
         check_metadata_size(self.store, self.location.display)
         try:
             self.group = zarr.open_group(self.store, mode="r", use_consolidated=False)
         except Exception as e:  # zarr raises several types for a non-group path
-            raise CacheError(f"{self.location}: not a Zarr v3 group ({type(e).__name__}: {e})") from e
+            raise CacheError(f"{self.location}: not a Zarr v3 group ({type(e).__name__}: "
+                             f"{e})") from e
         self.header = group_header(self.group, self.location.display)
         if not self.complete and not allow_partial:
             done, total = self.count_done()
             raise CacheError(
-                f"{self.location}: the cache is partial ({done}/{total} member-shards written). Finish it "
-                "by re-running the same `kd-pipeline cache-logits` command (it resumes), or pass "
-                "--allow-partial to use only the finished shards"
+                f"{self.location}: the cache is partial ({done}/{total} member-shards written). "
+                "Finish it by re-running the same `kd-pipeline cache-logits` command (it resumes), "
+                "or pass --allow-partial to use only the finished shards"
             )
 
     # -- header fields
@@ -399,7 +414,8 @@ class LogitCache:
         try:
             return array_handle(self.group, path, self.__dict__.setdefault("_arrays", {}))
         except KeyError:
-            raise CacheError(f"{self.location}: array {path!r} is missing; the cache is damaged") from None
+            raise CacheError(f"{self.location}: array {path!r} is missing; the cache is "
+                             "damaged") from None
 
     def _read(self, path: str, sel: Any) -> np.ndarray:
         arr = self._array(path)
@@ -408,16 +424,18 @@ class LogitCache:
         except Exception as e:  # checksum mismatch, decompression failure, truncated object
             chunk = _chunk_of(sel, arr.chunks)
             raise CacheError(
-                f"{self.location}: cannot read chunk {chunk} of array {path!r} ({type(e).__name__}: {e}); "
-                "the cache is corrupted there. Re-create that shard by deleting the cache's member or "
-                "re-running `kd-pipeline cache-logits` into a fresh --out, or get a good copy"
+                f"{self.location}: cannot read chunk {chunk} of array {path!r} "
+                f"({type(e).__name__}: {e}); the cache is corrupted there. Re-create that shard by "
+                "deleting the cache's member or re-running `kd-pipeline cache-logits` into a fresh "
+                "--out, or get a good copy"
             ) from e
 
     def read_logits(self, shard: int, members: list[int] | None = None) -> np.ndarray:
         """One whole shard of raw logits.
 
         Returns:
-            (M, rows, C) array in the storage dtype (float16 by default), members in the given order.
+            (M, rows, C) array in the storage dtype (float16 by default), members in the given
+            order.
         """
         chosen = range(len(self.members)) if members is None else members
         start, stop = self.shard_bounds(shard)
@@ -451,7 +469,7 @@ def _chunk_of(sel: Any, chunks: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def check_metadata_size(store: Store, where: str) -> None:
-    """Refuse a root ``zarr.json`` over ``MAX_METADATA_BYTES`` before zarr parses it (a cache's is KiB)."""
+    """Refuse a root ``zarr.json`` over ``MAX_METADATA_BYTES`` before zarr parses it."""
     try:
         size = sync(store.getsize("zarr.json"))
     except (FileNotFoundError, KeyError):
@@ -459,9 +477,9 @@ def check_metadata_size(store: Store, where: str) -> None:
     except Exception:  # noqa: BLE001 - a store that cannot tell sizes: zarr's own parsing still validates
         return
     if size > MAX_METADATA_BYTES:
-        raise CacheError(f"{where}: zarr.json is {size} bytes, over the {MAX_METADATA_BYTES}-byte limit for "
-                         "cache metadata; this is not a kd-pipeline cache (or it was tampered with). "
-                         "Refusing to parse it")
+        raise CacheError(f"{where}: zarr.json is {size} bytes, over the {MAX_METADATA_BYTES}-byte "
+                         "limit for cache metadata; this is not a kd-pipeline cache (or it was "
+                         "tampered with). Refusing to parse it")
 
 
 def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
@@ -476,7 +494,8 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
             if not names or CREATING_MARKER in names:
                 return None  # empty, or a creation that was interrupted: (re-)created by the writer
         if not (p / "zarr.json").is_file():
-            raise CacheError(f"{where}: exists but is not a Zarr store; choose another --out or remove it")
+            raise CacheError(f"{where}: exists but is not a Zarr store; choose another --out or "
+                             "remove it")
         store = where.open("r")
     else:
         if not where.exists():
@@ -486,9 +505,9 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
         if not names or CREATING_MARKER in names:
             return None
         if "zarr.json" not in names:
-            raise CacheError(f"{where}: holds objects but no zarr.json (not a Zarr store, or a copy that "
-                             "did not finish: re-run `kd-pipeline cache copy` to complete it); choose "
-                             "another --out")
+            raise CacheError(f"{where}: holds objects but no zarr.json (not a Zarr store, or a "
+                             "copy that did not finish: re-run `kd-pipeline cache copy` to "
+                             "complete it); choose another --out")
     check_metadata_size(store, where.display)
     group = zarr.open_group(store, mode="r", use_consolidated=False)
     return group_header(group, where.display)
@@ -509,8 +528,9 @@ def remove_partial_files(location: str | Path | CacheLocation) -> int:
     return count
 
 
-def cache_fingerprint(header: CacheHeader | Mapping[str, Any], members: list[int] | None = None) -> str:
-    """Identity of a cache's content (:meth:`CacheHeader.fingerprint`); a header dict is read first."""
+def cache_fingerprint(header: CacheHeader | Mapping[str, Any],
+                      members: list[int] | None = None) -> str:
+    """Identity of a cache's content (:meth:`CacheHeader.fingerprint`); takes a header dict too."""
     if not isinstance(header, CacheHeader):
         header = CacheHeader.from_dict(dict(header))
     return header.fingerprint(members)

@@ -1,13 +1,13 @@
 """The cache header (``attributes["kd_cache"]`` of format version 1) as a frozen, typed value.
 
-:class:`CacheHeader` is read with :meth:`CacheHeader.from_dict`, which checks the JSON against the format
-schema (:func:`validate_header`, the same checks and messages as always), and written with
-:meth:`CacheHeader.to_dict`, which gives back the very JSON the writer has always produced: the same keys in
-the same order, keys this version does not know kept verbatim, so a header read and written again (a member
-added, the cache marked complete) is byte-identical apart from what changed. Members and the dataset are
-frozen records (:class:`MemberRecord`, :class:`DatasetRecord`) of the same kind. Nested JSON (metrics,
-modifiers, ...) is held read-only (mappings as ``MappingProxyType``, lists as tuples) and returned as plain
-dicts and lists by ``to_dict``.
+:class:`CacheHeader` is read with :meth:`CacheHeader.from_dict`, which checks the JSON against the
+format schema (:func:`validate_header`, the same checks and messages as always), and written with
+:meth:`CacheHeader.to_dict`, which gives back the very JSON the writer has always produced: the same
+keys in the same order, keys this version does not know kept verbatim, so a header read and written
+again (a member added, the cache marked complete) is byte-identical apart from what changed. Members
+and the dataset are frozen records (:class:`MemberRecord`, :class:`DatasetRecord`) of the same kind.
+Nested JSON (metrics, modifiers, ...) is held read-only (mappings as ``MappingProxyType``, lists as
+tuples) and returned as plain dicts and lists by ``to_dict``.
 
 This module imports without torch.
 """
@@ -30,21 +30,23 @@ ATTR_KEY = "kd_cache"
 MAX_HEADER_BYTES = 1 << 20  # a header bigger than this is not ours: refuse before parsing further
 
 
-# ------------------------------------------------------------------------------------------------ validation
+# --------------------------------------------------------------------------------------- validation
 def validate_header(h: Any, where: str = "cache") -> dict:
-    """Check a header against the format schema; return it or raise ``CacheError`` listing what is wrong."""
+    """Check a header against the format schema; return it, or raise ``CacheError`` listing why."""
     if not isinstance(h, dict):
-        raise CacheError(f"{where}: no kd-pipeline cache header (attribute {ATTR_KEY!r}); is this a logit "
-                         "cache made by `kd-pipeline cache-logits`?")
+        raise CacheError(f"{where}: no kd-pipeline cache header (attribute {ATTR_KEY!r}); is this "
+                         "a logit cache made by `kd-pipeline cache-logits`?")
     if len(json.dumps(h)) > MAX_HEADER_BYTES:
-        raise CacheError(f"{where}: the cache header is over {MAX_HEADER_BYTES} bytes; refusing to use it")
+        raise CacheError(f"{where}: the cache header is over {MAX_HEADER_BYTES} bytes; refusing to "
+                         "use it")
     if h.get("format") != FORMAT_NAME:
         raise CacheError(f"{where}: format is {h.get('format')!r}, expected {FORMAT_NAME!r}")
     if not isinstance(h.get("version"), int) or h["version"] > FORMAT_VERSION:
-        raise CacheError(f"{where}: cache format version {h.get('version')!r} is not supported by this "
-                         f"kd-pipeline (understands <= {FORMAT_VERSION}); upgrade kd-pipeline")
+        raise CacheError(f"{where}: cache format version {h.get('version')!r} is not supported by "
+                         f"this kd-pipeline (understands <= {FORMAT_VERSION}); upgrade kd-pipeline")
     types = {"n": int, "num_classes": int, "rows_per_shard": int, "n_shards": int, "dtype": str,
-             "labeled": bool, "dataset": dict, "members": list, "complete": bool, "class_names": list}
+             "labeled": bool, "dataset": dict, "members": list, "complete": bool,
+             "class_names": list}
     problems = [f"{k} should be {t.__name__}, found {type(h.get(k)).__name__}"
                 for k, t in types.items() if not isinstance(h.get(k), t)]
     if not problems:
@@ -68,7 +70,7 @@ def validate_header(h: Any, where: str = "cache") -> dict:
     return h
 
 
-# ---------------------------------------------------------------------------------------------- JSON values
+# -------------------------------------------------------------------------------------- JSON values
 def freeze(value: Any) -> Any:
     """A read-only copy of a JSON value: mappings as ``MappingProxyType``, lists as tuples."""
     if isinstance(value, Mapping):
@@ -88,10 +90,10 @@ def thaw(value: Any) -> Any:
 
 
 class _Record:
-    """Typed fields for the schema's keys; ``extra`` keeps other keys and ``keys`` the order they came in.
+    """Typed fields for the schema's keys; ``extra`` keeps other keys, ``keys`` their order.
 
-    Subclasses are frozen dataclasses whose last two fields are ``extra`` and ``keys``; ``KEYS`` lists the
-    schema's keys in the order the writer emits them.
+    Subclasses are frozen dataclasses whose last two fields are ``extra`` and ``keys``; ``KEYS``
+    lists the schema's keys in the order the writer emits them.
     """
 
     KEYS: ClassVar[tuple[str, ...]] = ()
@@ -100,29 +102,30 @@ class _Record:
 
     @classmethod
     def _values(cls, d: Mapping[str, Any]) -> dict[str, Any]:
-        """The constructor arguments for ``d``: known keys frozen (absent ones None), the rest in extra."""
+        """Constructor arguments for ``d``: known keys frozen (absent: None), the rest in extra."""
         values: dict[str, Any] = {k: freeze(d.get(k)) for k in cls.KEYS}
         values["extra"] = freeze({k: v for k, v in d.items() if k not in cls.KEYS})
         values["keys"] = tuple(d)
         return values
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object: every key this record was made from (and any set since), in its order."""
+        """The JSON object: every key the record was made from (and any set since), in order."""
         return {k: thaw(getattr(self, k) if k in self.KEYS else self.extra[k]) for k in self.keys}
 
     def _with(self, **changes: Any) -> Any:
-        """A copy with ``changes``; keys the record did not have yet are appended (as a dict update does)."""
+        """A copy with ``changes``; keys the record lacked are appended (as a dict update does)."""
         keys = self.keys + tuple(k for k in changes if k not in self.keys)
         return replace(self, keys=keys, **changes)  # type: ignore[type-var]
 
 
-# --------------------------------------------------------------------------------------------------- records
+# ------------------------------------------------------------------------------------------ records
 @dataclass(frozen=True)
 class DatasetRecord(_Record):
     """The transfer set a cache was made on (``Dataset.describe()``)."""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("spec", "fingerprint", "n", "sample_shape", "input_dtype", "labeled",
-                                       "num_classes", "class_names", "input_stats", "modifiers", "source")
+    KEYS: ClassVar[tuple[str, ...]] = ("spec", "fingerprint", "n", "sample_shape", "input_dtype",
+                                       "labeled", "num_classes", "class_names", "input_stats",
+                                       "modifiers", "source")
 
     spec: str | None
     fingerprint: str
@@ -140,17 +143,17 @@ class DatasetRecord(_Record):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DatasetRecord:
-        """The record of a header's ``dataset`` object (already checked by :func:`validate_header`)."""
+        """The record of a header's ``dataset`` (already checked by :func:`validate_header`)."""
         return cls(**cls._values(d))
 
 
 @dataclass(frozen=True)
 class MemberRecord(_Record):
-    """One teacher of the cache: ``{index, array, path, checkpoint_sha256, model_spec, ..., added}``."""
+    """One teacher of the cache: ``{index, array, path, checkpoint_sha256, ..., added}``."""
 
     KEYS: ClassVar[tuple[str, ...]] = ("index", "array", "path", "checkpoint_sha256", "model_spec",
-                                       "num_classes", "train_dataset", "train_dataset_fingerprint", "metrics",
-                                       "added")
+                                       "num_classes", "train_dataset", "train_dataset_fingerprint",
+                                       "metrics", "added")
 
     index: int
     array: str | None
@@ -167,21 +170,21 @@ class MemberRecord(_Record):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MemberRecord:
-        """The record of one entry of a header's ``members`` (already checked by :func:`validate_header`)."""
+        """The record of a ``members`` entry (already checked by :func:`validate_header`)."""
         return cls(**cls._values(d))
 
 
 @dataclass(frozen=True)
 class CacheHeader(_Record):
-    """The header of a cache, format ``kd-pipeline-logit-cache`` version 1 (see :mod:`pipeline.cache.format`).
+    """A cache's header, format ``kd-pipeline-logit-cache`` v1 (see :mod:`pipeline.cache.format`).
 
-    Read with :meth:`from_dict` (strict), written with :meth:`to_dict` (the JSON the writer always wrote).
+    Read with :meth:`from_dict` (strict); :meth:`to_dict` gives the JSON the writer always wrote.
     """
 
     KEYS: ClassVar[tuple[str, ...]] = ("format", "version", "n", "num_classes", "class_names",
-                                       "rows_per_shard", "n_shards", "dtype", "codecs", "labeled", "dataset",
-                                       "members", "tool", "tool_version", "created", "command", "complete",
-                                       "completed_at")
+                                       "rows_per_shard", "n_shards", "dtype", "codecs", "labeled",
+                                       "dataset", "members", "tool", "tool_version", "created",
+                                       "command", "complete", "completed_at")
 
     format: str
     version: int
@@ -218,16 +221,16 @@ class CacheHeader(_Record):
         return cls(**values)
 
     @classmethod
-    def new(cls, *, n: int, num_classes: int, class_names: Sequence[str], rows_per_shard: int, dtype: str,
-            codecs: Sequence[str], labeled: bool, dataset: Mapping[str, Any], tool_version: str,
-            created: str, command: str) -> CacheHeader:
+    def new(cls, *, n: int, num_classes: int, class_names: Sequence[str], rows_per_shard: int,
+            dtype: str, codecs: Sequence[str], labeled: bool, dataset: Mapping[str, Any],
+            tool_version: str, created: str, command: str) -> CacheHeader:
         """The header of a cache being created: no members yet, not complete."""
         return cls(format=FORMAT_NAME, version=FORMAT_VERSION, n=n, num_classes=num_classes,
                    class_names=tuple(class_names), rows_per_shard=rows_per_shard,
-                   n_shards=math.ceil(n / rows_per_shard), dtype=dtype, codecs=tuple(codecs), labeled=labeled,
-                   dataset=DatasetRecord.from_dict(dataset), members=(), tool="kd-pipeline",
-                   tool_version=tool_version, created=created, command=command, complete=False,
-                   completed_at=None)
+                   n_shards=math.ceil(n / rows_per_shard), dtype=dtype, codecs=tuple(codecs),
+                   labeled=labeled, dataset=DatasetRecord.from_dict(dataset), members=(),
+                   tool="kd-pipeline", tool_version=tool_version, created=created, command=command,
+                   complete=False, completed_at=None)
 
     def to_dict(self) -> dict[str, Any]:
         """The header's JSON object, as the writer has always written it."""
@@ -240,7 +243,7 @@ class CacheHeader(_Record):
 
     # -- changes (each returns a new header)
     def with_member(self, entry: Mapping[str, Any]) -> CacheHeader:
-        """The header with ``entry`` appended to ``members``, and not complete (its shards are to be done)."""
+        """The header with ``entry`` appended to ``members``, no longer complete."""
         return self._with(members=(*self.members, MemberRecord.from_dict(entry)), complete=False,
                           completed_at=None)
 
@@ -255,12 +258,13 @@ class CacheHeader(_Record):
         return start, min(start + self.rows_per_shard, self.n)
 
     def fingerprint(self, members: Sequence[int] | None = None) -> str:
-        """Identity of the content: dataset fingerprint, member checkpoints (in order), dtype and shape.
+        """Identity of the content: dataset, member checkpoints (in order), dtype and shape.
 
-        Two caches with the same fingerprint serve the same soft targets; runs record it. With ``members``
-        the fingerprint covers just that subset (what a run actually used).
+        Two caches with the same fingerprint serve the same soft targets; runs record it. With
+        ``members`` the fingerprint covers just that subset (what a run actually used).
         """
         chosen = self.members if members is None else [self.members[i] for i in members]
-        ident = {"dataset": self.dataset.fingerprint, "members": [m.checkpoint_sha256 for m in chosen],
+        ident = {"dataset": self.dataset.fingerprint,
+                 "members": [m.checkpoint_sha256 for m in chosen],
                  "dtype": self.dtype, "n": self.n, "num_classes": self.num_classes}
         return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

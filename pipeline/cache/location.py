@@ -1,27 +1,29 @@
-"""Where caches live: a cache location resolved once into a value, and the one place that opens its store.
+"""Where caches live: a cache location resolved once into a value, the one place that opens stores.
 
 A location is one of
 
 - a local directory ``data/caches/NAME.zarr`` (zarr's ``LocalStore``),
-- a single-file bundle ``NAME.zarr.zip`` (zarr's ``ZipStore``; read-only except while ``cache pack`` writes
-  it once),
-- an object-store URL ``s3://bucket/prefix/NAME.zarr`` (zarr's ``FsspecStore`` over s3fs; other fsspec
-  schemes such as ``gs://`` go the same way but are untested). Credentials, region and endpoint come from the
-  standard AWS environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-  ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``) that botocore reads;
-  storage options (the CLI's ``--storage-option key=value``) are passed to the filesystem for the rest.
+- a single-file bundle ``NAME.zarr.zip`` (zarr's ``ZipStore``; read-only except while ``cache pack``
+  writes it once),
+- an object-store URL ``s3://bucket/prefix/NAME.zarr`` (zarr's ``FsspecStore`` over s3fs; other
+  fsspec schemes such as ``gs://`` go the same way but are untested). Credentials, region and
+  endpoint come from the standard AWS environment variables (``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``,
+  ``AWS_PROFILE``) that botocore reads; storage options (the CLI's ``--storage-option key=value``)
+  are passed to the filesystem for the rest.
 
-:class:`CacheLocation` is that choice made once at the edge (like zarr's ``StorePath`` / ``make_store_path``):
-the normalised text, its kind (``"dir"``, ``"zip"`` or ``"url"``) and its storage options, with what callers
-need: :meth:`~CacheLocation.open` (read-only or writable store, each opened once per value),
-:meth:`~CacheLocation.exists`, :meth:`~CacheLocation.lock` (a directory's lock file or an object store's
-lease), :attr:`~CacheLocation.name` and :attr:`~CacheLocation.display`. Library functions take one and
-accept a plain ``str`` / ``Path`` for convenience (``CacheLocation.parse`` at their entry).
+:class:`CacheLocation` is that choice made once at the edge (like zarr's ``StorePath`` /
+``make_store_path``): the normalised text, its kind (``"dir"``, ``"zip"`` or ``"url"``) and its
+storage options, with what callers need: :meth:`~CacheLocation.open` (read-only or writable store,
+each opened once per value), :meth:`~CacheLocation.exists`, :meth:`~CacheLocation.lock` (a
+directory's lock file or an object store's lease), :attr:`~CacheLocation.name` and
+:attr:`~CacheLocation.display`. Library functions take one and accept a plain ``str`` / ``Path`` for
+convenience (``CacheLocation.parse`` at their entry).
 
-Read-only opens use read-only stores, so opening a cache for reading can never write to it. A zip is validated
-before zarr sees it (no absolute names, no ``..``, no symlinks, sane sizes). Also here: key-level helpers that
-work on any of the three stores (list, sizes, get, put, delete) and the writer lock (:class:`CacheLock`, with
-:class:`StoreLease` for object stores).
+Read-only opens use read-only stores, so opening a cache for reading can never write to it. A zip is
+validated before zarr sees it (no absolute names, no ``..``, no symlinks, sane sizes). Also here:
+key-level helpers that work on any of the three stores (list, sizes, get, put, delete) and the
+writer lock (:class:`CacheLock`, with :class:`StoreLease` for object stores).
 
 This module imports without torch.
 """
@@ -66,7 +68,7 @@ SECRET_WORDS = ("key", "secret", "token", "password")  # as pipeline.config.reda
 _OPEN_LOCK = threading.Lock()  # two threads opening one location's store get the same store
 
 
-# ------------------------------------------------------------------------------------------ location text
+# ------------------------------------------------------------------------------------ location text
 def is_url(location: str | Path) -> bool:
     """True for ``scheme://...`` (an fsspec URL; ``file://`` counts as a local path)."""
     s = str(location)
@@ -76,11 +78,6 @@ def is_url(location: str | Path) -> bool:
 def is_zip(location: str | Path) -> bool:
     """True for a local ``*.zip`` path (a cache bundle)."""
     return not is_url(location) and str(location).endswith(ZIP_SUFFIX)
-
-
-def is_local_dir(location: str | Path) -> bool:
-    """True for a local path that is not a bundle (a cache directory)."""
-    return not is_url(location) and not is_zip(location)
 
 
 def local_path(location: str | Path) -> Path:
@@ -115,7 +112,7 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
 
 
 def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` with the values of credential-like keys (key, secret, token, password) as ``"***"``."""
+    """``options`` with credential-like keys' values (key, secret, token, password) as ``"***"``."""
     out: dict[str, Any] = {}
     for k, v in options.items():
         if isinstance(v, Mapping):
@@ -127,27 +124,28 @@ def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fsspec_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
     opts = dict(storage_options)
-    # s3fs caches listings per filesystem instance; another process (a writer, a copy) may change the store
-    # between our listings, so never trust a cached one.
+    # s3fs caches listings per filesystem instance; another process (a writer, a copy) may change
+    # the store between our listings, so never trust a cached one.
     opts.setdefault("use_listings_cache", False)
     return opts
 
 
-# ----------------------------------------------------------------------------------------------------- zips
+# --------------------------------------------------------------------------------------------- zips
 def validate_zip(path: str | Path) -> None:
-    """Refuse a zip whose entries could escape or exhaust: absolute names, ``..``, symlinks, huge entries.
+    """Refuse a zip whose entries could escape or exhaust: absolute names, ``..``, symlinks, sizes.
 
     Raises:
         CacheError: what was found and what to do.
     """
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"{path}: no such cache bundle; make one with `kd-pipeline cache pack CACHE {path}`")
+        raise CacheError(f"{path}: no such cache bundle; make one with `kd-pipeline cache pack "
+                         f"CACHE {path}`")
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise CacheError(f"{path}: not a readable zip file ({e}); expected a bundle made by `kd-pipeline cache "
-                         "pack`. Get a good copy") from None
+        raise CacheError(f"{path}: not a readable zip file ({e}); expected a bundle made by "
+                         "`kd-pipeline cache pack`. Get a good copy") from None
     with zf:
         infos = zf.infolist()
         problems = []
@@ -167,7 +165,8 @@ def validate_zip(path: str | Path) -> None:
             if info.flag_bits & 0x1:
                 problems.append(f"entry {name!r} is encrypted")
             if info.file_size > MAX_ZIP_ENTRY_BYTES:
-                problems.append(f"entry {name!r} is {info.file_size} bytes (limit {MAX_ZIP_ENTRY_BYTES})")
+                problems.append(f"entry {name!r} is {info.file_size} bytes (limit "
+                                f"{MAX_ZIP_ENTRY_BYTES})")
             if name in names:
                 problems.append(f"entry {name!r} appears twice")
             names.add(name)
@@ -175,27 +174,30 @@ def validate_zip(path: str | Path) -> None:
         if total > MAX_ZIP_TOTAL_BYTES:
             problems.append(f"{total} bytes uncompressed in all (limit {MAX_ZIP_TOTAL_BYTES})")
     if problems:
-        shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} problems in all)" if len(problems) > 10 else "")
-        raise CacheError(f"{path}: refusing this bundle: {shown}. A cache bundle holds only relative Zarr keys "
-                         "(zarr.json, ids/c/0, members/0/logits/c/0/0, ...). Do not use it; ask its sender for a "
-                         "bundle made by `kd-pipeline cache pack`")
+        shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} problems in "
+                                            "all)" if len(problems) > 10 else "")
+        raise CacheError(f"{path}: refusing this bundle: {shown}. A cache bundle holds only "
+                         "relative Zarr keys (zarr.json, ids/c/0, members/0/logits/c/0/0, ...). Do "
+                         "not use it; ask its sender for a bundle made by `kd-pipeline cache pack`")
 
 
-# ----------------------------------------------------------------------------------------------- location
+# ----------------------------------------------------------------------------------------- location
 @dataclass(frozen=True, repr=False)
 class CacheLocation:
     """Where one cache lives, resolved once: normalised text, kind and storage options.
 
     Build it with :meth:`parse` (the CLI's and configs' edge: ``CacheConfig.location``,
-    ``StudentConfig.cache_location``, ...) and pass it everywhere instead of a location string and its
-    storage options. It is hashable and picklable (dask tasks carry it to workers); the stores it opened stay
-    behind (a worker opens its own). Storage options are never printed: ``repr`` redacts credential-like keys
-    and ``str`` is :attr:`display`.
+    ``StudentConfig.cache_location``, ...) and pass it everywhere instead of a location string and
+    its storage options. It is hashable and picklable (dask tasks carry it to workers); the stores
+    it opened stay behind (a worker opens its own). Storage options are never printed: ``repr``
+    redacts credential-like keys and ``str`` is :attr:`display`.
 
     Attributes:
         text: the location, normalised: trailing ``/`` removed; a local path as given otherwise.
-        kind: ``"dir"`` (a local directory), ``"zip"`` (a ``.zarr.zip`` bundle) or ``"url"`` (fsspec URL).
-        options_json: the storage options as canonical JSON (``"{}"`` for local locations, which take none).
+        kind: ``"dir"`` (a local directory), ``"zip"`` (a ``.zarr.zip`` bundle) or ``"url"`` (fsspec
+            URL).
+        options_json: the storage options as canonical JSON (``"{}"`` for local locations, which
+            take none).
     """
 
     text: str
@@ -208,8 +210,9 @@ class CacheLocation:
               storage_options: Mapping[str, Any] | None = None) -> CacheLocation:
         """Resolve ``location`` (and, for a URL, its storage options) into a value; validated once.
 
-        A value given as ``location`` is returned as it is. Storage options only apply to URLs: with a local
-        directory or bundle they are ignored (``cache copy`` passes one option list for both sides).
+        A value given as ``location`` is returned as it is. Storage options only apply to URLs: with
+        a local directory or bundle they are ignored (``cache copy`` passes one option list for both
+        sides).
 
         Raises:
             CacheError: an empty location, or storage options that are not plain JSON values.
@@ -217,7 +220,8 @@ class CacheLocation:
         """
         if isinstance(location, CacheLocation):
             if storage_options:
-                raise TypeError("a CacheLocation carries its own storage options; parse the text instead")
+                raise TypeError("a CacheLocation carries its own storage options; parse its "
+                                "text to give others")
             return location
         text = str(location)
         if not text.strip():
@@ -229,8 +233,8 @@ class CacheLocation:
         try:
             options_json = json.dumps(options, sort_keys=True)
         except (TypeError, ValueError) as e:
-            raise CacheError(f"{text}: storage options must be plain JSON values (strings, numbers, "
-                             f"booleans, null, lists, objects): {e}") from None
+            raise CacheError(f"{text}: storage options must be plain JSON values (strings, "
+                             f"numbers, booleans, null, lists, objects): {e}") from None
         return cls(text, kind, options_json)
 
     # -- what it is
@@ -285,8 +289,9 @@ class CacheLocation:
     def open(self, mode: Literal["r", "w"] = "r") -> Store:
         """The Zarr store: ``"r"`` read-only, ``"w"`` writable (directories and URLs only).
 
-        Each mode's store is opened once per value and reused: a command holding one location opens it once.
-        (Stores keep no data or listings of their own, so a reused read-only store sees later writes.)
+        Each mode's store is opened once per value and reused: a command holding one location opens
+        it once. (Stores keep no data or listings of their own, so a reused read-only store sees
+        later writes.)
 
         Raises:
             CacheError: a bundle opened for writing, an invalid bundle, or a URL scheme whose fsspec
@@ -312,13 +317,14 @@ class CacheLocation:
                 return FsspecStore.from_url(self.text, read_only=mode == "r",
                                             storage_options=_fsspec_options(self.storage_options))
             except ImportError as e:
-                raise CacheError(f"{self.text}: this URL needs an fsspec backend that is not installed "
-                                 f"({e}); for s3:// install s3fs (`pip install s3fs`)") from None
+                raise CacheError(f"{self.text}: this URL needs an fsspec backend that is not "
+                                 f"installed ({e}); for s3:// install s3fs "
+                                 "(`pip install s3fs`)") from None
         if self.kind == "zip":
             if mode != "r":
-                raise CacheError(f"{self.text}: a .zarr.zip bundle is read-only; write to a directory or "
-                                 "s3:// URL and bundle it with `kd-pipeline cache pack CACHE "
-                                 f"{self.text}`")
+                raise CacheError(f"{self.text}: a .zarr.zip bundle is read-only; write to a "
+                                 "directory or s3:// URL and bundle it with `kd-pipeline cache "
+                                 f"pack CACHE {self.text}`")
             validate_zip(local_path(self.text))
             store = ZipStore(local_path(self.text), mode="r")
             check_bundle(store, self.display)  # entry sizes against the header, before zarr reads
@@ -326,7 +332,7 @@ class CacheLocation:
         return LocalStore(local_path(self.text), read_only=mode == "r")
 
     def create_zip(self) -> ZipStore:
-        """A fresh bundle at this (zip) location, written once by ``cache pack``; close it when done."""
+        """A fresh bundle at this (zip) location, written once by ``cache pack``; close it after."""
         if self.kind != "zip":
             raise CacheError(f"{self.text}: not a .zarr.zip bundle location")
         return ZipStore(local_path(self.text), mode="w")
@@ -338,17 +344,17 @@ class CacheLocation:
         return bool(list_keys(self.open("r"), limit=1))
 
     def lock(self) -> CacheLock:
-        """The writer lock of this cache (not yet taken: use it as a context manager or ``acquire()``)."""
+        """The writer lock of this cache, not yet taken (a context manager, or ``acquire()``)."""
         return CacheLock(self)
 
 
 def open_store(location: str | Path | CacheLocation, mode: Literal["r", "w"] = "r",
                storage_options: Mapping[str, Any] | None = None) -> Store:
-    """``CacheLocation.parse(location, storage_options).open(mode)``, for one-off uses (tests, scripts)."""
+    """``CacheLocation.parse(location, storage_options).open(mode)``: for one-off uses (tests)."""
     return CacheLocation.parse(location, storage_options).open(mode)
 
 
-# ---------------------------------------------------------------------------------------------- store keys
+# --------------------------------------------------------------------------------------- store keys
 def list_keys(store: Store, limit: int | None = None) -> list[str]:
     """Every key of a store, sorted (``limit``: stop after that many, unsorted)."""
 
@@ -372,7 +378,8 @@ def key_sizes(store: Store) -> dict[str, int]:
     if isinstance(store, FsspecStore):
         found = sync(store.fs._find(store.path, detail=True, withdirs=False))
         base = store.path.rstrip("/") + "/"
-        return {name.removeprefix(base): int(info.get("size") or 0) for name, info in sorted(found.items())}
+        return {name.removeprefix(base): int(info.get("size") or 0)
+                for name, info in sorted(found.items())}
     if isinstance(store, ZipStore):
         if not store._is_open:
             sync(store._open())
@@ -394,21 +401,28 @@ def delete_key(store: Store, key: str) -> None:
 
 
 
-# ----------------------------------------------------------------------------------------------------- lease
+# -------------------------------------------------------------------------------------------- lease
+def _clock(epoch: object) -> str:
+    """``HH:MM:SS`` local time of a POSIX timestamp (a lease's expiry)."""
+    return time.strftime("%H:%M:%S", time.localtime(float(epoch)))  # type: ignore[arg-type]
+
+
 class StoreLease:
-    """The writer lock of a cache in an object store: ``<cache>/kd-writer.lock``, a lease with an owner and expiry.
+    """An object-store cache's writer lock: ``<cache>/kd-writer.lock``, a lease (owner, expiry).
 
-    Taking it is one conditional PUT (``If-None-Match: *``), which S3 (and moto) perform atomically: of two writers
-    exactly one creates the object, and the second is refused with a message naming the first. A lease whose
-    expiry has passed (its writer died without releasing it) is taken over by a compare-and-swap PUT
-    (``If-Match: <its ETag>``), so two writers taking over the same dead lease cannot both win either. The holder
-    renews it every ``LEASE_RENEW_SECONDS`` (again compare-and-swap on its own ETag); a renewal that fails means
-    the lease was lost (the holder stalled past its expiry and another writer took over), which
-    :meth:`check` reports before the cache is marked complete.
+    Taking it is one conditional PUT (``If-None-Match: *``), which S3 (and moto) perform atomically:
+    of two writers exactly one creates the object, and the second is refused with a message naming
+    the first. A lease whose expiry has passed (its writer died without releasing it) is taken over
+    by a compare-and-swap PUT (``If-Match: <its ETag>``), so two writers taking over the same dead
+    lease cannot both win either. The holder renews it every ``LEASE_RENEW_SECONDS`` (again
+    compare-and-swap on its own ETag); a renewal that fails means the lease was lost (the holder
+    stalled past its expiry and another writer took over), which :meth:`check` reports before the
+    cache is marked complete.
 
-    Limits: stores without conditional writes are refused (no silent fallback). A writer frozen longer than
-    ``LEASE_SECONDS`` loses its lease and may still write shards before it notices; those shards carry the same
-    deterministic bytes the new writer computes, and each shard is one object, so the damage is duplicate work.
+    Limits: stores without conditional writes are refused (no silent fallback). A writer frozen
+    longer than ``LEASE_SECONDS`` loses its lease and may still write shards before it notices;
+    those shards carry the same deterministic bytes the new writer computes, and each shard is one
+    object, so the damage is duplicate work.
     """
 
     def __init__(self, location: str | CacheLocation, seconds: float = LEASE_SECONDS) -> None:
@@ -459,10 +473,11 @@ class StoreLease:
                     continue  # released between our PUT and our read: try again
                 if float(other.get("expires", 0)) > time.time():
                     raise CacheError(
-                        f"{self.location}: another process is writing this cache (pid {other.get('pid')} on "
-                        f"{other.get('host')}, since {other.get('since')}, lease {other.get('owner')} valid until "
-                        f"{time.strftime('%H:%M:%S', time.localtime(float(other.get('expires', 0))))}); wait for it "
-                        f"to finish, or for its lease to expire if that process is gone"
+                        f"{self.location}: another process is writing this cache (pid "
+                        f"{other.get('pid')} on {other.get('host')}, since {other.get('since')}, "
+                        f"lease {other.get('owner')} valid until "
+                        f"{_clock(other.get('expires', 0))}); wait for it to finish, or for its "
+                        "lease to expire if that process is gone"
                     ) from None
                 try:  # expired: take it over, atomically against other takers
                     self.etag = self._put(IfMatch=etag)
@@ -474,12 +489,14 @@ class StoreLease:
                 reason = explain(e, self.location)
                 if isinstance(reason, StorageError) and not _conditional_write_refused(e):
                     raise reason from e
-                raise CacheError(f"{self.location}: could not take the writer lease ({e}); the object store must "
-                                 "support conditional writes (If-None-Match), as AWS S3 does") from None
+                raise CacheError(f"{self.location}: could not take the writer lease ({e}); the "
+                                 "object store must support conditional writes (If-None-Match), as "
+                                 "AWS S3 does") from None
             self._thread = threading.Thread(target=self._renew_loop, name="kd-lease", daemon=True)
             self._thread.start()
             return self
-        raise CacheError(f"{self.location}: could not take the writer lease (it changed hands while we tried)")
+        raise CacheError(f"{self.location}: could not take the writer lease (it changed hands "
+                         "while we tried)")
 
     def _renew_loop(self) -> None:
         renewed = time.time()
@@ -490,22 +507,24 @@ class StoreLease:
                 continue
             except Exception as e:  # noqa: BLE001 - decided below; reported by check()
                 error = f"{type(e).__name__}: {e}"
-            # A failed renewal is not yet a lost lease: a throttled or dropped request leaves it ours. It is lost
-            # when someone else holds it, or when we could not renew it before it expired.
+            # A failed renewal is not yet a lost lease: a throttled or dropped request leaves it
+            # ours. It is lost when someone else holds it, or when we could not renew it before it
+            # expired.
             try:
                 other, _ = self.read()
                 taken = other.get("owner") != self.owner
             except Exception:  # noqa: BLE001 - the store is unreachable: only expiry decides
                 taken = False
             if taken or time.time() > renewed + self.seconds:
-                self.lost = error if not taken else f"taken over by lease {other.get('owner')} ({error})"
+                self.lost = (error if not taken
+                             else f"taken over by lease {other.get('owner')} ({error})")
                 return
 
     def check(self) -> None:
-        """Raise if the lease was lost (another writer took it over after this one stalled past expiry)."""
+        """Raise if the lease was lost (taken over by another writer after this one stalled)."""
         if self.lost:
-            raise CacheError(f"{self.location}: this writer lost its lease ({self.lost}); another process may be "
-                             "writing the cache. Re-run the command to resume it")
+            raise CacheError(f"{self.location}: this writer lost its lease ({self.lost}); another "
+                             "process may be writing the cache. Re-run the command to resume it")
 
     def release(self) -> None:
         self._stop.set()
@@ -531,14 +550,15 @@ def _conditional_write_refused(e: BaseException) -> bool:
     return "If-None-Match" in str(e) or "NotImplemented" in str(e)
 
 
-# ---------------------------------------------------------------------------------------------------- lock
+# --------------------------------------------------------------------------------------------- lock
 class CacheLock:
-    """One writer at a time: ``CACHE/kd-writer.lock`` (created exclusively) names the writing process.
+    """One writer at a time: ``CACHE/kd-writer.lock`` (created exclusively) names the writer.
 
-    In a directory: a lock left by a process that died (SIGKILL) on this host is taken over; a live one makes the
-    second writer fail with a message naming the first. The lock file appears with its content (written to a temp
-    file, then hard-linked into place), so a kill can never leave an empty lock that names no one. In an object
-    store (``s3://``) the same key holds a lease taken with a conditional PUT (see :class:`StoreLease`).
+    In a directory: a lock left by a process that died (SIGKILL) on this host is taken over; a live
+    one makes the second writer fail with a message naming the first. The lock file appears with its
+    content (written to a temp file, then hard-linked into place), so a kill can never leave an
+    empty lock that names no one. In an object store (``s3://``) the same key holds a lease taken
+    with a conditional PUT (see :class:`StoreLease`).
     """
 
     NAME = LEASE_NAME
@@ -550,7 +570,7 @@ class CacheLock:
         self.held = False
 
     def check(self) -> None:
-        """Raise ``CacheError`` if an object-store lease was lost while writing (a directory lock cannot be)."""
+        """Raise ``CacheError`` if an object-store lease was lost meanwhile (a lock file is not)."""
         if self.lease is not None:
             self.lease.check()
 
@@ -559,7 +579,8 @@ class CacheLock:
             self.lease.acquire()
             self.held = True
             return self
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = self.path.with_name(f"{self.NAME}.{me['pid']}.tmp")
         tmp.write_text(json.dumps(me))
         try:
@@ -580,9 +601,9 @@ class CacheLock:
                     self.path.unlink(missing_ok=True)  # stale: its writer is gone
                     continue
                 raise CacheError(
-                    f"{self.path.parent}: another process is writing this cache (pid {other.get('pid')} on "
-                    f"{other.get('host')}, since {other.get('since')}); wait for it to finish, or remove "
-                    f"{self.path} if that process is gone"
+                    f"{self.path.parent}: another process is writing this cache (pid "
+                    f"{other.get('pid')} on {other.get('host')}, since {other.get('since')}); wait "
+                    f"for it to finish, or remove {self.path} if that process is gone"
                 ) from None
             self.held = True
             return self

@@ -1,16 +1,16 @@
 """Sharing caches: verify, copy (and pack into a ``.zarr.zip``), list.
 
-Every function takes cache locations as :class:`~pipeline.cache.location.CacheLocation` values (or plain
-strings, parsed without storage options): a directory, a ``.zarr.zip`` bundle or an ``s3://`` URL. Sources
-are always opened read-only.
+Every function takes cache locations as :class:`~pipeline.cache.location.CacheLocation` values (or
+plain strings, parsed without storage options): a directory, a ``.zarr.zip`` bundle or an ``s3://``
+URL. Sources are always opened read-only.
 
-- :func:`verify_cache` reads every chunk (zstd + crc32c: a flipped byte fails, named by its key), checks the
-  metadata against the format schema, that every chunk a done shard needs is present, array shapes, dtypes
-  and class counts against the header, the done flags against ``complete``, and optionally the dataset
-  fingerprint.
-- :func:`copy_cache` streams object by object, skips objects already at the destination with the same bytes
-  (how an interrupted copy resumes), writes the metadata (every ``zarr.json``, the root's last) after the
-  data so a half copy is never a readable cache, then verifies the destination.
+- :func:`verify_cache` reads every chunk (zstd + crc32c: a flipped byte fails, named by its key),
+  checks the metadata against the format schema, that every chunk a done shard needs is present,
+  array shapes, dtypes and class counts against the header, the done flags against ``complete``, and
+  optionally the dataset fingerprint.
+- :func:`copy_cache` streams object by object, skips objects already at the destination with the
+  same bytes (how an interrupted copy resumes), writes the metadata (every ``zarr.json``, the root's
+  last) after the data so a half copy is never a readable cache, then verifies the destination.
 - :func:`list_caches` finds caches under a prefix, one summary each.
 
 This module imports without torch (the dataset check imports :mod:`pipeline.datasets`, numpy only).
@@ -99,7 +99,7 @@ def _some(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-# ----------------------------------------------------------------------------------------------------- verify
+# ------------------------------------------------------------------------------------------- verify
 @dataclass
 class VerifyReport:
     """What ``cache verify`` found: ``problems`` empty means the cache is sound."""
@@ -120,14 +120,15 @@ class VerifyReport:
         h = self.header
         lines = [f"cache      {self.location}"]
         if h is not None:
-            lines.append(f"header     {h.format} v{h.version}: {h.n} rows x {h.num_classes} classes x "
-                         f"{len(h.members)} member(s), {h.n_shards} shards, {h.dtype}, "
+            lines.append(f"header     {h.format} v{h.version}: {h.n} rows x {h.num_classes} "
+                         f"classes x {len(h.members)} member(s), {h.n_shards} shards, {h.dtype}, "
                          f"{'complete' if h.complete else 'PARTIAL'}")
         lines.append(f"read       {self.chunks_read} chunks, {self.bytes_read / 2**20:.2f} MiB in "
                      f"{self.seconds:.2f}s")
         lines += [f"note       {n}" for n in self.notes]
         if self.ok:
-            lines.append("result     OK: every chunk read and checksummed, metadata matches the format schema")
+            lines.append("result     OK: every chunk read and checksummed, metadata matches the "
+                         "format schema")
         else:
             lines.append(f"result     {len(self.problems)} PROBLEM(S):")
             lines += [f"  - {p}" for p in self.problems]
@@ -139,7 +140,8 @@ def verify_cache(location: str | Path | CacheLocation, dataset: str | None = Non
     """Check a cache end to end; see the module docstring. Never raises for a problem with the cache itself.
 
     Args:
-        dataset: a dataset spec whose fingerprint must match the cache's (e.g. the transfer set you hold).
+        dataset: a dataset spec whose fingerprint must match the cache's (e.g. the transfer set you
+            hold).
         progress: show a progress bar over the chunks.
     """
     t0 = time.perf_counter()
@@ -186,8 +188,8 @@ def _stored_objects(where: CacheLocation) -> tuple[Store, dict[str, int]]:
     store = where.open("r")
     sizes = key_sizes(store)
     if META not in sizes:
-        raise CacheError(f"{where}: no zarr.json at its root: not a cache, or a copy that did not finish "
-                         "(re-run `kd-pipeline cache copy` to complete it)")
+        raise CacheError(f"{where}: no zarr.json at its root: not a cache, or a copy that did not "
+                         "finish (re-run `kd-pipeline cache copy` to complete it)")
     return store, sizes
 
 
@@ -197,7 +199,8 @@ def _check_keys(sizes: dict[str, int], rep: VerifyReport) -> None:
         if _is_meta(key) and size > MAX_METADATA_BYTES:
             rep.problems.append(f"metadata {key} is {size} bytes (limit {MAX_METADATA_BYTES})")
         if key.rsplit("/", 1)[-1] == CREATING_MARKER:
-            rep.problems.append(f"{key} present: the cache's creation was interrupted; re-run cache-logits")
+            rep.problems.append(f"{key} present: the cache's creation was interrupted; re-run "
+                                "cache-logits")
         elif key.rsplit("/", 1)[-1].startswith(LEASE_NAME):
             rep.notes.append(f"{key} present: a writer is running, or one was interrupted")
 
@@ -226,7 +229,7 @@ def _expected_arrays(h: CacheHeader) -> Expected:
 
 def _check_arrays(group: zarr.Group, expected: Expected, h: CacheHeader,
                   rep: VerifyReport) -> dict[str, zarr.Array]:
-    """The expected arrays that exist with the header's shape, dtype and chunks (others are problems)."""
+    """The expected arrays that exist with the header's shape, dtype and chunks (else: problems)."""
     arrays: dict[str, zarr.Array] = {}
     for name, shape, dtype in expected:
         try:
@@ -244,8 +247,9 @@ def _check_arrays(group: zarr.Group, expected: Expected, h: CacheHeader,
             (h.rows_per_shard,) + ((h.num_classes,) if len(shape) == 2 else ())
         found = (tuple(arr.shape), str(arr.dtype), tuple(arr.chunks))
         if found != (shape, dtype, want_chunks):
-            rep.problems.append(f"array {name} has shape {found[0]}, dtype {found[1]}, chunks {found[2]}; "
-                                f"the header says shape {shape}, dtype {dtype}, chunks {want_chunks}")
+            rep.problems.append(f"array {name} has shape {found[0]}, dtype {found[1]}, chunks "
+                                f"{found[2]}; the header says shape {shape}, dtype {dtype}, chunks "
+                                f"{want_chunks}")
             continue
         arrays[name] = arr
     return arrays
@@ -253,7 +257,7 @@ def _check_arrays(group: zarr.Group, expected: Expected, h: CacheHeader,
 
 def _read_done_flags(arrays: dict[str, zarr.Array], h: CacheHeader, sizes: dict[str, int],
                      rep: VerifyReport) -> dict[int, np.ndarray]:
-    """Each member's done flags (one chunk each), read first: they say which logit chunks must exist."""
+    """Each member's done flags (a chunk each), read first: they say which logit chunks must be."""
     done: dict[int, np.ndarray] = {}
     for m in h.members:
         name = member_done(m.index)
@@ -273,9 +277,9 @@ def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader
             if name not in arrays or name.endswith("/done"):
                 continue
             member = int(name.split("/")[1]) if name.startswith("members/") else None
-            # ids/labels chunks equal to the fill value (e.g. an all-class-0 labels shard) were not stored
-            # by caches made before every chunk was: such a chunk reads as zeros, and repeated ids are
-            # checked below.
+            # ids/labels chunks equal to the fill value (e.g. an all-class-0 labels shard) were not
+            # stored by caches made before every chunk was: such a chunk reads as zeros, and
+            # repeated ids are checked below.
             required = done.get(member) if member is not None else False
             values = _read_chunks(arrays[name], name, h.n_shards, h.rows_per_shard, sizes, rep,
                                   required=required, bar=bar)
@@ -284,7 +288,8 @@ def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader
         bar.close()
 
 
-def _check_values(name: str, member: int | None, values: np.ndarray, n: int, rep: VerifyReport) -> None:
+def _check_values(name: str, member: int | None, values: np.ndarray, n: int,
+                  rep: VerifyReport) -> None:
     """Logits must be finite; sample ids must not repeat."""
     if member is not None and not np.isfinite(values.astype(np.float32)).all():
         bad = np.flatnonzero(~np.isfinite(values.astype(np.float32)).all(axis=1))
@@ -294,16 +299,17 @@ def _check_values(name: str, member: int | None, values: np.ndarray, n: int, rep
 
 
 def _check_completion(h: CacheHeader, done: dict[int, np.ndarray], rep: VerifyReport) -> None:
-    """The header's ``complete`` against the done flags (a partial cache is a note, not a problem)."""
+    """The header's ``complete`` against the done flags (a partial cache is a note, no problem)."""
     total = h.n_shards * len(h.members)
     written = sum(int(d.sum()) for d in done.values())
     if h.complete and written != total:
         missing = [f"member {m} shards {np.flatnonzero(~d)[:10].tolist()}" for m, d in done.items()
                    if not d.all()]
-        rep.problems.append(f"the header says complete, but {total - written}/{total} member-shards are "
-                            "not marked done: " + "; ".join(missing))
+        rep.problems.append(f"the header says complete, but {total - written}/{total} "
+                            "member-shards are not marked done: " + "; ".join(missing))
     elif not h.complete:
-        rep.notes.append(f"partial cache: {written}/{total} member-shards done (resume it with cache-logits)")
+        rep.notes.append(f"partial cache: {written}/{total} member-shards done (resume it with "
+                         "cache-logits)")
 
 
 def _check_dataset(h: CacheHeader, dataset: str, data_dir: str | None, rep: VerifyReport) -> None:
@@ -312,8 +318,8 @@ def _check_dataset(h: CacheHeader, dataset: str, data_dir: str | None, rep: Veri
 
     data = load_dataset(dataset, data_dir)
     if data.fingerprint != h.dataset.fingerprint:
-        rep.problems.append(f"dataset {dataset} has fingerprint {data.fingerprint}; the cache was made on "
-                            f"{h.dataset.spec} with fingerprint {h.dataset.fingerprint}")
+        rep.problems.append(f"dataset {dataset} has fingerprint {data.fingerprint}; the cache was "
+                            f"made on {h.dataset.spec} with fingerprint {h.dataset.fingerprint}")
     else:
         rep.notes.append(f"dataset {dataset} matches ({data.fingerprint})")
 
@@ -332,7 +338,8 @@ def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: di
         elif must:
             rep.problems.append(f"chunk {key} is missing")
     try:
-        # The happy path in one call: zarr fetches the chunks concurrently (what matters on an object store).
+        # The happy path in one call: zarr fetches the chunks concurrently (what matters on an
+        # object store).
         out = np.asarray(arr[:])
     except Exception:  # noqa: BLE001 - some chunk is bad: read them one by one to name it
         out = np.zeros(arr.shape, dtype=arr.dtype)
@@ -350,7 +357,7 @@ def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: di
     return out
 
 
-# ------------------------------------------------------------------------------------------------------- copy
+# --------------------------------------------------------------------------------------------- copy
 def _same_cache(theirs: object, ours: CacheHeader) -> bool:
     """Whether a destination's header is an earlier or equal state of the source's cache (same dataset, same
     members so far): only then may a copy resume into it."""
@@ -374,18 +381,18 @@ class CopyResult:
 
     @property
     def message(self) -> str:
-        return (f"copied {self.src} -> {self.dst}: {self.copied} objects ({self.bytes_copied / 2**20:.2f} "
-                f"MiB) written, {self.skipped} already there, in {self.seconds:.1f}s; verified: "
-                f"{self.report.chunks_read} chunks OK")
+        return (f"copied {self.src} -> {self.dst}: {self.copied} objects "
+                f"({self.bytes_copied / 2**20:.2f} MiB) written, {self.skipped} already there, in "
+                f"{self.seconds:.1f}s; verified: {self.report.chunks_read} chunks OK")
 
 
-def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation, progress: bool = True,
-               log: Callable[[str], None] = print) -> CopyResult:
-    """Copy a cache between any two locations (dir, ``.zarr.zip``, ``s3://``), resumably, then verify it.
+def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
+               progress: bool = True, log: Callable[[str], None] = print) -> CopyResult:
+    """Copy a cache between any two locations (dir, ``.zarr.zip``, ``s3://``), resumably; verify it.
 
     Raises:
-        CacheError: the source is not a cache or is being created, the destination holds another cache, or
-            the copy does not verify (with the verify report).
+        CacheError: the source is not a cache or is being created, the destination holds another
+            cache, or the copy does not verify (with the verify report).
     """
     t0 = time.perf_counter()
     source_at, target_at = CacheLocation.parse(src), CacheLocation.parse(dst)
@@ -397,8 +404,8 @@ def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
         raise CacheError(f"{source_at}: the cache is still being created (or its creation was "
                          "interrupted); finish it with cache-logits first")
     if any(k.rsplit("/", 1)[-1].startswith(LEASE_NAME) for k in sizes):
-        log(f"warning: {source_at} holds a writer lock: a writer may be running; the copy is of what is "
-            "there now")
+        log(f"warning: {source_at} holds a writer lock: a writer may be running; the copy is of "
+            "what is there now")
     if META not in sizes:
         raise CacheError(f"{source_at}: no zarr.json at its root; not a cache")
     root_meta = sync(read_json(source, META, source_at.display))
@@ -414,8 +421,8 @@ def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
                          "source, or ask its sender for a bundle made by `kd-pipeline cache pack`")
     keys = [k for k in sizes if not _is_bookkeeping(k)]
     data_keys = [k for k in keys if not _is_meta(k)]
-    # Metadata last, deepest first, the root's zarr.json at the very end: until it lands, the copy is no
-    # cache.
+    # Metadata last, deepest first, the root's zarr.json at the very end: until it lands, the copy
+    # is no cache.
     meta_keys = sorted((k for k in keys if _is_meta(k)), key=lambda k: (-k.count("/"), k))
     with storage_errors(target_at.display):  # failures writing name the destination
         if target_at.kind == "zip":
@@ -426,10 +433,12 @@ def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
                                                      src_header, target_at, progress)
     report = verify_cache(target_at, progress=progress)
     if report.ok:
-        dst_sizes = {k: s for k, s in key_sizes(target_at.open("r")).items() if not _is_bookkeeping(k)}
+        dst_sizes = {k: s for k, s in key_sizes(target_at.open("r")).items()
+                     if not _is_bookkeeping(k)}
         differ = sorted(k for k in keys if dst_sizes.get(k) != sizes[k])
         if differ:
-            report.problems.append(f"{len(differ)} objects differ in size from the source: {differ[:5]}")
+            report.problems.append(f"{len(differ)} objects differ in size from the source: "
+                                   f"{differ[:5]}")
     if not report.ok:
         raise CacheError(f"the copy at {target_at} does not verify; re-run the copy to repair it:\n"
                          f"{report.format()}")
@@ -438,7 +447,8 @@ def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
 
 
 def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], meta_keys: list[str],
-                   src_header: CacheHeader, dst: CacheLocation, progress: bool) -> tuple[int, int, int]:
+                   src_header: CacheHeader, dst: CacheLocation,
+                   progress: bool) -> tuple[int, int, int]:
     if dst.kind != "url":
         dst.local_path.mkdir(parents=True, exist_ok=True)
     target = dst.open("w")
@@ -446,9 +456,10 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
         have = {k: s for k, s in key_sizes(target).items() if not _is_bookkeeping(k)}
         foreign = sorted(k for k in have if k not in sizes)
         if META not in have and foreign:
-            # Objects but no cache root: a folder of other things (like `cp SRC DIR/`), not a half copy.
-            raise CacheError(f"{dst} already holds other objects ({', '.join(foreign[:3])}, ...) and is not "
-                             "a cache; copy into a new location inside it, e.g. "
+            # Objects but no cache root: a folder of other things (like `cp SRC DIR/`), not a half
+            # copy.
+            raise CacheError(f"{dst} already holds other objects ({', '.join(foreign[:3])}, ...) "
+                             "and is not a cache; copy into a new location inside it, e.g. "
                              f"{dst.text}/{_name_of(src_header)}")
         if META in have:
             try:
@@ -457,19 +468,20 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
             except (CacheError, AttributeError):  # not JSON, too big or deep, not an object
                 theirs = None
             if not _same_cache(theirs, src_header):
-                raise CacheError(f"{dst} already holds something else (another cache or not a cache); copy "
-                                 "to a new location, or remove it first")
+                raise CacheError(f"{dst} already holds something else (another cache or not a "
+                                 "cache); copy to a new location, or remove it first")
             if get_bytes(target, META) != get_bytes(source, META):
-                # The destination's root metadata describes an older state: drop it first so that, until
-                # the copy is whole again, the destination is not taken for a complete cache.
+                # The destination's root metadata describes an older state: drop it first so that,
+                # until the copy is whole again, the destination is not taken for a complete cache.
                 delete_key(target, META)
                 have.pop(META)
         counts = {"copied": 0, "skipped": 0, "bytes": 0}
         bar = tqdm(total=sum(sizes[k] for k in data_keys + meta_keys), unit="B", unit_scale=True,
                    desc="copy", disable=not progress)
         try:
-            # Data objects in concurrent batches (an object store's latency, not its bandwidth, bounds a
-            # serial copy); metadata after them, one by one in order, the root's zarr.json last.
+            # Data objects in concurrent batches (an object store's latency, not its bandwidth,
+            # bounds a serial copy); metadata after them, one by one in order, the root's zarr.json
+            # last.
             for i in range(0, len(data_keys), COPY_CONCURRENCY):
                 batch = data_keys[i:i + COPY_CONCURRENCY]
                 sync(_gather(*(_copy_object(source, target, k, have, counts) for k in batch)))
@@ -519,8 +531,8 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: Cac
         have = key_sizes(dst.open("r"))
         if all(have.get(k) == sizes[k] for k in keys) and verify_cache(dst).ok:
             return 0, len(keys), 0  # already an identical, sound bundle
-        raise CacheError(f"{dst} exists and is not a sound copy of the source; bundles are written once: "
-                         "remove it or choose another name")
+        raise CacheError(f"{dst} exists and is not a sound copy of the source; bundles are written "
+                         "once: remove it or choose another name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name.removesuffix(ZIP_SUFFIX) + ".partial" + ZIP_SUFFIX)
     tmp.unlink(missing_ok=True)  # a bundle interrupted midway is rewritten whole (a zip cannot be resumed)
@@ -562,8 +574,8 @@ def _write_zip(source: Store, sizes: dict[str, int], keys: list[str], partial: C
     return nbytes
 
 
-def pack_cache(src: str | Path | CacheLocation, out: str | Path | CacheLocation, progress: bool = True,
-               log: Callable[[str], None] = print) -> CopyResult:
+def pack_cache(src: str | Path | CacheLocation, out: str | Path | CacheLocation,
+               progress: bool = True, log: Callable[[str], None] = print) -> CopyResult:
     """``cache pack``: a single-file ``NAME.zarr.zip`` bundle of a cache (a copy to a zip)."""
     bundle = CacheLocation.parse(out)
     if not bundle.text.endswith(".zarr.zip"):
@@ -572,7 +584,7 @@ def pack_cache(src: str | Path | CacheLocation, out: str | Path | CacheLocation,
     return copy_cache(src, bundle, progress=progress, log=log)
 
 
-# --------------------------------------------------------------------------------------------------------- ls
+# ----------------------------------------------------------------------------------------------- ls
 @dataclass
 class CacheSummary:
     location: str
@@ -592,8 +604,9 @@ class CacheSummary:
         total = h.n_shards * len(h.members)
         status = "complete" if h.complete else f"PARTIAL {self.shards_done}/{total}"
         specs = ", ".join(str(m.model_spec) for m in h.members)
-        return (f"{self.location}  {status}  members={len(h.members)} ({specs})  dataset={h.dataset.spec}  "
-                f"N={h.n}  classes={h.num_classes}  size={_human(self.size)}")
+        return (f"{self.location}  {status}  members={len(h.members)} ({specs})  "
+                f"dataset={h.dataset.spec}  N={h.n}  classes={h.num_classes}  "
+                f"size={_human(self.size)}")
 
 
 def _human(n: float) -> str:
@@ -621,7 +634,7 @@ def _summary(location: CacheLocation, size: int | None = None) -> CacheSummary |
 
 
 def list_caches(prefix: str | Path | CacheLocation) -> list[CacheSummary]:
-    """The caches under a directory or URL prefix (a cache's own location lists just itself), by location."""
+    """The caches under a directory or URL prefix (a cache's own location lists itself), sorted."""
     where = CacheLocation.parse(prefix)
     if where.kind == "zip":
         s = _summary(where)
@@ -641,7 +654,8 @@ def list_caches(prefix: str | Path | CacheLocation) -> list[CacheSummary]:
         dirnames.sort()
         for f in sorted(filenames):
             if f.endswith(ZIP_SUFFIX) and not f.endswith(".partial" + ZIP_SUFFIX):  # not a pack in progress
-                s = _summary(CacheLocation.parse(Path(dirpath) / f), (Path(dirpath) / f).stat().st_size)
+                bundle = Path(dirpath) / f
+                s = _summary(CacheLocation.parse(bundle), bundle.stat().st_size)
                 if s is not None:
                     out.append(s)
     return sorted(out, key=lambda s: s.location)
@@ -651,7 +665,8 @@ def _list_url(where: CacheLocation) -> list[CacheSummary]:
     sizes = key_sizes(where.open("r"))
     found: list[CacheSummary] = []
     roots: list[str] = []
-    # Shallowest zarr.json first: once a cache's root is found, the metadata of its arrays is skipped.
+    # Shallowest zarr.json first: once a cache's root is found, the metadata of its arrays is
+    # skipped.
     for key in sorted((k for k in sizes if _is_meta(k)), key=lambda k: (k.count("/"), k)):
         root = posixpath.dirname(key)
         if any(root.startswith(r + "/") for r in roots):

@@ -1,14 +1,15 @@
 """Filling a logit cache: teacher inference over shards, in one process or on a dask cluster.
 
-``build_cache`` is a recipe in two steps. :func:`plan_cache` inspects the location and the inputs and decides
-what to do (nothing is written): create a new cache, resume a partial one, add members to a complete one, or
-nothing (already complete), as a :class:`CachePlan` with the (shard, members) tasks still missing (the done
-flags, never "a file exists") and the shard layout. :func:`execute_plan` then does it: creates the schema or
-the new members' arrays, computes the tasks, writes each whole shard then its flag, and marks the cache
-complete last. A single process overlaps inference with compression and writing through a writer thread;
-with ``--workers``/``--scheduler`` shard ranges are mapped over dask workers, each of which loads the
-teachers once. Both paths run the same per-shard function on the same batch boundaries, so their caches are
-bit-identical.
+``build_cache`` is a recipe in two steps. :func:`plan_cache` inspects the location and the inputs
+and decides what to do (nothing is written): create a new cache, resume a partial one, add members
+to a complete one, or nothing (already complete), as a :class:`CachePlan` with the (shard, members)
+tasks still missing (the done flags, never "a file exists") and the shard layout.
+:func:`execute_plan` then does it: creates the schema or the new members' arrays, computes the
+tasks, writes each whole shard then its flag, and marks the cache complete last. A single process
+overlaps inference with compression and writing through a writer thread; with
+``--workers``/``--scheduler`` shard ranges are mapped over dask workers, each of which loads the
+teachers once. Both paths run the same per-shard function on the same batch boundaries, so their
+caches are bit-identical.
 """
 
 from __future__ import annotations
@@ -113,13 +114,15 @@ def _worker_state(spec: WorkSpec) -> tuple[dict[int, torch.nn.Module], Dataset, 
         device = resolve_device(spec.device)
         data = load_dataset(spec.dataset_spec, spec.data_dir)
         if data.fingerprint != spec.dataset_fingerprint:
-            raise CacheError(f"worker sees dataset {spec.dataset_spec} with fingerprint {data.fingerprint}, "
-                             f"the cache expects {spec.dataset_fingerprint}; workers must see the same files")
+            raise CacheError(f"worker sees dataset {spec.dataset_spec} with fingerprint "
+                             f"{data.fingerprint}, the cache expects {spec.dataset_fingerprint}; "
+                             "workers must see the same files")
         models = {}
         for m, (path, sha) in spec.checkpoints.items():
             lm = load_checkpoint(path, device, spec.trust_code)
             if lm.sha256 != sha:
-                raise CacheError(f"worker's {path} has sha256 {lm.sha256}, expected {sha}: the file differs")
+                raise CacheError(f"worker's {path} has sha256 {lm.sha256}, expected {sha}: the "
+                                 "file differs")
             models[m] = lm.model
         _WORKER_STATE.clear()  # one cache job at a time per worker: free the previous teachers
         _WORKER_STATE[key] = (models, data, device)
@@ -155,10 +158,10 @@ class CacheResult:
     message: str
 
 
-# -------------------------------------------------------------------------------------------------- planning
+# ----------------------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
 class CacheInputs:
-    """What ``cache-logits`` was given, loaded and checked: the teachers (on the CPU) and the transfer set."""
+    """What ``cache-logits`` was given, loaded and checked: teachers (on CPU) and transfer set."""
 
     teachers: tuple[LoadedModel, ...]
     data: Dataset
@@ -197,8 +200,9 @@ class CachePlan:
     """What :func:`execute_plan` will do at a location, decided before anything is written.
 
     Attributes:
-        action: ``create`` a new cache, ``resume`` a partial one, ``add-member`` (new teachers become
-            members ``len(existing)..``), or ``already-complete`` (nothing to do: ``message`` says why).
+        action: ``create`` a new cache, ``resume`` a partial one, ``add-member`` (new teachers
+            become members ``len(existing)..``), or ``already-complete`` (nothing to do: ``message``
+            says why).
         layout: the shard layout (rows per shard, rows).
         num_classes: classes of every member.
         members: (index, checkpoint sha256) of every member once the plan is done.
@@ -222,11 +226,11 @@ class CachePlan:
 
 
 def plan_cache(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -> CachePlan:
-    """Inspect ``location`` and decide what ``cfg`` asks of it (read only; call it holding the lock).
+    """Inspect ``location`` and decide what ``cfg`` asks of it (read only; hold the lock).
 
     Raises:
-        CacheError: the location holds a different cache, a partial one for ``--add-member``, or none for
-            ``--add-member``; with what differs and what to do.
+        CacheError: the location holds a different cache, a partial one for ``--add-member``, or
+            none for ``--add-member``; with what differs and what to do.
     """
     existing = read_header(location)
     if existing is None:
@@ -251,7 +255,8 @@ def _plan_resume(cfg: CacheConfig, location: CacheLocation, h: CacheHeader,
     diffs = _describe_difference(h, inputs.data, inputs.shas, cfg)
     if diffs:
         raise CacheError(f"{location} already holds a different cache:\n  " + "\n  ".join(diffs)
-                         + "\nUse another --out, or --add-member to add a teacher to a complete cache")
+                         + "\nUse another --out, or --add-member to add a teacher to a "
+                           "complete cache")
     layout = ShardLayout(h.rows_per_shard, h.n)
     members = tuple((m.index, m.checkpoint_sha256) for m in h.members)
     if h.complete:
@@ -263,38 +268,41 @@ def _plan_resume(cfg: CacheConfig, location: CacheLocation, h: CacheHeader,
     for m in cache.members:
         for s in np.flatnonzero(~cache.done_flags(m.index)):
             pending.setdefault(int(s), []).append(m.index)
-    return CachePlan(location, "resume", layout, h.num_classes, members, tuple(sorted(pending.items())))
+    return CachePlan(location, "resume", layout, h.num_classes, members,
+                     tuple(sorted(pending.items())))
 
 
 def _plan_add_members(location: CacheLocation, h: CacheHeader, inputs: CacheInputs) -> CachePlan:
     if not h.complete:
-        raise CacheError(f"{location} is partial; finish it first by re-running cache-logits without "
-                         "--add-member, giving every member's checkpoint in order ("
+        raise CacheError(f"{location} is partial; finish it first by re-running cache-logits "
+                         "without --add-member, giving every member's checkpoint in order ("
                          + ", ".join(str(m.path) for m in h.members) + "), then add members")
     data = inputs.data
     if h.dataset.fingerprint != data.fingerprint:
         raise CacheError(f"--add-member: the cache was made on {h.dataset.spec} (fingerprint "
                          f"{h.dataset.fingerprint}), you gave {data.spec} ({data.fingerprint})")
     if inputs.num_classes != h.num_classes:
-        raise CacheError(f"--add-member: the new teacher predicts {inputs.num_classes} classes, the cache "
-                         f"has {h.num_classes}")
+        raise CacheError(f"--add-member: the new teacher predicts {inputs.num_classes} classes, "
+                         f"the cache has {h.num_classes}")
     layout = ShardLayout(h.rows_per_shard, h.n)
     have = tuple((m.index, m.checkpoint_sha256) for m in h.members)
     new = tuple(lm for lm in inputs.teachers if lm.sha256 not in {sha for _, sha in have})
     if not new:
         return CachePlan(location, "already-complete", layout, h.num_classes, have,
-                         message=f"{location}: every given teacher is already a member; nothing to do")
+                         message=f"{location}: every given teacher is already a member; "
+                                 "nothing to do")
     added = tuple((len(have) + i, lm.sha256) for i, lm in enumerate(new))
     tasks = tuple((s, [i for i, _ in added]) for s in range(layout.n_shards))
     return CachePlan(location, "add-member", layout, h.num_classes, have + added, tasks, new)
 
 
-def _describe_difference(h: CacheHeader, data: Dataset, shas: list[str], cfg: CacheConfig) -> list[str]:
+def _describe_difference(h: CacheHeader, data: Dataset, shas: list[str],
+                         cfg: CacheConfig) -> list[str]:
     diffs = []
     d = h.dataset
     if d.fingerprint != data.fingerprint:
-        diffs.append(f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you gave "
-                     f"{data.spec} with fingerprint {data.fingerprint}")
+        diffs.append(f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you "
+                     f"gave {data.spec} with fingerprint {data.fingerprint}")
     have = [m.checkpoint_sha256 for m in h.members]
     if have != shas:
         diffs.append("teachers: the cache's members are "
@@ -323,9 +331,9 @@ def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
                               + ", ".join(str(lm.path) for lm in loaded))
 
 
-# ------------------------------------------------------------------------------------------------- executing
+# ---------------------------------------------------------------------------------------- executing
 def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: bool = True) -> CacheResult:
-    """Create, resume or extend the cache at ``cfg.out``: :func:`plan_cache`, then :func:`execute_plan`.
+    """Create, resume or extend the cache at ``cfg.out``: :func:`plan_cache`, :func:`execute_plan`.
 
     Raises:
         CacheError, CheckpointError, DatasetError: with what differs / is wrong and what to do.
@@ -336,9 +344,9 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
     inputs = CacheInputs.load(cfg)
     location = cfg.location
     if location.kind == "zip":
-        raise CacheError(f"{location}: a .zarr.zip bundle is written once by `kd-pipeline cache pack`; "
-                         "write the cache to a directory or s3:// URL, then `kd-pipeline cache pack CACHE "
-                         f"{location}`")
+        raise CacheError(f"{location}: a .zarr.zip bundle is written once by `kd-pipeline cache "
+                         "pack`; write the cache to a directory or s3:// URL, then `kd-pipeline "
+                         f"cache pack CACHE {location}`")
     # Storage failures (a full disk, a missing bucket, refused credentials) name the cache.
     with storage_errors(location.display):
         return _build(cfg, location, inputs, device, t0, log, progress)
@@ -354,13 +362,14 @@ def _build(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs, devic
         if existing is None:
             root.mkdir(parents=True, exist_ok=True)
     with location.lock() as lock:
-        plan = plan_cache(cfg, location, inputs)  # again under the lock: no other writer changes it now
+        plan = plan_cache(cfg, location, inputs)  # under the lock: no other writer changes it now
         if plan.action == "already-complete":
             return CacheResult(location.display, plan.status, 0, 0, time.perf_counter() - t0,
                                len(plan.members), plan.message)
         rows = execute_plan(plan, cfg, inputs, device, lock, log, progress)
     seconds = time.perf_counter() - t0
-    return CacheResult(location.display, plan.status, len(plan.tasks), rows, seconds, len(plan.members),
+    return CacheResult(location.display, plan.status, len(plan.tasks), rows, seconds,
+                       len(plan.members),
                        f"{location} complete: {plan.layout.n} rows x {plan.num_classes} classes x "
                        f"{len(plan.members)} member(s), {len(plan.tasks)} shards computed in "
                        f"{seconds:.1f}s")
@@ -370,10 +379,10 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
                  lock: CacheLock, log: Callable[[str], None] = print, progress: bool = True) -> int:
     """Carry out a create / resume / add-member plan (holding ``lock``); returns the rows computed.
 
-    The store is prepared first (a new cache's schema, new members' arrays, or a resumed cache's leftover
-    temporary files removed), then the tasks are computed and written, and the cache is marked complete.
-    A new cache computed in this process is created by the writer thread while this one already runs the
-    teachers (creation is a fixed cost; there it overlaps).
+    The store is prepared first (a new cache's schema, new members' arrays, or a resumed cache's
+    leftover temporary files removed), then the tasks are computed and written, and the cache is
+    marked complete. A new cache computed in this process is created by the writer thread while this
+    one already runs the teachers (creation is a fixed cost; there it overlaps).
     """
     on_dask = bool(cfg.workers or cfg.scheduler)
     if plan.action == "resume":
@@ -390,8 +399,8 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
     checkpoints = {m: (str(by_sha[sha].path), sha) for m, sha in plan.members if sha in by_sha}
     tasks = list(plan.tasks)
     rows = plan.layout.rows(tasks)
-    spec = WorkSpec(plan.location, inputs.data.spec, inputs.data.fingerprint, cfg.data_dir, checkpoints,
-                    cfg.device, cfg.batch_size, trust_code=tuple(cfg.trust_code))
+    spec = WorkSpec(plan.location, inputs.data.spec, inputs.data.fingerprint, cfg.data_dir,
+                    checkpoints, cfg.device, cfg.batch_size, trust_code=tuple(cfg.trust_code))
     log(f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}")
     bar = tqdm(total=rows, unit="row", unit_scale=True, desc="cache-logits", disable=not progress)
@@ -401,11 +410,11 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
         else:
             models = {m: by_sha[sha].model.to(device) for m, (_, sha) in checkpoints.items()}
             open_group = functools.partial(_prepared_group, plan, cfg, inputs)
-            _run_local(spec, tasks, models, inputs.data, device, bar, tuple(plan.layout), open_group,
-                       check=lock.check)
+            _run_local(spec, tasks, models, inputs.data, device, bar, tuple(plan.layout),
+                       open_group, check=lock.check)
     finally:
         bar.close()
-    lock.check()  # an object-store lease lost mid-write: do not declare someone else's cache complete
+    lock.check()  # a lease lost mid-write: do not declare someone else's cache complete
     mark_complete(plan.location)
     return rows
 
@@ -415,8 +424,9 @@ def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
     data = inputs.data
     create_cache(plan.location, dataset=data.describe(), ids=data.ids, labels=data.y,
                  num_classes=inputs.num_classes, class_names=inputs.class_names,
-                 members=[lm.identity() for lm in inputs.teachers], dtype=cfg.dtype or DEFAULT_DTYPE,
-                 rows_per_shard=plan.layout.rows_per_shard, command=cfg.command)
+                 members=[lm.identity() for lm in inputs.teachers],
+                 dtype=cfg.dtype or DEFAULT_DTYPE, rows_per_shard=plan.layout.rows_per_shard,
+                 command=cfg.command)
 
 
 def _prepared_group(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> zarr.Group:
@@ -428,7 +438,8 @@ def _prepared_group(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> z
 
 def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Module], data: Dataset,
                device: torch.device, bar: tqdm, layout: tuple[int, int],
-               open_group: Callable[[], zarr.Group], check: Callable[[], None] = lambda: None) -> None:
+               open_group: Callable[[], zarr.Group],
+               check: Callable[[], None] = lambda: None) -> None:
     """One process: inference on this thread; opening (or creating) the store with ``open_group``,
     compression and writes on a writer thread, so they overlap with inference."""
     handles: dict = {}
@@ -479,7 +490,8 @@ def _run_dask(spec: WorkSpec, tasks: list[Task], cfg: CacheConfig, device: torch
     from pipeline.cluster import dask_cluster
 
     with dask_cluster(cfg.workers, cfg.scheduler, gpu=device.type == "cuda") as cluster:
-        # An external scheduler's workers keep their own torch threads (0); a local cluster splits the cores.
+        # An external scheduler's workers keep their own torch threads (0); a local cluster splits
+        # the cores.
         spec.torch_threads = 0 if cfg.scheduler else cluster.torch_threads
         per_task = max(1, math.ceil(len(tasks) / (cluster.workers * 4)))
         chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]

@@ -624,8 +624,8 @@ def test_add_member_killed_after_the_header_named_it_is_finished(cache_copy: Pat
         assert np.array_equal(stored_logits(cache_copy, k), stored_logits(complete_cache, k))
 
 
-# --------------------------------------------------------------------------- 11. caches from before, bit for bit
-FIXTURE = REPO / "tests" / "fixtures" / "v1-cache.zarr.zip"  # written by tests/fixtures/make_v1_cache.py
+# ------------------------------------------------------------- 11. caches from before, bit for bit
+FIXTURE = REPO / "tests" / "fixtures" / "v1-cache.zarr.zip"  # by tests/fixtures/make_v1_cache.py
 
 
 def fixture_objects() -> dict[str, bytes]:
@@ -652,13 +652,14 @@ def test_a_cache_written_before_the_location_change_reads_and_verifies(tmp_path:
     assert cache.members[1].metrics["per_class_errors"] == (1, 0, 2, 0, 1)
     report = sharing.verify_cache(FIXTURE)
     assert report.ok and report.chunks_read == 24, report.problems
-    # The typed header gives back the very JSON it was read from: same keys, same order, same values.
+    # The typed header gives back the very JSON it was read from: same keys, order and values.
     raw = json.loads(fixture_objects()["zarr.json"])["attributes"][ATTR_KEY]
     header = CacheHeader.from_dict(raw)
     assert header == cache.header
     assert json.dumps(header.to_dict()) == json.dumps(raw)
     # The fingerprint as the code before the change computed it (from the raw header).
-    ident = {"dataset": raw["dataset"]["fingerprint"], "members": [m["checkpoint_sha256"] for m in raw["members"]],
+    ident = {"dataset": raw["dataset"]["fingerprint"],
+             "members": [m["checkpoint_sha256"] for m in raw["members"]],
              "dtype": raw["dtype"], "n": raw["n"], "num_classes": raw["num_classes"]}
     expected = "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     assert cache_fingerprint(cache.header) == expected == cache_fingerprint(raw)
@@ -669,8 +670,9 @@ def test_a_cache_written_before_the_location_change_reads_and_verifies(tmp_path:
             for p in (tmp_path / "copy.zarr").rglob("*") if p.is_file()} == fixture_objects()
 
 
-def test_the_same_inputs_written_today_are_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """create_cache / write_shard / mark_complete now write exactly what they wrote before the change."""
+def test_the_same_inputs_written_today_are_bit_identical(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """create_cache / write_shard / mark_complete write exactly the bytes they wrote before."""
     from pipeline.cache import format as fmt
     from tests.fixtures import make_v1_cache as v1
 
@@ -685,7 +687,7 @@ def test_the_same_inputs_written_today_are_bit_identical(tmp_path: Path, monkeyp
     assert [k for k in before if today[k] != before[k]] == []
 
 
-# --------------------------------------------------------------------------------------- 12. the typed header
+# ----------------------------------------------------------------------------- 12. the typed header
 def test_header_round_trip_keeps_unknown_keys_and_order_and_is_frozen(complete_cache: Path) -> None:
     import dataclasses
 
@@ -699,13 +701,14 @@ def test_header_round_trip_keeps_unknown_keys_and_order_and_is_frozen(complete_c
         h.n = 3  # type: ignore[misc]
     with pytest.raises(TypeError):
         h.dataset.source["file"] = "elsewhere"  # nested JSON is read-only too
-    # Keys this version does not know (a newer writer's, or a tool's note) survive a rewrite, in place.
+    # Keys this version does not know (a newer writer's, a tool's note) survive a rewrite, in place.
     extended = {**raw, "note": {"by": "someone"}, "dataset": {"x_first": 1, **raw["dataset"]}}
     extended["members"] = [{**m, "extra": [1, 2]} for m in raw["members"]]
     again = CacheHeader.from_dict(extended)
     assert json.dumps(again.to_dict()) == json.dumps(extended)
     # Changes give new headers; a key the header lacked is appended, as a dict update would.
-    done = CacheHeader.from_dict({k: v for k, v in raw.items() if k != "completed_at"}).completed("now")
+    without = {k: v for k, v in raw.items() if k != "completed_at"}
+    done = CacheHeader.from_dict(without).completed("now")
     assert list(done.to_dict())[-1] == "completed_at" and done.to_dict()["completed_at"] == "now"
     added = h.with_member({**raw["members"][1], "index": 2, "array": "members/2/logits"})
     assert len(added.members) == 3 and not added.complete and added.completed_at is None
@@ -719,7 +722,8 @@ def test_header_round_trip_keeps_unknown_keys_and_order_and_is_frozen(complete_c
     ({"dtype": "int8"}, "dtype 'int8' is not float16 or float32"),
     ({"labeled": "yes"}, "labeled should be bool, found str"),
 ])
-def test_header_from_dict_is_as_strict_as_the_schema(complete_cache: Path, change: dict, says: str) -> None:
+def test_header_from_dict_is_as_strict_as_the_schema(complete_cache: Path, change: dict,
+                                                     says: str) -> None:
     from pipeline.cache.header import CacheHeader, validate_header
 
     bad = {**raw_group(complete_cache).attrs[ATTR_KEY], **change}
@@ -731,19 +735,20 @@ def test_header_from_dict_is_as_strict_as_the_schema(complete_cache: Path, chang
     assert str(strict.value).startswith("here: ")
 
 
-# ------------------------------------------------------------------------------------ 13. the cache location
+# --------------------------------------------------------------------------- 13. the cache location
 def test_location_is_parsed_once_into_a_value() -> None:
     import pickle
 
     from pipeline.cache.location import CacheLocation
 
     d = CacheLocation.parse("data/caches/fmnist.zarr/")
-    assert (d.kind, d.text, d.name, d.display, d.local_path) == ("dir", "data/caches/fmnist.zarr", "fmnist",
-                                                                 "data/caches/fmnist.zarr",
-                                                                 Path("data/caches/fmnist.zarr"))
+    assert (d.kind, d.text, d.name, d.display) == ("dir", "data/caches/fmnist.zarr", "fmnist",
+                                                   "data/caches/fmnist.zarr")
+    assert d.local_path == Path("data/caches/fmnist.zarr")
     z = CacheLocation.parse(Path("x/fmnist.zarr.zip"))
     assert (z.kind, z.name) == ("zip", "fmnist")
-    opts = {"endpoint_url": "http://127.0.0.1:9000", "key": "AKIA-SECRET", "client_kwargs": {"token": "t"}}
+    opts = {"endpoint_url": "http://127.0.0.1:9000", "key": "AKIA-SECRET",
+            "client_kwargs": {"token": "t"}}
     u = CacheLocation.parse("s3://team/caches/fmnist.zarr", opts)
     assert (u.kind, u.name, u.local_path, u.storage_options) == ("url", "fmnist", None, opts)
     assert "AKIA-SECRET" not in repr(u) and "'t'" not in repr(u) and "127.0.0.1" in repr(u)
@@ -752,8 +757,9 @@ def test_location_is_parsed_once_into_a_value() -> None:
     assert pickle.loads(pickle.dumps(u)) == u and hash(pickle.loads(pickle.dumps(u))) == hash(u)
     assert u != CacheLocation.parse("s3://team/caches/fmnist.zarr")
     assert CacheLocation.parse(u) is u
-    assert u.child("sub/c.zarr") == CacheLocation.parse("s3://team/caches/fmnist.zarr/sub/c.zarr", opts)
-    # Storage options only apply to URLs: a local location (e.g. one side of `cache copy`) ignores them.
+    assert u.child("sub/c.zarr") == CacheLocation.parse("s3://team/caches/fmnist.zarr/sub/c.zarr",
+                                                        opts)
+    # Storage options only apply to URLs: a local location (one side of `cache copy`) ignores them.
     assert CacheLocation.parse("data/c.zarr", opts) == CacheLocation.parse("data/c.zarr")
     with pytest.raises(CacheError, match="no cache location given"):
         CacheLocation.parse("")
