@@ -15,8 +15,11 @@ An ensemble is a directory of ``member-<i>.pt`` checkpoints (plus an ``ensemble.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +60,25 @@ def save_checkpoint(path: str | Path, model: KDModel, meta: dict) -> Path:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob = {"kd_checkpoint": CHECKPOINT_VERSION, "meta": meta, "state_dict": state}
     # torch.save names the zip archive after the file's stem, ``<name>`` here (see atomic_path).
-    return atomic_write(path, lambda tmp: torch.save(blob, tmp))
+    return atomic_write(path, lambda tmp: _torch_save(blob, tmp))
+
+
+def _torch_save(blob: dict, tmp: Path) -> None:
+    """``torch.save(blob, tmp)``, with a failed write reported as the ``OSError`` it is.
+
+    torch's zip writer reports a short write (a full disk) as a ``RuntimeError`` without an
+    errno ("unexpected pos ..." / "file write failed"); it is re-raised as ``ENOSPC`` when the
+    checkpoint needs more than the free space left, else as ``EIO``, so the one translation of
+    storage errors (``pipeline.errors.explain``) says what happened.
+    """
+    try:
+        torch.save(blob, tmp)
+    except RuntimeError as e:
+        if "unexpected pos" not in str(e) and "write" not in str(e).lower():
+            raise
+        needed = sum(t.numel() * t.element_size() for t in blob["state_dict"].values())
+        code = errno.ENOSPC if shutil.disk_usage(tmp.parent).free < needed else errno.EIO
+        raise OSError(code, os.strerror(code), str(tmp)) from e
 
 
 @dataclass

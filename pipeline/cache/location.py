@@ -582,8 +582,8 @@ class CacheLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tmp = self.path.with_name(f"{self.NAME}.{me['pid']}.tmp")
-        tmp.write_text(json.dumps(me))
         try:
+            tmp.write_text(json.dumps(me))  # inside: a full disk must not leave it behind
             return self._acquire(tmp, me)
         finally:
             tmp.unlink(missing_ok=True)

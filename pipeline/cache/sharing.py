@@ -54,7 +54,7 @@ from pipeline.cache.location import (
     put_bytes,
     validate_zip,
 )
-from pipeline.errors import CacheError, KDError, explain, storage_errors
+from pipeline.errors import CacheError, KDError, StorageError, explain, storage_errors
 
 META = "zarr.json"
 COPY_CONCURRENCY = 16  # objects in flight at once while copying
@@ -137,7 +137,8 @@ class VerifyReport:
 
 def verify_cache(location: str | Path | CacheLocation, dataset: str | None = None,
                  data_dir: str | None = None, progress: bool = False) -> VerifyReport:
-    """Check a cache end to end; see the module docstring. Never raises for a problem with the cache itself.
+    """Check a cache end to end; see the module docstring. Never raises for a problem with the cache
+    itself; a storage failure (``StorageError``) is raised.
 
     Args:
         dataset: a dataset spec whose fingerprint must match the cache's (e.g. the transfer set you
@@ -149,6 +150,8 @@ def verify_cache(location: str | Path | CacheLocation, dataset: str | None = Non
     rep = VerifyReport(where.display)
     try:
         _verify(where, dataset, data_dir, progress, rep)
+    except StorageError:
+        raise  # the store could not be read (credentials, network, disk): not the cache's fault
     except KDError as e:
         rep.problems.append(str(e))
     rep.seconds = time.perf_counter() - t0
@@ -210,6 +213,8 @@ def _read_verified_header(store: Store, where: CacheLocation) -> tuple[zarr.Grou
     try:
         group = zarr.open_group(store, mode="r", use_consolidated=False)
         attrs = group.attrs.get(ATTR_KEY)
+    except KDError:
+        raise  # the guard's own message names the document and what is wrong with it
     except Exception as e:  # noqa: BLE001 - unparsable JSON, wrong zarr format, ...
         raise CacheError(f"{where}: zarr.json does not parse as Zarr v3 group metadata "
                          f"({type(e).__name__}: {e})") from None
@@ -347,6 +352,8 @@ def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: di
             lo, hi = i * rows, min(n, (i + 1) * rows)
             try:
                 out[lo:hi] = arr[lo:hi]
+            except StorageError:
+                raise  # the store failed, not the chunk
             except Exception as e:  # noqa: BLE001 - crc32c mismatch, zstd failure, truncation
                 rep.problems.append(f"chunk {key} is corrupt ({type(e).__name__}: {e})")
     for _, key in present:
