@@ -3,7 +3,8 @@
 Modules and sub-packages, lowest layer first (a module imports only from the ones above it, and
 nothing here imports ``stages``):
 
-- ``errors``: the one exception type users see (``KDError``) and its kinds.
+- ``errors``: the one exception type users see (``KDError``) and its kinds, and ``explain``,
+  the one translation of storage and OS failures into them.
 - ``files``: atomic writes (temp file, fsync, rename) and ``slug``, the spec -> name rule.
 - ``checks``: the field checks every config and loss shares (``positive``, ``in_range``, ...).
 - ``options``: how a config field declares its command-line option (``option(...)``), and the
@@ -16,8 +17,9 @@ nothing here imports ``stages``):
 - ``checkpoints``: saving/loading models with their metadata, safely (``weights_only=True``).
 - ``metrics``: test errors, accuracy, NLL, ECE, agreement.
 - ``cluster``: starting or joining a dask cluster for every step that maps tasks.
-- ``cache/``: the Zarr logit cache: ``location`` (where it lives), ``header`` (the typed
-  header), ``format`` (layout, reader; imports without torch), ``writer`` (stage one),
+- ``cache/``: the Zarr logit cache: ``header`` (the typed header), ``guard`` (stored bytes
+  checked against the header before zarr parses or decompresses them), ``location`` (where it
+  lives), ``format`` (layout, reader; imports without torch), ``writer`` (stage one),
   ``sharing`` (verify, pack, copy, ls).
 - ``training/``: ``losses`` (the paper's losses and ensemble means: registries), ``loop`` (the
   one training loop, ``TrainConfig``), ``loader`` (streaming cached soft targets), ``teacher``

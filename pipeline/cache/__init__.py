@@ -3,6 +3,8 @@
 - ``location``: where a cache lives (a directory, a ``.zarr.zip`` bundle or ``s3://``), resolved
   once into a :class:`CacheLocation` that opens its stores, says if it exists and locks it.
 - ``header``: the header of format version 1 as a frozen, typed :class:`CacheHeader`.
+- ``guard``: what a cache's stored bytes may be (sizes, nesting, codecs, zstd frame sizes) before
+  zarr parses or decompresses them; every read-only store is a ``GuardedStore``.
 - ``format``: the layout of format version 1, and ``LogitCache``, the reader (no torch needed).
 - ``writer``: stage one, teachers run once over a transfer set into a cache (planned: create,
   resume, add members; then executed).

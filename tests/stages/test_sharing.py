@@ -26,7 +26,7 @@ from pipeline.cache.format import ATTR_KEY, CacheLock, LogitCache, read_header
 from pipeline.cache.location import StoreLease, get_bytes, key_sizes, open_store
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, StorageError
 from stages.cli import main
 from tests.conftest import S3_BUCKET, write_npz
 
@@ -213,7 +213,7 @@ def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(s3_cache: str, 
         await real_copy(source, target, key, have, counts)
 
     monkeypatch.setattr(sharing, "_copy_object", dying_copy)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(StorageError, match=f"{dst}: cannot reach the storage endpoint"):
         sharing.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
     monkeypatch.setattr(sharing, "_copy_object", real_copy)
     # Half a copy: data objects only, no metadata, so no reader takes it for a cache.
