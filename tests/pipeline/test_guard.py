@@ -132,7 +132,8 @@ def test_limits_come_from_the_header() -> None:
     ({"shape": [10 ** 9, 5]}, "shape [1000000000, 5] (more than the header's 10 chunks"),
     ({"chunk_key_encoding": {"name": "v2"}}, "chunk key encoding"),
 ])
-def test_array_metadata_beyond_the_format_or_the_header_is_refused(changes: dict, says: str) -> None:
+def test_array_metadata_beyond_the_format_or_the_header_is_refused(changes: dict,
+                                                                    says: str) -> None:
     with pytest.raises(CacheError, match="m declares .*" + says.replace("(", "\\(").replace(
             ")", "\\)").replace("[", "\\[").replace("]", "\\]")):
         check_array_metadata(array_meta(**changes), "members/0/logits",

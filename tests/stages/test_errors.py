@@ -78,7 +78,8 @@ def test_flipped_byte_in_an_array_zarr_json_is_named_by_verify_and_train(
     flip_first_byte(bad / "members/1/logits/zarr.json")
     code, out = cli("cache", "verify", str(bad), "--quiet")
     assert code == 1 and "Traceback" not in out, out
-    assert "array members/1/logits:" in out and "members/1/logits/zarr.json is not valid JSON" in out
+    assert "array members/1/logits:" in out
+    assert "members/1/logits/zarr.json is not valid JSON" in out
     assert "result     1 PROBLEM(S)" in out
     one_error(*train(bad, tmp_path / "run"), str(bad), "members/1/logits/zarr.json",
               "is not valid JSON")
