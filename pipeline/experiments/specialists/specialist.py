@@ -12,7 +12,6 @@ over-represented S_m. Specialists are independent dask tasks (:func:`run_tasks`)
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, load_checkpoint, member_paths, save_checkpoint
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.errors import CacheError, CheckpointError, ConfigError
+from pipeline.files import atomic_write_json
 from pipeline.models import KDModel, build_model, check_trusted
 from pipeline.training.loader import combined_shard
 from pipeline.training.loop import InMemorySource, TrainConfig, fit
@@ -310,7 +310,7 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
             "cache": {"location": task.cache.display, "fingerprint": cache_fingerprint(cache.header)},
             "specialist": {k: v for k, v in record.items() if k != "final_epoch"}}
     save_checkpoint(out / "specialist.pt", model, meta)
-    (out / "specialist.json").write_text(json.dumps(record, indent=2))
+    atomic_write_json(out / "specialist.json", record)
     return record
 
 

@@ -39,6 +39,7 @@ from pipeline.experiments.specialists.specialist import (
     run_tasks,
     transfer_set,
 )
+from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.metrics import predict_logits
 from pipeline.models import check_trusted, trusting
 
@@ -59,7 +60,7 @@ def check_groups(groups: list[list[int]], num_classes: int) -> None:
 def _write_config(cfg: SpecialistsConfig, step: str) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"step": step, **cfg.to_dict()}, indent=2))
+    atomic_write_json(out / "config.json", {"step": step, **cfg.to_dict()})
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
@@ -89,12 +90,13 @@ def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
                       "--specialists K")
     _write_config(cfg, "cluster")
     out = Path(cfg.out)
-    (out / "clusters.json").write_text(json.dumps({"cache": cfg.cache,
-                                                   "cache_fingerprint": cache_fingerprint(cache.header),
-                                                   "class_names": list(cache.header.class_names),
-                                                   **cl.to_dict()}, indent=2))
+    # Atomic writes: a full disk leaves the previous file or none, never half of one.
+    atomic_write_json(out / "clusters.json", {"cache": cfg.cache,
+                                              "cache_fingerprint": cache_fingerprint(cache.header),
+                                              "class_names": list(cache.header.class_names),
+                                              **cl.to_dict()})
     report = clusters_report(cl, list(cache.header.class_names))
-    (out / "clusters.md").write_text(report)
+    atomic_write_text(out / "clusters.md", report)
     log(report)
     return cl
 
@@ -137,7 +139,7 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
     records = run_tasks(tasks, cfg.workers, log)
     summary = {"specialists": records, "wall_seconds": time.perf_counter() - t0, "workers": cfg.workers,
                "init": init, "model": spec}
-    (out / "specialists.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "specialists.json", summary)
     for r in records:
         log(f"specialist {r['index']}: {', '.join(r['class_names'])} + dustbin, {r['sampling']['rows']} rows, "
             f"dustbin correction {r['dustbin_correction_applied']:+.3f}, {r['train_seconds']:.1f}s training")
@@ -180,9 +182,9 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
               "main": main, "sensitivity": sensitivity, "device": describe_device(device),
               "train_wall_seconds": trained.get("wall_seconds"), "evaluate_seconds": time.perf_counter() - t0}
     _write_config(cfg, "evaluate")
-    (out / "evaluation.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "evaluation.json", result)
     report = evaluation_report(result, list(cache.header.class_names))
-    (out / "report.md").write_text(report)
+    atomic_write_text(out / "report.md", report)
     g, c = main["generalist"], main["combined"]
     log(f"generalist {g['errors']} errors ({g['accuracy']:.2%}), generalist + specialists {c['errors']} errors "
         f"({c['accuracy']:.2%}) on {test.spec}; wrote {out / 'report.md'}")
