@@ -78,7 +78,7 @@ def own_keys(h: CacheHeader) -> set[str]:
     store is not the cache's and is never copied.
     """
     arrays = ["ids"] + (["labels"] if h.labeled else [])
-    keys = {META, f"members/{META}"}
+    keys = {META} | ({f"members/{META}"} if h.members else set())
     for name in arrays:
         keys |= {f"{name}/{META}"} | {f"{name}/c/{s}" for s in range(h.n_shards)}
     for m in h.members:
@@ -175,6 +175,11 @@ def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, pro
         rep.problems.append(f"{len(foreign)} object(s) are not part of the cache "
                             f"({_some(foreign)}); a cache holds only its metadata and the chunks "
                             "its header implies")
+    # zarr reads an array without its parent groups' metadata, so nothing else would notice.
+    lost = sorted(k for k in own_keys(h) if _is_meta(k) and k not in sizes)
+    if lost:
+        rep.problems.append(f"metadata {_some(lost)} is missing; the cache's Zarr hierarchy is "
+                            "incomplete (a copy that did not finish, or damage): get a good copy")
     expected = _expected_arrays(h)
     arrays = _check_arrays(group, expected, h, rep)
     done = _read_done_flags(arrays, h, sizes, rep)
