@@ -202,20 +202,21 @@ def check_array_metadata(meta: Any, array: str, limits: Limits | None, what: str
     """
     if not isinstance(meta, dict):
         raise CacheError(f"{what} is not a JSON object; the metadata is damaged. {REFUSE}")
+    problems = unknown_keys(meta)
     codecs = meta.get("codecs")
-    names = tuple(c.get("name") if isinstance(c, dict) else c for c in codecs or ())
-    problems = []
+    names = tuple(c.get("name") if isinstance(c, dict) else c
+                  for c in (codecs if isinstance(codecs, list) else ()))
     if names not in CODEC_CHAINS:
         problems.append(f"codecs {list(names)} (a cache uses "
                         f"{' or '.join(str(list(c)) for c in CODEC_CHAINS)})")
     dtype = meta.get("data_type")
     if dtype not in DTYPES:
         problems.append(f"data type {dtype!r} (a cache uses {', '.join(DTYPES)})")
-    encoding = meta.get("chunk_key_encoding") or {}
-    if (not isinstance(encoding, dict) or encoding.get("name") != "default"
-            or (encoding.get("configuration") or {}).get("separator", "/") != "/"):
+    encoding = _obj(meta.get("chunk_key_encoding"))
+    if (encoding.get("name") != "default"
+            or _obj(encoding.get("configuration")).get("separator", "/") != "/"):
         problems.append(f"chunk key encoding {encoding!r} (a cache uses 'default' with '/')")
-    grid = (meta.get("chunk_grid") or {}).get("configuration") or {}
+    grid = _obj(_obj(meta.get("chunk_grid")).get("configuration"))
     chunks, shape = grid.get("chunk_shape"), meta.get("shape")
     dims = [chunks, shape]
     if not all(isinstance(d, list) and all(isinstance(v, int) and v >= 0 for v in d)
@@ -229,6 +230,54 @@ def check_array_metadata(meta: Any, array: str, limits: Limits | None, what: str
         if math.prod(shape) * DTYPES[dtype] > limits.raw(array) * limits.shards:
             problems.append(f"shape {shape} (more than the header's {limits.shards} chunks of "
                             f"{array})")
+    if problems:
+        raise CacheError(f"{what} declares {'; '.join(problems)}: not this cache format's "
+                         f"metadata. {REFUSE}")
+
+
+def _obj(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+# Every key this format's metadata may have; zarr ignores some unknown keys, so damage to a key
+# name (a flipped byte) would otherwise pass.
+ARRAY_KEYS = frozenset({"zarr_format", "node_type", "shape", "data_type", "chunk_grid",
+                        "chunk_key_encoding", "fill_value", "codecs", "attributes",
+                        "dimension_names", "storage_transformers"})
+GROUP_KEYS = frozenset({"zarr_format", "node_type", "attributes", "consolidated_metadata"})
+NAMED = frozenset({"name", "configuration"})
+CONFIG_KEYS = {"regular": {"chunk_shape"}, "default": {"separator"}, "bytes": {"endian"},
+               "zstd": {"level", "checksum"}, "crc32c": set()}
+
+
+def unknown_keys(meta: dict) -> list[str]:
+    """Problems with the keys of an array's or group's metadata: keys this format never writes."""
+    problems = []
+
+    def allow(obj: Any, keys: Iterable[str], where: str) -> None:
+        if obj is None:
+            return
+        extra = sorted(set(obj) - set(keys)) if isinstance(obj, dict) else [type(obj).__name__]
+        if extra:
+            problems.append(f"unexpected {', '.join(map(repr, extra))} in {where}")
+
+    allow(meta, ARRAY_KEYS if meta.get("node_type") == "array" else GROUP_KEYS, "the document")
+    named = [(meta.get("chunk_grid"), "chunk_grid"), (meta.get("chunk_key_encoding"),
+                                                        "chunk_key_encoding")]
+    codecs = meta.get("codecs")
+    named += [(c, "codecs") for c in (codecs if isinstance(codecs, list) else [])]
+    for part, where in named:
+        allow(part, NAMED, where)
+        name = _obj(part).get("name")
+        allow(_obj(part).get("configuration"), CONFIG_KEYS.get(name, ()), f"{where} {name!r}")
+    if meta.get("storage_transformers"):
+        problems.append("storage transformers (a cache uses none)")
+    return problems
+
+
+def check_group_metadata(meta: dict, what: str) -> None:
+    """A group's metadata may hold only the keys a group of this format has."""
+    problems = unknown_keys(meta)
     if problems:
         raise CacheError(f"{what} declares {'; '.join(problems)}: not this cache format's "
                          f"metadata. {REFUSE}")
@@ -335,14 +384,31 @@ class GuardedStore(WrapperStore[Store]):
             limits = Limits.from_header(attrs.get(ATTR_KEY) if isinstance(attrs, dict) else None)
             if limits is not None:
                 self._limits = limits
-            consolidated = meta.get("consolidated_metadata") or {}
-            inner = consolidated.get("metadata") if isinstance(consolidated, dict) else None
-            for path, sub in (inner or {}).items() if isinstance(inner, dict) else ():
-                if isinstance(sub, dict) and sub.get("node_type") == "array":
-                    check_array_metadata(sub, path, limits, f"{what} (entry {path})")
-        elif meta.get("node_type") == "array":
+            self._check_consolidated(meta.get("consolidated_metadata"), limits, what)
+        if meta.get("node_type") == "array":
             check_array_metadata(meta, key.rpartition("/")[0], self._limits, what)
+        else:
+            check_group_metadata(meta, what)
         check_with_zarr(meta, what)
+
+    @staticmethod
+    def _check_consolidated(consolidated: Any, limits: Limits | None, what: str) -> None:
+        """The root's copy of every node's metadata, checked as the nodes' own documents are."""
+        if consolidated is None:
+            return
+        extra = (sorted(set(consolidated) - {"kind", "must_understand", "metadata"})
+                 if isinstance(consolidated, dict) else ["not an object"])
+        if extra:
+            raise CacheError(f"{what} declares unexpected {extra} in its consolidated metadata: "
+                             f"not this cache format's metadata. {REFUSE}")
+        for path, sub in _obj(consolidated.get("metadata")).items():
+            entry = f"{what} (entry {path})"
+            if _obj(sub).get("node_type") == "array":
+                check_array_metadata(sub, path, limits, entry)
+            else:
+                check_group_metadata(_obj(sub), entry)
+                GuardedStore._check_consolidated(_obj(sub).get("consolidated_metadata"),
+                                                 limits, entry)
 
     def _check_chunk(self, key: str, data: bytes, limits: Limits) -> None:
         array = array_of(key)

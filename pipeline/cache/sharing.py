@@ -180,6 +180,7 @@ def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, pro
     if lost:
         rep.problems.append(f"metadata {_some(lost)} is missing; the cache's Zarr hierarchy is "
                             "incomplete (a copy that did not finish, or damage): get a good copy")
+    _check_group_metadata(store, h, sizes, rep)
     expected = _expected_arrays(h)
     arrays = _check_arrays(group, expected, h, rep)
     done = _read_done_flags(arrays, h, sizes, rep)
@@ -211,6 +212,22 @@ def _check_keys(sizes: dict[str, int], rep: VerifyReport) -> None:
                                 "cache-logits")
         elif key.rsplit("/", 1)[-1].startswith(LEASE_NAME):
             rep.notes.append(f"{key} present: a writer is running, or one was interrupted")
+
+
+def _check_group_metadata(store: Store, h: CacheHeader, sizes: dict[str, int],
+                          rep: VerifyReport) -> None:
+    """Read the groups' own metadata (``members/zarr.json``, ...) through the guard, which checks
+    it: zarr opens arrays without them, so no other check would read them."""
+    arrays = {name for name, _, _ in _expected_arrays(h)}
+    for key in sorted(k for k in own_keys(h) if _is_meta(k) and k in sizes and k != META):
+        if key.rpartition("/")[0] in arrays:
+            continue  # read, and reported by name, when its array is opened
+        try:
+            get_bytes(store, key)
+        except StorageError:
+            raise
+        except KDError as e:
+            rep.problems.append(str(e))
 
 
 def _read_verified_header(store: Store, where: CacheLocation) -> tuple[zarr.Group, CacheHeader]:
