@@ -62,7 +62,7 @@ LEASE_SECONDS = 120.0  # an object-store lease not renewed for this long is take
 LEASE_RENEW_SECONDS = 30.0
 
 Kind = Literal["dir", "zip", "url"]
-SECRET_WORDS = ("key", "secret", "token", "password")  # as pipeline.config.redact_secrets
+SECRET_WORDS = ("key", "secret", "token", "password")  # the one rule (config uses it too)
 
 
 # ------------------------------------------------------------------------------------ location text
