@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from pipeline.cache.location import parse_storage_options
+from pipeline.cache.location import parse_storage_options, redact_options
 from pipeline.checks import collect, in_range, one_of, positive
 from pipeline.errors import ConfigError
 from pipeline.experiments.specialists.clustering import SIMILARITIES
@@ -228,18 +228,8 @@ class EvaluateConfig:
             raise ConfigError(problems)
 
 
-def redact_secrets(options: dict) -> dict:
-    """``options`` with values of credential-like keys (key, secret, token, password) replaced by
-    ``"***"``.
-    """
-    out = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact_secrets(v)
-        else:
-            secret = any(w in k.lower() for w in ("key", "secret", "token", "password"))
-            out[k] = "***" if secret else v
-    return out
+# One rule for what is a credential: the cache location's (it imports without torch).
+redact_secrets = redact_options
 
 
 @dataclass

@@ -64,8 +64,7 @@ LEASE_SECONDS = 120.0  # an object-store lease not renewed for this long is take
 LEASE_RENEW_SECONDS = 30.0
 
 Kind = Literal["dir", "zip", "url"]
-SECRET_WORDS = ("key", "secret", "token", "password")  # as pipeline.config.redact_secrets
-_OPEN_LOCK = threading.Lock()  # two threads opening one location's store get the same store
+SECRET_WORDS = ("key", "secret", "token", "password")  # the one rule (config uses it too)
 
 
 # ------------------------------------------------------------------------------------ location text
@@ -290,8 +289,8 @@ class CacheLocation:
         """The Zarr store: ``"r"`` read-only, ``"w"`` writable (directories and URLs only).
 
         Each mode's store is opened once per value and reused: a command holding one location opens
-        it once. (Stores keep no data or listings of their own, so a reused read-only store sees
-        later writes.)
+        it once. (Directory and object stores keep no data or listings of their own, so a reused
+        read-only store sees later writes; a bundle is written once.)
 
         Raises:
             CacheError: a bundle opened for writing, an invalid bundle, or a URL scheme whose fsspec
@@ -299,10 +298,11 @@ class CacheLocation:
         """
         if mode not in ("r", "w"):
             raise ValueError(f"mode must be 'r' or 'w', got {mode!r}")
-        with _OPEN_LOCK:
-            store = self._stores.get(mode)
-            if store is None:
-                store = self._stores[mode] = self._new_store(mode)
+        store = self._stores.get(mode)
+        if store is None:
+            # No lock: two threads opening at once build two stores and keep the first (setdefault
+            # is atomic); a lock would serialise every thread's first open of every location.
+            store = self._stores.setdefault(mode, self._new_store(mode))
         return store
 
     def _new_store(self, mode: str) -> Store:
