@@ -17,6 +17,7 @@ from pipeline.cache.guard import (
     MAX_METADATA_BYTES,
     Limits,
     check_array_metadata,
+    check_group_metadata,
     json_depth,
     parse_json,
     zstd_content_size,
@@ -131,6 +132,10 @@ def test_limits_come_from_the_header() -> None:
      "chunks of 10485760 bytes (the header allows 640 per chunk of members/0/logits)"),
     ({"shape": [10 ** 9, 5]}, "shape [1000000000, 5] (more than the header's 10 chunks"),
     ({"chunk_key_encoding": {"name": "v2"}}, "chunk key encoding"),
+    # A flipped byte in a key name: zarr ignores the key, the format does not.
+    ({"codecs": [{"name": "bytes", "configu(ation": {"endian": "little"}}, {"name": "zstd"},
+                 {"name": "crc32c"}]}, "unexpected 'configu(ation' in codecs"),
+    ({"fill_valu%": 0}, "unexpected 'fill_valu%' in the document"),
 ])
 def test_array_metadata_beyond_the_format_or_the_header_is_refused(changes: dict,
                                                                     says: str) -> None:
@@ -199,3 +204,9 @@ def test_storage_errors_keeps_a_stores_missing_key_answer() -> None:
         raise bucket
     with pytest.raises(RuntimeError), storage_errors("c"):
         raise RuntimeError("not a storage failure")
+
+
+def test_group_metadata_may_hold_only_a_groups_keys() -> None:
+    check_group_metadata({"zarr_format": 3, "node_type": "group", "attributes": {}}, "g")
+    with pytest.raises(CacheError, match="g declares unexpected 'attr\\\\x1ebutes'"):
+        check_group_metadata({"zarr_format": 3, "node_type": "group", "attr\x1ebutes": {}}, "g")
