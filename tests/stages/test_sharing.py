@@ -388,8 +388,8 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(tmp_path: Path, tea
                             rows_per_shard=64, device="cpu"), log=lambda s: None, progress=False)
     assert (out / "labels" / "c" / "0").is_file()  # every chunk is stored now
     assert sharing.verify_cache(out).ok
-    # A cache from before that change has no object for it. Only the dataset can tell it from a deleted
-    # chunk: with --dataset it is sound (the fill value is the data), without it a problem saying so.
+    # A cache from before that change has no object for it. Only the dataset can tell it from a
+    # deleted chunk: with --dataset it is sound (the fill value is the data), else a problem.
     (out / "labels" / "c" / "0").unlink()
     spec = f"npz:{tmp_path / 'sorted.npz'}:train"
     report = sharing.verify_cache(out, dataset=spec)
@@ -397,15 +397,15 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(tmp_path: Path, tea
     assert any("labels/c/0 is absent, and the dataset's labels there are all class 0" in n
                for n in report.notes)
     report = sharing.verify_cache(out)
-    assert report.problems == ["chunk labels/c/0 is missing (a cache made before every chunk was stored "
-                               "omits an all-class-0 labels chunk: --dataset SPEC checks that against the "
-                               "data)"]
+    assert report.problems == ["chunk labels/c/0 is missing (a cache made before every chunk was "
+                               "stored omits an all-class-0 labels chunk: --dataset SPEC checks "
+                               "that against the data)"]
     # The reader serves it only against the dataset's labels, which prove the fill value right.
     with pytest.raises(CacheError, match="chunk labels/c/0 .* is missing"):
         LogitCache(out).read_labels(0)
     assert np.array_equal(LogitCache(out).read_labels(0, truth=y), np.zeros(64, dtype=np.int64))
-    code, text = invoke("train-student", "--cache", str(out), "--student", "mlp:16", "--epochs", "1",
-                        "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet")
+    code, text = invoke("train-student", "--cache", str(out), "--student", "mlp:16", "--epochs",
+                        "1", "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet")
     assert code == 0, text
 
 
