@@ -39,6 +39,12 @@ Header (``attributes["kd_cache"]``, JSON only, never pickle; read and written as
 Readers refuse a partial cache unless asked to allow it (then only the shards every chosen member
 has finished are used). Values are raw logits: temperature, ensemble mean type and member subset are
 chosen at training time.
+
+Every ``ids``, ``labels`` and logits chunk is stored, even one equal to the fill value, so
+:class:`LogitCache` reads a missing one as damage (``MissingChunkError``), never as zarr's fill
+value. It also refuses arrays whose shapes disagree with the header, non-finite logits, labels
+outside ``0..C-1`` (or unlike the dataset's, when the caller gives them) and a complete header with
+a done flag missing or zero; and it reads the done flags once, so one reader serves one snapshot.
 """
 from __future__ import annotations
 
