@@ -618,11 +618,12 @@ def _human(n: float) -> str:
 def _summary(location: CacheLocation, size: int | None = None) -> CacheSummary | None:
     try:
         cache = LogitCache(location, allow_partial=True)
+        # Inside the try: a complete header with a flag not done is refused here, and listed so.
+        done = sum(int(cache.done_flags(m.index).sum()) for m in cache.members)
     except CacheError as e:
         if "no kd-pipeline cache header" in str(e):
             return None  # a Zarr group, but not ours
         return CacheSummary(location.display, None, size or 0, error=str(e))
-    done = sum(int(cache.done_flags(m.index).sum()) for m in cache.members)
     if size is None:
         size = sum(key_sizes(cache.store).values())
     return CacheSummary(location.display, cache.header, size, done)

@@ -535,3 +535,15 @@ def test_verify_of_a_cache_being_filled_reports_pending_not_missing(
     assert "missing" not in out and "result     OK" in out
     assert ("partial cache: 19/20 member-shards done (the other 1 are pending: a writer holds the "
             "lock and is filling them)") in out
+
+
+def test_cache_ls_lists_a_damaged_cache_as_unreadable_and_goes_on(cache_path: Path,
+                                                                  tmp_path: Path) -> None:
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    damaged(cache_path, shelf, "dir", remove("members/1/done/c/3"))  # shelf/damaged.zarr
+    sharing.copy_cache(cache_path, shelf / "sound.zarr", progress=False, log=lambda s: None)
+    code, out = invoke("cache", "ls", str(shelf))
+    assert code == 0, out
+    assert f"{shelf / 'damaged.zarr'}  UNREADABLE: " in out and "done flags are missing" in out
+    assert f"{shelf / 'sound.zarr'}  complete" in out
