@@ -536,10 +536,20 @@ class LogitCache:
     # -- data
     def _array(self, path: str) -> zarr.Array:
         try:
-            return array_handle(self.group, path, self.__dict__.setdefault("_arrays", {}))
+            arr = array_handle(self.group, path, self.__dict__.setdefault("_arrays", {}))
         except KeyError:
             raise CacheError(f"{self.location}: array {path!r} is missing; the cache is "
                              "damaged") from None
+        except Exception as e:  # noqa: BLE001 - zarr's parse errors (JSON, schema, nesting) vary
+            # Opening parses the array's zarr.json (and its groups'): since opening checks every
+            # array, a damaged one must be refused here, by name, not as zarr's exception.
+            raise CacheError(f"{self.location}: the metadata of array {path!r} does not parse "
+                             f"({type(e).__name__}: {str(e)[:200]}); the cache is damaged. "
+                             + _REPAIR.format(where=self.location)) from None
+        if not isinstance(arr, zarr.Array):
+            raise CacheError(f"{self.location}: {path!r} is a group, expected an array; the cache "
+                             "is damaged")
+        return arr
 
     def _read(self, path: str, sel: Any) -> np.ndarray:
         arr = self._array(path)

@@ -145,6 +145,7 @@ def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, pro
     group, h = _read_verified_header(store, where)
     rep.header = h
     expected = expected_arrays(h)
+    _check_groups(h, sizes, rep)
     arrays = _check_arrays(group, expected, rep)
     done = _read_done_flags(arrays, h, sizes, rep)
     # Listed again after the flags: a writer writes a shard's chunks before its flag, so every
@@ -192,6 +193,17 @@ def _read_verified_header(store: Store, where: CacheLocation) -> tuple[zarr.Grou
     return group, CacheHeader.from_dict(attrs, where.display)
 
 
+def _check_groups(h: CacheHeader, sizes: dict[str, int], rep: VerifyReport) -> None:
+    """The metadata of the groups holding the members' arrays: written at creation, so required.
+
+    zarr reads an array whose parent group's ``zarr.json`` is gone, so only this finds the loss.
+    """
+    groups = (["members"] if h.members else []) + [f"members/{m.index}" for m in h.members]
+    for g in groups:
+        if f"{g}/{META}" not in sizes:
+            rep.problems.append(f"group metadata {g}/{META} is missing")
+
+
 def _check_arrays(group: zarr.Group, expected: Expected,
                   rep: VerifyReport) -> dict[str, zarr.Array]:
     """The expected arrays that exist with the header's shape, dtype and chunks (else: problems)."""
@@ -201,6 +213,10 @@ def _check_arrays(group: zarr.Group, expected: Expected,
             arr = group[name]
         except KeyError:
             rep.problems.append(f"array {name} is missing")
+            continue
+        except Exception as e:  # noqa: BLE001 - zarr's parse errors (JSON, schema, nesting) vary
+            rep.problems.append(f"array {name}: its metadata does not parse ({type(e).__name__}: "
+                                f"{str(e)[:200]})")
             continue
         if not isinstance(arr, zarr.Array):
             rep.problems.append(f"{name} is a group, expected an array")
