@@ -7,10 +7,10 @@ URL. Sources are always opened read-only.
 - :func:`verify_cache` reads every chunk (zstd + crc32c: a flipped byte fails, named by its key),
   checks the metadata against the format schema, that every chunk a done shard needs is present,
   array shapes, dtypes and class counts against the header, the done flags against ``complete``,
-  logits finite and labels within ``0..C-1``, and optionally the dataset (fingerprint, ids and
-  labels). Shards not marked done are pending, not missing: the done flags are read before the
-  store is listed for the data chunks, so a writer finishing shards meanwhile is not taken for
-  damage.
+  logits finite and labels within ``0..C-1``, every ``zarr.json`` parsing and (complete caches)
+  equal to its consolidated copy, and optionally the dataset (fingerprint, ids and labels).
+  Shards not marked done are pending, not missing: the done flags are read before the store is
+  listed for the data chunks, so a writer finishing shards meanwhile is not taken for damage.
 - :func:`copy_cache` streams object by object, skips objects already at the destination with the
   same bytes (how an interrupted copy resumes), writes the metadata (every ``zarr.json``, the root's
   last) after the data so a half copy is never a readable cache, then verifies the destination.
@@ -146,6 +146,7 @@ def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, pro
     rep.header = h
     expected = expected_arrays(h)
     _check_groups(h, sizes, rep)
+    _check_metadata(store, sizes, h, rep)
     arrays = _check_arrays(group, expected, rep)
     done = _read_done_flags(arrays, h, sizes, rep)
     # Listed again after the flags: a writer writes a shard's chunks before its flag, so every
@@ -202,6 +203,48 @@ def _check_groups(h: CacheHeader, sizes: dict[str, int], rep: VerifyReport) -> N
     for g in groups:
         if f"{g}/{META}" not in sizes:
             rep.problems.append(f"group metadata {g}/{META} is missing")
+
+
+def _check_metadata(store: Store, sizes: dict[str, int], h: CacheHeader,
+                    rep: VerifyReport) -> None:
+    """Every array's and group's ``zarr.json`` parses and equals its consolidated copy.
+
+    Metadata has no checksum, and zarr ignores keys it does not know, so an altered byte can read
+    as a default (a codec option, a group nobody opens). A complete cache's root ``zarr.json``
+    holds a copy of every other ``zarr.json`` (consolidated when it was completed): a difference
+    means one of the two was altered. A partial cache has no such copy yet: parsing only.
+    """
+    root = _json(get_bytes(store, META))
+    copies = ((root.get("consolidated_metadata") or {}).get("metadata") or {}) \
+        if isinstance(root, dict) and h.complete else {}
+    for key in sorted(k for k in sizes if _is_meta(k) and k != META and not _is_bookkeeping(k)):
+        if sizes[key] > MAX_METADATA_BYTES:
+            continue  # a problem already (_check_keys), and not to be parsed
+        stored = _json(get_bytes(store, key))
+        if isinstance(stored, Exception):
+            rep.problems.append(f"metadata {key} does not parse ({type(stored).__name__}: "
+                                f"{str(stored)[:120]})")
+            continue
+        copy = copies.get(key.removesuffix("/" + META))
+        if copy is None:
+            continue  # none to compare with: partial, or consolidated before this array existed
+        # zarr adds an empty "consolidated_metadata" to a group's copy; nothing else differs.
+        if _plain(stored) != _plain(copy):
+            rep.problems.append(f"metadata {key} differs from its copy consolidated in {META} "
+                                "(one of them was altered)")
+
+
+def _json(data: bytes | None) -> Any:
+    """The parsed JSON, or the exception that parsing raised (deep nesting included)."""
+    try:
+        return json.loads(data or b"")
+    except (ValueError, RecursionError) as e:
+        return e
+
+
+def _plain(meta: Any) -> Any:
+    return {k: v for k, v in meta.items() if k != "consolidated_metadata"} \
+        if isinstance(meta, dict) else meta
 
 
 def _check_arrays(group: zarr.Group, expected: Expected,
