@@ -508,11 +508,13 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
     """Load a dataset from its spec (see the module docstring for the grammar).
 
     Raises:
-        DatasetError: unknown spec, missing or damaged files, modifiers that leave nothing.
+        DatasetError: unknown spec, missing or damaged files, labels that are not class
+            indices, modifiers that leave nothing.
     """
     source, args, mods = parse_spec(spec)
     base = source.load(*args, data_dir=data_dir)
     n_classes = len(base.class_names)
+    _check_label_range(base.y, n_classes, spec)
     idx = np.arange(base.x.shape[0], dtype=np.int64)
     if "holdout" in mods:
         # Its own random stream ([seed, 1]): the held-out rows do not depend on any later subset's
@@ -555,6 +557,26 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
         source=base.source,
         modifiers=mods,
     )
+
+
+def _check_label_range(y: np.ndarray | None, n_classes: int, spec: str) -> None:
+    """Refuse labels that are not class indices ``0..n_classes-1``.
+
+    Any other value is an IndexError (or, wrapped around, the wrong class) in every step that uses
+    labels, found only after work was done; checked once on the whole split, before modifiers.
+
+    Args:
+        y: (N,) labels of the unmodified split (row i has sample id i), or None.
+    """
+    if y is None or not y.size:
+        return
+    bad = np.flatnonzero((y < 0) | (y >= n_classes))
+    if bad.size:
+        raise DatasetError(
+            f"{spec}: {bad.size} labels are outside 0..{n_classes - 1} (sample ids "
+            f"{bad[:5].tolist()} have {y[bad[:5]].tolist()}); labels must be class indices. Fix "
+            "the labels, or declare the classes (num_classes or class_names in an .npz)"
+        )
 
 
 def load_eval_dataset(

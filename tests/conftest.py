@@ -258,3 +258,64 @@ def s3_server():
             else:
                 os.environ[k] = v
         server.stop()
+
+
+# ----------------------------------------------------------------------- damaging a copy of a cache
+def damaged(cache_path: Path, tmp_path: Path, kind: str, damage) -> Path:  # noqa: ANN001
+    """A copy of ``cache_path`` with ``damage(copy_dir)`` applied, as a directory or a bundle.
+
+    The bundle is zipped by hand: ``cache pack`` verifies what it packs, so it refuses damage.
+    """
+    import shutil
+    import zipfile
+
+    copy = tmp_path / "damaged.zarr"
+    shutil.copytree(cache_path, copy)
+    damage(copy)
+    if kind == "dir":
+        return copy
+    bundle = tmp_path / "damaged.zarr.zip"
+    with zipfile.ZipFile(bundle, "w") as z:
+        for f in sorted(copy.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(copy).as_posix())
+    return bundle
+
+
+def write(path: str, index: tuple | int, value: object):  # noqa: ANN201
+    """A damage: store ``value`` at ``index`` of array ``path`` as a valid chunk."""
+    import zarr
+
+    def apply(root: Path) -> None:
+        arr = zarr.open_group(str(root), mode="r+", use_consolidated=False)[path]
+        arr.with_config({"write_empty_chunks": True})[index] = value
+
+    return apply
+
+
+def remove(key: str):  # noqa: ANN201
+    """A damage: delete one stored object (a chunk) of the cache."""
+    return lambda root: (root / key).unlink()
+
+
+def edit_header(**changes: object):  # noqa: ANN201
+    """A damage: change header fields (``num_classes`` also changes every member's)."""
+    import zarr
+
+    def apply(root: Path) -> None:
+        g = zarr.open_group(str(root), mode="r+", use_consolidated=False)
+        h = dict(g.attrs["kd_cache"])
+        h.update(changes)
+        if "num_classes" in changes:
+            h["members"] = [{**m, "num_classes": changes["num_classes"]} for m in h["members"]]
+        g.attrs["kd_cache"] = h
+
+    return apply
+
+
+def relabel(root: Path) -> None:
+    """A damage: sample 130's label rewritten to another valid class."""
+    import zarr
+
+    arr = zarr.open_group(str(root), mode="r+", use_consolidated=False)["labels"]
+    arr[130] = (int(arr[130]) + 1) % 5

@@ -39,9 +39,16 @@ Header (``attributes["kd_cache"]``, JSON only, never pickle; read and written as
 Readers refuse a partial cache unless asked to allow it (then only the shards every chosen member
 has finished are used). Values are raw logits: temperature, ensemble mean type and member subset are
 chosen at training time.
+
+Every ``ids``, ``labels`` and logits chunk is stored, even one equal to the fill value, so
+:class:`LogitCache` reads a missing one as damage (``MissingChunkError``), never as zarr's fill
+value. It also refuses arrays whose shapes disagree with the header, non-finite logits, labels
+outside ``0..C-1`` (or unlike the dataset's, when the caller gives them) and a complete header with
+a done flag missing or zero; and it reads the done flags once, so one reader serves one snapshot.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import time
 import warnings
@@ -53,8 +60,10 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs as zc
-from zarr.abc.store import Store
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
+from zarr.storage import WrapperStore
 
 from pipeline import __version__
 from pipeline.cache.header import (
@@ -82,10 +91,10 @@ from pipeline.errors import CacheError
 __all__ = [  # the format's names, including those defined in header.py and location.py
     "ATTR_KEY", "CREATING_MARKER", "FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES",
     "CacheHeader", "CacheInfo", "CacheLock", "DatasetRecord", "LogitCache", "MemberRecord",
-    "add_member_arrays",
-    "array_handle", "cache_fingerprint", "check_metadata_size", "create_cache", "logit_codecs",
-    "mark_complete", "member_array", "member_done", "read_header", "remove_partial_files",
-    "shard_bounds", "validate_header", "write_shard",
+    "MissingChunkError", "add_member_arrays", "array_handle", "cache_fingerprint",
+    "check_metadata_size", "create_cache", "expected_arrays", "logit_codecs", "mark_complete",
+    "member_array", "member_done", "read_header", "remove_partial_files", "shard_bounds",
+    "validate_header", "write_shard",
 ]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -127,6 +136,21 @@ def member_array(index: int) -> str:
 
 def member_done(index: int) -> str:
     return f"members/{index}/done"
+
+
+ArraySpec = tuple[str, tuple[int, ...], str, tuple[int, ...]]  # name, shape, dtype, chunks
+
+
+def expected_arrays(h: CacheHeader) -> list[ArraySpec]:
+    """Every array ``h`` implies, with the shape, dtype and chunks the format gives it."""
+    rows = (h.rows_per_shard,)
+    out: list[ArraySpec] = [("ids", (h.n,), "int64", rows)]
+    if h.labeled:
+        out.append(("labels", (h.n,), "int64", rows))
+    for m in h.members:
+        out.append((member_array(m.index), (h.n, h.num_classes), h.dtype, (*rows, h.num_classes)))
+        out.append((member_done(m.index), (h.n_shards,), "uint8", (1,)))
+    return out
 
 
 def group_header(group: zarr.Group, where: str = "cache") -> CacheHeader:
@@ -321,8 +345,58 @@ class CacheInfo:
         }
 
 
+# A chunk of these arrays is always written (ids and labels at creation, logits before their
+# shard's done flag), so its absence is damage; a done flag's chunk is legitimately absent until
+# its shard is written.
+_DATA_CHUNK = re.compile(r"(ids|labels|members/\d+/logits)/c/")
+_REPAIR = ("Run `kd-pipeline cache verify {where}` for a full report, then restore the cache "
+           "from a good copy (`kd-pipeline cache copy`) or re-create it with `kd-pipeline "
+           "cache-logits` into a fresh --out (a resume trusts the done flags, so it would not "
+           "redo this shard)")
+
+
+class MissingChunkError(CacheError):
+    """A data chunk (ids, labels or logits) has no object in the store.
+
+    Attributes:
+        key: the chunk's store key, e.g. ``members/0/logits/c/4/0``.
+    """
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _AbsentChunk(Exception):
+    """Raised inside zarr's read by :class:`_NoFillStore`; :meth:`LogitCache._read` reports it."""
+
+
+class _NoFillStore(WrapperStore):
+    """A store view in which reading a missing data chunk fails instead of giving the fill value.
+
+    zarr treats a chunk without an object as all fill value (sparse arrays); for a cache that
+    would turn a deleted logits chunk into uniform targets and a deleted labels chunk into class 0.
+    Checking the ``get`` that zarr makes anyway costs nothing on any store (no extra request,
+    unlike ``exists``).
+    """
+
+    async def get(self, key: str, prototype: BufferPrototype,
+                  byte_range: ByteRequest | None = None) -> Buffer | None:
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is None and _DATA_CHUNK.match(key):
+            raise _AbsentChunk(key)
+        return buf
+
+
 class LogitCache:
     """Read access to a cache. Opening never writes.
+
+    What it serves is checked as it is read (cheap checks on the shards actually read): a missing
+    data chunk, non-finite logits and labels outside ``0..C-1`` (or differing from the dataset's,
+    when given) raise ``CacheError``, never a fill value. Opening checks every array's shape, dtype
+    and chunks against the header. The done flags are read once (:meth:`done_flags`), so everything
+    one reader serves comes from one snapshot of the finished shards, even while a writer adds
+    more.
 
     Args:
         location: the cache: a :class:`~pipeline.cache.location.CacheLocation`, or a directory, a
@@ -331,7 +405,8 @@ class LogitCache:
         allow_partial: accept an incomplete cache (only finished shards are then served).
 
     Raises:
-        CacheError: missing, not a cache, bad header, or partial without ``allow_partial``.
+        CacheError: missing, not a cache, bad header, arrays that disagree with it, or partial
+            without ``allow_partial``.
     """
 
     def __init__(self, location: str | Path | CacheLocation, allow_partial: bool = False) -> None:
@@ -342,11 +417,13 @@ class LogitCache:
         self.store = self.location.open("r")  # read-only: reading never writes
         check_metadata_size(self.store, self.location.display)
         try:
-            self.group = zarr.open_group(self.store, mode="r", use_consolidated=False)
+            self.group = zarr.open_group(_NoFillStore(self.store), mode="r", use_consolidated=False)
         except Exception as e:  # zarr raises several types for a non-group path
-            raise CacheError(f"{self.location}: not a Zarr v3 group ({type(e).__name__}: "
-                             f"{e})") from e
+            raise CacheError(f"{self.location}: not a Zarr v3 group "
+                             f"({type(e).__name__}: {e})") from e
         self.header = group_header(self.group, self.location.display)
+        self._done: dict[int, np.ndarray] | None = None
+        self._check_layout()
         if not self.complete and not allow_partial:
             done, total = self.count_done()
             raise CacheError(
@@ -354,6 +431,28 @@ class LogitCache:
                 "Finish it by re-running the same `kd-pipeline cache-logits` command (it resumes), "
                 "or pass --allow-partial to use only the finished shards"
             )
+
+    def _check_layout(self) -> None:
+        """Refuse arrays whose shape, dtype or chunks differ from what the header implies.
+
+        Readers index arrays by the header's ``n``, ``num_classes`` and ``rows_per_shard``; a
+        disagreement would otherwise surface as a numpy error deep in training, or as misaligned
+        rows.
+        """
+        problems = []
+        for name, shape, dtype, chunks in expected_arrays(self.header):
+            arr = self._array(name)
+            found = (tuple(arr.shape), str(arr.dtype), tuple(arr.chunks))
+            if found != (shape, dtype, chunks):
+                problems.append(f"array {name} has shape {found[0]}, dtype {found[1]}, chunks "
+                                f"{found[2]}; the header says shape {shape}, dtype {dtype}, "
+                                f"chunks {chunks}")
+        if problems:
+            raise CacheError(f"{self.location}: the arrays disagree with the header (n={self.n}, "
+                             f"num_classes={self.num_classes}, rows_per_shard="
+                             f"{self.rows_per_shard}): " + "; ".join(problems)
+                             + ". The cache was damaged or edited. "
+                             + _REPAIR.format(where=self.location))
 
     # -- header fields
     @property
@@ -393,11 +492,36 @@ class LogitCache:
 
     # -- completion
     def done_flags(self, member: int) -> np.ndarray:
-        """(S,) bool: which shards of ``member`` are written."""
-        return self._read(member_done(member), slice(None)).astype(bool)
+        """(S,) bool: which shards of ``member`` are written, as of this reader's first look.
+
+        Every member's flags are read together, once: every later question (which shards to serve,
+        how many rows, what to record) gets the same answer during one run, while a writer may be
+        adding shards.
+
+        Raises:
+            CacheError: the header says complete but some flag is missing or zero.
+        """
+        if self._done is None:
+            flags = {m.index: self._read(member_done(m.index), slice(None)).astype(bool)
+                     for m in self.members}
+            if self.complete:
+                self._check_complete(flags)
+            self._done = flags
+        return self._done[member].copy()
+
+    def _check_complete(self, flags: dict[int, np.ndarray]) -> None:
+        """A complete header promises every flag: a missing one would silently drop rows."""
+        undone = [f"member {m} shards {np.flatnonzero(~f)[:10].tolist()}"
+                  for m, f in flags.items() if not f.all()]
+        if undone:
+            raise CacheError(
+                f"{self.location}: the header says the cache is complete, but done flags are "
+                f"missing or zero ({'; '.join(undone)}): the cache was damaged or edited, and "
+                "using it would silently train on fewer rows. "
+                + _REPAIR.format(where=self.location))
 
     def done_shards(self, members: list[int] | None = None) -> np.ndarray:
-        """Indices of the shards that every chosen member has finished."""
+        """Indices of the shards that every chosen member has finished (from the one snapshot)."""
         chosen = range(len(self.members)) if members is None else members
         flags = np.ones(self.n_shards, dtype=bool)
         for m in chosen:
@@ -412,15 +536,27 @@ class LogitCache:
     # -- data
     def _array(self, path: str) -> zarr.Array:
         try:
-            return array_handle(self.group, path, self.__dict__.setdefault("_arrays", {}))
+            arr = array_handle(self.group, path, self.__dict__.setdefault("_arrays", {}))
         except KeyError:
             raise CacheError(f"{self.location}: array {path!r} is missing; the cache is "
                              "damaged") from None
+        except Exception as e:  # noqa: BLE001 - zarr's parse errors (JSON, schema, nesting) vary
+            # Opening parses the array's zarr.json (and its groups'): since opening checks every
+            # array, a damaged one must be refused here, by name, not as zarr's exception.
+            raise CacheError(f"{self.location}: the metadata of array {path!r} does not parse "
+                             f"({type(e).__name__}: {str(e)[:200]}); the cache is damaged. "
+                             + _REPAIR.format(where=self.location)) from None
+        if not isinstance(arr, zarr.Array):
+            raise CacheError(f"{self.location}: {path!r} is a group, expected an array; the cache "
+                             "is damaged")
+        return arr
 
     def _read(self, path: str, sel: Any) -> np.ndarray:
         arr = self._array(path)
         try:
             return np.asarray(arr[sel])
+        except _AbsentChunk as e:
+            raise self._missing(str(e), path) from None
         except Exception as e:  # checksum mismatch, decompression failure, truncated object
             chunk = _chunk_of(sel, arr.chunks)
             raise CacheError(
@@ -430,26 +566,91 @@ class LogitCache:
                 "--out, or get a good copy"
             ) from e
 
+    def _missing(self, key: str, path: str) -> MissingChunkError:
+        """The error for data chunk ``key`` of array ``path`` having no object."""
+        shard = int(key.removeprefix(path + "/c/").split("/")[0])
+        start, stop = self.shard_bounds(shard)
+        whose = f"member {path.split('/')[1]}'s logits" if path.startswith("members/") else path
+        return MissingChunkError(
+            f"{self.location}: chunk {key} ({whose}, shard {shard}: rows {start}..{stop - 1}) is "
+            "missing. A cache stores every such chunk, so it was deleted or lost; its rows are not "
+            "served as zarr's fill value. " + _REPAIR.format(where=self.location), key)
+
     def read_logits(self, shard: int, members: list[int] | None = None) -> np.ndarray:
         """One whole shard of raw logits.
 
         Returns:
             (M, rows, C) array in the storage dtype (float16 by default), members in the given
             order.
+
+        Raises:
+            CacheError: a chunk is missing or unreadable, or holds NaN/inf (the writer never
+                stores them).
         """
         chosen = range(len(self.members)) if members is None else members
         start, stop = self.shard_bounds(shard)
-        return np.stack([self._read(member_array(m), slice(start, stop)) for m in chosen])
+        blocks = []
+        for m in chosen:
+            block = self._read(member_array(m), slice(start, stop))
+            if not _all_finite(block):
+                bad = np.flatnonzero(~np.isfinite(block.astype(np.float32)).all(axis=1))
+                raise CacheError(
+                    f"{self.location}: member {m}'s logits in shard {shard} hold NaN or inf for "
+                    f"sample ids {_ids_list(self.read_ids(shard)[bad])}. cache-logits never stores "
+                    "them, so the chunk was altered; training on it would diverge or learn nothing "
+                    "there. " + _REPAIR.format(where=self.location))
+            blocks.append(block)
+        return np.stack(blocks)
 
-    def read_labels(self, shard: int | None = None) -> np.ndarray | None:
-        """(rows,) int64 labels of one shard (all rows when ``shard`` is None), or None if unlabeled."""
+    def read_labels(self, shard: int | None = None, *,
+                    truth: np.ndarray | None = None) -> np.ndarray | None:
+        """(rows,) int64 labels of one shard (all rows when ``shard`` is None); None if unlabeled.
+
+        Args:
+            truth: (N,) the dataset's labels (row i of the cache is row i of the dataset), when
+                the caller holds them: the cached labels must then equal them. A missing labels
+                chunk is accepted only where ``truth`` proves zarr's fill value right (all class
+                0): caches made before every chunk was stored omitted such a chunk.
+
+        Raises:
+            CacheError: a missing chunk (unless excused as above), labels outside ``0..C-1``, or
+                labels that differ from ``truth``; each naming the sample ids.
+        """
         if not self.labeled:
             return None
-        return self._read("labels", slice(*self.shard_bounds(shard)) if shard is not None else slice(None))
+        start, stop = (0, self.n) if shard is None else self.shard_bounds(shard)
+        expected = None if truth is None else np.asarray(truth)[start:stop]
+        try:
+            labels = self._read("labels", slice(start, stop))
+        except MissingChunkError:
+            if expected is None or expected.any():
+                raise
+            if shard is None:  # find the missing chunks shard by shard
+                return np.concatenate([self.read_labels(s, truth=truth)
+                                       for s in range(self.n_shards)])
+            labels = np.zeros(stop - start, dtype=np.int64)
+        self._check_labels(labels, start, expected)
+        return labels
+
+    def _check_labels(self, labels: np.ndarray, start: int, expected: np.ndarray | None) -> None:
+        """Labels outside ``0..C-1`` (an IndexError in training) or unlike the dataset's."""
+        c = self.num_classes
+        bad = np.flatnonzero((labels < 0) | (labels >= c))
+        what = f"hold labels outside 0..{c - 1} ({labels[bad[:5]].tolist()})"
+        if not bad.size and expected is not None:
+            bad = np.flatnonzero(labels != expected)
+            what = (f"hold labels {labels[bad[:5]].tolist()} where the dataset "
+                    f"{self.dataset.spec} has {expected[bad[:5]].tolist()}")
+        if bad.size:
+            ids = self._read("ids", slice(start, start + labels.size))[bad]
+            raise CacheError(f"{self.location}: the cached labels of sample ids "
+                             f"{_ids_list(ids, 5)} {what}: they were altered. "
+                             + _REPAIR.format(where=self.location))
 
     def read_ids(self, shard: int | None = None) -> np.ndarray:
         """(rows,) int64 sample ids of one shard (all rows when ``shard`` is None)."""
-        return self._read("ids", slice(*self.shard_bounds(shard)) if shard is not None else slice(None))
+        rows = slice(*self.shard_bounds(shard)) if shard is not None else slice(None)
+        return self._read("ids", rows)
 
     def iter_shards(self, members: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         for s in self.done_shards(members):
@@ -461,6 +662,18 @@ class LogitCache:
         size = sum(key_sizes(self.store).values())
         raw = self.n * self.num_classes * 4 * len(self.members)
         return CacheInfo(self.location.display, self.header, done, size, raw)
+
+
+def _all_finite(block: np.ndarray) -> bool:
+    """Whether a logits block holds no NaN or inf, for float16 without a float conversion.
+
+    float16 NaN/inf are exactly the values whose magnitude bits are >= 0x7C00 (exponent all
+    ones): one integer max is ~25x faster than ``np.isfinite`` on float16, which would cost as
+    much as decoding the shard.
+    """
+    if block.dtype == np.float16:
+        return block.size == 0 or int((block.view(np.uint16) & 0x7FFF).max()) < 0x7C00
+    return bool(np.isfinite(block).all())
 
 
 def _chunk_of(sel: Any, chunks: tuple[int, ...]) -> tuple[int, ...]:

@@ -6,8 +6,11 @@ URL. Sources are always opened read-only.
 
 - :func:`verify_cache` reads every chunk (zstd + crc32c: a flipped byte fails, named by its key),
   checks the metadata against the format schema, that every chunk a done shard needs is present,
-  array shapes, dtypes and class counts against the header, the done flags against ``complete``, and
-  optionally the dataset fingerprint.
+  array shapes, dtypes and class counts against the header, the done flags against ``complete``,
+  logits finite and labels within ``0..C-1``, every ``zarr.json`` parsing and (complete caches)
+  equal to its consolidated copy, and optionally the dataset (fingerprint, ids and labels).
+  Shards not marked done are pending, not missing: the done flags are read before the store is
+  listed for the data chunks, so a writer finishing shards meanwhile is not taken for damage.
 - :func:`copy_cache` streams object by object, skips objects already at the destination with the
   same bytes (how an interrupted copy resumes), writes the metadata (every ``zarr.json``, the root's
   last) after the data so a half copy is never a readable cache, then verifies the destination.
@@ -19,13 +22,14 @@ This module imports without torch (the dataset check imports :mod:`pipeline.data
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -39,6 +43,7 @@ from pipeline.cache.format import (
     CREATING_MARKER,
     CacheHeader,
     LogitCache,
+    expected_arrays,
     member_array,
     member_done,
 )
@@ -55,6 +60,9 @@ from pipeline.cache.location import (
     validate_zip,
 )
 from pipeline.errors import CacheError, KDError, StorageError, explain, storage_errors
+
+if TYPE_CHECKING:
+    from pipeline.datasets import Dataset
 
 META = "zarr.json"
 COPY_CONCURRENCY = 16  # objects in flight at once while copying
@@ -158,7 +166,7 @@ def verify_cache(location: str | Path | CacheLocation, dataset: str | None = Non
     return rep
 
 
-Expected = list[tuple[str, tuple[int, ...], str]]  # (array name, shape, dtype) the header implies
+Expected = list[tuple[str, tuple[int, ...], str, tuple[int, ...]]]  # name, shape, dtype, chunks
 
 
 def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, progress: bool,
@@ -180,14 +188,19 @@ def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, pro
     if lost:
         rep.problems.append(f"metadata {_some(lost)} is missing; the cache's Zarr hierarchy is "
                             "incomplete (a copy that did not finish, or damage): get a good copy")
+    expected = expected_arrays(h)
+    _check_metadata(store, sizes, h, rep)
     _check_group_metadata(store, h, sizes, rep)
-    expected = _expected_arrays(h)
-    arrays = _check_arrays(group, expected, h, rep)
+    arrays = _check_arrays(group, expected, rep)
     done = _read_done_flags(arrays, h, sizes, rep)
-    _read_data(arrays, expected, h, done, sizes, rep, progress)
-    _check_completion(h, done, rep)
-    if dataset:
-        _check_dataset(h, dataset, data_dir, rep)
+    # Listed again after the flags: a writer writes a shard's chunks before its flag, so every
+    # chunk a flag just read promises is in this listing (unless it really is missing).
+    sizes = key_sizes(store)
+    data = None if not dataset else _load_dataset(dataset, data_dir)
+    values = _read_data(arrays, expected, h, done, sizes, rep, progress, data)
+    _check_completion(h, done, any(_is_bookkeeping(k) for k in sizes), rep)
+    if data is not None:
+        _check_dataset(h, data, values, rep)
 
 
 def _stored_objects(where: CacheLocation) -> tuple[Store, dict[str, int]]:
@@ -218,7 +231,7 @@ def _check_group_metadata(store: Store, h: CacheHeader, sizes: dict[str, int],
                           rep: VerifyReport) -> None:
     """Read the groups' own metadata (``members/zarr.json``, ...) through the guard, which checks
     it: zarr opens arrays without them, so no other check would read them."""
-    arrays = {name for name, _, _ in _expected_arrays(h)}
+    arrays = {e[0] for e in expected_arrays(h)}
     for key in sorted(k for k in own_keys(h) if _is_meta(k) and k in sizes and k != META):
         if key.rpartition("/")[0] in arrays:
             continue  # read, and reported by name, when its array is opened
@@ -243,22 +256,53 @@ def _read_verified_header(store: Store, where: CacheLocation) -> tuple[zarr.Grou
     return group, CacheHeader.from_dict(attrs, where.display)
 
 
-def _expected_arrays(h: CacheHeader) -> Expected:
-    """Every array the header implies, with its shape and dtype."""
-    expected: Expected = [("ids", (h.n,), "int64")]
-    if h.labeled:
-        expected.append(("labels", (h.n,), "int64"))
-    for m in h.members:
-        expected.append((member_array(m.index), (h.n, h.num_classes), h.dtype))
-        expected.append((member_done(m.index), (h.n_shards,), "uint8"))
-    return expected
+def _check_metadata(store: Store, sizes: dict[str, int], h: CacheHeader,
+                    rep: VerifyReport) -> None:
+    """Every array's and group's ``zarr.json`` parses and equals its consolidated copy.
+
+    Metadata has no checksum, and zarr ignores keys it does not know, so an altered byte can read
+    as a default (a codec option, a group nobody opens). A complete cache's root ``zarr.json``
+    holds a copy of every other ``zarr.json`` (consolidated when it was completed): a difference
+    means one of the two was altered. A partial cache has no such copy yet: parsing only.
+    """
+    root = _json(get_bytes(store, META))
+    copies = ((root.get("consolidated_metadata") or {}).get("metadata") or {}) \
+        if isinstance(root, dict) and h.complete else {}
+    for key in sorted(k for k in sizes if _is_meta(k) and k != META and not _is_bookkeeping(k)):
+        if sizes[key] > MAX_METADATA_BYTES:
+            continue  # a problem already (_check_keys), and not to be parsed
+        stored = _json(get_bytes(store, key))
+        if isinstance(stored, Exception):
+            rep.problems.append(f"metadata {key} does not parse ({type(stored).__name__}: "
+                                f"{str(stored)[:120]})")
+            continue
+        copy = copies.get(key.removesuffix("/" + META))
+        if copy is None:
+            continue  # none to compare with: partial, or consolidated before this array existed
+        # zarr adds an empty "consolidated_metadata" to a group's copy; nothing else differs.
+        if _plain(stored) != _plain(copy):
+            rep.problems.append(f"metadata {key} differs from its copy consolidated in {META} "
+                                "(one of them was altered)")
 
 
-def _check_arrays(group: zarr.Group, expected: Expected, h: CacheHeader,
+def _json(data: bytes | None) -> Any:
+    """The parsed JSON, or the exception that parsing raised (deep nesting included)."""
+    try:
+        return json.loads(data or b"")
+    except (ValueError, RecursionError) as e:
+        return e
+
+
+def _plain(meta: Any) -> Any:
+    return {k: v for k, v in meta.items() if k != "consolidated_metadata"} \
+        if isinstance(meta, dict) else meta
+
+
+def _check_arrays(group: zarr.Group, expected: Expected,
                   rep: VerifyReport) -> dict[str, zarr.Array]:
     """The expected arrays that exist with the header's shape, dtype and chunks (else: problems)."""
     arrays: dict[str, zarr.Array] = {}
-    for name, shape, dtype in expected:
+    for name, shape, dtype, chunks in expected:
         try:
             arr = group[name]
         except KeyError:
@@ -266,17 +310,18 @@ def _check_arrays(group: zarr.Group, expected: Expected, h: CacheHeader,
             continue
         except KDError as e:  # its metadata is damaged or exceeds the header (the guard's check)
             rep.problems.append(f"array {name}: {e}")
+        except Exception as e:  # noqa: BLE001 - zarr's parse errors (JSON, schema, nesting) vary
+            rep.problems.append(f"array {name}: its metadata does not parse ({type(e).__name__}: "
+                                f"{str(e)[:200]})")
             continue
         if not isinstance(arr, zarr.Array):
             rep.problems.append(f"{name} is a group, expected an array")
             continue
-        want_chunks = (1,) if name.endswith("/done") else \
-            (h.rows_per_shard,) + ((h.num_classes,) if len(shape) == 2 else ())
         found = (tuple(arr.shape), str(arr.dtype), tuple(arr.chunks))
-        if found != (shape, dtype, want_chunks):
+        if found != (shape, dtype, chunks):
             rep.problems.append(f"array {name} has shape {found[0]}, dtype {found[1]}, chunks "
-                                f"{found[2]}; the header says shape {shape}, dtype {dtype}, chunks "
-                                f"{want_chunks}")
+                                f"{found[2]}; the header says shape {shape}, dtype {dtype}, "
+                                f"chunks {chunks}")
             continue
         arrays[name] = arr
     return arrays
@@ -296,37 +341,70 @@ def _read_done_flags(arrays: dict[str, zarr.Array], h: CacheHeader, sizes: dict[
 
 def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader,
                done: dict[int, np.ndarray], sizes: dict[str, int], rep: VerifyReport,
-               progress: bool) -> None:
-    """Read every chunk of ids, labels and logits (checksums), then check the values read."""
+               progress: bool, data: Dataset | None) -> dict[str, np.ndarray]:
+    """Read every chunk of ids, labels and logits (checksums), then check the values read.
+
+    Returns:
+        The ids and labels read, by array name, for the dataset check.
+    """
+    values: dict[str, np.ndarray] = {}
     bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify", disable=not progress)
     try:
-        for name, _, _ in expected:
+        for name, _, _, _ in expected:
             if name not in arrays or name.endswith("/done"):
                 continue
             member = int(name.split("/")[1]) if name.startswith("members/") else None
-            # ids/labels chunks equal to the fill value (e.g. an all-class-0 labels shard) were not
-            # stored by caches made before every chunk was: such a chunk reads as zeros, and
-            # repeated ids are checked below.
-            required = done.get(member) if member is not None else False
-            values = _read_chunks(arrays[name], name, h.n_shards, h.rows_per_shard, sizes, rep,
-                                  required=required, bar=bar)
-            _check_values(name, member, values, h.n, rep)
+            # Every ids and labels chunk is written when the cache is created, a shard's logits
+            # before its done flag: those chunks must exist (a not-done shard's are pending).
+            required = done.get(member, False) if member is not None else True
+            excused = _fill_proven(name, h, data)
+            read = _read_chunks(arrays[name], name, h.n_shards, h.rows_per_shard, sizes, rep,
+                                required=required, bar=bar, excused=excused)
+            _check_values(name, member, read, h, rep)
+            if member is None:
+                values[name] = read
     finally:
         bar.close()
+    return values
 
 
-def _check_values(name: str, member: int | None, values: np.ndarray, n: int,
+def _fill_proven(name: str, h: CacheHeader, data: Dataset | None) -> np.ndarray | None:
+    """(S,) bool: labels chunks whose absence the dataset excuses (all class 0 there).
+
+    Caches made before every chunk was stored omitted a chunk equal to the fill value; only the
+    cache's own dataset can tell such a chunk from a deleted one, so without ``--dataset`` (or
+    with another dataset) none is excused.
+    """
+    if (name != "labels" or data is None or data.y is None
+            or data.fingerprint != h.dataset.fingerprint or len(data.y) != h.n):
+        return None
+    starts = np.arange(h.n_shards) * h.rows_per_shard
+    return np.logical_or.reduceat(data.y != 0, starts) == 0
+
+
+def _check_values(name: str, member: int | None, values: np.ndarray, h: CacheHeader,
                   rep: VerifyReport) -> None:
-    """Logits must be finite; sample ids must not repeat."""
+    """Logits must be finite; sample ids must not repeat; labels must be class indices."""
     if member is not None and not np.isfinite(values.astype(np.float32)).all():
         bad = np.flatnonzero(~np.isfinite(values.astype(np.float32)).all(axis=1))
         rep.problems.append(f"array {name} holds NaN/inf logits in rows {bad[:10].tolist()}")
-    if name == "ids" and np.unique(values).size != n:
-        rep.problems.append(f"array ids holds {n - np.unique(values).size} repeated sample ids")
+    if name == "ids" and np.unique(values).size != h.n:
+        rep.problems.append(f"array ids holds {h.n - np.unique(values).size} repeated sample ids")
+    if name == "labels":
+        bad = np.flatnonzero((values < 0) | (values >= h.num_classes))
+        if bad.size:
+            rep.problems.append(f"array labels holds {bad.size} values outside "
+                                f"0..{h.num_classes - 1} (rows {bad[:10].tolist()} hold "
+                                f"{values[bad[:10]].tolist()})")
 
 
-def _check_completion(h: CacheHeader, done: dict[int, np.ndarray], rep: VerifyReport) -> None:
-    """The header's ``complete`` against the done flags (a partial cache is a note, no problem)."""
+def _check_completion(h: CacheHeader, done: dict[int, np.ndarray], writer: bool,
+                      rep: VerifyReport) -> None:
+    """The header's ``complete`` against the done flags (a partial cache is a note, not a problem).
+
+    Args:
+        writer: a writer's lock or lease is present: the shards not done are being filled.
+    """
     total = h.n_shards * len(h.members)
     written = sum(int(d.sum()) for d in done.values())
     if h.complete and written != total:
@@ -335,25 +413,50 @@ def _check_completion(h: CacheHeader, done: dict[int, np.ndarray], rep: VerifyRe
         rep.problems.append(f"the header says complete, but {total - written}/{total} "
                             "member-shards are not marked done: " + "; ".join(missing))
     elif not h.complete:
-        rep.notes.append(f"partial cache: {written}/{total} member-shards done (resume it with "
-                         "cache-logits)")
+        pending = (f"the other {total - written} are pending: a writer holds the lock and is "
+                   "filling them" if writer else "resume it with cache-logits")
+        rep.notes.append(f"partial cache: {written}/{total} member-shards done ({pending})")
 
 
-def _check_dataset(h: CacheHeader, dataset: str, data_dir: str | None, rep: VerifyReport) -> None:
-    """The given dataset's fingerprint against the one the cache was made on."""
-    from pipeline.datasets import load_dataset
+def _load_dataset(spec: str, data_dir: str | None) -> Dataset:
+    from pipeline.datasets import load_dataset  # numpy only, but not needed without --dataset
 
-    data = load_dataset(dataset, data_dir)
+    return load_dataset(spec, data_dir)
+
+
+def _check_dataset(h: CacheHeader, data: Dataset, values: dict[str, np.ndarray],
+                   rep: VerifyReport) -> None:
+    """The given dataset against the one the cache was made on: fingerprint, then ids and labels.
+
+    The fingerprint covers the dataset's inputs and labels, the header only records it: ids and
+    labels rewritten in the cache are found by comparing the arrays themselves.
+    """
     if data.fingerprint != h.dataset.fingerprint:
-        rep.problems.append(f"dataset {dataset} has fingerprint {data.fingerprint}; the cache was "
-                            f"made on {h.dataset.spec} with fingerprint {h.dataset.fingerprint}")
-    else:
-        rep.notes.append(f"dataset {dataset} matches ({data.fingerprint})")
+        rep.problems.append(f"dataset {data.spec} has fingerprint {data.fingerprint}; the cache "
+                            f"was made on {h.dataset.spec} with fingerprint "
+                            f"{h.dataset.fingerprint}")
+        return
+    rep.notes.append(f"dataset {data.spec} matches ({data.fingerprint})")
+    for name, theirs in (("ids", data.ids), ("labels", data.y)):
+        ours = values.get(name)
+        if ours is None or theirs is None or ours.shape != theirs.shape:
+            continue
+        bad = np.flatnonzero(ours != theirs)
+        if bad.size:
+            rep.problems.append(f"array {name} differs from the dataset's in {bad.size} rows "
+                                f"(sample ids {data.ids[bad[:10]].tolist()}: cache "
+                                f"{ours[bad[:10]].tolist()}, dataset {theirs[bad[:10]].tolist()})")
 
 
-def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: dict[str, int], rep: VerifyReport,
-                 required: bool | np.ndarray, bar: tqdm | None = None) -> np.ndarray:
-    """Read ``arr`` chunk by chunk (row blocks), recording missing and unreadable chunks by their store key."""
+def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: dict[str, int],
+                 rep: VerifyReport, required: bool | np.ndarray, bar: tqdm | None = None,
+                 excused: np.ndarray | None = None) -> np.ndarray:
+    """Read ``arr`` chunk by chunk (row blocks), recording missing and unreadable chunks by key.
+
+    Args:
+        required: whether each chunk must exist (one bool for all, or (n_chunks,) bool).
+        excused: (n_chunks,) bool: required chunks whose absence is a note (see ``_fill_proven``).
+    """
     n = arr.shape[0]
     present = []
     for i in range(n_chunks):
@@ -362,8 +465,14 @@ def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: di
         must = required if isinstance(required, bool) else bool(required[i])
         if key in sizes:
             present.append((i, key))
+        elif must and excused is not None and excused[i]:
+            rep.notes.append(f"chunk {key} is absent, and the dataset's labels there are all "
+                             "class 0 (an older cache did not store such a chunk): sound")
         elif must:
-            rep.problems.append(f"chunk {key} is missing")
+            hint = "" if name != "labels" else (
+                " (a cache made before every chunk was stored omits an all-class-0 labels chunk: "
+                "--dataset SPEC checks that against the data)")
+            rep.problems.append(f"chunk {key} is missing{hint}")
     try:
         # The happy path in one call: zarr fetches the chunks concurrently (what matters on an
         # object store).
@@ -650,6 +759,7 @@ def _summary(location: CacheLocation, size: int | None = None) -> CacheSummary |
     """One cache's summary; a damaged or unreadable one is listed with the reason, not raised."""
     try:
         cache = LogitCache(location, allow_partial=True)
+        # Inside the try: a complete header with a flag not done is refused here, and listed so.
         done = sum(int(cache.done_flags(m.index).sum()) for m in cache.members)
         if size is None:
             size = sum(key_sizes(cache.store).values())

@@ -121,9 +121,13 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
     if cfg.alpha < 1 and not cache.labeled:
         raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set "
                            f"{dspec} is unlabeled; use --alpha 1 (soft targets only)"])
-    source, plan = cache_source(cache, data.x, members, cfg.ensemble, cfg.temperature,
-                                cfg.train.batch_size, cfg.memory_budget, seed=cfg.train.seed)
+    # The run's one snapshot of the finished shards: the loader serves these and the record counts
+    # them, however many a writer finishes meanwhile. Each shard read is checked against the
+    # dataset's labels (the cache's labels could have been rewritten to other valid classes).
     shards = cache.done_shards(members)
+    source, plan = cache_source(cache, data.x, members, cfg.ensemble, cfg.temperature,
+                                cfg.train.batch_size, cfg.memory_budget, seed=cfg.train.seed,
+                                shards=shards, truth=data.y)
     record = {"cache": {
         "location": cfg.cache, "fingerprint": cache_fingerprint(cache.header, members),
         "dataset": dspec, "dataset_fingerprint": data.fingerprint, "members": members,

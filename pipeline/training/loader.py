@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.format import LogitCache
+from pipeline.errors import CacheError
 from pipeline.training.loop import Batch, InMemorySource
 from pipeline.training.losses import combine_members
 
@@ -106,11 +107,14 @@ class StreamingCacheSource:
         batch_size: rows per batch.
         buffer_shards: shards shuffled together.
         seed: epoch e uses the seed sequence ``[seed, e]`` for its shard order and row shuffles.
+        truth: (N,) the dataset's labels: each shard's cached labels must equal them (see
+            ``LogitCache.read_labels``); None skips that comparison.
     """
 
-    def __init__(self, cache: LogitCache, x: np.ndarray, members: list[int], method: str, temperature: float,
-                 shards: np.ndarray, batch_size: int, buffer_shards: int, seed: int = 0) -> None:
-        self.cache, self.x, self.members = cache, x, list(members)
+    def __init__(self, cache: LogitCache, x: np.ndarray, members: list[int], method: str,
+                 temperature: float, shards: np.ndarray, batch_size: int, buffer_shards: int,
+                 seed: int = 0, truth: np.ndarray | None = None) -> None:
+        self.cache, self.x, self.members, self.truth = cache, x, list(members), truth
         self.method, self.temperature = method, temperature
         self.shards = np.asarray(shards, dtype=np.int64)
         self.batch_size, self.buffer_shards, self.seed = batch_size, max(1, buffer_shards), seed
@@ -127,7 +131,7 @@ class StreamingCacheSource:
     def _read(self, shard: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None, np.ndarray]:
         start, stop = self.cache.shard_bounds(shard)
         teacher = combined_shard(self.cache, shard, self.members, self.method, self.temperature)
-        labels = self.cache.read_labels(shard)
+        labels = self.cache.read_labels(shard, truth=self.truth)
         return self.x[start:stop], teacher, labels, np.arange(start, stop)
 
     def epoch(self, epoch: int, with_rows: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
@@ -191,17 +195,31 @@ class StreamingCacheSource:
                                                   None if ys is None else ys[rest], rows[rest])
 
 
-def cache_source(cache: LogitCache, x: np.ndarray, members: list[int], method: str, temperature: float,
-                 batch_size: int, budget: int, seed: int = 0) -> tuple[InMemorySource | StreamingCacheSource,
-                                                                        LoaderPlan]:
-    """The batch source for a run: in memory when it fits ``budget`` bytes, streaming otherwise."""
-    shards = cache.done_shards(members)
+def cache_source(cache: LogitCache, x: np.ndarray, members: list[int], method: str,
+                 temperature: float, batch_size: int, budget: int, seed: int = 0,
+                 shards: np.ndarray | None = None, truth: np.ndarray | None = None,
+                 ) -> tuple[InMemorySource | StreamingCacheSource, LoaderPlan]:
+    """The batch source for a run: in memory when it fits ``budget`` bytes, streaming otherwise.
+
+    Args:
+        shards: the shards to serve: the run's snapshot of the finished ones (default: the
+            cache's, ``cache.done_shards(members)``).
+        truth: (N,) the dataset's labels, which each shard's cached labels must equal.
+
+    Raises:
+        CacheError: no shard is finished (training on 0 rows would still write a student), or what
+            the reader refuses in a shard (in memory mode here, while streaming during the epoch).
+    """
+    shards = cache.done_shards(members) if shards is None else np.asarray(shards, dtype=np.int64)
+    if not len(shards):
+        raise CacheError(f"{cache.location}: no finished shards yet (0/{cache.n_shards} done for "
+                         f"members {members}); wait for cache-logits to finish some, or run it "
+                         f"(`kd-pipeline cache-logits ... --out {cache.location}` resumes)")
     plan = plan_loader(cache, x, members, shards, budget)
     if plan.mode == "stream":
         return StreamingCacheSource(cache, x, members, method, temperature, shards, batch_size,
-                                    plan.buffer_shards, seed), plan
-    rows = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards]) if len(shards) else \
-        np.zeros(0, dtype=np.int64)
+                                    plan.buffer_shards, seed, truth=truth), plan
+    rows = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards])
     # Filled shard by shard: a list of shards followed by torch.cat would hold the targets twice (2x the budget).
     teacher = torch.empty(len(rows), cache.num_classes)
     pos = 0
@@ -211,7 +229,7 @@ def cache_source(cache: LogitCache, x: np.ndarray, members: list[int], method: s
         pos += part.shape[0]
     labels = None
     if cache.labeled:
-        labels = np.concatenate([cache.read_labels(int(s)) for s in shards]) if len(shards) else None
+        labels = np.concatenate([cache.read_labels(int(s), truth=truth) for s in shards])
     all_rows = len(rows) == cache.n
     xs = x if all_rows else x[rows]
     return InMemorySource(xs, labels, teacher, batch_size=batch_size, seed=seed), plan

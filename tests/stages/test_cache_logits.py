@@ -486,3 +486,32 @@ def test_cli_refuses_other_dataset_with_exit_2(
     assert (
         again.exit_code == 0 and "already complete" in again.output and "next:" not in again.output
     )
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_labels_that_are_not_classes_are_refused_before_any_work(
+    teacher_dir: Path, tmp_path: Path, bad: int
+) -> None:
+    """An npz whose labels fall outside 0..C-1 used to be cached, then to break train-student and
+    evaluate with an IndexError; every command refuses it when it loads it."""
+    from tests.conftest import make_image_task
+
+    x, y = make_image_task(100, seed=3, classes=5)
+    y[[7, 40]] = bad
+    npz = tmp_path / "bad.npz"
+    np.savez(npz, x_train=x, y_train=y, x_test=x, y_test=y, num_classes=np.int64(5))
+    says = f"2 labels are outside 0..4 (sample ids [7, 40] have [{bad}, {bad}])"
+    out = tmp_path / "bad.zarr"
+    runs = {
+        "cache-logits": ["--teacher", str(teacher_dir), "--dataset", f"npz:{npz}:train",
+                         "--out", str(out), "--device", "cpu", "--quiet"],
+        "train-student": ["--online-teacher", str(teacher_dir), "--dataset", f"npz:{npz}:train",
+                          "--student", "mlp:8", "--device", "cpu", "--out", str(tmp_path / "run")],
+        "evaluate": ["--model", str(teacher_dir), "--dataset", f"npz:{npz}:test",
+                     "--device", "cpu"],
+    }
+    for command, args in runs.items():
+        result = CliRunner().invoke(main, [command, *args])
+        assert result.exit_code == 2, (command, result.output)
+        assert says in result.output and "Traceback" not in result.output, (command, result.output)
+    assert not out.exists() and not (tmp_path / "run").exists()

@@ -28,7 +28,7 @@ from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
 from pipeline.errors import CacheError, StorageError
 from stages.cli import main
-from tests.conftest import S3_BUCKET, write_npz
+from tests.conftest import S3_BUCKET, damaged, edit_header, relabel, remove, write, write_npz
 
 REPO = Path(__file__).resolve().parents[2]
 RPS = "64"
@@ -388,11 +388,25 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(tmp_path: Path, tea
                             rows_per_shard=64, device="cpu"), log=lambda s: None, progress=False)
     assert (out / "labels" / "c" / "0").is_file()  # every chunk is stored now
     assert sharing.verify_cache(out).ok
-    # A cache from before that change has no object for it: still sound, the chunk reads as the fill value.
+    # A cache from before that change has no object for it. Only the dataset can tell it from a
+    # deleted chunk: with --dataset it is sound (the fill value is the data), else a problem.
     (out / "labels" / "c" / "0").unlink()
-    report = sharing.verify_cache(out)
+    spec = f"npz:{tmp_path / 'sorted.npz'}:train"
+    report = sharing.verify_cache(out, dataset=spec)
     assert report.ok, report.problems
-    assert np.array_equal(LogitCache(out).read_labels(0), np.zeros(64, dtype=np.int64))
+    assert any("labels/c/0 is absent, and the dataset's labels there are all class 0" in n
+               for n in report.notes)
+    report = sharing.verify_cache(out)
+    assert report.problems == ["chunk labels/c/0 is missing (a cache made before every chunk was "
+                               "stored omits an all-class-0 labels chunk: --dataset SPEC checks "
+                               "that against the data)"]
+    # The reader serves it only against the dataset's labels, which prove the fill value right.
+    with pytest.raises(CacheError, match="chunk labels/c/0 .* is missing"):
+        LogitCache(out).read_labels(0)
+    assert np.array_equal(LogitCache(out).read_labels(0, truth=y), np.zeros(64, dtype=np.int64))
+    code, text = invoke("train-student", "--cache", str(out), "--student", "mlp:16", "--epochs",
+                        "1", "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet")
+    assert code == 0, text
 
 
 def test_copy_into_a_folder_of_other_caches_is_refused(cache_path: Path, tmp_path: Path) -> None:
@@ -435,3 +449,101 @@ def test_a_failed_renewal_keeps_a_lease_that_is_still_ours(s3_server: str) -> No
     lease.release()  # must not delete the other holder's lease
     assert other.read()[0]["owner"] == other.owner
     other.release()
+
+
+# ----------------------------------------------------------------------- verify: every damage named
+VERIFY_DAMAGES = {
+    # (damage, what the report must say); verify is given the dataset, so rewritten labels show too
+    "deleted labels chunk": (remove("labels/c/2"), "chunk labels/c/2 is missing"),
+    "label 99": (write("labels", 3, 99),
+                 "array labels holds 1 values outside 0..4 (rows [3] hold [99])"),
+    "label -1": (write("labels", 64, -1),
+                 "array labels holds 1 values outside 0..4 (rows [64] hold [-1])"),
+    "labels rewritten": (relabel, "array labels differs from the dataset's in 1 rows "
+                                  "(sample ids [130]: cache"),
+    "deleted logits chunk": (remove("members/0/logits/c/4/0"),
+                             "chunk members/0/logits/c/4/0 is missing"),
+    "-inf logit": (write("members/0/logits", (200, 1), -np.inf),
+                   "array members/0/logits holds NaN/inf logits in rows [200]"),
+    "zeroed done flag": (write("members/0/done", 7, 0),
+                         "the header says complete, but 1/20 member-shards are not marked done: "
+                         "member 0 shards [7]"),
+    "header class count": (edit_header(num_classes=6, class_names=[str(i) for i in range(6)]),
+                           "array members/0/logits has shape (600, 5), dtype float16, chunks "
+                           "(64, 5); the header says shape (600, 6)"),
+}
+
+
+@pytest.mark.parametrize("kind", ["dir", "zip"])
+@pytest.mark.parametrize("case", list(VERIFY_DAMAGES))
+def test_verify_names_each_damage(cache_path: Path, npz_path: Path, tmp_path: Path, case: str,
+                                  kind: str) -> None:
+    damage, says = VERIFY_DAMAGES[case]
+    cache = damaged(cache_path, tmp_path, kind, damage)
+    code, out = invoke("cache", "verify", str(cache), "--dataset", f"npz:{npz_path}:train",
+                       "--quiet")
+    assert code == 1, out
+    assert says in out, out  # (a consequence may follow: 0s read for a missing chunk differ, ...)
+
+
+def test_damaged_s3_cache_is_refused_by_train_student_and_named_by_verify(
+        s3_cache: str, tmp_path: Path) -> None:
+    url = s3_url("damaged/task.zarr")
+    sharing.copy_cache(s3_cache, url, progress=False, log=lambda s: None)
+    s3 = boto3.client("s3")
+    args = ("train-student", "--cache", url, "--student", "mlp:16", "--epochs", "1", "--device",
+            "cpu")
+    s3.delete_object(Bucket=S3_BUCKET, Key="damaged/task.zarr/members/0/logits/c/4/0")
+    code, out = invoke(*args, "--out", str(tmp_path / "a"))
+    assert code == 2, out
+    assert "chunk members/0/logits/c/4/0 (member 0's logits, shard 4: rows 256..319) is missing" \
+        in out
+    s3.delete_object(Bucket=S3_BUCKET, Key="damaged/task.zarr/members/1/done/c/3")
+    code, out = invoke(*args, "--out", str(tmp_path / "b"))
+    assert code == 2 and "done flags are missing or zero (member 1 shards [3])" in out, out
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    code, out = invoke("cache", "verify", url, "--quiet")
+    assert code == 1 and "2 PROBLEM(S)" in out and "chunk members/0/logits/c/4/0 is missing" in out
+    assert "member-shards are not marked done: member 1 shards [3]" in out
+
+
+def test_verify_of_a_cache_being_filled_reports_pending_not_missing(
+        partial_cache_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer finishing a shard between verify's listing and its reading of the done flags used
+    to make that shard's chunks 'missing'; shards still not done are pending, never missing."""
+    import shutil
+
+    cache = tmp_path / "filling.zarr"
+    shutil.copytree(partial_cache_path, cache)  # member 0's shard 3 not done
+    group = zarr.open_group(str(cache), mode="r+", use_consolidated=False)
+    group["members/1/done"][5] = 0  # and member 1's shard 5, not written yet at all
+    (cache / "members/1/logits/c/5/0").unlink()
+    chunk = cache / "members/0/logits/c/3/0"
+    written = chunk.read_bytes()
+    chunk.unlink()
+    (cache / CacheLock.NAME).write_text(json.dumps({"pid": os.getpid(), "host": "writer-host"}))
+    listed = sharing._check_keys
+
+    def listed_then_the_writer_finishes_shard_3(sizes: dict, rep: sharing.VerifyReport) -> None:
+        listed(sizes, rep)
+        chunk.write_bytes(written)  # the writer's order: the shard's data, then its done flag
+        group["members/0/done"][3] = 1
+
+    monkeypatch.setattr(sharing, "_check_keys", listed_then_the_writer_finishes_shard_3)
+    code, out = invoke("cache", "verify", str(cache), "--quiet")
+    assert code == 0, out
+    assert "missing" not in out and "result     OK" in out
+    assert ("partial cache: 19/20 member-shards done (the other 1 are pending: a writer holds the "
+            "lock and is filling them)") in out
+
+
+def test_cache_ls_lists_a_damaged_cache_as_unreadable_and_goes_on(cache_path: Path,
+                                                                  tmp_path: Path) -> None:
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    damaged(cache_path, shelf, "dir", remove("members/1/done/c/3"))  # shelf/damaged.zarr
+    sharing.copy_cache(cache_path, shelf / "sound.zarr", progress=False, log=lambda s: None)
+    code, out = invoke("cache", "ls", str(shelf))
+    assert code == 0, out
+    assert f"{shelf / 'damaged.zarr'}  UNREADABLE: " in out and "done flags are missing" in out
+    assert f"{shelf / 'sound.zarr'}  complete" in out
