@@ -55,6 +55,7 @@ from pipeline.cache.location import (
     validate_zip,
 )
 from pipeline.errors import CacheError, KDError
+from pipeline.progress import progress_bar
 
 META = "zarr.json"
 COPY_CONCURRENCY = 16  # objects in flight at once while copying
@@ -230,11 +231,13 @@ def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader
                done: dict[int, np.ndarray], sizes: dict[str, int], rep: VerifyReport,
                progress: bool) -> None:
     """Read every chunk of ids, labels and logits (checksums), then check the values read."""
-    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify", disable=not progress)
+    names = [name for name, _, _ in expected if name in arrays and not name.endswith("/done")]
+    # The bar counts exactly the chunks read below (not metadata or done flags), so it ends at 100 %.
+    total = sum(sizes[key] for name in names for _, key in _chunk_keys(arrays[name], name, h.n_shards)
+                if key in sizes)
+    bar = progress_bar(total=total, enabled=progress, unit="B", unit_scale=True, desc="verify")
     try:
-        for name, _, _ in expected:
-            if name not in arrays or name.endswith("/done"):
-                continue
+        for name in names:
             member = int(name.split("/")[1]) if name.startswith("members/") else None
             # ids/labels chunks equal to the fill value (e.g. an all-class-0 labels shard) were not stored
             # by caches made before every chunk was: such a chunk reads as zeros, and repeated ids are
@@ -281,14 +284,18 @@ def _check_dataset(h: CacheHeader, dataset: str, data_dir: str | None, rep: Veri
         rep.notes.append(f"dataset {dataset} matches ({data.fingerprint})")
 
 
+def _chunk_keys(arr: zarr.Array, name: str, n_chunks: int) -> list[tuple[int, str]]:
+    """(row block, store key) of each of ``arr``'s ``n_chunks`` row-block chunks."""
+    return [(i, f"{name}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}")
+            for i in range(n_chunks)]
+
+
 def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: dict[str, int], rep: VerifyReport,
                  required: bool | np.ndarray, bar: tqdm | None = None) -> np.ndarray:
     """Read ``arr`` chunk by chunk (row blocks), recording missing and unreadable chunks by their store key."""
     n = arr.shape[0]
     present = []
-    for i in range(n_chunks):
-        coords = (i,) + (0,) * (arr.ndim - 1)
-        key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+    for i, key in _chunk_keys(arr, name, n_chunks):
         must = required if isinstance(required, bool) else bool(required[i])
         if key in sizes:
             present.append((i, key))
@@ -416,8 +423,8 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
                 delete_key(target, META)
                 have.pop(META)
         counts = {"copied": 0, "skipped": 0, "bytes": 0}
-        bar = tqdm(total=sum(sizes[k] for k in data_keys + meta_keys), unit="B", unit_scale=True,
-                   desc="copy", disable=not progress)
+        bar = progress_bar(total=sum(sizes[k] for k in data_keys + meta_keys), enabled=progress,
+                           unit="B", unit_scale=True, desc="copy")
         try:
             # Data objects in concurrent batches (an object store's latency, not its bandwidth, bounds a
             # serial copy); metadata after them, one by one in order, the root's zarr.json last.
@@ -478,7 +485,8 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: Cac
     partial = CacheLocation.parse(tmp)
     z = partial.create_zip()
     nbytes = 0
-    bar = tqdm(total=sum(sizes[k] for k in keys), unit="B", unit_scale=True, desc="pack", disable=not progress)
+    bar = progress_bar(total=sum(sizes[k] for k in keys), enabled=progress, unit="B", unit_scale=True,
+                       desc="pack")
     try:
         for key in keys:
             data = get_bytes(source, key)

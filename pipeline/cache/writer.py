@@ -47,6 +47,7 @@ from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError
 from pipeline.metrics import predict_logits
+from pipeline.progress import progress_bar
 
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
@@ -385,7 +386,7 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
                     cfg.device, cfg.batch_size)
     log(f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}")
-    bar = tqdm(total=rows, unit="row", unit_scale=True, desc="cache-logits", disable=not progress)
+    bar = progress_bar(total=rows, enabled=progress, unit="row", unit_scale=True, desc="cache-logits")
     try:
         if on_dask:
             _run_dask(spec, tasks, cfg, device, bar)

@@ -38,6 +38,7 @@ from pipeline.checkpoints import file_sha256, member_paths
 from pipeline.config import StudentConfig, SweepConfig, setting_name
 from pipeline.errors import KDError
 from pipeline.files import atomic_write, atomic_write_json
+from pipeline.progress import progress_bar
 
 RESULT_FIELDS = ["setting", "student", "temperature", "alpha", "seed", "loss", "ensemble", "status", "test_errors",
                  "test_accuracy", "test_nll", "test_ece", "teacher_agreement", "train_seconds", "wall_seconds",
@@ -217,8 +218,6 @@ def _n_workers(cfg: SweepConfig) -> int:
 
 def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bool = True) -> SweepResult:
     """Run (or resume) a sweep; results files are rewritten as settings finish. See the module docstring."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     cfg.validate()
     out = Path(cfg.out)
@@ -246,8 +245,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
     def ordered() -> list[dict]:
         return [rows[s.name] for s in settings if s.name in rows]
 
-    bar = tqdm(total=len(pending), unit="setting", desc="sweep", disable=not progress)
-    say = bar.write if progress else log
+    bar = progress_bar(total=len(pending), enabled=progress, unit="setting", desc="sweep")
+    say = log if bar.disable else bar.write  # above a drawn bar; else the caller's own log
 
     def finish(setting: Setting, outcome: dict) -> None:
         rows[setting.name] = make_row(setting, cfg, outcome)
