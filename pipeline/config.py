@@ -38,6 +38,11 @@ from pipeline.training.losses import ENSEMBLE_METHODS, LOSSES
 CACHE_DTYPES = ("float16", "float32")
 SPECIALIST_INITS = ("auto", "generalist", "scratch")
 
+DATASET_HELP = (
+    "The transfer set: with --online-teacher, the data it runs on; with --cache, where this "
+    "machine holds the data the cache was made on [default: the spec the cache records], "
+    "accepted only when its fingerprint is the cache's."
+)
 DEVICE_HELP = (
     "Where to run: auto (CUDA when present, else MPS, else CPU), cpu, cuda, cuda:N or mps."
 )
@@ -368,7 +373,7 @@ class StudentConfig:
         help="Baseline: soft targets from a live teacher "
         "forward pass each batch instead of a cache.",
     )
-    dataset: str | None = option(None, help="Transfer set for --online-teacher.")
+    dataset: str | None = option(None, help=DATASET_HELP)
     out: str = option(
         "",
         help="Run directory [default: data/runs/<cache>-<student>-<loss>-"
@@ -405,10 +410,6 @@ class StudentConfig:
         if self.members is not None and len(set(self.members)) != len(self.members):
             problems.append(
                 f"members must not repeat (a repeat would weigh a member twice), got {self.members}"
-            )
-        if self.cache and self.dataset:
-            problems.append(
-                "--dataset is for --online-teacher; a cache trains on the dataset it records"
             )
         if self.online_teacher and (self.members is not None or self.allow_partial):
             problems.append(
@@ -513,7 +514,7 @@ class SweepConfig:
         exists=True,
         help="Baseline: every setting distils from a live teacher forward pass instead of a cache.",
     )
-    dataset: str | None = option(None, help="Transfer set for --online-teacher.")
+    dataset: str | None = option(None, help=DATASET_HELP)
     workers: int | None = option(
         None,
         help="Worker processes of a local dask cluster [default: 2]; "
@@ -683,6 +684,11 @@ class SpecialistsConfig:
     )
     eval: str | None = option(
         None, help="Labeled test set [default: the transfer set's test split]."
+    )
+    dataset: str | None = option(
+        None,
+        help="Where this machine holds the data the cache was made on [default: the spec the "
+        "cache records]; accepted only when its fingerprint is the cache's.",
     )
     device: str = device_option()
     data_dir: str | None = data_dir_option()

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig
 from pipeline.datasets import Dataset, load_dataset, load_eval_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, predict_logits
 from pipeline.models import KDModel, build_model
@@ -107,17 +108,9 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
     if bad:
         raise ConfigError([f"--members {bad} out of range: the cache has members "
                            f"0..{len(cache.members) - 1}"])
-    dspec = cache.dataset.spec
-    data = load_dataset(dspec, cfg.data_dir)
-    if data.fingerprint != cache.dataset.fingerprint:
-        raise CacheError(
-            f"the cache was made on {dspec} with fingerprint {cache.dataset.fingerprint}, but "
-            f"{dspec} now has fingerprint {data.fingerprint}: the data changed since. Re-create "
-            "the cache with `kd-pipeline cache-logits`, or restore the original data"
-        )
-    if not np.array_equal(data.ids, cache.read_ids()):
-        raise CacheError(f"{cfg.cache}: the cache's sample ids differ from {dspec}'s; "
-                         "the cache is damaged")
+    # --dataset: this machine's copy of the cache's transfer set (checked by fingerprint).
+    data = load_transfer_set(cache, cfg.dataset, cfg.data_dir)
+    dspec = data.spec
     if cfg.alpha < 1 and not cache.labeled:
         raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set "
                            f"{dspec} is unlabeled; use --alpha 1 (soft targets only)"])
@@ -126,7 +119,8 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
     shards = cache.done_shards(members)
     record = {"cache": {
         "location": cfg.cache, "fingerprint": cache_fingerprint(cache.header, members),
-        "dataset": dspec, "dataset_fingerprint": data.fingerprint, "members": members,
+        "dataset": dspec, "recorded_dataset": cache.dataset.spec,
+        "dataset_fingerprint": data.fingerprint, "members": members,
         "member_checkpoints": [cache.members[m].checkpoint_sha256 for m in members],
         "complete": cache.complete, "partial_used": not cache.complete,
         "shards_used": len(shards), "n_shards": cache.n_shards, "rows_used": source.num_rows,
