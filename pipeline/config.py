@@ -379,6 +379,11 @@ class StudentConfig:
         help="Run directory [default: data/runs/<cache>-<student>-<loss>-"
         "<ensemble>-T<T>-a<alpha>[-m<members>]-s<seed>].",
     )
+    overwrite: bool = option(
+        False,
+        help="Replace a run of another config that --out already holds (without it, that is "
+        "refused).",
+    )
     device: str = device_option()
     data_dir: str | None = data_dir_option()
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -435,6 +440,7 @@ class StudentConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("overwrite")  # how this invocation treats --out, not what the run is
         d["class_bias"] = {str(k): v for k, v in self.class_bias.items()}
         d["storage_options"] = redact_secrets(
             self.storage_options
@@ -604,6 +610,8 @@ class SweepConfig:
             device=self.device,
             data_dir=self.data_dir,
             storage_options=self.storage_options,
+            # A sweep owns its run directories: it says which setting it replaces, and does.
+            overwrite=True,
             train=replace(self.train, seed=seed),
         )
 
@@ -671,6 +679,13 @@ class SpecialistsConfig:
     )
     kl_steps: int = option(300, help="Gradient steps of the combination (Adam on q's logits).")
     kl_lr: float = option(0.1, help="Step size of the combination.")
+    sensitivity: bool = option(
+        True,
+        flag="--no-sensitivity",
+        negate=True,
+        help="evaluate: skip the top-n x dustbin-correction sensitivity table (each of its rows "
+        "combines the whole test set again: up to 5 more combinations).",
+    )
     dustbin_correction: bool = option(
         True,
         flag="--no-dustbin-correction",

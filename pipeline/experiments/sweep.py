@@ -38,6 +38,7 @@ from pipeline.checkpoints import file_sha256, member_paths
 from pipeline.config import StudentConfig, SweepConfig, setting_name
 from pipeline.errors import KDError
 from pipeline.files import atomic_write, atomic_write_json
+from pipeline.metrics import percent
 from pipeline.progress import progress_bar
 
 RESULT_FIELDS = ["setting", "student", "temperature", "alpha", "seed", "loss", "ensemble", "status", "test_errors",
@@ -178,6 +179,7 @@ class SweepResult:
     trained: int = 0
     reused: int = 0
     failed: int = 0
+    reused_settings: set[str] = field(default_factory=set)  # finished by an earlier invocation
     interrupted: bool = False
     seconds: float = 0.0
     table: str = ""
@@ -235,6 +237,7 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
         if previous is not None:
             rows[s.name] = make_row(s, cfg, {"status": "ok", "result": previous})
             res.reused += 1
+            res.reused_settings.add(s.name)
         else:
             if (Path(scfg.out) / "metrics.json").exists():
                 log(f"{s.name}: its run directory holds a run with another config or cache; it will be replaced")
@@ -406,7 +409,8 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
             vals = [r[key] for r in rs if r[key] is not None]
             return format(_mean(vals), fmt) if vals else ""
 
-        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | {avg('test_accuracy', '.4f')} | "
+        acc = [r["test_accuracy"] for r in ok if r["test_accuracy"] is not None]
+        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | {percent(_mean(acc)) if acc else ''} | "
                      f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | {avg('teacher_agreement', '.4f')} | "
                      f"{avg('train_seconds', '.1f')} |")
     source = f"cache {cfg.cache}" if cfg.cache else "online teacher " + ", ".join(cfg.online_teacher or [])
