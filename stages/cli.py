@@ -92,8 +92,9 @@ def cache_logits(cfg: CacheConfig, display: Display) -> None:
     """Stage one: run the teachers once over the transfer set into a Zarr logit cache.
 
     Re-running the same command resumes an interrupted cache (only missing shards are computed)
-    and is a no-op on a complete one. A different teacher or dataset for an existing cache is
-    refused.
+    and is a no-op on a complete one (also after --add-member added teachers to it). A different
+    teacher or dataset for an existing cache is refused. Interrupted (Ctrl-C), it keeps every
+    finished shard: re-running the same command resumes.
     """
     from pipeline.cache.writer import build_cache
 

@@ -52,6 +52,10 @@ from pipeline.progress import progress_bar
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
 
+# A member record's extra key marking a teacher appended by --add-member (a member made with the
+# cache has none): re-running the command that made the cache is then a no-op, not a refusal.
+ADDED_WITH = "added_with"
+
 Task = tuple[int, list[int]]  # (shard, member indices to compute for it)
 
 
@@ -248,16 +252,20 @@ def _plan_create(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs)
 
 def _plan_resume(cfg: CacheConfig, location: CacheLocation, h: CacheHeader,
                  inputs: CacheInputs) -> CachePlan:
-    diffs = _describe_difference(h, inputs.data, inputs.shas, cfg)
+    # The command that made a complete cache, re-run after --add-member appended members: its
+    # teachers are the cache's first members, which is the promised no-op, not a different cache.
+    later = _added_later(h, inputs.shas) if h.complete else 0
+    diffs = _describe_difference(h, inputs.data, inputs.shas, cfg, teachers=not later)
     if diffs:
         raise CacheError(f"{location} already holds a different cache:\n  " + "\n  ".join(diffs)
                          + "\nUse another --out, or --add-member to add a teacher to a complete cache")
     layout = ShardLayout(h.rows_per_shard, h.n)
     members = tuple((m.index, m.checkpoint_sha256) for m in h.members)
     if h.complete:
+        added = f": the given {len(inputs.shas)} and {later} added with --add-member" if later else ""
         return CachePlan(location, "already-complete", layout, h.num_classes, members,
                          message=f"{location} is already complete ({h.n} rows, {len(h.members)} "
-                                 "members); nothing to do")
+                                 f"members{added}); nothing to do")
     cache = LogitCache(location, allow_partial=True)
     pending: dict[int, list[int]] = {}
     for m in cache.members:
@@ -289,14 +297,26 @@ def _plan_add_members(location: CacheLocation, h: CacheHeader, inputs: CacheInpu
     return CachePlan(location, "add-member", layout, h.num_classes, have + added, tasks, new)
 
 
-def _describe_difference(h: CacheHeader, data: Dataset, shas: list[str], cfg: CacheConfig) -> list[str]:
+def _added_later(h: CacheHeader, shas: list[str]) -> int:
+    """How many members were appended with --add-member after ``shas`` (the cache's first
+    members, in order) made it; 0 when ``shas`` is not such a prefix."""
+    have = [m.checkpoint_sha256 for m in h.members]
+    rest = h.members[len(shas):]
+    if not rest or have[:len(shas)] != shas or any(m.extra.get(ADDED_WITH) is None for m in rest):
+        return 0
+    return len(rest)
+
+
+def _describe_difference(h: CacheHeader, data: Dataset, shas: list[str], cfg: CacheConfig,
+                         teachers: bool = True) -> list[str]:
+    """What differs between the cache and what was given (``teachers``: compare the members)."""
     diffs = []
     d = h.dataset
     if d.fingerprint != data.fingerprint:
         diffs.append(f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you gave "
                      f"{data.spec} with fingerprint {data.fingerprint}")
     have = [m.checkpoint_sha256 for m in h.members]
-    if have != shas:
+    if teachers and have != shas:
         diffs.append("teachers: the cache's members are "
                      + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in h.members)
                      + "; you gave " + ", ".join(s[:19] for s in shas))
@@ -375,7 +395,7 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
     elif plan.action == "add-member":
         group = _writable_group(plan.location)
         for lm in plan.new_members:
-            add_member_arrays(group, lm.identity())
+            add_member_arrays(group, {**lm.identity(), ADDED_WITH: "--add-member"})
     elif plan.action == "create" and on_dask:
         _create(plan, cfg, inputs)  # workers open the store: it must exist before they start
     by_sha = inputs.by_sha()
