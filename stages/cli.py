@@ -99,7 +99,12 @@ def cache_logits(cfg: CacheConfig, display: Display) -> None:
     from pipeline.cache.writer import build_cache
 
     cfg = replace(cfg, command=shlex.join(["kd-pipeline", *sys.argv[1:]]))
-    res = build_cache(cfg, log=click.echo, progress=not display.quiet)
+    try:
+        res = build_cache(cfg, log=click.echo, progress=not display.quiet)
+    except KeyboardInterrupt:  # click would say only "Aborted!"
+        click.echo("\ninterrupted: every finished shard is kept; re-run the same command to "
+                   "resume", err=True)
+        sys.exit(130)
     click.echo(res.message)
     if res.status != "already-complete":
         click.echo(

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-from tqdm.auto import tqdm
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -55,7 +54,7 @@ from pipeline.cache.location import (
     validate_zip,
 )
 from pipeline.errors import CacheError, KDError
-from pipeline.progress import progress_bar
+from pipeline.progress import Bar, progress_bar
 
 META = "zarr.json"
 COPY_CONCURRENCY = 16  # objects in flight at once while copying
@@ -291,7 +290,7 @@ def _chunk_keys(arr: zarr.Array, name: str, n_chunks: int) -> list[tuple[int, st
 
 
 def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: dict[str, int], rep: VerifyReport,
-                 required: bool | np.ndarray, bar: tqdm | None = None) -> np.ndarray:
+                 required: bool | np.ndarray, bar: Bar | None = None) -> np.ndarray:
     """Read ``arr`` chunk by chunk (row blocks), recording missing and unreadable chunks by their store key."""
     n = arr.shape[0]
     present = []

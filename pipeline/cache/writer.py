@@ -25,7 +25,6 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import zarr
-from tqdm.auto import tqdm
 
 from pipeline.cache.format import (
     CacheHeader,
@@ -47,7 +46,7 @@ from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError
 from pipeline.metrics import predict_logits
-from pipeline.progress import progress_bar
+from pipeline.progress import Bar, progress_bar
 
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
@@ -439,7 +438,7 @@ def _prepared_group(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> z
 
 
 def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Module], data: Dataset,
-               device: torch.device, bar: tqdm, layout: tuple[int, int],
+               device: torch.device, bar: Bar, layout: tuple[int, int],
                open_group: Callable[[], zarr.Group], check: Callable[[], None] = lambda: None) -> None:
     """One process: inference on this thread; opening (or creating) the store with ``open_group``,
     compression and writes on a writer thread, so they overlap with inference."""
@@ -484,7 +483,7 @@ def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Mod
 
 
 def _run_dask(spec: WorkSpec, tasks: list[Task], cfg: CacheConfig, device: torch.device,
-              bar: tqdm) -> None:
+              bar: Bar) -> None:
     """Map shard ranges over dask workers (a LocalCluster of processes, or an existing scheduler)."""
     from dask.distributed import as_completed
 
