@@ -293,8 +293,9 @@ def cache_ls(cfg: CacheToolConfig) -> None:
 @main.command()
 @configured(BenchConfig)
 def bench(cfg: BenchConfig) -> None:
-    """Measure what the cache buys, as ratios in one run (P1 epoch cost, P3 caching overhead, P4
-    streaming, P5 size)."""
+    """Measure what the cache buys, as ratios in one run: P1 epoch cost, P2 a sweep from the cache
+    vs online KD, P3 caching overhead, P4 streaming, P5 size; each against its goal (met or not),
+    with a warning when the machine is loaded or repeats disagree."""
     from pipeline.experiments.bench import run_bench
 
     run_bench(cfg.scale, cfg.device, cfg.out, click.echo)
