@@ -5,6 +5,7 @@ nothing here imports ``stages``):
 
 - ``errors``: the one exception type users see (``KDError``) and its kinds.
 - ``files``: atomic writes (temp file, fsync, rename) and ``slug``, the spec -> name rule.
+- ``progress``: ``progress_bar``, drawn only on a terminal (never into log files, never empty).
 - ``checks``: the field checks every config and loss shares (``positive``, ``in_range``, ...).
 - ``options``: how a config field declares its command-line option (``option(...)``), and the
   parsers for sizes, comma lists and ``CLASS=DELTA``.
@@ -17,7 +18,8 @@ nothing here imports ``stages``):
 - ``metrics``: test errors, accuracy, NLL, ECE, agreement.
 - ``cluster``: starting or joining a dask cluster for every step that maps tasks.
 - ``cache/``: the Zarr logit cache: ``location`` (where it lives), ``format`` (layout, header,
-  reader; imports without torch), ``writer`` (stage one), ``sharing`` (verify, pack, copy, ls).
+  reader; imports without torch), ``writer`` (stage one), ``sharing`` (verify, pack, copy, ls),
+  ``transfer`` (the transfer set behind a cache: recorded, or the user's copy by fingerprint).
 - ``training/``: ``losses`` (the paper's losses and ensemble means: registries), ``loop`` (the
   one training loop, ``TrainConfig``), ``loader`` (streaming cached soft targets), ``teacher``
   (teacher ensembles), ``distill`` (stage two, a recipe: soft-target source, student, fit,

@@ -79,7 +79,8 @@ def members_option(help: str) -> list[int] | None:
 
 
 def output_dir(kind: str, name: str) -> str:
-    """The default output directory ``<data root>/<kind>/<name>``."""
+    """The default output directory ``<data root>/<kind>/<name>``: ``data/<kind>/<name>`` under
+    the current directory, or under ``$KD_OUTPUT_DIR`` when it is set."""
     from pipeline.datasets import data_root
 
     return str(data_root() / kind / name)

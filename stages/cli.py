@@ -60,6 +60,8 @@ def main() -> None:
 
     Dataset specs: NAME:SPLIT[:key=value...], e.g. fashion-mnist:train, mnist:test, idx:DIR:train,
     npz:FILE:train, with modifiers exclude=3 | keep=0,1 | fraction=0.03 | count=1000 | seed=N.
+
+    Outputs without --out go under data/ in the current directory (or $KD_OUTPUT_DIR).
     """
 
 
