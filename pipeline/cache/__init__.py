@@ -4,7 +4,8 @@
 - ``format``: the layout and header of format version 1, and ``LogitCache``, the reader (imports without torch).
 - ``writer``: stage one, teachers run once over a transfer set into a cache (create, resume, add members).
 - ``sharing``: verify, pack, copy and list caches.
-- ``transfer``: the transfer set behind a cache: the spec it records, or this machine's copy (``--dataset``).
+- ``transfer``: the transfer set behind a cache: the spec it records, or this machine's copy
+  (``--dataset``).
 """
 
 from pipeline.cache.format import LogitCache, cache_fingerprint, read_header

@@ -231,9 +231,9 @@ def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader
                progress: bool) -> None:
     """Read every chunk of ids, labels and logits (checksums), then check the values read."""
     names = [name for name, _, _ in expected if name in arrays and not name.endswith("/done")]
-    # The bar counts exactly the chunks read below (not metadata or done flags), so it ends at 100 %.
-    total = sum(sizes[key] for name in names for _, key in _chunk_keys(arrays[name], name, h.n_shards)
-                if key in sizes)
+    # The bar counts exactly the chunks read below (not metadata or done flags): it ends at 100 %.
+    total = sum(sizes[key] for name in names
+                for _, key in _chunk_keys(arrays[name], name, h.n_shards) if key in sizes)
     bar = progress_bar(total=total, enabled=progress, unit="B", unit_scale=True, desc="verify")
     try:
         for name in names:
@@ -484,8 +484,8 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: Cac
     partial = CacheLocation.parse(tmp)
     z = partial.create_zip()
     nbytes = 0
-    bar = progress_bar(total=sum(sizes[k] for k in keys), enabled=progress, unit="B", unit_scale=True,
-                       desc="pack")
+    bar = progress_bar(total=sum(sizes[k] for k in keys), enabled=progress, unit="B",
+                       unit_scale=True, desc="pack")
     try:
         for key in keys:
             data = get_bytes(source, key)

@@ -261,7 +261,8 @@ def _plan_resume(cfg: CacheConfig, location: CacheLocation, h: CacheHeader,
     layout = ShardLayout(h.rows_per_shard, h.n)
     members = tuple((m.index, m.checkpoint_sha256) for m in h.members)
     if h.complete:
-        added = f": the given {len(inputs.shas)} and {later} added with --add-member" if later else ""
+        added = (f": the given {len(inputs.shas)} and {later} added with --add-member"
+                 if later else "")
         return CachePlan(location, "already-complete", layout, h.num_classes, members,
                          message=f"{location} is already complete ({h.n} rows, {len(h.members)} "
                                  f"members{added}); nothing to do")
@@ -405,7 +406,8 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
                     cfg.device, cfg.batch_size)
     log(f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}")
-    bar = progress_bar(total=rows, enabled=progress, unit="row", unit_scale=True, desc="cache-logits")
+    bar = progress_bar(total=rows, enabled=progress, unit="row", unit_scale=True,
+                       desc="cache-logits")
     try:
         if on_dask:
             _run_dask(spec, tasks, cfg, device, bar)

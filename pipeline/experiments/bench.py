@@ -6,9 +6,10 @@ printed P1 to P5 with its goal and whether it is met. A figure whose repeats dif
 shared machine the ratios then measure the other jobs.
 
 - P1  stage-two epoch from the cache / the same student's epoch with plain cross-entropy (goal <= 1.05)
-- P2  a sweep of K settings from the cache (``cache-logits`` once + the sweep) / the same K settings with online
-      KD (teacher forward each batch), both through :func:`pipeline.sweep.run_sweep` in this process, next to the
-      ideal (teacher once + K student) / K (student + teacher) from the measured parts (goal <= 1.1 x ideal)
+- P2  a sweep of K settings from the cache (``cache-logits`` once + the sweep) / the same K settings
+      with online KD (teacher forward each batch), both through :func:`pipeline.sweep.run_sweep` in
+      this process, next to the ideal (teacher once + K student) / K (student + teacher) from the
+      measured parts (goal <= 1.1 x ideal)
 - P3  ``cache-logits`` wall time / the teachers' inference alone over the same rows, both including loading the
       data and the checkpoints (goal <= 1.05)
 - P4  streaming read throughput of the cache (shuffled shards, whole-shard reads, prefetch) / a raw sequential
@@ -267,7 +268,8 @@ def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
     t_raw, raw_all = _median_time(sequential, reps, lambda: None)
     return {"stream_MBps": payload / t_stream / 1e6, "reads_MBps": payload / t_reads / 1e6,
             "raw_npy_MBps": payload / t_raw / 1e6, "ratio": t_raw / t_stream, "reads_ratio": t_raw / t_reads,
-            "goal": ">= 0.8", "payload_bytes": payload, "runs": {"stream": stream_all, "raw": raw_all}}
+            "goal": ">= 0.8", "payload_bytes": payload,
+            "runs": {"stream": stream_all, "raw": raw_all}}
 
 
 _RSS_CHILD = r"""
@@ -409,9 +411,9 @@ def format_table(results: dict) -> str:
                           f"{v['ce_epoch_s']:.2f}s ({v['loader']} loader)", f"{v['ratio']:.3f}", v))
     if "P2" in f:
         v = f["P2"]
-        lines.append(_row("P2", f"cache-logits {v['cache_logits_s']:.2f}s + sweep of {v['k']} from cache "
-                          f"{v['sweep_cached_s']:.2f}s / online-KD sweep {v['sweep_online_s']:.2f}s "
-                          f"(ideal {v['ideal']:.3f})",
+        lines.append(_row("P2", f"cache-logits {v['cache_logits_s']:.2f}s + sweep of {v['k']} "
+                          f"from cache {v['sweep_cached_s']:.2f}s / online-KD sweep "
+                          f"{v['sweep_online_s']:.2f}s (ideal {v['ideal']:.3f})",
                           f"{v['ratio']:.3f} ({v['vs_ideal']:.2f} x ideal)", v))
     for key in sorted((k for k in f if k.startswith("P3")), key=_classes):
         v = f[key]
@@ -419,19 +421,21 @@ def format_table(results: dict) -> str:
                           f"{v['inference_only_s']:.2f}s ({key[3:]})", f"{v['ratio']:.3f}", v))
     for key in sorted((k for k in f if k.startswith("P4 ") and k != "P4 rss"), key=_classes):
         v = f[key]
-        lines.append(_row(key, f"loader {v['stream_MBps']:.0f} MB/s / raw .npy {v['raw_npy_MBps']:.0f} MB/s "
-                          f"({key[3:]})", f"{v['ratio']:.3f}", v))
+        lines.append(_row(key, f"loader {v['stream_MBps']:.0f} MB/s / raw .npy "
+                          f"{v['raw_npy_MBps']:.0f} MB/s ({key[3:]})", f"{v['ratio']:.3f}", v))
         lines.append(f"| P4 | shard reads alone {v['reads_MBps']:.0f} MB/s / raw .npy ({key[3:]}) | "
                      f"{v['reads_ratio']:.3f} | (diagnostic) | |")
     if "P4 rss" in f:
         r = f["P4 rss"]
-        lines.append(_row("P4", f"peak RSS growth streaming {r['raw_payload'] / 2**20:.0f} MiB cache, "
-                          f"budget {r['budget'] / 2**20:.0f} MiB ({r['mode']})",
-                          f"{r['rss_growth'] / 2**20:.0f} MiB", {**r, "goal": f"<= {r['limit'] / 2**20:.0f} MiB"}))
+        lines.append(_row("P4", f"peak RSS growth streaming {r['raw_payload'] / 2**20:.0f} MiB "
+                          f"cache, budget {r['budget'] / 2**20:.0f} MiB ({r['mode']})",
+                          f"{r['rss_growth'] / 2**20:.0f} MiB",
+                          {**r, "goal": f"<= {r['limit'] / 2**20:.0f} MiB"}))
     for key in sorted((k for k in f if k.startswith("P5")), key=_classes):
         v = f[key]
         lines.append(_row(key, f"bytes/sample/member on disk vs float32 ({key[3:]})",
-                          f"{v['bytes_per_sample_per_member']:.1f} vs {v['raw_float32']} ({v['ratio']:.2f}x)", v))
+                          f"{v['bytes_per_sample_per_member']:.1f} vs {v['raw_float32']} "
+                          f"({v['ratio']:.2f}x)", v))
     warnings = results.get("warnings", bench_warnings(results))
     if warnings:
         lines += ["", *(f"warning: {w}" for w in warnings)]

@@ -410,7 +410,8 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
             return format(_mean(vals), fmt) if vals else ""
 
         acc = [r["test_accuracy"] for r in ok if r["test_accuracy"] is not None]
-        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | {percent(_mean(acc)) if acc else ''} | "
+        accuracy = percent(_mean(acc)) if acc else ""
+        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | {accuracy} | "
                      f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | {avg('teacher_agreement', '.4f')} | "
                      f"{avg('train_seconds', '.1f')} |")
     source = f"cache {cfg.cache}" if cfg.cache else "online teacher " + ", ".join(cfg.online_teacher or [])

@@ -73,7 +73,8 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
         paths.append(save_checkpoint(out / f"member-{i}.pt", model, meta))
         models.append(model)
         if metrics:
-            log(f"member {i}: {metrics['errors']} test errors ({percent(metrics['accuracy'])} accuracy)")
+            log(f"member {i}: {metrics['errors']} test errors "
+                f"({percent(metrics['accuracy'])} accuracy)")
     summary = {"members": [str(p.name) for p in paths], "model_spec": spec, "dataset": train.spec,
                "train_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     if test is not None:

@@ -203,7 +203,8 @@ def test_bad_class_bias_is_refused_before_training(cache_path: Path, tmp_path: P
 ])
 def test_options_that_would_be_ignored_or_double_counted_are_refused(cache_path: Path, tmp_path: Path, kw: dict,
                                                                      message: str) -> None:
-    # A --dataset with --cache is other data than the cache's here: refused naming both fingerprints.
+    # A --dataset with --cache that is other data than the cache's: refused naming both
+    # fingerprints.
     with pytest.raises(KDError, match=message):
         train_student(_student(tmp_path / "run", cache=str(cache_path), **kw), log=quiet)
 

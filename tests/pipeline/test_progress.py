@@ -47,7 +47,8 @@ def test_an_iterable_bar_takes_its_length() -> None:
     assert "y:" not in tty.getvalue()
 
 
-def test_cache_verify_bar_ends_at_100_percent(cache_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_verify_bar_ends_at_100_percent(cache_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """It counted metadata and done flags in its total but not as they were read: it stopped at
     84-91 %."""
     from pipeline.cache.sharing import verify_cache

@@ -492,9 +492,10 @@ def test_cache_info_on_a_directory_that_is_not_a_cache_says_so(tmp_path: Path) -
     (tmp_path / "notes.txt").write_text("not a cache")
     result = CliRunner().invoke(main, ["cache", "info", str(tmp_path)])
     assert result.exit_code == 2
+    # Not zarr's "GroupNotFoundError: No group found in store LocalStore('file://...')".
     assert result.output == (f"error: {tmp_path}: not a logit cache (no zarr.json at its root); "
                              "give the directory, NAME.zarr.zip or s3:// URL that `kd-pipeline "
-                             "cache-logits --out` wrote\n")  # not zarr's GroupNotFoundError(LocalStore)
+                             "cache-logits --out` wrote\n")
 
 
 def test_ctrl_c_says_a_rerun_resumes_and_it_does(

@@ -78,7 +78,8 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
     assert "reusing the teacher" in res.output and "training " not in res.output
     report = (out / "report.md").read_text()
     # main-table's two runs and small-data's two (its reference is main-table's baseline).
-    assert "The 4 student runs" in report and "(4 of them re-used from an earlier invocation)" in report
+    assert "The 4 student runs" in report
+    assert "(4 of them re-used from an earlier invocation)" in report
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")} == before
     # The kept copy of the report has its plots beside it, linked by their new names.
     text = kept.read_text()
@@ -87,7 +88,8 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
 
 
 def test_bad_requests_are_refused_with_every_problem(tmp_path: Path, npz_path: Path) -> None:
-    res = CliRunner().invoke(main, ["reproduce", "omitted-class,nope", "--dataset", "fashion-mnist:train",
+    res = CliRunner().invoke(main, ["reproduce", "omitted-class,nope", "--dataset",
+                                    "fashion-mnist:train",
                                     "--omitted-class", "7", "--out", str(tmp_path)])
     assert res.exit_code == 2
     assert "unknown experiment 'nope'" in res.output
@@ -96,7 +98,8 @@ def test_bad_requests_are_refused_with_every_problem(tmp_path: Path, npz_path: P
     res = CliRunner().invoke(main, ["reproduce", "--dataset", f"npz:{npz_path}", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "has classes 0..4" in res.output
     # A student spec that cannot be built is refused before the teacher is trained.
-    res = CliRunner().invoke(main, ["reproduce", "main-table", "--dataset", f"npz:{npz_path}",
+    res = CliRunner().invoke(main, ["reproduce", "main-table", "--dataset",
+                                    f"npz:{npz_path}",
                                     "--student", "mlp:abc", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "hidden widths must be positive integers" in res.output
     assert not (tmp_path / "o" / "teacher").exists()
@@ -105,11 +108,11 @@ def test_bad_requests_are_refused_with_every_problem(tmp_path: Path, npz_path: P
 def test_experiments_without_omitted_class_ignore_its_class_options(
         reproduced: tuple[Path, Path, str]) -> None:
     """The defaults --omitted-class 3 --kept-classes 7,8 do not fit 5 classes; main-table never
-    reads them, so it runs (re-using the fixture's runs)."""
+    reads them, so it runs (in a directory of its own)."""
     data, out, _ = reproduced
-    res = CliRunner().invoke(main, ["reproduce", "main-table", "--dataset", f"npz:{data}", "--scale",
-                                    "quick", "--student", "mlp:32", "--device", "cpu", "--out",
-                                    str(out / "main-only")])
+    res = CliRunner().invoke(main, ["reproduce", "main-table", "--dataset", f"npz:{data}",
+                                    "--scale", "quick", "--student", "mlp:32", "--device", "cpu",
+                                    "--out", str(out.parent / "main-only")])
     assert res.exit_code == 0, res.output
     assert "main-table: " in res.output
 
@@ -129,9 +132,9 @@ def test_omitted_class_verdict_needs_more_than_noise() -> None:
 
     holds, verdict = omitted_verdict(3, 2, 1, 0.5, 0.2)
     assert not holds
-    assert verdict == ("inconclusive: class 3 goes from 2 to 1 errors with a fitted bias; two-class "
-                       "transfer 50.0 % -> 20.0 %, a change within the noise of so few errors (±3); "
-                       "run --scale full")
+    assert verdict == ("inconclusive: class 3 goes from 2 to 1 errors with a fitted bias; "
+                       "two-class transfer 50.0 % -> 20.0 %, a change within the noise of so few "
+                       "errors (±3); run --scale full")
     holds, verdict = omitted_verdict(3, 191, 95, 0.557, 0.341)
     assert holds and verdict.startswith("holds: class 3 goes from 191 to 95 errors")
     holds, verdict = omitted_verdict(3, 5, 9, 0.5, 0.2)

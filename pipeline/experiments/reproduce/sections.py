@@ -148,7 +148,8 @@ def temperature(run: Run) -> Temperature:
                       data_dir=run.cfg.data_dir, train=TrainConfig(epochs=s.student_epochs))
     res = run_sweep(cfg, log=run.log, progress=False)
     for r in res.rows:
-        run.account(r["run_dir"], r["wall_seconds"] or 0.0, reused=r["setting"] in res.reused_settings)
+        run.account(r["run_dir"], r["wall_seconds"] or 0.0,
+                    reused=r["setting"] in res.reused_settings)
     best = {}
     for student in cfg.students:
         rows = [r for r in res.rows if r["student"] == student and r["status"] == "ok"]

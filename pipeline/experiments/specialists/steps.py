@@ -125,8 +125,8 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
                             model_spec=spec, init_checkpoint=init_path, init_sha256=init_sha,
                             temperature=cfg.temperature, alpha=cfg.alpha,
                             train={**cfg.train.to_dict(), "seed": cfg.train.seed + k}, max_rows=cfg.max_rows,
-                            data_dir=cfg.data_dir, device=cfg.device, dustbin_correction=cfg.dustbin_correction,
-                            dataset=cfg.dataset)
+                            data_dir=cfg.data_dir, device=cfg.device,
+                            dustbin_correction=cfg.dustbin_correction, dataset=cfg.dataset)
              for k, g in enumerate(clusters["specialists"])]
     log(f"training {len(tasks)} specialist(s) ({spec}, init {init}) "
         + (f"on a dask LocalCluster of {min(cfg.workers, len(tasks))} workers" if cfg.workers > 1 else "in-process"))
