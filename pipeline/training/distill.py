@@ -97,8 +97,7 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print,
 
 def check_run_dir(cfg: StudentConfig, log: Callable[[str], None]) -> None:
     """Refuse to replace a run of another config in ``cfg.out`` unless ``--overwrite``; say so
-    when a run is replaced. A run replaced loses its ``metrics.json`` and ``student.pt`` first, so
-    that an interrupted retraining never leaves them beside the new ``config.json``.
+    when a run is replaced (it is, once training starts: :func:`fit_student`).
 
     Raises:
         ConfigError: ``cfg.out`` holds a run of another config and ``cfg.overwrite`` is off.
@@ -117,8 +116,6 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None]) -> None:
                            + "); choose another --out, or pass --overwrite to replace it"])
     log(f"replacing the run in {out}" + (f" ({'; '.join(diffs[:4])})" if diffs else
                                          " (the same config, trained again)"))
-    for name in ("metrics.json", "student.pt"):
-        (out / name).unlink(missing_ok=True)
 
 
 def _recorded_config(out: Path) -> dict | None:
@@ -273,6 +270,10 @@ def fit_student(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test
     loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # A run being replaced loses its results now, not before: a failure before training keeps
+    # it, and an interrupted retraining never leaves them beside the new config.json.
+    for name in ("metrics.json", "student.pt"):
+        (out / name).unlink(missing_ok=True)
     atomic_write_json(out / "config.json", cfg.to_dict())
 
     def evaluate(m: torch.nn.Module) -> dict:
