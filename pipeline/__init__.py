@@ -6,6 +6,7 @@ nothing here imports ``stages``):
 - ``errors``: the one exception type users see (``KDError``) and its kinds, and ``explain``,
   the one translation of storage and OS failures into them.
 - ``files``: atomic writes (temp file, fsync, rename) and ``slug``, the spec -> name rule.
+- ``progress``: ``progress_bar``, drawn only on a terminal (never into log files, never empty).
 - ``checks``: the field checks every config and loss shares (``positive``, ``in_range``, ...).
 - ``options``: how a config field declares its command-line option (``option(...)``), and the
   parsers for sizes, comma lists and ``CLASS=DELTA``.
@@ -20,7 +21,8 @@ nothing here imports ``stages``):
 - ``cache/``: the Zarr logit cache: ``header`` (the typed header), ``guard`` (stored bytes
   checked against the header before zarr parses or decompresses them), ``location`` (where it
   lives), ``format`` (layout, reader; imports without torch), ``writer`` (stage one),
-  ``sharing`` (verify, pack, copy, ls).
+  ``sharing`` (verify, pack, copy, ls),
+  ``transfer`` (the transfer set behind a cache: recorded, or the user's copy by fingerprint).
 - ``training/``: ``losses`` (the paper's losses and ensemble means: registries), ``loop`` (the
   one training loop, ``TrainConfig``), ``loader`` (streaming cached soft targets), ``teacher``
   (teacher ensembles), ``distill`` (stage two, a recipe: soft-target source, student, fit,

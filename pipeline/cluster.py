@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,33 @@ class Cluster:
     workers: int  # worker processes (the scheduler's, or those started here)
     torch_threads: int  # per worker; 0 leaves the workers' own default (an external scheduler's)
     resources: dict | None  # what each task asks for: {"GPU": 1} or None
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Start local workers that Ctrl-C does not reach; a Ctrl-C meanwhile comes after the start.
+
+    A terminal's Ctrl-C goes to the whole process group. Worker processes that get it die at once,
+    leaving their semaphores to the resource tracker ("leaked semaphore objects" at exit) and the
+    start-up half done (a traceback); this process, which handles Ctrl-C by shutting the cluster
+    down, is the one that should get it. SIGINT is blocked while the cluster starts: the block is
+    inherited by the worker processes and the cluster's event-loop thread (which starts workers
+    again later), and this thread gets a Ctrl-C pressed meanwhile as soon as it is unblocked.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+            signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # Started now, not inside the block: starting it unblocks SIGINT in this thread afterwards
+    # (bpo-33613), which would undo the block for every thread and worker made after it.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager
@@ -54,15 +83,16 @@ def dask_cluster(
         n = workers
         # dashboard ":0": a free port; None still binds the default 8787 and warns when another
         # cluster holds it.
-        local = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            resources={"GPU": 1} if gpu else None,
-            silence_logs=logging.ERROR if quiet_workers else logging.WARNING,
-        )
-        client = Client(local)
+        with _sigint_deferred():
+            local = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                resources={"GPU": 1} if gpu else None,
+                silence_logs=logging.ERROR if quiet_workers else logging.WARNING,
+            )
+            client = Client(local)
         torch_threads = torch_threads or max(1, (os.cpu_count() or 1) // n)
     try:
         yield Cluster(client, n, torch_threads, {"GPU": 1} if gpu else None)

@@ -38,6 +38,11 @@ from pipeline.training.losses import ENSEMBLE_METHODS, LOSSES
 CACHE_DTYPES = ("float16", "float32")
 SPECIALIST_INITS = ("auto", "generalist", "scratch")
 
+DATASET_HELP = (
+    "The transfer set: with --online-teacher, the data it runs on; with --cache, where this "
+    "machine holds the data the cache was made on [default: the spec the cache records], "
+    "accepted only when its fingerprint is the cache's."
+)
 DEVICE_HELP = (
     "Where to run: auto (CUDA when present, else MPS, else CPU), cpu, cuda, cuda:N or mps."
 )
@@ -85,7 +90,8 @@ def members_option(help: str) -> list[int] | None:
 
 
 def output_dir(kind: str, name: str) -> str:
-    """The default output directory ``<data root>/<kind>/<name>``."""
+    """The default output directory ``<data root>/<kind>/<name>``: ``data/<kind>/<name>`` under
+    the current directory, or under ``$KD_OUTPUT_DIR`` when it is set."""
     from pipeline.datasets import data_root
 
     return str(data_root() / kind / name)
@@ -371,11 +377,16 @@ class StudentConfig:
         help="Baseline: soft targets from a live teacher "
         "forward pass each batch instead of a cache.",
     )
-    dataset: str | None = option(None, help="Transfer set for --online-teacher.")
+    dataset: str | None = option(None, help=DATASET_HELP)
     out: str = option(
         "",
         help="Run directory [default: data/runs/<cache>-<student>-<loss>-"
         "<ensemble>-T<T>-a<alpha>[-m<members>]-s<seed>].",
+    )
+    overwrite: bool = option(
+        False,
+        help="Replace a run of another config that --out already holds (without it, that is "
+        "refused).",
     )
     device: str = device_option()
     data_dir: str | None = data_dir_option()
@@ -418,10 +429,6 @@ class StudentConfig:
             problems.append(
                 f"members must not repeat (a repeat would weigh a member twice), got {self.members}"
             )
-        if self.cache and self.dataset:
-            problems.append(
-                "--dataset is for --online-teacher; a cache trains on the dataset it records"
-            )
         if self.online_teacher and (self.members is not None or self.allow_partial):
             problems.append(
                 "--members and --allow-partial select cache members and shards; they do not apply "
@@ -444,6 +451,7 @@ class StudentConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("overwrite")  # how this invocation treats --out, not what the run is
         d["class_bias"] = {str(k): v for k, v in self.class_bias.items()}
         d["storage_options"] = redact_secrets(
             self.storage_options
@@ -523,7 +531,7 @@ class SweepConfig:
         exists=True,
         help="Baseline: every setting distils from a live teacher forward pass instead of a cache.",
     )
-    dataset: str | None = option(None, help="Transfer set for --online-teacher.")
+    dataset: str | None = option(None, help=DATASET_HELP)
     workers: int | None = option(
         None,
         help="Worker processes of a local dask cluster [default: 2]; "
@@ -609,6 +617,8 @@ class SweepConfig:
             data_dir=self.data_dir,
             storage_options=self.storage_options,
             trust_code=self.trust_code,
+            # A sweep owns its run directories: it says which setting it replaces, and does.
+            overwrite=True,
             train=replace(self.train, seed=seed),
         )
 
@@ -676,6 +686,13 @@ class SpecialistsConfig:
     )
     kl_steps: int = option(300, help="Gradient steps of the combination (Adam on q's logits).")
     kl_lr: float = option(0.1, help="Step size of the combination.")
+    sensitivity: bool = option(
+        True,
+        flag="--no-sensitivity",
+        negate=True,
+        help="evaluate: skip the top-n x dustbin-correction sensitivity table (each of its rows "
+        "combines the whole test set again: up to 5 more combinations).",
+    )
     dustbin_correction: bool = option(
         True,
         flag="--no-dustbin-correction",
@@ -689,6 +706,11 @@ class SpecialistsConfig:
     )
     eval: str | None = option(
         None, help="Labeled test set [default: the transfer set's test split]."
+    )
+    dataset: str | None = option(
+        None,
+        help="Where this machine holds the data the cache was made on [default: the spec the "
+        "cache records]; accepted only when its fingerprint is the cache's.",
     )
     device: str = device_option()
     data_dir: str | None = data_dir_option()

@@ -211,14 +211,15 @@ def register_dataset(name: str, args: tuple[str, ...], help: str) -> Callable:
 
 
 def data_root() -> Path:
-    """Where runs put caches and outputs by default: the checkout's ``data/`` (else ``./data``)."""
+    """Where runs put their outputs by default: ``$KD_OUTPUT_DIR``, else ``data/`` under the
+    current directory.
+
+    Never the checkout's own ``data/`` from elsewhere: an installed tool writes where it is run
+    (as ``git`` or ``make`` do), so two projects on one machine do not share one output tree. The
+    path stays relative, so what runs record and print is what the user would type.
+    """
     env = os.environ.get("KD_OUTPUT_DIR")
-    if env:
-        return Path(env)
-    repo_data = Path(__file__).resolve().parents[1] / "data"
-    if (repo_data / "fashion-mnist").is_dir():
-        return repo_data
-    return Path.cwd() / "data"
+    return Path(env) if env else Path("data")
 
 
 def _shipped_fashion_mnist_dir(data_dir: str | None) -> Path:

@@ -9,6 +9,14 @@ from torch import nn
 ECE_BINS = 15
 
 
+def percent(rate: float, digits: int = 2) -> str:
+    """An accuracy or error rate as people read it: ``0.8856`` -> ``"88.56 %"``.
+
+    The one printed form of a rate (terminal, reports, README); files keep the fraction.
+    """
+    return "n/a" if rate != rate else f"{100 * rate:.{digits}f} %"
+
+
 def classification_metrics(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,7 +259,11 @@ def _build_torchscript(
     path = Path(":".join(parts))
     if not path.is_file():
         raise ModelSpecError(f"model spec {spec!r}: no TorchScript file at {path}")
-    return torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        # torch deprecates TorchScript in favour of torch.export, but a user's .pt is TorchScript:
+        # the FutureWarning on every load says nothing they can act on here.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        return torch.jit.load(str(path), map_location="cpu")
 
 
 @register_model("py", "py:package.module:factory a user's factory(in_shape=..., num_classes=...)")

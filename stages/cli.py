@@ -77,6 +77,8 @@ def main() -> None:
 
     Dataset specs: NAME:SPLIT[:key=value...], e.g. fashion-mnist:train, mnist:test, idx:DIR:train,
     npz:FILE:train, with modifiers exclude=3 | keep=0,1 | fraction=0.03 | count=1000 | seed=N.
+
+    Outputs without --out go under data/ in the current directory (or $KD_OUTPUT_DIR).
     """
 
 
@@ -109,13 +111,19 @@ def cache_logits(cfg: CacheConfig, display: Display) -> None:
     """Stage one: run the teachers once over the transfer set into a Zarr logit cache.
 
     Re-running the same command resumes an interrupted cache (only missing shards are computed)
-    and is a no-op on a complete one. A different teacher or dataset for an existing cache is
-    refused.
+    and is a no-op on a complete one (also after --add-member added teachers to it). A different
+    teacher or dataset for an existing cache is refused. Interrupted (Ctrl-C), it keeps every
+    finished shard: re-running the same command resumes.
     """
     from pipeline.cache.writer import build_cache
 
     cfg = replace(cfg, command=shlex.join(["kd-pipeline", *sys.argv[1:]]))
-    res = build_cache(cfg, log=click.echo, progress=not display.quiet)
+    try:
+        res = build_cache(cfg, log=click.echo, progress=not display.quiet)
+    except KeyboardInterrupt:  # click would say only "Aborted!"
+        click.echo("\ninterrupted: every finished shard is kept; re-run the same command to "
+                   "resume", err=True)
+        sys.exit(130)
     click.echo(res.message)
     if res.status != "already-complete":
         click.echo(
@@ -305,8 +313,9 @@ def cache_ls(cfg: CacheToolConfig) -> None:
 @main.command()
 @configured(BenchConfig)
 def bench(cfg: BenchConfig) -> None:
-    """Measure what the cache buys, as ratios in one run (P1 epoch cost, P3 caching overhead, P4
-    streaming, P5 size)."""
+    """Measure what the cache buys, as ratios in one run: P1 epoch cost, P2 a sweep from the cache
+    vs online KD, P3 caching overhead, P4 streaming, P5 size; each against its goal (met or not),
+    with a warning when the machine is loaded or repeats disagree."""
     from pipeline.experiments.bench import run_bench
 
     run_bench(cfg.scale, cfg.device, cfg.out, click.echo)

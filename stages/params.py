@@ -183,7 +183,9 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
     """Decorator: generate the click parameters of ``specs`` and call the command with configs.
 
     The command receives one built config per spec, in order. Configs with a ``resolve()`` method
-    get it applied (derived defaults such as output directories named from the config).
+    get it applied (derived defaults such as output directories named from the config), and
+    configs with a ``validate()`` method are validated before the command runs: every command
+    reports a bad option before any work, not after its first steps.
     """
     selected = [_selected(s) for s in specs]
 
@@ -195,6 +197,9 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
             for cls, params in selected:
                 cfg = build(cls, params, kwargs, ctx)
                 configs.append(cfg.resolve() if hasattr(cfg, "resolve") else cfg)
+            for cfg in configs:
+                if hasattr(cfg, "validate"):
+                    cfg.validate()
             return fn(*configs)
 
         command.__click_params__ = [  # click reads this list bottom-up, as its decorators do

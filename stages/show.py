@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.metrics import percent
+
 
 def evaluation_table(res: dict) -> str:
     """``evaluate``'s result as one line per member (and the ensemble when there are several)."""
@@ -15,7 +17,8 @@ def evaluation_table(res: dict) -> str:
         rows.append((f"ensemble ({res['method']})", res["ensemble"]))
     for name, m in rows:
         lines.append(
-            f"{name:<28} {m['errors']:>7} {m['accuracy']:>9.4f} {m['nll']:>7.4f} {m['ece']:>7.4f}"
+            f"{name:<28} {m['errors']:>7} {percent(m['accuracy']):>9} {m['nll']:>7.4f} "
+            f"{m['ece']:>7.4f}"
         )
     return "\n".join(lines)
 

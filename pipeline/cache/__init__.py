@@ -9,6 +9,8 @@
 - ``writer``: stage one, teachers run once over a transfer set into a cache (planned: create,
   resume, add members; then executed).
 - ``sharing``: verify, pack, copy and list caches.
+- ``transfer``: the transfer set behind a cache: the spec it records, or this machine's copy
+  (``--dataset``).
 """
 
 from pipeline.cache.format import LogitCache, cache_fingerprint, read_header

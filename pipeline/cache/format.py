@@ -418,6 +418,10 @@ class LogitCache:
         check_metadata_size(self.store, self.location.display)
         try:
             self.group = zarr.open_group(_NoFillStore(self.store), mode="r", use_consolidated=False)
+        except zarr.errors.GroupNotFoundError as e:  # zarr's text names its internals
+            raise CacheError(f"{self.location}: not a logit cache (no zarr.json at its root); "
+                             "give the directory, NAME.zarr.zip or s3:// URL that "
+                             "`kd-pipeline cache-logits --out` wrote") from e
         except Exception as e:  # zarr raises several types for a non-group path
             raise CacheError(f"{self.location}: not a Zarr v3 group "
                              f"({type(e).__name__}: {e})") from e

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from tqdm.auto import tqdm
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -63,6 +62,7 @@ from pipeline.errors import CacheError, KDError, StorageError, explain, storage_
 
 if TYPE_CHECKING:
     from pipeline.datasets import Dataset
+from pipeline.progress import Bar, progress_bar
 
 META = "zarr.json"
 COPY_CONCURRENCY = 16  # objects in flight at once while copying
@@ -348,11 +348,13 @@ def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader
         The ids and labels read, by array name, for the dataset check.
     """
     values: dict[str, np.ndarray] = {}
-    bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify", disable=not progress)
+    names = [e[0] for e in expected if e[0] in arrays and not e[0].endswith("/done")]
+    # The bar counts exactly the chunks read below (not metadata or done flags): it ends at 100 %.
+    total = sum(sizes[key] for name in names
+                for _, key in _chunk_keys(arrays[name], name, h.n_shards) if key in sizes)
+    bar = progress_bar(total=total, enabled=progress, unit="B", unit_scale=True, desc="verify")
     try:
-        for name, _, _, _ in expected:
-            if name not in arrays or name.endswith("/done"):
-                continue
+        for name in names:
             member = int(name.split("/")[1]) if name.startswith("members/") else None
             # Every ids and labels chunk is written when the cache is created, a shard's logits
             # before its done flag: those chunks must exist (a not-done shard's are pending).
@@ -448,8 +450,14 @@ def _check_dataset(h: CacheHeader, data: Dataset, values: dict[str, np.ndarray],
                                 f"{ours[bad[:10]].tolist()}, dataset {theirs[bad[:10]].tolist()})")
 
 
+def _chunk_keys(arr: zarr.Array, name: str, n_chunks: int) -> list[tuple[int, str]]:
+    """(row block, store key) of each of ``arr``'s ``n_chunks`` row-block chunks."""
+    return [(i, f"{name}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}")
+            for i in range(n_chunks)]
+
+
 def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: dict[str, int],
-                 rep: VerifyReport, required: bool | np.ndarray, bar: tqdm | None = None,
+                 rep: VerifyReport, required: bool | np.ndarray, bar: Bar | None = None,
                  excused: np.ndarray | None = None) -> np.ndarray:
     """Read ``arr`` chunk by chunk (row blocks), recording missing and unreadable chunks by key.
 
@@ -459,9 +467,7 @@ def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: di
     """
     n = arr.shape[0]
     present = []
-    for i in range(n_chunks):
-        coords = (i,) + (0,) * (arr.ndim - 1)
-        key = f"{name}/{arr.metadata.encode_chunk_key(coords)}"
+    for i, key in _chunk_keys(arr, name, n_chunks):
         must = required if isinstance(required, bool) else bool(required[i])
         if key in sizes:
             present.append((i, key))
@@ -614,8 +620,8 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
                 delete_key(target, META)
                 have.pop(META)
         counts = {"copied": 0, "skipped": 0, "bytes": 0}
-        bar = tqdm(total=sum(sizes[k] for k in data_keys + meta_keys), unit="B", unit_scale=True,
-                   desc="copy", disable=not progress)
+        bar = progress_bar(total=sum(sizes[k] for k in data_keys + meta_keys), enabled=progress,
+                           unit="B", unit_scale=True, desc="copy")
         try:
             # Data objects in concurrent batches (an object store's latency, not its bandwidth,
             # bounds a serial copy); metadata after them, one by one in order, the root's zarr.json
@@ -696,8 +702,8 @@ def _write_zip(source: Store, sizes: dict[str, int], keys: list[str], partial: C
     """Write ``keys`` of ``source`` into the new bundle ``partial``; returns the bytes written."""
     z = partial.create_zip()
     nbytes = 0
-    bar = tqdm(total=sum(sizes[k] for k in keys), unit="B", unit_scale=True, desc="pack",
-               disable=not progress)
+    bar = progress_bar(total=sum(sizes[k] for k in keys), enabled=progress, unit="B",
+                       unit_scale=True, desc="pack")
     try:
         for key in keys:
             data = get_bytes(source, key)

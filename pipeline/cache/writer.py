@@ -26,7 +26,6 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 import zarr
-from tqdm.auto import tqdm
 
 from pipeline.cache.format import (
     CacheHeader,
@@ -48,9 +47,14 @@ from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError, storage_errors
 from pipeline.metrics import predict_logits
+from pipeline.progress import Bar, progress_bar
 
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
+
+# A member record's extra key marking a teacher appended by --add-member (a member made with the
+# cache has none): re-running the command that made the cache is then a no-op, not a refusal.
+ADDED_WITH = "added_with"
 
 Task = tuple[int, list[int]]  # (shard, member indices to compute for it)
 
@@ -252,7 +256,10 @@ def _plan_create(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs)
 
 def _plan_resume(cfg: CacheConfig, location: CacheLocation, h: CacheHeader,
                  inputs: CacheInputs) -> CachePlan:
-    diffs = _describe_difference(h, inputs.data, inputs.shas, cfg)
+    # The command that made a complete cache, re-run after --add-member appended members: its
+    # teachers are the cache's first members, which is the promised no-op, not a different cache.
+    later = _added_later(h, inputs.shas) if h.complete else 0
+    diffs = _describe_difference(h, inputs.data, inputs.shas, cfg, teachers=not later)
     if diffs:
         raise CacheError(f"{location} already holds a different cache:\n  " + "\n  ".join(diffs)
                          + "\nUse another --out, or --add-member to add a teacher to a "
@@ -260,9 +267,11 @@ def _plan_resume(cfg: CacheConfig, location: CacheLocation, h: CacheHeader,
     layout = ShardLayout(h.rows_per_shard, h.n)
     members = tuple((m.index, m.checkpoint_sha256) for m in h.members)
     if h.complete:
+        added = (f": the given {len(inputs.shas)} and {later} added with --add-member"
+                 if later else "")
         return CachePlan(location, "already-complete", layout, h.num_classes, members,
                          message=f"{location} is already complete ({h.n} rows, {len(h.members)} "
-                                 "members); nothing to do")
+                                 f"members{added}); nothing to do")
     cache = LogitCache(location, allow_partial=True)
     pending: dict[int, list[int]] = {}
     for m in cache.members:
@@ -296,15 +305,26 @@ def _plan_add_members(location: CacheLocation, h: CacheHeader, inputs: CacheInpu
     return CachePlan(location, "add-member", layout, h.num_classes, have + added, tasks, new)
 
 
-def _describe_difference(h: CacheHeader, data: Dataset, shas: list[str],
-                         cfg: CacheConfig) -> list[str]:
+def _added_later(h: CacheHeader, shas: list[str]) -> int:
+    """How many members were appended with --add-member after ``shas`` (the cache's first
+    members, in order) made it; 0 when ``shas`` is not such a prefix."""
+    have = [m.checkpoint_sha256 for m in h.members]
+    rest = h.members[len(shas):]
+    if not rest or have[:len(shas)] != shas or any(m.extra.get(ADDED_WITH) is None for m in rest):
+        return 0
+    return len(rest)
+
+
+def _describe_difference(h: CacheHeader, data: Dataset, shas: list[str], cfg: CacheConfig,
+                         teachers: bool = True) -> list[str]:
+    """What differs between the cache and what was given (``teachers``: compare the members)."""
     diffs = []
     d = h.dataset
     if d.fingerprint != data.fingerprint:
         diffs.append(f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you "
                      f"gave {data.spec} with fingerprint {data.fingerprint}")
     have = [m.checkpoint_sha256 for m in h.members]
-    if have != shas:
+    if teachers and have != shas:
         diffs.append("teachers: the cache's members are "
                      + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in h.members)
                      + "; you gave " + ", ".join(s[:19] for s in shas))
@@ -392,7 +412,7 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
     elif plan.action == "add-member":
         group = _writable_group(plan.location)
         for lm in plan.new_members:
-            add_member_arrays(group, lm.identity())
+            add_member_arrays(group, {**lm.identity(), ADDED_WITH: "--add-member"})
     elif plan.action == "create" and on_dask:
         _create(plan, cfg, inputs)  # workers open the store: it must exist before they start
     by_sha = inputs.by_sha()
@@ -403,7 +423,8 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
                     checkpoints, cfg.device, cfg.batch_size, trust_code=tuple(cfg.trust_code))
     log(f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}")
-    bar = tqdm(total=rows, unit="row", unit_scale=True, desc="cache-logits", disable=not progress)
+    bar = progress_bar(total=rows, enabled=progress, unit="row", unit_scale=True,
+                       desc="cache-logits")
     try:
         if on_dask:
             _run_dask(spec, tasks, cfg, device, bar)
@@ -437,7 +458,7 @@ def _prepared_group(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> z
 
 
 def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Module], data: Dataset,
-               device: torch.device, bar: tqdm, layout: tuple[int, int],
+               device: torch.device, bar: Bar, layout: tuple[int, int],
                open_group: Callable[[], zarr.Group],
                check: Callable[[], None] = lambda: None) -> None:
     """One process: inference on this thread; opening (or creating) the store with ``open_group``,
@@ -483,7 +504,7 @@ def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Mod
 
 
 def _run_dask(spec: WorkSpec, tasks: list[Task], cfg: CacheConfig, device: torch.device,
-              bar: tqdm) -> None:
+              bar: Bar) -> None:
     """Map shard ranges over dask workers (a LocalCluster of processes, or an existing scheduler)."""
     from dask.distributed import as_completed
 

@@ -1,18 +1,21 @@
 """``kd-pipeline bench``: what the cache buys, as ratios measured side by side in one run.
 
-Each figure is the median of ``repeats`` timed runs after one warm-up, on the same data and machine:
+Each figure is the median of ``repeats`` timed runs after one warm-up, on the same data and machine,
+printed P1 to P5 with its goal and whether it is met. A figure whose repeats differ by more than
+25 % of their median, or a load average above half the cores before the start, is flagged: on a
+shared machine the ratios then measure the other jobs.
 
 - P1  stage-two epoch from the cache / the same student's epoch with plain cross-entropy (goal <= 1.05)
+- P2  a sweep of K settings from the cache (``cache-logits`` once + the sweep) / the same K settings
+      with online KD (teacher forward each batch), both through :func:`pipeline.sweep.run_sweep` in
+      this process, next to the ideal (teacher once + K student) / K (student + teacher) from the
+      measured parts (goal <= 1.1 x ideal)
 - P3  ``cache-logits`` wall time / the teachers' inference alone over the same rows, both including loading the
       data and the checkpoints (goal <= 1.05)
 - P4  streaming read throughput of the cache (shuffled shards, whole-shard reads, prefetch) / a raw sequential
       read of the same bytes from a .npy (goal >= 0.8); peak RSS growth while streaming a cache 10x larger than
       the memory budget (goal <= budget + 300 MiB), measured in a child process
 - P5  bytes on disk per sample per member vs raw float32 (reported)
-
-- P2  a sweep of K settings from the cache (``cache-logits`` once + the sweep) / the same K settings with online
-      KD (teacher forward each batch), both through :func:`pipeline.sweep.run_sweep` in this process, next to the
-      ideal (teacher once + K student) / K (student + teacher) from the measured parts (goal <= 1.1 x ideal)
 
 Teachers are the paper's shapes (3 x MLP 1200-1200 on 784 inputs) with random weights: inference cost does not
 depend on training, and the bench must not need a trained model. A 1000-class variant shows a bigger payload.
@@ -117,6 +120,7 @@ def run_bench(scale: str = "small", device_name: str = "auto", out: str | None =
     reps = cfg["repeats"]
     data = load_dataset(f"fashion-mnist:train:count={cfg['rows']}:seed=0")
     results: dict = {"scale": scale, "rows": len(data), "machine": machine_info(device), "figures": {}}
+    results["machine"]["load_before"] = _load_average()
     fig = results["figures"]
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
         root = Path(tmp)
@@ -126,6 +130,10 @@ def run_bench(scale: str = "small", device_name: str = "auto", out: str | None =
         unlabeled = load_dataset(f"npz:{root / 'unlabeled.npz'}:train")
         _measure(root, unlabeled, 1000, device, device_name, reps, sync, fig, log)
     fig["P4 rss"] = _p4_rss()
+    results["machine"]["load_after"] = _load_average()
+    results["warnings"] = bench_warnings(results)
+    for f in fig.values():
+        f["verdict"] = verdict(f)
     log(format_table(results))
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
@@ -255,12 +263,13 @@ def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
     def sequential() -> None:
         np.load(npy)
 
-    t_stream, _ = _median_time(stream, reps, lambda: None)
+    t_stream, stream_all = _median_time(stream, reps, lambda: None)
     t_reads, _ = _median_time(reads, reps, lambda: None)
-    t_raw, _ = _median_time(sequential, reps, lambda: None)
+    t_raw, raw_all = _median_time(sequential, reps, lambda: None)
     return {"stream_MBps": payload / t_stream / 1e6, "reads_MBps": payload / t_reads / 1e6,
             "raw_npy_MBps": payload / t_raw / 1e6, "ratio": t_raw / t_stream, "reads_ratio": t_raw / t_reads,
-            "goal": ">= 0.8", "payload_bytes": payload}
+            "goal": ">= 0.8", "payload_bytes": payload,
+            "runs": {"stream": stream_all, "raw": raw_all}}
 
 
 _RSS_CHILD = r"""
@@ -327,36 +336,113 @@ def _p4_rss(rows: int = 40_000, classes: int = 1000, members: int = 2) -> dict:
     return res
 
 
+# A figure whose repeats differ by more than this share of their median is not a measurement of
+# the code but of the machine (another job took the cores meanwhile).
+MAX_SPREAD = 0.25
+# A 1-minute load average above this share of the cores before the bench: someone else is busy.
+MAX_LOAD_SHARE = 0.5
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def spread(fig: dict) -> float:
+    """The largest (max - min) / median over a figure's timed repeats (0 without repeats)."""
+    out = 0.0
+    for times in (fig.get("runs") or {}).values():
+        if len(times) > 1 and statistics.median(times) > 0:
+            out = max(out, (max(times) - min(times)) / statistics.median(times))
+    return out
+
+
+def verdict(fig: dict) -> str:
+    """``met`` or ``not met`` against the figure's goal; ``reported`` for figures without one."""
+    goal = fig.get("goal", "reported")
+    if "limit" in fig:  # P4 rss: peak growth against budget + 300 MiB
+        return "met" if fig["ok"] else "not met"
+    if goal == "reported":
+        return "reported"
+    op, bound = goal.split()[:2]
+    value = fig["vs_ideal"] if "x ideal" in goal else fig["ratio"]
+    ok = value <= float(bound) if op == "<=" else value >= float(bound)
+    return "met" if ok else "not met"
+
+
+def bench_warnings(results: dict) -> list[str]:
+    """Why some figures may not be trusted: a loaded machine, repeats that disagree."""
+    m, out = results["machine"], []
+    cores = m.get("cores") or 1
+    load = m.get("load_before")
+    if load is not None and load > MAX_LOAD_SHARE * cores:
+        out.append(f"the load average was {load:.1f} on {cores} cores before the bench started: "
+                   "other processes share the CPU, so the ratios are unreliable; re-run on an "
+                   "idle machine")
+    for key, fig in results["figures"].items():
+        s = spread(fig)
+        if s > MAX_SPREAD:
+            out.append(f"{key}: its repeats differ by {s:.0%} of their median (more than "
+                       f"{MAX_SPREAD:.0%}): the machine was busy meanwhile, the figure is "
+                       "unreliable")
+    return out
+
+
+def _row(key: str, measures: str, value: str, fig: dict) -> str:
+    unreliable = " (unreliable)" if spread(fig) > MAX_SPREAD else ""
+    goal = fig.get("goal", "reported")
+    return f"| {key.split()[0]} | {measures} | {value} | {goal} | {verdict(fig)}{unreliable} |"
+
+
 def format_table(results: dict) -> str:
+    """The figures as a Markdown table, P1 to P5, each with its goal and whether it is met; then
+    the warnings (a loaded machine, repeats that disagree)."""
     f = results["figures"]
     m = results["machine"]
     lines = [f"kd-pipeline bench --scale {results['scale']}: {results['rows']} rows; {m['cpu']}, {m['cores']} "
              f"cores, {m['torch_threads']} torch threads, {m['device']}", "",
-             "| id | measures | value | goal |", "|---|---|---|---|"]
-    for key in sorted(k for k in f if k.startswith("P3")):
-        v = f[key]
-        lines.append(f"| P3 | cache-logits {v['cache_logits_s']:.2f}s / inference {v['inference_only_s']:.2f}s "
-                     f"({key[3:]}) | {v['ratio']:.3f} | {v['goal']} |")
+             "| id | measures | value | goal | verdict |", "|---|---|---|---|---|"]
     if "P1" in f:
         v = f["P1"]
-        lines.append(f"| P1 | KD epoch from cache {v['kd_epoch_from_cache_s']:.2f}s / CE epoch "
-                     f"{v['ce_epoch_s']:.2f}s ({v['loader']} loader) | {v['ratio']:.3f} | {v['goal']} |")
-    for key in sorted(k for k in f if k.startswith("P4 ") and k != "P4 rss"):
+        lines.append(_row("P1", f"KD epoch from cache {v['kd_epoch_from_cache_s']:.2f}s / CE epoch "
+                          f"{v['ce_epoch_s']:.2f}s ({v['loader']} loader)", f"{v['ratio']:.3f}", v))
+    if "P2" in f:
+        v = f["P2"]
+        lines.append(_row("P2", f"cache-logits {v['cache_logits_s']:.2f}s + sweep of {v['k']} "
+                          f"from cache {v['sweep_cached_s']:.2f}s / online-KD sweep "
+                          f"{v['sweep_online_s']:.2f}s (ideal {v['ideal']:.3f})",
+                          f"{v['ratio']:.3f} ({v['vs_ideal']:.2f} x ideal)", v))
+    for key in sorted((k for k in f if k.startswith("P3")), key=_classes):
         v = f[key]
-        lines.append(f"| P4 | loader {v['stream_MBps']:.0f} MB/s / raw .npy {v['raw_npy_MBps']:.0f} MB/s "
-                     f"({key[3:]}) | {v['ratio']:.3f} | {v['goal']} |")
+        lines.append(_row(key, f"cache-logits {v['cache_logits_s']:.2f}s / inference "
+                          f"{v['inference_only_s']:.2f}s ({key[3:]})", f"{v['ratio']:.3f}", v))
+    for key in sorted((k for k in f if k.startswith("P4 ") and k != "P4 rss"), key=_classes):
+        v = f[key]
+        lines.append(_row(key, f"loader {v['stream_MBps']:.0f} MB/s / raw .npy "
+                          f"{v['raw_npy_MBps']:.0f} MB/s ({key[3:]})", f"{v['ratio']:.3f}", v))
         lines.append(f"| P4 | shard reads alone {v['reads_MBps']:.0f} MB/s / raw .npy ({key[3:]}) | "
-                     f"{v['reads_ratio']:.3f} | (diagnostic) |")
-    r = f["P4 rss"]
-    lines.append(f"| P4 | peak RSS growth streaming {r['raw_payload'] / 2**20:.0f} MiB cache, budget "
-                 f"{r['budget'] / 2**20:.0f} MiB ({r['mode']}) | {r['rss_growth'] / 2**20:.0f} MiB | "
-                 f"<= {r['limit'] / 2**20:.0f} MiB |")
-    for key in sorted(k for k in f if k.startswith("P5")):
+                     f"{v['reads_ratio']:.3f} | (diagnostic) | |")
+    if "P4 rss" in f:
+        r = f["P4 rss"]
+        lines.append(_row("P4", f"peak RSS growth streaming {r['raw_payload'] / 2**20:.0f} MiB "
+                          f"cache, budget {r['budget'] / 2**20:.0f} MiB ({r['mode']})",
+                          f"{r['rss_growth'] / 2**20:.0f} MiB",
+                          {**r, "goal": f"<= {r['limit'] / 2**20:.0f} MiB"}))
+    for key in sorted((k for k in f if k.startswith("P5")), key=_classes):
         v = f[key]
-        lines.append(f"| P5 | bytes/sample/member on disk vs float32 ({key[3:]}) | "
-                     f"{v['bytes_per_sample_per_member']:.1f} vs {v['raw_float32']} ({v['ratio']:.2f}x) | reported |")
-    v = f["P2"]
-    lines.append(f"| P2 | cache-logits {v['cache_logits_s']:.2f}s + sweep of {v['k']} from cache "
-                 f"{v['sweep_cached_s']:.2f}s / online-KD sweep {v['sweep_online_s']:.2f}s (ideal {v['ideal']:.3f}) | "
-                 f"{v['ratio']:.3f} ({v['vs_ideal']:.2f} x ideal) | {v['goal']} |")
+        lines.append(_row(key, f"bytes/sample/member on disk vs float32 ({key[3:]})",
+                          f"{v['bytes_per_sample_per_member']:.1f} vs {v['raw_float32']} "
+                          f"({v['ratio']:.2f}x)", v))
+    warnings = results.get("warnings", bench_warnings(results))
+    if warnings:
+        lines += ["", *(f"warning: {w}" for w in warnings)]
     return "\n".join(lines)
+
+
+def _classes(key: str) -> int:
+    """``"P3 1000 classes"`` -> 1000: rows of one id in class order (10 before 1000)."""
+    parts = key.split()
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0

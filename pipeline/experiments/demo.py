@@ -20,14 +20,22 @@ from pathlib import Path
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.writer import build_cache
+from pipeline.checks import collect, in_range, positive
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig, device_option, output_dir
+from pipeline.datasets import FASHION_MNIST_CLASSES
+from pipeline.devices import resolve_device
+from pipeline.errors import ConfigError, KDError
 from pipeline.evaluation import evaluate_models
 from pipeline.experiments.plots import bar_chart
 from pipeline.experiments.sweep import finished_result
+from pipeline.metrics import percent
+from pipeline.models import build_model
 from pipeline.options import option, parse_floats, show_list
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher
+
+FASHION_MNIST_SHAPE = (1, 28, 28)
 
 
 @dataclass
@@ -59,12 +67,67 @@ class DemoConfig:
     def resolve(self) -> DemoConfig:
         return self if self.out else replace(self, out=output_dir("demo", ""))
 
+    def specs(self) -> tuple[str, str]:
+        """The teacher's training set and the students' transfer set."""
+        train = "fashion-mnist:train" + (
+            f":fraction={self.train_subset}:seed={self.seed}" if self.train_subset else "")
+        transfer = train + (f":fraction={self.transfer_fraction}:seed={self.seed}"
+                            if self.transfer_fraction and not self.train_subset else "")
+        return train, transfer
+
+    def teacher_config(self) -> TeacherConfig:
+        """The ``train-teacher`` run the demo makes (or reuses) under ``OUT/teacher``."""
+        return TeacherConfig(dataset=self.specs()[0], model=self.model,
+                             input_dropout=self.input_dropout, dropout=self.dropout,
+                             jitter=self.jitter, members=self.members,
+                             out=str(Path(self.out) / "teacher"), device=self.device,
+                             train=TrainConfig(epochs=self.epochs, seed=self.seed))
+
+    def student_config(self, cache: str, out: str, temperature: float,
+                       alpha: float) -> StudentConfig:
+        """One of the demo's ``train-student`` runs (the demo owns its run directories)."""
+        return StudentConfig(cache=cache, student=self.student, temperature=temperature,
+                             alpha=alpha, eval="fashion-mnist:test", out=out, device=self.device,
+                             overwrite=True,
+                             train=TrainConfig(epochs=self.student_epochs, seed=self.seed))
+
+    def validate(self) -> None:
+        """Every problem of the demo and of each step it runs, before the first one starts.
+
+        Raises:
+            ConfigError: all problems at once (the steps' own checks included).
+        """
+        problems = collect(
+            None if self.temperatures else "temperatures must have at least one value",
+            *(positive("temperature", t) for t in self.temperatures),
+            in_range("alpha", self.alpha, 0, 1),
+            None if self.out else "--out DIR must be given",
+        )
+        for name in ("transfer_fraction", "train_subset"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                problems.append(f"{name} must be in (0, 1], got {value}")
+        steps = [self.teacher_config(),
+                 *(self.student_config("probe", "probe", t, self.alpha)
+                   for t in self.temperatures if t > 0)]
+        for step in steps:
+            try:
+                step.validate()
+            except ConfigError as e:
+                problems += [q for q in e.problems if q not in problems]
+        # The model specs too (a few ms): a typo must not cost a trained teacher.
+        for spec in (self.teacher_config().model_spec(), self.student):
+            try:
+                build_model(spec, FASHION_MNIST_SHAPE, len(FASHION_MNIST_CLASSES))
+            except KDError as e:
+                problems.append(str(e))
+        if problems:
+            raise ConfigError(problems)
+
 
 def _student(cfg: DemoConfig, cache: Path, out: Path, temperature: float, alpha: float,
              log: Callable[[str], None]) -> dict:
-    scfg = StudentConfig(cache=str(cache), student=cfg.student, temperature=temperature, alpha=alpha,
-                         eval="fashion-mnist:test", out=str(out), device=cfg.device,
-                         train=TrainConfig(epochs=cfg.student_epochs, seed=cfg.seed))
+    scfg = cfg.student_config(str(cache), str(out), temperature, alpha)
     previous = finished_result(scfg, {"cache": cache_fingerprint(LogitCache(cache).header)})
     if previous is not None:
         log(f"reusing {out}")
@@ -74,15 +137,13 @@ def _student(cfg: DemoConfig, cache: Path, out: Path, temperature: float, alpha:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole story; returns (and writes to ``demo.json``) the table's numbers."""
+    cfg.validate()
+    resolve_device(cfg.device)  # an unavailable device fails now, not after the teacher
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_spec = "fashion-mnist:train" + (f":fraction={cfg.train_subset}:seed={cfg.seed}" if cfg.train_subset else "")
-    transfer_spec = train_spec + (f":fraction={cfg.transfer_fraction}:seed={cfg.seed}"
-                                  if cfg.transfer_fraction and not cfg.train_subset else "")
-    teacher_dir = out / "teacher"
-    tcfg = TeacherConfig(dataset=train_spec, model=cfg.model, input_dropout=cfg.input_dropout, dropout=cfg.dropout,
-                         jitter=cfg.jitter, members=cfg.members, out=str(teacher_dir), device=cfg.device,
-                         train=TrainConfig(epochs=cfg.epochs, seed=cfg.seed))
+    train_spec, transfer_spec = cfg.specs()
+    tcfg = cfg.teacher_config()
+    teacher_dir = Path(tcfg.out)
     recorded = recorded_config(teacher_dir)
     if recorded is not None and recorded.recipe() == tcfg.recipe():
         log(f"reusing the teacher in {teacher_dir}")
@@ -115,7 +176,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     log("")
     log(f"{'model (fashion-mnist:test, 10000 images)':<44} {'errors':>7} {'accuracy':>9} {'ECE':>7}")
     for r in table:
-        log(f"{r['model']:<44} {r['errors']:>7} {r['accuracy']:>9.4f} {r['ece']:>7.4f}")
+        log(f"{r['model']:<44} {r['errors']:>7} {percent(r['accuracy']):>9} {r['ece']:>7.3f}")
     log(f"\nteacher: {teacher_dir}\ncache:   {cache}  (kd-pipeline cache info {cache})\nruns:    {out / 'runs'}"
         f"\nreport:  {out / 'report.md'} (plot {plot})\nsummary: {out / 'demo.json'}")
     return summary
@@ -123,7 +184,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
 
 def _report(cfg: DemoConfig, table: list[dict], train_spec: str, transfer_spec: str, runs: dict) -> str:
     """The demo's table as Markdown, with what each row was trained on."""
-    rows = [f"| {r['model']} | {r['errors']} | {100 * r['accuracy']:.2f} % | {r['ece']:.3f} |" for r in table]
+    rows = [f"| {r['model']} | {r['errors']} | {percent(r['accuracy'])} | {r['ece']:.3f} |"
+            for r in table]
     return "\n".join([
         "# kd-pipeline demo", "",
         f"Teacher: {cfg.members} x `{cfg.model}`, {cfg.epochs} epochs on `{train_spec}`. Students: `{cfg.student}`, "
@@ -131,4 +193,4 @@ def _report(cfg: DemoConfig, table: list[dict], train_spec: str, transfer_spec: 
         f"distilled ones on the teacher's cached logits at each T with alpha = {cfg.alpha:g}).", "",
         "| model (fashion-mnist:test) | errors | accuracy | ECE |", "|---|---|---|---|", *rows, "",
         "![test errors](demo.png)", "",
-        "Run directories: " + ", ".join(f"`{p}`" for p in runs.values()), ""])
+        "Run directories: " + ", ".join(f"`{r['config']['out']}`" for r in runs.values()), ""])

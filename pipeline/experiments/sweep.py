@@ -38,6 +38,8 @@ from pipeline.checkpoints import file_sha256, member_paths
 from pipeline.config import StudentConfig, SweepConfig, setting_name
 from pipeline.errors import KDError
 from pipeline.files import atomic_write, atomic_write_json
+from pipeline.metrics import percent
+from pipeline.progress import progress_bar
 
 RESULT_FIELDS = ["setting", "student", "temperature", "alpha", "seed", "loss", "ensemble", "status", "test_errors",
                  "test_accuracy", "test_nll", "test_ece", "teacher_agreement", "train_seconds", "wall_seconds",
@@ -177,6 +179,7 @@ class SweepResult:
     trained: int = 0
     reused: int = 0
     failed: int = 0
+    reused_settings: set[str] = field(default_factory=set)  # finished by an earlier invocation
     interrupted: bool = False
     seconds: float = 0.0
     table: str = ""
@@ -217,8 +220,6 @@ def _n_workers(cfg: SweepConfig) -> int:
 
 def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bool = True) -> SweepResult:
     """Run (or resume) a sweep; results files are rewritten as settings finish. See the module docstring."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     cfg.validate()
     out = Path(cfg.out)
@@ -236,6 +237,7 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
         if previous is not None:
             rows[s.name] = make_row(s, cfg, {"status": "ok", "result": previous})
             res.reused += 1
+            res.reused_settings.add(s.name)
         else:
             if (Path(scfg.out) / "metrics.json").exists():
                 log(f"{s.name}: its run directory holds a run with another config or cache; it will be replaced")
@@ -246,8 +248,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
     def ordered() -> list[dict]:
         return [rows[s.name] for s in settings if s.name in rows]
 
-    bar = tqdm(total=len(pending), unit="setting", desc="sweep", disable=not progress)
-    say = bar.write if progress else log
+    bar = progress_bar(total=len(pending), enabled=progress, unit="setting", desc="sweep")
+    say = log if bar.disable else bar.write  # above a drawn bar; else the caller's own log
 
     def finish(setting: Setting, outcome: dict) -> None:
         rows[setting.name] = make_row(setting, cfg, outcome)
@@ -407,7 +409,9 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
             vals = [r[key] for r in rs if r[key] is not None]
             return format(_mean(vals), fmt) if vals else ""
 
-        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | {avg('test_accuracy', '.4f')} | "
+        acc = [r["test_accuracy"] for r in ok if r["test_accuracy"] is not None]
+        accuracy = percent(_mean(acc)) if acc else ""
+        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | {accuracy} | "
                      f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | {avg('teacher_agreement', '.4f')} | "
                      f"{avg('train_seconds', '.1f')} |")
     source = f"cache {cfg.cache}" if cfg.cache else "online teacher " + ", ".join(cfg.online_teacher or [])

@@ -16,6 +16,7 @@ a run directory that describes itself (:func:`finish_run`)::
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,13 +26,14 @@ import numpy as np
 import torch
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig
 from pipeline.datasets import Dataset, load_dataset, load_eval_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
-from pipeline.metrics import classification_metrics, predict_logits
+from pipeline.metrics import classification_metrics, percent, predict_logits
 from pipeline.models import KDModel, build_model
 from pipeline.training.loader import StreamingCacheSource, cache_source, combined_shard
 from pipeline.training.loop import InMemorySource, fit
@@ -82,6 +84,7 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print,
     4. finish: bias correction, evaluation, the run directory (:func:`finish_run`).
     """
     cfg.validate()
+    check_run_dir(cfg, log)
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
     targets = setup_soft_targets(cfg, device, log)
@@ -90,6 +93,54 @@ def train_student(cfg: StudentConfig, log: Callable[[str], None] = print,
     held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
     history = fit_student(cfg, student, targets, test, device, log, progress)
     return finish_run(cfg, student, targets, test, held, absent, history, device, t_start, log)
+
+
+def check_run_dir(cfg: StudentConfig, log: Callable[[str], None]) -> None:
+    """Refuse to replace a run of another config in ``cfg.out`` unless ``--overwrite``; say so
+    when a run is replaced (it is, once training starts: :func:`fit_student`).
+
+    Raises:
+        ConfigError: ``cfg.out`` holds a run of another config and ``cfg.overwrite`` is off.
+    """
+    out = Path(cfg.out)
+    recorded = _recorded_config(out)
+    if recorded is None:
+        return
+    # Options added to StudentConfig since that run take their defaults: still the same config.
+    defaults = json.loads(json.dumps(StudentConfig().to_dict()))
+    now = json.loads(json.dumps(cfg.to_dict()))
+    diffs = _differences({**defaults, **recorded}, now)
+    if diffs and not cfg.overwrite:
+        raise ConfigError([f"--out {out} already holds a run of another config ("
+                           + "; ".join(diffs[:4]) + (", ..." if len(diffs) > 4 else "")
+                           + "); choose another --out, or pass --overwrite to replace it"])
+    log(f"replacing the run in {out}" + (f" ({'; '.join(diffs[:4])})" if diffs else
+                                         " (the same config, trained again)"))
+
+
+def _recorded_config(out: Path) -> dict | None:
+    """The config a run directory records (``config.json``, else ``metrics.json``'s), if any."""
+    for name, key in (("config.json", None), ("metrics.json", "config")):
+        try:
+            data = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        data = data.get(key) if key else data
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """``"temperature: 4.0 there, 20.0 now"`` for each field that differs (nested ones dotted)."""
+    out = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "class_bias":
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
 
 
 # ------------------------------------------------------------------------------ 1. the soft targets
@@ -107,17 +158,9 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
     if bad:
         raise ConfigError([f"--members {bad} out of range: the cache has members "
                            f"0..{len(cache.members) - 1}"])
-    dspec = cache.dataset.spec
-    data = load_dataset(dspec, cfg.data_dir)
-    if data.fingerprint != cache.dataset.fingerprint:
-        raise CacheError(
-            f"the cache was made on {dspec} with fingerprint {cache.dataset.fingerprint}, but "
-            f"{dspec} now has fingerprint {data.fingerprint}: the data changed since. Re-create "
-            "the cache with `kd-pipeline cache-logits`, or restore the original data"
-        )
-    if not np.array_equal(data.ids, cache.read_ids()):
-        raise CacheError(f"{cfg.cache}: the cache's sample ids differ from {dspec}'s; "
-                         "the cache is damaged")
+    # --dataset: this machine's copy of the cache's transfer set (checked by fingerprint).
+    data = load_transfer_set(cache, cfg.dataset, cfg.data_dir)
+    dspec = data.spec
     if cfg.alpha < 1 and not cache.labeled:
         raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set "
                            f"{dspec} is unlabeled; use --alpha 1 (soft targets only)"])
@@ -130,7 +173,8 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
                                 shards=shards, truth=data.y)
     record = {"cache": {
         "location": cfg.cache, "fingerprint": cache_fingerprint(cache.header, members),
-        "dataset": dspec, "dataset_fingerprint": data.fingerprint, "members": members,
+        "dataset": dspec, "recorded_dataset": cache.dataset.spec,
+        "dataset_fingerprint": data.fingerprint, "members": members,
         "member_checkpoints": [cache.members[m].checkpoint_sha256 for m in members],
         "complete": cache.complete, "partial_used": not cache.complete,
         "shards_used": len(shards), "n_shards": cache.n_shards, "rows_used": source.num_rows,
@@ -180,16 +224,39 @@ def build_student(cfg: StudentConfig, targets: SoftTargets, device: torch.device
     """
     torch.manual_seed(cfg.train.seed)
     data, num_classes = targets.data, targets.num_classes
-    student = build_model(cfg.student, data.sample_shape, num_classes, targets.input_stats)
+    shape = data.sample_shape
+    # A user's spec can fail in any way (a factory with another signature, a file that is not
+    # TorchScript, a network for other inputs): whatever it raises is reported as one error
+    # about the spec, before training, not as a traceback from inside the loop.
+    try:
+        student = build_model(cfg.student, shape, num_classes, targets.input_stats)
+    except KDError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code: anything may come out of it
+        raise ModelSpecError(f"student {cfg.student}: cannot be built for inputs of shape "
+                             f"{shape} and {num_classes} classes ({type(e).__name__}: {e})") from e
     student = student.to(device)
-    # Probe the network itself: KDModel's forward adds an (num_classes,) output bias, which
-    # broadcasts a 1-wide output to num_classes and turns any other wrong width into a bare
-    # RuntimeError. Eval mode: the probe must not update batch-norm statistics.
+    # Probe the network itself on one batch of the dataset's shape: KDModel's forward adds an
+    # (num_classes,) output bias, which broadcasts a 1-wide output to num_classes and turns any
+    # other wrong width into a bare RuntimeError. Eval mode: the probe must not update batch-norm
+    # statistics.
     student.eval()
-    with torch.no_grad():
-        xb = torch.as_tensor(data.x[:2]).to(device).float()
-        width = student.body((xb - student.input_mean) / student.input_std).shape[-1]
+    try:
+        with torch.no_grad():
+            xb = torch.as_tensor(data.x[:2]).to(device).float()
+            logits = student.body((xb - student.input_mean) / student.input_std)
+    except Exception as e:  # noqa: BLE001 - user code: anything may come out of it
+        raise ModelSpecError(f"student {cfg.student} fails on a batch of inputs of shape "
+                             f"{tuple(xb.shape)} (the transfer set's samples are {shape}): "
+                             f"{type(e).__name__}: {e}; build the network for in_shape={shape}"
+                             ) from e
     student.train()
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(xb):
+        found = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelSpecError(f"student {cfg.student} returns {found} for a batch of shape "
+                             f"{tuple(xb.shape)}; expected logits of shape ({len(xb)}, "
+                             f"{num_classes})")
+    width = logits.shape[-1]
     if width != num_classes:
         raise ConfigError([f"student {cfg.student} outputs {width} logits but the teacher has "
                            f"{num_classes} classes; build the student for the cache's classes"])
@@ -207,6 +274,10 @@ def fit_student(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test
     loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # A run being replaced loses its results now, not before: a failure before training keeps
+    # it, and an interrupted retraining never leaves them beside the new config.json.
+    for name in ("metrics.json", "student.pt"):
+        (out / name).unlink(missing_ok=True)
     atomic_write_json(out / "config.json", cfg.to_dict())
 
     def evaluate(m: torch.nn.Module) -> dict:
@@ -269,8 +340,8 @@ def finish_run(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test:
     atomic_write_json(out / "metrics.json", result)
     if test is not None:
         t = metrics["test"]
-        log(f"student: {t['errors']} test errors ({t['accuracy']:.4f} accuracy, NLL {t['nll']:.4f}, "
-            f"ECE {t['ece']:.4f}) on {test.spec}; wrote {out}")
+        log(f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
+            f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f}) on {test.spec}")
     return result
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipeline.checks import at_least, collect, one_of, positive
 from pipeline.errors import ConfigError, KDError
 from pipeline.files import atomic_write
 from pipeline.options import option, parse_clip
+from pipeline.progress import progress_bar
 from pipeline.training.losses import DistillationLoss
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -201,8 +201,8 @@ def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: Distill
         sums = {k: torch.zeros((), device=device) for k in ("loss", "soft", "hard")}
         wrong = torch.zeros((), device=device, dtype=torch.long)
         rows = labeled = 0
-        bar = tqdm(source.epoch(epoch), total=len(source), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, unit="batch", disable=None if progress else True)
+        bar = progress_bar(source.epoch(epoch), total=len(source), enabled=progress,
+                           desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch")
         for xb, tb, yb in bar:
             xb = xb.to(device, non_blocking=non_blocking)
             tb = None if tb is None else tb.to(device, non_blocking=non_blocking)

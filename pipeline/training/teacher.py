@@ -15,7 +15,7 @@ from pipeline.datasets import load_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import KDError
 from pipeline.files import atomic_write_json
-from pipeline.metrics import classification_metrics, evaluate_ensemble, predict_logits
+from pipeline.metrics import classification_metrics, evaluate_ensemble, percent, predict_logits
 from pipeline.models import build_model
 from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift
 from pipeline.training.losses import DistillationLoss
@@ -73,14 +73,15 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
         paths.append(save_checkpoint(out / f"member-{i}.pt", model, meta))
         models.append(model)
         if metrics:
-            log(f"member {i}: {metrics['errors']} test errors ({metrics['accuracy']:.4f} accuracy)")
+            log(f"member {i}: {metrics['errors']} test errors "
+                f"({percent(metrics['accuracy'])} accuracy)")
     summary = {"members": [str(p.name) for p in paths], "model_spec": spec, "dataset": train.spec,
                "train_seconds": time.perf_counter() - t_start, "config": cfg.to_dict()}
     if test is not None:
         res = evaluate_ensemble(models, test.x, test.y, device, test.num_classes)
         summary["test"] = {"dataset": test.spec, **res}
         log(f"ensemble of {cfg.members}: {res['ensemble']['errors']} test errors "
-            f"({res['ensemble']['accuracy']:.4f} accuracy) on {test.spec}")
+            f"({percent(res['ensemble']['accuracy'])} accuracy) on {test.spec}")
     # Last and atomically: reuse (``recorded_config``) takes a readable ensemble.json as finished.
     atomic_write_json(out / "ensemble.json", summary)
     return summary

@@ -276,6 +276,15 @@ def test_add_member_appends_without_rewriting(cache_copy: Path, teacher_dir: Pat
     assert again.status == "already-complete"
     full = make(cache_copy, [teacher_dir, new_teacher], dataset_spec)
     assert full.status == "already-complete"
+    # The command that made the cache, re-run after --add-member: a no-op too (it was refused as
+    # "already holds a different cache").
+    original = make(cache_copy, [teacher_dir], dataset_spec)
+    assert original.status == "already-complete" and original.shards_computed == 0
+    assert original.message.endswith("(600 rows, 3 members: the given 2 and 1 added with "
+                                     "--add-member); nothing to do")
+    # Only a prefix of the members the cache was made with is still another cache.
+    with pytest.raises(CacheError, match="already holds a different cache"):
+        make(cache_copy, [teacher_dir / "member-0.pt"], dataset_spec)
     # A teacher on a dataset with another fingerprint is refused, and nothing changes.
     before = snapshot(cache_copy)
     other = train(cache_copy.parent / "t2", npz_path, "mlp:8", seed=11) / "member-0.pt"

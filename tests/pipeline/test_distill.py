@@ -17,7 +17,7 @@ from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, load_models
 from pipeline.config import CacheConfig, StudentConfig, TeacherConfig
 from pipeline.datasets import load_dataset
-from pipeline.errors import CacheError, ConfigError
+from pipeline.errors import CacheError, ConfigError, KDError
 from pipeline.metrics import predict_logits
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
@@ -199,11 +199,13 @@ def test_bad_class_bias_is_refused_before_training(cache_path: Path, tmp_path: P
 
 @pytest.mark.parametrize(("kw", "message"), [
     ({"members": [0, 0]}, "must not repeat"),
-    ({"dataset": "fashion-mnist:train"}, "--dataset is for --online-teacher"),
+    ({"dataset": "fashion-mnist:train"}, "--dataset fashion-mnist:train has fingerprint"),
 ])
 def test_options_that_would_be_ignored_or_double_counted_are_refused(cache_path: Path, tmp_path: Path, kw: dict,
                                                                      message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    # A --dataset with --cache that is other data than the cache's: refused naming both
+    # fingerprints.
+    with pytest.raises(KDError, match=message):
         train_student(_student(tmp_path / "run", cache=str(cache_path), **kw), log=quiet)
 
 

@@ -339,3 +339,59 @@ def test_steps_refuse_clusters_and_specialists_of_another_cache(planted: dict, t
         train_all(cfg, log=lambda s: None)
     with pytest.raises(CacheError, match="specialist.pt was made from a cache with fingerprint"):
         evaluate_all(cfg, log=lambda s: None)
+
+
+def test_net_change_is_worded_by_its_sign() -> None:
+    from pipeline.experiments.specialists.combine import net_change
+
+    assert net_change(829, 865) == "net 36 more errors"  # was "net -36 fewer errors"
+    assert net_change(865, 829) == "net 36 fewer errors"
+    assert net_change(5, 5) == "no net change"
+
+
+def test_evaluate_shows_each_combination_and_the_sensitivity_table(planted: dict) -> None:
+    res, out = planted["result"], planted["out"]
+    # top-n 1 (the main result) plus the sensitivity table's top-n 1..3 x correction on/off.
+    assert "combination 1/6 (top-n 1, dustbin correction on):" in res.output
+    assert "combination 6/6 (top-n 3, dustbin correction off):" in res.output
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert [(s["top_n"], s["dustbin_corrected"]) for s in ev["sensitivity"]] == [
+        (1, True), (1, False), (2, True), (2, False), (3, True), (3, False)]
+    assert ev["sensitivity"][0]["errors"] == ev["main"]["combined"]["errors"]
+    g, c = ev["main"]["generalist"]["errors"], ev["main"]["combined"]["errors"]
+    net = f"net {abs(g - c)} {'fewer' if c < g else 'more'} errors"
+    assert net in (out / "report.md").read_text()
+
+
+def test_a_moved_transfer_set_is_found_with_dataset(planted: dict, tmp_path: Path) -> None:
+    """A cache whose recorded data path is gone (a teammate's cache): --dataset names the copy;
+    --no-sensitivity combines once."""
+    import shutil
+
+    from pipeline.cache.writer import build_cache
+    from pipeline.config import CacheConfig
+    from stages.cli import main
+
+    moved = tmp_path / "moved.npz"
+    shutil.copy(planted["npz"], moved)
+    cache = tmp_path / "theirs.zarr"
+    build_cache(CacheConfig(teachers=[str(planted["teacher"])], dataset=f"npz:{moved}:train",
+                            out=str(cache), rows_per_shard=512, device="cpu"),
+                log=lambda s: None, progress=False)
+    moved.unlink()
+    out = tmp_path / "spec"
+    shutil.copytree(planted["out"], out)
+    args = ["specialists", "evaluate", "--cache", str(cache), "--generalist",
+            str(planted["teacher"]), "--out", str(out), "--device", "cpu", "--no-sensitivity"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2
+    assert f"cannot load the transfer set the cache records, npz:{moved}:train" in res.output
+    assert "--dataset npz:FILE:train" in res.output
+    res = CliRunner().invoke(main, [*args, "--dataset", f"npz:{planted['npz']}:train"])
+    assert res.exit_code == 0, res.output
+    assert "combination 1/1 (top-n 1, dustbin correction on)" in res.output
+    assert "combination 2/" not in res.output
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["sensitivity"] == [] and ev["dataset"] == f"npz:{planted['npz']}:test"
+    assert "## Sensitivity" not in (out / "report.md").read_text()
+    assert json.loads((out / "config.json").read_text())["dataset"] == f"npz:{planted['npz']}:train"

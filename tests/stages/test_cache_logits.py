@@ -515,3 +515,46 @@ def test_labels_that_are_not_classes_are_refused_before_any_work(
         assert result.exit_code == 2, (command, result.output)
         assert says in result.output and "Traceback" not in result.output, (command, result.output)
     assert not out.exists() and not (tmp_path / "run").exists()
+
+
+def test_cache_info_on_a_directory_that_is_not_a_cache_says_so(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a cache")
+    result = CliRunner().invoke(main, ["cache", "info", str(tmp_path)])
+    assert result.exit_code == 2
+    # Not zarr's "GroupNotFoundError: No group found in store LocalStore('file://...')".
+    assert result.output == (f"error: {tmp_path}: not a logit cache (no zarr.json at its root); "
+                             "give the directory, NAME.zarr.zip or s3:// URL that `kd-pipeline "
+                             "cache-logits --out` wrote\n")
+
+
+def test_ctrl_c_says_a_rerun_resumes_and_it_does(
+    tmp_path: Path, teacher_dir: Path, big_spec: str, reference: dict
+) -> None:
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) mid-compute: exit 130 with
+    what to do (not click's bare "Aborted!"); the same command then resumes to the same cache."""
+    for attempt in range(3):  # a run that finishes before the signal lands is tried again
+        out = tmp_path / f"c{attempt}.zarr"
+        p = subprocess.Popen(cli_cmd(teacher_dir, big_spec, out), cwd=REPO, env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+        seen = []
+        for line in p.stdout:  # the plan line: computing has begun
+            seen.append(line)
+            if "shards to compute" in line:
+                os.killpg(p.pid, signal.SIGINT)
+                break
+        rest, _ = p.communicate(timeout=120)
+        output = "".join(seen) + rest
+        if p.returncode == 0:
+            continue
+        assert p.returncode == 130, output
+        assert "interrupted: every finished shard is kept; re-run the same command to resume" \
+            in output
+        assert "Aborted!" not in output and "Traceback" not in output
+        rerun = run_cli(cli_cmd(teacher_dir, big_spec, out))
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        # "resumed", or "created" when the signal came before the writer thread made the schema.
+        assert "resumed" in rerun.stdout or "created" in rerun.stdout
+        assert_same_cache(out, reference["path"])
+        return
+    pytest.fail("cache-logits finished three times before SIGINT reached it")

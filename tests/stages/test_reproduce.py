@@ -24,6 +24,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, st
                                     "0,1", "--student", "mlp:32", "--narrow-student", "mlp:4", "--device", "cpu",
                                     "--out", str(out)])
     assert res.exit_code == 0, res.output
+    (root / "first-report.md").write_text((out / "report.md").read_text())  # a re-run rewrites it
     return data, out, res.output
 
 
@@ -34,6 +35,7 @@ def test_every_experiment_reports_next_to_the_paper(reproduced: tuple[Path, Path
         assert f"## {name}" in report and f"{name}: " in output
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "baseline 800-800 student 146" in report and "206 test errors" in report
+    assert "errors at its best T >= 8 vs" in report and "at its best overall (" in report
     summary = json.loads((out / "reproduce.json").read_text())
     assert set(summary["experiments"]) == {"main-table", "temperature", "omitted-class", "small-data"}
 
@@ -74,6 +76,10 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
                                     "mlp:4", "--device", "cpu", "--out", str(out), "--report", str(kept)])
     assert res.exit_code == 0, res.output
     assert "reusing the teacher" in res.output and "training " not in res.output
+    report = (out / "report.md").read_text()
+    # main-table's two runs and small-data's two (its reference is main-table's baseline).
+    assert "The 4 student runs" in report
+    assert "(4 of them re-used from an earlier invocation)" in report
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")} == before
     # The kept copy of the report has its plots beside it, linked by their new names.
     text = kept.read_text()
@@ -82,7 +88,8 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
 
 
 def test_bad_requests_are_refused_with_every_problem(tmp_path: Path, npz_path: Path) -> None:
-    res = CliRunner().invoke(main, ["reproduce", "main-table,nope", "--dataset", "fashion-mnist:train",
+    res = CliRunner().invoke(main, ["reproduce", "omitted-class,nope", "--dataset",
+                                    "fashion-mnist:train",
                                     "--omitted-class", "7", "--out", str(tmp_path)])
     assert res.exit_code == 2
     assert "unknown experiment 'nope'" in res.output
@@ -90,3 +97,46 @@ def test_bad_requests_are_refused_with_every_problem(tmp_path: Path, npz_path: P
     assert "--omitted-class 7 is also in --kept-classes [7, 8]" in res.output
     res = CliRunner().invoke(main, ["reproduce", "--dataset", f"npz:{npz_path}", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "has classes 0..4" in res.output
+    # A student spec that cannot be built is refused before the teacher is trained.
+    res = CliRunner().invoke(main, ["reproduce", "main-table", "--dataset",
+                                    f"npz:{npz_path}",
+                                    "--student", "mlp:abc", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "hidden widths must be positive integers" in res.output
+    assert not (tmp_path / "o" / "teacher").exists()
+
+
+def test_experiments_without_omitted_class_ignore_its_class_options(
+        reproduced: tuple[Path, Path, str]) -> None:
+    """The defaults --omitted-class 3 --kept-classes 7,8 do not fit 5 classes; main-table never
+    reads them, so it runs (in a directory of its own)."""
+    data, out, _ = reproduced
+    res = CliRunner().invoke(main, ["reproduce", "main-table", "--dataset", f"npz:{data}",
+                                    "--scale", "quick", "--student", "mlp:32", "--device", "cpu",
+                                    "--out", str(out.parent / "main-only")])
+    assert res.exit_code == 0, res.output
+    assert "main-table: " in res.output
+
+
+def test_report_counts_each_run_once_and_reuse_only_across_invocations(
+        reproduced: tuple[Path, Path, str]) -> None:
+    """main-table's baseline is small-data's reference too: made once, counted once, and not
+    "re-used from an earlier invocation" on the first one."""
+    _, out, _ = reproduced
+    report = (out.parent / "first-report.md").read_text()
+    assert "The 12 student runs" in report  # 2 main-table + 6 sweep + 2 omitted + 2 small-data
+    assert "(0 of them re-used from an earlier invocation)" in report
+
+
+def test_omitted_class_verdict_needs_more_than_noise() -> None:
+    from pipeline.experiments.reproduce.sections import count_noise, omitted_verdict
+
+    holds, verdict = omitted_verdict(3, 2, 1, 0.5, 0.2)
+    assert not holds
+    assert verdict == ("inconclusive: class 3 goes from 2 to 1 errors with a fitted bias; "
+                       "two-class transfer 50.0 % -> 20.0 %, a change within the noise of so few "
+                       "errors (±3); run --scale full")
+    holds, verdict = omitted_verdict(3, 191, 95, 0.557, 0.341)
+    assert holds and verdict.startswith("holds: class 3 goes from 191 to 95 errors")
+    holds, verdict = omitted_verdict(3, 5, 9, 0.5, 0.2)
+    assert not holds and verdict.startswith("does not hold here: class 3 goes from 5 to 9")
+    assert count_noise(0, 0) == 1.0 and count_noise(191, 95) == pytest.approx(33.8, abs=0.1)

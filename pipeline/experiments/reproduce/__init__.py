@@ -84,7 +84,7 @@ def run_reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> d
     header = Header(cfg=cfg, recipe=run.recipe,
                     given_teacher=recorded_config(cfg.teacher) if cfg.teacher else None,
                     test_spec=run.test_spec, teacher_errors=summary["teacher_test"]["errors"],
-                    student_runs=list(run.runs), seconds=summary["seconds"],
+                    student_runs=list(run.runs.values()), seconds=summary["seconds"],
                     date=time.strftime("%Y-%m-%d"), device_type=resolve_device(cfg.device).type,
                     threads=torch.get_num_threads())
     (run.out / "report.md").write_text(render_report(header, sections))

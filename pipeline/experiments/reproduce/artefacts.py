@@ -23,18 +23,41 @@ from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig
-from pipeline.datasets import load_dataset
+from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import resolve_device
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, KDError
 from pipeline.evaluation import evaluate_models
 from pipeline.experiments.reproduce.recipes import QUICK_TEACHER, SCALES, TEACHERS, ReproduceConfig
 from pipeline.experiments.sweep import finished_result
 from pipeline.files import slug
 from pipeline.metrics import classification_metrics, predict_logits
-from pipeline.models import trusting
+from pipeline.models import build_model, trusting
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher
+
+
+def check_against_data(cfg: ReproduceConfig, train: Dataset) -> None:
+    """What needs the data to check, checked before any work: the class options (only when
+    omitted-class runs: no other experiment reads them) and the student specs on its shape.
+
+    Raises:
+        ConfigError: every problem at once.
+    """
+    problems = []
+    chosen = cfg.experiments()
+    bad = [c for c in [cfg.omitted_class, *cfg.kept_classes] if not 0 <= c < train.num_classes]
+    if bad and "omitted-class" in chosen:
+        problems.append(f"--omitted-class / --kept-classes {bad}: {cfg.dataset} has classes "
+                        f"0..{train.num_classes - 1}")
+    students = [cfg.student, *([cfg.narrow_student] if "temperature" in chosen else [])]
+    for spec in students:
+        try:  # a few ms: a typo must not cost a trained teacher
+            build_model(spec, train.sample_shape, train.num_classes)
+        except KDError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError(problems)
 
 
 class Run:
@@ -47,15 +70,13 @@ class Run:
         self.test_spec = f"{cfg.dataset}:test"
         train = load_dataset(f"{cfg.dataset}:train", cfg.data_dir)
         n_train = len(train)
-        bad = [c for c in [cfg.omitted_class, *cfg.kept_classes] if not 0 <= c < train.num_classes]
-        if bad:
-            raise ConfigError([f"--omitted-class / --kept-classes {bad}: {cfg.dataset} has classes "
-                               f"0..{train.num_classes - 1}"])
+        check_against_data(cfg, train)
         # quick: every transfer set is this share of its (class-filtered) training set.
         self.base_fraction = min(1.0, self.scale.train_count / n_train) if self.scale.train_count else 1.0
         self._teacher: str | None = None
         self.teacher_metrics: dict | None = None
-        self.runs: list[tuple[float, bool]] = []  # (wall seconds when it ran, re-used now?) per student run
+        # Per student run directory: (wall seconds when it ran, made by an earlier invocation?).
+        self.runs: dict[str, tuple[float, bool]] = {}
         self.recipe = QUICK_TEACHER if cfg.scale == "quick" else TEACHERS.get(cfg.dataset, TEACHERS["other"])
 
     def spec(self, fraction: float = 1.0, **class_filter: str | int | float) -> str:
@@ -117,22 +138,27 @@ class Run:
         """One train-student run under runs/<name>, reused when its config and cache fingerprint match."""
         scfg = StudentConfig(cache=cache, student=student or self.cfg.student, temperature=temperature, alpha=alpha,
                              eval=self.test_spec, out=str(self.out / "runs" / name), device=self.cfg.device,
-                             data_dir=self.cfg.data_dir,
+                             data_dir=self.cfg.data_dir, overwrite=True,  # its own run directories
                              train=TrainConfig(epochs=epochs or self.scale.student_epochs, seed=self.cfg.seed),
                              **extra)
         previous = finished_result(scfg, {"cache": cache_fingerprint(LogitCache(cache).header)})
         if previous is not None:
             self.log(f"reusing {scfg.out}")
-            self.account(previous["metrics"]["wall_seconds"], reused=True)
+            self.account(scfg.out, previous["metrics"]["wall_seconds"], reused=True)
             return previous
         self.log(f"training {name}: {scfg.student}, T={temperature:g}, alpha={alpha:g}")
         result = train_student(scfg, log=lambda s: None, progress=False)
-        self.account(result["metrics"]["wall_seconds"], reused=False)
+        self.account(scfg.out, result["metrics"]["wall_seconds"], reused=False)
         return result
 
-    def account(self, seconds: float, reused: bool) -> None:
-        """Count a student run's recorded wall time (the report says what its figures cost, re-used or not)."""
-        self.runs.append((seconds, reused))
+    def account(self, run_dir: str, seconds: float, reused: bool) -> None:
+        """Count a student run's recorded wall time once (the report says what its figures cost).
+
+        A run two experiments share (main-table's baseline is small-data's reference) is counted
+        once, as made now if this invocation made it: reusing it later in the same invocation
+        does not make it a run from an earlier one.
+        """
+        self.runs.setdefault(str(run_dir), (seconds, reused))
 
 
 def student_metrics(run: Run, result: dict, spec: str, offsets: dict[int, float] | None = None) -> dict:

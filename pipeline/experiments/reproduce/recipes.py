@@ -125,9 +125,10 @@ class ReproduceConfig:
                             f"{self.dataset!r}")
         if not self.out:
             problems.append("--out DIR must be given")
-        if self.omitted_class in self.kept_classes:
+        # The class options belong to omitted-class alone: other experiments never read them.
+        if "omitted-class" in names and self.omitted_class in self.kept_classes:
             problems.append(f"--omitted-class {self.omitted_class} is also in --kept-classes {self.kept_classes}")
-        if len(self.kept_classes) < 1:
+        if "omitted-class" in names and len(self.kept_classes) < 1:
             problems.append("--kept-classes needs at least one class")
         if problems:
             raise ConfigError(problems)

@@ -158,10 +158,12 @@ def render_temperature(sec: Temperature) -> str:
                     f"({narrow['errors']} errors).")
         spreads = ", ".join(f"alpha {a:g}: {v}" for a, v in wide["spread_T_ge_8"].items())
         text.append(f"Spread of the wide student's errors over T >= 8: {spreads}.")
-        text.append(f"Wide student: best at T >= 8 {wide['best_T_ge_8']} vs best overall "
-                    f"{wide['errors']} ({'as good' if sec.wide_ok else 'worse'}); narrow student: "
-                    f"best at T <= 4 {narrow['best_T_le_4']} vs at T >= 8 {narrow['best_T_ge_8']} "
-                    f"({'lower T better' if sec.narrow_ok else 'not better'}).")
+        text.append(f"Wide student: {wide['best_T_ge_8']} errors at its best T >= 8 vs "
+                    f"{wide['errors']} at its best overall "
+                    f"({'as good' if sec.wide_ok else 'high T is worse'}); narrow student: "
+                    f"{narrow['best_T_le_4']} errors at its best T <= 4 vs "
+                    f"{narrow['best_T_ge_8']} at its best T >= 8 "
+                    f"({'lower T is better' if sec.narrow_ok else 'lower T is not better'}).")
     return "\n".join(text)
 
 

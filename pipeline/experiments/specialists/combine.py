@@ -164,7 +164,7 @@ def evaluation_report(result: dict, class_names: list[str]) -> str:
              f"| generalist | {g['errors']} | {g['accuracy']:.2%} | {g['nll']:.4f} | {g['ece']:.4f} |",
              f"| generalist + specialists | {c['errors']} | {c['accuracy']:.2%} | {c['nll']:.4f} | {c['ece']:.4f} |",
              "", f"Changed predictions: {main['changed']['fixed']} errors fixed, {main['changed']['broken']} "
-             f"correct predictions broken (net {g['errors'] - c['errors']:+d} fewer errors); "
+             f"correct predictions broken ({net_change(g['errors'], c['errors'])}); "
              f"{main['active_per_case']:.2f} active specialists per test case on average.", "",
              "## Specialists", "",
              "| specialist | classes | dustbin correction | training rows | test cases in its classes | "
@@ -185,6 +185,9 @@ def evaluation_report(result: dict, class_names: list[str]) -> str:
         rel = "—" if math.isnan(r["relative_gain"]) else f"{r['relative_gain']:+.2%}"
         lines.append(f"| {r['covering']} | {r['cases']} | {r['generalist_correct']} | {r['combined_correct']} | "
                      f"{r['gain']:+d} | {rel} |")
+    if not result["sensitivity"]:  # evaluate --no-sensitivity
+        lines.append("")
+        return "\n".join(lines)
     lines += ["", "## Sensitivity (test errors of the combination; generalist: "
               f"{g['errors']})", "", "| top-n | dustbin correction | errors | active per case |", "|---|---|---|---|"]
     for s in result["sensitivity"]:
@@ -192,6 +195,13 @@ def evaluation_report(result: dict, class_names: list[str]) -> str:
                      f"{s['active_per_case']:.2f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def net_change(before: int, after: int) -> str:
+    """``"net 36 fewer errors"``, ``"net 36 more errors"`` or ``"no net change"``."""
+    if after == before:
+        return "no net change"
+    return f"net {abs(before - after)} {'fewer' if after < before else 'more'} errors"
 
 
 def generalist_log_probs(members: list[LoadedModel], x: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -24,8 +24,9 @@ from torch import nn
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.location import CacheLocation
+from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import LoadedModel, load_checkpoint, member_paths, save_checkpoint
-from pipeline.datasets import Dataset, load_dataset
+from pipeline.datasets import Dataset
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.files import atomic_write_json
 from pipeline.models import KDModel, build_model, check_trusted
@@ -180,16 +181,10 @@ def cached_generalist(cache: LogitCache, temperature: float = 1.0) -> torch.Tens
     return torch.cat([combined_shard(cache, s, members, "mean-probs", temperature) for s in range(cache.n_shards)])
 
 
-def transfer_set(cache: LogitCache, data_dir: str | None) -> Dataset:
-    """Load the dataset behind a cache and check it is the one the cache was made on."""
-    spec = cache.dataset.spec
-    data = load_dataset(spec, data_dir)
-    if data.fingerprint != cache.dataset.fingerprint:
-        raise CacheError(f"the cache was made on {spec} with fingerprint {cache.dataset.fingerprint}, but {spec} "
-                         f"now has fingerprint {data.fingerprint}; re-create the cache or restore the data")
-    if not np.array_equal(data.ids, cache.read_ids()):
-        raise CacheError(f"{cache.location}: the cache's sample ids differ from {spec}'s; the cache is damaged")
-    return data
+def transfer_set(cache: LogitCache, data_dir: str | None, dataset: str | None = None) -> Dataset:
+    """The dataset behind a cache (``dataset``: this machine's copy of it), checked to be the one
+    the cache was made on (:func:`~pipeline.cache.transfer.load_transfer_set`)."""
+    return load_transfer_set(cache, dataset, data_dir)
 
 
 def generalist_members(cache: LogitCache, given: list[str] | None,
@@ -252,6 +247,7 @@ class SpecialistTask:
     dustbin_correction: bool = True
     torch_threads: int = 0
     trust_code: tuple[str, ...] = ()  # what model_spec and the init checkpoint may import
+    dataset: str | None = None  # this machine's copy of the cache's transfer set (--dataset)
 
 
 def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = None) -> dict:
@@ -267,7 +263,7 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
         torch.set_num_threads(task.torch_threads)
     device = resolve_device(task.device)
     cache = LogitCache(task.cache)
-    data = transfer_set(cache, task.data_dir)
+    data = transfer_set(cache, task.data_dir, task.dataset)
     cfg = TrainConfig(**task.train)
     labels = data.y if data.y is not None else None
     teacher = cached_generalist(cache, task.temperature)  # (N, C) at T
