@@ -86,7 +86,7 @@ from pipeline.cache.location import (
     local_path,
     put_bytes,
 )
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, KDError
 
 __all__ = [  # the format's names, including those defined in header.py and location.py
     "ATTR_KEY", "CREATING_MARKER", "FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES",
@@ -544,6 +544,8 @@ class LogitCache:
         except KeyError:
             raise CacheError(f"{self.location}: array {path!r} is missing; the cache is "
                              "damaged") from None
+        except KDError:
+            raise  # the read guard's message already names the document and what is wrong
         except Exception as e:  # noqa: BLE001 - zarr's parse errors (JSON, schema, nesting) vary
             # Opening parses the array's zarr.json (and its groups'): since opening checks every
             # array, a damaged one must be refused here, by name, not as zarr's exception.

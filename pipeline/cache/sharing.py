@@ -271,7 +271,12 @@ def _check_metadata(store: Store, sizes: dict[str, int], h: CacheHeader,
     for key in sorted(k for k in sizes if _is_meta(k) and k != META and not _is_bookkeeping(k)):
         if sizes[key] > MAX_METADATA_BYTES:
             continue  # a problem already (_check_keys), and not to be parsed
-        stored = _json(get_bytes(store, key))
+        try:
+            stored = _json(get_bytes(store, key))
+        except StorageError:
+            raise
+        except KDError:
+            continue  # the read guard refused it: reported by name with its array or group
         if isinstance(stored, Exception):
             rep.problems.append(f"metadata {key} does not parse ({type(stored).__name__}: "
                                 f"{str(stored)[:120]})")
@@ -310,6 +315,7 @@ def _check_arrays(group: zarr.Group, expected: Expected,
             continue
         except KDError as e:  # its metadata is damaged or exceeds the header (the guard's check)
             rep.problems.append(f"array {name}: {e}")
+            continue
         except Exception as e:  # noqa: BLE001 - zarr's parse errors (JSON, schema, nesting) vary
             rep.problems.append(f"array {name}: its metadata does not parse ({type(e).__name__}: "
                                 f"{str(e)[:200]})")
