@@ -7,7 +7,6 @@ command only builds its configs, calls one library function and prints the outco
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from dataclasses import replace
@@ -17,7 +16,6 @@ import click
 from pipeline import __version__
 from pipeline.config import (
     CacheConfig,
-    CacheToolConfig,
     Display,
     EvaluateConfig,
     SpecialistsConfig,
@@ -25,39 +23,13 @@ from pipeline.config import (
     SweepConfig,
     TeacherConfig,
 )
-from pipeline.errors import explain
 from pipeline.experiments.bench import BenchConfig
 from pipeline.experiments.demo import DemoConfig
 from pipeline.experiments.reproduce import ReproduceConfig
+from stages.boundary import KDGroup
+from stages.cache_cli import cache_group
 from stages.params import Only, configured
-from stages.show import evaluation_table, format_cache_info
-
-
-class KDGroup(click.Group):
-    """Prints every failure as one clear message (exit 2) instead of a traceback.
-
-    Library errors are printed as they are; storage and OS failures get their message from
-    ``pipeline.errors.explain``; anything else is a bug, said so in one line (set
-    KD_TRACEBACK=1 to see the traceback instead).
-    """
-
-    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's signature
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
-            raise  # click's own: usage errors, ctx.exit(), Ctrl-C
-        except Exception as e:
-            err = explain(e)
-            if err is None and os.environ.get("KD_TRACEBACK"):
-                raise
-            click.echo(f"error: {err or _bug(e)}", err=True)
-            ctx.exit(2)
-
-
-def _bug(e: Exception) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return (f"internal error ({type(e).__name__}: {first}); this is a bug in kd-pipeline: "
-            "please report it with the command you ran (KD_TRACEBACK=1 shows the traceback)")
+from stages.show import evaluation_table
 
 
 def quiet_log(display: Display) -> object:
@@ -236,80 +208,6 @@ for _name, (_steps, _doc) in SPECIALIST_STEPS.items():
     _specialists_command(_name, _steps, _doc)
 
 
-@main.group("cache", cls=KDGroup)
-def cache_group() -> None:
-    """Inspect, verify, bundle, copy and list logit caches.
-
-    CACHE is a directory, a single-file bundle NAME.zarr.zip, or s3://bucket/prefix/NAME.zarr
-    (credentials and endpoint from the AWS_* environment variables, --storage-option KEY=VALUE for
-    the rest).
-    """
-
-
-@cache_group.command("info")
-@configured(Only(CacheToolConfig, "cache", "storage_options"), Only(Display, "json"))
-def cache_info(cfg: CacheToolConfig, display: Display) -> None:
-    """Describe CACHE: rows, classes, members, dtype, codecs, shards done, size, dataset,
-    completeness."""
-    from pipeline.cache.format import LogitCache
-
-    info = LogitCache(cfg.location(), allow_partial=True).info().to_dict()
-    click.echo(json.dumps(info, indent=2) if display.json else format_cache_info(info))
-
-
-@cache_group.command("verify")
-@configured(
-    Only(CacheToolConfig, "cache", "dataset", "storage_options", "data_dir"), Only(Display, "quiet")
-)
-def cache_verify(cfg: CacheToolConfig, display: Display) -> None:
-    """Read every chunk of CACHE (checksums) and check it against the format: exit 1 naming each
-    problem."""
-    from pipeline.cache.sharing import verify_cache
-
-    report = verify_cache(
-        cfg.location(), dataset=cfg.dataset, data_dir=cfg.data_dir, progress=not display.quiet
-    )
-    click.echo(report.format())
-    if not report.ok:
-        sys.exit(1)
-
-
-@cache_group.command("pack")
-@configured(Only(CacheToolConfig, "cache", "out", "storage_options"), Only(Display, "quiet"))
-def cache_pack(cfg: CacheToolConfig, display: Display) -> None:
-    """Bundle CACHE into the single file OUT (NAME.zarr.zip), written once, then verified."""
-    from pipeline.cache.sharing import pack_cache
-
-    res = pack_cache(cfg.location(), cfg.out, progress=not display.quiet, log=click.echo)
-    click.echo(res.message)
-
-
-@cache_group.command("copy")
-@configured(Only(CacheToolConfig, "cache", "out", "storage_options"), Only(Display, "quiet"))
-def cache_copy(cfg: CacheToolConfig, display: Display) -> None:
-    """Copy CACHE to OUT (directory, NAME.zarr.zip or s3://), verify the copy; a re-run resumes an
-    interrupted one."""
-    from pipeline.cache.sharing import copy_cache
-
-    res = copy_cache(
-        cfg.location(), cfg.location("out"), progress=not display.quiet, log=click.echo
-    )
-    click.echo(res.message)
-
-
-@cache_group.command("ls")
-@configured(Only(CacheToolConfig, "prefix", "storage_options"))
-def cache_ls(cfg: CacheToolConfig) -> None:
-    """List the caches under PREFIX (a directory or s3://bucket/prefix), one summary line each."""
-    from pipeline.cache.sharing import list_caches
-
-    found = list_caches(cfg.location("prefix"))
-    for s in found:
-        click.echo(s.line())
-    bad = sum(s.unreadable for s in found)
-    click.echo(f"{len(found)} cache(s) under {cfg.prefix}" + (f", {bad} unreadable" if bad else ""))
-
-
 @main.command()
 @configured(BenchConfig)
 def bench(cfg: BenchConfig) -> None:
@@ -330,6 +228,8 @@ def demo(cfg: DemoConfig) -> None:
 
     run_demo(cfg, log=click.echo)
 
+
+main.add_command(cache_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,87 @@
+"""``kd-pipeline cache info|verify|pack|copy|ls``: the commands that inspect and share caches."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from pipeline.config import CacheToolConfig, Display
+from stages.boundary import KDGroup
+from stages.params import Only, configured
+from stages.show import format_cache_info
+
+
+@click.group("cache", cls=KDGroup)
+def cache_group() -> None:
+    """Inspect, verify, bundle, copy and list logit caches.
+
+    CACHE is a directory, a single-file bundle NAME.zarr.zip, or s3://bucket/prefix/NAME.zarr
+    (credentials and endpoint from the AWS_* environment variables, --storage-option KEY=VALUE for
+    the rest).
+    """
+
+
+@cache_group.command("info")
+@configured(Only(CacheToolConfig, "cache", "storage_options"), Only(Display, "json"))
+def cache_info(cfg: CacheToolConfig, display: Display) -> None:
+    """Describe CACHE: rows, classes, members, dtype, codecs, shards done, size, dataset,
+    completeness."""
+    from pipeline.cache.format import LogitCache
+
+    info = LogitCache(cfg.location(), allow_partial=True).info().to_dict()
+    click.echo(json.dumps(info, indent=2) if display.json else format_cache_info(info))
+
+
+@cache_group.command("verify")
+@configured(
+    Only(CacheToolConfig, "cache", "dataset", "storage_options", "data_dir"), Only(Display, "quiet")
+)
+def cache_verify(cfg: CacheToolConfig, display: Display) -> None:
+    """Read every chunk of CACHE (checksums) and check it against the format: exit 1 naming each
+    problem."""
+    from pipeline.cache.sharing import verify_cache
+
+    report = verify_cache(
+        cfg.location(), dataset=cfg.dataset, data_dir=cfg.data_dir, progress=not display.quiet
+    )
+    click.echo(report.format())
+    if not report.ok:
+        sys.exit(1)
+
+
+@cache_group.command("pack")
+@configured(Only(CacheToolConfig, "cache", "out", "storage_options"), Only(Display, "quiet"))
+def cache_pack(cfg: CacheToolConfig, display: Display) -> None:
+    """Bundle CACHE into the single file OUT (NAME.zarr.zip), written once, then verified."""
+    from pipeline.cache.sharing import pack_cache
+
+    res = pack_cache(cfg.location(), cfg.out, progress=not display.quiet, log=click.echo)
+    click.echo(res.message)
+
+
+@cache_group.command("copy")
+@configured(Only(CacheToolConfig, "cache", "out", "storage_options"), Only(Display, "quiet"))
+def cache_copy(cfg: CacheToolConfig, display: Display) -> None:
+    """Copy CACHE to OUT (directory, NAME.zarr.zip or s3://), verify the copy; a re-run resumes an
+    interrupted one."""
+    from pipeline.cache.sharing import copy_cache
+
+    res = copy_cache(
+        cfg.location(), cfg.location("out"), progress=not display.quiet, log=click.echo
+    )
+    click.echo(res.message)
+
+
+@cache_group.command("ls")
+@configured(Only(CacheToolConfig, "prefix", "storage_options"))
+def cache_ls(cfg: CacheToolConfig) -> None:
+    """List the caches under PREFIX (a directory or s3://bucket/prefix), one summary line each."""
+    from pipeline.cache.sharing import list_caches
+
+    found = list_caches(cfg.location("prefix"))
+    for s in found:
+        click.echo(s.line())
+    bad = sum(s.unreadable for s in found)
+    click.echo(f"{len(found)} cache(s) under {cfg.prefix}" + (f", {bad} unreadable" if bad else ""))
