@@ -103,8 +103,9 @@ class LoadedModel:
         }
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu",
-                    trust_code: Sequence[str] = ()) -> LoadedModel:
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu", trust_code: Sequence[str] = ()
+) -> LoadedModel:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); model in eval
     mode.
 
@@ -198,8 +199,9 @@ def fit_problems(models: list[LoadedModel], data: Dataset) -> list[str]:
     ]
 
 
-def load_models(paths: list[str | Path], device: torch.device | str = "cpu",
-                trust_code: Sequence[str] = ()) -> list[LoadedModel]:
+def load_models(
+    paths: list[str | Path], device: torch.device | str = "cpu", trust_code: Sequence[str] = ()
+) -> list[LoadedModel]:
     """Load every member behind each path (checkpoint or ensemble directory), in order
     (``trust_code`` as for :func:`load_checkpoint`)."""
     return [load_checkpoint(p, device, trust_code) for path in paths for p in member_paths(path)]

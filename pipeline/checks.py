@@ -39,8 +39,7 @@ def at_least(name: str, value: float, lo: float, *, unit: str = "") -> str | Non
     return f"{name} must be >= {lo}{f' {unit}' if unit else ''}, got {value}"
 
 
-def in_range(name: str, value: float, lo: float, hi: float, *,
-             hi_open: bool = False) -> str | None:
+def in_range(name: str, value: float, lo: float, hi: float, *, hi_open: bool = False) -> str | None:
     """``lo <= value <= hi`` ("alpha must be in [0, 1], got 1.5"); ``hi_open``: ``< hi``."""
     if lo <= value and (value < hi if hi_open else value <= hi):
         return None

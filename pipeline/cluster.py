@@ -40,7 +40,8 @@ def _sigint_deferred() -> Iterator[None]:
     again later), and this thread gets a Ctrl-C pressed meanwhile as soon as it is unblocked.
     """
     if threading.current_thread() is not threading.main_thread() or not hasattr(
-            signal, "pthread_sigmask"):
+        signal, "pthread_sigmask"
+    ):
         yield
         return
     from multiprocessing import resource_tracker

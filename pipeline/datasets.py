@@ -618,9 +618,15 @@ def default_eval_spec(spec: str) -> str | None:
     return ":".join([source.name, *args[:-1], "test"])
 
 
-def resolve_eval_set(eval_spec: str | None, train: Dataset, data_dir: str | None = None,
-                     num_classes: int | None = None, *, required: bool = False,
-                     log: Callable[[str], None] | None = None) -> Dataset | None:
+def resolve_eval_set(
+    eval_spec: str | None,
+    train: Dataset,
+    data_dir: str | None = None,
+    num_classes: int | None = None,
+    *,
+    required: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Dataset | None:
     """A step's labeled evaluation set (``--eval``), resolved the one way every step resolves it.
 
     - ``None`` (the default): the training set's own test split (``NAME[:ARGS]:train[:...]`` ->
@@ -645,17 +651,22 @@ def resolve_eval_set(eval_spec: str | None, train: Dataset, data_dir: str | None
     """
     if eval_spec == "":
         if required:
-            raise ConfigError(["this step needs a labeled test set, and --eval '' asks for none; "
-                               "pass --eval SPEC, or leave it out for the transfer set's test "
-                               "split"])
+            raise ConfigError(
+                [
+                    "this step needs a labeled test set, and --eval '' asks for none; "
+                    "pass --eval SPEC, or leave it out for the transfer set's test "
+                    "split"
+                ]
+            )
         return None
     if eval_spec is not None:
         return load_eval_dataset(eval_spec, data_dir, train, num_classes)
     guess = default_eval_spec(train.spec)
     if guess is None:
         if required:
-            raise ConfigError([f"no test split for {train.spec}; pass --eval SPEC (a labeled test "
-                               "set)"])
+            raise ConfigError(
+                [f"no test split for {train.spec}; pass --eval SPEC (a labeled test set)"]
+            )
         return None
     try:
         return load_eval_dataset(guess, data_dir, train, num_classes)

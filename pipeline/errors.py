@@ -65,30 +65,57 @@ ENDPOINT_HINT = (
     "then re-run the command"
 )
 # botocore's ClientError codes, by what they mean for the user.
-BAD_CREDENTIALS = frozenset({
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-    "InvalidClientTokenId", "TokenRefreshRequired", "AuthorizationHeaderMalformed",
-})
+BAD_CREDENTIALS = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "InvalidClientTokenId",
+        "TokenRefreshRequired",
+        "AuthorizationHeaderMalformed",
+    }
+)
 DENIED = frozenset({"AccessDenied", "AllAccessDisabled", "Forbidden", "403"})
-NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError",
-                            "CredentialRetrievalError"})
+NO_CREDENTIALS = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+)
 # Connection failures of botocore, aiohttp and asyncio (no answer at all from the endpoint).
-UNREACHABLE = frozenset({
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
-    "ClientConnectionError", "ConnectionError", "TimeoutError", "InvalidURL",
-    "InvalidUrlClientError",
-})
-ZARR_METADATA = frozenset({
-    "MetadataValidationError", "NodeTypeValidationError", "GroupNotFoundError",
-    "ArrayNotFoundError", "NodeNotFoundError", "ContainsArrayError", "ContainsGroupError",
-    "ContainsArrayAndGroupError", "UnknownCodecError",
-})
+UNREACHABLE = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ServerTimeoutError",
+        "ClientConnectionError",
+        "ConnectionError",
+        "TimeoutError",
+        "InvalidURL",
+        "InvalidUrlClientError",
+    }
+)
+ZARR_METADATA = frozenset(
+    {
+        "MetadataValidationError",
+        "NodeTypeValidationError",
+        "GroupNotFoundError",
+        "ArrayNotFoundError",
+        "NodeNotFoundError",
+        "ContainsArrayError",
+        "ContainsGroupError",
+        "ContainsArrayAndGroupError",
+        "UnknownCodecError",
+    }
+)
 OS_ERRORS = {
     errno.ENOSPC: "no space left on the device{at}; free some space or write somewhere else, "
-                  "then re-run the command",
+    "then re-run the command",
     errno.EDQUOT: "disk quota exceeded{at}; free some space or write somewhere else, then re-run "
-                  "the command",
+    "the command",
     errno.EACCES: "permission denied{at}; check the permissions, or use another location",
     errno.EPERM: "operation not permitted{at}; check the permissions, or use another location",
     errno.EROFS: "read-only file system{at}; write to another location",
@@ -96,7 +123,7 @@ OS_ERRORS = {
     errno.ENOTDIR: "not a directory{at}; check the path",
     errno.EISDIR: "is a directory{at}; expected a file there",
     errno.EIO: "input/output error{at}: the disk or network file system failed; check it and "
-               "re-run the command",
+    "re-run the command",
     errno.EMFILE: "too many open files{at}; raise the limit (`ulimit -n`) and re-run",
     errno.ENAMETOOLONG: "file name too long{at}; use a shorter path",
 }
@@ -135,25 +162,38 @@ def _from_object_store(chain: list[BaseException]) -> str | None:
     for e in chain:
         names, code = _names(e), _client_code(e)
         if names & NO_CREDENTIALS:
-            return (f"no credentials for the object store were found ({_one_line(e)}); "
-                    + CREDENTIAL_HINT)
+            return (
+                f"no credentials for the object store were found ({_one_line(e)}); "
+                + CREDENTIAL_HINT
+            )
         if code in BAD_CREDENTIALS:
-            return (f"the object store refused the credentials ({code}: {_message(e)}); check "
-                    f"them: {CREDENTIAL_HINT}")
+            return (
+                f"the object store refused the credentials ({code}: {_message(e)}); check "
+                f"them: {CREDENTIAL_HINT}"
+            )
         if code in DENIED:
-            return (f"access denied by the object store ({code}: {_message(e)}); these credentials "
-                    "may not use this bucket or prefix: ask its owner for access, or use other "
-                    "credentials")
+            return (
+                f"access denied by the object store ({code}: {_message(e)}); these credentials "
+                "may not use this bucket or prefix: ask its owner for access, or use other "
+                "credentials"
+            )
         if code in ("NoSuchBucket", "404") and "bucket" in str(e).lower():
-            return ("the bucket does not exist (NoSuchBucket); check the bucket name in the URL, "
-                    "and the endpoint and region the credentials belong to")
+            return (
+                "the bucket does not exist (NoSuchBucket); check the bucket name in the URL, "
+                "and the endpoint and region the credentials belong to"
+            )
         # A broken pipe is the reader of our output going away, not the store.
-        if names & UNREACHABLE and not names & {"FileNotFoundError", "PermissionError",
-                                                "BrokenPipeError"}:
+        if names & UNREACHABLE and not names & {
+            "FileNotFoundError",
+            "PermissionError",
+            "BrokenPipeError",
+        }:
             return f"cannot reach the storage endpoint ({_one_line(e)}); {ENDPOINT_HINT}"
         if code is not None:
-            return (f"the object store answered {code} ({_message(e)}); check the URL and the "
-                    "permissions, or re-run later if the store is busy")
+            return (
+                f"the object store answered {code} ({_message(e)}); check the URL and the "
+                "permissions, or re-run later if the store is busy"
+            )
     return None
 
 
@@ -194,24 +234,31 @@ def explain(exc: BaseException, where: object = None) -> KDError | None:
             return StorageError(prefix + _from_os(e))
         names = _names(e)
         if names & {"JSONDecodeError", "UnicodeDecodeError", "RecursionError"}:
-            return CacheError(f"{prefix}metadata that should be JSON could not be read "
-                              f"({_one_line(e)}); the file is damaged or not one kd-pipeline "
-                              "wrote: get a good copy, or write it again")
+            return CacheError(
+                f"{prefix}metadata that should be JSON could not be read "
+                f"({_one_line(e)}); the file is damaged or not one kd-pipeline "
+                "wrote: get a good copy, or write it again"
+            )
         if names & ZARR_METADATA:
-            return CacheError(f"{prefix}the Zarr metadata is damaged or not a cache's "
-                              f"({_one_line(e)}); check it with `kd-pipeline cache verify`, or "
-                              "get a good copy")
+            return CacheError(
+                f"{prefix}the Zarr metadata is damaged or not a cache's "
+                f"({_one_line(e)}); check it with `kd-pipeline cache verify`, or "
+                "get a good copy"
+            )
         if isinstance(e, MemoryError):
-            return KDError(f"{prefix}ran out of memory ({_one_line(e)}); lower --batch-size or "
-                           "--memory-budget, or use a machine with more memory")
+            return KDError(
+                f"{prefix}ran out of memory ({_one_line(e)}); lower --batch-size or "
+                "--memory-budget, or use a machine with more memory"
+            )
     if isinstance(exc, OSError):  # an OSError without an errno (s3fs raises some)
         return StorageError(f"{prefix}{_one_line(exc)}; check the location and re-run")
     return None
 
 
 @contextlib.contextmanager
-def storage_errors(where: object = None,
-                   keep: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+def storage_errors(
+    where: object = None, keep: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
     """Re-raise storage and OS failures inside the block as :func:`explain`'s ``KDError``.
 
     Args:

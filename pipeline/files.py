@@ -20,8 +20,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_json",
-           "atomic_write_text", "location_stem", "slug"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "location_stem",
+    "slug",
+]
 
 
 @contextlib.contextmanager

@@ -328,8 +328,11 @@ def check_trusted(spec: str, trust_code: Iterable[str], recorded_in: str) -> Non
     source = code_source(spec)
     if source is None or is_trusted(source, trust_code):
         return
-    what = (f"import and run the Python module {source!r}" if spec.startswith("py:")
-            else f"load and run the TorchScript program {source!r}")
+    what = (
+        f"import and run the Python module {source!r}"
+        if spec.startswith("py:")
+        else f"load and run the TorchScript program {source!r}"
+    )
     raise UntrustedCodeError(
         f"{recorded_in} records the model spec {spec!r}, which would {what}; the file's author "
         "chose that code, and loading a checkpoint or cache runs no code you did not allow. "

@@ -32,5 +32,7 @@ class KDGroup(click.Group):
 
 def _bug(e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return (f"internal error ({type(e).__name__}: {first}); this is a bug in kd-pipeline: "
-            "please report it with the command you ran (KD_TRACEBACK=1 shows the traceback)")
+    return (
+        f"internal error ({type(e).__name__}: {first}); this is a bug in kd-pipeline: "
+        "please report it with the command you ran (KD_TRACEBACK=1 shows the traceback)"
+    )

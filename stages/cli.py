@@ -93,8 +93,10 @@ def cache_logits(cfg: CacheConfig, display: Display) -> None:
     try:
         res = build_cache(cfg, log=click.echo, progress=not display.quiet)
     except KeyboardInterrupt:  # click would say only "Aborted!"
-        click.echo("\ninterrupted: every finished shard is kept; re-run the same command to "
-                   "resume", err=True)
+        click.echo(
+            "\ninterrupted: every finished shard is kept; re-run the same command to resume",
+            err=True,
+        )
         sys.exit(130)
     click.echo(res.message)
     if res.status != "already-complete":

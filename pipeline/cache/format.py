@@ -46,6 +46,7 @@ value. It also refuses arrays whose shapes disagree with the header, non-finite 
 outside ``0..C-1`` (or unlike the dataset's, when the caller gives them) and a complete header with
 a done flag missing or zero; and it reads the done flags once, so one reader serves one snapshot.
 """
+
 from __future__ import annotations
 
 import re
@@ -89,18 +90,41 @@ from pipeline.cache.location import (
 from pipeline.errors import CacheError, KDError
 
 __all__ = [  # the format's names, including those defined in header.py and location.py
-    "ATTR_KEY", "CREATING_MARKER", "FORMAT_NAME", "FORMAT_VERSION", "MAX_HEADER_BYTES",
-    "CacheHeader", "CacheInfo", "CacheLock", "DatasetRecord", "LogitCache", "MemberRecord",
-    "MissingChunkError", "add_member_arrays", "array_handle", "cache_fingerprint",
-    "check_metadata_size", "create_cache", "expected_arrays", "logit_codecs", "mark_complete",
-    "member_array", "member_done", "read_header", "remove_partial_files", "shard_bounds",
-    "validate_header", "write_shard",
+    "ATTR_KEY",
+    "CREATING_MARKER",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
+    "CacheHeader",
+    "CacheInfo",
+    "CacheLock",
+    "DatasetRecord",
+    "LogitCache",
+    "MemberRecord",
+    "MissingChunkError",
+    "add_member_arrays",
+    "array_handle",
+    "cache_fingerprint",
+    "check_metadata_size",
+    "create_cache",
+    "expected_arrays",
+    "logit_codecs",
+    "mark_complete",
+    "member_array",
+    "member_done",
+    "read_header",
+    "remove_partial_files",
+    "shard_bounds",
+    "validate_header",
+    "write_shard",
 ]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 ZSTD_LEVEL = 3
 
-CREATING_MARKER = "kd-creating"  # present while a cache is being created: a store with it is unfinished
+CREATING_MARKER = (
+    "kd-creating"  # present while a cache is being created: a store with it is unfinished
+)
 
 # Consolidated metadata is a zarr-python extension; we use it deliberately (fewer reads from object
 # stores).
@@ -163,10 +187,19 @@ def _set_header(group: zarr.Group, header: CacheHeader) -> None:
 
 
 # ------------------------------------------------------------------------------------------- create
-def create_cache(location: str | Path | CacheLocation, *, dataset: dict, ids: np.ndarray,
-                 labels: np.ndarray | None, num_classes: int, class_names: Sequence[str],
-                 members: Sequence[Mapping[str, Any]], dtype: str, rows_per_shard: int,
-                 command: str) -> zarr.Group:
+def create_cache(
+    location: str | Path | CacheLocation,
+    *,
+    dataset: dict,
+    ids: np.ndarray,
+    labels: np.ndarray | None,
+    num_classes: int,
+    class_names: Sequence[str],
+    members: Sequence[Mapping[str, Any]],
+    dtype: str,
+    rows_per_shard: int,
+    command: str,
+) -> zarr.Group:
     """Create the store schema-first: every array at full size, ids/labels written, no logits yet.
 
     Args:
@@ -178,17 +211,28 @@ def create_cache(location: str | Path | CacheLocation, *, dataset: dict, ids: np
     where = CacheLocation.parse(location)
     store = _clear_for_creation(where)
     n = int(ids.shape[0])
-    header = CacheHeader.new(n=n, num_classes=int(num_classes), class_names=list(class_names),
-                             rows_per_shard=int(rows_per_shard), dtype=dtype,
-                             codecs=codecs_description(), labeled=labels is not None,
-                             dataset=dataset, tool_version=__version__, created=now(),
-                             command=command)
+    header = CacheHeader.new(
+        n=n,
+        num_classes=int(num_classes),
+        class_names=list(class_names),
+        rows_per_shard=int(rows_per_shard),
+        dtype=dtype,
+        codecs=codecs_description(),
+        labeled=labels is not None,
+        dataset=dataset,
+        tool_version=__version__,
+        created=now(),
+        command=command,
+    )
     group = zarr.create_group(store, zarr_format=3)
     # Every chunk is stored, even one equal to the fill value (an all-class-0 labels shard): a
     # present object per shard is what verify and copy check, and a missing one then always means
     # damage.
-    kw = {"chunks": (rows_per_shard,), "compressors": logit_codecs(),
-          "config": {"write_empty_chunks": True}}
+    kw = {
+        "chunks": (rows_per_shard,),
+        "compressors": logit_codecs(),
+        "config": {"write_empty_chunks": True},
+    }
     group.create_array("ids", data=np.asarray(ids, dtype=np.int64), **kw)
     if labels is not None:
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), **kw)
@@ -231,12 +275,25 @@ def add_member_arrays(group: zarr.Group, identity: Mapping[str, Any]) -> MemberR
     h = h.with_member({"index": index, "array": member_array(index), **identity, "added": now()})
     # overwrite: arrays at this index that the header does not list are leftovers of an add killed
     # midway.
-    group.create_array(member_array(index), shape=(h.n, h.num_classes), dtype=h.dtype,
-                       chunks=(h.rows_per_shard, h.num_classes), compressors=logit_codecs(),
-                       fill_value=0, overwrite=True)
+    group.create_array(
+        member_array(index),
+        shape=(h.n, h.num_classes),
+        dtype=h.dtype,
+        chunks=(h.rows_per_shard, h.num_classes),
+        compressors=logit_codecs(),
+        fill_value=0,
+        overwrite=True,
+    )
     # One chunk per flag: writers of different shards never share an object.
-    group.create_array(member_done(index), shape=(h.n_shards,), dtype="uint8", chunks=(1,),
-                       compressors=[zc.Crc32cCodec()], fill_value=0, overwrite=True)
+    group.create_array(
+        member_done(index),
+        shape=(h.n_shards,),
+        dtype="uint8",
+        chunks=(1,),
+        compressors=[zc.Crc32cCodec()],
+        fill_value=0,
+        overwrite=True,
+    )
     _set_header(group, h)
     return h.members[-1]
 
@@ -250,8 +307,9 @@ def mark_complete(location: str | Path | CacheLocation) -> None:
     for m in h.members:
         flags = group[member_done(m.index)][:]
         if not flags.all():
-            raise CacheError(f"{where}: member {m.index} still misses {int((flags == 0).sum())} "
-                             "shards")
+            raise CacheError(
+                f"{where}: member {m.index} still misses {int((flags == 0).sum())} shards"
+            )
     _set_header(group, h.completed(now()))
     zarr.consolidate_metadata(store)
 
@@ -266,12 +324,21 @@ def array_handle(group: zarr.Group, path: str, handles: dict) -> zarr.Array:
         arr = group[path]
         # The write_empty_chunks choice is a runtime setting in zarr 3, not metadata: apply it on
         # every open.
-        handles[path] = arr.with_config({"write_empty_chunks": True}) if isinstance(arr, zarr.Array) else arr
+        handles[path] = (
+            arr.with_config({"write_empty_chunks": True}) if isinstance(arr, zarr.Array) else arr
+        )
     return handles[path]
 
 
-def write_shard(group: zarr.Group, member: int, shard: int, logits: np.ndarray, ids: np.ndarray,
-                handles: dict | None = None, header: CacheHeader | None = None) -> None:
+def write_shard(
+    group: zarr.Group,
+    member: int,
+    shard: int,
+    logits: np.ndarray,
+    ids: np.ndarray,
+    handles: dict | None = None,
+    header: CacheHeader | None = None,
+) -> None:
     """Write one whole shard of one member's logits, then its done flag.
 
     Args:
@@ -302,8 +369,10 @@ def write_shard(group: zarr.Group, member: int, shard: int, logits: np.ndarray, 
             )
     start, stop = h.shard_bounds(shard)
     if logits.shape != (stop - start, h.num_classes):
-        raise CacheError(f"shard {shard} of member {member}: expected logits of shape "
-                         f"{(stop - start, h.num_classes)}, got {logits.shape}")
+        raise CacheError(
+            f"shard {shard} of member {member}: expected logits of shape "
+            f"{(stop - start, h.num_classes)}, got {logits.shape}"
+        )
     handles = {} if handles is None else handles
     array_handle(group, member_array(member), handles)[start:stop] = logits.astype(h.dtype)
     array_handle(group, member_done(member), handles)[shard] = 1
@@ -329,18 +398,34 @@ class CacheInfo:
         h = self.header
         dataset = h.dataset.to_dict()
         return {
-            "location": self.location, "format": h.format, "version": h.version, "n": h.n,
-            "num_classes": h.num_classes, "class_names": list(h.class_names), "dtype": h.dtype,
+            "location": self.location,
+            "format": h.format,
+            "version": h.version,
+            "n": h.n,
+            "num_classes": h.num_classes,
+            "class_names": list(h.class_names),
+            "dtype": h.dtype,
             "codecs": None if h.codecs is None else list(h.codecs),
-            "rows_per_shard": h.rows_per_shard, "n_shards": h.n_shards,
-            "shards_done": self.shards_done, "complete": h.complete, "labeled": h.labeled,
-            "members": [{k: m.to_dict().get(k)
-                         for k in ("index", "model_spec", "checkpoint_sha256", "path", "metrics")}
-                        for m in h.members],
-            "dataset": {k: dataset.get(k)
-                        for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")},
-            "size_on_disk": self.size_on_disk, "raw_float32_size": self.raw_size,
-            "created": h.created, "completed_at": h.completed_at, "command": h.command,
+            "rows_per_shard": h.rows_per_shard,
+            "n_shards": h.n_shards,
+            "shards_done": self.shards_done,
+            "complete": h.complete,
+            "labeled": h.labeled,
+            "members": [
+                {
+                    k: m.to_dict().get(k)
+                    for k in ("index", "model_spec", "checkpoint_sha256", "path", "metrics")
+                }
+                for m in h.members
+            ],
+            "dataset": {
+                k: dataset.get(k) for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")
+            },
+            "size_on_disk": self.size_on_disk,
+            "raw_float32_size": self.raw_size,
+            "created": h.created,
+            "completed_at": h.completed_at,
+            "command": h.command,
             "tool_version": h.tool_version,
         }
 
@@ -349,10 +434,12 @@ class CacheInfo:
 # shard's done flag), so its absence is damage; a done flag's chunk is legitimately absent until
 # its shard is written.
 _DATA_CHUNK = re.compile(r"(ids|labels|members/\d+/logits)/c/")
-_REPAIR = ("Run `kd-pipeline cache verify {where}` for a full report, then restore the cache "
-           "from a good copy (`kd-pipeline cache copy`) or re-create it with `kd-pipeline "
-           "cache-logits` into a fresh --out (a resume trusts the done flags, so it would not "
-           "redo this shard)")
+_REPAIR = (
+    "Run `kd-pipeline cache verify {where}` for a full report, then restore the cache "
+    "from a good copy (`kd-pipeline cache copy`) or re-create it with `kd-pipeline "
+    "cache-logits` into a fresh --out (a resume trusts the done flags, so it would not "
+    "redo this shard)"
+)
 
 
 class MissingChunkError(CacheError):
@@ -380,8 +467,9 @@ class _NoFillStore(WrapperStore):
     unlike ``exists``).
     """
 
-    async def get(self, key: str, prototype: BufferPrototype,
-                  byte_range: ByteRequest | None = None) -> Buffer | None:
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
         buf = await self._store.get(key, prototype, byte_range)
         if buf is None and _DATA_CHUNK.match(key):
             raise _AbsentChunk(key)
@@ -412,19 +500,24 @@ class LogitCache:
     def __init__(self, location: str | Path | CacheLocation, allow_partial: bool = False) -> None:
         self.location = CacheLocation.parse(location)
         if not self.location.exists():
-            raise CacheError(f"{self.location}: no such cache; create one with `kd-pipeline "
-                             f"cache-logits --out {self.location} ...`")
+            raise CacheError(
+                f"{self.location}: no such cache; create one with `kd-pipeline "
+                f"cache-logits --out {self.location} ...`"
+            )
         self.store = self.location.open("r")  # read-only: reading never writes
         check_metadata_size(self.store, self.location.display)
         try:
             self.group = zarr.open_group(_NoFillStore(self.store), mode="r", use_consolidated=False)
         except zarr.errors.GroupNotFoundError as e:  # zarr's text names its internals
-            raise CacheError(f"{self.location}: not a logit cache (no zarr.json at its root); "
-                             "give the directory, NAME.zarr.zip or s3:// URL that "
-                             "`kd-pipeline cache-logits --out` wrote") from e
+            raise CacheError(
+                f"{self.location}: not a logit cache (no zarr.json at its root); "
+                "give the directory, NAME.zarr.zip or s3:// URL that "
+                "`kd-pipeline cache-logits --out` wrote"
+            ) from e
         except Exception as e:  # zarr raises several types for a non-group path
-            raise CacheError(f"{self.location}: not a Zarr v3 group "
-                             f"({type(e).__name__}: {e})") from e
+            raise CacheError(
+                f"{self.location}: not a Zarr v3 group ({type(e).__name__}: {e})"
+            ) from e
         self.header = group_header(self.group, self.location.display)
         self._done: dict[int, np.ndarray] | None = None
         self._check_layout()
@@ -448,15 +541,20 @@ class LogitCache:
             arr = self._array(name)
             found = (tuple(arr.shape), str(arr.dtype), tuple(arr.chunks))
             if found != (shape, dtype, chunks):
-                problems.append(f"array {name} has shape {found[0]}, dtype {found[1]}, chunks "
-                                f"{found[2]}; the header says shape {shape}, dtype {dtype}, "
-                                f"chunks {chunks}")
+                problems.append(
+                    f"array {name} has shape {found[0]}, dtype {found[1]}, chunks "
+                    f"{found[2]}; the header says shape {shape}, dtype {dtype}, "
+                    f"chunks {chunks}"
+                )
         if problems:
-            raise CacheError(f"{self.location}: the arrays disagree with the header (n={self.n}, "
-                             f"num_classes={self.num_classes}, rows_per_shard="
-                             f"{self.rows_per_shard}): " + "; ".join(problems)
-                             + ". The cache was damaged or edited. "
-                             + _REPAIR.format(where=self.location))
+            raise CacheError(
+                f"{self.location}: the arrays disagree with the header (n={self.n}, "
+                f"num_classes={self.num_classes}, rows_per_shard="
+                f"{self.rows_per_shard}): "
+                + "; ".join(problems)
+                + ". The cache was damaged or edited. "
+                + _REPAIR.format(where=self.location)
+            )
 
     # -- header fields
     @property
@@ -506,8 +604,10 @@ class LogitCache:
             CacheError: the header says complete but some flag is missing or zero.
         """
         if self._done is None:
-            flags = {m.index: self._read(member_done(m.index), slice(None)).astype(bool)
-                     for m in self.members}
+            flags = {
+                m.index: self._read(member_done(m.index), slice(None)).astype(bool)
+                for m in self.members
+            }
             if self.complete:
                 self._check_complete(flags)
             self._done = flags
@@ -515,14 +615,18 @@ class LogitCache:
 
     def _check_complete(self, flags: dict[int, np.ndarray]) -> None:
         """A complete header promises every flag: a missing one would silently drop rows."""
-        undone = [f"member {m} shards {np.flatnonzero(~f)[:10].tolist()}"
-                  for m, f in flags.items() if not f.all()]
+        undone = [
+            f"member {m} shards {np.flatnonzero(~f)[:10].tolist()}"
+            for m, f in flags.items()
+            if not f.all()
+        ]
         if undone:
             raise CacheError(
                 f"{self.location}: the header says the cache is complete, but done flags are "
                 f"missing or zero ({'; '.join(undone)}): the cache was damaged or edited, and "
                 "using it would silently train on fewer rows. "
-                + _REPAIR.format(where=self.location))
+                + _REPAIR.format(where=self.location)
+            )
 
     def done_shards(self, members: list[int] | None = None) -> np.ndarray:
         """Indices of the shards that every chosen member has finished (from the one snapshot)."""
@@ -542,19 +646,23 @@ class LogitCache:
         try:
             arr = array_handle(self.group, path, self.__dict__.setdefault("_arrays", {}))
         except KeyError:
-            raise CacheError(f"{self.location}: array {path!r} is missing; the cache is "
-                             "damaged") from None
+            raise CacheError(
+                f"{self.location}: array {path!r} is missing; the cache is damaged"
+            ) from None
         except KDError:
             raise  # the read guard's message already names the document and what is wrong
         except Exception as e:  # noqa: BLE001 - zarr's parse errors (JSON, schema, nesting) vary
             # Opening parses the array's zarr.json (and its groups'): since opening checks every
             # array, a damaged one must be refused here, by name, not as zarr's exception.
-            raise CacheError(f"{self.location}: the metadata of array {path!r} does not parse "
-                             f"({type(e).__name__}: {str(e)[:200]}); the cache is damaged. "
-                             + _REPAIR.format(where=self.location)) from None
+            raise CacheError(
+                f"{self.location}: the metadata of array {path!r} does not parse "
+                f"({type(e).__name__}: {str(e)[:200]}); the cache is damaged. "
+                + _REPAIR.format(where=self.location)
+            ) from None
         if not isinstance(arr, zarr.Array):
-            raise CacheError(f"{self.location}: {path!r} is a group, expected an array; the cache "
-                             "is damaged")
+            raise CacheError(
+                f"{self.location}: {path!r} is a group, expected an array; the cache is damaged"
+            )
         return arr
 
     def _read(self, path: str, sel: Any) -> np.ndarray:
@@ -580,7 +688,9 @@ class LogitCache:
         return MissingChunkError(
             f"{self.location}: chunk {key} ({whose}, shard {shard}: rows {start}..{stop - 1}) is "
             "missing. A cache stores every such chunk, so it was deleted or lost; its rows are not "
-            "served as zarr's fill value. " + _REPAIR.format(where=self.location), key)
+            "served as zarr's fill value. " + _REPAIR.format(where=self.location),
+            key,
+        )
 
     def read_logits(self, shard: int, members: list[int] | None = None) -> np.ndarray:
         """One whole shard of raw logits.
@@ -604,12 +714,14 @@ class LogitCache:
                     f"{self.location}: member {m}'s logits in shard {shard} hold NaN or inf for "
                     f"sample ids {_ids_list(self.read_ids(shard)[bad])}. cache-logits never stores "
                     "them, so the chunk was altered; training on it would diverge or learn nothing "
-                    "there. " + _REPAIR.format(where=self.location))
+                    "there. " + _REPAIR.format(where=self.location)
+                )
             blocks.append(block)
         return np.stack(blocks)
 
-    def read_labels(self, shard: int | None = None, *,
-                    truth: np.ndarray | None = None) -> np.ndarray | None:
+    def read_labels(
+        self, shard: int | None = None, *, truth: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """(rows,) int64 labels of one shard (all rows when ``shard`` is None); None if unlabeled.
 
         Args:
@@ -632,8 +744,9 @@ class LogitCache:
             if expected is None or expected.any():
                 raise
             if shard is None:  # find the missing chunks shard by shard
-                return np.concatenate([self.read_labels(s, truth=truth)
-                                       for s in range(self.n_shards)])
+                return np.concatenate(
+                    [self.read_labels(s, truth=truth) for s in range(self.n_shards)]
+                )
             labels = np.zeros(stop - start, dtype=np.int64)
         self._check_labels(labels, start, expected)
         return labels
@@ -645,13 +758,17 @@ class LogitCache:
         what = f"hold labels outside 0..{c - 1} ({labels[bad[:5]].tolist()})"
         if not bad.size and expected is not None:
             bad = np.flatnonzero(labels != expected)
-            what = (f"hold labels {labels[bad[:5]].tolist()} where the dataset "
-                    f"{self.dataset.spec} has {expected[bad[:5]].tolist()}")
+            what = (
+                f"hold labels {labels[bad[:5]].tolist()} where the dataset "
+                f"{self.dataset.spec} has {expected[bad[:5]].tolist()}"
+            )
         if bad.size:
             ids = self._read("ids", slice(start, start + labels.size))[bad]
-            raise CacheError(f"{self.location}: the cached labels of sample ids "
-                             f"{_ids_list(ids, 5)} {what}: they were altered. "
-                             + _REPAIR.format(where=self.location))
+            raise CacheError(
+                f"{self.location}: the cached labels of sample ids "
+                f"{_ids_list(ids, 5)} {what}: they were altered. "
+                + _REPAIR.format(where=self.location)
+            )
 
     def read_ids(self, shard: int | None = None) -> np.ndarray:
         """(rows,) int64 sample ids of one shard (all rows when ``shard`` is None)."""
@@ -696,9 +813,11 @@ def check_metadata_size(store: Store, where: str) -> None:
     except Exception:  # noqa: BLE001 - a store that cannot tell sizes: zarr's own parsing still validates
         return
     if size > MAX_METADATA_BYTES:
-        raise CacheError(f"{where}: zarr.json is {size} bytes, over the {MAX_METADATA_BYTES}-byte "
-                         "limit for cache metadata; this is not a kd-pipeline cache (or it was "
-                         "tampered with). Refusing to parse it")
+        raise CacheError(
+            f"{where}: zarr.json is {size} bytes, over the {MAX_METADATA_BYTES}-byte "
+            "limit for cache metadata; this is not a kd-pipeline cache (or it was "
+            "tampered with). Refusing to parse it"
+        )
 
 
 def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
@@ -713,8 +832,9 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
             if not names or CREATING_MARKER in names:
                 return None  # empty, or a creation that was interrupted: (re-)created by the writer
         if not (p / "zarr.json").is_file():
-            raise CacheError(f"{where}: exists but is not a Zarr store; choose another --out or "
-                             "remove it")
+            raise CacheError(
+                f"{where}: exists but is not a Zarr store; choose another --out or remove it"
+            )
         store = where.open("r")
     else:
         if not where.exists():
@@ -724,9 +844,11 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
         if not names or CREATING_MARKER in names:
             return None
         if "zarr.json" not in names:
-            raise CacheError(f"{where}: holds objects but no zarr.json (not a Zarr store, or a "
-                             "copy that did not finish: re-run `kd-pipeline cache copy` to "
-                             "complete it); choose another --out")
+            raise CacheError(
+                f"{where}: holds objects but no zarr.json (not a Zarr store, or a "
+                "copy that did not finish: re-run `kd-pipeline cache copy` to "
+                "complete it); choose another --out"
+            )
     check_metadata_size(store, where.display)
     group = zarr.open_group(store, mode="r", use_consolidated=False)
     return group_header(group, where.display)
@@ -747,8 +869,9 @@ def remove_partial_files(location: str | Path | CacheLocation) -> int:
     return count
 
 
-def cache_fingerprint(header: CacheHeader | Mapping[str, Any],
-                      members: list[int] | None = None) -> str:
+def cache_fingerprint(
+    header: CacheHeader | Mapping[str, Any], members: list[int] | None = None
+) -> str:
     """Identity of a cache's content (:meth:`CacheHeader.fingerprint`); takes a header dict too."""
     if not isinstance(header, CacheHeader):
         header = CacheHeader.from_dict(dict(header))

@@ -95,17 +95,22 @@ def parse_json(data: bytes, what: str) -> Any:
         what: the document, as messages name it (``s3://b/c.zarr: members/0/logits/zarr.json``).
     """
     if len(data) > MAX_METADATA_BYTES:
-        raise CacheError(f"{what} is over {MAX_METADATA_BYTES} bytes, far more than a cache's "
-                         f"metadata; refusing to parse it. {REFUSE}")
+        raise CacheError(
+            f"{what} is over {MAX_METADATA_BYTES} bytes, far more than a cache's "
+            f"metadata; refusing to parse it. {REFUSE}"
+        )
     depth = json_depth(data)
     if depth > MAX_JSON_DEPTH:
-        raise CacheError(f"{what} nests {depth} levels deep (a cache's metadata nests about 8, "
-                         f"the limit is {MAX_JSON_DEPTH}); refusing to parse it. {REFUSE}")
+        raise CacheError(
+            f"{what} nests {depth} levels deep (a cache's metadata nests about 8, "
+            f"the limit is {MAX_JSON_DEPTH}); refusing to parse it. {REFUSE}"
+        )
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as e:
-        raise CacheError(f"{what} is not valid JSON ({type(e).__name__}: {e}); the metadata is "
-                         f"damaged. {REFUSE}") from None
+        raise CacheError(
+            f"{what} is not valid JSON ({type(e).__name__}: {e}); the metadata is damaged. {REFUSE}"
+        ) from None
 
 
 def _no_constant(name: str) -> Any:
@@ -123,9 +128,9 @@ def zstd_content_size(data: bytes) -> int | None:
     """
     pos, total, n = 0, 0, len(data)
     while pos < n:
-        magic = int.from_bytes(data[pos:pos + 4], "little")
+        magic = int.from_bytes(data[pos : pos + 4], "little")
         if n - pos >= 8 and magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
-            pos += 8 + int.from_bytes(data[pos + 4:pos + 8], "little")
+            pos += 8 + int.from_bytes(data[pos + 4 : pos + 8], "little")
             continue
         if n - pos < 6 or magic != ZSTD_MAGIC:
             raise ValueError(f"no zstd frame at byte {pos}")
@@ -135,13 +140,13 @@ def zstd_content_size(data: bytes) -> int | None:
         fcs_len = (single, 2, 4, 8)[fcs_flag]
         if fcs_len == 0:
             return None
-        total += int.from_bytes(data[pos:pos + fcs_len], "little") + (256 if fcs_len == 2 else 0)
+        total += int.from_bytes(data[pos : pos + fcs_len], "little") + (256 if fcs_len == 2 else 0)
         pos += fcs_len
         last = 0
         while not last:
             if pos + 3 > n:
                 raise ValueError("a zstd frame is cut short")
-            block = int.from_bytes(data[pos:pos + 3], "little")
+            block = int.from_bytes(data[pos : pos + 3], "little")
             last, kind, size = block & 1, (block >> 1) & 3, block >> 3
             if kind == 3:
                 raise ValueError("a zstd block of a reserved type")
@@ -204,35 +209,43 @@ def check_array_metadata(meta: Any, array: str, limits: Limits | None, what: str
         raise CacheError(f"{what} is not a JSON object; the metadata is damaged. {REFUSE}")
     problems = unknown_keys(meta)
     codecs = meta.get("codecs")
-    names = tuple(c.get("name") if isinstance(c, dict) else c
-                  for c in (codecs if isinstance(codecs, list) else ()))
+    names = tuple(
+        c.get("name") if isinstance(c, dict) else c
+        for c in (codecs if isinstance(codecs, list) else ())
+    )
     if names not in CODEC_CHAINS:
-        problems.append(f"codecs {list(names)} (a cache uses "
-                        f"{' or '.join(str(list(c)) for c in CODEC_CHAINS)})")
+        problems.append(
+            f"codecs {list(names)} (a cache uses {' or '.join(str(list(c)) for c in CODEC_CHAINS)})"
+        )
     dtype = meta.get("data_type")
     if dtype not in DTYPES:
         problems.append(f"data type {dtype!r} (a cache uses {', '.join(DTYPES)})")
     encoding = _obj(meta.get("chunk_key_encoding"))
-    if (encoding.get("name") != "default"
-            or _obj(encoding.get("configuration")).get("separator", "/") != "/"):
+    if (
+        encoding.get("name") != "default"
+        or _obj(encoding.get("configuration")).get("separator", "/") != "/"
+    ):
         problems.append(f"chunk key encoding {encoding!r} (a cache uses 'default' with '/')")
     grid = _obj(_obj(meta.get("chunk_grid")).get("configuration"))
     chunks, shape = grid.get("chunk_shape"), meta.get("shape")
     dims = [chunks, shape]
-    if not all(isinstance(d, list) and all(isinstance(v, int) and v >= 0 for v in d)
-               for d in dims):
+    if not all(isinstance(d, list) and all(isinstance(v, int) and v >= 0 for v in d) for d in dims):
         problems.append(f"shape {shape!r} and chunk shape {chunks!r} (lists of sizes expected)")
     elif limits is not None and dtype in DTYPES:
         chunk_bytes = math.prod(chunks) * DTYPES[dtype]
         if chunk_bytes > limits.raw(array):
-            problems.append(f"chunks of {chunk_bytes} bytes (the header allows "
-                            f"{limits.raw(array)} per chunk of {array})")
+            problems.append(
+                f"chunks of {chunk_bytes} bytes (the header allows "
+                f"{limits.raw(array)} per chunk of {array})"
+            )
         if math.prod(shape) * DTYPES[dtype] > limits.raw(array) * limits.shards:
-            problems.append(f"shape {shape} (more than the header's {limits.shards} chunks of "
-                            f"{array})")
+            problems.append(
+                f"shape {shape} (more than the header's {limits.shards} chunks of {array})"
+            )
     if problems:
-        raise CacheError(f"{what} declares {'; '.join(problems)}: not this cache format's "
-                         f"metadata. {REFUSE}")
+        raise CacheError(
+            f"{what} declares {'; '.join(problems)}: not this cache format's metadata. {REFUSE}"
+        )
 
 
 def _obj(value: Any) -> dict:
@@ -241,13 +254,30 @@ def _obj(value: Any) -> dict:
 
 # Every key this format's metadata may have; zarr ignores some unknown keys, so damage to a key
 # name (a flipped byte) would otherwise pass.
-ARRAY_KEYS = frozenset({"zarr_format", "node_type", "shape", "data_type", "chunk_grid",
-                        "chunk_key_encoding", "fill_value", "codecs", "attributes",
-                        "dimension_names", "storage_transformers"})
+ARRAY_KEYS = frozenset(
+    {
+        "zarr_format",
+        "node_type",
+        "shape",
+        "data_type",
+        "chunk_grid",
+        "chunk_key_encoding",
+        "fill_value",
+        "codecs",
+        "attributes",
+        "dimension_names",
+        "storage_transformers",
+    }
+)
 GROUP_KEYS = frozenset({"zarr_format", "node_type", "attributes", "consolidated_metadata"})
 NAMED = frozenset({"name", "configuration"})
-CONFIG_KEYS = {"regular": {"chunk_shape"}, "default": {"separator"}, "bytes": {"endian"},
-               "zstd": {"level", "checksum"}, "crc32c": set()}
+CONFIG_KEYS = {
+    "regular": {"chunk_shape"},
+    "default": {"separator"},
+    "bytes": {"endian"},
+    "zstd": {"level", "checksum"},
+    "crc32c": set(),
+}
 
 
 def unknown_keys(meta: dict) -> list[str]:
@@ -262,8 +292,10 @@ def unknown_keys(meta: dict) -> list[str]:
             problems.append(f"unexpected {', '.join(map(repr, extra))} in {where}")
 
     allow(meta, ARRAY_KEYS if meta.get("node_type") == "array" else GROUP_KEYS, "the document")
-    named = [(meta.get("chunk_grid"), "chunk_grid"), (meta.get("chunk_key_encoding"),
-                                                        "chunk_key_encoding")]
+    named = [
+        (meta.get("chunk_grid"), "chunk_grid"),
+        (meta.get("chunk_key_encoding"), "chunk_key_encoding"),
+    ]
     codecs = meta.get("codecs")
     named += [(c, "codecs") for c in (codecs if isinstance(codecs, list) else [])]
     for part, where in named:
@@ -279,8 +311,9 @@ def check_group_metadata(meta: dict, what: str) -> None:
     """A group's metadata may hold only the keys a group of this format has."""
     problems = unknown_keys(meta)
     if problems:
-        raise CacheError(f"{what} declares {'; '.join(problems)}: not this cache format's "
-                         f"metadata. {REFUSE}")
+        raise CacheError(
+            f"{what} declares {'; '.join(problems)}: not this cache format's metadata. {REFUSE}"
+        )
 
 
 def check_with_zarr(meta: dict, what: str) -> None:
@@ -291,13 +324,17 @@ def check_with_zarr(meta: dict, what: str) -> None:
     node = meta.get("node_type")
     try:
         if meta.get("zarr_format") != 3 or node not in ("array", "group"):
-            raise ValueError(f"zarr_format {meta.get('zarr_format')!r}, node_type {node!r}; "
-                             "expected Zarr v3 array or group metadata")
+            raise ValueError(
+                f"zarr_format {meta.get('zarr_format')!r}, node_type {node!r}; "
+                "expected Zarr v3 array or group metadata"
+            )
         (ArrayV3Metadata if node == "array" else GroupMetadata).from_dict(dict(meta))
     except Exception as e:  # noqa: BLE001 - zarr raises many types for bad metadata
-        raise CacheError(f"{what} is not valid Zarr metadata ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); the metadata is damaged. "
-                         f"{REFUSE}") from None
+        raise CacheError(
+            f"{what} is not valid Zarr metadata ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the metadata is damaged. "
+            f"{REFUSE}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------ store
@@ -330,8 +367,12 @@ class GuardedStore(WrapperStore[Store]):
         return self._store
 
     # -- reads
-    async def get(self, key: str, prototype: BufferPrototype | None = None,
-                  byte_range: ByteRequest | None = None) -> Buffer | None:
+    async def get(
+        self,
+        key: str,
+        prototype: BufferPrototype | None = None,
+        byte_range: ByteRequest | None = None,
+    ) -> Buffer | None:
         prototype = prototype or default_buffer_prototype()
         name = key.rsplit("/", 1)[-1]
         if name in ZARR_V2_NAMES:  # zarr looks for these on every open: absent in a cache
@@ -345,8 +386,10 @@ class GuardedStore(WrapperStore[Store]):
         else:
             cap = (await self.limits()).stored(array_of(key))
         if byte_range is not None:  # only bounded ranges (nothing here asks for others)
-            if not (isinstance(byte_range, RangeByteRequest)
-                    and byte_range.end - byte_range.start <= cap + 1):
+            if not (
+                isinstance(byte_range, RangeByteRequest)
+                and byte_range.end - byte_range.start <= cap + 1
+            ):
                 raise CacheError(f"{self.where}: refusing to read {key} with {byte_range}")
             return await self._read(key, prototype, byte_range)
         buf = await self._read(key, prototype, RangeByteRequest(0, cap + 1))
@@ -354,9 +397,11 @@ class GuardedStore(WrapperStore[Store]):
             return None
         data = buf.to_bytes()
         if len(data) > cap:
-            raise CacheError(f"{self.where}: {key} holds more than {cap} bytes, more than "
-                             f"{'a metadata document' if is_meta(key) else 'its chunk'} may; "
-                             f"refusing to read it. {REFUSE}")
+            raise CacheError(
+                f"{self.where}: {key} holds more than {cap} bytes, more than "
+                f"{'a metadata document' if is_meta(key) else 'its chunk'} may; "
+                f"refusing to read it. {REFUSE}"
+            )
         if is_meta(key):
             self._check_metadata(key, data)
         elif not name.startswith("kd-"):
@@ -365,12 +410,15 @@ class GuardedStore(WrapperStore[Store]):
 
     async def _v2_metadata(self, key: str, prototype: BufferPrototype) -> None:
         if await self._read(key, prototype, RangeByteRequest(0, 1)) is not None:
-            raise CacheError(f"{self.where}: {key} is Zarr format 2 metadata; a kd-pipeline cache "
-                             f"is Zarr format 3 only. {REFUSE}")
+            raise CacheError(
+                f"{self.where}: {key} is Zarr format 2 metadata; a kd-pipeline cache "
+                f"is Zarr format 3 only. {REFUSE}"
+            )
         return None
 
-    async def _read(self, key: str, prototype: BufferPrototype,
-                    byte_range: ByteRequest) -> Buffer | None:
+    async def _read(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest
+    ) -> Buffer | None:
         with storage_errors(self.where, keep=KEEP):
             return await self._store.get(key, prototype, byte_range)
 
@@ -396,19 +444,25 @@ class GuardedStore(WrapperStore[Store]):
         """The root's copy of every node's metadata, checked as the nodes' own documents are."""
         if consolidated is None:
             return
-        extra = (sorted(set(consolidated) - {"kind", "must_understand", "metadata"})
-                 if isinstance(consolidated, dict) else ["not an object"])
+        extra = (
+            sorted(set(consolidated) - {"kind", "must_understand", "metadata"})
+            if isinstance(consolidated, dict)
+            else ["not an object"]
+        )
         if extra:
-            raise CacheError(f"{what} declares unexpected {extra} in its consolidated metadata: "
-                             f"not this cache format's metadata. {REFUSE}")
+            raise CacheError(
+                f"{what} declares unexpected {extra} in its consolidated metadata: "
+                f"not this cache format's metadata. {REFUSE}"
+            )
         for path, sub in _obj(consolidated.get("metadata")).items():
             entry = f"{what} (entry {path})"
             if _obj(sub).get("node_type") == "array":
                 check_array_metadata(sub, path, limits, entry)
             else:
                 check_group_metadata(_obj(sub), entry)
-                GuardedStore._check_consolidated(_obj(sub).get("consolidated_metadata"),
-                                                 limits, entry)
+                GuardedStore._check_consolidated(
+                    _obj(sub).get("consolidated_metadata"), limits, entry
+                )
 
     def _check_chunk(self, key: str, data: bytes, limits: Limits) -> None:
         array = array_of(key)
@@ -418,21 +472,27 @@ class GuardedStore(WrapperStore[Store]):
         try:
             size = zstd_content_size(data[:-4])
         except ValueError as e:
-            raise CacheError(f"{self.where}: chunk {key} is not whole zstd frames ({e}); the "
-                             f"chunk is corrupt. {REFUSE}") from None
+            raise CacheError(
+                f"{self.where}: chunk {key} is not whole zstd frames ({e}); the "
+                f"chunk is corrupt. {REFUSE}"
+            ) from None
         if size is None or size > limits.raw(array):
             said = "no size" if size is None else f"{size} bytes"
-            raise CacheError(f"{self.where}: chunk {key} would decompress to {said}; a chunk of "
-                             f"{array} holds at most {limits.raw(array)} bytes by the cache's "
-                             f"header. Refusing to decompress it. {REFUSE}")
+            raise CacheError(
+                f"{self.where}: chunk {key} would decompress to {said}; a chunk of "
+                f"{array} holds at most {limits.raw(array)} bytes by the cache's "
+                f"header. Refusing to decompress it. {REFUSE}"
+            )
 
     async def limits(self) -> Limits:
         """The header's limits, read from the root ``zarr.json`` the first time they are needed."""
         if self._limits is None:
             await self.get(META)  # sets them when the header is readable
         if self._limits is None:
-            raise CacheError(f"{self.where}: no readable kd-pipeline cache header, so no chunk "
-                             "can be read safely; is this a cache made by kd-pipeline?")
+            raise CacheError(
+                f"{self.where}: no readable kd-pipeline cache header, so no chunk "
+                "can be read safely; is this a cache made by kd-pipeline?"
+            )
         return self._limits
 
     async def get_partial_values(
@@ -484,8 +544,10 @@ def check_bundle(store: ZipStore, where: str) -> None:
     except KeyError:
         return
     if info.file_size > MAX_METADATA_BYTES:
-        raise CacheError(f"{where}: refusing this bundle: its {META} declares {info.file_size} "
-                         f"bytes (at most {MAX_METADATA_BYTES}). {REFUSE}")
+        raise CacheError(
+            f"{where}: refusing this bundle: its {META} declares {info.file_size} "
+            f"bytes (at most {MAX_METADATA_BYTES}). {REFUSE}"
+        )
     with store._zf.open(info) as f:
         meta = parse_json(f.read(MAX_METADATA_BYTES + 1), f"{where}: {META}")
     attrs = meta.get("attributes") if isinstance(meta, dict) else None
@@ -495,14 +557,22 @@ def check_bundle(store: ZipStore, where: str) -> None:
     problems = []
     for info in store._zf.infolist():
         key = info.filename
-        cap = (MAX_METADATA_BYTES if is_meta(key) else MAX_BOOKKEEPING_BYTES
-               if key.rsplit("/", 1)[-1].startswith("kd-") else limits.stored(array_of(key)))
+        cap = (
+            MAX_METADATA_BYTES
+            if is_meta(key)
+            else MAX_BOOKKEEPING_BYTES
+            if key.rsplit("/", 1)[-1].startswith("kd-")
+            else limits.stored(array_of(key))
+        )
         if info.file_size > cap or info.compress_size > cap:
-            problems.append(f"entry {key!r} expands to {info.file_size} bytes (at most {cap} for "
-                            "this key by the cache's header)")
+            problems.append(
+                f"entry {key!r} expands to {info.file_size} bytes (at most {cap} for "
+                "this key by the cache's header)"
+            )
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)"
-                                          if len(problems) > 5 else "")
+        shown = "; ".join(problems[:5]) + (
+            f"; ... ({len(problems)} in all)" if len(problems) > 5 else ""
+        )
         raise CacheError(f"{where}: refusing this bundle: {shown}. {REFUSE}")
 
 

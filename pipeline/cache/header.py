@@ -34,39 +34,64 @@ MAX_HEADER_BYTES = 1 << 20  # a header bigger than this is not ours: refuse befo
 def validate_header(h: Any, where: str = "cache") -> dict:
     """Check a header against the format schema; return it, or raise ``CacheError`` listing why."""
     if not isinstance(h, dict):
-        raise CacheError(f"{where}: no kd-pipeline cache header (attribute {ATTR_KEY!r}); is this "
-                         "a logit cache made by `kd-pipeline cache-logits`?")
+        raise CacheError(
+            f"{where}: no kd-pipeline cache header (attribute {ATTR_KEY!r}); is this "
+            "a logit cache made by `kd-pipeline cache-logits`?"
+        )
     if len(json.dumps(h)) > MAX_HEADER_BYTES:
-        raise CacheError(f"{where}: the cache header is over {MAX_HEADER_BYTES} bytes; refusing to "
-                         "use it")
+        raise CacheError(
+            f"{where}: the cache header is over {MAX_HEADER_BYTES} bytes; refusing to use it"
+        )
     if h.get("format") != FORMAT_NAME:
         raise CacheError(f"{where}: format is {h.get('format')!r}, expected {FORMAT_NAME!r}")
     if not isinstance(h.get("version"), int) or h["version"] > FORMAT_VERSION:
-        raise CacheError(f"{where}: cache format version {h.get('version')!r} is not supported by "
-                         f"this kd-pipeline (understands <= {FORMAT_VERSION}); upgrade kd-pipeline")
-    types = {"n": int, "num_classes": int, "rows_per_shard": int, "n_shards": int, "dtype": str,
-             "labeled": bool, "dataset": dict, "members": list, "complete": bool,
-             "class_names": list}
-    problems = [f"{k} should be {t.__name__}, found {type(h.get(k)).__name__}"
-                for k, t in types.items() if not isinstance(h.get(k), t)]
+        raise CacheError(
+            f"{where}: cache format version {h.get('version')!r} is not supported by "
+            f"this kd-pipeline (understands <= {FORMAT_VERSION}); upgrade kd-pipeline"
+        )
+    types = {
+        "n": int,
+        "num_classes": int,
+        "rows_per_shard": int,
+        "n_shards": int,
+        "dtype": str,
+        "labeled": bool,
+        "dataset": dict,
+        "members": list,
+        "complete": bool,
+        "class_names": list,
+    }
+    problems = [
+        f"{k} should be {t.__name__}, found {type(h.get(k)).__name__}"
+        for k, t in types.items()
+        if not isinstance(h.get(k), t)
+    ]
     if not problems:
         if h["n_shards"] != math.ceil(h["n"] / h["rows_per_shard"]):
-            problems.append(f"n_shards={h['n_shards']} does not match n={h['n']} / "
-                            f"rows_per_shard={h['rows_per_shard']}")
+            problems.append(
+                f"n_shards={h['n_shards']} does not match n={h['n']} / "
+                f"rows_per_shard={h['rows_per_shard']}"
+            )
         if h["dtype"] not in ("float16", "float32"):
             problems.append(f"dtype {h['dtype']!r} is not float16 or float32")
         for i, m in enumerate(h["members"]):
-            if (not isinstance(m, dict) or m.get("index") != i
-                    or not isinstance(m.get("checkpoint_sha256"), str)):
+            if (
+                not isinstance(m, dict)
+                or m.get("index") != i
+                or not isinstance(m.get("checkpoint_sha256"), str)
+            ):
                 problems.append(f"member {i} entry is malformed")
             elif m.get("num_classes") != h["num_classes"]:
-                problems.append(f"member {i} has {m.get('num_classes')} classes, the cache "
-                                f"{h['num_classes']}")
+                problems.append(
+                    f"member {i} has {m.get('num_classes')} classes, the cache {h['num_classes']}"
+                )
         if not isinstance(h["dataset"].get("fingerprint"), str):
             problems.append("dataset.fingerprint is missing")
     if problems:
-        raise CacheError(f"{where}: the cache header does not match format {FORMAT_NAME} "
-                         f"v{FORMAT_VERSION}: " + "; ".join(problems))
+        raise CacheError(
+            f"{where}: the cache header does not match format {FORMAT_NAME} "
+            f"v{FORMAT_VERSION}: " + "; ".join(problems)
+        )
     return h
 
 
@@ -123,9 +148,19 @@ class _Record:
 class DatasetRecord(_Record):
     """The transfer set a cache was made on (``Dataset.describe()``)."""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("spec", "fingerprint", "n", "sample_shape", "input_dtype",
-                                       "labeled", "num_classes", "class_names", "input_stats",
-                                       "modifiers", "source")
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "spec",
+        "fingerprint",
+        "n",
+        "sample_shape",
+        "input_dtype",
+        "labeled",
+        "num_classes",
+        "class_names",
+        "input_stats",
+        "modifiers",
+        "source",
+    )
 
     spec: str | None
     fingerprint: str
@@ -151,9 +186,18 @@ class DatasetRecord(_Record):
 class MemberRecord(_Record):
     """One teacher of the cache: ``{index, array, path, checkpoint_sha256, ..., added}``."""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("index", "array", "path", "checkpoint_sha256", "model_spec",
-                                       "num_classes", "train_dataset", "train_dataset_fingerprint",
-                                       "metrics", "added")
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "index",
+        "array",
+        "path",
+        "checkpoint_sha256",
+        "model_spec",
+        "num_classes",
+        "train_dataset",
+        "train_dataset_fingerprint",
+        "metrics",
+        "added",
+    )
 
     index: int
     array: str | None
@@ -181,10 +225,26 @@ class CacheHeader(_Record):
     Read with :meth:`from_dict` (strict); :meth:`to_dict` gives the JSON the writer always wrote.
     """
 
-    KEYS: ClassVar[tuple[str, ...]] = ("format", "version", "n", "num_classes", "class_names",
-                                       "rows_per_shard", "n_shards", "dtype", "codecs", "labeled",
-                                       "dataset", "members", "tool", "tool_version", "created",
-                                       "command", "complete", "completed_at")
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "format",
+        "version",
+        "n",
+        "num_classes",
+        "class_names",
+        "rows_per_shard",
+        "n_shards",
+        "dtype",
+        "codecs",
+        "labeled",
+        "dataset",
+        "members",
+        "tool",
+        "tool_version",
+        "created",
+        "command",
+        "complete",
+        "completed_at",
+    )
 
     format: str
     version: int
@@ -221,16 +281,42 @@ class CacheHeader(_Record):
         return cls(**values)
 
     @classmethod
-    def new(cls, *, n: int, num_classes: int, class_names: Sequence[str], rows_per_shard: int,
-            dtype: str, codecs: Sequence[str], labeled: bool, dataset: Mapping[str, Any],
-            tool_version: str, created: str, command: str) -> CacheHeader:
+    def new(
+        cls,
+        *,
+        n: int,
+        num_classes: int,
+        class_names: Sequence[str],
+        rows_per_shard: int,
+        dtype: str,
+        codecs: Sequence[str],
+        labeled: bool,
+        dataset: Mapping[str, Any],
+        tool_version: str,
+        created: str,
+        command: str,
+    ) -> CacheHeader:
         """The header of a cache being created: no members yet, not complete."""
-        return cls(format=FORMAT_NAME, version=FORMAT_VERSION, n=n, num_classes=num_classes,
-                   class_names=tuple(class_names), rows_per_shard=rows_per_shard,
-                   n_shards=math.ceil(n / rows_per_shard), dtype=dtype, codecs=tuple(codecs),
-                   labeled=labeled, dataset=DatasetRecord.from_dict(dataset), members=(),
-                   tool="kd-pipeline", tool_version=tool_version, created=created, command=command,
-                   complete=False, completed_at=None)
+        return cls(
+            format=FORMAT_NAME,
+            version=FORMAT_VERSION,
+            n=n,
+            num_classes=num_classes,
+            class_names=tuple(class_names),
+            rows_per_shard=rows_per_shard,
+            n_shards=math.ceil(n / rows_per_shard),
+            dtype=dtype,
+            codecs=tuple(codecs),
+            labeled=labeled,
+            dataset=DatasetRecord.from_dict(dataset),
+            members=(),
+            tool="kd-pipeline",
+            tool_version=tool_version,
+            created=created,
+            command=command,
+            complete=False,
+            completed_at=None,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The header's JSON object, as the writer has always written it."""
@@ -244,8 +330,11 @@ class CacheHeader(_Record):
     # -- changes (each returns a new header)
     def with_member(self, entry: Mapping[str, Any]) -> CacheHeader:
         """The header with ``entry`` appended to ``members``, no longer complete."""
-        return self._with(members=(*self.members, MemberRecord.from_dict(entry)), complete=False,
-                          completed_at=None)
+        return self._with(
+            members=(*self.members, MemberRecord.from_dict(entry)),
+            complete=False,
+            completed_at=None,
+        )
 
     def completed(self, at: str) -> CacheHeader:
         """The header marked complete at time ``at``."""
@@ -264,7 +353,11 @@ class CacheHeader(_Record):
         ``members`` the fingerprint covers just that subset (what a run actually used).
         """
         chosen = self.members if members is None else [self.members[i] for i in members]
-        ident = {"dataset": self.dataset.fingerprint,
-                 "members": [m.checkpoint_sha256 for m in chosen],
-                 "dtype": self.dtype, "n": self.n, "num_classes": self.num_classes}
+        ident = {
+            "dataset": self.dataset.fingerprint,
+            "members": [m.checkpoint_sha256 for m in chosen],
+            "dtype": self.dtype,
+            "n": self.n,
+            "num_classes": self.num_classes,
+        }
         return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

@@ -96,8 +96,10 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise CacheError(f"--storage-option expects KEY=VALUE (e.g. "
-                             f"endpoint_url=http://127.0.0.1:9000), got {item!r}")
+            raise CacheError(
+                f"--storage-option expects KEY=VALUE (e.g. "
+                f"endpoint_url=http://127.0.0.1:9000), got {item!r}"
+            )
         try:
             parsed: Any = json.loads(value)
         except ValueError:
@@ -138,13 +140,16 @@ def validate_zip(path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise CacheError(f"{path}: no such cache bundle; make one with `kd-pipeline cache pack "
-                         f"CACHE {path}`")
+        raise CacheError(
+            f"{path}: no such cache bundle; make one with `kd-pipeline cache pack CACHE {path}`"
+        )
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
-        raise CacheError(f"{path}: not a readable zip file ({e}); expected a bundle made by "
-                         "`kd-pipeline cache pack`. Get a good copy") from None
+        raise CacheError(
+            f"{path}: not a readable zip file ({e}); expected a bundle made by "
+            "`kd-pipeline cache pack`. Get a good copy"
+        ) from None
     with zf:
         infos = zf.infolist()
         problems = []
@@ -164,8 +169,9 @@ def validate_zip(path: str | Path) -> None:
             if info.flag_bits & 0x1:
                 problems.append(f"entry {name!r} is encrypted")
             if info.file_size > MAX_ZIP_ENTRY_BYTES:
-                problems.append(f"entry {name!r} is {info.file_size} bytes (limit "
-                                f"{MAX_ZIP_ENTRY_BYTES})")
+                problems.append(
+                    f"entry {name!r} is {info.file_size} bytes (limit {MAX_ZIP_ENTRY_BYTES})"
+                )
             if name in names:
                 problems.append(f"entry {name!r} appears twice")
             names.add(name)
@@ -173,11 +179,14 @@ def validate_zip(path: str | Path) -> None:
         if total > MAX_ZIP_TOTAL_BYTES:
             problems.append(f"{total} bytes uncompressed in all (limit {MAX_ZIP_TOTAL_BYTES})")
     if problems:
-        shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} problems in "
-                                            "all)" if len(problems) > 10 else "")
-        raise CacheError(f"{path}: refusing this bundle: {shown}. A cache bundle holds only "
-                         "relative Zarr keys (zarr.json, ids/c/0, members/0/logits/c/0/0, ...). Do "
-                         "not use it; ask its sender for a bundle made by `kd-pipeline cache pack`")
+        shown = "; ".join(problems[:10]) + (
+            f"; ... ({len(problems)} problems in all)" if len(problems) > 10 else ""
+        )
+        raise CacheError(
+            f"{path}: refusing this bundle: {shown}. A cache bundle holds only "
+            "relative Zarr keys (zarr.json, ids/c/0, members/0/logits/c/0/0, ...). Do "
+            "not use it; ask its sender for a bundle made by `kd-pipeline cache pack`"
+        )
 
 
 # ----------------------------------------------------------------------------------------- location
@@ -205,8 +214,9 @@ class CacheLocation:
     _stores: dict[str, Store] = field(default_factory=dict, init=False, compare=False, hash=False)
 
     @classmethod
-    def parse(cls, location: str | Path | CacheLocation,
-              storage_options: Mapping[str, Any] | None = None) -> CacheLocation:
+    def parse(
+        cls, location: str | Path | CacheLocation, storage_options: Mapping[str, Any] | None = None
+    ) -> CacheLocation:
         """Resolve ``location`` (and, for a URL, its storage options) into a value; validated once.
 
         A value given as ``location`` is returned as it is. Storage options only apply to URLs: with
@@ -219,21 +229,26 @@ class CacheLocation:
         """
         if isinstance(location, CacheLocation):
             if storage_options:
-                raise TypeError("a CacheLocation carries its own storage options; parse its "
-                                "text to give others")
+                raise TypeError(
+                    "a CacheLocation carries its own storage options; parse its text to give others"
+                )
             return location
         text = str(location)
         if not text.strip():
-            raise CacheError("no cache location given; expected a directory NAME.zarr, a bundle "
-                             "NAME.zarr.zip or an s3://bucket/prefix/NAME.zarr URL")
+            raise CacheError(
+                "no cache location given; expected a directory NAME.zarr, a bundle "
+                "NAME.zarr.zip or an s3://bucket/prefix/NAME.zarr URL"
+            )
         text = text.rstrip("/") or text
         kind: Kind = "url" if is_url(text) else "zip" if is_zip(text) else "dir"
         options = dict(storage_options or {}) if kind == "url" else {}
         try:
             options_json = json.dumps(options, sort_keys=True)
         except (TypeError, ValueError) as e:
-            raise CacheError(f"{text}: storage options must be plain JSON values (strings, "
-                             f"numbers, booleans, null, lists, objects): {e}") from None
+            raise CacheError(
+                f"{text}: storage options must be plain JSON values (strings, "
+                f"numbers, booleans, null, lists, objects): {e}"
+            ) from None
         return cls(text, kind, options_json)
 
     # -- what it is
@@ -273,8 +288,11 @@ class CacheLocation:
 
     def __repr__(self) -> str:
         opts = redact_options(self.storage_options)
-        return f"CacheLocation({self.text!r}, kind={self.kind!r}" + (f", storage_options={opts}"
-                                                                    if opts else "") + ")"
+        return (
+            f"CacheLocation({self.text!r}, kind={self.kind!r}"
+            + (f", storage_options={opts}" if opts else "")
+            + ")"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {"text": self.text, "kind": self.kind, "options_json": self.options_json}
@@ -314,17 +332,24 @@ class CacheLocation:
     def _raw_store(self, mode: str) -> Store:
         if self.kind == "url":
             try:
-                return FsspecStore.from_url(self.text, read_only=mode == "r",
-                                            storage_options=_fsspec_options(self.storage_options))
+                return FsspecStore.from_url(
+                    self.text,
+                    read_only=mode == "r",
+                    storage_options=_fsspec_options(self.storage_options),
+                )
             except ImportError as e:
-                raise CacheError(f"{self.text}: this URL needs an fsspec backend that is not "
-                                 f"installed ({e}); for s3:// install s3fs "
-                                 "(`pip install s3fs`)") from None
+                raise CacheError(
+                    f"{self.text}: this URL needs an fsspec backend that is not "
+                    f"installed ({e}); for s3:// install s3fs "
+                    "(`pip install s3fs`)"
+                ) from None
         if self.kind == "zip":
             if mode != "r":
-                raise CacheError(f"{self.text}: a .zarr.zip bundle is read-only; write to a "
-                                 "directory or s3:// URL and bundle it with `kd-pipeline cache "
-                                 f"pack CACHE {self.text}`")
+                raise CacheError(
+                    f"{self.text}: a .zarr.zip bundle is read-only; write to a "
+                    "directory or s3:// URL and bundle it with `kd-pipeline cache "
+                    f"pack CACHE {self.text}`"
+                )
             validate_zip(local_path(self.text))
             store = ZipStore(local_path(self.text), mode="r")
             check_bundle(store, self.display)  # entry sizes against the header, before zarr reads
@@ -348,8 +373,11 @@ class CacheLocation:
         return CacheLock(self)
 
 
-def open_store(location: str | Path | CacheLocation, mode: Literal["r", "w"] = "r",
-               storage_options: Mapping[str, Any] | None = None) -> Store:
+def open_store(
+    location: str | Path | CacheLocation,
+    mode: Literal["r", "w"] = "r",
+    storage_options: Mapping[str, Any] | None = None,
+) -> Store:
     """``CacheLocation.parse(location, storage_options).open(mode)``: for one-off uses (tests)."""
     return CacheLocation.parse(location, storage_options).open(mode)
 
@@ -378,8 +406,10 @@ def key_sizes(store: Store) -> dict[str, int]:
     if isinstance(store, FsspecStore):
         found = sync(store.fs._find(store.path, detail=True, withdirs=False))
         base = store.path.rstrip("/") + "/"
-        return {name.removeprefix(base): int(info.get("size") or 0)
-                for name, info in sorted(found.items())}
+        return {
+            name.removeprefix(base): int(info.get("size") or 0)
+            for name, info in sorted(found.items())
+        }
     if isinstance(store, ZipStore):
         if not store._is_open:
             sync(store._open())
@@ -398,7 +428,6 @@ def put_bytes(store: Store, key: str, data: bytes) -> None:
 
 def delete_key(store: Store, key: str) -> None:
     sync(store.delete(key))
-
 
 
 # -------------------------------------------------------------------------------------------- lease
@@ -442,9 +471,16 @@ class StoreLease:
 
     def _body(self) -> bytes:
         now = time.time()
-        return json.dumps({"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "renewed": now,
-                           "expires": now + self.seconds}).encode()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "renewed": now,
+                "expires": now + self.seconds,
+            }
+        ).encode()
 
     def _put(self, **cond: str) -> str:
         out = sync(self.fs._pipe_file(self.key, self._body(), **cond))
@@ -489,14 +525,17 @@ class StoreLease:
                 reason = explain(e, self.location)
                 if isinstance(reason, StorageError) and not _conditional_write_refused(e):
                     raise reason from e
-                raise CacheError(f"{self.location}: could not take the writer lease ({e}); the "
-                                 "object store must support conditional writes (If-None-Match), as "
-                                 "AWS S3 does") from None
+                raise CacheError(
+                    f"{self.location}: could not take the writer lease ({e}); the "
+                    "object store must support conditional writes (If-None-Match), as "
+                    "AWS S3 does"
+                ) from None
             self._thread = threading.Thread(target=self._renew_loop, name="kd-lease", daemon=True)
             self._thread.start()
             return self
-        raise CacheError(f"{self.location}: could not take the writer lease (it changed hands "
-                         "while we tried)")
+        raise CacheError(
+            f"{self.location}: could not take the writer lease (it changed hands while we tried)"
+        )
 
     def _renew_loop(self) -> None:
         renewed = time.time()
@@ -516,15 +555,18 @@ class StoreLease:
             except Exception:  # noqa: BLE001 - the store is unreachable: only expiry decides
                 taken = False
             if taken or time.time() > renewed + self.seconds:
-                self.lost = (error if not taken
-                             else f"taken over by lease {other.get('owner')} ({error})")
+                self.lost = (
+                    error if not taken else f"taken over by lease {other.get('owner')} ({error})"
+                )
                 return
 
     def check(self) -> None:
         """Raise if the lease was lost (taken over by another writer after this one stalled)."""
         if self.lost:
-            raise CacheError(f"{self.location}: this writer lost its lease ({self.lost}); another "
-                             "process may be writing the cache. Re-run the command to resume it")
+            raise CacheError(
+                f"{self.location}: this writer lost its lease ({self.lost}); another "
+                "process may be writing the cache. Re-run the command to resume it"
+            )
 
     def release(self) -> None:
         self._stop.set()
@@ -579,8 +621,11 @@ class CacheLock:
             self.lease.acquire()
             self.held = True
             return self
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         tmp = self.path.with_name(f"{self.NAME}.{me['pid']}.tmp")
         try:
             tmp.write_text(json.dumps(me))  # inside: a full disk must not leave it behind

@@ -128,23 +128,33 @@ class VerifyReport:
         h = self.header
         lines = [f"cache      {self.location}"]
         if h is not None:
-            lines.append(f"header     {h.format} v{h.version}: {h.n} rows x {h.num_classes} "
-                         f"classes x {len(h.members)} member(s), {h.n_shards} shards, {h.dtype}, "
-                         f"{'complete' if h.complete else 'PARTIAL'}")
-        lines.append(f"read       {self.chunks_read} chunks, {self.bytes_read / 2**20:.2f} MiB in "
-                     f"{self.seconds:.2f}s")
+            lines.append(
+                f"header     {h.format} v{h.version}: {h.n} rows x {h.num_classes} "
+                f"classes x {len(h.members)} member(s), {h.n_shards} shards, {h.dtype}, "
+                f"{'complete' if h.complete else 'PARTIAL'}"
+            )
+        lines.append(
+            f"read       {self.chunks_read} chunks, {self.bytes_read / 2**20:.2f} MiB in "
+            f"{self.seconds:.2f}s"
+        )
         lines += [f"note       {n}" for n in self.notes]
         if self.ok:
-            lines.append("result     OK: every chunk read and checksummed, metadata matches the "
-                         "format schema")
+            lines.append(
+                "result     OK: every chunk read and checksummed, metadata matches the "
+                "format schema"
+            )
         else:
             lines.append(f"result     {len(self.problems)} PROBLEM(S):")
             lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
 
 
-def verify_cache(location: str | Path | CacheLocation, dataset: str | None = None,
-                 data_dir: str | None = None, progress: bool = False) -> VerifyReport:
+def verify_cache(
+    location: str | Path | CacheLocation,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    progress: bool = False,
+) -> VerifyReport:
     """Check a cache end to end; see the module docstring. Never raises for a problem with the cache
     itself; a storage failure (``StorageError``) is raised.
 
@@ -169,8 +179,13 @@ def verify_cache(location: str | Path | CacheLocation, dataset: str | None = Non
 Expected = list[tuple[str, tuple[int, ...], str, tuple[int, ...]]]  # name, shape, dtype, chunks
 
 
-def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, progress: bool,
-            rep: VerifyReport) -> None:
+def _verify(
+    where: CacheLocation,
+    dataset: str | None,
+    data_dir: str | None,
+    progress: bool,
+    rep: VerifyReport,
+) -> None:
     """The checks, in order; one that finds the cache unreadable (``CacheError``) stops the rest."""
     store, sizes = _stored_objects(where)
     _check_keys(sizes, rep)
@@ -180,14 +195,18 @@ def _verify(where: CacheLocation, dataset: str | None, data_dir: str | None, pro
     rep.header = h
     foreign = _foreign(sizes, h)
     if foreign:
-        rep.problems.append(f"{len(foreign)} object(s) are not part of the cache "
-                            f"({_some(foreign)}); a cache holds only its metadata and the chunks "
-                            "its header implies")
+        rep.problems.append(
+            f"{len(foreign)} object(s) are not part of the cache "
+            f"({_some(foreign)}); a cache holds only its metadata and the chunks "
+            "its header implies"
+        )
     # zarr reads an array without its parent groups' metadata, so nothing else would notice.
     lost = sorted(k for k in own_keys(h) if _is_meta(k) and k not in sizes)
     if lost:
-        rep.problems.append(f"metadata {_some(lost)} is missing; the cache's Zarr hierarchy is "
-                            "incomplete (a copy that did not finish, or damage): get a good copy")
+        rep.problems.append(
+            f"metadata {_some(lost)} is missing; the cache's Zarr hierarchy is "
+            "incomplete (a copy that did not finish, or damage): get a good copy"
+        )
     expected = expected_arrays(h)
     _check_metadata(store, sizes, h, rep)
     _check_group_metadata(store, h, sizes, rep)
@@ -210,8 +229,10 @@ def _stored_objects(where: CacheLocation) -> tuple[Store, dict[str, int]]:
     store = where.open("r")
     sizes = key_sizes(store)
     if META not in sizes:
-        raise CacheError(f"{where}: no zarr.json at its root: not a cache, or a copy that did not "
-                         "finish (re-run `kd-pipeline cache copy` to complete it)")
+        raise CacheError(
+            f"{where}: no zarr.json at its root: not a cache, or a copy that did not "
+            "finish (re-run `kd-pipeline cache copy` to complete it)"
+        )
     return store, sizes
 
 
@@ -221,14 +242,16 @@ def _check_keys(sizes: dict[str, int], rep: VerifyReport) -> None:
         if _is_meta(key) and size > MAX_METADATA_BYTES:
             rep.problems.append(f"metadata {key} is {size} bytes (limit {MAX_METADATA_BYTES})")
         if key.rsplit("/", 1)[-1] == CREATING_MARKER:
-            rep.problems.append(f"{key} present: the cache's creation was interrupted; re-run "
-                                "cache-logits")
+            rep.problems.append(
+                f"{key} present: the cache's creation was interrupted; re-run cache-logits"
+            )
         elif key.rsplit("/", 1)[-1].startswith(LEASE_NAME):
             rep.notes.append(f"{key} present: a writer is running, or one was interrupted")
 
 
-def _check_group_metadata(store: Store, h: CacheHeader, sizes: dict[str, int],
-                          rep: VerifyReport) -> None:
+def _check_group_metadata(
+    store: Store, h: CacheHeader, sizes: dict[str, int], rep: VerifyReport
+) -> None:
     """Read the groups' own metadata (``members/zarr.json``, ...) through the guard, which checks
     it: zarr opens arrays without them, so no other check would read them."""
     arrays = {e[0] for e in expected_arrays(h)}
@@ -251,13 +274,13 @@ def _read_verified_header(store: Store, where: CacheLocation) -> tuple[zarr.Grou
     except KDError:
         raise  # the guard's own message names the document and what is wrong with it
     except Exception as e:  # noqa: BLE001 - unparsable JSON, wrong zarr format, ...
-        raise CacheError(f"{where}: zarr.json does not parse as Zarr v3 group metadata "
-                         f"({type(e).__name__}: {e})") from None
+        raise CacheError(
+            f"{where}: zarr.json does not parse as Zarr v3 group metadata ({type(e).__name__}: {e})"
+        ) from None
     return group, CacheHeader.from_dict(attrs, where.display)
 
 
-def _check_metadata(store: Store, sizes: dict[str, int], h: CacheHeader,
-                    rep: VerifyReport) -> None:
+def _check_metadata(store: Store, sizes: dict[str, int], h: CacheHeader, rep: VerifyReport) -> None:
     """Every array's and group's ``zarr.json`` parses and equals its consolidated copy.
 
     Metadata has no checksum, and zarr ignores keys it does not know, so an altered byte can read
@@ -266,8 +289,11 @@ def _check_metadata(store: Store, sizes: dict[str, int], h: CacheHeader,
     means one of the two was altered. A partial cache has no such copy yet: parsing only.
     """
     root = _json(get_bytes(store, META))
-    copies = ((root.get("consolidated_metadata") or {}).get("metadata") or {}) \
-        if isinstance(root, dict) and h.complete else {}
+    copies = (
+        ((root.get("consolidated_metadata") or {}).get("metadata") or {})
+        if isinstance(root, dict) and h.complete
+        else {}
+    )
     for key in sorted(k for k in sizes if _is_meta(k) and k != META and not _is_bookkeeping(k)):
         if sizes[key] > MAX_METADATA_BYTES:
             continue  # a problem already (_check_keys), and not to be parsed
@@ -278,16 +304,19 @@ def _check_metadata(store: Store, sizes: dict[str, int], h: CacheHeader,
         except KDError:
             continue  # the read guard refused it: reported by name with its array or group
         if isinstance(stored, Exception):
-            rep.problems.append(f"metadata {key} does not parse ({type(stored).__name__}: "
-                                f"{str(stored)[:120]})")
+            rep.problems.append(
+                f"metadata {key} does not parse ({type(stored).__name__}: {str(stored)[:120]})"
+            )
             continue
         copy = copies.get(key.removesuffix("/" + META))
         if copy is None:
             continue  # none to compare with: partial, or consolidated before this array existed
         # zarr adds an empty "consolidated_metadata" to a group's copy; nothing else differs.
         if _plain(stored) != _plain(copy):
-            rep.problems.append(f"metadata {key} differs from its copy consolidated in {META} "
-                                "(one of them was altered)")
+            rep.problems.append(
+                f"metadata {key} differs from its copy consolidated in {META} "
+                "(one of them was altered)"
+            )
 
 
 def _json(data: bytes | None) -> Any:
@@ -299,12 +328,16 @@ def _json(data: bytes | None) -> Any:
 
 
 def _plain(meta: Any) -> Any:
-    return {k: v for k, v in meta.items() if k != "consolidated_metadata"} \
-        if isinstance(meta, dict) else meta
+    return (
+        {k: v for k, v in meta.items() if k != "consolidated_metadata"}
+        if isinstance(meta, dict)
+        else meta
+    )
 
 
-def _check_arrays(group: zarr.Group, expected: Expected,
-                  rep: VerifyReport) -> dict[str, zarr.Array]:
+def _check_arrays(
+    group: zarr.Group, expected: Expected, rep: VerifyReport
+) -> dict[str, zarr.Array]:
     """The expected arrays that exist with the header's shape, dtype and chunks (else: problems)."""
     arrays: dict[str, zarr.Array] = {}
     for name, shape, dtype, chunks in expected:
@@ -317,37 +350,49 @@ def _check_arrays(group: zarr.Group, expected: Expected,
             rep.problems.append(f"array {name}: {e}")
             continue
         except Exception as e:  # noqa: BLE001 - zarr's parse errors (JSON, schema, nesting) vary
-            rep.problems.append(f"array {name}: its metadata does not parse ({type(e).__name__}: "
-                                f"{str(e)[:200]})")
+            rep.problems.append(
+                f"array {name}: its metadata does not parse ({type(e).__name__}: {str(e)[:200]})"
+            )
             continue
         if not isinstance(arr, zarr.Array):
             rep.problems.append(f"{name} is a group, expected an array")
             continue
         found = (tuple(arr.shape), str(arr.dtype), tuple(arr.chunks))
         if found != (shape, dtype, chunks):
-            rep.problems.append(f"array {name} has shape {found[0]}, dtype {found[1]}, chunks "
-                                f"{found[2]}; the header says shape {shape}, dtype {dtype}, "
-                                f"chunks {chunks}")
+            rep.problems.append(
+                f"array {name} has shape {found[0]}, dtype {found[1]}, chunks "
+                f"{found[2]}; the header says shape {shape}, dtype {dtype}, "
+                f"chunks {chunks}"
+            )
             continue
         arrays[name] = arr
     return arrays
 
 
-def _read_done_flags(arrays: dict[str, zarr.Array], h: CacheHeader, sizes: dict[str, int],
-                     rep: VerifyReport) -> dict[int, np.ndarray]:
+def _read_done_flags(
+    arrays: dict[str, zarr.Array], h: CacheHeader, sizes: dict[str, int], rep: VerifyReport
+) -> dict[int, np.ndarray]:
     """Each member's done flags (a chunk each), read first: they say which logit chunks must be."""
     done: dict[int, np.ndarray] = {}
     for m in h.members:
         name = member_done(m.index)
         if name in arrays:
-            done[m.index] = _read_chunks(arrays[name], name, h.n_shards, 1, sizes, rep,
-                                         required=False).astype(bool)
+            done[m.index] = _read_chunks(
+                arrays[name], name, h.n_shards, 1, sizes, rep, required=False
+            ).astype(bool)
     return done
 
 
-def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader,
-               done: dict[int, np.ndarray], sizes: dict[str, int], rep: VerifyReport,
-               progress: bool, data: Dataset | None) -> dict[str, np.ndarray]:
+def _read_data(
+    arrays: dict[str, zarr.Array],
+    expected: Expected,
+    h: CacheHeader,
+    done: dict[int, np.ndarray],
+    sizes: dict[str, int],
+    rep: VerifyReport,
+    progress: bool,
+    data: Dataset | None,
+) -> dict[str, np.ndarray]:
     """Read every chunk of ids, labels and logits (checksums), then check the values read.
 
     Returns:
@@ -356,8 +401,12 @@ def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader
     values: dict[str, np.ndarray] = {}
     names = [e[0] for e in expected if e[0] in arrays and not e[0].endswith("/done")]
     # The bar counts exactly the chunks read below (not metadata or done flags): it ends at 100 %.
-    total = sum(sizes[key] for name in names
-                for _, key in _chunk_keys(arrays[name], name, h.n_shards) if key in sizes)
+    total = sum(
+        sizes[key]
+        for name in names
+        for _, key in _chunk_keys(arrays[name], name, h.n_shards)
+        if key in sizes
+    )
     bar = progress_bar(total=total, enabled=progress, unit="B", unit_scale=True, desc="verify")
     try:
         for name in names:
@@ -366,8 +415,17 @@ def _read_data(arrays: dict[str, zarr.Array], expected: Expected, h: CacheHeader
             # before its done flag: those chunks must exist (a not-done shard's are pending).
             required = done.get(member, False) if member is not None else True
             excused = _fill_proven(name, h, data)
-            read = _read_chunks(arrays[name], name, h.n_shards, h.rows_per_shard, sizes, rep,
-                                required=required, bar=bar, excused=excused)
+            read = _read_chunks(
+                arrays[name],
+                name,
+                h.n_shards,
+                h.rows_per_shard,
+                sizes,
+                rep,
+                required=required,
+                bar=bar,
+                excused=excused,
+            )
             _check_values(name, member, read, h, rep)
             if member is None:
                 values[name] = read
@@ -383,15 +441,21 @@ def _fill_proven(name: str, h: CacheHeader, data: Dataset | None) -> np.ndarray 
     cache's own dataset can tell such a chunk from a deleted one, so without ``--dataset`` (or
     with another dataset) none is excused.
     """
-    if (name != "labels" or data is None or data.y is None
-            or data.fingerprint != h.dataset.fingerprint or len(data.y) != h.n):
+    if (
+        name != "labels"
+        or data is None
+        or data.y is None
+        or data.fingerprint != h.dataset.fingerprint
+        or len(data.y) != h.n
+    ):
         return None
     starts = np.arange(h.n_shards) * h.rows_per_shard
     return np.logical_or.reduceat(data.y != 0, starts) == 0
 
 
-def _check_values(name: str, member: int | None, values: np.ndarray, h: CacheHeader,
-                  rep: VerifyReport) -> None:
+def _check_values(
+    name: str, member: int | None, values: np.ndarray, h: CacheHeader, rep: VerifyReport
+) -> None:
     """Logits must be finite; sample ids must not repeat; labels must be class indices."""
     if member is not None and not np.isfinite(values.astype(np.float32)).all():
         bad = np.flatnonzero(~np.isfinite(values.astype(np.float32)).all(axis=1))
@@ -401,13 +465,16 @@ def _check_values(name: str, member: int | None, values: np.ndarray, h: CacheHea
     if name == "labels":
         bad = np.flatnonzero((values < 0) | (values >= h.num_classes))
         if bad.size:
-            rep.problems.append(f"array labels holds {bad.size} values outside "
-                                f"0..{h.num_classes - 1} (rows {bad[:10].tolist()} hold "
-                                f"{values[bad[:10]].tolist()})")
+            rep.problems.append(
+                f"array labels holds {bad.size} values outside "
+                f"0..{h.num_classes - 1} (rows {bad[:10].tolist()} hold "
+                f"{values[bad[:10]].tolist()})"
+            )
 
 
-def _check_completion(h: CacheHeader, done: dict[int, np.ndarray], writer: bool,
-                      rep: VerifyReport) -> None:
+def _check_completion(
+    h: CacheHeader, done: dict[int, np.ndarray], writer: bool, rep: VerifyReport
+) -> None:
     """The header's ``complete`` against the done flags (a partial cache is a note, not a problem).
 
     Args:
@@ -416,13 +483,21 @@ def _check_completion(h: CacheHeader, done: dict[int, np.ndarray], writer: bool,
     total = h.n_shards * len(h.members)
     written = sum(int(d.sum()) for d in done.values())
     if h.complete and written != total:
-        missing = [f"member {m} shards {np.flatnonzero(~d)[:10].tolist()}" for m, d in done.items()
-                   if not d.all()]
-        rep.problems.append(f"the header says complete, but {total - written}/{total} "
-                            "member-shards are not marked done: " + "; ".join(missing))
+        missing = [
+            f"member {m} shards {np.flatnonzero(~d)[:10].tolist()}"
+            for m, d in done.items()
+            if not d.all()
+        ]
+        rep.problems.append(
+            f"the header says complete, but {total - written}/{total} "
+            "member-shards are not marked done: " + "; ".join(missing)
+        )
     elif not h.complete:
-        pending = (f"the other {total - written} are pending: a writer holds the lock and is "
-                   "filling them" if writer else "resume it with cache-logits")
+        pending = (
+            f"the other {total - written} are pending: a writer holds the lock and is filling them"
+            if writer
+            else "resume it with cache-logits"
+        )
         rep.notes.append(f"partial cache: {written}/{total} member-shards done ({pending})")
 
 
@@ -432,17 +507,20 @@ def _load_dataset(spec: str, data_dir: str | None) -> Dataset:
     return load_dataset(spec, data_dir)
 
 
-def _check_dataset(h: CacheHeader, data: Dataset, values: dict[str, np.ndarray],
-                   rep: VerifyReport) -> None:
+def _check_dataset(
+    h: CacheHeader, data: Dataset, values: dict[str, np.ndarray], rep: VerifyReport
+) -> None:
     """The given dataset against the one the cache was made on: fingerprint, then ids and labels.
 
     The fingerprint covers the dataset's inputs and labels, the header only records it: ids and
     labels rewritten in the cache are found by comparing the arrays themselves.
     """
     if data.fingerprint != h.dataset.fingerprint:
-        rep.problems.append(f"dataset {data.spec} has fingerprint {data.fingerprint}; the cache "
-                            f"was made on {h.dataset.spec} with fingerprint "
-                            f"{h.dataset.fingerprint}")
+        rep.problems.append(
+            f"dataset {data.spec} has fingerprint {data.fingerprint}; the cache "
+            f"was made on {h.dataset.spec} with fingerprint "
+            f"{h.dataset.fingerprint}"
+        )
         return
     rep.notes.append(f"dataset {data.spec} matches ({data.fingerprint})")
     for name, theirs in (("ids", data.ids), ("labels", data.y)):
@@ -451,20 +529,32 @@ def _check_dataset(h: CacheHeader, data: Dataset, values: dict[str, np.ndarray],
             continue
         bad = np.flatnonzero(ours != theirs)
         if bad.size:
-            rep.problems.append(f"array {name} differs from the dataset's in {bad.size} rows "
-                                f"(sample ids {data.ids[bad[:10]].tolist()}: cache "
-                                f"{ours[bad[:10]].tolist()}, dataset {theirs[bad[:10]].tolist()})")
+            rep.problems.append(
+                f"array {name} differs from the dataset's in {bad.size} rows "
+                f"(sample ids {data.ids[bad[:10]].tolist()}: cache "
+                f"{ours[bad[:10]].tolist()}, dataset {theirs[bad[:10]].tolist()})"
+            )
 
 
 def _chunk_keys(arr: zarr.Array, name: str, n_chunks: int) -> list[tuple[int, str]]:
     """(row block, store key) of each of ``arr``'s ``n_chunks`` row-block chunks."""
-    return [(i, f"{name}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}")
-            for i in range(n_chunks)]
+    return [
+        (i, f"{name}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}")
+        for i in range(n_chunks)
+    ]
 
 
-def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: dict[str, int],
-                 rep: VerifyReport, required: bool | np.ndarray, bar: Bar | None = None,
-                 excused: np.ndarray | None = None) -> np.ndarray:
+def _read_chunks(
+    arr: zarr.Array,
+    name: str,
+    n_chunks: int,
+    rows: int,
+    sizes: dict[str, int],
+    rep: VerifyReport,
+    required: bool | np.ndarray,
+    bar: Bar | None = None,
+    excused: np.ndarray | None = None,
+) -> np.ndarray:
     """Read ``arr`` chunk by chunk (row blocks), recording missing and unreadable chunks by key.
 
     Args:
@@ -478,12 +568,19 @@ def _read_chunks(arr: zarr.Array, name: str, n_chunks: int, rows: int, sizes: di
         if key in sizes:
             present.append((i, key))
         elif must and excused is not None and excused[i]:
-            rep.notes.append(f"chunk {key} is absent, and the dataset's labels there are all "
-                             "class 0 (an older cache did not store such a chunk): sound")
+            rep.notes.append(
+                f"chunk {key} is absent, and the dataset's labels there are all "
+                "class 0 (an older cache did not store such a chunk): sound"
+            )
         elif must:
-            hint = "" if name != "labels" else (
-                " (a cache made before every chunk was stored omits an all-class-0 labels chunk: "
-                "--dataset SPEC checks that against the data)")
+            hint = (
+                ""
+                if name != "labels"
+                else (
+                    " (a cache made before every chunk was stored omits an all-class-0 labels chunk: "
+                    "--dataset SPEC checks that against the data)"
+                )
+            )
             rep.problems.append(f"chunk {key} is missing{hint}")
     try:
         # The happy path in one call: zarr fetches the chunks concurrently (what matters on an
@@ -515,8 +612,11 @@ def _same_cache(theirs: object, ours: CacheHeader) -> bool:
         return False
     a = [m.get("checkpoint_sha256") for m in theirs["members"] if isinstance(m, dict)]
     b = [m.checkpoint_sha256 for m in ours.members]
-    return (theirs.get("dataset", {}).get("fingerprint") == ours.dataset.fingerprint
-            and theirs.get("n") == ours.n and a == b[:len(a)])
+    return (
+        theirs.get("dataset", {}).get("fingerprint") == ours.dataset.fingerprint
+        and theirs.get("n") == ours.n
+        and a == b[: len(a)]
+    )
 
 
 @dataclass
@@ -531,13 +631,19 @@ class CopyResult:
 
     @property
     def message(self) -> str:
-        return (f"copied {self.src} -> {self.dst}: {self.copied} objects "
-                f"({self.bytes_copied / 2**20:.2f} MiB) written, {self.skipped} already there, in "
-                f"{self.seconds:.1f}s; verified: {self.report.chunks_read} chunks OK")
+        return (
+            f"copied {self.src} -> {self.dst}: {self.copied} objects "
+            f"({self.bytes_copied / 2**20:.2f} MiB) written, {self.skipped} already there, in "
+            f"{self.seconds:.1f}s; verified: {self.report.chunks_read} chunks OK"
+        )
 
 
-def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
-               progress: bool = True, log: Callable[[str], None] = print) -> CopyResult:
+def copy_cache(
+    src: str | Path | CacheLocation,
+    dst: str | Path | CacheLocation,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> CopyResult:
     """Copy a cache between any two locations (dir, ``.zarr.zip``, ``s3://``), resumably; verify it.
 
     Raises:
@@ -551,24 +657,31 @@ def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
     source = source_at.open("r")
     sizes = key_sizes(source)
     if any(k.rsplit("/", 1)[-1] == CREATING_MARKER for k in sizes):
-        raise CacheError(f"{source_at}: the cache is still being created (or its creation was "
-                         "interrupted); finish it with cache-logits first")
+        raise CacheError(
+            f"{source_at}: the cache is still being created (or its creation was "
+            "interrupted); finish it with cache-logits first"
+        )
     if any(k.rsplit("/", 1)[-1].startswith(LEASE_NAME) for k in sizes):
-        log(f"warning: {source_at} holds a writer lock: a writer may be running; the copy is of "
-            "what is there now")
+        log(
+            f"warning: {source_at} holds a writer lock: a writer may be running; the copy is of "
+            "what is there now"
+        )
     if META not in sizes:
         raise CacheError(f"{source_at}: no zarr.json at its root; not a cache")
     root_meta = sync(read_json(source, META, source_at.display))
     attrs = root_meta.get("attributes") if isinstance(root_meta, dict) else None
-    src_header = CacheHeader.from_dict(attrs.get(ATTR_KEY) if isinstance(attrs, dict) else None,
-                                       source_at.display)
+    src_header = CacheHeader.from_dict(
+        attrs.get(ATTR_KEY) if isinstance(attrs, dict) else None, source_at.display
+    )
     foreign = _foreign(sizes, src_header)
     if foreign:
         # Only the cache's own keys are ever copied; a source holding more is not a sound cache.
-        raise CacheError(f"{source_at} holds {len(foreign)} object(s) that are not part of the "
-                         f"cache ({_some(foreign)}); a cache holds only its metadata and the "
-                         "chunks its header implies. Refusing to copy it: remove them from the "
-                         "source, or ask its sender for a bundle made by `kd-pipeline cache pack`")
+        raise CacheError(
+            f"{source_at} holds {len(foreign)} object(s) that are not part of the "
+            f"cache ({_some(foreign)}); a cache holds only its metadata and the "
+            "chunks its header implies. Refusing to copy it: remove them from the "
+            "source, or ask its sender for a bundle made by `kd-pipeline cache pack`"
+        )
     keys = [k for k in sizes if not _is_bookkeeping(k)]
     data_keys = [k for k in keys if not _is_meta(k)]
     # Metadata last, deepest first, the root's zarr.json at the very end: until it lands, the copy
@@ -576,29 +689,48 @@ def copy_cache(src: str | Path | CacheLocation, dst: str | Path | CacheLocation,
     meta_keys = sorted((k for k in keys if _is_meta(k)), key=lambda k: (-k.count("/"), k))
     with storage_errors(target_at.display):  # failures writing name the destination
         if target_at.kind == "zip":
-            copied, skipped, nbytes = _copy_to_zip(source, sizes, data_keys + meta_keys, target_at,
-                                                   progress)
+            copied, skipped, nbytes = _copy_to_zip(
+                source, sizes, data_keys + meta_keys, target_at, progress
+            )
         else:
-            copied, skipped, nbytes = _copy_to_store(source, sizes, data_keys, meta_keys,
-                                                     src_header, target_at, progress)
+            copied, skipped, nbytes = _copy_to_store(
+                source, sizes, data_keys, meta_keys, src_header, target_at, progress
+            )
     report = verify_cache(target_at, progress=progress)
     if report.ok:
-        dst_sizes = {k: s for k, s in key_sizes(target_at.open("r")).items()
-                     if not _is_bookkeeping(k)}
+        dst_sizes = {
+            k: s for k, s in key_sizes(target_at.open("r")).items() if not _is_bookkeeping(k)
+        }
         differ = sorted(k for k in keys if dst_sizes.get(k) != sizes[k])
         if differ:
-            report.problems.append(f"{len(differ)} objects differ in size from the source: "
-                                   f"{differ[:5]}")
+            report.problems.append(
+                f"{len(differ)} objects differ in size from the source: {differ[:5]}"
+            )
     if not report.ok:
-        raise CacheError(f"the copy at {target_at} does not verify; re-run the copy to repair it:\n"
-                         f"{report.format()}")
-    return CopyResult(source_at.display, target_at.display, copied, skipped, nbytes,
-                      time.perf_counter() - t0, report)
+        raise CacheError(
+            f"the copy at {target_at} does not verify; re-run the copy to repair it:\n"
+            f"{report.format()}"
+        )
+    return CopyResult(
+        source_at.display,
+        target_at.display,
+        copied,
+        skipped,
+        nbytes,
+        time.perf_counter() - t0,
+        report,
+    )
 
 
-def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], meta_keys: list[str],
-                   src_header: CacheHeader, dst: CacheLocation,
-                   progress: bool) -> tuple[int, int, int]:
+def _copy_to_store(
+    source: Store,
+    sizes: dict[str, int],
+    data_keys: list[str],
+    meta_keys: list[str],
+    src_header: CacheHeader,
+    dst: CacheLocation,
+    progress: bool,
+) -> tuple[int, int, int]:
     if dst.kind != "url":
         dst.local_path.mkdir(parents=True, exist_ok=True)
     target = dst.open("w")
@@ -608,9 +740,11 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
         if META not in have and foreign:
             # Objects but no cache root: a folder of other things (like `cp SRC DIR/`), not a half
             # copy.
-            raise CacheError(f"{dst} already holds other objects ({', '.join(foreign[:3])}, ...) "
-                             "and is not a cache; copy into a new location inside it, e.g. "
-                             f"{dst.text}/{_name_of(src_header)}")
+            raise CacheError(
+                f"{dst} already holds other objects ({', '.join(foreign[:3])}, ...) "
+                "and is not a cache; copy into a new location inside it, e.g. "
+                f"{dst.text}/{_name_of(src_header)}"
+            )
         if META in have:
             try:
                 found = sync(read_json(target, META, dst.display))
@@ -618,22 +752,29 @@ def _copy_to_store(source: Store, sizes: dict[str, int], data_keys: list[str], m
             except (CacheError, AttributeError):  # not JSON, too big or deep, not an object
                 theirs = None
             if not _same_cache(theirs, src_header):
-                raise CacheError(f"{dst} already holds something else (another cache or not a "
-                                 "cache); copy to a new location, or remove it first")
+                raise CacheError(
+                    f"{dst} already holds something else (another cache or not a "
+                    "cache); copy to a new location, or remove it first"
+                )
             if get_bytes(target, META) != get_bytes(source, META):
                 # The destination's root metadata describes an older state: drop it first so that,
                 # until the copy is whole again, the destination is not taken for a complete cache.
                 delete_key(target, META)
                 have.pop(META)
         counts = {"copied": 0, "skipped": 0, "bytes": 0}
-        bar = progress_bar(total=sum(sizes[k] for k in data_keys + meta_keys), enabled=progress,
-                           unit="B", unit_scale=True, desc="copy")
+        bar = progress_bar(
+            total=sum(sizes[k] for k in data_keys + meta_keys),
+            enabled=progress,
+            unit="B",
+            unit_scale=True,
+            desc="copy",
+        )
         try:
             # Data objects in concurrent batches (an object store's latency, not its bandwidth,
             # bounds a serial copy); metadata after them, one by one in order, the root's zarr.json
             # last.
             for i in range(0, len(data_keys), COPY_CONCURRENCY):
-                batch = data_keys[i:i + COPY_CONCURRENCY]
+                batch = data_keys[i : i + COPY_CONCURRENCY]
                 sync(_gather(*(_copy_object(source, target, k, have, counts) for k in batch)))
                 bar.update(sum(sizes[k] for k in batch))
             for key in meta_keys:
@@ -654,7 +795,9 @@ async def _gather(*coros: Any) -> None:
     await asyncio.gather(*coros)  # created inside zarr's event loop (sync() runs it there)
 
 
-async def _copy_object(source: Store, target: Store, key: str, have: dict[str, int], counts: dict[str, int]) -> None:
+async def _copy_object(
+    source: Store, target: Store, key: str, have: dict[str, int], counts: dict[str, int]
+) -> None:
     """Copy one object unless the destination already holds the same bytes (how a re-run resumes)."""
     proto = default_buffer_prototype()
     buf = await source.get(key, prototype=proto)
@@ -671,8 +814,9 @@ async def _copy_object(source: Store, target: Store, key: str, have: dict[str, i
     counts["bytes"] += len(data)
 
 
-def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: CacheLocation,
-                 progress: bool) -> tuple[int, int, int]:
+def _copy_to_zip(
+    source: Store, sizes: dict[str, int], keys: list[str], dst: CacheLocation, progress: bool
+) -> tuple[int, int, int]:
     """Write a bundle once: into ``NAME.partial.zarr.zip``, closed, validated and verified, then renamed into
     place; a bundle that does not verify is removed, so DST never holds an unsound bundle."""
     path = dst.local_path
@@ -681,11 +825,15 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: Cac
         have = key_sizes(dst.open("r"))
         if all(have.get(k) == sizes[k] for k in keys) and verify_cache(dst).ok:
             return 0, len(keys), 0  # already an identical, sound bundle
-        raise CacheError(f"{dst} exists and is not a sound copy of the source; bundles are written "
-                         "once: remove it or choose another name")
+        raise CacheError(
+            f"{dst} exists and is not a sound copy of the source; bundles are written "
+            "once: remove it or choose another name"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name.removesuffix(ZIP_SUFFIX) + ".partial" + ZIP_SUFFIX)
-    tmp.unlink(missing_ok=True)  # a bundle interrupted midway is rewritten whole (a zip cannot be resumed)
+    tmp.unlink(
+        missing_ok=True
+    )  # a bundle interrupted midway is rewritten whole (a zip cannot be resumed)
     partial = CacheLocation.parse(tmp)
     try:
         nbytes = _write_zip(source, sizes, keys, partial, progress)
@@ -696,20 +844,24 @@ def _copy_to_zip(source: Store, sizes: dict[str, int], keys: list[str], dst: Cac
         raise
     if not report.ok:
         tmp.unlink(missing_ok=True)
-        raise CacheError(f"the bundle for {dst} did not verify, so it was not kept; check the "
-                         "source with `kd-pipeline cache verify`, then pack again:\n"
-                         f"{report.format()}")
+        raise CacheError(
+            f"the bundle for {dst} did not verify, so it was not kept; check the "
+            "source with `kd-pipeline cache verify`, then pack again:\n"
+            f"{report.format()}"
+        )
     os.replace(tmp, path)
     return len(keys), 0, nbytes
 
 
-def _write_zip(source: Store, sizes: dict[str, int], keys: list[str], partial: CacheLocation,
-               progress: bool) -> int:
+def _write_zip(
+    source: Store, sizes: dict[str, int], keys: list[str], partial: CacheLocation, progress: bool
+) -> int:
     """Write ``keys`` of ``source`` into the new bundle ``partial``; returns the bytes written."""
     z = partial.create_zip()
     nbytes = 0
-    bar = progress_bar(total=sum(sizes[k] for k in keys), enabled=progress, unit="B",
-                       unit_scale=True, desc="pack")
+    bar = progress_bar(
+        total=sum(sizes[k] for k in keys), enabled=progress, unit="B", unit_scale=True, desc="pack"
+    )
     try:
         for key in keys:
             data = get_bytes(source, key)
@@ -724,13 +876,19 @@ def _write_zip(source: Store, sizes: dict[str, int], keys: list[str], partial: C
     return nbytes
 
 
-def pack_cache(src: str | Path | CacheLocation, out: str | Path | CacheLocation,
-               progress: bool = True, log: Callable[[str], None] = print) -> CopyResult:
+def pack_cache(
+    src: str | Path | CacheLocation,
+    out: str | Path | CacheLocation,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> CopyResult:
     """``cache pack``: a single-file ``NAME.zarr.zip`` bundle of a cache (a copy to a zip)."""
     bundle = CacheLocation.parse(out)
     if not bundle.text.endswith(".zarr.zip"):
-        raise CacheError(f"{bundle}: a bundle's name must end in .zarr.zip (e.g. "
-                         f"{Path(bundle.text).stem}.zarr.zip)")
+        raise CacheError(
+            f"{bundle}: a bundle's name must end in .zarr.zip (e.g. "
+            f"{Path(bundle.text).stem}.zarr.zip)"
+        )
     return copy_cache(src, bundle, progress=progress, log=log)
 
 
@@ -754,9 +912,11 @@ class CacheSummary:
         total = h.n_shards * len(h.members)
         status = "complete" if h.complete else f"PARTIAL {self.shards_done}/{total}"
         specs = ", ".join(str(m.model_spec) for m in h.members)
-        return (f"{self.location}  {status}  members={len(h.members)} ({specs})  "
-                f"dataset={h.dataset.spec}  N={h.n}  classes={h.num_classes}  "
-                f"size={_human(self.size)}")
+        return (
+            f"{self.location}  {status}  members={len(h.members)} ({specs})  "
+            f"dataset={h.dataset.spec}  N={h.n}  classes={h.num_classes}  "
+            f"size={_human(self.size)}"
+        )
 
 
 def _human(n: float) -> str:
@@ -804,7 +964,9 @@ def list_caches(prefix: str | Path | CacheLocation) -> list[CacheSummary]:
                 continue
         dirnames.sort()
         for f in sorted(filenames):
-            if f.endswith(ZIP_SUFFIX) and not f.endswith(".partial" + ZIP_SUFFIX):  # not a pack in progress
+            if f.endswith(ZIP_SUFFIX) and not f.endswith(
+                ".partial" + ZIP_SUFFIX
+            ):  # not a pack in progress
                 bundle = Path(dirpath) / f
                 s = _summary(CacheLocation.parse(bundle), bundle.stat().st_size)
                 if s is not None:

@@ -16,8 +16,9 @@ from pipeline.datasets import Dataset, load_dataset, parse_spec
 from pipeline.errors import CacheError, DatasetError
 
 
-def load_transfer_set(cache: LogitCache, dataset: str | None = None,
-                      data_dir: str | None = None) -> Dataset:
+def load_transfer_set(
+    cache: LogitCache, dataset: str | None = None, data_dir: str | None = None
+) -> Dataset:
     """The cache's transfer set: ``dataset`` (a copy of it) or the spec the cache records.
 
     Args:
@@ -59,9 +60,11 @@ def load_transfer_set(cache: LogitCache, dataset: str | None = None,
             "re-create the cache with `kd-pipeline cache-logits`, or restore the original data"
         )
     if not np.array_equal(data.ids, cache.read_ids()):
-        raise CacheError(f"{cache.location}: the cache's sample ids differ from {data.spec}'s; "
-                         "the cache is damaged, or the modifiers differ from "
-                         f"{recorded}'s")
+        raise CacheError(
+            f"{cache.location}: the cache's sample ids differ from {data.spec}'s; "
+            "the cache is damaged, or the modifiers differ from "
+            f"{recorded}'s"
+        )
     return data
 
 

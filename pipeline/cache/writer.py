@@ -90,9 +90,16 @@ class WorkSpec:
     trust_code: tuple[str, ...] = ()  # what the teachers' recorded specs may import (--trust-code)
 
 
-def compute_shard(spec: WorkSpec, models: dict[int, torch.nn.Module], data: Dataset,
-                  layout: tuple[int, int], shard: int, members: list[int], device: torch.device,
-                  emit: Callable[[int, int, np.ndarray, np.ndarray], None]) -> int:
+def compute_shard(
+    spec: WorkSpec,
+    models: dict[int, torch.nn.Module],
+    data: Dataset,
+    layout: tuple[int, int],
+    shard: int,
+    members: list[int],
+    device: torch.device,
+    emit: Callable[[int, int, np.ndarray, np.ndarray], None],
+) -> int:
     """Compute one shard for the given members and hand each result to ``emit(member, shard, logits, ids)``.
 
     Args:
@@ -111,22 +118,30 @@ _WORKER_STATE: dict[tuple, tuple[dict[int, torch.nn.Module], Dataset, torch.devi
 
 
 def _worker_state(spec: WorkSpec) -> tuple[dict[int, torch.nn.Module], Dataset, torch.device]:
-    key = (spec.location, spec.dataset_fingerprint, tuple(sorted(spec.checkpoints.items())), spec.device)
+    key = (
+        spec.location,
+        spec.dataset_fingerprint,
+        tuple(sorted(spec.checkpoints.items())),
+        spec.device,
+    )
     if key not in _WORKER_STATE:
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
         device = resolve_device(spec.device)
         data = load_dataset(spec.dataset_spec, spec.data_dir)
         if data.fingerprint != spec.dataset_fingerprint:
-            raise CacheError(f"worker sees dataset {spec.dataset_spec} with fingerprint "
-                             f"{data.fingerprint}, the cache expects {spec.dataset_fingerprint}; "
-                             "workers must see the same files")
+            raise CacheError(
+                f"worker sees dataset {spec.dataset_spec} with fingerprint "
+                f"{data.fingerprint}, the cache expects {spec.dataset_fingerprint}; "
+                "workers must see the same files"
+            )
         models = {}
         for m, (path, sha) in spec.checkpoints.items():
             lm = load_checkpoint(path, device, spec.trust_code)
             if lm.sha256 != sha:
-                raise CacheError(f"worker's {path} has sha256 {lm.sha256}, expected {sha}: the "
-                                 "file differs")
+                raise CacheError(
+                    f"worker's {path} has sha256 {lm.sha256}, expected {sha}: the file differs"
+                )
             models[m] = lm.model
         _WORKER_STATE.clear()  # one cache job at a time per worker: free the previous teachers
         _WORKER_STATE[key] = (models, data, device)
@@ -145,8 +160,16 @@ def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
     handles: dict = {}
     done = []
     for shard, members in spec.tasks:
-        rows = compute_shard(spec, models, data, (h.rows_per_shard, h.n), shard, members, device,
-                             lambda m, s, lg, ids: write_shard(group, m, s, lg, ids, handles, h))
+        rows = compute_shard(
+            spec,
+            models,
+            data,
+            (h.rows_per_shard, h.n),
+            shard,
+            members,
+            device,
+            lambda m, s, lg, ids: write_shard(group, m, s, lg, ids, handles, h),
+        )
         done.append((shard, rows))
     return done
 
@@ -183,8 +206,12 @@ class CacheInputs:
         loaded = tuple(load_checkpoint(p, "cpu", cfg.trust_code) for p in paths)
         data = load_dataset(cfg.dataset, cfg.data_dir)
         _check_members(list(loaded), data)
-        return cls(loaded, data, int(loaded[0].meta["num_classes"]),
-                   loaded[0].meta.get("class_names") or data.class_names)
+        return cls(
+            loaded,
+            data,
+            int(loaded[0].meta["num_classes"]),
+            loaded[0].meta.get("class_names") or data.class_names,
+        )
 
     @property
     def shas(self) -> list[str]:
@@ -195,8 +222,12 @@ class CacheInputs:
 
 
 Action = Literal["create", "resume", "add-member", "already-complete"]
-STATUS: dict[str, str] = {"create": "created", "resume": "resumed", "add-member": "member-added",
-                          "already-complete": "already-complete"}
+STATUS: dict[str, str] = {
+    "create": "created",
+    "resume": "resumed",
+    "add-member": "member-added",
+    "already-complete": "already-complete",
+}
 
 
 @dataclass(frozen=True)
@@ -239,8 +270,10 @@ def plan_cache(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -
     existing = read_header(location)
     if existing is None:
         if cfg.add_member:
-            raise CacheError(f"{location}: --add-member needs an existing complete cache; drop "
-                             "--add-member to create one")
+            raise CacheError(
+                f"{location}: --add-member needs an existing complete cache; drop "
+                "--add-member to create one"
+            )
         return _plan_create(cfg, location, inputs)
     if cfg.add_member:
         return _plan_add_members(location, existing, inputs)
@@ -250,56 +283,86 @@ def plan_cache(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -
 def _plan_create(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -> CachePlan:
     layout = ShardLayout(cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD, len(inputs.data))
     indices = list(range(len(inputs.teachers)))
-    return CachePlan(location, "create", layout, inputs.num_classes, tuple(enumerate(inputs.shas)),
-                     tuple((s, list(indices)) for s in range(layout.n_shards)))
+    return CachePlan(
+        location,
+        "create",
+        layout,
+        inputs.num_classes,
+        tuple(enumerate(inputs.shas)),
+        tuple((s, list(indices)) for s in range(layout.n_shards)),
+    )
 
 
-def _plan_resume(cfg: CacheConfig, location: CacheLocation, h: CacheHeader,
-                 inputs: CacheInputs) -> CachePlan:
+def _plan_resume(
+    cfg: CacheConfig, location: CacheLocation, h: CacheHeader, inputs: CacheInputs
+) -> CachePlan:
     # The command that made a complete cache, re-run after --add-member appended members: its
     # teachers are the cache's first members, which is the promised no-op, not a different cache.
     later = _added_later(h, inputs.shas) if h.complete else 0
     diffs = _describe_difference(h, inputs.data, inputs.shas, cfg, teachers=not later)
     if diffs:
-        raise CacheError(f"{location} already holds a different cache:\n  " + "\n  ".join(diffs)
-                         + "\nUse another --out, or --add-member to add a teacher to a "
-                           "complete cache")
+        raise CacheError(
+            f"{location} already holds a different cache:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse another --out, or --add-member to add a teacher to a "
+            "complete cache"
+        )
     layout = ShardLayout(h.rows_per_shard, h.n)
     members = tuple((m.index, m.checkpoint_sha256) for m in h.members)
     if h.complete:
-        added = (f": the given {len(inputs.shas)} and {later} added with --add-member"
-                 if later else "")
-        return CachePlan(location, "already-complete", layout, h.num_classes, members,
-                         message=f"{location} is already complete ({h.n} rows, {len(h.members)} "
-                                 f"members{added}); nothing to do")
+        added = (
+            f": the given {len(inputs.shas)} and {later} added with --add-member" if later else ""
+        )
+        return CachePlan(
+            location,
+            "already-complete",
+            layout,
+            h.num_classes,
+            members,
+            message=f"{location} is already complete ({h.n} rows, {len(h.members)} "
+            f"members{added}); nothing to do",
+        )
     cache = LogitCache(location, allow_partial=True)
     pending: dict[int, list[int]] = {}
     for m in cache.members:
         for s in np.flatnonzero(~cache.done_flags(m.index)):
             pending.setdefault(int(s), []).append(m.index)
-    return CachePlan(location, "resume", layout, h.num_classes, members,
-                     tuple(sorted(pending.items())))
+    return CachePlan(
+        location, "resume", layout, h.num_classes, members, tuple(sorted(pending.items()))
+    )
 
 
 def _plan_add_members(location: CacheLocation, h: CacheHeader, inputs: CacheInputs) -> CachePlan:
     if not h.complete:
-        raise CacheError(f"{location} is partial; finish it first by re-running cache-logits "
-                         "without --add-member, giving every member's checkpoint in order ("
-                         + ", ".join(str(m.path) for m in h.members) + "), then add members")
+        raise CacheError(
+            f"{location} is partial; finish it first by re-running cache-logits "
+            "without --add-member, giving every member's checkpoint in order ("
+            + ", ".join(str(m.path) for m in h.members)
+            + "), then add members"
+        )
     data = inputs.data
     if h.dataset.fingerprint != data.fingerprint:
-        raise CacheError(f"--add-member: the cache was made on {h.dataset.spec} (fingerprint "
-                         f"{h.dataset.fingerprint}), you gave {data.spec} ({data.fingerprint})")
+        raise CacheError(
+            f"--add-member: the cache was made on {h.dataset.spec} (fingerprint "
+            f"{h.dataset.fingerprint}), you gave {data.spec} ({data.fingerprint})"
+        )
     if inputs.num_classes != h.num_classes:
-        raise CacheError(f"--add-member: the new teacher predicts {inputs.num_classes} classes, "
-                         f"the cache has {h.num_classes}")
+        raise CacheError(
+            f"--add-member: the new teacher predicts {inputs.num_classes} classes, "
+            f"the cache has {h.num_classes}"
+        )
     layout = ShardLayout(h.rows_per_shard, h.n)
     have = tuple((m.index, m.checkpoint_sha256) for m in h.members)
     new = tuple(lm for lm in inputs.teachers if lm.sha256 not in {sha for _, sha in have})
     if not new:
-        return CachePlan(location, "already-complete", layout, h.num_classes, have,
-                         message=f"{location}: every given teacher is already a member; "
-                                 "nothing to do")
+        return CachePlan(
+            location,
+            "already-complete",
+            layout,
+            h.num_classes,
+            have,
+            message=f"{location}: every given teacher is already a member; nothing to do",
+        )
     added = tuple((len(have) + i, lm.sha256) for i, lm in enumerate(new))
     tasks = tuple((s, [i for i, _ in added]) for s in range(layout.n_shards))
     return CachePlan(location, "add-member", layout, h.num_classes, have + added, tasks, new)
@@ -309,50 +372,62 @@ def _added_later(h: CacheHeader, shas: list[str]) -> int:
     """How many members were appended with --add-member after ``shas`` (the cache's first
     members, in order) made it; 0 when ``shas`` is not such a prefix."""
     have = [m.checkpoint_sha256 for m in h.members]
-    rest = h.members[len(shas):]
-    if not rest or have[:len(shas)] != shas or any(m.extra.get(ADDED_WITH) is None for m in rest):
+    rest = h.members[len(shas) :]
+    if not rest or have[: len(shas)] != shas or any(m.extra.get(ADDED_WITH) is None for m in rest):
         return 0
     return len(rest)
 
 
-def _describe_difference(h: CacheHeader, data: Dataset, shas: list[str], cfg: CacheConfig,
-                         teachers: bool = True) -> list[str]:
+def _describe_difference(
+    h: CacheHeader, data: Dataset, shas: list[str], cfg: CacheConfig, teachers: bool = True
+) -> list[str]:
     """What differs between the cache and what was given (``teachers``: compare the members)."""
     diffs = []
     d = h.dataset
     if d.fingerprint != data.fingerprint:
-        diffs.append(f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you "
-                     f"gave {data.spec} with fingerprint {data.fingerprint}")
+        diffs.append(
+            f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you "
+            f"gave {data.spec} with fingerprint {data.fingerprint}"
+        )
     have = [m.checkpoint_sha256 for m in h.members]
     if teachers and have != shas:
-        diffs.append("teachers: the cache's members are "
-                     + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in h.members)
-                     + "; you gave " + ", ".join(s[:19] for s in shas))
+        diffs.append(
+            "teachers: the cache's members are "
+            + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in h.members)
+            + "; you gave "
+            + ", ".join(s[:19] for s in shas)
+        )
     if cfg.dtype and cfg.dtype != h.dtype:
         diffs.append(f"dtype: the cache stores {h.dtype}, you asked for {cfg.dtype}")
     if cfg.rows_per_shard and cfg.rows_per_shard != h.rows_per_shard:
-        diffs.append(f"rows per shard: the cache uses {h.rows_per_shard}, you asked for "
-                     f"{cfg.rows_per_shard}")
+        diffs.append(
+            f"rows per shard: the cache uses {h.rows_per_shard}, you asked for {cfg.rows_per_shard}"
+        )
     return diffs
 
 
 def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
     classes = {int(lm.meta["num_classes"]) for lm in loaded}
     if len(classes) > 1:
-        raise CheckpointError("teachers disagree on the number of classes: "
-                              + ", ".join(f"{lm.path}: {lm.meta['num_classes']}" for lm in loaded)
-                              + "; every member of one cache must predict the same classes")
+        raise CheckpointError(
+            "teachers disagree on the number of classes: "
+            + ", ".join(f"{lm.path}: {lm.meta['num_classes']}" for lm in loaded)
+            + "; every member of one cache must predict the same classes"
+        )
     problems = fit_problems(loaded, data)
     if problems:
         raise CheckpointError("; ".join(problems))
     shas = [lm.sha256 for lm in loaded]
     if len(set(shas)) != len(shas):
-        raise CheckpointError("the same checkpoint was given twice: "
-                              + ", ".join(str(lm.path) for lm in loaded))
+        raise CheckpointError(
+            "the same checkpoint was given twice: " + ", ".join(str(lm.path) for lm in loaded)
+        )
 
 
 # ---------------------------------------------------------------------------------------- executing
-def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: bool = True) -> CacheResult:
+def build_cache(
+    cfg: CacheConfig, log: Callable[[str], None] = print, progress: bool = True
+) -> CacheResult:
     """Create, resume or extend the cache at ``cfg.out``: :func:`plan_cache`, :func:`execute_plan`.
 
     Raises:
@@ -364,16 +439,25 @@ def build_cache(cfg: CacheConfig, log: Callable[[str], None] = print, progress: 
     inputs = CacheInputs.load(cfg)
     location = cfg.location
     if location.kind == "zip":
-        raise CacheError(f"{location}: a .zarr.zip bundle is written once by `kd-pipeline cache "
-                         "pack`; write the cache to a directory or s3:// URL, then `kd-pipeline "
-                         f"cache pack CACHE {location}`")
+        raise CacheError(
+            f"{location}: a .zarr.zip bundle is written once by `kd-pipeline cache "
+            "pack`; write the cache to a directory or s3:// URL, then `kd-pipeline "
+            f"cache pack CACHE {location}`"
+        )
     # Storage failures (a full disk, a missing bucket, refused credentials) name the cache.
     with storage_errors(location.display):
         return _build(cfg, location, inputs, device, t0, log, progress)
 
 
-def _build(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs, device: torch.device,
-           t0: float, log: Callable[[str], None], progress: bool) -> CacheResult:
+def _build(
+    cfg: CacheConfig,
+    location: CacheLocation,
+    inputs: CacheInputs,
+    device: torch.device,
+    t0: float,
+    log: Callable[[str], None],
+    progress: bool,
+) -> CacheResult:
     """:func:`build_cache` once its inputs are loaded and its location is known to be writable."""
     existing = read_header(location)  # refuses what is not a cache before anything is made there
     if location.kind == "dir":
@@ -384,19 +468,39 @@ def _build(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs, devic
     with location.lock() as lock:
         plan = plan_cache(cfg, location, inputs)  # under the lock: no other writer changes it now
         if plan.action == "already-complete":
-            return CacheResult(location.display, plan.status, 0, 0, time.perf_counter() - t0,
-                               len(plan.members), plan.message)
+            return CacheResult(
+                location.display,
+                plan.status,
+                0,
+                0,
+                time.perf_counter() - t0,
+                len(plan.members),
+                plan.message,
+            )
         rows = execute_plan(plan, cfg, inputs, device, lock, log, progress)
     seconds = time.perf_counter() - t0
-    return CacheResult(location.display, plan.status, len(plan.tasks), rows, seconds,
-                       len(plan.members),
-                       f"{location} complete: {plan.layout.n} rows x {plan.num_classes} classes x "
-                       f"{len(plan.members)} member(s), {len(plan.tasks)} shards computed in "
-                       f"{seconds:.1f}s")
+    return CacheResult(
+        location.display,
+        plan.status,
+        len(plan.tasks),
+        rows,
+        seconds,
+        len(plan.members),
+        f"{location} complete: {plan.layout.n} rows x {plan.num_classes} classes x "
+        f"{len(plan.members)} member(s), {len(plan.tasks)} shards computed in "
+        f"{seconds:.1f}s",
+    )
 
 
-def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device: torch.device,
-                 lock: CacheLock, log: Callable[[str], None] = print, progress: bool = True) -> int:
+def execute_plan(
+    plan: CachePlan,
+    cfg: CacheConfig,
+    inputs: CacheInputs,
+    device: torch.device,
+    lock: CacheLock,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> int:
     """Carry out a create / resume / add-member plan (holding ``lock``); returns the rows computed.
 
     The store is prepared first (a new cache's schema, new members' arrays, or a resumed cache's
@@ -419,20 +523,40 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
     checkpoints = {m: (str(by_sha[sha].path), sha) for m, sha in plan.members if sha in by_sha}
     tasks = list(plan.tasks)
     rows = plan.layout.rows(tasks)
-    spec = WorkSpec(plan.location, inputs.data.spec, inputs.data.fingerprint, cfg.data_dir,
-                    checkpoints, cfg.device, cfg.batch_size, trust_code=tuple(cfg.trust_code))
-    log(f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
-        f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}")
-    bar = progress_bar(total=rows, enabled=progress, unit="row", unit_scale=True,
-                       desc="cache-logits")
+    spec = WorkSpec(
+        plan.location,
+        inputs.data.spec,
+        inputs.data.fingerprint,
+        cfg.data_dir,
+        checkpoints,
+        cfg.device,
+        cfg.batch_size,
+        trust_code=tuple(cfg.trust_code),
+    )
+    log(
+        f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
+        f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}"
+    )
+    bar = progress_bar(
+        total=rows, enabled=progress, unit="row", unit_scale=True, desc="cache-logits"
+    )
     try:
         if on_dask:
             _run_dask(spec, tasks, cfg, device, bar)
         else:
             models = {m: by_sha[sha].model.to(device) for m, (_, sha) in checkpoints.items()}
             open_group = functools.partial(_prepared_group, plan, cfg, inputs)
-            _run_local(spec, tasks, models, inputs.data, device, bar, tuple(plan.layout),
-                       open_group, check=lock.check)
+            _run_local(
+                spec,
+                tasks,
+                models,
+                inputs.data,
+                device,
+                bar,
+                tuple(plan.layout),
+                open_group,
+                check=lock.check,
+            )
     finally:
         bar.close()
     lock.check()  # a lease lost mid-write: do not declare someone else's cache complete
@@ -443,11 +567,18 @@ def execute_plan(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs, device:
 def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
     """Create the planned cache's schema (every array at full size, no logits yet)."""
     data = inputs.data
-    create_cache(plan.location, dataset=data.describe(), ids=data.ids, labels=data.y,
-                 num_classes=inputs.num_classes, class_names=inputs.class_names,
-                 members=[lm.identity() for lm in inputs.teachers],
-                 dtype=cfg.dtype or DEFAULT_DTYPE, rows_per_shard=plan.layout.rows_per_shard,
-                 command=cfg.command)
+    create_cache(
+        plan.location,
+        dataset=data.describe(),
+        ids=data.ids,
+        labels=data.y,
+        num_classes=inputs.num_classes,
+        class_names=inputs.class_names,
+        members=[lm.identity() for lm in inputs.teachers],
+        dtype=cfg.dtype or DEFAULT_DTYPE,
+        rows_per_shard=plan.layout.rows_per_shard,
+        command=cfg.command,
+    )
 
 
 def _prepared_group(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> zarr.Group:
@@ -457,10 +588,17 @@ def _prepared_group(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> z
     return _writable_group(plan.location)
 
 
-def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Module], data: Dataset,
-               device: torch.device, bar: Bar, layout: tuple[int, int],
-               open_group: Callable[[], zarr.Group],
-               check: Callable[[], None] = lambda: None) -> None:
+def _run_local(
+    spec: WorkSpec,
+    tasks: list[Task],
+    models: dict[int, torch.nn.Module],
+    data: Dataset,
+    device: torch.device,
+    bar: Bar,
+    layout: tuple[int, int],
+    open_group: Callable[[], zarr.Group],
+    check: Callable[[], None] = lambda: None,
+) -> None:
     """One process: inference on this thread; opening (or creating) the store with ``open_group``,
     compression and writes on a writer thread, so they overlap with inference."""
     handles: dict = {}
@@ -493,8 +631,16 @@ def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Mod
             if failure:
                 break
             check()  # a lost object-store lease stops the work now, not after the last shard
-            rows = compute_shard(spec, models, data, layout, shard, members, device,
-                                 lambda m, s, lg, ids: q.put((m, s, lg, ids)))
+            rows = compute_shard(
+                spec,
+                models,
+                data,
+                layout,
+                shard,
+                members,
+                device,
+                lambda m, s, lg, ids: q.put((m, s, lg, ids)),
+            )
             bar.update(rows)
     finally:
         q.put(None)
@@ -503,8 +649,9 @@ def _run_local(spec: WorkSpec, tasks: list[Task], models: dict[int, torch.nn.Mod
         raise failure[0]
 
 
-def _run_dask(spec: WorkSpec, tasks: list[Task], cfg: CacheConfig, device: torch.device,
-              bar: Bar) -> None:
+def _run_dask(
+    spec: WorkSpec, tasks: list[Task], cfg: CacheConfig, device: torch.device, bar: Bar
+) -> None:
     """Map shard ranges over dask workers (a LocalCluster of processes, or an existing scheduler)."""
     from dask.distributed import as_completed
 
@@ -515,9 +662,11 @@ def _run_dask(spec: WorkSpec, tasks: list[Task], cfg: CacheConfig, device: torch
         # the cores.
         spec.torch_threads = 0 if cfg.scheduler else cluster.torch_threads
         per_task = max(1, math.ceil(len(tasks) / (cluster.workers * 4)))
-        chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
+        chunks = [tasks[i : i + per_task] for i in range(0, len(tasks), per_task)]
         specs = [WorkSpec(**{**spec.__dict__, "tasks": c}) for c in chunks]
-        futures = cluster.client.map(run_worker_tasks, specs, pure=False, resources=cluster.resources)
+        futures = cluster.client.map(
+            run_worker_tasks, specs, pure=False, resources=cluster.resources
+        )
         for fut in as_completed(futures):
             for _, rows in fut.result():
                 bar.update(rows)

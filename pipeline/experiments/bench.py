@@ -64,8 +64,11 @@ SCALES = {
 class BenchConfig:
     """``bench``: which scale to measure, where, and where to write the figures."""
 
-    scale: str = option("small", choices=SCALES, help="small: 10k rows (about two minutes on 2 CPU "
-                        "cores); medium/large: 60k rows.")
+    scale: str = option(
+        "small",
+        choices=SCALES,
+        help="small: 10k rows (about two minutes on 2 CPU cores); medium/large: 60k rows.",
+    )
     device: str = device_option()
     out: str | None = option(None, help="Write every figure, with the machine, to this JSON file.")
 
@@ -75,7 +78,9 @@ STUDENT = "mlp:800,800"
 MEMBERS = 3
 
 
-def _median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> tuple[float, list[float]]:
+def _median_time(
+    fn: Callable[[], object], repeats: int, sync: Callable[[], None]
+) -> tuple[float, list[float]]:
     fn()  # warm-up: allocator, thread pools, first-call overheads
     sync()
     times = []
@@ -96,30 +101,53 @@ def machine_info(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": describe_device(device), "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": describe_device(device),
+        "python": platform.python_version(),
+    }
 
 
-def _teachers(root: Path, data_meta: dict, num_classes: int, in_shape: tuple, stats: tuple) -> list[str]:
+def _teachers(
+    root: Path, data_meta: dict, num_classes: int, in_shape: tuple, stats: tuple
+) -> list[str]:
     paths = []
     for i in range(MEMBERS):
         torch.manual_seed(100 + i)
         model = build_model(TEACHER, in_shape, num_classes, stats)
-        meta = {"model_spec": TEACHER, "in_shape": list(in_shape), "num_classes": num_classes,
-                "class_names": [str(c) for c in range(num_classes)], "dataset": data_meta, "metrics": None}
+        meta = {
+            "model_spec": TEACHER,
+            "in_shape": list(in_shape),
+            "num_classes": num_classes,
+            "class_names": [str(c) for c in range(num_classes)],
+            "dataset": data_meta,
+            "metrics": None,
+        }
         paths.append(str(save_checkpoint(root / f"c{num_classes}" / f"member-{i}.pt", model, meta)))
     return paths
 
 
-def run_bench(scale: str = "small", device_name: str = "auto", out: str | None = None,
-              log: Callable[[str], None] = print) -> dict:
+def run_bench(
+    scale: str = "small",
+    device_name: str = "auto",
+    out: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run every measurement; print a table; return (and optionally write) all figures."""
     cfg = SCALES[scale]
     device = resolve_device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reps = cfg["repeats"]
     data = load_dataset(f"fashion-mnist:train:count={cfg['rows']}:seed=0")
-    results: dict = {"scale": scale, "rows": len(data), "machine": machine_info(device), "figures": {}}
+    results: dict = {
+        "scale": scale,
+        "rows": len(data),
+        "machine": machine_info(device),
+        "figures": {},
+    }
     results["machine"]["load_before"] = _load_average()
     fig = results["figures"]
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
@@ -141,13 +169,27 @@ def run_bench(scale: str = "small", device_name: str = "auto", out: str | None =
     return results
 
 
-def _measure(root: Path, data, classes: int, device: torch.device, device_name: str, reps: int,
-             sync: Callable[[], None], fig: dict, log: Callable[[str], None]) -> None:
+def _measure(
+    root: Path,
+    data,
+    classes: int,
+    device: torch.device,
+    device_name: str,
+    reps: int,
+    sync: Callable[[], None],
+    fig: dict,
+    log: Callable[[str], None],
+) -> None:
     """P3, P5, P4 (and P1 for 10 classes) for teachers with ``classes`` outputs."""
     label = f"{classes} classes"
     log(f"[{label}] teachers {MEMBERS} x {TEACHER}, {len(data)} rows, {describe_device(device)}")
-    paths = _teachers(root, {"spec": data.spec, "fingerprint": data.fingerprint}, classes, data.sample_shape,
-                      data.input_stats)
+    paths = _teachers(
+        root,
+        {"spec": data.spec, "fingerprint": data.fingerprint},
+        classes,
+        data.sample_shape,
+        data.input_stats,
+    )
     batch = 1024
 
     def infer() -> None:
@@ -161,17 +203,35 @@ def _measure(root: Path, data, classes: int, device: torch.device, device_name: 
 
     def cache() -> None:
         where = root / f"cache{classes}-{next(counter)}"
-        build_cache(CacheConfig(teachers=paths, dataset=data.spec, out=str(where), batch_size=batch,
-                                device=device_name, command="bench"), log=lambda s: None, progress=False)
+        build_cache(
+            CacheConfig(
+                teachers=paths,
+                dataset=data.spec,
+                out=str(where),
+                batch_size=batch,
+                device=device_name,
+                command="bench",
+            ),
+            log=lambda s: None,
+            progress=False,
+        )
 
     t_inf, inf_all = _median_time(infer, reps, sync)
     t_cache, cache_all = _median_time(cache, reps, sync)
-    fig[f"P3 {label}"] = {"cache_logits_s": t_cache, "inference_only_s": t_inf, "ratio": t_cache / t_inf,
-                          "goal": "<= 1.05", "runs": {"cache": cache_all, "inference": inf_all}}
+    fig[f"P3 {label}"] = {
+        "cache_logits_s": t_cache,
+        "inference_only_s": t_inf,
+        "ratio": t_cache / t_inf,
+        "goal": "<= 1.05",
+        "runs": {"cache": cache_all, "inference": inf_all},
+    }
     kept = root / f"cache{classes}-0"
     ci = LogitCache(kept).info()
-    fig[f"P5 {label}"] = {"bytes_per_sample_per_member": ci.size_on_disk / (len(data) * MEMBERS),
-                          "raw_float32": classes * 4, "ratio": ci.size_on_disk / ci.raw_size}
+    fig[f"P5 {label}"] = {
+        "bytes_per_sample_per_member": ci.size_on_disk / (len(data) * MEMBERS),
+        "raw_float32": classes * 4,
+        "ratio": ci.size_on_disk / ci.raw_size,
+    }
     fig[f"P4 {label}"] = _p4(kept, data.x, reps)
     if classes == 10:
         fig["P1"] = _p1(LogitCache(kept), data, device, reps, sync)
@@ -180,40 +240,77 @@ def _measure(root: Path, data, classes: int, device: torch.device, device_name: 
 
 def _p1(cache: LogitCache, data, device: torch.device, reps: int, sync: Callable[[], None]) -> dict:
     tcfg = TrainConfig(epochs=1, batch_size=128, seed=0)
-    kd_source, plan = cache_source(cache, data.x, list(range(MEMBERS)), "mean-probs", 4.0, 128, 4 << 30)
+    kd_source, plan = cache_source(
+        cache, data.x, list(range(MEMBERS)), "mean-probs", 4.0, 128, 4 << 30
+    )
     ce_source = InMemorySource(data.x, data.y, batch_size=128, seed=0)
     kd_loss, ce_loss = DistillationLoss(4.0, 0.9), DistillationLoss(1.0, 0.0)
 
     def epoch(source: InMemorySource, loss: DistillationLoss) -> Callable[[], None]:
         def go() -> None:
             torch.manual_seed(0)
-            model = build_model(STUDENT, data.sample_shape, cache.num_classes, data.input_stats).to(device)
+            model = build_model(STUDENT, data.sample_shape, cache.num_classes, data.input_stats).to(
+                device
+            )
             fit(model, source, loss, tcfg, device, desc="bench")
+
         return go
 
     t_kd, kd_all = _median_time(epoch(kd_source, kd_loss), reps, sync)
     t_ce, ce_all = _median_time(epoch(ce_source, ce_loss), reps, sync)
-    return {"kd_epoch_from_cache_s": t_kd, "ce_epoch_s": t_ce, "ratio": t_kd / t_ce, "goal": "<= 1.05",
-            "loader": plan.mode, "runs": {"kd": kd_all, "ce": ce_all}}
+    return {
+        "kd_epoch_from_cache_s": t_kd,
+        "ce_epoch_s": t_ce,
+        "ratio": t_kd / t_ce,
+        "goal": "<= 1.05",
+        "loader": plan.mode,
+        "runs": {"kd": kd_all, "ce": ce_all},
+    }
 
 
-def _p2(root: Path, cache: Path, teachers: list[str], data, t_cache: float, t_inf: float, device_name: str,
-        reps: int, sync: Callable[[], None], k: int = 3, epochs: int = 1) -> dict:
+def _p2(
+    root: Path,
+    cache: Path,
+    teachers: list[str],
+    data,
+    t_cache: float,
+    t_inf: float,
+    device_name: str,
+    reps: int,
+    sync: Callable[[], None],
+    k: int = 3,
+    epochs: int = 1,
+) -> dict:
     """K settings (temperatures) of the paper's student: from the cache vs online KD, through the real sweep."""
     counter = iter(range(10_000))
     seconds: dict[str, list[float]] = {"cached": [], "online": []}
 
     def sweep(kind: str) -> Callable[[], None]:
         def go() -> None:
-            source = {"cache": str(cache)} if kind == "cached" else {"online_teacher": teachers, "dataset": data.spec}
-            cfg = SweepConfig(**source, temperatures=[2.0, 4.0, 8.0, 20.0][:k], alphas=[0.9], students=[STUDENT],
-                              eval="", workers=0, out=str(root / f"p2-{kind}-{next(counter)}"), device=device_name,
-                              train=TrainConfig(epochs=epochs, batch_size=128))
+            source = (
+                {"cache": str(cache)}
+                if kind == "cached"
+                else {"online_teacher": teachers, "dataset": data.spec}
+            )
+            cfg = SweepConfig(
+                **source,
+                temperatures=[2.0, 4.0, 8.0, 20.0][:k],
+                alphas=[0.9],
+                students=[STUDENT],
+                eval="",
+                workers=0,
+                out=str(root / f"p2-{kind}-{next(counter)}"),
+                device=device_name,
+                train=TrainConfig(epochs=epochs, batch_size=128),
+            )
             res = run_sweep(cfg, log=lambda s: None, progress=False)
             if res.failed or res.trained != k:
-                raise RuntimeError(f"bench P2 {kind} sweep: {res.failed} of {k} settings failed: "
-                                   + "; ".join(r["error"] for r in res.rows if r["error"]))
+                raise RuntimeError(
+                    f"bench P2 {kind} sweep: {res.failed} of {k} settings failed: "
+                    + "; ".join(r["error"] for r in res.rows if r["error"])
+                )
             seconds[kind] += [r["train_seconds"] for r in res.rows]
+
         return go
 
     t_cached, cached_all = _median_time(sweep("cached"), reps, sync)
@@ -223,7 +320,9 @@ def _p2(root: Path, cache: Path, teachers: list[str], data, t_cache: float, t_in
     device = resolve_device(device_name)
     models = [load_checkpoint(p, device).model for p in teachers]
 
-    def forward() -> None:  # the teachers' forward pass over the transfer set, data and weights already loaded
+    def forward() -> (
+        None
+    ):  # the teachers' forward pass over the transfer set, data and weights already loaded
         for m in models:
             predict_logits(m, data.x, device, 1024)
 
@@ -232,11 +331,22 @@ def _p2(root: Path, cache: Path, teachers: list[str], data, t_cache: float, t_in
     # The ideal: the teachers' forward pass once + K trainings, vs K trainings that each pay that forward pass again
     # in every epoch. Everything else a run does (loading, checkpoints, metrics) is what keeps measured above it.
     ideal = (t_forward + k * student) / (k * (student + epochs * t_forward))
-    return {"k": k, "epochs": epochs, "cache_logits_s": t_cache, "sweep_cached_s": t_cached,
-            "sweep_online_s": t_online, "student_train_s": student, "online_train_s": online_student,
-            "teacher_forward_s": t_forward, "teacher_inference_s": t_inf, "ratio": measured, "ideal": ideal,
-            "vs_ideal": measured / ideal,
-            "goal": "<= 1.1 x ideal", "runs": {"cached": cached_all, "online": online_all}}
+    return {
+        "k": k,
+        "epochs": epochs,
+        "cache_logits_s": t_cache,
+        "sweep_cached_s": t_cached,
+        "sweep_online_s": t_online,
+        "student_train_s": student,
+        "online_train_s": online_student,
+        "teacher_forward_s": t_forward,
+        "teacher_inference_s": t_inf,
+        "ratio": measured,
+        "ideal": ideal,
+        "vs_ideal": measured / ideal,
+        "goal": "<= 1.1 x ideal",
+        "runs": {"cached": cached_all, "online": online_all},
+    }
 
 
 def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
@@ -244,13 +354,23 @@ def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
     members = list(range(len(cache.members)))
     shards = cache.done_shards()
     payload = cache.n * cache.num_classes * len(members) * 2
-    src = StreamingCacheSource(cache, x, members, "mean-probs", 4.0, shards, batch_size=1024, buffer_shards=4)
-    raw = np.concatenate([cache.read_logits(int(s)).transpose(1, 0, 2).reshape(-1, len(members) * cache.num_classes)
-                          for s in shards])  # (N, M*C) float16: the same bytes, laid out for one sequential read
+    src = StreamingCacheSource(
+        cache, x, members, "mean-probs", 4.0, shards, batch_size=1024, buffer_shards=4
+    )
+    raw = np.concatenate(
+        [
+            cache.read_logits(int(s))
+            .transpose(1, 0, 2)
+            .reshape(-1, len(members) * cache.num_classes)
+            for s in shards
+        ]
+    )  # (N, M*C) float16: the same bytes, laid out for one sequential read
     npy = location.parent / f"{location.name}.npy"
     np.save(npy, raw)
 
-    def stream() -> None:  # the training loader: shuffled shards, prefetch, ensemble combination, batches
+    def stream() -> (
+        None
+    ):  # the training loader: shuffled shards, prefetch, ensemble combination, batches
         for _ in src.epoch(0):
             pass
 
@@ -266,10 +386,16 @@ def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
     t_stream, stream_all = _median_time(stream, reps, lambda: None)
     t_reads, _ = _median_time(reads, reps, lambda: None)
     t_raw, raw_all = _median_time(sequential, reps, lambda: None)
-    return {"stream_MBps": payload / t_stream / 1e6, "reads_MBps": payload / t_reads / 1e6,
-            "raw_npy_MBps": payload / t_raw / 1e6, "ratio": t_raw / t_stream, "reads_ratio": t_raw / t_reads,
-            "goal": ">= 0.8", "payload_bytes": payload,
-            "runs": {"stream": stream_all, "raw": raw_all}}
+    return {
+        "stream_MBps": payload / t_stream / 1e6,
+        "reads_MBps": payload / t_reads / 1e6,
+        "raw_npy_MBps": payload / t_raw / 1e6,
+        "ratio": t_raw / t_stream,
+        "reads_ratio": t_raw / t_reads,
+        "goal": ">= 0.8",
+        "payload_bytes": payload,
+        "runs": {"stream": stream_all, "raw": raw_all},
+    }
 
 
 _RSS_CHILD = r"""
@@ -312,26 +438,59 @@ def _p4_rss(rows: int = 40_000, classes: int = 1000, members: int = 2) -> dict:
     with tempfile.TemporaryDirectory(prefix="kd-rss-") as tmp:
         location = Path(tmp) / "c.zarr"
         x = np.zeros((rows, 4), dtype=np.uint8)
-        meta = {"spec": "synthetic", "fingerprint": fingerprint_arrays(x, None), "n": rows, "input_stats": [0.0, 1.0]}
-        group = create_cache(location, dataset=meta, ids=np.arange(rows), labels=None, num_classes=classes,
-                             class_names=[str(i) for i in range(classes)],
-                             members=[{"checkpoint_sha256": f"sha256:{i}", "num_classes": classes, "path": "synthetic"}
-                                      for i in range(members)], dtype="float16", rows_per_shard=1024, command="bench")
+        meta = {
+            "spec": "synthetic",
+            "fingerprint": fingerprint_arrays(x, None),
+            "n": rows,
+            "input_stats": [0.0, 1.0],
+        }
+        group = create_cache(
+            location,
+            dataset=meta,
+            ids=np.arange(rows),
+            labels=None,
+            num_classes=classes,
+            class_names=[str(i) for i in range(classes)],
+            members=[
+                {"checkpoint_sha256": f"sha256:{i}", "num_classes": classes, "path": "synthetic"}
+                for i in range(members)
+            ],
+            dtype="float16",
+            rows_per_shard=1024,
+            command="bench",
+        )
         rng = np.random.default_rng(0)
         handles: dict = {}
         for k in range(members):
             for s in range(group.attrs["kd_cache"]["n_shards"]):
                 a, b = shard_bounds(s, 1024, rows)
-                write_shard(group, k, s, rng.normal(0, 3, size=(b - a, classes)).astype(np.float32), np.arange(a, b),
-                            handles)
+                write_shard(
+                    group,
+                    k,
+                    s,
+                    rng.normal(0, 3, size=(b - a, classes)).astype(np.float32),
+                    np.arange(a, b),
+                    handles,
+                )
         mark_complete(location)
         payload = rows * classes * members * 2
         budget = payload // 10
-        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(location), str(budget)], capture_output=True,
-                             text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_CHILD, str(location), str(budget)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    res.update({"rows": rows, "budget": budget, "raw_payload": payload, "combined_float32": rows * classes * 4,
-                "limit": budget + (300 << 20)})
+    res.update(
+        {
+            "rows": rows,
+            "budget": budget,
+            "raw_payload": payload,
+            "combined_float32": rows * classes * 4,
+            "limit": budget + (300 << 20),
+        }
+    )
     res["ok"] = res["rss_growth"] <= res["limit"] and res["rows_seen"] == rows
     return res
 
@@ -379,15 +538,19 @@ def bench_warnings(results: dict) -> list[str]:
     cores = m.get("cores") or 1
     load = m.get("load_before")
     if load is not None and load > MAX_LOAD_SHARE * cores:
-        out.append(f"the load average was {load:.1f} on {cores} cores before the bench started: "
-                   "other processes share the CPU, so the ratios are unreliable; re-run on an "
-                   "idle machine")
+        out.append(
+            f"the load average was {load:.1f} on {cores} cores before the bench started: "
+            "other processes share the CPU, so the ratios are unreliable; re-run on an "
+            "idle machine"
+        )
     for key, fig in results["figures"].items():
         s = spread(fig)
         if s > MAX_SPREAD:
-            out.append(f"{key}: its repeats differ by {s:.0%} of their median (more than "
-                       f"{MAX_SPREAD:.0%}): the machine was busy meanwhile, the figure is "
-                       "unreliable")
+            out.append(
+                f"{key}: its repeats differ by {s:.0%} of their median (more than "
+                f"{MAX_SPREAD:.0%}): the machine was busy meanwhile, the figure is "
+                "unreliable"
+            )
     return out
 
 
@@ -402,40 +565,83 @@ def format_table(results: dict) -> str:
     the warnings (a loaded machine, repeats that disagree)."""
     f = results["figures"]
     m = results["machine"]
-    lines = [f"kd-pipeline bench --scale {results['scale']}: {results['rows']} rows; {m['cpu']}, {m['cores']} "
-             f"cores, {m['torch_threads']} torch threads, {m['device']}", "",
-             "| id | measures | value | goal | verdict |", "|---|---|---|---|---|"]
+    lines = [
+        f"kd-pipeline bench --scale {results['scale']}: {results['rows']} rows; {m['cpu']}, {m['cores']} "
+        f"cores, {m['torch_threads']} torch threads, {m['device']}",
+        "",
+        "| id | measures | value | goal | verdict |",
+        "|---|---|---|---|---|",
+    ]
     if "P1" in f:
         v = f["P1"]
-        lines.append(_row("P1", f"KD epoch from cache {v['kd_epoch_from_cache_s']:.2f}s / CE epoch "
-                          f"{v['ce_epoch_s']:.2f}s ({v['loader']} loader)", f"{v['ratio']:.3f}", v))
+        lines.append(
+            _row(
+                "P1",
+                f"KD epoch from cache {v['kd_epoch_from_cache_s']:.2f}s / CE epoch "
+                f"{v['ce_epoch_s']:.2f}s ({v['loader']} loader)",
+                f"{v['ratio']:.3f}",
+                v,
+            )
+        )
     if "P2" in f:
         v = f["P2"]
-        lines.append(_row("P2", f"cache-logits {v['cache_logits_s']:.2f}s + sweep of {v['k']} "
-                          f"from cache {v['sweep_cached_s']:.2f}s / online-KD sweep "
-                          f"{v['sweep_online_s']:.2f}s (ideal {v['ideal']:.3f})",
-                          f"{v['ratio']:.3f} ({v['vs_ideal']:.2f} x ideal)", v))
+        lines.append(
+            _row(
+                "P2",
+                f"cache-logits {v['cache_logits_s']:.2f}s + sweep of {v['k']} "
+                f"from cache {v['sweep_cached_s']:.2f}s / online-KD sweep "
+                f"{v['sweep_online_s']:.2f}s (ideal {v['ideal']:.3f})",
+                f"{v['ratio']:.3f} ({v['vs_ideal']:.2f} x ideal)",
+                v,
+            )
+        )
     for key in sorted((k for k in f if k.startswith("P3")), key=_classes):
         v = f[key]
-        lines.append(_row(key, f"cache-logits {v['cache_logits_s']:.2f}s / inference "
-                          f"{v['inference_only_s']:.2f}s ({key[3:]})", f"{v['ratio']:.3f}", v))
+        lines.append(
+            _row(
+                key,
+                f"cache-logits {v['cache_logits_s']:.2f}s / inference "
+                f"{v['inference_only_s']:.2f}s ({key[3:]})",
+                f"{v['ratio']:.3f}",
+                v,
+            )
+        )
     for key in sorted((k for k in f if k.startswith("P4 ") and k != "P4 rss"), key=_classes):
         v = f[key]
-        lines.append(_row(key, f"loader {v['stream_MBps']:.0f} MB/s / raw .npy "
-                          f"{v['raw_npy_MBps']:.0f} MB/s ({key[3:]})", f"{v['ratio']:.3f}", v))
-        lines.append(f"| P4 | shard reads alone {v['reads_MBps']:.0f} MB/s / raw .npy ({key[3:]}) | "
-                     f"{v['reads_ratio']:.3f} | (diagnostic) | |")
+        lines.append(
+            _row(
+                key,
+                f"loader {v['stream_MBps']:.0f} MB/s / raw .npy "
+                f"{v['raw_npy_MBps']:.0f} MB/s ({key[3:]})",
+                f"{v['ratio']:.3f}",
+                v,
+            )
+        )
+        lines.append(
+            f"| P4 | shard reads alone {v['reads_MBps']:.0f} MB/s / raw .npy ({key[3:]}) | "
+            f"{v['reads_ratio']:.3f} | (diagnostic) | |"
+        )
     if "P4 rss" in f:
         r = f["P4 rss"]
-        lines.append(_row("P4", f"peak RSS growth streaming {r['raw_payload'] / 2**20:.0f} MiB "
-                          f"cache, budget {r['budget'] / 2**20:.0f} MiB ({r['mode']})",
-                          f"{r['rss_growth'] / 2**20:.0f} MiB",
-                          {**r, "goal": f"<= {r['limit'] / 2**20:.0f} MiB"}))
+        lines.append(
+            _row(
+                "P4",
+                f"peak RSS growth streaming {r['raw_payload'] / 2**20:.0f} MiB "
+                f"cache, budget {r['budget'] / 2**20:.0f} MiB ({r['mode']})",
+                f"{r['rss_growth'] / 2**20:.0f} MiB",
+                {**r, "goal": f"<= {r['limit'] / 2**20:.0f} MiB"},
+            )
+        )
     for key in sorted((k for k in f if k.startswith("P5")), key=_classes):
         v = f[key]
-        lines.append(_row(key, f"bytes/sample/member on disk vs float32 ({key[3:]})",
-                          f"{v['bytes_per_sample_per_member']:.1f} vs {v['raw_float32']} "
-                          f"({v['ratio']:.2f}x)", v))
+        lines.append(
+            _row(
+                key,
+                f"bytes/sample/member on disk vs float32 ({key[3:]})",
+                f"{v['bytes_per_sample_per_member']:.1f} vs {v['raw_float32']} ({v['ratio']:.2f}x)",
+                v,
+            )
+        )
     warnings = results.get("warnings", bench_warnings(results))
     if warnings:
         lines += ["", *(f"warning: {w}" for w in warnings)]

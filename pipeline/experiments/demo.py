@@ -21,7 +21,14 @@ from pathlib import Path
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.writer import build_cache
 from pipeline.checks import collect, in_range, positive
-from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig, device_option, output_dir
+from pipeline.config import (
+    CacheConfig,
+    EvaluateConfig,
+    StudentConfig,
+    TeacherConfig,
+    device_option,
+    output_dir,
+)
 from pipeline.datasets import FASHION_MNIST_CLASSES
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, KDError
@@ -51,16 +58,24 @@ class DemoConfig:
     jitter: int = 0
     student: str = option("mlp:800,800", help="Student model spec.")
     student_epochs: int = option(20, help="Epochs of each student.")
-    temperatures: list[float] = option(default_factory=lambda: [4.0, 20.0], parse=parse_floats,
-                                       show=show_list,
-                                       help="Comma-separated temperatures to distil at.")
+    temperatures: list[float] = option(
+        default_factory=lambda: [4.0, 20.0],
+        parse=parse_floats,
+        show=show_list,
+        help="Comma-separated temperatures to distil at.",
+    )
     alpha: float = option(0.9, help="Soft-term weight of distilled students.")
     transfer_fraction: float | None = option(
-        0.05, parse=lambda v: float(v) or None,
+        0.05,
+        parse=lambda v: float(v) or None,
         help="Fraction of the training images in the transfer set the students learn from "
-             "(1 = all).")
-    train_subset: float | None = option(None, help="Fraction of fashion-mnist:train for the "
-                                        "teacher and, as is, for the students (a quick run).")
+        "(1 = all).",
+    )
+    train_subset: float | None = option(
+        None,
+        help="Fraction of fashion-mnist:train for the "
+        "teacher and, as is, for the students (a quick run).",
+    )
     device: str = device_option()
     seed: int = option(0, help="Seed for weight initialisation, dropout and shuffling.")
 
@@ -70,26 +85,44 @@ class DemoConfig:
     def specs(self) -> tuple[str, str]:
         """The teacher's training set and the students' transfer set."""
         train = "fashion-mnist:train" + (
-            f":fraction={self.train_subset}:seed={self.seed}" if self.train_subset else "")
-        transfer = train + (f":fraction={self.transfer_fraction}:seed={self.seed}"
-                            if self.transfer_fraction and not self.train_subset else "")
+            f":fraction={self.train_subset}:seed={self.seed}" if self.train_subset else ""
+        )
+        transfer = train + (
+            f":fraction={self.transfer_fraction}:seed={self.seed}"
+            if self.transfer_fraction and not self.train_subset
+            else ""
+        )
         return train, transfer
 
     def teacher_config(self) -> TeacherConfig:
         """The ``train-teacher`` run the demo makes (or reuses) under ``OUT/teacher``."""
-        return TeacherConfig(dataset=self.specs()[0], model=self.model,
-                             input_dropout=self.input_dropout, dropout=self.dropout,
-                             jitter=self.jitter, members=self.members,
-                             out=str(Path(self.out) / "teacher"), device=self.device,
-                             train=TrainConfig(epochs=self.epochs, seed=self.seed))
+        return TeacherConfig(
+            dataset=self.specs()[0],
+            model=self.model,
+            input_dropout=self.input_dropout,
+            dropout=self.dropout,
+            jitter=self.jitter,
+            members=self.members,
+            out=str(Path(self.out) / "teacher"),
+            device=self.device,
+            train=TrainConfig(epochs=self.epochs, seed=self.seed),
+        )
 
-    def student_config(self, cache: str, out: str, temperature: float,
-                       alpha: float) -> StudentConfig:
+    def student_config(
+        self, cache: str, out: str, temperature: float, alpha: float
+    ) -> StudentConfig:
         """One of the demo's ``train-student`` runs (the demo owns its run directories)."""
-        return StudentConfig(cache=cache, student=self.student, temperature=temperature,
-                             alpha=alpha, eval="fashion-mnist:test", out=out, device=self.device,
-                             overwrite=True,
-                             train=TrainConfig(epochs=self.student_epochs, seed=self.seed))
+        return StudentConfig(
+            cache=cache,
+            student=self.student,
+            temperature=temperature,
+            alpha=alpha,
+            eval="fashion-mnist:test",
+            out=out,
+            device=self.device,
+            overwrite=True,
+            train=TrainConfig(epochs=self.student_epochs, seed=self.seed),
+        )
 
     def validate(self) -> None:
         """Every problem of the demo and of each step it runs, before the first one starts.
@@ -107,9 +140,14 @@ class DemoConfig:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 problems.append(f"{name} must be in (0, 1], got {value}")
-        steps = [self.teacher_config(),
-                 *(self.student_config("probe", "probe", t, self.alpha)
-                   for t in self.temperatures if t > 0)]
+        steps = [
+            self.teacher_config(),
+            *(
+                self.student_config("probe", "probe", t, self.alpha)
+                for t in self.temperatures
+                if t > 0
+            ),
+        ]
         for step in steps:
             try:
                 step.validate()
@@ -125,8 +163,14 @@ class DemoConfig:
             raise ConfigError(problems)
 
 
-def _student(cfg: DemoConfig, cache: Path, out: Path, temperature: float, alpha: float,
-             log: Callable[[str], None]) -> dict:
+def _student(
+    cfg: DemoConfig,
+    cache: Path,
+    out: Path,
+    temperature: float,
+    alpha: float,
+    log: Callable[[str], None],
+) -> dict:
     scfg = cfg.student_config(str(cache), str(out), temperature, alpha)
     previous = finished_result(scfg, {"cache": cache_fingerprint(LogitCache(cache).header)})
     if previous is not None:
@@ -152,45 +196,91 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
         for stale in (out / "cache.zarr", out / "runs", teacher_dir):
             shutil.rmtree(stale, ignore_errors=True)
         train_teacher(tcfg, log=log)
-    teacher = evaluate_models(EvaluateConfig(model=str(teacher_dir), dataset="fashion-mnist:test", device=cfg.device))
+    teacher = evaluate_models(
+        EvaluateConfig(model=str(teacher_dir), dataset="fashion-mnist:test", device=cfg.device)
+    )
     cache = out / "cache.zarr"
-    cres = build_cache(CacheConfig(teachers=[str(teacher_dir)], dataset=transfer_spec, out=str(cache),
-                                        device=cfg.device, command="kd-pipeline demo"), log=log, progress=False)
+    cres = build_cache(
+        CacheConfig(
+            teachers=[str(teacher_dir)],
+            dataset=transfer_spec,
+            out=str(cache),
+            device=cfg.device,
+            command="kd-pipeline demo",
+        ),
+        log=log,
+        progress=False,
+    )
     log(cres.message)
-    runs = {"baseline (hard labels)": _student(cfg, cache, out / "runs" / "baseline", 1.0, 0.0, log)}
+    runs = {
+        "baseline (hard labels)": _student(cfg, cache, out / "runs" / "baseline", 1.0, 0.0, log)
+    }
     for t in cfg.temperatures:
-        runs[f"distilled T={t:g} alpha={cfg.alpha:g}"] = _student(cfg, cache, out / "runs" / f"T{t:g}", t,
-                                                                    cfg.alpha, log)
+        runs[f"distilled T={t:g} alpha={cfg.alpha:g}"] = _student(
+            cfg, cache, out / "runs" / f"T{t:g}", t, cfg.alpha, log
+        )
     rows = [(f"teacher member {i}", m) for i, m in enumerate(teacher["members"])]
     rows.append((f"teacher ensemble ({len(teacher['members'])})", teacher["ensemble"]))
     rows += [(f"student {name}", r["metrics"]["test"]) for name, r in runs.items()]
-    log(f"\nstudents trained on {transfer_spec} ({runs[next(iter(runs))]['cache']['rows_used']} images); the teacher "
-        f"on {train_spec}")
-    table = [{"model": name, "errors": m["errors"], "accuracy": m["accuracy"], "ece": m["ece"]} for name, m in rows]
-    summary = {"config": asdict(cfg), "table": table, "teacher": str(teacher_dir), "cache": str(cache),
-               "runs": {name: r["config"]["out"] for name, r in runs.items()}}
+    log(
+        f"\nstudents trained on {transfer_spec} ({runs[next(iter(runs))]['cache']['rows_used']} images); the teacher "
+        f"on {train_spec}"
+    )
+    table = [
+        {"model": name, "errors": m["errors"], "accuracy": m["accuracy"], "ece": m["ece"]}
+        for name, m in rows
+    ]
+    summary = {
+        "config": asdict(cfg),
+        "table": table,
+        "teacher": str(teacher_dir),
+        "cache": str(cache),
+        "runs": {name: r["config"]["out"] for name, r in runs.items()},
+    }
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    plot = bar_chart(out / "demo.png", [r["model"] for r in table], [r["errors"] for r in table],
-                     "test errors (fashion-mnist:test)")
+    plot = bar_chart(
+        out / "demo.png",
+        [r["model"] for r in table],
+        [r["errors"] for r in table],
+        "test errors (fashion-mnist:test)",
+    )
     (out / "report.md").write_text(_report(cfg, table, train_spec, transfer_spec, runs))
     log("")
-    log(f"{'model (fashion-mnist:test, 10000 images)':<44} {'errors':>7} {'accuracy':>9} {'ECE':>7}")
+    log(
+        f"{'model (fashion-mnist:test, 10000 images)':<44} {'errors':>7} {'accuracy':>9} {'ECE':>7}"
+    )
     for r in table:
         log(f"{r['model']:<44} {r['errors']:>7} {percent(r['accuracy']):>9} {r['ece']:>7.3f}")
-    log(f"\nteacher: {teacher_dir}\ncache:   {cache}  (kd-pipeline cache info {cache})\nruns:    {out / 'runs'}"
-        f"\nreport:  {out / 'report.md'} (plot {plot})\nsummary: {out / 'demo.json'}")
+    log(
+        f"\nteacher: {teacher_dir}\ncache:   {cache}  (kd-pipeline cache info {cache})\nruns:    {out / 'runs'}"
+        f"\nreport:  {out / 'report.md'} (plot {plot})\nsummary: {out / 'demo.json'}"
+    )
     return summary
 
 
-def _report(cfg: DemoConfig, table: list[dict], train_spec: str, transfer_spec: str, runs: dict) -> str:
+def _report(
+    cfg: DemoConfig, table: list[dict], train_spec: str, transfer_spec: str, runs: dict
+) -> str:
     """The demo's table as Markdown, with what each row was trained on."""
-    rows = [f"| {r['model']} | {r['errors']} | {percent(r['accuracy'])} | {r['ece']:.3f} |"
-            for r in table]
-    return "\n".join([
-        "# kd-pipeline demo", "",
-        f"Teacher: {cfg.members} x `{cfg.model}`, {cfg.epochs} epochs on `{train_spec}`. Students: `{cfg.student}`, "
-        f"{cfg.student_epochs} epochs on the transfer set `{transfer_spec}` (the baseline on its hard labels, the "
-        f"distilled ones on the teacher's cached logits at each T with alpha = {cfg.alpha:g}).", "",
-        "| model (fashion-mnist:test) | errors | accuracy | ECE |", "|---|---|---|---|", *rows, "",
-        "![test errors](demo.png)", "",
-        "Run directories: " + ", ".join(f"`{r['config']['out']}`" for r in runs.values()), ""])
+    rows = [
+        f"| {r['model']} | {r['errors']} | {percent(r['accuracy'])} | {r['ece']:.3f} |"
+        for r in table
+    ]
+    return "\n".join(
+        [
+            "# kd-pipeline demo",
+            "",
+            f"Teacher: {cfg.members} x `{cfg.model}`, {cfg.epochs} epochs on `{train_spec}`. Students: `{cfg.student}`, "
+            f"{cfg.student_epochs} epochs on the transfer set `{transfer_spec}` (the baseline on its hard labels, the "
+            f"distilled ones on the teacher's cached logits at each T with alpha = {cfg.alpha:g}).",
+            "",
+            "| model (fashion-mnist:test) | errors | accuracy | ECE |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "![test errors](demo.png)",
+            "",
+            "Run directories: " + ", ".join(f"`{r['config']['out']}`" for r in runs.values()),
+            "",
+        ]
+    )

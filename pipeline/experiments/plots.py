@@ -43,7 +43,9 @@ def bar_chart(path: Path, labels: list[str], values: list[float], ylabel: str) -
     return save(fig, path)
 
 
-def line_chart(path: Path, series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str) -> Path:
+def line_chart(
+    path: Path, series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str
+) -> Path:
     """One line per named (x, y) series."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -41,9 +41,26 @@ from pipeline.files import atomic_write, atomic_write_json
 from pipeline.metrics import percent
 from pipeline.progress import progress_bar
 
-RESULT_FIELDS = ["setting", "student", "temperature", "alpha", "seed", "loss", "ensemble", "status", "test_errors",
-                 "test_accuracy", "test_nll", "test_ece", "teacher_agreement", "train_seconds", "wall_seconds",
-                 "epochs", "run_dir", "error"]
+RESULT_FIELDS = [
+    "setting",
+    "student",
+    "temperature",
+    "alpha",
+    "seed",
+    "loss",
+    "ensemble",
+    "status",
+    "test_errors",
+    "test_accuracy",
+    "test_nll",
+    "test_ece",
+    "teacher_agreement",
+    "train_seconds",
+    "wall_seconds",
+    "epochs",
+    "run_dir",
+    "error",
+]
 PLOT_NAME = "test_error_vs_temperature.png"
 
 
@@ -64,13 +81,23 @@ class Setting:
 
 def grid(cfg: SweepConfig) -> list[Setting]:
     """The cross product in a stable order: student, alpha, temperature, seed."""
-    return [Setting(s, float(t), float(a), int(seed)) for s in cfg.students for a in cfg.alphas
-            for t in cfg.temperatures for seed in cfg.seeds]
+    return [
+        Setting(s, float(t), float(a), int(seed))
+        for s in cfg.students
+        for a in cfg.alphas
+        for t in cfg.temperatures
+        for seed in cfg.seeds
+    ]
 
 
 def setting_config(cfg: SweepConfig, setting: Setting) -> StudentConfig:
-    return cfg.student_config(setting.student, setting.temperature, setting.alpha, setting.seed,
-                              out=str(Path(cfg.out) / "runs" / setting.name))
+    return cfg.student_config(
+        setting.student,
+        setting.temperature,
+        setting.alpha,
+        setting.seed,
+        out=str(Path(cfg.out) / "runs" / setting.name),
+    )
 
 
 def source_fingerprint(cfg: SweepConfig) -> dict:
@@ -120,6 +147,7 @@ def run_setting(scfg: StudentConfig, torch_threads: int = 0) -> dict:
     (out / "error.txt").unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(out / "train.log", "w") as logf:
+
         def log(line: str) -> None:
             logf.write(line + "\n")
             logf.flush()
@@ -158,17 +186,32 @@ def _pin_worker_gpu(device: str) -> None:
 
 def make_row(setting: Setting, cfg: SweepConfig, outcome: dict) -> dict:
     """A flat results row (RESULT_FIELDS) from a task's outcome."""
-    row = {"setting": setting.name, "student": setting.student, "temperature": setting.temperature,
-           "alpha": setting.alpha, "seed": setting.seed, "loss": cfg.loss, "ensemble": cfg.ensemble,
-           "status": outcome["status"], "run_dir": str(Path(cfg.out) / "runs" / setting.name),
-           "error": outcome.get("error", "")}
+    row = {
+        "setting": setting.name,
+        "student": setting.student,
+        "temperature": setting.temperature,
+        "alpha": setting.alpha,
+        "seed": setting.seed,
+        "loss": cfg.loss,
+        "ensemble": cfg.ensemble,
+        "status": outcome["status"],
+        "run_dir": str(Path(cfg.out) / "runs" / setting.name),
+        "error": outcome.get("error", ""),
+    }
     result = outcome.get("result")
     if result:
         m = result["metrics"]
         test = m.get("test") or {}
-        row.update(test_errors=test.get("errors"), test_accuracy=test.get("accuracy"), test_nll=test.get("nll"),
-                   test_ece=test.get("ece"), teacher_agreement=m.get("teacher_agreement_transfer"),
-                   train_seconds=m.get("train_seconds"), wall_seconds=m.get("wall_seconds"), epochs=m.get("epochs"))
+        row.update(
+            test_errors=test.get("errors"),
+            test_accuracy=test.get("accuracy"),
+            test_nll=test.get("nll"),
+            test_ece=test.get("ece"),
+            teacher_agreement=m.get("teacher_agreement_transfer"),
+            train_seconds=m.get("train_seconds"),
+            wall_seconds=m.get("wall_seconds"),
+            epochs=m.get("epochs"),
+        )
     return {k: row.get(k) for k in RESULT_FIELDS}
 
 
@@ -195,15 +238,21 @@ def plan_text(cfg: SweepConfig) -> tuple[list[Setting], str]:
     pending = len(settings) - sum(done)
     lines = [f"{'#':>3}  {'setting':<40} {'student':<20} {'T':>6} {'alpha':>6} {'seed':>5}  status"]
     for i, (s, d) in enumerate(zip(settings, done, strict=True)):
-        lines.append(f"{i:>3}  {s.name:<40} {s.student:<20} {s.temperature:>6g} {s.alpha:>6g} {s.seed:>5}  "
-                     + ("done" if d else "to run"))
+        lines.append(
+            f"{i:>3}  {s.name:<40} {s.student:<20} {s.temperature:>6g} {s.alpha:>6g} {s.seed:>5}  "
+            + ("done" if d else "to run")
+        )
     rows = fp.get("rows")
     cost = pending * cfg.train.epochs
-    lines.append(f"\n{len(settings)} settings = {len(cfg.students)} students x {len(cfg.temperatures)} temperatures x "
-                 f"{len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds; {sum(done)} done, {pending} to run")
-    lines.append(f"estimated cost: {pending} settings x {cfg.train.epochs} epochs = {cost} student-epochs"
-                 + (f" over {rows} cached rows each ({cost * rows:,} row passes)" if rows else "")
-                 + f", on {_workers_text(cfg)}")
+    lines.append(
+        f"\n{len(settings)} settings = {len(cfg.students)} students x {len(cfg.temperatures)} temperatures x "
+        f"{len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds; {sum(done)} done, {pending} to run"
+    )
+    lines.append(
+        f"estimated cost: {pending} settings x {cfg.train.epochs} epochs = {cost} student-epochs"
+        + (f" over {rows} cached rows each ({cost * rows:,} row passes)" if rows else "")
+        + f", on {_workers_text(cfg)}"
+    )
     return settings, "\n".join(lines)
 
 
@@ -218,7 +267,9 @@ def _n_workers(cfg: SweepConfig) -> int:
     return 2 if cfg.workers is None else cfg.workers
 
 
-def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bool = True) -> SweepResult:
+def run_sweep(
+    cfg: SweepConfig, log: Callable[[str], None] = print, progress: bool = True
+) -> SweepResult:
     """Run (or resume) a sweep; results files are rewritten as settings finish. See the module docstring."""
     t0 = time.perf_counter()
     cfg.validate()
@@ -226,8 +277,10 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     settings = grid(cfg)
     fp = source_fingerprint(cfg)
-    atomic_write_json(out / "sweep.json", {"config": cfg.to_dict(), "source": fp,
-                                           "settings": [s.name for s in settings]})
+    atomic_write_json(
+        out / "sweep.json",
+        {"config": cfg.to_dict(), "source": fp, "settings": [s.name for s in settings]},
+    )
     res = SweepResult(out, [])
     rows: dict[str, dict] = {}
     pending: list[tuple[Setting, StudentConfig]] = []
@@ -240,10 +293,14 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bo
             res.reused_settings.add(s.name)
         else:
             if (Path(scfg.out) / "metrics.json").exists():
-                log(f"{s.name}: its run directory holds a run with another config or cache; it will be replaced")
+                log(
+                    f"{s.name}: its run directory holds a run with another config or cache; it will be replaced"
+                )
             pending.append((s, scfg))
-    log(f"sweep {out}: {len(settings)} settings, {res.reused} already done, {len(pending)} to run on "
-        f"{_workers_text(cfg)}")
+    log(
+        f"sweep {out}: {len(settings)} settings, {res.reused} already done, {len(pending)} to run on "
+        f"{_workers_text(cfg)}"
+    )
 
     def ordered() -> list[dict]:
         return [rows[s.name] for s in settings if s.name in rows]
@@ -317,21 +374,35 @@ def _install_stop_handlers(stop: threading.Event, raise_now: bool) -> dict:
     return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
-              finish: Callable[[Setting, dict], None], stop: threading.Event) -> None:
+def _run_dask(
+    cfg: SweepConfig,
+    pending: list[tuple[Setting, StudentConfig]],
+    finish: Callable[[Setting, dict], None],
+    stop: threading.Event,
+) -> None:
     """Submit every pending setting to dask and hand outcomes to ``finish`` as they complete."""
     from pipeline.cluster import dask_cluster
     from pipeline.devices import resolve_device
 
     futures = {}
-    with dask_cluster(_n_workers(cfg), cfg.scheduler, gpu=resolve_device(cfg.device).type == "cuda",
-                      torch_threads=cfg.torch_threads, quiet_workers=True) as cluster:
+    with dask_cluster(
+        _n_workers(cfg),
+        cfg.scheduler,
+        gpu=resolve_device(cfg.device).type == "cuda",
+        torch_threads=cfg.torch_threads,
+        quiet_workers=True,
+    ) as cluster:
         try:
             for s, scfg in pending:
                 # Each task may ask for a GPU: each GPU then trains one student at a time.
-                fut = cluster.client.submit(run_setting, scfg, cluster.torch_threads,
-                                            key=f"sweep-{s.name}-{time.time_ns()}", pure=False,
-                                            resources=cluster.resources)
+                fut = cluster.client.submit(
+                    run_setting,
+                    scfg,
+                    cluster.torch_threads,
+                    key=f"sweep-{s.name}-{time.time_ns()}",
+                    pure=False,
+                    resources=cluster.resources,
+                )
                 futures[fut] = s
             remaining = dict(futures)
             while remaining:
@@ -345,7 +416,11 @@ def _run_dask(cfg: SweepConfig, pending: list[tuple[Setting, StudentConfig]],
                     try:
                         outcome = fut.result()
                     except Exception as e:  # noqa: BLE001 - a lost worker fails its setting, not the sweep
-                        outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": 0.0}
+                        outcome = {
+                            "status": "failed",
+                            "error": f"{type(e).__name__}: {e}",
+                            "seconds": 0.0,
+                        }
                     finish(remaining.pop(fut), outcome)
         finally:
             cluster.client.cancel(list(futures), force=True)
@@ -381,8 +456,11 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
     """One line per (student, T, alpha), means over seeds; each student's lowest mean test error in bold."""
     groups = _group(rows)
     seeds = max((len(v) for v in groups.values()), default=1)
-    head = "| student | T | alpha | test errors" + (" (mean ± sd over seeds)" if seeds > 1 else "") \
-           + " | accuracy | NLL | ECE | teacher agreement | train s |"
+    head = (
+        "| student | T | alpha | test errors"
+        + (" (mean ± sd over seeds)" if seeds > 1 else "")
+        + " | accuracy | NLL | ECE | teacher agreement | train s |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     best: dict[str, float] = {}
     for (student, _, _), rs in groups.items():
@@ -393,7 +471,9 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         ok = [r for r in rs if r["status"] == "ok"]
         if len(ok) < len(rs):
             failed = next(r for r in rs if r["status"] != "ok")
-            reason = " ".join(failed["error"].split()).replace("|", "/")[:80]  # one table cell: no newlines, no |
+            reason = " ".join(failed["error"].split()).replace("|", "/")[
+                :80
+            ]  # one table cell: no newlines, no |
             lines.append(f"| {student} | {t:g} | {a:g} | failed: {reason} | | | | | |")
             continue
         errs = [r["test_errors"] for r in ok]
@@ -411,12 +491,20 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
 
         acc = [r["test_accuracy"] for r in ok if r["test_accuracy"] is not None]
         accuracy = percent(_mean(acc)) if acc else ""
-        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | {accuracy} | "
-                     f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | {avg('teacher_agreement', '.4f')} | "
-                     f"{avg('train_seconds', '.1f')} |")
-    source = f"cache {cfg.cache}" if cfg.cache else "online teacher " + ", ".join(cfg.online_teacher or [])
-    return (f"Sweep over {source}: loss {cfg.loss}, ensemble {cfg.ensemble}, {cfg.train.epochs} epochs, "
-            f"{seeds} seed(s); bold: each student's best.\n\n" + "\n".join(lines))
+        lines.append(
+            f"| {student} | {t:g} | {a:g} | {cell} | {accuracy} | "
+            f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | {avg('teacher_agreement', '.4f')} | "
+            f"{avg('train_seconds', '.1f')} |"
+        )
+    source = (
+        f"cache {cfg.cache}"
+        if cfg.cache
+        else "online teacher " + ", ".join(cfg.online_teacher or [])
+    )
+    return (
+        f"Sweep over {source}: loss {cfg.loss}, ensemble {cfg.ensemble}, {cfg.train.epochs} epochs, "
+        f"{seeds} seed(s); bold: each student's best.\n\n" + "\n".join(lines)
+    )
 
 
 def plot_results(rows: list[dict], path: Path) -> Path | None:
@@ -437,8 +525,11 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
         alphas = sorted({k[2] for k in groups if k[0] == student})
         temps: set[float] = set()
         for a in alphas:
-            pts = sorted((k[1], [r["test_errors"] for r in v]) for k, v in groups.items()
-                         if k[0] == student and k[2] == a)
+            pts = sorted(
+                (k[1], [r["test_errors"] for r in v])
+                for k, v in groups.items()
+                if k[0] == student and k[2] == a
+            )
             ts = [t for t, _ in pts]
             temps.update(ts)
             means = [_mean(e) for _, e in pts]
@@ -457,8 +548,12 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
     return save(fig, path, dpi=110)
 
 
-def sweep_command(cfg: SweepConfig, log: Callable[[str], None] = print, progress: bool = True,
-                  dry_run: bool = False) -> SweepResult | None:
+def sweep_command(
+    cfg: SweepConfig,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    dry_run: bool = False,
+) -> SweepResult | None:
     """Print the grid and its cost (``dry_run``), or run / resume the sweep and print its table."""
     if dry_run:
         log(plan_text(cfg)[1])
@@ -466,8 +561,13 @@ def sweep_command(cfg: SweepConfig, log: Callable[[str], None] = print, progress
     res = run_sweep(cfg, log=log, progress=progress)
     log("")
     log(res.table)
-    log(f"\n{len(res.rows)} settings: {res.trained} trained, {res.reused} reused, {res.failed} failed"
-        + (", interrupted" if res.interrupted else "") + f" in {res.seconds:.1f}s")
-    log(f"results: {res.files.get('csv')}, {res.files.get('json')}, {cfg.out}/results.md"
-        + (f"\nplot:    {res.files['plot']}" if "plot" in res.files else ""))
+    log(
+        f"\n{len(res.rows)} settings: {res.trained} trained, {res.reused} reused, {res.failed} failed"
+        + (", interrupted" if res.interrupted else "")
+        + f" in {res.seconds:.1f}s"
+    )
+    log(
+        f"results: {res.files.get('csv')}, {res.files.get('json')}, {cfg.out}/results.md"
+        + (f"\nplot:    {res.files['plot']}" if "plot" in res.files else "")
+    )
     return res

@@ -70,8 +70,9 @@ class SoftTargets:
     describe: str = ""
 
 
-def train_student(cfg: StudentConfig, log: Callable[[str], None] = print,
-                  progress: bool = True) -> dict:
+def train_student(
+    cfg: StudentConfig, log: Callable[[str], None] = print, progress: bool = True
+) -> dict:
     """Train, correct, evaluate and save one student; returns what ``metrics.json`` holds.
 
     A recipe of named steps, each of which can be read (and tested) on its own:
@@ -111,11 +112,18 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None]) -> None:
     now = json.loads(json.dumps(cfg.to_dict()))
     diffs = _differences({**defaults, **recorded}, now)
     if diffs and not cfg.overwrite:
-        raise ConfigError([f"--out {out} already holds a run of another config ("
-                           + "; ".join(diffs[:4]) + (", ..." if len(diffs) > 4 else "")
-                           + "); choose another --out, or pass --overwrite to replace it"])
-    log(f"replacing the run in {out}" + (f" ({'; '.join(diffs[:4])})" if diffs else
-                                         " (the same config, trained again)"))
+        raise ConfigError(
+            [
+                f"--out {out} already holds a run of another config ("
+                + "; ".join(diffs[:4])
+                + (", ..." if len(diffs) > 4 else "")
+                + "); choose another --out, or pass --overwrite to replace it"
+            ]
+        )
+    log(
+        f"replacing the run in {out}"
+        + (f" ({'; '.join(diffs[:4])})" if diffs else " (the same config, trained again)")
+    )
 
 
 def _recorded_config(out: Path) -> dict | None:
@@ -144,8 +152,9 @@ def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
 
 
 # ------------------------------------------------------------------------------ 1. the soft targets
-def setup_soft_targets(cfg: StudentConfig, device: torch.device,
-                       log: Callable[[str], None]) -> SoftTargets:
+def setup_soft_targets(
+    cfg: StudentConfig, device: torch.device, log: Callable[[str], None]
+) -> SoftTargets:
     """The cache's soft targets (checked against the dataset it records), or a live teacher's."""
     return _cache_targets(cfg, log) if cfg.cache else _online_targets(cfg, device)
 
@@ -156,38 +165,69 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
     members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
     bad = [m for m in members if m >= len(cache.members)]
     if bad:
-        raise ConfigError([f"--members {bad} out of range: the cache has members "
-                           f"0..{len(cache.members) - 1}"])
+        raise ConfigError(
+            [f"--members {bad} out of range: the cache has members 0..{len(cache.members) - 1}"]
+        )
     # --dataset: this machine's copy of the cache's transfer set (checked by fingerprint).
     data = load_transfer_set(cache, cfg.dataset, cfg.data_dir)
     dspec = data.spec
     if cfg.alpha < 1 and not cache.labeled:
-        raise ConfigError([f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set "
-                           f"{dspec} is unlabeled; use --alpha 1 (soft targets only)"])
+        raise ConfigError(
+            [
+                f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set "
+                f"{dspec} is unlabeled; use --alpha 1 (soft targets only)"
+            ]
+        )
     # The run's one snapshot of the finished shards: the loader serves these and the record counts
     # them, however many a writer finishes meanwhile. Each shard read is checked against the
     # dataset's labels (the cache's labels could have been rewritten to other valid classes).
     shards = cache.done_shards(members)
-    source, plan = cache_source(cache, data.x, members, cfg.ensemble, cfg.temperature,
-                                cfg.train.batch_size, cfg.memory_budget, seed=cfg.train.seed,
-                                shards=shards, truth=data.y)
-    record = {"cache": {
-        "location": cfg.cache, "fingerprint": cache_fingerprint(cache.header, members),
-        "dataset": dspec, "recorded_dataset": cache.dataset.spec,
-        "dataset_fingerprint": data.fingerprint, "members": members,
-        "member_checkpoints": [cache.members[m].checkpoint_sha256 for m in members],
-        "complete": cache.complete, "partial_used": not cache.complete,
-        "shards_used": len(shards), "n_shards": cache.n_shards, "rows_used": source.num_rows,
-        "loader": plan.to_dict(),
-    }}
+    source, plan = cache_source(
+        cache,
+        data.x,
+        members,
+        cfg.ensemble,
+        cfg.temperature,
+        cfg.train.batch_size,
+        cfg.memory_budget,
+        seed=cfg.train.seed,
+        shards=shards,
+        truth=data.y,
+    )
+    record = {
+        "cache": {
+            "location": cfg.cache,
+            "fingerprint": cache_fingerprint(cache.header, members),
+            "dataset": dspec,
+            "recorded_dataset": cache.dataset.spec,
+            "dataset_fingerprint": data.fingerprint,
+            "members": members,
+            "member_checkpoints": [cache.members[m].checkpoint_sha256 for m in members],
+            "complete": cache.complete,
+            "partial_used": not cache.complete,
+            "shards_used": len(shards),
+            "n_shards": cache.n_shards,
+            "rows_used": source.num_rows,
+            "loader": plan.to_dict(),
+        }
+    }
     if not cache.complete:
-        log(f"warning: {cfg.cache} is partial; training on {len(shards)}/{cache.n_shards} shards "
-            f"({source.num_rows} rows) because --allow-partial was given")
-    return SoftTargets(data=data, num_classes=cache.num_classes,
-                       class_names=list(cache.header.class_names),
-                       input_stats=tuple(cache.dataset.input_stats), source=source,
-                       teacher_fn=None, record=record, cache=cache, members=members,
-                       describe=f"{plan.mode} loader")
+        log(
+            f"warning: {cfg.cache} is partial; training on {len(shards)}/{cache.n_shards} shards "
+            f"({source.num_rows} rows) because --allow-partial was given"
+        )
+    return SoftTargets(
+        data=data,
+        num_classes=cache.num_classes,
+        class_names=list(cache.header.class_names),
+        input_stats=tuple(cache.dataset.input_stats),
+        source=source,
+        teacher_fn=None,
+        record=record,
+        cache=cache,
+        members=members,
+        describe=f"{plan.mode} loader",
+    )
 
 
 def _online_targets(cfg: StudentConfig, device: torch.device) -> SoftTargets:
@@ -206,13 +246,25 @@ def _online_targets(cfg: StudentConfig, device: torch.device) -> SoftTargets:
     def teacher_fn(xb: torch.Tensor) -> torch.Tensor:
         return combine_members(torch.stack([m(xb) for m in models]), cfg.ensemble, cfg.temperature)
 
-    record = {"online_teacher": {"paths": [str(t.path) for t in teachers],
-                                 "checkpoints": [t.sha256 for t in teachers], "dataset": data.spec,
-                                 "dataset_fingerprint": data.fingerprint}}
+    record = {
+        "online_teacher": {
+            "paths": [str(t.path) for t in teachers],
+            "checkpoints": [t.sha256 for t in teachers],
+            "dataset": data.spec,
+            "dataset_fingerprint": data.fingerprint,
+        }
+    }
     source = InMemorySource(data.x, data.y, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    return SoftTargets(data=data, num_classes=int(teachers[0].meta["num_classes"]),
-                       class_names=data.class_names, input_stats=data.input_stats, source=source,
-                       teacher_fn=teacher_fn, record=record, describe="online teacher")
+    return SoftTargets(
+        data=data,
+        num_classes=int(teachers[0].meta["num_classes"]),
+        class_names=data.class_names,
+        input_stats=data.input_stats,
+        source=source,
+        teacher_fn=teacher_fn,
+        record=record,
+        describe="online teacher",
+    )
 
 
 # ---------------------------------------------------------------------------------- 2. the student
@@ -233,8 +285,10 @@ def build_student(cfg: StudentConfig, targets: SoftTargets, device: torch.device
     except KDError:
         raise
     except Exception as e:  # noqa: BLE001 - user code: anything may come out of it
-        raise ModelSpecError(f"student {cfg.student}: cannot be built for inputs of shape "
-                             f"{shape} and {num_classes} classes ({type(e).__name__}: {e})") from e
+        raise ModelSpecError(
+            f"student {cfg.student}: cannot be built for inputs of shape "
+            f"{shape} and {num_classes} classes ({type(e).__name__}: {e})"
+        ) from e
     student = student.to(device)
     # Probe the network itself on one batch of the dataset's shape: KDModel's forward adds an
     # (num_classes,) output bias, which broadcasts a 1-wide output to num_classes and turns any
@@ -246,26 +300,40 @@ def build_student(cfg: StudentConfig, targets: SoftTargets, device: torch.device
             xb = torch.as_tensor(data.x[:2]).to(device).float()
             logits = student.body((xb - student.input_mean) / student.input_std)
     except Exception as e:  # noqa: BLE001 - user code: anything may come out of it
-        raise ModelSpecError(f"student {cfg.student} fails on a batch of inputs of shape "
-                             f"{tuple(xb.shape)} (the transfer set's samples are {shape}): "
-                             f"{type(e).__name__}: {e}; build the network for in_shape={shape}"
-                             ) from e
+        raise ModelSpecError(
+            f"student {cfg.student} fails on a batch of inputs of shape "
+            f"{tuple(xb.shape)} (the transfer set's samples are {shape}): "
+            f"{type(e).__name__}: {e}; build the network for in_shape={shape}"
+        ) from e
     student.train()
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != len(xb):
         found = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ModelSpecError(f"student {cfg.student} returns {found} for a batch of shape "
-                             f"{tuple(xb.shape)}; expected logits of shape ({len(xb)}, "
-                             f"{num_classes})")
+        raise ModelSpecError(
+            f"student {cfg.student} returns {found} for a batch of shape "
+            f"{tuple(xb.shape)}; expected logits of shape ({len(xb)}, "
+            f"{num_classes})"
+        )
     width = logits.shape[-1]
     if width != num_classes:
-        raise ConfigError([f"student {cfg.student} outputs {width} logits but the teacher has "
-                           f"{num_classes} classes; build the student for the cache's classes"])
+        raise ConfigError(
+            [
+                f"student {cfg.student} outputs {width} logits but the teacher has "
+                f"{num_classes} classes; build the student for the cache's classes"
+            ]
+        )
     return student
 
 
 # ------------------------------------------------------------------------------------------- 3. fit
-def fit_student(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test: Dataset | None,
-                device: torch.device, log: Callable[[str], None], progress: bool) -> list[dict]:
+def fit_student(
+    cfg: StudentConfig,
+    student: KDModel,
+    targets: SoftTargets,
+    test: Dataset | None,
+    device: torch.device,
+    log: Callable[[str], None],
+    progress: bool,
+) -> list[dict]:
     """Record ``config.json`` in the run directory, then train with :func:`pipeline.training.fit`.
 
     Returns:
@@ -287,18 +355,39 @@ def fit_student(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test
         wrong = int((logits.argmax(1) != torch.as_tensor(test.y)).sum())
         return {"test_errors": wrong, "test_error_rate": wrong / len(test)}
 
-    log(f"training {cfg.student} on {targets.source.num_rows} rows: loss={cfg.loss} "
+    log(
+        f"training {cfg.student} on {targets.source.num_rows} rows: loss={cfg.loss} "
         f"T={cfg.temperature} alpha={cfg.alpha} ensemble={cfg.ensemble} on "
-        f"{describe_device(device)}, {targets.describe}")
-    return fit(student, targets.source, loss, cfg.train, device, teacher_fn=targets.teacher_fn,
-               evaluate=evaluate, history_csv=out / "history.csv", log=log, desc="student",
-               progress=progress)
+        f"{describe_device(device)}, {targets.describe}"
+    )
+    return fit(
+        student,
+        targets.source,
+        loss,
+        cfg.train,
+        device,
+        teacher_fn=targets.teacher_fn,
+        evaluate=evaluate,
+        history_csv=out / "history.csv",
+        log=log,
+        desc="student",
+        progress=progress,
+    )
 
 
 # ---------------------------------------------------------------------------------------- 4. finish
-def finish_run(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test: Dataset | None,
-               held: Dataset | None, absent: list[int], history: list[dict],
-               device: torch.device, t_start: float, log: Callable[[str], None]) -> dict:
+def finish_run(
+    cfg: StudentConfig,
+    student: KDModel,
+    targets: SoftTargets,
+    test: Dataset | None,
+    held: Dataset | None,
+    absent: list[int],
+    history: list[dict],
+    device: torch.device,
+    t_start: float,
+    log: Callable[[str], None],
+) -> dict:
     """Correct the biases, measure, and complete the run directory: student.pt, then metrics.json.
 
     ``metrics.json`` is written last and atomically: a run directory with one is a finished run
@@ -311,8 +400,9 @@ def finish_run(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test:
     data, num_classes = targets.data, targets.num_classes
 
     def test_metrics() -> dict:
-        return classification_metrics(predict_logits(student, test.x, device),
-                                      torch.as_tensor(test.y), num_classes)
+        return classification_metrics(
+            predict_logits(student, test.x, device), torch.as_tensor(test.y), num_classes
+        )
 
     metrics: dict = {"dataset": data.spec}
     if test is not None and (cfg.class_bias or cfg.fit_bias_on):
@@ -322,17 +412,22 @@ def finish_run(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test:
         metrics["test"] = {"dataset": test.spec, **test_metrics()}
     if targets.cache is not None:
         metrics["teacher_agreement_transfer"] = _transfer_agreement(
-            student, targets.cache, data, targets.members, cfg, device)
+            student, targets.cache, data, targets.members, cfg, device
+        )
     metrics["bias"] = bias_record
     metrics["train_seconds"] = sum(r["seconds"] for r in history)
     metrics["wall_seconds"] = time.perf_counter() - t_start
     metrics["epochs"] = len(history)
     metrics["final_epoch"] = history[-1]
     meta = {
-        "model_spec": cfg.student, "in_shape": list(data.sample_shape), "num_classes": num_classes,
+        "model_spec": cfg.student,
+        "in_shape": list(data.sample_shape),
+        "num_classes": num_classes,
         "class_names": targets.class_names,
         "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
-        "config": cfg.to_dict(), **targets.record, "metrics": metrics.get("test"),
+        "config": cfg.to_dict(),
+        **targets.record,
+        "metrics": metrics.get("test"),
         "device": describe_device(device),
     }
     save_checkpoint(out / "student.pt", student, meta)
@@ -340,8 +435,10 @@ def finish_run(cfg: StudentConfig, student: KDModel, targets: SoftTargets, test:
     atomic_write_json(out / "metrics.json", result)
     if test is not None:
         t = metrics["test"]
-        log(f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
-            f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f}) on {test.spec}")
+        log(
+            f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
+            f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f}) on {test.spec}"
+        )
     return result
 
 
@@ -358,7 +455,9 @@ def absent_classes(dataset_meta: dict, num_classes: int, labels: np.ndarray | No
     return []
 
 
-def fit_class_bias(logits: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> dict[int, float]:
+def fit_class_bias(
+    logits: torch.Tensor, labels: torch.Tensor, classes: list[int]
+) -> dict[int, float]:
     """Per-class logit offsets for ``classes`` that minimise errors on held-out labeled data.
 
     Coordinate search over a grid (-5 .. +15 step 0.1), two sweeps; ties go to the lower NLL. This is the paper's
@@ -385,15 +484,19 @@ def fit_class_bias(logits: torch.Tensor, labels: torch.Tensor, classes: list[int
     return offsets
 
 
-def check_bias_options(cfg: StudentConfig, data: Dataset, num_classes: int,
-                log: Callable[[str], None] = print) -> tuple[Dataset | None, list[int]]:
+def check_bias_options(
+    cfg: StudentConfig, data: Dataset, num_classes: int, log: Callable[[str], None] = print
+) -> tuple[Dataset | None, list[int]]:
     """Validate the bias options before training (a bad one must not cost a whole run).
 
     Returns:
         The held-out set for ``--fit-bias-on`` (or None) and the classes absent from the transfer set.
     """
-    bad = [f"--class-bias {c}={d}: class out of range 0..{num_classes - 1}" for c, d in cfg.class_bias.items()
-           if not 0 <= c < num_classes]
+    bad = [
+        f"--class-bias {c}={d}: class out of range 0..{num_classes - 1}"
+        for c, d in cfg.class_bias.items()
+        if not 0 <= c < num_classes
+    ]
     if bad:
         raise ConfigError(bad)
     if not cfg.fit_bias_on:
@@ -401,20 +504,33 @@ def check_bias_options(cfg: StudentConfig, data: Dataset, num_classes: int,
     held = load_eval_dataset(cfg.fit_bias_on, cfg.data_dir, data, num_classes)
     absent = absent_classes(data.describe(), num_classes, data.y)
     if not absent:
-        raise ConfigError([f"--fit-bias-on: no class is absent from the transfer set {data.spec}; bias "
-                           "fitting is for transfer sets made with exclude= or keep="])
+        raise ConfigError(
+            [
+                f"--fit-bias-on: no class is absent from the transfer set {data.spec}; bias "
+                "fitting is for transfer sets made with exclude= or keep="
+            ]
+        )
     if held.spec.split(":")[:2] == data.spec.split(":")[:2]:
         # Same split: rows the student trains on are not held out (its overconfidence there biases the fit).
         overlap = int(np.isin(held.ids, data.ids).sum())
         if overlap:
-            log(f"warning: {overlap} of the {len(held)} rows of --fit-bias-on {held.spec} are in the transfer set "
+            log(
+                f"warning: {overlap} of the {len(held)} rows of --fit-bias-on {held.spec} are in the transfer set "
                 f"{data.spec}; set rows aside with holdout=F (e.g. transfer ...:holdout=0.1:exclude=3, held-out "
-                "...:holdout=0.1:part=holdout)")
+                "...:holdout=0.1:part=holdout)"
+            )
     return held, absent
 
 
-def _apply_bias(student: KDModel, cfg: StudentConfig, held: Dataset | None, absent: list[int], num_classes: int,
-                device: torch.device, log: Callable[[str], None]) -> dict:
+def _apply_bias(
+    student: KDModel,
+    cfg: StudentConfig,
+    held: Dataset | None,
+    absent: list[int],
+    num_classes: int,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> dict:
     """Fit offsets for the absent classes on the held-out set (if any), then add the ``--class-bias`` offsets."""
     rec: dict = {"manual": {str(k): v for k, v in cfg.class_bias.items()}}
     if held is not None:
@@ -425,11 +541,18 @@ def _apply_bias(student: KDModel, cfg: StudentConfig, held: Dataset | None, abse
         for c, v in offsets.items():
             student.output_bias[c] = v
         after = classification_metrics(predict_logits(student, held.x, device), labels, num_classes)
-        rec["fitted"] = {"on": held.spec, "classes": absent, "offsets": {str(k): v for k, v in offsets.items()},
-                         "errors_before": before["errors"], "errors_after": after["errors"],
-                         "class_errors_before": {str(c): before["per_class_errors"][c] for c in absent},
-                         "class_errors_after": {str(c): after["per_class_errors"][c] for c in absent}}
-        log(f"fitted bias offsets {offsets} on {held.spec}: errors {before['errors']} -> {after['errors']}")
+        rec["fitted"] = {
+            "on": held.spec,
+            "classes": absent,
+            "offsets": {str(k): v for k, v in offsets.items()},
+            "errors_before": before["errors"],
+            "errors_after": after["errors"],
+            "class_errors_before": {str(c): before["per_class_errors"][c] for c in absent},
+            "class_errors_after": {str(c): after["per_class_errors"][c] for c in absent},
+        }
+        log(
+            f"fitted bias offsets {offsets} on {held.spec}: errors {before['errors']} -> {after['errors']}"
+        )
     for c, delta in cfg.class_bias.items():
         student.output_bias[c] += delta
     rec["output_bias"] = student.output_bias.cpu().tolist()
@@ -437,8 +560,14 @@ def _apply_bias(student: KDModel, cfg: StudentConfig, held: Dataset | None, abse
 
 
 @torch.inference_mode()
-def _transfer_agreement(student: torch.nn.Module, cache: LogitCache, data: Dataset, members: list[int],
-                        cfg: StudentConfig, device: torch.device) -> float:
+def _transfer_agreement(
+    student: torch.nn.Module,
+    cache: LogitCache,
+    data: Dataset,
+    members: list[int],
+    cfg: StudentConfig,
+    device: torch.device,
+) -> float:
     """Fraction of transfer-set rows where the student's argmax equals the cached ensemble's (shard by shard)."""
     same = total = 0
     for s in cache.done_shards(members):
@@ -448,4 +577,3 @@ def _transfer_agreement(student: torch.nn.Module, cache: LogitCache, data: Datas
         same += int((pred.argmax(1) == teacher.argmax(1)).sum())
         total += stop - start
     return same / total if total else float("nan")
-

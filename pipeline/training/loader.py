@@ -37,8 +37,9 @@ PREFETCH_SHARDS = 2
 COMBINE_BLOCK_ELEMENTS = 1 << 20  # float32 elements per member-combination block (4 MiB)
 
 
-def combined_shard(cache: LogitCache, shard: int, members: list[int], method: str,
-                   temperature: float) -> torch.Tensor:
+def combined_shard(
+    cache: LogitCache, shard: int, members: list[int], method: str, temperature: float
+) -> torch.Tensor:
     """Read one whole shard and combine the chosen members.
 
     Returns:
@@ -52,7 +53,9 @@ def combined_shard(cache: LogitCache, shard: int, members: list[int], method: st
     # several copies of the whole (M, rows, C) shard, which is what bounds streaming memory for many classes.
     step = max(1, COMBINE_BLOCK_ELEMENTS // (raw.shape[0] * raw.shape[2]))
     for start in range(0, raw.shape[1], step):
-        out[start:start + step] = combine_members(raw[:, start:start + step], method, temperature)
+        out[start : start + step] = combine_members(
+            raw[:, start : start + step], method, temperature
+        )
     return out
 
 
@@ -71,7 +74,9 @@ class LoaderPlan:
         return dict(self.__dict__)
 
 
-def plan_loader(cache: LogitCache, x: np.ndarray, members: list[int], shards: np.ndarray, budget: int) -> LoaderPlan:
+def plan_loader(
+    cache: LogitCache, x: np.ndarray, members: list[int], shards: np.ndarray, budget: int
+) -> LoaderPlan:
     """Choose memory or streaming mode for ``budget`` bytes.
 
     In-memory mode holds combined float32 targets (rows x C x 4) and the inputs; streaming holds a shuffle buffer
@@ -88,11 +93,20 @@ def plan_loader(cache: LogitCache, x: np.ndarray, members: list[int], shards: np
     # and its concatenated parts); the queue holds PREFETCH_SHARDS combined shards plus one being produced, whose
     # raw member logits and float32 combine temporaries also count.
     per_row = 2 * (c * 4 + in_bytes + 8)
-    prefetch = (PREFETCH_SHARDS + 1) * cache.rows_per_shard * (c * 4 + in_bytes + 8) \
-        + cache.rows_per_shard * raw_bytes \
+    prefetch = (
+        (PREFETCH_SHARDS + 1) * cache.rows_per_shard * (c * 4 + in_bytes + 8)
+        + cache.rows_per_shard * raw_bytes
         + 2 * 4 * min(COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * len(members) * c)
+    )
     buffer_rows = max(0, budget - prefetch) // per_row
-    return LoaderPlan("stream", rows, len(shards), max(1, buffer_rows // cache.rows_per_shard), memory_mode, budget)
+    return LoaderPlan(
+        "stream",
+        rows,
+        len(shards),
+        max(1, buffer_rows // cache.rows_per_shard),
+        memory_mode,
+        budget,
+    )
 
 
 class StreamingCacheSource:
@@ -111,9 +125,19 @@ class StreamingCacheSource:
             ``LogitCache.read_labels``); None skips that comparison.
     """
 
-    def __init__(self, cache: LogitCache, x: np.ndarray, members: list[int], method: str,
-                 temperature: float, shards: np.ndarray, batch_size: int, buffer_shards: int,
-                 seed: int = 0, truth: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        cache: LogitCache,
+        x: np.ndarray,
+        members: list[int],
+        method: str,
+        temperature: float,
+        shards: np.ndarray,
+        batch_size: int,
+        buffer_shards: int,
+        seed: int = 0,
+        truth: np.ndarray | None = None,
+    ) -> None:
         self.cache, self.x, self.members, self.truth = cache, x, list(members), truth
         self.method, self.temperature = method, temperature
         self.shards = np.asarray(shards, dtype=np.int64)
@@ -134,10 +158,12 @@ class StreamingCacheSource:
         labels = self.cache.read_labels(shard, truth=self.truth)
         return self.x[start:stop], teacher, labels, np.arange(start, stop)
 
-    def epoch(self, epoch: int, with_rows: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    def epoch(
+        self, epoch: int, with_rows: bool = False, part: tuple[int, int] = (0, 1)
+    ) -> Iterator[Batch]:
         """Yield the epoch's batches; ``part=(k, K)`` serves only every K-th shard of the order from k (workers)."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.shards)[part[0]::part[1]]
+        order = rng.permutation(self.shards)[part[0] :: part[1]]
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
         stop = threading.Event()
 
@@ -186,19 +212,38 @@ class StreamingCacheSource:
             perm = rng.permutation(xs.shape[0])
             n_full = xs.shape[0] if done else (xs.shape[0] // self.batch_size) * self.batch_size
             for start in range(0, n_full, self.batch_size):
-                idx = perm[start:start + self.batch_size]
-                batch = (torch.from_numpy(xs[idx]), ts[torch.from_numpy(idx)],
-                         None if ys is None else torch.from_numpy(ys[idx]))
+                idx = perm[start : start + self.batch_size]
+                batch = (
+                    torch.from_numpy(xs[idx]),
+                    ts[torch.from_numpy(idx)],
+                    None if ys is None else torch.from_numpy(ys[idx]),
+                )
                 yield (*batch, rows[idx]) if with_rows else batch
             rest = perm[n_full:]
-            carry = None if rest.size == 0 else (xs[rest], ts[torch.from_numpy(rest)],
-                                                  None if ys is None else ys[rest], rows[rest])
+            carry = (
+                None
+                if rest.size == 0
+                else (
+                    xs[rest],
+                    ts[torch.from_numpy(rest)],
+                    None if ys is None else ys[rest],
+                    rows[rest],
+                )
+            )
 
 
-def cache_source(cache: LogitCache, x: np.ndarray, members: list[int], method: str,
-                 temperature: float, batch_size: int, budget: int, seed: int = 0,
-                 shards: np.ndarray | None = None, truth: np.ndarray | None = None,
-                 ) -> tuple[InMemorySource | StreamingCacheSource, LoaderPlan]:
+def cache_source(
+    cache: LogitCache,
+    x: np.ndarray,
+    members: list[int],
+    method: str,
+    temperature: float,
+    batch_size: int,
+    budget: int,
+    seed: int = 0,
+    shards: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+) -> tuple[InMemorySource | StreamingCacheSource, LoaderPlan]:
     """The batch source for a run: in memory when it fits ``budget`` bytes, streaming otherwise.
 
     Args:
@@ -212,20 +257,32 @@ def cache_source(cache: LogitCache, x: np.ndarray, members: list[int], method: s
     """
     shards = cache.done_shards(members) if shards is None else np.asarray(shards, dtype=np.int64)
     if not len(shards):
-        raise CacheError(f"{cache.location}: no finished shards yet (0/{cache.n_shards} done for "
-                         f"members {members}); wait for cache-logits to finish some, or run it "
-                         f"(`kd-pipeline cache-logits ... --out {cache.location}` resumes)")
+        raise CacheError(
+            f"{cache.location}: no finished shards yet (0/{cache.n_shards} done for "
+            f"members {members}); wait for cache-logits to finish some, or run it "
+            f"(`kd-pipeline cache-logits ... --out {cache.location}` resumes)"
+        )
     plan = plan_loader(cache, x, members, shards, budget)
     if plan.mode == "stream":
-        return StreamingCacheSource(cache, x, members, method, temperature, shards, batch_size,
-                                    plan.buffer_shards, seed, truth=truth), plan
+        return StreamingCacheSource(
+            cache,
+            x,
+            members,
+            method,
+            temperature,
+            shards,
+            batch_size,
+            plan.buffer_shards,
+            seed,
+            truth=truth,
+        ), plan
     rows = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards])
     # Filled shard by shard: a list of shards followed by torch.cat would hold the targets twice (2x the budget).
     teacher = torch.empty(len(rows), cache.num_classes)
     pos = 0
     for s in shards:
         part = combined_shard(cache, int(s), members, method, temperature)
-        teacher[pos:pos + part.shape[0]] = part
+        teacher[pos : pos + part.shape[0]] = part
         pos += part.shape[0]
     labels = None
     if cache.labeled:
@@ -242,7 +299,9 @@ class CacheIterableDataset(torch.utils.data.IterableDataset):
     is still served exactly once per epoch. Call :meth:`set_epoch` before each epoch.
     """
 
-    def __init__(self, source: StreamingCacheSource, epoch: int = 0, with_rows: bool = False) -> None:
+    def __init__(
+        self, source: StreamingCacheSource, epoch: int = 0, with_rows: bool = False
+    ) -> None:
         super().__init__()
         self.source, self.epoch, self.with_rows = source, epoch, with_rows
 

@@ -48,12 +48,17 @@ class TrainConfig:
     optimizer: str = option("adam", choices=OPTIMIZERS, help="Optimiser (sgd uses --momentum).")
     momentum: float = option(0.9, help="SGD momentum.")
     weight_decay: float = option(0.0, help="L2 weight decay.")
-    grad_clip: float | None = option(5.0, parse=parse_clip, metavar="FLOAT",
-                                     help="Clip the gradient norm to this (0 disables).")
-    lr_schedule: str = option("cosine", choices=LR_SCHEDULES,
-                              help="Learning-rate schedule over all steps.")
-    seed: int = option(0, help="Seed for weight initialisation, dropout and shuffling (dataset "
-                       "subsets take their own seed=).")
+    grad_clip: float | None = option(
+        5.0, parse=parse_clip, metavar="FLOAT", help="Clip the gradient norm to this (0 disables)."
+    )
+    lr_schedule: str = option(
+        "cosine", choices=LR_SCHEDULES, help="Learning-rate schedule over all steps."
+    )
+    seed: int = option(
+        0,
+        help="Seed for weight initialisation, dropout and shuffling (dataset "
+        "subsets take their own seed=).",
+    )
 
     def validate(self) -> None:
         """Raise ``ConfigError`` listing every invalid field at once."""
@@ -84,9 +89,15 @@ class InMemorySource:
             streams for different seeds (seed s, epoch e+1 never repeats seed s+1, epoch e).
     """
 
-    def __init__(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor | None,
-                 teacher: np.ndarray | torch.Tensor | None = None, batch_size: int = 128, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        x: np.ndarray | torch.Tensor,
+        y: np.ndarray | torch.Tensor | None,
+        teacher: np.ndarray | torch.Tensor | None = None,
+        batch_size: int = 128,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
         self.x = torch.as_tensor(x)
         self.y = None if y is None else torch.as_tensor(y).long()
         self.teacher = None if teacher is None else torch.as_tensor(teacher)
@@ -108,12 +119,17 @@ class InMemorySource:
         else:
             order = torch.arange(n)
         for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield (self.x[idx], None if self.teacher is None else self.teacher[idx],
-                   None if self.y is None else self.y[idx])
+            idx = order[start : start + self.batch_size]
+            yield (
+                self.x[idx],
+                None if self.teacher is None else self.teacher[idx],
+                None if self.y is None else self.y[idx],
+            )
 
 
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_shift(
+    x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Translate each image by its own random integer offset in [-max_shift, max_shift] (zero fill).
 
     The paper's "jitter" for its MNIST teacher.
@@ -136,16 +152,20 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | N
     # One slice per distinct offset ((2s+1)^2 groups): far cheaper than a per-pixel gather.
     key = ((dy + s) * (2 * s + 1) + (dx + s)).to(x.device)
     for k in torch.unique(key).tolist():
-        oy, ox = divmod(int(k), 2 * s + 1)  # offsets into the padded image: oy = s - dy shifts content down
+        oy, ox = divmod(
+            int(k), 2 * s + 1
+        )  # offsets into the padded image: oy = s - dy shifts content down
         sel = (key == k).nonzero(as_tuple=True)[0]
-        out[sel] = padded[sel, :, 2 * s - oy:2 * s - oy + h, 2 * s - ox:2 * s - ox + w]
+        out[sel] = padded[sel, :, 2 * s - oy : 2 * s - oy + h, 2 * s - ox : 2 * s - ox + w]
     return out
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -158,11 +178,21 @@ class BatchSource:
         raise NotImplementedError
 
 
-def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: DistillationLoss, cfg: TrainConfig,
-        device: torch.device, *, teacher_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        evaluate: Callable[[nn.Module], dict] | None = None, history_csv: str | Path | None = None,
-        log: Callable[[str], None] | None = None, desc: str = "train", progress: bool = True) -> list[dict]:
+def fit(
+    model: nn.Module,
+    source: InMemorySource | BatchSource,
+    loss_fn: DistillationLoss,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    teacher_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    history_csv: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> list[dict]:
     """Train ``model`` in place; return one dict per epoch.
 
     Args:
@@ -189,8 +219,11 @@ def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: Distill
     torch.manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
     total_steps = cfg.epochs * max(1, len(source))
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-             if cfg.lr_schedule == "cosine" else None)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
     constrain = getattr(model, "constrain", None)
     non_blocking = device.type == "cuda"
     history: list[dict] = []
@@ -201,8 +234,14 @@ def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: Distill
         sums = {k: torch.zeros((), device=device) for k in ("loss", "soft", "hard")}
         wrong = torch.zeros((), device=device, dtype=torch.long)
         rows = labeled = 0
-        bar = progress_bar(source.epoch(epoch), total=len(source), enabled=progress,
-                           desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch")
+        bar = progress_bar(
+            source.epoch(epoch),
+            total=len(source),
+            enabled=progress,
+            desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            unit="batch",
+        )
         for xb, tb, yb in bar:
             xb = xb.to(device, non_blocking=non_blocking)
             tb = None if tb is None else tb.to(device, non_blocking=non_blocking)
@@ -240,9 +279,14 @@ def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: Distill
                 f"training diverged in epoch {epoch + 1}: the loss is {row['loss']}; lower --lr, keep the default "
                 "--optimizer adam and --grad-clip, or check the inputs"
             )
-        row = {"epoch": epoch + 1, **row, "train_errors": int(wrong) if labeled else None,
-               "train_error_rate": float(wrong) / labeled if labeled else None,
-               "lr": opt.param_groups[0]["lr"], "seconds": seconds}
+        row = {
+            "epoch": epoch + 1,
+            **row,
+            "train_errors": int(wrong) if labeled else None,
+            "train_error_rate": float(wrong) / labeled if labeled else None,
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": seconds,
+        }
         if evaluate is not None:
             model.eval()
             row.update(evaluate(model))
@@ -251,8 +295,10 @@ def fit(model: nn.Module, source: InMemorySource | BatchSource, loss_fn: Distill
             write_history_csv(history_csv, history)
         if log is not None:
             extra = "".join(f" {k}={row[k]}" for k in ("test_errors",) if k in row)
-            log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss={row['loss']:.4f} soft={row['soft']:.4f} "
-                f"hard={row['hard']:.4f} train_errors={row['train_errors']}{extra} ({seconds:.1f}s)")
+            log(
+                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss={row['loss']:.4f} soft={row['soft']:.4f} "
+                f"hard={row['hard']:.4f} train_errors={row['train_errors']}{extra} ({seconds:.1f}s)"
+            )
     model.eval()
     return history
 

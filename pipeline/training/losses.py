@@ -37,8 +37,9 @@ def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
-def combine_members(member_logits: torch.Tensor, method: str = "mean-probs",
-                    temperature: float = 1.0) -> torch.Tensor:
+def combine_members(
+    member_logits: torch.Tensor, method: str = "mean-probs", temperature: float = 1.0
+) -> torch.Tensor:
     """Combine an ensemble's logits into one set of logits.
 
     The result ``v`` is such that ``softmax(v / T)`` is the ensemble's distribution at temperature T:
@@ -62,15 +63,23 @@ def combine_members(member_logits: torch.Tensor, method: str = "mean-probs",
     if method == "mean-probs":
         logp = torch.log_softmax(v / temperature, dim=-1)  # (M, B, C)
         return temperature * (torch.logsumexp(logp, dim=0) - math.log(v.shape[0]))
-    raise ConfigError([f"ensemble method must be one of {', '.join(ENSEMBLE_METHODS)}, got {method!r}"])
+    raise ConfigError(
+        [f"ensemble method must be one of {', '.join(ENSEMBLE_METHODS)}, got {method!r}"]
+    )
 
 
-def _hard_term(student_logits: torch.Tensor, labels: torch.Tensor | None, alpha: float) -> torch.Tensor:
+def _hard_term(
+    student_logits: torch.Tensor, labels: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
     if alpha >= 1.0:
         return student_logits.new_zeros((), dtype=torch.float32)
     if labels is None:
-        raise ConfigError([f"alpha={alpha} < 1 needs hard labels, but this batch has none; use --alpha 1 on an "
-                           "unlabeled transfer set"])
+        raise ConfigError(
+            [
+                f"alpha={alpha} < 1 needs hard labels, but this batch has none; use --alpha 1 on an "
+                "unlabeled transfer set"
+            ]
+        )
     return F.cross_entropy(student_logits.float(), labels)
 
 
@@ -96,12 +105,18 @@ class DistillationLoss:
         log_p = torch.log_softmax(teacher_logits.float() / t, dim=-1)
         return (t * t) * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
-                 labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
         zero = student_logits.new_zeros((), dtype=torch.float32)
         if self.alpha > 0:
             if teacher_logits is None:
-                raise ConfigError([f"alpha={self.alpha} > 0 needs teacher logits (a cache or an online teacher)"])
+                raise ConfigError(
+                    [f"alpha={self.alpha} > 0 needs teacher logits (a cache or an online teacher)"]
+                )
             soft = self.soft_term(student_logits, teacher_logits)
         else:
             soft = zero

@@ -40,25 +40,74 @@ def figures(p1_kd: list[float]) -> dict:
     import statistics
 
     kd = statistics.median(p1_kd)
-    return {"scale": "small", "rows": 10_000, "figures": {
-        "P3 1000 classes": {"cache_logits_s": 2.2, "inference_only_s": 1.7, "ratio": 1.3,
-                            "goal": "<= 1.05",
-                            "runs": {"cache": [2.2, 2.2], "inference": [1.7, 1.7]}},
-        "P3 10 classes": {"cache_logits_s": 1.0, "inference_only_s": 1.0, "ratio": 1.0,
-                          "goal": "<= 1.05",
-                          "runs": {"cache": [1.0, 1.0], "inference": [1.0, 1.0]}},
-        "P5 10 classes": {"bytes_per_sample_per_member": 19.5, "raw_float32": 40, "ratio": 0.49},
-        "P4 10 classes": {"stream_MBps": 122, "reads_MBps": 350, "raw_npy_MBps": 2783,
-                          "ratio": 0.04, "reads_ratio": 0.13, "goal": ">= 0.8", "runs": {}},
-        "P1": {"kd_epoch_from_cache_s": kd, "ce_epoch_s": 1.0, "ratio": kd, "goal": "<= 1.05",
-               "loader": "memory", "runs": {"kd": p1_kd, "ce": [1.0, 1.0, 1.0]}},
-        "P4 rss": {"raw_payload": 153 << 20, "budget": 15 << 20, "mode": "stream",
-                   "rss_growth": 114 << 20, "limit": 315 << 20, "ok": True},
-        "P2": {"cache_logits_s": 1.2, "k": 3, "sweep_cached_s": 4.3, "sweep_online_s": 7.4,
-               "ideal": 0.71, "ratio": 0.74, "vs_ideal": 1.04, "goal": "<= 1.1 x ideal",
-               "runs": {}},
-    }, "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "device": "cpu",
-                   "load_before": 0.1}}
+    return {
+        "scale": "small",
+        "rows": 10_000,
+        "figures": {
+            "P3 1000 classes": {
+                "cache_logits_s": 2.2,
+                "inference_only_s": 1.7,
+                "ratio": 1.3,
+                "goal": "<= 1.05",
+                "runs": {"cache": [2.2, 2.2], "inference": [1.7, 1.7]},
+            },
+            "P3 10 classes": {
+                "cache_logits_s": 1.0,
+                "inference_only_s": 1.0,
+                "ratio": 1.0,
+                "goal": "<= 1.05",
+                "runs": {"cache": [1.0, 1.0], "inference": [1.0, 1.0]},
+            },
+            "P5 10 classes": {
+                "bytes_per_sample_per_member": 19.5,
+                "raw_float32": 40,
+                "ratio": 0.49,
+            },
+            "P4 10 classes": {
+                "stream_MBps": 122,
+                "reads_MBps": 350,
+                "raw_npy_MBps": 2783,
+                "ratio": 0.04,
+                "reads_ratio": 0.13,
+                "goal": ">= 0.8",
+                "runs": {},
+            },
+            "P1": {
+                "kd_epoch_from_cache_s": kd,
+                "ce_epoch_s": 1.0,
+                "ratio": kd,
+                "goal": "<= 1.05",
+                "loader": "memory",
+                "runs": {"kd": p1_kd, "ce": [1.0, 1.0, 1.0]},
+            },
+            "P4 rss": {
+                "raw_payload": 153 << 20,
+                "budget": 15 << 20,
+                "mode": "stream",
+                "rss_growth": 114 << 20,
+                "limit": 315 << 20,
+                "ok": True,
+            },
+            "P2": {
+                "cache_logits_s": 1.2,
+                "k": 3,
+                "sweep_cached_s": 4.3,
+                "sweep_online_s": 7.4,
+                "ideal": 0.71,
+                "ratio": 0.74,
+                "vs_ideal": 1.04,
+                "goal": "<= 1.1 x ideal",
+                "runs": {},
+            },
+        },
+        "machine": {
+            "cpu": "x",
+            "cores": 2,
+            "torch_threads": 2,
+            "device": "cpu",
+            "load_before": 0.1,
+        },
+    }
 
 
 def test_table_rows_run_p1_to_p5_with_a_verdict() -> None:
@@ -66,8 +115,9 @@ def test_table_rows_run_p1_to_p5_with_a_verdict() -> None:
 
     lines = format_table(figures([1.02, 1.03, 1.04])).splitlines()
     assert lines[2] == "| id | measures | value | goal | verdict |"
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
-            if line.startswith("| P")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| P")
+    ]
     assert [r[0] for r in rows] == ["P1", "P2", "P3", "P3", "P4", "P4", "P4", "P5"]
     assert [r[4] for r in rows] == [
         "met",  # P1 1.03 <= 1.05
@@ -92,8 +142,10 @@ def test_a_loaded_machine_and_disagreeing_repeats_are_flagged() -> None:
     text = format_table(res)
     p1 = next(line for line in text.splitlines() if line.startswith("| P1 |"))
     assert p1.endswith("| 5.200 | <= 1.05 | not met (unreliable) |")
-    assert ("warning: the load average was 3.4 on 2 cores before the bench started: other "
-            "processes share the CPU") in text
+    assert (
+        "warning: the load average was 3.4 on 2 cores before the bench started: other "
+        "processes share the CPU"
+    ) in text
     assert "warning: P1: its repeats differ by 152% of their median (more than 25%)" in text
 
 

@@ -45,8 +45,10 @@ RPS = 64  # rows per shard: 600 rows -> 10 shards (the last one short)
 BATCH = 64
 
 # pytest resets the warning filters pipeline.cache installs; these two are expected and harmless.
-pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
-              pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
+]
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -62,16 +64,25 @@ def make(out: Path, teachers: list, dataset: str, **kw: object):  # noqa: ANN201
     """build_cache with quiet logging, the test's shard size and batch size unless overridden."""
     kw.setdefault("rows_per_shard", RPS)
     kw.setdefault("batch_size", BATCH)
-    cfg = CacheConfig(teachers=[str(t) for t in teachers], dataset=dataset, out=str(out), device="cpu",
-                      command="pytest make", **kw)
+    cfg = CacheConfig(
+        teachers=[str(t) for t in teachers],
+        dataset=dataset,
+        out=str(out),
+        device="cpu",
+        command="pytest make",
+        **kw,
+    )
     return build_cache(cfg, log=lambda s: None, progress=False)
 
 
 def snapshot(root: Path, under: str = "") -> dict[str, tuple[str, int]]:
     """{relative path: (sha256 of bytes, mtime_ns)} of every file under ``root/under``."""
     base = root / under if under else root
-    return {str(f.relative_to(root)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
-            for f in sorted(base.rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(root)): (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+        for f in sorted(base.rglob("*"))
+        if f.is_file()
+    }
 
 
 def raw_group(path: Path) -> zarr.Group:
@@ -86,15 +97,34 @@ def stored_logits(path: Path, member: int) -> np.ndarray:
 def model_outputs(checkpoint: Path, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
     """The teacher's own float32 logits: load_checkpoint + model(x), in batches of ``batch`` rows."""
     model = load_checkpoint(checkpoint).model
-    return torch.cat([model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])))
-                      for i in range(0, len(x), batch)]).float().numpy()
+    return (
+        torch.cat(
+            [
+                model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])))
+                for i in range(0, len(x), batch)
+            ]
+        )
+        .float()
+        .numpy()
+    )
 
 
 def train(out: Path, npz: Path, model: str, seed: int, members: int = 1, epochs: int = 2) -> Path:
-    train_teacher(TeacherConfig(dataset=spec_of(npz), model=model, input_dropout=0.0, dropout=0.0, jitter=0,
-                                    members=members, eval=None, out=str(out), device="cpu",
-                                    train=TrainConfig(epochs=epochs, batch_size=64, seed=seed)),
-                      log=lambda s: None)
+    train_teacher(
+        TeacherConfig(
+            dataset=spec_of(npz),
+            model=model,
+            input_dropout=0.0,
+            dropout=0.0,
+            jitter=0,
+            members=members,
+            eval=None,
+            out=str(out),
+            device="cpu",
+            train=TrainConfig(epochs=epochs, batch_size=64, seed=seed),
+        ),
+        log=lambda s: None,
+    )
     return out
 
 
@@ -119,7 +149,9 @@ def dataset_spec(npz_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def complete_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, dataset_spec: str) -> Path:
+def complete_cache(
+    tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, dataset_spec: str
+) -> Path:
     """A complete float16 cache of the 2-member teacher over the 600-row set, 10 shards. Tests copy it."""
     out = tmp_path_factory.mktemp("cache") / "c.zarr"
     res = make(out, [teacher_dir], dataset_spec)
@@ -141,7 +173,9 @@ def new_teacher(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> Pat
 
 
 # ------------------------------------------------------------------------------------------ 1. format, values
-def test_header_has_every_promised_field(complete_cache: Path, teacher_dir: Path, dataset_spec: str) -> None:
+def test_header_has_every_promised_field(
+    complete_cache: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     h = raw_group(complete_cache).attrs[ATTR_KEY]
     data = load_dataset(dataset_spec)
     assert h["format"] == FORMAT_NAME == "kd-pipeline-logit-cache"
@@ -172,10 +206,14 @@ def test_header_has_every_promised_field(complete_cache: Path, teacher_dir: Path
     assert [type(c).__name__ for c in arr.compressors] == ["ZstdCodec", "Crc32cCodec"]
     assert g["members/1/done"].shape == (10,) and g["members/1/done"][:].tolist() == [1] * 10
     # Every logits chunk is its own object on disk.
-    assert sorted(int(p.name) for p in (complete_cache / "members/0/logits/c").iterdir()) == list(range(10))
+    assert sorted(int(p.name) for p in (complete_cache / "members/0/logits/c").iterdir()) == list(
+        range(10)
+    )
 
 
-def test_logits_are_the_teachers_outputs(complete_cache: Path, teacher_dir: Path, dataset_spec: str) -> None:
+def test_logits_are_the_teachers_outputs(
+    complete_cache: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     data = load_dataset(dataset_spec)
     cache = LogitCache(complete_cache)
     assert np.array_equal(cache.read_ids(), np.arange(600))
@@ -200,10 +238,14 @@ def test_logits_are_the_teachers_outputs(complete_cache: Path, teacher_dir: Path
     assert np.array_equal(swapped[1], stored_logits(complete_cache, 0)[128:192])
     shards = list(cache.iter_shards())
     assert [s for s, _ in shards] == list(range(10))
-    assert np.array_equal(np.concatenate([lg for _, lg in shards], axis=1)[0], stored_logits(complete_cache, 0))
+    assert np.array_equal(
+        np.concatenate([lg for _, lg in shards], axis=1)[0], stored_logits(complete_cache, 0)
+    )
 
 
-def test_float32_option_stores_exact_logits(tmp_path: Path, teacher_dir: Path, npz_path: Path) -> None:
+def test_float32_option_stores_exact_logits(
+    tmp_path: Path, teacher_dir: Path, npz_path: Path
+) -> None:
     spec = spec_of(npz_path, "fraction=0.5", "seed=3")
     data = load_dataset(spec)
     out = tmp_path / "f32.zarr"
@@ -212,7 +254,9 @@ def test_float32_option_stores_exact_logits(tmp_path: Path, teacher_dir: Path, n
     cache = LogitCache(out)
     assert cache.header.dtype == "float32" and cache.n == 300
     # Stable ids: each row keeps its index in the unmodified split.
-    assert np.array_equal(cache.read_ids(), data.ids) and not np.array_equal(data.ids, np.arange(300))
+    assert np.array_equal(cache.read_ids(), data.ids) and not np.array_equal(
+        data.ids, np.arange(300)
+    )
     assert np.array_equal(cache.read_labels(), data.y)
     for k, path in enumerate(members_of(teacher_dir)):
         got = stored_logits(out, k)
@@ -221,10 +265,16 @@ def test_float32_option_stores_exact_logits(tmp_path: Path, teacher_dir: Path, n
 
 
 # ------------------------------------------------------------------------------- 2. no-op, refusals, add-member
-def test_rerun_on_complete_cache_is_a_noop(cache_copy: Path, teacher_dir: Path, dataset_spec: str) -> None:
+def test_rerun_on_complete_cache_is_a_noop(
+    cache_copy: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     before = snapshot(cache_copy)
     res = make(cache_copy, [teacher_dir], dataset_spec)
-    assert res.status == "already-complete" and res.shards_computed == 0 and "nothing to do" in res.message
+    assert (
+        res.status == "already-complete"
+        and res.shards_computed == 0
+        and "nothing to do" in res.message
+    )
     # Defaults (no --rows-per-shard / --dtype) also match the existing cache.
     res = make(cache_copy, [teacher_dir], dataset_spec, rows_per_shard=None)
     assert res.status == "already-complete"
@@ -232,14 +282,34 @@ def test_rerun_on_complete_cache_is_a_noop(cache_copy: Path, teacher_dir: Path, 
     assert not (cache_copy / CacheLock.NAME).exists()
 
 
-@pytest.mark.parametrize(("teachers", "mods", "kw", "expected"), [
-    ("member-0", (), {}, ["teachers:", "member-1.pt"]),
-    ("dir", ("fraction=0.5",), {}, ["dataset:", "fingerprint", "fraction=0.5"]),
-    ("dir", (), {"dtype": "float32"}, ["dtype: the cache stores float16, you asked for float32"]),
-    ("dir", (), {"rows_per_shard": 100}, ["rows per shard: the cache uses 64, you asked for 100"]),
-])
-def test_a_different_cache_is_refused(cache_copy: Path, teacher_dir: Path, npz_path: Path, teachers: str,
-                                      mods: tuple, kw: dict, expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("teachers", "mods", "kw", "expected"),
+    [
+        ("member-0", (), {}, ["teachers:", "member-1.pt"]),
+        ("dir", ("fraction=0.5",), {}, ["dataset:", "fingerprint", "fraction=0.5"]),
+        (
+            "dir",
+            (),
+            {"dtype": "float32"},
+            ["dtype: the cache stores float16, you asked for float32"],
+        ),
+        (
+            "dir",
+            (),
+            {"rows_per_shard": 100},
+            ["rows per shard: the cache uses 64, you asked for 100"],
+        ),
+    ],
+)
+def test_a_different_cache_is_refused(
+    cache_copy: Path,
+    teacher_dir: Path,
+    npz_path: Path,
+    teachers: str,
+    mods: tuple,
+    kw: dict,
+    expected: list[str],
+) -> None:
     before = snapshot(cache_copy)
     given = [teacher_dir / "member-0.pt"] if teachers == "member-0" else [teacher_dir]
     with pytest.raises(CacheError) as e:
@@ -251,8 +321,9 @@ def test_a_different_cache_is_refused(cache_copy: Path, teacher_dir: Path, npz_p
     assert snapshot(cache_copy) == before
 
 
-def test_add_member_appends_without_rewriting(cache_copy: Path, teacher_dir: Path, new_teacher: Path,
-                                              dataset_spec: str, npz_path: Path) -> None:
+def test_add_member_appends_without_rewriting(
+    cache_copy: Path, teacher_dir: Path, new_teacher: Path, dataset_spec: str, npz_path: Path
+) -> None:
     old = snapshot(cache_copy, "members/0") | snapshot(cache_copy, "members/1")
     old_values = [stored_logits(cache_copy, k) for k in (0, 1)]
     res = make(cache_copy, [new_teacher], dataset_spec, add_member=True, rows_per_shard=None)
@@ -266,7 +337,9 @@ def test_add_member_appends_without_rewriting(cache_copy: Path, teacher_dir: Pat
     assert m.index == 2 and m.checkpoint_sha256 == file_sha256(new_teacher)
     assert m.model_spec.startswith("mlp:16")
     data = load_dataset(dataset_spec)
-    assert np.array_equal(stored_logits(cache_copy, 2), model_outputs(new_teacher, data.x).astype(np.float16))
+    assert np.array_equal(
+        stored_logits(cache_copy, 2), model_outputs(new_teacher, data.x).astype(np.float16)
+    )
     for k in (0, 1):
         assert np.array_equal(stored_logits(cache_copy, k), old_values[k])
     assert cache.read_logits(4).shape == (3, RPS, 5)
@@ -280,8 +353,9 @@ def test_add_member_appends_without_rewriting(cache_copy: Path, teacher_dir: Pat
     # "already holds a different cache").
     original = make(cache_copy, [teacher_dir], dataset_spec)
     assert original.status == "already-complete" and original.shards_computed == 0
-    assert original.message.endswith("(600 rows, 3 members: the given 2 and 1 added with "
-                                     "--add-member); nothing to do")
+    assert original.message.endswith(
+        "(600 rows, 3 members: the given 2 and 1 added with --add-member); nothing to do"
+    )
     # Only a prefix of the members the cache was made with is still another cache.
     with pytest.raises(CacheError, match="already holds a different cache"):
         make(cache_copy, [teacher_dir / "member-0.pt"], dataset_spec)
@@ -289,13 +363,20 @@ def test_add_member_appends_without_rewriting(cache_copy: Path, teacher_dir: Pat
     before = snapshot(cache_copy)
     other = train(cache_copy.parent / "t2", npz_path, "mlp:8", seed=11) / "member-0.pt"
     with pytest.raises(CacheError, match="fingerprint") as e:
-        make(cache_copy, [other], spec_of(npz_path, "fraction=0.5"), add_member=True, rows_per_shard=None)
+        make(
+            cache_copy,
+            [other],
+            spec_of(npz_path, "fraction=0.5"),
+            add_member=True,
+            rows_per_shard=None,
+        )
     assert "--add-member" in str(e.value)
     assert snapshot(cache_copy) == before
 
 
-def test_add_member_needs_an_existing_complete_cache(tmp_path: Path, cache_copy: Path, new_teacher: Path,
-                                                     dataset_spec: str) -> None:
+def test_add_member_needs_an_existing_complete_cache(
+    tmp_path: Path, cache_copy: Path, new_teacher: Path, dataset_spec: str
+) -> None:
     with pytest.raises(CacheError, match="needs an existing complete cache"):
         make(tmp_path / "none.zarr", [new_teacher], dataset_spec, add_member=True)
     set_complete_flag(cache_copy, False)
@@ -305,8 +386,9 @@ def test_add_member_needs_an_existing_complete_cache(tmp_path: Path, cache_copy:
 
 
 # ------------------------------------------------------------------------------------------------ 3. partial
-def test_partial_cache_is_refused_then_served_then_resumed(cache_copy: Path, complete_cache: Path,
-                                                           teacher_dir: Path, dataset_spec: str) -> None:
+def test_partial_cache_is_refused_then_served_then_resumed(
+    cache_copy: Path, complete_cache: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     for rel in ("members/1/done/c/3", "members/1/done/c/7", "members/0/done/c/7"):
         (cache_copy / rel).unlink()
     set_complete_flag(cache_copy, False)
@@ -331,16 +413,26 @@ def test_partial_cache_is_refused_then_served_then_resumed(cache_copy: Path, com
         assert np.array_equal(stored_logits(cache_copy, k), stored_logits(complete_cache, k))
 
 
-def test_resume_removes_interrupted_write_leftovers(cache_copy: Path, complete_cache: Path, teacher_dir: Path,
-                                                   dataset_spec: str) -> None:
+def test_resume_removes_interrupted_write_leftovers(
+    cache_copy: Path, complete_cache: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     (cache_copy / "members/0/done/c/5").unlink()
     set_complete_flag(cache_copy, False)
     # What zarr's LocalStore leaves when killed mid-write: a temp file next to the chunk.
     leftover = cache_copy / "members/0/logits/c/5/0.0123abcd.partial"
     leftover.write_bytes(b"half a chunk")
     logs: list[str] = []
-    res = build_cache(CacheConfig(teachers=[str(teacher_dir)], dataset=dataset_spec, out=str(cache_copy),
-                                  device="cpu", batch_size=BATCH), log=logs.append, progress=False)
+    res = build_cache(
+        CacheConfig(
+            teachers=[str(teacher_dir)],
+            dataset=dataset_spec,
+            out=str(cache_copy),
+            device="cpu",
+            batch_size=BATCH,
+        ),
+        log=logs.append,
+        progress=False,
+    )
     assert res.status == "resumed" and res.shards_computed == 1
     assert not leftover.exists() and not list(cache_copy.rglob("*.partial"))
     assert any("removed 1 temporary files" in s for s in logs)
@@ -371,8 +463,9 @@ def test_truncated_chunk_is_named(cache_copy: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------- 6. errors damage nothing
-def test_members_with_different_class_counts_write_nothing(tmp_path: Path, teacher_dir: Path,
-                                                            dataset_spec: str) -> None:
+def test_members_with_different_class_counts_write_nothing(
+    tmp_path: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     three = write_npz(tmp_path / "three.npz", n_train=200, n_test=10, classes=3)
     other = train(tmp_path / "three-teacher", three, "mlp:8", seed=1, epochs=1) / "member-0.pt"
     out = tmp_path / "out.zarr"
@@ -382,8 +475,9 @@ def test_members_with_different_class_counts_write_nothing(tmp_path: Path, teach
     assert not out.exists()
 
 
-def test_unloadable_member_leaves_existing_cache_untouched(cache_copy: Path, tmp_path: Path, teacher_dir: Path,
-                                                           dataset_spec: str) -> None:
+def test_unloadable_member_leaves_existing_cache_untouched(
+    cache_copy: Path, tmp_path: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     bad = tmp_path / "member-2.pt"
     bad.write_bytes(os.urandom(4096))
     before = snapshot(cache_copy)
@@ -414,7 +508,9 @@ def test_changed_dataset_file_is_refused(tmp_path: Path, teacher_dir: Path, npz_
 
 
 @pytest.fixture(scope="module")
-def scaled_teacher(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, npz_path: Path) -> tuple:
+def scaled_teacher(
+    tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, npz_path: Path
+) -> tuple:
     """member-0 with its last layer scaled so that about 30% of the rows have a logit beyond float16's range."""
     lm = load_checkpoint(teacher_dir / "member-0.pt")
     x = load_dataset(spec_of(npz_path)).x
@@ -428,7 +524,9 @@ def scaled_teacher(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, 
     return path, model_outputs(path, x)
 
 
-def test_logits_beyond_float16_are_refused_with_ids(tmp_path: Path, scaled_teacher: tuple, dataset_spec: str) -> None:
+def test_logits_beyond_float16_are_refused_with_ids(
+    tmp_path: Path, scaled_teacher: tuple, dataset_spec: str
+) -> None:
     path, ref = scaled_teacher
     over = (np.abs(ref) > 65504).any(axis=1)
     assert 0.1 < over.mean() < 0.5  # the fixture did what it says
@@ -438,7 +536,7 @@ def test_logits_beyond_float16_are_refused_with_ids(tmp_path: Path, scaled_teach
     assert "--dtype float32" in msg and "float16" in msg
     # The ids named are the overflowing rows of the first shard that has any.
     first = int(np.flatnonzero(over)[0]) // RPS
-    expected = np.flatnonzero(over[first * RPS:(first + 1) * RPS]) + first * RPS
+    expected = np.flatnonzero(over[first * RPS : (first + 1) * RPS]) + first * RPS
     assert ids_in(msg) == expected[:20].tolist()
     assert f"({expected.size} in all)" in msg
     # Nothing non-finite was stored: the failing shard is not done, the cache is partial.
@@ -453,7 +551,9 @@ def test_logits_beyond_float16_are_refused_with_ids(tmp_path: Path, scaled_teach
     assert np.array_equal(got, ref) and np.abs(got).max() > 65504
 
 
-def test_nan_outputs_are_refused_with_ids(tmp_path: Path, teacher_dir: Path, npz_path: Path) -> None:
+def test_nan_outputs_are_refused_with_ids(
+    tmp_path: Path, teacher_dir: Path, npz_path: Path
+) -> None:
     lm = load_checkpoint(teacher_dir / "member-1.pt")
     first = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)][0]
     with torch.no_grad():
@@ -466,7 +566,9 @@ def test_nan_outputs_are_refused_with_ids(tmp_path: Path, teacher_dir: Path, npz
         make(out, [bad], spec)
     msg = str(e.value)
     assert "NaN or inf" in msg and "member 0" in msg
-    assert ids_in(msg) == ids[:20].tolist() and f"({RPS} in all)" in msg  # stable ids, not row numbers
+    assert (
+        ids_in(msg) == ids[:20].tolist() and f"({RPS} in all)" in msg
+    )  # stable ids, not row numbers
     cache = LogitCache(out, allow_partial=True)
     assert cache.count_done()[0] == 0 and not cache.complete
 
@@ -511,15 +613,19 @@ def test_a_complete_header_with_a_flag_not_done_is_refused(cache_copy: Path, how
         arr.with_config({"write_empty_chunks": True})[8] = 0
         assert (cache_copy / "members/1/done/c/8").is_file()
     cache = LogitCache(cache_copy)  # the header alone is usable (what cache info shows)
-    with pytest.raises(CacheError, match=r"complete, but done flags are missing or zero \(member "
-                                         r"1 shards \[8\]\).*silently train on fewer rows"):
+    with pytest.raises(
+        CacheError,
+        match=r"complete, but done flags are missing or zero \(member "
+        r"1 shards \[8\]\).*silently train on fewer rows",
+    ):
         cache.done_shards()
 
 
 @pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_non_finite_logits_are_refused_naming_member_shard_and_ids(
-        logits_cache, value: float, dtype: str) -> None:  # noqa: ANN001
+    logits_cache, value: float, dtype: str
+) -> None:  # noqa: ANN001
     logits = np.random.default_rng(0).normal(size=(2, 12, 3)).astype(np.float32)
     logits[:, 0, 0] = [65504.0, -65504.0]  # float16's extremes are finite: served
     location, _ = logits_cache(logits, rows_per_shard=4, dtype=dtype)
@@ -539,30 +645,47 @@ def test_labels_are_checked_for_range_and_against_the_dataset(logits_cache) -> N
     stored = zarr.open_group(str(location), mode="r+", use_consolidated=False)["labels"]
     stored[[1, 5, 9]] = [3, 0, -1]  # row 5 was class 2
     cache = LogitCache(location)
-    with pytest.raises(CacheError, match=r"sample ids \[1\] \(1 in all\) hold labels outside "
-                                         r"0..2 \(\[3\]\)"):
+    with pytest.raises(
+        CacheError,
+        match=r"sample ids \[1\] \(1 in all\) hold labels outside "
+        r"0..2 \(\[3\]\)",
+    ):
         cache.read_labels(0)
     assert cache.read_labels(1).tolist() == [1, 0, 0, 1]  # a valid class: only the data can tell
     truth = load_dataset(spec).y
-    with pytest.raises(CacheError, match=r"sample ids \[5\] \(1 in all\) hold labels \[0\] "
-                                         r"where the dataset npz:.* has \[2\]: they were altered"):
+    with pytest.raises(
+        CacheError,
+        match=r"sample ids \[5\] \(1 in all\) hold labels \[0\] "
+        r"where the dataset npz:.* has \[2\]: they were altered",
+    ):
         cache.read_labels(1, truth=truth)
     with pytest.raises(CacheError, match=r"sample ids \[9\] .* outside 0..2 \(\[-1\]\)"):
         cache.read_labels(2, truth=truth)
 
 
-@pytest.mark.parametrize(("change", "says"), [
-    ({"num_classes": 7}, "array members/0/logits has shape (600, 5), dtype float16, chunks "
-                         "(64, 5); the header says shape (600, 7)"),
-    ({"n": 590}, "array ids has shape (600,), dtype int64, chunks (64,); the header says shape "
-                 "(590,)"),
-    # Refused before zarr parses it: the read guard bounds a chunk by the header's rows per shard.
-    ({"rows_per_shard": 60}, "ids/zarr.json declares chunks of 512 bytes (the header allows 480 "
-                             "per chunk of ids)"),
-    ({"dtype": "float32"}, "array members/1/logits has shape (600, 5), dtype float16"),
-])
-def test_arrays_unlike_the_header_are_refused_at_open(cache_copy: Path, change: dict,
-                                                      says: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (
+            {"num_classes": 7},
+            "array members/0/logits has shape (600, 5), dtype float16, chunks "
+            "(64, 5); the header says shape (600, 7)",
+        ),
+        (
+            {"n": 590},
+            "array ids has shape (600,), dtype int64, chunks (64,); the header says shape (590,)",
+        ),
+        # Refused before zarr parses it: the read guard bounds a chunk by the header's rows per shard.
+        (
+            {"rows_per_shard": 60},
+            "ids/zarr.json declares chunks of 512 bytes (the header allows 480 per chunk of ids)",
+        ),
+        ({"dtype": "float32"}, "array members/1/logits has shape (600, 5), dtype float16"),
+    ],
+)
+def test_arrays_unlike_the_header_are_refused_at_open(
+    cache_copy: Path, change: dict, says: str
+) -> None:
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)
     h = {**g.attrs[ATTR_KEY], **change}
     if "num_classes" in change:
@@ -578,18 +701,29 @@ def test_arrays_unlike_the_header_are_refused_at_open(cache_copy: Path, change: 
 
 # --------------------------------------------------------------------------------------------- 9. no torch
 def test_cache_module_imports_without_torch() -> None:
-    code = ("import sys; import pipeline.cache; assert 'torch' not in sys.modules, 'torch was imported'; "
-            "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; import pipeline.cache; assert 'torch' not in sys.modules, 'torch was imported'; "
+        "print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
 
 def test_cache_reads_without_torch(complete_cache: Path) -> None:
-    code = ("import sys; from pipeline.cache import LogitCache; c = LogitCache(sys.argv[1]); "
-            "print(c.read_logits(0).shape, c.n); assert 'torch' not in sys.modules")
-    out = subprocess.run([sys.executable, "-c", code, str(complete_cache)], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    code = (
+        "import sys; from pipeline.cache import LogitCache; c = LogitCache(sys.argv[1]); "
+        "print(c.read_logits(0).shape, c.n); assert 'torch' not in sys.modules"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(complete_cache)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(2, 64, 5) 600"
 
@@ -597,12 +731,17 @@ def test_cache_reads_without_torch(complete_cache: Path) -> None:
 # -------------------------------------------------------------------------------------------- 10. CacheLock
 def write_lock(root: Path, pid: int, host: str | None = None) -> Path:
     path = root / CacheLock.NAME
-    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "since": "2026-01-01T00:00:00"}))
+    path.write_text(
+        json.dumps(
+            {"pid": pid, "host": host or socket.gethostname(), "since": "2026-01-01T00:00:00"}
+        )
+    )
     return path
 
 
-def test_live_lock_is_refused_dead_lock_is_taken_over(cache_copy: Path, teacher_dir: Path,
-                                                      dataset_spec: str) -> None:
+def test_live_lock_is_refused_dead_lock_is_taken_over(
+    cache_copy: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     (cache_copy / "members/0/done/c/2").unlink()
     set_complete_flag(cache_copy, False)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -659,8 +798,9 @@ def test_reader_refuses_what_is_not_a_cache(tmp_path: Path, complete_cache: Path
         LogitCache(newer)
 
 
-def test_existing_non_cache_directory_is_not_written_into(tmp_path: Path, teacher_dir: Path,
-                                                          dataset_spec: str) -> None:
+def test_existing_non_cache_directory_is_not_written_into(
+    tmp_path: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
@@ -671,8 +811,9 @@ def test_existing_non_cache_directory_is_not_written_into(tmp_path: Path, teache
 
 
 # ------------------------------------------------------------------------------ interrupted creation (SIGKILL)
-def test_creation_killed_before_the_store_existed_is_redone(tmp_path: Path, complete_cache: Path,
-                                                            teacher_dir: Path, dataset_spec: str) -> None:
+def test_creation_killed_before_the_store_existed_is_redone(
+    tmp_path: Path, complete_cache: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     """Killed right after making the directory and taking the lock: only a stale lock is there."""
     out = tmp_path / "c.zarr"
     out.mkdir()
@@ -687,14 +828,19 @@ def test_creation_killed_before_the_store_existed_is_redone(tmp_path: Path, comp
     assert sorted(p.name for p in out.iterdir()) == ["ids", "labels", "members", "zarr.json"]
 
 
-def test_creation_killed_midway_is_redone(cache_copy: Path, complete_cache: Path, teacher_dir: Path,
-                                          dataset_spec: str) -> None:
+def test_creation_killed_midway_is_redone(
+    cache_copy: Path, complete_cache: Path, teacher_dir: Path, dataset_spec: str
+) -> None:
     """Killed while the schema was being written: the creation marker is there, the header is not whole."""
     from pipeline.cache.format import CREATING_MARKER
 
     shutil.rmtree(cache_copy / "members/1")
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)
-    g.attrs[ATTR_KEY] = {**g.attrs[ATTR_KEY], "members": g.attrs[ATTR_KEY]["members"][:1], "complete": False}
+    g.attrs[ATTR_KEY] = {
+        **g.attrs[ATTR_KEY],
+        "members": g.attrs[ATTR_KEY]["members"][:1],
+        "complete": False,
+    }
     (cache_copy / CREATING_MARKER).touch()
     (cache_copy / "ids/c/0.0a1b2c3d.partial").write_bytes(b"x")
     assert read_header(cache_copy) is None
@@ -707,11 +853,14 @@ def test_creation_killed_midway_is_redone(cache_copy: Path, complete_cache: Path
     assert not (cache_copy / CREATING_MARKER).exists() and not list(cache_copy.rglob("*.partial"))
 
 
-def test_add_member_killed_before_the_header_named_it_is_redone(cache_copy: Path, new_teacher: Path,
-                                                                dataset_spec: str) -> None:
+def test_add_member_killed_before_the_header_named_it_is_redone(
+    cache_copy: Path, new_teacher: Path, dataset_spec: str
+) -> None:
     """Killed after creating member 2's arrays (and writing a shard) but before the header listed it."""
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)
-    g.create_array("members/2/logits", shape=(600, 5), dtype="float16", chunks=(RPS, 5), fill_value=0)
+    g.create_array(
+        "members/2/logits", shape=(600, 5), dtype="float16", chunks=(RPS, 5), fill_value=0
+    )
     g.create_array("members/2/done", shape=(10,), dtype="uint8", chunks=(1,), fill_value=0)
     g["members/2/logits"][:RPS] = np.full((RPS, 5), 7, dtype=np.float16)
     g["members/2/done"][0] = 1
@@ -724,9 +873,9 @@ def test_add_member_killed_before_the_header_named_it_is_redone(cache_copy: Path
     assert np.array_equal(stored_logits(cache_copy, 2), ref)
 
 
-def test_add_member_killed_after_the_header_named_it_is_finished(cache_copy: Path, complete_cache: Path,
-                                                                 teacher_dir: Path, new_teacher: Path,
-                                                                 dataset_spec: str) -> None:
+def test_add_member_killed_after_the_header_named_it_is_finished(
+    cache_copy: Path, complete_cache: Path, teacher_dir: Path, new_teacher: Path, dataset_spec: str
+) -> None:
     """Killed after the header listed member 2 (cache partial): the message says how to finish it, and that works."""
     from pipeline.cache.format import add_member_arrays
 
@@ -780,20 +929,28 @@ def test_a_cache_written_before_the_location_change_reads_and_verifies(tmp_path:
     assert header == cache.header
     assert json.dumps(header.to_dict()) == json.dumps(raw)
     # The fingerprint as the code before the change computed it (from the raw header).
-    ident = {"dataset": raw["dataset"]["fingerprint"],
-             "members": [m["checkpoint_sha256"] for m in raw["members"]],
-             "dtype": raw["dtype"], "n": raw["n"], "num_classes": raw["num_classes"]}
+    ident = {
+        "dataset": raw["dataset"]["fingerprint"],
+        "members": [m["checkpoint_sha256"] for m in raw["members"]],
+        "dtype": raw["dtype"],
+        "n": raw["n"],
+        "num_classes": raw["num_classes"],
+    }
     expected = "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     assert cache_fingerprint(cache.header) == expected == cache_fingerprint(raw)
     # Copied by today's code into a directory: object for object the same bytes, and it verifies.
     res = sharing.copy_cache(FIXTURE, tmp_path / "copy.zarr", progress=False, log=lambda s: None)
     assert res.report.ok and res.copied == len(fixture_objects())
-    assert {str(p.relative_to(tmp_path / "copy.zarr")): p.read_bytes()
-            for p in (tmp_path / "copy.zarr").rglob("*") if p.is_file()} == fixture_objects()
+    assert {
+        str(p.relative_to(tmp_path / "copy.zarr")): p.read_bytes()
+        for p in (tmp_path / "copy.zarr").rglob("*")
+        if p.is_file()
+    } == fixture_objects()
 
 
-def test_the_same_inputs_written_today_are_bit_identical(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_same_inputs_written_today_are_bit_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """create_cache / write_shard / mark_complete write exactly the bytes they wrote before."""
     from pipeline.cache import format as fmt
     from tests.fixtures import make_v1_cache as v1
@@ -837,15 +994,19 @@ def test_header_round_trip_keeps_unknown_keys_and_order_and_is_frozen(complete_c
     assert len(h.members) == 2 and h.complete
 
 
-@pytest.mark.parametrize(("change", "says"), [
-    ({"format": "other"}, "format is 'other', expected 'kd-pipeline-logit-cache'"),
-    ({"version": 99}, "cache format version 99 is not supported"),
-    ({"n_shards": 3}, "n_shards=3 does not match n=600 / rows_per_shard=64"),
-    ({"dtype": "int8"}, "dtype 'int8' is not float16 or float32"),
-    ({"labeled": "yes"}, "labeled should be bool, found str"),
-])
-def test_header_from_dict_is_as_strict_as_the_schema(complete_cache: Path, change: dict,
-                                                     says: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"format": "other"}, "format is 'other', expected 'kd-pipeline-logit-cache'"),
+        ({"version": 99}, "cache format version 99 is not supported"),
+        ({"n_shards": 3}, "n_shards=3 does not match n=600 / rows_per_shard=64"),
+        ({"dtype": "int8"}, "dtype 'int8' is not float16 or float32"),
+        ({"labeled": "yes"}, "labeled should be bool, found str"),
+    ],
+)
+def test_header_from_dict_is_as_strict_as_the_schema(
+    complete_cache: Path, change: dict, says: str
+) -> None:
     from pipeline.cache.header import CacheHeader, validate_header
 
     bad = {**raw_group(complete_cache).attrs[ATTR_KEY], **change}
@@ -864,13 +1025,20 @@ def test_location_is_parsed_once_into_a_value() -> None:
     from pipeline.cache.location import CacheLocation
 
     d = CacheLocation.parse("data/caches/fmnist.zarr/")
-    assert (d.kind, d.text, d.name, d.display) == ("dir", "data/caches/fmnist.zarr", "fmnist",
-                                                   "data/caches/fmnist.zarr")
+    assert (d.kind, d.text, d.name, d.display) == (
+        "dir",
+        "data/caches/fmnist.zarr",
+        "fmnist",
+        "data/caches/fmnist.zarr",
+    )
     assert d.local_path == Path("data/caches/fmnist.zarr")
     z = CacheLocation.parse(Path("x/fmnist.zarr.zip"))
     assert (z.kind, z.name) == ("zip", "fmnist")
-    opts = {"endpoint_url": "http://127.0.0.1:9000", "key": "AKIA-SECRET",
-            "client_kwargs": {"token": "t"}}
+    opts = {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "key": "AKIA-SECRET",
+        "client_kwargs": {"token": "t"},
+    }
     u = CacheLocation.parse("s3://team/caches/fmnist.zarr", opts)
     assert (u.kind, u.name, u.local_path, u.storage_options) == ("url", "fmnist", None, opts)
     assert "AKIA-SECRET" not in repr(u) and "'t'" not in repr(u) and "127.0.0.1" in repr(u)
@@ -879,8 +1047,9 @@ def test_location_is_parsed_once_into_a_value() -> None:
     assert pickle.loads(pickle.dumps(u)) == u and hash(pickle.loads(pickle.dumps(u))) == hash(u)
     assert u != CacheLocation.parse("s3://team/caches/fmnist.zarr")
     assert CacheLocation.parse(u) is u
-    assert u.child("sub/c.zarr") == CacheLocation.parse("s3://team/caches/fmnist.zarr/sub/c.zarr",
-                                                        opts)
+    assert u.child("sub/c.zarr") == CacheLocation.parse(
+        "s3://team/caches/fmnist.zarr/sub/c.zarr", opts
+    )
     # Storage options only apply to URLs: a local location (one side of `cache copy`) ignores them.
     assert CacheLocation.parse("data/c.zarr", opts) == CacheLocation.parse("data/c.zarr")
     with pytest.raises(CacheError, match="no cache location given"):

@@ -69,12 +69,16 @@ def labeled_npz(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- label range
-@pytest.mark.parametrize(("labels", "says"), [
-    ([0, 1, -1, 3], "1 labels are outside 0..3 (sample ids [2] have [-1])"),
-    ([0, 4, 1, 99], "2 labels are outside 0..3 (sample ids [1, 3] have [4, 99])"),
-])
-def test_labels_that_are_not_class_indices_are_refused(tmp_path: Path, labels: list,
-                                                       says: str) -> None:
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        ([0, 1, -1, 3], "1 labels are outside 0..3 (sample ids [2] have [-1])"),
+        ([0, 4, 1, 99], "2 labels are outside 0..3 (sample ids [1, 3] have [4, 99])"),
+    ],
+)
+def test_labels_that_are_not_class_indices_are_refused(
+    tmp_path: Path, labels: list, says: str
+) -> None:
     path = tmp_path / "bad.npz"
     x = np.zeros((4, 1, 2, 2), np.float32)
     np.savez(path, x_train=x, y_train=np.array(labels), num_classes=np.int64(4))

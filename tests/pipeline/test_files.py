@@ -64,8 +64,11 @@ def test_checkpoints_keep_their_archive_name(tmp_path: Path) -> None:
     """torch.save names its zip archive after the file's stem: checkpoints were written to
     ``member-0.pt.tmp`` and renamed, so their archive is ``member-0.pt/``; it must stay so."""
     model = build_model("mlp:4", (1, 2, 2), 3)
-    path = save_checkpoint(tmp_path / "member-0.pt", model,
-                           {"model_spec": "mlp:4", "in_shape": [1, 2, 2], "num_classes": 3})
+    path = save_checkpoint(
+        tmp_path / "member-0.pt",
+        model,
+        {"model_spec": "mlp:4", "in_shape": [1, 2, 2], "num_classes": 3},
+    )
     names = zipfile.ZipFile(path).namelist()
     assert names and all(n.startswith("member-0.pt/") for n in names)
     before = tmp_path / "before" / "member-0.pt.tmp"  # how save_checkpoint wrote it before
@@ -77,10 +80,18 @@ def test_checkpoints_keep_their_archive_name(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- slug
-SPECS = ["mlp:800,800", "mlp:30,30", "cnn", "cnn:channels=32,64:hidden=128", "py:pkg.mod:factory",
-         "mlp:30,30:dropout=0.1", "torchscript:/models/net.pt", "fashion-mnist:train",
-         "npz:/data/x.npz:train:holdout=0.1:part=rest:exclude=3:seed=0",
-         "idx:/d/mnist:train:keep=7,8"]
+SPECS = [
+    "mlp:800,800",
+    "mlp:30,30",
+    "cnn",
+    "cnn:channels=32,64:hidden=128",
+    "py:pkg.mod:factory",
+    "mlp:30,30:dropout=0.1",
+    "torchscript:/models/net.pt",
+    "fashion-mnist:train",
+    "npz:/data/x.npz:train:holdout=0.1:part=rest:exclude=3:seed=0",
+    "idx:/d/mnist:train:keep=7,8",
+]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -103,9 +114,16 @@ def test_slug_examples() -> None:
     assert slug("abcdef", max_len=3) == "def"
 
 
-@pytest.mark.parametrize("location", ["data/caches/fmnist.zarr", "data/caches/fmnist.zarr/",
-                                      "fmnist.zarr.zip", "s3://bucket/prefix/fmnist.zarr",
-                                      "s3://bucket/prefix/fmnist.zarr/"])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "data/caches/fmnist.zarr",
+        "data/caches/fmnist.zarr/",
+        "fmnist.zarr.zip",
+        "s3://bucket/prefix/fmnist.zarr",
+        "s3://bucket/prefix/fmnist.zarr/",
+    ],
+)
 def test_location_stem_of_every_kind_of_cache(location: str) -> None:
     assert location_stem(location) == "fmnist"
 
@@ -121,10 +139,14 @@ def test_checks_word_each_rule_once() -> None:
     assert in_range("dropout", 1.0, 0, 1, hi_open=True) == "dropout must be in [0, 1), got 1.0"
     assert at_least("epochs", 0, 1) == "epochs must be >= 1, got 0"
     assert at_least("jitter", -1, 0, unit="pixels") == "jitter must be >= 0 pixels, got -1"
-    assert one_of("optimizer", "lbfgs", ("adam", "adamw", "sgd")) == \
-        "optimizer must be one of adam, adamw, sgd, got 'lbfgs'"
-    assert one_of("lr_schedule", "step", ("cosine", "constant"), prose=True) == \
-        "lr_schedule must be cosine or constant, got 'step'"
+    assert (
+        one_of("optimizer", "lbfgs", ("adam", "adamw", "sgd"))
+        == "optimizer must be one of adam, adamw, sgd, got 'lbfgs'"
+    )
+    assert (
+        one_of("lr_schedule", "step", ("cosine", "constant"), prose=True)
+        == "lr_schedule must be cosine or constant, got 'step'"
+    )
     assert collect(None, "a", None, "b") == ["a", "b"]
 
 

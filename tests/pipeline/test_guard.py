@@ -30,10 +30,15 @@ def rle_frame(blocks: int, content_size: int | None) -> bytes:
     field) or no size at all: a few bytes that decode to ``blocks`` x 128 KiB."""
     magic = (0xFD2FB528).to_bytes(4, "little")
     # Frame header: no size and a window descriptor (2 MiB), or an 8-byte size field.
-    head = (bytes([0x00, 0x58]) if content_size is None
-            else bytes([0xC0, 0x58]) + content_size.to_bytes(8, "little"))
-    body = b"".join(((i == blocks - 1) | (1 << 1) | ((1 << 17) << 3)).to_bytes(3, "little") + b"\0"
-                    for i in range(blocks))
+    head = (
+        bytes([0x00, 0x58])
+        if content_size is None
+        else bytes([0xC0, 0x58]) + content_size.to_bytes(8, "little")
+    )
+    body = b"".join(
+        ((i == blocks - 1) | (1 << 1) | ((1 << 17) << 3)).to_bytes(3, "little") + b"\0"
+        for i in range(blocks)
+    )
     return magic + head + body
 
 
@@ -48,11 +53,13 @@ def reference_depth(obj: object) -> int:
 
 def random_json(rng: random.Random, depth: int) -> object:
     if depth == 0 or rng.random() < 0.3:
-        return rng.choice(["[{\"", "\\", "a\\\"]}", 1, None, "\\\\", "}}]]"])
+        return rng.choice(['[{"', "\\", 'a\\"]}', 1, None, "\\\\", "}}]]"])
     if rng.random() < 0.5:
         return [random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))]
-    return {rng.choice(["k", "[", "\\\"{", "}"]) + str(i): random_json(rng, depth - 1)
-            for i in range(rng.randint(0, 3))}
+    return {
+        rng.choice(["k", "[", '\\"{', "}"]) + str(i): random_json(rng, depth - 1)
+        for i in range(rng.randint(0, 3))
+    }
 
 
 def test_json_depth_matches_the_parsed_depth_with_brackets_and_escapes_in_strings() -> None:
@@ -104,15 +111,25 @@ def test_zstd_frames_that_would_expand_without_bound_are_found() -> None:
 
 
 # ---------------------------------------------------------------------------------- limits
-HEADER = {"rows_per_shard": 64, "num_classes": 5, "n_shards": 10, "dtype": "float16",
-          "members": [{}, {}]}
+HEADER = {
+    "rows_per_shard": 64,
+    "num_classes": 5,
+    "n_shards": 10,
+    "dtype": "float16",
+    "members": [{}, {}],
+}
 
 
 def array_meta(**changes: object) -> dict:
-    meta = {"zarr_format": 3, "node_type": "array", "shape": [600, 5], "data_type": "float16",
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 5]}},
-            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-            "codecs": [{"name": "bytes"}, {"name": "zstd"}, {"name": "crc32c"}]}
+    meta = {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [600, 5],
+        "data_type": "float16",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [64, 5]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "codecs": [{"name": "bytes"}, {"name": "zstd"}, {"name": "crc32c"}],
+    }
     return {**meta, **changes}
 
 
@@ -125,24 +142,42 @@ def test_limits_come_from_the_header() -> None:
     check_array_metadata(array_meta(), "members/0/logits", lim, "m")  # the writer's own
 
 
-@pytest.mark.parametrize(("changes", "says"), [
-    ({"codecs": [{"name": "bytes"}, {"name": "gzip"}]}, "codecs ['bytes', 'gzip']"),
-    ({"data_type": "float64"}, "data type 'float64'"),
-    ({"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1 << 20, 5]}}},
-     "chunks of 10485760 bytes (the header allows 640 per chunk of members/0/logits)"),
-    ({"shape": [10 ** 9, 5]}, "shape [1000000000, 5] (more than the header's 10 chunks"),
-    ({"chunk_key_encoding": {"name": "v2"}}, "chunk key encoding"),
-    # A flipped byte in a key name: zarr ignores the key, the format does not.
-    ({"codecs": [{"name": "bytes", "configu(ation": {"endian": "little"}}, {"name": "zstd"},
-                 {"name": "crc32c"}]}, "unexpected 'configu(ation' in codecs"),
-    ({"fill_valu%": 0}, "unexpected 'fill_valu%' in the document"),
-])
-def test_array_metadata_beyond_the_format_or_the_header_is_refused(changes: dict,
-                                                                    says: str) -> None:
-    with pytest.raises(CacheError, match="m declares .*" + says.replace("(", "\\(").replace(
-            ")", "\\)").replace("[", "\\[").replace("]", "\\]")):
-        check_array_metadata(array_meta(**changes), "members/0/logits",
-                             Limits.from_header(HEADER), "m")
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"codecs": [{"name": "bytes"}, {"name": "gzip"}]}, "codecs ['bytes', 'gzip']"),
+        ({"data_type": "float64"}, "data type 'float64'"),
+        (
+            {"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1 << 20, 5]}}},
+            "chunks of 10485760 bytes (the header allows 640 per chunk of members/0/logits)",
+        ),
+        ({"shape": [10**9, 5]}, "shape [1000000000, 5] (more than the header's 10 chunks"),
+        ({"chunk_key_encoding": {"name": "v2"}}, "chunk key encoding"),
+        # A flipped byte in a key name: zarr ignores the key, the format does not.
+        (
+            {
+                "codecs": [
+                    {"name": "bytes", "configu(ation": {"endian": "little"}},
+                    {"name": "zstd"},
+                    {"name": "crc32c"},
+                ]
+            },
+            "unexpected 'configu(ation' in codecs",
+        ),
+        ({"fill_valu%": 0}, "unexpected 'fill_valu%' in the document"),
+    ],
+)
+def test_array_metadata_beyond_the_format_or_the_header_is_refused(
+    changes: dict, says: str
+) -> None:
+    with pytest.raises(
+        CacheError,
+        match="m declares .*"
+        + says.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[").replace("]", "\\]"),
+    ):
+        check_array_metadata(
+            array_meta(**changes), "members/0/logits", Limits.from_header(HEADER), "m"
+        )
 
 
 # ----------------------------------------------------------------------------- translation
@@ -160,23 +195,47 @@ def s3fs_style(e: Exception, as_type: type[OSError]) -> OSError:
         return wrapped
 
 
-@pytest.mark.parametrize(("exc", "kind", "says"), [
-    (botocore_error("InvalidAccessKeyId", "no such key id"), StorageError,
-     "refused the credentials (InvalidAccessKeyId: no such key id)"),
-    (s3fs_style(botocore_error("SignatureDoesNotMatch", "bad secret"), PermissionError),
-     StorageError, "refused the credentials (SignatureDoesNotMatch"),
-    (s3fs_style(botocore_error("AccessDenied", "Access Denied"), PermissionError), StorageError,
-     "access denied by the object store (AccessDenied"),
-    (s3fs_style(botocore_error("NoSuchBucket", "The specified bucket does not exist"),
-                FileNotFoundError), StorageError, "the bucket does not exist"),
-    (OSError(errno.ENOSPC, "No space left on device", "/d/student.pt.tmp-1"), StorageError,
-     "no space left on the device: /d/student.pt.tmp-1; free some space"),
-    (PermissionError(errno.EACCES, "Permission denied", "/d/x"), StorageError,
-     "permission denied: /d/x"),
-    (json.JSONDecodeError("Expecting value", "z", 0), CacheError, "could not be read"),
-    (RecursionError("maximum recursion depth exceeded"), CacheError, "RecursionError"),
-    (MemoryError(), KDError, "ran out of memory"),
-])
+@pytest.mark.parametrize(
+    ("exc", "kind", "says"),
+    [
+        (
+            botocore_error("InvalidAccessKeyId", "no such key id"),
+            StorageError,
+            "refused the credentials (InvalidAccessKeyId: no such key id)",
+        ),
+        (
+            s3fs_style(botocore_error("SignatureDoesNotMatch", "bad secret"), PermissionError),
+            StorageError,
+            "refused the credentials (SignatureDoesNotMatch",
+        ),
+        (
+            s3fs_style(botocore_error("AccessDenied", "Access Denied"), PermissionError),
+            StorageError,
+            "access denied by the object store (AccessDenied",
+        ),
+        (
+            s3fs_style(
+                botocore_error("NoSuchBucket", "The specified bucket does not exist"),
+                FileNotFoundError,
+            ),
+            StorageError,
+            "the bucket does not exist",
+        ),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/d/student.pt.tmp-1"),
+            StorageError,
+            "no space left on the device: /d/student.pt.tmp-1; free some space",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/d/x"),
+            StorageError,
+            "permission denied: /d/x",
+        ),
+        (json.JSONDecodeError("Expecting value", "z", 0), CacheError, "could not be read"),
+        (RecursionError("maximum recursion depth exceeded"), CacheError, "RecursionError"),
+        (MemoryError(), KDError, "ran out of memory"),
+    ],
+)
 def test_explain_maps_library_failures_to_messages(exc: Exception, kind: type, says: str) -> None:
     err = explain(exc, "s3://b/c.zarr")
     assert type(err) is kind and str(err).startswith("s3://b/c.zarr: ") and says in str(err)
@@ -197,10 +256,13 @@ def test_explain_knows_no_credentials_and_unreachable_endpoints() -> None:
 def test_storage_errors_keeps_a_stores_missing_key_answer() -> None:
     with pytest.raises(FileNotFoundError), storage_errors("c", keep=(FileNotFoundError,)):
         raise FileNotFoundError(errno.ENOENT, "No such file", "c/ids/c/0")
-    bucket = s3fs_style(botocore_error("NoSuchBucket", "The specified bucket does not exist"),
-                        FileNotFoundError)
-    with pytest.raises(StorageError, match="c: the bucket does not exist"), \
-            storage_errors("c", keep=(FileNotFoundError,)):
+    bucket = s3fs_style(
+        botocore_error("NoSuchBucket", "The specified bucket does not exist"), FileNotFoundError
+    )
+    with (
+        pytest.raises(StorageError, match="c: the bucket does not exist"),
+        storage_errors("c", keep=(FileNotFoundError,)),
+    ):
         raise bucket
     with pytest.raises(RuntimeError), storage_errors("c"):
         raise RuntimeError("not a storage failure")

@@ -18,7 +18,12 @@ import torch
 from pipeline.cache.format import LogitCache
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError
-from pipeline.training.loader import CacheIterableDataset, StreamingCacheSource, cache_source, plan_loader
+from pipeline.training.loader import (
+    CacheIterableDataset,
+    StreamingCacheSource,
+    cache_source,
+    plan_loader,
+)
 from pipeline.training.loop import InMemorySource
 from pipeline.training.losses import combine_members
 
@@ -39,8 +44,11 @@ def _open(location: Path, allow_partial: bool = False):
 
 def _all_member_logits(cache: LogitCache) -> torch.Tensor:
     """(M, N, C) float32 of every member's stored logits, read straight from the Zarr arrays."""
-    return torch.from_numpy(np.stack([cache.group[f"members/{m}/logits"][:] for m in range(len(cache.members))])
-                            .astype(np.float32))
+    return torch.from_numpy(
+        np.stack([cache.group[f"members/{m}/logits"][:] for m in range(len(cache.members))]).astype(
+            np.float32
+        )
+    )
 
 
 def _stream_epoch(src: StreamingCacheSource, epoch: int) -> list[tuple]:
@@ -51,8 +59,14 @@ def _rows(batches: list[tuple]) -> np.ndarray:
     return np.concatenate([b[3] for b in batches])
 
 
-def _check_batches_against_cache(batches: list[tuple], cache: LogitCache, data, members: list[int], method: str,
-                                 temperature: float) -> None:
+def _check_batches_against_cache(
+    batches: list[tuple],
+    cache: LogitCache,
+    data,
+    members: list[int],
+    method: str,
+    temperature: float,
+) -> None:
     """Each batch's inputs, labels and teacher logits are those of exactly its rows."""
     raw = _all_member_logits(cache)[members]
     labels = cache.read_labels()
@@ -69,7 +83,12 @@ def test_plan_chooses_memory_exactly_when_targets_and_inputs_fit(cache_path: Pat
     cache, data = _open(cache_path)
     shards = cache.done_shards()
     fits = plan_loader(cache, data.x, [0, 1], shards, MEMORY_BYTES)
-    assert (fits.mode, fits.rows, fits.shards, fits.bytes_in_memory_mode) == ("memory", N, 10, MEMORY_BYTES)
+    assert (fits.mode, fits.rows, fits.shards, fits.bytes_in_memory_mode) == (
+        "memory",
+        N,
+        10,
+        MEMORY_BYTES,
+    )
     short = plan_loader(cache, data.x, [0, 1], shards, MEMORY_BYTES - 1)
     assert short.mode == "stream"
     # per row in the buffer: 2 x (targets 20 + inputs 256 + label 8); prefetch: 3 combined shards x 64 x (20 + 256
@@ -88,22 +107,30 @@ def test_torch_dataloader_workers_together_serve_every_row_once(cache_path: Path
     # Two forked DataLoader workers each serve a disjoint slice of the epoch's shard order: the union is every row
     # exactly once, with the cached targets, and the zarr state forked from this process does not hang them.
     cache, data = _open(cache_path)
-    src, _ = cache_source(cache, data.x, [0, 1], "mean-probs", 4.0, batch_size=50, budget=STREAM_BUDGET, seed=3)
+    src, _ = cache_source(
+        cache, data.x, [0, 1], "mean-probs", 4.0, batch_size=50, budget=STREAM_BUDGET, seed=3
+    )
     list(src.epoch(0))  # use zarr here first, so the workers inherit its state
     ds = CacheIterableDataset(src, with_rows=True)
     for epoch in (0, 1):
         ds.set_epoch(epoch)
         # The DataLoader turns the row arrays into tensors; turn them back.
-        batches = [(xb, tb, yb, np.asarray(rows))
-                   for xb, tb, yb, rows in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+        batches = [
+            (xb, tb, yb, np.asarray(rows))
+            for xb, tb, yb, rows in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        ]
         assert np.bincount(_rows(batches), minlength=N).tolist() == [1] * N
         _check_batches_against_cache(batches, cache, data, [0, 1], "mean-probs", 4.0)
 
 
 def test_streaming_serves_every_row_once_with_the_cached_targets(cache_path: Path) -> None:
     cache, data = _open(cache_path)
-    src, plan = cache_source(cache, data.x, [0, 1], "mean-probs", 4.0, batch_size=50, budget=STREAM_BUDGET, seed=3)
-    assert isinstance(src, StreamingCacheSource) and plan.mode == "stream" and plan.buffer_shards == 2
+    src, plan = cache_source(
+        cache, data.x, [0, 1], "mean-probs", 4.0, batch_size=50, budget=STREAM_BUDGET, seed=3
+    )
+    assert (
+        isinstance(src, StreamingCacheSource) and plan.mode == "stream" and plan.buffer_shards == 2
+    )
     assert src.num_rows == N and len(src) == 12
     for epoch in (0, 1):
         batches = _stream_epoch(src, epoch)
@@ -120,12 +147,16 @@ def test_streaming_order_differs_between_epochs_and_repeats_for_a_seed(cache_pat
     cache, data = _open(cache_path)
 
     def order(seed: int, epoch: int) -> np.ndarray:
-        src, _ = cache_source(cache, data.x, [0, 1], "mean-logits", 1.0, 64, STREAM_BUDGET, seed=seed)
+        src, _ = cache_source(
+            cache, data.x, [0, 1], "mean-logits", 1.0, 64, STREAM_BUDGET, seed=seed
+        )
         return _rows(_stream_epoch(src, epoch))
 
     e0, e1 = order(0, 0), order(0, 1)
     assert not np.array_equal(e0, e1)
-    assert not np.array_equal(e0 // R, e1 // R)  # the shard order differs too, not just rows within shards
+    assert not np.array_equal(
+        e0 // R, e1 // R
+    )  # the shard order differs too, not just rows within shards
     np.testing.assert_array_equal(order(0, 0), e0)
     np.testing.assert_array_equal(order(0, 1), e1)
     assert not np.array_equal(order(1, 0), e0)
@@ -137,8 +168,17 @@ def test_streaming_labels_none_on_an_unlabeled_cache_and_odd_tail(logits_cache) 
     location, spec = logits_cache(logits, rows_per_shard=4)  # shards of 4, 4, 2 rows
     cache = LogitCache(location)
     data = load_dataset(spec)
-    src = StreamingCacheSource(cache, data.x, [0, 1], "mean-probs", 2.0, cache.done_shards(), batch_size=3,
-                               buffer_shards=1, seed=0)
+    src = StreamingCacheSource(
+        cache,
+        data.x,
+        [0, 1],
+        "mean-probs",
+        2.0,
+        cache.done_shards(),
+        batch_size=3,
+        buffer_shards=1,
+        seed=0,
+    )
     batches = list(src.epoch(0, with_rows=True))
     assert sorted(_rows(batches).tolist()) == list(range(10))
     assert [len(b[3]) for b in batches] == [3, 3, 3, 1]
@@ -160,8 +200,9 @@ def test_leaving_an_epoch_early_stops_the_prefetch_thread(cache_path: Path) -> N
     assert sum(len(b[0]) for b in src.epoch(1)) == N
 
 
-def test_a_corrupt_shard_surfaces_as_cache_error_in_the_consumer(cache_path: Path,
-                                                                  tmp_path: Path) -> None:
+def test_a_corrupt_shard_surfaces_as_cache_error_in_the_consumer(
+    cache_path: Path, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken.zarr"
     shutil.copytree(cache_path, broken)
     chunk = broken / "members" / "1" / "logits" / "c" / "5" / "0"
@@ -181,10 +222,13 @@ def _row_index(data) -> dict[bytes, int]:
 
 
 @pytest.mark.parametrize("method", ["mean-probs", "mean-logits"])
-def test_in_memory_serves_every_row_once_with_the_cached_targets(cache_path: Path,
-                                                                 method: str) -> None:
+def test_in_memory_serves_every_row_once_with_the_cached_targets(
+    cache_path: Path, method: str
+) -> None:
     cache, data = _open(cache_path)
-    src, plan = cache_source(cache, data.x, [0, 1], method, 20.0, batch_size=64, budget=1 << 30, seed=0)
+    src, plan = cache_source(
+        cache, data.x, [0, 1], method, 20.0, batch_size=64, budget=1 << 30, seed=0
+    )
     assert isinstance(src, InMemorySource) and plan.mode == "memory" and src.num_rows == N
     expected = combine_members(_all_member_logits(cache), method, 20.0)
     torch.testing.assert_close(src.teacher, expected, rtol=1e-5, atol=1e-5)
@@ -204,7 +248,9 @@ def test_in_memory_serves_every_row_once_with_the_cached_targets(cache_path: Pat
 
 
 # ------------------------------------------------------------------------------------------------ partial
-def test_logit_cache_refuses_a_partial_cache_without_allow_partial(partial_cache_path: Path) -> None:
+def test_logit_cache_refuses_a_partial_cache_without_allow_partial(
+    partial_cache_path: Path,
+) -> None:
     with pytest.raises(CacheError, match="partial") as err:
         LogitCache(partial_cache_path)
     assert "--allow-partial" in str(err.value) and "19/20 member-shards" in str(err.value)
@@ -215,8 +261,9 @@ def test_logit_cache_refuses_a_partial_cache_without_allow_partial(partial_cache
 
 
 @pytest.mark.parametrize("budget", [STREAM_BUDGET, 1 << 30], ids=["stream", "memory"])
-def test_partial_cache_serves_only_the_finished_shards(partial_cache_path: Path,
-                                                       budget: int) -> None:
+def test_partial_cache_serves_only_the_finished_shards(
+    partial_cache_path: Path, budget: int
+) -> None:
     cache, data = _open(partial_cache_path, allow_partial=True)
     expected_rows = [r for r in range(N) if not 3 * R <= r < 4 * R]
     src, plan = cache_source(cache, data.x, [0, 1], "mean-probs", 4.0, 50, budget, seed=0)
@@ -229,7 +276,9 @@ def test_partial_cache_serves_only_the_finished_shards(partial_cache_path: Path,
         raw = _all_member_logits(cache)[:, expected_rows]
         np.testing.assert_array_equal(src.x.numpy(), data.x[expected_rows])
         np.testing.assert_array_equal(src.y.numpy(), data.y[expected_rows])
-        torch.testing.assert_close(src.teacher, combine_members(raw, "mean-probs", 4.0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            src.teacher, combine_members(raw, "mean-probs", 4.0), rtol=1e-5, atol=1e-5
+        )
         assert sum(len(b[0]) for b in src.epoch(0)) == 536
     # Member 1 alone has every shard: all rows are served.
     only_1, _ = cache_source(cache, data.x, [1], "mean-probs", 4.0, 50, budget, seed=0)
@@ -248,11 +297,13 @@ def test_mean_probs_and_mean_logits_are_the_arithmetic_and_geometric_means(logit
         targets = {}
         for method in ("mean-probs", "mean-logits"):
             for budget in (1 << 20, 1):  # in memory, and streamed shard by shard
-                src, plan = cache_source(cache, data.x, [0, 1], method, temperature, 2, budget, seed=0)
+                src, plan = cache_source(
+                    cache, data.x, [0, 1], method, temperature, 2, budget, seed=0
+                )
                 if plan.mode == "memory":
                     t = src.teacher
                 else:
-                    (_, tb, _, rows), = list(src.epoch(0, with_rows=True))
+                    ((_, tb, _, rows),) = list(src.epoch(0, with_rows=True))
                     t = tb[torch.from_numpy(np.argsort(rows))]
                 targets[method, plan.mode] = torch.softmax(t / temperature, dim=-1).double().numpy()
         p_t = np.stack([p_a, p_b]) ** (1 / temperature)
@@ -261,8 +312,12 @@ def test_mean_probs_and_mean_logits_are_the_arithmetic_and_geometric_means(logit
         geometric = np.sqrt(p_t[0] * p_t[1])
         geometric /= geometric.sum(-1, keepdims=True)
         for mode in ("memory", "stream"):
-            np.testing.assert_allclose(targets["mean-probs", mode], arithmetic, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(targets["mean-logits", mode], geometric, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                targets["mean-probs", mode], arithmetic, rtol=1e-5, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                targets["mean-logits", mode], geometric, rtol=1e-5, atol=1e-6
+            )
         if temperature == 1.0:
             # Row 0 by hand: (0.9 + 0.01)/2, (0.099 + 0.3)/2, (0.001 + 0.69)/2; the geometric mean punishes the
             # class one member all but rules out, so the two means pick different classes.
@@ -331,25 +386,52 @@ def test_streaming_memory_stays_near_the_budget_on_a_cache_larger_than_it(tmp_pa
 
     n, c, rows_per_shard, budget = 40_000, 1000, 1000, 32 << 20
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "big.npz", x_train=rng.normal(size=(n, 4)).astype(np.float32), num_classes=np.int64(c))
+    np.savez(
+        tmp_path / "big.npz",
+        x_train=rng.normal(size=(n, 4)).astype(np.float32),
+        num_classes=np.int64(c),
+    )
     spec = f"npz:{tmp_path / 'big.npz'}:train"
     data = load_dataset(spec)
-    members = [{"path": f"m{i}.pt", "checkpoint_sha256": f"sha256:{i:064x}", "model_spec": "given",
-                "num_classes": c} for i in range(2)]
+    members = [
+        {
+            "path": f"m{i}.pt",
+            "checkpoint_sha256": f"sha256:{i:064x}",
+            "model_spec": "given",
+            "num_classes": c,
+        }
+        for i in range(2)
+    ]
     location = tmp_path / "big.zarr"
-    group = create_cache(location, dataset=data.describe(), ids=data.ids, labels=None, num_classes=c,
-                         class_names=[str(i) for i in range(c)], members=members, dtype="float16",
-                         rows_per_shard=rows_per_shard, command="tests")
+    group = create_cache(
+        location,
+        dataset=data.describe(),
+        ids=data.ids,
+        labels=None,
+        num_classes=c,
+        class_names=[str(i) for i in range(c)],
+        members=members,
+        dtype="float16",
+        rows_per_shard=rows_per_shard,
+        command="tests",
+    )
     for s in range(n // rows_per_shard):
-        ids = data.ids[s * rows_per_shard:(s + 1) * rows_per_shard]
+        ids = data.ids[s * rows_per_shard : (s + 1) * rows_per_shard]
         for m in range(2):
-            write_shard(group, m, s, rng.standard_normal((rows_per_shard, c), dtype=np.float32) * 3, ids)
+            write_shard(
+                group, m, s, rng.standard_normal((rows_per_shard, c), dtype=np.float32) * 3, ids
+            )
     mark_complete(location)
     del group, data
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(location), spec, str(budget)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(location), spec, str(budget)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(res))

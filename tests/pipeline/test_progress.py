@@ -47,8 +47,9 @@ def test_an_iterable_bar_takes_its_length() -> None:
     assert "y:" not in tty.getvalue()
 
 
-def test_cache_verify_bar_ends_at_100_percent(cache_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_verify_bar_ends_at_100_percent(
+    cache_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """It counted metadata and done flags in its total but not as they were read: it stopped at
     84-91 %."""
     from pipeline.cache.sharing import verify_cache
@@ -60,21 +61,55 @@ def test_cache_verify_bar_ends_at_100_percent(cache_path: Path,
     assert states and "100%" in states[-1]
 
 
-def test_cli_output_into_a_file_has_no_bars(cache_path: Path, teacher_dir: Path, npz_path: Path,
-                                            tmp_path: Path) -> None:
+def test_cli_output_into_a_file_has_no_bars(
+    cache_path: Path, teacher_dir: Path, npz_path: Path, tmp_path: Path
+) -> None:
     """CliRunner's streams are not terminals, as a log file is not: no tqdm redraws in it."""
     from stages.cli import main
 
     runner = CliRunner()
-    outs = [runner.invoke(main, ["cache-logits", "--teacher", str(teacher_dir), "--dataset",
-                                 f"npz:{npz_path}:train", "--out", str(tmp_path / "c.zarr"),
-                                 "--device", "cpu"]),
-            runner.invoke(main, ["cache", "verify", str(cache_path)])]
+    outs = [
+        runner.invoke(
+            main,
+            [
+                "cache-logits",
+                "--teacher",
+                str(teacher_dir),
+                "--dataset",
+                f"npz:{npz_path}:train",
+                "--out",
+                str(tmp_path / "c.zarr"),
+                "--device",
+                "cpu",
+            ],
+        ),
+        runner.invoke(main, ["cache", "verify", str(cache_path)]),
+    ]
     for _ in range(2):  # the second sweep has nothing left to run
-        outs.append(runner.invoke(main, ["sweep", "--cache", str(cache_path), "-T", "2",
-                                         "--alpha", "1", "--student", "mlp:8", "--epochs", "1",
-                                         "--workers", "0", "--device", "cpu",
-                                         "--out", str(tmp_path / "sweep")]))
+        outs.append(
+            runner.invoke(
+                main,
+                [
+                    "sweep",
+                    "--cache",
+                    str(cache_path),
+                    "-T",
+                    "2",
+                    "--alpha",
+                    "1",
+                    "--student",
+                    "mlp:8",
+                    "--epochs",
+                    "1",
+                    "--workers",
+                    "0",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(tmp_path / "sweep"),
+                ],
+            )
+        )
     for res in outs:
         assert res.exit_code == 0, res.output
         assert "\r" not in res.output and "it/s" not in res.output and "%|" not in res.output

@@ -58,7 +58,9 @@ def test_clustering_recovers_planted_groups_automatically() -> None:
     by_group = {tuple(g): c for g, c in zip(cl.groups, cl.confusion, strict=True)}
     assert by_group[(6,)]["within"] == 0.0
     for g in GROUPS:
-        assert by_group[tuple(g)]["within"] > 0.1  # about 0.7 * 2/3 of the mass goes to the other members
+        assert (
+            by_group[tuple(g)]["within"] > 0.1
+        )  # about 0.7 * 2/3 of the mass goes to the other members
         assert by_group[tuple(g)]["errors_within"] == 1.0  # planted: errors never leave the group
 
 
@@ -101,11 +103,15 @@ def test_sampling_plan_is_half_and_half_seeded_and_gives_the_oversampling_correc
     assert np.array_equal(plan.rows, sampling_plan(in_group, seed=3).rows)
     assert not np.array_equal(plan.rows, sampling_plan(in_group, seed=4).rows)
     # Odds of the specialist's classes: 1 in training vs 0.2 / 0.8 naturally -> the dustbin gets log 4.
-    assert plan.natural_fraction == pytest.approx(0.2) and plan.dustbin_correction == pytest.approx(math.log(4))
+    assert plan.natural_fraction == pytest.approx(0.2) and plan.dustbin_correction == pytest.approx(
+        math.log(4)
+    )
     capped = sampling_plan(in_group, seed=3, max_rows=100)
     assert capped.rows.size == 100 and in_group[capped.rows].sum() == 50
     big = np.ones(10, dtype=bool)
-    big[:3] = False  # f = 0.7: 7 rows from the 3 outside -> with replacement, correction log(3/7) < 0
+    big[:3] = (
+        False  # f = 0.7: 7 rows from the 3 outside -> with replacement, correction log(3/7) < 0
+    )
     plan = sampling_plan(big, seed=0)
     assert plan.rows.size == 14 and big[plan.rows].sum() == 7
     assert plan.dustbin_correction == pytest.approx(math.log(0.3 / 0.7))
@@ -114,7 +120,9 @@ def test_sampling_plan_is_half_and_half_seeded_and_gives_the_oversampling_correc
 
 
 @pytest.mark.parametrize("spec", ["mlp:16,8", "cnn:channels=4,4:hidden=8"])
-def test_specialist_from_generalist_copies_its_classes_and_starts_the_dustbin_at_mean_plus_log_count(spec) -> None:
+def test_specialist_from_generalist_copies_its_classes_and_starts_the_dustbin_at_mean_plus_log_count(
+    spec,
+) -> None:
     torch.manual_seed(0)
     shape = (1, 8, 8)
     gen = build_model(spec, shape, 7, (0.5, 2.0)).eval()
@@ -126,7 +134,9 @@ def test_specialist_from_generalist_copies_its_classes_and_starts_the_dustbin_at
     torch.testing.assert_close(s[:, :2], g[:, [1, 4]])
     rest = g[:, [0, 2, 3, 5, 6]]
     torch.testing.assert_close(s[:, 2], rest.mean(1) + math.log(5))
-    assert torch.all(s[:, 2] <= torch.logsumexp(rest, 1) + 1e-5)  # Jensen: a lower bound of the log-sum-exp
+    assert torch.all(
+        s[:, 2] <= torch.logsumexp(rest, 1) + 1e-5
+    )  # Jensen: a lower bound of the log-sum-exp
 
 
 # ------------------------------------------------------------------------------------------- combination
@@ -141,7 +151,9 @@ def _case(seed: int, n: int = 4, c: int = 6) -> tuple:
 def test_combination_with_only_the_generalist_active_is_the_generalist() -> None:
     log_pg, log_ps, groups = _case(0)
     active = torch.zeros(4, 2, dtype=torch.bool)
-    torch.testing.assert_close(combine_distributions(log_pg, log_ps, groups, active, steps=50), log_pg)
+    torch.testing.assert_close(
+        combine_distributions(log_pg, log_ps, groups, active, steps=50), log_pg
+    )
 
 
 def test_combination_matches_a_direct_optimisation() -> None:
@@ -153,7 +165,11 @@ def test_combination_matches_a_direct_optimisation() -> None:
     for i in range(4):
         # Each case alone, by scipy's L-BFGS on the same objective with exact float64 gradients, run to tight
         # tolerances from a different start (uniform q).
-        lpg, lps, act = log_pg[i:i + 1].double(), [lp[i:i + 1].double() for lp in log_ps], active[i:i + 1]
+        lpg, lps, act = (
+            log_pg[i : i + 1].double(),
+            [lp[i : i + 1].double() for lp in log_ps],
+            active[i : i + 1],
+        )
 
         def f(z: np.ndarray, lpg=lpg, lps=lps, act=act) -> tuple[float, np.ndarray]:
             zt = torch.tensor(z[None], dtype=torch.float64, requires_grad=True)
@@ -161,10 +177,12 @@ def test_combination_matches_a_direct_optimisation() -> None:
             val.backward()
             return float(val.detach()), zt.grad[0].numpy()
 
-        res = minimize(f, np.zeros(6), jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12})
+        res = minimize(
+            f, np.zeros(6), jac=True, method="L-BFGS-B", options={"ftol": 1e-15, "gtol": 1e-12}
+        )
         want = torch.log_softmax(torch.tensor(res.x), 0)
         torch.testing.assert_close(log_q[i].exp().double(), want.exp(), atol=2e-4, rtol=0)
-        got = combination_objective(log_q[i:i + 1].double(), lpg, lps, groups, act)
+        got = combination_objective(log_q[i : i + 1].double(), lpg, lps, groups, act)
         assert float(got) == pytest.approx(res.fun, abs=1e-6)
 
 
@@ -190,21 +208,42 @@ def test_table4_counts_gains_by_covering_specialists() -> None:
     comb = np.array([True, True, True, False, True])
     rows = table4(gen, comb, np.array([0, 1, 1, 1, 0]))
     assert rows == [
-        {"covering": 0, "cases": 2, "generalist_correct": 2, "combined_correct": 2, "gain": 0, "relative_gain": 0.0},
-        {"covering": 1, "cases": 3, "generalist_correct": 1, "combined_correct": 2, "gain": 1, "relative_gain": 1.0},
+        {
+            "covering": 0,
+            "cases": 2,
+            "generalist_correct": 2,
+            "combined_correct": 2,
+            "gain": 0,
+            "relative_gain": 0.0,
+        },
+        {
+            "covering": 1,
+            "cases": 3,
+            "generalist_correct": 1,
+            "combined_correct": 2,
+            "gain": 1,
+            "relative_gain": 1.0,
+        },
     ]
 
 
 def test_evaluate_combination_without_correction_removes_it() -> None:
     log_pg = torch.log(torch.tensor([[0.45, 0.40, 0.15], [0.1, 0.1, 0.8]]))
-    spec = [torch.tensor([[0.0, 2.0, 5.0], [0.0, 0.0, 5.0]])]  # dustbin logit includes a +5 correction
+    spec = [
+        torch.tensor([[0.0, 2.0, 5.0], [0.0, 0.0, 5.0]])
+    ]  # dustbin logit includes a +5 correction
     labels = torch.tensor([1, 2])
     on = evaluate_combination(log_pg, spec, [5.0], [[0, 1]], labels, 1, 200, 0.1, corrected=True)
     off = evaluate_combination(log_pg, spec, [5.0], [[0, 1]], labels, 1, 200, 0.1, corrected=False)
     assert on["combined"]["errors"] == 1 and off["combined"]["errors"] == 0
     assert on["table4"][0]["covering"] == 0
     row = on["table4"][1]
-    assert (row["covering"], row["cases"], row["generalist_correct"], row["combined_correct"]) == (1, 1, 0, 0)
+    assert (row["covering"], row["cases"], row["generalist_correct"], row["combined_correct"]) == (
+        1,
+        1,
+        0,
+        0,
+    )
     assert math.isnan(row["relative_gain"])  # no correct generalist case to be relative to
     assert off["changed"] == {"fixed": 1, "broken": 0}
 
@@ -221,7 +260,11 @@ def _planted_task(path: Path, seed: int = 0) -> Path:
     def draw(n: int, s: int) -> tuple[np.ndarray, np.ndarray]:
         r = np.random.default_rng(s)
         y = r.integers(0, 7, size=n)
-        x = groups[group_of[y]] + classes[y] + r.normal(0, 1.0, size=(n, 1, 8, 8)).astype(np.float32)
+        x = (
+            groups[group_of[y]]
+            + classes[y]
+            + r.normal(0, 1.0, size=(n, 1, 8, 8)).astype(np.float32)
+        )
         return x.astype(np.float32), y.astype(np.int64)
 
     x_tr, y_tr = draw(2100, seed + 1)
@@ -243,21 +286,66 @@ def planted(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) ->
     base = tmp_path_factory.mktemp("planted")
     npz = _planted_task(base / "planted.npz")
     teacher = base / "gen"
-    train_teacher(TeacherConfig(dataset=f"npz:{npz}:train", model="mlp:24", input_dropout=0.0, dropout=0.0,
-                                    jitter=0, members=2, eval="", out=str(teacher), device="cpu",
-                                    train=TrainConfig(epochs=3, batch_size=64, lr=1e-3, seed=0)),
-                      log=lambda s: None)
+    train_teacher(
+        TeacherConfig(
+            dataset=f"npz:{npz}:train",
+            model="mlp:24",
+            input_dropout=0.0,
+            dropout=0.0,
+            jitter=0,
+            members=2,
+            eval="",
+            out=str(teacher),
+            device="cpu",
+            train=TrainConfig(epochs=3, batch_size=64, lr=1e-3, seed=0),
+        ),
+        log=lambda s: None,
+    )
     cache = base / "gen.zarr"
-    build_cache(CacheConfig(teachers=[str(teacher)], dataset=f"npz:{npz}:train", out=str(cache), rows_per_shard=512,
-                            device="cpu"), log=lambda s: None, progress=False)
+    build_cache(
+        CacheConfig(
+            teachers=[str(teacher)],
+            dataset=f"npz:{npz}:train",
+            out=str(cache),
+            rows_per_shard=512,
+            device="cpu",
+        ),
+        log=lambda s: None,
+        progress=False,
+    )
     out = base / "spec"
-    res = CliRunner().invoke(main, ["specialists", "run", "--cache", str(cache), "--generalist", str(teacher),
-                                    "--out", str(out), "--specialists", "3", "--epochs", "6", "--batch-size", "64",
-                                    "--lr", "3e-3", "--device", "cpu", "--alpha", "0.3"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        [
+            "specialists",
+            "run",
+            "--cache",
+            str(cache),
+            "--generalist",
+            str(teacher),
+            "--out",
+            str(out),
+            "--specialists",
+            "3",
+            "--epochs",
+            "6",
+            "--batch-size",
+            "64",
+            "--lr",
+            "3e-3",
+            "--device",
+            "cpu",
+            "--alpha",
+            "0.3",
+        ],
+        catch_exceptions=False,
+    )
     return {"npz": npz, "teacher": teacher, "cache": cache, "out": out, "result": res}
 
 
-def test_real_run_recovers_groups_and_beats_the_generalist_on_confusable_classes(planted: dict) -> None:
+def test_real_run_recovers_groups_and_beats_the_generalist_on_confusable_classes(
+    planted: dict,
+) -> None:
     res, out = planted["result"], planted["out"]
     assert res.exit_code == 0, res.output
     clusters = json.loads((out / "clusters.json").read_text())
@@ -278,7 +366,11 @@ def test_real_run_recovers_groups_and_beats_the_generalist_on_confusable_classes
     report = (out / "report.md").read_text()
     assert "Table 4" in report and f"| generalist | {g['errors']} |" in report
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["step"] == "evaluate" and cfg["cache"] == str(planted["cache"]) and cfg["train"]["epochs"] == 6
+    assert (
+        cfg["step"] == "evaluate"
+        and cfg["cache"] == str(planted["cache"])
+        and cfg["train"]["epochs"] == 6
+    )
     for k in (0, 1):
         rec = json.loads((out / "specialists" / str(k) / "specialist.json").read_text())
         assert rec["init"].endswith("member-0.pt") and rec["sampling"]["train_fraction"] == 0.5
@@ -295,19 +387,31 @@ def test_dask_workers_train_the_same_specialists(planted: dict, tmp_path: Path) 
     out = tmp_path / "spec"
     out.mkdir()
     shutil.copy(planted["out"] / "clusters.json", out / "clusters.json")
-    cfg = SpecialistsConfig(cache=str(planted["cache"]), out=str(out), generalist=[str(planted["teacher"])],
-                            alpha=0.3, device="cpu", workers=2, train=TrainConfig(epochs=6, batch_size=64, lr=3e-3))
+    cfg = SpecialistsConfig(
+        cache=str(planted["cache"]),
+        out=str(out),
+        generalist=[str(planted["teacher"])],
+        alpha=0.3,
+        device="cpu",
+        workers=2,
+        train=TrainConfig(epochs=6, batch_size=64, lr=3e-3),
+    )
     records = train_all(cfg, log=lambda s: None)
     assert [r["index"] for r in records] == [0, 1]
     for k in (0, 1):
-        a = torch.load(out / "specialists" / str(k) / "specialist.pt", weights_only=True)["state_dict"]
-        b = torch.load(planted["out"] / "specialists" / str(k) / "specialist.pt", weights_only=True)["state_dict"]
+        a = torch.load(out / "specialists" / str(k) / "specialist.pt", weights_only=True)[
+            "state_dict"
+        ]
+        b = torch.load(
+            planted["out"] / "specialists" / str(k) / "specialist.pt", weights_only=True
+        )["state_dict"]
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
-def test_steps_out_of_order_and_wrong_generalist_are_clear_errors(planted: dict, tmp_path: Path, npz_path,
-                                                                  teacher_dir: Path) -> None:
+def test_steps_out_of_order_and_wrong_generalist_are_clear_errors(
+    planted: dict, tmp_path: Path, npz_path, teacher_dir: Path
+) -> None:
     cfg = SpecialistsConfig(cache=str(planted["cache"]), out=str(tmp_path / "x"), device="cpu")
     with pytest.raises(KDError, match="run `kd-pipeline specialists cluster`"):
         train_all(cfg, log=lambda s: None)
@@ -320,7 +424,9 @@ def test_steps_out_of_order_and_wrong_generalist_are_clear_errors(planted: dict,
         SpecialistsConfig(cache="c", out="o", specialists=2, classes_per_specialist=2).validate()
 
 
-def test_steps_refuse_clusters_and_specialists_of_another_cache(planted: dict, tmp_path: Path) -> None:
+def test_steps_refuse_clusters_and_specialists_of_another_cache(
+    planted: dict, tmp_path: Path
+) -> None:
     """evaluate/train with --cache B on an --out made from cache A would silently mix two generalists."""
     import shutil
 
@@ -329,12 +435,26 @@ def test_steps_refuse_clusters_and_specialists_of_another_cache(planted: dict, t
     from pipeline.errors import CacheError
 
     other = tmp_path / "other.zarr"  # same data, the first 2000 rows only: another cache
-    build_cache(CacheConfig(teachers=[str(planted["teacher"])], dataset=f"npz:{planted['npz']}:train:count=2000",
-                            out=str(other), rows_per_shard=512, device="cpu"), log=lambda s: None, progress=False)
+    build_cache(
+        CacheConfig(
+            teachers=[str(planted["teacher"])],
+            dataset=f"npz:{planted['npz']}:train:count=2000",
+            out=str(other),
+            rows_per_shard=512,
+            device="cpu",
+        ),
+        log=lambda s: None,
+        progress=False,
+    )
     out = tmp_path / "spec"
     shutil.copytree(planted["out"], out)
-    cfg = SpecialistsConfig(cache=str(other), out=str(out), generalist=[str(planted["teacher"])], device="cpu",
-                            train=TrainConfig(epochs=1))
+    cfg = SpecialistsConfig(
+        cache=str(other),
+        out=str(out),
+        generalist=[str(planted["teacher"])],
+        device="cpu",
+        train=TrainConfig(epochs=1),
+    )
     with pytest.raises(CacheError, match="clusters.json was made from a cache with fingerprint"):
         train_all(cfg, log=lambda s: None)
     with pytest.raises(CacheError, match="specialist.pt was made from a cache with fingerprint"):
@@ -356,7 +476,13 @@ def test_evaluate_shows_each_combination_and_the_sensitivity_table(planted: dict
     assert "combination 6/6 (top-n 3, dustbin correction off):" in res.output
     ev = json.loads((out / "evaluation.json").read_text())
     assert [(s["top_n"], s["dustbin_corrected"]) for s in ev["sensitivity"]] == [
-        (1, True), (1, False), (2, True), (2, False), (3, True), (3, False)]
+        (1, True),
+        (1, False),
+        (2, True),
+        (2, False),
+        (3, True),
+        (3, False),
+    ]
     assert ev["sensitivity"][0]["errors"] == ev["main"]["combined"]["errors"]
     g, c = ev["main"]["generalist"]["errors"], ev["main"]["combined"]["errors"]
     net = f"net {abs(g - c)} {'fewer' if c < g else 'more'} errors"
@@ -375,14 +501,33 @@ def test_a_moved_transfer_set_is_found_with_dataset(planted: dict, tmp_path: Pat
     moved = tmp_path / "moved.npz"
     shutil.copy(planted["npz"], moved)
     cache = tmp_path / "theirs.zarr"
-    build_cache(CacheConfig(teachers=[str(planted["teacher"])], dataset=f"npz:{moved}:train",
-                            out=str(cache), rows_per_shard=512, device="cpu"),
-                log=lambda s: None, progress=False)
+    build_cache(
+        CacheConfig(
+            teachers=[str(planted["teacher"])],
+            dataset=f"npz:{moved}:train",
+            out=str(cache),
+            rows_per_shard=512,
+            device="cpu",
+        ),
+        log=lambda s: None,
+        progress=False,
+    )
     moved.unlink()
     out = tmp_path / "spec"
     shutil.copytree(planted["out"], out)
-    args = ["specialists", "evaluate", "--cache", str(cache), "--generalist",
-            str(planted["teacher"]), "--out", str(out), "--device", "cpu", "--no-sensitivity"]
+    args = [
+        "specialists",
+        "evaluate",
+        "--cache",
+        str(cache),
+        "--generalist",
+        str(planted["teacher"]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-sensitivity",
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2
     assert f"cannot load the transfer set the cache records, npz:{moved}:train" in res.output

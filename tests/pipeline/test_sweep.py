@@ -28,43 +28,94 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sweep_config(cache: Path, out: Path, **kw) -> SweepConfig:
-    base = dict(cache=str(cache), temperatures=[2.0, 8.0], alphas=[0.5, 1.0], students=["mlp:16"], seeds=[0],
-                out=str(out), device="cpu", torch_threads=1, train=TrainConfig(epochs=2, batch_size=64))
+    base = dict(
+        cache=str(cache),
+        temperatures=[2.0, 8.0],
+        alphas=[0.5, 1.0],
+        students=["mlp:16"],
+        seeds=[0],
+        out=str(out),
+        device="cpu",
+        torch_threads=1,
+        train=TrainConfig(epochs=2, batch_size=64),
+    )
     return SweepConfig(**{**base, **kw})
 
 
 def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:
-    cfg = SweepConfig(cache="c", temperatures=[1, 4], alphas=[0.9], students=["mlp:8", "mlp:30,30"], seeds=[0, 1],
-                      out=str(tmp_path))
+    cfg = SweepConfig(
+        cache="c",
+        temperatures=[1, 4],
+        alphas=[0.9],
+        students=["mlp:8", "mlp:30,30"],
+        seeds=[0, 1],
+        out=str(tmp_path),
+    )
     names = [s.name for s in grid(cfg)]
-    assert names == ["mlp-8-T1-a0.9-s0", "mlp-8-T1-a0.9-s1", "mlp-8-T4-a0.9-s0", "mlp-8-T4-a0.9-s1",
-                     "mlp-30-30-T1-a0.9-s0", "mlp-30-30-T1-a0.9-s1", "mlp-30-30-T4-a0.9-s0", "mlp-30-30-T4-a0.9-s1"]
+    assert names == [
+        "mlp-8-T1-a0.9-s0",
+        "mlp-8-T1-a0.9-s1",
+        "mlp-8-T4-a0.9-s0",
+        "mlp-8-T4-a0.9-s1",
+        "mlp-30-30-T1-a0.9-s0",
+        "mlp-30-30-T1-a0.9-s1",
+        "mlp-30-30-T4-a0.9-s0",
+        "mlp-30-30-T4-a0.9-s1",
+    ]
     scfg = setting_config(cfg, Setting("mlp:30,30", 4.0, 0.9, 1))
-    assert (scfg.student, scfg.temperature, scfg.alpha, scfg.train.seed) == ("mlp:30,30", 4.0, 0.9, 1)
+    assert (scfg.student, scfg.temperature, scfg.alpha, scfg.train.seed) == (
+        "mlp:30,30",
+        4.0,
+        0.9,
+        1,
+    )
     assert scfg.out == str(tmp_path / "runs" / "mlp-30-30-T4-a0.9-s1")
 
 
 def test_every_config_problem_is_reported_at_once() -> None:
-    cfg = SweepConfig(cache="c", temperatures=[0, 2, 2], alphas=[1.5], students=[], seeds=[], workers=-1,
-                      loss="nope", out="")
+    cfg = SweepConfig(
+        cache="c",
+        temperatures=[0, 2, 2],
+        alphas=[1.5],
+        students=[],
+        seeds=[],
+        workers=-1,
+        loss="nope",
+        out="",
+    )
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     text = str(e.value)
-    for part in ("temperatures has repeated values", "temperature must be > 0, got 0",
-                 "alpha must be in [0, 1], got 1.5", "students must have at least one value",
-                 "seeds must have at least one value",
-                 "workers must be >= 0", "loss must be one of", "--out SWEEP_DIR must be given"):
+    for part in (
+        "temperatures has repeated values",
+        "temperature must be > 0, got 0",
+        "alpha must be in [0, 1], got 1.5",
+        "students must have at least one value",
+        "seeds must have at least one value",
+        "workers must be >= 0",
+        "loss must be one of",
+        "--out SWEEP_DIR must be given",
+    ):
         assert part in text
 
 
 def test_settings_that_would_share_a_run_directory_are_refused() -> None:
-    cfg = SweepConfig(cache="c", students=["torchscript:a/b.pt", "torchscript:a_b.pt"], temperatures=[4],
-                      alphas=[0.9], out="x")
-    with pytest.raises(ConfigError, match="would share the run directory torchscript-a_b.pt-T4-a0.9-s0"):
+    cfg = SweepConfig(
+        cache="c",
+        students=["torchscript:a/b.pt", "torchscript:a_b.pt"],
+        temperatures=[4],
+        alphas=[0.9],
+        out="x",
+    )
+    with pytest.raises(
+        ConfigError, match="would share the run directory torchscript-a_b.pt-T4-a0.9-s0"
+    ):
         cfg.validate()
 
 
-def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(cache_path: Path, tmp_path: Path) -> None:
+def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(
+    cache_path: Path, tmp_path: Path
+) -> None:
     cfg = sweep_config(cache_path, tmp_path / "sweep", workers=2)
     res = run_sweep(cfg, log=lambda s: None, progress=False)
     assert (res.trained, res.reused, res.failed, res.interrupted) == (4, 0, 0, False)
@@ -85,12 +136,16 @@ def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(cache_path: P
     assert [r["setting"] for r in table] == [r["setting"] for r in res.rows]
     assert list(table[0]) == RESULT_FIELDS
     assert json.loads((tmp_path / "sweep" / "results.json").read_text()) == res.rows
-    assert (tmp_path / "sweep" / "test_error_vs_temperature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "sweep" / "test_error_vs_temperature.png").read_bytes()[
+        :8
+    ] == b"\x89PNG\r\n\x1a\n"
     best = min(r["test_errors"] for r in res.rows)
     assert f"**{best}**" in (tmp_path / "sweep" / "results.md").read_text()
 
     # Re-running reads every finished setting back; one whose config changed (more epochs) is not "finished".
-    again = run_sweep(sweep_config(cache_path, tmp_path / "sweep", workers=0), log=lambda s: None, progress=False)
+    again = run_sweep(
+        sweep_config(cache_path, tmp_path / "sweep", workers=0), log=lambda s: None, progress=False
+    )
     assert (again.trained, again.reused) == (0, 4)
     assert again.rows == res.rows
     # A run recorded before an option existed (here storage_options) is the same run: the option's default applies.
@@ -99,32 +154,55 @@ def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(cache_path: P
     del old["config"]["storage_options"]
     metrics.write_text(json.dumps(old))
     assert "4 done, 0 to run" in plan_text(cfg)[1]
-    longer = sweep_config(cache_path, tmp_path / "sweep", workers=0, temperatures=[2.0],
-                          train=TrainConfig(epochs=3, batch_size=64))
+    longer = sweep_config(
+        cache_path,
+        tmp_path / "sweep",
+        workers=0,
+        temperatures=[2.0],
+        train=TrainConfig(epochs=3, batch_size=64),
+    )
     _, plan = plan_text(longer)
     assert "0 done, 2 to run" in plan
     lines: list[str] = []
     replaced = run_sweep(longer, log=lines.append, progress=False)
     assert (replaced.trained, replaced.reused) == (2, 0)
-    assert "mlp-16-T2-a0.5-s0: its run directory holds a run with another config or cache; it will be replaced" \
+    assert (
+        "mlp-16-T2-a0.5-s0: its run directory holds a run with another config or cache; it will be replaced"
         in lines
-    assert json.loads((tmp_path / "sweep/runs/mlp-16-T2-a0.5-s0/metrics.json").read_text())["metrics"]["epochs"] == 3
+    )
+    assert (
+        json.loads((tmp_path / "sweep/runs/mlp-16-T2-a0.5-s0/metrics.json").read_text())["metrics"][
+            "epochs"
+        ]
+        == 3
+    )
 
 
-def test_a_failing_setting_is_recorded_and_the_others_finish(cache_path: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_setting_is_recorded_and_the_others_finish(
+    cache_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A user's own student factory that raises: a runtime failure validation cannot see.
-    (tmp_path / "broken_student.py").write_text(textwrap.dedent("""
+    (tmp_path / "broken_student.py").write_text(
+        textwrap.dedent("""
         def make(in_shape, num_classes):
             raise RuntimeError("planted failure in the student factory")
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = sweep_config(cache_path, tmp_path / "sweep", workers=0, temperatures=[4.0], alphas=[0.9],
-                       students=["py:broken_student:make", "mlp:16"])
+    cfg = sweep_config(
+        cache_path,
+        tmp_path / "sweep",
+        workers=0,
+        temperatures=[4.0],
+        alphas=[0.9],
+        students=["py:broken_student:make", "mlp:16"],
+    )
     res = run_sweep(cfg, log=lambda s: None, progress=False)
     assert (res.trained, res.failed) == (1, 1)
     failed, ok = res.rows
-    assert failed["status"] == "failed" and "planted failure in the student factory" in failed["error"]
+    assert (
+        failed["status"] == "failed" and "planted failure in the student factory" in failed["error"]
+    )
     assert "RuntimeError" in (Path(failed["run_dir"]) / "error.txt").read_text()
     assert ok["status"] == "ok" and ok["test_errors"] is not None
     # The student's own error, as one message naming the spec (no bare RuntimeError).
@@ -140,5 +218,8 @@ def test_dry_run_lists_the_grid_and_its_cost(cache_path: Path, tmp_path: Path) -
     settings, text = plan_text(cfg)
     assert len(settings) == 8
     assert "8 settings = 1 students x 2 temperatures x 2 alphas x 2 seeds; 0 done, 8 to run" in text
-    assert "8 settings x 3 epochs = 24 student-epochs over 600 cached rows each (14,400 row passes)" in text
+    assert (
+        "8 settings x 3 epochs = 24 student-epochs over 600 cached rows each (14,400 row passes)"
+        in text
+    )
     assert not (tmp_path / "sweep").exists()  # a dry run writes nothing

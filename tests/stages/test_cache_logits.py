@@ -503,12 +503,37 @@ def test_labels_that_are_not_classes_are_refused_before_any_work(
     says = f"2 labels are outside 0..4 (sample ids [7, 40] have [{bad}, {bad}])"
     out = tmp_path / "bad.zarr"
     runs = {
-        "cache-logits": ["--teacher", str(teacher_dir), "--dataset", f"npz:{npz}:train",
-                         "--out", str(out), "--device", "cpu", "--quiet"],
-        "train-student": ["--online-teacher", str(teacher_dir), "--dataset", f"npz:{npz}:train",
-                          "--student", "mlp:8", "--device", "cpu", "--out", str(tmp_path / "run")],
-        "evaluate": ["--model", str(teacher_dir), "--dataset", f"npz:{npz}:test",
-                     "--device", "cpu"],
+        "cache-logits": [
+            "--teacher",
+            str(teacher_dir),
+            "--dataset",
+            f"npz:{npz}:train",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        "train-student": [
+            "--online-teacher",
+            str(teacher_dir),
+            "--dataset",
+            f"npz:{npz}:train",
+            "--student",
+            "mlp:8",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        "evaluate": [
+            "--model",
+            str(teacher_dir),
+            "--dataset",
+            f"npz:{npz}:test",
+            "--device",
+            "cpu",
+        ],
     }
     for command, args in runs.items():
         result = CliRunner().invoke(main, [command, *args])
@@ -522,9 +547,11 @@ def test_cache_info_on_a_directory_that_is_not_a_cache_says_so(tmp_path: Path) -
     result = CliRunner().invoke(main, ["cache", "info", str(tmp_path)])
     assert result.exit_code == 2
     # Not zarr's "GroupNotFoundError: No group found in store LocalStore('file://...')".
-    assert result.output == (f"error: {tmp_path}: not a logit cache (no zarr.json at its root); "
-                             "give the directory, NAME.zarr.zip or s3:// URL that `kd-pipeline "
-                             "cache-logits --out` wrote\n")
+    assert result.output == (
+        f"error: {tmp_path}: not a logit cache (no zarr.json at its root); "
+        "give the directory, NAME.zarr.zip or s3:// URL that `kd-pipeline "
+        "cache-logits --out` wrote\n"
+    )
 
 
 def test_ctrl_c_says_a_rerun_resumes_and_it_does(
@@ -534,9 +561,15 @@ def test_ctrl_c_says_a_rerun_resumes_and_it_does(
     what to do (not click's bare "Aborted!"); the same command then resumes to the same cache."""
     for attempt in range(3):  # a run that finishes before the signal lands is tried again
         out = tmp_path / f"c{attempt}.zarr"
-        p = subprocess.Popen(cli_cmd(teacher_dir, big_spec, out), cwd=REPO, env=cli_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            cli_cmd(teacher_dir, big_spec, out),
+            cwd=REPO,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         seen = []
         for line in p.stdout:  # the plan line: computing has begun
             seen.append(line)
@@ -548,8 +581,9 @@ def test_ctrl_c_says_a_rerun_resumes_and_it_does(
         if p.returncode == 0:
             continue
         assert p.returncode == 130, output
-        assert "interrupted: every finished shard is kept; re-run the same command to resume" \
-            in output
+        assert (
+            "interrupted: every finished shard is kept; re-run the same command to resume" in output
+        )
         assert "Aborted!" not in output and "Traceback" not in output
         rerun = run_cli(cli_cmd(teacher_dir, big_spec, out))
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr

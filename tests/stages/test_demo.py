@@ -63,8 +63,10 @@ def test_demo_runs_the_stages_then_reuses_them(tmp_path: Path) -> None:
     ensemble = next(r for r in summary["table"] if r["model"] == "teacher ensemble (2)")
     shown = f"{100 * ensemble['accuracy']:.2f} %"
     assert f"| {shown} |" in report
-    assert any(line.startswith("teacher ensemble (2)") and shown in line
-               for line in first.output.splitlines())
+    assert any(
+        line.startswith("teacher ensemble (2)") and shown in line
+        for line in first.output.splitlines()
+    )
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert f"report:  {out / 'report.md'}" in first.output
 
@@ -84,10 +86,27 @@ def test_demo_runs_the_stages_then_reuses_them(tmp_path: Path) -> None:
 def test_demo_refuses_bad_options_before_any_work(tmp_path: Path) -> None:
     """It used to train the teacher and the baseline (146 s) before "temperature must be > 0"."""
     out = tmp_path / "demo"
-    res = CliRunner().invoke(main, [*ARGS[:-4], "--temperatures", "4,0", "--alpha", "2",
-                                    "--student", "mlp:abc", "--device", "cpu", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            *ARGS[:-4],
+            "--temperatures",
+            "4,0",
+            "--alpha",
+            "2",
+            "--student",
+            "mlp:abc",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 2, res.output
-    for problem in ("temperature must be > 0, got 0.0", "alpha must be in [0, 1], got 2.0",
-                    "hidden widths must be positive integers"):
+    for problem in (
+        "temperature must be > 0, got 0.0",
+        "alpha must be in [0, 1], got 2.0",
+        "hidden widths must be positive integers",
+    ):
         assert problem in res.output
     assert not out.exists()

@@ -28,8 +28,19 @@ from numcodecs import CRC32C, Zstd
 from stages.cli import main
 
 FUZZ_DEFAULT = 24  # mutations in the default suite (all of them run with -m slow)
-TRAIN = ["--student", "mlp:16", "--epochs", "1", "--batch-size", "128", "--device", "cpu",
-         "--quiet", "-T", "4"]
+TRAIN = [
+    "--student",
+    "mlp:16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "128",
+    "--device",
+    "cpu",
+    "--quiet",
+    "-T",
+    "4",
+]
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -47,7 +58,7 @@ def flip(data: bytes, seed: int) -> bytes:
     if not data:
         return b"x"
     i = np.random.default_rng(seed).integers(len(data))
-    return data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1:]
+    return data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1 :]
 
 
 def truncate(data: bytes, seed: int) -> bytes:
@@ -79,7 +90,11 @@ def inflate(data: bytes, seed: int) -> bytes:
 
 
 MUTATIONS: dict[str, Callable[[bytes, int], bytes]] = {
-    "flip": flip, "truncate": truncate, "reencode": reencode, "nest": nest, "inflate": inflate,
+    "flip": flip,
+    "truncate": truncate,
+    "reencode": reencode,
+    "nest": nest,
+    "inflate": inflate,
 }
 DELETE = "delete"
 
@@ -134,8 +149,9 @@ def mutate(cache_path: Path, where: Path, key: str, how: str, kind: str) -> Path
         client = boto3.client("s3")
         for p in sorted(work.rglob("*")):
             if p.is_file():
-                client.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/{p.relative_to(work)}",
-                                  Body=p.read_bytes())
+                client.put_object(
+                    Bucket=S3_BUCKET, Key=f"{prefix}/{p.relative_to(work)}", Body=p.read_bytes()
+                )
         return f"s3://{S3_BUCKET}/{prefix}"
     bundle = where / "cache.zarr.zip"
     with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as z:
@@ -175,17 +191,23 @@ def check_cache(location: str, base: dict, damaged: bool, tmp: Path, extra: tupl
 def _sampled(all_cases: list, n: int) -> list:
     rng = np.random.default_rng(0)
     pick = set(rng.choice(len(all_cases), size=min(n, len(all_cases)), replace=False).tolist())
-    return [pytest.param(*c, marks=() if i in pick else pytest.mark.slow, id=f"{c[0]}:{c[1]}")
-            for i, c in enumerate(all_cases)]
+    return [
+        pytest.param(*c, marks=() if i in pick else pytest.mark.slow, id=f"{c[0]}:{c[1]}")
+        for i, c in enumerate(all_cases)
+    ]
 
 
 def _keys_for_collection() -> list[str]:
     """The objects of a 10-shard, 2-member cache (the layout the ``cache_path`` fixture makes)."""
     keys = ["zarr.json", "ids/zarr.json", "labels/zarr.json", "ids/c/0", "labels/c/3"]
     for m in (0, 1):
-        keys += [f"members/{m}/zarr.json", f"members/{m}/logits/zarr.json",
-                 f"members/{m}/logits/c/{3 * m}/0", f"members/{m}/done/zarr.json",
-                 f"members/{m}/done/c/0"]
+        keys += [
+            f"members/{m}/zarr.json",
+            f"members/{m}/logits/zarr.json",
+            f"members/{m}/logits/c/{3 * m}/0",
+            f"members/{m}/done/zarr.json",
+            f"members/{m}/done/c/0",
+        ]
     return keys
 
 
@@ -194,9 +216,15 @@ ALL_CASES = cases(_keys_for_collection())
 
 @pytest.mark.parametrize("kind", ["dir", "zip"])
 @pytest.mark.parametrize("key,how", _sampled(ALL_CASES, FUZZ_DEFAULT // 2))
-def test_read_commands_on_a_damaged_cache(cache_path: Path, baseline: dict, tmp_path: Path,
-                                          key: str, how: str, kind: str,
-                                          one_torch_thread: None) -> None:
+def test_read_commands_on_a_damaged_cache(
+    cache_path: Path,
+    baseline: dict,
+    tmp_path: Path,
+    key: str,
+    how: str,
+    kind: str,
+    one_torch_thread: None,
+) -> None:
     if not (cache_path / key).exists():
         pytest.skip(f"{key} is not an object of this cache")
     location = mutate(cache_path, tmp_path, key, how, kind)
@@ -204,9 +232,15 @@ def test_read_commands_on_a_damaged_cache(cache_path: Path, baseline: dict, tmp_
 
 
 @pytest.mark.parametrize("key,how", _sampled(ALL_CASES, FUZZ_DEFAULT // 4))
-def test_read_commands_on_a_damaged_s3_cache(cache_path: Path, baseline: dict, tmp_path: Path,
-                                             s3_server: str, key: str, how: str,
-                                             one_torch_thread: None) -> None:
+def test_read_commands_on_a_damaged_s3_cache(
+    cache_path: Path,
+    baseline: dict,
+    tmp_path: Path,
+    s3_server: str,
+    key: str,
+    how: str,
+    one_torch_thread: None,
+) -> None:
     if not (cache_path / key).exists():
         pytest.skip(f"{key} is not an object of this cache")
     location = mutate(cache_path, tmp_path, key, how, "s3")

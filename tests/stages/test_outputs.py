@@ -14,7 +14,8 @@ from stages.cli import main
 
 
 def test_default_outputs_are_under_the_current_directory(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.delenv("KD_OUTPUT_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
     assert TeacherConfig(model="mlp:8").resolve().out == "data/teachers/mlp-8"
@@ -31,12 +32,25 @@ def test_kd_output_dir_moves_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 def test_train_student_without_out_writes_into_the_working_directory(
-        cache_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        one_torch_thread: None) -> None:
+    cache_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, one_torch_thread: None
+) -> None:
     monkeypatch.delenv("KD_OUTPUT_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(main, ["train-student", "--cache", str(cache_path), "--student",
-                                    "mlp:8", "--epochs", "1", "--device", "cpu", "--quiet"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "train-student",
+            "--cache",
+            str(cache_path),
+            "--student",
+            "mlp:8",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     run = Path("data/runs/task-mlp-8-kd-mean-probs-T20-a0.9-s0")
     assert f"wrote {run} (student.pt" in res.output

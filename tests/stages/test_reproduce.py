@@ -20,9 +20,26 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, st
     root = tmp_path_factory.mktemp("reproduce")
     data = write_npz(root / "task.npz", n_train=600, n_test=300)
     out = root / "out"
-    res = CliRunner().invoke(main, ["reproduce", "--dataset", f"npz:{data}", "--scale", "quick", "--kept-classes",
-                                    "0,1", "--student", "mlp:32", "--narrow-student", "mlp:4", "--device", "cpu",
-                                    "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "reproduce",
+            "--dataset",
+            f"npz:{data}",
+            "--scale",
+            "quick",
+            "--kept-classes",
+            "0,1",
+            "--student",
+            "mlp:32",
+            "--narrow-student",
+            "mlp:4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     (root / "first-report.md").write_text((out / "report.md").read_text())  # a re-run rewrites it
     return data, out, res.output
@@ -37,7 +54,12 @@ def test_every_experiment_reports_next_to_the_paper(reproduced: tuple[Path, Path
     assert "baseline 800-800 student 146" in report and "206 test errors" in report
     assert "errors at its best T >= 8 vs" in report and "at its best overall (" in report
     summary = json.loads((out / "reproduce.json").read_text())
-    assert set(summary["experiments"]) == {"main-table", "temperature", "omitted-class", "small-data"}
+    assert set(summary["experiments"]) == {
+        "main-table",
+        "temperature",
+        "omitted-class",
+        "small-data",
+    }
 
 
 def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path, str]) -> None:
@@ -48,7 +70,11 @@ def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path
     main_table = figs["main-table"]["figures"]
     assert main_table["baseline"] == base["metrics"]["test"]["errors"]
     assert main_table["distilled"] == dist["metrics"]["test"]["errors"]
-    assert base["config"]["alpha"] == 0.0 and dist["config"]["alpha"] == 0.9 and dist["config"]["temperature"] == 20
+    assert (
+        base["config"]["alpha"] == 0.0
+        and dist["config"]["alpha"] == 0.9
+        and dist["config"]["temperature"] == 20
+    )
 
     # Without class 3 in the transfer set the student (almost) never predicts 3; the fitted bias restores it.
     omitted = figs["omitted-class"]["figures"]
@@ -57,10 +83,14 @@ def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path
     run = json.loads((out / "runs/omitted-class/without-3/metrics.json").read_text())
     assert run["metrics"]["test"]["errors"] == omitted["fitted"]
     assert run["config"]["fit_bias_on"].endswith(":train:holdout=0.1:part=holdout:seed=0")
-    assert ":holdout=0.1:part=rest:exclude=3" in run["cache"]["dataset"]  # disjoint from the bias's rows
+    assert (
+        ":holdout=0.1:part=rest:exclude=3" in run["cache"]["dataset"]
+    )  # disjoint from the bias's rows
 
     sweep = json.loads((out / "runs/temperature-sweep/results.json").read_text())
-    assert len(sweep) == 6 and all(r["status"] == "ok" for r in sweep)  # 2 students x 3 temperatures
+    assert len(sweep) == 6 and all(
+        r["status"] == "ok" for r in sweep
+    )  # 2 students x 3 temperatures
     rows = {r["model"]: r for r in figs["small-data"]["figures"]["rows"]}
     hard = json.loads((out / "runs/small-data/hard/metrics.json").read_text())
     assert rows["hard targets"]["test_accuracy"] == hard["metrics"]["test"]["accuracy"]
@@ -71,9 +101,29 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
     data, out, _ = reproduced
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")}
     kept = out.parent / "reports" / "task.md"
-    res = CliRunner().invoke(main, ["reproduce", "main-table,small-data", "--dataset", f"npz:{data}", "--scale",
-                                    "quick", "--kept-classes", "0,1", "--student", "mlp:32", "--narrow-student",
-                                    "mlp:4", "--device", "cpu", "--out", str(out), "--report", str(kept)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "reproduce",
+            "main-table,small-data",
+            "--dataset",
+            f"npz:{data}",
+            "--scale",
+            "quick",
+            "--kept-classes",
+            "0,1",
+            "--student",
+            "mlp:32",
+            "--narrow-student",
+            "mlp:4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--report",
+            str(kept),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "reusing the teacher" in res.output and "training " not in res.output
     report = (out / "report.md").read_text()
@@ -84,41 +134,81 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
     # The kept copy of the report has its plots beside it, linked by their new names.
     text = kept.read_text()
     for name in ("main-table", "small-data"):
-        assert f"![{name}](task-{name}.png)" in text and (kept.parent / f"task-{name}.png").is_file()
+        assert (
+            f"![{name}](task-{name}.png)" in text and (kept.parent / f"task-{name}.png").is_file()
+        )
 
 
 def test_bad_requests_are_refused_with_every_problem(tmp_path: Path, npz_path: Path) -> None:
-    res = CliRunner().invoke(main, ["reproduce", "omitted-class,nope", "--dataset",
-                                    "fashion-mnist:train",
-                                    "--omitted-class", "7", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "reproduce",
+            "omitted-class,nope",
+            "--dataset",
+            "fashion-mnist:train",
+            "--omitted-class",
+            "7",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 2
     assert "unknown experiment 'nope'" in res.output
     assert "names a source without its split" in res.output
     assert "--omitted-class 7 is also in --kept-classes [7, 8]" in res.output
-    res = CliRunner().invoke(main, ["reproduce", "--dataset", f"npz:{npz_path}", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        main, ["reproduce", "--dataset", f"npz:{npz_path}", "--out", str(tmp_path)]
+    )
     assert res.exit_code == 2 and "has classes 0..4" in res.output
     # A student spec that cannot be built is refused before the teacher is trained.
-    res = CliRunner().invoke(main, ["reproduce", "main-table", "--dataset",
-                                    f"npz:{npz_path}",
-                                    "--student", "mlp:abc", "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "reproduce",
+            "main-table",
+            "--dataset",
+            f"npz:{npz_path}",
+            "--student",
+            "mlp:abc",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 2 and "hidden widths must be positive integers" in res.output
     assert not (tmp_path / "o" / "teacher").exists()
 
 
 def test_experiments_without_omitted_class_ignore_its_class_options(
-        reproduced: tuple[Path, Path, str]) -> None:
+    reproduced: tuple[Path, Path, str],
+) -> None:
     """The defaults --omitted-class 3 --kept-classes 7,8 do not fit 5 classes; main-table never
     reads them, so it runs (in a directory of its own)."""
     data, out, _ = reproduced
-    res = CliRunner().invoke(main, ["reproduce", "main-table", "--dataset", f"npz:{data}",
-                                    "--scale", "quick", "--student", "mlp:32", "--device", "cpu",
-                                    "--out", str(out.parent / "main-only")])
+    res = CliRunner().invoke(
+        main,
+        [
+            "reproduce",
+            "main-table",
+            "--dataset",
+            f"npz:{data}",
+            "--scale",
+            "quick",
+            "--student",
+            "mlp:32",
+            "--device",
+            "cpu",
+            "--out",
+            str(out.parent / "main-only"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "main-table: " in res.output
 
 
 def test_report_counts_each_run_once_and_reuse_only_across_invocations(
-        reproduced: tuple[Path, Path, str]) -> None:
+    reproduced: tuple[Path, Path, str],
+) -> None:
     """main-table's baseline is small-data's reference too: made once, counted once, and not
     "re-used from an earlier invocation" on the first one."""
     _, out, _ = reproduced
@@ -132,9 +222,11 @@ def test_omitted_class_verdict_needs_more_than_noise() -> None:
 
     holds, verdict = omitted_verdict(3, 2, 1, 0.5, 0.2)
     assert not holds
-    assert verdict == ("inconclusive: class 3 goes from 2 to 1 errors with a fitted bias; "
-                       "two-class transfer 50.0 % -> 20.0 %, a change within the noise of so few "
-                       "errors (±3); run --scale full")
+    assert verdict == (
+        "inconclusive: class 3 goes from 2 to 1 errors with a fitted bias; "
+        "two-class transfer 50.0 % -> 20.0 %, a change within the noise of so few "
+        "errors (±3); run --scale full"
+    )
     holds, verdict = omitted_verdict(3, 191, 95, 0.557, 0.341)
     assert holds and verdict.startswith("holds: class 3 goes from 191 to 95 errors")
     holds, verdict = omitted_verdict(3, 5, 9, 0.5, 0.2)

@@ -36,9 +36,17 @@ def teammate(tmp_path_factory: pytest.TempPathFactory, npz_path: Path, teacher_d
     here = Path.cwd()
     os.chdir(alice)
     try:
-        build_cache(CacheConfig(teachers=[str(teacher_dir)], dataset="npz:task.npz:train",
-                                out=str(root / "shared.zarr"), rows_per_shard=128, device="cpu"),
-                    log=lambda s: None, progress=False)
+        build_cache(
+            CacheConfig(
+                teachers=[str(teacher_dir)],
+                dataset="npz:task.npz:train",
+                out=str(root / "shared.zarr"),
+                rows_per_shard=128,
+                device="cpu",
+            ),
+            log=lambda s: None,
+            progress=False,
+        )
     finally:
         os.chdir(here)
     return {"cache": root / "shared.zarr", "bob": bob}
@@ -53,8 +61,15 @@ def test_the_recorded_path_is_named_with_how_to_repoint_it(
     teammate: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(teammate["bob"])
-    code, out = invoke("train-student", "--cache", str(teammate["cache"]), *QUICK,
-                       "--out", str(tmp_path / "run"), "--quiet")
+    code, out = invoke(
+        "train-student",
+        "--cache",
+        str(teammate["cache"]),
+        *QUICK,
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    )
     want = LogitCache(teammate["cache"]).dataset.fingerprint
     assert code == 2
     assert "cannot load the transfer set the cache records, npz:task.npz:train" in out
@@ -68,9 +83,17 @@ def test_train_student_with_the_local_copy_records_what_it_used(
 ) -> None:
     monkeypatch.chdir(teammate["bob"])
     out = tmp_path / "run"
-    code, output = invoke("train-student", "--cache", str(teammate["cache"]),
-                          "--dataset", "npz:data/mine.npz:train", *QUICK, "--out", str(out),
-                          "--quiet")
+    code, output = invoke(
+        "train-student",
+        "--cache",
+        str(teammate["cache"]),
+        "--dataset",
+        "npz:data/mine.npz:train",
+        *QUICK,
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert code == 0, output
     config = json.loads((out / "config.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
@@ -88,8 +111,16 @@ def test_a_dataset_with_another_fingerprint_is_refused_naming_both(
     teammate: dict, tmp_path: Path
 ) -> None:
     other = write_npz(tmp_path / "other.npz", seed=7)
-    code, out = invoke("train-student", "--cache", str(teammate["cache"]),
-                       "--dataset", f"npz:{other}:train", *QUICK, "--out", str(tmp_path / "run"))
+    code, out = invoke(
+        "train-student",
+        "--cache",
+        str(teammate["cache"]),
+        "--dataset",
+        f"npz:{other}:train",
+        *QUICK,
+        "--out",
+        str(tmp_path / "run"),
+    )
     from pipeline.datasets import load_dataset
 
     theirs = load_dataset(f"npz:{other}:train").fingerprint
@@ -103,8 +134,16 @@ def test_a_dataset_with_another_fingerprint_is_refused_naming_both(
 def test_a_missing_dataset_file_is_named_as_the_given_option(
     teammate: dict, tmp_path: Path
 ) -> None:
-    code, out = invoke("train-student", "--cache", str(teammate["cache"]),
-                       "--dataset", "npz:nowhere.npz:train", *QUICK, "--out", str(tmp_path / "r"))
+    code, out = invoke(
+        "train-student",
+        "--cache",
+        str(teammate["cache"]),
+        "--dataset",
+        "npz:nowhere.npz:train",
+        *QUICK,
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert code == 2 and "error: --dataset npz:nowhere.npz:train: npz:nowhere.npz: no such" in out
 
 
@@ -113,9 +152,23 @@ def test_sweep_passes_the_local_copy_to_every_setting(
 ) -> None:
     monkeypatch.chdir(teammate["bob"])
     out = tmp_path / "sweep"
-    code, output = invoke("sweep", "--cache", str(teammate["cache"]), "--dataset",
-                          "npz:data/mine.npz:train", "-T", "2,4", "--alpha", "0.9", *QUICK,
-                          "--workers", "0", "--out", str(out), "--quiet")
+    code, output = invoke(
+        "sweep",
+        "--cache",
+        str(teammate["cache"]),
+        "--dataset",
+        "npz:data/mine.npz:train",
+        "-T",
+        "2,4",
+        "--alpha",
+        "0.9",
+        *QUICK,
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert code == 0, output
     rows = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in rows] == ["ok", "ok"]

@@ -32,8 +32,10 @@ from tests.conftest import S3_BUCKET, damaged, edit_header, relabel, remove, wri
 
 REPO = Path(__file__).resolve().parents[2]
 RPS = "64"
-pytestmark = [pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
-              pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
+]
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -46,13 +48,19 @@ def invoke(*args: str) -> tuple[int, str]:
 def all_objects(location: str | Path) -> dict[str, bytes]:
     """Every object of a cache (writer bookkeeping excluded), raw bytes by key."""
     store = open_store(location, "r")
-    return {k: get_bytes(store, k) for k in key_sizes(store) if not k.rsplit("/", 1)[-1].startswith("kd-")}
+    return {
+        k: get_bytes(store, k)
+        for k in key_sizes(store)
+        if not k.rsplit("/", 1)[-1].startswith("kd-")
+    }
 
 
 def raw_arrays(location: str | Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(open_store(location, "r"), mode="r", use_consolidated=False)
     h = g.attrs[ATTR_KEY]
-    names = ["ids", "labels"] + [f"members/{m['index']}/{a}" for m in h["members"] for a in ("logits", "done")]
+    names = ["ids", "labels"] + [
+        f"members/{m['index']}/{a}" for m in h["members"] for a in ("logits", "done")
+    ]
     return {n: g[n][:] for n in names}
 
 
@@ -65,8 +73,20 @@ def s3_url(name: str) -> str:
 def s3_cache(s3_server: str, teacher_dir: Path, npz_path: Path) -> str:
     """``cache-logits --out s3://...`` (the real CLI command, in process): the same cache as ``cache_path``."""
     url = s3_url("team/task.zarr")
-    code, out = invoke("cache-logits", "--teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train",
-                       "--out", url, "--rows-per-shard", RPS, "--device", "cpu", "--quiet")
+    code, out = invoke(
+        "cache-logits",
+        "--teacher",
+        str(teacher_dir),
+        "--dataset",
+        f"npz:{npz_path}:train",
+        "--out",
+        url,
+        "--rows-per-shard",
+        RPS,
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert code == 0, out
     assert f"{url} complete: 600 rows x 5 classes x 2 member(s), 10 shards computed" in out
     return url
@@ -82,7 +102,9 @@ def test_s3_cache_is_the_local_cache_and_verifies(s3_cache: str, cache_path: Pat
     assert read_header(s3_cache).complete is True
     code, out = invoke("cache", "verify", s3_cache, "--quiet")
     assert code == 0, out
-    assert "result     OK" in out and "read       60 chunks" in out  # ids, labels, 2 x (logits, done): 10 each
+    assert (
+        "result     OK" in out and "read       60 chunks" in out
+    )  # ids, labels, 2 x (logits, done): 10 each
     code, out = invoke("cache", "info", s3_cache)
     assert code == 0 and "status     complete: 10/10 shards" in out
     # Reading never wrote: no lock, no marker, nothing new in the bucket.
@@ -114,7 +136,9 @@ def test_copy_s3_to_dir_and_zip_round_trips_bit_for_bit(s3_cache: str, tmp_path:
     assert code == 0 and f"0 objects (0.00 MiB) written, {len(src)} already there" in out
 
 
-def test_train_student_from_s3_and_zip_matches_local(s3_cache: str, tmp_path: Path, one_torch_thread: None) -> None:
+def test_train_student_from_s3_and_zip_matches_local(
+    s3_cache: str, tmp_path: Path, one_torch_thread: None
+) -> None:
     local = tmp_path / "local.zarr"
     bundle = tmp_path / "local.zarr.zip"
     sharing.copy_cache(s3_cache, local, progress=False, log=lambda s: None)
@@ -122,9 +146,26 @@ def test_train_student_from_s3_and_zip_matches_local(s3_cache: str, tmp_path: Pa
     results = {}
     for name, cache in (("s3", s3_cache), ("dir", str(local)), ("zip", str(bundle))):
         out = tmp_path / f"run-{name}"
-        code, text = invoke("train-student", "--cache", cache, "--student", "mlp:32", "--batch-size", "64",
-                            "--epochs", "2", "-T", "4", "--alpha", "0.8", "--device", "cpu", "--out", str(out),
-                            "--quiet")
+        code, text = invoke(
+            "train-student",
+            "--cache",
+            cache,
+            "--student",
+            "mlp:32",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "2",
+            "-T",
+            "4",
+            "--alpha",
+            "0.8",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--quiet",
+        )
         assert code == 0, text
         results[name] = json.loads((out / "metrics.json").read_text())
     for name in ("s3", "zip"):
@@ -135,8 +176,13 @@ def test_train_student_from_s3_and_zip_matches_local(s3_cache: str, tmp_path: Pa
 
 
 def test_specialists_run_from_s3_with_storage_options_and_from_a_bundle_match_local(
-        s3_cache: str, s3_server: str, cache_path: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, one_torch_thread: None) -> None:
+    s3_cache: str,
+    s3_server: str,
+    cache_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread: None,
+) -> None:
     """`specialists run --cache s3://... --storage-option endpoint_url=...` through the real CLI:
     the endpoint reaches the reader only through the option (the session's AWS_ENDPOINT_URL is
     removed here)."""
@@ -144,15 +190,34 @@ def test_specialists_run_from_s3_with_storage_options_and_from_a_bundle_match_lo
     sharing.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     runs = {}
-    for name, cache, extra in (("dir", str(cache_path), []), ("zip", str(bundle), []),
-                               ("s3", s3_cache, ["--storage-option", f"endpoint_url={s3_server}"])):
+    for name, cache, extra in (
+        ("dir", str(cache_path), []),
+        ("zip", str(bundle), []),
+        ("s3", s3_cache, ["--storage-option", f"endpoint_url={s3_server}"]),
+    ):
         out = tmp_path / f"spec-{name}"
-        code, text = invoke("specialists", "run", "--cache", cache, "--out", str(out),
-                            "--specialists", "2", "--epochs", "1", "--batch-size", "64",
-                            "--device", "cpu", *extra)
+        code, text = invoke(
+            "specialists",
+            "run",
+            "--cache",
+            cache,
+            "--out",
+            str(out),
+            "--specialists",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            *extra,
+        )
         assert code == 0, text
-        runs[name] = {f: json.loads((out / f).read_text())
-                      for f in ("clusters.json", "evaluation.json", "config.json")}
+        runs[name] = {
+            f: json.loads((out / f).read_text())
+            for f in ("clusters.json", "evaluation.json", "config.json")
+        }
         specialist = json.loads((out / "specialists" / "0" / "specialist.json").read_text())
         assert specialist["sampling"]["rows"] > 0
     local = runs["dir"]
@@ -161,8 +226,10 @@ def test_specialists_run_from_s3_with_storage_options_and_from_a_bundle_match_lo
     for name in ("zip", "s3"):
         run = runs[name]
         assert run["clusters.json"]["groups"] == local["clusters.json"]["groups"], name
-        fingerprints = (run["clusters.json"]["cache_fingerprint"],
-                        local["clusters.json"]["cache_fingerprint"])
+        fingerprints = (
+            run["clusters.json"]["cache_fingerprint"],
+            local["clusters.json"]["cache_fingerprint"],
+        )
         assert fingerprints[0] == fingerprints[1]
         main_run, main_local = run["evaluation.json"]["main"], local["evaluation.json"]["main"]
         for part in ("generalist", "combined"):
@@ -172,7 +239,9 @@ def test_specialists_run_from_s3_with_storage_options_and_from_a_bundle_match_lo
     assert runs["s3"]["config.json"]["storage_options"] == {"endpoint_url": s3_server}
 
 
-def test_flipped_byte_in_one_s3_object_fails_verify_naming_it(s3_server: str, cache_path: Path) -> None:
+def test_flipped_byte_in_one_s3_object_fails_verify_naming_it(
+    s3_server: str, cache_path: Path
+) -> None:
     url = s3_url("flip/task.zarr")
     assert invoke("cache", "copy", str(cache_path), url, "--quiet")[0] == 0  # local -> s3
     key = "members/1/logits/c/3/0"
@@ -183,16 +252,27 @@ def test_flipped_byte_in_one_s3_object_fails_verify_naming_it(s3_server: str, ca
     code, out = invoke("cache", "verify", url, "--quiet")
     assert code == 1, out
     assert f"chunk {key} is corrupt" in out and "1 PROBLEM(S)" in out
-    with pytest.raises(CacheError, match="cannot read chunk \\(3, 0\\) of array 'members/1/logits'"):
+    with pytest.raises(
+        CacheError, match="cannot read chunk \\(3, 0\\) of array 'members/1/logits'"
+    ):
         LogitCache(url).read_logits(3)
 
 
-def test_verify_checks_dataset_fingerprint_and_missing_chunks(cache_path: Path, npz_path: Path,
-                                                              tmp_path: Path) -> None:
-    code, out = invoke("cache", "verify", str(cache_path), "--dataset", f"npz:{npz_path}:train", "--quiet")
+def test_verify_checks_dataset_fingerprint_and_missing_chunks(
+    cache_path: Path, npz_path: Path, tmp_path: Path
+) -> None:
+    code, out = invoke(
+        "cache", "verify", str(cache_path), "--dataset", f"npz:{npz_path}:train", "--quiet"
+    )
     assert code == 0 and "matches" in out, out
-    code, out = invoke("cache", "verify", str(cache_path), "--dataset", f"npz:{npz_path}:train:fraction=0.5",
-                       "--quiet")
+    code, out = invoke(
+        "cache",
+        "verify",
+        str(cache_path),
+        "--dataset",
+        f"npz:{npz_path}:train:fraction=0.5",
+        "--quiet",
+    )
     assert code == 1 and "fingerprint" in out
     broken = tmp_path / "broken.zarr"
     sharing.copy_cache(cache_path, broken, progress=False, log=lambda s: None)
@@ -201,8 +281,9 @@ def test_verify_checks_dataset_fingerprint_and_missing_chunks(cache_path: Path, 
     assert code == 1 and "chunk members/0/logits/c/7/0 is missing" in out
 
 
-def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(s3_cache: str, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(
+    s3_cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dst = s3_url("interrupted/task.zarr")
     real_copy, calls = sharing._copy_object, [0]
 
@@ -222,19 +303,25 @@ def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(s3_cache: str, 
     assert invoke("cache", "verify", dst, "--quiet")[0] == 1
     res = sharing.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
     total = len(all_objects(s3_cache))
-    assert res.skipped >= 16 and res.copied + res.skipped == total and res.report.ok, (res.copied, res.skipped)
+    assert res.skipped >= 16 and res.copied + res.skipped == total and res.report.ok, (
+        res.copied,
+        res.skipped,
+    )
     assert all_objects(dst) == all_objects(s3_cache)
 
 
-def test_cache_ls_lists_caches_under_a_prefix(s3_cache: str, tmp_path: Path, cache_path: Path,
-                                              partial_cache_path: Path) -> None:
+def test_cache_ls_lists_caches_under_a_prefix(
+    s3_cache: str, tmp_path: Path, cache_path: Path, partial_cache_path: Path
+) -> None:
     code, out = invoke("cache", "ls", s3_url("team"))
     assert code == 0, out
     assert f"{s3_cache}  complete  members=2 (mlp:32" in out and "N=600  classes=5" in out
     assert "1 cache(s)" in out
     root = tmp_path / "shelf"
     sharing.copy_cache(cache_path, root / "a.zarr", progress=False, log=lambda s: None)
-    sharing.copy_cache(partial_cache_path, root / "sub" / "b.zarr", progress=False, log=lambda s: None)
+    sharing.copy_cache(
+        partial_cache_path, root / "sub" / "b.zarr", progress=False, log=lambda s: None
+    )
     sharing.pack_cache(cache_path, root / "c.zarr.zip", progress=False, log=lambda s: None)
     lines = [s.line() for s in sharing.list_caches(root)]
     assert len(lines) == 3, lines
@@ -244,40 +331,62 @@ def test_cache_ls_lists_caches_under_a_prefix(s3_cache: str, tmp_path: Path, cac
 
 
 # ----------------------------------------------------------------------------------------------- hostile zips
-def hostile_zip(tmp_path: Path, cache_path: Path, name: str, entry: str, symlink: bool = False) -> Path:
+def hostile_zip(
+    tmp_path: Path, cache_path: Path, name: str, entry: str, symlink: bool = False
+) -> Path:
     """A real bundle of ``cache_path`` plus one bad entry."""
     path = tmp_path / name
     sharing.pack_cache(cache_path, path, progress=False, log=lambda s: None)
     with zipfile.ZipFile(path, "a") as z:
         info = zipfile.ZipInfo(entry)
         if symlink:
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
         z.writestr(info, b"/etc/passwd" if symlink else b"{}")
     return path
 
 
-@pytest.mark.parametrize(("entry", "symlink", "says"), [("../evil.json", False, "contains '..'"),
-                                                         ("members/../../x", False, "contains '..'"),
-                                                         ("/etc/cron.d/x", False, "has an absolute path"),
-                                                         ("members/link", True, "is a symlink")])
-def test_zip_with_escaping_entry_is_refused(tmp_path: Path, cache_path: Path, entry: str, symlink: bool,
-                                            says: str) -> None:
+@pytest.mark.parametrize(
+    ("entry", "symlink", "says"),
+    [
+        ("../evil.json", False, "contains '..'"),
+        ("members/../../x", False, "contains '..'"),
+        ("/etc/cron.d/x", False, "has an absolute path"),
+        ("members/link", True, "is a symlink"),
+    ],
+)
+def test_zip_with_escaping_entry_is_refused(
+    tmp_path: Path, cache_path: Path, entry: str, symlink: bool, says: str
+) -> None:
     bad = hostile_zip(tmp_path, cache_path, "bad.zarr.zip", entry, symlink)
     with pytest.raises(CacheError, match=f"refusing this bundle: entry '{entry}' {says}"):
         LogitCache(bad)
     code, out = invoke("cache", "verify", str(bad), "--quiet")
     assert code == 1 and says in out
-    code, out = invoke("train-student", "--cache", str(bad), "--device", "cpu", "--out", str(tmp_path / "r"))
+    code, out = invoke(
+        "train-student", "--cache", str(bad), "--device", "cpu", "--out", str(tmp_path / "r")
+    )
     assert code == 2 and "refusing this bundle" in out and "Traceback" not in out
     assert not (tmp_path / "r").exists()
 
 
-def test_zip_is_read_only(tmp_path: Path, cache_path: Path, teacher_dir: Path, npz_path: Path) -> None:
+def test_zip_is_read_only(
+    tmp_path: Path, cache_path: Path, teacher_dir: Path, npz_path: Path
+) -> None:
     bundle = tmp_path / "c.zarr.zip"
     sharing.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
     before = bundle.read_bytes()
-    code, out = invoke("cache-logits", "--teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train",
-                       "--out", str(bundle), "--device", "cpu", "--quiet")
+    code, out = invoke(
+        "cache-logits",
+        "--teacher",
+        str(teacher_dir),
+        "--dataset",
+        f"npz:{npz_path}:train",
+        "--out",
+        str(bundle),
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert code == 2 and "written once by `kd-pipeline cache pack`" in out
     LogitCache(bundle).read_logits(0)
     assert bundle.read_bytes() == before
@@ -288,7 +397,9 @@ def test_s3_lease_admits_one_writer_and_names_it(s3_server: str) -> None:
     url = s3_url("lease/one.zarr")
     first = CacheLock(url).acquire()
     try:
-        with pytest.raises(CacheError, match=f"another process is writing this cache \\(pid {os.getpid()} on "):
+        with pytest.raises(
+            CacheError, match=f"another process is writing this cache \\(pid {os.getpid()} on "
+        ):
             CacheLock(url).acquire()
     finally:
         first.release()
@@ -324,7 +435,9 @@ def test_expired_s3_lease_is_taken_over_and_the_old_holder_knows(s3_server: str)
     new = StoreLease(url).acquire()  # taken over by compare-and-swap on the dead lease's ETag
     with pytest.raises(CacheError, match="another process"):
         StoreLease(url).acquire()
-    with pytest.raises(OSError, match="pre-conditions"):  # the old holder's renewal: a failed compare-and-swap
+    with pytest.raises(
+        OSError, match="pre-conditions"
+    ):  # the old holder's renewal: a failed compare-and-swap
         old._put(IfMatch=old.etag)
     old.release()  # must not delete the new holder's lease
     content, _ = new.read()
@@ -332,24 +445,55 @@ def test_expired_s3_lease_is_taken_over_and_the_old_holder_knows(s3_server: str)
     new.release()
 
 
-def test_second_cache_logits_on_s3_is_refused_while_the_first_runs(s3_server: str, teacher_dir: Path,
-                                                                   tmp_path: Path) -> None:
+def test_second_cache_logits_on_s3_is_refused_while_the_first_runs(
+    s3_server: str, teacher_dir: Path, tmp_path: Path
+) -> None:
     """A real CLI writer to s3, frozen (SIGSTOP) mid-compute, holds the lease: a second writer is refused."""
     spec = f"npz:{write_npz(tmp_path / 'big.npz', n_train=20000, n_test=10)}:train"
     url = s3_url("two-writers/c.zarr")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "stages.cli", "cache-logits", "--teacher", str(teacher_dir),
-                          "--dataset", spec, "--out", url, "--rows-per-shard", "500", "--batch-size", "50",
-                          "--device", "cpu", "--quiet"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stages.cli",
+            "cache-logits",
+            "--teacher",
+            str(teacher_dir),
+            "--dataset",
+            spec,
+            "--out",
+            url,
+            "--rows-per-shard",
+            "500",
+            "--batch-size",
+            "50",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in p.stdout:
             if "shards to compute" in line:
                 break
         p.send_signal(signal.SIGSTOP)
-        cfg = CacheConfig(teachers=[str(teacher_dir)], dataset=spec, out=url, device="cpu", batch_size=250,
-                          rows_per_shard=500)
-        with pytest.raises(CacheError, match=f"another process is writing this cache \\(pid {p.pid} "):
+        cfg = CacheConfig(
+            teachers=[str(teacher_dir)],
+            dataset=spec,
+            out=url,
+            device="cpu",
+            batch_size=250,
+            rows_per_shard=500,
+        )
+        with pytest.raises(
+            CacheError, match=f"another process is writing this cache \\(pid {p.pid} "
+        ):
             build_cache(cfg, log=lambda s: None, progress=False)
     finally:
         p.send_signal(signal.SIGCONT)
@@ -360,21 +504,45 @@ def test_second_cache_logits_on_s3_is_refused_while_the_first_runs(s3_server: st
     assert not [k for k in key_sizes(open_store(url)) if k.startswith("kd-")]
 
 
-def test_sweep_streams_from_s3_with_the_same_rows_as_local(s3_cache: str, cache_path: Path, tmp_path: Path,
-                                                           one_torch_thread: None) -> None:
+def test_sweep_streams_from_s3_with_the_same_rows_as_local(
+    s3_cache: str, cache_path: Path, tmp_path: Path, one_torch_thread: None
+) -> None:
     rows = {}
     for name, cache in (("s3", s3_cache), ("dir", str(cache_path))):
         out = tmp_path / f"sweep-{name}"
-        code, text = invoke("sweep", "--cache", cache, "-T", "2,8", "--alpha", "0.9", "--student", "mlp:16",
-                            "--epochs", "1", "--batch-size", "64", "--workers", "0", "--device", "cpu", "--quiet",
-                            "--out", str(out))
+        code, text = invoke(
+            "sweep",
+            "--cache",
+            cache,
+            "-T",
+            "2,8",
+            "--alpha",
+            "0.9",
+            "--student",
+            "mlp:16",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(out),
+        )
         assert code == 0, text
         rows[name] = json.loads((out / "results.json").read_text())
     keys = ("setting", "status", "test_errors", "test_nll", "teacher_agreement")
-    assert [{k: r[k] for k in keys} for r in rows["s3"]] == [{k: r[k] for k in keys} for r in rows["dir"]]
+    assert [{k: r[k] for k in keys} for r in rows["s3"]] == [
+        {k: r[k] for k in keys} for r in rows["dir"]
+    ]
 
 
-def test_verify_accepts_a_shard_whose_labels_are_all_class_0(tmp_path: Path, teacher_dir: Path) -> None:
+def test_verify_accepts_a_shard_whose_labels_are_all_class_0(
+    tmp_path: Path, teacher_dir: Path
+) -> None:
     """zarr skips chunks equal to the fill value unless told not to: such a shard must not read as damage."""
     from tests.conftest import make_image_task
 
@@ -384,8 +552,17 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(tmp_path: Path, tea
     y[:64] = 0  # the first shard holds only class 0
     np.savez(tmp_path / "sorted.npz", x_train=x[order], y_train=y, num_classes=np.int64(5))
     out = tmp_path / "sorted.zarr"
-    build_cache(CacheConfig(teachers=[str(teacher_dir)], dataset=f"npz:{tmp_path / 'sorted.npz'}:train", out=str(out),
-                            rows_per_shard=64, device="cpu"), log=lambda s: None, progress=False)
+    build_cache(
+        CacheConfig(
+            teachers=[str(teacher_dir)],
+            dataset=f"npz:{tmp_path / 'sorted.npz'}:train",
+            out=str(out),
+            rows_per_shard=64,
+            device="cpu",
+        ),
+        log=lambda s: None,
+        progress=False,
+    )
     assert (out / "labels" / "c" / "0").is_file()  # every chunk is stored now
     assert sharing.verify_cache(out).ok
     # A cache from before that change has no object for it. Only the dataset can tell it from a
@@ -394,18 +571,34 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(tmp_path: Path, tea
     spec = f"npz:{tmp_path / 'sorted.npz'}:train"
     report = sharing.verify_cache(out, dataset=spec)
     assert report.ok, report.problems
-    assert any("labels/c/0 is absent, and the dataset's labels there are all class 0" in n
-               for n in report.notes)
+    assert any(
+        "labels/c/0 is absent, and the dataset's labels there are all class 0" in n
+        for n in report.notes
+    )
     report = sharing.verify_cache(out)
-    assert report.problems == ["chunk labels/c/0 is missing (a cache made before every chunk was "
-                               "stored omits an all-class-0 labels chunk: --dataset SPEC checks "
-                               "that against the data)"]
+    assert report.problems == [
+        "chunk labels/c/0 is missing (a cache made before every chunk was "
+        "stored omits an all-class-0 labels chunk: --dataset SPEC checks "
+        "that against the data)"
+    ]
     # The reader serves it only against the dataset's labels, which prove the fill value right.
     with pytest.raises(CacheError, match="chunk labels/c/0 .* is missing"):
         LogitCache(out).read_labels(0)
     assert np.array_equal(LogitCache(out).read_labels(0, truth=y), np.zeros(64, dtype=np.int64))
-    code, text = invoke("train-student", "--cache", str(out), "--student", "mlp:16", "--epochs",
-                        "1", "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet")
+    code, text = invoke(
+        "train-student",
+        "--cache",
+        str(out),
+        "--student",
+        "mlp:16",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    )
     assert code == 0, text
 
 
@@ -414,9 +607,15 @@ def test_copy_into_a_folder_of_other_caches_is_refused(cache_path: Path, tmp_pat
     folder = tmp_path / "caches"
     sharing.copy_cache(cache_path, folder / "a.zarr", progress=False, log=lambda s: None)
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    with pytest.raises(CacheError, match="already holds other objects .* and is not a cache; copy into a new location"):
+    with pytest.raises(
+        CacheError,
+        match="already holds other objects .* and is not a cache; copy into a new location",
+    ):
         sharing.copy_cache(cache_path, folder, progress=False, log=lambda s: None)
-    assert sorted(p.relative_to(folder) for p in folder.rglob("*") if p.name != "kd-writer.lock") == before
+    assert (
+        sorted(p.relative_to(folder) for p in folder.rglob("*") if p.name != "kd-writer.lock")
+        == before
+    )
     assert [s.location for s in sharing.list_caches(folder)] == [str(folder / "a.zarr")]
 
 
@@ -455,49 +654,75 @@ def test_a_failed_renewal_keeps_a_lease_that_is_still_ours(s3_server: str) -> No
 VERIFY_DAMAGES = {
     # (damage, what the report must say); verify is given the dataset, so rewritten labels show too
     "deleted labels chunk": (remove("labels/c/2"), "chunk labels/c/2 is missing"),
-    "label 99": (write("labels", 3, 99),
-                 "array labels holds 1 values outside 0..4 (rows [3] hold [99])"),
-    "label -1": (write("labels", 64, -1),
-                 "array labels holds 1 values outside 0..4 (rows [64] hold [-1])"),
-    "labels rewritten": (relabel, "array labels differs from the dataset's in 1 rows "
-                                  "(sample ids [130]: cache"),
-    "deleted logits chunk": (remove("members/0/logits/c/4/0"),
-                             "chunk members/0/logits/c/4/0 is missing"),
-    "-inf logit": (write("members/0/logits", (200, 1), -np.inf),
-                   "array members/0/logits holds NaN/inf logits in rows [200]"),
-    "zeroed done flag": (write("members/0/done", 7, 0),
-                         "the header says complete, but 1/20 member-shards are not marked done: "
-                         "member 0 shards [7]"),
-    "header class count": (edit_header(num_classes=6, class_names=[str(i) for i in range(6)]),
-                           "array members/0/logits has shape (600, 5), dtype float16, chunks "
-                           "(64, 5); the header says shape (600, 6)"),
+    "label 99": (
+        write("labels", 3, 99),
+        "array labels holds 1 values outside 0..4 (rows [3] hold [99])",
+    ),
+    "label -1": (
+        write("labels", 64, -1),
+        "array labels holds 1 values outside 0..4 (rows [64] hold [-1])",
+    ),
+    "labels rewritten": (
+        relabel,
+        "array labels differs from the dataset's in 1 rows (sample ids [130]: cache",
+    ),
+    "deleted logits chunk": (
+        remove("members/0/logits/c/4/0"),
+        "chunk members/0/logits/c/4/0 is missing",
+    ),
+    "-inf logit": (
+        write("members/0/logits", (200, 1), -np.inf),
+        "array members/0/logits holds NaN/inf logits in rows [200]",
+    ),
+    "zeroed done flag": (
+        write("members/0/done", 7, 0),
+        "the header says complete, but 1/20 member-shards are not marked done: member 0 shards [7]",
+    ),
+    "header class count": (
+        edit_header(num_classes=6, class_names=[str(i) for i in range(6)]),
+        "array members/0/logits has shape (600, 5), dtype float16, chunks "
+        "(64, 5); the header says shape (600, 6)",
+    ),
 }
 
 
 @pytest.mark.parametrize("kind", ["dir", "zip"])
 @pytest.mark.parametrize("case", list(VERIFY_DAMAGES))
-def test_verify_names_each_damage(cache_path: Path, npz_path: Path, tmp_path: Path, case: str,
-                                  kind: str) -> None:
+def test_verify_names_each_damage(
+    cache_path: Path, npz_path: Path, tmp_path: Path, case: str, kind: str
+) -> None:
     damage, says = VERIFY_DAMAGES[case]
     cache = damaged(cache_path, tmp_path, kind, damage)
-    code, out = invoke("cache", "verify", str(cache), "--dataset", f"npz:{npz_path}:train",
-                       "--quiet")
+    code, out = invoke(
+        "cache", "verify", str(cache), "--dataset", f"npz:{npz_path}:train", "--quiet"
+    )
     assert code == 1, out
     assert says in out, out  # (a consequence may follow: 0s read for a missing chunk differ, ...)
 
 
 def test_damaged_s3_cache_is_refused_by_train_student_and_named_by_verify(
-        s3_cache: str, tmp_path: Path) -> None:
+    s3_cache: str, tmp_path: Path
+) -> None:
     url = s3_url("damaged/task.zarr")
     sharing.copy_cache(s3_cache, url, progress=False, log=lambda s: None)
     s3 = boto3.client("s3")
-    args = ("train-student", "--cache", url, "--student", "mlp:16", "--epochs", "1", "--device",
-            "cpu")
+    args = (
+        "train-student",
+        "--cache",
+        url,
+        "--student",
+        "mlp:16",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    )
     s3.delete_object(Bucket=S3_BUCKET, Key="damaged/task.zarr/members/0/logits/c/4/0")
     code, out = invoke(*args, "--out", str(tmp_path / "a"))
     assert code == 2, out
-    assert "chunk members/0/logits/c/4/0 (member 0's logits, shard 4: rows 256..319) is missing" \
-        in out
+    assert (
+        "chunk members/0/logits/c/4/0 (member 0's logits, shard 4: rows 256..319) is missing" in out
+    )
     s3.delete_object(Bucket=S3_BUCKET, Key="damaged/task.zarr/members/1/done/c/3")
     code, out = invoke(*args, "--out", str(tmp_path / "b"))
     assert code == 2 and "done flags are missing or zero (member 1 shards [3])" in out, out
@@ -508,7 +733,8 @@ def test_damaged_s3_cache_is_refused_by_train_student_and_named_by_verify(
 
 
 def test_verify_of_a_cache_being_filled_reports_pending_not_missing(
-        partial_cache_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    partial_cache_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A writer finishing a shard between verify's listing and its reading of the done flags used
     to make that shard's chunks 'missing'; shards still not done are pending, never missing."""
     import shutil
@@ -533,12 +759,15 @@ def test_verify_of_a_cache_being_filled_reports_pending_not_missing(
     code, out = invoke("cache", "verify", str(cache), "--quiet")
     assert code == 0, out
     assert "missing" not in out and "result     OK" in out
-    assert ("partial cache: 19/20 member-shards done (the other 1 are pending: a writer holds the "
-            "lock and is filling them)") in out
+    assert (
+        "partial cache: 19/20 member-shards done (the other 1 are pending: a writer holds the "
+        "lock and is filling them)"
+    ) in out
 
 
-def test_cache_ls_lists_a_damaged_cache_as_unreadable_and_goes_on(cache_path: Path,
-                                                                  tmp_path: Path) -> None:
+def test_cache_ls_lists_a_damaged_cache_as_unreadable_and_goes_on(
+    cache_path: Path, tmp_path: Path
+) -> None:
     shelf = tmp_path / "shelf"
     shelf.mkdir()
     damaged(cache_path, shelf, "dir", remove("members/1/done/c/3"))  # shelf/damaged.zarr

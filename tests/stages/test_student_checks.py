@@ -27,7 +27,8 @@ def train(*args: str) -> tuple[int, str]:
 @pytest.fixture
 def user_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A module of student factories on sys.path, a corrupt and a good TorchScript file."""
-    (tmp_path / "kd_user_students.py").write_text(textwrap.dedent("""
+    (tmp_path / "kd_user_students.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         def ignores_in_shape(in_shape, num_classes):
@@ -38,7 +39,8 @@ def user_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                 def forward(self, x):
                     return {"logits": x}
             return Odd()
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "corrupt.pt").write_bytes(b"not a TorchScript archive")
     with warnings.catch_warnings():  # torch deprecates scripting; the test needs a .pt to load
@@ -48,26 +50,45 @@ def user_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    ("py:kd_user_students:ignores_in_shape",
-     "error: student py:kd_user_students:ignores_in_shape fails on a batch of inputs of shape "
-     "(2, 1, 8, 8) (the transfer set's samples are (1, 8, 8)): RuntimeError: mat1 and mat2 "
-     "shapes cannot be multiplied (2x64 and 784x5); build the network for in_shape=(1, 8, 8)"),
-    ("torchscript:{dir}/corrupt.pt",
-     "error: student torchscript:{dir}/corrupt.pt: cannot be built for inputs of shape (1, 8, 8) "
-     "and 5 classes (RuntimeError: PytorchStreamReader failed"),
-    ("py:json:loads",
-     "error: student py:json:loads: cannot be built for inputs of shape (1, 8, 8) and 5 classes "
-     "(TypeError: loads() missing 1 required positional argument: 's')"),
-    ("py:kd_user_students:no_tensor",
-     "error: student py:kd_user_students:no_tensor returns dict for a batch of shape "
-     "(2, 1, 8, 8); expected logits of shape (2, 5)"),
-])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (
+            "py:kd_user_students:ignores_in_shape",
+            "error: student py:kd_user_students:ignores_in_shape fails on a batch of inputs of shape "
+            "(2, 1, 8, 8) (the transfer set's samples are (1, 8, 8)): RuntimeError: mat1 and mat2 "
+            "shapes cannot be multiplied (2x64 and 784x5); build the network for in_shape=(1, 8, 8)",
+        ),
+        (
+            "torchscript:{dir}/corrupt.pt",
+            "error: student torchscript:{dir}/corrupt.pt: cannot be built for inputs of shape (1, 8, 8) "
+            "and 5 classes (RuntimeError: PytorchStreamReader failed",
+        ),
+        (
+            "py:json:loads",
+            "error: student py:json:loads: cannot be built for inputs of shape (1, 8, 8) and 5 classes "
+            "(TypeError: loads() missing 1 required positional argument: 's')",
+        ),
+        (
+            "py:kd_user_students:no_tensor",
+            "error: student py:kd_user_students:no_tensor returns dict for a batch of shape "
+            "(2, 1, 8, 8); expected logits of shape (2, 5)",
+        ),
+    ],
+)
 def test_a_student_that_does_not_fit_is_one_error_naming_the_spec(
-        cache_path: Path, user_code: Path, tmp_path: Path, spec: str, expected: str) -> None:
+    cache_path: Path, user_code: Path, tmp_path: Path, spec: str, expected: str
+) -> None:
     out = tmp_path / "run"
-    code, output = train("--cache", str(cache_path), "--student", spec.format(dir=user_code),
-                         *QUICK, "--out", str(out))
+    code, output = train(
+        "--cache",
+        str(cache_path),
+        "--student",
+        spec.format(dir=user_code),
+        *QUICK,
+        "--out",
+        str(out),
+    )
     assert code == 2
     assert expected.format(dir=user_code) in output
     assert "Traceback" not in output
@@ -85,7 +106,8 @@ def test_a_torchscript_student_loads_without_torchs_deprecation_warning(user_cod
 
 
 def test_a_run_of_another_config_is_not_replaced_without_overwrite(
-        cache_path: Path, tmp_path: Path) -> None:
+    cache_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "run"
     common = ["--cache", str(cache_path), "--student", "mlp:16", *QUICK, "--out", str(out)]
     assert train(*common, "-T", "4")[0] == 0
@@ -93,8 +115,10 @@ def test_a_run_of_another_config_is_not_replaced_without_overwrite(
 
     code, output = train(*common, "-T", "2")
     assert code == 2
-    assert (f"--out {out} already holds a run of another config (temperature: 4.0 there, 2.0 "
-            "now); choose another --out, or pass --overwrite to replace it") in output
+    assert (
+        f"--out {out} already holds a run of another config (temperature: 4.0 there, 2.0 "
+        "now); choose another --out, or pass --overwrite to replace it"
+    ) in output
     assert (out / "metrics.json").read_bytes() == before
 
     code, output = train(*common, "-T", "2", "--overwrite")
@@ -106,8 +130,18 @@ def test_a_run_of_another_config_is_not_replaced_without_overwrite(
 
 def test_the_same_config_again_says_it_replaces_the_run(cache_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["--cache", str(cache_path), "--student", "mlp:16", "--epochs", "1", "--device", "cpu",
-            "--out", str(out)]
+    args = [
+        "--cache",
+        str(cache_path),
+        "--student",
+        "mlp:16",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert train(*args)[0] == 0
     code, output = train(*args)
     assert code == 0, output

@@ -21,14 +21,20 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def stop_after_first_result(cmd: list[str], out: Path, sig: int,
-                            group: bool = False) -> tuple[int, str]:
+def stop_after_first_result(
+    cmd: list[str], out: Path, sig: int, group: bool = False
+) -> tuple[int, str]:
     """Run the sweep CLI in a subprocess, send ``sig`` once results.json exists; return (exit
     status, output). ``group``: to its whole process group, as a terminal's Ctrl-C does.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=group,
     )
     try:

@@ -291,32 +291,52 @@ def test_unlabeled_transfer_set_with_alpha_below_one_exits_2(
 # -------------------------------------------------------- damaged caches: refused, never trained on
 DAMAGES = {
     # (damage, what the refusal must say)
-    "deleted logits chunk": (remove("members/0/logits/c/4/0"),
-                             "chunk members/0/logits/c/4/0 (member 0's logits, shard 4: rows "
-                             "256..319) is missing"),
-    "deleted done flag": (remove("members/1/done/c/3"),
-                          "the header says the cache is complete, but done flags are missing or "
-                          "zero (member 1 shards [3])"),
-    "zeroed done flag": (write("members/0/done", 7, 0),
-                         "done flags are missing or zero (member 0 shards [7])"),
-    "deleted labels chunk": (remove("labels/c/2"),
-                             "chunk labels/c/2 (labels, shard 2: rows 128..191) is missing"),
+    "deleted logits chunk": (
+        remove("members/0/logits/c/4/0"),
+        "chunk members/0/logits/c/4/0 (member 0's logits, shard 4: rows 256..319) is missing",
+    ),
+    "deleted done flag": (
+        remove("members/1/done/c/3"),
+        "the header says the cache is complete, but done flags are missing or "
+        "zero (member 1 shards [3])",
+    ),
+    "zeroed done flag": (
+        write("members/0/done", 7, 0),
+        "done flags are missing or zero (member 0 shards [7])",
+    ),
+    "deleted labels chunk": (
+        remove("labels/c/2"),
+        "chunk labels/c/2 (labels, shard 2: rows 128..191) is missing",
+    ),
     "labels rewritten": (relabel, "the cached labels of sample ids [130] (1 in all) hold labels"),
-    "-inf logit": (write("members/0/logits", (200, 1), -np.inf),
-                   "member 0's logits in shard 3 hold NaN or inf for sample ids [200] (1 in all)"),
-    "+inf logit": (write("members/1/logits", (5, 0), np.inf),
-                   "member 1's logits in shard 0 hold NaN or inf for sample ids [5] (1 in all)"),
-    "NaN logit": (write("members/1/logits", (599, 4), np.nan),
-                  "member 1's logits in shard 9 hold NaN or inf for sample ids [599] (1 in all)"),
-    "label 99": (write("labels", 3, 99),
-                 "sample ids [3] (1 in all) hold labels outside 0..4 ([99])"),
-    "label -1": (write("labels", 64, -1),
-                 "sample ids [64] (1 in all) hold labels outside 0..4 ([-1])"),
-    "header class count": (edit_header(num_classes=6, class_names=[str(i) for i in range(6)]),
-                           "the arrays disagree with the header (n=600, num_classes=6"),
-    "header rows": (edit_header(n=599),
-                    "array ids has shape (600,), dtype int64, chunks (64,); the header says shape "
-                    "(599,)"),
+    "-inf logit": (
+        write("members/0/logits", (200, 1), -np.inf),
+        "member 0's logits in shard 3 hold NaN or inf for sample ids [200] (1 in all)",
+    ),
+    "+inf logit": (
+        write("members/1/logits", (5, 0), np.inf),
+        "member 1's logits in shard 0 hold NaN or inf for sample ids [5] (1 in all)",
+    ),
+    "NaN logit": (
+        write("members/1/logits", (599, 4), np.nan),
+        "member 1's logits in shard 9 hold NaN or inf for sample ids [599] (1 in all)",
+    ),
+    "label 99": (
+        write("labels", 3, 99),
+        "sample ids [3] (1 in all) hold labels outside 0..4 ([99])",
+    ),
+    "label -1": (
+        write("labels", 64, -1),
+        "sample ids [64] (1 in all) hold labels outside 0..4 ([-1])",
+    ),
+    "header class count": (
+        edit_header(num_classes=6, class_names=[str(i) for i in range(6)]),
+        "the arrays disagree with the header (n=600, num_classes=6",
+    ),
+    "header rows": (
+        edit_header(n=599),
+        "array ids has shape (600,), dtype int64, chunks (64,); the header says shape (599,)",
+    ),
 }
 
 
@@ -348,11 +368,13 @@ def test_a_missing_chunk_found_while_streaming_stops_the_run_before_any_result(
     location, _ = logits_cache(rng.normal(size=(1, 4000, 100)), labels=labels, rows_per_shard=200)
     (location / "members/0/logits/c/13/0").unlink()
     out = tmp_path / "run"
-    code, output = run_cli("--cache", str(location), *BASE, "--epochs", "1",
-                           "--memory-budget", "1M", "--out", str(out))
+    code, output = run_cli(
+        "--cache", str(location), *BASE, "--epochs", "1", "--memory-budget", "1M", "--out", str(out)
+    )
     assert code == 2, output
-    assert ("chunk members/0/logits/c/13/0 (member 0's logits, shard 13: rows 2600..2799) is "
-            "missing") in output and "Traceback" not in output
+    assert (
+        "chunk members/0/logits/c/13/0 (member 0's logits, shard 13: rows 2600..2799) is missing"
+    ) in output and "Traceback" not in output
     assert not (out / "student.pt").exists() and not (out / "metrics.json").exists()
 
 
@@ -394,8 +416,17 @@ def test_one_run_uses_one_snapshot_of_the_done_shards(
 
     monkeypatch.setattr(distill, "cache_source", source_then_writer_finishes)
     out = tmp_path / "run"
-    code, output = run_cli("--cache", str(cache), *BASE, "--epochs", "1", "--allow-partial",
-                           "--out", str(out), "--quiet")
+    code, output = run_cli(
+        "--cache",
+        str(cache),
+        *BASE,
+        "--epochs",
+        "1",
+        "--allow-partial",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert code == 0, output
     assert LogitCache(cache, allow_partial=True).done_shards().size == 10  # the writer finished it
     rec = json.loads((out / "metrics.json").read_text())["cache"]

@@ -51,9 +51,22 @@ from pipeline.experiments.reproduce.sections import EXPERIMENTS, Section
 from pipeline.training.teacher import recorded_config
 
 __all__ = [
-    "EXPERIMENTS", "EXPERIMENT_NAMES", "HOLDOUT", "PAPER", "QUICK_TEACHER", "SCALES", "TEACHERS",
-    "Header", "ReproduceConfig", "Run", "Scale", "Section", "TeacherRecipe", "draw_plot",
-    "render_report", "run_reproduce",
+    "EXPERIMENTS",
+    "EXPERIMENT_NAMES",
+    "HOLDOUT",
+    "PAPER",
+    "QUICK_TEACHER",
+    "SCALES",
+    "TEACHERS",
+    "Header",
+    "ReproduceConfig",
+    "Run",
+    "Scale",
+    "Section",
+    "TeacherRecipe",
+    "draw_plot",
+    "render_report",
+    "run_reproduce",
 ]
 
 
@@ -76,17 +89,28 @@ def run_reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> d
         sec.plot = draw_plot(sec, run.out)
         sec.seconds = time.perf_counter() - t
         sections.append(sec)
-    summary = {"config": asdict(cfg), "scale": asdict(run.scale), "teacher": run.teacher(),
-               "teacher_recipe": asdict(run.recipe) if not cfg.teacher else None,
-               "teacher_test": run.teacher_metrics["ensemble"], "seconds": time.perf_counter() - t0,
-               "experiments": {sec.name: sec.to_json() for sec in sections}}
+    summary = {
+        "config": asdict(cfg),
+        "scale": asdict(run.scale),
+        "teacher": run.teacher(),
+        "teacher_recipe": asdict(run.recipe) if not cfg.teacher else None,
+        "teacher_test": run.teacher_metrics["ensemble"],
+        "seconds": time.perf_counter() - t0,
+        "experiments": {sec.name: sec.to_json() for sec in sections},
+    }
     (run.out / "reproduce.json").write_text(json.dumps(summary, indent=2, default=str))
-    header = Header(cfg=cfg, recipe=run.recipe,
-                    given_teacher=recorded_config(cfg.teacher) if cfg.teacher else None,
-                    test_spec=run.test_spec, teacher_errors=summary["teacher_test"]["errors"],
-                    student_runs=list(run.runs.values()), seconds=summary["seconds"],
-                    date=time.strftime("%Y-%m-%d"), device_type=resolve_device(cfg.device).type,
-                    threads=torch.get_num_threads())
+    header = Header(
+        cfg=cfg,
+        recipe=run.recipe,
+        given_teacher=recorded_config(cfg.teacher) if cfg.teacher else None,
+        test_spec=run.test_spec,
+        teacher_errors=summary["teacher_test"]["errors"],
+        student_runs=list(run.runs.values()),
+        seconds=summary["seconds"],
+        date=time.strftime("%Y-%m-%d"),
+        device_type=resolve_device(cfg.device).type,
+        threads=torch.get_num_threads(),
+    )
     (run.out / "report.md").write_text(render_report(header, sections))
     log(f"\nwrote {run.out / 'report.md'} and {run.out / 'reproduce.json'}")
     if cfg.report:

@@ -48,8 +48,10 @@ def check_against_data(cfg: ReproduceConfig, train: Dataset) -> None:
     chosen = cfg.experiments()
     bad = [c for c in [cfg.omitted_class, *cfg.kept_classes] if not 0 <= c < train.num_classes]
     if bad and "omitted-class" in chosen:
-        problems.append(f"--omitted-class / --kept-classes {bad}: {cfg.dataset} has classes "
-                        f"0..{train.num_classes - 1}")
+        problems.append(
+            f"--omitted-class / --kept-classes {bad}: {cfg.dataset} has classes "
+            f"0..{train.num_classes - 1}"
+        )
     students = [cfg.student, *([cfg.narrow_student] if "temperature" in chosen else [])]
     for spec in students:
         try:  # a few ms: a typo must not cost a trained teacher
@@ -72,12 +74,16 @@ class Run:
         n_train = len(train)
         check_against_data(cfg, train)
         # quick: every transfer set is this share of its (class-filtered) training set.
-        self.base_fraction = min(1.0, self.scale.train_count / n_train) if self.scale.train_count else 1.0
+        self.base_fraction = (
+            min(1.0, self.scale.train_count / n_train) if self.scale.train_count else 1.0
+        )
         self._teacher: str | None = None
         self.teacher_metrics: dict | None = None
         # Per student run directory: (wall seconds when it ran, made by an earlier invocation?).
         self.runs: dict[str, tuple[float, bool]] = {}
-        self.recipe = QUICK_TEACHER if cfg.scale == "quick" else TEACHERS.get(cfg.dataset, TEACHERS["other"])
+        self.recipe = (
+            QUICK_TEACHER if cfg.scale == "quick" else TEACHERS.get(cfg.dataset, TEACHERS["other"])
+        )
 
     def spec(self, fraction: float = 1.0, **class_filter: str | int | float) -> str:
         """A training-set spec: optional holdout / class filter, then a seeded subset (this scale's share x
@@ -85,8 +91,11 @@ class Run:
         extra = "".join(f":{k}={v}" for k, v in class_filter.items())
         frac = self.base_fraction * fraction
         seeded = frac < 1 or "holdout" in class_filter
-        return (f"{self.cfg.dataset}:train{extra}" + (f":fraction={frac:.6g}" if frac < 1 else "")
-                + (f":seed={self.cfg.seed}" if seeded else ""))
+        return (
+            f"{self.cfg.dataset}:train{extra}"
+            + (f":fraction={frac:.6g}" if frac < 1 else "")
+            + (f":seed={self.cfg.seed}" if seeded else "")
+        )
 
     def teacher(self) -> str:
         """The teacher ensemble: --teacher, or the recipe's, trained once (a changed recipe retrains it)."""
@@ -97,50 +106,100 @@ class Run:
         else:
             r = self.recipe
             tdir = self.out / "teacher"
-            tcfg = TeacherConfig(dataset=self.spec(), model=r.model, input_dropout=r.input_dropout,
-                                 dropout=r.dropout, jitter=r.jitter, members=r.members, eval=self.test_spec,
-                                 out=str(tdir), device=self.cfg.device, data_dir=self.cfg.data_dir,
-                                 train=TrainConfig(epochs=r.epochs, seed=self.cfg.seed))
+            tcfg = TeacherConfig(
+                dataset=self.spec(),
+                model=r.model,
+                input_dropout=r.input_dropout,
+                dropout=r.dropout,
+                jitter=r.jitter,
+                members=r.members,
+                eval=self.test_spec,
+                out=str(tdir),
+                device=self.cfg.device,
+                data_dir=self.cfg.data_dir,
+                train=TrainConfig(epochs=r.epochs, seed=self.cfg.seed),
+            )
             if (tdir / "ensemble.json").is_file():
                 recorded = recorded_config(tdir)
                 if recorded is None:
-                    raise ConfigError([f"{tdir / 'ensemble.json'} cannot be read; use another --out, or remove "
-                                       f"{tdir} to retrain"])
+                    raise ConfigError(
+                        [
+                            f"{tdir / 'ensemble.json'} cannot be read; use another --out, or remove "
+                            f"{tdir} to retrain"
+                        ]
+                    )
                 if recorded.recipe() != tcfg.recipe():
                     # Never delete a finished teacher (and everything made from it) behind the user's back.
-                    diffs = [f"{k}: {recorded.recipe()[k]!r} there, {v!r} now" for k, v in tcfg.recipe().items()
-                             if recorded.recipe().get(k) != v]
-                    raise ConfigError([f"{tdir} holds a teacher trained with another recipe ({'; '.join(diffs)}); "
-                                       "use another --out, or remove that directory to retrain"])
+                    diffs = [
+                        f"{k}: {recorded.recipe()[k]!r} there, {v!r} now"
+                        for k, v in tcfg.recipe().items()
+                        if recorded.recipe().get(k) != v
+                    ]
+                    raise ConfigError(
+                        [
+                            f"{tdir} holds a teacher trained with another recipe ({'; '.join(diffs)}); "
+                            "use another --out, or remove that directory to retrain"
+                        ]
+                    )
                 self.log(f"reusing the teacher in {tdir}")
             else:
                 self.log(f"training the teacher: {r.why}")
                 train_teacher(tcfg, log=self.log)
             self._teacher = str(tdir)
-        self.teacher_metrics = evaluate_models(EvaluateConfig(
-            model=self._teacher, dataset=self.test_spec, device=self.cfg.device,
-            data_dir=self.cfg.data_dir, trust_code=self.cfg.trust_code))
+        self.teacher_metrics = evaluate_models(
+            EvaluateConfig(
+                model=self._teacher,
+                dataset=self.test_spec,
+                device=self.cfg.device,
+                data_dir=self.cfg.data_dir,
+                trust_code=self.cfg.trust_code,
+            )
+        )
         return self._teacher
 
     def cache(self, spec: str) -> str:
         """The teacher's cache over a transfer set (cache-logits resumes a partial one, skips a complete one)."""
         location = self.out / "caches" / f"{slug(spec, sep='_', max_len=80)}.zarr"
-        res = build_cache(CacheConfig(teachers=[self.teacher()], dataset=spec, out=str(location),
-                                           device=self.cfg.device, data_dir=self.cfg.data_dir,
-                                           command=f"kd-pipeline reproduce ({spec})",
-                                           trust_code=self.cfg.trust_code),
-                          log=self.log, progress=False)
+        res = build_cache(
+            CacheConfig(
+                teachers=[self.teacher()],
+                dataset=spec,
+                out=str(location),
+                device=self.cfg.device,
+                data_dir=self.cfg.data_dir,
+                command=f"kd-pipeline reproduce ({spec})",
+                trust_code=self.cfg.trust_code,
+            ),
+            log=self.log,
+            progress=False,
+        )
         self.log(res.message)
         return str(location)
 
-    def student(self, name: str, cache: str, temperature: float, alpha: float, epochs: int | None = None,
-                student: str | None = None, **extra: object) -> dict:
+    def student(
+        self,
+        name: str,
+        cache: str,
+        temperature: float,
+        alpha: float,
+        epochs: int | None = None,
+        student: str | None = None,
+        **extra: object,
+    ) -> dict:
         """One train-student run under runs/<name>, reused when its config and cache fingerprint match."""
-        scfg = StudentConfig(cache=cache, student=student or self.cfg.student, temperature=temperature, alpha=alpha,
-                             eval=self.test_spec, out=str(self.out / "runs" / name), device=self.cfg.device,
-                             data_dir=self.cfg.data_dir, overwrite=True,  # its own run directories
-                             train=TrainConfig(epochs=epochs or self.scale.student_epochs, seed=self.cfg.seed),
-                             **extra)
+        scfg = StudentConfig(
+            cache=cache,
+            student=student or self.cfg.student,
+            temperature=temperature,
+            alpha=alpha,
+            eval=self.test_spec,
+            out=str(self.out / "runs" / name),
+            device=self.cfg.device,
+            data_dir=self.cfg.data_dir,
+            overwrite=True,  # its own run directories
+            train=TrainConfig(epochs=epochs or self.scale.student_epochs, seed=self.cfg.seed),
+            **extra,
+        )
         previous = finished_result(scfg, {"cache": cache_fingerprint(LogitCache(cache).header)})
         if previous is not None:
             self.log(f"reusing {scfg.out}")
@@ -161,7 +220,9 @@ class Run:
         self.runs.setdefault(str(run_dir), (seconds, reused))
 
 
-def student_metrics(run: Run, result: dict, spec: str, offsets: dict[int, float] | None = None) -> dict:
+def student_metrics(
+    run: Run, result: dict, spec: str, offsets: dict[int, float] | None = None
+) -> dict:
     """Metrics of a finished run's student on a labeled dataset; with ``offsets``, those replace the bias
     correction the student was saved with (e.g. the paper's +3.5 instead of the fitted offset)."""
     device = resolve_device(run.cfg.device)
@@ -175,11 +236,17 @@ def student_metrics(run: Run, result: dict, spec: str, offsets: dict[int, float]
             for c, v in offsets.items():
                 loaded.model.output_bias[c] += v
     data = load_dataset(spec, run.cfg.data_dir)
-    return classification_metrics(predict_logits(loaded.model, data.x, device), torch.as_tensor(data.y),
-                                  int(loaded.meta["num_classes"]))
+    return classification_metrics(
+        predict_logits(loaded.model, data.x, device),
+        torch.as_tensor(data.y),
+        int(loaded.meta["num_classes"]),
+    )
 
 
 def read_history(path: Path) -> list[dict]:
     """A run's ``history.csv``: one dict per epoch, numbers as floats (empty cells left out)."""
     with open(path) as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        return [
+            {k: float(v) for k, v in row.items() if v not in ("", None)}
+            for row in csv.DictReader(f)
+        ]

@@ -31,15 +31,36 @@ class TeacherRecipe:
 # The paper's MNIST teacher (2 x 1200 ReLU, dropout, +-2-pixel jitter). On Fashion-MNIST that recipe is *weaker*
 # than a plain 800-800 student (1290 vs ~958 test errors, measured; see the README), so a CNN ensemble is used.
 TEACHERS = {
-    "mnist": TeacherRecipe("mlp:1200,1200", 3, 60, 2, why="the paper's MNIST teacher: 2 x 1200 ReLU, input dropout "
-                           "0.2, dropout 0.5, +-2-pixel jitter"),
-    "fashion-mnist": TeacherRecipe("cnn", 3, 12, 2, why="3 x cnn (32-64 conv, 128 hidden), jitter 2, 12 epochs: 829 "
-                                   "test errors measured, clearly stronger than an 800-800 student (~958); the "
-                                   "paper's MLP recipe reached only 1290"),
-    "other": TeacherRecipe("cnn", 3, 12, 2, why="a CNN ensemble (images); pass --teacher for your own"),
+    "mnist": TeacherRecipe(
+        "mlp:1200,1200",
+        3,
+        60,
+        2,
+        why="the paper's MNIST teacher: 2 x 1200 ReLU, input dropout "
+        "0.2, dropout 0.5, +-2-pixel jitter",
+    ),
+    "fashion-mnist": TeacherRecipe(
+        "cnn",
+        3,
+        12,
+        2,
+        why="3 x cnn (32-64 conv, 128 hidden), jitter 2, 12 epochs: 829 "
+        "test errors measured, clearly stronger than an 800-800 student (~958); the "
+        "paper's MLP recipe reached only 1290",
+    ),
+    "other": TeacherRecipe(
+        "cnn", 3, 12, 2, why="a CNN ensemble (images); pass --teacher for your own"
+    ),
 }
-QUICK_TEACHER = TeacherRecipe("mlp:256,256", 2, 5, 0, input_dropout=0.0, dropout=0.2,
-                              why="quick scale: a small MLP ensemble, a smoke test of the recipe, not the paper")
+QUICK_TEACHER = TeacherRecipe(
+    "mlp:256,256",
+    2,
+    5,
+    0,
+    input_dropout=0.0,
+    dropout=0.2,
+    why="quick scale: a small MLP ensemble, a smoke test of the recipe, not the paper",
+)
 
 
 @dataclass
@@ -50,31 +71,48 @@ class Scale:
     student_epochs: int
     temperatures: list[float]
     temperature_alphas: list[float]
-    temperature_fraction: float | None  # the temperature sweep's transfer set, as a fraction of the training set
+    temperature_fraction: (
+        float | None
+    )  # the temperature sweep's transfer set, as a fraction of the training set
     small_fraction: float  # the small-data experiment's share of the training set (the paper: 3 %)
     small_epochs: int
     workers: int
 
 
 SCALES = {
-    "quick": Scale(train_count=2000, student_epochs=10, temperatures=[1.0, 4.0, 20.0], temperature_alphas=[1.0],
-                   temperature_fraction=None, small_fraction=0.1, small_epochs=10, workers=0),
-    "full": Scale(train_count=None, student_epochs=20, temperatures=[1.0, 2.0, 4.0, 8.0, 20.0],
-                  temperature_alphas=[0.9, 1.0], temperature_fraction=0.2, small_fraction=0.03, small_epochs=60,
-                  workers=2),
+    "quick": Scale(
+        train_count=2000,
+        student_epochs=10,
+        temperatures=[1.0, 4.0, 20.0],
+        temperature_alphas=[1.0],
+        temperature_fraction=None,
+        small_fraction=0.1,
+        small_epochs=10,
+        workers=0,
+    ),
+    "full": Scale(
+        train_count=None,
+        student_epochs=20,
+        temperatures=[1.0, 2.0, 4.0, 8.0, 20.0],
+        temperature_alphas=[0.9, 1.0],
+        temperature_fraction=0.2,
+        small_fraction=0.03,
+        small_epochs=60,
+        workers=2,
+    ),
 }
 
 # The paper's figures (MNIST unless said otherwise), quoted in each report section.
 PAPER = {
     "main-table": "MNIST: teacher 67 test errors, baseline 800-800 student 146, distilled student (T = 20) 74; "
-                  "distillation recovers (146 - 74) / (146 - 67) = 91 % of the gap",
+    "distillation recovers (146 - 74) / (146 - 67) = 91 % of the gap",
     "temperature": "MNIST: with 300 or more units per hidden layer all temperatures above 8 gave fairly similar "
-                   "results; with 30 units per layer, temperatures from 2.5 to 4 worked significantly better",
+    "results; with 30 units per layer, temperatures from 2.5 to 4 worked significantly better",
     "omitted-class": "MNIST without any 3 in the transfer set: 206 test errors, 133 of them on the 1010 threes; "
-                     "with the bias of class 3 raised by 3.5: 109 errors, 14 on threes. Only 7s and 8s in the "
-                     "transfer set: 47.3 % test error, 13.2 % after reducing the 7 and 8 biases by 7.6",
+    "with the bias of class 3 raised by 3.5: 109 errors, 14 on threes. Only 7s and 8s in the "
+    "transfer set: 47.3 % test error, 13.2 % after reducing the 7 and 8 biases by 7.6",
     "small-data": "speech, 3 % of the training set: hard targets 44.5 % test frame accuracy (needed early "
-                  "stopping), soft targets 57.0 % (no early stopping); 58.9 % with all the data",
+    "stopping), soft targets 57.0 % (no early stopping); 58.9 % with all the data",
 }
 HOLDOUT = 0.1  # omitted-class: the share of the training split held out for fitting biases
 EXPERIMENT_NAMES = ("main-table", "temperature", "omitted-class", "small-data")
@@ -84,22 +122,40 @@ EXPERIMENT_NAMES = ("main-table", "temperature", "omitted-class", "small-data")
 class ReproduceConfig:
     """``reproduce``: the paper's experiments over the public stages."""
 
-    experiment: str = option("all", argument=True, metavar="[EXPERIMENT]",
-                             help="all or a comma-separated list of experiments.")
-    dataset: str = option("fashion-mnist", help="A dataset source without its split: "
-                          "fashion-mnist, mnist, idx:DIR or npz:FILE.")
+    experiment: str = option(
+        "all",
+        argument=True,
+        metavar="[EXPERIMENT]",
+        help="all or a comma-separated list of experiments.",
+    )
+    dataset: str = option(
+        "fashion-mnist",
+        help="A dataset source without its split: fashion-mnist, mnist, idx:DIR or npz:FILE.",
+    )
     data_dir: str | None = data_dir_option()
-    scale: str = option("quick", choices=SCALES, help="quick: a subset and few epochs (minutes, a "
-                        "smoke test); full: the real run.")
+    scale: str = option(
+        "quick",
+        choices=SCALES,
+        help="quick: a subset and few epochs (minutes, a smoke test); full: the real run.",
+    )
     out: str = option("", help="Output directory [default: data/reproduce/<dataset>-<scale>].")
-    report: str | None = option(None, help="Also write the report here, its plots beside it "
-                                "(e.g. data/reports/fashion-mnist.md).")
-    teacher: str | None = option(None, exists=True, help="Use this teacher ensemble instead of "
-                                 "training the dataset's recipe.")
+    report: str | None = option(
+        None,
+        help="Also write the report here, its plots beside it "
+        "(e.g. data/reports/fashion-mnist.md).",
+    )
+    teacher: str | None = option(
+        None,
+        exists=True,
+        help="Use this teacher ensemble instead of training the dataset's recipe.",
+    )
     omitted_class: int = option(3, help="omitted-class: the class left out of the transfer set.")
-    kept_classes: list[int] = option(default_factory=lambda: [7, 8], parse=parse_ints,
-                                     show=show_list, help="omitted-class: the only classes of "
-                                     "the two-class transfer set.")
+    kept_classes: list[int] = option(
+        default_factory=lambda: [7, 8],
+        parse=parse_ints,
+        show=show_list,
+        help="omitted-class: the only classes of the two-class transfer set.",
+    )
     student: str = option("mlp:800,800", help="The (wide) student.")
     narrow_student: str = option("mlp:30,30", help="temperature: the narrow student.")
     temperature: float = 20.0
@@ -116,18 +172,25 @@ class ReproduceConfig:
     def validate(self) -> None:
         problems = []
         names = EXPERIMENT_NAMES if self.experiment == "all" else self.experiment.split(",")
-        problems += [f"unknown experiment {n!r}: expected all or one of {', '.join(EXPERIMENT_NAMES)}"
-                     for n in names if n not in EXPERIMENT_NAMES]
+        problems += [
+            f"unknown experiment {n!r}: expected all or one of {', '.join(EXPERIMENT_NAMES)}"
+            for n in names
+            if n not in EXPERIMENT_NAMES
+        ]
         if self.scale not in SCALES:
             problems.append(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if ":train" in self.dataset or ":test" in self.dataset:
-            problems.append(f"--dataset names a source without its split (e.g. fashion-mnist, npz:FILE), got "
-                            f"{self.dataset!r}")
+            problems.append(
+                f"--dataset names a source without its split (e.g. fashion-mnist, npz:FILE), got "
+                f"{self.dataset!r}"
+            )
         if not self.out:
             problems.append("--out DIR must be given")
         # The class options belong to omitted-class alone: other experiments never read them.
         if "omitted-class" in names and self.omitted_class in self.kept_classes:
-            problems.append(f"--omitted-class {self.omitted_class} is also in --kept-classes {self.kept_classes}")
+            problems.append(
+                f"--omitted-class {self.omitted_class} is also in --kept-classes {self.kept_classes}"
+            )
         if "omitted-class" in names and len(self.kept_classes) < 1:
             problems.append("--kept-classes needs at least one class")
         if problems:

@@ -63,25 +63,38 @@ def render_report(header: Header, sections: list[Section], plot_prefix: str = ""
         teacher = f"`{cfg.teacher}` (given with --teacher{_given_teacher(header.given_teacher)})"
     else:
         r = header.recipe
-        teacher = (f"{r.members} x `{r.model}`, {r.epochs} epochs, jitter {r.jitter} ({r.why})")
-    command = (f"kd-pipeline reproduce {cfg.experiment} --dataset {cfg.dataset} "
-               f"--scale {cfg.scale} --out {cfg.out}"
-               + (f" --teacher {cfg.teacher}" if cfg.teacher else ""))
-    lines = [f"# kd-pipeline reproduce: {cfg.dataset}, scale {cfg.scale}", "",
-             f"Command: `{command}`. Written {header.date}; device {header.device_type}, "
-             f"{header.threads} torch threads. The {len(runs)} student runs behind these figures "
-             f"took {sum(t for t, _ in runs) / 60:.1f} min of wall time when they ran "
-             f"({sum(u for _, u in runs)} of them re-used from an earlier invocation); this "
-             f"invocation took {header.seconds / 60:.1f} min.",
-             "",
-             f"Teacher: {teacher}: {header.teacher_errors} test errors on "
-             f"`{header.test_spec}`.", "",
-             "| experiment | the paper | verdict here |", "|---|---|---|"]
+        teacher = f"{r.members} x `{r.model}`, {r.epochs} epochs, jitter {r.jitter} ({r.why})"
+    command = (
+        f"kd-pipeline reproduce {cfg.experiment} --dataset {cfg.dataset} "
+        f"--scale {cfg.scale} --out {cfg.out}"
+        + (f" --teacher {cfg.teacher}" if cfg.teacher else "")
+    )
+    lines = [
+        f"# kd-pipeline reproduce: {cfg.dataset}, scale {cfg.scale}",
+        "",
+        f"Command: `{command}`. Written {header.date}; device {header.device_type}, "
+        f"{header.threads} torch threads. The {len(runs)} student runs behind these figures "
+        f"took {sum(t for t, _ in runs) / 60:.1f} min of wall time when they ran "
+        f"({sum(u for _, u in runs)} of them re-used from an earlier invocation); this "
+        f"invocation took {header.seconds / 60:.1f} min.",
+        "",
+        f"Teacher: {teacher}: {header.teacher_errors} test errors on `{header.test_spec}`.",
+        "",
+        "| experiment | the paper | verdict here |",
+        "|---|---|---|",
+    ]
     for sec in sections:
         lines.append(f"| {sec.name} | {PAPER[sec.name]} | {sec.verdict} |")
     for sec in sections:
-        lines += ["", f"## {sec.name}", "", f"Paper: {PAPER[sec.name]}.", "",
-                  render_section(sec), ""]
+        lines += [
+            "",
+            f"## {sec.name}",
+            "",
+            f"Paper: {PAPER[sec.name]}.",
+            "",
+            render_section(sec),
+            "",
+        ]
         if sec.plot:
             lines.append(f"![{sec.name}]({plot_prefix}{Path(sec.plot).name})")
         lines.append(f"\n(this invocation: {sec.seconds:.0f} s)")
@@ -92,8 +105,10 @@ def _given_teacher(c: TeacherConfig | None) -> str:
     """How a given teacher ensemble was trained (empty when its ensemble.json says nothing)."""
     if c is None:
         return ""
-    return (f"; trained by train-teacher: {c.members} x `{c.model}`, {c.train.epochs} epochs, "
-            f"jitter {c.jitter}, on `{c.dataset}`, device {c.device}")
+    return (
+        f"; trained by train-teacher: {c.members} x `{c.model}`, {c.train.epochs} epochs, "
+        f"jitter {c.jitter}, on `{c.dataset}`, device {c.device}"
+    )
 
 
 def render_section(sec: Section) -> str:
@@ -106,64 +121,94 @@ def draw_plot(sec: Section, out: Path) -> Path | None:
     return _PLOTTERS[type(sec)](sec, out)
 
 
-def metrics_table(rows: list[tuple[str, dict]],
-                  extra: tuple[str, Callable[[dict], str]] | None = None) -> str:
+def metrics_table(
+    rows: list[tuple[str, dict]], extra: tuple[str, Callable[[dict], str]] | None = None
+) -> str:
     """One row per (label, metrics): test errors, accuracy, NLL, ECE, and an optional column."""
     head = "| model | test errors | accuracy | NLL | ECE |" + (f" {extra[0]} |" if extra else "")
     lines = [head, "|---" * (5 + bool(extra)) + "|"]
     for name, m in rows:
-        lines.append(f"| {name} | {m['errors']} | {pct(m['accuracy'])} | {m['nll']:.3f} | "
-                     f"{m['ece']:.3f} |" + (f" {extra[1](m)} |" if extra else ""))
+        lines.append(
+            f"| {name} | {m['errors']} | {pct(m['accuracy'])} | {m['nll']:.3f} | "
+            f"{m['ece']:.3f} |" + (f" {extra[1](m)} |" if extra else "")
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- main table
 def _main_table_rows(sec: MainTable) -> list[tuple[str, dict]]:
     members = sec.teacher_members
-    return [*[(f"teacher member {i}", m) for i, m in enumerate(members)],
-            (f"teacher ensemble ({len(members)})", sec.teacher_ensemble),
-            (f"baseline student {sec.student}, hard labels", sec.baseline),
-            (f"distilled student {sec.student}, T = {sec.temperature:g}, alpha = {sec.alpha:g}",
-             sec.distilled)]
+    return [
+        *[(f"teacher member {i}", m) for i, m in enumerate(members)],
+        (f"teacher ensemble ({len(members)})", sec.teacher_ensemble),
+        (f"baseline student {sec.student}, hard labels", sec.baseline),
+        (
+            f"distilled student {sec.student}, T = {sec.temperature:g}, alpha = {sec.alpha:g}",
+            sec.distilled,
+        ),
+    ]
 
 
 def render_main_table(sec: MainTable) -> str:
     b, d, teacher = sec.baseline, sec.distilled, sec.teacher_ensemble["errors"]
     if sec.gap > 0:
-        finding = (f"Distillation recovers **{pct(sec.recovered)}** of the teacher-baseline gap "
-                   f"({b['errors']} -> {d['errors']} errors; teacher {teacher}).")
+        finding = (
+            f"Distillation recovers **{pct(sec.recovered)}** of the teacher-baseline gap "
+            f"({b['errors']} -> {d['errors']} errors; teacher {teacher})."
+        )
     else:
-        finding = (f"The baseline student ({b['errors']} errors) is not worse than the teacher "
-                   f"({teacher}): there is no gap to recover with this teacher.")
-    return "\n".join([metrics_table(_main_table_rows(sec)), "", finding,
-                      f"Calibration: NLL {b['nll']:.3f} -> {d['nll']:.3f}, ECE {b['ece']:.3f} -> "
-                      f"{d['ece']:.3f} (baseline -> distilled)."])
+        finding = (
+            f"The baseline student ({b['errors']} errors) is not worse than the teacher "
+            f"({teacher}): there is no gap to recover with this teacher."
+        )
+    return "\n".join(
+        [
+            metrics_table(_main_table_rows(sec)),
+            "",
+            finding,
+            f"Calibration: NLL {b['nll']:.3f} -> {d['nll']:.3f}, ECE {b['ece']:.3f} -> "
+            f"{d['ece']:.3f} (baseline -> distilled).",
+        ]
+    )
 
 
 def plot_main_table(sec: MainTable, out: Path) -> Path:
     rows = _main_table_rows(sec)
-    return bar_chart(out / "main-table.png", [label.split(",")[0] for label, _ in rows],
-                     [m["errors"] for _, m in rows], "test errors")
+    return bar_chart(
+        out / "main-table.png",
+        [label.split(",")[0] for label, _ in rows],
+        [m["errors"] for _, m in rows],
+        "test errors",
+    )
 
 
 # ------------------------------------------------------------------------------------ temperature
 def render_temperature(sec: Temperature) -> str:
-    text = [f"Transfer set `{sec.spec}`; {sec.epochs} epochs per setting; every setting is a run "
-            f"directory under `{sec.sweep_dir}/runs`.", "", sec.sweep_table, ""]
+    text = [
+        f"Transfer set `{sec.spec}`; {sec.epochs} epochs per setting; every setting is a run "
+        f"directory under `{sec.sweep_dir}/runs`.",
+        "",
+        sec.sweep_table,
+        "",
+    ]
     wide_name, narrow_name = sec.students
     wide, narrow = sec.best.get(wide_name), sec.best.get(narrow_name)
     if wide and narrow:
-        text.append(f"Best temperature: {wide_name} T = {wide['temperature']:g} "
-                    f"({wide['errors']} errors); {narrow_name} T = {narrow['temperature']:g} "
-                    f"({narrow['errors']} errors).")
+        text.append(
+            f"Best temperature: {wide_name} T = {wide['temperature']:g} "
+            f"({wide['errors']} errors); {narrow_name} T = {narrow['temperature']:g} "
+            f"({narrow['errors']} errors)."
+        )
         spreads = ", ".join(f"alpha {a:g}: {v}" for a, v in wide["spread_T_ge_8"].items())
         text.append(f"Spread of the wide student's errors over T >= 8: {spreads}.")
-        text.append(f"Wide student: {wide['best_T_ge_8']} errors at its best T >= 8 vs "
-                    f"{wide['errors']} at its best overall "
-                    f"({'as good' if sec.wide_ok else 'high T is worse'}); narrow student: "
-                    f"{narrow['best_T_le_4']} errors at its best T <= 4 vs "
-                    f"{narrow['best_T_ge_8']} at its best T >= 8 "
-                    f"({'lower T is better' if sec.narrow_ok else 'lower T is not better'}).")
+        text.append(
+            f"Wide student: {wide['best_T_ge_8']} errors at its best T >= 8 vs "
+            f"{wide['errors']} at its best overall "
+            f"({'as good' if sec.wide_ok else 'high T is worse'}); narrow student: "
+            f"{narrow['best_T_le_4']} errors at its best T <= 4 vs "
+            f"{narrow['best_T_ge_8']} at its best T >= 8 "
+            f"({'lower T is better' if sec.narrow_ok else 'lower T is not better'})."
+        )
     return "\n".join(text)
 
 
@@ -178,43 +223,59 @@ def plot_temperature(sec: Temperature, out: Path) -> Path | None:
 # ---------------------------------------------------------------------------------- omitted class
 def render_omitted_class(sec: OmittedClass) -> str:
     c = sec.c
-    rows = [(f"student without class {c}, no correction", sec.before),
-            (f"+ bias {c} by the paper's +3.5", sec.paper_bias),
-            (f"+ bias {c} fitted on held-out `{sec.held_spec}` ({sec.fitted_offset:+.1f})",
-             sec.after)]
+    rows = [
+        (f"student without class {c}, no correction", sec.before),
+        (f"+ bias {c} by the paper's +3.5", sec.paper_bias),
+        (f"+ bias {c} fitted on held-out `{sec.held_spec}` ({sec.fitted_offset:+.1f})", sec.after),
+    ]
 
     def class_errors(m: dict) -> str:
         return f"{m['per_class_errors'][c]} / {m['per_class_n'][c]}"
 
     table = metrics_table(rows, extra=(f"errors on class {c}", class_errors))
     offsets = ", ".join(f"{k}: {v:+.1f}" for k, v in sec.kept_offsets.items())
-    return "\n".join([
-        table, "",
-        f"Only classes {sec.kept} in the transfer set: test error "
-        f"{pct(1 - sec.kept_before['accuracy'])} before, {pct(1 - sec.kept_after['accuracy'])} "
-        f"after fitting the absent classes' biases on held-out data (offsets {offsets})."])
+    return "\n".join(
+        [
+            table,
+            "",
+            f"Only classes {sec.kept} in the transfer set: test error "
+            f"{pct(1 - sec.kept_before['accuracy'])} before, {pct(1 - sec.kept_after['accuracy'])} "
+            f"after fitting the absent classes' biases on held-out data (offsets {offsets}).",
+        ]
+    )
 
 
 def plot_omitted_class(sec: OmittedClass, out: Path) -> Path:
     c = sec.c
-    return bar_chart(out / "omitted-class.png", ["no correction", "+3.5", "fitted"],
-                     [m["per_class_errors"][c] for m in (sec.before, sec.paper_bias, sec.after)],
-                     f"test errors on class {c}")
+    return bar_chart(
+        out / "omitted-class.png",
+        ["no correction", "+3.5", "fitted"],
+        [m["per_class_errors"][c] for m in (sec.before, sec.paper_bias, sec.after)],
+        f"test errors on class {c}",
+    )
 
 
 # ------------------------------------------------------------------------------------- small data
 def render_small_data(sec: SmallData) -> str:
-    lines = [f"Transfer set `{sec.spec}` ({sec.rows_used} rows), {sec.epochs} epochs. Reference "
-             f"row: hard targets on `{sec.full_spec}` ({sec.full_rows} rows), the set the recipe's "
-             "teacher is trained on.", "",
-             "| student | train accuracy | test accuracy (last epoch) | best epoch's test accuracy "
-             "(epoch) | early stopping needed |", "|---|---|---|---|---|"]
+    lines = [
+        f"Transfer set `{sec.spec}` ({sec.rows_used} rows), {sec.epochs} epochs. Reference "
+        f"row: hard targets on `{sec.full_spec}` ({sec.full_rows} rows), the set the recipe's "
+        "teacher is trained on.",
+        "",
+        "| student | train accuracy | test accuracy (last epoch) | best epoch's test accuracy "
+        "(epoch) | early stopping needed |",
+        "|---|---|---|---|---|",
+    ]
     for r in sec.rows:
-        lines.append(f"| {r['model']} | {pct(r['train_accuracy'])} | {pct(r['test_accuracy'])} | "
-                     f"{pct(r['best_epoch_test_accuracy'])} ({r['best_epoch']}) | "
-                     f"{'yes' if r['early_stopping_needed'] else 'no'} |")
-    lines.append(f"| hard targets, the teacher's training set ({sec.full_rows} rows) | | "
-                 f"{pct(sec.full_accuracy)} | | |")
+        lines.append(
+            f"| {r['model']} | {pct(r['train_accuracy'])} | {pct(r['test_accuracy'])} | "
+            f"{pct(r['best_epoch_test_accuracy'])} ({r['best_epoch']}) | "
+            f"{'yes' if r['early_stopping_needed'] else 'no'} |"
+        )
+    lines.append(
+        f"| hard targets, the teacher's training set ({sec.full_rows} rows) | | "
+        f"{pct(sec.full_accuracy)} | | |"
+    )
     return "\n".join(lines)
 
 
@@ -224,10 +285,14 @@ def plot_small_data(sec: SmallData, out: Path) -> Path:
 
 # By record type: each experiment's record has its own rendering and chart.
 _RENDERERS: dict[type, Callable] = {
-    MainTable: render_main_table, Temperature: render_temperature,
-    OmittedClass: render_omitted_class, SmallData: render_small_data,
+    MainTable: render_main_table,
+    Temperature: render_temperature,
+    OmittedClass: render_omitted_class,
+    SmallData: render_small_data,
 }
 _PLOTTERS: dict[type, Callable] = {
-    MainTable: plot_main_table, Temperature: plot_temperature,
-    OmittedClass: plot_omitted_class, SmallData: plot_small_data,
+    MainTable: plot_main_table,
+    Temperature: plot_temperature,
+    OmittedClass: plot_omitted_class,
+    SmallData: plot_small_data,
 }

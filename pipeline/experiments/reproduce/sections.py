@@ -51,8 +51,13 @@ class Section:
 
     def to_json(self) -> dict:
         """This section's entry of ``reproduce.json``."""
-        return {"figures": self.figures(), "plot": None if self.plot is None else str(self.plot),
-                "holds": self.holds, "verdict": self.verdict, "seconds": self.seconds}
+        return {
+            "figures": self.figures(),
+            "plot": None if self.plot is None else str(self.plot),
+            "holds": self.holds,
+            "verdict": self.verdict,
+            "seconds": self.seconds,
+        }
 
 
 # ------------------------------------------------------------------------------------- main table
@@ -80,9 +85,13 @@ class MainTable(Section):
         return gain / self.gap if self.gap > 0 else float("nan")
 
     def figures(self) -> dict:
-        return {"teacher": self.teacher_ensemble["errors"], "baseline": self.baseline["errors"],
-                "distilled": self.distilled["errors"], "recovered": self.recovered,
-                "n_test": self.baseline["n"]}
+        return {
+            "teacher": self.teacher_ensemble["errors"],
+            "baseline": self.baseline["errors"],
+            "distilled": self.distilled["errors"],
+            "recovered": self.recovered,
+            "n_test": self.baseline["n"],
+        }
 
 
 def main_table(run: Run) -> MainTable:
@@ -90,19 +99,31 @@ def main_table(run: Run) -> MainTable:
     cfg = run.cfg
     cache = run.cache(run.spec())
     base = run.student("main-table/baseline", cache, 1.0, 0.0)
-    dist = run.student(f"main-table/distilled-T{cfg.temperature:g}", cache, cfg.temperature,
-                       cfg.alpha)
+    dist = run.student(
+        f"main-table/distilled-T{cfg.temperature:g}", cache, cfg.temperature, cfg.alpha
+    )
     t = run.teacher_metrics
-    rec = MainTable(name="main-table", holds=False, verdict="", student=cfg.student,
-                    temperature=cfg.temperature, alpha=cfg.alpha, teacher_members=t["members"],
-                    teacher_ensemble=t["ensemble"], baseline=base["metrics"]["test"],
-                    distilled=dist["metrics"]["test"])
+    rec = MainTable(
+        name="main-table",
+        holds=False,
+        verdict="",
+        student=cfg.student,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        teacher_members=t["members"],
+        teacher_ensemble=t["ensemble"],
+        baseline=base["metrics"]["test"],
+        distilled=dist["metrics"]["test"],
+    )
     recovered = rec.recovered
     rec.holds = rec.gap > 0 and recovered >= 0.5
     rec.verdict = (
-        f"holds: distillation recovers {pct(recovered)} of the gap (paper 91 %)" if rec.holds else
-        f"does not hold here: {pct(recovered)} of the gap recovered (paper 91 %)" if rec.gap > 0
-        else "not testable here: the baseline student is as good as the teacher")
+        f"holds: distillation recovers {pct(recovered)} of the gap (paper 91 %)"
+        if rec.holds
+        else f"does not hold here: {pct(recovered)} of the gap recovered (paper 91 %)"
+        if rec.gap > 0
+        else "not testable here: the baseline student is as good as the teacher"
+    )
     return rec
 
 
@@ -141,32 +162,56 @@ def temperature(run: Run) -> Temperature:
     s = run.scale
     spec = run.spec(fraction=s.temperature_fraction or 1.0)
     cache = run.cache(spec)
-    cfg = SweepConfig(cache=cache, temperatures=s.temperatures, alphas=s.temperature_alphas,
-                      students=[run.cfg.student, run.cfg.narrow_student], seeds=[run.cfg.seed],
-                      eval=run.test_spec, workers=s.workers,
-                      out=str(run.out / "runs" / "temperature-sweep"), device=run.cfg.device,
-                      data_dir=run.cfg.data_dir, train=TrainConfig(epochs=s.student_epochs))
+    cfg = SweepConfig(
+        cache=cache,
+        temperatures=s.temperatures,
+        alphas=s.temperature_alphas,
+        students=[run.cfg.student, run.cfg.narrow_student],
+        seeds=[run.cfg.seed],
+        eval=run.test_spec,
+        workers=s.workers,
+        out=str(run.out / "runs" / "temperature-sweep"),
+        device=run.cfg.device,
+        data_dir=run.cfg.data_dir,
+        train=TrainConfig(epochs=s.student_epochs),
+    )
     res = run_sweep(cfg, log=run.log, progress=False)
     for r in res.rows:
-        run.account(r["run_dir"], r["wall_seconds"] or 0.0,
-                    reused=r["setting"] in res.reused_settings)
+        run.account(
+            r["run_dir"], r["wall_seconds"] or 0.0, reused=r["setting"] in res.reused_settings
+        )
     best = {}
     for student in cfg.students:
         rows = [r for r in res.rows if r["student"] == student and r["status"] == "ok"]
         if rows:
             top = min(rows, key=lambda r: (r["test_errors"], -r["temperature"]))  # ties: higher T
-            spread = {a: _spread([r for r in rows if r["alpha"] == a and r["temperature"] >= 8])
-                      for a in cfg.alphas}
+            spread = {
+                a: _spread([r for r in rows if r["alpha"] == a and r["temperature"] >= 8])
+                for a in cfg.alphas
+            }
             low = [r["test_errors"] for r in rows if r["temperature"] <= 4]
             high = [r["test_errors"] for r in rows if r["temperature"] >= 8]
-            best[student] = {"temperature": top["temperature"], "alpha": top["alpha"],
-                             "errors": top["test_errors"], "spread_T_ge_8": spread,
-                             "best_T_le_4": min(low, default=None),
-                             "best_T_ge_8": min(high, default=None)}
-    rec = Temperature(name="temperature", holds=False, verdict="", spec=spec,
-                      epochs=s.student_epochs, sweep_dir=cfg.out, sweep_table=res.table,
-                      students=list(cfg.students), best=best, failed=res.failed,
-                      sweep_plot=res.files.get("plot"))
+            best[student] = {
+                "temperature": top["temperature"],
+                "alpha": top["alpha"],
+                "errors": top["test_errors"],
+                "spread_T_ge_8": spread,
+                "best_T_le_4": min(low, default=None),
+                "best_T_ge_8": min(high, default=None),
+            }
+    rec = Temperature(
+        name="temperature",
+        holds=False,
+        verdict="",
+        spec=spec,
+        epochs=s.student_epochs,
+        sweep_dir=cfg.out,
+        sweep_table=res.table,
+        students=list(cfg.students),
+        best=best,
+        failed=res.failed,
+        sweep_plot=res.files.get("plot"),
+    )
     wide, narrow = best.get(cfg.students[0]), best.get(cfg.students[1])
     if not (wide and narrow):
         rec.verdict = "not measured: settings failed (see the table)"
@@ -175,16 +220,29 @@ def temperature(run: Run) -> Temperature:
     # are as good as any (its best at T >= 8 within 2 % of its best overall); (b) the narrow one
     # does better at T <= 4 than at T >= 8.
     rec.wide_ok = wide["best_T_ge_8"] is not None and wide["best_T_ge_8"] <= 1.02 * wide["errors"]
-    rec.narrow_ok = (narrow["best_T_le_4"] is not None and narrow["best_T_ge_8"] is not None
-                     and narrow["best_T_le_4"] < narrow["best_T_ge_8"])
+    rec.narrow_ok = (
+        narrow["best_T_le_4"] is not None
+        and narrow["best_T_ge_8"] is not None
+        and narrow["best_T_le_4"] < narrow["best_T_ge_8"]
+    )
     rec.holds = rec.wide_ok and rec.narrow_ok
     rec.verdict = (
         "holds: high T is as good as any for the wide student, and the narrow one does better at "
-        "T <= 4" if rec.holds else
-        "partly: " + ("high T is as good as any for the wide student" if rec.wide_ok else
-                      "the wide student is worse at high T")
-        + "; " + ("the narrow one does better at T <= 4" if rec.narrow_ok else
-                  "the narrow one does not do better at T <= 4"))
+        "T <= 4"
+        if rec.holds
+        else "partly: "
+        + (
+            "high T is as good as any for the wide student"
+            if rec.wide_ok
+            else "the wide student is worse at high T"
+        )
+        + "; "
+        + (
+            "the narrow one does better at T <= 4"
+            if rec.narrow_ok
+            else "the narrow one does not do better at T <= 4"
+        )
+    )
     return rec
 
 
@@ -206,14 +264,18 @@ class OmittedClass(Section):
 
     def figures(self) -> dict:
         c = self.c
-        return {"before": self.before["errors"], "before_class": self.before["per_class_errors"][c],
-                "paper_bias": self.paper_bias["errors"],
-                "paper_bias_class": self.paper_bias["per_class_errors"][c],
-                "fitted": self.after["errors"], "fitted_class": self.after["per_class_errors"][c],
-                "fitted_offset": self.fitted_offset,
-                "class_n": self.before["per_class_n"][c],
-                "two_class_error_before": 1 - self.kept_before["accuracy"],
-                "two_class_error_after": 1 - self.kept_after["accuracy"]}
+        return {
+            "before": self.before["errors"],
+            "before_class": self.before["per_class_errors"][c],
+            "paper_bias": self.paper_bias["errors"],
+            "paper_bias_class": self.paper_bias["per_class_errors"][c],
+            "fitted": self.after["errors"],
+            "fitted_class": self.after["per_class_errors"][c],
+            "fitted_offset": self.fitted_offset,
+            "class_n": self.before["per_class_n"][c],
+            "two_class_error_before": 1 - self.kept_before["accuracy"],
+            "two_class_error_after": 1 - self.kept_after["accuracy"],
+        }
 
 
 def omitted_class(run: Run) -> OmittedClass:
@@ -223,27 +285,50 @@ def omitted_class(run: Run) -> OmittedClass:
     # set aside before the class filter (the transfer sets below are drawn from the other 90 %).
     held_spec = f"{run.cfg.dataset}:train:holdout={HOLDOUT}:part=holdout:seed={run.cfg.seed}"
     cache = run.cache(run.spec(holdout=HOLDOUT, exclude=c))
-    res = run.student(f"omitted-class/without-{c}", cache, run.cfg.temperature, run.cfg.alpha,
-                      fit_bias_on=held_spec)
+    res = run.student(
+        f"omitted-class/without-{c}",
+        cache,
+        run.cfg.temperature,
+        run.cfg.alpha,
+        fit_bias_on=held_spec,
+    )
     keep = ",".join(map(str, run.cfg.kept_classes))
     cache2 = run.cache(run.spec(holdout=HOLDOUT, keep=keep))
-    res2 = run.student(f"omitted-class/only-{keep.replace(',', '-')}", cache2, run.cfg.temperature,
-                       run.cfg.alpha, fit_bias_on=held_spec)
+    res2 = run.student(
+        f"omitted-class/only-{keep.replace(',', '-')}",
+        cache2,
+        run.cfg.temperature,
+        run.cfg.alpha,
+        fit_bias_on=held_spec,
+    )
     rec = OmittedClass(
-        name="omitted-class", holds=False, verdict="", c=c, held_spec=held_spec,
+        name="omitted-class",
+        holds=False,
+        verdict="",
+        c=c,
+        held_spec=held_spec,
         before=res["metrics"]["test_before_bias"],
-        paper_bias=student_metrics(run, res, run.test_spec, {c: 3.5}), after=res["metrics"]["test"],
-        fitted_offset=res["metrics"]["bias"]["fitted"]["offsets"][str(c)], kept=keep,
-        kept_before=res2["metrics"]["test_before_bias"], kept_after=res2["metrics"]["test"],
-        kept_offsets=res2["metrics"]["bias"]["fitted"]["offsets"])
+        paper_bias=student_metrics(run, res, run.test_spec, {c: 3.5}),
+        after=res["metrics"]["test"],
+        fitted_offset=res["metrics"]["bias"]["fitted"]["offsets"][str(c)],
+        kept=keep,
+        kept_before=res2["metrics"]["test_before_bias"],
+        kept_after=res2["metrics"]["test"],
+        kept_offsets=res2["metrics"]["bias"]["fitted"]["offsets"],
+    )
     rec.holds, rec.verdict = omitted_verdict(
-        c, rec.before["per_class_errors"][c], rec.after["per_class_errors"][c],
-        1 - rec.kept_before["accuracy"], 1 - rec.kept_after["accuracy"])
+        c,
+        rec.before["per_class_errors"][c],
+        rec.after["per_class_errors"][c],
+        1 - rec.kept_before["accuracy"],
+        1 - rec.kept_after["accuracy"],
+    )
     return rec
 
 
-def omitted_verdict(c: int, before_c: int, after_c: int, kept_before: float,
-                    kept_after: float) -> tuple[bool, str]:
+def omitted_verdict(
+    c: int, before_c: int, after_c: int, kept_before: float, kept_after: float
+) -> tuple[bool, str]:
     """Whether the omitted-class claim holds, and the verdict in words.
 
     Args:
@@ -251,15 +336,19 @@ def omitted_verdict(c: int, before_c: int, after_c: int, kept_before: float,
         kept_before, kept_after: the two-class transfer's test error rates, before and after.
     """
     noise = count_noise(before_c, after_c)
-    change = (f"class {c} goes from {before_c} to {after_c} errors with a fitted bias; two-class "
-              f"transfer {pct(kept_before)} -> {pct(kept_after)}")
+    change = (
+        f"class {c} goes from {before_c} to {after_c} errors with a fitted bias; two-class "
+        f"transfer {pct(kept_before)} -> {pct(kept_after)}"
+    )
     better = after_c < before_c and kept_after < kept_before
     # A quick run has a handful of errors on the class: 2 -> 1 is noise, not the paper's effect.
     if better and before_c - after_c > noise:
         return True, f"holds: {change}"
     if better:
-        return False, (f"inconclusive: {change}, a change within the noise of so few errors "
-                       f"(±{noise:.0f}); run --scale full")
+        return False, (
+            f"inconclusive: {change}, a change within the noise of so few errors "
+            f"(±{noise:.0f}); run --scale full"
+        )
     return False, f"does not hold here: {change}"
 
 
@@ -297,8 +386,13 @@ def small_data(run: Run) -> SmallData:
     spec = run.spec(fraction=s.small_fraction)
     cache = run.cache(spec)
     hard = run.student("small-data/hard", cache, 1.0, 0.0, epochs=s.small_epochs)
-    soft = run.student(f"small-data/soft-T{run.cfg.temperature:g}", cache, run.cfg.temperature, 1.0,
-                       epochs=s.small_epochs)
+    soft = run.student(
+        f"small-data/soft-T{run.cfg.temperature:g}",
+        cache,
+        run.cfg.temperature,
+        1.0,
+        epochs=s.small_epochs,
+    )
     full = run.student("main-table/baseline", run.cache(run.spec()), 1.0, 0.0)
     rows, curves = [], {}
     for label, r in (("hard targets", hard), ("soft targets (alpha = 1)", soft)):
@@ -306,26 +400,43 @@ def small_data(run: Run) -> SmallData:
         train_acc = student_metrics(run, r, spec)["accuracy"]
         test = [int(h["test_errors"]) for h in hist]
         n = r["metrics"]["test"]["n"]
-        rows.append({"model": label, "train_accuracy": train_acc,
-                     "test_accuracy": r["metrics"]["test"]["accuracy"],
-                     "best_epoch_test_accuracy": 1 - min(test) / n,
-                     "best_epoch": int(np.argmin(test)) + 1,
-                     # The last epoch more than 2 % worse than the best one.
-                     "early_stopping_needed": test[-1] > min(test) * 1.02})
+        rows.append(
+            {
+                "model": label,
+                "train_accuracy": train_acc,
+                "test_accuracy": r["metrics"]["test"]["accuracy"],
+                "best_epoch_test_accuracy": 1 - min(test) / n,
+                "best_epoch": int(np.argmin(test)) + 1,
+                # The last epoch more than 2 % worse than the best one.
+                "early_stopping_needed": test[-1] > min(test) * 1.02,
+            }
+        )
         curves[label] = ([int(h["epoch"]) for h in hist], [t / n for t in test])
     holds = rows[1]["test_accuracy"] > rows[0]["test_accuracy"]
     return SmallData(
-        name="small-data", holds=holds,
-        verdict=(f"holds: soft targets {pct(rows[1]['test_accuracy'])} vs hard "
-                 f"{pct(rows[0]['test_accuracy'])} test accuracy" if holds else
-                 "does not hold here: hard targets did as well"),
-        spec=spec, rows_used=hard["cache"]["rows_used"], epochs=s.small_epochs,
-        full_spec=run.spec(), full_rows=full["cache"]["rows_used"],
-        full_accuracy=full["metrics"]["test"]["accuracy"], rows=rows, curves=curves)
+        name="small-data",
+        holds=holds,
+        verdict=(
+            f"holds: soft targets {pct(rows[1]['test_accuracy'])} vs hard "
+            f"{pct(rows[0]['test_accuracy'])} test accuracy"
+            if holds
+            else "does not hold here: hard targets did as well"
+        ),
+        spec=spec,
+        rows_used=hard["cache"]["rows_used"],
+        epochs=s.small_epochs,
+        full_spec=run.spec(),
+        full_rows=full["cache"]["rows_used"],
+        full_accuracy=full["metrics"]["test"]["accuracy"],
+        rows=rows,
+        curves=curves,
+    )
 
 
 #: The experiments by name, in the report's order.
 EXPERIMENTS: dict[str, Callable[[Run], Section]] = {
-    "main-table": main_table, "temperature": temperature, "omitted-class": omitted_class,
+    "main-table": main_table,
+    "temperature": temperature,
+    "omitted-class": omitted_class,
     "small-data": small_data,
 }

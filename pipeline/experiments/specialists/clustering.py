@@ -25,7 +25,9 @@ import numpy as np
 from pipeline.errors import ConfigError
 
 SIMILARITIES = ("log-moment", "covariance")
-MODULARITY_TOLERANCE = 0.005  # automatic K: the largest K whose modularity is within 0.5 % of the best
+MODULARITY_TOLERANCE = (
+    0.005  # automatic K: the largest K whose modularity is within 0.5 % of the best
+)
 
 
 def coprediction(probs: np.ndarray) -> np.ndarray:
@@ -54,7 +56,10 @@ def modularity(weights: np.ndarray, labels: np.ndarray) -> float:
     q = 0.0
     for g in np.unique(labels):
         inside = labels == g
-        q += float(weights[np.ix_(inside, inside)].sum()) / total - (float(degree[inside].sum()) / total) ** 2
+        q += (
+            float(weights[np.ix_(inside, inside)].sum()) / total
+            - (float(degree[inside].sum()) / total) ** 2
+        )
     return q
 
 
@@ -88,14 +93,25 @@ class Clustering:
 
     @classmethod
     def from_dict(cls, d: dict) -> Clustering:
-        return cls(groups=d["groups"], specialists=d["specialists"], k=d["k"], auto=d["auto"],
-                   scores={int(k): v for k, v in d["scores"].items()}, similarity=d["similarity"],
-                   confusion=d.get("confusion", []))
+        return cls(
+            groups=d["groups"],
+            specialists=d["specialists"],
+            k=d["k"],
+            auto=d["auto"],
+            scores={int(k): v for k, v in d["scores"].items()},
+            similarity=d["similarity"],
+            confusion=d.get("confusion", []),
+        )
 
 
-def cluster_classes(probs: np.ndarray, labels: np.ndarray | None = None, k: int | None = None,
-                    classes_per_specialist: int | None = None, similarity: str = "log-moment",
-                    seed: int = 0) -> Clustering:
+def cluster_classes(
+    probs: np.ndarray,
+    labels: np.ndarray | None = None,
+    k: int | None = None,
+    classes_per_specialist: int | None = None,
+    similarity: str = "log-moment",
+    seed: int = 0,
+) -> Clustering:
     """Cluster classes by the generalist's confusions.
 
     Args:
@@ -114,17 +130,30 @@ def cluster_classes(probs: np.ndarray, labels: np.ndarray | None = None, k: int 
     p = np.asarray(probs, dtype=np.float64)
     c = p.shape[1]
     if c < 3:
-        raise ConfigError([f"specialists need at least 3 classes (a group and a rest), the cache has {c}"])
+        raise ConfigError(
+            [f"specialists need at least 3 classes (a group and a rest), the cache has {c}"]
+        )
     if k is not None and not 2 <= k <= c - 1:
         raise ConfigError([f"--specialists K must be in 2..{c - 1} for {c} classes, got {k}"])
     if classes_per_specialist is not None and not 2 <= classes_per_specialist <= c - 1:
-        raise ConfigError([f"--classes-per-specialist must be in 2..{c - 1} for {c} classes, "
-                           f"got {classes_per_specialist}"])
-    columns = similarity_matrix(p, similarity).T  # row i = column i of the matrix: class i's profile
+        raise ConfigError(
+            [
+                f"--classes-per-specialist must be in 2..{c - 1} for {c} classes, "
+                f"got {classes_per_specialist}"
+            ]
+        )
+    columns = similarity_matrix(
+        p, similarity
+    ).T  # row i = column i of the matrix: class i's profile
     weights = coprediction(p)
     np.fill_diagonal(weights, 0.0)
-    ks = [k] if k is not None else (
-        [math.ceil(c / classes_per_specialist)] if classes_per_specialist else list(range(2, c)))
+    ks = (
+        [k]
+        if k is not None
+        else (
+            [math.ceil(c / classes_per_specialist)] if classes_per_specialist else list(range(2, c))
+        )
+    )
     ks = [min(max(2, kk), c - 1) for kk in ks]
     scores: dict[int, float] = {}
     labels_by_k: dict[int, np.ndarray] = {}
@@ -142,9 +171,15 @@ def cluster_classes(probs: np.ndarray, labels: np.ndarray | None = None, k: int 
     confusion = [group_confusion(p, y, g) for g in groups]
     order = sorted(range(len(groups)), key=lambda i: (-confusion[i]["within"], groups[i]))
     groups, confusion = [groups[i] for i in order], [confusion[i] for i in order]
-    return Clustering(groups=groups, specialists=[g for g in groups if len(g) >= 2], k=kk,
-                      auto=k is None and classes_per_specialist is None, scores=scores, similarity=similarity,
-                      confusion=confusion)
+    return Clustering(
+        groups=groups,
+        specialists=[g for g in groups if len(g) >= 2],
+        k=kk,
+        auto=k is None and classes_per_specialist is None,
+        scores=scores,
+        similarity=similarity,
+        confusion=confusion,
+    )
 
 
 def group_confusion(probs: np.ndarray, labels: np.ndarray, group: list[int]) -> dict:
@@ -158,22 +193,34 @@ def group_confusion(probs: np.ndarray, labels: np.ndarray, group: list[int]) -> 
     own = p[np.arange(len(y)), y]
     pred = p.argmax(axis=1)
     wrong = pred != y
-    return {"rows": int(rows.sum()), "within": float((mass_in - own).mean()), "errors": int(wrong.sum()),
-            "errors_within": float(np.isin(pred[wrong], group).mean()) if wrong.any() else 0.0}
+    return {
+        "rows": int(rows.sum()),
+        "within": float((mass_in - own).mean()),
+        "errors": int(wrong.sum()),
+        "errors_within": float(np.isin(pred[wrong], group).mean()) if wrong.any() else 0.0,
+    }
 
 
 def clusters_report(cl: Clustering, class_names: list[str]) -> str:
     """Readable markdown: the clusters, how confusable each is, and the modularity per K."""
     how = "automatic: the largest K within 0.5 % of the best modularity" if cl.auto else "given"
-    lines = [f"# Class clusters ({cl.similarity} similarity, K = {cl.k}, {how})", "",
-             "| cluster | classes | specialist | transfer rows | generalist's mean probability on the group's "
-             "other classes | generalist errors on these rows | share of those errors inside the group |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Class clusters ({cl.similarity} similarity, K = {cl.k}, {how})",
+        "",
+        "| cluster | classes | specialist | transfer rows | generalist's mean probability on the group's "
+        "other classes | generalist errors on these rows | share of those errors inside the group |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i, (g, conf) in enumerate(zip(cl.groups, cl.confusion, strict=True)):
         names = ", ".join(f"{class_names[c]} ({c})" for c in g)
-        lines.append(f"| {i} | {names} | {'yes' if len(g) >= 2 else 'no (one class)'} | {conf['rows']} | "
-                     f"{conf['within']:.4f} | {conf['errors']} | {conf['errors_within']:.1%} |")
-    lines += ["", "Modularity of the co-prediction graph for each K tried: "
-              + ", ".join(f"K={k}: {v:.4f}" for k, v in sorted(cl.scores.items())), ""]
+        lines.append(
+            f"| {i} | {names} | {'yes' if len(g) >= 2 else 'no (one class)'} | {conf['rows']} | "
+            f"{conf['within']:.4f} | {conf['errors']} | {conf['errors_within']:.1%} |"
+        )
+    lines += [
+        "",
+        "Modularity of the co-prediction graph for each K tried: "
+        + ", ".join(f"K={k}: {v:.4f}" for k, v in sorted(cl.scores.items())),
+        "",
+    ]
     return "\n".join(lines)
-

@@ -37,8 +37,13 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=1)
 
 
-def combination_objective(z: torch.Tensor, log_pg: torch.Tensor, log_ps: list[torch.Tensor],
-                          groups: list[list[int]], active: torch.Tensor) -> torch.Tensor:
+def combination_objective(
+    z: torch.Tensor,
+    log_pg: torch.Tensor,
+    log_ps: list[torch.Tensor],
+    groups: list[list[int]],
+    active: torch.Tensor,
+) -> torch.Tensor:
     """``KL(p_g ‖ q) + Σ_m active_m · KL(p_m ‖ q_m)`` per row, with q = softmax(z).
 
     Args:
@@ -56,8 +61,14 @@ def combination_objective(z: torch.Tensor, log_pg: torch.Tensor, log_ps: list[to
     return total
 
 
-def combine_distributions(log_pg: torch.Tensor, log_ps: list[torch.Tensor], groups: list[list[int]],
-                          active: torch.Tensor, steps: int = 300, lr: float = 0.1) -> torch.Tensor:
+def combine_distributions(
+    log_pg: torch.Tensor,
+    log_ps: list[torch.Tensor],
+    groups: list[list[int]],
+    active: torch.Tensor,
+    steps: int = 300,
+    lr: float = 0.1,
+) -> torch.Tensor:
     """The full distribution q minimising the combination objective, for every row at once.
 
     Gradient descent (Adam, learning rate decayed to 0 on a cosine) on q's logits from ``log p_g``. Rows are
@@ -104,14 +115,30 @@ def table4(gen_correct: np.ndarray, comb_correct: np.ndarray, covering: np.ndarr
     for n in sorted(set(covering.tolist())):
         sel = covering == n
         g, c = int(gen_correct[sel].sum()), int(comb_correct[sel].sum())
-        rows.append({"covering": int(n), "cases": int(sel.sum()), "generalist_correct": g, "combined_correct": c,
-                     "gain": c - g, "relative_gain": (c - g) / g if g else float("nan")})
+        rows.append(
+            {
+                "covering": int(n),
+                "cases": int(sel.sum()),
+                "generalist_correct": g,
+                "combined_correct": c,
+                "gain": c - g,
+                "relative_gain": (c - g) / g if g else float("nan"),
+            }
+        )
     return rows
 
 
-def evaluate_combination(log_pg: torch.Tensor, spec_logits: list[torch.Tensor], corrections: list[float],
-                         groups: list[list[int]], labels: torch.Tensor, top_n: int, steps: int, lr: float,
-                         corrected: bool = True) -> dict:
+def evaluate_combination(
+    log_pg: torch.Tensor,
+    spec_logits: list[torch.Tensor],
+    corrections: list[float],
+    groups: list[list[int]],
+    labels: torch.Tensor,
+    top_n: int,
+    steps: int,
+    lr: float,
+    corrected: bool = True,
+) -> dict:
     """Combine and measure one setting: accuracy, per class, Table 4, within-group specialist accuracy.
 
     Args:
@@ -142,57 +169,101 @@ def evaluate_combination(log_pg: torch.Tensor, spec_logits: list[torch.Tensor], 
         sel = np.isin(y, g)
         spec_pred = np.asarray(g)[log_ps[k][sel, :-1].argmax(1).numpy()]
         gen_pred = np.asarray(g)[log_pg[sel][:, g].argmax(1).numpy()]
-        within.append({"classes": g, "cases": int(sel.sum()),
-                       "specialist_within_accuracy": float((spec_pred == y[sel]).mean()),
-                       "generalist_within_accuracy": float((gen_pred == y[sel]).mean()),
-                       "active_share": float(active[torch.from_numpy(sel), k].float().mean())})
-    return {"top_n": top_n, "dustbin_corrected": corrected, "generalist": gen, "combined": comb,
-            "active_per_case": float(active.float().sum(1).mean()), "table4": table4(gen_ok, comb_ok, covering),
-            "within_group": within, "changed": {"fixed": int((~gen_ok & comb_ok).sum()),
-                                                "broken": int((gen_ok & ~comb_ok).sum())}}
+        within.append(
+            {
+                "classes": g,
+                "cases": int(sel.sum()),
+                "specialist_within_accuracy": float((spec_pred == y[sel]).mean()),
+                "generalist_within_accuracy": float((gen_pred == y[sel]).mean()),
+                "active_share": float(active[torch.from_numpy(sel), k].float().mean()),
+            }
+        )
+    return {
+        "top_n": top_n,
+        "dustbin_corrected": corrected,
+        "generalist": gen,
+        "combined": comb,
+        "active_per_case": float(active.float().sum(1).mean()),
+        "table4": table4(gen_ok, comb_ok, covering),
+        "within_group": within,
+        "changed": {
+            "fixed": int((~gen_ok & comb_ok).sum()),
+            "broken": int((gen_ok & ~comb_ok).sum()),
+        },
+    }
 
 
 def evaluation_report(result: dict, class_names: list[str]) -> str:
     """Markdown: generalist vs combined, per class, Table 4, specialists within their groups, sensitivity."""
     main = result["main"]
     g, c = main["generalist"], main["combined"]
-    lines = [f"# Specialists on {result['dataset']}", "",
-             f"Generalist: {result['generalist']}. {len(result['groups'])} specialist(s); a specialist is active "
-             f"when its classes meet the generalist's top {main['top_n']}; combination by {result['kl_steps']} "
-             f"Adam steps on q's logits; dustbin correction {'on' if main['dustbin_corrected'] else 'off'}.", "",
-             "| model | errors | accuracy | NLL | ECE |", "|---|---|---|---|---|",
-             f"| generalist | {g['errors']} | {g['accuracy']:.2%} | {g['nll']:.4f} | {g['ece']:.4f} |",
-             f"| generalist + specialists | {c['errors']} | {c['accuracy']:.2%} | {c['nll']:.4f} | {c['ece']:.4f} |",
-             "", f"Changed predictions: {main['changed']['fixed']} errors fixed, {main['changed']['broken']} "
-             f"correct predictions broken ({net_change(g['errors'], c['errors'])}); "
-             f"{main['active_per_case']:.2f} active specialists per test case on average.", "",
-             "## Specialists", "",
-             "| specialist | classes | dustbin correction | training rows | test cases in its classes | "
-             "active on them | within-group accuracy: generalist → specialist |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Specialists on {result['dataset']}",
+        "",
+        f"Generalist: {result['generalist']}. {len(result['groups'])} specialist(s); a specialist is active "
+        f"when its classes meet the generalist's top {main['top_n']}; combination by {result['kl_steps']} "
+        f"Adam steps on q's logits; dustbin correction {'on' if main['dustbin_corrected'] else 'off'}.",
+        "",
+        "| model | errors | accuracy | NLL | ECE |",
+        "|---|---|---|---|---|",
+        f"| generalist | {g['errors']} | {g['accuracy']:.2%} | {g['nll']:.4f} | {g['ece']:.4f} |",
+        f"| generalist + specialists | {c['errors']} | {c['accuracy']:.2%} | {c['nll']:.4f} | {c['ece']:.4f} |",
+        "",
+        f"Changed predictions: {main['changed']['fixed']} errors fixed, {main['changed']['broken']} "
+        f"correct predictions broken ({net_change(g['errors'], c['errors'])}); "
+        f"{main['active_per_case']:.2f} active specialists per test case on average.",
+        "",
+        "## Specialists",
+        "",
+        "| specialist | classes | dustbin correction | training rows | test cases in its classes | "
+        "active on them | within-group accuracy: generalist → specialist |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k, (rec, w) in enumerate(zip(result["specialists"], main["within_group"], strict=True)):
-        lines.append(f"| {k} | {', '.join(rec['class_names'])} | {rec['dustbin_correction_applied']:+.3f} | "
-                     f"{rec['sampling']['rows']} | {w['cases']} | {w['active_share']:.1%} | "
-                     f"{w['generalist_within_accuracy']:.2%} → {w['specialist_within_accuracy']:.2%} |")
-    lines += ["", "## Per class (test errors)", "", "| class | cases | generalist | combined | change |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {k} | {', '.join(rec['class_names'])} | {rec['dustbin_correction_applied']:+.3f} | "
+            f"{rec['sampling']['rows']} | {w['cases']} | {w['active_share']:.1%} | "
+            f"{w['generalist_within_accuracy']:.2%} → {w['specialist_within_accuracy']:.2%} |"
+        )
+    lines += [
+        "",
+        "## Per class (test errors)",
+        "",
+        "| class | cases | generalist | combined | change |",
+        "|---|---|---|---|---|",
+    ]
     for i, name in enumerate(class_names):
         ge, ce = g["per_class_errors"][i], c["per_class_errors"][i]
         lines.append(f"| {name} | {g['per_class_n'][i]} | {ge} | {ce} | {ce - ge:+d} |")
-    lines += ["", "## Table 4 view: by the number of active specialists covering the correct class", "",
-              "| active specialists covering the correct class | test cases | generalist correct | combined correct "
-              "| gain | relative accuracy change |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Table 4 view: by the number of active specialists covering the correct class",
+        "",
+        "| active specialists covering the correct class | test cases | generalist correct | combined correct "
+        "| gain | relative accuracy change |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in main["table4"]:
         rel = "—" if math.isnan(r["relative_gain"]) else f"{r['relative_gain']:+.2%}"
-        lines.append(f"| {r['covering']} | {r['cases']} | {r['generalist_correct']} | {r['combined_correct']} | "
-                     f"{r['gain']:+d} | {rel} |")
+        lines.append(
+            f"| {r['covering']} | {r['cases']} | {r['generalist_correct']} | {r['combined_correct']} | "
+            f"{r['gain']:+d} | {rel} |"
+        )
     if not result["sensitivity"]:  # evaluate --no-sensitivity
         lines.append("")
         return "\n".join(lines)
-    lines += ["", "## Sensitivity (test errors of the combination; generalist: "
-              f"{g['errors']})", "", "| top-n | dustbin correction | errors | active per case |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Sensitivity (test errors of the combination; generalist: {g['errors']})",
+        "",
+        "| top-n | dustbin correction | errors | active per case |",
+        "|---|---|---|---|",
+    ]
     for s in result["sensitivity"]:
-        lines.append(f"| {s['top_n']} | {'on' if s['dustbin_corrected'] else 'off'} | {s['errors']} | "
-                     f"{s['active_per_case']:.2f} |")
+        lines.append(
+            f"| {s['top_n']} | {'on' if s['dustbin_corrected'] else 'off'} | {s['errors']} | "
+            f"{s['active_per_case']:.2f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -204,7 +275,9 @@ def net_change(before: int, after: int) -> str:
     return f"net {abs(before - after)} {'fewer' if after < before else 'more'} errors"
 
 
-def generalist_log_probs(members: list[LoadedModel], x: np.ndarray, device: torch.device) -> torch.Tensor:
+def generalist_log_probs(
+    members: list[LoadedModel], x: np.ndarray, device: torch.device
+) -> torch.Tensor:
     """The generalist's test-time log-probabilities: its members' mean-probs combination, as for the cache."""
     logits = torch.stack([predict_logits(m.model, x, device) for m in members])
     return torch.log_softmax(combine_members(logits, "mean-probs", 1.0), dim=1)

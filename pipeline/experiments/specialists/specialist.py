@@ -38,7 +38,9 @@ DUSTBIN = "dustbin"
 
 
 # ------------------------------------------------------------------------------------ class maps
-def collapse_logits(logits: torch.Tensor, classes: list[int], temperature: float = 1.0) -> torch.Tensor:
+def collapse_logits(
+    logits: torch.Tensor, classes: list[int], temperature: float = 1.0
+) -> torch.Tensor:
     """Logits whose softmax at T is ``softmax(logits / T)`` collapsed onto ``classes`` + a dustbin.
 
     ``w = [v_S, T · logsumexp(v_rest / T)]``: the kept classes keep their logits and the dustbin gets the
@@ -90,8 +92,12 @@ class SamplingPlan:
     dustbin_correction: float
 
     def summary(self) -> dict:
-        return {"rows": int(self.rows.size), "natural_fraction": self.natural_fraction,
-                "train_fraction": self.train_fraction, "dustbin_correction": self.dustbin_correction}
+        return {
+            "rows": int(self.rows.size),
+            "natural_fraction": self.natural_fraction,
+            "train_fraction": self.train_fraction,
+            "dustbin_correction": self.dustbin_correction,
+        }
 
 
 def sampling_plan(in_group: np.ndarray, seed: int, max_rows: int | None = None) -> SamplingPlan:
@@ -108,8 +114,12 @@ def sampling_plan(in_group: np.ndarray, seed: int, max_rows: int | None = None) 
     rng = np.random.default_rng(seed)
     inside, outside = np.flatnonzero(in_group), np.flatnonzero(~in_group)
     if inside.size == 0 or outside.size == 0:
-        raise ConfigError([f"a specialist needs transfer rows both in its classes and outside them; found "
-                           f"{inside.size} in and {outside.size} out"])
+        raise ConfigError(
+            [
+                f"a specialist needs transfer rows both in its classes and outside them; found "
+                f"{inside.size} in and {outside.size} out"
+            ]
+        )
     half = inside.size if max_rows is None else min(inside.size, max(1, max_rows // 2))
     if half < inside.size:
         inside = rng.choice(inside, size=half, replace=False)
@@ -124,15 +134,23 @@ def sampling_plan(in_group: np.ndarray, seed: int, max_rows: int | None = None) 
 
 # -------------------------------------------------------------------------------------- initialisation
 def _last_linear(model: nn.Module, width: int) -> tuple[str, nn.Linear]:
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == width]
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.out_features == width
+    ]
     if not found:
-        raise CheckpointError(f"no final nn.Linear with {width} outputs in {type(model).__name__}; cannot resize "
-                              "it for a specialist: use --init scratch")
+        raise CheckpointError(
+            f"no final nn.Linear with {width} outputs in {type(model).__name__}; cannot resize "
+            "it for a specialist: use --init scratch"
+        )
     return found[-1]
 
 
 @torch.no_grad()
-def specialist_from_generalist(member: KDModel, classes: list[int], in_shape: tuple[int, ...]) -> KDModel:
+def specialist_from_generalist(
+    member: KDModel, classes: list[int], in_shape: tuple[int, ...]
+) -> KDModel:
     """A specialist with the generalist member's weights and a resized last layer.
 
     The last layer keeps the rows (weights and bias) of ``classes``; the dustbin row is the mean of the other
@@ -155,18 +173,25 @@ def specialist_from_generalist(member: KDModel, classes: list[int], in_shape: tu
     new = build_model(spec, in_shape, len(classes) + 1, stats)
     name, old_last = _last_linear(member.body, c)
     _, new_last = _last_linear(new.body, len(classes) + 1)
-    state = {k: v for k, v in member.state_dict().items()
-             if not k.startswith(f"body.{name}.") and k != "output_bias"}
+    state = {
+        k: v
+        for k, v in member.state_dict().items()
+        if not k.startswith(f"body.{name}.") and k != "output_bias"
+    }
     missing, unexpected = new.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {f"body.{name}.weight", f"body.{name}.bias", "output_bias"}:
-        raise CheckpointError(f"the generalist's weights do not fit {spec!r} for a specialist "
-                              f"(missing {missing}, unexpected {unexpected}); use --init scratch")
+        raise CheckpointError(
+            f"the generalist's weights do not fit {spec!r} for a specialist "
+            f"(missing {missing}, unexpected {unexpected}); use --init scratch"
+        )
     keep = torch.as_tensor(classes)
     rest = torch.ones(c, dtype=torch.bool)
     rest[keep] = False
     w, b = old_last.weight.cpu(), old_last.bias.cpu()
     new_last.weight.copy_(torch.cat([w[keep], w[rest].mean(0, keepdim=True)]))
-    new_last.bias.copy_(torch.cat([b[keep], b[rest].mean(0, keepdim=True) + math.log(int(rest.sum()))]))
+    new_last.bias.copy_(
+        torch.cat([b[keep], b[rest].mean(0, keepdim=True) + math.log(int(rest.sum()))])
+    )
     new.train()
     return new
 
@@ -176,9 +201,16 @@ def cached_generalist(cache: LogitCache, temperature: float = 1.0) -> torch.Tens
     """The cache's combined generalist logits (all members, mean-probs at T), (N, C) float32; needs a complete
     cache."""
     if not cache.complete:
-        raise CacheError(f"{cache.location}: specialists need a complete cache; finish it with cache-logits")
+        raise CacheError(
+            f"{cache.location}: specialists need a complete cache; finish it with cache-logits"
+        )
     members = list(range(len(cache.members)))
-    return torch.cat([combined_shard(cache, s, members, "mean-probs", temperature) for s in range(cache.n_shards)])
+    return torch.cat(
+        [
+            combined_shard(cache, s, members, "mean-probs", temperature)
+            for s in range(cache.n_shards)
+        ]
+    )
 
 
 def transfer_set(cache: LogitCache, data_dir: str | None, dataset: str | None = None) -> Dataset:
@@ -187,9 +219,12 @@ def transfer_set(cache: LogitCache, data_dir: str | None, dataset: str | None = 
     return load_transfer_set(cache, dataset, data_dir)
 
 
-def generalist_members(cache: LogitCache, given: list[str] | None,
-                       device: torch.device | str = "cpu",
-                       trust_code: Sequence[str] = ()) -> list[LoadedModel]:
+def generalist_members(
+    cache: LogitCache,
+    given: list[str] | None,
+    device: torch.device | str = "cpu",
+    trust_code: Sequence[str] = (),
+) -> list[LoadedModel]:
     """Load the checkpoints of the cache's members (the generalist), checked by sha256.
 
     Args:
@@ -212,16 +247,21 @@ def generalist_members(cache: LogitCache, given: list[str] | None,
             cands = [Path(m.path)] + [b / m.path for b in base[:3]]
             hit = next((p for p in cands if p.is_file()), None)
             if hit is None:
-                raise CheckpointError(f"the generalist's member {m.index} ({m.path}, recorded in the cache) was "
-                                      "not found from here; pass --generalist PATH (its checkpoint or ensemble "
-                                      "directory)")
+                raise CheckpointError(
+                    f"the generalist's member {m.index} ({m.path}, recorded in the cache) was "
+                    "not found from here; pass --generalist PATH (its checkpoint or ensemble "
+                    "directory)"
+                )
             paths.append(hit)
     loaded = [load_checkpoint(p, device, trust_code) for p in paths]
     have = [lm.sha256 for lm in loaded]
     if sorted(have) != sorted(want):
-        raise CheckpointError("--generalist must be the checkpoints the cache was made with; the cache's members are "
-                              + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in cache.members)
-                              + "; found " + ", ".join(f"{lm.path} ({lm.sha256[:19]})" for lm in loaded))
+        raise CheckpointError(
+            "--generalist must be the checkpoints the cache was made with; the cache's members are "
+            + ", ".join(f"{m.path} ({m.checkpoint_sha256[:19]})" for m in cache.members)
+            + "; found "
+            + ", ".join(f"{lm.path} ({lm.sha256[:19]})" for lm in loaded)
+        )
     by_sha = {lm.sha256: lm for lm in loaded}
     return [by_sha[s] for s in want]
 
@@ -277,34 +317,60 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
     if task.init_checkpoint:
         member = load_checkpoint(task.init_checkpoint, "cpu", task.trust_code)
         if task.init_sha256 and member.sha256 != task.init_sha256:
-            raise CheckpointError(f"{task.init_checkpoint} has sha256 {member.sha256}, expected {task.init_sha256}")
+            raise CheckpointError(
+                f"{task.init_checkpoint} has sha256 {member.sha256}, expected {task.init_sha256}"
+            )
         model = specialist_from_generalist(member.model, task.classes, data.sample_shape)
     else:
         # model_spec may come from the cache's header: checked again on the worker building it.
         check_trusted(task.model_spec, task.trust_code, f"{task.cache} (the specialists' model)")
-        model = build_model(task.model_spec, data.sample_shape, len(task.classes) + 1, data.input_stats)
+        model = build_model(
+            task.model_spec, data.sample_shape, len(task.classes) + 1, data.input_stats
+        )
     model = model.to(device)
     source = InMemorySource(data.x[plan.rows], hard, soft, batch_size=cfg.batch_size, seed=cfg.seed)
     out = Path(task.out)
     out.mkdir(parents=True, exist_ok=True)
-    history = fit(model, source, make_loss("kd", task.temperature, alpha), cfg, device,
-                  history_csv=out / "history.csv", log=log, desc=f"specialist {task.index}", progress=False)
+    history = fit(
+        model,
+        source,
+        make_loss("kd", task.temperature, alpha),
+        cfg,
+        device,
+        history_csv=out / "history.csv",
+        log=log,
+        desc=f"specialist {task.index}",
+        progress=False,
+    )
     correction = plan.dustbin_correction if task.dustbin_correction else 0.0
     with torch.no_grad():
         model.output_bias.zero_()
         model.output_bias[-1] = correction
     names = cache.header.class_names
-    record = {"index": task.index, "classes": task.classes, "class_names": [names[c] for c in task.classes],
-              "model_spec": task.model_spec, "init": task.init_checkpoint or "scratch",
-              "sampling": plan.summary(), "dustbin_correction_applied": correction,
-              "temperature": task.temperature, "alpha": alpha, "train": cfg.to_dict(),
-              "final_epoch": history[-1], "train_seconds": sum(r["seconds"] for r in history),
-              "seconds": time.perf_counter() - t0}
-    meta = {"model_spec": task.model_spec, "in_shape": list(data.sample_shape), "num_classes": len(task.classes) + 1,
-            "class_names": [*record["class_names"], DUSTBIN],
-            "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
-            "cache": {"location": task.cache.display, "fingerprint": cache_fingerprint(cache.header)},
-            "specialist": {k: v for k, v in record.items() if k != "final_epoch"}}
+    record = {
+        "index": task.index,
+        "classes": task.classes,
+        "class_names": [names[c] for c in task.classes],
+        "model_spec": task.model_spec,
+        "init": task.init_checkpoint or "scratch",
+        "sampling": plan.summary(),
+        "dustbin_correction_applied": correction,
+        "temperature": task.temperature,
+        "alpha": alpha,
+        "train": cfg.to_dict(),
+        "final_epoch": history[-1],
+        "train_seconds": sum(r["seconds"] for r in history),
+        "seconds": time.perf_counter() - t0,
+    }
+    meta = {
+        "model_spec": task.model_spec,
+        "in_shape": list(data.sample_shape),
+        "num_classes": len(task.classes) + 1,
+        "class_names": [*record["class_names"], DUSTBIN],
+        "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
+        "cache": {"location": task.cache.display, "fingerprint": cache_fingerprint(cache.header)},
+        "specialist": {k: v for k, v in record.items() if k != "final_epoch"},
+    }
     save_checkpoint(out / "specialist.pt", model, meta)
     atomic_write_json(out / "specialist.json", record)
     return record
@@ -325,5 +391,7 @@ def run_tasks(tasks: list[SpecialistTask], workers: int, log: Callable[[str], No
         for fut in as_completed(futures):
             r = fut.result()
             records[r["index"]] = r
-            log(f"specialist {r['index']} ({', '.join(r['class_names'])}) done in {r['seconds']:.1f}s")
+            log(
+                f"specialist {r['index']} ({', '.join(r['class_names'])}) done in {r['seconds']:.1f}s"
+            )
         return [records[t.index] for t in tasks]
