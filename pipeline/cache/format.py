@@ -8,13 +8,17 @@ FORMAT ``kd-pipeline-logit-cache`` version 1
 A Zarr v3 group::
 
     CACHE/
-      zarr.json                  group metadata; attributes["kd_cache"] = the JSON header below
-      ids                        (N,) int64   stable sample ids of the transfer set (index in the unmodified split)
-      labels                     (N,) int64   hard labels (only when the transfer set is labeled)
-      members/<k>/logits         (N, C) float16|float32   member k's raw logits (no temperature, no softmax)
-      members/<k>/done           (S,) uint8   1 once shard s of member k is written; chunk = one shard
-      kd-writer.lock             only while a writer runs (names its pid and host; a dead writer's is taken over)
-      kd-creating                only while the schema is being created: a store holding it is created afresh
+      zarr.json            group metadata; attributes["kd_cache"] = the JSON header below
+      ids                  (N,) int64   stable sample ids of the transfer set
+                           (index in the unmodified split)
+      labels               (N,) int64   hard labels (only when the transfer set is labeled)
+      members/<k>/logits   (N, C) float16|float32   member k's raw logits
+                           (no temperature, no softmax)
+      members/<k>/done     (S,) uint8   1 once shard s of member k is written; chunk = one shard
+      kd-writer.lock       only while a writer runs (names its pid and host;
+                           a dead writer's is taken over)
+      kd-creating          only while the schema is being created: a store holding it is
+                           created afresh
 
 Rows are split into S = ceil(N / R) *shards* of R = ``rows_per_shard`` rows; a shard is exactly one
 Zarr chunk of every row-indexed array, so each writer writes whole chunks only and no two writers
@@ -29,10 +33,13 @@ Header (``attributes["kd_cache"]``, JSON only, never pickle; read and written as
     format, version            "kd-pipeline-logit-cache", 1
     n, num_classes, class_names
     rows_per_shard, n_shards
-    dtype, codecs              storage dtype ("float16" default) and the codec chain of the logit arrays
+    dtype, codecs              storage dtype ("float16" default) and the codec chain of the
+                               logit arrays
     labeled                    whether ``labels`` exists
-    dataset                    spec, fingerprint (sha256 of inputs+labels), n, sample_shape, input_stats, ...
-    members                    [{index, array, model_spec, checkpoint_sha256, path, metrics, num_classes, added}]
+    dataset                    spec, fingerprint (sha256 of inputs+labels), n, sample_shape,
+                               input_stats, ...
+    members                    [{index, array, model_spec, checkpoint_sha256, path, metrics,
+                                 num_classes, added}]
     tool, tool_version, created, command
     complete, completed_at     true only when every member's every shard is done
 
@@ -140,7 +147,8 @@ def now() -> str:
 
 
 def logit_codecs() -> list:
-    """Bytes-to-bytes codecs of the logit arrays: zstd, then a crc32c checksum over the compressed bytes."""
+    """Bytes-to-bytes codecs of the logit arrays: zstd, then a crc32c checksum over the compressed
+    bytes."""
     return [zc.ZstdCodec(level=ZSTD_LEVEL), zc.Crc32cCodec()]
 
 
@@ -299,7 +307,8 @@ def add_member_arrays(group: zarr.Group, identity: Mapping[str, Any]) -> MemberR
 
 
 def mark_complete(location: str | Path | CacheLocation) -> None:
-    """Set ``complete`` (after verifying every done flag) and consolidate the metadata, in that order."""
+    """Set ``complete`` (after verifying every done flag) and consolidate the metadata, in that
+    order."""
     where = CacheLocation.parse(location)
     store = where.open("w")
     group = zarr.open_group(store, mode="r+", use_consolidated=False)
@@ -855,7 +864,8 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
 
 
 def remove_partial_files(location: str | Path | CacheLocation) -> int:
-    """Delete leftovers of writes interrupted by a kill (zarr's ``*.partial`` temp files); returns how many.
+    """Delete leftovers of writes interrupted by a kill (zarr's ``*.partial`` temp files); returns
+    how many.
 
     Only local directories have them: an object store's PUT is atomic.
     """

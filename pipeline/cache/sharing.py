@@ -577,7 +577,8 @@ def _read_chunks(
                 ""
                 if name != "labels"
                 else (
-                    " (a cache made before every chunk was stored omits an all-class-0 labels chunk: "
+                    " (a cache made before every chunk was stored omits an all-class-0 "
+                    "labels chunk: "
                     "--dataset SPEC checks that against the data)"
                 )
             )
@@ -604,10 +605,10 @@ def _read_chunks(
     return out
 
 
-# --------------------------------------------------------------------------------------------- copy
+# -------------------------------------------------------------------------------------------- copy
 def _same_cache(theirs: object, ours: CacheHeader) -> bool:
-    """Whether a destination's header is an earlier or equal state of the source's cache (same dataset, same
-    members so far): only then may a copy resume into it."""
+    """Whether a destination's header is an earlier or equal state of the source's cache (same
+    dataset, same members so far): only then may a copy resume into it."""
     if not isinstance(theirs, dict) or not isinstance(theirs.get("members"), list):
         return False
     a = [m.get("checkpoint_sha256") for m in theirs["members"] if isinstance(m, dict)]
@@ -798,7 +799,8 @@ async def _gather(*coros: Any) -> None:
 async def _copy_object(
     source: Store, target: Store, key: str, have: dict[str, int], counts: dict[str, int]
 ) -> None:
-    """Copy one object unless the destination already holds the same bytes (how a re-run resumes)."""
+    """Copy one object unless the destination already holds the same bytes (how a re-run
+    resumes)."""
     proto = default_buffer_prototype()
     buf = await source.get(key, prototype=proto)
     if buf is None:  # removed from the source since we listed it
@@ -817,8 +819,9 @@ async def _copy_object(
 def _copy_to_zip(
     source: Store, sizes: dict[str, int], keys: list[str], dst: CacheLocation, progress: bool
 ) -> tuple[int, int, int]:
-    """Write a bundle once: into ``NAME.partial.zarr.zip``, closed, validated and verified, then renamed into
-    place; a bundle that does not verify is removed, so DST never holds an unsound bundle."""
+    """Write a bundle once: into ``NAME.partial.zarr.zip``, closed, validated and verified, then
+    renamed into place; a bundle that does not verify is removed, so DST never holds an unsound
+    bundle."""
     path = dst.local_path
     if path.exists():
         validate_zip(path)

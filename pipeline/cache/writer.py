@@ -76,7 +76,10 @@ class ShardLayout(NamedTuple):
 
 @dataclass
 class WorkSpec:
-    """Everything a (possibly remote) worker needs to compute shards. Plain data: it is pickled to workers."""
+    """Everything a (possibly remote) worker needs to compute shards.
+
+    Plain data: it is pickled to workers.
+    """
 
     location: CacheLocation  # with its storage options: workers open the store too
     dataset_spec: str
@@ -100,7 +103,8 @@ def compute_shard(
     device: torch.device,
     emit: Callable[[int, int, np.ndarray, np.ndarray], None],
 ) -> int:
-    """Compute one shard for the given members and hand each result to ``emit(member, shard, logits, ids)``.
+    """Compute one shard for the given members and hand each result to
+    ``emit(member, shard, logits, ids)``.
 
     Args:
         layout: the cache's (rows_per_shard, n).
@@ -652,7 +656,8 @@ def _run_local(
 def _run_dask(
     spec: WorkSpec, tasks: list[Task], cfg: CacheConfig, device: torch.device, bar: Bar
 ) -> None:
-    """Map shard ranges over dask workers (a LocalCluster of processes, or an existing scheduler)."""
+    """Map shard ranges over dask workers (a LocalCluster of processes, or an existing
+    scheduler)."""
     from dask.distributed import as_completed
 
     from pipeline.cluster import dask_cluster

@@ -1,4 +1,5 @@
-"""Experiments built on the two stages: sweeps, specialists, the paper's tables, the bench and the demo.
+"""Experiments built on the two stages: sweeps, specialists, the paper's tables, the bench and the
+demo.
 
 - ``sweep``: a grid of students from one cache, as dask tasks.
 - ``specialists``: specialist ensembles on a generalist's cache (paper section 5); a package:

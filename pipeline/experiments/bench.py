@@ -5,20 +5,23 @@ printed P1 to P5 with its goal and whether it is met. A figure whose repeats dif
 25 % of their median, or a load average above half the cores before the start, is flagged: on a
 shared machine the ratios then measure the other jobs.
 
-- P1  stage-two epoch from the cache / the same student's epoch with plain cross-entropy (goal <= 1.05)
+- P1  stage-two epoch from the cache / the same student's epoch with plain cross-entropy
+      (goal <= 1.05)
 - P2  a sweep of K settings from the cache (``cache-logits`` once + the sweep) / the same K settings
       with online KD (teacher forward each batch), both through :func:`pipeline.sweep.run_sweep` in
       this process, next to the ideal (teacher once + K student) / K (student + teacher) from the
       measured parts (goal <= 1.1 x ideal)
-- P3  ``cache-logits`` wall time / the teachers' inference alone over the same rows, both including loading the
-      data and the checkpoints (goal <= 1.05)
-- P4  streaming read throughput of the cache (shuffled shards, whole-shard reads, prefetch) / a raw sequential
-      read of the same bytes from a .npy (goal >= 0.8); peak RSS growth while streaming a cache 10x larger than
-      the memory budget (goal <= budget + 300 MiB), measured in a child process
+- P3  ``cache-logits`` wall time / the teachers' inference alone over the same rows, both including
+      loading the data and the checkpoints (goal <= 1.05)
+- P4  streaming read throughput of the cache (shuffled shards, whole-shard reads, prefetch) / a raw
+      sequential read of the same bytes from a .npy (goal >= 0.8); peak RSS growth while streaming a
+      cache 10x larger than the memory budget (goal <= budget + 300 MiB), measured in a child
+      process
 - P5  bytes on disk per sample per member vs raw float32 (reported)
 
-Teachers are the paper's shapes (3 x MLP 1200-1200 on 784 inputs) with random weights: inference cost does not
-depend on training, and the bench must not need a trained model. A 1000-class variant shows a bigger payload.
+Teachers are the paper's shapes (3 x MLP 1200-1200 on 784 inputs) with random weights: inference
+cost does not depend on training, and the bench must not need a trained model. A 1000-class variant
+shows a bigger payload.
 """
 
 from __future__ import annotations
@@ -193,8 +196,9 @@ def _measure(
     batch = 1024
 
     def infer() -> None:
-        # What running the teachers alone costs a user: load the data and the checkpoints, run every member. The
-        # cache's overhead is then exactly its own work (identity, schema, compression, writes, completion).
+        # What running the teachers alone costs a user: load the data and the checkpoints, run every
+        # member. The cache's overhead is then exactly its own work (identity, schema, compression,
+        # writes, completion).
         x = load_dataset(data.spec).x
         for p in paths:
             predict_logits(load_checkpoint(p, device).model, x, device, batch)
@@ -281,7 +285,8 @@ def _p2(
     k: int = 3,
     epochs: int = 1,
 ) -> dict:
-    """K settings (temperatures) of the paper's student: from the cache vs online KD, through the real sweep."""
+    """K settings (temperatures) of the paper's student: from the cache vs online KD, through the
+    real sweep."""
     counter = iter(range(10_000))
     seconds: dict[str, list[float]] = {"cached": [], "online": []}
 
@@ -328,8 +333,9 @@ def _p2(
 
     t_forward, _ = _median_time(forward, reps, sync)
     measured = (t_cache + t_cached) / t_online
-    # The ideal: the teachers' forward pass once + K trainings, vs K trainings that each pay that forward pass again
-    # in every epoch. Everything else a run does (loading, checkpoints, metrics) is what keeps measured above it.
+    # The ideal: the teachers' forward pass once + K trainings, vs K trainings that each pay that
+    # forward pass again in every epoch. Everything else a run does (loading, checkpoints, metrics)
+    # is what keeps measured above it.
     ideal = (t_forward + k * student) / (k * (student + epochs * t_forward))
     return {
         "k": k,
@@ -404,7 +410,8 @@ import numpy as np
 
 
 def peak_rss():
-    # VmHWM belongs to this process image; ru_maxrss on Linux keeps the parent's peak across fork + exec.
+    # VmHWM belongs to this process image; ru_maxrss on Linux keeps the parent's peak across
+    # fork + exec.
     try:
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
@@ -430,10 +437,11 @@ print(json.dumps({"mode": plan.mode, "rows_seen": seen, "rss_growth": max(0, pea
 
 
 def _p4_rss(rows: int = 40_000, classes: int = 1000, members: int = 2) -> dict:
-    """Stream a cache ~10x larger than the budget in a fresh child process and measure its peak RSS growth.
+    """Stream a cache ~10x larger than the budget in a fresh child process and measure its peak RSS
+    growth.
 
-    The cache is written here (random logits); the child only opens and streams it, so its peak RSS before
-    streaming is imports + an open cache, and the growth is the loader's own.
+    The cache is written here (random logits); the child only opens and streams it, so its peak RSS
+    before streaming is imports + an open cache, and the growth is the loader's own.
     """
     with tempfile.TemporaryDirectory(prefix="kd-rss-") as tmp:
         location = Path(tmp) / "c.zarr"
@@ -566,8 +574,8 @@ def format_table(results: dict) -> str:
     f = results["figures"]
     m = results["machine"]
     lines = [
-        f"kd-pipeline bench --scale {results['scale']}: {results['rows']} rows; {m['cpu']}, {m['cores']} "
-        f"cores, {m['torch_threads']} torch threads, {m['device']}",
+        f"kd-pipeline bench --scale {results['scale']}: {results['rows']} rows; "
+        f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['device']}",
         "",
         "| id | measures | value | goal | verdict |",
         "|---|---|---|---|---|",

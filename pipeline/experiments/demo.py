@@ -1,13 +1,15 @@
 """``kd-pipeline demo``: the main job on the shipped Fashion-MNIST, through the public stages only.
 
-Teacher ensemble on all 60,000 training images -> logit cache over a small transfer set (5 % of them by
-default) -> a baseline student on that set's hard labels and distilled students at a few temperatures from the
-cache -> one table. It tells the paper's small-data story in minutes on a CPU: through the same 3,000 images, the
-teacher's soft targets carry much more than the labels do. Re-running reuses every artefact whose recorded config
-matches (the teacher is not retrained, the cache not recomputed, finished students not retrained).
+Teacher ensemble on all 60,000 training images -> logit cache over a small transfer set (5 % of them
+by default) -> a baseline student on that set's hard labels and distilled students at a few
+temperatures from the cache -> one table. It tells the paper's small-data story in minutes on a CPU:
+through the same 3,000 images, the teacher's soft targets carry much more than the labels do.
+Re-running reuses every artefact whose recorded config matches (the teacher is not retrained, the
+cache not recomputed, finished students not retrained).
 
-The teacher is lightly regularised (dropout 0.2, no jitter) so that 3 epochs on 2 CPU cores make it clearly
-better than the students; the paper's heavier recipe needs many more epochs (see the README's results).
+The teacher is lightly regularised (dropout 0.2, no jitter) so that 3 epochs on 2 CPU cores make it
+clearly better than the students; the paper's heavier recipe needs many more epochs (see the
+README's results).
 """
 
 from __future__ import annotations
@@ -192,7 +194,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     if recorded is not None and recorded.recipe() == tcfg.recipe():
         log(f"reusing the teacher in {teacher_dir}")
     else:
-        # A new teacher makes the old cache and students stale: remove them rather than mix generations.
+        # A new teacher makes the old cache and students stale: remove them rather than mix
+        # generations.
         for stale in (out / "cache.zarr", out / "runs", teacher_dir):
             shutil.rmtree(stale, ignore_errors=True)
         train_teacher(tcfg, log=log)
@@ -223,8 +226,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     rows.append((f"teacher ensemble ({len(teacher['members'])})", teacher["ensemble"]))
     rows += [(f"student {name}", r["metrics"]["test"]) for name, r in runs.items()]
     log(
-        f"\nstudents trained on {transfer_spec} ({runs[next(iter(runs))]['cache']['rows_used']} images); the teacher "
-        f"on {train_spec}"
+        f"\nstudents trained on {transfer_spec} "
+        f"({runs[next(iter(runs))]['cache']['rows_used']} images); the teacher on {train_spec}"
     )
     table = [
         {"model": name, "errors": m["errors"], "accuracy": m["accuracy"], "ece": m["ece"]}
@@ -252,7 +255,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     for r in table:
         log(f"{r['model']:<44} {r['errors']:>7} {percent(r['accuracy']):>9} {r['ece']:>7.3f}")
     log(
-        f"\nteacher: {teacher_dir}\ncache:   {cache}  (kd-pipeline cache info {cache})\nruns:    {out / 'runs'}"
+        f"\nteacher: {teacher_dir}\ncache:   {cache}  (kd-pipeline cache info {cache})"
+        f"\nruns:    {out / 'runs'}"
         f"\nreport:  {out / 'report.md'} (plot {plot})\nsummary: {out / 'demo.json'}"
     )
     return summary
@@ -270,9 +274,10 @@ def _report(
         [
             "# kd-pipeline demo",
             "",
-            f"Teacher: {cfg.members} x `{cfg.model}`, {cfg.epochs} epochs on `{train_spec}`. Students: `{cfg.student}`, "
-            f"{cfg.student_epochs} epochs on the transfer set `{transfer_spec}` (the baseline on its hard labels, the "
-            f"distilled ones on the teacher's cached logits at each T with alpha = {cfg.alpha:g}).",
+            f"Teacher: {cfg.members} x `{cfg.model}`, {cfg.epochs} epochs on `{train_spec}`. "
+            f"Students: `{cfg.student}`, {cfg.student_epochs} epochs on the transfer set "
+            f"`{transfer_spec}` (the baseline on its hard labels, the distilled ones on the "
+            f"teacher's cached logits at each T with alpha = {cfg.alpha:g}).",
             "",
             "| model (fashion-mnist:test) | errors | accuracy | ECE |",
             "|---|---|---|---|",

@@ -1,4 +1,5 @@
-"""PNG charts for reports (matplotlib, imported only when a chart is drawn; never needs a display)."""
+"""PNG charts for reports (matplotlib, imported only when a chart is drawn; never needs a
+display)."""
 
 from __future__ import annotations
 

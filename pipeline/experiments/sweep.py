@@ -1,22 +1,24 @@
 """Sweeps: many stage-two runs over one cache, as dask tasks, with a results table and plots.
 
-Once the teacher's logits are cached, a grid of students costs only student training. :func:`run_sweep` turns the
-cross product students x temperatures x alphas x seeds into :class:`Setting` s; each setting is one
-:func:`pipeline.distill.train_student` call (the same code path as ``train-student``, no second loop) writing its
-own run directory, submitted as a task to a dask cluster (a ``LocalCluster`` of worker processes, or an existing
-scheduler) or run in this process with ``workers=0``::
+Once the teacher's logits are cached, a grid of students costs only student training.
+:func:`run_sweep` turns the cross product students x temperatures x alphas x seeds into
+:class:`Setting` s; each setting is one :func:`pipeline.distill.train_student` call (the same code
+path as ``train-student``, no second loop) writing its own run directory, submitted as a task to a
+dask cluster (a ``LocalCluster`` of worker processes, or an existing scheduler) or run in this
+process with ``workers=0``::
 
     SWEEP_DIR/
       sweep.json                  the resolved sweep config and the cache fingerprint
-      runs/<setting>/             one train-student run directory per setting (+ train.log, error.txt on failure)
+      runs/<setting>/             one train-student run directory per setting
+                                  (+ train.log, error.txt on failure)
       results.csv, results.json   one row per setting, rewritten as each setting finishes
       results.md                  the Markdown table (best setting per student in bold)
       test_error_vs_temperature.png
 
-Resuming is by content, not by "the directory exists": a setting is finished when its run directory's
-``metrics.json`` (written last, atomically) records exactly the setting's config and the same cache fingerprint.
-Re-running the same command therefore trains only what is missing or failed. A failing setting is recorded with
-its error and the others go on.
+Resuming is by content, not by "the directory exists": a setting is finished when its run
+directory's ``metrics.json`` (written last, atomically) records exactly the setting's config and the
+same cache fingerprint. Re-running the same command therefore trains only what is missing or failed.
+A failing setting is recorded with its error and the others go on.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def setting_config(cfg: SweepConfig, setting: Setting) -> StudentConfig:
 
 
 def source_fingerprint(cfg: SweepConfig) -> dict:
-    """What the soft targets come from: the cache's fingerprint, or the online teachers' checkpoint hashes."""
+    """What the soft targets come from: the cache's fingerprint, or the online teachers' checkpoint
+    hashes."""
     if cfg.cache:
         cache = LogitCache(cfg.cache_location)
         members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
@@ -111,13 +114,15 @@ def source_fingerprint(cfg: SweepConfig) -> dict:
 
 
 def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
-    """The run's recorded result if it is a finished run of exactly this config on the same soft targets."""
+    """The run's recorded result if it is a finished run of exactly this config on the same soft
+    targets."""
     path = Path(scfg.out) / "metrics.json"
     try:
         previous = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    # Options added to StudentConfig after a run was made take their defaults there: it is still the same run.
+    # Options added to StudentConfig after a run was made take their defaults there: it is still the
+    # same run.
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
     recorded = {**defaults, **(previous.get("config") or {})}
     if recorded != json.loads(json.dumps(scfg.to_dict())):
@@ -130,10 +135,12 @@ def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
 
 
 def run_setting(scfg: StudentConfig, torch_threads: int = 0) -> dict:
-    """One setting, as a dask task or in-process: train_student, its log in ``train.log``; never raises.
+    """One setting, as a dask task or in-process: train_student, its log in ``train.log``; never
+    raises.
 
     Returns:
-        ``{"status": "ok", "result": <metrics.json>}`` or ``{"status": "failed", "error": message}``.
+        ``{"status": "ok", "result": <metrics.json>}`` or
+        ``{"status": "failed", "error": message}``.
     """
     import torch
 
@@ -163,10 +170,11 @@ def run_setting(scfg: StudentConfig, torch_threads: int = 0) -> dict:
 
 
 def _pin_worker_gpu(device: str) -> None:
-    """On a dask worker of a multi-GPU machine, worker i trains on GPU i mod count (its current CUDA device).
+    """On a dask worker of a multi-GPU machine, worker i trains on GPU i mod count (its current CUDA
+    device).
 
-    The setting's config keeps saying ``auto``/``cuda``, so its recorded config (what resuming compares) does not
-    depend on which worker ran it.
+    The setting's config keeps saying ``auto``/``cuda``, so its recorded config (what resuming
+    compares) does not depend on which worker ran it.
     """
     if device not in ("auto", "cuda"):
         return
@@ -230,7 +238,8 @@ class SweepResult:
 
 
 def plan_text(cfg: SweepConfig) -> tuple[list[Setting], str]:
-    """The grid and its cost (what ``--dry-run`` prints): settings, which are already done, student-epochs."""
+    """The grid and its cost (what ``--dry-run`` prints): settings, which are already done,
+    student-epochs."""
     cfg.validate()
     settings = grid(cfg)
     fp = source_fingerprint(cfg)
@@ -245,8 +254,9 @@ def plan_text(cfg: SweepConfig) -> tuple[list[Setting], str]:
     rows = fp.get("rows")
     cost = pending * cfg.train.epochs
     lines.append(
-        f"\n{len(settings)} settings = {len(cfg.students)} students x {len(cfg.temperatures)} temperatures x "
-        f"{len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds; {sum(done)} done, {pending} to run"
+        f"\n{len(settings)} settings = {len(cfg.students)} students x "
+        f"{len(cfg.temperatures)} temperatures x {len(cfg.alphas)} alphas x "
+        f"{len(cfg.seeds)} seeds; {sum(done)} done, {pending} to run"
     )
     lines.append(
         f"estimated cost: {pending} settings x {cfg.train.epochs} epochs = {cost} student-epochs"
@@ -270,7 +280,8 @@ def _n_workers(cfg: SweepConfig) -> int:
 def run_sweep(
     cfg: SweepConfig, log: Callable[[str], None] = print, progress: bool = True
 ) -> SweepResult:
-    """Run (or resume) a sweep; results files are rewritten as settings finish. See the module docstring."""
+    """Run (or resume) a sweep; results files are rewritten as settings finish. See the module
+    docstring."""
     t0 = time.perf_counter()
     cfg.validate()
     out = Path(cfg.out)
@@ -294,12 +305,13 @@ def run_sweep(
         else:
             if (Path(scfg.out) / "metrics.json").exists():
                 log(
-                    f"{s.name}: its run directory holds a run with another config or cache; it will be replaced"
+                    f"{s.name}: its run directory holds a run with another config or cache; "
+                    "it will be replaced"
                 )
             pending.append((s, scfg))
     log(
-        f"sweep {out}: {len(settings)} settings, {res.reused} already done, {len(pending)} to run on "
-        f"{_workers_text(cfg)}"
+        f"sweep {out}: {len(settings)} settings, {res.reused} already done, "
+        f"{len(pending)} to run on {_workers_text(cfg)}"
     )
 
     def ordered() -> list[dict]:
@@ -357,11 +369,13 @@ def run_sweep(
 def _install_stop_handlers(stop: threading.Event, raise_now: bool) -> dict:
     """Ctrl-C (SIGINT) and SIGTERM end the sweep cleanly: finished settings stay recorded.
 
-    In-process settings are interrupted at once (KeyboardInterrupt); a dask sweep only sets ``stop``, which its
-    loop checks every fraction of a second: an exception raised inside the dask client's machinery could be lost.
+    In-process settings are interrupted at once (KeyboardInterrupt); a dask sweep only sets
+    ``stop``, which its loop checks every fraction of a second: an exception raised inside the dask
+    client's machinery could be lost.
 
     Returns:
-        The previous handlers, to restore (empty when not on the main thread, where signals cannot be handled).
+        The previous handlers, to restore (empty when not on the main thread, where signals cannot
+        be handled).
     """
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -427,7 +441,8 @@ def _run_dask(
 
 
 def write_results(out: Path, rows: list[dict]) -> dict:
-    """``results.csv`` and ``results.json`` (atomically replaced, so a reader never sees half a file)."""
+    """``results.csv`` and ``results.json`` (atomically replaced, so a reader never sees half a
+    file)."""
 
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -453,7 +468,8 @@ def _mean(values: list) -> float:
 
 
 def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
-    """One line per (student, T, alpha), means over seeds; each student's lowest mean test error in bold."""
+    """One line per (student, T, alpha), means over seeds; each student's lowest mean test error in
+    bold."""
     groups = _group(rows)
     seeds = max((len(v) for v in groups.values()), default=1)
     head = (
@@ -493,8 +509,8 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         accuracy = percent(_mean(acc)) if acc else ""
         lines.append(
             f"| {student} | {t:g} | {a:g} | {cell} | {accuracy} | "
-            f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | {avg('teacher_agreement', '.4f')} | "
-            f"{avg('train_seconds', '.1f')} |"
+            f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | "
+            f"{avg('teacher_agreement', '.4f')} | {avg('train_seconds', '.1f')} |"
         )
     source = (
         f"cache {cfg.cache}"
@@ -502,13 +518,15 @@ def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
         else "online teacher " + ", ".join(cfg.online_teacher or [])
     )
     return (
-        f"Sweep over {source}: loss {cfg.loss}, ensemble {cfg.ensemble}, {cfg.train.epochs} epochs, "
+        f"Sweep over {source}: loss {cfg.loss}, ensemble {cfg.ensemble}, "
+        f"{cfg.train.epochs} epochs, "
         f"{seeds} seed(s); bold: each student's best.\n\n" + "\n".join(lines)
     )
 
 
 def plot_results(rows: list[dict], path: Path) -> Path | None:
-    """Test errors vs temperature (log scale), one line per alpha, one panel per student; min-max bars over seeds.
+    """Test errors vs temperature (log scale), one line per alpha, one panel per student; min-max
+    bars over seeds.
 
     Returns:
         The PNG's path, or None when there is nothing to plot (no finished rows with test errors).
@@ -562,7 +580,8 @@ def sweep_command(
     log("")
     log(res.table)
     log(
-        f"\n{len(res.rows)} settings: {res.trained} trained, {res.reused} reused, {res.failed} failed"
+        f"\n{len(res.rows)} settings: {res.trained} trained, {res.reused} reused, "
+        f"{res.failed} failed"
         + (", interrupted" if res.interrupted else "")
         + f" in {res.seconds:.1f}s"
     )

@@ -1,6 +1,8 @@
-"""Training and losses: the paper's losses, the one training loop, the cache loader and the three trainers.
+"""Training and losses: the paper's losses, the one training loop, the cache loader and the three
+trainers.
 
-- ``losses``: the paper's losses behind one signature, and ensemble combination (the registries of both).
+- ``losses``: the paper's losses behind one signature, and ensemble combination (the registries of
+  both).
 - ``loop``: the one training loop every mode uses (``fit``), its sources and ``TrainConfig``.
 - ``loader``: streaming cached soft targets into training within a memory budget.
 - ``teacher``: training a teacher ensemble (``train-teacher``).

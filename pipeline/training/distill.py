@@ -8,8 +8,10 @@ source (a cache, checked against the dataset it records, or a live teacher:
 a run directory that describes itself (:func:`finish_run`)::
 
     RUN_DIR/
-      student.pt      checkpoint (weights_only-safe) with the resolved config, the cache fingerprint and metrics
-      metrics.json    test errors, accuracy, NLL, ECE, per-class errors, teacher agreement, bias fitting
+      student.pt      checkpoint (weights_only-safe) with the resolved config, the cache
+                      fingerprint and metrics
+      metrics.json    test errors, accuracy, NLL, ECE, per-class errors, teacher agreement,
+                      bias fitting
       history.csv     per epoch: loss parts, train errors, test errors, seconds
       config.json     the resolved config
 """
@@ -444,7 +446,8 @@ def finish_run(
 
 # ----------------------------------------------------------------------------- bias correction
 def absent_classes(dataset_meta: dict, num_classes: int, labels: np.ndarray | None) -> list[int]:
-    """Classes missing from a transfer set: excluded / not kept by its modifiers, or with no labeled rows."""
+    """Classes missing from a transfer set: excluded / not kept by its modifiers, or with no labeled
+    rows."""
     mods = dataset_meta.get("modifiers") or {}
     if "exclude" in mods:
         return sorted(mods["exclude"])
@@ -460,8 +463,9 @@ def fit_class_bias(
 ) -> dict[int, float]:
     """Per-class logit offsets for ``classes`` that minimise errors on held-out labeled data.
 
-    Coordinate search over a grid (-5 .. +15 step 0.1), two sweeps; ties go to the lower NLL. This is the paper's
-    "increase the bias of the omitted class" chosen on held-out data rather than by hand.
+    Coordinate search over a grid (-5 .. +15 step 0.1), two sweeps; ties go to the lower NLL. This
+    is the paper's "increase the bias of the omitted class" chosen on held-out data rather than by
+    hand.
 
     Args:
         logits: (N, C) student logits on the held-out set, before correction.
@@ -490,7 +494,8 @@ def check_bias_options(
     """Validate the bias options before training (a bad one must not cost a whole run).
 
     Returns:
-        The held-out set for ``--fit-bias-on`` (or None) and the classes absent from the transfer set.
+        The held-out set for ``--fit-bias-on`` (or None) and the classes absent from the transfer
+        set.
     """
     bad = [
         f"--class-bias {c}={d}: class out of range 0..{num_classes - 1}"
@@ -511,13 +516,14 @@ def check_bias_options(
             ]
         )
     if held.spec.split(":")[:2] == data.spec.split(":")[:2]:
-        # Same split: rows the student trains on are not held out (its overconfidence there biases the fit).
+        # Same split: rows the student trains on are not held out (its overconfidence there biases
+        # the fit).
         overlap = int(np.isin(held.ids, data.ids).sum())
         if overlap:
             log(
-                f"warning: {overlap} of the {len(held)} rows of --fit-bias-on {held.spec} are in the transfer set "
-                f"{data.spec}; set rows aside with holdout=F (e.g. transfer ...:holdout=0.1:exclude=3, held-out "
-                "...:holdout=0.1:part=holdout)"
+                f"warning: {overlap} of the {len(held)} rows of --fit-bias-on {held.spec} are in "
+                f"the transfer set {data.spec}; set rows aside with holdout=F (e.g. transfer "
+                "...:holdout=0.1:exclude=3, held-out ...:holdout=0.1:part=holdout)"
             )
     return held, absent
 
@@ -531,7 +537,8 @@ def _apply_bias(
     device: torch.device,
     log: Callable[[str], None],
 ) -> dict:
-    """Fit offsets for the absent classes on the held-out set (if any), then add the ``--class-bias`` offsets."""
+    """Fit offsets for the absent classes on the held-out set (if any), then add the
+    ``--class-bias`` offsets."""
     rec: dict = {"manual": {str(k): v for k, v in cfg.class_bias.items()}}
     if held is not None:
         logits = predict_logits(student, held.x, device)
@@ -551,7 +558,8 @@ def _apply_bias(
             "class_errors_after": {str(c): after["per_class_errors"][c] for c in absent},
         }
         log(
-            f"fitted bias offsets {offsets} on {held.spec}: errors {before['errors']} -> {after['errors']}"
+            f"fitted bias offsets {offsets} on {held.spec}: "
+            f"errors {before['errors']} -> {after['errors']}"
         )
     for c, delta in cfg.class_bias.items():
         student.output_bias[c] += delta
@@ -568,7 +576,8 @@ def _transfer_agreement(
     cfg: StudentConfig,
     device: torch.device,
 ) -> float:
-    """Fraction of transfer-set rows where the student's argmax equals the cached ensemble's (shard by shard)."""
+    """Fraction of transfer-set rows where the student's argmax equals the cached ensemble's (shard
+    by shard)."""
     same = total = 0
     for s in cache.done_shards(members):
         start, stop = cache.shard_bounds(int(s))

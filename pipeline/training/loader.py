@@ -1,20 +1,22 @@
 """Streaming cached soft targets into training.
 
 :func:`cache_source` returns a batch source for :func:`pipeline.training.fit` that yields
-``(x, teacher_logits, labels)`` with the ensemble already combined (members chosen, mean type applied at the run's
-temperature) — so the per-batch cost over plain cross-entropy is one index into a float32 array.
+``(x, teacher_logits, labels)`` with the ensemble already combined (members chosen, mean type
+applied at the run's temperature) — so the per-batch cost over plain cross-entropy is one index
+into a float32 array.
 
 Two modes, chosen by a memory budget:
 
-- **in memory** (the cache's combined targets and the inputs fit): every shard is read once, whole, combined and
-  kept; epochs shuffle rows in memory. Fastest.
-- **streaming** (they do not fit): each epoch visits the shards in a seeded random order; a background thread
-  reads whole shards (never single rows) ahead of training into a bounded queue; rows are shuffled within a
-  buffer spanning several shards. Every row is served exactly once per epoch and memory stays near the budget.
+- **in memory** (the cache's combined targets and the inputs fit): every shard is read once, whole,
+  combined and kept; epochs shuffle rows in memory. Fastest.
+- **streaming** (they do not fit): each epoch visits the shards in a seeded random order; a
+  background thread reads whole shards (never single rows) ahead of training into a bounded queue;
+  rows are shuffled within a buffer spanning several shards. Every row is served exactly once per
+  epoch and memory stays near the budget.
 
-Sources hold no open file handles or threads between epochs (a thread lives only while an epoch is iterated), so
-they are safe after ``fork``. :class:`CacheIterableDataset` wraps a streaming source for a torch ``DataLoader``
-with workers, each serving a disjoint part of the epoch's shards.
+Sources hold no open file handles or threads between epochs (a thread lives only while an epoch is
+iterated), so they are safe after ``fork``. :class:`CacheIterableDataset` wraps a streaming source
+for a torch ``DataLoader`` with workers, each serving a disjoint part of the epoch's shards.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ def combined_shard(
     if raw.shape[0] == 1:
         return raw[0].float()
     out = torch.empty(raw.shape[1:], dtype=torch.float32)
-    # Combined in row blocks: the float32 temporaries of log_softmax/logsumexp then stay a few MiB instead of
-    # several copies of the whole (M, rows, C) shard, which is what bounds streaming memory for many classes.
+    # Combined in row blocks: the float32 temporaries of log_softmax/logsumexp then stay a few MiB
+    # instead of several copies of the whole (M, rows, C) shard, which is what bounds streaming
+    # memory for many classes.
     step = max(1, COMBINE_BLOCK_ELEMENTS // (raw.shape[0] * raw.shape[2]))
     for start in range(0, raw.shape[1], step):
         out[start : start + step] = combine_members(
@@ -79,8 +82,8 @@ def plan_loader(
 ) -> LoaderPlan:
     """Choose memory or streaming mode for ``budget`` bytes.
 
-    In-memory mode holds combined float32 targets (rows x C x 4) and the inputs; streaming holds a shuffle buffer
-    of ``buffer_shards`` shards plus ``PREFETCH_SHARDS`` prefetched raw shards.
+    In-memory mode holds combined float32 targets (rows x C x 4) and the inputs; streaming holds a
+    shuffle buffer of ``buffer_shards`` shards plus ``PREFETCH_SHARDS`` prefetched raw shards.
     """
     rows = sum(int(np.subtract(*cache.shard_bounds(int(s))[::-1])) for s in shards)
     c = cache.num_classes
@@ -89,9 +92,9 @@ def plan_loader(
     memory_mode = rows * (c * 4 + in_bytes)
     if memory_mode <= budget:
         return LoaderPlan("memory", rows, len(shards), len(shards), memory_mode, budget)
-    # Streaming: per row in the buffer we hold combined targets + inputs + labels twice (the buffer being served
-    # and its concatenated parts); the queue holds PREFETCH_SHARDS combined shards plus one being produced, whose
-    # raw member logits and float32 combine temporaries also count.
+    # Streaming: per row in the buffer we hold combined targets + inputs + labels twice (the buffer
+    # being served and its concatenated parts); the queue holds PREFETCH_SHARDS combined shards plus
+    # one being produced, whose raw member logits and float32 combine temporaries also count.
     per_row = 2 * (c * 4 + in_bytes + 8)
     prefetch = (
         (PREFETCH_SHARDS + 1) * cache.rows_per_shard * (c * 4 + in_bytes + 8)
@@ -161,7 +164,8 @@ class StreamingCacheSource:
     def epoch(
         self, epoch: int, with_rows: bool = False, part: tuple[int, int] = (0, 1)
     ) -> Iterator[Batch]:
-        """Yield the epoch's batches; ``part=(k, K)`` serves only every K-th shard of the order from k (workers)."""
+        """Yield the epoch's batches; ``part=(k, K)`` serves only every K-th shard of the order from
+        k (workers)."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.shards)[part[0] :: part[1]]
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
@@ -277,7 +281,8 @@ def cache_source(
             truth=truth,
         ), plan
     rows = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards])
-    # Filled shard by shard: a list of shards followed by torch.cat would hold the targets twice (2x the budget).
+    # Filled shard by shard: a list of shards followed by torch.cat would hold the targets twice
+    # (2x the budget).
     teacher = torch.empty(len(rows), cache.num_classes)
     pos = 0
     for s in shards:
@@ -293,10 +298,12 @@ def cache_source(
 
 
 class CacheIterableDataset(torch.utils.data.IterableDataset):
-    """A streaming cache source for torch's ``DataLoader`` (use ``batch_size=None``: batches are already made).
+    """A streaming cache source for torch's ``DataLoader`` (use ``batch_size=None``: batches are
+    already made).
 
-    Each loader worker serves a disjoint slice of the epoch's shuffled shard order, so across workers every row
-    is still served exactly once per epoch. Call :meth:`set_epoch` before each epoch.
+    Each loader worker serves a disjoint slice of the epoch's shuffled shard order, so across
+    workers every row is still served exactly once per epoch. Call :meth:`set_epoch` before each
+    epoch.
     """
 
     def __init__(

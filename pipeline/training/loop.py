@@ -1,9 +1,9 @@
 """The one training loop.
 
-Teacher training, student distillation from the cache and online distillation all run :func:`fit`; they differ
-only in the batch source (what yields ``(x, teacher_logits | None, labels | None)``), an optional
-``teacher_fn`` (online KD: soft targets from a live forward pass) and the loss (a registry entry). No mode has a
-loop of its own.
+Teacher training, student distillation from the cache and online distillation all run :func:`fit`;
+they differ only in the batch source (what yields ``(x, teacher_logits | None, labels | None)``), an
+optional ``teacher_fn`` (online KD: soft targets from a live forward pass) and the loss (a registry
+entry). No mode has a loop of its own.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 class TrainConfig:
     """Optimisation settings shared by every training mode.
 
-    The defaults train stably for every T in [1, 20] and alpha in [0, 1]: inputs are normalised inside the model,
-    Adam's per-parameter step size does not grow with the T^2-scaled soft gradients the way SGD+momentum's does
-    (which diverged at T = 20 in a trial), and gradient-norm clipping bounds the first steps.
+    The defaults train stably for every T in [1, 20] and alpha in [0, 1]: inputs are normalised
+    inside the model, Adam's per-parameter step size does not grow with the T^2-scaled soft
+    gradients the way SGD+momentum's does (which diverged at T = 20 in a trial), and gradient-norm
+    clipping bounds the first steps.
     """
 
     epochs: int = option(10, help="Passes over the training data.")
@@ -85,8 +86,9 @@ class InMemorySource:
         y: (N,) labels or None.
         teacher: (N, C) teacher logits (already combined over members) or None.
         batch_size: rows per batch.
-        seed: the epoch-e permutation is drawn from the seed sequence ``[seed, e]``: reproducible, and distinct
-            streams for different seeds (seed s, epoch e+1 never repeats seed s+1, epoch e).
+        seed: the epoch-e permutation is drawn from the seed sequence ``[seed, e]``: reproducible,
+            and distinct streams for different seeds (seed s, epoch e+1 never repeats seed s+1,
+            epoch e).
     """
 
     def __init__(
@@ -172,7 +174,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 class BatchSource:
-    """What :func:`fit` consumes: ``epoch(e)`` yields batches; ``len()`` is batches per epoch (for the bar)."""
+    """What :func:`fit` consumes: ``epoch(e)`` yields batches; ``len()`` is batches per epoch (for
+    the bar)."""
 
     def epoch(self, epoch: int) -> Iterable[Batch]:  # pragma: no cover - protocol
         raise NotImplementedError
@@ -197,15 +200,17 @@ def fit(
 
     Args:
         model: maps raw inputs (B, *shape) to logits (B, C); already on ``device``.
-        source: yields ``(x, teacher_logits | None, labels | None)`` per batch, every row once per epoch.
+        source: yields ``(x, teacher_logits | None, labels | None)`` per batch, every row once per
+            epoch.
         loss_fn: ``loss_fn(student_logits, teacher_logits, labels) -> {"loss", "soft", "hard"}``.
         cfg: optimisation settings.
         device: where to train.
-        teacher_fn: online distillation: raw inputs (B, *shape) on ``device`` -> teacher logits (B, C), used when
-            the source gives none (applied to the same augmented inputs the student sees).
+        teacher_fn: online distillation: raw inputs (B, *shape) on ``device`` -> teacher logits
+            (B, C), used when the source gives none (applied to the same augmented inputs the
+            student sees).
         augment: train-time transform of raw inputs on ``device`` (e.g. jitter).
-        evaluate: called after each epoch on the model (in eval mode); its dict is merged into the epoch row
-            (e.g. ``test_errors``).
+        evaluate: called after each epoch on the model (in eval mode); its dict is merged into the
+            epoch row (e.g. ``test_errors``).
         history_csv: if given, the per-epoch rows are written there (rewritten after every epoch).
         log: receives one summary line per epoch.
         desc: progress-bar label.
@@ -230,7 +235,8 @@ def fit(
     for epoch in range(cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        # Sums are kept on the device and read once per epoch: a .item() per batch would sync every step.
+        # Sums are kept on the device and read once per epoch: a .item() per batch would sync every
+        # step.
         sums = {k: torch.zeros((), device=device) for k in ("loss", "soft", "hard")}
         wrong = torch.zeros((), device=device, dtype=torch.long)
         rows = labeled = 0
@@ -276,8 +282,8 @@ def fit(
         row = {k: float(v) / max(rows, 1) for k, v in sums.items()}
         if not math.isfinite(row["loss"]):
             raise KDError(
-                f"training diverged in epoch {epoch + 1}: the loss is {row['loss']}; lower --lr, keep the default "
-                "--optimizer adam and --grad-clip, or check the inputs"
+                f"training diverged in epoch {epoch + 1}: the loss is {row['loss']}; lower --lr, "
+                "keep the default --optimizer adam and --grad-clip, or check the inputs"
             )
         row = {
             "epoch": epoch + 1,
@@ -296,8 +302,9 @@ def fit(
         if log is not None:
             extra = "".join(f" {k}={row[k]}" for k in ("test_errors",) if k in row)
             log(
-                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss={row['loss']:.4f} soft={row['soft']:.4f} "
-                f"hard={row['hard']:.4f} train_errors={row['train_errors']}{extra} ({seconds:.1f}s)"
+                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss={row['loss']:.4f} "
+                f"soft={row['soft']:.4f} hard={row['hard']:.4f} "
+                f"train_errors={row['train_errors']}{extra} ({seconds:.1f}s)"
             )
     model.eval()
     return history

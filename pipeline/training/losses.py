@@ -1,21 +1,23 @@
 """The paper's losses behind one signature, and ensemble combination.
 
 Every loss is called as ``loss(student_logits, teacher_logits, labels) -> dict`` with
-``student_logits`` (B, C), ``teacher_logits`` (B, C) or None, ``labels`` (B,) int64 or None, and returns
-``{"loss": total, "soft": ..., "hard": ...}`` (scalars; parts that do not apply are 0). The training loop
-back-propagates ``"loss"`` and logs every part, so a new loss is a new registry entry, never a new loop.
+``student_logits`` (B, C), ``teacher_logits`` (B, C) or None, ``labels`` (B,) int64 or None, and
+returns ``{"loss": total, "soft": ..., "hard": ...}`` (scalars; parts that do not apply are 0). The
+training loop back-propagates ``"loss"`` and logs every part, so a new loss is a new registry entry,
+never a new loop.
 
 Distillation (Hinton et al. 2015, section 2)::
 
     loss = alpha * T^2 * KL(softmax(v/T) || softmax(z/T)) + (1 - alpha) * CE(y, softmax(z))
 
-``v`` the teacher's logits, ``z`` the student's; ``alpha`` weights the soft term (the paper uses a high weight).
-The T^2 factor keeps the soft gradients' magnitude independent of T: d(T^2 KL)/dz = T (q - p) per sample.
-Logit matching is the high-temperature limit: for zero-mean logits T^2 KL -> (1 / 2C) * sum_i (z_i - v_i)^2,
-which is ``logit-mse``'s soft term (it removes each row's mean first, which softmax ignores anyway).
+``v`` the teacher's logits, ``z`` the student's; ``alpha`` weights the soft term (the paper uses a
+high weight). The T^2 factor keeps the soft gradients' magnitude independent of T:
+d(T^2 KL)/dz = T (q - p) per sample. Logit matching is the high-temperature limit: for zero-mean
+logits T^2 KL -> (1 / 2C) * sum_i (z_i - v_i)^2, which is ``logit-mse``'s soft term (it removes
+each row's mean first, which softmax ignores anyway).
 
-All maths runs in float32 on log-probabilities (``log_softmax`` + ``kl_div(log_target=True)``), so logits of
-magnitude 1e4 give finite losses and gradients.
+All maths runs in float32 on log-probabilities (``log_softmax`` + ``kl_div(log_target=True)``), so
+logits of magnitude 1e4 give finite losses and gradients.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ ENSEMBLE_METHODS = ("mean-probs", "mean-logits")
 
 
 def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax at temperature T: q_i = exp(z_i/T) / sum_j exp(z_j/T). Shapes (..., C) -> (..., C)."""
+    """Softmax at temperature T: q_i = exp(z_i/T) / sum_j exp(z_j/T).
+
+    Shapes (..., C) -> (..., C).
+    """
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
@@ -42,7 +47,8 @@ def combine_members(
 ) -> torch.Tensor:
     """Combine an ensemble's logits into one set of logits.
 
-    The result ``v`` is such that ``softmax(v / T)`` is the ensemble's distribution at temperature T:
+    The result ``v`` is such that ``softmax(v / T)`` is the ensemble's distribution at temperature
+    T:
 
     - ``mean-probs``: the arithmetic mean of the members' ``softmax(v_m / T)``;
       ``v = T * log(mean_m softmax(v_m / T))`` (log-sum-exp, stable).
@@ -76,15 +82,16 @@ def _hard_term(
     if labels is None:
         raise ConfigError(
             [
-                f"alpha={alpha} < 1 needs hard labels, but this batch has none; use --alpha 1 on an "
-                "unlabeled transfer set"
+                f"alpha={alpha} < 1 needs hard labels, but this batch has none; use --alpha 1 on "
+                "an unlabeled transfer set"
             ]
         )
     return F.cross_entropy(student_logits.float(), labels)
 
 
 class DistillationLoss:
-    """``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)`` (the paper's loss; alpha = soft weight).
+    """``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)`` (the paper's loss; alpha = soft
+    weight).
 
     With ``alpha = 0`` it is plain cross-entropy and needs no teacher.
     """
@@ -99,7 +106,10 @@ class DistillationLoss:
         self.alpha = float(alpha)
 
     def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """T^2 * KL(softmax(v/T) || softmax(z/T)), averaged over the batch. (B, C), (B, C) -> scalar."""
+        """T^2 * KL(softmax(v/T) || softmax(z/T)), averaged over the batch.
+
+        (B, C), (B, C) -> scalar.
+        """
         t = self.temperature
         log_q = torch.log_softmax(student_logits.float() / t, dim=-1)
         log_p = torch.log_softmax(teacher_logits.float() / t, dim=-1)
@@ -125,12 +135,14 @@ class DistillationLoss:
 
 
 class LogitMatchingLoss(DistillationLoss):
-    """``alpha * (1 / 2C) * sum_i (z'_i - v'_i)^2 + (1 - alpha) * CE`` — logit matching, the high-T limit.
+    """``alpha * (1 / 2C) * sum_i (z'_i - v'_i)^2 + (1 - alpha) * CE`` — logit matching, the high-T
+    limit.
 
-    ``z'`` and ``v'`` are the logits with each row's mean removed: softmax ignores a per-row shift, so the shift
-    carries no knowledge, and the paper's limit assumes zero-mean logits. (Combined ensemble targets such as
-    ``mean-probs`` are ``T log(mean p)``, shifted by about ``-T log C``; matching raw values would spend the loss on
-    that shift.) The temperature is accepted (one signature) but does not enter.
+    ``z'`` and ``v'`` are the logits with each row's mean removed: softmax ignores a per-row shift,
+    so the shift carries no knowledge, and the paper's limit assumes zero-mean logits. (Combined
+    ensemble targets such as ``mean-probs`` are ``T log(mean p)``, shifted by about ``-T log C``;
+    matching raw values would spend the loss on that shift.) The temperature is accepted (one
+    signature) but does not enter.
     """
 
     name = "logit-mse"

@@ -1,4 +1,5 @@
-"""``kd-pipeline train-teacher``: train an ensemble, one seed per member, one checkpoint per member."""
+"""``kd-pipeline train-teacher``: train an ensemble, one seed per member, one checkpoint per
+member."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from pipeline.training.losses import DistillationLoss
 
 
 def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
-    """Train ``cfg.members`` teachers and write ``member-<i>.pt`` + ``ensemble.json`` under ``cfg.out``.
+    """Train ``cfg.members`` teachers and write ``member-<i>.pt`` + ``ensemble.json`` under
+    ``cfg.out``.
 
     Returns:
         The ensemble summary written to ``ensemble.json`` (members' and ensemble test metrics).
@@ -32,7 +34,8 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
     train = load_dataset(cfg.dataset, cfg.data_dir)
     if not train.labeled:
         raise KDError(
-            f"{cfg.dataset} has no labels; a teacher needs a labeled dataset (e.g. fashion-mnist:train)"
+            f"{cfg.dataset} has no labels; a teacher needs a labeled dataset "
+            "(e.g. fashion-mnist:train)"
         )
     test = resolve_eval_set(cfg.eval, train, cfg.data_dir, log=log)
     spec = cfg.model_spec()
@@ -45,7 +48,8 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
         else None
     )
     log(
-        f"training {cfg.members} x {spec} on {train.spec} (n={len(train)}) on {describe_device(device)}"
+        f"training {cfg.members} x {spec} on {train.spec} (n={len(train)}) "
+        f"on {describe_device(device)}"
     )
     models, paths = [], []
     t_start = time.perf_counter()
@@ -124,8 +128,8 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
 
 
 def recorded_config(out: str | Path) -> TeacherConfig | None:
-    """The config a finished ensemble directory was trained with (from its ``ensemble.json``), or None when there
-    is none or it cannot be read."""
+    """The config a finished ensemble directory was trained with (from its ``ensemble.json``), or
+    None when there is none or it cannot be read."""
     try:
         d = json.loads((Path(out) / "ensemble.json").read_text())["config"]
         return TeacherConfig(**{**d, "train": TrainConfig(**d["train"])})

@@ -1,7 +1,9 @@
-"""The Zarr logit cache and its writer (``pipeline.cache``, ``pipeline.cache_writer``) on real stores on disk.
+"""The Zarr logit cache and its writer (``pipeline.cache``, ``pipeline.cache_writer``) on real
+stores on disk.
 
-Every cache here is made by ``build_cache`` from a real teacher ensemble over a real dataset file, and every
-value is checked against the teacher's own outputs or against another real run, never against itself.
+Every cache here is made by ``build_cache`` from a real teacher ensemble over a real dataset file,
+and every value is checked against the teacher's own outputs or against another real run, never
+against itself.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ pytestmark = [
 ]
 
 
-# --------------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ helpers
 def spec_of(npz: Path, *mods: str) -> str:
     return ":".join([f"npz:{npz}:train", *mods])
 
@@ -95,7 +97,8 @@ def stored_logits(path: Path, member: int) -> np.ndarray:
 
 @torch.inference_mode()
 def model_outputs(checkpoint: Path, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
-    """The teacher's own float32 logits: load_checkpoint + model(x), in batches of ``batch`` rows."""
+    """The teacher's own float32 logits: load_checkpoint + model(x), in batches of ``batch``
+    rows."""
     model = load_checkpoint(checkpoint).model
     return (
         torch.cat(
@@ -142,7 +145,7 @@ def ids_in(message: str) -> list[int]:
     return [int(v) for v in m.group(1).replace("...", "").split(",") if v.strip()]
 
 
-# -------------------------------------------------------------------------------------------------- fixtures
+# ----------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def dataset_spec(npz_path: Path) -> str:
     return spec_of(npz_path)
@@ -152,7 +155,8 @@ def dataset_spec(npz_path: Path) -> str:
 def complete_cache(
     tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, dataset_spec: str
 ) -> Path:
-    """A complete float16 cache of the 2-member teacher over the 600-row set, 10 shards. Tests copy it."""
+    """A complete float16 cache of the 2-member teacher over the 600-row set, 10 shards. Tests copy
+    it."""
     out = tmp_path_factory.mktemp("cache") / "c.zarr"
     res = make(out, [teacher_dir], dataset_spec)
     assert res.status == "created"
@@ -172,7 +176,7 @@ def new_teacher(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> Pat
     return train(tmp_path_factory.mktemp("new-teacher"), npz_path, "mlp:16", seed=7) / "member-0.pt"
 
 
-# ------------------------------------------------------------------------------------------ 1. format, values
+# -------------------------------------------------------------------------------- 1. format, values
 def test_header_has_every_promised_field(
     complete_cache: Path, teacher_dir: Path, dataset_spec: str
 ) -> None:
@@ -230,7 +234,8 @@ def test_logits_are_the_teachers_outputs(
         whole = model_outputs(path, data.x, batch=600)
         np.testing.assert_allclose(got.astype(np.float32), whole, rtol=2.0**-10, atol=1e-4)
         assert np.abs(ref).max() > 1  # real logits, not zeros (fill value)
-    # read_logits: (M, rows, C), members in the asked order; the short last shard has 600 - 9 * 64 rows.
+    # read_logits: (M, rows, C), members in the asked order; the short last shard has 600 - 9 * 64
+    # rows.
     last = cache.read_logits(9)
     assert last.shape == (2, 600 - 9 * RPS, 5)
     swapped = cache.read_logits(2, members=[1, 0])
@@ -264,7 +269,7 @@ def test_float32_option_stores_exact_logits(
         assert np.array_equal(got, model_outputs(path, data.x, batch=50))
 
 
-# ------------------------------------------------------------------------------- 2. no-op, refusals, add-member
+# ------------------------------------------------------------------- 2. no-op, refusals, add-member
 def test_rerun_on_complete_cache_is_a_noop(
     cache_copy: Path, teacher_dir: Path, dataset_spec: str
 ) -> None:
@@ -385,7 +390,7 @@ def test_add_member_needs_an_existing_complete_cache(
         make(cache_copy, [new_teacher], dataset_spec, add_member=True)
 
 
-# ------------------------------------------------------------------------------------------------ 3. partial
+# --------------------------------------------------------------------------------------- 3. partial
 def test_partial_cache_is_refused_then_served_then_resumed(
     cache_copy: Path, complete_cache: Path, teacher_dir: Path, dataset_spec: str
 ) -> None:
@@ -405,7 +410,8 @@ def test_partial_cache_is_refused_then_served_then_resumed(
     full = LogitCache(complete_cache)
     for s, logits in served.items():
         assert np.array_equal(logits, full.read_logits(s))
-    # Resuming computes exactly the missing member-shards, and the result is the uninterrupted cache.
+    # Resuming computes exactly the missing member-shards, and the result is the uninterrupted
+    # cache.
     res = make(cache_copy, [teacher_dir], dataset_spec)
     assert res.status == "resumed" and res.shards_computed == 2 and res.rows_computed == 2 * RPS
     assert LogitCache(cache_copy).complete
@@ -439,7 +445,7 @@ def test_resume_removes_interrupted_write_leftovers(
     assert np.array_equal(stored_logits(cache_copy, 0), stored_logits(complete_cache, 0))
 
 
-# --------------------------------------------------------------------------------------------- 5. corruption
+# ------------------------------------------------------------------------------------ 5. corruption
 def test_corrupt_chunk_is_named(cache_copy: Path) -> None:
     chunk = cache_copy / "members/0/logits/c/3/0"
     raw = bytearray(chunk.read_bytes())
@@ -462,7 +468,7 @@ def test_truncated_chunk_is_named(cache_copy: Path) -> None:
         LogitCache(cache_copy).read_logits(9)
 
 
-# -------------------------------------------------------------------------------------- 6. errors damage nothing
+# ------------------------------------------------------------------------- 6. errors damage nothing
 def test_members_with_different_class_counts_write_nothing(
     tmp_path: Path, teacher_dir: Path, dataset_spec: str
 ) -> None:
@@ -511,7 +517,8 @@ def test_changed_dataset_file_is_refused(tmp_path: Path, teacher_dir: Path, npz_
 def scaled_teacher(
     tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, npz_path: Path
 ) -> tuple:
-    """member-0 with its last layer scaled so that about 30% of the rows have a logit beyond float16's range."""
+    """member-0 with its last layer scaled so that about 30% of the rows have a logit beyond
+    float16's range."""
     lm = load_checkpoint(teacher_dir / "member-0.pt")
     x = load_dataset(spec_of(npz_path)).x
     row_max = np.abs(model_outputs(teacher_dir / "member-0.pt", x)).max(axis=1)
@@ -675,7 +682,8 @@ def test_labels_are_checked_for_range_and_against_the_dataset(logits_cache) -> N
             {"n": 590},
             "array ids has shape (600,), dtype int64, chunks (64,); the header says shape (590,)",
         ),
-        # Refused before zarr parses it: the read guard bounds a chunk by the header's rows per shard.
+        # Refused before zarr parses it: the read guard bounds a chunk by the header's rows per
+        # shard.
         (
             {"rows_per_shard": 60},
             "ids/zarr.json declares chunks of 512 bytes (the header allows 480 per chunk of ids)",
@@ -699,10 +707,11 @@ def test_arrays_unlike_the_header_are_refused_at_open(
     assert "the arrays disagree with the header" in str(e.value) or "declares chunks" in says
 
 
-# --------------------------------------------------------------------------------------------- 9. no torch
+# -------------------------------------------------------------------------------------- 9. no torch
 def test_cache_module_imports_without_torch() -> None:
     code = (
-        "import sys; import pipeline.cache; assert 'torch' not in sys.modules, 'torch was imported'; "
+        "import sys; import pipeline.cache; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
         "print('ok')"
     )
     out = subprocess.run(
@@ -728,7 +737,7 @@ def test_cache_reads_without_torch(complete_cache: Path) -> None:
     assert out.stdout.strip() == "(2, 64, 5) 600"
 
 
-# -------------------------------------------------------------------------------------------- 10. CacheLock
+# ------------------------------------------------------------------------------------ 10. CacheLock
 def write_lock(root: Path, pid: int, host: str | None = None) -> Path:
     path = root / CacheLock.NAME
     path.write_text(
@@ -778,7 +787,7 @@ def test_lock_of_another_host_is_not_taken_over(tmp_path: Path) -> None:
     assert not (tmp_path / CacheLock.NAME).exists()
 
 
-# --------------------------------------------------------------------------------------------- misc readers
+# ------------------------------------------------------------------------------------- misc readers
 def test_reader_refuses_what_is_not_a_cache(tmp_path: Path, complete_cache: Path) -> None:
     with pytest.raises(CacheError, match="no such cache"):
         LogitCache(tmp_path / "missing.zarr")
@@ -810,7 +819,7 @@ def test_existing_non_cache_directory_is_not_written_into(
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-# ------------------------------------------------------------------------------ interrupted creation (SIGKILL)
+# ------------------------------------------------------------------- interrupted creation (SIGKILL)
 def test_creation_killed_before_the_store_existed_is_redone(
     tmp_path: Path, complete_cache: Path, teacher_dir: Path, dataset_spec: str
 ) -> None:
@@ -831,7 +840,8 @@ def test_creation_killed_before_the_store_existed_is_redone(
 def test_creation_killed_midway_is_redone(
     cache_copy: Path, complete_cache: Path, teacher_dir: Path, dataset_spec: str
 ) -> None:
-    """Killed while the schema was being written: the creation marker is there, the header is not whole."""
+    """Killed while the schema was being written: the creation marker is there, the header is not
+    whole."""
     from pipeline.cache.format import CREATING_MARKER
 
     shutil.rmtree(cache_copy / "members/1")
@@ -856,7 +866,8 @@ def test_creation_killed_midway_is_redone(
 def test_add_member_killed_before_the_header_named_it_is_redone(
     cache_copy: Path, new_teacher: Path, dataset_spec: str
 ) -> None:
-    """Killed after creating member 2's arrays (and writing a shard) but before the header listed it."""
+    """Killed after creating member 2's arrays (and writing a shard) but before the header listed
+    it."""
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)
     g.create_array(
         "members/2/logits", shape=(600, 5), dtype="float16", chunks=(RPS, 5), fill_value=0
@@ -876,7 +887,8 @@ def test_add_member_killed_before_the_header_named_it_is_redone(
 def test_add_member_killed_after_the_header_named_it_is_finished(
     cache_copy: Path, complete_cache: Path, teacher_dir: Path, new_teacher: Path, dataset_spec: str
 ) -> None:
-    """Killed after the header listed member 2 (cache partial): the message says how to finish it, and that works."""
+    """Killed after the header listed member 2 (cache partial): the message says how to finish it,
+    and that works."""
     from pipeline.cache.format import add_member_arrays
 
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)

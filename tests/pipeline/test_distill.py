@@ -59,11 +59,11 @@ def _argmax(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     return predict_logits(model, x, CPU).argmax(1).numpy()
 
 
-# ----------------------------------------------------------------------------------- a noisier seeded task
+# ---------------------------------------------------------------------------- a noisier seeded task
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict:
-    """A 5-class task with heavy noise (teacher ~10% test errors), 4000 train / 1000 test rows, and a 1-member
-    mlp:64 teacher trained on all 4000 training rows."""
+    """A 5-class task with heavy noise (teacher ~10% test errors), 4000 train / 1000 test rows, and
+    a 1-member mlp:64 teacher trained on all 4000 training rows."""
     d = tmp_path_factory.mktemp("noisy")
     x_tr, y_tr = make_image_task(4000, seed=10, noise=3.0)
     x_te, y_te = make_image_task(1000, seed=11, noise=3.0)
@@ -91,12 +91,13 @@ def noisy(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> d
 
 
 def test_soft_targets_regularise_a_student_on_a_small_transfer_set(noisy: dict) -> None:
-    """The paper's section 4 effect: 60 transfer cases (1.5% of the teacher's training set) carry much more
-    information as soft targets than as hard labels.
+    """The paper's section 4 effect: 60 transfer cases (1.5% of the teacher's training set) carry
+    much more information as soft targets than as hard labels.
 
-    Same student, epochs, seed and optimiser; only the loss differs (alpha = 1 soft targets at T = 10 vs alpha = 0
-    hard labels). Measured over subset seeds 0-4, train seeds 0-2 and two teacher seeds: soft/hard test-error ratio
-    0.49-0.65, soft agreement with the teacher 0.84-0.90 vs 0.68-0.75 for hard.
+    Same student, epochs, seed and optimiser; only the loss differs (alpha = 1 soft targets at
+    T = 10 vs alpha = 0 hard labels). Measured over subset seeds 0-4, train seeds 0-2 and two
+    teacher seeds: soft/hard test-error ratio 0.49-0.65, soft agreement with the teacher 0.84-0.90
+    vs 0.68-0.75 for hard.
     """
     spec = f"npz:{noisy['npz']}:train:count=60:seed=0"
     cache = _cache(noisy["teacher"], spec, noisy["dir"] / "small.zarr")
@@ -129,8 +130,8 @@ def test_soft_targets_regularise_a_student_on_a_small_transfer_set(noisy: dict) 
     }
     soft, hard = runs["soft"][0], runs["hard"][0]
     print(
-        f"test errors of 1000: teacher {teacher_errors}, soft {soft}, hard {hard}; agreement with the teacher: "
-        f"soft {agree['soft']:.3f}, hard {agree['hard']:.3f}"
+        f"test errors of 1000: teacher {teacher_errors}, soft {soft}, hard {hard}; "
+        f"agreement with the teacher: soft {agree['soft']:.3f}, hard {agree['hard']:.3f}"
     )
     assert teacher_errors < soft < 0.8 * hard
     assert agree["soft"] >= 0.8
@@ -138,7 +139,8 @@ def test_soft_targets_regularise_a_student_on_a_small_transfer_set(noisy: dict) 
 
 
 def test_a_streamed_cache_trains_through_the_same_loop(noisy: dict) -> None:
-    """4000 rows x (5 targets + 64 inputs) float32 = 1.1 MB: over a 1 MiB budget, so the run streams shards."""
+    """4000 rows x (5 targets + 64 inputs) float32 = 1.1 MB: over a 1 MiB budget, so the run streams
+    shards."""
     cache = _cache(
         noisy["teacher"],
         f"npz:{noisy['npz']}:train",
@@ -167,7 +169,7 @@ def test_a_streamed_cache_trains_through_the_same_loop(noisy: dict) -> None:
     assert res["metrics"]["teacher_agreement_transfer"] > 0.7
 
 
-# ---------------------------------------------------------------------------------------- stable defaults
+# ---------------------------------------------------------------------------------- stable defaults
 @pytest.mark.parametrize(("temperature", "alpha"), [(20.0, 0.9), (1.0, 0.0)])
 def test_default_optimiser_is_stable_and_learns(
     cache_path: Path, tmp_path: Path, temperature: float, alpha: float
@@ -197,7 +199,7 @@ def test_default_optimiser_is_stable_and_learns(
     assert math.isfinite(test["nll"])
 
 
-# ------------------------------------------------------------------------------------------ ensemble types
+# ----------------------------------------------------------------------------------- ensemble types
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
@@ -208,8 +210,9 @@ def test_default_optimiser_is_stable_and_learns(
 def test_student_learns_the_chosen_mean_of_the_members(
     logits_cache, tmp_path: Path, method: str, expected: list[float]
 ) -> None:
-    """Every row's members say p_a = (0.9, 0.099, 0.001) and p_b = (0.01, 0.3, 0.69): the arithmetic mean picks
-    class 0, the geometric mean class 1. A student distilled at T = 1 learns the one its run asked for."""
+    """Every row's members say p_a = (0.9, 0.099, 0.001) and p_b = (0.01, 0.3, 0.69): the arithmetic
+    mean picks class 0, the geometric mean class 1. A student distilled at T = 1 learns the one its
+    run asked for."""
     p = np.array([[0.9, 0.099, 0.001], [0.01, 0.3, 0.69]])
     member_logits = np.repeat(np.log(p)[:, None, :], 32, axis=1)  # (2 members, 32 rows, 3 classes)
     location, spec = logits_cache(member_logits, rows_per_shard=8)
@@ -233,12 +236,13 @@ def test_student_learns_the_chosen_mean_of_the_members(
     np.testing.assert_allclose(probs, expected, atol=0.03)
 
 
-# ---------------------------------------------------------------------------------------- bias correction
+# ---------------------------------------------------------------------------------- bias correction
 def test_bias_for_a_class_absent_from_the_transfer_set(
     npz_path: Path, teacher_dir: Path, tmp_path: Path
 ) -> None:
-    """Transfer set without class 3: the soft-target student rarely predicts 3; an offset fitted on held-out data
-    recovers most of class 3, and --class-bias adds on top of it in the saved model."""
+    """Transfer set without class 3: the soft-target student rarely predicts 3; an offset fitted on
+    held-out data recovers most of class 3, and --class-bias adds on top of it in the saved
+    model."""
     cache = _cache(teacher_dir, f"npz:{npz_path}:train:exclude=3", tmp_path / "no3.zarr")
     assert 3 not in LogitCache(cache).read_labels()
     res = train_student(
@@ -258,7 +262,8 @@ def test_bias_for_a_class_absent_from_the_transfer_set(
     n3 = m["test"]["per_class_n"][3]
     before, after = fitted["class_errors_before"]["3"], fitted["class_errors_after"]["3"]
     print(
-        f"class 3 test errors ({n3} samples): {before} before, {after} after offset {fitted['offsets']}"
+        f"class 3 test errors ({n3} samples): {before} before, "
+        f"{after} after offset {fitted['offsets']}"
     )
     assert fitted["on"] == f"npz:{npz_path}:test" and fitted["classes"] == [3]
     assert (
@@ -313,12 +318,12 @@ def test_options_that_would_be_ignored_or_double_counted_are_refused(
         train_student(_student(tmp_path / "run", cache=str(cache_path), **kw), log=quiet)
 
 
-# ----------------------------------------------------------------------------------------- online teacher
+# ----------------------------------------------------------------------------------- online teacher
 def test_online_teacher_baseline_matches_a_float32_cache(
     npz_path: Path, teacher_dir: Path, tmp_path: Path
 ) -> None:
-    """A live teacher forward pass each batch and a float32 cache of the same teacher give the same soft targets,
-    so the one training loop produces the same run."""
+    """A live teacher forward pass each batch and a float32 cache of the same teacher give the same
+    soft targets, so the one training loop produces the same run."""
     cache = _cache(teacher_dir, f"npz:{npz_path}:train", tmp_path / "f32.zarr", dtype="float32")
     common = {
         "student": "mlp:32",
@@ -351,7 +356,7 @@ def test_online_teacher_baseline_matches_a_float32_cache(
     assert online["metrics"]["test"]["errors"] == cached["metrics"]["test"]["errors"]
 
 
-# ------------------------------------------------------------------------------------------------- errors
+# ------------------------------------------------------------------------------------------- errors
 def test_changed_data_is_refused_with_both_fingerprints(
     npz_path: Path, teacher_dir: Path, tmp_path: Path
 ) -> None:
@@ -377,8 +382,8 @@ def test_changed_data_is_refused_with_both_fingerprints(
 def test_student_width_must_match_the_cache_classes(
     cache_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: int
 ) -> None:
-    """A user's py:module:factory model with the wrong number of outputs is a ConfigError (a 1-wide output would
-    otherwise broadcast against the 5-wide output bias and train silently)."""
+    """A user's py:module:factory model with the wrong number of outputs is a ConfigError (a 1-wide
+    output would otherwise broadcast against the 5-wide output bias and train silently)."""
     module = f"kd_test_student_w{width}"
     (tmp_path / f"{module}.py").write_text(
         "import math\nfrom torch import nn\n\n\n"

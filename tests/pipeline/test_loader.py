@@ -1,4 +1,5 @@
-"""The cache loader on real Zarr caches: every row once per epoch, the right soft targets, bounded memory."""
+"""The cache loader on real Zarr caches: every row once per epoch, the right soft targets, bounded
+memory."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def _check_batches_against_cache(
         np.testing.assert_array_equal(yb.numpy(), data.y[rows])
 
 
-# ------------------------------------------------------------------------------------------------ the plan
+# ----------------------------------------------------------------------------------------- the plan
 def test_plan_chooses_memory_exactly_when_targets_and_inputs_fit(cache_path: Path) -> None:
     cache, data = _open(cache_path)
     shards = cache.done_shards()
@@ -91,9 +92,10 @@ def test_plan_chooses_memory_exactly_when_targets_and_inputs_fit(cache_path: Pat
     )
     short = plan_loader(cache, data.x, [0, 1], shards, MEMORY_BYTES - 1)
     assert short.mode == "stream"
-    # per row in the buffer: 2 x (targets 20 + inputs 256 + label 8); prefetch: 3 combined shards x 64 x (20 + 256
-    # + 8) plus one shard's raw logits (2 members x 5 x 2 bytes) and float32 combine temporaries (2 blocks, here
-    # the whole shard: 2 x 4 bytes x 64 rows x 2 members x 5 classes).
+    # per row in the buffer: 2 x (targets 20 + inputs 256 + label 8); prefetch: 3 combined shards
+    # x 64 x (20 + 256 + 8) plus one shard's raw logits (2 members x 5 x 2 bytes) and float32
+    # combine temporaries (2 blocks, here the whole shard: 2 x 4 bytes x 64 rows x 2 members x 5
+    # classes).
     prefetch = 3 * R * (C * 4 + IN_BYTES + 8) + R * 2 * C * 2 + 2 * 4 * R * 2 * C
     expected_rows = (MEMORY_BYTES - 1 - prefetch) // (2 * (C * 4 + IN_BYTES + 8))
     assert short.buffer_shards == expected_rows // R
@@ -102,10 +104,11 @@ def test_plan_chooses_memory_exactly_when_targets_and_inputs_fit(cache_path: Pat
     assert tiny.to_dict()["budget"] == STREAM_BUDGET
 
 
-# ------------------------------------------------------------------------------------------------ streaming
+# ---------------------------------------------------------------------------------------- streaming
 def test_torch_dataloader_workers_together_serve_every_row_once(cache_path: Path) -> None:
-    # Two forked DataLoader workers each serve a disjoint slice of the epoch's shard order: the union is every row
-    # exactly once, with the cached targets, and the zarr state forked from this process does not hang them.
+    # Two forked DataLoader workers each serve a disjoint slice of the epoch's shard order: the
+    # union is every row exactly once, with the cached targets, and the zarr state forked from this
+    # process does not hang them.
     cache, data = _open(cache_path)
     src, _ = cache_source(
         cache, data.x, [0, 1], "mean-probs", 4.0, batch_size=50, budget=STREAM_BUDGET, seed=3
@@ -214,7 +217,7 @@ def test_a_corrupt_shard_surfaces_as_cache_error_in_the_consumer(
     assert not any(t.name == "cache-prefetch" and t.is_alive() for t in threading.enumerate())
 
 
-# ------------------------------------------------------------------------------------------------ in memory
+# ---------------------------------------------------------------------------------------- in memory
 def _row_index(data) -> dict[bytes, int]:
     index = {data.x[i].tobytes(): i for i in range(len(data))}
     assert len(index) == len(data)  # the synthetic inputs are distinct, so they identify their rows
@@ -247,7 +250,7 @@ def test_in_memory_serves_every_row_once_with_the_cached_targets(
     assert not np.array_equal(orders[0], orders[1])
 
 
-# ------------------------------------------------------------------------------------------------ partial
+# ------------------------------------------------------------------------------------------ partial
 def test_logit_cache_refuses_a_partial_cache_without_allow_partial(
     partial_cache_path: Path,
 ) -> None:
@@ -285,9 +288,10 @@ def test_partial_cache_serves_only_the_finished_shards(
     assert only_1.num_rows == N
 
 
-# ------------------------------------------------------------------------------------- ensemble mean types
+# ------------------------------------------------------------------------------ ensemble mean types
 def test_mean_probs_and_mean_logits_are_the_arithmetic_and_geometric_means(logits_cache) -> None:
-    """The paper's two ways to combine an ensemble, checked against hand-computed means of given members."""
+    """The paper's two ways to combine an ensemble, checked against hand-computed means of given
+    members."""
     p_a = np.array([[0.9, 0.099, 0.001], [0.2, 0.5, 0.3]])
     p_b = np.array([[0.01, 0.3, 0.69], [0.6, 0.1, 0.3]])
     member_logits = np.log(np.stack([p_a, p_b]))  # (2 members, 2 rows, 3 classes), softmax(v) = p
@@ -319,13 +323,14 @@ def test_mean_probs_and_mean_logits_are_the_arithmetic_and_geometric_means(logit
                 targets["mean-logits", mode], geometric, rtol=1e-5, atol=1e-6
             )
         if temperature == 1.0:
-            # Row 0 by hand: (0.9 + 0.01)/2, (0.099 + 0.3)/2, (0.001 + 0.69)/2; the geometric mean punishes the
-            # class one member all but rules out, so the two means pick different classes.
+            # Row 0 by hand: (0.9 + 0.01)/2, (0.099 + 0.3)/2, (0.001 + 0.69)/2; the geometric mean
+            # punishes the class one member all but rules out, so the two means pick different
+            # classes.
             np.testing.assert_allclose(arithmetic[0], [0.455, 0.1995, 0.3455], atol=1e-12)
             assert arithmetic[0].argmax() == 0 and geometric[0].argmax() == 1
 
 
-# ------------------------------------------------------------------------------------------ bounded memory
+# ----------------------------------------------------------------------------------- bounded memory
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
     import numpy as np, psutil, torch
@@ -368,19 +373,21 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
     (plan, seen_min, seen_max), stream_growth = measure(stream)
     (memory_mode, memory_rows), memory_growth = measure(in_memory)
-    print(json.dumps({"plan": plan, "seen_min": seen_min, "seen_max": seen_max, "stream_growth": stream_growth,
-                      "memory_mode": memory_mode, "memory_rows": memory_rows, "memory_growth": memory_growth}))
+    print(json.dumps({"plan": plan, "seen_min": seen_min, "seen_max": seen_max,
+                      "stream_growth": stream_growth, "memory_mode": memory_mode,
+                      "memory_rows": memory_rows, "memory_growth": memory_growth}))
 """)
 
 
 @pytest.mark.slow
 def test_streaming_memory_stays_near_the_budget_on_a_cache_larger_than_it(tmp_path: Path) -> None:
-    """40000 rows x 1000 classes x 2 float16 members (160 MB raw, 160 MB combined float32) streamed with a 32 MiB
-    budget, in a fresh process whose RSS is sampled.
+    """40000 rows x 1000 classes x 2 float16 members (160 MB raw, 160 MB combined float32) streamed
+    with a 32 MiB budget, in a fresh process whose RSS is sampled.
 
-    The subprocess runs with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so freed shard buffers go back
-    to the OS and RSS shows what the loader holds. Under glibc's default dynamic threshold, freed 4-8 MB buffers
-    stay in the heap: measured ~175 MiB growth for this stream, ~35 MiB after malloc_trim, flat across epochs.
+    The subprocess runs with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so freed shard
+    buffers go back to the OS and RSS shows what the loader holds. Under glibc's default dynamic
+    threshold, freed 4-8 MB buffers stay in the heap: measured ~175 MiB growth for this stream,
+    ~35 MiB after malloc_trim, flat across epochs.
     """
     from pipeline.cache.format import create_cache, mark_complete, write_shard
 
@@ -439,11 +446,14 @@ def test_streaming_memory_stays_near_the_budget_on_a_cache_larger_than_it(tmp_pa
     assert plan["mode"] == "stream" and plan["bytes_in_memory_mode"] > 160e6
     assert res["seen_min"] == res["seen_max"] == 1  # every row exactly once
     assert res["stream_growth"] < budget + (100 << 20)
-    # The measurement is able to see a whole-cache load: in-memory mode grows by more than the combined targets.
+    # The measurement is able to see a whole-cache load: in-memory mode grows by more than the
+    # combined targets.
     assert res["memory_mode"] == "memory" and res["memory_rows"] == n
     assert res["memory_growth"] > 160e6
-    # ... and holds the combined targets once (filled in place, not concatenated from a list of shards).
+    # ... and holds the combined targets once (filled in place, not concatenated from a list of
+    # shards).
     assert res["memory_growth"] < 1.5 * plan["bytes_in_memory_mode"]
-    # Streaming needs a fraction of that. (45 MiB vs 173 MiB on an idle machine; the prefetch thread's lead, and so
-    # the peak, varies with scheduling: 58 MiB was seen in one CI run, hence a half rather than a third.)
+    # Streaming needs a fraction of that. (45 MiB vs 173 MiB on an idle machine; the prefetch
+    # thread's lead, and so the peak, varies with scheduling: 58 MiB was seen in one CI run, hence a
+    # half rather than a third.)
     assert res["stream_growth"] < res["memory_growth"] / 2

@@ -1,4 +1,5 @@
-"""Specialist ensembles: clustering, class maps, sampling, initialisation, the KL combination, and a real run."""
+"""Specialist ensembles: clustering, class maps, sampling, initialisation, the KL combination, and a
+real run."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ GROUPS = [[0, 1, 2], [3, 4, 5]]  # planted confusable groups; 6 is confused with
 
 
 def planted_probs(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Generalist-like probabilities (n, 7) with planted confusions: a row of class c spreads its mass over c's
-    group (and only there); class 6 is always confident."""
+    """Generalist-like probabilities (n, 7) with planted confusions: a row of class c spreads its
+    mass over c's group (and only there); class 6 is always confident."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 7, size=n)
     p = np.full((n, 7), 1e-4)
@@ -47,7 +48,7 @@ def planted_probs(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     return p / p.sum(1, keepdims=True), y
 
 
-# ---------------------------------------------------------------------------------------------- clusters
+# ----------------------------------------------------------------------------------------- clusters
 def test_clustering_recovers_planted_groups_automatically() -> None:
     p, y = planted_probs()
     cl = cluster_classes(p, y, seed=0)
@@ -79,7 +80,7 @@ def test_raw_covariance_is_available_and_differs() -> None:
         cluster_classes(p, y, similarity="nope")
 
 
-# ------------------------------------------------------------------------------------------- class maps
+# --------------------------------------------------------------------------------------- class maps
 def test_collapse_logits_matches_collapsed_probabilities_at_any_temperature() -> None:
     v = torch.randn(5, 7) * 3
     for t in (1.0, 4.0):
@@ -102,7 +103,8 @@ def test_sampling_plan_is_half_and_half_seeded_and_gives_the_oversampling_correc
     assert len(set(plan.rows.tolist())) == 400  # the rest is big enough: no repeats
     assert np.array_equal(plan.rows, sampling_plan(in_group, seed=3).rows)
     assert not np.array_equal(plan.rows, sampling_plan(in_group, seed=4).rows)
-    # Odds of the specialist's classes: 1 in training vs 0.2 / 0.8 naturally -> the dustbin gets log 4.
+    # Odds of the specialist's classes: 1 in training vs 0.2 / 0.8 naturally -> the dustbin gets
+    # log 4.
     assert plan.natural_fraction == pytest.approx(0.2) and plan.dustbin_correction == pytest.approx(
         math.log(4)
     )
@@ -120,7 +122,7 @@ def test_sampling_plan_is_half_and_half_seeded_and_gives_the_oversampling_correc
 
 
 @pytest.mark.parametrize("spec", ["mlp:16,8", "cnn:channels=4,4:hidden=8"])
-def test_specialist_from_generalist_copies_its_classes_and_starts_the_dustbin_at_mean_plus_log_count(
+def test_specialist_from_generalist_copies_classes_and_starts_the_dustbin_at_mean_plus_log_count(
     spec,
 ) -> None:
     torch.manual_seed(0)
@@ -139,7 +141,7 @@ def test_specialist_from_generalist_copies_its_classes_and_starts_the_dustbin_at
     )  # Jensen: a lower bound of the log-sum-exp
 
 
-# ------------------------------------------------------------------------------------------- combination
+# -------------------------------------------------------------------------------------- combination
 def _case(seed: int, n: int = 4, c: int = 6) -> tuple:
     g = torch.Generator().manual_seed(seed)
     log_pg = torch.log_softmax(torch.randn(n, c, generator=g) * 2, 1)
@@ -163,8 +165,8 @@ def test_combination_matches_a_direct_optimisation() -> None:
     active = torch.tensor([[True, True], [True, False], [False, True], [True, True]])
     log_q = combine_distributions(log_pg, log_ps, groups, active, steps=300, lr=0.1)
     for i in range(4):
-        # Each case alone, by scipy's L-BFGS on the same objective with exact float64 gradients, run to tight
-        # tolerances from a different start (uniform q).
+        # Each case alone, by scipy's L-BFGS on the same objective with exact float64 gradients, run
+        # to tight tolerances from a different start (uniform q).
         lpg, lps, act = (
             log_pg[i : i + 1].double(),
             [lp[i : i + 1].double() for lp in log_ps],
@@ -192,7 +194,8 @@ def test_combination_pulls_toward_a_confident_specialist() -> None:
     log_ps = [torch.log(torch.tensor([[0.02, 0.95, 0.03]]))]
     log_q = combine_distributions(log_pg, log_ps, [[0, 1]], torch.tensor([[True]]))
     assert log_q.argmax(1).item() == 1
-    # Analytic: the stationarity condition gives the rest mass as the mean of the two opinions, (0.15 + 0.03) / 2.
+    # Analytic: the stationarity condition gives the rest mass as the mean of the two opinions,
+    # (0.15 + 0.03) / 2.
     assert float(log_q[0, 2:].exp().sum()) == pytest.approx(0.09, abs=1e-4)
 
 
@@ -248,10 +251,11 @@ def test_evaluate_combination_without_correction_removes_it() -> None:
     assert off["changed"] == {"fixed": 1, "broken": 0}
 
 
-# ------------------------------------------------------------------------------------- a real small run
+# --------------------------------------------------------------------------------- a real small run
 def _planted_task(path: Path, seed: int = 0) -> Path:
-    """Images (1x8x8) of 7 classes: 0-2 and 3-5 share a strong group pattern and differ by a faint class pattern;
-    6 is distinct. A briefly trained generalist confuses classes inside each group."""
+    """Images (1x8x8) of 7 classes: 0-2 and 3-5 share a strong group pattern and differ by a faint
+    class pattern; 6 is distinct. A briefly trained generalist confuses classes inside each
+    group."""
     rng = np.random.default_rng(seed)
     groups = rng.normal(0, 1, size=(3, 1, 8, 8)).astype(np.float32) * 2.5
     classes = rng.normal(0, 1, size=(7, 1, 8, 8)).astype(np.float32) * 0.5
@@ -275,9 +279,10 @@ def _planted_task(path: Path, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict:
-    """A weak generalist (2 x mlp:24, 3 epochs: 73 % on the training set, errors only inside the planted groups)
-    on the planted task, its cache, and a full specialists run with K = 3 (automatic K is tested above on planted
-    probabilities: this generalist is weak enough to spread some probability onto class 6 as well)."""
+    """A weak generalist (2 x mlp:24, 3 epochs: 73 % on the training set, errors only inside the
+    planted groups) on the planted task, its cache, and a full specialists run with K = 3 (automatic
+    K is tested above on planted probabilities: this generalist is weak enough to spread some
+    probability onto class 6 as well)."""
     from pipeline.cache.writer import build_cache
     from pipeline.config import CacheConfig, TeacherConfig
     from pipeline.training.teacher import train_teacher
@@ -359,7 +364,8 @@ def test_real_run_recovers_groups_and_beats_the_generalist_on_confusable_classes
     assert c["errors"] < g["errors"]
     for w in ev["main"]["within_group"]:
         assert w["specialist_within_accuracy"] > w["generalist_within_accuracy"]
-    # Table 4 covers every test case once; with disjoint groups at most one specialist covers a class.
+    # Table 4 covers every test case once; with disjoint groups at most one specialist covers a
+    # class.
     t4 = ev["main"]["table4"]
     assert sum(r["cases"] for r in t4) == 1400 and {r["covering"] for r in t4} <= {0, 1}
     assert sum(r["gain"] for r in t4) == g["errors"] - c["errors"]
@@ -380,8 +386,8 @@ def test_real_run_recovers_groups_and_beats_the_generalist_on_confusable_classes
 
 @pytest.mark.slow  # a dask LocalCluster of two processes: about 30 s on 2 busy cores
 def test_dask_workers_train_the_same_specialists(planted: dict, tmp_path: Path) -> None:
-    """Two worker processes give each specialist the same weights as in-process training (same seeds, one
-    torch thread each)."""
+    """Two worker processes give each specialist the same weights as in-process training (same
+    seeds, one torch thread each)."""
     import shutil
 
     out = tmp_path / "spec"
@@ -427,7 +433,8 @@ def test_steps_out_of_order_and_wrong_generalist_are_clear_errors(
 def test_steps_refuse_clusters_and_specialists_of_another_cache(
     planted: dict, tmp_path: Path
 ) -> None:
-    """evaluate/train with --cache B on an --out made from cache A would silently mix two generalists."""
+    """evaluate/train with --cache B on an --out made from cache A would silently mix two
+    generalists."""
     import shutil
 
     from pipeline.cache.writer import build_cache

@@ -1,5 +1,6 @@
-"""Sweeps on a real dask LocalCluster (worker processes) over a real cache: rows equal one-by-one train-student
-runs, resuming trains only what is missing, and a failing setting does not stop the others."""
+"""Sweeps on a real dask LocalCluster (worker processes) over a real cache: rows equal one-by-one
+train-student runs, resuming trains only what is missing, and a failing setting does not stop the
+others."""
 
 from __future__ import annotations
 
@@ -142,13 +143,15 @@ def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(
     best = min(r["test_errors"] for r in res.rows)
     assert f"**{best}**" in (tmp_path / "sweep" / "results.md").read_text()
 
-    # Re-running reads every finished setting back; one whose config changed (more epochs) is not "finished".
+    # Re-running reads every finished setting back; one whose config changed (more epochs) is not
+    # "finished".
     again = run_sweep(
         sweep_config(cache_path, tmp_path / "sweep", workers=0), log=lambda s: None, progress=False
     )
     assert (again.trained, again.reused) == (0, 4)
     assert again.rows == res.rows
-    # A run recorded before an option existed (here storage_options) is the same run: the option's default applies.
+    # A run recorded before an option existed (here storage_options) is the same run: the option's
+    # default applies.
     metrics = tmp_path / "sweep" / "runs" / grid(cfg)[0].name / "metrics.json"
     old = json.loads(metrics.read_text())
     del old["config"]["storage_options"]
@@ -167,8 +170,8 @@ def test_localcluster_rows_equal_one_by_one_runs_and_resume_reuses(
     replaced = run_sweep(longer, log=lines.append, progress=False)
     assert (replaced.trained, replaced.reused) == (2, 0)
     assert (
-        "mlp-16-T2-a0.5-s0: its run directory holds a run with another config or cache; it will be replaced"
-        in lines
+        "mlp-16-T2-a0.5-s0: its run directory holds a run with another config or cache; "
+        "it will be replaced" in lines
     )
     assert (
         json.loads((tmp_path / "sweep/runs/mlp-16-T2-a0.5-s0/metrics.json").read_text())["metrics"][

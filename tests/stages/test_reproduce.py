@@ -1,5 +1,6 @@
-"""``kd-pipeline reproduce --scale quick`` on a small synthetic npz dataset through the real CLI: every experiment
-runs over the public stages, the report and its figures agree with the run directories, and a re-run reuses them."""
+"""``kd-pipeline reproduce --scale quick`` on a small synthetic npz dataset through the real CLI:
+every experiment runs over the public stages, the report and its figures agree with the run
+directories, and a re-run reuses them."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path
         and dist["config"]["temperature"] == 20
     )
 
-    # Without class 3 in the transfer set the student (almost) never predicts 3; the fitted bias restores it.
+    # Without class 3 in the transfer set the student (almost) never predicts 3; the fitted bias
+    # restores it.
     omitted = figs["omitted-class"]["figures"]
     assert omitted["before_class"] >= 0.9 * omitted["class_n"]
     assert omitted["fitted_class"] < omitted["before_class"]

@@ -1,6 +1,7 @@
-"""Sharing caches end to end against a real S3 API (moto's server on 127.0.0.1): ``cache-logits --out s3://``,
-``cache verify | pack | copy | ls``, ``train-student --cache s3://`` and ``.zarr.zip``, the writer lease, and
-hostile bundles. Real teachers (``teacher_dir``), real stores, bit-for-bit comparisons.
+"""Sharing caches end to end against a real S3 API (moto's server on 127.0.0.1):
+``cache-logits --out s3://``, ``cache verify | pack | copy | ls``, ``train-student --cache s3://``
+and ``.zarr.zip``, the writer lease, and hostile bundles. Real teachers (``teacher_dir``), real
+stores, bit-for-bit comparisons.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def s3_url(name: str) -> str:
     return f"s3://{S3_BUCKET}/{name}"
 
 
-# -------------------------------------------------------------------------------------------------- fixtures
+# ----------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def s3_cache(s3_server: str, teacher_dir: Path, npz_path: Path) -> str:
-    """``cache-logits --out s3://...`` (the real CLI command, in process): the same cache as ``cache_path``."""
+    """``cache-logits --out s3://...`` (the real CLI command, in process): the same cache as
+    ``cache_path``."""
     url = s3_url("team/task.zarr")
     code, out = invoke(
         "cache-logits",
@@ -92,9 +94,10 @@ def s3_cache(s3_server: str, teacher_dir: Path, npz_path: Path) -> str:
     return url
 
 
-# ------------------------------------------------------------------------------------------------ end to end
+# --------------------------------------------------------------------------------------- end to end
 def test_s3_cache_is_the_local_cache_and_verifies(s3_cache: str, cache_path: Path) -> None:
-    # Written straight to the bucket, it holds exactly what the same command writes to a local directory.
+    # Written straight to the bucket, it holds exactly what the same command writes to a local
+    # directory.
     a, b = raw_arrays(s3_cache), raw_arrays(cache_path)
     assert a.keys() == b.keys()
     for name in a:
@@ -330,7 +333,7 @@ def test_cache_ls_lists_caches_under_a_prefix(
     assert lines[2].startswith(f"{root / 'sub' / 'b.zarr'}  PARTIAL 19/20")
 
 
-# ----------------------------------------------------------------------------------------------- hostile zips
+# ------------------------------------------------------------------------------------- hostile zips
 def hostile_zip(
     tmp_path: Path, cache_path: Path, name: str, entry: str, symlink: bool = False
 ) -> Path:
@@ -392,7 +395,7 @@ def test_zip_is_read_only(
     assert bundle.read_bytes() == before
 
 
-# ----------------------------------------------------------------------------------------- two writers on s3
+# -------------------------------------------------------------------------------- two writers on s3
 def test_s3_lease_admits_one_writer_and_names_it(s3_server: str) -> None:
     url = s3_url("lease/one.zarr")
     first = CacheLock(url).acquire()
@@ -448,7 +451,8 @@ def test_expired_s3_lease_is_taken_over_and_the_old_holder_knows(s3_server: str)
 def test_second_cache_logits_on_s3_is_refused_while_the_first_runs(
     s3_server: str, teacher_dir: Path, tmp_path: Path
 ) -> None:
-    """A real CLI writer to s3, frozen (SIGSTOP) mid-compute, holds the lease: a second writer is refused."""
+    """A real CLI writer to s3, frozen (SIGSTOP) mid-compute, holds the lease: a second writer is
+    refused."""
     spec = f"npz:{write_npz(tmp_path / 'big.npz', n_train=20000, n_test=10)}:train"
     url = s3_url("two-writers/c.zarr")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -543,7 +547,8 @@ def test_sweep_streams_from_s3_with_the_same_rows_as_local(
 def test_verify_accepts_a_shard_whose_labels_are_all_class_0(
     tmp_path: Path, teacher_dir: Path
 ) -> None:
-    """zarr skips chunks equal to the fill value unless told not to: such a shard must not read as damage."""
+    """zarr skips chunks equal to the fill value unless told not to: such a shard must not read as
+    damage."""
     from tests.conftest import make_image_task
 
     x, y = make_image_task(128, seed=5, classes=5)
@@ -603,7 +608,8 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(
 
 
 def test_copy_into_a_folder_of_other_caches_is_refused(cache_path: Path, tmp_path: Path) -> None:
-    """`cache copy A caches/` (as with cp) must not spill A's objects into the folder holding other caches."""
+    """`cache copy A caches/` (as with cp) must not spill A's objects into the folder holding other
+    caches."""
     folder = tmp_path / "caches"
     sharing.copy_cache(cache_path, folder / "a.zarr", progress=False, log=lambda s: None)
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
@@ -634,7 +640,8 @@ def test_a_failed_renewal_keeps_a_lease_that_is_still_ours(s3_server: str) -> No
     time.sleep(1.3)  # one failed renewal, then a good one
     assert failures and lease.lost is None
     lease.check()
-    # Someone else holding it is a lost lease, reported by check() (which cache-logits calls before every shard).
+    # Someone else holding it is a lost lease, reported by check() (which cache-logits calls before
+    # every shard).
     lease._stop.set()
     lease._thread.join()
     other = StoreLease(url, seconds=60)

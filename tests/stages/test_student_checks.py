@@ -55,19 +55,20 @@ def user_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     [
         (
             "py:kd_user_students:ignores_in_shape",
-            "error: student py:kd_user_students:ignores_in_shape fails on a batch of inputs of shape "
-            "(2, 1, 8, 8) (the transfer set's samples are (1, 8, 8)): RuntimeError: mat1 and mat2 "
-            "shapes cannot be multiplied (2x64 and 784x5); build the network for in_shape=(1, 8, 8)",
+            "error: student py:kd_user_students:ignores_in_shape fails on a batch of inputs of "
+            "shape (2, 1, 8, 8) (the transfer set's samples are (1, 8, 8)): RuntimeError: mat1 "
+            "and mat2 shapes cannot be multiplied (2x64 and 784x5); build the network for "
+            "in_shape=(1, 8, 8)",
         ),
         (
             "torchscript:{dir}/corrupt.pt",
-            "error: student torchscript:{dir}/corrupt.pt: cannot be built for inputs of shape (1, 8, 8) "
-            "and 5 classes (RuntimeError: PytorchStreamReader failed",
+            "error: student torchscript:{dir}/corrupt.pt: cannot be built for inputs of shape "
+            "(1, 8, 8) and 5 classes (RuntimeError: PytorchStreamReader failed",
         ),
         (
             "py:json:loads",
-            "error: student py:json:loads: cannot be built for inputs of shape (1, 8, 8) and 5 classes "
-            "(TypeError: loads() missing 1 required positional argument: 's')",
+            "error: student py:json:loads: cannot be built for inputs of shape (1, 8, 8) and 5 "
+            "classes (TypeError: loads() missing 1 required positional argument: 's')",
         ),
         (
             "py:kd_user_students:no_tensor",

@@ -86,8 +86,8 @@ class Run:
         )
 
     def spec(self, fraction: float = 1.0, **class_filter: str | int | float) -> str:
-        """A training-set spec: optional holdout / class filter, then a seeded subset (this scale's share x
-        fraction)."""
+        """A training-set spec: optional holdout / class filter, then a seeded subset (this scale's
+        share x fraction)."""
         extra = "".join(f":{k}={v}" for k, v in class_filter.items())
         frac = self.base_fraction * fraction
         seeded = frac < 1 or "holdout" in class_filter
@@ -98,7 +98,8 @@ class Run:
         )
 
     def teacher(self) -> str:
-        """The teacher ensemble: --teacher, or the recipe's, trained once (a changed recipe retrains it)."""
+        """The teacher ensemble: --teacher, or the recipe's, trained once (a changed recipe retrains
+        it)."""
         if self._teacher:
             return self._teacher
         if self.cfg.teacher:
@@ -124,12 +125,13 @@ class Run:
                 if recorded is None:
                     raise ConfigError(
                         [
-                            f"{tdir / 'ensemble.json'} cannot be read; use another --out, or remove "
-                            f"{tdir} to retrain"
+                            f"{tdir / 'ensemble.json'} cannot be read; "
+                            f"use another --out, or remove {tdir} to retrain"
                         ]
                     )
                 if recorded.recipe() != tcfg.recipe():
-                    # Never delete a finished teacher (and everything made from it) behind the user's back.
+                    # Never delete a finished teacher (and everything made from it) behind the
+                    # user's back.
                     diffs = [
                         f"{k}: {recorded.recipe()[k]!r} there, {v!r} now"
                         for k, v in tcfg.recipe().items()
@@ -137,7 +139,8 @@ class Run:
                     ]
                     raise ConfigError(
                         [
-                            f"{tdir} holds a teacher trained with another recipe ({'; '.join(diffs)}); "
+                            f"{tdir} holds a teacher trained with another recipe "
+                            f"({'; '.join(diffs)}); "
                             "use another --out, or remove that directory to retrain"
                         ]
                     )
@@ -158,7 +161,8 @@ class Run:
         return self._teacher
 
     def cache(self, spec: str) -> str:
-        """The teacher's cache over a transfer set (cache-logits resumes a partial one, skips a complete one)."""
+        """The teacher's cache over a transfer set (cache-logits resumes a partial one, skips a
+        complete one)."""
         location = self.out / "caches" / f"{slug(spec, sep='_', max_len=80)}.zarr"
         res = build_cache(
             CacheConfig(
@@ -186,7 +190,8 @@ class Run:
         student: str | None = None,
         **extra: object,
     ) -> dict:
-        """One train-student run under runs/<name>, reused when its config and cache fingerprint match."""
+        """One train-student run under runs/<name>, reused when its config and cache fingerprint
+        match."""
         scfg = StudentConfig(
             cache=cache,
             student=student or self.cfg.student,
@@ -223,8 +228,9 @@ class Run:
 def student_metrics(
     run: Run, result: dict, spec: str, offsets: dict[int, float] | None = None
 ) -> dict:
-    """Metrics of a finished run's student on a labeled dataset; with ``offsets``, those replace the bias
-    correction the student was saved with (e.g. the paper's +3.5 instead of the fitted offset)."""
+    """Metrics of a finished run's student on a labeled dataset; with ``offsets``, those replace the
+    bias correction the student was saved with (e.g. the paper's +3.5 instead of the fitted
+    offset)."""
     device = resolve_device(run.cfg.device)
     # The students' specs are the ones typed for this run (--student, --narrow-student).
     trust = trusting(run.cfg.trust_code, run.cfg.student, run.cfg.narrow_student)

@@ -28,8 +28,9 @@ class TeacherRecipe:
     why: str = ""
 
 
-# The paper's MNIST teacher (2 x 1200 ReLU, dropout, +-2-pixel jitter). On Fashion-MNIST that recipe is *weaker*
-# than a plain 800-800 student (1290 vs ~958 test errors, measured; see the README), so a CNN ensemble is used.
+# The paper's MNIST teacher (2 x 1200 ReLU, dropout, +-2-pixel jitter). On Fashion-MNIST that recipe
+# is *weaker* than a plain 800-800 student (1290 vs ~958 test errors, measured; see the README), so
+# a CNN ensemble is used.
 TEACHERS = {
     "mnist": TeacherRecipe(
         "mlp:1200,1200",
@@ -104,15 +105,16 @@ SCALES = {
 
 # The paper's figures (MNIST unless said otherwise), quoted in each report section.
 PAPER = {
-    "main-table": "MNIST: teacher 67 test errors, baseline 800-800 student 146, distilled student (T = 20) 74; "
-    "distillation recovers (146 - 74) / (146 - 67) = 91 % of the gap",
-    "temperature": "MNIST: with 300 or more units per hidden layer all temperatures above 8 gave fairly similar "
-    "results; with 30 units per layer, temperatures from 2.5 to 4 worked significantly better",
-    "omitted-class": "MNIST without any 3 in the transfer set: 206 test errors, 133 of them on the 1010 threes; "
-    "with the bias of class 3 raised by 3.5: 109 errors, 14 on threes. Only 7s and 8s in the "
-    "transfer set: 47.3 % test error, 13.2 % after reducing the 7 and 8 biases by 7.6",
-    "small-data": "speech, 3 % of the training set: hard targets 44.5 % test frame accuracy (needed early "
-    "stopping), soft targets 57.0 % (no early stopping); 58.9 % with all the data",
+    "main-table": "MNIST: teacher 67 test errors, baseline 800-800 student 146, distilled student "
+    "(T = 20) 74; distillation recovers (146 - 74) / (146 - 67) = 91 % of the gap",
+    "temperature": "MNIST: with 300 or more units per hidden layer all temperatures above 8 gave "
+    "fairly similar results; with 30 units per layer, temperatures from 2.5 to 4 worked "
+    "significantly better",
+    "omitted-class": "MNIST without any 3 in the transfer set: 206 test errors, 133 of them on the "
+    "1010 threes; with the bias of class 3 raised by 3.5: 109 errors, 14 on threes. Only 7s and 8s "
+    "in the transfer set: 47.3 % test error, 13.2 % after reducing the 7 and 8 biases by 7.6",
+    "small-data": "speech, 3 % of the training set: hard targets 44.5 % test frame accuracy "
+    "(needed early stopping), soft targets 57.0 % (no early stopping); 58.9 % with all the data",
 }
 HOLDOUT = 0.1  # omitted-class: the share of the training split held out for fitting biases
 EXPERIMENT_NAMES = ("main-table", "temperature", "omitted-class", "small-data")
@@ -189,7 +191,8 @@ class ReproduceConfig:
         # The class options belong to omitted-class alone: other experiments never read them.
         if "omitted-class" in names and self.omitted_class in self.kept_classes:
             problems.append(
-                f"--omitted-class {self.omitted_class} is also in --kept-classes {self.kept_classes}"
+                f"--omitted-class {self.omitted_class} is also in "
+                f"--kept-classes {self.kept_classes}"
             )
         if "omitted-class" in names and len(self.kept_classes) < 1:
             problems.append("--kept-classes needs at least one class")

@@ -37,7 +37,8 @@ def coprediction(probs: np.ndarray) -> np.ndarray:
 
 
 def similarity_matrix(probs: np.ndarray, kind: str = "log-moment") -> np.ndarray:
-    """The (C, C) matrix whose columns k-means clusters (see the module docstring for why ``log-moment``)."""
+    """The (C, C) matrix whose columns k-means clusters (see the module docstring for why
+    ``log-moment``)."""
     p = np.asarray(probs, dtype=np.float64)
     if kind == "covariance":
         return np.cov(p, rowvar=False)
@@ -48,7 +49,8 @@ def similarity_matrix(probs: np.ndarray, kind: str = "log-moment") -> np.ndarray
 
 
 def modularity(weights: np.ndarray, labels: np.ndarray) -> float:
-    """Newman modularity of a partition of a weighted graph ((C, C) symmetric weights, zero diagonal)."""
+    """Newman modularity of a partition of a weighted graph ((C, C) symmetric weights, zero
+    diagonal)."""
     total = float(weights.sum())
     if total <= 0:
         return 0.0
@@ -73,9 +75,9 @@ class Clustering:
         k: number of clusters; auto: whether k was chosen by modularity.
         scores: modularity of the k-means partition for each K tried (``{K: modularity}``).
         similarity: which matrix was clustered.
-        confusion: per group: ``within`` = mean probability the generalist gives to the group's *other*
-            classes on rows labeled in the group, ``errors_within`` = share of its errors on those rows that stay
-            in the group, ``rows``.
+        confusion: per group: ``within`` = mean probability the generalist gives to the group's
+            *other* classes on rows labeled in the group, ``errors_within`` = share of its errors on
+            those rows that stay in the group, ``rows``.
     """
 
     groups: list[list[int]]
@@ -117,7 +119,8 @@ def cluster_classes(
     Args:
         probs: (N, C) the generalist's predicted probabilities on the transfer set.
         labels: (N,) labels (for the confusion report), or None: the generalist's argmax stands in.
-        k: number of clusters; None: ``ceil(C / classes_per_specialist)`` if that is given, else automatic.
+        k: number of clusters; None: ``ceil(C / classes_per_specialist)`` if that is given, else
+            automatic.
         classes_per_specialist: the typical specialist size N (sets K = ceil(C / N)).
         similarity: ``log-moment`` (default) or ``covariance`` (the paper's raw matrix).
         seed: k-means seed.
@@ -160,9 +163,10 @@ def cluster_classes(
     for kk in ks:
         labels_by_k[kk] = KMeans(n_clusters=kk, n_init=20, random_state=seed).fit(columns).labels_
         scores[kk] = modularity(weights, labels_by_k[kk])
-    # The finest partition within MODULARITY_TOLERANCE of the best: a class the generalist hardly confuses with
-    # anything adds almost nothing to modularity wherever it goes, so the best K would often attach it to some group
-    # (and its specialist); a separate cluster leaves it to the generalist.
+    # The finest partition within MODULARITY_TOLERANCE of the best: a class the generalist hardly
+    # confuses with anything adds almost nothing to modularity wherever it goes, so the best K would
+    # often attach it to some group (and its specialist); a separate cluster leaves it to the
+    # generalist.
     top = max(scores.values())
     kk = max(k for k, v in scores.items() if v >= top - MODULARITY_TOLERANCE * abs(top))
     lab = labels_by_k[kk]
@@ -183,7 +187,8 @@ def cluster_classes(
 
 
 def group_confusion(probs: np.ndarray, labels: np.ndarray, group: list[int]) -> dict:
-    """How confusable ``group`` is for the generalist (see :class:`Clustering`). probs (N, C), labels (N,)."""
+    """How confusable ``group`` is for the generalist (see :class:`Clustering`).
+    probs (N, C), labels (N,)."""
     rows = np.isin(labels, group)
     if not rows.any():
         return {"rows": 0, "within": 0.0, "errors": 0, "errors_within": 0.0}
@@ -207,8 +212,9 @@ def clusters_report(cl: Clustering, class_names: list[str]) -> str:
     lines = [
         f"# Class clusters ({cl.similarity} similarity, K = {cl.k}, {how})",
         "",
-        "| cluster | classes | specialist | transfer rows | generalist's mean probability on the group's "
-        "other classes | generalist errors on these rows | share of those errors inside the group |",
+        "| cluster | classes | specialist | transfer rows "
+        "| generalist's mean probability on the group's other classes "
+        "| generalist errors on these rows | share of those errors inside the group |",
         "|---|---|---|---|---|---|---|",
     ]
     for i, (g, conf) in enumerate(zip(cl.groups, cl.confusion, strict=True)):

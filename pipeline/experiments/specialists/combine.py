@@ -23,7 +23,8 @@ from pipeline.training.losses import combine_members
 
 
 def active_specialists(log_pg: torch.Tensor, groups: list[list[int]], top_n: int) -> torch.Tensor:
-    """Which specialists are active: their classes meet the generalist's ``top_n`` classes. (N, C) -> (N, K) bool."""
+    """Which specialists are active: their classes meet the generalist's ``top_n`` classes.
+    (N, C) -> (N, K) bool."""
     top = log_pg.topk(min(top_n, log_pg.shape[1]), dim=1).indices  # (N, n)
     member = torch.zeros(len(groups), log_pg.shape[1], dtype=torch.bool)
     for k, g in enumerate(groups):
@@ -71,20 +72,23 @@ def combine_distributions(
 ) -> torch.Tensor:
     """The full distribution q minimising the combination objective, for every row at once.
 
-    Gradient descent (Adam, learning rate decayed to 0 on a cosine) on q's logits from ``log p_g``. Rows are
-    independent (the objective is a sum over rows and Adam's steps are per element), so one batch optimises each
-    row as if alone. A row with no active specialist keeps q = p_g exactly (the optimum of KL(p_g ‖ q) alone).
+    Gradient descent (Adam, learning rate decayed to 0 on a cosine) on q's logits from ``log p_g``.
+    Rows are independent (the objective is a sum over rows and Adam's steps are per element), so one
+    batch optimises each row as if alone. A row with no active specialist keeps q = p_g exactly (the
+    optimum of KL(p_g ‖ q) alone).
 
     Args:
-        log_pg: (N, C) generalist log-probabilities. log_ps, groups, active: as in :func:`combination_objective`.
+        log_pg: (N, C) generalist log-probabilities. log_ps, groups, active: as in
+            :func:`combination_objective`.
         steps: gradient steps. lr: Adam's initial step size (in logit units).
 
     Returns:
         (N, C) log q.
     """
     out = torch.log_softmax(log_pg.detach().double(), dim=1)
-    # Only rows with an active specialist are optimised: for the others q = p_g is the exact optimum, and Adam,
-    # which rescales every gradient to about its step size, would turn rounding-level gradients into real steps.
+    # Only rows with an active specialist are optimised: for the others q = p_g is the exact
+    # optimum, and Adam, which rescales every gradient to about its step size, would turn
+    # rounding-level gradients into real steps.
     rows = active.to(torch.bool).any(dim=1)
     if steps == 0 or not bool(rows.any()):
         return out.float()
@@ -104,9 +108,10 @@ def combine_distributions(
     return out.float()
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------------------- evaluation
 def table4(gen_correct: np.ndarray, comb_correct: np.ndarray, covering: np.ndarray) -> list[dict]:
-    """Accuracy gain by the number of active specialists covering the correct class (the paper's Table 4).
+    """Accuracy gain by the number of active specialists covering the correct class (the paper's
+    Table 4).
 
     Args:
         gen_correct, comb_correct: (N,) bool. covering: (N,) int.
@@ -139,10 +144,12 @@ def evaluate_combination(
     lr: float,
     corrected: bool = True,
 ) -> dict:
-    """Combine and measure one setting: accuracy, per class, Table 4, within-group specialist accuracy.
+    """Combine and measure one setting: accuracy, per class, Table 4, within-group specialist
+    accuracy.
 
     Args:
-        log_pg: (N, C). spec_logits: per specialist (N, m+1) logits *including* its dustbin correction.
+        log_pg: (N, C). spec_logits: per specialist (N, m+1) logits *including* its dustbin
+            correction.
         corrections: the dustbin correction each includes (subtracted when ``corrected`` is False).
         labels: (N,) int64.
     """
@@ -194,23 +201,27 @@ def evaluate_combination(
 
 
 def evaluation_report(result: dict, class_names: list[str]) -> str:
-    """Markdown: generalist vs combined, per class, Table 4, specialists within their groups, sensitivity."""
+    """Markdown: generalist vs combined, per class, Table 4, specialists within their groups,
+    sensitivity."""
     main = result["main"]
     g, c = main["generalist"], main["combined"]
     lines = [
         f"# Specialists on {result['dataset']}",
         "",
-        f"Generalist: {result['generalist']}. {len(result['groups'])} specialist(s); a specialist is active "
-        f"when its classes meet the generalist's top {main['top_n']}; combination by {result['kl_steps']} "
-        f"Adam steps on q's logits; dustbin correction {'on' if main['dustbin_corrected'] else 'off'}.",
+        f"Generalist: {result['generalist']}. {len(result['groups'])} specialist(s); "
+        f"a specialist is active when its classes meet the generalist's top {main['top_n']}; "
+        f"combination by {result['kl_steps']} Adam steps on q's logits; "
+        f"dustbin correction {'on' if main['dustbin_corrected'] else 'off'}.",
         "",
         "| model | errors | accuracy | NLL | ECE |",
         "|---|---|---|---|---|",
         f"| generalist | {g['errors']} | {g['accuracy']:.2%} | {g['nll']:.4f} | {g['ece']:.4f} |",
-        f"| generalist + specialists | {c['errors']} | {c['accuracy']:.2%} | {c['nll']:.4f} | {c['ece']:.4f} |",
+        f"| generalist + specialists | {c['errors']} | {c['accuracy']:.2%} | {c['nll']:.4f} | "
+        f"{c['ece']:.4f} |",
         "",
-        f"Changed predictions: {main['changed']['fixed']} errors fixed, {main['changed']['broken']} "
-        f"correct predictions broken ({net_change(g['errors'], c['errors'])}); "
+        f"Changed predictions: {main['changed']['fixed']} errors fixed, "
+        f"{main['changed']['broken']} correct predictions broken "
+        f"({net_change(g['errors'], c['errors'])}); "
         f"{main['active_per_case']:.2f} active specialists per test case on average.",
         "",
         "## Specialists",
@@ -239,15 +250,15 @@ def evaluation_report(result: dict, class_names: list[str]) -> str:
         "",
         "## Table 4 view: by the number of active specialists covering the correct class",
         "",
-        "| active specialists covering the correct class | test cases | generalist correct | combined correct "
-        "| gain | relative accuracy change |",
+        "| active specialists covering the correct class | test cases | generalist correct "
+        "| combined correct | gain | relative accuracy change |",
         "|---|---|---|---|---|---|",
     ]
     for r in main["table4"]:
         rel = "—" if math.isnan(r["relative_gain"]) else f"{r['relative_gain']:+.2%}"
         lines.append(
-            f"| {r['covering']} | {r['cases']} | {r['generalist_correct']} | {r['combined_correct']} | "
-            f"{r['gain']:+d} | {rel} |"
+            f"| {r['covering']} | {r['cases']} | {r['generalist_correct']} | "
+            f"{r['combined_correct']} | {r['gain']:+d} | {rel} |"
         )
     if not result["sensitivity"]:  # evaluate --no-sensitivity
         lines.append("")
@@ -278,6 +289,7 @@ def net_change(before: int, after: int) -> str:
 def generalist_log_probs(
     members: list[LoadedModel], x: np.ndarray, device: torch.device
 ) -> torch.Tensor:
-    """The generalist's test-time log-probabilities: its members' mean-probs combination, as for the cache."""
+    """The generalist's test-time log-probabilities: its members' mean-probs combination, as for the
+    cache."""
     logits = torch.stack([predict_logits(m.model, x, device) for m in members])
     return torch.log_softmax(combine_members(logits, "mean-probs", 1.0), dim=1)

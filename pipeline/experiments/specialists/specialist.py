@@ -43,9 +43,10 @@ def collapse_logits(
 ) -> torch.Tensor:
     """Logits whose softmax at T is ``softmax(logits / T)`` collapsed onto ``classes`` + a dustbin.
 
-    ``w = [v_S, T · logsumexp(v_rest / T)]``: the kept classes keep their logits and the dustbin gets the
-    log-sum-exp of the rest, so ``softmax(w / T)`` gives the kept classes their probability and the dustbin the sum
-    of the others'. The existing ``kd`` loss then trains on the collapsed distribution at any T unchanged.
+    ``w = [v_S, T · logsumexp(v_rest / T)]``: the kept classes keep their logits and the dustbin
+    gets the log-sum-exp of the rest, so ``softmax(w / T)`` gives the kept classes their probability
+    and the dustbin the sum of the others'. The existing ``kd`` loss then trains on the collapsed
+    distribution at any T unchanged.
 
     Args:
         logits: (B, C) generalist logits. classes: the m kept classes. temperature: T.
@@ -62,7 +63,8 @@ def collapse_logits(
 
 
 def collapse_log_probs(log_q: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """Log-probabilities (B, C) collapsed onto ``classes`` + dustbin: (B, m + 1), still normalised."""
+    """Log-probabilities (B, C) collapsed onto ``classes`` + dustbin: (B, m + 1), still
+    normalised."""
     return collapse_logits(log_q, classes, 1.0)
 
 
@@ -81,8 +83,8 @@ class SamplingPlan:
         rows: (n,) indices into the transfer set, sorted.
         natural_fraction: share of the transfer set in the specialist's classes (f).
         train_fraction: share of ``rows`` in them (about 0.5).
-        dustbin_correction: ``log(oversampling)`` added to the dustbin logit after training, where oversampling
-            = (train odds of the specialist's classes) / (natural odds) =
+        dustbin_correction: ``log(oversampling)`` added to the dustbin logit after training,
+            where oversampling = (train odds of the specialist's classes) / (natural odds) =
             ``(train_fraction / (1 − train_fraction)) / (f / (1 − f))``.
     """
 
@@ -101,7 +103,8 @@ class SamplingPlan:
 
 
 def sampling_plan(in_group: np.ndarray, seed: int, max_rows: int | None = None) -> SamplingPlan:
-    """Choose a specialist's rows: every in-group row (at most ``max_rows // 2``) and as many from the rest.
+    """Choose a specialist's rows: every in-group row (at most ``max_rows // 2``) and as many from
+    the rest.
 
     Args:
         in_group: (N,) bool, which transfer-set rows belong to the specialist's classes.
@@ -123,8 +126,8 @@ def sampling_plan(in_group: np.ndarray, seed: int, max_rows: int | None = None) 
     half = inside.size if max_rows is None else min(inside.size, max(1, max_rows // 2))
     if half < inside.size:
         inside = rng.choice(inside, size=half, replace=False)
-    # Without replacement while the rest is large enough (the paper's case: a specialist's classes are a small
-    # part of the data); with replacement otherwise, so the split stays half and half.
+    # Without replacement while the rest is large enough (the paper's case: a specialist's classes
+    # are a small part of the data); with replacement otherwise, so the split stays half and half.
     rest = rng.choice(outside, size=half, replace=outside.size < half)
     rows = np.sort(np.concatenate([inside, rest]))
     f = float(in_group.mean())
@@ -132,7 +135,7 @@ def sampling_plan(in_group: np.ndarray, seed: int, max_rows: int | None = None) 
     return SamplingPlan(rows, f, t, float(math.log((t / (1 - t)) / (f / (1 - f)))))
 
 
-# -------------------------------------------------------------------------------------- initialisation
+# ----------------------------------------------------------------------------------- initialisation
 def _last_linear(model: nn.Module, width: int) -> tuple[str, nn.Linear]:
     found = [
         (n, m)
@@ -153,11 +156,11 @@ def specialist_from_generalist(
 ) -> KDModel:
     """A specialist with the generalist member's weights and a resized last layer.
 
-    The last layer keeps the rows (weights and bias) of ``classes``; the dustbin row is the mean of the other
-    classes' rows with ``log(C − m)`` added to its bias. Logits are linear in the features while the dustbin's ideal
-    logit is ``logsumexp`` of the others'; ``mean + log(count)`` is the linear function closest to it (exact when
-    the others are equal, a lower bound otherwise), so the specialist starts out predicting about what the
-    generalist collapsed onto its classes predicts.
+    The last layer keeps the rows (weights and bias) of ``classes``; the dustbin row is the mean of
+    the other classes' rows with ``log(C − m)`` added to its bias. Logits are linear in the features
+    while the dustbin's ideal logit is ``logsumexp`` of the others'; ``mean + log(count)`` is the
+    linear function closest to it (exact when the others are equal, a lower bound otherwise), so the
+    specialist starts out predicting about what the generalist collapsed onto its classes predicts.
 
     Args:
         member: a generalist (member) model with C outputs.
@@ -196,10 +199,10 @@ def specialist_from_generalist(
     return new
 
 
-# ---------------------------------------------------------------------------------------- generalist data
+# ---------------------------------------------------------------------------------- generalist data
 def cached_generalist(cache: LogitCache, temperature: float = 1.0) -> torch.Tensor:
-    """The cache's combined generalist logits (all members, mean-probs at T), (N, C) float32; needs a complete
-    cache."""
+    """The cache's combined generalist logits (all members, mean-probs at T), (N, C) float32; needs
+    a complete cache."""
     if not cache.complete:
         raise CacheError(
             f"{cache.location}: specialists need a complete cache; finish it with cache-logits"
@@ -229,8 +232,8 @@ def generalist_members(
 
     Args:
         cache: the generalist's cache.
-        given: checkpoints / ensemble directories (``--generalist``); None: the paths the cache header records
-            (as given, then relative to the directory above the cache's ``data/``).
+        given: checkpoints / ensemble directories (``--generalist``); None: the paths the cache
+            header records (as given, then relative to the directory above the cache's ``data/``).
         trust_code: what the members' recorded ``py:`` / ``torchscript:`` specs may use.
 
     Raises:
@@ -266,7 +269,7 @@ def generalist_members(
     return [by_sha[s] for s in want]
 
 
-# ------------------------------------------------------------------------------------------------ training
+# ----------------------------------------------------------------------------------------- training
 @dataclass
 class SpecialistTask:
     """Everything one specialist's training needs. Plain data: it is pickled to dask workers."""
@@ -291,10 +294,12 @@ class SpecialistTask:
 
 
 def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = None) -> dict:
-    """Train one specialist through :func:`pipeline.training.fit` and save ``specialist.pt`` (a dask task).
+    """Train one specialist through :func:`pipeline.training.fit` and save ``specialist.pt`` (a dask
+    task).
 
     Returns:
-        The specialist's record (classes, sampling plan, dustbin correction, history summary, seconds).
+        The specialist's record (classes, sampling plan, dustbin correction, history summary,
+        seconds).
     """
     from pipeline.devices import resolve_device
 
@@ -377,7 +382,8 @@ def train_specialist(task: SpecialistTask, log: Callable[[str], None] | None = N
 
 
 def run_tasks(tasks: list[SpecialistTask], workers: int, log: Callable[[str], None]) -> list[dict]:
-    """Train specialists in this process (``workers`` <= 1) or as tasks on a dask ``LocalCluster`` of processes."""
+    """Train specialists in this process (``workers`` <= 1) or as tasks on a dask ``LocalCluster``
+    of processes."""
     if workers <= 1:
         return [train_specialist(t, log=log) for t in tasks]
     from dask.distributed import as_completed
@@ -392,6 +398,7 @@ def run_tasks(tasks: list[SpecialistTask], workers: int, log: Callable[[str], No
             r = fut.result()
             records[r["index"]] = r
             log(
-                f"specialist {r['index']} ({', '.join(r['class_names'])}) done in {r['seconds']:.1f}s"
+                f"specialist {r['index']} ({', '.join(r['class_names'])}) "
+                f"done in {r['seconds']:.1f}s"
             )
         return [records[t.index] for t in tasks]

@@ -60,12 +60,12 @@ def check_groups(groups: list[list[int]], num_classes: int) -> None:
     ]
     if bad or not groups:
         raise KDError(
-            f"specialist class sets must be non-empty proper subsets of 0..{num_classes - 1}; found "
-            f"{groups}; re-run `kd-pipeline specialists cluster`"
+            f"specialist class sets must be non-empty proper subsets of 0..{num_classes - 1}; "
+            f"found {groups}; re-run `kd-pipeline specialists cluster`"
         )
 
 
-# ------------------------------------------------------------------------------------------------- the steps
+# ---------------------------------------------------------------------------------------- the steps
 def _write_config(cfg: SpecialistsConfig, step: str) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,17 +79,20 @@ def _read_json(path: Path, what: str, fix: str) -> dict:
 
 
 def _check_same_cache(recorded: str | None, cache: LogitCache, where: Path, step: str) -> None:
-    """Clusters and specialists belong to the cache they were made from: refuse to mix them with another."""
+    """Clusters and specialists belong to the cache they were made from: refuse to mix them with
+    another."""
     current = cache_fingerprint(cache.header)
     if recorded is not None and recorded != current:
         raise CacheError(
-            f"{where} was made from a cache with fingerprint {recorded}, but --cache {cache.location} "
-            f"has {current}; re-run `kd-pipeline specialists {step}` for this cache, or use another --out"
+            f"{where} was made from a cache with fingerprint {recorded}, "
+            f"but --cache {cache.location} has {current}; "
+            f"re-run `kd-pipeline specialists {step}` for this cache, or use another --out"
         )
 
 
 def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> Clustering:
-    """Step 1: cluster the classes from the cache; writes ``clusters.json`` and ``clusters.md`` under ``cfg.out``."""
+    """Step 1: cluster the classes from the cache; writes ``clusters.json`` and ``clusters.md``
+    under ``cfg.out``."""
     cfg.validate()
     cache = LogitCache(cfg.cache_location)
     probs = torch.softmax(cached_generalist(cache, 1.0), dim=1).numpy()
@@ -104,8 +107,8 @@ def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     )
     if not cl.specialists:
         raise KDError(
-            f"no cluster holds two or more classes (clusters: {cl.groups}); ask for fewer clusters with "
-            "--specialists K"
+            f"no cluster holds two or more classes (clusters: {cl.groups}); "
+            "ask for fewer clusters with --specialists K"
         )
     _write_config(cfg, "cluster")
     out = Path(cfg.out)
@@ -126,7 +129,8 @@ def fit_clusters(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
 
 
 def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> list[dict]:
-    """Step 2: train one specialist per cluster of two or more classes (dask tasks with ``--workers N``)."""
+    """Step 2: train one specialist per cluster of two or more classes (dask tasks with
+    ``--workers N``)."""
     cfg.validate()
     out = Path(cfg.out)
     clusters = _read_json(
@@ -150,8 +154,8 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
     if init == "generalist" and spec != member_spec:
         raise ConfigError(
             [
-                f"--init generalist needs the specialists' model to be the generalist's ({member_spec}), "
-                f"got {spec}; use --init scratch or drop --model"
+                f"--init generalist needs the specialists' model to be the generalist's "
+                f"({member_spec}), got {spec}; use --init scratch or drop --model"
             ]
         )
     init_path = init_sha = None
@@ -200,14 +204,17 @@ def train_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> lis
     atomic_write_json(out / "specialists.json", summary)
     for r in records:
         log(
-            f"specialist {r['index']}: {', '.join(r['class_names'])} + dustbin, {r['sampling']['rows']} rows, "
-            f"dustbin correction {r['dustbin_correction_applied']:+.3f}, {r['train_seconds']:.1f}s training"
+            f"specialist {r['index']}: {', '.join(r['class_names'])} + dustbin, "
+            f"{r['sampling']['rows']} rows, "
+            f"dustbin correction {r['dustbin_correction_applied']:+.3f}, "
+            f"{r['train_seconds']:.1f}s training"
         )
     return records
 
 
 def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> dict:
-    """Step 3: combine generalist and specialists on the test set; writes ``evaluation.json`` and ``report.md``."""
+    """Step 3: combine generalist and specialists on the test set; writes ``evaluation.json`` and
+    ``report.md``."""
     cfg.validate()
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -290,8 +297,9 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     atomic_write_text(out / "report.md", report)
     g, c = main["generalist"], main["combined"]
     log(
-        f"generalist {g['errors']} errors ({g['accuracy']:.2%}), generalist + specialists {c['errors']} errors "
-        f"({c['accuracy']:.2%}) on {test.spec}; wrote {out / 'report.md'}"
+        f"generalist {g['errors']} errors ({g['accuracy']:.2%}), "
+        f"generalist + specialists {c['errors']} errors ({c['accuracy']:.2%}) on {test.spec}; "
+        f"wrote {out / 'report.md'}"
     )
     return result
 
