@@ -261,8 +261,8 @@ def _build_torchscript(
         raise ModelSpecError(f"model spec {spec!r}: no TorchScript file at {path}")
     with warnings.catch_warnings():
         # torch deprecates TorchScript in favour of torch.export, but a user's .pt is TorchScript:
-        # the FutureWarning on every load says nothing they can act on here.
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        # the warning on every load says nothing they can act on here.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit")  # Future- or Deprecation-
         return torch.jit.load(str(path), map_location="cpu")
 
 
