@@ -159,7 +159,16 @@ def wait_for_dir(path: Path, p: subprocess.Popen, timeout: float = 60) -> bool:
     return False
 
 
-def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int, seed: int) -> dict:
+def kill_and_resume(
+    root: Path,
+    teacher: Path,
+    spec: str,
+    ref: dict,
+    kills: int,
+    seed: int,
+    min_partial: int = 0,
+    max_kills: int = 0,
+) -> dict:
     """SIGKILL the real CLI ``kills`` times at seeded random moments, resuming each time; finish and
     verify.
 
@@ -171,6 +180,10 @@ def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int,
     completion). When a run completes before its kill, its cache is verified and a fresh cache is
     started, so that every kill hits a run with work left. Every cache is finally compared with the
     uninterrupted ``ref``.
+
+    Where a kill lands depends on this machine's speed and load, so after ``kills`` kills it goes
+    on killing (up to ``max_kills``) until ``min_partial`` of them have left a cache with some
+    but not all shards done: the kills that really interrupt writing are what the test is for.
     """
     rng = random.Random(seed)
     stats = {
@@ -183,7 +196,13 @@ def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int,
     }
     t_line = None  # how long the CLI takes to reach its plan line (measured on the runs below)
     cache = None
-    while stats["kills"] < kills:
+
+    def more() -> bool:
+        if stats["kills"] < kills:
+            return True
+        return stats["partial_after_kill"] < min_partial and stats["kills"] < max_kills
+
+    while more():
         if cache is None:
             cache = root / f"c{len(stats['caches'])}.zarr"
             stats["caches"].append(cache)
@@ -259,8 +278,17 @@ def kill_and_resume(root: Path, teacher: Path, spec: str, ref: dict, kills: int,
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(
     tmp_path: Path, teacher_dir: Path, big_spec: str, reference: dict
 ) -> None:
-    stats = kill_and_resume(tmp_path, teacher_dir, big_spec, reference, kills=10, seed=20240611)
-    assert stats["kills"] == 10
+    stats = kill_and_resume(
+        tmp_path,
+        teacher_dir,
+        big_spec,
+        reference,
+        kills=10,
+        seed=20240611,
+        min_partial=2,
+        max_kills=40,
+    )
+    assert stats["kills"] >= 10
     # The kills really did interrupt writing, not only start-up.
     assert stats["partial_after_kill"] >= 2, stats
 
@@ -269,8 +297,10 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(
 def test_sigkill_many_times_then_resume_is_bit_identical(
     tmp_path: Path, teacher_dir: Path, big_spec: str, reference: dict
 ) -> None:
-    stats = kill_and_resume(tmp_path, teacher_dir, big_spec, reference, kills=30, seed=7)
-    assert stats["kills"] == 30
+    stats = kill_and_resume(
+        tmp_path, teacher_dir, big_spec, reference, kills=30, seed=7, min_partial=6, max_kills=80
+    )
+    assert stats["kills"] >= 30
     assert stats["partial_after_kill"] >= 6, stats
 
 
