@@ -52,9 +52,9 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 from pipeline.cache.guard import MAX_METADATA_BYTES as MAX_METADATA_BYTES
 from pipeline.cache.guard import GuardedStore, check_bundle
 from pipeline.errors import CacheError, StorageError, explain, storage_errors
+from pipeline.files import location_stem
 
 ZIP_SUFFIX = ".zip"
-ZARR_SUFFIX = ".zarr"
 MAX_ZIP_ENTRIES = 2_000_000
 MAX_ZIP_ENTRY_BYTES = 4 << 30  # a logit chunk is one shard of one member: far below this
 MAX_ZIP_TOTAL_BYTES = 1 << 40
@@ -268,8 +268,7 @@ class CacheLocation:
 
         The one slug rule for caches (run-directory names such as ``data/runs/<cache>-...``).
         """
-        last = PurePosixPath(self.text).name if self.kind == "url" else local_path(self.text).name
-        return last.removesuffix(ZIP_SUFFIX).removesuffix(ZARR_SUFFIX)
+        return location_stem(self.text)
 
     @property
     def local_path(self) -> Path | None:
