@@ -43,6 +43,42 @@ Header (``attributes["kd_cache"]``, JSON only, never pickle; read and written as
     tool, tool_version, created, command
     complete, completed_at     true only when every member's every shard is done
 
+FORMAT ``kd-pipeline-logit-cache`` version 2 (what cache-logits writes; version 1 still reads)
+========================================================================================
+
+A cache is a table of **rows**: one teacher distribution over C classes per (sample, view,
+position). Version 1 is the case of one row per sample; augmentation views and token positions
+fill the other two keys. Rows are ordered by sample, then view, then position::
+
+    CACHE/
+      zarr.json, ids, labels, kd-writer.lock, kd-creating     as in version 1 (one per sample)
+      row_start            (N,) int64   first row of sample i in the member arrays
+      row_count            (N,) int32   its rows (views x positions; a sample's rows are
+                                        row_start[i] .. row_start[i] + row_count[i] - 1)
+      members/<k>/...      the member's row arrays, (R, width) each, by its storage kind
+                           (:mod:`pipeline.cache.kinds`): dense ``logits``; topk ``values``,
+                           ``indices``, ``tail_lse``; sampled ``values``, ``indices``, ``lse``
+      members/<k>/fidelity (S, n_T, 7) float64  what storing lost, measured on seeded rows of
+                           each shard at write time (summarised into the header at completion)
+      members/<k>/done     (S,) uint8   as in version 1
+
+Shards are still ranges of ``rows_per_shard`` samples; a shard writes rows
+``[s * rows.per_shard, (s + 1) * rows.per_shard)``, one chunk of every row array (rows of one
+sample never straddle shards). Header additions: ``rows`` = {n (R), per_shard, views, positions},
+``seed`` (seeds sampled storage), and per member ``storage`` = {kind, size, temperatures,
+sample_temperature, fidelity}. A member's fidelity record holds, per recorded temperature, the
+mean and worst KL(full || stored), the mean and least kept mass and the mean and worst total
+variation distance. Dense members with one row per sample serve exactly what version 1 served
+(the same fingerprint).
+
+Ensembles keep one array set per member, each with its own support; stage two combines them at
+training time: dense members as always; for sparse members the arithmetic mean (``mean-probs``)
+averages the members' own bucket losses (cross-entropy is linear in the target, so this is the
+gradient of the loss to the members' mixture, using each member's exact buckets), and the
+geometric mean (``mean-logits``) of top-k members is formed over the union of their kept classes
+with each member's tail spread evenly over its tail classes (one bucket for the classes no member
+kept). Sampled members support the arithmetic mean only.
+
 Readers refuse a partial cache unless asked to allow it (then only the shards every chosen member
 has finished are used). Values are raw logits: temperature, ensemble mean type and member subset are
 chosen at training time.
@@ -82,7 +118,19 @@ from pipeline.cache.header import (
     CacheHeader,
     DatasetRecord,
     MemberRecord,
+    expected_arrays,
+    member_array,
+    member_done,
+    member_fidelity,
+    member_row_arrays,
     validate_header,
+)
+from pipeline.cache.kinds import (
+    FIDELITY_FIELDS,
+    StorageSpec,
+    bytes_per_row,
+    measure_fidelity,
+    summarise_fidelity,
 )
 from pipeline.cache.location import (
     MAX_METADATA_BYTES,
@@ -162,29 +210,6 @@ def shard_bounds(shard: int, rows_per_shard: int, n: int) -> tuple[int, int]:
     return start, min(start + rows_per_shard, n)
 
 
-def member_array(index: int) -> str:
-    return f"members/{index}/logits"
-
-
-def member_done(index: int) -> str:
-    return f"members/{index}/done"
-
-
-ArraySpec = tuple[str, tuple[int, ...], str, tuple[int, ...]]  # name, shape, dtype, chunks
-
-
-def expected_arrays(h: CacheHeader) -> list[ArraySpec]:
-    """Every array ``h`` implies, with the shape, dtype and chunks the format gives it."""
-    rows = (h.rows_per_shard,)
-    out: list[ArraySpec] = [("ids", (h.n,), "int64", rows)]
-    if h.labeled:
-        out.append(("labels", (h.n,), "int64", rows))
-    for m in h.members:
-        out.append((member_array(m.index), (h.n, h.num_classes), h.dtype, (*rows, h.num_classes)))
-        out.append((member_done(m.index), (h.n_shards,), "uint8", (1,)))
-    return out
-
-
 def group_header(group: zarr.Group, where: str = "cache") -> CacheHeader:
     """The (validated) header of an open cache group."""
     return CacheHeader.from_dict(group.attrs.get(ATTR_KEY), where)
@@ -207,6 +232,8 @@ def create_cache(
     dtype: str,
     rows_per_shard: int,
     command: str,
+    storage: StorageSpec | Sequence[StorageSpec] | None = None,
+    seed: int = 0,
 ) -> zarr.Group:
     """Create the store schema-first: every array at full size, ids/labels written, no logits yet.
 
@@ -215,6 +242,9 @@ def create_cache(
         dataset: the transfer set's ``Dataset.describe()``.
         ids: (N,) stable sample ids. labels: (N,) or None.
         members: teacher identities (``LoadedModel.identity()``), one per member.
+        storage: how the members' rows are stored (one spec for all, or one per member;
+            default dense).
+        seed: seeds sampled storage (with the member and the shard).
     """
     where = CacheLocation.parse(location)
     store = _clear_for_creation(where)
@@ -231,7 +261,10 @@ def create_cache(
         tool_version=__version__,
         created=now(),
         command=command,
+        seed=int(seed),
     )
+    if storage is None or isinstance(storage, StorageSpec):
+        storage = [storage or StorageSpec("dense")] * len(members)
     group = zarr.create_group(store, zarr_format=3)
     # Every chunk is stored, even one equal to the fill value (an all-class-0 labels shard): a
     # present object per shard is what verify and copy check, and a missing one then always means
@@ -244,9 +277,12 @@ def create_cache(
     group.create_array("ids", data=np.asarray(ids, dtype=np.int64), **kw)
     if labels is not None:
         group.create_array("labels", data=np.asarray(labels, dtype=np.int64), **kw)
+    per_sample = header.shard_rows // header.rows_per_shard
+    group.create_array("row_start", data=np.arange(n, dtype=np.int64) * per_sample, **kw)
+    group.create_array("row_count", data=np.full(n, per_sample, dtype=np.int32), **kw)
     _set_header(group, header)
-    for m in members:
-        add_member_arrays(group, m)
+    for m, spec in zip(members, storage, strict=True):
+        add_member_arrays(group, m, spec)
     delete_key(store, CREATING_MARKER)
     return group
 
@@ -276,22 +312,50 @@ def _clear_for_creation(where: CacheLocation) -> Store:
     return store
 
 
-def add_member_arrays(group: zarr.Group, identity: Mapping[str, Any]) -> MemberRecord:
-    """Append a member to the header and create its (empty) logits and done arrays."""
+def add_member_arrays(
+    group: zarr.Group, identity: Mapping[str, Any], storage: StorageSpec | None = None
+) -> MemberRecord:
+    """Append a member to the header and create its (empty) row, done and fidelity arrays.
+
+    Args:
+        storage: how its rows are stored (default dense); a format 1 cache takes dense only.
+    """
     h = group_header(group)
     index = len(h.members)
-    h = h.with_member({"index": index, "array": member_array(index), **identity, "added": now()})
+    spec = storage or StorageSpec("dense")
+    entry = {"index": index, "array": member_array(index, _first_array(spec)), **identity}
+    entry["added"] = now()
+    if h.version >= 2:
+        entry["storage"] = spec.to_dict()
+    elif spec.sparse:
+        raise CacheError(
+            f"a format {h.version} cache stores dense members only; write {spec.text} members "
+            "into a new cache (cache-logits --store ... --out NEW)"
+        )
+    h = h.with_member(entry)
     # overwrite: arrays at this index that the header does not list are leftovers of an add killed
     # midway.
-    group.create_array(
-        member_array(index),
-        shape=(h.n, h.num_classes),
-        dtype=h.dtype,
-        chunks=(h.rows_per_shard, h.num_classes),
-        compressors=logit_codecs(),
-        fill_value=0,
-        overwrite=True,
-    )
+    for name, shape, dtype, chunks in member_row_arrays(h, index):
+        group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            compressors=logit_codecs(),
+            fill_value=0,
+            overwrite=True,
+        )
+    if h.version >= 2:
+        temps, fields = len(spec.temperatures), len(FIDELITY_FIELDS)
+        group.create_array(
+            member_fidelity(index),
+            shape=(h.n_shards, temps, fields),
+            dtype="float64",
+            chunks=(1, temps, fields),
+            compressors=[zc.Crc32cCodec()],
+            fill_value=0,
+            overwrite=True,
+        )
     # One chunk per flag: writers of different shards never share an object.
     group.create_array(
         member_done(index),
@@ -304,6 +368,10 @@ def add_member_arrays(group: zarr.Group, identity: Mapping[str, Any]) -> MemberR
     )
     _set_header(group, h)
     return h.members[-1]
+
+
+def _first_array(spec: StorageSpec) -> str:
+    return spec.impl.arrays(spec, 2, "float16")[0][0]
 
 
 def mark_complete(location: str | Path | CacheLocation) -> None:
@@ -319,6 +387,11 @@ def mark_complete(location: str | Path | CacheLocation) -> None:
             raise CacheError(
                 f"{where}: member {m.index} still misses {int((flags == 0).sum())} shards"
             )
+        if h.version >= 2:  # the shards' fidelity measurements, summarised once
+            per_shard = group[member_fidelity(m.index)][:]
+            spec = h.storage(m.index)
+            record = {**spec.to_dict(), "fidelity": summarise_fidelity(spec, per_shard)}
+            h = h.with_storage(m.index, record)
     _set_header(group, h.completed(now()))
     zarr.consolidate_metadata(store)
 
@@ -348,43 +421,66 @@ def write_shard(
     handles: dict | None = None,
     header: CacheHeader | None = None,
 ) -> None:
-    """Write one whole shard of one member's logits, then its done flag.
+    """Write one whole shard of one member, stored by its kind, then its done flag.
 
     Args:
         logits: (rows, C) float32 raw logits for the shard's rows.
-        ids: (rows,) sample ids of those rows, named in errors.
+        ids: (samples,) sample ids of the shard, named in errors.
         handles: array handles kept across calls by a writer of many shards (see
             :func:`array_handle`).
         header: the cache's header, when the caller holds it (else read from ``group``).
 
     Raises:
-        CacheError: NaN/inf logits, or logits beyond float16's range in a float16 cache (nothing is
-            written).
+        CacheError: NaN/inf logits, or stored logits beyond float16's range in a float16 cache
+            (nothing is written).
     """
     h = header if header is not None else group_header(group)
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
         raise CacheError(
-            f"member {member} produced NaN or inf logits for sample ids {_ids_list(ids[bad])}; the "
-            "teacher is broken on these inputs, nothing was written for this shard"
+            f"member {member} produced NaN or inf logits for sample ids "
+            f"{_ids_list(_row_ids(h, shard, ids, bad))}; the teacher is broken on these inputs, "
+            "nothing was written for this shard"
         )
-    if h.dtype == "float16":
-        over = (np.abs(logits) > FLOAT16_MAX).any(axis=1)
-        if over.any():
-            raise CacheError(
-                f"member {member} has logits beyond float16's range (|v| > {FLOAT16_MAX:.0f}, max "
-                f"{np.abs(logits).max():.4g}) for sample ids {_ids_list(ids[over])}; they would be "
-                "stored as inf. Re-create the cache with --dtype float32"
-            )
-    start, stop = h.shard_bounds(shard)
+    start, stop = h.row_bounds(shard)
     if logits.shape != (stop - start, h.num_classes):
         raise CacheError(
             f"shard {shard} of member {member}: expected logits of shape "
             f"{(stop - start, h.num_classes)}, got {logits.shape}"
         )
+    spec = h.storage(member)
+    if h.dtype == "float16":
+        # Only what is stored must fit: a top-k member keeps its K largest values, and its tail
+        # is summed in float64 whatever its range.
+        stored = logits if not spec.sparse else np.max(np.abs(logits), axis=1, keepdims=True)
+        over = (np.abs(stored) > FLOAT16_MAX).any(axis=1)
+        if over.any():
+            raise CacheError(
+                f"member {member} has logits beyond float16's range (|v| > {FLOAT16_MAX:.0f}, max "
+                f"{np.abs(logits).max():.4g}) for sample ids "
+                f"{_ids_list(_row_ids(h, shard, ids, over))}; they would be stored as inf. "
+                "Re-create the cache with --dtype float32"
+            )
     handles = {} if handles is None else handles
-    array_handle(group, member_array(member), handles)[start:stop] = logits.astype(h.dtype)
+    if h.version < 2:
+        array_handle(group, member_array(member), handles)[start:stop] = logits.astype(h.dtype)
+    else:
+        # Seeded by (cache seed, member, shard): a resumed or distributed write draws the same.
+        rng = np.random.default_rng([h.seed or 0, member, shard])
+        arrays = spec.impl.encode(spec, logits, h.dtype, rng)
+        for name, values in arrays.items():
+            array_handle(group, member_array(member, name), handles)[start:stop] = values
+        fidelity = measure_fidelity(
+            spec, logits, arrays, np.random.default_rng([h.seed or 0, member, shard, 1])
+        )
+        array_handle(group, member_fidelity(member), handles)[shard] = fidelity
     array_handle(group, member_done(member), handles)[shard] = 1
+
+
+def _row_ids(h: CacheHeader, shard: int, ids: np.ndarray, bad_rows: np.ndarray) -> np.ndarray:
+    """The sample ids of the flagged rows of a shard (rows of one sample are consecutive)."""
+    per_sample = max(1, h.shard_rows // h.rows_per_shard)
+    return np.unique(ids[np.flatnonzero(bad_rows) // per_sample])
 
 
 def _ids_list(ids: np.ndarray, limit: int = 20) -> str:
@@ -402,6 +498,7 @@ class CacheInfo:
     shards_done: list[int]
     size_on_disk: int
     raw_size: int
+    member_bytes: dict[int, int] | None = None  # bytes on disk of each member's arrays
 
     def to_dict(self) -> dict:
         h = self.header
@@ -420,13 +517,8 @@ class CacheInfo:
             "shards_done": self.shards_done,
             "complete": h.complete,
             "labeled": h.labeled,
-            "members": [
-                {
-                    k: m.to_dict().get(k)
-                    for k in ("index", "model_spec", "checkpoint_sha256", "path", "metrics")
-                }
-                for m in h.members
-            ],
+            "rows": h.n_rows,
+            "members": [self._member(m) for m in h.members],
             "dataset": {
                 k: dataset.get(k) for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")
             },
@@ -438,11 +530,30 @@ class CacheInfo:
             "tool_version": h.tool_version,
         }
 
+    def _member(self, m: MemberRecord) -> dict:
+        """A member's identity, its storage, bytes per row and what storing lost."""
+        h = self.header
+        keys = ("index", "model_spec", "checkpoint_sha256", "path", "metrics")
+        out = {k: m.to_dict().get(k) for k in keys}
+        spec = m.spec
+        dense_row = h.num_classes * np.dtype(h.dtype).itemsize
+        raw_row = bytes_per_row(spec, h.num_classes, h.dtype)
+        out["storage"] = spec.text
+        out["temperatures"] = list(spec.temperatures) if spec.sparse else None
+        out["raw_bytes_per_row"] = raw_row
+        out["dense_bytes_per_row"] = dense_row
+        if self.member_bytes is not None and h.n_rows:
+            on_disk = self.member_bytes.get(m.index, 0) / h.n_rows
+            out["bytes_per_row_on_disk"] = round(on_disk, 2)
+            out["ratio_to_dense"] = round(on_disk / dense_row, 5)
+        out["fidelity"] = None if spec.fidelity is None else dict(spec.fidelity)
+        return out
+
 
 # A chunk of these arrays is always written (ids and labels at creation, logits before their
 # shard's done flag), so its absence is damage; a done flag's chunk is legitimately absent until
 # its shard is written.
-_DATA_CHUNK = re.compile(r"(ids|labels|members/\d+/logits)/c/")
+_DATA_CHUNK = re.compile(r"(ids|labels|row_start|row_count|members/\d+/(?!done/)[a-z_]+)/c/")
 _REPAIR = (
     "Run `kd-pipeline cache verify {where}` for a full report, then restore the cache "
     "from a good copy (`kd-pipeline cache copy`) or re-create it with `kd-pipeline "
@@ -693,7 +804,8 @@ class LogitCache:
         """The error for data chunk ``key`` of array ``path`` having no object."""
         shard = int(key.removeprefix(path + "/c/").split("/")[0])
         start, stop = self.shard_bounds(shard)
-        whose = f"member {path.split('/')[1]}'s logits" if path.startswith("members/") else path
+        parts = path.split("/")
+        whose = f"member {parts[1]}'s {parts[2]}" if path.startswith("members/") else path
         return MissingChunkError(
             f"{self.location}: chunk {key} ({whose}, shard {shard}: rows {start}..{stop - 1}) is "
             "missing. A cache stores every such chunk, so it was deleted or lost; its rows are not "
@@ -701,8 +813,16 @@ class LogitCache:
             key,
         )
 
+    def storage(self, member: int) -> StorageSpec:
+        """How member ``member``'s rows are stored (format 1: dense)."""
+        return self.header.storage(member)
+
+    def row_bounds(self, shard: int) -> tuple[int, int]:
+        """Row range [start, stop) of the member arrays in ``shard``."""
+        return self.header.row_bounds(shard)
+
     def read_logits(self, shard: int, members: list[int] | None = None) -> np.ndarray:
-        """One whole shard of raw logits.
+        """One whole shard of raw logits of dense members.
 
         Returns:
             (M, rows, C) array in the storage dtype (float16 by default), members in the given
@@ -710,23 +830,48 @@ class LogitCache:
 
         Raises:
             CacheError: a chunk is missing or unreadable, or holds NaN/inf (the writer never
-                stores them).
+                stores them); a chosen member is stored sparse (read it with
+                :meth:`read_member`).
         """
         chosen = range(len(self.members)) if members is None else members
-        start, stop = self.shard_bounds(shard)
         blocks = []
         for m in chosen:
-            block = self._read(member_array(m), slice(start, stop))
-            if not _all_finite(block):
-                bad = np.flatnonzero(~np.isfinite(block.astype(np.float32)).all(axis=1))
+            spec = self.storage(m)
+            if spec.sparse:
                 raise CacheError(
-                    f"{self.location}: member {m}'s logits in shard {shard} hold NaN or inf for "
-                    f"sample ids {_ids_list(self.read_ids(shard)[bad])}. cache-logits never stores "
-                    "them, so the chunk was altered; training on it would diverge or learn nothing "
-                    "there. " + _REPAIR.format(where=self.location)
+                    f"{self.location}: member {m} is stored {spec.text}, not dense; its rows are "
+                    "read with read_member"
                 )
-            blocks.append(block)
+            blocks.append(self.read_member(shard, m)["logits"])
         return np.stack(blocks)
+
+    def read_member(self, shard: int, member: int) -> dict[str, np.ndarray]:
+        """One whole shard of one member's stored arrays, by name (its storage kind's).
+
+        Returns:
+            ``{"logits": (rows, C)}`` for a dense member; ``{"values", "indices", "tail_lse"}``
+            or ``{"values", "indices", "lse"}`` for a sparse one (see :mod:`pipeline.cache.kinds`).
+
+        Raises:
+            CacheError: a chunk is missing or unreadable, or holds what the writer never stores
+                (NaN/inf values, class indices outside ``0..C-1``, NaN log-sum-exps).
+        """
+        spec = self.storage(member)
+        start, stop = self.row_bounds(shard)
+        out = {}
+        for name, _, _ in spec.impl.arrays(spec, self.num_classes, self.header.dtype):
+            out[name] = self._read(member_array(member, name), slice(start, stop))
+        problem = _cheap_problem(out, self.num_classes)
+        if problem:
+            bad = _bad_rows(out, self.num_classes)
+            raise CacheError(
+                f"{self.location}: member {member}'s {problem[0]} in shard {shard} "
+                f"{problem[1]} for sample ids "
+                f"{_ids_list(_row_ids(self.header, shard, self.read_ids(shard), bad))}. "
+                "cache-logits never stores them, so the chunk was altered; training on it would "
+                "diverge or learn nothing there. " + _REPAIR.format(where=self.location)
+            )
+        return out
 
     def read_labels(
         self, shard: int | None = None, *, truth: np.ndarray | None = None
@@ -791,9 +936,44 @@ class LogitCache:
     # -- description
     def info(self) -> CacheInfo:
         done = self.done_shards().tolist()
-        size = sum(key_sizes(self.store).values())
-        raw = self.n * self.num_classes * 4 * len(self.members)
-        return CacheInfo(self.location.display, self.header, done, size, raw)
+        sizes = key_sizes(self.store)
+        raw = self.header.n_rows * self.num_classes * 4 * len(self.members)
+        per_member = {
+            m.index: sum(v for k, v in sizes.items() if k.startswith(f"members/{m.index}/"))
+            for m in self.members
+        }
+        return CacheInfo(
+            self.location.display, self.header, done, sum(sizes.values()), raw, per_member
+        )
+
+
+def _cheap_problem(arrays: dict[str, np.ndarray], num_classes: int) -> tuple[str, str] | None:
+    """(array, what is wrong) by what the reader checks on every shard it serves (``cache
+    verify`` checks more); None when nothing is."""
+    for name in ("logits", "values"):
+        if name in arrays and not _all_finite(arrays[name]):
+            return name, "hold NaN or inf"
+    idx = arrays.get("indices")
+    if idx is not None and idx.size and int(idx.max()) >= num_classes:
+        return "indices", f"hold classes outside 0..{num_classes - 1}"
+    for name in ("tail_lse", "lse"):
+        if name in arrays and np.isnan(arrays[name]).any():
+            return name, "hold NaN"
+    return None
+
+
+def _bad_rows(arrays: dict[str, np.ndarray], num_classes: int) -> np.ndarray:
+    """(rows,) bool: the rows :func:`_cheap_problem` objects to."""
+    rows = next(iter(arrays.values())).shape[0]
+    bad = np.zeros(rows, dtype=bool)
+    for name, a in arrays.items():
+        if name == "indices":
+            bad |= (a.astype(np.int64) >= num_classes).any(axis=1)
+        elif name in ("tail_lse", "lse"):
+            bad |= np.isnan(a).any(axis=1)
+        else:
+            bad |= ~np.isfinite(a.astype(np.float32)).all(axis=1)
+    return bad
 
 
 def _all_finite(block: np.ndarray) -> bool:

@@ -37,8 +37,8 @@ from zarr.abc.store import ByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import WrapperStore, ZipStore
 
-from pipeline.cache.header import ATTR_KEY
-from pipeline.errors import CacheError, storage_errors
+from pipeline.cache.header import ATTR_KEY, CacheHeader, expected_arrays
+from pipeline.errors import CacheError, KDError, storage_errors
 
 META = "zarr.json"
 ZARR_V2_NAMES = frozenset({".zgroup", ".zattrs", ".zarray", ".zmetadata"})
@@ -46,7 +46,16 @@ MAX_METADATA_BYTES = 16 << 20  # any zarr.json bigger than this is not a cache's
 MAX_JSON_DEPTH = 64  # a cache's metadata nests about 8 deep
 MAX_BOOKKEEPING_BYTES = 1 << 16  # kd-writer.lock, kd-creating: a few hundred bytes
 CODEC_CHAINS = (("bytes", "zstd", "crc32c"), ("bytes", "crc32c"))  # data arrays, done flags
-DTYPES = {"int64": 8, "uint8": 1, "float16": 2, "float32": 4}
+DTYPES = {
+    "int64": 8,
+    "int32": 4,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+}
 ZSTD_MAGIC = 0xFD2FB528
 KEEP = (FileNotFoundError,)  # a store's answer for a missing key or root, not a failure
 REFUSE = "Do not use it; get a good copy, or ask its sender for one made by kd-pipeline"
@@ -181,6 +190,15 @@ class Limits:
         n_shards, itemsize = h.get("n_shards"), DTYPES.get(h.get("dtype"), 0)
         if not all(isinstance(v, int) and v > 0 for v in (rows, classes, n_shards, itemsize)):
             return None
+        try:  # format 2 (and 1): every array the header implies, by its chunk's bytes
+            header = CacheHeader.from_dict(h)
+            chunk = {
+                name: math.prod(chunks) * DTYPES[dtype]
+                for name, _, dtype, chunks in expected_arrays(header)
+            }
+            return cls(chunk, n_shards, max(chunk.values()))
+        except (KDError, KeyError, ValueError, TypeError):
+            pass  # a header the schema refuses: bound by what its numbers say, as format 1 does
         logits = rows * classes * itemsize
         chunk = {"ids": rows * 8, "labels": rows * 8}
         for k in range(len(members) if isinstance(members, list) else 0):

@@ -1,4 +1,4 @@
-"""The cache header (``attributes["kd_cache"]`` of format version 1) as a frozen, typed value.
+"""The cache header (``attributes["kd_cache"]``, format versions 1 and 2) as a frozen, typed value.
 
 :class:`CacheHeader` is read with :meth:`CacheHeader.from_dict`, which checks the JSON against the
 format schema (:func:`validate_header`, the same checks and messages as always), and written with
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, ClassVar
 
+from pipeline.cache.kinds import FIDELITY_FIELDS, STORAGE_KINDS, StorageSpec
 from pipeline.errors import CacheError
 
 FORMAT_NAME = "kd-pipeline-logit-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this kd-pipeline writes; it reads every version up to this one
 ATTR_KEY = "kd_cache"
 MAX_HEADER_BYTES = 1 << 20  # a header bigger than this is not ours: refuse before parsing further
 
@@ -87,12 +88,51 @@ def validate_header(h: Any, where: str = "cache") -> dict:
                 )
         if not isinstance(h["dataset"].get("fingerprint"), str):
             problems.append("dataset.fingerprint is missing")
+        if h["version"] >= 2:
+            problems += _v2_problems(h)
     if problems:
         raise CacheError(
             f"{where}: the cache header does not match format {FORMAT_NAME} "
             f"v{FORMAT_VERSION}: " + "; ".join(problems)
         )
     return h
+
+
+def _v2_problems(h: dict) -> list[str]:
+    """Format 2's additions: the row layout and each member's storage kind."""
+    problems = []
+    rows = h.get("rows")
+    keys = ("n", "per_shard", "views", "positions")
+    if not isinstance(rows, dict) or not all(
+        isinstance(rows.get(k), int) and rows[k] >= 1 for k in keys
+    ):
+        return [f"rows should be an object of positive integers {', '.join(keys)}, found {rows!r}"]
+    per_sample = rows["views"] * rows["positions"]
+    if rows["per_shard"] != h["rows_per_shard"] * per_sample:
+        problems.append(
+            f"rows.per_shard={rows['per_shard']} is not rows_per_shard x views x positions "
+            f"({h['rows_per_shard']} x {rows['views']} x {rows['positions']})"
+        )
+    if rows["n"] != h["n"] * per_sample:
+        problems.append(f"rows.n={rows['n']} is not n x views x positions")
+    for i, m in enumerate(h["members"]):
+        storage = m.get("storage") if isinstance(m, dict) else None
+        if not isinstance(storage, dict) or storage.get("kind") not in STORAGE_KINDS:
+            problems.append(
+                f"member {i} storage should name one of {', '.join(STORAGE_KINDS)}, found "
+                f"{storage!r}"
+            )
+            continue
+        size, temps = storage.get("size"), storage.get("temperatures")
+        if STORAGE_KINDS[storage["kind"]].SIZED and not (isinstance(size, int) and size >= 1):
+            problems.append(f"member {i} storage {storage['kind']} has no size >= 1")
+        if (
+            not isinstance(temps, list)
+            or not temps
+            or not all(isinstance(t, int | float) and t > 0 for t in temps)
+        ):
+            problems.append(f"member {i} storage temperatures should be positive numbers")
+    return problems
 
 
 # -------------------------------------------------------------------------------------- JSON values
@@ -197,6 +237,7 @@ class MemberRecord(_Record):
         "train_dataset_fingerprint",
         "metrics",
         "added",
+        "storage",
     )
 
     index: int
@@ -209,6 +250,7 @@ class MemberRecord(_Record):
     train_dataset_fingerprint: str | None
     metrics: Mapping[str, Any] | None
     added: str | None
+    storage: Mapping[str, Any] | None  # format 2: how its rows are stored (format 1: dense)
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     keys: tuple[str, ...] = KEYS
 
@@ -216,6 +258,14 @@ class MemberRecord(_Record):
     def from_dict(cls, d: Mapping[str, Any]) -> MemberRecord:
         """The record of a ``members`` entry (already checked by :func:`validate_header`)."""
         return cls(**cls._values(d))
+
+    @property
+    def spec(self) -> StorageSpec:
+        """How this member's rows are stored (a format 1 member: dense)."""
+        return StorageSpec.from_dict(None if self.storage is None else thaw(self.storage))
+
+    def with_storage(self, storage: Mapping[str, Any]) -> MemberRecord:
+        return self._with(storage=freeze(dict(storage)))
 
 
 @dataclass(frozen=True)
@@ -236,6 +286,8 @@ class CacheHeader(_Record):
         "dtype",
         "codecs",
         "labeled",
+        "rows",
+        "seed",
         "dataset",
         "members",
         "tool",
@@ -256,6 +308,8 @@ class CacheHeader(_Record):
     dtype: str
     codecs: tuple[str, ...] | None
     labeled: bool
+    rows: Mapping[str, int] | None  # format 2: {n, per_shard, views, positions}; None in format 1
+    seed: int | None  # format 2: seeds sampled storage (with member and shard)
     dataset: DatasetRecord
     members: tuple[MemberRecord, ...]
     tool: str | None
@@ -295,8 +349,13 @@ class CacheHeader(_Record):
         tool_version: str,
         created: str,
         command: str,
+        seed: int = 0,
+        views: int = 1,
+        positions: int = 1,
     ) -> CacheHeader:
-        """The header of a cache being created: no members yet, not complete."""
+        """The header of a (format 2) cache being created: no members yet, not complete."""
+        per_sample = views * positions
+        rows = {"n": n * per_sample, "per_shard": rows_per_shard * per_sample}
         return cls(
             format=FORMAT_NAME,
             version=FORMAT_VERSION,
@@ -308,6 +367,8 @@ class CacheHeader(_Record):
             dtype=dtype,
             codecs=tuple(codecs),
             labeled=labeled,
+            rows=freeze({**rows, "views": views, "positions": positions}),
+            seed=seed,
             dataset=DatasetRecord.from_dict(dataset),
             members=(),
             tool="kd-pipeline",
@@ -340,11 +401,37 @@ class CacheHeader(_Record):
         """The header marked complete at time ``at``."""
         return self._with(complete=True, completed_at=at)
 
+    def with_storage(self, member: int, storage: Mapping[str, Any]) -> CacheHeader:
+        """The header with member ``member``'s storage record replaced (its fidelity added)."""
+        members = list(self.members)
+        members[member] = members[member].with_storage(storage)
+        return self._with(members=tuple(members))
+
     # -- derived
     def shard_bounds(self, shard: int) -> tuple[int, int]:
-        """Row range [start, stop) of ``shard``."""
+        """Sample range [start, stop) of ``shard``."""
         start = shard * self.rows_per_shard
         return start, min(start + self.rows_per_shard, self.n)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the member arrays: one per (sample, view, position); format 1: one per
+        sample."""
+        return self.n if self.rows is None else int(self.rows["n"])
+
+    @property
+    def shard_rows(self) -> int:
+        """Rows per shard of the member arrays (their chunk length)."""
+        return self.rows_per_shard if self.rows is None else int(self.rows["per_shard"])
+
+    def row_bounds(self, shard: int) -> tuple[int, int]:
+        """Row range [start, stop) of the member arrays that ``shard`` writes."""
+        start = shard * self.shard_rows
+        return start, min(start + self.shard_rows, self.n_rows)
+
+    def storage(self, member: int) -> StorageSpec:
+        """How member ``member``'s rows are stored."""
+        return self.members[member].spec
 
     def fingerprint(self, members: Sequence[int] | None = None) -> str:
         """Identity of the content: dataset, member checkpoints (in order), dtype and shape.
@@ -353,11 +440,67 @@ class CacheHeader(_Record):
         ``members`` the fingerprint covers just that subset (what a run actually used).
         """
         chosen = self.members if members is None else [self.members[i] for i in members]
-        ident = {
+        ident: dict[str, Any] = {
             "dataset": self.dataset.fingerprint,
             "members": [m.checkpoint_sha256 for m in chosen],
             "dtype": self.dtype,
             "n": self.n,
             "num_classes": self.num_classes,
         }
+        # Dense rows, one per sample, serve what a format 1 cache serves: the same fingerprint.
+        # Sparse members and more rows per sample serve other targets.
+        if any(m.spec.sparse for m in chosen):
+            ident["storage"] = [m.spec.identity() for m in chosen]
+        if self.rows is not None and self.n_rows != self.n:
+            ident["rows"] = dict(self.rows)
         return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- arrays
+def member_array(index: int, name: str = "logits") -> str:
+    return f"members/{index}/{name}"
+
+
+def member_done(index: int) -> str:
+    return f"members/{index}/done"
+
+
+def member_fidelity(index: int) -> str:
+    return f"members/{index}/fidelity"
+
+
+ArraySpec = tuple[str, tuple[int, ...], str, tuple[int, ...]]  # name, shape, dtype, chunks
+
+
+def member_row_arrays(h: CacheHeader, index: int) -> list[ArraySpec]:
+    """Member ``index``'s row arrays (its storage kind's), one chunk per shard."""
+    spec = h.storage(index)
+    return [
+        (member_array(index, name), (h.n_rows, width), dtype, (h.shard_rows, width))
+        for name, width, dtype in spec.impl.arrays(spec, h.num_classes, h.dtype)
+    ]
+
+
+def expected_arrays(h: CacheHeader) -> list[ArraySpec]:
+    """Every array ``h`` implies, with the shape, dtype and chunks the format gives it."""
+    rows = (h.rows_per_shard,)
+    out: list[ArraySpec] = [("ids", (h.n,), "int64", rows)]
+    if h.labeled:
+        out.append(("labels", (h.n,), "int64", rows))
+    if h.version >= 2:
+        out += [("row_start", (h.n,), "int64", rows), ("row_count", (h.n,), "int32", rows)]
+    for m in h.members:
+        out += member_row_arrays(h, m.index)
+        out.append((member_done(m.index), (h.n_shards,), "uint8", (1,)))
+        if h.version >= 2:
+            temps = len(h.storage(m.index).temperatures)
+            fields = len(FIDELITY_FIELDS)
+            out.append(
+                (
+                    member_fidelity(m.index),
+                    (h.n_shards, temps, fields),
+                    "float64",
+                    (1, temps, fields),
+                )
+            )
+    return out

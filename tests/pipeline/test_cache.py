@@ -177,13 +177,21 @@ def new_teacher(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> Pat
 
 
 # -------------------------------------------------------------------------------- 1. format, values
+def g_rows_ok(path: Path) -> bool:
+    """Format 2's sample -> rows index: one row per sample, in order."""
+    g = raw_group(path)
+    return g["row_start"][:].tolist() == list(range(600)) and set(g["row_count"][:]) == {1}
+
+
 def test_header_has_every_promised_field(
     complete_cache: Path, teacher_dir: Path, dataset_spec: str
 ) -> None:
     h = raw_group(complete_cache).attrs[ATTR_KEY]
     data = load_dataset(dataset_spec)
     assert h["format"] == FORMAT_NAME == "kd-pipeline-logit-cache"
-    assert h["version"] == FORMAT_VERSION == 1
+    assert h["version"] == FORMAT_VERSION == 2
+    assert h["rows"] == {"n": 600, "per_shard": RPS, "views": 1, "positions": 1}
+    assert h["seed"] == 0
     assert h["n"] == 600 and h["num_classes"] == 5
     assert h["class_names"] == data.class_names == ["0", "1", "2", "3", "4"]
     assert h["rows_per_shard"] == RPS and h["n_shards"] == 10
@@ -199,6 +207,12 @@ def test_header_has_every_promised_field(
         assert m["array"] == f"members/{m['index']}/logits"
         assert Path(m["path"]).resolve() == path.resolve()
         assert m["model_spec"].startswith("mlp:32") and m["num_classes"] == 5
+        assert m["storage"]["kind"] == "dense" and m["storage"]["size"] is None
+        # float16 rounding is all a dense member loses: recorded per temperature at write time
+        fid = m["storage"]["fidelity"]
+        assert fid["rows"] == 600 and fid["temperatures"] == [1.0, 2.0, 4.0, 8.0, 20.0]
+        assert all(0 <= kl < 1e-4 for kl in fid["kl_max"]) and fid["kept_mass_min"] == [1.0] * 5
+    assert g_rows_ok(complete_cache)
     assert h["tool"] == "kd-pipeline" and h["tool_version"] == __version__
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", h["created"])
     assert h["command"] == "pytest make"
@@ -700,6 +714,9 @@ def test_arrays_unlike_the_header_are_refused_at_open(
         h["members"] = [{**m, "num_classes": change["num_classes"]} for m in h["members"]]
     if "rows_per_shard" in change:
         h["n_shards"] = 10
+    # Format 2's row layout follows n and rows_per_shard (one row per sample): the header stays
+    # consistent in itself, and only the arrays disagree with it.
+    h["rows"] = {**h["rows"], "n": h["n"], "per_shard": h["rows_per_shard"]}
     g.attrs[ATTR_KEY] = h
     with pytest.raises(CacheError) as e:
         LogitCache(cache_copy)
@@ -834,7 +851,14 @@ def test_creation_killed_before_the_store_existed_is_redone(
     assert res.status == "created" and res.shards_computed == 10
     for k in (0, 1):
         assert np.array_equal(stored_logits(out, k), stored_logits(complete_cache, k))
-    assert sorted(p.name for p in out.iterdir()) == ["ids", "labels", "members", "zarr.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ids",
+        "labels",
+        "members",
+        "row_count",
+        "row_start",
+        "zarr.json",
+    ]
 
 
 def test_creation_killed_midway_is_redone(
@@ -960,10 +984,12 @@ def test_a_cache_written_before_the_location_change_reads_and_verifies(tmp_path:
     } == fixture_objects()
 
 
-def test_the_same_inputs_written_today_are_bit_identical(
+def test_the_same_inputs_written_today_keep_every_v1_data_chunk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """create_cache / write_shard / mark_complete write exactly the bytes they wrote before."""
+    """create_cache / write_shard / mark_complete now write format 2; a dense member's data is
+    still stored exactly as format 1 stored it (same chunks, same bytes): only the header, the
+    row index and the fidelity measurements are new."""
     from pipeline.cache import format as fmt
     from tests.fixtures import make_v1_cache as v1
 
@@ -974,8 +1000,16 @@ def test_the_same_inputs_written_today_are_bit_identical(
     v1.write(out)
     today = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     before = fixture_objects()
-    assert sorted(today) == sorted(before)
-    assert [k for k in before if today[k] != before[k]] == []
+    data = [k for k in before if "/c/" in k]
+    assert len(data) == 4 * (2 + 2 + 2) and [k for k in data if today[k] != before[k]] == []
+    new = sorted(k.split("/c/")[0] for k in set(today) - set(before) if "/c/" in k)
+    assert sorted(set(new)) == [
+        "members/0/fidelity",
+        "members/1/fidelity",
+        "row_count",
+        "row_start",
+    ]
+    assert json.loads(today["zarr.json"])["attributes"][ATTR_KEY]["version"] == 2
 
 
 # ----------------------------------------------------------------------------- 12. the typed header
