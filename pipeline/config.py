@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from pipeline.cache.kinds import TAIL_TEMPERATURES
 from pipeline.cache.location import parse_storage_options, redact_options
 from pipeline.checks import collect, in_range, one_of, positive
 from pipeline.errors import ConfigError
@@ -32,6 +33,7 @@ from pipeline.options import (
 from pipeline.training.loop import TrainConfig
 
 if TYPE_CHECKING:
+    from pipeline.cache.kinds import StorageSpec
     from pipeline.cache.location import CacheLocation
 from pipeline.training.losses import ENSEMBLE_METHODS, LOSSES
 
@@ -264,6 +266,27 @@ class CacheConfig:
         help="Storage dtype of the logits "
         "[default: float16 for a new cache, the cache's own on resume].",
     )
+    store: str = option(
+        "auto",
+        metavar="KIND",
+        help="How each member's rows are stored: dense (raw logits), topk:K (the K largest "
+        "logits + the exact tail at --tail-temperatures) or sampled:S (S classes drawn at "
+        "--sample-temperature; unbiased); auto: dense up to 2048 classes, else topk:64 "
+        "[a resumed cache keeps its own].",
+    )
+    tail_temperatures: list[float] = option(
+        default_factory=lambda: list(TAIL_TEMPERATURES),
+        parse=parse_floats,
+        show=show_list,
+        metavar="T,T,...",
+        help="Temperatures at which topk/sampled rows record the exact log-sum-exp (and at "
+        "which fidelity is measured); other temperatures are interpolated.",
+    )
+    sample_temperature: float = option(
+        1.0,
+        help="Temperature of the distribution sampled:S draws from (added to the recorded ones).",
+    )
+    seed: int = option(0, help="Seeds sampled:S draws (with the member and the shard).")
     batch_size: int = option(1024, help="Rows per teacher forward pass.")
     rows_per_shard: int | None = option(
         None,
@@ -301,8 +324,29 @@ class CacheConfig:
             problems.append(f"workers must be >= 0, got {self.workers}")
         if self.workers and self.scheduler:
             problems.append("use --workers N or --scheduler ADDRESS, not both")
+        try:
+            self.storage(1 << 20)
+        except ValueError as e:
+            problems.append(f"--store: {e}")
+        if not self.tail_temperatures or any(t <= 0 for t in self.tail_temperatures):
+            problems.append(
+                f"--tail-temperatures must be positive numbers, got {self.tail_temperatures}"
+            )
+        problems += collect(positive("sample_temperature", self.sample_temperature))
         if problems:
             raise ConfigError(problems)
+
+    def storage(self, num_classes: int) -> StorageSpec:
+        """The members' storage for a teacher of ``num_classes`` (``auto`` resolved by it).
+
+        Raises:
+            ValueError: ``store`` is not a storage kind.
+        """
+        from pipeline.cache.kinds import StorageSpec
+
+        return StorageSpec.parse(
+            self.store, num_classes, self.tail_temperatures, self.sample_temperature
+        )
 
     @property
     def location(self) -> CacheLocation:

@@ -44,5 +44,32 @@ def format_cache_info(i: dict) -> str:
             f"  [{m['index']}] {m['model_spec']}  {m['checkpoint_sha256'][:23]}…  {m['path']}"
             + (f"  test acc {acc:.4f}" if acc is not None else "")
         )
+        lines += _storage_lines(m)
     lines.append(f"created    {i['created']} by kd-pipeline {i['tool_version']}: {i['command']}")
     return "\n".join(lines)
+
+
+def _storage_lines(m: dict) -> list[str]:
+    """A member's storage kind, bytes per row and the fidelity recorded when it was written."""
+    if m.get("storage") is None:
+        return []
+    disk = m.get("bytes_per_row_on_disk")
+    lines = [
+        f"      storage {m['storage']}: {m['raw_bytes_per_row']} B/row raw"
+        + (f", {disk:.1f} B/row on disk" if disk is not None else "")
+        + f" (dense: {m['dense_bytes_per_row']} B/row raw"
+        + (f"; on disk {m['ratio_to_dense']:.3g}x of dense raw)" if disk is not None else ")")
+    ]
+    fid = m.get("fidelity")
+    if fid and fid.get("rows"):
+        lines.append(
+            f"      fidelity on {fid['rows']} rows:   T  KL mean    KL worst   kept mean  kept min"
+        )
+        for j, t in enumerate(fid["temperatures"]):
+            kl, worst = fid["kl_mean"][j], fid["kl_max"][j]
+            lines.append(
+                f"      {'':>24}{t:>4g}  "
+                + (f"{kl:<10.3g} {worst:<10.3g}" if kl is not None else f"{'n/a':<10} {'n/a':<10}")
+                + f" {fid['kept_mass_mean'][j]:<10.4f} {fid['kept_mass_min'][j]:.4f}"
+            )
+    return lines

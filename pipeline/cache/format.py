@@ -839,8 +839,9 @@ class LogitCache:
             spec = self.storage(m)
             if spec.sparse:
                 raise CacheError(
-                    f"{self.location}: member {m} is stored {spec.text}, not dense; its rows are "
-                    "read with read_member"
+                    f"{self.location}: member {m} is stored {spec.text}, and this step needs "
+                    "every class's logit (dense members); re-create the cache with --store dense "
+                    "for it"
                 )
             blocks.append(self.read_member(shard, m)["logits"])
         return np.stack(blocks)

@@ -43,7 +43,6 @@ from pipeline.cache.format import (
     CacheHeader,
     LogitCache,
     expected_arrays,
-    member_array,
     member_done,
 )
 from pipeline.cache.guard import read_json
@@ -85,15 +84,13 @@ def own_keys(h: CacheHeader) -> set[str]:
     A cache is exactly these (old caches lack some ids/labels chunks); anything else in its
     store is not the cache's and is never copied.
     """
-    arrays = ["ids"] + (["labels"] if h.labeled else [])
     keys = {META} | ({f"members/{META}"} if h.members else set())
-    for name in arrays:
-        keys |= {f"{name}/{META}"} | {f"{name}/c/{s}" for s in range(h.n_shards)}
-    for m in h.members:
-        logits, done = member_array(m.index), member_done(m.index)
-        keys |= {f"members/{m.index}/{META}", f"{logits}/{META}", f"{done}/{META}"}
-        keys |= {f"{logits}/c/{s}/0" for s in range(h.n_shards)}
-        keys |= {f"{done}/c/{s}" for s in range(h.n_shards)}
+    keys |= {f"members/{m.index}/{META}" for m in h.members}
+    for name, shape, _, chunks in expected_arrays(h):
+        keys.add(f"{name}/{META}")
+        tail = "/0" * (len(shape) - 1)  # every array is chunked along its first axis only
+        n_chunks = -(-shape[0] // chunks[0])
+        keys |= {f"{name}/c/{i}{tail}" for i in range(n_chunks)}
     return keys
 
 
@@ -369,6 +366,10 @@ def _check_arrays(
     return arrays
 
 
+def _member_of(name: str) -> int | None:
+    return int(name.split("/")[1]) if name.startswith("members/") else None
+
+
 def _read_done_flags(
     arrays: dict[str, zarr.Array], h: CacheHeader, sizes: dict[str, int], rep: VerifyReport
 ) -> dict[int, np.ndarray]:
@@ -400,6 +401,7 @@ def _read_data(
     """
     values: dict[str, np.ndarray] = {}
     names = [e[0] for e in expected if e[0] in arrays and not e[0].endswith("/done")]
+    chunked = {e[0]: e[3][0] for e in expected}
     # The bar counts exactly the chunks read below (not metadata or done flags): it ends at 100 %.
     total = sum(
         sizes[key]
@@ -408,30 +410,56 @@ def _read_data(
         if key in sizes
     )
     bar = progress_bar(total=total, enabled=progress, unit="B", unit_scale=True, desc="verify")
+    member_arrays: dict[int, dict[str, np.ndarray]] = {}
     try:
         for name in names:
-            member = int(name.split("/")[1]) if name.startswith("members/") else None
-            # Every ids and labels chunk is written when the cache is created, a shard's logits
-            # before its done flag: those chunks must exist (a not-done shard's are pending).
+            member = _member_of(name)
+            # Every ids, labels and row-index chunk is written when the cache is created, a
+            # shard's member chunks before its done flag: those chunks must exist (a not-done
+            # shard's are pending).
             required = done.get(member, False) if member is not None else True
             excused = _fill_proven(name, h, data)
             read = _read_chunks(
                 arrays[name],
                 name,
                 h.n_shards,
-                h.rows_per_shard,
+                chunked[name],
                 sizes,
                 rep,
                 required=required,
                 bar=bar,
                 excused=excused,
             )
-            _check_values(name, member, read, h, rep)
             if member is None:
+                _check_values(name, read, h, rep)
                 values[name] = read
+            else:
+                member_arrays.setdefault(member, {})[name.rsplit("/", 1)[1]] = read
     finally:
         bar.close()
+    for member, read in member_arrays.items():
+        _check_member(member, read, done.get(member), h, rep)
     return values
+
+
+def _check_member(
+    member: int,
+    read: dict[str, np.ndarray],
+    done: np.ndarray | None,
+    h: CacheHeader,
+    rep: VerifyReport,
+) -> None:
+    """The member's stored rows by its storage kind's checks (finite values, class indices in
+    range, sorted, log-sum-exps consistent with the kept values), over its finished shards."""
+    spec = h.storage(member)
+    rows = np.zeros(h.n_rows, dtype=bool)
+    for s in np.flatnonzero(done if done is not None else np.ones(h.n_shards, dtype=bool)):
+        rows[slice(*h.row_bounds(int(s)))] = True
+    row_arrays = {n: a[rows] for n, a in read.items() if n != "fidelity"}
+    if len(row_arrays) != len(spec.impl.arrays(spec, h.num_classes, h.dtype)):
+        return  # an array could not be opened: reported already
+    for problem in spec.impl.check(spec, row_arrays, h.num_classes):
+        rep.problems.append(f"member {member} ({spec.text}): {problem}")
 
 
 def _fill_proven(name: str, h: CacheHeader, data: Dataset | None) -> np.ndarray | None:
@@ -453,13 +481,9 @@ def _fill_proven(name: str, h: CacheHeader, data: Dataset | None) -> np.ndarray 
     return np.logical_or.reduceat(data.y != 0, starts) == 0
 
 
-def _check_values(
-    name: str, member: int | None, values: np.ndarray, h: CacheHeader, rep: VerifyReport
-) -> None:
-    """Logits must be finite; sample ids must not repeat; labels must be class indices."""
-    if member is not None and not np.isfinite(values.astype(np.float32)).all():
-        bad = np.flatnonzero(~np.isfinite(values.astype(np.float32)).all(axis=1))
-        rep.problems.append(f"array {name} holds NaN/inf logits in rows {bad[:10].tolist()}")
+def _check_values(name: str, values: np.ndarray, h: CacheHeader, rep: VerifyReport) -> None:
+    """Sample ids must not repeat; labels must be class indices; the row index must point at
+    each sample's own rows."""
     if name == "ids" and np.unique(values).size != h.n:
         rep.problems.append(f"array ids holds {h.n - np.unique(values).size} repeated sample ids")
     if name == "labels":
@@ -469,6 +493,19 @@ def _check_values(
                 f"array labels holds {bad.size} values outside "
                 f"0..{h.num_classes - 1} (rows {bad[:10].tolist()} hold "
                 f"{values[bad[:10]].tolist()})"
+            )
+    if name in ("row_start", "row_count") and h.rows is not None:
+        per_sample = h.shard_rows // h.rows_per_shard
+        want = (
+            np.arange(h.n, dtype=np.int64) * per_sample
+            if name == "row_start"
+            else np.full(h.n, per_sample)
+        )
+        bad = np.flatnonzero(values != want)
+        if bad.size:
+            rep.problems.append(
+                f"array {name} disagrees with the header's row layout at samples "
+                f"{bad[:10].tolist()} (holds {values[bad[:10]].tolist()})"
             )
 
 
@@ -562,6 +599,7 @@ def _read_chunks(
         excused: (n_chunks,) bool: required chunks whose absence is a note (see ``_fill_proven``).
     """
     n = arr.shape[0]
+    rows = arr.chunks[0]  # rows per chunk: samples for ids and labels, rows for member arrays
     present = []
     for i, key in _chunk_keys(arr, name, n_chunks):
         must = required if isinstance(required, bool) else bool(required[i])

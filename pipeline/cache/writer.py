@@ -403,6 +403,16 @@ def _describe_difference(
         )
     if cfg.dtype and cfg.dtype != h.dtype:
         diffs.append(f"dtype: the cache stores {h.dtype}, you asked for {cfg.dtype}")
+    if cfg.store != "auto":
+        asked = cfg.storage(h.num_classes).identity()
+        have = [h.storage(m.index) for m in h.members]
+        if any(spec.identity() != asked for spec in have):
+            diffs.append(
+                "storage: the cache stores its members "
+                + ", ".join(sorted({spec.text for spec in have}))
+                + f" (temperatures {list(have[0].temperatures)}), you asked for --store "
+                f"{cfg.store} (temperatures {asked['temperatures']})"
+            )
     if cfg.rows_per_shard and cfg.rows_per_shard != h.rows_per_shard:
         diffs.append(
             f"rows per shard: the cache uses {h.rows_per_shard}, you asked for {cfg.rows_per_shard}"
@@ -520,7 +530,8 @@ def execute_plan(
     elif plan.action == "add-member":
         group = _writable_group(plan.location)
         for lm in plan.new_members:
-            add_member_arrays(group, {**lm.identity(), ADDED_WITH: "--add-member"})
+            identity = {**lm.identity(), ADDED_WITH: "--add-member"}
+            add_member_arrays(group, identity, cfg.storage(inputs.num_classes))
     elif plan.action == "create" and on_dask:
         _create(plan, cfg, inputs)  # workers open the store: it must exist before they start
     by_sha = inputs.by_sha()
@@ -582,6 +593,8 @@ def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
         dtype=cfg.dtype or DEFAULT_DTYPE,
         rows_per_shard=plan.layout.rows_per_shard,
         command=cfg.command,
+        storage=cfg.storage(inputs.num_classes),
+        seed=cfg.seed,
     )
 
 

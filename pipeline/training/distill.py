@@ -37,9 +37,15 @@ from pipeline.errors import ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, percent, predict_logits
 from pipeline.models import KDModel, build_model
-from pipeline.training.loader import StreamingCacheSource, cache_source, combined_shard
+from pipeline.training.loader import (
+    StreamingCacheSource,
+    cache_source,
+    check_member_kinds,
+    shard_targets,
+)
 from pipeline.training.loop import InMemorySource, fit
 from pipeline.training.losses import combine_members, make_loss
+from pipeline.training.targets import SparseTargets, temperature_exact
 
 BIAS_GRID = np.round(np.arange(-5.0, 15.0001, 0.1), 4)
 
@@ -170,6 +176,7 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
         raise ConfigError(
             [f"--members {bad} out of range: the cache has members 0..{len(cache.members) - 1}"]
         )
+    check_member_kinds(cache, members, cfg.ensemble, cfg.loss)
     # --dataset: this machine's copy of the cache's transfer set (checked by fingerprint).
     data = load_transfer_set(cache, cfg.dataset, cfg.data_dir)
     dspec = data.spec
@@ -211,8 +218,12 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
             "n_shards": cache.n_shards,
             "rows_used": source.num_rows,
             "loader": plan.to_dict(),
+            "soft_targets": soft_target_record(cache, members, cfg),
         }
     }
+    note = record["cache"]["soft_targets"].get("note")
+    if note:
+        log(f"note: {note}")
     if not cache.complete:
         log(
             f"warning: {cfg.cache} is partial; training on {len(shards)}/{cache.n_shards} shards "
@@ -230,6 +241,39 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
         members=members,
         describe=f"{plan.mode} loader",
     )
+
+
+def soft_target_record(cache: LogitCache, members: list[int], cfg: StudentConfig) -> dict:
+    """How the cache's members become the run's soft targets: storage, exactness at T, and what
+    the loss matches (recorded in metrics.json and the student's checkpoint)."""
+    specs = [cache.storage(m) for m in members]
+    sparse = [s for s in specs if s.sparse]
+    out: dict = {"storage": [s.text for s in specs], "format_version": cache.header.version}
+    if not sparse:
+        out["exact"] = True
+        return out
+    exact = temperature_exact(sparse, cfg.temperature)
+    out["recorded_temperatures"] = list(sparse[0].temperatures)
+    out["exact"] = exact
+    kind = sparse[0].kind
+    if cfg.loss == "logit-mse":
+        out["loss_matches"] = "the kept logits only (row mean of the kept ones removed)"
+    elif kind == "topk":
+        out["loss_matches"] = "the (K+1)-bucket distribution: top K classes + one tail bucket"
+    else:
+        out["loss_matches"] = "an unbiased importance-sampled estimate of the full KL"
+    notes = []
+    if not exact and cfg.loss != "logit-mse":
+        what = "tail mass" if kind == "topk" else "importance weights"
+        notes.append(
+            f"T={cfg.temperature} is not a recorded temperature ({out['recorded_temperatures']}):"
+            f" the {what} are interpolated, not exact"
+        )
+    if cfg.loss == "logit-mse":
+        notes.append("--loss logit-mse on a topk cache matches the kept logits only")
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
 
 
 def _online_targets(cfg: StudentConfig, device: torch.device) -> SoftTargets:
@@ -581,8 +625,9 @@ def _transfer_agreement(
     same = total = 0
     for s in cache.done_shards(members):
         start, stop = cache.shard_bounds(int(s))
-        teacher = combined_shard(cache, int(s), members, cfg.ensemble, cfg.temperature)
+        teacher = shard_targets(cache, int(s), members, cfg.ensemble, cfg.temperature)
+        top = teacher.top_class() if isinstance(teacher, SparseTargets) else teacher.argmax(1)
         pred = predict_logits(student, data.x[start:stop], device)
-        same += int((pred.argmax(1) == teacher.argmax(1)).sum())
+        same += int((pred.argmax(1) == top).sum())
         total += stop - start
     return same / total if total else float("nan")

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from pipeline.cache.format import LogitCache
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, ConfigError
 from pipeline.training.loop import Batch, InMemorySource
 from pipeline.training.losses import combine_members
+from pipeline.training.targets import SparseTargets, cat_targets, sparse_rows
 
 PREFETCH_SHARDS = 2
 COMBINE_BLOCK_ELEMENTS = 1 << 20  # float32 elements per member-combination block (4 MiB)
@@ -62,6 +63,61 @@ def combined_shard(
     return out
 
 
+def check_member_kinds(
+    cache: LogitCache, members: list[int], method: str, loss: str = "kd"
+) -> None:
+    """Refuse member sets that stage two cannot combine, before anything trains.
+
+    Raises:
+        ConfigError: members stored in different kinds or sizes, the geometric mean of sampled
+            members, or logit matching on sampled members.
+    """
+    specs = {m: cache.storage(m) for m in members}
+    kinds = {s.text for s in specs.values()}
+    problems = []
+    if len(kinds) > 1:
+        problems.append(
+            "members "
+            + ", ".join(f"{m} ({s.text})" for m, s in specs.items())
+            + " are stored in different kinds; choose members of one kind with --members"
+        )
+    elif any(s.kind == "sampled" for s in specs.values()):
+        if method == "mean-logits" and len(members) > 1:
+            problems.append(
+                "--ensemble mean-logits (a geometric mean) needs every member's value on every "
+                "class; sampled members hold a few drawn classes each: use --ensemble mean-probs"
+            )
+        if loss == "logit-mse":
+            problems.append(
+                "--loss logit-mse needs dense or topk members: sampled rows hold a few drawn "
+                "classes' logits, which say nothing unbiased about the others; use --loss kd"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+def shard_targets(
+    cache: LogitCache, shard: int, members: list[int], method: str, temperature: float
+) -> torch.Tensor | SparseTargets:
+    """One whole shard's soft targets at ``temperature``: dense members combined into (rows, C)
+    logits (:func:`combined_shard`), sparse ones as :class:`SparseTargets` (combined in the
+    loss)."""
+    specs = [cache.storage(m) for m in members]
+    if not any(s.sparse for s in specs):
+        return combined_shard(cache, shard, members, method, temperature)
+    arrays = [cache.read_member(shard, m) for m in members]
+    return sparse_rows(specs, arrays, cache.num_classes, method, temperature)
+
+
+def target_bytes_per_row(cache: LogitCache, members: list[int]) -> int:
+    """Bytes one row's soft targets take in memory: dense (C float32, members combined) or
+    sparse (per member and kept class: index, log-probability, weight, value)."""
+    specs = [cache.storage(m) for m in members]
+    if not any(s.sparse for s in specs):
+        return cache.num_classes * 4
+    return sum(int(s.size or 0) * (8 + 4 + 4 + 4) + 4 for s in specs)
+
+
 @dataclass
 class LoaderPlan:
     """How a cache will be served: mode and sizes (recorded in the run)."""
@@ -87,17 +143,19 @@ def plan_loader(
     """
     rows = sum(int(np.subtract(*cache.shard_bounds(int(s))[::-1])) for s in shards)
     c = cache.num_classes
+    target = target_bytes_per_row(cache, members)
     in_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
-    raw_bytes = len(members) * c * (2 if cache.header.dtype == "float16" else 4)
-    memory_mode = rows * (c * 4 + in_bytes)
+    itemsize = 2 if cache.header.dtype == "float16" else 4
+    raw_bytes = len(members) * (c * itemsize if target == c * 4 else target)
+    memory_mode = rows * (target + in_bytes)
     if memory_mode <= budget:
         return LoaderPlan("memory", rows, len(shards), len(shards), memory_mode, budget)
     # Streaming: per row in the buffer we hold combined targets + inputs + labels twice (the buffer
     # being served and its concatenated parts); the queue holds PREFETCH_SHARDS combined shards plus
     # one being produced, whose raw member logits and float32 combine temporaries also count.
-    per_row = 2 * (c * 4 + in_bytes + 8)
+    per_row = 2 * (target + in_bytes + 8)
     prefetch = (
-        (PREFETCH_SHARDS + 1) * cache.rows_per_shard * (c * 4 + in_bytes + 8)
+        (PREFETCH_SHARDS + 1) * cache.rows_per_shard * (target + in_bytes + 8)
         + cache.rows_per_shard * raw_bytes
         + 2 * 4 * min(COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * len(members) * c)
     )
@@ -155,9 +213,11 @@ class StreamingCacheSource:
     def num_rows(self) -> int:
         return self.rows
 
-    def _read(self, shard: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray | None, np.ndarray]:
+    def _read(
+        self, shard: int
+    ) -> tuple[np.ndarray, torch.Tensor | SparseTargets, np.ndarray | None, np.ndarray]:
         start, stop = self.cache.shard_bounds(shard)
-        teacher = combined_shard(self.cache, shard, self.members, self.method, self.temperature)
+        teacher = shard_targets(self.cache, shard, self.members, self.method, self.temperature)
         labels = self.cache.read_labels(shard, truth=self.truth)
         return self.x[start:stop], teacher, labels, np.arange(start, stop)
 
@@ -209,7 +269,7 @@ class StreamingCacheSource:
             if not parts:
                 break
             xs = np.concatenate([p[0] for p in parts])
-            ts = torch.cat([p[1] for p in parts])
+            ts = cat_targets([p[1] for p in parts])
             ys = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
             rows = np.concatenate([p[3] for p in parts])
             parts.clear()  # the shards are copied into the buffer: free them before serving it
@@ -281,14 +341,21 @@ def cache_source(
             truth=truth,
         ), plan
     rows = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards])
-    # Filled shard by shard: a list of shards followed by torch.cat would hold the targets twice
-    # (2x the budget).
-    teacher = torch.empty(len(rows), cache.num_classes)
-    pos = 0
-    for s in shards:
-        part = combined_shard(cache, int(s), members, method, temperature)
-        teacher[pos : pos + part.shape[0]] = part
-        pos += part.shape[0]
+    teacher: torch.Tensor | SparseTargets
+    if any(cache.storage(m).sparse for m in members):
+        # Sparse rows are small (K classes each): joined once.
+        teacher = SparseTargets.cat(
+            [shard_targets(cache, int(s), members, method, temperature) for s in shards]
+        )
+    else:
+        # Filled shard by shard: a list of shards followed by torch.cat would hold the targets
+        # twice (2x the budget).
+        teacher = torch.empty(len(rows), cache.num_classes)
+        pos = 0
+        for s in shards:
+            part = combined_shard(cache, int(s), members, method, temperature)
+            teacher[pos : pos + part.shape[0]] = part
+            pos += part.shape[0]
     labels = None
     if cache.labeled:
         labels = np.concatenate([cache.read_labels(int(s), truth=truth) for s in shards])

@@ -102,7 +102,11 @@ class InMemorySource:
     ) -> None:
         self.x = torch.as_tensor(x)
         self.y = None if y is None else torch.as_tensor(y).long()
-        self.teacher = None if teacher is None else torch.as_tensor(teacher)
+        # Dense (N, C) logits become a tensor; sparse targets (pipeline.training.targets) index
+        # the same way and are kept as they are.
+        self.teacher = (
+            teacher if teacher is None or hasattr(teacher, "to") else torch.as_tensor(teacher)
+        )
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle

@@ -16,6 +16,12 @@ d(T^2 KL)/dz = T (q - p) per sample. Logit matching is the high-temperature limi
 logits T^2 KL -> (1 / 2C) * sum_i (z_i - v_i)^2, which is ``logit-mse``'s soft term (it removes
 each row's mean first, which softmax ignores anyway).
 
+Sparse soft targets (a cache's ``topk:K`` or ``sampled:S`` members,
+:mod:`pipeline.training.targets`) take the same signature: ``kd`` becomes the (K+1)-bucket KL
+(top-k: the student's softmax collapsed onto the kept classes and one tail bucket) or the unbiased
+importance-sampled estimate (sampled), with the same T^2; ``logit-mse`` matches the kept logits
+only.
+
 All maths runs in float32 on log-probabilities (``log_softmax`` + ``kl_div(log_target=True)``), so
 logits of magnitude 1e4 give finite losses and gradients.
 """
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 
 from pipeline.checks import collect, in_range, positive
 from pipeline.errors import ConfigError
+from pipeline.training.targets import SparseTargets, kept_logit_mse, sparse_kl
 
 ENSEMBLE_METHODS = ("mean-probs", "mean-logits")
 
@@ -105,12 +112,16 @@ class DistillationLoss:
         self.temperature = float(temperature)
         self.alpha = float(alpha)
 
-    def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def soft_term(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | SparseTargets
+    ) -> torch.Tensor:
         """T^2 * KL(softmax(v/T) || softmax(z/T)), averaged over the batch.
 
-        (B, C), (B, C) -> scalar.
+        (B, C), (B, C) or sparse targets of B rows -> scalar.
         """
         t = self.temperature
+        if isinstance(teacher_logits, SparseTargets):
+            return (t * t) * sparse_kl(student_logits, teacher_logits, t).mean()
         log_q = torch.log_softmax(student_logits.float() / t, dim=-1)
         log_p = torch.log_softmax(teacher_logits.float() / t, dim=-1)
         return (t * t) * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
@@ -118,7 +129,7 @@ class DistillationLoss:
     def __call__(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
+        teacher_logits: torch.Tensor | SparseTargets | None,
         labels: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         zero = student_logits.new_zeros((), dtype=torch.float32)
@@ -147,7 +158,18 @@ class LogitMatchingLoss(DistillationLoss):
 
     name = "logit-mse"
 
-    def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def soft_term(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | SparseTargets
+    ) -> torch.Tensor:
+        if isinstance(teacher_logits, SparseTargets):
+            if teacher_logits.kind != "topk":
+                raise ConfigError(
+                    [
+                        "--loss logit-mse needs a dense or topk cache: sampled rows hold a few "
+                        "drawn classes' logits, which say nothing unbiased about the others"
+                    ]
+                )
+            return kept_logit_mse(student_logits, teacher_logits)
         z, v = student_logits.float(), teacher_logits.float()
         diff = (z - z.mean(dim=-1, keepdim=True)) - (v - v.mean(dim=-1, keepdim=True))
         return 0.5 * diff.pow(2).mean(dim=-1).mean()

@@ -1,0 +1,240 @@
+"""Sparse soft targets: a batch of top-k or sampled teacher rows at the run's temperature.
+
+A cache's sparse members (``topk:K``, ``sampled:S``; see :mod:`pipeline.cache.kinds`) reach the
+loss as a :class:`SparseTargets` instead of a dense (B, C) tensor: per member, the kept (or drawn)
+classes with the teacher's log-probabilities at T, plus the log of the tail bucket's mass (top-k)
+or each draw's importance weight (sampled). Temperature is applied when a shard is read (as dense
+members are combined at T when read), so a sweep over T never rewrites the cache. The losses
+(:mod:`pipeline.training.losses`) turn them into the (K+1)-bucket KL, the unbiased sampled
+estimate, or kept-logit matching.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from pipeline.cache.kinds import StorageSpec, lse_at
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """Sparse teacher rows of M members for B rows, at temperature T.
+
+    Attributes:
+        kind: ``topk`` or ``sampled``.
+        index: (M, B, K) int64 kept (or drawn) classes.
+        logp: (M, B, K) float32 teacher log-probabilities at T of those classes.
+        rest: (M, B) float32 log of the tail bucket's mass at T (top-k; ``-inf`` when K = C;
+            zeros for sampled).
+        weight: (M, B, K) float32 importance weights of the draws (sampled; ones for top-k).
+        values: (M, B, K) float32 the stored raw logits (kept-logit matching, agreement).
+        num_classes: C.
+        method: how members combine: ``mean-probs`` or ``mean-logits``.
+    """
+
+    kind: str
+    index: torch.Tensor
+    logp: torch.Tensor
+    rest: torch.Tensor
+    weight: torch.Tensor
+    values: torch.Tensor
+    num_classes: int
+    method: str
+
+    _ROW_FIELDS = ("index", "logp", "rest", "weight", "values")
+
+    def __len__(self) -> int:
+        return int(self.index.shape[1])
+
+    def __getitem__(self, rows: torch.Tensor | slice | np.ndarray) -> SparseTargets:
+        """The targets of the selected rows (dimension 1 of every tensor)."""
+        if isinstance(rows, np.ndarray):
+            rows = torch.from_numpy(rows)
+        return replace(self, **{f: getattr(self, f)[:, rows] for f in self._ROW_FIELDS})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTargets:
+        return replace(
+            self,
+            **{f: getattr(self, f).to(device, non_blocking=non_blocking) for f in self._ROW_FIELDS},
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[SparseTargets]) -> SparseTargets:
+        """Rows of several blocks, in order."""
+        first = parts[0]
+        return replace(
+            first,
+            **{f: torch.cat([getattr(p, f) for p in parts], dim=1) for f in cls._ROW_FIELDS},
+        )
+
+    def probs(self) -> torch.Tensor:
+        """(B, C) the members' mean mass per class (kept classes only; tails left out)."""
+        members, rows, _ = self.index.shape
+        out = torch.zeros(rows, self.num_classes, dtype=torch.float32, device=self.index.device)
+        mass = self.logp.exp() * (self.weight if self.kind == "sampled" else 1.0)
+        for m in range(members):
+            out.scatter_add_(1, self.index[m], mass[m])
+        return out / members
+
+    def top_class(self) -> torch.Tensor:
+        """(B,) the class the ensemble ranks first (the top-1 of the stored classes' mass)."""
+        return self.probs().argmax(dim=1)
+
+
+def cat_targets(parts: Sequence[torch.Tensor | SparseTargets]) -> torch.Tensor | SparseTargets:
+    """Concatenate blocks of dense (rows, C) tensors or of :class:`SparseTargets`."""
+    if isinstance(parts[0], SparseTargets):
+        return SparseTargets.cat(parts)  # type: ignore[arg-type]
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
+def sparse_rows(
+    specs: Sequence[StorageSpec],
+    arrays: Sequence[dict[str, np.ndarray]],
+    num_classes: int,
+    method: str,
+    temperature: float,
+) -> SparseTargets:
+    """The :class:`SparseTargets` of one block of rows of sparse members, at ``temperature``.
+
+    Args:
+        specs: the members' storage (one kind and size for all).
+        arrays: each member's stored arrays for the block (``LogitCache.read_member``).
+    """
+    kind = specs[0].kind
+    t = float(temperature)
+    index, logp, rest, weight, values = [], [], [], [], []
+    for spec, a in zip(specs, arrays, strict=True):
+        v = a["values"].astype(np.float64)
+        k = v.shape[1]
+        if kind == "topk":
+            tail_n = num_classes - k
+            ceiling = v[:, -1] / t + math.log(tail_n) if tail_n else None
+            tail, _ = lse_at(a["tail_lse"], spec.temperatures, t, tail_n, ceiling)
+            kept = v / t
+            m = kept.max(axis=1)
+            with np.errstate(divide="ignore"):
+                kept_lse = np.log(np.exp(kept - m[:, None]).sum(axis=1)) + m
+            total = np.logaddexp(kept_lse, tail)
+            logp.append(kept - total[:, None])
+            rest.append(tail - total)
+            weight.append(np.ones_like(v))
+        else:
+            lse_t, _ = lse_at(a["lse"], spec.temperatures, t, num_classes)
+            ts = float(spec.sample_temperature or 1.0)
+            lse_s, _ = lse_at(a["lse"], spec.temperatures, ts, num_classes)
+            lp = v / t - lse_t[:, None]
+            logp.append(lp)
+            rest.append(np.zeros(v.shape[0]))
+            weight.append(np.exp(lp - (v / ts - lse_s[:, None])) / k)
+        index.append(a["indices"].astype(np.int64))
+        values.append(v)
+
+    def stack(xs: list[np.ndarray], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.from_numpy(np.stack(xs)).to(dtype)
+
+    return SparseTargets(
+        kind,
+        stack(index, torch.int64),
+        stack(logp),
+        stack(rest),
+        stack(weight),
+        stack(values),
+        num_classes,
+        method,
+    )
+
+
+def temperature_exact(specs: Sequence[StorageSpec], temperature: float) -> bool:
+    """Whether every sparse member recorded ``temperature`` (else its tail or row log-sum-exp is
+    interpolated)."""
+    return all(any(math.isclose(t, temperature) for t in s.temperatures) for s in specs if s.sparse)
+
+
+# -------------------------------------------------------------------------------------- the losses
+def sparse_kl(
+    student_logits: torch.Tensor, targets: SparseTargets, temperature: float
+) -> torch.Tensor:
+    """Per-row KL of the teacher's stored distribution to the student's, at T.
+
+    - top-k: the (K+1)-bucket KL: the student's full softmax at T collapsed onto the member's
+      kept classes plus one tail bucket, against the teacher's exact buckets. ``mean-probs``
+      averages the members' bucket KLs (the cross-entropy is linear in the target, so this is
+      the mixture's gradient); ``mean-logits`` (several members) first forms the geometric mean
+      over the union of kept classes with each member's tail spread evenly (one bucket for the
+      rest).
+    - sampled: ``sum_s w_s (log p_T(i_s) - log q_T(i_s))``, unbiased for the KL and for its
+      gradient; members averaged (``mean-probs``).
+
+    Args:
+        student_logits: (B, C) raw student logits.
+
+    Returns:
+        (B,) float32.
+    """
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = targets
+    members = t.index.shape[0]
+    if t.kind == "topk" and t.method == "mean-logits" and members > 1:
+        return _geometric_bucket_kl(log_q, t)
+    out = log_q.new_zeros(log_q.shape[0])
+    for m in range(members):
+        lq = log_q.gather(1, t.index[m])
+        if t.kind == "sampled":
+            out = out + (t.weight[m] * (t.logp[m] - lq)).sum(dim=1)
+            continue
+        kept = (t.logp[m].exp() * (t.logp[m] - lq)).sum(dim=1)
+        tail_lq = torch.logsumexp(log_q.scatter(1, t.index[m], float("-inf")), dim=1)
+        has_tail = torch.isfinite(t.rest[m])
+        rest = torch.where(has_tail, t.rest[m], torch.zeros_like(t.rest[m]))
+        tail = torch.where(has_tail, rest.exp() * (rest - torch.where(has_tail, tail_lq, 0.0)), 0.0)
+        out = out + kept + tail
+    return out / members
+
+
+def _geometric_bucket_kl(log_q: torch.Tensor, t: SparseTargets) -> torch.Tensor:
+    """``mean-logits`` over top-k members: buckets = the union of kept classes + the rest."""
+    members, rows, k = t.index.shape
+    c = t.num_classes
+    share = math.log(c - k) if c > k else 0.0
+    log_g = log_q.new_zeros(rows, c)
+    union = torch.zeros(rows, c, dtype=torch.bool, device=log_q.device)
+    for m in range(members):
+        dense = (t.rest[m] - share)[:, None].expand(rows, c).clone()
+        log_g += dense.scatter(1, t.index[m], t.logp[m]) / members
+        union.scatter_(1, t.index[m], True)
+    log_g = torch.log_softmax(log_g, dim=1)  # the geometric mean, renormalised
+    kept = torch.where(union, log_g.exp() * (log_g - log_q), 0.0).sum(dim=1)
+    g_rest = torch.logsumexp(log_g.masked_fill(union, float("-inf")), dim=1)
+    q_rest = torch.logsumexp(log_q.masked_fill(union, float("-inf")), dim=1)
+    has_rest = torch.isfinite(g_rest)
+    g_rest0 = torch.where(has_rest, g_rest, 0.0)
+    tail = torch.where(
+        has_rest, g_rest0.exp() * (g_rest0 - torch.where(has_rest, q_rest, 0.0)), 0.0
+    )
+    return kept + tail
+
+
+def kept_logit_mse(student_logits: torch.Tensor, targets: SparseTargets) -> torch.Tensor:
+    """``(1/2K) sum_k (z'_k - v'_k)^2`` over each top-k member's kept classes, members averaged.
+
+    ``z'`` and ``v'`` are the student's and the teacher's logits of the kept classes with the
+    kept ones' mean removed (the tail's logits are not stored, so they are not matched).
+
+    Returns:
+        scalar: the batch mean.
+    """
+    z = student_logits.float()
+    members = targets.index.shape[0]
+    total = z.new_zeros(())
+    for m in range(members):
+        zk = z.gather(1, targets.index[m])
+        vk = targets.values[m]
+        diff = (zk - zk.mean(dim=1, keepdim=True)) - (vk - vk.mean(dim=1, keepdim=True))
+        total = total + 0.5 * diff.pow(2).mean(dim=1).mean()
+    return total / members
