@@ -26,6 +26,7 @@ from pipeline.config import (
 from pipeline.experiments.bench import BenchConfig
 from pipeline.experiments.demo import DemoConfig
 from pipeline.experiments.reproduce import ReproduceConfig
+from pipeline.experiments.storage import StorageStudyConfig
 from stages.boundary import KDGroup
 from stages.cache_cli import cache_group
 from stages.params import Only, configured
@@ -219,6 +220,17 @@ def bench(cfg: BenchConfig) -> None:
     from pipeline.experiments.bench import run_bench
 
     run_bench(cfg.scale, cfg.device, cfg.out, click.echo)
+
+
+@main.command("storage-study")
+@configured(StorageStudyConfig)
+def storage_study(cfg: StorageStudyConfig) -> None:
+    """Cache one teacher in every storage kind (dense, topk:K, sampled:S) and train the same
+    student from each: bytes per row, fidelity at T = 1, 4, 20 and test errors relative to the
+    dense cache, in OUT/report.md."""
+    from pipeline.experiments.storage import run_storage_study
+
+    run_storage_study(cfg, log=click.echo)
 
 
 @main.command()
