@@ -178,3 +178,16 @@ def test_dask_commands_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="cache-logits runs under torchrun with WORLD_SIZE=2"):
         CacheConfig(teachers=["t"], out="c.zarr").validate()
+
+
+def test_local_cluster_class_without_dask_cuda() -> None:
+    """CPU work, or CUDA without dask-cuda installed (as here), keeps dask's LocalCluster."""
+    from dask.distributed import LocalCluster
+
+    from pipeline.cluster import local_cluster_class
+
+    assert local_cluster_class(2, gpu=False) is LocalCluster
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError:
+        assert local_cluster_class(2, gpu=True) is LocalCluster
