@@ -2,7 +2,8 @@
 join one.
 
 A local cluster is worker *processes* with one task thread each, and torch threads per worker =
-cores / workers, so workers on one machine do not oversubscribe its cores. On CUDA every task asks
+cores / workers, so workers on one machine do not oversubscribe its cores; on CUDA it is dask-cuda's
+``LocalCUDACluster`` (one worker per GPU) when that package is installed. On CUDA every task asks
 for a ``GPU`` resource, so a GPU runs one task at a time; with an existing scheduler only if some
 worker declares one (``dask worker ... --resources GPU=1``), since otherwise no worker could ever
 run the tasks.
@@ -56,6 +57,27 @@ def _sigint_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def local_cluster_class(workers: int, gpu: bool) -> type:
+    """``dask_cuda.LocalCUDACluster`` for ``workers`` CUDA workers when dask-cuda is installed and
+    there are that many GPUs, else ``dask.distributed.LocalCluster``.
+
+    LocalCUDACluster gives each worker process its own ``CUDA_VISIBLE_DEVICES`` (one GPU each, seen
+    as ``cuda:0``) and pins it near that GPU's CPUs and NICs; it refuses more workers than GPUs, so
+    more workers than GPUs (GPUs shared through the ``GPU`` resource) stay on a plain LocalCluster.
+    """
+    from dask.distributed import LocalCluster
+
+    if not gpu:
+        return LocalCluster
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:  # optional: the project does not depend on it
+        return LocalCluster
+    import torch
+
+    return LocalCUDACluster if workers <= torch.cuda.device_count() else LocalCluster
+
+
 @contextmanager
 def dask_cluster(
     workers: int,
@@ -72,7 +94,7 @@ def dask_cluster(
         quiet_workers: show only errors from local workers (e.g. no warnings about tasks cancelled
             by a Ctrl-C).
     """
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     local = None
     if scheduler:
@@ -85,13 +107,16 @@ def dask_cluster(
         # dashboard ":0": a free port; None still binds the default 8787 and warns when another
         # cluster holds it.
         with _sigint_deferred():
-            local = LocalCluster(
+            kind = local_cluster_class(n, gpu)
+            # LocalCUDACluster is always processes and takes no ``processes`` argument.
+            procs = {} if kind.__name__ == "LocalCUDACluster" else {"processes": True}
+            local = kind(
                 n_workers=n,
                 threads_per_worker=1,
-                processes=True,
                 dashboard_address=":0",
                 resources={"GPU": 1} if gpu else None,
                 silence_logs=logging.ERROR if quiet_workers else logging.WARNING,
+                **procs,
             )
             client = Client(local)
         torch_threads = torch_threads or max(1, (os.cpu_count() or 1) // n)

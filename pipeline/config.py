@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from pipeline.cache.kinds import TAIL_TEMPERATURES
 from pipeline.cache.location import parse_storage_options, redact_options
 from pipeline.checks import collect, in_range, one_of, positive
+from pipeline.distributed import refuse_torchrun
 from pipeline.errors import ConfigError
 from pipeline.experiments.specialists.clustering import SIMILARITIES
 from pipeline.files import location_stem, slug
@@ -333,6 +334,7 @@ class CacheConfig:
                 f"--tail-temperatures must be positive numbers, got {self.tail_temperatures}"
             )
         problems += collect(positive("sample_temperature", self.sample_temperature))
+        problems += refuse_torchrun("cache-logits")
         if problems:
             raise ConfigError(problems)
 
@@ -618,6 +620,7 @@ class SweepConfig:
             problems.append(f"workers must be >= 0, got {self.workers}")
         if self.workers is not None and self.scheduler:
             problems.append("use --workers N or --scheduler ADDRESS, not both")
+        problems += refuse_torchrun("sweep")
         if self.torch_threads < 0:
             problems.append(f"torch_threads must be >= 0, got {self.torch_threads}")
         if not self.out:

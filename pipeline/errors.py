@@ -47,6 +47,10 @@ class StorageError(KDError):
     """Storage failed: credentials, a missing bucket, an unreachable endpoint, a full disk, ..."""
 
 
+class DistributedError(KDError):
+    """A torchrun job cannot run: bad launch variables, a failed rendezvous, ranks that disagree."""
+
+
 class ConfigError(KDError):
     """One or more configuration values are invalid (all problems are listed at once)."""
 

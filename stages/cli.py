@@ -112,10 +112,12 @@ def cache_logits(cfg: CacheConfig, display: Display) -> None:
 def train_student(cfg: StudentConfig, display: Display) -> None:
     """Stage two: train a student on cached soft targets at temperature T plus weighted hard
     labels."""
+    from pipeline.distributed import is_main_process
     from pipeline.training.distill import train_student as run
 
     run(cfg, log=quiet_log(display), progress=not display.quiet)
-    click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
+    if is_main_process():  # under torchrun: rank 0 wrote it
+        click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
 
 
 @main.command()

@@ -574,6 +574,10 @@ def execute_plan(
             )
     finally:
         bar.close()
+    if on_dask:
+        # A dask worker killed mid-write (its shards were recomputed elsewhere) can leave zarr's
+        # temporary files; every writer is done now, so they are leftovers, not writes under way.
+        remove_partial_files(plan.location)
     lock.check()  # a lease lost mid-write: do not declare someone else's cache complete
     mark_complete(plan.location)
     return rows

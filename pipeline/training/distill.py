@@ -14,11 +14,17 @@ a run directory that describes itself (:func:`finish_run`)::
                       bias fitting
       history.csv     per epoch: loss parts, train errors, test errors, seconds
       config.json     the resolved config
+
+Under ``torchrun`` (see :mod:`pipeline.distributed`) every rank runs this recipe on its share of
+each epoch; the student is trained through DDP, and rank 0 alone logs, evaluates and writes the run
+directory, which records the world size and the effective batch (``distributed`` in
+``config.json`` and ``metrics.json``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +39,15 @@ from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig
 from pipeline.datasets import Dataset, load_dataset, load_eval_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
+from pipeline.distributed import (
+    RECORD_ROWS_VAR,
+    SINGLE,
+    Ranks,
+    RowRecorder,
+    agree,
+    broadcast,
+    process_group,
+)
 from pipeline.errors import ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, percent, predict_logits
@@ -91,22 +106,60 @@ def train_student(
        option fails before training, not after);
     3. fit it (:func:`fit_student`);
     4. finish: bias correction, evaluation, the run directory (:func:`finish_run`).
+
+    Under torchrun each rank runs the steps on its share of the data; rank 0 alone logs and writes
+    the run directory, and every rank returns rank 0's result.
     """
     cfg.validate()
-    check_run_dir(cfg, log)
     device = resolve_device(cfg.device)
-    t_start = time.perf_counter()
-    targets = setup_soft_targets(cfg, device, log)
-    student = build_student(cfg, targets, device)
-    test = resolve_eval_set(cfg.eval, targets.data, cfg.data_dir, targets.num_classes, log=log)
-    held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
-    history = fit_student(cfg, student, targets, test, device, log, progress)
-    return finish_run(cfg, student, targets, test, held, absent, history, device, t_start, log)
+    with process_group(device) as ranks:
+        if not ranks.main:
+            log, progress = (lambda line: None), False
+        device = ranks.place(device)
+        check_run_dir(cfg, log, ranks)
+        t_start = time.perf_counter()
+        targets = setup_soft_targets(cfg, device, log, ranks)
+        # Ranks that opened another cache, read other data or got another command would train
+        # apart (or hang in DDP): refuse before training.
+        agree(
+            ranks,
+            {
+                "config": run_config(cfg, ranks),
+                "soft targets": targets.record,
+                "rows": targets.source.num_rows,
+                "steps per epoch": len(targets.source),
+            },
+        )
+        student = build_student(cfg, targets, device)
+        test = resolve_eval_set(cfg.eval, targets.data, cfg.data_dir, targets.num_classes, log=log)
+        held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
+        history = fit_student(cfg, student, targets, test, device, log, progress, ranks)
+        result = None
+        if ranks.main:
+            result = finish_run(
+                cfg, student, targets, test, held, absent, history, device, t_start, log, ranks
+            )
+        return broadcast(ranks, result)
 
 
-def check_run_dir(cfg: StudentConfig, log: Callable[[str], None]) -> None:
+def run_config(cfg: StudentConfig, ranks: Ranks = SINGLE) -> dict:
+    """What ``config.json`` records: the resolved config, and under torchrun the world size and
+    the effective batch (``--batch-size`` is per process, as in DDP)."""
+    out = cfg.to_dict()
+    if ranks.distributed:
+        out["distributed"] = {
+            "world_size": ranks.world,
+            "backend": ranks.backend,
+            "batch_size_per_rank": cfg.train.batch_size,
+            "effective_batch_size": cfg.train.batch_size * ranks.world,
+        }
+    return out
+
+
+def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks = SINGLE) -> None:
     """Refuse to replace a run of another config in ``cfg.out`` unless ``--overwrite``; say so
-    when a run is replaced (it is, once training starts: :func:`fit_student`).
+    when a run is replaced (it is, once training starts: :func:`fit_student`). A run on another
+    number of processes is another config (its effective batch differs).
 
     Raises:
         ConfigError: ``cfg.out`` holds a run of another config and ``cfg.overwrite`` is off.
@@ -117,7 +170,7 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None]) -> None:
         return
     # Options added to StudentConfig since that run take their defaults: still the same config.
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
-    now = json.loads(json.dumps(cfg.to_dict()))
+    now = json.loads(json.dumps(run_config(cfg, ranks)))
     diffs = _differences({**defaults, **recorded}, now)
     if diffs and not cfg.overwrite:
         raise ConfigError(
@@ -161,13 +214,16 @@ def _differences(before: dict, now: dict, prefix: str = "") -> list[str]:
 
 # ------------------------------------------------------------------------------ 1. the soft targets
 def setup_soft_targets(
-    cfg: StudentConfig, device: torch.device, log: Callable[[str], None]
+    cfg: StudentConfig, device: torch.device, log: Callable[[str], None], ranks: Ranks = SINGLE
 ) -> SoftTargets:
-    """The cache's soft targets (checked against the dataset it records), or a live teacher's."""
-    return _cache_targets(cfg, log) if cfg.cache else _online_targets(cfg, device)
+    """The cache's soft targets (checked against the dataset it records), or a live teacher's;
+    the source serves this rank's share of each epoch."""
+    if cfg.cache:
+        return _cache_targets(cfg, log, ranks)
+    return _online_targets(cfg, device, ranks)
 
 
-def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTargets:
+def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks) -> SoftTargets:
     """Open the cache, check members, dataset and labels, and plan the loader (memory or stream)."""
     cache = LogitCache(cfg.cache_location, allow_partial=cfg.allow_partial)
     members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
@@ -202,6 +258,7 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None]) -> SoftTarget
         seed=cfg.train.seed,
         shards=shards,
         truth=data.y,
+        rank=ranks.share,
     )
     record = {
         "cache": {
@@ -276,7 +333,7 @@ def soft_target_record(cache: LogitCache, members: list[int], cfg: StudentConfig
     return out
 
 
-def _online_targets(cfg: StudentConfig, device: torch.device) -> SoftTargets:
+def _online_targets(cfg: StudentConfig, device: torch.device, ranks: Ranks) -> SoftTargets:
     """Load the teachers and the transfer set; the soft targets are a forward pass on each batch."""
     teachers = load_models(cfg.online_teacher, device, cfg.trust_code)
     data = load_dataset(cfg.dataset, cfg.data_dir)
@@ -300,7 +357,9 @@ def _online_targets(cfg: StudentConfig, device: torch.device) -> SoftTargets:
             "dataset_fingerprint": data.fingerprint,
         }
     }
-    source = InMemorySource(data.x, data.y, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    source = InMemorySource(
+        data.x, data.y, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=ranks.share
+    )
     return SoftTargets(
         data=data,
         num_classes=int(teachers[0].meta["num_classes"]),
@@ -379,45 +438,60 @@ def fit_student(
     device: torch.device,
     log: Callable[[str], None],
     progress: bool,
+    ranks: Ranks = SINGLE,
 ) -> list[dict]:
     """Record ``config.json`` in the run directory, then train with :func:`pipeline.training.fit`.
+
+    Under torchrun only rank 0 touches the run directory and measures the test set after each
+    epoch; with ``KD_RECORD_ROWS=DIR`` set, each rank saves the rows it trained on per epoch in
+    DIR (a debugging hook: :class:`pipeline.distributed.RowRecorder`).
 
     Returns:
         The per-epoch history (also in ``history.csv``), with the test errors after each epoch.
     """
     loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # A run being replaced loses its results now, not before: a failure before training keeps
-    # it, and an interrupted retraining never leaves them beside the new config.json.
-    for name in ("metrics.json", "student.pt"):
-        (out / name).unlink(missing_ok=True)
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        # A run being replaced loses its results now, not before: a failure before training keeps
+        # it, and an interrupted retraining never leaves them beside the new config.json.
+        for name in ("metrics.json", "student.pt"):
+            (out / name).unlink(missing_ok=True)
+        atomic_write_json(out / "config.json", run_config(cfg, ranks))
+    source = targets.source
+    if os.environ.get(RECORD_ROWS_VAR):
+        source = RowRecorder(source, os.environ[RECORD_ROWS_VAR], ranks.rank)
 
     def evaluate(m: torch.nn.Module) -> dict:
-        if test is None:
+        if test is None or not ranks.main:
             return {}
         logits = predict_logits(m, test.x, device)
         wrong = int((logits.argmax(1) != torch.as_tensor(test.y)).sum())
         return {"test_errors": wrong, "test_error_rate": wrong / len(test)}
 
+    on = f"{describe_device(device)}, {targets.describe}"
+    if ranks.distributed:
+        on = (
+            f"{ranks.world} processes ({ranks.backend}; batch {cfg.train.batch_size} each, "
+            f"{cfg.train.batch_size * ranks.world} in all) on {on}"
+        )
     log(
         f"training {cfg.student} on {targets.source.num_rows} rows: loss={cfg.loss} "
-        f"T={cfg.temperature} alpha={cfg.alpha} ensemble={cfg.ensemble} on "
-        f"{describe_device(device)}, {targets.describe}"
+        f"T={cfg.temperature} alpha={cfg.alpha} ensemble={cfg.ensemble} on {on}"
     )
     return fit(
         student,
-        targets.source,
+        source,
         loss,
         cfg.train,
         device,
         teacher_fn=targets.teacher_fn,
         evaluate=evaluate,
-        history_csv=out / "history.csv",
+        history_csv=out / "history.csv" if ranks.main else None,
         log=log,
         desc="student",
         progress=progress,
+        ranks=ranks,
     )
 
 
@@ -433,6 +507,7 @@ def finish_run(
     device: torch.device,
     t_start: float,
     log: Callable[[str], None],
+    ranks: Ranks = SINGLE,
 ) -> dict:
     """Correct the biases, measure, and complete the run directory: student.pt, then metrics.json.
 
@@ -465,19 +540,24 @@ def finish_run(
     metrics["wall_seconds"] = time.perf_counter() - t_start
     metrics["epochs"] = len(history)
     metrics["final_epoch"] = history[-1]
+    if ranks.distributed:
+        metrics["distributed"] = {
+            **run_config(cfg, ranks)["distributed"],
+            "steps_per_epoch": len(targets.source),
+        }
     meta = {
         "model_spec": cfg.student,
         "in_shape": list(data.sample_shape),
         "num_classes": num_classes,
         "class_names": targets.class_names,
         "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
-        "config": cfg.to_dict(),
+        "config": run_config(cfg, ranks),
         **targets.record,
         "metrics": metrics.get("test"),
         "device": describe_device(device),
     }
     save_checkpoint(out / "student.pt", student, meta)
-    result = {**targets.record, "metrics": metrics, "config": cfg.to_dict()}
+    result = {**targets.record, "metrics": metrics, "config": run_config(cfg, ranks)}
     atomic_write_json(out / "metrics.json", result)
     if test is not None:
         t = metrics["test"]

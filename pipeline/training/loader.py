@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.format import LogitCache
+from pipeline.distributed import balanced, shard_spans, stream_steps
 from pipeline.errors import CacheError, ConfigError
 from pipeline.training.loop import Batch, InMemorySource
 from pipeline.training.losses import combine_members
@@ -184,6 +185,8 @@ class StreamingCacheSource:
         seed: epoch e uses the seed sequence ``[seed, e]`` for its shard order and row shuffles.
         truth: (N,) the dataset's labels: each shard's cached labels must equal them (see
             ``LogitCache.read_labels``); None skips that comparison.
+        rank: ``(k, K)``: serve only rank k's contiguous share of each epoch's rows in shard
+            order (``pipeline.distributed.shard_spans``), as ``len(self)`` batches on every rank.
     """
 
     def __init__(
@@ -198,8 +201,10 @@ class StreamingCacheSource:
         buffer_shards: int,
         seed: int = 0,
         truth: np.ndarray | None = None,
+        rank: tuple[int, int] = (0, 1),
     ) -> None:
         self.cache, self.x, self.members, self.truth = cache, x, list(members), truth
+        self.rank = rank
         self.method, self.temperature = method, temperature
         self.shards = np.asarray(shards, dtype=np.int64)
         self.batch_size, self.buffer_shards, self.seed = batch_size, max(1, buffer_shards), seed
@@ -207,6 +212,8 @@ class StreamingCacheSource:
         self.labeled = cache.labeled
 
     def __len__(self) -> int:
+        if self.rank[1] > 1:
+            return stream_steps(self.rows, self.batch_size, self.rank[1])
         return math.ceil(self.rows / self.batch_size)
 
     @property
@@ -228,15 +235,21 @@ class StreamingCacheSource:
         k (workers)."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.shards)[part[0] :: part[1]]
+        pieces = [(int(s), 0, None) for s in order]  # (shard, rows lo, hi): whole shards
+        if self.rank[1] > 1:
+            sizes = [int(np.subtract(*self.cache.shard_bounds(int(s))[::-1])) for s in order]
+            pieces = [(int(order[i]), lo, hi) for i, lo, hi in shard_spans(sizes, *self.rank)]
+            rng = np.random.default_rng([self.seed, epoch, *self.rank])  # its own row shuffles
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
         stop = threading.Event()
 
         def producer() -> None:
             try:
-                for s in order:
+                for s, lo, hi in pieces:
                     if stop.is_set():
                         return
-                    q.put(self._read(int(s)))
+                    item = self._read(s)
+                    q.put(item if hi is None else tuple(v if v is None else v[lo:hi] for v in item))
                 q.put(None)
             except BaseException as e:  # noqa: BLE001 - surfaced on the consumer side
                 q.put(e)
@@ -244,7 +257,8 @@ class StreamingCacheSource:
         thread = threading.Thread(target=producer, name="cache-prefetch", daemon=True)
         thread.start()
         try:
-            yield from self._batches(q, rng, with_rows)
+            batches = self._batches(q, rng, with_rows)
+            yield from batches if self.rank[1] == 1 else balanced(batches, len(self))
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue
@@ -307,6 +321,7 @@ def cache_source(
     seed: int = 0,
     shards: np.ndarray | None = None,
     truth: np.ndarray | None = None,
+    rank: tuple[int, int] = (0, 1),
 ) -> tuple[InMemorySource | StreamingCacheSource, LoaderPlan]:
     """The batch source for a run: in memory when it fits ``budget`` bytes, streaming otherwise.
 
@@ -314,6 +329,7 @@ def cache_source(
         shards: the shards to serve: the run's snapshot of the finished ones (default: the
             cache's, ``cache.done_shards(members)``).
         truth: (N,) the dataset's labels, which each shard's cached labels must equal.
+        rank: ``(k, K)``: the source serves rank k's share of each epoch (DDP).
 
     Raises:
         CacheError: no shard is finished (training on 0 rows would still write a student), or what
@@ -339,6 +355,7 @@ def cache_source(
             plan.buffer_shards,
             seed,
             truth=truth,
+            rank=rank,
         ), plan
     rows = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards])
     teacher: torch.Tensor | SparseTargets
@@ -361,7 +378,7 @@ def cache_source(
         labels = np.concatenate([cache.read_labels(int(s), truth=truth) for s in shards])
     all_rows = len(rows) == cache.n
     xs = x if all_rows else x[rows]
-    return InMemorySource(xs, labels, teacher, batch_size=batch_size, seed=seed), plan
+    return InMemorySource(xs, labels, teacher, batch_size=batch_size, seed=seed, rank=rank), plan
 
 
 class CacheIterableDataset(torch.utils.data.IterableDataset):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.checks import at_least, collect, one_of, positive
+from pipeline.distributed import SINGLE, Ranks, all_sum, batch_spans, training_seed
 from pipeline.errors import ConfigError, KDError
 from pipeline.files import atomic_write
 from pipeline.options import option, parse_clip
@@ -89,6 +90,8 @@ class InMemorySource:
         seed: the epoch-e permutation is drawn from the seed sequence ``[seed, e]``: reproducible,
             and distinct streams for different seeds (seed s, epoch e+1 never repeats seed s+1,
             epoch e).
+        rank: ``(k, K)``: serve rank k's part of every global batch of ``K * batch_size`` rows of
+            the same permutation (``pipeline.distributed.batch_spans``); ``(0, 1)``: all rows.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class InMemorySource:
         batch_size: int = 128,
         seed: int = 0,
         shuffle: bool = True,
+        rank: tuple[int, int] = (0, 1),
     ) -> None:
         self.x = torch.as_tensor(x)
         self.y = None if y is None else torch.as_tensor(y).long()
@@ -110,27 +114,39 @@ class InMemorySource:
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.rank = rank
+        # Every rank's steps (each a span of the epoch's order); None on one process.
+        self.spans = (
+            None
+            if rank[1] == 1
+            else batch_spans(int(self.x.shape[0]), batch_size, rank[0], rank[1])
+        )
 
     def __len__(self) -> int:
+        if self.spans is not None:
+            return len(self.spans)
         return math.ceil(self.x.shape[0] / self.batch_size)
 
     @property
     def num_rows(self) -> int:
         return int(self.x.shape[0])
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, with_rows: bool = False) -> Iterator[Batch]:
+        """Yield the epoch's batches; ``with_rows`` adds each batch's row positions (B,)."""
         n = self.x.shape[0]
         if self.shuffle:
             order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(n))
         else:
             order = torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield (
+        spans = self.spans or [(s, s + self.batch_size) for s in range(0, n, self.batch_size)]
+        for start, stop in spans:
+            idx = order[start:stop]
+            batch = (
                 self.x[idx],
                 None if self.teacher is None else self.teacher[idx],
                 None if self.y is None else self.y[idx],
             )
+            yield (*batch, idx.numpy()) if with_rows else batch
 
 
 def random_shift(
@@ -199,6 +215,7 @@ def fit(
     log: Callable[[str], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> list[dict]:
     """Train ``model`` in place; return one dict per epoch.
 
@@ -219,13 +236,27 @@ def fit(
         log: receives one summary line per epoch.
         desc: progress-bar label.
         progress: show a progress bar per epoch (on a terminal).
+        ranks: this process's place in a torchrun job. With more than one rank the model is
+            trained through ``DistributedDataParallel`` (gradients averaged over the ranks; the
+            ``model`` passed in stays the plain module and holds the trained weights), each rank
+            iterates its share of every epoch (``source`` must serve the same number of batches
+            on every rank), and the epoch's sums are added over the ranks. ``evaluate``,
+            ``history_csv`` and ``log`` are the caller's to give to rank 0 only.
 
     Returns:
         Per-epoch rows: ``epoch``, ``loss``, ``soft``, ``hard`` (means over rows), ``train_errors``,
         ``train_error_rate``, ``lr``, ``seconds``, plus what ``evaluate`` returned.
     """
     cfg.validate()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(training_seed(cfg.seed, ranks))
+    net = model
+    if ranks.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP copies rank 0's weights to the other ranks here and averages gradients in backward.
+        net = DistributedDataParallel(
+            model, device_ids=[device.index or 0] if device.type == "cuda" else None
+        )
     opt = make_optimizer(model, cfg)
     total_steps = cfg.epochs * max(1, len(source))
     sched = (
@@ -262,7 +293,7 @@ def fit(
                 with torch.inference_mode():
                     tb = teacher_fn(xb)
                 tb = tb.clone()  # leave inference mode: autograd may touch it in the loss
-            logits = model(xb)
+            logits = net(xb)
             parts = loss_fn(logits, tb, yb)
             loss = parts["loss"]
             opt.zero_grad(set_to_none=True)
@@ -283,6 +314,11 @@ def fit(
                     wrong += (logits.argmax(dim=1) != yb).sum()
                     labeled += b
         seconds = time.perf_counter() - t0
+        if ranks.distributed:
+            # The epoch's row is the whole epoch's: every rank's rows, added up.
+            total = all_sum(ranks, [*sums.values(), wrong, rows, labeled], device)
+            sums = dict(zip(sums, total[:3], strict=True))
+            wrong, rows, labeled = total[3], int(total[4]), int(total[5])
         row = {k: float(v) / max(rows, 1) for k, v in sums.items()}
         if not math.isfinite(row["loss"]):
             raise KDError(
