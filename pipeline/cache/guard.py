@@ -180,6 +180,7 @@ class Limits:
     chunk: Mapping[str, int]
     shards: int
     widest: int
+    dtypes: Mapping[str, str] | None = None  # each array's data type, when the header is known
 
     @classmethod
     def from_header(cls, h: Any) -> Limits | None:
@@ -192,19 +193,21 @@ class Limits:
             return None
         try:  # format 2 (and 1): every array the header implies, by its chunk's bytes
             header = CacheHeader.from_dict(h)
-            chunk = {
-                name: math.prod(chunks) * DTYPES[dtype]
-                for name, _, dtype, chunks in expected_arrays(header)
-            }
-            return cls(chunk, n_shards, max(chunk.values()))
+            arrays = expected_arrays(header)
+            chunk = {name: math.prod(chunks) * DTYPES[dtype] for name, _, dtype, chunks in arrays}
+            dtypes = {name: dtype for name, _, dtype, _ in arrays}
+            return cls(chunk, n_shards, max(chunk.values()), dtypes)
         except (KDError, KeyError, ValueError, TypeError):
             pass  # a header the schema refuses: bound by what its numbers say, as format 1 does
         logits = rows * classes * itemsize
         chunk = {"ids": rows * 8, "labels": rows * 8}
+        dtypes = {"ids": "int64", "labels": "int64"}
         for k in range(len(members) if isinstance(members, list) else 0):
             chunk[f"members/{k}/logits"] = logits
             chunk[f"members/{k}/done"] = 1
-        return cls(chunk, n_shards, max(logits, rows * 8))
+            dtypes[f"members/{k}/logits"] = h["dtype"]
+            dtypes[f"members/{k}/done"] = "uint8"
+        return cls(chunk, n_shards, max(logits, rows * 8), dtypes)
 
     def raw(self, array: str) -> int:
         """At most this many bytes in one decompressed chunk of ``array``."""
@@ -238,6 +241,8 @@ def check_array_metadata(meta: Any, array: str, limits: Limits | None, what: str
     dtype = meta.get("data_type")
     if dtype not in DTYPES:
         problems.append(f"data type {dtype!r} (a cache uses {', '.join(DTYPES)})")
+    elif limits is not None and limits.dtypes and limits.dtypes.get(array, dtype) != dtype:
+        problems.append(f"data type {dtype!r} (the header says {limits.dtypes[array]} for {array})")
     encoding = _obj(meta.get("chunk_key_encoding"))
     if (
         encoding.get("name") != "default"

@@ -17,7 +17,10 @@ shared machine the ratios then measure the other jobs.
       sequential read of the same bytes from a .npy (goal >= 0.8); peak RSS growth while streaming a
       cache 10x larger than the memory budget (goal <= budget + 300 MiB), measured in a child
       process
-- P5  bytes on disk per sample per member vs raw float32 (reported)
+- P5  bytes on disk per sample per member vs raw float32 (reported); and per storage kind
+      (dense, topk:20, sampled:12) at C = 10, 1,000 and 32,000 from synthetic logits (reported)
+- P6  a loader epoch from a topk:20 (and a sampled:12) cache / the same epoch from the dense cache,
+      1000 classes, the same teachers and rows (goal <= 1.1)
 
 Teachers are the paper's shapes (3 x MLP 1200-1200 on 784 inputs) with random weights: inference
 cost does not depend on training, and the bench must not need a trained model. A 1000-class variant
@@ -47,6 +50,7 @@ from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import CacheConfig, SweepConfig, device_option
 from pipeline.datasets import fingerprint_arrays, load_dataset
 from pipeline.devices import describe_device, resolve_device
+from pipeline.experiments.storage import byte_table as storage_byte_table
 from pipeline.experiments.sweep import run_sweep
 from pipeline.metrics import predict_logits
 from pipeline.models import build_model
@@ -237,6 +241,8 @@ def _measure(
         "ratio": ci.size_on_disk / ci.raw_size,
     }
     fig[f"P4 {label}"] = _p4(kept, data.x, reps)
+    if classes == 1000:
+        fig["P6 1000 classes"] = _p6(kept, paths, data, batch, device_name, reps)
     if classes == 10:
         fig["P1"] = _p1(LogitCache(kept), data, device, reps, sync)
         fig["P2"] = _p2(root, kept, paths, data, t_cache, t_inf, device_name, reps, sync)
@@ -401,6 +407,49 @@ def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
         "goal": ">= 0.8",
         "payload_bytes": payload,
         "runs": {"stream": stream_all, "raw": raw_all},
+    }
+
+
+def _p6(dense: Path, paths: list[str], data, batch: int, device_name: str, reps: int) -> dict:
+    """Loader epochs (shuffled shards, prefetch, targets at T, batches) per storage kind."""
+    seconds: dict[str, float] = {}
+    runs: dict[str, list[float]] = {}
+    for store in ("dense", "topk:20", "sampled:12"):
+        where = dense
+        if store != "dense":
+            where = dense.parent / f"{dense.name}-{store.replace(':', '')}"
+            build_cache(
+                CacheConfig(
+                    teachers=paths,
+                    dataset=data.spec,
+                    out=str(where),
+                    store=store,
+                    batch_size=batch,
+                    device=device_name,
+                    command="bench",
+                ),
+                log=lambda s: None,
+                progress=False,
+            )
+        cache = LogitCache(where)
+        members = list(range(len(cache.members)))
+        src = StreamingCacheSource(
+            cache, data.x, members, "mean-probs", 4.0, cache.done_shards(), 1024, 4
+        )
+
+        def epoch(src: StreamingCacheSource = src) -> None:
+            for _ in src.epoch(0):
+                pass
+
+        seconds[store], runs[store] = _median_time(epoch, reps, lambda: None)
+    return {
+        "epoch_s": seconds,
+        "rows_per_s": {k: len(data) / v for k, v in seconds.items()},
+        "ratio": seconds["topk:20"] / seconds["dense"],
+        "sampled_ratio": seconds["sampled:12"] / seconds["dense"],
+        "goal": "<= 1.1",
+        "runs": runs,
+        "bytes": storage_byte_table(),
     }
 
 
@@ -650,6 +699,25 @@ def format_table(results: dict) -> str:
                 v,
             )
         )
+    if "P6 1000 classes" in f:
+        v = f["P6 1000 classes"]
+        e = v["epoch_s"]
+        lines.append(
+            _row(
+                "P6",
+                f"loader epoch topk:20 {e['topk:20']:.2f}s / dense {e['dense']:.2f}s "
+                f"(1000 classes; sampled:12 {e['sampled:12']:.2f}s, "
+                f"{v['sampled_ratio']:.2f}x)",
+                f"{v['ratio']:.3f}",
+                v,
+            )
+        )
+        for b in v["bytes"]:
+            lines.append(
+                f"| P5 | {b['store']} bytes/row/member on disk, C = {b['classes']:,} "
+                f"(synthetic logits; raw {b['raw']:,}) | {b['on_disk']:,.1f} "
+                f"({b['vs_dense_raw']:.4f}x dense float16) | reported | |"
+            )
     warnings = results.get("warnings", bench_warnings(results))
     if warnings:
         lines += ["", *(f"warning: {w}" for w in warnings)]
