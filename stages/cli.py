@@ -217,8 +217,9 @@ for _name, (_steps, _doc) in SPECIALIST_STEPS.items():
 @configured(BenchConfig)
 def bench(cfg: BenchConfig) -> None:
     """Measure what the cache buys, as ratios in one run: P1 epoch cost, P2 a sweep from the cache
-    vs online KD, P3 caching overhead, P4 streaming, P5 size; each against its goal (met or not),
-    with a warning when the machine is loaded or repeats disagree."""
+    vs online KD, P3 caching overhead, P4 streaming vs the codec limit, P5 size (per storage
+    kind too), P6 a top-k vs a dense loader epoch; each against its goal (met or not), with a
+    warning when the machine is loaded or repeats disagree."""
     from pipeline.experiments.bench import run_bench
 
     run_bench(cfg.scale, cfg.device, cfg.out, click.echo)

@@ -22,9 +22,12 @@ for a torch ``DataLoader`` with workers, each serving a disjoint part of the epo
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +41,9 @@ from pipeline.training.losses import combine_members
 from pipeline.training.targets import SparseTargets, cat_targets, sparse_rows
 
 PREFETCH_SHARDS = 2
+# Shards decoded (zstd + crc32c) and combined at once by the prefetcher: decoding and torch's
+# maths release the GIL, so a few threads read at the codec's speed on several cores.
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 COMBINE_BLOCK_ELEMENTS = 1 << 20  # float32 elements per member-combination block (4 MiB)
 
 
@@ -152,12 +158,14 @@ def plan_loader(
     if memory_mode <= budget:
         return LoaderPlan("memory", rows, len(shards), len(shards), memory_mode, budget)
     # Streaming: per row in the buffer we hold combined targets + inputs + labels twice (the buffer
-    # being served and its concatenated parts); the queue holds PREFETCH_SHARDS combined shards plus
-    # one being produced, whose raw member logits and float32 combine temporaries also count.
+    # being served and its concatenated parts); the queue holds PREFETCH_SHARDS combined shards,
+    # and READ_THREADS more are being produced, whose raw member logits and float32 combine
+    # temporaries also count.
     per_row = 2 * (target + in_bytes + 8)
-    prefetch = (
-        (PREFETCH_SHARDS + 1) * cache.rows_per_shard * (target + in_bytes + 8)
-        + cache.rows_per_shard * raw_bytes
+    prefetch = (PREFETCH_SHARDS + READ_THREADS) * cache.rows_per_shard * (
+        target + in_bytes + 8
+    ) + READ_THREADS * (
+        cache.rows_per_shard * raw_bytes
         + 2 * 4 * min(COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * len(members) * c)
     )
     buffer_rows = max(0, budget - prefetch) // per_row
@@ -244,13 +252,30 @@ class StreamingCacheSource:
         stop = threading.Event()
 
         def producer() -> None:
+            # Up to READ_THREADS shards are read and combined at once, handed on in order.
+            pending: deque[tuple[Future, int | None, int | None]] = deque()
+            todo = iter(pieces)
             try:
-                for s, lo, hi in pieces:
-                    if stop.is_set():
-                        return
-                    item = self._read(s)
-                    q.put(item if hi is None else tuple(v if v is None else v[lo:hi] for v in item))
-                q.put(None)
+                with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read") as pool:
+                    while True:
+                        while len(pending) < READ_THREADS and not stop.is_set():
+                            nxt = next(todo, None)
+                            if nxt is None:
+                                break
+                            pending.append((pool.submit(self._read, nxt[0]), nxt[1], nxt[2]))
+                        if not pending or stop.is_set():
+                            break
+                        fut, lo, hi = pending.popleft()
+                        item = fut.result()
+                        q.put(
+                            item
+                            if hi is None
+                            else tuple(v if v is None else v[lo:hi] for v in item)
+                        )
+                    for fut, _, _ in pending:
+                        fut.cancel()
+                if not stop.is_set():
+                    q.put(None)
             except BaseException as e:  # noqa: BLE001 - surfaced on the consumer side
                 q.put(e)
 

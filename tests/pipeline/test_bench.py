@@ -66,11 +66,29 @@ def figures(p1_kd: list[float]) -> dict:
             "P4 10 classes": {
                 "stream_MBps": 122,
                 "reads_MBps": 350,
+                "codec_MBps": 610,
                 "raw_npy_MBps": 2783,
-                "ratio": 0.04,
+                "ratio": 0.2,
+                "raw_ratio": 0.04,
                 "reads_ratio": 0.13,
                 "goal": ">= 0.8",
                 "runs": {},
+            },
+            "P6 1000 classes": {
+                "epoch_s": {"dense": 2.0, "topk:20": 1.0, "sampled:12": 0.9},
+                "ratio": 0.5,
+                "sampled_ratio": 0.45,
+                "goal": "<= 1.1",
+                "runs": {},
+                "bytes": [
+                    {
+                        "classes": 1000,
+                        "store": "topk:20",
+                        "raw": 100,
+                        "on_disk": 72.3,
+                        "vs_dense_raw": 0.0362,
+                    }
+                ],
             },
             "P1": {
                 "kd_epoch_from_cache_s": kd,
@@ -118,17 +136,20 @@ def test_table_rows_run_p1_to_p5_with_a_verdict() -> None:
     rows = [
         [c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| P")
     ]
-    assert [r[0] for r in rows] == ["P1", "P2", "P3", "P3", "P4", "P4", "P4", "P5"]
+    assert [r[0] for r in rows] == ["P1", "P2", "P3", "P3", "P4", "P4", "P4", "P5", "P6", "P5"]
     assert [r[4] for r in rows] == [
         "met",  # P1 1.03 <= 1.05
         "met",  # P2 1.04 x ideal <= 1.1
         "met",  # P3 10 classes 1.0
         "not met",  # P3 1000 classes 1.3 > 1.05
-        "not met",  # P4 0.04 < 0.8
-        "",  # P4 shard reads: a diagnostic, no goal
+        "not met",  # P4 0.2 of the codec limit < 0.8
+        "",  # P4 against a raw .npy read: information, no goal
         "met",  # P4 RSS 114 MiB <= 315 MiB
         "reported",  # P5
+        "met",  # P6 topk epoch / dense epoch 0.5 <= 1.1
+        "",  # P5 bytes per storage kind: reported
     ]
+    assert "codec limit" in rows[4][1] and "72.3" in rows[9][2]
     assert "(10 classes)" in rows[2][1] and "(1000 classes)" in rows[3][1]
     assert not any(line.startswith("warning:") for line in lines)
 
@@ -155,5 +176,5 @@ def test_bench_help_lists_every_figure() -> None:
     from stages.cli import main
 
     text = CliRunner().invoke(main, ["bench", "--help"]).output
-    for fig in ("P1", "P2", "P3", "P4", "P5"):
+    for fig in ("P1", "P2", "P3", "P4", "P5", "P6"):
         assert fig in text
