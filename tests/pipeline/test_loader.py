@@ -19,7 +19,10 @@ import torch
 from pipeline.cache.format import LogitCache
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError
+from pipeline.training import loader
 from pipeline.training.loader import (
+    PREFETCH_SHARDS,
+    READ_THREADS,
     CacheIterableDataset,
     StreamingCacheSource,
     cache_source,
@@ -28,12 +31,29 @@ from pipeline.training.loader import (
 from pipeline.training.loop import InMemorySource
 from pipeline.training.losses import combine_members
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "read_threads")
+
+
+@pytest.fixture
+def read_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader's plan counts its reading threads: fix them, so the budgets below mean the same
+    on every machine."""
+    monkeypatch.setattr(loader, "READ_THREADS", READ_THREADS)
+
 
 N, C, R = 600, 5, 64  # the shared cache: rows, classes, rows per shard
 IN_BYTES = 64 * 4  # one 1x8x8 float32 sample
 MEMORY_BYTES = N * (C * 4 + IN_BYTES)  # what in-memory mode holds for the whole cache
-STREAM_BUDGET = 140_000  # below MEMORY_BYTES: streaming, with a shuffle buffer of 2 shards
+READ_THREADS = 2  # the loader's reading threads here, whatever the machine's cores (fixture below)
+# Streaming's fixed part: PREFETCH_SHARDS combined shards queued and READ_THREADS being read, each
+# 64 x (20 + 256 + 8), plus, per reading thread, one shard's raw logits (2 members x 5 x 2 bytes)
+# and float32 combine temporaries (2 blocks, here the whole shard: 2 x 4 bytes x 64 rows x 2
+# members x 5 classes).
+PREFETCH = (PREFETCH_SHARDS + READ_THREADS) * R * (C * 4 + IN_BYTES + 8) + READ_THREADS * (
+    R * 2 * C * 2 + 2 * 4 * R * 2 * C
+)
+PER_ROW = 2 * (C * 4 + IN_BYTES + 8)  # a buffered row: targets, inputs and label, twice
+STREAM_BUDGET = PREFETCH + 2 * R * PER_ROW + 100  # streaming, a shuffle buffer of 2 shards
 
 
 def _open(location: Path, allow_partial: bool = False):
@@ -92,12 +112,7 @@ def test_plan_chooses_memory_exactly_when_targets_and_inputs_fit(cache_path: Pat
     )
     short = plan_loader(cache, data.x, [0, 1], shards, MEMORY_BYTES - 1)
     assert short.mode == "stream"
-    # per row in the buffer: 2 x (targets 20 + inputs 256 + label 8); prefetch: 3 combined shards
-    # x 64 x (20 + 256 + 8) plus one shard's raw logits (2 members x 5 x 2 bytes) and float32
-    # combine temporaries (2 blocks, here the whole shard: 2 x 4 bytes x 64 rows x 2 members x 5
-    # classes).
-    prefetch = 3 * R * (C * 4 + IN_BYTES + 8) + R * 2 * C * 2 + 2 * 4 * R * 2 * C
-    expected_rows = (MEMORY_BYTES - 1 - prefetch) // (2 * (C * 4 + IN_BYTES + 8))
+    expected_rows = (MEMORY_BYTES - 1 - PREFETCH) // PER_ROW
     assert short.buffer_shards == expected_rows // R
     tiny = plan_loader(cache, data.x, [0, 1], shards, STREAM_BUDGET)
     assert (tiny.mode, tiny.buffer_shards) == ("stream", 2)
