@@ -22,7 +22,6 @@ from pipeline.errors import CacheError
 from pipeline.training import loader
 from pipeline.training.loader import (
     PREFETCH_SHARDS,
-    READ_THREADS,
     CacheIterableDataset,
     StreamingCacheSource,
     cache_source,
