@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.data.content import CONTENT_DIGESTS, CONTENT_KEY, DIGEST_BYTES
 from pipeline.errors import DatasetError
@@ -73,8 +72,9 @@ def sample_digest(x: np.ndarray) -> np.ndarray:
     return np.frombuffer(h.digest(), dtype=np.uint8).copy()
 
 
-class _Rows(torch.utils.data.Dataset):
-    """What DataLoader workers decode: item k is (k, row ``rows[k]`` decoded, its digest)."""
+class _Rows:
+    """What DataLoader workers decode (a map-style dataset): item k is (k, row ``rows[k]``
+    decoded, its digest). Plain numpy: this module imports without torch, as the cache does."""
 
     def __init__(self, source: RowSource, rows: np.ndarray) -> None:
         self.source, self.rows = source, rows
@@ -82,9 +82,9 @@ class _Rows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[int, np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(self.source.load(int(self.rows[k])))
-        return k, torch.from_numpy(x), torch.from_numpy(sample_digest(x))
+        return k, x, sample_digest(x)
 
 
 def can_start_workers() -> bool:
@@ -233,10 +233,12 @@ class LazyInputs:
                 items = [data[k] for k in b]
                 yield (
                     np.asarray(b),
-                    np.stack([i[1].numpy() for i in items]),
-                    np.stack([i[2].numpy() for i in items]),
+                    np.stack([i[1] for i in items]),
+                    np.stack([i[2] for i in items]),
                 )
             return
+        import torch  # only where worker processes decode
+
         loader = torch.utils.data.DataLoader(
             data,
             batch_sampler=batches,
