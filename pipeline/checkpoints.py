@@ -30,6 +30,7 @@ import torch
 from pipeline.errors import CheckpointError, KDError
 from pipeline.files import atomic_write
 from pipeline.models import KDModel, build_model, check_trusted
+from pipeline.tv import teacher_meta as tv_teacher_meta
 
 if TYPE_CHECKING:
     from pipeline.datasets import Dataset
@@ -119,6 +120,8 @@ def load_checkpoint(
         CheckpointError: missing, damaged or not a kd-pipeline checkpoint.
         UntrustedCodeError: its model spec names code the caller did not allow.
     """
+    if is_model_spec(path):
+        return _load_spec_teacher(str(path), device)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -162,10 +165,26 @@ def load_checkpoint(
     return LoadedModel(model, meta, path, file_sha256(path))
 
 
-def member_paths(path: str | Path) -> list[Path]:
+def is_model_spec(path: str | Path) -> bool:
+    """Whether a teacher given where a checkpoint is expected is a ``tv:`` model spec."""
+    return isinstance(path, str) and path.startswith("tv:")
+
+
+def _load_spec_teacher(spec: str, device: torch.device | str) -> LoadedModel:
+    """A teacher people already have: a ``tv:NAME:weights=FILE`` spec, built and loaded (its
+    identity hashes the architecture, normalisation and the weights' bytes)."""
+    full, meta, sha = tv_teacher_meta(spec)
+    model = build_model(full, (None, None, None), meta["num_classes"])
+    model.to(device).eval()
+    return LoadedModel(model, meta, Path(spec), sha)
+
+
+def member_paths(path: str | Path) -> list[Path | str]:
     """The checkpoint files behind ``path``: itself, or the ``*.pt`` members of an ensemble
-    directory.
+    directory (a ``tv:`` model spec stays the spec).
     """
+    if is_model_spec(str(path)):
+        return [str(path)]
     path = Path(path)
     if path.is_dir():
         members = sorted(path.glob("member-*.pt"), key=lambda p: (len(p.name), p.name)) or sorted(
@@ -193,10 +212,17 @@ def fit_problems(models: list[LoadedModel], data: Dataset) -> list[str]:
         f"but {data.spec} has samples {data.sample_shape}"
         + (f" with {data.num_classes} classes" if data.labeled else "")
         for m in models
-        if tuple(m.meta["in_shape"]) != data.sample_shape
+        if not _shape_fits(m.meta["in_shape"], data.sample_shape)
         or int(m.meta["num_classes"]) != first
         or (data.labeled and int(m.meta["num_classes"]) != data.num_classes)
     ]
+
+
+def _shape_fits(in_shape: list, sample_shape: tuple[int, ...]) -> bool:
+    """A model's recorded input shape against the samples' (None: any size there)."""
+    return len(in_shape) == len(sample_shape) and all(
+        a is None or a == b for a, b in zip(in_shape, sample_shape, strict=True)
+    )
 
 
 def load_models(

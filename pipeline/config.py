@@ -56,6 +56,15 @@ def device_option() -> str:
     return option("auto", help=DEVICE_HELP)
 
 
+def loader_workers_option() -> int:
+    return option(
+        2,
+        metavar="N",
+        help="DataLoader worker processes decoding a lazy dataset's inputs (folder:, hf:, py:) "
+        "off the main thread (0: decode in this process; in-memory datasets need none).",
+    )
+
+
 def data_dir_option() -> str | None:
     return option(
         None,
@@ -250,9 +259,8 @@ class CacheConfig:
         flag="--teacher",
         multiple=True,
         required=True,
-        exists=True,
         help="A teacher checkpoint or ensemble directory (each member becomes "
-        "a cache member); repeatable.",
+        "a cache member), or a torchvision model tv:NAME:weights=FILE; repeatable.",
     )
     dataset: str = option("fashion-mnist:train", help="Transfer set spec.")
     out: str = option(
@@ -289,6 +297,7 @@ class CacheConfig:
     )
     seed: int = option(0, help="Seeds sampled:S draws (with the member and the shard).")
     batch_size: int = option(1024, help="Rows per teacher forward pass.")
+    loader_workers: int = loader_workers_option()
     rows_per_shard: int | None = option(
         None,
         help="Rows per shard, the unit of writing, resuming "
@@ -321,6 +330,8 @@ class CacheConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.rows_per_shard is not None and self.rows_per_shard < 1:
             problems.append(f"rows_per_shard must be >= 1, got {self.rows_per_shard}")
+        if self.loader_workers < 0:
+            problems.append(f"loader_workers must be >= 0, got {self.loader_workers}")
         if self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
         if self.workers and self.scheduler:
@@ -415,6 +426,7 @@ class StudentConfig:
         metavar="SIZE",
         help="Memory for targets+inputs: train from memory when they fit, else stream shards.",
     )
+    loader_workers: int = loader_workers_option()
     allow_partial: bool = option(False, help="Train on the finished shards of a partial cache.")
     online_teacher: list[str] | None = option(
         None,
@@ -484,6 +496,8 @@ class StudentConfig:
         problems += collect(one_of("ensemble", self.ensemble, ENSEMBLE_METHODS))
         if self.memory_budget < 1 << 20:
             problems.append(f"memory_budget must be at least 1 MiB, got {self.memory_budget} bytes")
+        if self.loader_workers < 0:
+            problems.append(f"loader_workers must be >= 0, got {self.loader_workers}")
         if not self.out:
             problems.append("out (the run directory) must be given")
         return problems

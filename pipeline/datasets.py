@@ -9,6 +9,12 @@ A dataset spec is ``NAME:ARGS...:SPLIT[:key=value...]``:
 - ``idx:DIR:train|test``: any directory holding the four MNIST-style file names, gzipped or not.
 - ``npz:FILE:SPLIT``: arrays ``x_<split>`` and optional ``y_<split>`` (no labels = an unlabeled
   transfer set); optional ``class_names`` (strings) or ``num_classes`` (scalar).
+- Lazy sources, which never hold the split in memory (:mod:`pipeline.data.sources`):
+  ``folder:DIR:SPLIT[:size=S:crop=C:mode=rgb|grey]`` (image folders), ``hf:DIR:SPLIT[:x=COL:y=COL]``
+  (a Hugging Face dataset on disk), ``py:package.module:factory`` (a user's torch Dataset). Their
+  ``x`` is a :class:`pipeline.data.lazy.LazyInputs`, decoded when sliced; their fingerprint covers
+  structure (names, labels, ids, preprocessing) and their content is checked by per-sample digests
+  that stage one stores in the cache.
 
 Modifiers, usable on any spec and recorded in metadata (applied in this order):
 
@@ -40,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data import sources as lazy_sources
+from pipeline.data.lazy import is_lazy
 from pipeline.errors import ConfigError, DatasetError
 
 IDX_FILES = {
@@ -104,11 +112,15 @@ class Dataset:
 
     @cached_property
     def fingerprint(self) -> str:
+        if is_lazy(self.x):  # structure only: the content is checked by digests as rows are read
+            return self.x.fingerprint(self.y, self.ids)
         return fingerprint_arrays(self.x, self.y)
 
     @cached_property
     def input_stats(self) -> tuple[float, float]:
         """Mean and standard deviation of all input values, for the models' input normalisation."""
+        if is_lazy(self.x):  # a seeded sample: a full pass would decode the whole split
+            return self.x.input_stats()
         total, total_sq, count = 0.0, 0.0, 0
         flat = self.x.reshape(len(self), -1)
         if flat.dtype == np.uint8 and flat.size:
@@ -138,6 +150,7 @@ class Dataset:
 
     def describe(self) -> dict:
         """JSON metadata: what this dataset is, for caches and checkpoints."""
+        lazy = self.x.describe() if is_lazy(self.x) else {}
         return {
             "spec": self.spec,
             "fingerprint": self.fingerprint,
@@ -150,6 +163,7 @@ class Dataset:
             "input_stats": list(self.input_stats),
             "modifiers": self.modifiers,
             "source": self.source,
+            **lazy,
         }
 
 
@@ -195,16 +209,19 @@ class DatasetSource:
     args: tuple[str, ...]
     load: Callable[..., _Base]
     help: str
+    options: tuple[str, ...] = ()  # the source's own key=value options (passed to ``load``)
 
 
 DATASETS: dict[str, DatasetSource] = {}
 
 
-def register_dataset(name: str, args: tuple[str, ...], help: str) -> Callable:
-    """Register a loader ``fn(*args, data_dir=...) -> _Base`` under ``name``."""
+def register_dataset(
+    name: str, args: tuple[str, ...], help: str, options: tuple[str, ...] = ()
+) -> Callable:
+    """Register a loader ``fn(*args, data_dir=..., **options) -> _Base`` under ``name``."""
 
     def wrap(fn: Callable[..., _Base]) -> Callable[..., _Base]:
-        DATASETS[name] = DatasetSource(name, args, fn, help)
+        DATASETS[name] = DatasetSource(name, args, fn, help, options)
         return fn
 
     return wrap
@@ -417,6 +434,23 @@ def _npz(file: str, split: str, data_dir: str | None = None) -> _Base:
     return _Base(x, y, names, {"file": str(path.resolve())})
 
 
+register_dataset(
+    "folder",
+    ("dir", "split"),
+    "image folder DIR/SPLIT/CLASS/*.png|jpg: folder:DIR:SPLIT[:size=S:crop=C:mode=rgb|grey]",
+    lazy_sources.IMAGE_OPTIONS,
+)(lazy_sources.load_folder)
+register_dataset(
+    "hf",
+    ("dir", "split"),
+    "a Hugging Face dataset on disk: hf:DIR:SPLIT[:x=image:y=label][:size=S...]",
+    lazy_sources.HF_OPTIONS,
+)(lazy_sources.load_hf)
+register_dataset("py", ("module", "factory"), "a user's torch Dataset: py:package.module:factory")(
+    lazy_sources.load_py
+)
+
+
 # ------------------------------------------------------------------------------------- spec parsing
 def _parse_int_list(key: str, value: str, spec: str) -> list[int]:
     try:
@@ -450,13 +484,15 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
     mods: dict = {}
     for item in parts[1 + n :]:
         key, eq, value = item.partition("=")
-        if not eq or key not in MODIFIER_KEYS:
+        if not eq or key not in MODIFIER_KEYS + source.options:
             raise DatasetError(
                 f"dataset spec {spec!r}: unknown modifier {item!r}; expected key=value with key in "
-                f"{', '.join(MODIFIER_KEYS)} "
+                f"{', '.join(source.options + MODIFIER_KEYS)} "
                 "(e.g. fashion-mnist:train:exclude=3:fraction=0.03:seed=0)"
             )
-        if key in ("exclude", "keep"):
+        if key in source.options:
+            mods[key] = value  # the source checks its own options
+        elif key in ("exclude", "keep"):
             mods[key] = _parse_int_list(key, value, spec)
         elif key in ("fraction", "holdout"):
             try:
@@ -498,7 +534,7 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
 
 def canonical_spec(source: DatasetSource, args: list[str], mods: dict) -> str:
     parts = [source.name, *args]
-    for key in MODIFIER_KEYS:
+    for key in source.options + MODIFIER_KEYS:
         if key in mods:
             v = mods[key]
             parts.append(f"{key}={','.join(map(str, v)) if isinstance(v, list) else v}")
@@ -513,7 +549,8 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
             indices, modifiers that leave nothing.
     """
     source, args, mods = parse_spec(spec)
-    base = source.load(*args, data_dir=data_dir)
+    options = {k: mods[k] for k in source.options if k in mods}
+    base = source.load(*args, data_dir=data_dir, **options)
     n_classes = len(base.class_names)
     _check_label_range(base.y, n_classes, spec)
     idx = np.arange(base.x.shape[0], dtype=np.int64)
@@ -546,7 +583,7 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
     if idx.size == 0:
         raise DatasetError(f"{spec}: no samples are left after the modifiers")
     whole = idx.size == base.x.shape[0]
-    x = base.x if whole else base.x[idx]
+    x = base.x if whole else (base.x.take(idx) if is_lazy(base.x) else base.x[idx])
     y = None if base.y is None else (base.y if whole else base.y[idx])
     return Dataset(
         spec=canonical_spec(source, args, mods),
@@ -610,12 +647,14 @@ def default_eval_spec(spec: str) -> str | None:
     ``fashion-mnist:test``).
     """
     try:
-        source, args, _ = parse_spec(spec)
+        source, args, mods = parse_spec(spec)
     except DatasetError:
         return None
     if not args or args[-1] != "train":
         return None
-    return ":".join([source.name, *args[:-1], "test"])
+    # A source's own options (an image folder's size=, crop=) say how rows decode: kept.
+    options = [f"{k}={mods[k]}" for k in source.options if k in mods]
+    return ":".join([source.name, *args[:-1], "test", *options])
 
 
 def resolve_eval_set(

@@ -10,6 +10,9 @@ A model spec is ``NAME[:ARG][:key=value...]``:
 - ``torchscript:PATH`` — a user's TorchScript module (called on normalised inputs).
 - ``py:package.module:factory`` — ``factory(in_shape=..., num_classes=...) -> nn.Module``, a user's
   own model.
+- ``tv:NAME[:weights=FILE][:norm=imagenet|none][:classes=N]`` — a torchvision architecture
+  (``resnet18``, ``mobilenet_v3_small``, ``vit_b_16``, ...), weights from a local file only
+  (:mod:`pipeline.tv`).
 
 The last two run code the spec names. A spec typed on the command line is the user's own choice;
 one *recorded* in a checkpoint or a cache was chosen by whoever made that file, so it is built only
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline import tv
 from pipeline.errors import ModelSpecError, UntrustedCodeError
 
 
@@ -284,6 +288,11 @@ def _build_py(
             f"model spec {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
         )
     return model
+
+
+register_model("tv", "tv:NAME[:weights=FILE][:norm=imagenet|none] a torchvision architecture")(
+    tv.build_tv
+)
 
 
 def code_source(spec: str) -> str | None:

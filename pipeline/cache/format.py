@@ -142,6 +142,7 @@ from pipeline.cache.location import (
     local_path,
     put_bytes,
 )
+from pipeline.data.content import CONTENT_DIGESTS, CONTENT_KEY, DIGEST_BYTES, DIGESTS_ARRAY
 from pipeline.errors import CacheError, KDError
 
 __all__ = [  # the format's names, including those defined in header.py and location.py
@@ -280,6 +281,17 @@ def create_cache(
     per_sample = header.shard_rows // header.rows_per_shard
     group.create_array("row_start", data=np.arange(n, dtype=np.int64) * per_sample, **kw)
     group.create_array("row_count", data=np.full(n, per_sample, dtype=np.int32), **kw)
+    if dataset.get(CONTENT_KEY) == CONTENT_DIGESTS:
+        # A lazy dataset's per-sample content digests, written with each shard (stage one hashes
+        # the inputs it decodes anyway); filled with zeros until then.
+        group.create_array(
+            DIGESTS_ARRAY,
+            shape=(n, DIGEST_BYTES),
+            dtype="uint8",
+            chunks=(rows_per_shard, DIGEST_BYTES),
+            compressors=logit_codecs(),
+            config={"write_empty_chunks": True},
+        )
     _set_header(group, header)
     for m, spec in zip(members, storage, strict=True):
         add_member_arrays(group, m, spec)
@@ -410,6 +422,20 @@ def array_handle(group: zarr.Group, path: str, handles: dict) -> zarr.Array:
             arr.with_config({"write_empty_chunks": True}) if isinstance(arr, zarr.Array) else arr
         )
     return handles[path]
+
+
+def write_digests(
+    group: zarr.Group,
+    shard: int,
+    digests: np.ndarray,
+    handles: dict | None = None,
+    header: CacheHeader | None = None,
+) -> None:
+    """Write one shard's (rows, DIGEST_BYTES) input digests (before its members' done flags)."""
+    h = header if header is not None else group_header(group)
+    start, stop = shard_bounds(shard, h.rows_per_shard, h.n)
+    arr = array_handle(group, DIGESTS_ARRAY, {} if handles is None else handles)
+    arr[start:stop] = digests
 
 
 def write_shard(
@@ -924,6 +950,10 @@ class LogitCache:
                 f"{_ids_list(ids, 5)} {what}: they were altered. "
                 + _REPAIR.format(where=self.location)
             )
+
+    def read_digests(self, start: int, stop: int) -> np.ndarray:
+        """(rows, 16) uint8 input digests of rows ``start:stop`` (caches of lazy datasets)."""
+        return self._read(DIGESTS_ARRAY, slice(start, stop))
 
     def read_ids(self, shard: int | None = None) -> np.ndarray:
         """(rows,) int64 sample ids of one shard (all rows when ``shard`` is None)."""

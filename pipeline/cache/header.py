@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from pipeline.cache.kinds import FIDELITY_FIELDS, STORAGE_KINDS, StorageSpec
+from pipeline.data.content import CONTENT_DIGESTS, CONTENT_KEY, DIGEST_BYTES, DIGESTS_ARRAY
 from pipeline.errors import CacheError
 
 FORMAT_NAME = "kd-pipeline-logit-cache"
@@ -489,6 +490,8 @@ def expected_arrays(h: CacheHeader) -> list[ArraySpec]:
         out.append(("labels", (h.n,), "int64", rows))
     if h.version >= 2:
         out += [("row_start", (h.n,), "int64", rows), ("row_count", (h.n,), "int32", rows)]
+    if h.dataset.extra.get(CONTENT_KEY) == CONTENT_DIGESTS:  # a lazy dataset's input digests
+        out.append((DIGESTS_ARRAY, (h.n, DIGEST_BYTES), "uint8", (h.rows_per_shard, DIGEST_BYTES)))
     for m in h.members:
         out += member_row_arrays(h, m.index)
         out.append((member_done(m.index), (h.n_shards,), "uint8", (1,)))

@@ -57,6 +57,9 @@ from pipeline.cache.location import (
     put_bytes,
     validate_zip,
 )
+from pipeline.data.content import DIGESTS_ARRAY
+from pipeline.data.lazy import is_lazy
+from pipeline.data.stream import rehash_content
 from pipeline.errors import CacheError, KDError, StorageError, explain, storage_errors
 
 if TYPE_CHECKING:
@@ -217,6 +220,13 @@ def _verify(
     _check_completion(h, done, any(_is_bookkeeping(k) for k in sizes), rep)
     if data is not None:
         _check_dataset(h, data, values, rep)
+    if data is not None and is_lazy(data.x) and DIGESTS_ARRAY in arrays:
+        # A lazy dataset's content: decoded again and compared with the digests stage one stored.
+        shards = np.flatnonzero(np.logical_or.reduce(list(done.values()))) if done else []
+        problems, content = rehash_content(data, arrays[DIGESTS_ARRAY][:], shards, h.rows_per_shard)
+        rep.problems += problems
+        if content and not problems:
+            rep.notes.append(f"dataset content matches ({len(shards)} shards re-hashed, {content})")
 
 
 def _stored_objects(where: CacheLocation) -> tuple[Store, dict[str, int]]:

@@ -34,6 +34,13 @@ def load_transfer_set(
             is other data than the cache's (naming both fingerprints).
     """
     recorded, want = cache.dataset.spec, cache.dataset.fingerprint
+    if not dataset and recorded and recorded.startswith("py:"):
+        # A py: spec imports and runs the module it names: the cache's author chose it, so it is
+        # run only when the user types it (as a recorded py: model spec needs --trust-code).
+        raise CacheError(
+            f"{cache.location} records the dataset {recorded}, which would import and run "
+            f"Python code; nothing was imported. If you trust it, pass --dataset {recorded}"
+        )
     try:
         data = load_dataset(dataset or recorded, data_dir)
     except DatasetError as e:

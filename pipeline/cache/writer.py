@@ -38,11 +38,13 @@ from pipeline.cache.format import (
     read_header,
     remove_partial_files,
     shard_bounds,
+    write_digests,
     write_shard,
 )
 from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
 from pipeline.config import CacheConfig
+from pipeline.data.lazy import is_lazy
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError, storage_errors
@@ -91,6 +93,7 @@ class WorkSpec:
     torch_threads: int = 0
     tasks: list[Task] = field(default_factory=list)
     trust_code: tuple[str, ...] = ()  # what the teachers' recorded specs may import (--trust-code)
+    loader_workers: int = 0  # DataLoader processes decoding a lazy dataset (--loader-workers)
 
 
 def compute_shard(
@@ -102,15 +105,23 @@ def compute_shard(
     members: list[int],
     device: torch.device,
     emit: Callable[[int, int, np.ndarray, np.ndarray], None],
+    emit_digests: Callable[[int, np.ndarray], None] | None = None,
 ) -> int:
     """Compute one shard for the given members and hand each result to
     ``emit(member, shard, logits, ids)``.
 
     Args:
         layout: the cache's (rows_per_shard, n).
+        emit_digests: ``emit_digests(shard, digests)``, called first for a lazy dataset with the
+            (rows, 16) content digests of the inputs just decoded (no second pass over them).
     """
     start, stop = shard_bounds(shard, *layout)
-    x = data.x[start:stop]
+    if is_lazy(data.x):
+        x, digests = data.x.read_rows(start, stop)  # decoded by DataLoader workers
+        if emit_digests is not None:
+            emit_digests(shard, digests)
+    else:
+        x = data.x[start:stop]
     ids = data.ids[start:stop]
     for m in members:
         emit(m, shard, predict_logits(models[m], x, device, spec.batch_size).numpy(), ids)
@@ -139,6 +150,8 @@ def _worker_state(spec: WorkSpec) -> tuple[dict[int, torch.nn.Module], Dataset, 
                 f"{data.fingerprint}, the cache expects {spec.dataset_fingerprint}; "
                 "workers must see the same files"
             )
+        if is_lazy(data.x):
+            data.x.set_loader(spec.loader_workers, spec.batch_size)
         models = {}
         for m, (path, sha) in spec.checkpoints.items():
             lm = load_checkpoint(path, device, spec.trust_code)
@@ -163,6 +176,7 @@ def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
     h = group_header(group, spec.location.display)
     handles: dict = {}
     done = []
+    _plan_reads(data, spec.tasks, (h.rows_per_shard, h.n))
     for shard, members in spec.tasks:
         rows = compute_shard(
             spec,
@@ -173,6 +187,7 @@ def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
             members,
             device,
             lambda m, s, lg, ids: write_shard(group, m, s, lg, ids, handles, h),
+            lambda s, dg: write_digests(group, s, dg, handles, h),
         )
         done.append((shard, rows))
     return done
@@ -547,7 +562,10 @@ def execute_plan(
         cfg.device,
         cfg.batch_size,
         trust_code=tuple(cfg.trust_code),
+        loader_workers=cfg.loader_workers,
     )
+    if is_lazy(inputs.data.x):
+        inputs.data.x.set_loader(cfg.loader_workers, cfg.batch_size)
     log(
         f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}"
@@ -641,12 +659,16 @@ def _run_local(
             if failure:
                 continue  # drain after an error so the producer never blocks
             try:
+                if item[0] == "digests":
+                    write_digests(group, *item[1:], handles=handles, header=header)
+                    continue
                 write_shard(group, *item, handles=handles, header=header)
             except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                 failure.append(e)
 
     thread = threading.Thread(target=writer, name="cache-writer", daemon=True)
     thread.start()
+    _plan_reads(data, tasks, layout)
     try:
         for shard, members in tasks:
             if failure:
@@ -661,6 +683,7 @@ def _run_local(
                 members,
                 device,
                 lambda m, s, lg, ids: q.put((m, s, lg, ids)),
+                lambda s, dg: q.put(("digests", s, dg)),
             )
             bar.update(rows)
     finally:
@@ -668,6 +691,12 @@ def _run_local(
         thread.join()
     if failure:
         raise failure[0]
+
+
+def _plan_reads(data: Dataset, tasks: list[Task], layout: tuple[int, int]) -> None:
+    """A lazy dataset's loader decodes the tasks' shards ahead, in task order."""
+    if is_lazy(data.x):
+        data.x.plan([shard_bounds(s, *layout) for s, _ in tasks])
 
 
 def _run_dask(

@@ -37,6 +37,7 @@ from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig
+from pipeline.data.stream import watch_content
 from pipeline.datasets import Dataset, load_dataset, load_eval_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
 from pipeline.distributed import (
@@ -132,6 +133,7 @@ def train_student(
         )
         student = build_student(cfg, targets, device)
         test = resolve_eval_set(cfg.eval, targets.data, cfg.data_dir, targets.num_classes, log=log)
+        watch_content(test, None, cfg.loader_workers)
         held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
         history = fit_student(cfg, student, targets, test, device, log, progress, ranks)
         result = None
@@ -235,6 +237,7 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks)
     check_member_kinds(cache, members, cfg.ensemble, cfg.loss)
     # --dataset: this machine's copy of the cache's transfer set (checked by fingerprint).
     data = load_transfer_set(cache, cfg.dataset, cfg.data_dir)
+    watch_content(data, cache, cfg.loader_workers, cfg.train.batch_size)
     dspec = data.spec
     if cfg.alpha < 1 and not cache.labeled:
         raise ConfigError(

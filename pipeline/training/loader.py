@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.format import LogitCache
+from pipeline.data.lazy import is_lazy
 from pipeline.distributed import balanced, shard_spans, stream_steps
 from pipeline.errors import CacheError, ConfigError
 from pipeline.training.loop import Batch, InMemorySource
@@ -248,6 +249,8 @@ class StreamingCacheSource:
             sizes = [int(np.subtract(*self.cache.shard_bounds(int(s))[::-1])) for s in order]
             pieces = [(int(order[i]), lo, hi) for i, lo, hi in shard_spans(sizes, *self.rank)]
             rng = np.random.default_rng([self.seed, epoch, *self.rank])  # its own row shuffles
+        if is_lazy(self.x):  # its DataLoader decodes the epoch's shards ahead, in this order
+            self.x.plan([self.cache.shard_bounds(s) for s, _, _ in pieces])
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
         stop = threading.Event()
 
@@ -402,7 +405,7 @@ def cache_source(
     if cache.labeled:
         labels = np.concatenate([cache.read_labels(int(s), truth=truth) for s in shards])
     all_rows = len(rows) == cache.n
-    xs = x if all_rows else x[rows]
+    xs = x if all_rows and not is_lazy(x) else x[rows]  # a lazy dataset's rows decode here
     return InMemorySource(xs, labels, teacher, batch_size=batch_size, seed=seed, rank=rank), plan
 
 

@@ -1,0 +1,6 @@
+"""Datasets that do not fit in memory: lazy sources (image folders, Hugging Face datasets on disk,
+a user's torch ``Dataset``), read through a torch ``DataLoader`` and checked by content digests.
+
+:mod:`pipeline.data.lazy` holds the lazy input array every lazy source returns, :mod:`pipeline.data
+.sources` the sources themselves; :mod:`pipeline.datasets` registers them next to IDX and npz.
+"""
