@@ -62,10 +62,10 @@ SCALES = {
     "full": {
         "classes": 1000,
         "groups": 100,
-        "train": 40_000,
+        "train": 20_000,
         "test": 10_000,
         "t_epochs": 12,
-        "epochs": 15,
+        "epochs": 10,
     },
 }
 
@@ -85,8 +85,8 @@ class StorageStudyConfig:
     scale: str = option(
         "full",
         choices=SCALES,
-        help="full: 1,000 classes, 40k training rows (about 20 minutes on 2 CPU cores); quick: "
-        "100 classes (a smoke test).",
+        help="full: 1,000 classes, 20k transfer rows (about 15 minutes on 2 idle CPU cores); "
+        "quick: 100 classes (a smoke test).",
     )
     stores: list[str] = option(
         default_factory=lambda: list(DEFAULT_STORES),
@@ -96,7 +96,7 @@ class StorageStudyConfig:
         help="Storage kinds to compare (dense is always included, as the reference).",
     )
     temperatures: list[float] = option(
-        default_factory=lambda: [1.0, 4.0],
+        default_factory=lambda: [4.0],
         parse=parse_floats,
         show=show_list,
         metavar="T,T,...",
@@ -151,8 +151,10 @@ def hierarchical_task(
     protos = centres[np.arange(classes) % groups] + rng.normal(0, 0.9, size=(classes, dim))
 
     def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        # Noise 3: the nearest true prototype misses ~23 % of samples, nearly all within the
+        # right group of ten: a teacher's uncertainty is spread over a sample's siblings.
         y = rng.integers(0, classes, size=n)
-        x = protos[y] + rng.normal(0, 1.0, size=(n, dim))
+        x = protos[y] + rng.normal(0, 3.0, size=(n, dim))
         return x.reshape(n, 1, 8, 8).astype(np.float32), y.astype(np.int64)
 
     x_tr, y_tr = split(n_train)

@@ -25,22 +25,15 @@ def commands(group: click.Group, prefix: str = "") -> Iterator[tuple[str, click.
 
 
 def field_of(qualified: str) -> dataclasses.Field:
-    import pipeline.config
-    import pipeline.experiments.bench
-    import pipeline.experiments.demo
-    import pipeline.experiments.reproduce
-    import pipeline.training.loop
+    """The config field ``Class.field`` names: the class is looked up in every loaded module of
+    the library (the CLI has imported each command's config)."""
+    import sys
 
     cls_name, name = qualified.split(".")
-    for mod in (
-        pipeline.config,
-        pipeline.training.loop,
-        pipeline.experiments.bench,
-        pipeline.experiments.demo,
-        pipeline.experiments.reproduce,
-    ):
-        if hasattr(mod, cls_name):
-            return {f.name: f for f in dataclasses.fields(getattr(mod, cls_name))}[name]
+    for mod_name, mod in sorted(sys.modules.items()):
+        cls = getattr(mod, cls_name, None) if mod_name.startswith("pipeline") else None
+        if cls is not None and dataclasses.is_dataclass(cls):
+            return {f.name: f for f in dataclasses.fields(cls)}[name]
     raise AssertionError(f"no config class {cls_name}")
 
 
