@@ -115,6 +115,7 @@ from pipeline.cache.header import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_HEADER_BYTES,
+    VIEW_PARAMS,
     CacheHeader,
     DatasetRecord,
     MemberRecord,
@@ -157,6 +158,7 @@ __all__ = [  # the format's names, including those defined in header.py and loca
     "LogitCache",
     "MemberRecord",
     "MissingChunkError",
+    "VIEW_PARAMS",
     "add_member_arrays",
     "array_handle",
     "cache_fingerprint",
@@ -234,6 +236,9 @@ def create_cache(
     command: str,
     storage: StorageSpec | Sequence[StorageSpec] | None = None,
     seed: int = 0,
+    views: int = 1,
+    augment: Mapping[str, Any] | None = None,
+    view_params: np.ndarray | None = None,
 ) -> zarr.Group:
     """Create the store schema-first: every array at full size, ids/labels written, no logits yet.
 
@@ -244,8 +249,14 @@ def create_cache(
         members: teacher identities (``LoadedModel.identity()``), one per member.
         storage: how the members' rows are stored (one spec for all, or one per member;
             default dense).
-        seed: seeds sampled storage (with the member and the shard).
+        seed: seeds sampled storage (with the member and the shard) and the views' draws.
+        views: rows per sample (augmented views of each input).
+        augment: a view cache's ``augment`` header record (spec, version, parameter schema).
+        view_params: (N * views, P) float32, each view's explicit parameters (with ``augment``):
+            written here, with the ids, since they depend on no teacher.
     """
+    if (augment is None) != (view_params is None):
+        raise CacheError("a view cache needs both its augment record and its view parameters")
     where = CacheLocation.parse(location)
     store = _clear_for_creation(where)
     n = int(ids.shape[0])
@@ -262,6 +273,8 @@ def create_cache(
         created=now(),
         command=command,
         seed=int(seed),
+        views=int(views),
+        augment=augment,
     )
     if storage is None or isinstance(storage, StorageSpec):
         storage = [storage or StorageSpec("dense")] * len(members)
@@ -280,6 +293,16 @@ def create_cache(
     per_sample = header.shard_rows // header.rows_per_shard
     group.create_array("row_start", data=np.arange(n, dtype=np.int64) * per_sample, **kw)
     group.create_array("row_count", data=np.full(n, per_sample, dtype=np.int32), **kw)
+    if view_params is not None:
+        params = np.asarray(view_params, dtype=np.float32)
+        if params.shape != (header.n_rows, len(header.view_params or ())):
+            raise CacheError(
+                f"view parameters of shape {params.shape}, expected "
+                f"({header.n_rows}, {len(header.view_params or ())})"
+            )
+        group.create_array(
+            VIEW_PARAMS, data=params, **{**kw, "chunks": (header.shard_rows, params.shape[1])}
+        )
     _set_header(group, header)
     for m, spec in zip(members, storage, strict=True):
         add_member_arrays(group, m, spec)
@@ -553,7 +576,9 @@ class CacheInfo:
 # A chunk of these arrays is always written (ids and labels at creation, logits before their
 # shard's done flag), so its absence is damage; a done flag's chunk is legitimately absent until
 # its shard is written.
-_DATA_CHUNK = re.compile(r"(ids|labels|row_start|row_count|members/\d+/(?!done/)[a-z_]+)/c/")
+_DATA_CHUNK = re.compile(
+    r"(ids|labels|row_start|row_count|view_params|members/\d+/(?!done/)[a-z_]+)/c/"
+)
 _REPAIR = (
     "Run `kd-pipeline cache verify {where}` for a full report, then restore the cache "
     "from a good copy (`kd-pipeline cache copy`) or re-create it with `kd-pipeline "
@@ -924,6 +949,25 @@ class LogitCache:
                 f"{_ids_list(ids, 5)} {what}: they were altered. "
                 + _REPAIR.format(where=self.location)
             )
+
+    def read_view_params(self, shard: int | None = None) -> np.ndarray | None:
+        """(rows, P) float32 explicit augmentation parameters of one shard's rows (all rows when
+        ``shard`` is None), ordered like the member rows; None for a cache without views.
+
+        Raises:
+            CacheError: a missing or unreadable chunk, or non-finite parameters.
+        """
+        if self.header.view_params is None:
+            return None
+        rows = slice(*self.row_bounds(shard)) if shard is not None else slice(None)
+        params = self._read(VIEW_PARAMS, rows)
+        if not np.isfinite(params).all():
+            raise CacheError(
+                f"{self.location}: view_params of shard {shard} hold NaN or inf; cache-logits "
+                "never stores them, so the chunk was altered. "
+                + _REPAIR.format(where=self.location)
+            )
+        return params
 
     def read_ids(self, shard: int | None = None) -> np.ndarray:
         """(rows,) int64 sample ids of one shard (all rows when ``shard`` is None)."""
