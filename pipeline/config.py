@@ -922,8 +922,34 @@ class CacheToolConfig:
     dataset: str | None = option(
         None, help="A dataset spec whose fingerprint must match the cache's."
     )
+    replay: int = option(
+        0,
+        metavar="N",
+        help="verify: re-run --teacher on N stored rows (views rebuilt from their stored "
+        "parameters) and check the logits match the cache to the storage dtype's rounding.",
+    )
+    teachers: list[str] = option(
+        default_factory=list,
+        flag="--teacher",
+        multiple=True,
+        exists=True,
+        help="verify --replay: the cache's teacher checkpoint or ensemble directory; repeatable.",
+    )
     storage_options: dict = storage_options_option()
     data_dir: str | None = data_dir_option()
+    trust_code: list[str] = trust_code_option()
+
+    def validate(self) -> None:
+        """verify's --replay needs a teacher to re-run."""
+        problems = []
+        if self.replay < 0:
+            problems.append(f"replay must be >= 0 rows, got {self.replay}")
+        if self.replay and not self.teachers:
+            problems.append(
+                "--replay N needs --teacher PATH (the checkpoints the cache was made with)"
+            )
+        if problems:
+            raise ConfigError(problems)
 
     def location(self, which: str = "cache") -> CacheLocation:
         """``cache``, ``out`` or ``prefix`` resolved once with the storage options."""

@@ -541,6 +541,8 @@ class CacheInfo:
             "complete": h.complete,
             "labeled": h.labeled,
             "rows": h.n_rows,
+            "views": h.views,
+            "augment": None if h.augment is None else h.augment["spec"],
             "members": [self._member(m) for m in h.members],
             "dataset": {
                 k: dataset.get(k) for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")
