@@ -71,6 +71,22 @@ mean and worst KL(full || stored), the mean and least kept mass and the mean and
 variation distance. Dense members with one row per sample serve exactly what version 1 served
 (the same fingerprint).
 
+**View caches** (``cache-logits --views K --augment SPEC [--include-identity]``): every sample has
+K rows, one per augmented view (``rows.views`` = K), and the view's explicit parameters::
+
+      view_params          (R, P) float32  row r's augmentation parameters (numbers, not a seed:
+                           shift in pixels, crop offset, flip bit, resized-crop box...), rows
+                           ordered like the member rows, chunk = one shard's rows; written at
+                           creation with the ids (they depend on no teacher)
+
+The header's ``augment`` = {spec (canonical, every argument spelled out), version (the
+transforms' parameter semantics, :data:`pipeline.augment.AUGMENT_VERSION`), params (the P column
+names, e.g. ``shift.dy``), transforms, include_identity, draws}; it is absent from caches without
+views (their header is unchanged) and part of the fingerprint. View v of sample i is drawn from a
+counter-based generator keyed by (header seed, sample id, v) (so resumed and distributed writes
+draw the same), and is rebuilt exactly by replaying row i * K + v's parameters on input i
+(:meth:`pipeline.augment.Augment.apply`); with ``include_identity`` view 0 is the input itself.
+
 Ensembles keep one array set per member, each with its own support; stage two combines them at
 training time: dense members as always; for sparse members the arithmetic mean (``mean-probs``)
 averages the members' own bucket losses (cross-entropy is linear in the target, so this is the
