@@ -250,6 +250,34 @@ class EvaluateConfig:
 redact_secrets = redact_options
 
 
+def augment_problems(spec: str | None) -> list[str]:
+    """What is wrong with an --augment spec (nothing when it parses or is not given)."""
+    if spec is None:
+        return []
+    from pipeline.augment import parse_augment
+
+    try:
+        parse_augment(spec)
+    except ConfigError as e:
+        return list(e.problems)
+    return []
+
+
+def view_problems(views: int, augment: str | None, include_identity: bool) -> list[str]:
+    """cache-logits' view options: counts, and what needs --augment."""
+    problems = augment_problems(augment)
+    if views < 1:
+        problems.append(f"views must be >= 1, got {views}")
+    if views > 1 and augment is None:
+        problems.append(
+            f"--views {views} needs --augment SPEC (e.g. shift:2): the views of a sample differ "
+            "only by their augmentation"
+        )
+    if include_identity and augment is None:
+        problems.append("--include-identity needs --augment SPEC (it makes view 0 unaugmented)")
+    return problems
+
+
 @dataclass
 class CacheConfig:
     """``cache-logits``: run teachers once over a transfer set into a Zarr cache."""
@@ -295,7 +323,25 @@ class CacheConfig:
         1.0,
         help="Temperature of the distribution sampled:S draws from (added to the recorded ones).",
     )
-    seed: int = option(0, help="Seeds sampled:S draws (with the member and the shard).")
+    seed: int = option(
+        0,
+        help="Seeds sampled:S draws (with the member and the shard) and the views' parameters "
+        "(with the sample id and the view).",
+    )
+    views: int = option(
+        1,
+        help="Augmented views per sample (needs --augment): the teacher runs on each, and the "
+        "cache stores each view's logits and its explicit parameters.",
+    )
+    augment: str | None = option(
+        None,
+        metavar="SPEC",
+        help="The views' augmentation: transforms joined by +, e.g. shift:2, crop:pad=4+flip, "
+        "rrc:scale=0.35,1+flip (registry: pipeline.augment).",
+    )
+    include_identity: bool = option(
+        False, help="Make view 0 of every sample the unaugmented input (with --augment)."
+    )
     batch_size: int = option(1024, help="Rows per teacher forward pass.")
     loader_workers: int = loader_workers_option()
     rows_per_shard: int | None = option(
@@ -345,6 +391,7 @@ class CacheConfig:
                 f"--tail-temperatures must be positive numbers, got {self.tail_temperatures}"
             )
         problems += collect(positive("sample_temperature", self.sample_temperature))
+        problems += view_problems(self.views, self.augment, self.include_identity)
         problems += refuse_torchrun("cache-logits")
         if problems:
             raise ConfigError(problems)
@@ -428,6 +475,19 @@ class StudentConfig:
     )
     loader_workers: int = loader_workers_option()
     allow_partial: bool = option(False, help="Train on the finished shards of a partial cache.")
+    views_per_epoch: int = option(
+        1,
+        help="From a view cache: stored views per sample per epoch (each replayed exactly, with "
+        "its own cached targets); 0: no views, the unaugmented input with view 0's targets "
+        "(needs a cache made with --include-identity).",
+    )
+    augment: str | None = option(
+        None,
+        metavar="SPEC",
+        help="Live augmentation: fresh random parameters every step (e.g. shift:2). From a cache "
+        "the teacher never saw them (the inconsistent baseline); with --online-teacher the "
+        "teacher sees the same view.",
+    )
     online_teacher: list[str] | None = option(
         None,
         multiple=True,
@@ -456,9 +516,11 @@ class StudentConfig:
         """The default run-directory name: what the run is, so two different runs never share it."""
         source = location_stem(self.cache) if self.cache else "online"
         members = f"-m{'.'.join(map(str, self.members))}" if self.members else ""
+        views = f"-v{self.views_per_epoch}" if self.views_per_epoch != 1 else ""
+        live = f"-aug-{slug(self.augment)}" if self.augment else ""
         return (
             f"{source}-{slug(self.student)}-{self.loss}-{self.ensemble}-T{self.temperature:g}"
-            f"-a{self.alpha:g}{members}-s{self.train.seed}"
+            f"-a{self.alpha:g}{members}{views}{live}-s{self.train.seed}"
         )
 
     def resolve(self) -> StudentConfig:
@@ -494,6 +556,9 @@ class StudentConfig:
             )
         problems += collect(one_of("loss", self.loss, LOSSES))
         problems += collect(one_of("ensemble", self.ensemble, ENSEMBLE_METHODS))
+        problems += augment_problems(self.augment)
+        if self.views_per_epoch < 0:
+            problems.append(f"views_per_epoch must be >= 0, got {self.views_per_epoch}")
         if self.memory_budget < 1 << 20:
             problems.append(f"memory_budget must be at least 1 MiB, got {self.memory_budget} bytes")
         if self.loader_workers < 0:
@@ -591,6 +656,10 @@ class SweepConfig:
         exists=True,
         help="Baseline: every setting distils from a live teacher forward pass instead of a cache.",
     )
+    views_per_epoch: int = option(1, help="From a view cache (see train-student).")
+    augment: str | None = option(
+        None, metavar="SPEC", help="Live augmentation of every setting (see train-student)."
+    )
     dataset: str | None = option(None, help=DATASET_HELP)
     workers: int | None = option(
         None,
@@ -672,6 +741,8 @@ class SweepConfig:
             eval=self.eval,
             memory_budget=self.memory_budget,
             online_teacher=self.online_teacher,
+            views_per_epoch=self.views_per_epoch,
+            augment=self.augment,
             dataset=self.dataset,
             out=out,
             device=self.device,
@@ -865,8 +936,34 @@ class CacheToolConfig:
     dataset: str | None = option(
         None, help="A dataset spec whose fingerprint must match the cache's."
     )
+    replay: int = option(
+        0,
+        metavar="N",
+        help="verify: re-run --teacher on N stored rows (views rebuilt from their stored "
+        "parameters) and check the logits match the cache to the storage dtype's rounding.",
+    )
+    teachers: list[str] = option(
+        default_factory=list,
+        flag="--teacher",
+        multiple=True,
+        exists=True,
+        help="verify --replay: the cache's teacher checkpoint or ensemble directory; repeatable.",
+    )
     storage_options: dict = storage_options_option()
     data_dir: str | None = data_dir_option()
+    trust_code: list[str] = trust_code_option()
+
+    def validate(self) -> None:
+        """verify's --replay needs a teacher to re-run."""
+        problems = []
+        if self.replay < 0:
+            problems.append(f"replay must be >= 0 rows, got {self.replay}")
+        if self.replay and not self.teachers:
+            problems.append(
+                "--replay N needs --teacher PATH (the checkpoints the cache was made with)"
+            )
+        if problems:
+            raise ConfigError(problems)
 
     def location(self, which: str = "cache") -> CacheLocation:
         """``cache``, ``out`` or ``prefix`` resolved once with the storage options."""

@@ -36,16 +36,40 @@ def cache_info(cfg: CacheToolConfig, display: Display) -> None:
 
 @cache_group.command("verify")
 @configured(
-    Only(CacheToolConfig, "cache", "dataset", "storage_options", "data_dir"), Only(Display, "quiet")
+    Only(
+        CacheToolConfig,
+        "cache",
+        "dataset",
+        "replay",
+        "teachers",
+        "storage_options",
+        "data_dir",
+        "trust_code",
+    ),
+    Only(Display, "quiet"),
 )
 def cache_verify(cfg: CacheToolConfig, display: Display) -> None:
     """Read every chunk of CACHE (checksums) and check it against the format: exit 1 naming each
-    problem."""
+    problem. With --replay N --teacher PATH, also re-run the teacher on N stored views rebuilt
+    from their parameters."""
     from pipeline.cache.sharing import verify_cache
 
+    cfg.validate()
     report = verify_cache(
         cfg.location(), dataset=cfg.dataset, data_dir=cfg.data_dir, progress=not display.quiet
     )
+    if cfg.replay and report.ok:
+        from pipeline.cache.replay import replay_views
+
+        rep = replay_views(
+            cfg.location(), cfg.teachers, cfg.replay, cfg.dataset, cfg.data_dir, cfg.trust_code
+        )
+        report.problems += rep.problems
+        report.notes += rep.notes
+        report.notes.append(
+            f"replay: {rep.checked} stored rows of member(s) {rep.members} re-run from their "
+            f"stored view parameters; largest difference {rep.worst:.2f} x its tolerance"
+        )
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)

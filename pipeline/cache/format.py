@@ -71,6 +71,22 @@ mean and worst KL(full || stored), the mean and least kept mass and the mean and
 variation distance. Dense members with one row per sample serve exactly what version 1 served
 (the same fingerprint).
 
+**View caches** (``cache-logits --views K --augment SPEC [--include-identity]``): every sample has
+K rows, one per augmented view (``rows.views`` = K), and the view's explicit parameters::
+
+      view_params          (R, P) float32  row r's augmentation parameters (numbers, not a seed:
+                           shift in pixels, crop offset, flip bit, resized-crop box...), rows
+                           ordered like the member rows, chunk = one shard's rows; written at
+                           creation with the ids (they depend on no teacher)
+
+The header's ``augment`` = {spec (canonical, every argument spelled out), version (the
+transforms' parameter semantics, :data:`pipeline.augment.AUGMENT_VERSION`), params (the P column
+names, e.g. ``shift.dy``), transforms, include_identity, draws}; it is absent from caches without
+views (their header is unchanged) and part of the fingerprint. View v of sample i is drawn from a
+counter-based generator keyed by (header seed, sample id, v) (so resumed and distributed writes
+draw the same), and is rebuilt exactly by replaying row i * K + v's parameters on input i
+(:meth:`pipeline.augment.Augment.apply`); with ``include_identity`` view 0 is the input itself.
+
 Ensembles keep one array set per member, each with its own support; stage two combines them at
 training time: dense members as always; for sparse members the arithmetic mean (``mean-probs``)
 averages the members' own bucket losses (cross-entropy is linear in the target, so this is the
@@ -115,6 +131,7 @@ from pipeline.cache.header import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_HEADER_BYTES,
+    VIEW_PARAMS,
     CacheHeader,
     DatasetRecord,
     MemberRecord,
@@ -158,6 +175,7 @@ __all__ = [  # the format's names, including those defined in header.py and loca
     "LogitCache",
     "MemberRecord",
     "MissingChunkError",
+    "VIEW_PARAMS",
     "add_member_arrays",
     "array_handle",
     "cache_fingerprint",
@@ -235,6 +253,9 @@ def create_cache(
     command: str,
     storage: StorageSpec | Sequence[StorageSpec] | None = None,
     seed: int = 0,
+    views: int = 1,
+    augment: Mapping[str, Any] | None = None,
+    view_params: np.ndarray | None = None,
 ) -> zarr.Group:
     """Create the store schema-first: every array at full size, ids/labels written, no logits yet.
 
@@ -245,8 +266,14 @@ def create_cache(
         members: teacher identities (``LoadedModel.identity()``), one per member.
         storage: how the members' rows are stored (one spec for all, or one per member;
             default dense).
-        seed: seeds sampled storage (with the member and the shard).
+        seed: seeds sampled storage (with the member and the shard) and the views' draws.
+        views: rows per sample (augmented views of each input).
+        augment: a view cache's ``augment`` header record (spec, version, parameter schema).
+        view_params: (N * views, P) float32, each view's explicit parameters (with ``augment``):
+            written here, with the ids, since they depend on no teacher.
     """
+    if (augment is None) != (view_params is None):
+        raise CacheError("a view cache needs both its augment record and its view parameters")
     where = CacheLocation.parse(location)
     store = _clear_for_creation(where)
     n = int(ids.shape[0])
@@ -263,6 +290,8 @@ def create_cache(
         created=now(),
         command=command,
         seed=int(seed),
+        views=int(views),
+        augment=augment,
     )
     if storage is None or isinstance(storage, StorageSpec):
         storage = [storage or StorageSpec("dense")] * len(members)
@@ -291,6 +320,16 @@ def create_cache(
             chunks=(rows_per_shard, DIGEST_BYTES),
             compressors=logit_codecs(),
             config={"write_empty_chunks": True},
+        )
+    if view_params is not None:
+        params = np.asarray(view_params, dtype=np.float32)
+        if params.shape != (header.n_rows, len(header.view_params or ())):
+            raise CacheError(
+                f"view parameters of shape {params.shape}, expected "
+                f"({header.n_rows}, {len(header.view_params or ())})"
+            )
+        group.create_array(
+            VIEW_PARAMS, data=params, **{**kw, "chunks": (header.shard_rows, params.shape[1])}
         )
     _set_header(group, header)
     for m, spec in zip(members, storage, strict=True):
@@ -544,6 +583,8 @@ class CacheInfo:
             "complete": h.complete,
             "labeled": h.labeled,
             "rows": h.n_rows,
+            "views": h.views,
+            "augment": None if h.augment is None else h.augment["spec"],
             "members": [self._member(m) for m in h.members],
             "dataset": {
                 k: dataset.get(k) for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")
@@ -579,7 +620,9 @@ class CacheInfo:
 # A chunk of these arrays is always written (ids and labels at creation, logits before their
 # shard's done flag), so its absence is damage; a done flag's chunk is legitimately absent until
 # its shard is written.
-_DATA_CHUNK = re.compile(r"(ids|labels|row_start|row_count|members/\d+/(?!done/)[a-z_]+)/c/")
+_DATA_CHUNK = re.compile(
+    r"(ids|labels|row_start|row_count|view_params|members/\d+/(?!done/)[a-z_]+)/c/"
+)
 _REPAIR = (
     "Run `kd-pipeline cache verify {where}` for a full report, then restore the cache "
     "from a good copy (`kd-pipeline cache copy`) or re-create it with `kd-pipeline "
@@ -954,6 +997,25 @@ class LogitCache:
     def read_digests(self, start: int, stop: int) -> np.ndarray:
         """(rows, 16) uint8 input digests of rows ``start:stop`` (caches of lazy datasets)."""
         return self._read(DIGESTS_ARRAY, slice(start, stop))
+
+    def read_view_params(self, shard: int | None = None) -> np.ndarray | None:
+        """(rows, P) float32 explicit augmentation parameters of one shard's rows (all rows when
+        ``shard`` is None), ordered like the member rows; None for a cache without views.
+
+        Raises:
+            CacheError: a missing or unreadable chunk, or non-finite parameters.
+        """
+        if self.header.view_params is None:
+            return None
+        rows = slice(*self.row_bounds(shard)) if shard is not None else slice(None)
+        params = self._read(VIEW_PARAMS, rows)
+        if not np.isfinite(params).all():
+            raise CacheError(
+                f"{self.location}: view_params of shard {shard} hold NaN or inf; cache-logits "
+                "never stores them, so the chunk was altered. "
+                + _REPAIR.format(where=self.location)
+            )
+        return params
 
     def read_ids(self, shard: int | None = None) -> np.ndarray:
         """(rows,) int64 sample ids of one shard (all rows when ``shard`` is None)."""

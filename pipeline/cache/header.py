@@ -116,6 +116,21 @@ def _v2_problems(h: dict) -> list[str]:
         )
     if rows["n"] != h["n"] * per_sample:
         problems.append(f"rows.n={rows['n']} is not n x views x positions")
+    augment = h.get("augment")
+    if augment is not None:
+        params = augment.get("params") if isinstance(augment, dict) else None
+        if (
+            not isinstance(augment, dict)
+            or not isinstance(augment.get("spec"), str)
+            or not isinstance(augment.get("version"), int)
+            or not isinstance(params, list)
+            or not params
+            or not all(isinstance(p, str) for p in params)
+        ):
+            problems.append(
+                "augment should be an object with spec (text), version (integer) and params "
+                f"(parameter names), found {augment!r}"
+            )
     for i, m in enumerate(h["members"]):
         storage = m.get("storage") if isinstance(m, dict) else None
         if not isinstance(storage, dict) or storage.get("kind") not in STORAGE_KINDS:
@@ -289,6 +304,7 @@ class CacheHeader(_Record):
         "labeled",
         "rows",
         "seed",
+        "augment",
         "dataset",
         "members",
         "tool",
@@ -310,7 +326,10 @@ class CacheHeader(_Record):
     codecs: tuple[str, ...] | None
     labeled: bool
     rows: Mapping[str, int] | None  # format 2: {n, per_shard, views, positions}; None in format 1
-    seed: int | None  # format 2: seeds sampled storage (with member and shard)
+    seed: int | None  # format 2: seeds sampled storage (with member and shard) and views
+    # format 2 view caches: {spec, version, params, transforms, include_identity, draws}; absent
+    # (None) in caches without augmented views
+    augment: Mapping[str, Any] | None
     dataset: DatasetRecord
     members: tuple[MemberRecord, ...]
     tool: str | None
@@ -353,8 +372,14 @@ class CacheHeader(_Record):
         seed: int = 0,
         views: int = 1,
         positions: int = 1,
+        augment: Mapping[str, Any] | None = None,
     ) -> CacheHeader:
-        """The header of a (format 2) cache being created: no members yet, not complete."""
+        """The header of a (format 2) cache being created: no members yet, not complete.
+
+        Args:
+            views: rows per sample for augmented views; augment: how they were drawn (the
+                ``augment`` record of :class:`pipeline.augment.ViewPlan`), None without views.
+        """
         per_sample = views * positions
         rows = {"n": n * per_sample, "per_shard": rows_per_shard * per_sample}
         return cls(
@@ -370,6 +395,7 @@ class CacheHeader(_Record):
             labeled=labeled,
             rows=freeze({**rows, "views": views, "positions": positions}),
             seed=seed,
+            augment=None if augment is None else freeze(dict(augment)),
             dataset=DatasetRecord.from_dict(dataset),
             members=(),
             tool="kd-pipeline",
@@ -378,6 +404,8 @@ class CacheHeader(_Record):
             command=command,
             complete=False,
             completed_at=None,
+            # A cache without views has no augment key: its header is what it always was.
+            keys=cls.KEYS if augment is not None else tuple(k for k in cls.KEYS if k != "augment"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -421,6 +449,16 @@ class CacheHeader(_Record):
         return self.n if self.rows is None else int(self.rows["n"])
 
     @property
+    def views(self) -> int:
+        """Views per sample (1 without augmented views)."""
+        return 1 if self.rows is None else int(self.rows["views"])
+
+    @property
+    def view_params(self) -> list[str] | None:
+        """The parameter schema of a view cache's ``view_params`` columns; None without views."""
+        return None if self.augment is None else list(self.augment["params"])
+
+    @property
     def shard_rows(self) -> int:
         """Rows per shard of the member arrays (their chunk length)."""
         return self.rows_per_shard if self.rows is None else int(self.rows["per_shard"])
@@ -454,10 +492,15 @@ class CacheHeader(_Record):
             ident["storage"] = [m.spec.identity() for m in chosen]
         if self.rows is not None and self.n_rows != self.n:
             ident["rows"] = dict(self.rows)
+        if self.augment is not None:  # views of augmented inputs serve other targets
+            ident["augment"] = thaw(self.augment)
         return "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- arrays
+VIEW_PARAMS = "view_params"  # (rows, P) float32: each view's explicit augmentation parameters
+
+
 def member_array(index: int, name: str = "logits") -> str:
     return f"members/{index}/{name}"
 
@@ -492,6 +535,9 @@ def expected_arrays(h: CacheHeader) -> list[ArraySpec]:
         out += [("row_start", (h.n,), "int64", rows), ("row_count", (h.n,), "int32", rows)]
     if h.dataset.extra.get(CONTENT_KEY) == CONTENT_DIGESTS:  # a lazy dataset's input digests
         out.append((DIGESTS_ARRAY, (h.n, DIGEST_BYTES), "uint8", (h.rows_per_shard, DIGEST_BYTES)))
+    if h.view_params is not None:
+        width = len(h.view_params)
+        out.append((VIEW_PARAMS, (h.n_rows, width), "float32", (h.shard_rows, width)))
     for m in h.members:
         out += member_row_arrays(h, m.index)
         out.append((member_done(m.index), (h.n_shards,), "uint8", (1,)))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.augment import ViewPlan
 from pipeline.cache.format import (
     CacheHeader,
     CacheLock,
@@ -41,13 +42,14 @@ from pipeline.cache.format import (
     write_digests,
     write_shard,
 )
+from pipeline.cache.header import thaw
 from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
 from pipeline.config import CacheConfig
 from pipeline.data.lazy import is_lazy
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
-from pipeline.errors import CacheError, CheckpointError, storage_errors
+from pipeline.errors import CacheError, CheckpointError, ConfigError, storage_errors
 from pipeline.metrics import predict_logits
 from pipeline.progress import Bar, progress_bar
 
@@ -94,6 +96,7 @@ class WorkSpec:
     tasks: list[Task] = field(default_factory=list)
     trust_code: tuple[str, ...] = ()  # what the teachers' recorded specs may import (--trust-code)
     loader_workers: int = 0  # DataLoader processes decoding a lazy dataset (--loader-workers)
+    views: ViewPlan | None = None  # a view cache's views: every sample's K augmented inputs
 
 
 def compute_shard(
@@ -123,6 +126,8 @@ def compute_shard(
     else:
         x = data.x[start:stop]
     ids = data.ids[start:stop]
+    if spec.views is not None:  # rows = samples x views: each view rebuilt from its parameters
+        x, _ = spec.views.inputs(x, ids)
     for m in members:
         emit(m, shard, predict_logits(models[m], x, device, spec.batch_size).numpy(), ids)
     return stop - start
@@ -300,7 +305,9 @@ def plan_cache(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -
 
 
 def _plan_create(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -> CachePlan:
-    layout = ShardLayout(cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD, len(inputs.data))
+    # A view cache's default shard holds about as many rows as a plain one's (samples x views).
+    default = max(1, DEFAULT_ROWS_PER_SHARD // cfg.views)
+    layout = ShardLayout(cfg.rows_per_shard or default, len(inputs.data))
     indices = list(range(len(inputs.teachers)))
     return CachePlan(
         location,
@@ -428,11 +435,39 @@ def _describe_difference(
                 + f" (temperatures {list(have[0].temperatures)}), you asked for --store "
                 f"{cfg.store} (temperatures {asked['temperatures']})"
             )
+    asked = None if cfg.augment is None else _view_plan(cfg, data).record()
+    if (cfg.views, asked) != (h.views, None if h.augment is None else thaw(h.augment)):
+        diffs.append(
+            f"views: the cache holds {h.views} view(s) per sample"
+            + (f" of {h.augment['spec']}" if h.augment else "")
+            + f", you asked for {cfg.views}"
+            + (f" of {cfg.augment}" if cfg.augment else "")
+            + (" with --include-identity" if cfg.include_identity else "")
+        )
     if cfg.rows_per_shard and cfg.rows_per_shard != h.rows_per_shard:
         diffs.append(
             f"rows per shard: the cache uses {h.rows_per_shard}, you asked for {cfg.rows_per_shard}"
         )
     return diffs
+
+
+def _view_plan(cfg: CacheConfig, data: Dataset, h: CacheHeader | None = None) -> ViewPlan:
+    """The views to compute: the header's for an existing cache, else ``cfg``'s.
+
+    Raises:
+        ConfigError: the transfer set's samples are not images (C, H, W).
+    """
+    shape = data.sample_shape
+    if len(shape) != 3:
+        raise ConfigError(
+            [
+                f"--augment transforms images (C, H, W); the samples of {data.spec} have shape "
+                f"{shape}: make views of image data only"
+            ]
+        )
+    if h is not None and h.augment is not None:
+        return ViewPlan.from_record(dict(h.augment), h.views, h.seed or 0, shape[1:])
+    return ViewPlan.make(cfg.augment or "", cfg.views, cfg.seed, cfg.include_identity, shape[1:])
 
 
 def _check_members(loaded: list[LoadedModel], data: Dataset) -> None:
@@ -551,6 +586,12 @@ def execute_plan(
         _create(plan, cfg, inputs)  # workers open the store: it must exist before they start
     by_sha = inputs.by_sha()
     checkpoints = {m: (str(by_sha[sha].path), sha) for m, sha in plan.members if sha in by_sha}
+    header = None if plan.action == "create" else read_header(plan.location)
+    views = None
+    if (header is not None and header.augment is not None) or (
+        header is None and cfg.augment is not None
+    ):
+        views = _view_plan(cfg, inputs.data, header)
     tasks = list(plan.tasks)
     rows = plan.layout.rows(tasks)
     spec = WorkSpec(
@@ -563,6 +604,7 @@ def execute_plan(
         cfg.batch_size,
         trust_code=tuple(cfg.trust_code),
         loader_workers=cfg.loader_workers,
+        views=views,
     )
     if is_lazy(inputs.data.x):
         inputs.data.x.set_loader(cfg.loader_workers, cfg.batch_size)
@@ -602,8 +644,10 @@ def execute_plan(
 
 
 def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
-    """Create the planned cache's schema (every array at full size, no logits yet)."""
+    """Create the planned cache's schema (every array at full size, no logits yet; a view cache's
+    view parameters written, like the ids)."""
     data = inputs.data
+    views = None if cfg.augment is None else _view_plan(cfg, data)
     create_cache(
         plan.location,
         dataset=data.describe(),
@@ -617,6 +661,9 @@ def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
         command=cfg.command,
         storage=cfg.storage(inputs.num_classes),
         seed=cfg.seed,
+        views=cfg.views,
+        augment=None if views is None else views.record(),
+        view_params=None if views is None else views.params(data.ids),
     )
 
 

@@ -23,6 +23,7 @@ directory, which records the world size and the effective batch (``distributed``
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -62,6 +63,7 @@ from pipeline.training.loader import (
 from pipeline.training.loop import InMemorySource, fit
 from pipeline.training.losses import combine_members, make_loss
 from pipeline.training.targets import SparseTargets, temperature_exact
+from pipeline.training.views import live_transform, shard_inputs, view_source, view_use
 
 BIAS_GRID = np.round(np.arange(-5.0, 15.0001, 0.1), 4)
 
@@ -92,6 +94,7 @@ class SoftTargets:
     cache: LogitCache | None = None
     members: list[int] | None = None
     describe: str = ""
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # live augmentation (--augment)
 
 
 def train_student(
@@ -250,14 +253,17 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks)
     # them, however many a writer finishes meanwhile. Each shard read is checked against the
     # dataset's labels (the cache's labels could have been rewritten to other valid classes).
     shards = cache.done_shards(members)
-    source, plan = cache_source(
+    views = view_use(cfg, cache)
+    # A view cache's rows are served by (sample, view): stored views replayed (training/views.py).
+    make_source = functools.partial(view_source, use=views) if views.replays else cache_source
+    source, plan = make_source(
         cache,
         data.x,
-        members,
-        cfg.ensemble,
-        cfg.temperature,
-        cfg.train.batch_size,
-        cfg.memory_budget,
+        members=members,
+        method=cfg.ensemble,
+        temperature=cfg.temperature,
+        batch_size=cfg.train.batch_size,
+        budget=cfg.memory_budget,
         seed=cfg.train.seed,
         shards=shards,
         truth=data.y,
@@ -279,7 +285,8 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks)
             "rows_used": source.num_rows,
             "loader": plan.to_dict(),
             "soft_targets": soft_target_record(cache, members, cfg),
-        }
+        },
+        "views": views.record(),
     }
     note = record["cache"]["soft_targets"].get("note")
     if note:
@@ -299,7 +306,8 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks)
         record=record,
         cache=cache,
         members=members,
-        describe=f"{plan.mode} loader",
+        describe=f"{plan.mode} loader" + (f", views {views.mode}" if views.mode != "none" else ""),
+        augment=live_transform(cfg.augment, cfg.train.seed) if cfg.augment else None,
     )
 
 
@@ -358,7 +366,8 @@ def _online_targets(cfg: StudentConfig, device: torch.device, ranks: Ranks) -> S
             "checkpoints": [t.sha256 for t in teachers],
             "dataset": data.spec,
             "dataset_fingerprint": data.fingerprint,
-        }
+        },
+        "views": view_use(cfg, None).record(),
     }
     source = InMemorySource(
         data.x, data.y, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=ranks.share
@@ -372,6 +381,7 @@ def _online_targets(cfg: StudentConfig, device: torch.device, ranks: Ranks) -> S
         teacher_fn=teacher_fn,
         record=record,
         describe="online teacher",
+        augment=live_transform(cfg.augment, cfg.train.seed) if cfg.augment else None,
     )
 
 
@@ -489,6 +499,7 @@ def fit_student(
         cfg.train,
         device,
         teacher_fn=targets.teacher_fn,
+        augment=targets.augment,
         evaluate=evaluate,
         history_csv=out / "history.csv" if ranks.main else None,
         log=log,
@@ -706,11 +717,14 @@ def _transfer_agreement(
     """Fraction of transfer-set rows where the student's argmax equals the cached ensemble's (shard
     by shard)."""
     same = total = 0
+    plan = view_use(cfg, cache).plan  # a view cache: compared on view 0, replayed
     for s in cache.done_shards(members):
         start, stop = cache.shard_bounds(int(s))
         teacher = shard_targets(cache, int(s), members, cfg.ensemble, cfg.temperature)
         top = teacher.top_class() if isinstance(teacher, SparseTargets) else teacher.argmax(1)
-        pred = predict_logits(student, data.x[start:stop], device)
+        x, rows = shard_inputs(cache, plan, int(s), data.x[start:stop])
+        top = top[rows]
+        pred = predict_logits(student, x, device)
         same += int((pred.argmax(1) == top).sum())
         total += stop - start
     return same / total if total else float("nan")

@@ -15,6 +15,7 @@ from pipeline.config import TeacherConfig
 from pipeline.experiments.plots import bar_chart, line_chart
 from pipeline.experiments.reproduce.recipes import PAPER, ReproduceConfig, TeacherRecipe
 from pipeline.experiments.reproduce.sections import (
+    Consistency,
     MainTable,
     OmittedClass,
     Section,
@@ -283,16 +284,66 @@ def plot_small_data(sec: SmallData, out: Path) -> Path:
     return line_chart(out / "small-data.png", sec.curves, "epoch", "test error rate")
 
 
+# ------------------------------------------------------------------------------------ consistency
+def render_consistency(sec: Consistency) -> str:
+    lines = [
+        f"Transfer set `{sec.spec}`; augmentation `{sec.augment}`; student {sec.epochs} epochs, "
+        f"T = {sec.temperature:g}, alpha = {sec.alpha:g} (hard labels: alpha = 0); seeds "
+        f"{', '.join(map(str, sec.seeds))} (mean ± standard deviation). Wall time: the mean "
+        "student run, plus the cache's writing time (the teacher's) for cached arms; online KD "
+        "runs the teacher inside every step.",
+        "",
+        "| arm | views | test errors | NLL | ECE | wall time (s) | of which teacher (s) | cache "
+        "bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, a in sec.arms.items():
+        lines.append(
+            f"| {label} | {a['mode']} | {a['errors_mean']:.1f} ± {a['errors_std']:.1f} | "
+            f"{a['nll_mean']:.3f} | {a['ece_mean']:.3f} | {a['wall_mean']:.1f} | "
+            f"{a['teacher_seconds']:.1f} | {a['bytes'] / 2**20:.2f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def plot_consistency(sec: Consistency, out: Path) -> Path:
+    from pipeline.experiments.plots import pyplot, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    views = [(a["views"], a) for a in sec.arms.values() if a["views"]]
+    ks = [k for k, _ in views]
+    ax.errorbar(
+        ks,
+        [a["errors_mean"] for _, a in views],
+        yerr=[a["errors_std"] for _, a in views],
+        marker="o",
+        label="view cache (consistent)",
+    )
+    for label, style in ((sec.online_label, "-"), ("single-view cache + live augmentation", "--")):
+        a = sec.arms[label]
+        ax.axhline(a["errors_mean"], linestyle=style, color="gray" if style == "--" else "k")
+        ax.text(ks[-1] if ks else 1, a["errors_mean"], label, fontsize=7, va="bottom", ha="right")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("views per sample K")
+    ax.set_ylabel("test errors (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, out / "consistency.png")
+
+
 # By record type: each experiment's record has its own rendering and chart.
 _RENDERERS: dict[type, Callable] = {
     MainTable: render_main_table,
     Temperature: render_temperature,
     OmittedClass: render_omitted_class,
     SmallData: render_small_data,
+    Consistency: render_consistency,
 }
 _PLOTTERS: dict[type, Callable] = {
     MainTable: plot_main_table,
     Temperature: plot_temperature,
     OmittedClass: plot_omitted_class,
     SmallData: plot_small_data,
+    Consistency: plot_consistency,
 }

@@ -9,16 +9,22 @@ for an experiment.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import SweepConfig
+from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.writer import build_cache
+from pipeline.config import CacheConfig, StudentConfig, SweepConfig
 from pipeline.experiments.reproduce.artefacts import Run, read_history, student_metrics
 from pipeline.experiments.reproduce.recipes import HOLDOUT
-from pipeline.experiments.sweep import run_sweep
+from pipeline.experiments.sweep import finished_result, run_sweep
+from pipeline.files import slug
+from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 
 
@@ -433,10 +439,193 @@ def small_data(run: Run) -> SmallData:
     )
 
 
+# ------------------------------------------------------------------------------------ consistency
+@dataclass(kw_only=True)
+class Consistency(Section):
+    """Augmentation consistency: the same student, epochs and seeds trained six ways.
+
+    ``arms`` maps an arm's label to ``{kind, views, mode, seeds: [metrics], errors_mean,
+    errors_std, nll_mean, ece_mean, wall_mean, teacher_seconds, bytes}``; ``wall_mean`` is the mean
+    student run plus, for cached arms, the time its cache took to write (the teacher's time).
+    """
+
+    spec: str
+    augment: str
+    epochs: int
+    seeds: list[int]
+    temperature: float
+    alpha: float
+    arms: dict
+    online_label: str
+    best_view_label: str | None
+
+    def figures(self) -> dict:
+        return {"arms": self.arms, "best_view_cache": self.best_view_label}
+
+
+def _timed_cache(run: Run, spec: str, views: int, augment: str | None) -> tuple[str, float, int]:
+    """A (view) cache of the teacher over ``spec``: (location, seconds it took to write, bytes).
+
+    The seconds are kept beside the cache, so a re-run that reuses it still reports them.
+    """
+    name = slug(spec, sep="_", max_len=60) + (f"-v{views}-{slug(augment)}" if augment else "")
+    location = run.out / "caches" / f"{name}.zarr"
+    timing = location.with_suffix(".seconds.json")
+    t0 = time.perf_counter()
+    res = build_cache(
+        CacheConfig(
+            teachers=[run.teacher()],
+            dataset=spec,
+            out=str(location),
+            views=views,
+            augment=augment,
+            seed=run.cfg.seed,
+            device=run.cfg.device,
+            data_dir=run.cfg.data_dir,
+            command=f"kd-pipeline reproduce consistency ({spec}, {views} x {augment})",
+            trust_code=run.cfg.trust_code,
+        ),
+        log=run.log,
+        progress=False,
+    )
+    if res.status != "already-complete" or not timing.is_file():
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    seconds = float(json.loads(timing.read_text())["seconds"])
+    return str(location), seconds, LogitCache(location).info().size_on_disk
+
+
+def _consistency_run(run: Run, name: str, seed: int, **options: object) -> dict:
+    """One student of an arm (reused when its config and soft targets match)."""
+    cfg = run.cfg
+    scfg = StudentConfig(
+        student=cfg.student,
+        temperature=cfg.temperature,
+        alpha=options.pop("alpha", cfg.alpha),  # type: ignore[arg-type]
+        eval=run.test_spec,
+        out=str(run.out / "runs" / "consistency" / f"{name}-s{seed}"),
+        device=cfg.device,
+        data_dir=cfg.data_dir,
+        overwrite=True,
+        train=TrainConfig(epochs=run.scale.student_epochs, seed=seed),
+        **options,  # type: ignore[arg-type]
+    )
+    ident = (
+        {"cache": cache_fingerprint(LogitCache(scfg.cache).header)}
+        if scfg.cache
+        else {"online_teacher": None}
+    )
+    previous = finished_result(scfg, ident) if scfg.cache else None
+    if previous is not None:
+        run.account(scfg.out, previous["metrics"]["wall_seconds"], reused=True)
+        return previous
+    run.log(f"training consistency/{name} seed {seed}")
+    result = train_student(scfg, log=lambda s: None, progress=False)
+    run.account(scfg.out, result["metrics"]["wall_seconds"], reused=False)
+    return result
+
+
+def consistency(run: Run) -> Consistency:
+    """Hard labels + live augmentation, a single-view cache + live augmentation (inconsistent),
+    view caches with K views (consistent), and online KD with live augmentation, over seeds."""
+    cfg, s = run.cfg, run.scale
+    spec = run.spec()
+    aug = cfg.augment
+    plain, plain_s, plain_b = _timed_cache(run, spec, 1, None)
+    arms: list[tuple[str, str, int | None, float, int, dict]] = [
+        ("hard labels + live augmentation", plain, None, 0.0, 0, {"alpha": 0.0, "augment": aug}),
+        ("single-view cache + live augmentation", plain, None, plain_s, plain_b, {"augment": aug}),
+    ]
+    for k in cfg.views:
+        loc, secs, size = _timed_cache(run, spec, k, aug)
+        arms.append((f"view cache K = {k}", loc, k, secs, size, {}))
+    online_label = "online KD + live augmentation"
+    out: dict = {}
+    for label, cache, k, teacher_s, size, opts in arms:
+        results = [
+            _consistency_run(run, slug(label), seed, cache=cache, **dict(opts))
+            for seed in cfg.seeds
+        ]
+        out[label] = _arm(results, "cache", k, teacher_s, size)
+    online = [
+        _consistency_run(
+            run,
+            "online",
+            seed,
+            online_teacher=[run.teacher()],
+            dataset=spec,
+            augment=aug,
+            trust_code=cfg.trust_code,
+        )
+        for seed in cfg.seeds
+    ]
+    out[online_label] = _arm(online, "online", None, 0.0, 0)
+    ref = out[online_label]
+    inconsistent = out["single-view cache + live augmentation"]
+    view_labels = [label for label, *_ in arms if label.startswith("view cache")]
+    met = [
+        lab
+        for lab in view_labels
+        if out[lab]["errors_mean"] <= 1.01 * ref["errors_mean"]
+        and out[lab]["wall_mean"] < 0.5 * ref["wall_mean"]
+    ]
+    best = min(view_labels, key=lambda lab: out[lab]["errors_mean"]) if view_labels else None
+    better = best is not None and out[best]["errors_mean"] < inconsistent["errors_mean"] - max(
+        inconsistent["errors_std"], out[best]["errors_std"]
+    )
+    holds = bool(met) and better
+    if best is None:
+        verdict = "no view cache was run"
+    else:
+        b = out[best]
+        verdict = (
+            f"{'holds' if holds else 'does not hold here'}: best {best} "
+            f"{b['errors_mean']:.1f} errors in {b['wall_mean']:.0f} s vs online KD "
+            f"{ref['errors_mean']:.1f} in {ref['wall_mean']:.0f} s and the inconsistent "
+            f"baseline {inconsistent['errors_mean']:.1f} (mean of {len(cfg.seeds)} seeds)"
+        )
+    return Consistency(
+        name="consistency",
+        holds=holds,
+        verdict=verdict,
+        spec=spec,
+        augment=aug,
+        epochs=s.student_epochs,
+        seeds=list(cfg.seeds),
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        arms=out,
+        online_label=online_label,
+        best_view_label=best,
+    )
+
+
+def _arm(results: list[dict], kind: str, views: int | None, teacher_s: float, size: int) -> dict:
+    """Mean and spread over seeds of one arm's runs."""
+    tests = [r["metrics"]["test"] for r in results]
+    errors = np.array([t["errors"] for t in tests], float)
+    walls = np.array([r["metrics"]["wall_seconds"] for r in results], float)
+    return {
+        "kind": kind,
+        "views": views,
+        "mode": results[0].get("views", {}).get("mode"),
+        "errors": errors.tolist(),
+        "errors_mean": float(errors.mean()),
+        "errors_std": float(errors.std(ddof=1)) if len(errors) > 1 else 0.0,
+        "nll_mean": float(np.mean([t["nll"] for t in tests])),
+        "ece_mean": float(np.mean([t["ece"] for t in tests])),
+        "n_test": tests[0]["n"],
+        "student_seconds_mean": float(walls.mean()),
+        "teacher_seconds": teacher_s,
+        "wall_mean": float(walls.mean()) + teacher_s,
+        "bytes": size,
+    }
+
+
 #: The experiments by name, in the report's order.
 EXPERIMENTS: dict[str, Callable[[Run], Section]] = {
     "main-table": main_table,
     "temperature": temperature,
     "omitted-class": omitted_class,
     "small-data": small_data,
+    "consistency": consistency,
 }
