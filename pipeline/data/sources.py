@@ -95,7 +95,7 @@ class ImagePrep:
                 img = img.resize((nw, nh), Image.Resampling.BILINEAR)
             left, top = (nw - self.crop) // 2, (nh - self.crop) // 2
             img = img.crop((left, top, left + self.crop, top + self.crop))
-        arr = np.asarray(img, dtype=np.uint8)
+        arr = np.array(img, dtype=np.uint8)  # writable: torch warns about read-only arrays
         return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

@@ -12,7 +12,8 @@ shared machine the ratios then measure the other jobs.
       this process, next to the ideal (teacher once + K student) / K (student + teacher) from the
       measured parts (goal <= 1.1 x ideal)
 - P3  ``cache-logits`` wall time / the teachers' inference alone over the same rows, both including
-      loading the data and the checkpoints (goal <= 1.05)
+      loading the data and the checkpoints (goal <= 1.05); also on a folder of 5,000 PNG files
+      decoded by DataLoader workers on both sides
 - P4  streaming loader throughput (shuffled shards, whole-shard reads on several threads, members
       combined at T, batches) / the codec limit: the same whole shards read and decoded (zstd +
       crc32c) on every core with nothing else (goal >= 0.8); a raw .npy read of the same bytes is
@@ -55,6 +56,7 @@ from pipeline.datasets import fingerprint_arrays, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.experiments.storage import byte_table as storage_byte_table
 from pipeline.experiments.sweep import run_sweep
+from pipeline.files import slug
 from pipeline.metrics import predict_logits
 from pipeline.models import build_model
 from pipeline.options import option
@@ -167,6 +169,8 @@ def run_bench(
         np.savez(root / "unlabeled.npz", x_train=data.x)
         unlabeled = load_dataset(f"npz:{root / 'unlabeled.npz'}:train")
         _measure(root, unlabeled, 1000, device, device_name, reps, sync, fig, log)
+    with tempfile.TemporaryDirectory(prefix="kd-bench-folder-") as tmp:
+        fig["P3 folder"] = _p3_folder(Path(tmp), device, device_name, reps, log)
     fig["P4 rss"] = _p4_rss()
     results["machine"]["load_after"] = _load_average()
     results["warnings"] = bench_warnings(results)
@@ -422,6 +426,76 @@ def _p4(location: Path, x: np.ndarray, reps: int) -> dict:
     }
 
 
+FOLDER_ROWS = 5000
+FOLDER_LOADER_WORKERS = 2
+
+
+def _p3_folder(
+    root: Path, device: torch.device, device_name: str, reps: int, log: Callable[[str], None]
+) -> dict:
+    """P3 on a folder of PNG files (``folder:``): decoding by DataLoader workers is in both the
+    cache's time and inference's, as it is for a user's image folder."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return {"skipped": "Pillow is not installed (pip install 'kd-pipeline[vision]')"}
+    src = load_dataset(f"fashion-mnist:train:count={FOLDER_ROWS}:seed=1")
+    for i, (img, y) in enumerate(zip(src.x, src.y, strict=True)):
+        d = root / "images" / "train" / f"{int(y)}-{slug(src.class_names[int(y)])}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0]).save(d / f"{i:05d}.png")
+    spec = f"folder:{root / 'images'}:train:mode=grey"
+    data = load_dataset(spec)
+    log(f"[folder] {len(data)} PNG files, teachers {MEMBERS} x {TEACHER}")
+    paths = _teachers(
+        root,
+        {"spec": data.spec, "fingerprint": data.fingerprint},
+        len(data.class_names),
+        data.sample_shape,
+        data.input_stats,
+    )
+    batch = 1024
+
+    def infer() -> None:
+        # The same DataLoader (workers decoding PNGs) feeding the teachers, without a cache.
+        x = load_dataset(spec).x
+        x.set_loader(FOLDER_LOADER_WORKERS, batch)
+        bounds = [(a, min(a + 4096, len(x))) for a in range(0, len(x), 4096)]
+        x.plan(bounds)
+        models = [load_checkpoint(p, device).model for p in paths]
+        for a, b in bounds:
+            rows, _ = x.read_rows(a, b)
+            for m in models:
+                predict_logits(m, rows, device, batch)
+
+    counter = iter(range(10_000))
+
+    def cache() -> None:
+        build_cache(
+            CacheConfig(
+                teachers=paths,
+                dataset=spec,
+                out=str(root / f"cache-{next(counter)}"),
+                batch_size=batch,
+                device=device_name,
+                loader_workers=FOLDER_LOADER_WORKERS,
+                command="bench",
+            ),
+            log=lambda s: None,
+            progress=False,
+        )
+
+    t_inf, inf_all = _median_time(infer, reps, lambda: None)
+    t_cache, cache_all = _median_time(cache, reps, lambda: None)
+    return {
+        "cache_logits_s": t_cache,
+        "inference_only_s": t_inf,
+        "ratio": t_cache / t_inf,
+        "goal": "<= 1.05",
+        "runs": {"cache": cache_all, "inference": inf_all},
+    }
+
+
 def _p6(dense: Path, paths: list[str], data, batch: int, device_name: str, reps: int) -> dict:
     """Loader epochs (shuffled shards, prefetch, targets at T, batches) per storage kind."""
     seconds: dict[str, float] = {}
@@ -666,6 +740,9 @@ def format_table(results: dict) -> str:
         )
     for key in sorted((k for k in f if k.startswith("P3")), key=_classes):
         v = f[key]
+        if "skipped" in v:
+            lines.append(f"| P3 | {key[3:]}: skipped ({v['skipped']}) | | | |")
+            continue
         lines.append(
             _row(
                 key,
