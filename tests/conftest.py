@@ -308,6 +308,8 @@ def edit_header(**changes: object):  # noqa: ANN201
         h.update(changes)
         if "num_classes" in changes:
             h["members"] = [{**m, "num_classes": changes["num_classes"]} for m in h["members"]]
+        if "rows" in h and "n" in changes:  # format 2's row count follows n: the header stays
+            h["rows"] = {**h["rows"], "n": changes["n"]}  # consistent, the arrays disagree
         g.attrs["kd_cache"] = h
 
     return apply

@@ -233,9 +233,13 @@ class StreamingCacheSource:
         self, shard: int
     ) -> tuple[np.ndarray, torch.Tensor | SparseTargets, np.ndarray | None, np.ndarray]:
         start, stop = self.cache.shard_bounds(shard)
-        teacher = shard_targets(self.cache, shard, self.members, self.method, self.temperature)
-        labels = self.cache.read_labels(shard, truth=self.truth)
+        teacher, labels = self._targets(shard)
         return self.x[start:stop], teacher, labels, np.arange(start, stop)
+
+    def _targets(self, shard: int) -> tuple[torch.Tensor | SparseTargets, np.ndarray | None]:
+        """One shard's soft targets and labels: what the reading threads do in parallel."""
+        teacher = shard_targets(self.cache, shard, self.members, self.method, self.temperature)
+        return teacher, self.cache.read_labels(shard, truth=self.truth)
 
     def epoch(
         self, epoch: int, with_rows: bool = False, part: tuple[int, int] = (0, 1)
@@ -256,7 +260,7 @@ class StreamingCacheSource:
 
         def producer() -> None:
             # Up to READ_THREADS shards are read and combined at once, handed on in order.
-            pending: deque[tuple[Future, int | None, int | None]] = deque()
+            pending: deque[tuple[Future, int, int | None, int | None]] = deque()
             todo = iter(pieces)
             try:
                 with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read") as pool:
@@ -265,17 +269,21 @@ class StreamingCacheSource:
                             nxt = next(todo, None)
                             if nxt is None:
                                 break
-                            pending.append((pool.submit(self._read, nxt[0]), nxt[1], nxt[2]))
+                            fut = pool.submit(self._targets, nxt[0])
+                            pending.append((fut, nxt[0], nxt[1], nxt[2]))
                         if not pending or stop.is_set():
                             break
-                        fut, lo, hi = pending.popleft()
-                        item = fut.result()
+                        fut, shard, lo, hi = pending.popleft()
+                        # Inputs are read here, in the epoch's order: a lazy dataset's loader
+                        # decodes the planned ranges one after another, on one thread.
+                        a, b = self.cache.shard_bounds(shard)
+                        item = (self.x[a:b], *fut.result(), np.arange(a, b))
                         q.put(
                             item
                             if hi is None
                             else tuple(v if v is None else v[lo:hi] for v in item)
                         )
-                    for fut, _, _ in pending:
+                    for fut, *_ in pending:
                         fut.cancel()
                 if not stop.is_set():
                     q.put(None)

@@ -106,7 +106,7 @@ def test_s3_cache_is_the_local_cache_and_verifies(s3_cache: str, cache_path: Pat
     code, out = invoke("cache", "verify", s3_cache, "--quiet")
     assert code == 0, out
     assert (
-        "result     OK" in out and "read       60 chunks" in out
+        "result     OK" in out and "read       100 chunks" in out
     )  # ids, labels, 2 x (logits, done): 10 each
     code, out = invoke("cache", "info", s3_cache)
     assert code == 0 and "status     complete: 10/10 shards" in out
@@ -679,7 +679,7 @@ VERIFY_DAMAGES = {
     ),
     "-inf logit": (
         write("members/0/logits", (200, 1), -np.inf),
-        "array members/0/logits holds NaN/inf logits in rows [200]",
+        "member 0 (dense): logits holds NaN/inf in rows [200]",
     ),
     "zeroed done flag": (
         write("members/0/done", 7, 0),
