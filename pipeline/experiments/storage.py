@@ -109,6 +109,14 @@ class StorageStudyConfig:
         metavar="S,S,...",
         help="Student seeds (mean and spread are reported).",
     )
+    train_from: list[str] | None = option(
+        None,
+        parse=_parse_stores,
+        show=show_list,
+        metavar="KIND,KIND,...",
+        help="Train students from these kinds only [default: every one of --stores]; the others "
+        "are cached and measured (bytes, fidelity).",
+    )
     teacher_model: str = option("mlp:512,512", help="The teacher ensemble's members.")
     student: str = option("mlp:64", help="The student trained from every cache.")
     alpha: float = option(0.9, help="Weight of the soft term.")
@@ -232,7 +240,8 @@ def run_storage_study(cfg: StorageStudyConfig, log: Callable[[str], None] = prin
         }
         log(f"cache {store}: {_bytes(info['members'])} B/row/member on disk")
     runs: dict[str, dict] = {}
-    for store in stores:
+    trained = stores if cfg.train_from is None else ["dense", *cfg.train_from]
+    for store in dict.fromkeys(trained):
         for temp in cfg.temperatures:
             errs = []
             for seed in cfg.seeds:
@@ -324,6 +333,9 @@ def render_study(r: dict) -> str:
         kept = statistics.mean(m["fidelity"]["kept_mass_mean"][j1] for m in members)
         cells = []
         for t in temps:
+            if f"{store}|{t:g}" not in r["runs"]:
+                cells.append("(not trained)")
+                continue
             errs = r["runs"][f"{store}|{t:g}"]["errors"]
             mean = statistics.mean(errs)
             sd = statistics.stdev(errs) if len(errs) > 1 else 0.0
