@@ -185,26 +185,39 @@ class _Base:
     y: np.ndarray | None
     class_names: list[str]
     source: dict
+    # Sources with per-sample state beyond x and y (token sequences: masks, a tokenizer) finish
+    # the dataset: ``extend(dataset, kept)`` with the rows the modifiers kept (indices into x).
+    extend: Callable[[Dataset, np.ndarray], Dataset] | None = None
 
 
 @dataclass
 class DatasetSource:
-    """A registered dataset source: how many positional args its spec takes, and its loader."""
+    """A registered dataset source: how many positional args its spec takes, and its loader.
+
+    ``options`` are the source's own ``key=value`` modifiers (parsed by their callables, passed to
+    ``load`` as keyword arguments, kept in the canonical spec and in its test split's spec).
+    """
 
     name: str
     args: tuple[str, ...]
     load: Callable[..., _Base]
     help: str
+    options: dict[str, Callable[[str], object]] = field(default_factory=dict)
 
 
 DATASETS: dict[str, DatasetSource] = {}
 
 
-def register_dataset(name: str, args: tuple[str, ...], help: str) -> Callable:
-    """Register a loader ``fn(*args, data_dir=...) -> _Base`` under ``name``."""
+def register_dataset(
+    name: str,
+    args: tuple[str, ...],
+    help: str,
+    options: dict[str, Callable[[str], object]] | None = None,
+) -> Callable:
+    """Register a loader ``fn(*args, data_dir=..., **options) -> _Base`` under ``name``."""
 
     def wrap(fn: Callable[..., _Base]) -> Callable[..., _Base]:
-        DATASETS[name] = DatasetSource(name, args, fn, help)
+        DATASETS[name] = DatasetSource(name, args, fn, help, dict(options or {}))
         return fn
 
     return wrap
@@ -450,10 +463,16 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
     mods: dict = {}
     for item in parts[1 + n :]:
         key, eq, value = item.partition("=")
+        if eq and key in source.options:
+            try:
+                mods[key] = source.options[key](value)
+            except (ValueError, DatasetError) as e:
+                raise DatasetError(f"dataset spec {spec!r}: bad {key}={value!r} ({e})") from None
+            continue
         if not eq or key not in MODIFIER_KEYS:
             raise DatasetError(
                 f"dataset spec {spec!r}: unknown modifier {item!r}; expected key=value with key in "
-                f"{', '.join(MODIFIER_KEYS)} "
+                f"{', '.join((*source.options, *MODIFIER_KEYS))} "
                 "(e.g. fashion-mnist:train:exclude=3:fraction=0.03:seed=0)"
             )
         if key in ("exclude", "keep"):
@@ -498,6 +517,7 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
 
 def canonical_spec(source: DatasetSource, args: list[str], mods: dict) -> str:
     parts = [source.name, *args]
+    parts += [f"{key}={mods[key]}" for key in source.options if key in mods]
     for key in MODIFIER_KEYS:
         if key in mods:
             v = mods[key]
@@ -513,7 +533,8 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
             indices, modifiers that leave nothing.
     """
     source, args, mods = parse_spec(spec)
-    base = source.load(*args, data_dir=data_dir)
+    own = {k: mods[k] for k in source.options if k in mods}
+    base = source.load(*args, data_dir=data_dir, **own)
     n_classes = len(base.class_names)
     _check_label_range(base.y, n_classes, spec)
     idx = np.arange(base.x.shape[0], dtype=np.int64)
@@ -548,7 +569,7 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
     whole = idx.size == base.x.shape[0]
     x = base.x if whole else base.x[idx]
     y = None if base.y is None else (base.y if whole else base.y[idx])
-    return Dataset(
+    data = Dataset(
         spec=canonical_spec(source, args, mods),
         x=x,
         y=y,
@@ -558,6 +579,7 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
         source=base.source,
         modifiers=mods,
     )
+    return data if base.extend is None else base.extend(data, idx)
 
 
 def _check_label_range(y: np.ndarray | None, n_classes: int, spec: str) -> None:
@@ -610,12 +632,14 @@ def default_eval_spec(spec: str) -> str | None:
     ``fashion-mnist:test``).
     """
     try:
-        source, args, _ = parse_spec(spec)
+        source, args, mods = parse_spec(spec)
     except DatasetError:
         return None
     if not args or args[-1] != "train":
         return None
-    return ":".join([source.name, *args[:-1], "test"])
+    # The source's own options (a sequence length, a tokenizer) describe the test split too.
+    own = [f"{k}={mods[k]}" for k in source.options if k in mods]
+    return ":".join([source.name, *args[:-1], "test", *own])
 
 
 def resolve_eval_set(
@@ -676,3 +700,8 @@ def resolve_eval_set(
         if log is not None:
             log(f"warning: no evaluation set ({e}); pass --eval SPEC to name one")
         return None
+
+
+# Sources defined in their own modules register themselves on import (token sequences: text:,
+# tokens:); imported last, when everything they use from here is defined.
+from pipeline import sequences as _sequences  # noqa: E402,F401

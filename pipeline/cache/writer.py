@@ -48,6 +48,8 @@ from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError, storage_errors
 from pipeline.metrics import predict_logits
 from pipeline.progress import Bar, progress_bar
+from pipeline.sequences.data import is_sequence
+from pipeline.sequences.models import token_rows
 
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
@@ -113,7 +115,10 @@ def compute_shard(
     x = data.x[start:stop]
     ids = data.ids[start:stop]
     for m in members:
-        emit(m, shard, predict_logits(models[m], x, device, spec.batch_size).numpy(), ids)
+        logits = predict_logits(models[m], x, device, spec.batch_size)
+        if logits.dim() == 3:  # a sequence model: one row per (sample, position), real vocab only
+            logits = token_rows(logits, data.num_classes)
+        emit(m, shard, logits.numpy(), ids)
     return stop - start
 
 
@@ -210,6 +215,8 @@ class CacheInputs:
         loaded = tuple(load_checkpoint(p, "cpu", cfg.trust_code) for p in paths)
         data = load_dataset(cfg.dataset, cfg.data_dir)
         _check_members(list(loaded), data)
+        if is_sequence(data):  # the tokenizer's vocabulary, whatever the heads' width
+            return cls(loaded, data, data.num_classes, data.class_names)
         return cls(
             loaded,
             data,
@@ -285,7 +292,10 @@ def plan_cache(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -
 
 
 def _plan_create(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -> CachePlan:
-    layout = ShardLayout(cfg.rows_per_shard or DEFAULT_ROWS_PER_SHARD, len(inputs.data))
+    default = DEFAULT_ROWS_PER_SHARD
+    if is_sequence(inputs.data):  # about as many rows per shard as an image cache's
+        default = max(1, DEFAULT_ROWS_PER_SHARD // inputs.data.positions)
+    layout = ShardLayout(cfg.rows_per_shard or default, len(inputs.data))
     indices = list(range(len(inputs.teachers)))
     return CachePlan(
         location,
@@ -590,7 +600,9 @@ def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
         plan.location,
         dataset=data.describe(),
         ids=data.ids,
-        labels=data.y,
+        # A sequence's labels are its next tokens, (N, P): they stay with the dataset (checked by
+        # fingerprint), the cache holds one label per sample or none.
+        labels=None if is_sequence(data) else data.y,
         num_classes=inputs.num_classes,
         class_names=inputs.class_names,
         members=[lm.identity() for lm in inputs.teachers],
@@ -599,6 +611,7 @@ def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
         command=cfg.command,
         storage=cfg.storage(inputs.num_classes),
         seed=cfg.seed,
+        positions=data.positions if is_sequence(data) else 1,
     )
 
 
