@@ -44,14 +44,14 @@ SCALES = {
         "t_epochs": 1,
         "epochs": 1,
     },
-    "full": {  # about 15-20 minutes on 2 shared CPU cores
+    "full": {  # about 20-30 minutes on 2 shared CPU cores
         "seq": 64,
-        "train": 3000,
-        "test": 300,
+        "train": 2000,
+        "test": 250,
         "teacher": "gpt:layers=2,dim=128,heads=4,ctx=64,dropout=0.1",
         "student": "gpt:layers=1,dim=64,heads=4,ctx=64,dropout=0",
-        "t_epochs": 6,
-        "epochs": 4,
+        "t_epochs": 5,
+        "epochs": 3,
     },
 }
 DEFAULT_STORES = ("dense", "topk:1", "topk:8", "topk:32", "sampled:16")
@@ -64,7 +64,7 @@ class SequenceStudyConfig:
     scale: str = option(
         "full",
         choices=tuple(SCALES),
-        help="full: 3,000 sequences of 64 tokens (about 15-20 minutes on 2 CPU cores); "
+        help="full: 2,000 sequences of 64 tokens (about 20-30 minutes on 2 CPU cores); "
         "quick: a smoke test.",
     )
     vocab: int = option(0, help="Train a BPE of this many tokens (0: byte-level, V = 256).")

@@ -29,6 +29,8 @@ def field_of(qualified: str) -> dataclasses.Field:
     import pipeline.experiments.bench
     import pipeline.experiments.demo
     import pipeline.experiments.reproduce
+    import pipeline.experiments.sequence
+    import pipeline.experiments.storage
     import pipeline.training.loop
 
     cls_name, name = qualified.split(".")
@@ -38,6 +40,8 @@ def field_of(qualified: str) -> dataclasses.Field:
         pipeline.experiments.bench,
         pipeline.experiments.demo,
         pipeline.experiments.reproduce,
+        pipeline.experiments.storage,
+        pipeline.experiments.sequence,
     ):
         if hasattr(mod, cls_name):
             return {f.name: f for f in dataclasses.fields(getattr(mod, cls_name))}[name]
