@@ -48,7 +48,7 @@ from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError, storage_errors
 from pipeline.metrics import predict_logits
 from pipeline.progress import Bar, progress_bar
-from pipeline.sequences.data import is_sequence
+from pipeline.sequences.data import is_sequence, tokenizer_record
 from pipeline.sequences.models import token_rows
 
 DEFAULT_DTYPE = "float16"
@@ -398,6 +398,10 @@ def _describe_difference(
     """What differs between the cache and what was given (``teachers``: compare the members)."""
     diffs = []
     d = h.dataset
+    tok_then = (d.extra.get("tokenizer") or {}).get("sha256")
+    tok_now = (tokenizer_record(data).get("tokenizer") or {}).get("sha256")
+    if tok_then and tok_now and tok_then != tok_now:
+        diffs.append(f"tokenizer differs: the cache's is {tok_then[:19]}, the dataset's {tok_now[:19]}")
     if d.fingerprint != data.fingerprint:
         diffs.append(
             f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you "
