@@ -401,7 +401,9 @@ def _describe_difference(
     tok_then = (d.extra.get("tokenizer") or {}).get("sha256")
     tok_now = (tokenizer_record(data).get("tokenizer") or {}).get("sha256")
     if tok_then and tok_now and tok_then != tok_now:
-        diffs.append(f"tokenizer differs: the cache's is {tok_then[:19]}, the dataset's {tok_now[:19]}")
+        diffs.append(
+            f"tokenizer differs: the cache's is {tok_then[:19]}, the dataset's {tok_now[:19]}"
+        )
     if d.fingerprint != data.fingerprint:
         diffs.append(
             f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you "
