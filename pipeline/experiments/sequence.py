@@ -171,7 +171,8 @@ def run_sequence_study(cfg: SequenceStudyConfig, log: Callable[[str], None] = pr
     for name, store, alpha in settings:
         for seed in cfg.seeds:
             slug = name.replace(" ", "-").replace(":", "")
-            run = out / "runs" / f"{slug}-s{seed}"
+            # T and alpha in the name: another setting never reuses this one's run
+            run = out / "runs" / f"{slug}-T{cfg.temperature:g}-a{alpha:g}-s{seed}"
             result = _read(run / "metrics.json")
             if result is None:
                 common = {

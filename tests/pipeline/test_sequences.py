@@ -20,6 +20,7 @@ from pipeline.datasets import default_eval_spec, load_dataset
 from pipeline.models import KDModel, register_model
 from pipeline.sequences.data import NO_LABEL, PAD, SequenceDataset, tokenizer_record
 from pipeline.sequences.tokenizers import Tokenizer, train_bpe
+from pipeline.training.loop import TrainConfig
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import SequenceLoss, _cache_source
 from stages.cli import main
@@ -339,3 +340,69 @@ def test_hf_dir_teacher_with_padded_heads(corpus: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(
         cache.read_member(0, 0)["values"][:16, 0], ref.max(dim=1).values.numpy(), atol=2e-2
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """(dataset spec, teacher directory): a 1-layer gpt trained for one epoch (seconds)."""
+    from pipeline.config import TeacherConfig
+    from pipeline.training.teacher import train_teacher
+
+    spec = f"text:{corpus}:train:seq=16:count=40"
+    out = tmp_path_factory.mktemp("gpt")
+    train_teacher(
+        TeacherConfig(
+            dataset=spec,
+            model="gpt:layers=1,dim=16,heads=2,ctx=16",
+            members=1,
+            eval="",
+            out=str(out),
+            train=TrainConfig(epochs=1, batch_size=16),
+        ),
+        log=lambda s: None,
+    )
+    return spec, out
+
+
+def build_token_cache(spec: str, teacher: Path, out: Path, **kw: object) -> dict[str, np.ndarray]:
+    """A sampled:4 cache of 8 sequences (128 rows) per shard; its member arrays."""
+    import zarr
+
+    cfg = CacheConfig(
+        teachers=[str(teacher)],
+        dataset=spec,
+        out=str(out),
+        store="sampled:4",
+        rows_per_shard=8,
+        **kw,
+    )
+    build_cache(cfg, log=lambda s: None, progress=False)
+    g = zarr.open_group(str(out), mode="r", use_consolidated=False)
+    return {k: g[f"members/0/{k}"][:] for k in ("values", "indices", "lse")}
+
+
+def test_a_resumed_token_cache_is_bit_identical(tiny_gpt: tuple, tmp_path: Path) -> None:
+    import zarr
+
+    spec, teacher = tiny_gpt
+    whole = build_token_cache(spec, teacher, tmp_path / "c.zarr")
+    # an interrupted write: shard 2 (rows 256..383) not done, the header not complete
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r+", use_consolidated=False)
+    g["members/0/done"][2] = 0
+    g["members/0/values"][256:384] = 0
+    header = dict(g.attrs["kd_cache"])
+    header["complete"] = False
+    g.attrs["kd_cache"] = header
+    resumed = build_token_cache(spec, teacher, tmp_path / "c.zarr")
+    assert not (resumed["values"][256:384] == 0).all()
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], resumed[k])
+
+
+@pytest.mark.slow
+def test_token_caches_are_bit_identical_over_dask(tiny_gpt: tuple, tmp_path: Path) -> None:
+    spec, teacher = tiny_gpt
+    local = build_token_cache(spec, teacher, tmp_path / "local.zarr")
+    on_dask = build_token_cache(spec, teacher, tmp_path / "dask.zarr", workers=2)
+    for k in local:
+        np.testing.assert_array_equal(local[k], on_dask[k])
