@@ -322,11 +322,12 @@ def test_hf_dir_teacher_with_padded_heads(corpus: Path, tmp_path: Path) -> None:
     transformers.GPT2LMHeadModel(config).save_pretrained(hf)
     spec = f"text:{corpus}:train:seq=16:count=12:tokenizer={hf}"
     out = tmp_path / "c.zarr"
-    build_cache(
-        CacheConfig(teachers=[f"hf:{hf}"], dataset=spec, out=str(out), store="topk:8"),
-        log=lambda s: None,
-        progress=False,
+    res = CliRunner().invoke(
+        main,
+        ["cache-logits", "--teacher", f"hf:{hf}", "--dataset", spec, "--store", "topk:8"]
+        + ["--out", str(out)],
     )
+    assert res.exit_code == 0, res.output
     cache = LogitCache(out)
     assert cache.num_classes == 300 and cache.header.n_rows == 12 * 16
     assert cache.members[0].model_spec == f"hf:{hf}"
