@@ -122,6 +122,8 @@ def load_checkpoint(
     """
     if is_model_spec(path):
         return _load_spec_teacher(str(path), device)
+    if str(path).startswith("hf:"):
+        return load_hf_model(str(path)[3:], device)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -179,12 +181,41 @@ def _load_spec_teacher(spec: str, device: torch.device | str) -> LoadedModel:
     return LoadedModel(model, meta, Path(spec), sha)
 
 
+def load_hf_model(directory: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """A ``transformers`` causal LM saved in ``directory`` as a teacher (``hf:DIR``).
+
+    Its identity is a hash of the directory's files; its classes are the real vocabulary of the
+    ``tokenizer.json`` beside it (the head may be wider: padded logits are dropped), else the
+    model's ``vocab_size``.
+    """
+    from pipeline.sequences.tokenizers import JsonTokenizer  # optional: tokenizers
+
+    root = Path(directory)
+    model = build_model(f"hf:{directory}", (0,), 1)
+    meta: dict = {"model_spec": f"hf:{directory}", "in_shape": [], "sequence": True}
+    width = int(model.body.width)  # type: ignore[union-attr]
+    if (root / "tokenizer.json").is_file():
+        tok = JsonTokenizer.load(root / "tokenizer.json")
+        meta["tokenizer"] = tok.describe()
+        meta["num_classes"] = tok.vocab_size
+    else:
+        meta["num_classes"] = width
+    meta["output_width"] = width
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root)}:{file_sha256(f)};".encode())
+    model.to(device).eval()
+    return LoadedModel(model, meta, Path(f"hf:{directory}"), "sha256:" + h.hexdigest())
+
+
 def member_paths(path: str | Path) -> list[Path | str]:
     """The checkpoint files behind ``path``: itself, or the ``*.pt`` members of an ensemble
-    directory (a ``tv:`` model spec stays the spec).
+    directory (a ``tv:`` model spec stays the spec; ``hf:DIR``: that model).
     """
     if is_model_spec(str(path)):
         return [str(path)]
+    if str(path).startswith("hf:"):
+        return [Path(str(path))]
     path = Path(path)
     if path.is_dir():
         members = sorted(path.glob("member-*.pt"), key=lambda p: (len(p.name), p.name)) or sorted(
@@ -206,6 +237,11 @@ def fit_problems(models: list[LoadedModel], data: Dataset) -> list[str]:
     differs from the samples', whose class count differs from the first model's, or (labeled data)
     from the dataset's. Empty if fine.
     """
+    from pipeline.sequences.data import is_sequence
+    from pipeline.sequences.models import teacher_problems
+
+    if is_sequence(data):
+        return teacher_problems(models, data)
     first = int(models[0].meta["num_classes"]) if models else 0
     return [
         f"{m.path} takes inputs {tuple(m.meta['in_shape'])} with {m.meta['num_classes']} classes, "

@@ -199,29 +199,42 @@ class _Base:
     y: np.ndarray | None
     class_names: list[str]
     source: dict
+    # Sources with per-sample state beyond x and y (token sequences: masks, a tokenizer) finish
+    # the dataset: ``extend(dataset, kept)`` with the rows the modifiers kept (indices into x).
+    extend: Callable[[Dataset, np.ndarray], Dataset] | None = None
 
 
 @dataclass
 class DatasetSource:
-    """A registered dataset source: how many positional args its spec takes, and its loader."""
+    """A registered dataset source: how many positional args its spec takes, and its loader.
+
+    ``options`` are the source's own ``key=value`` modifiers (parsed by their callables, passed to
+    ``load`` as keyword arguments, kept in the canonical spec and in its test split's spec).
+    """
 
     name: str
     args: tuple[str, ...]
     load: Callable[..., _Base]
     help: str
-    options: tuple[str, ...] = ()  # the source's own key=value options (passed to ``load``)
+    options: dict[str, Callable[[str], object]] = field(default_factory=dict)
 
 
 DATASETS: dict[str, DatasetSource] = {}
 
 
 def register_dataset(
-    name: str, args: tuple[str, ...], help: str, options: tuple[str, ...] = ()
+    name: str,
+    args: tuple[str, ...],
+    help: str,
+    options: dict[str, Callable[[str], object]] | tuple[str, ...] | None = None,
 ) -> Callable:
     """Register a loader ``fn(*args, data_dir=..., **options) -> _Base`` under ``name``."""
 
+    # Options given by name only keep their values as text; a mapping names each one's parser.
+    parsers = {k: str for k in options} if isinstance(options, tuple) else dict(options or {})
+
     def wrap(fn: Callable[..., _Base]) -> Callable[..., _Base]:
-        DATASETS[name] = DatasetSource(name, args, fn, help, options)
+        DATASETS[name] = DatasetSource(name, args, fn, help, parsers)
         return fn
 
     return wrap
@@ -484,10 +497,16 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
     mods: dict = {}
     for item in parts[1 + n :]:
         key, eq, value = item.partition("=")
-        if not eq or key not in MODIFIER_KEYS + source.options:
+        if eq and key in source.options:
+            try:
+                mods[key] = source.options[key](value)
+            except (ValueError, DatasetError) as e:
+                raise DatasetError(f"dataset spec {spec!r}: bad {key}={value!r} ({e})") from None
+            continue
+        if not eq or key not in MODIFIER_KEYS:
             raise DatasetError(
                 f"dataset spec {spec!r}: unknown modifier {item!r}; expected key=value with key in "
-                f"{', '.join(source.options + MODIFIER_KEYS)} "
+                f"{', '.join((*source.options, *MODIFIER_KEYS))} "
                 "(e.g. fashion-mnist:train:exclude=3:fraction=0.03:seed=0)"
             )
         if key in source.options:
@@ -534,7 +553,8 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
 
 def canonical_spec(source: DatasetSource, args: list[str], mods: dict) -> str:
     parts = [source.name, *args]
-    for key in source.options + MODIFIER_KEYS:
+    parts += [f"{key}={mods[key]}" for key in source.options if key in mods]
+    for key in MODIFIER_KEYS:
         if key in mods:
             v = mods[key]
             parts.append(f"{key}={','.join(map(str, v)) if isinstance(v, list) else v}")
@@ -549,8 +569,8 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
             indices, modifiers that leave nothing.
     """
     source, args, mods = parse_spec(spec)
-    options = {k: mods[k] for k in source.options if k in mods}
-    base = source.load(*args, data_dir=data_dir, **options)
+    own = {k: mods[k] for k in source.options if k in mods}
+    base = source.load(*args, data_dir=data_dir, **own)
     n_classes = len(base.class_names)
     _check_label_range(base.y, n_classes, spec)
     idx = np.arange(base.x.shape[0], dtype=np.int64)
@@ -585,7 +605,7 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
     whole = idx.size == base.x.shape[0]
     x = base.x if whole else (base.x.take(idx) if is_lazy(base.x) else base.x[idx])
     y = None if base.y is None else (base.y if whole else base.y[idx])
-    return Dataset(
+    data = Dataset(
         spec=canonical_spec(source, args, mods),
         x=x,
         y=y,
@@ -595,6 +615,7 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
         source=base.source,
         modifiers=mods,
     )
+    return data if base.extend is None else base.extend(data, idx)
 
 
 def _check_label_range(y: np.ndarray | None, n_classes: int, spec: str) -> None:
@@ -652,9 +673,9 @@ def default_eval_spec(spec: str) -> str | None:
         return None
     if not args or args[-1] != "train":
         return None
-    # A source's own options (an image folder's size=, crop=) say how rows decode: kept.
-    options = [f"{k}={mods[k]}" for k in source.options if k in mods]
-    return ":".join([source.name, *args[:-1], "test", *options])
+    # The source's own options (a sequence length, a tokenizer) describe the test split too.
+    own = [f"{k}={mods[k]}" for k in source.options if k in mods]
+    return ":".join([source.name, *args[:-1], "test", *own])
 
 
 def resolve_eval_set(
@@ -715,3 +736,8 @@ def resolve_eval_set(
         if log is not None:
             log(f"warning: no evaluation set ({e}); pass --eval SPEC to name one")
         return None
+
+
+# Sources defined in their own modules register themselves on import (token sequences: text:,
+# tokens:); imported last, when everything they use from here is defined.
+from pipeline import sequences as _sequences  # noqa: E402,F401

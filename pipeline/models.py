@@ -61,6 +61,10 @@ class KDModel(nn.Module):
         self.register_buffer("output_bias", torch.zeros(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.body, "token_inputs", False):
+            # Token ids (B, P) -> (B, P, W): nothing to normalise, and no per-class bias (a
+            # language model's head may be wider than its vocabulary).
+            return self.body(x)
         x = (x.float() - self.input_mean) / self.input_std
         out = self.body(x)
         return out + self.output_bias if self.output_bias.numel() else out
@@ -389,3 +393,8 @@ def with_options(spec: str, **options: float | None) -> str:
     keep = [p for p in parts if p.partition("=")[0] not in given or "=" not in p]
     extra = [f"{k}={v}" for k, v in options.items() if v is not None]
     return ":".join([name, *keep, *extra])
+
+
+# Sequence models (gpt:, hf:) live in their own package and register themselves on import;
+# imported last, when the registry they use is defined.
+from pipeline import sequences as _sequences  # noqa: E402,F401

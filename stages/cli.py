@@ -26,6 +26,7 @@ from pipeline.config import (
 from pipeline.experiments.bench import BenchConfig
 from pipeline.experiments.demo import DemoConfig
 from pipeline.experiments.reproduce import ReproduceConfig
+from pipeline.experiments.sequence import SequenceStudyConfig
 from pipeline.experiments.storage import StorageStudyConfig
 from stages.boundary import KDGroup
 from stages.cache_cli import cache_group
@@ -234,6 +235,16 @@ def storage_study(cfg: StorageStudyConfig) -> None:
     from pipeline.experiments.storage import run_storage_study
 
     run_storage_study(cfg, log=click.echo)
+
+
+@main.command("sequence-study")
+@configured(SequenceStudyConfig)
+def sequence_study(cfg: SequenceStudyConfig) -> None:
+    """Distil a language model on the shipped corpus: teacher, dense/topk/sampled caches, students
+    from each, next tokens only and online KD; perplexity, bits/byte, bytes/token in report.md."""
+    from pipeline.experiments.sequence import run_sequence_study
+
+    run_sequence_study(cfg, log=click.echo)
 
 
 @main.command()

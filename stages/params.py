@@ -88,13 +88,25 @@ def _scalar_type(annotation: Any) -> type:
     return t if t in (int, float, str, bool) else str
 
 
+class ExistingOrHF(click.Path):
+    """An existing path, or ``hf:DIR`` (a transformers model directory, checked when loaded)."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.startswith("hf:"):
+            return value
+        return super().convert(value, param, ctx)
+
+
 def _click_param(p: _Param, dest: str) -> click.Parameter:
     opt = p.option
     ctype: Any = _scalar_type(p.annotation)
     if opt.choices is not None:
         ctype = click.Choice(opt.choice_names())
     elif opt.exists:
-        ctype = click.Path(exists=True)
+        ctype = ExistingOrHF()
     elif opt.parse is not None and not opt.multiple:
         ctype = Parsed(opt.parse, opt.metavar)
     elif opt.parse is not None:

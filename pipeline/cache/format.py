@@ -256,6 +256,7 @@ def create_cache(
     views: int = 1,
     augment: Mapping[str, Any] | None = None,
     view_params: np.ndarray | None = None,
+    positions: int = 1,
 ) -> zarr.Group:
     """Create the store schema-first: every array at full size, ids/labels written, no logits yet.
 
@@ -267,6 +268,7 @@ def create_cache(
         storage: how the members' rows are stored (one spec for all, or one per member;
             default dense).
         seed: seeds sampled storage (with the member and the shard) and the views' draws.
+        positions: rows per view (token positions of a sequence dataset).
         views: rows per sample (augmented views of each input).
         augment: a view cache's ``augment`` header record (spec, version, parameter schema).
         view_params: (N * views, P) float32, each view's explicit parameters (with ``augment``):
@@ -292,6 +294,7 @@ def create_cache(
         seed=int(seed),
         views=int(views),
         augment=augment,
+        positions=int(positions),
     )
     if storage is None or isinstance(storage, StorageSpec):
         storage = [storage or StorageSpec("dense")] * len(members)
@@ -1021,6 +1024,13 @@ class LogitCache:
         """(rows,) int64 sample ids of one shard (all rows when ``shard`` is None)."""
         rows = slice(*self.shard_bounds(shard)) if shard is not None else slice(None)
         return self._read("ids", rows)
+
+    def read_row_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) int64 first row and (N,) int32 row count of every sample in the member arrays
+        (format 1: one row per sample)."""
+        if self.header.version < 2:
+            return np.arange(self.n, dtype=np.int64), np.ones(self.n, dtype=np.int32)
+        return self._read("row_start", slice(None)), self._read("row_count", slice(None))
 
     def iter_shards(self, members: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         for s in self.done_shards(members):

@@ -52,6 +52,8 @@ from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError, ConfigError, storage_errors
 from pipeline.metrics import predict_logits
 from pipeline.progress import Bar, progress_bar
+from pipeline.sequences.data import is_sequence, tokenizer_record
+from pipeline.sequences.models import token_rows
 
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
@@ -129,7 +131,10 @@ def compute_shard(
     if spec.views is not None:  # rows = samples x views: each view rebuilt from its parameters
         x, _ = spec.views.inputs(x, ids)
     for m in members:
-        emit(m, shard, predict_logits(models[m], x, device, spec.batch_size).numpy(), ids)
+        logits = predict_logits(models[m], x, device, spec.batch_size)
+        if logits.dim() == 3:  # a sequence model: one row per (sample, position), real vocab only
+            logits = token_rows(logits, data.num_classes)
+        emit(m, shard, logits.numpy(), ids)
     return stop - start
 
 
@@ -230,6 +235,8 @@ class CacheInputs:
         loaded = tuple(load_checkpoint(p, "cpu", cfg.trust_code) for p in paths)
         data = load_dataset(cfg.dataset, cfg.data_dir)
         _check_members(list(loaded), data)
+        if is_sequence(data):  # the tokenizer's vocabulary, whatever the heads' width
+            return cls(loaded, data, data.num_classes, data.class_names)
         return cls(
             loaded,
             data,
@@ -305,8 +312,10 @@ def plan_cache(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -
 
 
 def _plan_create(cfg: CacheConfig, location: CacheLocation, inputs: CacheInputs) -> CachePlan:
-    # A view cache's default shard holds about as many rows as a plain one's (samples x views).
-    default = max(1, DEFAULT_ROWS_PER_SHARD // cfg.views)
+    # A view or sequence cache's default shard holds about as many rows as a plain one's
+    # (samples x views x positions).
+    positions = inputs.data.positions if is_sequence(inputs.data) else 1
+    default = max(1, DEFAULT_ROWS_PER_SHARD // (cfg.views * positions))
     layout = ShardLayout(cfg.rows_per_shard or default, len(inputs.data))
     indices = list(range(len(inputs.teachers)))
     return CachePlan(
@@ -410,6 +419,12 @@ def _describe_difference(
     """What differs between the cache and what was given (``teachers``: compare the members)."""
     diffs = []
     d = h.dataset
+    tok_then = (d.extra.get("tokenizer") or {}).get("sha256")
+    tok_now = (tokenizer_record(data).get("tokenizer") or {}).get("sha256")
+    if tok_then and tok_now and tok_then != tok_now:
+        diffs.append(
+            f"tokenizer differs: the cache's is {tok_then[:19]}, the dataset's {tok_now[:19]}"
+        )
     if d.fingerprint != data.fingerprint:
         diffs.append(
             f"dataset: the cache holds {d.spec} with fingerprint {d.fingerprint}, you "
@@ -652,7 +667,9 @@ def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
         plan.location,
         dataset=data.describe(),
         ids=data.ids,
-        labels=data.y,
+        # A sequence's labels are its next tokens, (N, P): they stay with the dataset (checked by
+        # fingerprint), the cache holds one label per sample or none.
+        labels=None if is_sequence(data) else data.y,
         num_classes=inputs.num_classes,
         class_names=inputs.class_names,
         members=[lm.identity() for lm in inputs.teachers],
@@ -664,6 +681,7 @@ def _create(plan: CachePlan, cfg: CacheConfig, inputs: CacheInputs) -> None:
         views=cfg.views,
         augment=None if views is None else views.record(),
         view_params=None if views is None else views.params(data.ids),
+        positions=data.positions if is_sequence(data) else 1,
     )
 
 

@@ -62,6 +62,7 @@ from pipeline.training.loader import (
 )
 from pipeline.training.loop import InMemorySource, fit
 from pipeline.training.losses import combine_members, make_loss
+from pipeline.training.sequence import is_sequence_run, train_sequence_student
 from pipeline.training.targets import SparseTargets, temperature_exact
 from pipeline.training.views import live_transform, shard_inputs, view_source, view_use
 
@@ -115,6 +116,8 @@ def train_student(
     the run directory, and every rank returns rank 0's result.
     """
     cfg.validate()
+    if is_sequence_run(cfg):  # token sequences: soft targets per (sample, position) row
+        return train_sequence_student(cfg, log, progress)
     device = resolve_device(cfg.device)
     with process_group(device) as ranks:
         if not ranks.main:

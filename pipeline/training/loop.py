@@ -311,8 +311,11 @@ def fit(
                 for k in sums:
                     sums[k] += parts[k].detach() * b
                 if yb is not None:
-                    wrong += (logits.argmax(dim=1) != yb).sum()
-                    labeled += b
+                    # Negative labels (token positions without a next token, padding) count
+                    # neither as errors nor as labeled rows.
+                    counted = yb >= 0
+                    wrong += ((logits.argmax(dim=1) != yb) & counted).sum()
+                    labeled += int(counted.sum()) if yb.shape[0] != b else b
         seconds = time.perf_counter() - t0
         if ranks.distributed:
             # The epoch's row is the whole epoch's: every rank's rows, added up.

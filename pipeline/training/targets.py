@@ -76,7 +76,9 @@ class SparseTargets:
         """(B, C) the members' mean mass per class (kept classes only; tails left out)."""
         members, rows, _ = self.index.shape
         out = torch.zeros(rows, self.num_classes, dtype=torch.float32, device=self.index.device)
-        mass = self.logp.exp() * (self.weight if self.kind == "sampled" else 1.0)
+        # Top-k: the kept probabilities; sampled: the draws' weights, whose sum per class is an
+        # unbiased estimate of its probability at T.
+        mass = self.weight if self.kind == "sampled" else self.logp.exp()
         for m in range(members):
             out.scatter_add_(1, self.index[m], mass[m])
         return out / members

@@ -20,6 +20,7 @@ from pipeline.metrics import classification_metrics, evaluate_ensemble, percent,
 from pipeline.models import build_model
 from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift
 from pipeline.training.losses import DistillationLoss
+from pipeline.training.sequence import is_sequence_spec, train_sequence_teacher
 
 
 def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
@@ -30,6 +31,8 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
         The ensemble summary written to ``ensemble.json`` (members' and ensemble test metrics).
     """
     cfg.validate()
+    if is_sequence_spec(cfg.dataset):  # language models: next-token cross-entropy per position
+        return train_sequence_teacher(cfg, log)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, cfg.data_dir)
     if not train.labeled:
