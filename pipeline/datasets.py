@@ -615,7 +615,9 @@ def load_dataset(spec: str, data_dir: str | None = None) -> Dataset:
         source=base.source,
         modifiers=mods,
     )
-    return data if base.extend is None else base.extend(data, idx)
+    # Sources that finish the dataset themselves (sequences) say so; lazy ones do not.
+    extend = getattr(base, "extend", None)
+    return data if extend is None else extend(data, idx)
 
 
 def _check_label_range(y: np.ndarray | None, n_classes: int, spec: str) -> None:

@@ -37,6 +37,14 @@ def _torchvision():
             "tv: models need torchvision, which is not installed: pip install "
             "'kd-pipeline[vision]' (the torchvision release that matches your torch)"
         ) from None
+    except Exception as e:  # noqa: BLE001 - a build for another torch fails while loading its ops
+        import torch
+
+        raise ModelSpecError(
+            f"tv: models need torchvision, but the installed one does not load with torch "
+            f"{torch.__version__} ({type(e).__name__}: {str(e)[:120]}): install the torchvision "
+            "build that matches your torch (a CPU-only torch needs a CPU torchvision)"
+        ) from None
     return torchvision
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import pickle
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -85,6 +86,22 @@ class _Rows:
     def __getitem__(self, k: int) -> tuple[int, np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(self.source.load(int(self.rows[k])))
         return k, x, sample_digest(x)
+
+
+# How loader workers start: forkserver where the platform has it (Linux), else its default.
+WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+
+
+def _picklable(data: Any) -> bool:
+    """Whether ``data`` can go to worker processes that were not forked from this one (a user's
+    ``py:`` dataset may hold what cannot): otherwise it is decoded in this thread."""
+    if WORKER_START is None:
+        return True
+    try:
+        pickle.dumps(data)
+    except Exception:  # noqa: BLE001 - any pickling failure means: decode here
+        return False
+    return True
 
 
 def can_start_workers() -> bool:
@@ -228,6 +245,7 @@ class LazyInputs:
             or not can_start_workers()
             or len(batches) == 1
             and len(batches[0]) < 2 * self.workers
+            or not _picklable(data)
         ):
             for b in batches:
                 items = [data[k] for k in b]
@@ -243,6 +261,10 @@ class LazyInputs:
             data,
             batch_sampler=batches,
             num_workers=self.workers,
+            # Workers forked from a clean server process: a plain fork of this one, whose other
+            # threads (the cache writer, zarr's I/O) may hold the import lock at that moment,
+            # can leave a worker deadlocked before it decodes anything.
+            multiprocessing_context=WORKER_START,
             # Pinned batches copy to a GPU asynchronously; without one pinning buys nothing.
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=2,

@@ -12,6 +12,7 @@ import pytest
 from pipeline.datasets import default_eval_spec, load_dataset
 from pipeline.errors import DatasetError, ModelSpecError
 from tests.image_folders import CLASSES, make_image_folder, tv_weights
+from tests.optional import require
 
 pytest.importorskip("PIL")
 
@@ -92,7 +93,7 @@ def test_folder_of_mixed_sizes_needs_size(tmp_path: Path) -> None:
 
 
 def test_hf_dataset_saved_to_disk_and_parquet(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = require("datasets")
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -161,7 +162,7 @@ def test_py_dataset_labeled_and_unlabeled(py_module: str) -> None:
 
 def test_tv_models_build_and_load_local_weights(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    pytest.importorskip("torchvision")
+    require("torchvision")
     from pipeline.checkpoints import load_checkpoint, member_paths
     from pipeline.models import build_model
 

@@ -24,6 +24,7 @@ from pipeline.training.loop import TrainConfig
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import SequenceLoss, _cache_source
 from stages.cli import main
+from tests.optional import require
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
@@ -308,7 +309,7 @@ def test_gpt_teacher_caches_rows_and_students_train_from_every_kind(
 
 
 def test_hf_dir_teacher_with_padded_heads(corpus: Path, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     pytest.importorskip("tokenizers")
     from pipeline.sequences.tokenizers import save_tokenizer
 
