@@ -233,13 +233,9 @@ class StreamingCacheSource:
         self, shard: int
     ) -> tuple[np.ndarray, torch.Tensor | SparseTargets, np.ndarray | None, np.ndarray]:
         start, stop = self.cache.shard_bounds(shard)
-        teacher, labels = self._targets(shard)
-        return self.x[start:stop], teacher, labels, np.arange(start, stop)
-
-    def _targets(self, shard: int) -> tuple[torch.Tensor | SparseTargets, np.ndarray | None]:
-        """One shard's soft targets and labels: what the reading threads do in parallel."""
         teacher = shard_targets(self.cache, shard, self.members, self.method, self.temperature)
-        return teacher, self.cache.read_labels(shard, truth=self.truth)
+        labels = self.cache.read_labels(shard, truth=self.truth)
+        return self.x[start:stop], teacher, labels, np.arange(start, stop)
 
     def epoch(
         self, epoch: int, with_rows: bool = False, part: tuple[int, int] = (0, 1)
@@ -258,26 +254,26 @@ class StreamingCacheSource:
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
         stop = threading.Event()
 
+        # A lazy dataset's loader decodes the planned ranges one after another, on one thread:
+        # then one reading thread, which reads the shards in the epoch's order.
+        threads = 1 if is_lazy(self.x) else READ_THREADS
+
         def producer() -> None:
-            # Up to READ_THREADS shards are read and combined at once, handed on in order.
-            pending: deque[tuple[Future, int, int | None, int | None]] = deque()
+            # Up to ``threads`` shards are read and combined at once, handed on in order.
+            pending: deque[tuple[Future, int | None, int | None]] = deque()
             todo = iter(pieces)
             try:
-                with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read") as pool:
+                with ThreadPoolExecutor(threads, thread_name_prefix="cache-read") as pool:
                     while True:
-                        while len(pending) < READ_THREADS and not stop.is_set():
+                        while len(pending) < threads and not stop.is_set():
                             nxt = next(todo, None)
                             if nxt is None:
                                 break
-                            fut = pool.submit(self._targets, nxt[0])
-                            pending.append((fut, nxt[0], nxt[1], nxt[2]))
+                            pending.append((pool.submit(self._read, nxt[0]), nxt[1], nxt[2]))
                         if not pending or stop.is_set():
                             break
-                        fut, shard, lo, hi = pending.popleft()
-                        # Inputs are read here, in the epoch's order: a lazy dataset's loader
-                        # decodes the planned ranges one after another, on one thread.
-                        a, b = self.cache.shard_bounds(shard)
-                        item = (self.x[a:b], *fut.result(), np.arange(a, b))
+                        fut, lo, hi = pending.popleft()
+                        item = fut.result()
                         q.put(
                             item
                             if hi is None
