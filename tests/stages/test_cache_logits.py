@@ -584,6 +584,11 @@ def test_cache_info_on_a_directory_that_is_not_a_cache_says_so(tmp_path: Path) -
     )
 
 
+def _terminal_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_says_a_rerun_resumes_and_it_does(
     tmp_path: Path, teacher_dir: Path, big_spec: str, reference: dict
 ) -> None:
@@ -601,6 +606,10 @@ def test_ctrl_c_says_a_rerun_resumes_and_it_does(
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # As a terminal's shell starts it: SIGINT neither blocked nor ignored (a mask or an
+            # ignored disposition left in this test process by other tests' libraries would be
+            # inherited, and the signal would never arrive).
+            preexec_fn=_terminal_sigint,
         )
         seen = []
         for line in p.stdout:  # the plan line: computing has begun
