@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from pipeline.cache.kinds import StorageSpec, lse_at
+from pipeline.cache.kinds import StorageSpec, logsumexp, lse_at
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,7 @@ def sparse_rows(
             ceiling = v[:, -1] / t + math.log(tail_n) if tail_n else None
             tail, _ = lse_at(a["tail_lse"], spec.temperatures, t, tail_n, ceiling)
             kept = v / t
-            m = kept.max(axis=1)
-            with np.errstate(divide="ignore"):
-                kept_lse = np.log(np.exp(kept - m[:, None]).sum(axis=1)) + m
-            total = np.logaddexp(kept_lse, tail)
+            total = np.logaddexp(logsumexp(kept, axis=1), tail)
             logp.append(kept - total[:, None])
             rest.append(tail - total)
             weight.append(np.ones_like(v))
