@@ -454,6 +454,15 @@ class StudentConfig:
         None,
         help="Labeled test set [default: the transfer set's test split, e.g. fashion-mnist:test].",
     )
+    val: str | None = option(
+        None,
+        metavar="SPEC",
+        help="Labeled validation set measured after every epoch; the student keeps the weights of "
+        "its epoch with the fewest validation errors (ties: lower NLL). Carve it from the "
+        "training split, e.g. fashion-mnist:train:holdout=0.1:part=holdout, with the transfer set "
+        "the rest (holdout=0.1); it must share no sample with the transfer set or the test set "
+        "[default: none, the last epoch is kept].",
+    )
     class_bias: dict[int, float] = option(
         default_factory=dict,
         multiple=True,

@@ -39,7 +39,13 @@ from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig
 from pipeline.data.stream import watch_content
-from pipeline.datasets import Dataset, load_dataset, load_eval_dataset, resolve_eval_set
+from pipeline.datasets import (
+    Dataset,
+    load_dataset,
+    load_eval_dataset,
+    parse_spec,
+    resolve_eval_set,
+)
 from pipeline.devices import describe_device, resolve_device
 from pipeline.distributed import (
     RECORD_ROWS_VAR,
@@ -60,7 +66,7 @@ from pipeline.training.loader import (
     check_member_kinds,
     shard_targets,
 )
-from pipeline.training.loop import InMemorySource, fit
+from pipeline.training.loop import BestEpoch, InMemorySource, fit
 from pipeline.training.losses import combine_members, make_loss
 from pipeline.training.sequence import is_sequence_run, train_sequence_student
 from pipeline.training.targets import SparseTargets, temperature_exact
@@ -140,12 +146,27 @@ def train_student(
         student = build_student(cfg, targets, device)
         test = resolve_eval_set(cfg.eval, targets.data, cfg.data_dir, targets.num_classes, log=log)
         watch_content(test, None, cfg.loader_workers)
+        val = validation_set(cfg, targets, test)
+        watch_content(val, None, cfg.loader_workers)
         held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
-        history = fit_student(cfg, student, targets, test, device, log, progress, ranks)
+        best = BestEpoch() if val is not None else None
+        history = fit_student(cfg, student, targets, test, device, log, progress, ranks, val, best)
         result = None
         if ranks.main:
             result = finish_run(
-                cfg, student, targets, test, held, absent, history, device, t_start, log, ranks
+                cfg,
+                student,
+                targets,
+                test,
+                held,
+                absent,
+                history,
+                device,
+                t_start,
+                log,
+                ranks,
+                val,
+                best,
             )
         return broadcast(ranks, result)
 
@@ -445,6 +466,55 @@ def build_student(cfg: StudentConfig, targets: SoftTargets, device: torch.device
     return student
 
 
+def validation_set(
+    cfg: StudentConfig, targets: SoftTargets, test: Dataset | None
+) -> Dataset | None:
+    """``--val``: the labeled set that chooses the student's epoch, checked to be held out.
+
+    Choosing on rows the student trains on, or on the test set it is reported on, would make the
+    reported error optimistic; both are refused, naming how many samples are shared.
+
+    Raises:
+        DatasetError: unlabeled, of another shape or class count, or not disjoint.
+        ConfigError: it shares samples with the transfer set or the test set.
+    """
+    if not cfg.val:
+        return None
+    val = load_eval_dataset(cfg.val, cfg.data_dir, targets.data, targets.num_classes)
+    problems = []
+    for other, what, fix in (
+        (
+            targets.data,
+            "transfer set",
+            "carve both from one split with holdout=F, part=holdout "
+            "for --val and the rest for the cache's dataset",
+        ),
+        (test, "test set", "never choose the epoch on the test set"),
+    ):
+        shared = shared_samples(val, other)
+        if shared:
+            problems.append(
+                f"--val {val.spec} shares {shared} sample(s) with the {what} {other.spec}; {fix}"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return val
+
+
+def shared_samples(a: Dataset, b: Dataset | None) -> int:
+    """How many samples two datasets share: ids of the same split of the same files (0 when they
+    come from different splits or files, whose ids are not comparable)."""
+    if b is None or a.source != b.source or _split(a.spec) != _split(b.spec):
+        return 0
+    return int(np.intersect1d(np.asarray(a.ids), np.asarray(b.ids)).size)
+
+
+def _split(spec: str) -> tuple:
+    """A spec without its modifiers: which split of which source (``fashion-mnist``, ``train``)."""
+    source, args, _ = parse_spec(spec)
+    return source.name, tuple(args)
+
+
 # ------------------------------------------------------------------------------------------- 3. fit
 def fit_student(
     cfg: StudentConfig,
@@ -455,8 +525,13 @@ def fit_student(
     log: Callable[[str], None],
     progress: bool,
     ranks: Ranks = SINGLE,
+    val: Dataset | None = None,
+    best: BestEpoch | None = None,
 ) -> list[dict]:
     """Record ``config.json`` in the run directory, then train with :func:`pipeline.training.fit`.
+
+    With ``val`` (and ``best``), the validation errors and NLL are measured after every epoch and
+    the student ends with the weights of its best epoch on them.
 
     Under torchrun only rank 0 touches the run directory and measures the test set after each
     epoch; with ``KD_RECORD_ROWS=DIR`` set, each rank saves the rows it trained on per epoch in
@@ -479,11 +554,21 @@ def fit_student(
         source = RowRecorder(source, os.environ[RECORD_ROWS_VAR], ranks.rank)
 
     def evaluate(m: torch.nn.Module) -> dict:
-        if test is None or not ranks.main:
+        if not ranks.main:
             return {}
-        logits = predict_logits(m, test.x, device)
-        wrong = int((logits.argmax(1) != torch.as_tensor(test.y)).sum())
-        return {"test_errors": wrong, "test_error_rate": wrong / len(test)}
+        row = {}
+        if val is not None:
+            logits = predict_logits(m, val.x, device)
+            labels = torch.as_tensor(val.y)
+            wrong = int((logits.argmax(1) != labels).sum())
+            nll = float(torch.nn.functional.cross_entropy(logits.float(), labels))
+            row.update(val_errors=wrong, val_error_rate=wrong / len(val), val_nll=nll)
+        if test is not None:
+            # Measured for the history only: nothing is chosen on it.
+            logits = predict_logits(m, test.x, device)
+            wrong = int((logits.argmax(1) != torch.as_tensor(test.y)).sum())
+            row.update(test_errors=wrong, test_error_rate=wrong / len(test))
+        return row
 
     on = f"{describe_device(device)}, {targets.describe}"
     if ranks.distributed:
@@ -509,6 +594,7 @@ def fit_student(
         desc="student",
         progress=progress,
         ranks=ranks,
+        keep_best=best,
     )
 
 
@@ -525,8 +611,13 @@ def finish_run(
     t_start: float,
     log: Callable[[str], None],
     ranks: Ranks = SINGLE,
+    val: Dataset | None = None,
+    best: BestEpoch | None = None,
 ) -> dict:
     """Correct the biases, measure, and complete the run directory: student.pt, then metrics.json.
+
+    With ``val``, ``metrics.selection`` records the chosen epoch and its validation figures, and
+    every measurement (test, bias fitting, agreement) is of that epoch's weights.
 
     ``metrics.json`` is written last and atomically: a run directory with one is a finished run
     (sweeps and experiments resume on it).
@@ -543,6 +634,12 @@ def finish_run(
         )
 
     metrics: dict = {"dataset": data.spec}
+    if best is not None and val is not None:
+        metrics["selection"] = {"on": val.spec, **best.record(len(history))}
+        log(
+            f"kept epoch {best.epoch} of {len(history)}: {best.row['val_errors']} errors on "
+            f"--val {val.spec} (NLL {best.row['val_nll']:.4f})"
+        )
     if test is not None and (cfg.class_bias or cfg.fit_bias_on):
         metrics["test_before_bias"] = test_metrics()
     bias_record = _apply_bias(student, cfg, held, absent, num_classes, device, log)

@@ -193,6 +193,47 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class BestEpoch:
+    """Keeps the weights of the epoch with the best validation score (model selection).
+
+    The fair protocol of ``reproduce main-table``: every student, baseline or distilled, trains
+    for the same epochs and is then measured with the weights of its own best epoch on a
+    validation split carved from the training set, so an early-overfitting baseline is not
+    penalised for a schedule chosen for the distilled student, and the test set chooses nothing.
+
+    Args:
+        key: the epoch row's value to minimise (e.g. ``val_errors``).
+        tie: the value that breaks ties on ``key`` (e.g. ``val_nll``); earlier epochs win ties on
+            both.
+    """
+
+    def __init__(self, key: str = "val_errors", tie: str = "val_nll") -> None:
+        self.key, self.tie = key, tie
+        self.epoch: int | None = None
+        self.row: dict | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, model: nn.Module, row: dict) -> bool:
+        """Keep a copy of ``model``'s weights (on the CPU) if ``row`` scores best so far."""
+        score = (row[self.key], row.get(self.tie, 0.0))
+        if self.row is not None and score >= (self.row[self.key], self.row.get(self.tie, 0.0)):
+            return False
+        self.epoch, self.row = int(row["epoch"]), dict(row)
+        self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return True
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the kept weights into ``model`` (nothing was offered: leave it as it is)."""
+        if self._state is not None:
+            model.load_state_dict(self._state)
+
+    def record(self, epochs: int) -> dict:
+        """What a run records about the choice: ``by``, ``epoch`` and the chosen row's values."""
+        assert self.row is not None, "no epoch was offered"
+        chosen = {k: v for k, v in self.row.items() if k.startswith("val_") or k == "epoch"}
+        return {"by": f"{self.key}, then {self.tie}", "epochs_trained": epochs, **chosen}
+
+
 class BatchSource:
     """What :func:`fit` consumes: ``epoch(e)`` yields batches; ``len()`` is batches per epoch (for
     the bar)."""
@@ -216,6 +257,7 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     ranks: Ranks = SINGLE,
+    keep_best: BestEpoch | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; return one dict per epoch.
 
@@ -242,6 +284,9 @@ def fit(
             iterates its share of every epoch (``source`` must serve the same number of batches
             on every rank), and the epoch's sums are added over the ranks. ``evaluate``,
             ``history_csv`` and ``log`` are the caller's to give to rank 0 only.
+        keep_best: model selection: offered every epoch's row after ``evaluate`` (which must
+            return its key), and at the end ``model`` holds the chosen epoch's weights; each row
+            gets ``selected`` (True when it was the best so far).
 
     Returns:
         Per-epoch rows: ``epoch``, ``loss``, ``soft``, ``hard`` (means over rows), ``train_errors``,
@@ -339,16 +384,20 @@ def fit(
         if evaluate is not None:
             model.eval()
             row.update(evaluate(model))
+            if keep_best is not None and keep_best.key in row:
+                row["selected"] = keep_best.offer(model, row)
         history.append(row)
         if history_csv is not None:
             write_history_csv(history_csv, history)
         if log is not None:
-            extra = "".join(f" {k}={row[k]}" for k in ("test_errors",) if k in row)
+            extra = "".join(f" {k}={row[k]}" for k in ("val_errors", "test_errors") if k in row)
             log(
                 f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss={row['loss']:.4f} "
                 f"soft={row['soft']:.4f} hard={row['hard']:.4f} "
                 f"train_errors={row['train_errors']}{extra} ({seconds:.1f}s)"
             )
+    if keep_best is not None:
+        keep_best.restore(model)
     model.eval()
     return history
 

@@ -515,3 +515,61 @@ def test_fit_bias_on_rows_of_the_transfer_set_is_warned(
         log=lines.append,
     )
     assert not [line for line in lines if line.startswith("warning: ")]
+
+
+# --------------------------------------------------------------------------- model selection (--val)
+def test_val_keeps_the_best_epochs_weights_and_records_the_choice(noisy: dict) -> None:
+    """A hard-label student on 200 noisy rows overfits: its validation errors bottom out early.
+    With --val it ends with the weights of that epoch (the test errors measured at the end are
+    the chosen epoch's, as recorded in history.csv), and metrics.json says which epoch and why."""
+    spec = f"npz:{noisy['npz']}:train"
+    cache = _cache(
+        noisy["teacher"], f"{spec}:holdout=0.2:seed=1:fraction=0.0625", noisy["dir"] / "v.zarr"
+    )
+    val_spec = f"{spec}:holdout=0.2:part=holdout:seed=1"
+    out = noisy["dir"] / "val-run"
+    res = train_student(
+        _student(
+            out,
+            cache=str(cache),
+            student="mlp:64",
+            alpha=0.0,
+            val=val_spec,
+            train=TrainConfig(epochs=30, batch_size=20, lr=3e-3, lr_schedule="constant"),
+        ),
+        log=quiet,
+    )
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    val = [int(r["val_errors"]) for r in rows]
+    nll = [float(r["val_nll"]) for r in rows]
+    best = min(range(len(rows)), key=lambda i: (val[i], nll[i]))
+    sel = res["metrics"]["selection"]
+    assert sel["on"] == load_dataset(val_spec).spec
+    assert sel["epoch"] == best + 1 and sel["val_errors"] == val[best]
+    assert sel["epochs_trained"] == 30 and sel["by"] == "val_errors, then val_nll"
+    assert res["metrics"]["test"]["errors"] == int(rows[best]["test_errors"])
+    # It did overfit (else the choice would be trivially the last epoch).
+    assert best + 1 < 30 and val[-1] > val[best]
+    assert load_checkpoint(out / "student.pt").meta["metrics"]["errors"] == int(
+        rows[best]["test_errors"]
+    )
+
+
+def test_val_must_be_held_out_from_the_transfer_set_and_the_test_set(
+    cache_path: Path, npz_path: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        train_student(
+            _student(tmp_path / "a", cache=str(cache_path), val=f"npz:{npz_path}:train:count=50"),
+            log=quiet,
+        )
+    assert "shares 50 sample(s) with the transfer set" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        train_student(
+            _student(tmp_path / "b", cache=str(cache_path), val=f"npz:{npz_path}:test"),
+            log=quiet,
+        )
+    assert "shares 300 sample(s) with the test set" in str(err.value)
+    assert "never choose the epoch on the test set" in str(err.value)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
