@@ -35,6 +35,8 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, st
             "mlp:32",
             "--narrow-student",
             "mlp:4",
+            "--seeds",
+            "0,1",
             "--device",
             "cpu",
             "--out",
@@ -66,16 +68,41 @@ def test_every_experiment_reports_next_to_the_paper(reproduced: tuple[Path, Path
 def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path, str]) -> None:
     _, out, _ = reproduced
     figs = json.loads((out / "reproduce.json").read_text())["experiments"]
-    base = json.loads((out / "runs/main-table/baseline/metrics.json").read_text())
-    dist = json.loads((out / "runs/main-table/distilled-T20/metrics.json").read_text())
     main_table = figs["main-table"]["figures"]
-    assert main_table["baseline"] == base["metrics"]["test"]["errors"]
-    assert main_table["distilled"] == dist["metrics"]["test"]["errors"]
-    assert (
-        base["config"]["alpha"] == 0.0
-        and dist["config"]["alpha"] == 0.9
-        and dist["config"]["temperature"] == 20
-    )
+    arms = main_table["arms"]
+    recipe = main_table["recipe"]
+    views = recipe["views"]
+    # The fair protocol: the same student, epochs and seeds in every arm, each run's epoch chosen
+    # on the held-out validation split, which the transfer set (and the teacher) never saw.
+    assert main_table["validation"].endswith(":train:holdout=0.1:part=holdout:seed=0")
+    names = {
+        "baseline: hard labels": "baseline",
+        f"hard labels on the same {views} views": f"hard-views{views}",
+        next(a for a in arms if a.startswith("distilled")): (
+            f"distilled-T{recipe['temperature']:g}-a{recipe['alpha']:g}-v{views}"
+        ),
+    }
+    assert list(arms) == list(names)
+    for label, name in names.items():
+        errors, chosen = [], []
+        for seed in (0, 1):
+            run = json.loads((out / f"runs/main-table/{name}-s{seed}/metrics.json").read_text())
+            cfg = run["config"]
+            assert cfg["train"]["seed"] == seed and cfg["train"]["epochs"] == 8
+            assert cfg["val"] == main_table["validation"] and cfg["student"] == "mlp:32"
+            assert run["metrics"]["selection"]["on"] == main_table["validation"]
+            assert run["cache"]["dataset"].endswith(":train:holdout=0.1:part=rest:seed=0")
+            assert cfg["alpha"] == (0.0 if name != names[list(arms)[2]] else recipe["alpha"])
+            errors.append(run["metrics"]["test"]["errors"])
+            chosen.append(run["metrics"]["selection"]["epoch"])
+        assert arms[label]["errors"] == errors and arms[label]["chosen_epochs"] == chosen
+        assert arms[label]["errors_mean"] == sum(errors) / 2
+    base, dist = arms["baseline: hard labels"], arms[list(arms)[2]]
+    gap = base["errors_mean"] - main_table["teacher"]
+    if gap > 0:
+        assert main_table["recovered"] == pytest.approx(
+            (base["errors_mean"] - dist["errors_mean"]) / gap
+        )
 
     # Without class 3 in the transfer set the student (almost) never predicts 3; the fitted bias
     # restores it.
@@ -118,6 +145,8 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
             "mlp:32",
             "--narrow-student",
             "mlp:4",
+            "--seeds",
+            "0,1",
             "--device",
             "cpu",
             "--out",
@@ -129,9 +158,9 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
     assert res.exit_code == 0, res.output
     assert "reusing the teacher" in res.output and "training " not in res.output
     report = (out / "report.md").read_text()
-    # main-table's two runs and small-data's two (its reference is main-table's baseline).
-    assert "The 4 student runs" in report
-    assert "(4 of them re-used from an earlier invocation)" in report
+    # main-table's three arms x two seeds and small-data's three.
+    assert "The 9 student runs" in report
+    assert "(9 of them re-used from an earlier invocation)" in report
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")} == before
     # The kept copy of the report has its plots beside it, linked by their new names.
     text = kept.read_text()
@@ -211,11 +240,12 @@ def test_experiments_without_omitted_class_ignore_its_class_options(
 def test_report_counts_each_run_once_and_reuse_only_across_invocations(
     reproduced: tuple[Path, Path, str],
 ) -> None:
-    """main-table's baseline is small-data's reference too: made once, counted once, and not
-    "re-used from an earlier invocation" on the first one."""
+    """Every run is counted once, and none is "re-used from an earlier invocation" on the first
+    one."""
     _, out, _ = reproduced
     report = (out.parent / "first-report.md").read_text()
-    assert "The 12 student runs" in report  # 2 main-table + 6 sweep + 2 omitted + 2 small-data
+    # main-table 3 arms x 2 seeds + 6 sweep + 2 omitted + 3 small-data
+    assert "The 17 student runs" in report
     assert "(0 of them re-used from an earlier invocation)" in report
 
 

@@ -27,7 +27,13 @@ from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, KDError
 from pipeline.evaluation import evaluate_models
-from pipeline.experiments.reproduce.recipes import QUICK_TEACHER, SCALES, TEACHERS, ReproduceConfig
+from pipeline.experiments.reproduce.recipes import (
+    HOLDOUT,
+    QUICK_TEACHER,
+    SCALES,
+    TEACHERS,
+    ReproduceConfig,
+)
 from pipeline.experiments.sweep import finished_result
 from pipeline.files import slug
 from pipeline.metrics import classification_metrics, predict_logits
@@ -108,7 +114,9 @@ class Run:
             r = self.recipe
             tdir = self.out / "teacher"
             tcfg = TeacherConfig(
-                dataset=self.spec(),
+                # Never the held-out rows: they choose the students' epochs (main-table) and fit
+                # the omitted-class biases, and must be as new to the teacher as to them.
+                dataset=self.spec(holdout=HOLDOUT),
                 model=r.model,
                 input_dropout=r.input_dropout,
                 dropout=r.dropout,
@@ -188,6 +196,7 @@ class Run:
         alpha: float,
         epochs: int | None = None,
         student: str | None = None,
+        seed: int | None = None,
         **extra: object,
     ) -> dict:
         """One train-student run under runs/<name>, reused when its config and cache fingerprint
@@ -202,7 +211,10 @@ class Run:
             device=self.cfg.device,
             data_dir=self.cfg.data_dir,
             overwrite=True,  # its own run directories
-            train=TrainConfig(epochs=epochs or self.scale.student_epochs, seed=self.cfg.seed),
+            train=TrainConfig(
+                epochs=epochs or self.scale.student_epochs,
+                seed=self.cfg.seed if seed is None else seed,
+            ),
             **extra,
         )
         previous = finished_result(scfg, {"cache": cache_fingerprint(LogitCache(cache).header)})
@@ -210,7 +222,10 @@ class Run:
             self.log(f"reusing {scfg.out}")
             self.account(scfg.out, previous["metrics"]["wall_seconds"], reused=True)
             return previous
-        self.log(f"training {name}: {scfg.student}, T={temperature:g}, alpha={alpha:g}")
+        self.log(
+            f"training {name}: {scfg.student}, T={temperature:g}, alpha={alpha:g}, "
+            f"seed {scfg.train.seed}"
+        )
         result = train_student(scfg, log=lambda s: None, progress=False)
         self.account(scfg.out, result["metrics"]["wall_seconds"], reused=False)
         return result
@@ -218,7 +233,7 @@ class Run:
     def account(self, run_dir: str, seconds: float, reused: bool) -> None:
         """Count a student run's recorded wall time once (the report says what its figures cost).
 
-        A run two experiments share (main-table's baseline is small-data's reference) is counted
+        A run two experiments share is counted
         once, as made now if this invocation made it: reusing it later in the same invocation
         does not make it a run from an earlier one.
         """
