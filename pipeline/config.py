@@ -652,6 +652,12 @@ class SweepConfig:
     eval: str | None = option(
         None, help="Labeled test set [default: the transfer set's test split]."
     )
+    val: str | None = option(
+        None,
+        metavar="SPEC",
+        help="Per setting: a held-out labeled set that chooses each run's epoch (see "
+        "train-student --val) [default: none, the last epoch].",
+    )
     memory_budget: int = option(
         2 << 30,
         parse=parse_size,
@@ -748,6 +754,7 @@ class SweepConfig:
             ensemble=self.ensemble,
             members=self.members,
             eval=self.eval,
+            val=self.val,
             memory_budget=self.memory_budget,
             online_teacher=self.online_teacher,
             views_per_epoch=self.views_per_epoch,

@@ -178,21 +178,22 @@ def main_table(run: Run) -> MainTable:
             r.alpha,
         )
     )
-    arms = {}
-    for label, name, cache, temperature, alpha in plan:
-        results = [
-            run.student(
-                f"main-table/{name}-s{seed}",
-                cache,
-                temperature,
-                alpha,
-                epochs=epochs,
-                seed=seed,
-                val=val,
+    # Seed by seed, every arm: a first comparison exists after one seed's runs.
+    results: dict[str, list[dict]] = {label: [] for label, *_ in plan}
+    for seed in cfg.seeds:
+        for label, name, cache, temperature, alpha in plan:
+            results[label].append(
+                run.student(
+                    f"main-table/{name}-s{seed}",
+                    cache,
+                    temperature,
+                    alpha,
+                    epochs=epochs,
+                    seed=seed,
+                    val=val,
+                )
             )
-            for seed in cfg.seeds
-        ]
-        arms[label] = _seeded_arm(results)
+    arms = {label: _seeded_arm(rs) for label, rs in results.items()}
     t = run.teacher_metrics
     rec = MainTable(
         name="main-table",
