@@ -155,7 +155,8 @@ def reproduce(cfg: ReproduceConfig) -> None:
     numbers.
 
     EXPERIMENT is all (default) or a comma-separated list of: main-table (teacher vs baseline vs
-    distilled student at T = 20), temperature (test error vs T for a wide and a narrow student,
+    distilled student under a fair protocol: a validation split chooses every run's epoch, over
+    --seeds), temperature (test error vs T for a wide and a narrow student,
     via the sweep), omitted-class (a transfer set without one class, before and after bias
     correction; and a two-class transfer set), small-data (3 % of the training set: hard vs soft
     targets). Artefacts are reused when re-run.

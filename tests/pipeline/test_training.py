@@ -321,3 +321,26 @@ def test_fit_validates_its_config_first(task: tuple) -> None:
             CPU,
         )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_best_epoch_keeps_the_fewest_errors_then_the_lowest_nll_then_the_earliest() -> None:
+    from pipeline.training.loop import BestEpoch
+
+    model = torch.nn.Linear(2, 1)
+    best = BestEpoch()
+    rows = [(5, 0.9), (3, 0.8), (3, 0.7), (3, 0.7), (4, 0.1)]
+    kept = []
+    for epoch, (errors, nll) in enumerate(rows, 1):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        kept.append(best.offer(model, {"epoch": epoch, "val_errors": errors, "val_nll": nll}))
+    assert kept == [True, True, True, False, False]
+    best.restore(model)
+    assert float(model.weight[0, 0]) == 3.0  # epoch 3's weights, not the last epoch's (5)
+    assert best.record(5) == {
+        "by": "val_errors, then val_nll",
+        "epochs_trained": 5,
+        "epoch": 3,
+        "val_errors": 3,
+        "val_nll": 0.7,
+    }
