@@ -905,8 +905,15 @@ class LogitCache:
                 stores them); a chosen member is stored sparse (read it with
                 :meth:`read_member`).
         """
+        return np.stack(self.read_dense(shard, members))
+
+    def read_dense(self, shard: int, members: list[int] | None = None) -> list[np.ndarray]:
+        """:meth:`read_logits` as one (rows, C) array per member, as decoded (no stacking copy).
+
+        Raises:
+            CacheError: as :meth:`read_logits`.
+        """
         chosen = range(len(self.members)) if members is None else members
-        blocks = []
         for m in chosen:
             spec = self.storage(m)
             if spec.sparse:
@@ -915,8 +922,7 @@ class LogitCache:
                     "every class's logit (dense members); re-create the cache with --store dense "
                     "for it"
                 )
-            blocks.append(self.read_member(shard, m)["logits"])
-        return np.stack(blocks)
+        return [self.read_member(shard, m)["logits"] for m in chosen]
 
     def read_member(self, shard: int, member: int) -> dict[str, np.ndarray]:
         """One whole shard of one member's stored arrays, by name (its storage kind's).
