@@ -91,7 +91,10 @@ class WorkSpec:
 
     location: CacheLocation  # with its storage options: workers open the store too
     dataset_spec: str
-    dataset_fingerprint: str
+    # What the workers' dataset must hash to; None for the writing process's own dataset (a run
+    # without workers), whose fingerprint the writer thread then computes for the header while
+    # the teachers already run.
+    dataset_fingerprint: str | None
     data_dir: str | None
     checkpoints: dict[int, tuple[str, str]]  # member index -> (path, sha256)
     device: str
@@ -620,7 +623,7 @@ def execute_plan(
     spec = WorkSpec(
         plan.location,
         inputs.data.spec,
-        inputs.data.fingerprint,
+        inputs.data.fingerprint if on_dask else None,
         cfg.data_dir,
         checkpoints,
         cfg.device,

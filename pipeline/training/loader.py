@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from pipeline.distributed import balanced, shard_spans, stream_steps
 from pipeline.errors import CacheError, ConfigError
 from pipeline.training.loop import Batch, InMemorySource
 from pipeline.training.losses import combine_members
-from pipeline.training.targets import SparseTargets, cat_targets, sparse_rows
+from pipeline.training.targets import SparseTargets, sparse_rows
 
 PREFETCH_SHARDS = 2
 # Shards decoded (zstd + crc32c) and combined at once by the prefetcher: decoding and torch's
@@ -369,7 +370,7 @@ class StreamingCacheSource:
         # The shuffle buffer's inputs and dense targets, reused from one buffer to the next: a
         # fresh (rows, C) float32 buffer each time costs its page faults again, about as much as
         # the copy into it. Batches are gathered out of it (copies), so none aliases it.
-        space: dict[str, np.ndarray | torch.Tensor] = {}
+        space: dict[str, Any] = {}
         while not done:
             parts = [] if carry is None else [carry]
             for _ in range(self.buffer_shards):
@@ -411,18 +412,17 @@ class StreamingCacheSource:
 
 
 def _join(
-    parts: list, space: dict[str, np.ndarray | torch.Tensor], key: str
+    parts: list, space: dict[str, Any], key: str
 ) -> np.ndarray | torch.Tensor | SparseTargets:
-    """``parts`` (numpy arrays, dense tensors or :class:`SparseTargets`) joined along rows; numpy
-    and dense ones into ``space[key]``, grown when too small and otherwise reused.
+    """``parts`` (numpy arrays, dense tensors or :class:`SparseTargets`) joined along rows into
+    ``space[key]`` (grown or replaced when it does not fit, otherwise reused).
 
     Returns:
-        the joined rows: a view of ``space[key]`` (overwritten by the next call) or, for sparse
-        targets, a new :class:`SparseTargets`.
+        the joined rows, in ``space[key]``'s memory: the next call with ``key`` overwrites them.
     """
     first = parts[0]
     if isinstance(first, SparseTargets):
-        return cat_targets(parts)
+        return SparseTargets.cat(parts, space.setdefault(f"{key}.sparse", {}))
     total = sum(int(p.shape[0]) for p in parts)
     held = space.get(key)
     if held is None or held.shape[0] < total or held.shape[1:] != first.shape[1:]:
@@ -443,7 +443,7 @@ def _take(targets: torch.Tensor | SparseTargets, idx: np.ndarray) -> torch.Tenso
     """Rows ``idx`` of the buffer's targets, copied (``index_select``: a plain row gather, about
     twice as fast as advanced indexing)."""
     if isinstance(targets, SparseTargets):
-        return targets[idx]
+        return targets.take(torch.from_numpy(idx))
     return torch.index_select(targets, 0, torch.from_numpy(idx))
 
 
