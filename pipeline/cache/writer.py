@@ -5,8 +5,10 @@ and decides what to do (nothing is written): create a new cache, resume a partia
 to a complete one, or nothing (already complete), as a :class:`CachePlan` with the (shard, members)
 tasks still missing (the done flags, never "a file exists") and the shard layout.
 :func:`execute_plan` then does it: creates the schema or the new members' arrays, computes the
-tasks, writes each whole shard then its flag, and marks the cache complete last. A single process
-overlaps inference with compression and writing through a writer thread; with
+tasks, writes whole shards and only then their flags (:func:`pipeline.cache.format.write_shards`:
+the data of a batch of member-shards in one round trip to zarr, then their flags in a second), and
+marks the cache complete last. A single process overlaps inference with compression and writing
+through a writer thread, which writes what queued while it was busy as one batch; with
 ``--workers``/``--scheduler`` shard ranges are mapped over dask workers, each of which loads the
 teachers once. Both paths run the same per-shard function on the same batch boundaries, so their
 caches are bit-identical.
