@@ -108,6 +108,7 @@ a done flag missing or zero; and it reads the done flags once, so one reader ser
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import time
@@ -145,6 +146,7 @@ from pipeline.cache.header import (
 from pipeline.cache.kinds import (
     FIDELITY_FIELDS,
     StorageSpec,
+    as_dtype,
     bytes_per_row,
     measure_fidelity,
     summarise_fidelity,
@@ -191,6 +193,7 @@ __all__ = [  # the format's names, including those defined in header.py and loca
     "shard_bounds",
     "validate_header",
     "write_shard",
+    "write_shards",
 ]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -475,9 +478,38 @@ def write_digests(
 ) -> None:
     """Write one shard's (rows, DIGEST_BYTES) input digests (before its members' done flags)."""
     h = header if header is not None else group_header(group)
+    store_arrays(group, [digest_write(h, shard, digests)], {} if handles is None else handles)
+
+
+# One array write: (array path, basic selection, values).
+ArrayWrite = tuple[str, Any, Any]
+
+
+def digest_write(h: CacheHeader, shard: int, digests: np.ndarray) -> ArrayWrite:
+    """The write of one shard's (rows, DIGEST_BYTES) input digests."""
     start, stop = shard_bounds(shard, h.rows_per_shard, h.n)
-    arr = array_handle(group, DIGESTS_ARRAY, {} if handles is None else handles)
-    arr[start:stop] = digests
+    return DIGESTS_ARRAY, slice(start, stop), digests
+
+
+def store_arrays(group: zarr.Group, writes: Sequence[ArrayWrite], handles: dict) -> None:
+    """Carry out ``writes`` together and return once every one is stored.
+
+    One round trip to zarr's event loop for all of them (compression and stores run concurrently
+    there) instead of one per array: per member-shard the writer stores its rows, its fidelity
+    and, after both, its done flag.
+    """
+    if not writes:
+        return
+    arrays = [(array_handle(group, path, handles), sel, values) for path, sel, values in writes]
+    if len(arrays) == 1:
+        arr, sel, values = arrays[0]
+        arr[sel] = values
+        return
+
+    async def together() -> None:
+        await asyncio.gather(*(arr.async_array.setitem(sel, v) for arr, sel, v in arrays))
+
+    sync(together())
 
 
 def write_shard(
@@ -502,8 +534,63 @@ def write_shard(
         CacheError: NaN/inf logits, or stored logits beyond float16's range in a float16 cache
             (nothing is written).
     """
+    write_shards(group, [(member, shard, logits, ids)], handles=handles, header=header)
+
+
+def write_shards(
+    group: zarr.Group,
+    items: Sequence[tuple[int, int, np.ndarray, np.ndarray]],
+    extra: Sequence[ArrayWrite] = (),
+    handles: dict | None = None,
+    header: CacheHeader | None = None,
+) -> None:
+    """Write several member-shards: every one's data (and ``extra``, such as input digests) in one
+    go, and only once all of it is stored, their done flags in a second.
+
+    A done flag is therefore never stored before its shard's data: a writer killed in between
+    leaves data without a flag, which a resumed run recomputes.
+
+    Args:
+        items: ``(member, shard, logits, ids)`` as for :func:`write_shard`.
+        extra: writes that must precede the flags too (:func:`digest_write`).
+
+    Raises:
+        CacheError: as :func:`write_shard`, for the first refused item; the items before it (and
+            ``extra``) are still written, with their flags; nothing of it or after it.
+    """
     h = header if header is not None else group_header(group)
-    bad = ~np.isfinite(logits).all(axis=1)
+    handles = {} if handles is None else handles
+    writes, flags = list(extra), []
+    refused = None
+    for member, shard, logits, ids in items:
+        try:
+            writes += shard_writes(h, member, shard, logits, ids)
+        except CacheError as e:
+            refused = e
+            break
+        flags.append((member_done(member), shard, 1))
+    store_arrays(group, writes, handles)
+    store_arrays(group, flags, handles)
+    if refused is not None:
+        raise refused
+
+
+def shard_writes(
+    h: CacheHeader, member: int, shard: int, logits: np.ndarray, ids: np.ndarray
+) -> list[ArrayWrite]:
+    """Check and encode one member-shard: the array writes of its data (not its done flag).
+
+    Args:
+        logits: (rows, C) float32 raw logits for the shard's rows.
+        ids: (samples,) sample ids of the shard, named in errors.
+
+    Raises:
+        CacheError: as :func:`write_shard`.
+    """
+    # Each row's largest |logit| (NaN where the row holds one): one pass over the shard answers
+    # both checks below (a non-finite row; a stored value beyond float16).
+    peak = np.maximum(logits.max(axis=1), -logits.min(axis=1))
+    bad = ~np.isfinite(peak)
     if bad.any():
         raise CacheError(
             f"member {member} produced NaN or inf logits for sample ids "
@@ -519,9 +606,8 @@ def write_shard(
     spec = h.storage(member)
     if h.dtype == "float16":
         # Only what is stored must fit: a top-k member keeps its K largest values, and its tail
-        # is summed in float64 whatever its range.
-        stored = logits if not spec.sparse else np.max(np.abs(logits), axis=1, keepdims=True)
-        over = (np.abs(stored) > FLOAT16_MAX).any(axis=1)
+        # is summed in float64 whatever its range; either way a row's largest |value| decides.
+        over = peak > FLOAT16_MAX
         if over.any():
             raise CacheError(
                 f"member {member} has logits beyond float16's range (|v| > {FLOAT16_MAX:.0f}, max "
@@ -529,20 +615,19 @@ def write_shard(
                 f"{_ids_list(_row_ids(h, shard, ids, over))}; they would be stored as inf. "
                 "Re-create the cache with --dtype float32"
             )
-    handles = {} if handles is None else handles
+    rows = slice(start, stop)
     if h.version < 2:
-        array_handle(group, member_array(member), handles)[start:stop] = logits.astype(h.dtype)
-    else:
-        # Seeded by (cache seed, member, shard): a resumed or distributed write draws the same.
-        rng = np.random.default_rng([h.seed or 0, member, shard])
-        arrays = spec.impl.encode(spec, logits, h.dtype, rng)
-        for name, values in arrays.items():
-            array_handle(group, member_array(member, name), handles)[start:stop] = values
-        fidelity = measure_fidelity(
-            spec, logits, arrays, np.random.default_rng([h.seed or 0, member, shard, 1])
-        )
-        array_handle(group, member_fidelity(member), handles)[shard] = fidelity
-    array_handle(group, member_done(member), handles)[shard] = 1
+        return [(member_array(member), rows, as_dtype(logits, h.dtype))]
+    # Seeded by (cache seed, member, shard): a resumed or distributed write draws the same.
+    rng = np.random.default_rng([h.seed or 0, member, shard])
+    arrays = spec.impl.encode(spec, logits, h.dtype, rng)
+    fidelity = measure_fidelity(
+        spec, logits, arrays, np.random.default_rng([h.seed or 0, member, shard, 1])
+    )
+    return [
+        *((member_array(member, name), rows, values) for name, values in arrays.items()),
+        (member_fidelity(member), shard, fidelity),
+    ]
 
 
 def _row_ids(h: CacheHeader, shard: int, ids: np.ndarray, bad_rows: np.ndarray) -> np.ndarray:
@@ -905,8 +990,15 @@ class LogitCache:
                 stores them); a chosen member is stored sparse (read it with
                 :meth:`read_member`).
         """
+        return np.stack(self.read_dense(shard, members))
+
+    def read_dense(self, shard: int, members: list[int] | None = None) -> list[np.ndarray]:
+        """:meth:`read_logits` as one (rows, C) array per member, as decoded (no stacking copy).
+
+        Raises:
+            CacheError: as :meth:`read_logits`.
+        """
         chosen = range(len(self.members)) if members is None else members
-        blocks = []
         for m in chosen:
             spec = self.storage(m)
             if spec.sparse:
@@ -915,8 +1007,7 @@ class LogitCache:
                     "every class's logit (dense members); re-create the cache with --store dense "
                     "for it"
                 )
-            blocks.append(self.read_member(shard, m)["logits"])
-        return np.stack(blocks)
+        return [self.read_member(shard, m)["logits"] for m in chosen]
 
     def read_member(self, shard: int, member: int) -> dict[str, np.ndarray]:
         """One whole shard of one member's stored arrays, by name (its storage kind's).

@@ -37,6 +37,7 @@ whole row, so its KL is infinite and recorded as null; its loss is unbiased inst
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -243,6 +244,14 @@ class StorageKind:
         """(rows, C) the distribution at recorded temperature ``t`` that the arrays stand for."""
         raise NotImplementedError
 
+    @classmethod
+    def stored_dist(
+        cls, spec: StorageSpec, arrays: Mapping[str, np.ndarray], num_classes: int, t: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`stored_probs` and its log (zero probabilities' logs clipped to log(1e-300))."""
+        q = cls.stored_probs(spec, arrays, num_classes, t)
+        return q, np.log(np.maximum(q, 1e-300))
+
     @staticmethod
     def check(spec: StorageSpec, arrays: Mapping[str, np.ndarray], num_classes: int) -> list[str]:
         """What is wrong with stored arrays (a shard's or a whole member's); empty when sound."""
@@ -254,11 +263,41 @@ def _finite_rows(name: str, a: np.ndarray) -> list[str]:
     return [f"{name} holds NaN/inf in rows {bad[:10].tolist()}"] if bad.size else []
 
 
+def as_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
+    """``values.astype(dtype)``; float32 to float16 through torch when the process has it.
+
+    Both round to nearest even (bit-identical results, including subnormals and overflow to
+    inf), but numpy converts float32 to float16 element by element in software, about ten times
+    slower than torch's vectorised conversion: for a 1000-class shard that was most of what
+    storing it cost besides compression. This module itself stays importable without torch.
+    """
+    torch = sys.modules.get("torch")
+    if (
+        torch is None
+        or dtype != "float16"
+        or values.dtype != np.float32
+        or values.ndim == 0
+        or not values.flags.writeable  # torch.from_numpy warns on a read-only array
+    ):
+        return values.astype(dtype)
+    return torch.from_numpy(np.ascontiguousarray(values)).to(torch.float16).numpy()
+
+
 def _softmax(v: np.ndarray, t: float) -> np.ndarray:
     z = v.astype(np.float64) / t
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _softmax_and_log(v: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, C) float64 ``softmax(v / t)`` and its log, from one ``exp`` pass (the log is the
+    shifted logits minus the log of the row sums, no ``log`` over every value)."""
+    z = np.asarray(v, dtype=np.float64) / t
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    total = e.sum(axis=1, keepdims=True)
+    return e / total, z - np.log(total)
 
 
 class Dense(StorageKind):
@@ -272,13 +311,19 @@ class Dense(StorageKind):
     def encode(
         spec: StorageSpec, logits: np.ndarray, dtype: str, rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        return {"logits": logits.astype(dtype)}
+        return {"logits": as_dtype(logits, dtype)}
 
     @staticmethod
     def stored_probs(
         spec: StorageSpec, arrays: Mapping[str, np.ndarray], num_classes: int, t: float
     ) -> np.ndarray:
         return _softmax(arrays["logits"], t)
+
+    @classmethod
+    def stored_dist(
+        cls, spec: StorageSpec, arrays: Mapping[str, np.ndarray], num_classes: int, t: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return _softmax_and_log(arrays["logits"], t)
 
     @staticmethod
     def check(spec: StorageSpec, arrays: Mapping[str, np.ndarray], num_classes: int) -> list[str]:
@@ -497,18 +542,22 @@ def measure_fidelity(
     pick = np.sort(rng.choice(rows, size=min(rows, FIDELITY_ROWS), replace=False))
     sub = {name: a[pick] for name, a in arrays.items()}
     out = np.zeros((len(spec.temperatures), len(FIDELITY_FIELDS)))
+    full = logits[pick].astype(np.float64)
     for j, t in enumerate(spec.temperatures):
-        p = _softmax(logits[pick], t)
-        q = spec.impl.stored_probs(spec, sub, c, t)
+        # Probabilities and their logs from one exp pass each (this runs for every member-shard
+        # the writer stores, beside the teachers' inference).
         if spec.kind == "sampled":
+            p = _softmax(full, t)
+            q = spec.impl.stored_probs(spec, sub, c, t)
             kl = np.full(len(pick), np.nan)
             drawn = np.zeros_like(p, dtype=bool)
             np.put_along_axis(drawn, sub["indices"].astype(np.int64), True, axis=1)
             kept = (p * drawn).sum(axis=1)
         else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                terms = np.where(p > 0, p * (np.log(p) - np.log(np.maximum(q, 1e-300))), 0.0)
-            kl = np.maximum(terms.sum(axis=1), 0.0)
+            p, log_p = _softmax_and_log(full, t)
+            q, log_q = spec.impl.stored_dist(spec, sub, c, t)
+            # log_p is finite, so a class with p = 0 adds 0 (as the p > 0 guard did before).
+            kl = np.maximum((p * (log_p - log_q)).sum(axis=1), 0.0)
             if spec.kind == "topk":
                 kept = np.take_along_axis(p, sub["indices"].astype(np.int64), axis=1).sum(axis=1)
             else:

@@ -5,8 +5,10 @@ and decides what to do (nothing is written): create a new cache, resume a partia
 to a complete one, or nothing (already complete), as a :class:`CachePlan` with the (shard, members)
 tasks still missing (the done flags, never "a file exists") and the shard layout.
 :func:`execute_plan` then does it: creates the schema or the new members' arrays, computes the
-tasks, writes each whole shard then its flag, and marks the cache complete last. A single process
-overlaps inference with compression and writing through a writer thread; with
+tasks, writes whole shards and only then their flags (:func:`pipeline.cache.format.write_shards`:
+the data of a batch of member-shards in one round trip to zarr, then their flags in a second), and
+marks the cache complete last. A single process overlaps inference with compression and writing
+through a writer thread, which writes what queued while it was busy as one batch; with
 ``--workers``/``--scheduler`` shard ranges are mapped over dask workers, each of which loads the
 teachers once. Both paths run the same per-shard function on the same batch boundaries, so their
 caches are bit-identical.
@@ -34,13 +36,13 @@ from pipeline.cache.format import (
     LogitCache,
     add_member_arrays,
     create_cache,
+    digest_write,
     group_header,
     mark_complete,
     read_header,
     remove_partial_files,
     shard_bounds,
-    write_digests,
-    write_shard,
+    write_shards,
 )
 from pipeline.cache.header import thaw
 from pipeline.cache.location import CacheLocation
@@ -57,6 +59,8 @@ from pipeline.sequences.models import token_rows
 
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
+# Member-shards the writer thread stores at most in one batch (what queued while it was busy).
+WRITE_BATCH = 8
 
 # A member record's extra key marking a teacher appended by --add-member (a member made with the
 # cache has none): re-running the command that made the cache is then a no-op, not a refusal.
@@ -89,7 +93,10 @@ class WorkSpec:
 
     location: CacheLocation  # with its storage options: workers open the store too
     dataset_spec: str
-    dataset_fingerprint: str
+    # What the workers' dataset must hash to; None for the writing process's own dataset (a run
+    # without workers), whose fingerprint the writer thread then computes for the header while
+    # the teachers already run.
+    dataset_fingerprint: str | None
     data_dir: str | None
     checkpoints: dict[int, tuple[str, str]]  # member index -> (path, sha256)
     device: str
@@ -187,7 +194,12 @@ def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
     handles: dict = {}
     done = []
     _plan_reads(data, spec.tasks, (h.rows_per_shard, h.n))
+    # A shard's members and digests are written together, then their done flags.
+    items: list = []
+    extra: list = []
     for shard, members in spec.tasks:
+        items.clear()
+        extra.clear()
         rows = compute_shard(
             spec,
             models,
@@ -196,9 +208,10 @@ def run_worker_tasks(spec: WorkSpec) -> list[tuple[int, int]]:
             shard,
             members,
             device,
-            lambda m, s, lg, ids: write_shard(group, m, s, lg, ids, handles, h),
-            lambda s, dg: write_digests(group, s, dg, handles, h),
+            lambda m, s, lg, ids: items.append((m, s, lg, ids)),
+            lambda s, dg: extra.append(digest_write(h, s, dg)),
         )
+        write_shards(group, items, extra=extra, handles=handles, header=h)
         done.append((shard, rows))
     return done
 
@@ -612,7 +625,7 @@ def execute_plan(
     spec = WorkSpec(
         plan.location,
         inputs.data.spec,
-        inputs.data.fingerprint,
+        inputs.data.fingerprint if on_dask else None,
         cfg.data_dir,
         checkpoints,
         cfg.device,
@@ -717,17 +730,31 @@ def _run_local(
         except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
             failure.append(e)
         group, header = ready[0] if ready else (None, None)
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if failure:
+        finished = False
+        while not finished:
+            # Everything queued meanwhile is written as one batch: all its data (and a lazy
+            # dataset's digests), then all its done flags, two round trips to zarr instead of
+            # three per member-shard. When the writer keeps up a batch is one member-shard.
+            batch = [q.get()]
+            while batch[-1] is not None and len(batch) < WRITE_BATCH:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            finished = batch[-1] is None
+            items = [item for item in batch if item is not None]
+            if failure or not items:
                 continue  # drain after an error so the producer never blocks
             try:
-                if item[0] == "digests":
-                    write_digests(group, *item[1:], handles=handles, header=header)
-                    continue
-                write_shard(group, *item, handles=handles, header=header)
+                write_shards(
+                    group,
+                    [item for item in items if item[0] != "digests"],
+                    extra=[
+                        digest_write(header, *item[1:]) for item in items if item[0] == "digests"
+                    ],
+                    handles=handles,
+                    header=header,
+                )
             except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                 failure.append(e)
 

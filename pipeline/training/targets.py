@@ -55,7 +55,24 @@ class SparseTargets:
         """The targets of the selected rows (dimension 1 of every tensor)."""
         if isinstance(rows, np.ndarray):
             rows = torch.from_numpy(rows)
+        if (
+            isinstance(rows, torch.Tensor)
+            and rows.dim() == 1
+            and not rows.is_floating_point()
+            and rows.dtype != torch.bool
+        ):
+            # A gather of row numbers: index_select copies whole rows, where advanced indexing on
+            # dimension 1 runs a general indexing kernel (8 ms vs 0.04 ms for a 1024-row batch
+            # of 3 x 20 classes on the 2-core test machine).
+            return self.take(rows)
         return replace(self, **{f: getattr(self, f)[:, rows] for f in self._ROW_FIELDS})
+
+    def take(self, rows: torch.Tensor) -> SparseTargets:
+        """The targets of rows ``rows`` ((n,) integer row numbers), in that order (copies)."""
+        rows = rows.to(device=self.index.device, dtype=torch.int64)
+        return replace(
+            self, **{f: getattr(self, f).index_select(1, rows) for f in self._ROW_FIELDS}
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseTargets:
         return replace(
@@ -64,13 +81,30 @@ class SparseTargets:
         )
 
     @classmethod
-    def cat(cls, parts: Sequence[SparseTargets]) -> SparseTargets:
-        """Rows of several blocks, in order."""
+    def cat(
+        cls, parts: Sequence[SparseTargets], space: dict[str, torch.Tensor] | None = None
+    ) -> SparseTargets:
+        """Rows of several blocks, in order.
+
+        Args:
+            space: tensors to join into, by field, reused when their shape is the joined one
+                (and replaced when not): the result then shares their memory, and the next join
+                into the same ``space`` overwrites it.
+        """
         first = parts[0]
-        return replace(
-            first,
-            **{f: torch.cat([getattr(p, f) for p in parts], dim=1) for f in cls._ROW_FIELDS},
-        )
+        joined = {}
+        for f in cls._ROW_FIELDS:
+            tensors = [getattr(p, f) for p in parts]
+            if space is None:
+                joined[f] = torch.cat(tensors, dim=1)
+                continue
+            shape = list(tensors[0].shape)
+            shape[1] = sum(int(t.shape[1]) for t in tensors)
+            held = space.get(f)
+            if held is None or list(held.shape) != shape or held.dtype != tensors[0].dtype:
+                held = space[f] = torch.empty(shape, dtype=tensors[0].dtype)
+            joined[f] = torch.cat(tensors, dim=1, out=held)
+        return replace(first, **joined)
 
     def probs(self) -> torch.Tensor:
         """(B, C) the members' mean mass per class (kept classes only; tails left out)."""

@@ -1123,3 +1123,116 @@ def test_location_opens_each_store_once(complete_cache: Path, tmp_path: Path) ->
     with pytest.raises(CacheError, match="a .zarr.zip bundle is read-only"):
         bundle.open("w")
     assert isinstance(where.lock(), CacheLock)
+
+
+# ---------------------------------------------------------------------------- batched shard writes
+class _RecordingStore(zarr.storage.LocalStore):
+    """A local store that records the order in which keys are stored (a real store, written)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.order: list[str] = []
+
+    async def set(self, key: str, value, byte_range=None) -> None:  # noqa: ANN001
+        await super().set(key, value)
+        self.order.append(key)
+
+
+def _empty_cache(tmp_path: Path, members: int, n: int = 12, c: int = 5, rps: int = 4) -> Path:
+    from pipeline.cache.format import create_cache
+
+    x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+    np.savez(tmp_path / "d.npz", x_train=x, x_test=x, y_test=np.zeros(n, np.int64))
+    data = load_dataset(f"npz:{tmp_path / 'd.npz'}:train")
+    create_cache(
+        tmp_path / "c.zarr",
+        dataset=data.describe(),
+        ids=data.ids,
+        labels=None,
+        num_classes=c,
+        class_names=[str(i) for i in range(c)],
+        members=[
+            {"path": f"m{i}.pt", "checkpoint_sha256": f"sha256:{i:064x}", "num_classes": c}
+            for i in range(members)
+        ],
+        dtype="float16",
+        rows_per_shard=rps,
+        command="tests",
+    )
+    return tmp_path / "c.zarr"
+
+
+def test_write_shards_stores_every_flag_after_all_the_batch_data(tmp_path: Path) -> None:
+    """A batch of member-shards: every data chunk (logits, fidelity) is stored before the first
+    done flag, so a writer killed between them leaves no flag over missing data; what is read
+    back is what was given."""
+    from pipeline.cache.format import write_shards
+
+    location = _empty_cache(tmp_path, members=2)
+    store = _RecordingStore(location)
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    rng = np.random.default_rng(0)
+    given = {(m, s): rng.normal(0, 3, (4, 5)).astype(np.float32) for m in (0, 1) for s in (0, 2)}
+    write_shards(group, [(m, s, lg, np.arange(4)) for (m, s), lg in given.items()])
+    written = [k for k in store.order if "/c/" in k]
+    flags = [i for i, k in enumerate(written) if "/done/" in k]
+    data = [i for i, k in enumerate(written) if "/done/" not in k]
+    assert sorted(written[i] for i in flags) == sorted(
+        f"members/{m}/done/c/{s}" for m in (0, 1) for s in (0, 2)
+    )
+    assert len(data) == 8 and max(data) < min(flags)  # 4 logits chunks + 4 fidelity rows first
+    cache = LogitCache(location, allow_partial=True)
+    assert cache.done_flags(0).tolist() == [True, False, True]
+    for (m, s), lg in given.items():
+        assert np.array_equal(cache.read_logits(s, [m])[0], lg.astype(np.float16))
+
+
+def test_write_shards_keeps_the_items_before_a_refused_one_and_flags_nothing_after(
+    tmp_path: Path,
+) -> None:
+    from pipeline.cache.format import write_shards
+
+    location = _empty_cache(tmp_path, members=1)
+    group = zarr.open_group(location, mode="r+", use_consolidated=False)
+    good = np.ones((4, 5), np.float32)
+    bad = good.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(
+        CacheError, match=r"member 0 produced NaN or inf logits for sample ids \[6\]"
+    ):
+        write_shards(
+            group,
+            [
+                (0, 0, good, np.arange(0, 4)),
+                (0, 1, bad, np.arange(4, 8)),
+                (0, 2, good, np.arange(8, 12)),
+            ],
+        )
+    cache = LogitCache(location, allow_partial=True)
+    assert cache.done_flags(0).tolist() == [True, False, False]
+    assert np.array_equal(cache.read_logits(0)[0], good.astype(np.float16))
+
+
+def test_float16_conversion_is_numpys_bit_for_bit() -> None:
+    """The writer's float32 -> float16 conversion (torch's, ten times faster) rounds exactly as
+    numpy's astype: ties to even, subnormals, the largest finite value, overflow to inf."""
+    from pipeline.cache.kinds import as_dtype
+
+    f16 = np.finfo(np.float16)
+    special = np.array(
+        [0.0, -0.0, 65504.0, -65504.0, 65519.0, 65520.0, 1e6, float(f16.tiny), 6e-8, 3e-8,
+         2.9e-8, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 2.0**-24 * 1.5],
+        dtype=np.float32,
+    )  # fmt: skip
+    bits = np.random.default_rng(0).integers(0x33000000, 0x47800000, 2_000_000, dtype=np.uint32)
+    values = np.concatenate([special, bits.view(np.float32), -bits.view(np.float32)])
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    got = as_dtype(values.reshape(-1, 2), "float16").reshape(-1)
+    assert got.dtype == np.float16
+    assert np.array_equal(got.view(np.uint16), expected.view(np.uint16))
+    frozen = values[:6].copy()
+    frozen.flags.writeable = False  # read-only input: numpy's path, the same values
+    with np.errstate(over="ignore"):
+        again = as_dtype(frozen, "float16")
+    assert np.array_equal(again.view(np.uint16), expected[:6].view(np.uint16))

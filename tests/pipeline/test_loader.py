@@ -344,6 +344,40 @@ def test_mean_probs_and_mean_logits_are_the_arithmetic_and_geometric_means(logit
             assert arithmetic[0].argmax() == 0 and geometric[0].argmax() == 1
 
 
+def test_block_combination_equals_combine_members_including_underflowing_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loader's blocked combination (probability space, one reused buffer) gives
+    ``combine_members`` of the stacked members: over uneven blocks, for both means, float16 and
+    float32 members, and on rows where a class's probability underflows in every member at T = 1
+    (those rows are recombined in log space, so they stay finite and exact)."""
+    # Blocks of 2 rows (3 members x 1000 classes per row): 13 rows end in a partial block.
+    monkeypatch.setattr(loader, "COMBINE_BLOCK_ELEMENTS", 2 * 3 * 1000)
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 3, size=(3, 13, 1000)).astype(np.float32)
+    # Rows 4 and 11: class 7 lies 300 below every member's top, so e^-300 underflows float32.
+    logits[:, [4, 11], 0] = 150.0
+    logits[:, [4, 11], 7] = -150.0
+    for dtype in (np.float16, np.float32):
+        stored = torch.from_numpy(logits.astype(dtype))
+        for method in ("mean-probs", "mean-logits"):
+            for temperature in (1.0, 4.0):
+                got = loader.combine_blocks(list(stored), method, temperature)
+                expected = combine_members(stored, method, temperature)
+                assert got.dtype == torch.float32 and got.shape == (13, 1000)
+                assert torch.isfinite(got).all()
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+        # The underflowing class keeps its exact log-space value: T * (-300 + log-sum-exp terms).
+        exact = combine_members(stored, "mean-probs", 1.0)[[4, 11], 7]
+        got = loader.combine_blocks(list(stored), "mean-probs", 1.0)[[4, 11], 7]
+        assert (got < -299).all()
+        torch.testing.assert_close(got, exact, rtol=0, atol=1e-4)
+    one = torch.from_numpy(logits[:1].astype(np.float16))
+    torch.testing.assert_close(
+        loader.combine_blocks(list(one), "mean-probs", 4.0), one[0].float(), rtol=0, atol=0
+    )
+
+
 # ----------------------------------------------------------------------------------- bounded memory
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time

@@ -98,6 +98,30 @@ def test_kept_logit_matching_with_k_equal_c_is_dense_logit_matching() -> None:
         mse(z, targets(v, "sampled:3", "mean-probs", 1.0), None)
 
 
+def test_sparse_row_gathers_and_joins_into_reused_space_equal_plain_indexing() -> None:
+    """The loader's fast paths: a gather of row numbers (index_select, numpy or torch indices,
+    repeats allowed) equals advanced indexing field by field; a join into reused tensors equals
+    torch.cat, keeps using the same memory while the shape holds and replaces it when not."""
+    tg = targets(member_logits(members=3, rows=10), "topk:4", "mean-probs", 2.0)
+    rows = np.array([9, 2, 2, 0, 7])
+    for picked in (tg[rows], tg[torch.from_numpy(rows)], tg.take(torch.from_numpy(rows))):
+        for f in SparseTargets._ROW_FIELDS:
+            assert torch.equal(getattr(picked, f), getattr(tg, f)[:, torch.from_numpy(rows)])
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[[1, 3]] = True
+    assert torch.equal(tg[mask].logp, tg.logp[:, mask])  # a mask still selects by advanced indexing
+    space: dict[str, torch.Tensor] = {}
+    halves = [tg[torch.arange(5)], tg[torch.arange(5, 10)]]
+    first = SparseTargets.cat(halves, space)
+    memory = first.logp.data_ptr()
+    assert all(torch.equal(getattr(first, f), getattr(tg, f)) for f in SparseTargets._ROW_FIELDS)
+    again = SparseTargets.cat(halves[::-1], space)
+    assert again.logp.data_ptr() == memory  # the same shape: written into the same tensors
+    assert torch.equal(again.index, torch.cat([tg.index[:, 5:], tg.index[:, :5]], dim=1))
+    shorter = SparseTargets.cat(halves[:1], space)
+    assert shorter.logp.shape == (3, 5, 4) and torch.equal(shorter.values, tg.values[:, :5])
+
+
 def test_sparse_targets_index_concatenate_and_move_like_a_tensor() -> None:
     v = member_logits(rows=6)
     tg = targets(v, "topk:4", "mean-probs", 2.0)
