@@ -295,7 +295,13 @@ class LazyInputs:
         """Mean and std of the input values on a seeded sample of STATS_SAMPLE rows."""
         n = len(self.rows)
         pick = np.sort(np.random.default_rng(0).permutation(n)[: min(n, STATS_SAMPLE)])
-        block = self.read(pick)[0].astype(np.float64)
+        # Decoded in this thread: a few hundred rows cost less than starting worker processes,
+        # which would also compete with the cache's own loader starting beside them (bench P3).
+        workers, self.workers = self.workers, 0
+        try:
+            block = self.read(pick)[0].astype(np.float64)
+        finally:
+            self.workers = workers
         if not block.size:
             return 0.0, 1.0
         mean, std = float(block.mean()), float(block.std())
