@@ -517,7 +517,7 @@ def test_fit_bias_on_rows_of_the_transfer_set_is_warned(
     assert not [line for line in lines if line.startswith("warning: ")]
 
 
-# --------------------------------------------------------------------------- model selection (--val)
+# ------------------------------------------------------------------------ model selection (--val)
 def test_val_keeps_the_best_epochs_weights_and_records_the_choice(noisy: dict) -> None:
     """A hard-label student on 200 noisy rows overfits: its validation errors bottom out early.
     With --val it ends with the weights of that epoch (the test errors measured at the end are

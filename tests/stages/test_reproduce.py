@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from pipeline.experiments.reproduce.recipes import MAIN_RECIPE
 from stages.cli import main
 from tests.conftest import write_npz
 
@@ -35,6 +36,8 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, st
             "mlp:32",
             "--narrow-student",
             "mlp:4",
+            "--main-student",
+            "mlp:32",
             "--seeds",
             "0,1",
             "--device",
@@ -75,29 +78,29 @@ def test_report_figures_are_the_run_directories_own(reproduced: tuple[Path, Path
     # The fair protocol: the same student, epochs and seeds in every arm, each run's epoch chosen
     # on the held-out validation split, which the transfer set (and the teacher) never saw.
     assert main_table["validation"].endswith(":train:holdout=0.1:part=holdout:seed=0")
-    names = {
-        "baseline: hard labels": "baseline",
-        f"hard labels on the same {views} views": f"hard-views{views}",
-        next(a for a in arms if a.startswith("distilled")): (
-            f"distilled-T{recipe['temperature']:g}-a{recipe['alpha']:g}-v{views}"
-        ),
-    }
+    distilled = next(a for a in arms if a.startswith("distilled"))
+    names = {"baseline: hard labels": "baseline"}
+    if views:  # the control: hard labels on the distilled student's views
+        names[f"hard labels on the same {views} views"] = f"hard-views{views}"
+    names[distilled] = f"distilled-T{recipe['temperature']:g}-a{recipe['alpha']:g}-v{views}"
     assert list(arms) == list(names)
     for label, name in names.items():
         errors, chosen = [], []
         for seed in (0, 1):
-            run = json.loads((out / f"runs/main-table/{name}-s{seed}/metrics.json").read_text())
+            run = json.loads(
+                (out / f"runs/main-table/mlp-32/{name}-s{seed}/metrics.json").read_text()
+            )
             cfg = run["config"]
             assert cfg["train"]["seed"] == seed and cfg["train"]["epochs"] == 8
             assert cfg["val"] == main_table["validation"] and cfg["student"] == "mlp:32"
             assert run["metrics"]["selection"]["on"] == main_table["validation"]
             assert run["cache"]["dataset"].endswith(":train:holdout=0.1:part=rest:seed=0")
-            assert cfg["alpha"] == (0.0 if name != names[list(arms)[2]] else recipe["alpha"])
+            assert cfg["alpha"] == (recipe["alpha"] if label == distilled else 0.0)
             errors.append(run["metrics"]["test"]["errors"])
             chosen.append(run["metrics"]["selection"]["epoch"])
         assert arms[label]["errors"] == errors and arms[label]["chosen_epochs"] == chosen
         assert arms[label]["errors_mean"] == sum(errors) / 2
-    base, dist = arms["baseline: hard labels"], arms[list(arms)[2]]
+    base, dist = arms["baseline: hard labels"], arms[distilled]
     gap = base["errors_mean"] - main_table["teacher"]
     if gap > 0:
         assert main_table["recovered"] == pytest.approx(
@@ -145,6 +148,8 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
             "mlp:32",
             "--narrow-student",
             "mlp:4",
+            "--main-student",
+            "mlp:32",
             "--seeds",
             "0,1",
             "--device",
@@ -158,9 +163,9 @@ def test_rerun_reuses_every_artefact(reproduced: tuple[Path, Path, str]) -> None
     assert res.exit_code == 0, res.output
     assert "reusing the teacher" in res.output and "training " not in res.output
     report = (out / "report.md").read_text()
-    # main-table's three arms x two seeds and small-data's three.
-    assert "The 9 student runs" in report
-    assert "(9 of them re-used from an earlier invocation)" in report
+    n = 2 * (2 + bool(MAIN_RECIPE.views)) + 3  # main-table's arms x 2 seeds, small-data's 3
+    assert f"The {n} student runs" in report
+    assert f"({n} of them re-used from an earlier invocation)" in report
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/**/student.pt")} == before
     # The kept copy of the report has its plots beside it, linked by their new names.
     text = kept.read_text()
@@ -244,8 +249,8 @@ def test_report_counts_each_run_once_and_reuse_only_across_invocations(
     one."""
     _, out, _ = reproduced
     report = (out.parent / "first-report.md").read_text()
-    # main-table 3 arms x 2 seeds + 6 sweep + 2 omitted + 3 small-data
-    assert "The 17 student runs" in report
+    # main-table's arms x 2 seeds + 6 sweep + 2 omitted + 3 small-data
+    assert f"The {2 * (2 + bool(MAIN_RECIPE.views)) + 11} student runs" in report
     assert "(0 of them re-used from an earlier invocation)" in report
 
 

@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError, KDError
 from pipeline.evaluation import evaluate_models
 from pipeline.experiments.reproduce.recipes import (
     HOLDOUT,
+    MAIN_RECIPE,
     QUICK_TEACHER,
     SCALES,
     TEACHERS,
@@ -58,7 +59,11 @@ def check_against_data(cfg: ReproduceConfig, train: Dataset) -> None:
             f"--omitted-class / --kept-classes {bad}: {cfg.dataset} has classes "
             f"0..{train.num_classes - 1}"
         )
-    students = [cfg.student, *([cfg.narrow_student] if "temperature" in chosen else [])]
+    students = [
+        cfg.student,
+        *([cfg.narrow_student] if "temperature" in chosen else []),
+        *([cfg.main_student or MAIN_RECIPE.student] if "main-table" in chosen else []),
+    ]
     for spec in students:
         try:  # a few ms: a typo must not cost a trained teacher
             build_model(spec, train.sample_shape, train.num_classes)
@@ -248,7 +253,12 @@ def student_metrics(
     offset)."""
     device = resolve_device(run.cfg.device)
     # The students' specs are the ones typed for this run (--student, --narrow-student).
-    trust = trusting(run.cfg.trust_code, run.cfg.student, run.cfg.narrow_student)
+    trust = trusting(
+        run.cfg.trust_code,
+        run.cfg.student,
+        run.cfg.narrow_student,
+        *([run.cfg.main_student] if run.cfg.main_student else []),
+    )
     loaded = load_checkpoint(Path(result["config"]["out"]) / "student.pt", device, trust)
     if offsets is not None:
         with torch.no_grad():

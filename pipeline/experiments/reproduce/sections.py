@@ -155,6 +155,7 @@ def main_table(run: Run) -> MainTable:
     """The paper's table under the fair protocol (:class:`MainTable`), with the recipe's
     distilled student (:data:`~.recipes.MAIN_RECIPE`)."""
     cfg, r = run.cfg, MAIN_RECIPE
+    student = cfg.main_student or r.student
     epochs = run.scale.main_epochs
     spec = run.spec(holdout=HOLDOUT)
     val = run.spec(holdout=HOLDOUT, part="holdout")
@@ -184,11 +185,12 @@ def main_table(run: Run) -> MainTable:
         for label, name, cache, temperature, alpha in plan:
             results[label].append(
                 run.student(
-                    f"main-table/{name}-s{seed}",
+                    f"main-table/{slug(student)}/{name}-s{seed}",
                     cache,
                     temperature,
                     alpha,
                     epochs=epochs,
+                    student=student,
                     seed=seed,
                     val=val,
                 )
@@ -199,7 +201,7 @@ def main_table(run: Run) -> MainTable:
         name="main-table",
         holds=False,
         verdict="",
-        student=cfg.student,
+        student=student,
         epochs=epochs,
         seeds=list(cfg.seeds),
         transfer=spec,
