@@ -155,7 +155,7 @@ def render_main_table(sec: MainTable) -> str:
             if r["views"]
             else ", from a cache of the unaugmented images"
         )
-        + f". Why: {r['why']}",
+        + f". Why: {r['why']}.",
         "",
         "| model | test errors | per seed | chosen epochs | NLL | ECE | wall s (mean) |",
         "|---|---|---|---|---|---|---|",
