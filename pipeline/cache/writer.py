@@ -8,7 +8,7 @@ tasks still missing (the done flags, never "a file exists") and the shard layout
 tasks, writes whole shards and only then their flags (:func:`pipeline.cache.format.write_shards`:
 the data of a batch of member-shards in one round trip to zarr, then their flags in a second), and
 marks the cache complete last. A single process overlaps inference with compression and writing
-through a writer thread, which writes what queued while it was busy as one batch; with
+through a writer thread, which stores each member-shard with its flag as it arrives; with
 ``--workers``/``--scheduler`` shard ranges are mapped over dask workers, each of which loads the
 teachers once. Both paths run the same per-shard function on the same batch boundaries, so their
 caches are bit-identical.
@@ -60,7 +60,12 @@ from pipeline.sequences.models import token_rows
 DEFAULT_DTYPE = "float16"
 DEFAULT_ROWS_PER_SHARD = 4096
 # Member-shards the writer thread stores at most in one batch (what queued while it was busy).
-WRITE_BATCH = 8
+# One: each member-shard's done flag lands right after its own data. With 8, a run that had queued
+# a batch while opening the store marked nothing done for its first seconds, and in one CI run 80
+# SIGKILLs in a row, each within ~1.3 s of the plan line, left no progress at all; a job that is
+# killed and restarted must always get somewhere. Dask workers still write a shard's members
+# together.
+WRITE_BATCH = 1
 
 # A member record's extra key marking a teacher appended by --add-member (a member made with the
 # cache has none): re-running the command that made the cache is then a no-op, not a refusal.
@@ -732,9 +737,9 @@ def _run_local(
         group, header = ready[0] if ready else (None, None)
         finished = False
         while not finished:
-            # Everything queued meanwhile is written as one batch: all its data (and a lazy
+            # Up to WRITE_BATCH queued items are written as one batch: all its data (and a lazy
             # dataset's digests), then all its done flags, two round trips to zarr instead of
-            # three per member-shard. When the writer keeps up a batch is one member-shard.
+            # three per member-shard.
             batch = [q.get()]
             while batch[-1] is not None and len(batch) < WRITE_BATCH:
                 try:
