@@ -753,16 +753,14 @@ def check_bias_options(
                 "fitting is for transfer sets made with exclude= or keep="
             ]
         )
-    if held.spec.split(":")[:2] == data.spec.split(":")[:2]:
-        # Same split: rows the student trains on are not held out (its overconfidence there biases
-        # the fit).
-        overlap = int(np.isin(held.ids, data.ids).sum())
-        if overlap:
-            log(
-                f"warning: {overlap} of the {len(held)} rows of --fit-bias-on {held.spec} are in "
-                f"the transfer set {data.spec}; set rows aside with holdout=F (e.g. transfer "
-                "...:holdout=0.1:exclude=3, held-out ...:holdout=0.1:part=holdout)"
-            )
+    # Rows the student trains on are not held out (its overconfidence there biases the fit).
+    overlap = shared_samples(held, data)
+    if overlap:
+        log(
+            f"warning: {overlap} of the {len(held)} rows of --fit-bias-on {held.spec} are in "
+            f"the transfer set {data.spec}; set rows aside with holdout=F (e.g. transfer "
+            "...:holdout=0.1:exclude=3, held-out ...:holdout=0.1:part=holdout)"
+        )
     return held, absent
 
 
