@@ -161,6 +161,7 @@ from pipeline.cache.location import (
     local_path,
     put_bytes,
 )
+from pipeline.cache.rows import row_index_problems, view_param_problems, view_plan
 from pipeline.data.content import CONTENT_DIGESTS, CONTENT_KEY, DIGEST_BYTES, DIGESTS_ARRAY
 from pipeline.errors import CacheError, KDError
 
@@ -1026,6 +1027,19 @@ class LogitCache:
         for name, _, _ in spec.impl.arrays(spec, self.num_classes, self.header.dtype):
             out[name] = self._read(member_array(member, name), slice(start, stop))
         problem = _cheap_problem(out, self.num_classes)
+        if not problem and spec.sparse:
+            # A sparse kind's invariants (sorted, distinct classes, log-sum-exps consistent with
+            # the kept values and with each other) are what its arithmetic at T relies on: every
+            # reader checks them, as ``cache verify`` does (a few % of a streaming epoch).
+            found = spec.impl.check(spec, out, self.num_classes)
+            if found:
+                raise CacheError(
+                    f"{self.location}: member {member} ({spec.text}), shard {shard} (cache rows "
+                    f"{start}..{stop - 1}): " + "; ".join(found) + " (rows counted from the "
+                    "shard's first). cache-logits never stores such rows, so the arrays were "
+                    "altered; training on them would learn a distribution the teacher never "
+                    "gave. " + _REPAIR.format(where=self.location)
+                )
         if problem:
             bad = _bad_rows(out, self.num_classes)
             raise CacheError(
@@ -1109,6 +1123,16 @@ class LogitCache:
                 "never stores them, so the chunk was altered. "
                 + _REPAIR.format(where=self.location)
             )
+        if "_view_plan" not in self.__dict__:
+            self._view_plan = view_plan(self.header)
+        if self._view_plan is not None:
+            first = rows.start or 0
+            found = view_param_problems(self._view_plan, self.read_ids(shard), params, first)
+            if found:
+                raise CacheError(
+                    f"{self.location}: " + "; ".join(found) + ". "
+                    + _REPAIR.format(where=self.location)
+                )
         return params
 
     def read_ids(self, shard: int | None = None) -> np.ndarray:
@@ -1121,7 +1145,14 @@ class LogitCache:
         (format 1: one row per sample)."""
         if self.header.version < 2:
             return np.arange(self.n, dtype=np.int64), np.ones(self.n, dtype=np.int32)
-        return self._read("row_start", slice(None)), self._read("row_count", slice(None))
+        start, count = self._read("row_start", slice(None)), self._read("row_count", slice(None))
+        found = row_index_problems(self.header, start, count)
+        if found:
+            raise CacheError(
+                f"{self.location}: " + "; ".join(found) + ". A sample would train on another "
+                "sample's rows; the cache was edited. " + _REPAIR.format(where=self.location)
+            )
+        return start, count
 
     def iter_shards(self, members: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
         for s in self.done_shards(members):

@@ -145,9 +145,48 @@ def _v2_problems(h: dict) -> list[str]:
         if (
             not isinstance(temps, list)
             or not temps
-            or not all(isinstance(t, int | float) and t > 0 for t in temps)
+            or not all(
+                isinstance(t, int | float) and not isinstance(t, bool) and 0 < t < math.inf
+                for t in temps
+            )
         ):
             problems.append(f"member {i} storage temperatures should be positive numbers")
+            continue
+        problems += _storage_problems(i, storage, h["num_classes"])
+    if rows["views"] > 1 and augment is None:
+        problems.append(
+            f"rows.views={rows['views']} but no augment record: a view cache's header says how "
+            "its views were drawn"
+        )
+    return problems
+
+
+def _storage_problems(i: int, storage: dict, num_classes: int) -> list[str]:
+    """A member's storage record beyond its types: what its arrays' meaning depends on.
+
+    The recorded temperatures name the columns of ``tail_lse`` / ``lse``, so two equal ones make
+    a column ambiguous; the sampling temperature must be one of them (the importance weights use
+    its column); a top-k member keeps at most C classes.
+    """
+    problems = []
+    kind, size, temps = storage["kind"], storage.get("size"), storage["temperatures"]
+    ts = storage.get("sample_temperature")
+    if len({float(t) for t in temps}) != len(temps):
+        problems.append(f"member {i} storage temperatures {temps} repeat a temperature")
+    if kind == "topk" and isinstance(size, int) and size > num_classes:
+        problems.append(f"member {i} storage topk:{size} keeps more than the {num_classes} classes")
+    if kind == "sampled":
+        if not (
+            isinstance(ts, int | float)
+            and not isinstance(ts, bool)
+            and any(math.isclose(float(ts), float(t)) for t in temps)
+        ):
+            problems.append(
+                f"member {i} storage sampled has sample_temperature {ts!r}, which should be one "
+                f"of its temperatures {temps}"
+            )
+    elif ts is not None:
+        problems.append(f"member {i} storage {kind} records a sample_temperature ({ts!r})")
     return problems
 
 

@@ -157,14 +157,15 @@ class StorageSpec:
         if not kind.SIZED:
             if size:
                 raise ValueError(f"storage {text!r}: {name} takes no size")
-            return cls(name, None, tuple(float(t) for t in temperatures))
+            return cls(name, None, tuple(sorted({float(t) for t in temperatures})))
         try:
             n = int(size)
         except ValueError:
             raise ValueError(f"storage {text!r}: expected {kind.SYNTAX} with an integer") from None
         if n < 1:
             raise ValueError(f"storage {text!r}: the size must be >= 1")
-        temps = tuple(float(t) for t in temperatures)
+        # Sorted and distinct: each names one column of tail_lse / lse.
+        temps = tuple(sorted({float(t) for t in temperatures}))
         ts = None
         if name == "sampled":
             ts = float(sample_temperature)
@@ -411,6 +412,17 @@ class TopK(StorageKind):
                     "tail_lse is larger than the kept values allow (a tail class would "
                     f"outrank a kept one) in rows {over[:10].tolist()}"
                 )
+            else:
+                # Every tail class's logit is <= v_K, so the tail's lse_T is a convex function
+                # of 1/T whose slope (the tail's mean logit under its own softmax) is <= v_K.
+                bad = lse_curve_rows(tail, spec.temperatures, num_classes - k, vk[:, 0])
+                if bad.size:
+                    problems.append(
+                        "tail_lse is not the log-sum-exp of one set of logits at the recorded "
+                        "temperatures (not convex in 1/T, or rising faster than the kept "
+                        "values allow; temperatures reordered or values edited) in rows "
+                        f"{bad[:10].tolist()}"
+                    )
         return problems
 
 
@@ -483,6 +495,26 @@ class Sampled(StorageKind):
                 problems.append(
                     f"lse is smaller than a drawn class's logit allows in rows {low[:10].tolist()}"
                 )
+            else:
+                # The row's lse_T is at least the log-sum-exp of its distinct drawn classes.
+                v = values.astype(np.float64)
+                distinct = np.ones(v.shape, dtype=bool)
+                distinct[:, 1:] = np.diff(i64, axis=1) != 0  # indices are sorted
+                masked = np.where(distinct, v, -np.inf)
+                drawn = np.stack([logsumexp(masked / tj, axis=1) for tj in t], axis=1)
+                low = np.flatnonzero((lse < drawn - slack).any(axis=1))
+                if low.size:
+                    problems.append(
+                        "lse is smaller than the drawn classes' logits allow in rows "
+                        f"{low[:10].tolist()}"
+                    )
+                bad = lse_curve_rows(lse, spec.temperatures, num_classes, None)
+                if bad.size:
+                    problems.append(
+                        "lse is not the log-sum-exp of one row of logits at the recorded "
+                        "temperatures (not convex in 1/T: temperatures reordered or values "
+                        f"edited) in rows {bad[:10].tolist()}"
+                    )
         return problems
 
 
@@ -500,6 +532,49 @@ def sampled_weights(
     lse_s, _ = lse_at(lse, spec.temperatures, ts, num_classes)
     logw = (v / t - lse_t[:, None]) - (v / ts - lse_s[:, None])
     return np.exp(logw) / v.shape[1]
+
+
+LSE_TOLERANCE = 1e-5  # relative: float32 storage of a float64 log-sum-exp, and its arithmetic
+
+
+def lse_curve_rows(
+    lse: np.ndarray,
+    temperatures: Sequence[float],
+    count: int,
+    slope_max: np.ndarray | None,
+) -> np.ndarray:
+    """Rows whose recorded log-sum-exps cannot come from one set of ``count`` logits.
+
+    ``f(b) = log sum_i exp(b v_i)`` is convex in ``b = 1/T``, ``f(0) = log(count)``, and its slope
+    (the mean logit under the softmax at ``b``) is at most the largest of the ``v_i``. A column
+    edited, or the header's temperatures reordered against the columns, breaks this for almost
+    every row; float32 storage of the values is allowed for.
+
+    Args:
+        lse: (rows, n_T) the recorded values. temperatures: the n_T recorded temperatures.
+        count: how many logits each sum runs over.
+        slope_max: (rows,) an upper bound on every logit (a top-k tail: ``v_K``), or None.
+
+    Returns:
+        Indices of the rows that fail.
+    """
+    temps = np.asarray(temperatures, dtype=np.float64)
+    order = np.argsort(1.0 / temps)
+    b = np.concatenate([[0.0], 1.0 / temps[order]])
+    f = np.concatenate(
+        [np.full((lse.shape[0], 1), math.log(count)), lse[:, order].astype(np.float64)], axis=1
+    )
+    tol = LSE_TOLERANCE * (1.0 + np.abs(f).max(axis=1, keepdims=True))
+    db = np.diff(b)
+    slope = np.diff(f, axis=1) / db
+    slope_tol = 2 * tol / db
+    bad = np.zeros(lse.shape[0], dtype=bool)
+    if b.size > 2:  # convex: each slope at least the one before it
+        bad |= (slope[:, 1:] < slope[:, :-1] - slope_tol[:, 1:] - slope_tol[:, :-1]).any(axis=1)
+    if slope_max is not None:
+        vmax = np.asarray(slope_max, dtype=np.float64)[:, None]
+        bad |= (slope > vmax + np.abs(vmax) * 2.0**-10 + 1e-3 + slope_tol).any(axis=1)
+    return np.flatnonzero(bad)
 
 
 def _index_problems(idx: np.ndarray, num_classes: int) -> list[str]:

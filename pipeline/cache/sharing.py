@@ -57,6 +57,7 @@ from pipeline.cache.location import (
     put_bytes,
     validate_zip,
 )
+from pipeline.cache.rows import row_index_problems, view_param_problems, view_plan
 from pipeline.data.content import DIGESTS_ARRAY
 from pipeline.data.lazy import is_lazy
 from pipeline.data.stream import rehash_content
@@ -449,7 +450,21 @@ def _read_data(
         bar.close()
     for member, read in member_arrays.items():
         _check_member(member, read, done.get(member), h, rep)
+    _check_view_params(values, h, rep)
     return values
+
+
+def _check_view_params(values: dict[str, np.ndarray], h: CacheHeader, rep: VerifyReport) -> None:
+    """Every view's stored parameters against the ones drawn again from the header's seed."""
+    if "view_params" not in values or "ids" not in values or h.augment is None:
+        return
+    try:
+        plan = view_plan(h)
+    except KDError as e:
+        rep.problems.append(f"view_params cannot be drawn again: {e}")
+        return
+    if plan is not None:
+        rep.problems += view_param_problems(plan, values["ids"], values["view_params"])
 
 
 def _check_member(
@@ -506,17 +521,9 @@ def _check_values(name: str, values: np.ndarray, h: CacheHeader, rep: VerifyRepo
             )
     if name in ("row_start", "row_count") and h.rows is not None:
         per_sample = h.shard_rows // h.rows_per_shard
-        want = (
-            np.arange(h.n, dtype=np.int64) * per_sample
-            if name == "row_start"
-            else np.full(h.n, per_sample)
-        )
-        bad = np.flatnonzero(values != want)
-        if bad.size:
-            rep.problems.append(
-                f"array {name} disagrees with the header's row layout at samples "
-                f"{bad[:10].tolist()} (holds {values[bad[:10]].tolist()})"
-            )
+        other = np.full(h.n, per_sample) if name == "row_start" else np.arange(h.n) * per_sample
+        pair = (values, other) if name == "row_start" else (other, values)
+        rep.problems += [p for p in row_index_problems(h, *pair) if p.startswith(f"array {name}")]
 
 
 def _check_completion(

@@ -161,7 +161,9 @@ def test_verify_and_training_refuse_damaged_sparse_rows(
     code, output = cli(
         "train-student", "--cache", str(out), "--out", str(tmp_path / "run"), "--epochs", "1"
     )
-    assert code == 2 and "member 1's indices in shard 1 hold classes outside 0..4" in output
+    # Training reads what verify checks: the first damaged shard it reads is refused.
+    assert code == 2 and "member 0 (topk:2), shard 0 (cache rows 0..127)" in output
+    assert "values are not sorted descending in rows [5]" in output
     assert "Traceback" not in output
 
 

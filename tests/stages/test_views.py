@@ -168,7 +168,14 @@ def test_verify_replay_passes_then_names_the_altered_view(
     g["view_params"][:200] = params
     failed = runner.invoke(main, [*args, str(bad)])
     assert failed.exit_code == 1, failed.output
-    assert "view 2 of sample id 1 (row 6)" in failed.output
+    # The parameters are drawn again from (seed, sample id, view) by every read and by verify,
+    # before the replay is needed.
+    assert "row 6, view 2 of sample id 1" in failed.output
+    assert "differ from the ones drawn again from the cache's seed" in failed.output
+    trained = runner.invoke(
+        main, ["train-student", "--cache", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    )
+    assert trained.exit_code == 2 and "row 6, view 2 of sample id 1" in trained.output
     assert "Traceback" not in failed.output
 
 
