@@ -493,6 +493,11 @@ class CacheHeader(_Record):
         return 1 if self.rows is None else int(self.rows["views"])
 
     @property
+    def positions(self) -> int:
+        """Token positions per sample (1 for image caches)."""
+        return 1 if self.rows is None else int(self.rows["positions"])
+
+    @property
     def view_params(self) -> list[str] | None:
         """The parameter schema of a view cache's ``view_params`` columns; None without views."""
         return None if self.augment is None else list(self.augment["params"])

@@ -1,12 +1,18 @@
-"""``cache verify --replay N --teacher PATH``: the proof that a cache's views are replayed exactly.
+"""``cache verify --replay N --teacher PATH``: the proof that a cache's rows are what the teacher
+gives.
 
 N stored rows are drawn (seeded), each view's input is rebuilt from the original sample and the
-view's stored parameters (:meth:`pipeline.augment.Augment.apply`), the teacher runs on it, and its
-logits are compared with what the cache stores for that row, by storage kind: every logit of a
+view's stored parameters (:meth:`pipeline.augment.Augment.apply`), the teacher runs on it, and
+everything the row stores is recomputed from its full logits, by storage kind: every logit of a
 dense row; the kept values of a top-k row (at their stored class indices, which must be the top
-k); the drawn classes' values of a sampled row. Values must agree to the storage dtype's rounding
-(one float16 unit in the last place, or float32 arithmetic noise from another batch
-composition): a view whose parameters were altered gives other logits, and is named.
+k) and its tail log-sum-exp at every recorded temperature; the drawn classes' values of a sampled
+row, its whole-row log-sum-exp at every recorded temperature, and its classes themselves (redrawn
+from the row's seeded uniforms at the sampling temperature). Values must agree to the storage
+dtype's rounding (one float16 unit in the last place, or float32 arithmetic noise from another
+batch composition): a row whose values, log-sum-exps, draws or view parameters were altered gives
+other numbers, and is named. (Read-time checks catch what contradicts the row itself; only the
+replay, which has the teacher's full logits, sees a tail shifted within its bounds or a sampling
+temperature changed in the header.)
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from pipeline.augment import ViewPlan
 from pipeline.cache.format import LogitCache
 from pipeline.cache.header import thaw
+from pipeline.cache.kinds import logsumexp
 from pipeline.cache.location import CacheLocation
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import load_checkpoint, member_paths
@@ -84,6 +91,12 @@ def replay_views(
             + "); give the checkpoints the cache was made with"
         )
     rep.members = members
+    if h.positions > 1:
+        raise CacheError(
+            f"{cache.location}: --replay re-runs image teachers on their stored views; this is "
+            f"a token cache ({h.positions} positions per sample), which it does not replay. "
+            "Run `kd-pipeline cache verify` without --replay (it checks every stored row)"
+        )
     data = load_transfer_set(cache, dataset, data_dir)
     plan = None
     if h.augment is not None:
@@ -127,6 +140,8 @@ def replay_views(
                 rest = np.delete(fresh[i], cls)
                 if rest.size and rest.max() > values.astype(np.float32).min() + tol.max():
                     problem = "its stored classes are not the teacher's top k on the rebuilt view"
+            if problem is None:
+                problem = _derived_problem(cache, m, int(r), fresh[i], stored)
             rep.worst = max(rep.worst, ratio)
             if problem:
                 what = f"view {r % v} of sample id {int(ids[i])} (row {int(r)})"
@@ -140,6 +155,83 @@ def replay_views(
                 )
         rep.checked += len(rows)
     return rep
+
+
+def _derived_problem(
+    cache: LogitCache, member: int, row: int, fresh: np.ndarray, stored: dict[str, np.ndarray]
+) -> str | None:
+    """What a sparse row derives from the full logits, recomputed from ``fresh`` (C,): a top-k
+    row's tail log-sum-exps, a sampled row's whole-row log-sum-exps and its draws (redrawn from
+    the seeded uniforms at the sampling temperature). None when all agree."""
+    h = cache.header
+    spec = h.storage(member)
+    if not spec.sparse:
+        return None
+    v = fresh.astype(np.float64)
+    temps = np.asarray(spec.temperatures, dtype=np.float64)
+    idx = stored["indices"].astype(np.int64)
+    if spec.kind == "topk":
+        rest = np.delete(v, idx)
+        if not rest.size:
+            return None
+        want = np.array([logsumexp(rest / t) for t in temps])
+        got = stored["tail_lse"].astype(np.float64)
+        what = "tail_lse"
+    else:
+        want = np.array([logsumexp(v / t) for t in temps])
+        got = stored["lse"].astype(np.float64)
+        what = "lse"
+    # The teacher's logits agree to FLOAT32_TOLERANCE relative; a log-sum-exp moves by at most
+    # the largest logit change / T.
+    tol = FLOAT32_TOLERANCE * (np.maximum(np.abs(want), 1) + np.abs(v).max() / temps)
+    off = np.flatnonzero(np.abs(got - want) > tol)
+    if off.size:
+        j = int(off[0])
+        return (
+            f"its {what} at T={temps[j]:g} is {got[j]:.6g}, the teacher's logits give "
+            f"{want[j]:.6g}"
+        )
+    if spec.kind == "sampled":
+        return _draw_problem(cache, member, row, v, idx)
+    return None
+
+
+def _draw_problem(
+    cache: LogitCache, member: int, row: int, v: np.ndarray, idx: np.ndarray
+) -> str | None:
+    """A sampled row's classes against the draws its seeded uniforms give at Ts.
+
+    The writer drew ``u`` (rows, S) for the shard from ``default_rng([seed, member, shard])`` and
+    took, for each, the first class whose CDF at Ts reaches it; the classes are stored sorted, so
+    the sorted ``u`` must fall in the sorted classes' CDF intervals (up to the logits' rounding).
+    """
+    h = cache.header
+    spec = h.storage(member)
+    shard = row // h.shard_rows
+    start, stop = h.row_bounds(shard)
+    draws = cache.__dict__.setdefault("_replay_draws", {})
+    if (member, shard) not in draws:
+        rng = np.random.default_rng([h.seed or 0, member, shard])
+        draws[(member, shard)] = rng.random((stop - start, idx.size))
+    u = np.sort(draws[(member, shard)][row - start])
+    ts = float(spec.sample_temperature or 1.0)
+    z = v / ts
+    p = np.exp(z - z.max())
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    low = np.concatenate([[0.0], cdf])[idx]
+    high = cdf[idx]
+    eps = 2 * FLOAT32_TOLERANCE * (1 + np.abs(v).max() / ts)
+    bad = np.flatnonzero((u < low - eps) | (u > high + eps))
+    if bad.size:
+        s = int(bad[0])
+        return (
+            f"its drawn classes {idx.tolist()} are not the ones its seeded draws give at the "
+            f"sampling temperature Ts={ts:g} (draw {s}: u={u[s]:.4f} falls outside class "
+            f"{int(idx[s])}'s interval [{low[s]:.4f}, {high[s]:.4f}]); the header's "
+            "sample_temperature or seed, or the indices, were altered"
+        )
+    return None
 
 
 def _params_row(cache: LogitCache, row: int) -> np.ndarray:

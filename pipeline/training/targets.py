@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.kinds import StorageSpec, logsumexp, lse_at
+from pipeline.errors import CacheError
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,9 @@ def sparse_kl(
     for m in range(members):
         lq = log_q.gather(1, t.index[m])
         if t.kind == "sampled":
-            out = out + (t.weight[m] * (t.logp[m] - lq)).sum(dim=1)
+            estimate = (t.weight[m] * (t.logp[m] - lq)).sum(dim=1)
+            check_sampled_estimate(estimate, m)
+            out = out + estimate
             continue
         kept = (t.logp[m].exp() * (t.logp[m] - lq)).sum(dim=1)
         tail_lq = torch.logsumexp(log_q.scatter(1, t.index[m], float("-inf")), dim=1)
@@ -228,6 +231,42 @@ def sparse_kl(
         tail = torch.where(has_tail, rest.exp() * (rest - torch.where(has_tail, tail_lq, 0.0)), 0.0)
         out = out + kept + tail
     return out / members
+
+
+# A batch's mean sampled KL estimate below -(floor + sigmas x its standard error) is not noise.
+NEGATIVE_KL_FLOOR = 0.05
+NEGATIVE_KL_SIGMAS = 6.0
+
+
+def check_sampled_estimate(estimate: torch.Tensor, member: int) -> None:
+    """Stop when a batch's sampled KL estimates say the stored rows are not a distribution.
+
+    Each row's ``sum_s w_s (log p_T(i_s) - log q_T(i_s))`` is an unbiased estimate of a KL
+    divergence, which is >= 0: single rows may be negative, but a batch's mean far below zero
+    (beyond :data:`NEGATIVE_KL_SIGMAS` standard errors and :data:`NEGATIVE_KL_FLOOR`) means the
+    log-sum-exps or values the weights come from were altered (a shifted ``lse`` column makes
+    every ``log p_T`` too small), and the gradient would push the student away from the teacher.
+
+    Args:
+        estimate: (B,) the per-row estimates of one member.
+
+    Raises:
+        CacheError: the batch mean is negative beyond its noise.
+    """
+    rows = estimate.shape[0]
+    if rows < 2:
+        return
+    est = estimate.detach().double()
+    mean = float(est.mean())
+    se = float(est.std()) / math.sqrt(rows)
+    if mean < -(NEGATIVE_KL_FLOOR + NEGATIVE_KL_SIGMAS * se):
+        raise CacheError(
+            f"sampled member {member}'s KL estimate over a batch of {rows} rows is {mean:.3f} "
+            f"(standard error {se:.3f}); a KL divergence is never negative, so the cached "
+            "log-sum-exps (lse) or values do not describe the teacher's distribution at this "
+            "temperature: they were altered. Run `kd-pipeline cache verify --replay N --teacher "
+            "PATH` on the cache to find the rows, and restore it from a good copy"
+        )
 
 
 def _geometric_bucket_kl(log_q: torch.Tensor, t: SparseTargets) -> torch.Tensor:

@@ -172,9 +172,8 @@ def test_verify_replay_passes_then_names_the_altered_view(
     # before the replay is needed.
     assert "row 6, view 2 of sample id 1" in failed.output
     assert "differ from the ones drawn again from the cache's seed" in failed.output
-    trained = runner.invoke(
-        main, ["train-student", "--cache", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1"]
-    )
+    run = ["train-student", "--cache", str(bad), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    trained = runner.invoke(main, run)
     assert trained.exit_code == 2 and "row 6, view 2 of sample id 1" in trained.output
     assert "Traceback" not in failed.output
 
