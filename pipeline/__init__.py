@@ -20,7 +20,8 @@ nothing here imports ``stages``):
 - ``cluster``: starting or joining a dask cluster for every step that maps tasks.
 - ``cache/``: the Zarr logit cache: ``header`` (the typed header), ``guard`` (stored bytes
   checked against the header before zarr parses or decompresses them), ``location`` (where it
-  lives), ``format`` (layout, reader; imports without torch), ``writer`` (stage one),
+  lives), ``format`` (layout, reader; imports without torch), ``rows`` (the row index and
+  views' parameters re-derived from the header: every reader's checks), ``writer`` (stage one),
   ``sharing`` (verify, pack, copy, ls),
   ``transfer`` (the transfer set behind a cache: recorded, or the user's copy by fingerprint).
 - ``training/``: ``losses`` (the paper's losses and ensemble means: registries), ``loop`` (the

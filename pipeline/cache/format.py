@@ -104,6 +104,10 @@ Every ``ids``, ``labels`` and logits chunk is stored, even one equal to the fill
 value. It also refuses arrays whose shapes disagree with the header, non-finite logits, labels
 outside ``0..C-1`` (or unlike the dataset's, when the caller gives them) and a complete header with
 a done flag missing or zero; and it reads the done flags once, so one reader serves one snapshot.
+Every member shard it serves passes its storage kind's checks (:meth:`StorageKind.check`), and the
+row index and views' parameters are re-derived from the header and compared
+(:mod:`pipeline.cache.rows`): the same checks ``cache verify`` runs, so no reader trains on a row
+that ``verify`` would flag.
 """
 
 from __future__ import annotations
