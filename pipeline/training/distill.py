@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,10 +57,11 @@ from pipeline.distributed import (
     broadcast,
     process_group,
 )
-from pipeline.errors import ConfigError, KDError, ModelSpecError
+from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, percent, predict_logits
 from pipeline.models import KDModel, build_model
+from pipeline.sequences.data import is_sequence
 from pipeline.training.loader import (
     StreamingCacheSource,
     cache_source,
@@ -68,7 +70,14 @@ from pipeline.training.loader import (
 )
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
 from pipeline.training.losses import combine_members, make_loss
-from pipeline.training.sequence import is_sequence_run, train_sequence_student
+from pipeline.training.sequence import (
+    SequenceTask,
+    cached_teacher,
+    check_same_tokenizer,
+    is_token_cache,
+    online_token_teacher,
+    token_source,
+)
 from pipeline.training.targets import SparseTargets, temperature_exact
 from pipeline.training.views import live_transform, shard_inputs, view_source, view_use
 
@@ -102,6 +111,14 @@ class SoftTargets:
     members: list[int] | None = None
     describe: str = ""
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # live augmentation (--augment)
+    # How students of these targets are built, trained and measured: image classification, or
+    # token sequences (pipeline.training.sequence.SequenceTask). The recipe is the same.
+    task: Any = None
+    teacher: torch.nn.Module | None = None  # the teacher itself when at hand (test agreement)
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            self.task = CLASSIFICATION
 
 
 def train_student(
@@ -122,8 +139,6 @@ def train_student(
     the run directory, and every rank returns rank 0's result.
     """
     cfg.validate()
-    if is_sequence_run(cfg):  # token sequences: soft targets per (sample, position) row
-        return train_sequence_student(cfg, log, progress)
     device = resolve_device(cfg.device)
     with process_group(device) as ranks:
         if not ranks.main:
@@ -132,6 +147,10 @@ def train_student(
         check_run_dir(cfg, log, ranks)
         t_start = time.perf_counter()
         targets = setup_soft_targets(cfg, device, log, ranks)
+        task = targets.task
+        refused = task.refused(cfg)
+        if refused:  # an option this source cannot honour is refused, never ignored
+            raise ConfigError(refused)
         # Ranks that opened another cache, read other data or got another command would train
         # apart (or hang in DDP): refuse before training.
         agree(
@@ -143,13 +162,12 @@ def train_student(
                 "steps per epoch": len(targets.source),
             },
         )
-        student = build_student(cfg, targets, device)
-        test = resolve_eval_set(cfg.eval, targets.data, cfg.data_dir, targets.num_classes, log=log)
-        watch_content(test, None, cfg.loader_workers)
+        student = task.build_student(cfg, targets, device)
+        test = task.test_set(cfg, targets, log)
         val = validation_set(cfg, targets, test)
         watch_content(val, None, cfg.loader_workers)
         held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
-        best = BestEpoch() if val is not None else None
+        best = task.best_epoch() if val is not None else None
         history = fit_student(cfg, student, targets, test, device, log, progress, ranks, val, best)
         result = None
         if ranks.main:
@@ -248,11 +266,13 @@ def setup_soft_targets(
     """The cache's soft targets (checked against the dataset it records), or a live teacher's;
     the source serves this rank's share of each epoch."""
     if cfg.cache:
-        return _cache_targets(cfg, log, ranks)
+        return _cache_targets(cfg, device, log, ranks)
     return _online_targets(cfg, device, ranks)
 
 
-def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks) -> SoftTargets:
+def _cache_targets(
+    cfg: StudentConfig, device: torch.device, log: Callable[[str], None], ranks: Ranks
+) -> SoftTargets:
     """Open the cache, check members, dataset and labels, and plan the loader (memory or stream)."""
     cache = LogitCache(cfg.cache_location, allow_partial=cfg.allow_partial)
     members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
@@ -263,10 +283,16 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks)
         )
     check_member_kinds(cache, members, cfg.ensemble, cfg.loss)
     # --dataset: this machine's copy of the cache's transfer set (checked by fingerprint).
+    if cfg.dataset and is_token_cache(cache):  # say that the tokenizer differs, not only that
+        want = dict(cache.dataset.extra.get("tokenizer") or {})  # the fingerprint does
+        check_same_tokenizer(
+            want, load_dataset(cfg.dataset, cfg.data_dir), "--dataset", f"the cache {cfg.cache} was"
+        )
     data = load_transfer_set(cache, cfg.dataset, cfg.data_dir)
     watch_content(data, cache, cfg.loader_workers, cfg.train.batch_size)
     dspec = data.spec
-    if cfg.alpha < 1 and not cache.labeled:
+    # A token cache's labels are the next tokens, kept with its transfer set.
+    if cfg.alpha < 1 and not cache.labeled and not is_token_cache(cache):
         raise ConfigError(
             [
                 f"--alpha {cfg.alpha} needs hard labels, but the cache's transfer set "
@@ -277,22 +303,33 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks)
     # them, however many a writer finishes meanwhile. Each shard read is checked against the
     # dataset's labels (the cache's labels could have been rewritten to other valid classes).
     shards = cache.done_shards(members)
+    if not len(shards):
+        raise CacheError(
+            f"{cache.location}: no finished shards yet (0/{cache.n_shards} done for "
+            f"members {members}); wait for cache-logits to finish some, or run it "
+            f"(`kd-pipeline cache-logits ... --out {cache.location}` resumes)"
+        )
+    tokens = is_token_cache(cache)
     views = view_use(cfg, cache)
-    # A view cache's rows are served by (sample, view): stored views replayed (training/views.py).
-    make_source = functools.partial(view_source, use=views) if views.replays else cache_source
-    source, plan = make_source(
-        cache,
-        data.x,
-        members=members,
-        method=cfg.ensemble,
-        temperature=cfg.temperature,
-        batch_size=cfg.train.batch_size,
-        budget=cfg.memory_budget,
-        seed=cfg.train.seed,
-        shards=shards,
-        truth=data.y,
-        rank=ranks.share,
-    )
+    common = {
+        "members": members,
+        "method": cfg.ensemble,
+        "temperature": cfg.temperature,
+        "batch_size": cfg.train.batch_size,
+        "budget": cfg.memory_budget,
+        "seed": cfg.train.seed,
+        "shards": shards,
+        "rank": ranks.share,
+    }
+    if tokens:  # rows per (sequence, position): served a sequence at a time
+        if not is_sequence(data):
+            raise CacheError(f"{cfg.cache}: its transfer set {dspec} is not a sequence dataset")
+        source, plan = token_source(cache, data, **common)  # type: ignore[arg-type]
+    else:
+        # A view cache's rows are served by (sample, view): stored views replayed
+        # (training/views.py).
+        make_source = functools.partial(view_source, use=views) if views.replays else cache_source
+        source, plan = make_source(cache, data.x, truth=data.y, **common)
     record = {
         "cache": {
             "location": cfg.cache,
@@ -312,6 +349,9 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks)
         },
         "views": views.record(),
     }
+    if tokens:
+        record["cache"]["tokenizer"] = dict(cache.dataset.extra.get("tokenizer") or {})
+        record["cache"]["positions"] = data.positions
     note = record["cache"]["soft_targets"].get("note")
     if note:
         log(f"note: {note}")
@@ -331,7 +371,9 @@ def _cache_targets(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks)
         cache=cache,
         members=members,
         describe=f"{plan.mode} loader" + (f", views {views.mode}" if views.mode != "none" else ""),
-        augment=live_transform(cfg.augment, cfg.train.seed) if cfg.augment else None,
+        augment=live_transform(cfg.augment, cfg.train.seed) if cfg.augment and not tokens else None,
+        task=SEQUENCE if tokens else CLASSIFICATION,
+        teacher=cached_teacher(cache, members, device, cfg.trust_code) if tokens else None,
     )
 
 
@@ -380,9 +422,13 @@ def _online_targets(cfg: StudentConfig, device: torch.device, ranks: Ranks) -> S
     if mismatched:
         raise ConfigError(mismatched)
     models = [t.model for t in teachers]
+    tokens = is_sequence(data)
 
     def teacher_fn(xb: torch.Tensor) -> torch.Tensor:
         return combine_members(torch.stack([m(xb) for m in models]), cfg.ensemble, cfg.temperature)
+
+    if tokens:
+        teacher_fn = online_token_teacher(models, data.num_classes, cfg.ensemble, cfg.temperature)
 
     record = {
         "online_teacher": {
@@ -398,14 +444,16 @@ def _online_targets(cfg: StudentConfig, device: torch.device, ranks: Ranks) -> S
     )
     return SoftTargets(
         data=data,
-        num_classes=int(teachers[0].meta["num_classes"]),
+        num_classes=data.num_classes if tokens else int(teachers[0].meta["num_classes"]),
         class_names=data.class_names,
         input_stats=data.input_stats,
         source=source,
         teacher_fn=teacher_fn,
         record=record,
         describe="online teacher",
-        augment=live_transform(cfg.augment, cfg.train.seed) if cfg.augment else None,
+        augment=live_transform(cfg.augment, cfg.train.seed) if cfg.augment and not tokens else None,
+        task=SEQUENCE if tokens else CLASSIFICATION,
+        teacher=models[0] if tokens and len(models) == 1 else None,
     )
 
 
@@ -480,7 +528,7 @@ def validation_set(
     """
     if not cfg.val:
         return None
-    val = load_eval_dataset(cfg.val, cfg.data_dir, targets.data, targets.num_classes)
+    val = targets.task.val_set(cfg.val, targets, cfg.data_dir)
     problems = []
     for other, what, fix in (
         (
@@ -540,7 +588,8 @@ def fit_student(
     Returns:
         The per-epoch history (also in ``history.csv``), with the test errors after each epoch.
     """
-    loss = make_loss(cfg.loss, cfg.temperature, cfg.alpha)
+    task = targets.task
+    loss = task.loss(cfg)
     out = Path(cfg.out)
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -554,21 +603,8 @@ def fit_student(
         source = RowRecorder(source, os.environ[RECORD_ROWS_VAR], ranks.rank)
 
     def evaluate(m: torch.nn.Module) -> dict:
-        if not ranks.main:
-            return {}
-        row = {}
-        if val is not None:
-            logits = predict_logits(m, val.x, device)
-            labels = torch.as_tensor(val.y)
-            wrong = int((logits.argmax(1) != labels).sum())
-            nll = float(torch.nn.functional.cross_entropy(logits.float(), labels))
-            row.update(val_errors=wrong, val_error_rate=wrong / len(val), val_nll=nll)
-        if test is not None:
-            # Measured for the history only: nothing is chosen on it.
-            logits = predict_logits(m, test.x, device)
-            wrong = int((logits.argmax(1) != torch.as_tensor(test.y)).sum())
-            row.update(test_errors=wrong, test_error_rate=wrong / len(test))
-        return row
+        # Measured on rank 0 only; the test set for the history only: nothing is chosen on it.
+        return task.epoch_metrics(m, val, test, device) if ranks.main else {}
 
     on = f"{describe_device(device)}, {targets.describe}"
     if ranks.distributed:
@@ -577,11 +613,11 @@ def fit_student(
             f"{cfg.train.batch_size * ranks.world} in all) on {on}"
         )
     log(
-        f"training {cfg.student} on {targets.source.num_rows} rows: loss={cfg.loss} "
-        f"T={cfg.temperature} alpha={cfg.alpha} ensemble={cfg.ensemble} on {on}"
+        f"training {cfg.student} on {targets.source.num_rows} {task.unit(targets.data)}: "
+        f"loss={cfg.loss} T={cfg.temperature} alpha={cfg.alpha} ensemble={cfg.ensemble} on {on}"
     )
     return fit(
-        student,
+        task.trainable(student, targets.data),
         source,
         loss,
         cfg.train,
@@ -627,29 +663,12 @@ def finish_run(
     """
     out = Path(cfg.out)
     data, num_classes = targets.data, targets.num_classes
-
-    def test_metrics() -> dict:
-        return classification_metrics(
-            predict_logits(student, test.x, device), torch.as_tensor(test.y), num_classes
-        )
-
+    task = targets.task
     metrics: dict = {"dataset": data.spec}
     if best is not None and val is not None:
         metrics["selection"] = {"on": val.spec, **best.record(len(history))}
-        log(
-            f"kept epoch {best.epoch} of {len(history)}: {best.row['val_errors']} errors on "
-            f"--val {val.spec} (NLL {best.row['val_nll']:.4f})"
-        )
-    if test is not None and (cfg.class_bias or cfg.fit_bias_on):
-        metrics["test_before_bias"] = test_metrics()
-    bias_record = _apply_bias(student, cfg, held, absent, num_classes, device, log)
-    if test is not None:
-        metrics["test"] = {"dataset": test.spec, **test_metrics()}
-    if targets.cache is not None:
-        metrics["teacher_agreement_transfer"] = _transfer_agreement(
-            student, targets.cache, data, targets.members, cfg, device
-        )
-    metrics["bias"] = bias_record
+        log(task.describe_selection(best, len(history), val))
+    metrics.update(task.final_metrics(student, cfg, targets, test, held, absent, device, log))
     metrics["train_seconds"] = sum(r["seconds"] for r in history)
     metrics["wall_seconds"] = time.perf_counter() - t_start
     metrics["epochs"] = len(history)
@@ -663,8 +682,7 @@ def finish_run(
         "model_spec": cfg.student,
         "in_shape": list(data.sample_shape),
         "num_classes": num_classes,
-        "class_names": targets.class_names,
-        "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
+        **task.checkpoint_meta(targets),
         "config": run_config(cfg, ranks),
         **targets.record,
         "metrics": metrics.get("test"),
@@ -674,12 +692,120 @@ def finish_run(
     result = {**targets.record, "metrics": metrics, "config": run_config(cfg, ranks)}
     atomic_write_json(out / "metrics.json", result)
     if test is not None:
-        t = metrics["test"]
-        log(
+        log(task.describe_result(metrics["test"], test))
+    return result
+
+
+class ClassificationTask:
+    """What stage two does for image (or any row) classifiers: the student maps an input to C
+    logits, is measured by test errors, NLL and ECE (and agreement with the cached teacher), may
+    have its output biases corrected, and ``--val`` chooses the epoch by validation errors (ties
+    by NLL). :class:`pipeline.training.sequence.SequenceTask` is the same interface for tokens.
+    """
+
+    name = "classification"
+
+    def refused(self, cfg: StudentConfig) -> list[str]:
+        return []  # every StudentConfig option applies to classifiers
+
+    def unit(self, data: Dataset) -> str:
+        return "rows"
+
+    def build_student(
+        self, cfg: StudentConfig, targets: SoftTargets, device: torch.device
+    ) -> KDModel:
+        return build_student(cfg, targets, device)
+
+    def trainable(self, student: torch.nn.Module, data: Dataset) -> torch.nn.Module:
+        return student
+
+    def loss(self, cfg: StudentConfig) -> Callable:
+        return make_loss(cfg.loss, cfg.temperature, cfg.alpha)
+
+    def test_set(
+        self, cfg: StudentConfig, targets: SoftTargets, log: Callable[[str], None]
+    ) -> Dataset | None:
+        test = resolve_eval_set(cfg.eval, targets.data, cfg.data_dir, targets.num_classes, log=log)
+        watch_content(test, None, cfg.loader_workers)
+        return test
+
+    def val_set(self, spec: str, targets: SoftTargets, data_dir: str | None) -> Dataset:
+        return load_eval_dataset(spec, data_dir, targets.data, targets.num_classes)
+
+    def best_epoch(self) -> BestEpoch:
+        return BestEpoch()
+
+    def epoch_metrics(
+        self, m: torch.nn.Module, val: Dataset | None, test: Dataset | None, device: torch.device
+    ) -> dict:
+        row: dict = {}
+        if val is not None:
+            logits = predict_logits(m, val.x, device)
+            labels = torch.as_tensor(val.y)
+            wrong = int((logits.argmax(1) != labels).sum())
+            nll = float(torch.nn.functional.cross_entropy(logits.float(), labels))
+            row.update(val_errors=wrong, val_error_rate=wrong / len(val), val_nll=nll)
+        if test is not None:
+            logits = predict_logits(m, test.x, device)
+            wrong = int((logits.argmax(1) != torch.as_tensor(test.y)).sum())
+            row.update(test_errors=wrong, test_error_rate=wrong / len(test))
+        return row
+
+    def final_metrics(
+        self,
+        student: KDModel,
+        cfg: StudentConfig,
+        targets: SoftTargets,
+        test: Dataset | None,
+        held: Dataset | None,
+        absent: list[int],
+        device: torch.device,
+        log: Callable[[str], None],
+    ) -> dict:
+        """Bias correction, then the test metrics and the agreement with the cached teacher."""
+        out: dict = {}
+
+        def test_metrics() -> dict:
+            return classification_metrics(
+                predict_logits(student, test.x, device),
+                torch.as_tensor(test.y),
+                targets.num_classes,
+            )
+
+        if test is not None and (cfg.class_bias or cfg.fit_bias_on):
+            out["test_before_bias"] = test_metrics()
+        bias_record = _apply_bias(student, cfg, held, absent, targets.num_classes, device, log)
+        if test is not None:
+            out["test"] = {"dataset": test.spec, **test_metrics()}
+        if targets.cache is not None:
+            out["teacher_agreement_transfer"] = _transfer_agreement(
+                student, targets.cache, targets.data, targets.members, cfg, device
+            )
+        out["bias"] = bias_record
+        return out
+
+    def describe_selection(self, best: BestEpoch, epochs: int, val: Dataset) -> str:
+        return (
+            f"kept epoch {best.epoch} of {epochs}: {best.row['val_errors']} errors on "
+            f"--val {val.spec} (NLL {best.row['val_nll']:.4f})"
+        )
+
+    def describe_result(self, t: dict, test: Dataset) -> str:
+        return (
             f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
             f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f}) on {test.spec}"
         )
-    return result
+
+    def checkpoint_meta(self, targets: SoftTargets) -> dict:
+        data = targets.data
+        return {
+            "class_names": targets.class_names,
+            "dataset": {"spec": data.spec, "fingerprint": data.fingerprint},
+        }
+
+
+CLASSIFICATION = ClassificationTask()
+SEQUENCE = SequenceTask()
 
 
 # ----------------------------------------------------------------------------- bias correction

@@ -207,19 +207,28 @@ class LoaderPlan:
 
 
 def plan_loader(
-    cache: LogitCache, x: np.ndarray, members: list[int], shards: np.ndarray, budget: int
+    cache: LogitCache,
+    x: np.ndarray,
+    members: list[int],
+    shards: np.ndarray,
+    budget: int,
+    rows_per_sample: int = 1,
 ) -> LoaderPlan:
     """Choose memory or streaming mode for ``budget`` bytes.
 
     In-memory mode holds combined float32 targets (rows x C x 4) and the inputs; streaming holds a
     shuffle buffer of ``buffer_shards`` shards plus ``PREFETCH_SHARDS`` prefetched raw shards.
+    Counts are of samples, each with ``rows_per_sample`` rows of targets (a token cache: one per
+    position; the labels then take 8 bytes per position too).
     """
     rows = sum(int(np.subtract(*cache.shard_bounds(int(s))[::-1])) for s in shards)
     c = cache.num_classes
     target = target_bytes_per_row(cache, members)
-    in_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
+    dense = target == c * 4
+    in_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize + 8 * (rows_per_sample - 1)
     itemsize = 2 if cache.header.dtype == "float16" else 4
-    raw_bytes = len(members) * (c * itemsize if target == c * 4 else target)
+    raw_bytes = len(members) * (c * itemsize if dense else target) * rows_per_sample
+    target *= rows_per_sample
     memory_mode = rows * (target + in_bytes)
     if memory_mode <= budget:
         return LoaderPlan("memory", rows, len(shards), len(shards), memory_mode, budget)
@@ -232,7 +241,9 @@ def plan_loader(
         target + in_bytes + 8
     ) + READ_THREADS * (
         cache.rows_per_shard * raw_bytes
-        + 2 * 4 * min(COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * len(members) * c)
+        + 2 * 4 * min(
+            COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * rows_per_sample * len(members) * c
+        )
     )
     buffer_rows = max(0, budget - prefetch) // per_row
     return LoaderPlan(

@@ -26,6 +26,7 @@ from pipeline.files import atomic_write
 from pipeline.options import option, parse_clip
 from pipeline.progress import progress_bar
 from pipeline.training.losses import DistillationLoss
+from pipeline.training.targets import flat_rows
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
@@ -330,8 +331,10 @@ def fit(
         )
         for xb, tb, yb in bar:
             xb = xb.to(device, non_blocking=non_blocking)
-            tb = None if tb is None else tb.to(device, non_blocking=non_blocking)
-            yb = None if yb is None else yb.to(device, non_blocking=non_blocking)
+            # A sample of several rows (a sequence's positions) comes with its targets and
+            # labels grouped per sample, (B, P, ...): the losses take one row per position.
+            tb = flat_rows(None if tb is None else tb.to(device, non_blocking=non_blocking))
+            yb = None if yb is None else yb.to(device, non_blocking=non_blocking).reshape(-1)
             if augment is not None:
                 xb = augment(xb)
             if tb is None and teacher_fn is not None:

@@ -9,40 +9,44 @@ padded heads dropped), the batches carry the matching rows of soft targets and t
 
     loss = alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(next token, q_1)    (per token)
 
-Cached rows are matched to a batch's sequences by (sample id, position) through the cache's ids and
-``row_start`` (:class:`SequenceSource`), never by batch order. Metrics: test perplexity, bits per
-byte (the test tokens' total NLL in bits over the bytes of text they stand for), token accuracy and
-agreement with the teacher's argmax tokens.
+Students go through the one stage-two recipe (:func:`pipeline.training.distill.train_student`):
+this module gives it the token-specific parts, :class:`SequenceTask` (how a sequence student is
+built, trained, measured and chosen) and :func:`token_source` (a token cache's rows in memory or
+streamed by shards, shuffled by sequence, a rank's share under torchrun). A cache's rows are the
+transfer set's sequences in order, position by position (the row index is checked against that
+layout when the cache is read), so grouping a shard's rows P at a time pairs each sequence with its
+own rows. Metrics: test perplexity, bits per byte (the test tokens' total NLL in bits over the
+bytes of text they stand for), token accuracy and agreement with the teacher's argmax tokens.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cache.format import LogitCache, cache_fingerprint, read_header
-from pipeline.cache.transfer import load_transfer_set
-from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
+from pipeline.cache.format import LogitCache
+from pipeline.checkpoints import load_models, save_checkpoint
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.datasets import Dataset, default_eval_spec, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
+from pipeline.metrics import percent
 from pipeline.models import KDModel, build_model
 from pipeline.sequences.data import PAD, SequenceDataset, is_sequence, tokenizer_record
 from pipeline.sequences.models import token_rows
-from pipeline.training.loader import check_member_kinds, shard_targets
-from pipeline.training.loop import fit
+from pipeline.training.loader import LoaderPlan, StreamingCacheSource, plan_loader, shard_targets
+from pipeline.training.loop import BestEpoch, InMemorySource, fit
 from pipeline.training.losses import DistillationLoss, combine_members, make_loss
-from pipeline.training.targets import SparseTargets, cat_targets
+from pipeline.training.targets import SparseTargets, cat_targets, group_rows
 
 SEQUENCE_SOURCES = ("text", "tokens")
 EVAL_BATCH = 64  # sequences per forward pass when measuring
@@ -66,51 +70,6 @@ class TokenRowModel(nn.Module):
         fn = getattr(self.model, "constrain", None)
         if fn is not None:
             fn()
-
-
-class SequenceSource:
-    """Shuffled batches of whole sequences: ``(x (B, P), soft-target rows (B*P) | None, labels
-    (B*P,))``, every sequence once per epoch.
-
-    Args:
-        x: (n, P) token ids. y: (n, P) labels (negative: no target / padding).
-        teacher: soft-target rows (dense (R, C) or sparse), or None.
-        first_row: (n,) the row in ``teacher`` of each sequence's position 0 (its rows are
-            ``first_row[i] .. first_row[i] + P - 1``, position by position).
-        seed: epoch e's order is drawn from ``[seed, e]``.
-    """
-
-    def __init__(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        teacher: Targets | None = None,
-        first_row: np.ndarray | None = None,
-        batch_size: int = 32,
-        seed: int = 0,
-    ) -> None:
-        self.x = torch.as_tensor(x)
-        self.y = torch.as_tensor(y).long()
-        self.teacher, self.batch_size, self.seed = teacher, batch_size, seed
-        self.first_row = None if first_row is None else torch.as_tensor(first_row).long()
-        self.positions = torch.arange(self.x.shape[1])
-
-    def __len__(self) -> int:
-        return math.ceil(self.x.shape[0] / self.batch_size)
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.x.shape[0])
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, Targets | None, torch.Tensor]]:
-        order = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(len(self.x)))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            soft = None
-            if self.teacher is not None:
-                rows = (self.first_row[idx][:, None] + self.positions).reshape(-1)
-                soft = self.teacher[rows]
-            yield self.x[idx], soft, self.y[idx].reshape(-1)
 
 
 class SequenceLoss:
@@ -208,15 +167,6 @@ def is_sequence_spec(spec: str | None) -> bool:
     return bool(spec) and spec.partition(":")[0] in SEQUENCE_SOURCES  # type: ignore[union-attr]
 
 
-def is_sequence_run(cfg: StudentConfig) -> bool:
-    """Whether ``train-student`` with ``cfg`` distils a sequence model (a token cache, or an
-    online teacher on a sequence dataset)."""
-    if cfg.cache:
-        h = read_header(cfg.cache_location)
-        return h is not None and "tokenizer" in h.dataset.extra
-    return is_sequence_spec(cfg.dataset)
-
-
 def _test_set(spec: str | None, train: SequenceDataset, data_dir: str | None) -> Dataset | None:
     """``--eval`` for sequences: the given spec, '' for none, else the training spec's test split;
     refused when its tokenizer differs from the training data's."""
@@ -277,7 +227,7 @@ def train_sequence_teacher(cfg: TeacherConfig, log: Callable[[str], None] = prin
         torch.manual_seed(seed)
         model = _build(spec, train).to(device)
         member_cfg = type(cfg.train)(**{**cfg.train.to_dict(), "seed": seed})
-        source = SequenceSource(train.x, train.y, batch_size=member_cfg.batch_size, seed=seed)
+        source = InMemorySource(train.x, train.y, batch_size=member_cfg.batch_size, seed=seed)
 
         def evaluate(m: nn.Module) -> dict:
             if test is None:
@@ -354,177 +304,100 @@ def _build(
 
 
 # -------------------------------------------------------------------------------------- students
-def train_sequence_student(
-    cfg: StudentConfig, log: Callable[[str], None] = print, progress: bool = True
-) -> dict:
-    """``train-student`` / ``sweep`` for sequence models: soft targets per token from a cache
-    (dense, topk or sampled rows) or a live teacher, the paper's loss per token, test perplexity.
+def is_token_cache(cache: LogitCache) -> bool:
+    """Whether a cache holds rows per token position (its transfer set has a tokenizer)."""
+    return "tokenizer" in cache.dataset.extra
 
-    Writes the run directory as image students do: ``config.json``, ``history.csv``,
-    ``student.pt``, then ``metrics.json`` (last: a run with one is finished).
+
+class TokenStreamingSource(StreamingCacheSource):
+    """:class:`StreamingCacheSource` for a token cache: the unit shuffled and served is a sequence,
+    ``(x (B, P) ids, targets grouped (B, P, ...), labels (B, P))`` (``fit`` flattens the
+    grouped targets and labels to rows).
+
+    Shards are read and shuffled as for images (whole shards in a buffer, every sequence once per
+    epoch, a rank's share under torchrun); a shard's rows are its sequences' positions in order,
+    so grouping them P at a time pairs each sequence with its own rows.
+
+    Args:
+        y: (N, P) next-token labels of the transfer set (negative: no target / padding).
+        positions: P.
+        (the rest as :class:`StreamingCacheSource`)
     """
-    device = resolve_device(cfg.device)
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
-    _check_run_dir(cfg, out, log)
-    if cfg.cache:
-        data, source, teacher_fn, record, teacher = _cache_source(cfg, device)
-    else:
-        data, source, teacher_fn, record, teacher = _online_source(cfg, device)
-    test = _test_set(cfg.eval, data, cfg.data_dir)
-    torch.manual_seed(cfg.train.seed)
-    student = _build(cfg.student, data).to(device)
-    v = data.num_classes
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.json", "student.pt"):
-        (out / name).unlink(missing_ok=True)
-    atomic_write_json(out / "config.json", cfg.to_dict())
 
-    def evaluate(m: nn.Module) -> dict:
-        if test is None:
-            return {}
-        met = sequence_metrics(student, test, device)
-        return {"test_perplexity": met["perplexity"], "test_bits_per_byte": met["bits_per_byte"]}
+    def __init__(self, *args: object, y: np.ndarray, positions: int, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.y, self.positions = y, positions
 
-    log(
-        f"training {cfg.student} on {source.num_rows} sequences x {data.positions} tokens: "
-        f"loss={cfg.loss} T={cfg.temperature} alpha={cfg.alpha} on {describe_device(device)}, "
-        f"{record['describe']}"
-    )
-    history = fit(
-        TokenRowModel(student, v),
-        source,  # type: ignore[arg-type]
-        SequenceLoss(make_loss(cfg.loss, cfg.temperature, cfg.alpha)),  # type: ignore[arg-type]
-        cfg.train,
-        device,
-        teacher_fn=teacher_fn,
-        evaluate=evaluate,
-        history_csv=out / "history.csv",
-        log=log,
-        desc="student",
-        progress=progress,
-    )
-    metrics: dict = {"dataset": data.spec}
-    if test is not None:
-        metrics["test"] = {"dataset": test.spec, **sequence_metrics(student, test, device, teacher)}
-    metrics["train_seconds"] = sum(r["seconds"] for r in history)
-    metrics["wall_seconds"] = time.perf_counter() - t_start
-    metrics["epochs"] = len(history)
-    metrics["final_epoch"] = history[-1]
-    provenance = {k: val for k, val in record.items() if k != "describe"}
-    meta = {
-        "model_spec": cfg.student,
-        "in_shape": list(data.sample_shape),
-        "num_classes": v,
-        "class_names": [],
-        "dataset": {"spec": data.spec, "fingerprint": data.fingerprint, **tokenizer_record(data)},
-        **tokenizer_record(data),
-        "sequence": True,
-        "config": cfg.to_dict(),
-        **provenance,
-        "metrics": metrics.get("test"),
-        "device": describe_device(device),
-    }
-    save_checkpoint(out / "student.pt", student, meta)
-    result = {**provenance, "metrics": metrics, "config": cfg.to_dict()}
-    atomic_write_json(out / "metrics.json", result)
-    if test is not None:
-        t = metrics["test"]
-        log(
-            f"student: test perplexity {t['perplexity']:.3f}, {t['bits_per_byte']:.4f} bits per "
-            f"byte, token accuracy {t['accuracy']:.4f} on {test.spec}"
+    def _read(self, shard: int) -> tuple:
+        start, stop = self.cache.shard_bounds(shard)
+        teacher = shard_targets(self.cache, shard, self.members, self.method, self.temperature)
+        return (
+            self.x[start:stop],
+            group_rows(teacher, self.positions),
+            self.y[start:stop],
+            np.arange(start, stop),
         )
-    return result
 
 
-def _check_run_dir(cfg: StudentConfig, out: Path, log: Callable[[str], None]) -> None:
-    try:
-        recorded = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    now = json.loads(json.dumps(cfg.to_dict()))
-    if recorded != now and not cfg.overwrite:
-        diffs = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
-        raise ConfigError(
-            [
-                f"--out {out} already holds a run of another config (differs in "
-                f"{', '.join(diffs[:4])}); choose another --out, or pass --overwrite to replace it"
-            ]
-        )
-    log(f"replacing the run in {out}")
+def token_source(
+    cache: LogitCache,
+    data: SequenceDataset,
+    members: list[int],
+    method: str,
+    temperature: float,
+    batch_size: int,
+    budget: int,
+    seed: int,
+    shards: np.ndarray,
+    rank: tuple[int, int] = (0, 1),
+) -> tuple[InMemorySource | TokenStreamingSource, LoaderPlan]:
+    """A token cache's batches: in memory when its rows fit ``budget`` bytes, streamed by shards
+    otherwise; both shuffle by sequence, serve every position once per epoch and serve rank k's
+    share under torchrun (as :func:`pipeline.training.loader.cache_source` does for images).
 
-
-def _cache_source(cfg: StudentConfig, device: torch.device) -> tuple:
-    """The cache's rows for the transfer set's sequences, matched by (sample id, position)."""
-    cache = LogitCache(cfg.cache_location, allow_partial=cfg.allow_partial)
-    members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
-    bad = [m for m in members if m >= len(cache.members)]
-    if bad:
-        raise ConfigError(
-            [f"--members {bad} out of range: the cache has members 0..{len(cache.members) - 1}"]
-        )
-    check_member_kinds(cache, members, cfg.ensemble, cfg.loss)
-    want = dict(cache.dataset.extra.get("tokenizer") or {})
-    if cfg.dataset:  # say that the tokenizer differs, not only that the fingerprint does
-        check_same_tokenizer(
-            want, load_dataset(cfg.dataset, cfg.data_dir), "--dataset", f"the cache {cfg.cache} was"
-        )
-    data = load_transfer_set(cache, cfg.dataset, cfg.data_dir)
-    if not is_sequence(data):
-        raise CacheError(f"{cfg.cache}: its transfer set {data.spec} is not a sequence dataset")
-    shards = cache.done_shards(members)
-    if not len(shards):
+    Raises:
+        CacheError: the cache's positions per sample are not the sequences'.
+    """
+    p = data.positions
+    if cache.header.positions != p:
         raise CacheError(
-            f"{cache.location}: no finished shards yet (0/{cache.n_shards}); run cache-logits"
+            f"{cache.location}: the cache holds {cache.header.positions} rows per sample, the "
+            f"sequences of {data.spec} have {p} positions; the cache is not for this data"
         )
-    parts, local_first = [], np.full(cache.n, -1, dtype=np.int64)
-    row_start, row_count = cache.read_row_index()
-    bad_rows = np.flatnonzero(row_count != data.positions)
-    if bad_rows.size:
-        raise CacheError(
-            f"{cache.location}: samples {bad_rows[:5].tolist()} have {row_count[bad_rows[:5]]} "
-            f"rows, the sequences {data.positions} positions; the cache is not for this data"
+    cache.read_row_index()  # refuses a row index other than the layout (sample i: rows i*P..)
+    plan = plan_loader(cache, data.x, members, shards, budget, rows_per_sample=p)
+    if plan.mode == "stream":
+        source = TokenStreamingSource(
+            cache,
+            data.x,
+            members,
+            method,
+            temperature,
+            shards,
+            batch_size,
+            plan.buffer_shards,
+            seed,
+            rank=rank,
+            y=data.y,
+            positions=p,
         )
-    local = 0
-    for s in shards:
-        lo, hi = cache.shard_bounds(int(s))
-        row_lo, row_hi = cache.row_bounds(int(s))
-        parts.append(shard_targets(cache, int(s), members, cfg.ensemble, cfg.temperature))
-        local_first[lo:hi] = local + row_start[lo:hi] - row_lo
-        local += row_hi - row_lo
-    teacher = cat_targets(parts)
-    # Sample id -> the cache's sample index -> its rows (ids equal the dataset's: checked above).
-    ids = cache.read_ids()
-    order = np.argsort(ids)
-    at = order[np.searchsorted(ids, data.ids, sorter=order)]
-    first = local_first[at]
-    use = first >= 0  # samples of finished shards
-    source = SequenceSource(
-        data.x[use], data.y[use], teacher, first[use], cfg.train.batch_size, cfg.train.seed
+        return source, plan
+    parts = [
+        group_rows(shard_targets(cache, int(s), members, method, temperature), p) for s in shards
+    ]
+    samples = np.concatenate([np.arange(*cache.shard_bounds(int(s))) for s in shards])
+    source = InMemorySource(
+        data.x[samples],
+        data.y[samples],
+        cat_targets(parts),
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
     )
-    specs = [cache.storage(m) for m in members]
-    record = {
-        "cache": {
-            "location": cfg.cache,
-            "fingerprint": cache_fingerprint(cache.header, members),
-            "dataset": data.spec,
-            "dataset_fingerprint": data.fingerprint,
-            "tokenizer": want,
-            "members": members,
-            "member_checkpoints": [cache.members[m].checkpoint_sha256 for m in members],
-            "storage": [s.text for s in specs],
-            "complete": cache.complete,
-            "shards_used": len(shards),
-            "n_shards": cache.n_shards,
-            "rows_used": int(use.sum()) * data.positions,
-        },
-        "describe": f"{cache.storage(members[0]).text} cache rows in memory",
-    }
-    teacher_model = _cached_teacher(cache, members, device, cfg.trust_code)
-    return data, source, None, record, teacher_model
+    return source, plan
 
 
-def _cached_teacher(
+def cached_teacher(
     cache: LogitCache, members: list[int], device: torch.device, trust: list[str]
 ) -> nn.Module | None:
     """The cache's teacher (one member, its checkpoint still where it was and unchanged), for the
@@ -539,28 +412,150 @@ def _cached_teacher(
     return lm.model if lm.sha256 == m.checkpoint_sha256 else None
 
 
-def _online_source(cfg: StudentConfig, device: torch.device) -> tuple:
-    teachers = load_models(cfg.online_teacher or [], device, cfg.trust_code)
-    data = load_dataset(cfg.dataset or "", cfg.data_dir)
-    problems = fit_problems(teachers, data)
-    if problems:
-        raise ConfigError(problems)
-    assert isinstance(data, SequenceDataset)
-    models = [t.model for t in teachers]
-    v = data.num_classes
+def online_token_teacher(
+    models: list[nn.Module], vocab: int, method: str, temperature: float
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An online teacher ensemble on token batches: (B, P) ids -> combined (B * P, V) logits."""
 
     def teacher_fn(xb: torch.Tensor) -> torch.Tensor:
-        rows = torch.stack([token_rows(m(xb), v) for m in models])
-        return combine_members(rows, cfg.ensemble, cfg.temperature)
+        rows = torch.stack([token_rows(m(xb), vocab) for m in models])
+        return combine_members(rows, method, temperature)
 
-    source = SequenceSource(data.x, data.y, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-    record = {
-        "online_teacher": {
-            "paths": [str(t.path) for t in teachers],
-            "checkpoints": [t.sha256 for t in teachers],
-            "dataset": data.spec,
-            "dataset_fingerprint": data.fingerprint,
-        },
-        "describe": "online teacher",
+    return teacher_fn
+
+
+class SequenceTask:
+    """What stage two does differently for token sequences (the recipe in
+    :mod:`pipeline.training.distill` is the same): the student reads token ids and is trained as
+    a row model (:class:`TokenRowModel`), the loss drops padding (:class:`SequenceLoss`), a model
+    is measured by next-token perplexity, bits per byte and token accuracy
+    (:func:`sequence_metrics`), and ``--val`` chooses the epoch by validation perplexity.
+    """
+
+    name = "sequence"
+    # StudentConfig fields this task cannot honour, and why (refused in validation).
+    REFUSED = {
+        "class_bias": "output-bias offsets per class are for image classifiers",
+        "fit_bias_on": "bias fitting is for image transfer sets made with exclude=/keep=",
+        "augment": "image augmentations do not apply to token ids",
     }
-    return data, source, teacher_fn, record, models[0] if len(models) == 1 else None
+
+    def refused(self, cfg: StudentConfig) -> list[str]:
+        """Options set away from their defaults that sequences cannot honour."""
+        default = StudentConfig()
+        out = [
+            f"--{name.replace('_', '-')} is not supported for token sequences: {why}"
+            for name, why in self.REFUSED.items()
+            if getattr(cfg, name) != getattr(default, name)
+        ]
+        if cfg.views_per_epoch != default.views_per_epoch:
+            out.append(
+                "--views-per-epoch is for view caches of images; token caches have one row per "
+                "position"
+            )
+        return out
+
+    def unit(self, data: Dataset) -> str:
+        return f"sequences x {data.positions} tokens"  # type: ignore[attr-defined]
+
+    def build_student(self, cfg: StudentConfig, targets: Any, device: torch.device) -> KDModel:
+        """The student (seeded), checked to read token ids and to output the whole vocabulary."""
+        data = targets.data
+        torch.manual_seed(cfg.train.seed)
+        student = _build(cfg.student, data).to(device)
+        v = data.num_classes
+        student.eval()
+        with torch.no_grad():
+            width = int(student(torch.as_tensor(data.x[:1]).to(device)).shape[-1])
+        student.train()
+        if width < v:
+            raise ConfigError(
+                [
+                    f"student {cfg.student} outputs {width} logits per position but the "
+                    f"teacher's vocabulary has {v} tokens; build the student for the cache's "
+                    "vocabulary"
+                ]
+            )
+        return student
+
+    def trainable(self, student: nn.Module, data: SequenceDataset) -> nn.Module:
+        return TokenRowModel(student, data.num_classes)
+
+    def loss(self, cfg: StudentConfig) -> SequenceLoss:
+        return SequenceLoss(make_loss(cfg.loss, cfg.temperature, cfg.alpha))
+
+    def test_set(
+        self, cfg: StudentConfig, targets: Any, log: Callable[[str], None]
+    ) -> Dataset | None:
+        return _test_set(cfg.eval, targets.data, cfg.data_dir)
+
+    def val_set(self, spec: str, targets: Any, data_dir: str | None) -> Dataset:
+        """``--val`` for sequences: a sequence dataset of the same tokenizer."""
+        data = targets.data
+        val = load_dataset(spec, data_dir)
+        if not is_sequence(val):
+            raise ConfigError([f"--val {spec} is not a sequence dataset; the models read tokens"])
+        check_same_tokenizer(data.tokenizer.describe(), val, "--val")
+        return val
+
+    def best_epoch(self) -> BestEpoch:
+        return BestEpoch(key="val_nll", tie="val_errors")
+
+    def epoch_metrics(
+        self, model: nn.Module, val: Dataset | None, test: Dataset | None, device: torch.device
+    ) -> dict:
+        """After each epoch: validation NLL and perplexity (what ``--val`` chooses on), and the
+        test perplexity and bits per byte (the history only)."""
+        student = model.model if isinstance(model, TokenRowModel) else model
+        row = {}
+        if val is not None:
+            met = sequence_metrics(student, val, device)  # type: ignore[arg-type]
+            row.update(
+                val_nll=met["nll"], val_perplexity=met["perplexity"], val_errors=met["errors"]
+            )
+        if test is not None:
+            met = sequence_metrics(student, test, device)  # type: ignore[arg-type]
+            row.update(test_perplexity=met["perplexity"], test_bits_per_byte=met["bits_per_byte"])
+        return row
+
+    def final_metrics(
+        self,
+        student: nn.Module,
+        cfg: StudentConfig,
+        targets: Any,
+        test: Dataset | None,
+        held: Dataset | None,
+        absent: list[int],
+        device: torch.device,
+        log: Callable[[str], None],
+    ) -> dict:
+        """The test set's next-token metrics, with the teacher's agreement when it is at hand."""
+        if test is None:
+            return {}
+        met = sequence_metrics(student, test, device, targets.teacher)  # type: ignore[arg-type]
+        return {"test": {"dataset": test.spec, **met}}
+
+    def describe_result(self, t: dict, test: Dataset) -> str:
+        return (
+            f"student: test perplexity {t['perplexity']:.3f}, {t['bits_per_byte']:.4f} bits per "
+            f"byte, token accuracy {percent(t['accuracy'])} on {test.spec}"
+        )
+
+    def describe_selection(self, best: BestEpoch, epochs: int, val: Dataset) -> str:
+        return (
+            f"kept epoch {best.epoch} of {epochs}: validation perplexity "
+            f"{best.row['val_perplexity']:.3f} on --val {val.spec}"
+        )
+
+    def checkpoint_meta(self, targets: Any) -> dict:
+        data = targets.data
+        return {
+            "dataset": {
+                "spec": data.spec,
+                "fingerprint": data.fingerprint,
+                **tokenizer_record(data),
+            },
+            **tokenizer_record(data),
+            "sequence": True,
+            "class_names": [],
+        }

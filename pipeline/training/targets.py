@@ -107,6 +107,36 @@ class SparseTargets:
             joined[f] = torch.cat(tensors, dim=1, out=held)
         return replace(first, **joined)
 
+    def grouped(self, per: int) -> SparseTargets:
+        """Rows grouped ``per`` at a time: (M, rows, ...) -> (M, rows / per, per, ...), so that a
+        sample's ``per`` rows (a sequence's positions) are indexed, shuffled and served together
+        (dimension 1 is then the sample)."""
+        return replace(
+            self,
+            **{
+                f: getattr(self, f).reshape(
+                    getattr(self, f).shape[0], -1, per, *getattr(self, f).shape[2:]
+                )
+                for f in self._ROW_FIELDS
+            },
+        )
+
+    @property
+    def is_grouped(self) -> bool:
+        return self.index.dim() == 4
+
+    def flat(self) -> SparseTargets:
+        """The inverse of :meth:`grouped`: one row per (sample, position) again."""
+        if not self.is_grouped:
+            return self
+        return replace(
+            self,
+            **{
+                f: getattr(self, f).flatten(1, 2)
+                for f in self._ROW_FIELDS
+            },
+        )
+
     def probs(self) -> torch.Tensor:
         """(B, C) the members' mean mass per class (kept classes only; tails left out)."""
         members, rows, _ = self.index.shape
@@ -121,6 +151,28 @@ class SparseTargets:
     def top_class(self) -> torch.Tensor:
         """(B,) the class the ensemble ranks first (the top-1 of the stored classes' mass)."""
         return self.probs().argmax(dim=1)
+
+
+def group_rows(
+    targets: torch.Tensor | SparseTargets, per: int
+) -> torch.Tensor | SparseTargets:
+    """A sample's ``per`` consecutive rows as one item: dense (rows, C) -> (rows / per, per, C);
+    sparse via :meth:`SparseTargets.grouped`. ``per`` = 1 changes nothing."""
+    if per == 1:
+        return targets
+    if isinstance(targets, SparseTargets):
+        return targets.grouped(per)
+    return targets.reshape(-1, per, *targets.shape[1:])
+
+
+def flat_rows(targets: torch.Tensor | SparseTargets | None, dense_dims: int = 2):
+    """A batch's grouped targets (:func:`group_rows`) back to one row per (sample, position):
+    what the losses take. Ungrouped targets pass through."""
+    if targets is None:
+        return None
+    if isinstance(targets, SparseTargets):
+        return targets.flat()
+    return targets.flatten(0, 1) if targets.dim() > dense_dims else targets
 
 
 def cat_targets(parts: Sequence[torch.Tensor | SparseTargets]) -> torch.Tensor | SparseTargets:

@@ -15,14 +15,15 @@ from torch import nn
 from pipeline.cache.format import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import save_checkpoint
-from pipeline.config import CacheConfig, StudentConfig
+from pipeline.config import CacheConfig
 from pipeline.datasets import default_eval_spec, load_dataset
 from pipeline.models import KDModel, register_model
 from pipeline.sequences.data import NO_LABEL, PAD, SequenceDataset, tokenizer_record
 from pipeline.sequences.tokenizers import Tokenizer, train_bpe
 from pipeline.training.loop import TrainConfig
 from pipeline.training.losses import DistillationLoss
-from pipeline.training.sequence import SequenceLoss, _cache_source
+from pipeline.training.sequence import SequenceLoss, token_source
+from pipeline.training.targets import flat_rows
 from stages.cli import main
 from tests.optional import require
 
@@ -213,13 +214,21 @@ def test_cache_rows_line_up_with_positions_and_padded_heads_are_dropped(
     # the student's batches carry the rows of their own sequences, position by position
     # (T = 1: SparseTargets.probs of sampled rows weighs each draw by p_T * w, which at T = 1
     # is p / S; at other T it is not the teacher's ranking)
-    cfg = StudentConfig(
-        cache=str(out), student="gpt:layers=1,dim=8,heads=2,ctx=12", out="x", temperature=1.0
-    )
-    _, source, *_ = _cache_source(cfg, torch.device("cpu"))
-    for xb, soft, _ in source.epoch(0):
-        got = soft.argmax(1) if isinstance(soft, torch.Tensor) else soft.top_class()
-        np.testing.assert_array_equal(got.numpy(), xb.reshape(-1).numpy())
+    # in memory and streamed by shards alike (a budget of one byte streams).
+    for budget in (1 << 30, 1):
+        source, plan = token_source(
+            cache, data, [0], "mean-probs", 1.0, 8, budget, 0, cache.done_shards()
+        )
+        assert plan.mode == ("memory" if budget > 1 else "stream")
+        seen = []
+        for xb, soft, yb in source.epoch(0):
+            soft = flat_rows(soft)
+            got = soft.argmax(1) if isinstance(soft, torch.Tensor) else soft.top_class()
+            np.testing.assert_array_equal(got.numpy(), xb.reshape(-1).numpy())
+            assert yb.shape == xb.shape
+            seen.append(xb)
+        # every sequence once per epoch
+        assert sorted(map(tuple, torch.cat(seen).tolist())) == sorted(map(tuple, data.x.tolist()))
 
 
 def test_a_teacher_of_another_tokenizer_is_refused(corpus: Path, tmp_path: Path) -> None:
