@@ -9,6 +9,8 @@ from pipeline.metrics import percent
 
 def evaluation_table(res: dict) -> str:
     """``evaluate``'s result as one line per member (and the ensemble when there are several)."""
+    if res.get("sequence"):
+        return _sequence_evaluation_table(res)
     lines = [
         f"{'model':<28} {'errors':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7}   on {res['dataset']}"
     ]
@@ -19,6 +21,23 @@ def evaluation_table(res: dict) -> str:
         lines.append(
             f"{name:<28} {m['errors']:>7} {percent(m['accuracy']):>9} {m['nll']:>7.4f} "
             f"{m['ece']:>7.4f}"
+        )
+    return "\n".join(lines)
+
+
+def _sequence_evaluation_table(res: dict) -> str:
+    """``evaluate`` of language models: next-token perplexity, bits per byte, token accuracy."""
+    lines = [
+        f"{'model':<28} {'perplexity':>10} {'bits/byte':>9} {'accuracy':>9} {'tokens':>8}"
+        f"   on {res['dataset']}"
+    ]
+    rows = [(Path(p).name, m) for p, m in zip(res["paths"], res["members"], strict=True)]
+    if len(rows) > 1:
+        rows.append((f"ensemble ({res['method']})", res["ensemble"]))
+    for name, m in rows:
+        lines.append(
+            f"{name:<28} {m['perplexity']:>10.3f} {m['bits_per_byte']:>9.4f} "
+            f"{percent(m['accuracy']):>9} {m['tokens']:>8}"
         )
     return "\n".join(lines)
 
