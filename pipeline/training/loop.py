@@ -8,11 +8,12 @@ entry). No mode has a loop of its own.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from pipeline.training.targets import flat_rows
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 # A batch: raw inputs (B, *shape), teacher logits (B, C) or None, labels (B,) or None.
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -57,6 +59,35 @@ class TrainConfig:
     lr_schedule: str = option(
         "cosine", choices=LR_SCHEDULES, help="Learning-rate schedule over all steps."
     )
+    warmup_steps: int = option(
+        0,
+        metavar="N",
+        help="Optimiser steps of linear learning-rate warmup from 0, before --lr-schedule.",
+    )
+    grad_accum: int = option(
+        1,
+        metavar="N",
+        help="Batches whose gradients are added up before each optimiser step (the effective "
+        "batch is N x --batch-size).",
+    )
+    max_steps: int | None = option(
+        None,
+        metavar="N",
+        help="Stop after N optimiser steps (the schedule spans them), even mid-epoch "
+        "[default: --epochs decides].",
+    )
+    precision: str = option(
+        "fp32",
+        choices=PRECISIONS,
+        help="Autocast of the forward pass: fp32 (none), bf16 (CPU or GPU), fp16 (GPU only, "
+        "with loss scaling). The loss and the optimiser stay float32.",
+    )
+    eval_every: int | None = option(
+        None,
+        metavar="N",
+        help="Also measure (test/validation) every N optimiser steps within an epoch, for long "
+        "epochs (logged, and in steps.csv) [default: after each epoch only].",
+    )
     seed: int = option(
         0,
         help="Seed for weight initialisation, dropout and shuffling (dataset "
@@ -72,9 +103,28 @@ class TrainConfig:
             one_of("optimizer", self.optimizer, OPTIMIZERS),
             one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES, prose=True),
             positive("grad_clip", self.grad_clip, optional=True),
+            at_least("warmup_steps", self.warmup_steps, 0),
+            at_least("grad_accum", self.grad_accum, 1),
+            None if self.max_steps is None else at_least("max_steps", self.max_steps, 1),
+            None if self.eval_every is None else at_least("eval_every", self.eval_every, 1),
+            one_of("precision", self.precision, PRECISIONS),
         )
         if problems:
             raise ConfigError(problems)
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse a precision the device cannot run (checked once the device is known).
+
+        Raises:
+            ConfigError: fp16 autocast off a GPU (the CPU's autocast is bf16 only).
+        """
+        if self.precision == "fp16" and device.type != "cuda":
+            raise ConfigError(
+                [
+                    f"--precision fp16 needs a GPU (the device is {device.type}); use bf16 on "
+                    "the CPU, or fp32"
+                ]
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -243,6 +293,155 @@ class BatchSource:
         raise NotImplementedError
 
 
+@dataclass
+class FitState:
+    """What :func:`fit` shares with its callbacks while it trains.
+
+    Attributes:
+        model: the plain module being trained (not the DDP wrapper); ``epochs``: the planned
+        passes; ``epoch``: the current one (1-based once it started); ``step``: optimiser steps
+        so far; ``total_steps``: what the schedule spans; ``history``: the epoch rows so far;
+        ``stop``: set by a callback (or ``--max-steps``) to end training after this step.
+    """
+
+    model: nn.Module
+    cfg: TrainConfig
+    desc: str
+    epochs: int
+    total_steps: int
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False
+
+
+class Callback:
+    """Something :func:`fit` calls as it trains; each hook is optional. The model is in eval mode
+    during ``on_evaluate`` / ``on_epoch_end`` hooks that measure (``Evaluation`` sets it)."""
+
+    def on_step_end(self, state: FitState) -> None:
+        """After each optimiser step (``state.step`` counts them)."""
+
+    def on_epoch_end(self, state: FitState, row: dict) -> None:
+        """After each epoch with its row (callbacks may add keys; later ones see them)."""
+
+    def on_fit_end(self, state: FitState) -> None:
+        """Once, after the last step."""
+
+
+class Evaluation(Callback):
+    """Measures the model after each epoch (its dict merged into the epoch row) and, with
+    ``every``, every N optimiser steps within epochs (those rows kept in ``steps`` and logged).
+
+    Args:
+        fn: model (in eval mode) -> measurements.
+        every: steps between mid-epoch measurements, or None.
+        log: receives a line per mid-epoch measurement.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[nn.Module], dict],
+        every: int | None = None,
+        log: Callable[[str], None] | None = None,
+        steps_csv: str | Path | None = None,
+    ) -> None:
+        self.fn, self.every, self.log, self.steps_csv = fn, every, log, steps_csv
+        self.steps: list[dict] = []
+
+    def _measure(self, model: nn.Module) -> dict:
+        was = model.training
+        model.eval()
+        try:
+            return self.fn(model)
+        finally:
+            model.train(was)
+
+    def on_step_end(self, state: FitState) -> None:
+        if self.every and state.step % self.every == 0:
+            row = {"epoch": state.epoch, "step": state.step, **self._measure(state.model)}
+            self.steps.append(row)
+            if self.steps_csv is not None:
+                write_history_csv(self.steps_csv, self.steps)
+            if self.log is not None and len(row) > 2:
+                shown = " ".join(
+                    f"{k}={_short(v)}" for k, v in row.items() if k not in ("epoch", "step")
+                )
+                self.log(f"{state.desc} epoch {state.epoch} step {state.step}: {shown}")
+
+    def on_epoch_end(self, state: FitState, row: dict) -> None:
+        row.update(self._measure(state.model))
+
+
+class KeepBest(Callback):
+    """Model selection: offers every epoch row to a :class:`BestEpoch` (rows get ``selected``) and
+    restores the chosen epoch's weights at the end."""
+
+    def __init__(self, best: BestEpoch) -> None:
+        self.best = best
+
+    def on_epoch_end(self, state: FitState, row: dict) -> None:
+        if self.best.key in row:
+            row["selected"] = self.best.offer(state.model, row)
+
+    def on_fit_end(self, state: FitState) -> None:
+        self.best.restore(state.model)
+
+
+class HistoryFile(Callback):
+    """Rewrites the epoch rows to a CSV after every epoch (atomically)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+
+    def on_epoch_end(self, state: FitState, row: dict) -> None:
+        write_history_csv(self.path, [*state.history, row])
+
+
+class EpochLog(Callback):
+    """One summary line per epoch."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def on_epoch_end(self, state: FitState, row: dict) -> None:
+        extra = "".join(
+            f" {k}={_short(row[k])}"
+            for k in ("val_errors", "val_perplexity", "test_errors", "test_perplexity")
+            if k in row
+        )
+        steps = f" step {state.step}/{state.total_steps}" if state.cfg.max_steps else ""
+        self.log(
+            f"{state.desc} epoch {row['epoch']}/{state.epochs}{steps}: loss={row['loss']:.4f} "
+            f"soft={row['soft']:.4f} hard={row['hard']:.4f} "
+            f"train_errors={row['train_errors']}{extra} ({row['seconds']:.1f}s)"
+        )
+
+
+def _short(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def make_schedule(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Linear warmup over ``cfg.warmup_steps`` from 0, then ``cfg.lr_schedule`` (cosine decays to
+    0 at ``total_steps``; constant holds the peak); None when neither changes the rate."""
+    warm = cfg.warmup_steps
+    if cfg.lr_schedule != "cosine" and not warm:
+        return None
+    decay = max(1, total_steps - warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.lr_schedule != "cosine":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, decay) / decay))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def fit(
     model: nn.Module,
     source: InMemorySource | BatchSource,
@@ -259,22 +458,32 @@ def fit(
     progress: bool = True,
     ranks: Ranks = SINGLE,
     keep_best: BestEpoch | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> list[dict]:
     """Train ``model`` in place; return one dict per epoch.
+
+    The loop itself only trains: what happens around it (measuring, logging, the history file,
+    keeping the best epoch) are :class:`Callback` objects, in this order: ``evaluate``
+    (:class:`Evaluation`, also every ``cfg.eval_every`` steps), ``keep_best`` (:class:`KeepBest`),
+    ``callbacks``, ``history_csv`` (:class:`HistoryFile`), ``log`` (:class:`EpochLog`).
 
     Args:
         model: maps raw inputs (B, *shape) to logits (B, C); already on ``device``.
         source: yields ``(x, teacher_logits | None, labels | None)`` per batch, every row once per
-            epoch.
+            epoch (targets and labels may be grouped per sample, (B, P, ...): they are
+            flattened to rows).
         loss_fn: ``loss_fn(student_logits, teacher_logits, labels) -> {"loss", "soft", "hard"}``.
-        cfg: optimisation settings.
+        cfg: optimisation settings: ``grad_accum`` batches per optimiser step, ``warmup_steps``
+            and ``lr_schedule`` over the steps, ``max_steps`` (stop mid-epoch), ``precision``
+            (autocast of the forward pass; fp16 with a gradient scaler), ``grad_clip``.
         device: where to train.
         teacher_fn: online distillation: raw inputs (B, *shape) on ``device`` -> teacher logits
             (B, C), used when the source gives none (applied to the same augmented inputs the
             student sees).
         augment: train-time transform of raw inputs on ``device`` (e.g. jitter).
-        evaluate: called after each epoch on the model (in eval mode); its dict is merged into the
-            epoch row (e.g. ``test_errors``).
+        evaluate: model (in eval mode) -> measurements merged into each epoch row (e.g.
+            ``test_errors``); with ``cfg.eval_every`` also every N steps (logged, and written to
+            ``steps.csv`` beside ``history_csv``).
         history_csv: if given, the per-epoch rows are written there (rewritten after every epoch).
         log: receives one summary line per epoch.
         desc: progress-bar label.
@@ -288,12 +497,14 @@ def fit(
         keep_best: model selection: offered every epoch's row after ``evaluate`` (which must
             return its key), and at the end ``model`` holds the chosen epoch's weights; each row
             gets ``selected`` (True when it was the best so far).
+        callbacks: more :class:`Callback` objects.
 
     Returns:
         Per-epoch rows: ``epoch``, ``loss``, ``soft``, ``hard`` (means over rows), ``train_errors``,
-        ``train_error_rate``, ``lr``, ``seconds``, plus what ``evaluate`` returned.
+        ``train_error_rate``, ``lr``, ``seconds``, ``steps``, plus what callbacks added.
     """
     cfg.validate()
+    cfg.check_device(device)
     torch.manual_seed(training_seed(cfg.seed, ranks))
     net = model
     if ranks.distributed:
@@ -304,23 +515,30 @@ def fit(
             model, device_ids=[device.index or 0] if device.type == "cuda" else None
         )
     opt = make_optimizer(model, cfg)
-    total_steps = cfg.epochs * max(1, len(source))
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-        if cfg.lr_schedule == "cosine"
-        else None
-    )
-    constrain = getattr(model, "constrain", None)
-    non_blocking = device.type == "cuda"
-    history: list[dict] = []
+    per_epoch = max(1, math.ceil(len(source) / cfg.grad_accum))
+    total_steps = cfg.epochs * per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    sched = make_schedule(opt, cfg, total_steps)
+    hooks: list[Callback] = []
+    if evaluate is not None:
+        steps_csv = None
+        if history_csv is not None and cfg.eval_every:
+            steps_csv = Path(history_csv).with_name("steps.csv")  # beside the epoch history
+        hooks.append(Evaluation(evaluate, cfg.eval_every, log, steps_csv))
+    if keep_best is not None:
+        hooks.append(KeepBest(keep_best))
+    hooks += list(callbacks)
+    if history_csv is not None:
+        hooks.append(HistoryFile(history_csv))
+    if log is not None:
+        hooks.append(EpochLog(log))
+    state = FitState(model, cfg, desc, cfg.epochs, total_steps)
+    step = _Stepper(net, model, opt, sched, cfg, device, ranks)
     for epoch in range(cfg.epochs):
+        state.epoch = epoch + 1
         model.train()
         t0 = time.perf_counter()
-        # Sums are kept on the device and read once per epoch: a .item() per batch would sync every
-        # step.
-        sums = {k: torch.zeros((), device=device) for k in ("loss", "soft", "hard")}
-        wrong = torch.zeros((), device=device, dtype=torch.long)
-        rows = labeled = 0
         bar = progress_bar(
             source.epoch(epoch),
             total=len(source),
@@ -329,80 +547,146 @@ def fit(
             leave=False,
             unit="batch",
         )
-        for xb, tb, yb in bar:
-            xb = xb.to(device, non_blocking=non_blocking)
+        sums = _Sums(device)
+        batches = iter(bar)
+        n = len(source)
+        for i, (xb, tb, yb) in enumerate(batches):
+            xb = xb.to(device, non_blocking=step.non_blocking)
             # A sample of several rows (a sequence's positions) comes with its targets and
             # labels grouped per sample, (B, P, ...): the losses take one row per position.
-            tb = flat_rows(None if tb is None else tb.to(device, non_blocking=non_blocking))
-            yb = None if yb is None else yb.to(device, non_blocking=non_blocking).reshape(-1)
+            tb = flat_rows(None if tb is None else tb.to(device, non_blocking=step.non_blocking))
+            yb = None if yb is None else yb.to(device, non_blocking=step.non_blocking).reshape(-1)
             if augment is not None:
                 xb = augment(xb)
             if tb is None and teacher_fn is not None:
                 with torch.inference_mode():
                     tb = teacher_fn(xb)
                 tb = tb.clone()  # leave inference mode: autograd may touch it in the loss
-            logits = net(xb)
-            parts = loss_fn(logits, tb, yb)
-            loss = parts["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            if constrain is not None:
-                constrain()
-            b = xb.shape[0]
-            rows += b
-            with torch.no_grad():
-                for k in sums:
-                    sums[k] += parts[k].detach() * b
-                if yb is not None:
-                    # Negative labels (token positions without a next token, padding) count
-                    # neither as errors nor as labeled rows.
-                    counted = yb >= 0
-                    wrong += ((logits.argmax(dim=1) != yb) & counted).sum()
-                    labeled += int(counted.sum()) if yb.shape[0] != b else b
-        seconds = time.perf_counter() - t0
-        if ranks.distributed:
-            # The epoch's row is the whole epoch's: every rank's rows, added up.
-            total = all_sum(ranks, [*sums.values(), wrong, rows, labeled], device)
-            sums = dict(zip(sums, total[:3], strict=True))
-            wrong, rows, labeled = total[3], int(total[4]), int(total[5])
-        row = {k: float(v) / max(rows, 1) for k, v in sums.items()}
+            # The last batches of an epoch may be fewer than grad_accum: they still make a step.
+            last = (i + 1) % cfg.grad_accum == 0 or i + 1 == n
+            logits, parts = step.forward_backward(xb, tb, yb, loss_fn, last)
+            sums.add(parts, logits, yb, xb.shape[0])
+            if last:
+                step.update()
+                state.step += 1
+                for h in hooks:
+                    h.on_step_end(state)
+                if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                    state.stop = True
+                if state.stop:
+                    break
+        if hasattr(bar, "close"):
+            bar.close()
+        row = sums.row(ranks, device, epoch + 1)
         if not math.isfinite(row["loss"]):
             raise KDError(
                 f"training diverged in epoch {epoch + 1}: the loss is {row['loss']}; lower --lr, "
                 "keep the default --optimizer adam and --grad-clip, or check the inputs"
             )
-        row = {
-            "epoch": epoch + 1,
-            **row,
-            "train_errors": int(wrong) if labeled else None,
-            "train_error_rate": float(wrong) / labeled if labeled else None,
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": seconds,
-        }
-        if evaluate is not None:
-            model.eval()
-            row.update(evaluate(model))
-            if keep_best is not None and keep_best.key in row:
-                row["selected"] = keep_best.offer(model, row)
-        history.append(row)
-        if history_csv is not None:
-            write_history_csv(history_csv, history)
-        if log is not None:
-            extra = "".join(f" {k}={row[k]}" for k in ("val_errors", "test_errors") if k in row)
-            log(
-                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss={row['loss']:.4f} "
-                f"soft={row['soft']:.4f} hard={row['hard']:.4f} "
-                f"train_errors={row['train_errors']}{extra} ({seconds:.1f}s)"
-            )
-    if keep_best is not None:
-        keep_best.restore(model)
+        row.update(lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
+        row["steps"] = state.step
+        for h in hooks:
+            h.on_epoch_end(state, row)
+        state.history.append(row)
+        if state.stop:
+            break
+    for h in hooks:
+        h.on_fit_end(state)
     model.eval()
-    return history
+    return state.history
+
+
+class _Stepper:
+    """One micro-batch's forward and backward (autocast, loss scaling, DDP's gradient sync only on
+    the last micro-batch of a step), and the optimiser step (clipping, schedule, constraints)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler | None,
+        cfg: TrainConfig,
+        device: torch.device,
+        ranks: Ranks,
+    ) -> None:
+        self.net, self.model, self.opt, self.sched, self.cfg = net, model, opt, sched, cfg
+        self.device, self.ranks = device, ranks
+        self.non_blocking = device.type == "cuda"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.constrain = getattr(model, "constrain", None)
+        opt.zero_grad(set_to_none=True)
+
+    def forward_backward(
+        self,
+        xb: torch.Tensor,
+        tb: object,
+        yb: torch.Tensor | None,
+        loss_fn: Callable,
+        last: bool,
+    ) -> tuple[torch.Tensor, dict]:
+        sync = contextlib.nullcontext()
+        if self.ranks.distributed and not last:
+            sync = self.net.no_sync()  # type: ignore[operator]  # average once, on the last
+        with sync:
+            with torch.autocast(self.device.type, self.dtype, enabled=self.dtype is not None):
+                logits = self.net(xb)
+            # The loss in float32 whatever the forward's precision (log-softmax at T, KL sums).
+            parts = loss_fn(logits.float(), tb, yb)
+            loss = parts["loss"] / self.cfg.grad_accum
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return logits, parts
+
+    def update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.sched is not None:
+            self.sched.step()
+        if self.constrain is not None:
+            self.constrain()
+
+
+class _Sums:
+    """An epoch's loss parts and train errors, summed on the device (a ``.item()`` per batch
+    would sync every step) and read once, added over the ranks under torchrun."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = {k: torch.zeros((), device=device) for k in ("loss", "soft", "hard")}
+        self.wrong = torch.zeros((), device=device, dtype=torch.long)
+        self.rows = self.labeled = 0
+
+    def add(self, parts: dict, logits: torch.Tensor, yb: torch.Tensor | None, b: int) -> None:
+        self.rows += b
+        with torch.no_grad():
+            for k in self.sums:
+                self.sums[k] += parts[k].detach() * b
+            if yb is not None:
+                # Negative labels (token positions without a next token, padding) count neither
+                # as errors nor as labeled rows.
+                counted = yb >= 0
+                self.wrong += ((logits.argmax(dim=1) != yb) & counted).sum()
+                self.labeled += int(counted.sum()) if yb.shape[0] != b else b
+
+    def row(self, ranks: Ranks, device: torch.device, epoch: int) -> dict:
+        sums, wrong, rows, labeled = self.sums, self.wrong, self.rows, self.labeled
+        if ranks.distributed:
+            # The epoch's row is the whole epoch's: every rank's rows, added up.
+            total = all_sum(ranks, [*sums.values(), wrong, rows, labeled], device)
+            sums = dict(zip(sums, total[:3], strict=True))
+            wrong, rows, labeled = total[3], int(total[4]), int(total[5])
+        row = {"epoch": epoch, **{k: float(v) / max(rows, 1) for k, v in sums.items()}}
+        row["train_errors"] = int(wrong) if labeled else None
+        row["train_error_rate"] = float(wrong) / labeled if labeled else None
+        return row
 
 
 def write_history_csv(path: str | Path, history: list[dict]) -> None:

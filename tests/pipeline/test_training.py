@@ -13,7 +13,16 @@ import torch
 from pipeline.errors import ConfigError, KDError
 from pipeline.metrics import classification_metrics, predict_logits
 from pipeline.models import build_model
-from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift, write_history_csv
+from pipeline.training.loop import (
+    Callback,
+    FitState,
+    InMemorySource,
+    TrainConfig,
+    fit,
+    make_schedule,
+    random_shift,
+    write_history_csv,
+)
 from pipeline.training.losses import DistillationLoss
 from tests.conftest import make_image_task
 
@@ -24,6 +33,7 @@ HISTORY_KEYS = {
     "soft",
     "hard",
     "train_errors",
+    "steps",
     "train_error_rate",
     "lr",
     "seconds",
@@ -344,3 +354,111 @@ def test_best_epoch_keeps_the_fewest_errors_then_the_lowest_nll_then_the_earlies
         "val_errors": 3,
         "val_nll": 0.7,
     }
+
+
+# ------------------------------------------------------------- the loop's features and callbacks
+def _train(task: tuple, batch_size: int, **cfg_kw: object) -> tuple:
+    """An mlp trained on 384 rows (divisible by every batch used here), with its history."""
+    x, y, *_ = task
+    x, y = x[:384], y[:384]
+    torch.manual_seed(0)
+    model = build_model("mlp:32", (1, 8, 8), 5, input_stats=(0.0, 1.0))
+    cfg = TrainConfig(batch_size=batch_size, seed=0, **{"epochs": 2, **cfg_kw})
+    steps: list[int] = []
+    probe = _Record(steps)
+    history = fit(
+        model,
+        InMemorySource(x, y, batch_size=batch_size, seed=0),
+        DistillationLoss(1.0, 0.0),
+        cfg,
+        CPU,
+        callbacks=[probe],
+    )
+    return model, history, probe
+
+
+class _Record(Callback):
+    """Records the optimiser steps as they happen."""
+
+    def __init__(self, steps: list) -> None:
+        self.steps = steps
+
+    def on_step_end(self, state: FitState) -> None:
+        self.steps.append(state.step)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(task: tuple) -> None:
+    """Two micro-batches of 32 then one step = one batch of 64: the same rows (the permutation
+    depends on the seed only) and the same mean loss, so the same weights up to rounding."""
+    big, h_big, _ = _train(task, 64)
+    acc, h_acc, probe = _train(task, 32, grad_accum=2)
+    assert probe.steps[-1] == h_acc[-1]["steps"] == h_big[-1]["steps"] == 2 * 384 // 64
+    for a, b in zip(big.state_dict().values(), acc.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert h_acc[-1]["loss"] == pytest.approx(h_big[-1]["loss"], rel=1e-4)
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_schedule(opt, TrainConfig(warmup_steps=4, lr_schedule="cosine"), 14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # linear from 0 to the peak
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[9] == pytest.approx(0.5)  # half way through the 10 decay steps
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    flat = make_schedule(opt, TrainConfig(warmup_steps=2, lr_schedule="constant"), 10)
+    assert flat is not None
+    assert make_schedule(opt, TrainConfig(lr_schedule="constant"), 10) is None
+
+
+def test_max_steps_stops_mid_epoch_and_the_schedule_spans_them(task: tuple) -> None:
+    _, history, probe = _train(task, 32, epochs=5, max_steps=17)  # 12 steps per epoch
+    assert probe.steps == list(range(1, 18))
+    assert [r["epoch"] for r in history] == [1, 2] and history[-1]["steps"] == 17
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end
+
+
+def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused_there(task: tuple) -> None:
+    model, history, _ = _train(task, 32, precision="bf16")
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert next(model.parameters()).dtype == torch.float32  # weights stay float32
+    with pytest.raises(ConfigError, match="--precision fp16 needs a GPU"):
+        _train(task, 32, precision="fp16")
+
+
+def test_evaluation_every_n_steps_and_a_callback_that_stops(task: tuple) -> None:
+    x, y, xt, yt = task
+    model = build_model("mlp:32", (1, 8, 8), 5, input_stats=(0.0, 1.0))
+    lines: list[str] = []
+
+    class StopAtFive(Callback):
+        def on_step_end(self, state: FitState) -> None:
+            state.stop = state.step >= 5
+
+    calls = []
+
+    def evaluate(m: torch.nn.Module) -> dict:
+        calls.append(m.training)
+        wrong = predict_logits(m, xt, CPU).argmax(1) != torch.as_tensor(yt)
+        return {"test_errors": int(wrong.sum())}
+
+    history = fit(
+        model,
+        InMemorySource(x, y, batch_size=32, seed=0),
+        DistillationLoss(1.0, 0.0),
+        TrainConfig(epochs=3, batch_size=32, eval_every=2),
+        CPU,
+        evaluate=evaluate,
+        log=lines.append,
+        callbacks=[StopAtFive()],
+    )
+    assert len(history) == 1 and history[0]["steps"] == 5
+    assert not any(calls)  # measured in eval mode
+    assert len(calls) == 3  # steps 2 and 4, then the epoch's end
+    assert sum("epoch 1 step 2: test_errors=" in line for line in lines) == 1
+    assert model.training is False
