@@ -563,6 +563,16 @@ class StudentConfig:
                 "--members and --allow-partial select cache members and shards; they do not apply "
                 "to --online-teacher"
             )
+        if self.online_teacher and self.views_per_epoch != 1:
+            problems.append(
+                f"--views-per-epoch {self.views_per_epoch} picks stored views of a view cache; an "
+                "online teacher sees the live inputs (use --augment SPEC for fresh views)"
+            )
+        if self.online_teacher and self.memory_budget != 2 << 30:
+            problems.append(
+                "--memory-budget chooses how a cache's rows are served (in memory or streamed); "
+                "an online teacher computes its soft targets per batch and reads no cache"
+            )
         problems += collect(one_of("loss", self.loss, LOSSES))
         problems += collect(one_of("ensemble", self.ensemble, ENSEMBLE_METHODS))
         problems += augment_problems(self.augment)
