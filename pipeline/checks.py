@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["at_least", "collect", "in_range", "one_of", "positive"]
+__all__ = ["MAX_TEMPERATURE", "at_least", "collect", "in_range", "one_of", "positive"]
+
+#: The highest softmax temperature any option accepts. Far above the paper's range (1 to 20):
+#: beyond it float32 soft targets are uniform to within rounding (and T^2 scales that noise),
+#: so the high-temperature limit is ``--loss logit-mse``, not a larger T.
+MAX_TEMPERATURE = 1000.0
 
 
 def positive(name: str, value: float | None, *, optional: bool = False) -> str | None:

@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.cache.format import LogitCache
+from pipeline.checks import MAX_TEMPERATURE
 from pipeline.config import CacheConfig, StudentConfig, TeacherConfig, device_option, output_dir
 from pipeline.errors import ConfigError
 from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.options import option, parse_ints, show_list
+from pipeline.options import field_problems, option, parse_ints, show_list
 from pipeline.training.loop import TrainConfig
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "kjv" / "kjv.txt.gz"
@@ -68,13 +69,16 @@ class SequenceStudyConfig:
         "quick: a smoke test.",
     )
     vocab: int = option(0, help="Train a BPE of this many tokens (0: byte-level, V = 256).")
-    temperature: float = option(2.0, short="-T", help="Temperature of the soft targets.")
+    temperature: float = option(
+        2.0, short="-T", most=MAX_TEMPERATURE, help="Temperature of the soft targets."
+    )
     alpha: float = option(0.7, help="Weight of the soft term (1 - alpha: next-token CE).")
     seeds: list[int] = option(
         default_factory=lambda: [0],
         parse=parse_ints,
         show=show_list,
         metavar="S,S,...",
+        least=0,
         help="Student seeds.",
     )
     corpus: str = option(str(CORPUS), help="The UTF-8 corpus (.txt or .txt.gz).")
@@ -86,7 +90,7 @@ class SequenceStudyConfig:
         return self if self.out else replace(self, out=output_dir("sequence-study", name))
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
         if self.vocab and self.vocab < 257:
             problems.append(f"--vocab must be 0 (bytes) or above 256, got {self.vocab}")
         if not 0 <= self.alpha <= 1 or self.temperature <= 0:

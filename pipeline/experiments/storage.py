@@ -37,6 +37,7 @@ import numpy as np
 
 from pipeline.cache.format import LogitCache, create_cache, mark_complete, write_shard
 from pipeline.cache.kinds import StorageSpec, bytes_per_row
+from pipeline.checks import MAX_TEMPERATURE, collect, in_range
 from pipeline.config import (
     CacheConfig,
     StudentConfig,
@@ -45,7 +46,7 @@ from pipeline.config import (
     output_dir,
 )
 from pipeline.errors import ConfigError
-from pipeline.options import option, parse_floats, parse_ints, show_list
+from pipeline.options import field_problems, option, parse_floats, parse_ints, show_list
 from pipeline.training.loop import TrainConfig
 
 DEFAULT_STORES = ("dense", "topk:1", "topk:5", "topk:20", "topk:100", "sampled:4", "sampled:16")
@@ -100,6 +101,7 @@ class StorageStudyConfig:
         parse=parse_floats,
         show=show_list,
         metavar="T,T,...",
+        most=MAX_TEMPERATURE,
         help="Training temperatures of the students.",
     )
     seeds: list[int] = option(
@@ -107,6 +109,7 @@ class StorageStudyConfig:
         parse=parse_ints,
         show=show_list,
         metavar="S,S,...",
+        least=0,
         help="Student seeds (mean and spread are reported).",
     )
     train_from: list[str] | None = option(
@@ -128,7 +131,7 @@ class StorageStudyConfig:
         return self if self.out else replace(self, out=output_dir("storage-study", self.scale))
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self) + collect(in_range("alpha", self.alpha, 0, 1))
         if self.scale not in SCALES:
             problems.append(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if not self.seeds or not self.temperatures:
