@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.cache.kinds import TAIL_TEMPERATURES
 from pipeline.cache.location import parse_storage_options, redact_options
-from pipeline.checks import MAX_TEMPERATURE, collect, in_range, one_of, positive
+from pipeline.checks import collect, in_range, one_of, positive, temperature
 from pipeline.distributed import refuse_torchrun
 from pipeline.errors import ConfigError
 from pipeline.experiments.specialists.clustering import SIMILARITIES
@@ -319,13 +319,11 @@ class CacheConfig:
         parse=parse_floats,
         show=show_list,
         metavar="T,T,...",
-        most=MAX_TEMPERATURE,
         help="Temperatures at which topk/sampled rows record the exact log-sum-exp (and at "
         "which fidelity is measured); other temperatures are interpolated.",
     )
     sample_temperature: float = option(
         1.0,
-        most=MAX_TEMPERATURE,
         help="Temperature of the distribution sampled:S draws from (added to the recorded ones).",
     )
     seed: int = option(
@@ -336,6 +334,7 @@ class CacheConfig:
     )
     views: int = option(
         1,
+        most=1024,  # rows x views are computed and stored: 1e5 views of 600 rows took minutes
         help="Augmented views per sample (needs --augment): the teacher runs on each, and the "
         "cache stores each view's logits and its explicit parameters.",
     )
@@ -392,11 +391,10 @@ class CacheConfig:
             self.storage(1 << 20)
         except ValueError as e:
             problems.append(f"--store: {e}")
-        if not self.tail_temperatures or any(t <= 0 for t in self.tail_temperatures):
-            problems.append(
-                f"--tail-temperatures must be positive numbers, got {self.tail_temperatures}"
-            )
-        problems += collect(positive("sample_temperature", self.sample_temperature))
+        if not self.tail_temperatures:
+            problems.append("--tail-temperatures needs at least one temperature")
+        problems += collect(*(temperature("tail_temperatures", t) for t in self.tail_temperatures))
+        problems += collect(temperature("sample_temperature", self.sample_temperature))
         problems += view_problems(self.views, self.augment, self.include_identity)
         problems += refuse_torchrun("cache-logits")
         if problems:
@@ -435,7 +433,6 @@ class StudentConfig:
     temperature: float = option(
         20.0,
         short="-T",
-        most=MAX_TEMPERATURE,
         help="Softmax temperature of the soft targets (and of the student in the soft term).",
     )
     alpha: float = option(
@@ -546,7 +543,7 @@ class StudentConfig:
 
     def validate(self) -> None:
         problems = field_problems(self) + self.shared_problems()
-        problems += collect(positive("temperature", self.temperature))
+        problems += collect(temperature("temperature", self.temperature))
         problems += collect(in_range("alpha", self.alpha, 0, 1))
         _raise_all(problems, self.train)
 
@@ -622,7 +619,6 @@ class SweepConfig:
         flag="--temperature",
         short="-T",
         parse=parse_floats,
-        most=MAX_TEMPERATURE,
         metavar="T,T,...",
         show=show_list,
         help="Comma-separated temperatures.",
@@ -723,7 +719,7 @@ class SweepConfig:
                 problems.append(f"{name} must have at least one value")
             elif len(set(values)) != len(values):
                 problems.append(f"{name} has repeated values: {values}")
-        problems += collect(*(positive("temperature", t) for t in self.temperatures))
+        problems += collect(*(temperature("temperature", t) for t in self.temperatures))
         problems += collect(*(in_range("alpha", a, 0, 1) for a in self.alphas))
         if self.workers is not None and self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
@@ -836,7 +832,7 @@ class SpecialistsConfig:
     )
     init_member: int = option(0, help="Which cache member initialises the specialists.")
     temperature: float = option(
-        4.0, short="-T", most=MAX_TEMPERATURE, help="Temperature of the collapsed soft targets."
+        4.0, short="-T", help="Temperature of the collapsed soft targets."
     )
     alpha: float = option(0.5, help="Weight of the soft term; 1 - alpha weighs the hard labels.")
     max_rows: int | None = option(
@@ -906,7 +902,7 @@ class SpecialistsConfig:
             problems.append(f"init must be one of {', '.join(SPECIALIST_INITS)}, got {self.init!r}")
         if self.init_member < 0:
             problems.append(f"init_member must be >= 0, got {self.init_member}")
-        problems += collect(positive("temperature", self.temperature))
+        problems += collect(temperature("temperature", self.temperature))
         problems += collect(in_range("alpha", self.alpha, 0, 1))
         if self.max_rows is not None and self.max_rows < 2:
             problems.append(f"max_rows must be >= 2, got {self.max_rows}")

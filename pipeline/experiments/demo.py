@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.writer import build_cache
-from pipeline.checks import MAX_TEMPERATURE, collect, in_range, positive
+from pipeline.checks import collect, in_range, temperature
 from pipeline.config import (
     CacheConfig,
     EvaluateConfig,
@@ -64,7 +64,6 @@ class DemoConfig:
         default_factory=lambda: [4.0, 20.0],
         parse=parse_floats,
         show=show_list,
-        most=MAX_TEMPERATURE,
         help="Comma-separated temperatures to distil at.",
     )
     alpha: float = option(0.9, help="Soft-term weight of distilled students.")
@@ -135,7 +134,7 @@ class DemoConfig:
         """
         problems = field_problems(self) + collect(
             None if self.temperatures else "temperatures must have at least one value",
-            *(positive("temperature", t) for t in self.temperatures),
+            *(temperature("temperature", t) for t in self.temperatures),
             in_range("alpha", self.alpha, 0, 1),
             None if self.out else "--out DIR must be given",
         )

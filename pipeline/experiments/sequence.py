@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.cache.format import LogitCache
-from pipeline.checks import MAX_TEMPERATURE
+from pipeline.checks import collect, in_range, temperature
 from pipeline.config import CacheConfig, StudentConfig, TeacherConfig, device_option, output_dir
 from pipeline.errors import ConfigError
 from pipeline.files import atomic_write_json, atomic_write_text
@@ -69,9 +69,7 @@ class SequenceStudyConfig:
         "quick: a smoke test.",
     )
     vocab: int = option(0, help="Train a BPE of this many tokens (0: byte-level, V = 256).")
-    temperature: float = option(
-        2.0, short="-T", most=MAX_TEMPERATURE, help="Temperature of the soft targets."
-    )
+    temperature: float = option(2.0, short="-T", help="Temperature of the soft targets.")
     alpha: float = option(0.7, help="Weight of the soft term (1 - alpha: next-token CE).")
     seeds: list[int] = option(
         default_factory=lambda: [0],
@@ -93,8 +91,9 @@ class SequenceStudyConfig:
         problems = field_problems(self)
         if self.vocab and self.vocab < 257:
             problems.append(f"--vocab must be 0 (bytes) or above 256, got {self.vocab}")
-        if not 0 <= self.alpha <= 1 or self.temperature <= 0:
-            problems.append("--alpha must be in [0, 1] and --temperature positive")
+        problems += collect(
+            in_range("alpha", self.alpha, 0, 1), temperature("temperature", self.temperature)
+        )
         if not self.seeds:
             problems.append("--seeds needs at least one seed")
         if problems:

@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.cache.format import LogitCache, create_cache, mark_complete, write_shard
 from pipeline.cache.kinds import StorageSpec, bytes_per_row
-from pipeline.checks import MAX_TEMPERATURE, collect, in_range
+from pipeline.checks import collect, in_range, temperature
 from pipeline.config import (
     CacheConfig,
     StudentConfig,
@@ -101,7 +101,6 @@ class StorageStudyConfig:
         parse=parse_floats,
         show=show_list,
         metavar="T,T,...",
-        most=MAX_TEMPERATURE,
         help="Training temperatures of the students.",
     )
     seeds: list[int] = option(
@@ -136,8 +135,7 @@ class StorageStudyConfig:
             problems.append(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if not self.seeds or not self.temperatures:
             problems.append("--seeds and --temperatures need at least one value each")
-        if any(t <= 0 for t in self.temperatures):
-            problems.append(f"--temperatures must be positive, got {self.temperatures}")
+        problems += collect(*(temperature("temperatures", t) for t in self.temperatures))
         if problems:
             raise ConfigError(problems)
 
