@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.options import INT_LIMIT
 from stages.params import FIELD_ATTR
-from tests.stages.test_errors import cli
+from tests.stages.test_errors import cli, one_error
 from tests.stages.test_params import ALL, field_of
 
 pytestmark = [
@@ -185,3 +185,132 @@ def test_field_problems_walks_lists_and_mappings() -> None:
         "class_bias must be a finite number, got {3: nan}",
         f"memory_budget must be at most {1 << 50}, got {1 << 60}",
     ]
+
+
+# ----------------------------------------------------------------------- options against the cache
+def test_views_per_epoch_above_the_caches_views_is_refused(
+    teacher_dir: Path, npz_path: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "v.zarr"
+    code, text = cli(
+        *("cache-logits", "--teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train"),
+        *("--out", str(cache), "--device", "cpu", "--quiet", "--views", "2"),
+        *("--augment", "shift:1", "--rows-per-shard", "300"),
+    )
+    assert code == 0, text
+    run = tmp_path / "run"
+    code, text = cli(
+        *("train-student", "--cache", str(cache), "--student", "mlp:8", "--epochs", "1"),
+        *("--device", "cpu", "--quiet", "--out", str(run), "--views-per-epoch", "3"),
+    )
+    assert code == 2 and "Traceback" not in text, text
+    for fact in ("--views-per-epoch 3 is more than the 2 view(s) per sample", "--views 3"):
+        assert fact in text, text
+    assert not run.exists()
+
+
+def test_resuming_with_another_seed_is_refused_and_the_cache_kept(
+    partial_cache_path: Path, teacher_dir: Path, npz_path: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import zarr
+
+    cache = tmp_path / "p.zarr"
+    shutil.copytree(partial_cache_path, cache)
+    args = [
+        *("cache-logits", "--teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train"),
+        *("--out", str(cache), "--device", "cpu", "--quiet", "--rows-per-shard", "64"),
+    ]
+    code, text = cli(*args, "--seed", "7")
+    assert code == 2 and "Traceback" not in text, text
+    assert "seed: the cache was made with --seed 0, you gave --seed 7" in text
+    assert "re-run with --seed 0" in text
+    done = zarr.open_group(str(cache), mode="r", use_consolidated=False)["members/0/done"][:]
+    assert done[3] == 0 and done.sum() == len(done) - 1  # nothing written by the refused run
+    code, text = cli(*args, "--seed", "0")  # the same command as the cache's resumes it
+    assert code == 0 and "complete" in text, text
+
+
+# ----------------------------------------------------------------------- users' code that fails
+USER_CODE = '''
+import numpy as np
+
+
+def boom():
+    raise RuntimeError("disk on fire")
+
+
+class Words:
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return "not an image", 0
+
+
+class Raising:
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise KeyError(f"row {i} is missing")
+
+
+def words():
+    return Words()
+
+
+def raising():
+    return Raising()
+
+
+def model(in_shape, num_classes):
+    raise ValueError("no such layer")
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request) -> str:  # noqa: ANN001
+    """A module of failing user code on sys.path, named after the test (imports are cached)."""
+    name = "kd_user_" + request.node.name.split("[")[0][-30:].replace("-", "_")
+    (tmp_path / f"{name}.py").write_text(USER_CODE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+@pytest.mark.parametrize(
+    "factory,facts",
+    [
+        ("boom", ["the factory", ".boom()", "raised RuntimeError: disk on fire"]),
+        ("words", ["item 0 holds str 'not an image'", "not an array or tensor of numbers"]),
+        ("raising", ["item 0 (its __getitem__)", "raised KeyError", "row 0 is missing"]),
+    ],
+)
+def test_a_failing_py_dataset_is_named_as_the_failing_code(
+    teacher_dir: Path, tmp_path: Path, user_module: str, factory: str, facts: list[str]
+) -> None:
+    out = tmp_path / "c.zarr"
+    code, text = cli(
+        *("cache-logits", "--teacher", str(teacher_dir), "--out", str(out)),
+        *("--dataset", f"py:{user_module}:{factory}", "--device", "cpu", "--quiet"),
+    )
+    line = one_error(code, text, f"py:{user_module}:{factory}", *facts)
+    assert "internal error" not in line
+    assert not out.exists()
+
+
+def test_a_failing_py_model_factory_is_named_as_the_failing_code(
+    npz_path: Path, tmp_path: Path, user_module: str
+) -> None:
+    out = tmp_path / "teacher"
+    code, text = cli(
+        *("train-teacher", "--dataset", f"npz:{npz_path}:train", "--model"),
+        *(f"py:{user_module}:model", "--out", str(out), "--epochs", "1", "--device", "cpu"),
+    )
+    one_error(
+        code,
+        text,
+        f"the factory {user_module}.model(in_shape=(1, 8, 8), num_classes=5)",
+        "raised ValueError: no such layer",
+    )
