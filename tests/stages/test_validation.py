@@ -314,3 +314,49 @@ def test_a_failing_py_model_factory_is_named_as_the_failing_code(
         f"the factory {user_module}.model(in_shape=(1, 8, 8), num_classes=5)",
         "raised ValueError: no such layer",
     )
+
+
+# ------------------------------------------------------------------ conflicting storage options
+@pytest.mark.parametrize(
+    "options,facts",
+    [
+        (
+            ["region_name=eu-west-1", "region_name=us-east-1"],
+            ["region_name is given twice, as 'eu-west-1' and 'us-east-1'", "give it once"],
+        ),
+        (["secret=abc123", "secret=def456"], ["secret is given twice, as *** and ***"]),
+        (
+            ["client_kwargs=1", "client_kwargs.region_name=x"],
+            ["client_kwargs.region_name sets an option inside client_kwargs", "either a value"],
+        ),
+        (
+            ["client_kwargs.region_name=x", "client_kwargs=1"],
+            ["client_kwargs=1 replaces the dotted options client_kwargs.*"],
+        ),
+        (["anon=true", "profile=team"], ["anon=true (no credentials) contradicts profile"]),
+        (
+            ["endpoint_url=http://a:9000", "client_kwargs.endpoint_url=http://b:9000"],
+            ["endpoint_url=http://a:9000 contradicts client_kwargs.endpoint_url=http://b:9000"],
+        ),
+    ],
+)
+def test_conflicting_storage_options_are_refused(
+    cache_path: Path, tmp_path: Path, options: list[str], facts: list[str]
+) -> None:
+    out = tmp_path / "run"
+    args = [a for o in options for a in ("--storage-option", o)]
+    code, text = cli("train-student", "--cache", str(cache_path), "--out", str(out), *args)
+    assert code == 2 and "Traceback" not in text, text
+    for fact in facts:
+        assert fact in text, text
+    assert "abc123" not in text and "def456" not in text  # a credential is never echoed
+    assert not out.exists()
+
+
+def test_the_same_storage_option_twice_with_one_value_is_fine() -> None:
+    from pipeline.cache.location import parse_storage_options
+
+    assert parse_storage_options(["anon=true", "anon=true", "client_kwargs.region_name=x"]) == {
+        "anon": True,
+        "client_kwargs": {"region_name": "x"},
+    }
