@@ -360,3 +360,33 @@ def test_the_same_storage_option_twice_with_one_value_is_fine() -> None:
         "anon": True,
         "client_kwargs": {"region_name": "x"},
     }
+
+
+# ------------------------------------------------------------------ a folder dataset that changed
+def test_verify_dataset_after_a_file_was_added_to_the_folder_reports_the_fingerprint(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from tests.image_folders import make_image_folder
+
+    imgs = make_image_folder(tmp_path / "imgs", {"train": 6, "test": 2})
+    spec = f"folder:{imgs}:train"
+    teacher, cache = tmp_path / "t", tmp_path / "c.zarr"
+    code, text = cli(
+        *("train-teacher", "--dataset", spec, "--model", "mlp:8", "--members", "1"),
+        *("--epochs", "1", "--jitter", "0", "--eval", "", "--out", str(teacher), "--device", "cpu"),
+    )
+    assert code == 0, text
+    code, text = cli(
+        *("cache-logits", "--teacher", str(teacher), "--dataset", spec, "--out", str(cache)),
+        *("--quiet", "--device", "cpu", "--loader-workers", "0"),
+    )
+    assert code == 0, text
+    first_class = sorted((imgs / "train").iterdir())[0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(first_class / "zz-added.png")
+    code, text = cli("cache", "verify", str(cache), "--dataset", spec, "--quiet")
+    assert code == 1 and "Traceback" not in text and "internal error" not in text, text
+    assert f"dataset {spec} has fingerprint" in text and "the cache was made on" in text
+    assert "result     1 PROBLEM(S)" in text
