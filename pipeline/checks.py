@@ -17,7 +17,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["at_least", "collect", "in_range", "one_of", "positive"]
+__all__ = [
+    "MAX_TEMPERATURE",
+    "MIN_TEMPERATURE",
+    "at_least",
+    "collect",
+    "in_range",
+    "one_of",
+    "positive",
+    "temperature",
+]
+
+#: The softmax temperatures any option accepts. Far outside the paper's range (1 to 20) on both
+#: sides: above it float32 soft targets are uniform to within rounding (and T^2 scales that
+#: noise), so the high-temperature limit is ``--loss logit-mse``, not a larger T; below it
+#: ``logits / T`` overflows float32 (1e-300 turns every row into inf and nan).
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 1000.0
 
 
 def positive(name: str, value: float | None, *, optional: bool = False) -> str | None:
@@ -60,6 +76,19 @@ def one_of(name: str, value: object, choices: Iterable[str], *, prose: bool = Fa
     else:
         listed = ("" if prose else "one of ") + ", ".join(options)
     return f"{name} must be {listed}, got {value!r}"
+
+
+def temperature(name: str, value: float) -> str | None:
+    """A softmax temperature: ``> 0`` ("temperature must be > 0, got 0.0") and within
+    [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`]."""
+    if not (value is not None and value > 0):
+        return positive(name, value)
+    if MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        return None
+    return (
+        f"{name} must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {value} (for the "
+        "high-temperature limit use --loss logit-mse)"
+    )
 
 
 def collect(*problems: str | None) -> list[str]:

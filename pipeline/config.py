@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 from pipeline.cache.kinds import TAIL_TEMPERATURES
 from pipeline.cache.location import parse_storage_options, redact_options
-from pipeline.checks import collect, in_range, one_of, positive
+from pipeline.checks import collect, in_range, one_of, positive, temperature
 from pipeline.distributed import refuse_torchrun
 from pipeline.errors import ConfigError
 from pipeline.experiments.specialists.clustering import SIMILARITIES
 from pipeline.files import location_stem, slug
 from pipeline.models import with_options
 from pipeline.options import (
+    field_problems,
     option,
     parse_class_deltas,
     parse_floats,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 from pipeline.training.losses import ENSEMBLE_METHODS, LOSSES
 
 CACHE_DTYPES = ("float16", "float32")
+MAX_MEMORY = 1 << 50  # 1 PiB: a --memory-budget above it is a typo, not a machine
 SPECIALIST_INITS = ("auto", "generalist", "scratch")
 
 DATASET_HELP = (
@@ -158,7 +160,8 @@ class TeacherConfig:
         return self if self.out else replace(self, out=output_dir("teachers", slug(self.model)))
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
+        problems += collect(positive("max_norm", self.max_norm, optional=True))
         if self.members < 1:
             problems.append(f"members must be >= 1, got {self.members}")
         if self.jitter < 0:
@@ -236,7 +239,7 @@ class EvaluateConfig:
     trust_code: list[str] = trust_code_option()
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
         if not self.model:
             problems.append("model (a checkpoint or ensemble directory) must be given")
         problems += collect(one_of("ensemble", self.ensemble, ENSEMBLE_METHODS))
@@ -325,11 +328,13 @@ class CacheConfig:
     )
     seed: int = option(
         0,
+        least=0,
         help="Seeds sampled:S draws (with the member and the shard) and the views' parameters "
         "(with the sample id and the view).",
     )
     views: int = option(
         1,
+        most=1024,  # rows x views are computed and stored: 1e5 views of 600 rows took minutes
         help="Augmented views per sample (needs --augment): the teacher runs on each, and the "
         "cache stores each view's logits and its explicit parameters.",
     )
@@ -365,7 +370,7 @@ class CacheConfig:
     trust_code: list[str] = trust_code_option()
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
         if not self.teachers:
             problems.append("at least one --teacher (checkpoint or ensemble directory) is needed")
         if not self.out:
@@ -386,11 +391,10 @@ class CacheConfig:
             self.storage(1 << 20)
         except ValueError as e:
             problems.append(f"--store: {e}")
-        if not self.tail_temperatures or any(t <= 0 for t in self.tail_temperatures):
-            problems.append(
-                f"--tail-temperatures must be positive numbers, got {self.tail_temperatures}"
-            )
-        problems += collect(positive("sample_temperature", self.sample_temperature))
+        if not self.tail_temperatures:
+            problems.append("--tail-temperatures needs at least one temperature")
+        problems += collect(*(temperature("tail_temperatures", t) for t in self.tail_temperatures))
+        problems += collect(temperature("sample_temperature", self.sample_temperature))
         problems += view_problems(self.views, self.augment, self.include_identity)
         problems += refuse_torchrun("cache-logits")
         if problems:
@@ -480,6 +484,7 @@ class StudentConfig:
         parse=parse_size,
         show=show_size,
         metavar="SIZE",
+        most=MAX_MEMORY,
         help="Memory for targets+inputs: train from memory when they fit, else stream shards.",
     )
     loader_workers: int = loader_workers_option()
@@ -537,8 +542,8 @@ class StudentConfig:
         return self if self.out else replace(self, out=output_dir("runs", self.run_name()))
 
     def validate(self) -> None:
-        problems = self.shared_problems()
-        problems += collect(positive("temperature", self.temperature))
+        problems = field_problems(self) + self.shared_problems()
+        problems += collect(temperature("temperature", self.temperature))
         problems += collect(in_range("alpha", self.alpha, 0, 1))
         _raise_all(problems, self.train)
 
@@ -648,6 +653,7 @@ class SweepConfig:
         parse=parse_ints,
         show=show_list,
         metavar="N,N,...",
+        least=0,
         help="Comma-separated seeds (one run per seed).",
     )
     loss: str = option("kd", choices=LOSSES, help="The loss of every setting (see train-student).")
@@ -673,6 +679,7 @@ class SweepConfig:
         parse=parse_size,
         show=show_size,
         metavar="SIZE",
+        most=MAX_MEMORY,
         help="Per setting (see train-student).",
     )
     online_teacher: list[str] | None = option(
@@ -715,14 +722,14 @@ class SweepConfig:
         return self if self.out else replace(self, out=output_dir("sweeps", name))
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
         for name in ("temperatures", "alphas", "students", "seeds"):
             values = getattr(self, name)
             if not values:
                 problems.append(f"{name} must have at least one value")
             elif len(set(values)) != len(values):
                 problems.append(f"{name} has repeated values: {values}")
-        problems += collect(*(positive("temperature", t) for t in self.temperatures))
+        problems += collect(*(temperature("temperature", t) for t in self.temperatures))
         problems += collect(*(in_range("alpha", a, 0, 1) for a in self.alphas))
         if self.workers is not None and self.workers < 0:
             problems.append(f"workers must be >= 0, got {self.workers}")
@@ -834,7 +841,9 @@ class SpecialistsConfig:
         help="Start from a generalist member's weights (auto: when the architecture is the same).",
     )
     init_member: int = option(0, help="Which cache member initialises the specialists.")
-    temperature: float = option(4.0, short="-T", help="Temperature of the collapsed soft targets.")
+    temperature: float = option(
+        4.0, short="-T", help="Temperature of the collapsed soft targets."
+    )
     alpha: float = option(0.5, help="Weight of the soft term; 1 - alpha weighs the hard labels.")
     max_rows: int | None = option(
         None, help="Cap on each specialist's training rows (half its classes, half the rest)."
@@ -843,7 +852,7 @@ class SpecialistsConfig:
         1, help="Activate specialists whose classes meet the generalist's top-n classes."
     )
     kl_steps: int = option(300, help="Gradient steps of the combination (Adam on q's logits).")
-    kl_lr: float = option(0.1, help="Step size of the combination.")
+    kl_lr: float = option(0.1, most=100.0, help="Step size of the combination.")
     sensitivity: bool = option(
         True,
         flag="--no-sensitivity",
@@ -886,7 +895,7 @@ class SpecialistsConfig:
         )
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
         if not self.cache:
             problems.append(
                 "--cache CACHE (the generalist's logits on the transfer set) must be given"
@@ -903,7 +912,7 @@ class SpecialistsConfig:
             problems.append(f"init must be one of {', '.join(SPECIALIST_INITS)}, got {self.init!r}")
         if self.init_member < 0:
             problems.append(f"init_member must be >= 0, got {self.init_member}")
-        problems += collect(positive("temperature", self.temperature))
+        problems += collect(temperature("temperature", self.temperature))
         problems += collect(in_range("alpha", self.alpha, 0, 1))
         if self.max_rows is not None and self.max_rows < 2:
             problems.append(f"max_rows must be >= 2, got {self.max_rows}")
@@ -981,7 +990,7 @@ class CacheToolConfig:
 
     def validate(self) -> None:
         """verify's --replay needs a teacher to re-run."""
-        problems = []
+        problems = field_problems(self)
         if self.replay < 0:
             problems.append(f"replay must be >= 0 rows, got {self.replay}")
         if self.replay and not self.teachers:

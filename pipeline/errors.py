@@ -51,11 +51,31 @@ class DistributedError(KDError):
     """A torchrun job cannot run: bad launch variables, a failed rendezvous, ranks that disagree."""
 
 
+#: How :func:`pipeline.options.field_problems` words a non-finite value (``ConfigError`` keys on
+#: it: a field reported non-finite needs no second line saying ``nan`` is not ``> 0``).
+NOT_FINITE = "must be a finite number"
+
+
+def distinct_problems(problems: list[str]) -> list[str]:
+    """``problems`` in order, each once, and nothing more about a field already reported as not
+    finite (the problems start with the field's name: "lr must be > 0, got nan")."""
+    out: list[str] = []
+    not_finite: set[str] = set()
+    for p in problems:
+        name = p.split(" ", 1)[0]
+        if p in out or name in not_finite:
+            continue
+        out.append(p)
+        if NOT_FINITE in p:
+            not_finite.add(name)
+    return out
+
+
 class ConfigError(KDError):
     """One or more configuration values are invalid (all problems are listed at once)."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
+        self.problems = distinct_problems(list(problems))
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 

@@ -286,7 +286,19 @@ def _build_py(
         raise ModelSpecError(
             f"model spec {spec!r}: cannot import {parts[0]}.{parts[1]} ({e})"
         ) from e
-    model = factory(in_shape=in_shape, num_classes=num_classes)
+    except Exception as e:  # noqa: BLE001 - the module's own code ran on import
+        raise ModelSpecError(
+            f"model spec {spec!r}: importing module {parts[0]} raised {type(e).__name__}: {e}; "
+            "fix that module"
+        ) from e
+    try:
+        model = factory(in_shape=in_shape, num_classes=num_classes)
+    except Exception as e:  # noqa: BLE001 - a user's factory: anything may come out of it
+        raise ModelSpecError(
+            f"model spec {spec!r}: the factory {parts[0]}.{parts[1]}(in_shape={in_shape}, "
+            f"num_classes={num_classes}) raised {type(e).__name__}: {e}; fix that factory (the "
+            "error is in it, not in kd-pipeline)"
+        ) from e
     if not isinstance(model, nn.Module):
         raise ModelSpecError(
             f"model spec {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"

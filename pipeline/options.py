@@ -16,9 +16,12 @@ would type, for ``--help``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass
 from typing import Any
+
+from pipeline.errors import NOT_FINITE
 
 META_KEY = "kd_option"
 
@@ -42,6 +45,10 @@ class Option:
         exists: The value is a path that must exist (checked by click).
         metavar: The placeholder shown in ``--help``.
         required: The command cannot run without it.
+        most: The largest value the field accepts (every number of a list or mapping); None:
+            :data:`INT_LIMIT` for integers, no bound but finiteness for floats (see
+            :func:`field_problems`).
+        least: The smallest value, for fields whose config has no check of its own (seeds).
     """
 
     help: str
@@ -56,6 +63,8 @@ class Option:
     exists: bool = False
     metavar: str | None = None
     required: bool = False
+    most: float | None = None
+    least: float | None = None
 
     def names(self, field_name: str) -> list[str]:
         """The flag spellings, long first: ``["--temperature", "-T"]``."""
@@ -85,6 +94,58 @@ def nested(cls: type) -> bool:
     return dataclasses.is_dataclass(cls) and isinstance(cls, type)
 
 
+# ------------------------------------------------------------------------------- generic checks
+#: The largest integer a field takes unless its declaration says otherwise (``most``): counts,
+#: sizes in rows, indices and workers all fit in 32 bits, and a larger value is a typo (or a
+#: test of the tool) that would otherwise reach an allocation or a zarr shape.
+INT_LIMIT = 2**31 - 1
+
+
+def _numbers(value: Any) -> Iterator[Any]:
+    """The numbers a field holds: itself, a list's items, a mapping's values (``3=+3.5``)."""
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def field_problems(cfg: Any) -> list[str]:
+    """The problems every numeric field shares, whatever its config: one line per bad field.
+
+    Floats must be finite (``inf`` and ``nan`` parse as floats, and each comparison of a config's
+    own ``validate()`` would let one of them through: ``inf > 0``, ``not nan <= 0``); integers must
+    be at most the declaration's ``most`` (else :data:`INT_LIMIT`), floats too where declared,
+    and at least its ``least`` where declared.
+    Nested configs (``train: TrainConfig``) are not walked: their own ``validate()`` calls this.
+    Every config's ``validate()`` starts with these, so the CLI and library callers both refuse
+    such a value before anything is created.
+    """
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            continue
+        opt = declared(f)
+        most = opt.most if opt is not None else None
+        least = opt.least if opt is not None else None
+        for v in _numbers(value):
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{f.name} {NOT_FINITE}, got {value}")
+                break
+            if least is not None and v < least:
+                problems.append(f"{f.name} must be >= {least:g}, got {value}")
+                break
+            limit = most if most is not None else (INT_LIMIT if isinstance(v, int) else None)
+            if limit is not None and v > limit:
+                shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+                problems.append(f"{f.name} must be at most {shown}, got {value}")
+                break
+    return problems
+
+
 # ---------------------------------------------------------------------------------- value parsers
 _SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -94,9 +155,12 @@ def parse_size(value: str) -> int:
     v = str(value).strip().upper().removesuffix("IB").removesuffix("B")
     scale = _SIZE_UNITS.get(v[-1:], 1)
     try:
-        return int(float(v[:-1] if scale > 1 else v) * scale)
-    except ValueError:
+        size = int(float(v[:-1] if scale > 1 else v) * scale)
+    except (ValueError, OverflowError):  # "inf" overflows int(), "nan" is a ValueError
         raise ValueError(f"expected a size like 512M or 2G, got {value!r}") from None
+    if size < 0:
+        raise ValueError(f"expected a size like 512M or 2G, got the negative {value!r}")
+    return size
 
 
 def show_size(n: int) -> str:

@@ -18,8 +18,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from pipeline.errors import KDError
-from pipeline.options import Option, declared, nested
+from pipeline.errors import ConfigError, KDError, distinct_problems
+from pipeline.options import Option, declared, field_problems, nested
 
 #: The attribute every generated click parameter carries: ``"StudentConfig.temperature"``.
 FIELD_ATTR = "kd_field"
@@ -77,7 +77,7 @@ class Parsed(click.ParamType):
             return value
         try:
             return self.parse(value)
-        except (ValueError, KDError) as e:
+        except (ValueError, OverflowError, KDError) as e:  # OverflowError: int(float("inf"))
             self.fail(str(e), param, ctx)
 
 
@@ -163,7 +163,7 @@ def _value(p: _Param, raw: Any) -> Any:
     try:
         if opt.parse is not None and opt.multiple:
             return opt.parse(raw)
-    except (ValueError, KDError) as e:
+    except (ValueError, OverflowError, KDError) as e:
         hint = p.path[-1] if opt.argument else opt.names(p.path[-1])[0]
         raise click.BadParameter(str(e), param_hint=hint) from None
     if opt.negate:
@@ -191,13 +191,30 @@ def build(cls: type, params: list[_Param], kwargs: dict, ctx: click.Context) -> 
     return dataclasses.replace(base, **top)
 
 
+def check_all(configs: list[Any]) -> list[str]:
+    """Every problem of ``configs``, in order, each once (a nested config's own checks are in its
+    owner's ``validate()``; the generic ones also run for configs that have none)."""
+    problems: list[str] = []
+    for cfg in configs:
+        problems += field_problems(cfg)
+        if hasattr(cfg, "validate"):
+            try:
+                cfg.validate()
+            except ConfigError as e:
+                problems += e.problems
+    return distinct_problems(problems)
+
+
 def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
     """Decorator: generate the click parameters of ``specs`` and call the command with configs.
 
     The command receives one built config per spec, in order. Configs with a ``resolve()`` method
     get it applied (derived defaults such as output directories named from the config), and
     configs with a ``validate()`` method are validated before the command runs: every command
-    reports a bad option before any work, not after its first steps.
+    reports a bad option before any work, not after its first steps. Every config's numeric
+    fields get :func:`~pipeline.options.field_problems` (finite, within their declared bounds)
+    too, with or without a ``validate()``, and the problems of all the command's configs are
+    reported together, once each.
     """
     selected = [_selected(s) for s in specs]
 
@@ -209,9 +226,9 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
             for cls, params in selected:
                 cfg = build(cls, params, kwargs, ctx)
                 configs.append(cfg.resolve() if hasattr(cfg, "resolve") else cfg)
-            for cfg in configs:
-                if hasattr(cfg, "validate"):
-                    cfg.validate()
+            problems = check_all(configs)
+            if problems:
+                raise ConfigError(problems)
             return fn(*configs)
 
         command.__click_params__ = [  # click reads this list bottom-up, as its decorators do

@@ -90,9 +90,11 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
     A dotted key sets a nested option: ``client_kwargs.region_name=eu-west-1``.
 
     Raises:
-        CacheError: an item without ``=``.
+        CacheError: an item without ``=``; a key given twice with different values, or both as
+            an option and as the parent of a dotted one; options that contradict each other.
     """
     out: dict[str, Any] = {}
+    given: dict[str, Any] = {}  # key as typed -> its value: the same key twice must agree
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
@@ -104,12 +106,60 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
             parsed: Any = json.loads(value)
         except ValueError:
             parsed = value
+        if key in given and given[key] != parsed:
+            raise CacheError(
+                f"--storage-option {key} is given twice, as {_shown(key, given[key])} and "
+                f"{_shown(key, parsed)}; give it once, with the value you mean"
+            )
+        given[key] = parsed
         *parents, leaf = key.split(".")
         d = out
-        for p in parents:
+        for i, p in enumerate(parents):
             d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                parent = ".".join(parents[: i + 1])
+                raise CacheError(
+                    f"--storage-option {key} sets an option inside {parent}, which is also given "
+                    f"a value ({parent}={_shown(parent, d)}); give {parent} either a value or "
+                    "dotted options"
+                )
+        if isinstance(d.get(leaf), dict) and not isinstance(parsed, dict):
+            raise CacheError(
+                f"--storage-option {key}={_shown(key, parsed)} replaces the dotted options "
+                f"{key}.* given before it; give {key} either a value or dotted options"
+            )
         d[leaf] = parsed
+    _refuse_contradictions(out)
     return out
+
+
+def _shown(key: str, value: Any) -> str:
+    """A value for a message: a credential's never (the message may be logged or shared)."""
+    return "***" if any(w in key.lower() for w in SECRET_WORDS) else repr(value)
+
+
+def _refuse_contradictions(options: Mapping[str, Any]) -> None:
+    """Options that cannot all hold: anonymous access with credentials, two endpoints.
+
+    Raises:
+        CacheError: naming the contradicting options and what to do.
+    """
+    if options.get("anon") is True:
+        creds = sorted(k for k in ("key", "secret", "token", "profile") if k in options)
+        if creds:
+            raise CacheError(
+                "--storage-option anon=true (no credentials) contradicts "
+                + ", ".join(creds)
+                + "; drop anon=true to sign requests, or the credentials to read anonymously"
+            )
+    client = options.get("client_kwargs")
+    inner = client.get("endpoint_url") if isinstance(client, Mapping) else None
+    outer = options.get("endpoint_url")
+    if inner is not None and outer is not None and inner != outer:
+        raise CacheError(
+            f"--storage-option endpoint_url={outer} contradicts client_kwargs.endpoint_url="
+            f"{inner}; give one endpoint (endpoint_url=URL)"
+        )
 
 
 def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:

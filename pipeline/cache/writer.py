@@ -477,6 +477,13 @@ def _describe_difference(
             + (f" of {cfg.augment}" if cfg.augment else "")
             + (" with --include-identity" if cfg.include_identity else "")
         )
+    # The header's seed is what a resumed write draws with (sampled rows, views, fidelity rows):
+    # another --seed would be ignored while the command line recorded it; say so instead.
+    if h.seed is not None and cfg.seed != h.seed:
+        diffs.append(
+            f"seed: the cache was made with --seed {h.seed}, you gave --seed {cfg.seed}; "
+            f"re-run with --seed {h.seed} to resume or re-use it"
+        )
     if cfg.rows_per_shard and cfg.rows_per_shard != h.rows_per_shard:
         diffs.append(
             f"rows per shard: the cache uses {h.rows_per_shard}, you asked for {cfg.rows_per_shard}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.lazy import LazyInputs, RowSource
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, KDError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MODES = {"rgb": "RGB", "grey": "L", "gray": "L"}
@@ -320,9 +321,17 @@ class PySource(RowSource):
         self.dtype = first.dtype
 
     def _input(self, i: int) -> np.ndarray:
-        item = self.ds[int(i)]
+        # The user's __getitem__ may fail or return anything: name their code and what it did,
+        # not a traceback from inside the loader.
+        item = user_call(f"py:{self.factory}: item {i} (its __getitem__)", self.ds.__getitem__, i)
         value = item[0] if isinstance(item, (tuple, list)) else item
         arr = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+        if arr.dtype.kind not in "buif" or arr.ndim == 0:
+            raise DatasetError(
+                f"py:{self.factory}: item {i} holds {type(value).__name__} {_short(value)}, not "
+                "an array or tensor of numbers; return (input, label) or the input alone, the "
+                "input a numpy array or torch tensor"
+            )
         return arr if arr.dtype == np.uint8 else arr.astype(np.float32)
 
     def load(self, i: int) -> np.ndarray:
@@ -347,27 +356,61 @@ class PySource(RowSource):
         }
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def user_call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, a user's code: whatever it raises becomes one ``DatasetError`` naming
+    ``what`` failed and the exception (the user's bug, said as such, not kd-pipeline's)."""
+    try:
+        return fn(*args)
+    except KDError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code: anything may come out of it
+        raise DatasetError(
+            f"{what} raised {type(e).__name__}: {e}; fix that code (the error is in it, not in "
+            "kd-pipeline)"
+        ) from e
+
+
 def load_py(module: str, factory: str, data_dir: str | None = None) -> LazyBase:
     spec = f"py:{module}:{factory}"
     try:
         fn = getattr(importlib.import_module(module), factory)
     except (ImportError, AttributeError) as e:
         raise DatasetError(f"{spec}: cannot import {module}.{factory} ({e})") from e
-    ds = fn()
+    except Exception as e:  # noqa: BLE001 - the module's own code ran on import
+        raise DatasetError(
+            f"{spec}: importing module {module} raised {type(e).__name__}: {e}; fix that module"
+        ) from e
+    ds = user_call(f"{spec}: the factory {module}.{factory}()", fn)
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise DatasetError(
             f"{spec}: the factory returned {type(ds).__name__}, not a map-style Dataset "
             "(__len__ and __getitem__)"
         )
-    if len(ds) == 0:
+    if user_call(f"{spec}: len() of the factory's dataset", len, ds) == 0:
         raise DatasetError(f"{spec}: the dataset is empty")
     src = PySource(ds, f"{module}:{factory}")
     labels = getattr(ds, "targets", None)
     if labels is None:
         labels = getattr(ds, "labels", None)
     if labels is None and isinstance(ds[0], (tuple, list)) and len(ds[0]) > 1:
-        labels = [int(ds[i][1]) for i in range(len(ds))]  # one pass: the labels are not exposed
-    y = None if labels is None else np.asarray(labels, dtype=np.int64).reshape(-1)
+        # One pass: the labels are not exposed. Each must be a class index (an int).
+        labels = [
+            user_call(f"{spec}: the label of item {i}", lambda i=i: int(ds[i][1]))
+            for i in range(len(ds))
+        ]
+    y = (
+        None
+        if labels is None
+        else user_call(
+            f"{spec}: its labels as class indices",
+            lambda: np.asarray(labels, dtype=np.int64).reshape(-1),
+        )
+    )
     if y is not None and len(y) != src.n:
         raise DatasetError(f"{spec}: {len(y)} labels for {src.n} items")
     names = [str(c) for c in getattr(ds, "classes", None) or []]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.writer import build_cache
-from pipeline.checks import collect, in_range, positive
+from pipeline.checks import collect, in_range, temperature
 from pipeline.config import (
     CacheConfig,
     EvaluateConfig,
@@ -39,7 +39,7 @@ from pipeline.experiments.plots import bar_chart
 from pipeline.experiments.sweep import finished_result
 from pipeline.metrics import percent
 from pipeline.models import build_model
-from pipeline.options import option, parse_floats, show_list
+from pipeline.options import field_problems, option, parse_floats, show_list
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher
@@ -79,7 +79,7 @@ class DemoConfig:
         "teacher and, as is, for the students (a quick run).",
     )
     device: str = device_option()
-    seed: int = option(0, help="Seed for weight initialisation, dropout and shuffling.")
+    seed: int = option(0, least=0, help="Seed for weight initialisation, dropout and shuffling.")
 
     def resolve(self) -> DemoConfig:
         return self if self.out else replace(self, out=output_dir("demo", ""))
@@ -132,9 +132,9 @@ class DemoConfig:
         Raises:
             ConfigError: all problems at once (the steps' own checks included).
         """
-        problems = collect(
+        problems = field_problems(self) + collect(
             None if self.temperatures else "temperatures must have at least one value",
-            *(positive("temperature", t) for t in self.temperatures),
+            *(temperature("temperature", t) for t in self.temperatures),
             in_range("alpha", self.alpha, 0, 1),
             None if self.out else "--out DIR must be given",
         )

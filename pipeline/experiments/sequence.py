@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.cache.format import LogitCache
+from pipeline.checks import collect, in_range, temperature
 from pipeline.config import CacheConfig, StudentConfig, TeacherConfig, device_option, output_dir
 from pipeline.errors import ConfigError
 from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.options import option, parse_ints, show_list
+from pipeline.options import field_problems, option, parse_ints, show_list
 from pipeline.training.loop import TrainConfig
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "kjv" / "kjv.txt.gz"
@@ -75,6 +76,7 @@ class SequenceStudyConfig:
         parse=parse_ints,
         show=show_list,
         metavar="S,S,...",
+        least=0,
         help="Student seeds.",
     )
     corpus: str = option(str(CORPUS), help="The UTF-8 corpus (.txt or .txt.gz).")
@@ -86,11 +88,12 @@ class SequenceStudyConfig:
         return self if self.out else replace(self, out=output_dir("sequence-study", name))
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
         if self.vocab and self.vocab < 257:
             problems.append(f"--vocab must be 0 (bytes) or above 256, got {self.vocab}")
-        if not 0 <= self.alpha <= 1 or self.temperature <= 0:
-            problems.append("--alpha must be in [0, 1] and --temperature positive")
+        problems += collect(
+            in_range("alpha", self.alpha, 0, 1), temperature("temperature", self.temperature)
+        )
         if not self.seeds:
             problems.append("--seeds needs at least one seed")
         if problems:

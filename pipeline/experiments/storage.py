@@ -37,6 +37,7 @@ import numpy as np
 
 from pipeline.cache.format import LogitCache, create_cache, mark_complete, write_shard
 from pipeline.cache.kinds import StorageSpec, bytes_per_row
+from pipeline.checks import collect, in_range, temperature
 from pipeline.config import (
     CacheConfig,
     StudentConfig,
@@ -45,7 +46,7 @@ from pipeline.config import (
     output_dir,
 )
 from pipeline.errors import ConfigError
-from pipeline.options import option, parse_floats, parse_ints, show_list
+from pipeline.options import field_problems, option, parse_floats, parse_ints, show_list
 from pipeline.training.loop import TrainConfig
 
 DEFAULT_STORES = ("dense", "topk:1", "topk:5", "topk:20", "topk:100", "sampled:4", "sampled:16")
@@ -107,6 +108,7 @@ class StorageStudyConfig:
         parse=parse_ints,
         show=show_list,
         metavar="S,S,...",
+        least=0,
         help="Student seeds (mean and spread are reported).",
     )
     train_from: list[str] | None = option(
@@ -128,13 +130,12 @@ class StorageStudyConfig:
         return self if self.out else replace(self, out=output_dir("storage-study", self.scale))
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self) + collect(in_range("alpha", self.alpha, 0, 1))
         if self.scale not in SCALES:
             problems.append(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if not self.seeds or not self.temperatures:
             problems.append("--seeds and --temperatures need at least one value each")
-        if any(t <= 0 for t in self.temperatures):
-            problems.append(f"--temperatures must be positive, got {self.temperatures}")
+        problems += collect(*(temperature("temperatures", t) for t in self.temperatures))
         if problems:
             raise ConfigError(problems)
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checks import at_least, collect, one_of, positive
+from pipeline.checks import at_least, collect, in_range, one_of, positive
 from pipeline.distributed import SINGLE, Ranks, all_sum, batch_spans, training_seed
 from pipeline.errors import ConfigError, KDError
 from pipeline.files import atomic_write
-from pipeline.options import option, parse_clip
+from pipeline.options import field_problems, option, parse_clip
 from pipeline.progress import progress_bar
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.targets import flat_rows
@@ -49,7 +49,9 @@ class TrainConfig:
 
     epochs: int = option(10, help="Passes over the training data.")
     batch_size: int = option(128, help="Rows per optimiser step.")
-    lr: float = option(1e-3, help="Peak learning rate.")
+    # 10 is far above any rate that trains (Adam's default is 1e-3): a larger one is a typo whose
+    # first step would turn every weight into inf.
+    lr: float = option(1e-3, most=10.0, help="Peak learning rate.")
     optimizer: str = option("adam", choices=OPTIMIZERS, help="Optimiser (sgd uses --momentum).")
     momentum: float = option(0.9, help="SGD momentum.")
     weight_decay: float = option(0.0, help="L2 weight decay.")
@@ -90,13 +92,14 @@ class TrainConfig:
     )
     seed: int = option(
         0,
+        least=0,
         help="Seed for weight initialisation, dropout and shuffling (dataset "
         "subsets take their own seed=).",
     )
 
     def validate(self) -> None:
         """Raise ``ConfigError`` listing every invalid field at once."""
-        problems = collect(
+        problems = field_problems(self) + collect(
             at_least("epochs", self.epochs, 1),
             at_least("batch_size", self.batch_size, 1),
             positive("lr", self.lr),
@@ -108,6 +111,8 @@ class TrainConfig:
             None if self.max_steps is None else at_least("max_steps", self.max_steps, 1),
             None if self.eval_every is None else at_least("eval_every", self.eval_every, 1),
             one_of("precision", self.precision, PRECISIONS),
+            in_range("momentum", self.momentum, 0, 1),
+            at_least("weight_decay", self.weight_decay, 0),
         )
         if problems:
             raise ConfigError(problems)

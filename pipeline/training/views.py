@@ -125,7 +125,8 @@ def view_use(cfg: StudentConfig, cache: LogitCache | None) -> ViewUse:
 
     Raises:
         ConfigError: options that contradict the cache (more views than a plain cache holds,
-            --views-per-epoch 0 without an identity view, --augment on top of replayed views).
+            --views-per-epoch 0 without an identity view, more views per epoch than the cache
+            stores, --augment on top of replayed views).
     """
     if cache is None:
         mode = "consistent" if cfg.augment else "none"
@@ -151,6 +152,16 @@ def view_use(cfg: StudentConfig, cache: LogitCache | None) -> ViewUse:
                 ]
             )
         return ViewUse("inconsistent" if cfg.augment else "none", plan, 0, cfg.augment)
+    if k > plan.views:
+        # More than the stored views would serve some views twice per epoch while the run's
+        # record claimed k distinct ones: refuse instead of repeating them silently.
+        raise ConfigError(
+            [
+                f"--views-per-epoch {k} is more than the {plan.views} view(s) per sample "
+                f"{cfg.cache} stores; use --views-per-epoch {plan.views} or fewer, or make a "
+                f"cache with more views (cache-logits --views {k} --augment {plan.augment})"
+            ]
+        )
     if cfg.augment:
         raise ConfigError(
             [

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pipeline.config import data_dir_option, device_option, output_dir, trust_code_option
 from pipeline.errors import ConfigError
 from pipeline.files import slug
-from pipeline.options import option, parse_ints, show_list
+from pipeline.options import field_problems, option, parse_ints, show_list
 
 
 @dataclass
@@ -204,11 +204,14 @@ class ReproduceConfig:
         exists=True,
         help="Use this teacher ensemble instead of training the dataset's recipe.",
     )
-    omitted_class: int = option(3, help="omitted-class: the class left out of the transfer set.")
+    omitted_class: int = option(
+        3, least=0, help="omitted-class: the class left out of the transfer set."
+    )
     kept_classes: list[int] = option(
         default_factory=lambda: [7, 8],
         parse=parse_ints,
         show=show_list,
+        least=0,
         help="omitted-class: the only classes of the two-class transfer set.",
     )
     student: str = option(
@@ -237,13 +240,14 @@ class ReproduceConfig:
         parse=parse_ints,
         show=show_list,
         metavar="N,N,...",
+        least=0,
         help="main-table and consistency: the student seeds of every arm (mean and spread "
         "reported).",
     )
     temperature: float = 20.0
     alpha: float = 0.9
     device: str = device_option()
-    seed: int = option(0, help="Seed for weight initialisation, dropout and shuffling.")
+    seed: int = option(0, least=0, help="Seed for weight initialisation, dropout and shuffling.")
     trust_code: list[str] = trust_code_option()
 
     def resolve(self) -> ReproduceConfig:
@@ -252,7 +256,7 @@ class ReproduceConfig:
         return self if self.out else replace(self, out=output_dir("reproduce", name))
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
         names = PAPER_EXPERIMENTS if self.experiment == "all" else self.experiment.split(",")
         problems += [
             f"unknown experiment {n!r}: expected all or one of {', '.join(EXPERIMENT_NAMES)}"
