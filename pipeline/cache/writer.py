@@ -36,6 +36,7 @@ from pipeline.cache.format import (
     LogitCache,
     add_member_arrays,
     create_cache,
+    describe_rows,
     digest_write,
     group_header,
     mark_complete,
@@ -372,7 +373,7 @@ def _plan_resume(
             layout,
             h.num_classes,
             members,
-            message=f"{location} is already complete ({h.n} rows, {len(h.members)} "
+            message=f"{location} is already complete ({rows_of(h)}, {len(h.members)} "
             f"members{added}); nothing to do",
         )
     cache = LogitCache(location, allow_partial=True)
@@ -576,6 +577,7 @@ def _build(
             )
         rows = execute_plan(plan, cfg, inputs, device, lock, log, progress)
     seconds = time.perf_counter() - t0
+    h = read_header(location)  # the rows per sample (views, token positions) as written
     return CacheResult(
         location.display,
         plan.status,
@@ -583,10 +585,16 @@ def _build(
         rows,
         seconds,
         len(plan.members),
-        f"{location} complete: {plan.layout.n} rows x {plan.num_classes} classes x "
+        f"{location} complete: {rows_of(h)} x {plan.num_classes} classes x "
         f"{len(plan.members)} member(s), {len(plan.tasks)} shards computed in "
         f"{seconds:.1f}s",
     )
+
+
+def rows_of(h: CacheHeader) -> str:
+    """The header's rows as people read them: samples, and views or token positions per sample."""
+    positions = 1 if h.rows is None else int(h.rows["positions"])
+    return describe_rows(h.n, h.views, positions)
 
 
 def execute_plan(

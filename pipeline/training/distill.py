@@ -356,10 +356,10 @@ def soft_target_record(cache: LogitCache, members: list[int], cfg: StudentConfig
         out["loss_matches"] = "an unbiased importance-sampled estimate of the full KL"
     notes = []
     if not exact and cfg.loss != "logit-mse":
-        what = "tail mass" if kind == "topk" else "importance weights"
+        what = "tail mass is" if kind == "topk" else "importance weights are"
         notes.append(
             f"T={cfg.temperature} is not a recorded temperature ({out['recorded_temperatures']}):"
-            f" the {what} are interpolated, not exact"
+            f" the {what} interpolated, not exact"
         )
     if cfg.loss == "logit-mse":
         notes.append("--loss logit-mse on a topk cache matches the kept logits only")

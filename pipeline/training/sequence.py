@@ -36,6 +36,7 @@ from pipeline.datasets import Dataset, default_eval_spec, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
+from pipeline.metrics import percent
 from pipeline.models import KDModel, build_model
 from pipeline.sequences.data import PAD, SequenceDataset, is_sequence, tokenizer_record
 from pipeline.sequences.models import token_rows
@@ -432,7 +433,7 @@ def train_sequence_student(
         t = metrics["test"]
         log(
             f"student: test perplexity {t['perplexity']:.3f}, {t['bits_per_byte']:.4f} bits per "
-            f"byte, token accuracy {t['accuracy']:.4f} on {test.spec}"
+            f"byte, token accuracy {percent(t['accuracy'])} on {test.spec}"
         )
     return result
 
