@@ -512,8 +512,8 @@ class StudentConfig:
     )
     overwrite: bool = option(
         False,
-        help="Replace a run of another config that --out already holds (without it, that is "
-        "refused).",
+        help="Replace the run --out already holds: one of another config (refused without it) "
+        "or a finished one of this config (reused without it).",
     )
     device: str = device_option()
     data_dir: str | None = data_dir_option()

@@ -23,6 +23,24 @@ def evaluation_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def student_result_line(result: dict | None) -> str:
+    """A student run's test result as its training prints it (classification or sequence); ""
+    when it was not evaluated."""
+    t = ((result or {}).get("metrics") or {}).get("test")
+    if not t:
+        return ""
+    on = (result.get("config") or {}).get("eval")
+    if "perplexity" in t:
+        return (
+            f"student: test perplexity {t['perplexity']:.3f}, {t['bits_per_byte']:.4f} bits per "
+            f"byte, token accuracy {percent(t['accuracy'])}"
+        )
+    return (
+        f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
+        f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f})" + (f" on {on}" if on else "")
+    )
+
+
 # More class names than this are summarised: a 150k vocabulary on one line is unreadable.
 CLASSES_SHOWN = 10
 

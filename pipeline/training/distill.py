@@ -201,6 +201,14 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks =
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
     now = json.loads(json.dumps(run_config(cfg, ranks)))
     diffs = _differences({**defaults, **recorded}, now)
+    # Only where the cache was read from differs (a bucket, then its bundle): the same run when
+    # it is the same cache.
+    if (
+        diffs
+        and all(d.split(":")[0].split(".")[0] in ACCESS_FIELDS for d in diffs)
+        and _recorded_cache_fingerprint(out) == _cache_fingerprint(cfg)
+    ):
+        diffs = []
     if diffs and not cfg.overwrite:
         raise ConfigError(
             [
@@ -214,6 +222,41 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks =
         f"replacing the run in {out}"
         + (f" ({'; '.join(diffs[:4])})" if diffs else " (the same config, trained again)")
     )
+
+
+# Where the soft targets are read from, not what they are: a run from a cache in a bucket and one
+# from its bundle or local copy are the same run when the cache's fingerprint is the same.
+ACCESS_FIELDS = ("cache", "storage_options")
+
+
+def same_run_config(recorded: dict, now: dict) -> bool:
+    """Whether two recorded run configs (``config.json``) describe the same run, apart from where
+    the cache was read from (the callers compare the caches' fingerprints)."""
+    defaults = json.loads(json.dumps(StudentConfig().to_dict()))
+    before = {k: v for k, v in {**defaults, **recorded}.items() if k not in ACCESS_FIELDS}
+    after = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in ACCESS_FIELDS}
+    return before == after
+
+
+def _cache_fingerprint(cfg: StudentConfig) -> str | None:
+    """The fingerprint of the members this run reads from its cache (None for online teachers or
+    a cache that cannot be read: then nothing counts as the same)."""
+    if not cfg.cache:
+        return None
+    try:
+        cache = LogitCache(cfg.cache_location, allow_partial=True)
+    except KDError:
+        return None
+    members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
+    return cache_fingerprint(cache.header, members)
+
+
+def _recorded_cache_fingerprint(out: Path) -> str:
+    """The cache fingerprint a finished run records; "" (matching no fingerprint) when none."""
+    try:
+        return json.loads((out / "metrics.json").read_text())["cache"]["fingerprint"] or ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _recorded_config(out: Path) -> dict | None:
