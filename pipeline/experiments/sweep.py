@@ -359,7 +359,9 @@ def run_sweep(
     res.files = write_results(out, res.rows)
     res.table = markdown_table(res.rows, cfg)
     (out / "results.md").write_text(res.table + "\n")
-    plot = plot_results(res.rows, out / PLOT_NAME)
+    from pipeline.experiments.plots import optional_plot
+
+    plot = optional_plot(lambda: plot_results(res.rows, out / PLOT_NAME), log)
     if plot:
         res.files["plot"] = str(plot)
     res.seconds = time.perf_counter() - t0
