@@ -104,7 +104,9 @@ class InMemorySource:
         shuffle: bool = True,
         rank: tuple[int, int] = (0, 1),
     ) -> None:
-        self.x = torch.as_tensor(x)
+        # A lazy source's rows arrive as a list of arrays: one stacked array, not torch's slow
+        # (and warning) element-wise conversion.
+        self.x = torch.as_tensor(np.stack(x) if isinstance(x, list | tuple) else x)
         self.y = None if y is None else torch.as_tensor(y).long()
         # Dense (N, C) logits become a tensor; sparse targets (pipeline.training.targets) index
         # the same way and are kept as they are.

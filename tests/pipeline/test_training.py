@@ -344,3 +344,17 @@ def test_best_epoch_keeps_the_fewest_errors_then_the_lowest_nll_then_the_earlies
         "val_errors": 3,
         "val_nll": 0.7,
     }
+
+
+def test_in_memory_source_stacks_a_list_of_rows_without_torchs_slow_path_warning() -> None:
+    import warnings
+
+    import numpy as np
+
+    from pipeline.training.loop import InMemorySource
+
+    rows = [np.full((2, 2), i, np.float32) for i in range(5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Creating a tensor from a list of numpy.ndarrays ..."
+        src = InMemorySource(rows, np.arange(5), batch_size=2, shuffle=False)
+    assert src.x.shape == (5, 2, 2) and float(src.x[3, 0, 0]) == 3.0
