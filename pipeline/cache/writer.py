@@ -49,7 +49,7 @@ from pipeline.cache.header import thaw
 from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
 from pipeline.config import CacheConfig
-from pipeline.data.lazy import is_lazy
+from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError, ConfigError, storage_errors
@@ -649,6 +649,9 @@ def execute_plan(
     )
     if is_lazy(inputs.data.x):
         inputs.data.x.set_loader(cfg.loader_workers, cfg.batch_size)
+        note = workers_note(cfg.loader_workers)
+        if note:
+            log(note)
     log(
         f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}"

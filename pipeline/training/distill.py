@@ -38,6 +38,7 @@ from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig
+from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.data.stream import watch_content
 from pipeline.datasets import (
     Dataset,
@@ -148,6 +149,10 @@ def train_student(
         watch_content(test, None, cfg.loader_workers)
         val = validation_set(cfg, targets, test)
         watch_content(val, None, cfg.loader_workers)
+        if any(d is not None and is_lazy(d.x) for d in (targets.data, test, val)):
+            note = workers_note(cfg.loader_workers)  # once: three datasets share the setting
+            if note:
+                log(note)
         held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
         best = BestEpoch() if val is not None else None
         history = fit_student(cfg, student, targets, test, device, log, progress, ranks, val, best)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.checks import at_least, collect, one_of, positive
+from pipeline.data.lazy import is_lazy
 from pipeline.distributed import SINGLE, Ranks, all_sum, batch_spans, training_seed
 from pipeline.errors import ConfigError, KDError
 from pipeline.files import atomic_write
@@ -104,9 +105,13 @@ class InMemorySource:
         shuffle: bool = True,
         rank: tuple[int, int] = (0, 1),
     ) -> None:
-        # A lazy source's rows arrive as a list of arrays: one stacked array, not torch's slow
-        # (and warning) element-wise conversion.
-        self.x = torch.as_tensor(np.stack(x) if isinstance(x, list | tuple) else x)
+        # Rows as a list of arrays, or a lazy dataset's inputs (a sequence of rows to torch):
+        # one stacked array, not torch's slow (and warning) element-wise conversion.
+        if isinstance(x, list | tuple):
+            x = np.stack(x)
+        elif is_lazy(x):
+            x = x[:]  # decoded in one read (through its loader), not row by row
+        self.x = torch.as_tensor(x)
         self.y = None if y is None else torch.as_tensor(y).long()
         # Dense (N, C) logits become a tensor; sparse targets (pipeline.training.targets) index
         # the same way and are kept as they are.
