@@ -59,12 +59,16 @@ def main() -> None:
 
 
 @main.command("train-teacher")
-@configured(TeacherConfig)
-def train_teacher(cfg: TeacherConfig) -> None:
+@configured(TeacherConfig, Only(Display, "quiet"))
+def train_teacher(cfg: TeacherConfig, display: Display) -> None:
     """Train a teacher ensemble; writes member-<i>.pt checkpoints and ensemble.json under --out."""
+    from pipeline.metrics import teacher_result_line
     from pipeline.training.teacher import train_teacher as run
 
-    run(cfg, log=click.echo)
+    summary = run(cfg, log=quiet_log(display), progress=not display.quiet)
+    line = teacher_result_line(summary)
+    if line and display.quiet:  # --quiet hides progress, never the result
+        click.echo(line)
     click.echo(
         f"wrote {cfg.out}; next: kd-pipeline cache-logits --teacher {cfg.out} "
         f"--dataset {cfg.dataset}"

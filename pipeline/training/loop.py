@@ -25,7 +25,7 @@ from pipeline.distributed import SINGLE, Ranks, all_sum, batch_spans, training_s
 from pipeline.errors import ConfigError, KDError
 from pipeline.files import atomic_write
 from pipeline.options import option, parse_clip
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_bar, progress_lines
 from pipeline.training.losses import DistillationLoss
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -284,7 +284,8 @@ def fit(
         history_csv: if given, the per-epoch rows are written there (rewritten after every epoch).
         log: receives one summary line per epoch.
         desc: progress-bar label.
-        progress: show a progress bar per epoch (on a terminal).
+        progress: show a progress bar per epoch on a terminal; elsewhere (a log file), a line
+            through ``log`` every :data:`~pipeline.progress.LINE_SECONDS` of a long epoch.
         ranks: this process's place in a torchrun job. With more than one rank the model is
             trained through ``DistributedDataParallel`` (gradients averaged over the ranks; the
             ``model`` passed in stays the plain module and holds the trained weights), each rank
@@ -335,6 +336,10 @@ def fit(
             leave=False,
             unit="batch",
         )
+        # Redirected into a log, a long epoch says how far it is every LINE_SECONDS instead.
+        lines = progress_lines(
+            len(source), f"{desc} epoch {epoch + 1}/{cfg.epochs}", log, enabled=progress, bar=bar
+        )
         for xb, tb, yb in bar:
             xb = xb.to(device, non_blocking=non_blocking)
             tb = None if tb is None else tb.to(device, non_blocking=non_blocking)
@@ -368,6 +373,8 @@ def fit(
                     counted = yb >= 0
                     wrong += ((logits.argmax(dim=1) != yb) & counted).sum()
                     labeled += int(counted.sum()) if yb.shape[0] != b else b
+            if lines is not None:
+                lines.update(b)
         seconds = time.perf_counter() - t0
         if ranks.distributed:
             # The epoch's row is the whole epoch's: every rank's rows, added up.
