@@ -1,10 +1,14 @@
 """The README's walkthroughs run as written, in order, in a fresh directory.
 
-A walkthrough is the ``bash`` block after a ``<!-- walkthrough: NAME ... -->`` line. What a
-walkthrough starts from on the reader's machine is made here, small: the quick start's teacher
-(``data/demo/teacher``, a tiny one), a folder of images, the bucket's endpoint (moto's server;
-the README's credential block is site-specific and is what the ``s3_server`` fixture stands for).
-Slow: each walkthrough trains real students (mlp:800,800 on 3,000 images).
+A walkthrough is the ``bash`` block after a ``<!-- walkthrough: NAME ... -->`` line; every marked
+block has a test here (:data:`TESTED`), so none drops out unnoticed. What a walkthrough starts from
+on the reader's machine is made here, small: the quick start's teacher (``data/demo/teacher``, a
+tiny one), the sparse section's ``big.npz`` and teacher, the bucket's endpoint (moto's server; the
+README's credential block is site-specific and is what the ``s3_server`` fixture stands for).
+
+Left unmarked: blocks that need torchvision, a GPU, several hosts or a cluster, and those that
+train on all of Fashion-MNIST (many minutes on a CPU: the quick start itself, the teacher recipes,
+the sequence study); ``.ci/run`` runs the quick start.
 """
 
 from __future__ import annotations
@@ -20,14 +24,19 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+MARKER = re.compile(r"<!-- walkthrough: (\S+)\b[^>]*-->\n```bash\n(.*?)```", re.S)
+
+#: Every walkthrough the README marks, each run by a test below.
+TESTED = {"sharing", "sparse"}
+
+
 def walkthrough(name: str) -> list[str]:
     """The commands of walkthrough ``name``: continuation lines joined, comments and blanks left
     out (bash would skip them too)."""
-    text = README.read_text()
-    found = re.search(rf"<!-- walkthrough: {name}\b[^>]*-->\n```bash\n(.*?)```", text, re.S)
-    assert found, f"README.md has no walkthrough {name!r}"
+    found = dict(MARKER.findall(README.read_text()))
+    assert name in found, f"README.md has no walkthrough {name!r}"
     commands = []
-    for line in found.group(1).replace("\\\n", " ").splitlines():
+    for line in found[name].replace("\\\n", " ").splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             commands.append(line)
     return commands
@@ -55,6 +64,9 @@ def shell_env() -> dict[str, str]:
 
 
 def test_walkthroughs_are_found() -> None:
+    names = [name for name, _ in MARKER.findall(README.read_text())]
+    # Every marked block has its test, and none was unmarked (or renamed) silently.
+    assert sorted(names) == sorted(TESTED) and len(names) == 2
     sharing = walkthrough("sharing")
     assert sharing[0].startswith("python -c") and "s3fs" in sharing[0]  # the bucket first
     assert sum(c.startswith("kd-pipeline train-student") for c in sharing) == 2
@@ -94,3 +106,34 @@ def test_the_sharing_walkthrough_runs_as_written(s3_server: str, tmp_path: Path)
         shell_env(),
     )[0]
     assert "reusing the finished run in data/runs/fm-demo-mlp-800-800" in again
+
+
+@pytest.mark.slow  # five commands, two students trained with the defaults: ~25 s of CPU
+def test_the_sparse_walkthrough_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.config import TeacherConfig
+    from pipeline.training.loop import TrainConfig
+    from pipeline.training.teacher import train_teacher
+    from tests.conftest import write_npz
+
+    # What the section starts from: a transfer set with more classes than topk:20 keeps, and a
+    # teacher on it (small: the student's defaults train on 200 rows).
+    write_npz(tmp_path / "big.npz", n_train=200, n_test=100, classes=30)
+    cfg = TeacherConfig(
+        dataset="npz:big.npz:train",
+        model="mlp:32",
+        members=1,
+        out=str(tmp_path / "data/teachers/big"),
+        device="cpu",
+        train=TrainConfig(epochs=2),
+    )
+    monkeypatch.chdir(tmp_path)  # the spec is relative, as in the README
+    train_teacher(cfg, log=lambda s: None)
+    commands = walkthrough("sparse")
+    assert len(commands) == 5
+    out = run_all(commands, tmp_path, shell_env())
+    assert "complete: 200 rows x 30 classes x 1 member(s)" in out[0] + out[1]
+    assert "topk" in out[2] and "fidelity" in out[2]
+    assert out[3].count("student: ") == 1 and out[4].count("student: ") == 1
+    assert "interpolat" in out[4]
