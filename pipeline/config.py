@@ -296,9 +296,8 @@ class CacheConfig:
     dataset: str = option("fashion-mnist:train", help="Transfer set spec.")
     out: str = option(
         "",
-        required=True,
-        help="The cache: a directory (e.g. data/caches/fmnist.zarr) "
-        "or s3://bucket/prefix/NAME.zarr.",
+        help="The cache: a directory (e.g. data/caches/fmnist.zarr) or "
+        "s3://bucket/prefix/NAME.zarr [default: data/caches/<teacher>-<dataset>.zarr].",
     )
     dtype: str | None = option(
         None,
@@ -368,6 +367,15 @@ class CacheConfig:
     command: str = ""  # the command line that made the cache (recorded in its header)
     storage_options: dict = storage_options_option()
     trust_code: list[str] = trust_code_option()
+
+    def resolve(self) -> CacheConfig:
+        """This config with ``out`` named from the first teacher and the dataset when not given
+        (like every other command's default under ``data/``)."""
+        if self.out or not self.teachers:
+            return self
+        teacher = str(self.teachers[0]).rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
+        name = f"{slug(teacher)}-{slug(self.dataset)}.zarr"
+        return replace(self, out=output_dir("caches", name))
 
     def validate(self) -> None:
         problems = field_problems(self)
@@ -517,8 +525,8 @@ class StudentConfig:
     )
     overwrite: bool = option(
         False,
-        help="Replace a run of another config that --out already holds (without it, that is "
-        "refused).",
+        help="Replace the run --out already holds: one of another config (refused without it) "
+        "or a finished one of this config (reused without it).",
     )
     device: str = device_option()
     data_dir: str | None = data_dir_option()

@@ -23,6 +23,15 @@ class KDError(Exception):
     """A user-facing error: bad input, a refused operation, a corrupt artefact."""
 
 
+class MissingExtraError(KDError):
+    """An optional dependency that one command needs is not installed (named with its extra)."""
+
+    def __init__(self, what: str, module: str, extra: str) -> None:
+        super().__init__(
+            f"{what} needs {module}, which is not installed: pip install 'kd-pipeline[{extra}]'"
+        )
+
+
 class DatasetError(KDError):
     """A dataset spec or file is wrong."""
 

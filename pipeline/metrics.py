@@ -17,6 +17,22 @@ def percent(rate: float, digits: int = 2) -> str:
     return "n/a" if rate != rate else f"{100 * rate:.{digits}f} %"
 
 
+def teacher_result_line(summary: dict) -> str:
+    """A trained ensemble's test result from its ``ensemble.json`` summary, as ``train-teacher``
+    prints it (also under ``--quiet``); "" when it was not evaluated."""
+    test = summary.get("test") or {}
+    if "ensemble" in test:
+        e = test["ensemble"]
+        return (
+            f"ensemble of {len(summary['members'])}: {e['errors']} test errors "
+            f"({percent(e['accuracy'])} accuracy) on {test['dataset']}"
+        )
+    members = [m for m in test.get("members") or [] if m]  # language models: per member
+    if not members:
+        return ""
+    return "members' test perplexity: " + ", ".join(f"{m['perplexity']:.3f}" for m in members)
+
+
 def classification_metrics(
     logits: torch.Tensor,
     labels: torch.Tensor,

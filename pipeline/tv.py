@@ -29,6 +29,39 @@ NORMS = ("imagenet", "none")
 OPTIONS = ("weights", "norm", "classes")
 
 
+# How to get a torchvision that loads: PyPI's default wheels are CUDA builds, which do not load
+# next to a CPU-only torch (their ops are compiled against another torch build).
+MATCHING_TORCHVISION = (
+    "install the torchvision build that matches your torch: for a CPU-only torch, pip install "
+    "torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu (0.28.0 goes with "
+    "torch 2.13), or pip uninstall torchvision if you do not need tv: models or folder images"
+)
+
+
+def torchvision_problem() -> str | None:
+    """Why the installed torchvision does not load next to this torch, or None (it loads, or it
+    is not installed). ``transformers`` imports torchvision when it is present, so a mismatched
+    one breaks ``hf:`` models too, with an error that never names it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a build for another torch fails while loading its ops
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            have = version("torchvision")
+        except PackageNotFoundError:
+            have = "?"
+        return (
+            f"the installed torchvision {have} does not load with torch {torch.__version__} "
+            f"({type(e).__name__}: {str(e)[:120]}); {MATCHING_TORCHVISION}"
+        )
+    return None
+
+
 def _torchvision():
     try:
         import torchvision
@@ -38,12 +71,9 @@ def _torchvision():
             "'kd-pipeline[vision]' (the torchvision release that matches your torch)"
         ) from None
     except Exception as e:  # noqa: BLE001 - a build for another torch fails while loading its ops
-        import torch
-
         raise ModelSpecError(
             f"tv: models need torchvision, but the installed one does not load with torch "
-            f"{torch.__version__} ({type(e).__name__}: {str(e)[:120]}): install the torchvision "
-            "build that matches your torch (a CPU-only torch needs a CPU torchvision)"
+            f"{torch.__version__} ({type(e).__name__}: {str(e)[:120]}): {MATCHING_TORCHVISION}"
         ) from None
     return torchvision
 

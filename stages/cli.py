@@ -10,6 +10,7 @@ import json
 import shlex
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -23,6 +24,7 @@ from pipeline.config import (
     SweepConfig,
     TeacherConfig,
 )
+from pipeline.errors import KDError
 from pipeline.experiments.bench import BenchConfig
 from pipeline.experiments.demo import DemoConfig
 from pipeline.experiments.reproduce import ReproduceConfig
@@ -31,7 +33,7 @@ from pipeline.experiments.storage import StorageStudyConfig
 from stages.boundary import KDGroup
 from stages.cache_cli import cache_group
 from stages.params import Only, configured
-from stages.show import evaluation_table
+from stages.show import evaluation_table, student_result_line
 
 
 def quiet_log(display: Display) -> object:
@@ -57,12 +59,16 @@ def main() -> None:
 
 
 @main.command("train-teacher")
-@configured(TeacherConfig)
-def train_teacher(cfg: TeacherConfig) -> None:
+@configured(TeacherConfig, Only(Display, "quiet"))
+def train_teacher(cfg: TeacherConfig, display: Display) -> None:
     """Train a teacher ensemble; writes member-<i>.pt checkpoints and ensemble.json under --out."""
+    from pipeline.metrics import teacher_result_line
     from pipeline.training.teacher import train_teacher as run
 
-    run(cfg, log=click.echo)
+    summary = run(cfg, log=quiet_log(display), progress=not display.quiet)
+    line = teacher_result_line(summary)
+    if line and display.quiet:  # --quiet hides progress, never the result
+        click.echo(line)
     click.echo(
         f"wrote {cfg.out}; next: kd-pipeline cache-logits --teacher {cfg.out} "
         f"--dataset {cfg.dataset}"
@@ -112,12 +118,35 @@ def cache_logits(cfg: CacheConfig, display: Display) -> None:
 @configured(StudentConfig, Only(Display, "quiet"))
 def train_student(cfg: StudentConfig, display: Display) -> None:
     """Stage two: train a student on cached soft targets at temperature T plus weighted hard
-    labels."""
+    labels.
+
+    Re-running a finished run (the same config on the same cache, wherever the cache is read
+    from) reuses it and prints its result, as demo and sweep do; --overwrite trains it again.
+    """
     from pipeline.distributed import is_main_process
+    from pipeline.experiments.sweep import finished_result, source_fingerprint
     from pipeline.training.distill import train_student as run
 
-    run(cfg, log=quiet_log(display), progress=not display.quiet)
+    cfg.validate()
+    previous = None
+    if not cfg.overwrite and (Path(cfg.out) / "metrics.json").is_file():
+        try:
+            previous = finished_result(cfg, source_fingerprint(cfg))
+        except KDError:  # e.g. a partial cache: training says what is wrong, or trains
+            previous = None
+    if previous is not None:
+        result, printed = previous, False
+        click.echo(
+            f"reusing the finished run in {cfg.out} (the same config on the same soft targets; "
+            "--overwrite trains it again)"
+        )
+    else:
+        result = run(cfg, log=quiet_log(display), progress=not display.quiet)
+        printed = not display.quiet
     if is_main_process():  # under torchrun: rank 0 wrote it
+        line = student_result_line(result)
+        if line and not printed:  # --quiet hides progress, never the result
+            click.echo(line)
         click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
 
 

@@ -42,15 +42,63 @@ def _sequence_evaluation_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def student_result_line(result: dict | None) -> str:
+    """A student run's test result as its training prints it (classification or sequence); ""
+    when it was not evaluated."""
+    t = ((result or {}).get("metrics") or {}).get("test")
+    if not t:
+        return ""
+    on = (result.get("config") or {}).get("eval")
+    if "perplexity" in t:
+        return (
+            f"student: test perplexity {t['perplexity']:.3f}, {t['bits_per_byte']:.4f} bits per "
+            f"byte, token accuracy {percent(t['accuracy'])}"
+        )
+    return (
+        f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
+        f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f})" + (f" on {on}" if on else "")
+    )
+
+
+# More class names than this are summarised: a 150k vocabulary on one line is unreadable.
+CLASSES_SHOWN = 10
+
+
 def format_cache_info(i: dict) -> str:
+    """``cache info``'s text form: samples, rows per sample (views, token positions), classes
+    summarised, members with their accuracy as a percentage."""
+    from pipeline.cache.format import describe_rows  # zarr: only for the commands that need it
+
     ratio = i["size_on_disk"] / i["raw_float32_size"] if i["raw_float32_size"] else float("nan")
+    views, positions = i.get("views") or 1, i.get("positions") or 1
+    per_sample = views * positions
+    # rows_per_shard counts samples; with several rows per sample say both, or 64 reads as rows.
+    unit = "sequences" if positions > 1 else "samples"
+    per_shard = (
+        f"{i['rows_per_shard']} rows per shard"
+        if per_sample == 1
+        else f"{i['rows_per_shard']} {unit} = {i['rows_per_shard'] * per_sample} rows per shard"
+    )
+    if positions > 1:  # a sequence's labels are its next tokens, held by the dataset
+        labels = "labels: the next tokens, kept with the dataset"
+    else:
+        labels = "labeled" if i["labeled"] else "unlabeled"
+    rows = describe_rows(i["n"], views, positions).replace(" rows", "", 1)
+    # "8000 (2000 samples x 4 views; labeled)", or "600  (labeled)" as before
+    rows = f"{rows[:-1]}; {labels})" if per_sample > 1 else f"{rows}  ({labels})"
     lines = [
         f"cache      {i['location']}  ({i['format']} v{i['version']})",
         f"status     {'complete' if i['complete'] else 'PARTIAL'}: "
-        f"{len(i['shards_done'])}/{i['n_shards']} shards done by every member "
-        f"({i['rows_per_shard']} rows per shard)",
-        f"rows       {i['n']}  ({'labeled' if i['labeled'] else 'unlabeled'})",
-        f"classes    {i['num_classes']}: {', '.join(i['class_names'])}",
+        f"{len(i['shards_done'])}/{i['n_shards']} shards done by every member ({per_shard})",
+        f"rows       {rows}",
+    ]
+    if views > 1 or i.get("augment"):
+        identity = "; view 0 is the input itself" if i.get("include_identity") else ""
+        lines.append(
+            f"views      {views} per sample, augment {i.get('augment') or 'none'}{identity}"
+        )
+    lines += [
+        f"classes    {i['num_classes']}: {class_summary(i['class_names'])}",
         f"dtype      {i['dtype']}  codecs {' -> '.join(i['codecs'])}",
         f"size       {i['size_on_disk'] / 2**20:.2f} MiB on disk vs "
         f"{i['raw_float32_size'] / 2**20:.2f} MiB raw float32 ({ratio:.2f}x)",
@@ -61,11 +109,21 @@ def format_cache_info(i: dict) -> str:
         acc = (m.get("metrics") or {}).get("accuracy")
         lines.append(
             f"  [{m['index']}] {m['model_spec']}  {m['checkpoint_sha256'][:23]}…  {m['path']}"
-            + (f"  test acc {acc:.4f}" if acc is not None else "")
+            + (f"  test accuracy {percent(acc)}" if acc is not None else "")
         )
         lines += _storage_lines(m)
     lines.append(f"created    {i['created']} by kd-pipeline {i['tool_version']}: {i['command']}")
     return "\n".join(lines)
+
+
+def class_summary(names: list[str], shown: int = CLASSES_SHOWN) -> str:
+    """Every class name when there are few, else the first few and where the full list is."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return (
+        ", ".join(names[: shown - 2])
+        + f", ..., {names[-1]}  (all {len(names)}: `cache info --json`, class_names)"
+    )
 
 
 def _storage_lines(m: dict) -> list[str]:
@@ -81,13 +139,17 @@ def _storage_lines(m: dict) -> list[str]:
     ]
     fid = m.get("fidelity")
     if fid and fid.get("rows"):
+        # One label column, as wide as the label, then every column header right above its values.
+        label = f"fidelity on {fid['rows']} rows:"
+        width = max(24, len(label) + 1)
         lines.append(
-            f"      fidelity on {fid['rows']} rows:   T  KL mean    KL worst   kept mean  kept min"
+            f"      {label:<{width}}{'T':>4}  {'KL mean':<10} {'KL worst':<10} "
+            f"{'kept mean':<10} kept min"
         )
         for j, t in enumerate(fid["temperatures"]):
             kl, worst = fid["kl_mean"][j], fid["kl_max"][j]
             lines.append(
-                f"      {'':>24}{t:>4g}  "
+                f"      {'':<{width}}{t:>4g}  "
                 + (f"{kl:<10.3g} {worst:<10.3g}" if kl is not None else f"{'n/a':<10} {'n/a':<10}")
                 + f" {fid['kept_mass_mean'][j]:<10.4f} {fid['kept_mass_min'][j]:.4f}"
             )

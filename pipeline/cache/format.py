@@ -647,6 +647,21 @@ def _ids_list(ids: np.ndarray, limit: int = 20) -> str:
 
 
 # ------------------------------------------------------------------------------------------- reader
+def describe_rows(samples: int, views: int = 1, positions: int = 1) -> str:
+    """How many rows a cache holds and what they are, e.g. ``"8000 rows (2000 samples x 4
+    views)"``: the row count alone would hide that a view or token cache has several per sample.
+    """
+    per_sample = views * positions
+    if per_sample == 1:
+        return f"{samples} rows"
+    parts = [f"{samples} {'sequences' if positions > 1 else 'samples'}"]
+    if views > 1:
+        parts.append(f"{views} views")
+    if positions > 1:
+        parts.append(f"{positions} token positions")
+    return f"{samples * per_sample} rows ({' x '.join(parts)})"
+
+
 @dataclass
 class CacheInfo:
     """What ``cache info`` prints."""
@@ -677,7 +692,9 @@ class CacheInfo:
             "labeled": h.labeled,
             "rows": h.n_rows,
             "views": h.views,
+            "positions": 1 if h.rows is None else int(h.rows["positions"]),
             "augment": None if h.augment is None else h.augment["spec"],
+            "include_identity": None if h.augment is None else h.augment.get("include_identity"),
             "members": [self._member(m) for m in h.members],
             "dataset": {
                 k: dataset.get(k) for k in ("spec", "fingerprint", "n", "sample_shape", "labeled")

@@ -389,8 +389,8 @@ class CacheLocation:
             except ImportError as e:
                 raise CacheError(
                     f"{self.text}: this URL needs an fsspec backend that is not "
-                    f"installed ({e}); for s3:// install s3fs "
-                    "(`pip install s3fs`)"
+                    f"installed ({e}); for s3:// install the s3 extra: "
+                    "pip install 'kd-pipeline[s3]'"
                 ) from None
         if self.kind == "zip":
             if mode != "r":

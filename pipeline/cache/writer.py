@@ -36,6 +36,7 @@ from pipeline.cache.format import (
     LogitCache,
     add_member_arrays,
     create_cache,
+    describe_rows,
     digest_write,
     group_header,
     mark_complete,
@@ -48,7 +49,7 @@ from pipeline.cache.header import thaw
 from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
 from pipeline.config import CacheConfig
-from pipeline.data.lazy import is_lazy
+from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import CacheError, CheckpointError, ConfigError, storage_errors
@@ -372,7 +373,7 @@ def _plan_resume(
             layout,
             h.num_classes,
             members,
-            message=f"{location} is already complete ({h.n} rows, {len(h.members)} "
+            message=f"{location} is already complete ({rows_of(h)}, {len(h.members)} "
             f"members{added}); nothing to do",
         )
     cache = LogitCache(location, allow_partial=True)
@@ -583,6 +584,7 @@ def _build(
             )
         rows = execute_plan(plan, cfg, inputs, device, lock, log, progress)
     seconds = time.perf_counter() - t0
+    h = read_header(location)  # the rows per sample (views, token positions) as written
     return CacheResult(
         location.display,
         plan.status,
@@ -590,10 +592,16 @@ def _build(
         rows,
         seconds,
         len(plan.members),
-        f"{location} complete: {plan.layout.n} rows x {plan.num_classes} classes x "
+        f"{location} complete: {rows_of(h)} x {plan.num_classes} classes x "
         f"{len(plan.members)} member(s), {len(plan.tasks)} shards computed in "
         f"{seconds:.1f}s",
     )
+
+
+def rows_of(h: CacheHeader) -> str:
+    """The header's rows as people read them: samples, and views or token positions per sample."""
+    positions = 1 if h.rows is None else int(h.rows["positions"])
+    return describe_rows(h.n, h.views, positions)
 
 
 def execute_plan(
@@ -648,6 +656,9 @@ def execute_plan(
     )
     if is_lazy(inputs.data.x):
         inputs.data.x.set_loader(cfg.loader_workers, cfg.batch_size)
+        note = workers_note(cfg.loader_workers)
+        if note:
+            log(note)
     log(
         f"{plan.status} {plan.location}: {len(tasks)}/{plan.layout.n_shards} shards to compute for "
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import pickle
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -104,6 +105,33 @@ def _picklable(data: Any) -> bool:
     return True
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the platform has one (a
+    container's or ``taskset``'s share), else every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def loader_workers(asked: int) -> int:
+    """The DataLoader worker processes to start for ``--loader-workers asked``: at most one per
+    usable core. More only compete for the same cores (decoding is CPU-bound), and torch warns
+    about every DataLoader made with more, once per epoch."""
+    return min(max(0, int(asked)), usable_cores())
+
+
+def workers_note(asked: int) -> str | None:
+    """The one line saying ``--loader-workers asked`` was reduced to this machine's cores, or
+    None when it was not."""
+    used = loader_workers(asked)
+    if used >= asked:
+        return None
+    return (
+        f"note: --loader-workers {asked} reduced to {used}: this process may use {used} CPU "
+        f"core{'s' if used != 1 else ''}, and more decoding processes would only compete for them"
+    )
+
+
 def can_start_workers() -> bool:
     """Loader workers are child processes: a daemonic process (a dask worker, a DataLoader worker)
     may not have any, so it decodes in its own thread instead (the same rows, the same bytes)."""
@@ -131,7 +159,7 @@ class LazyInputs:
     ) -> None:
         self.source = source
         self.rows = np.arange(source.n, dtype=np.int64) if rows is None else np.asarray(rows)
-        self.workers, self.batch_size = workers, batch_size
+        self.workers, self.batch_size = loader_workers(workers), batch_size
         # Called with (positions, digests) of every read: stage two compares them with the cache.
         self.expect: Callable[[np.ndarray, np.ndarray], None] | None = None
         self._plan: deque[tuple[int, int]] = deque()
@@ -158,8 +186,9 @@ class LazyInputs:
         return LazyInputs(self.source, self.rows[idx], self.workers, self.batch_size)
 
     def set_loader(self, workers: int, batch_size: int | None = None) -> None:
-        """Decode in ``workers`` DataLoader processes (0: this thread), ``batch_size`` a batch."""
-        self.workers = max(0, int(workers))
+        """Decode in ``workers`` DataLoader processes (0: this thread; at most one per usable
+        core, :func:`loader_workers`), ``batch_size`` rows a batch."""
+        self.workers = loader_workers(workers)
         if batch_size:
             self.batch_size = int(batch_size)
 

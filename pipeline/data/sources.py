@@ -255,6 +255,14 @@ def _hf_open(root: Path, split: str, spec: str) -> Any:
             f"{spec}: hf: sources need the `datasets` package, which is not installed: "
             "pip install 'kd-pipeline[hf]'"
         ) from None
+    except Exception as e:  # noqa: BLE001 - e.g. a torchvision built for another torch
+        from pipeline.tv import torchvision_problem
+
+        problem = torchvision_problem()
+        raise DatasetError(
+            f"{spec}: cannot import the `datasets` package ({type(e).__name__}: {e})"
+            + (f"; the likely cause: {problem}" if problem else "")
+        ) from None
     if (root / "dataset_dict.json").is_file():
         dd = datasets.load_from_disk(str(root))
         if split not in dd:

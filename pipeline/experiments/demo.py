@@ -35,7 +35,7 @@ from pipeline.datasets import FASHION_MNIST_CLASSES
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, KDError
 from pipeline.evaluation import evaluate_models
-from pipeline.experiments.plots import bar_chart
+from pipeline.experiments.plots import bar_chart, optional_plot
 from pipeline.experiments.sweep import finished_result
 from pipeline.metrics import percent
 from pipeline.models import build_model
@@ -241,11 +241,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
         "runs": {name: r["config"]["out"] for name, r in runs.items()},
     }
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    plot = bar_chart(
-        out / "demo.png",
-        [r["model"] for r in table],
-        [r["errors"] for r in table],
-        "test errors (fashion-mnist:test)",
+    plot = optional_plot(
+        lambda: bar_chart(
+            out / "demo.png",
+            [r["model"] for r in table],
+            [r["errors"] for r in table],
+            "test errors (fashion-mnist:test)",
+        ),
+        log,
     )
     (out / "report.md").write_text(_report(cfg, table, train_spec, transfer_spec, runs))
     log("")

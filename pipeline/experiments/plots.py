@@ -3,15 +3,34 @@ display)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import MissingExtraError
 from pipeline.files import atomic_write
 
 
+def optional_plot(draw: Callable[[], Path | None], log: Callable[[str], None]) -> Path | None:
+    """``draw()``'s PNG, or None with one line saying which extra draws it: a plot is a nicety
+    next to a report and its numbers, so a base install still finishes the command."""
+    try:
+        return draw()
+    except MissingExtraError as e:
+        log(f"no plot: {e}")
+        return None
+
+
 def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend."""
-    import matplotlib
+    """matplotlib.pyplot on the file-only Agg backend.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed (it is the ``plots`` extra).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtraError("drawing a PNG plot", "matplotlib", "plots") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

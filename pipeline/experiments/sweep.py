@@ -121,11 +121,11 @@ def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
         previous = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    # Options added to StudentConfig after a run was made take their defaults there: it is still the
-    # same run.
-    defaults = json.loads(json.dumps(StudentConfig().to_dict()))
-    recorded = {**defaults, **(previous.get("config") or {})}
-    if recorded != json.loads(json.dumps(scfg.to_dict())):
+    from pipeline.training.distill import same_run_config
+
+    # Options added to StudentConfig after a run was made take their defaults there, and the
+    # cache's location may differ (a bucket, its bundle): still the same run on the same cache.
+    if not same_run_config(previous.get("config") or {}, scfg.to_dict()):
         return None
     if "cache" in fingerprint:
         ok = previous.get("cache", {}).get("fingerprint") == fingerprint["cache"]
@@ -359,7 +359,9 @@ def run_sweep(
     res.files = write_results(out, res.rows)
     res.table = markdown_table(res.rows, cfg)
     (out / "results.md").write_text(res.table + "\n")
-    plot = plot_results(res.rows, out / PLOT_NAME)
+    from pipeline.experiments.plots import optional_plot
+
+    plot = optional_plot(lambda: plot_results(res.rows, out / PLOT_NAME), log)
     if plot:
         res.files["plot"] = str(plot)
     res.seconds = time.perf_counter() - t0

@@ -108,6 +108,7 @@ class HFCausalLM(nn.Module):
         except ImportError:
             raise ModelSpecError(
                 f"hf:{directory} needs the `transformers` package: pip install 'kd-pipeline[hf]'"
+                + _torchvision_note()
             ) from None
         if not (Path(directory) / "config.json").is_file():
             raise ModelSpecError(
@@ -119,12 +120,23 @@ class HFCausalLM(nn.Module):
                 directory, local_files_only=True, trust_remote_code=False
             )
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise ModelSpecError(f"hf:{directory}: cannot load it ({type(e).__name__}: {e})") from e
+            raise ModelSpecError(
+                f"hf:{directory}: cannot load it ({type(e).__name__}: {e})" + _torchvision_note()
+            ) from e
         self.width = int(self.lm.config.vocab_size)
         self.ctx = int(getattr(self.lm.config, "max_position_embeddings", 0) or 1 << 30)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=x.long(), use_cache=False).logits
+
+
+def _torchvision_note() -> str:
+    """The likely cause when transformers fails to import or load a model: it imports a present
+    torchvision, and one built for another torch fails with errors that name other modules."""
+    from pipeline.tv import torchvision_problem
+
+    problem = torchvision_problem()
+    return f"; the likely cause: {problem}" if problem else ""
 
 
 @register_model("hf", "hf:DIR a transformers causal LM saved locally (pip install '.[hf]')")

@@ -39,6 +39,7 @@ from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig
+from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.data.stream import watch_content
 from pipeline.datasets import (
     Dataset,
@@ -166,6 +167,10 @@ def train_student(
         test = task.test_set(cfg, targets, log)
         val = validation_set(cfg, targets, test)
         watch_content(val, None, cfg.loader_workers)
+        if any(d is not None and is_lazy(d.x) for d in (targets.data, test, val)):
+            note = workers_note(cfg.loader_workers)  # once: three datasets share the setting
+            if note:
+                log(note)
         held, absent = check_bias_options(cfg, targets.data, targets.num_classes, log)
         best = task.best_epoch() if val is not None else None
         history = fit_student(cfg, student, targets, test, device, log, progress, ranks, val, best)
@@ -219,6 +224,14 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks =
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
     now = json.loads(json.dumps(run_config(cfg, ranks)))
     diffs = _differences({**defaults, **recorded}, now)
+    # Only where the cache was read from differs (a bucket, then its bundle): the same run when
+    # it is the same cache.
+    if (
+        diffs
+        and all(d.split(":")[0].split(".")[0] in ACCESS_FIELDS for d in diffs)
+        and _recorded_cache_fingerprint(out) == _cache_fingerprint(cfg)
+    ):
+        diffs = []
     if diffs and not cfg.overwrite:
         raise ConfigError(
             [
@@ -232,6 +245,41 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks =
         f"replacing the run in {out}"
         + (f" ({'; '.join(diffs[:4])})" if diffs else " (the same config, trained again)")
     )
+
+
+# Where the soft targets are read from, not what they are: a run from a cache in a bucket and one
+# from its bundle or local copy are the same run when the cache's fingerprint is the same.
+ACCESS_FIELDS = ("cache", "storage_options")
+
+
+def same_run_config(recorded: dict, now: dict) -> bool:
+    """Whether two recorded run configs (``config.json``) describe the same run, apart from where
+    the cache was read from (the callers compare the caches' fingerprints)."""
+    defaults = json.loads(json.dumps(StudentConfig().to_dict()))
+    before = {k: v for k, v in {**defaults, **recorded}.items() if k not in ACCESS_FIELDS}
+    after = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in ACCESS_FIELDS}
+    return before == after
+
+
+def _cache_fingerprint(cfg: StudentConfig) -> str | None:
+    """The fingerprint of the members this run reads from its cache (None for online teachers or
+    a cache that cannot be read: then nothing counts as the same)."""
+    if not cfg.cache:
+        return None
+    try:
+        cache = LogitCache(cfg.cache_location, allow_partial=True)
+    except KDError:
+        return None
+    members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
+    return cache_fingerprint(cache.header, members)
+
+
+def _recorded_cache_fingerprint(out: Path) -> str:
+    """The cache fingerprint a finished run records; "" (matching no fingerprint) when none."""
+    try:
+        return json.loads((out / "metrics.json").read_text())["cache"]["fingerprint"] or ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _recorded_config(out: Path) -> dict | None:
@@ -398,10 +446,10 @@ def soft_target_record(cache: LogitCache, members: list[int], cfg: StudentConfig
         out["loss_matches"] = "an unbiased importance-sampled estimate of the full KL"
     notes = []
     if not exact and cfg.loss != "logit-mse":
-        what = "tail mass" if kind == "topk" else "importance weights"
+        what = "tail mass is" if kind == "topk" else "importance weights are"
         notes.append(
             f"T={cfg.temperature} is not a recorded temperature ({out['recorded_temperatures']}):"
-            f" the {what} are interpolated, not exact"
+            f" the {what} interpolated, not exact"
         )
     if cfg.loss == "logit-mse":
         notes.append("--loss logit-mse on a topk cache matches the kept logits only")

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from pipeline.checks import at_least, collect, in_range, one_of, positive
+from pipeline.data.lazy import is_lazy
 from pipeline.distributed import SINGLE, Ranks, all_sum, batch_spans, training_seed
 from pipeline.errors import ConfigError, KDError
 from pipeline.files import atomic_write
 from pipeline.options import field_problems, option, parse_clip
-from pipeline.progress import progress_bar
+from pipeline.progress import progress_bar, progress_lines
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.targets import flat_rows
 
@@ -160,6 +161,12 @@ class InMemorySource:
         shuffle: bool = True,
         rank: tuple[int, int] = (0, 1),
     ) -> None:
+        # Rows as a list of arrays, or a lazy dataset's inputs (a sequence of rows to torch):
+        # one stacked array, not torch's slow (and warning) element-wise conversion.
+        if isinstance(x, list | tuple):
+            x = np.stack(x)
+        elif is_lazy(x):
+            x = x[:]  # decoded in one read (through its loader), not row by row
         self.x = torch.as_tensor(x)
         self.y = None if y is None else torch.as_tensor(y).long()
         # Dense (N, C) logits become a tensor; sparse targets (pipeline.training.targets) index
@@ -492,7 +499,8 @@ def fit(
         history_csv: if given, the per-epoch rows are written there (rewritten after every epoch).
         log: receives one summary line per epoch.
         desc: progress-bar label.
-        progress: show a progress bar per epoch (on a terminal).
+        progress: show a progress bar per epoch on a terminal; elsewhere (a log file), a line
+            through ``log`` every :data:`~pipeline.progress.LINE_SECONDS` of a long epoch.
         ranks: this process's place in a torchrun job. With more than one rank the model is
             trained through ``DistributedDataParallel`` (gradients averaged over the ranks; the
             ``model`` passed in stays the plain module and holds the trained weights), each rank
@@ -553,6 +561,10 @@ def fit(
             unit="batch",
         )
         sums = _Sums(device)
+        # Redirected into a log, a long epoch says how far it is every LINE_SECONDS instead.
+        lines = progress_lines(
+            len(source), f"{desc} epoch {epoch + 1}/{cfg.epochs}", log, enabled=progress, bar=bar
+        )
         batches = iter(bar)
         n = len(source)
         for i, (xb, tb, yb) in enumerate(batches):
@@ -571,6 +583,8 @@ def fit(
             last = (i + 1) % cfg.grad_accum == 0 or i + 1 == n
             logits, parts = step.forward_backward(xb, tb, yb, loss_fn, last)
             sums.add(parts, logits, yb, xb.shape[0])
+            if lines is not None:
+                lines.update(xb.shape[0])
             if last:
                 step.update()
                 state.step += 1

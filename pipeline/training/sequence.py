@@ -201,8 +201,11 @@ def check_same_tokenizer(want: dict, data: Dataset, what: str, where: str = "") 
 
 
 # -------------------------------------------------------------------------------------- teachers
-def train_sequence_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
-    """``train-teacher`` on a sequence dataset: ``cfg.members`` language models, next-token CE.
+def train_sequence_teacher(
+    cfg: TeacherConfig, log: Callable[[str], None] = print, progress: bool = True
+) -> dict:
+    """``train-teacher`` on a sequence dataset: ``cfg.members`` language models, next-token CE
+    (``log`` and ``progress`` as for :func:`~pipeline.training.teacher.train_teacher`).
 
     Writes ``member-<i>.pt`` (recording the tokenizer) and ``ensemble.json`` under ``cfg.out``.
     """
@@ -249,6 +252,7 @@ def train_sequence_teacher(cfg: TeacherConfig, log: Callable[[str], None] = prin
             history_csv=out / f"member-{i}.history.csv",
             log=log,
             desc=f"member {i}",
+            progress=progress,
         )
         metrics = None
         if test is not None:

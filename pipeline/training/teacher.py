@@ -16,23 +16,36 @@ from pipeline.datasets import load_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import KDError
 from pipeline.files import atomic_write_json
-from pipeline.metrics import classification_metrics, evaluate_ensemble, percent, predict_logits
+from pipeline.metrics import (
+    classification_metrics,
+    evaluate_ensemble,
+    percent,
+    predict_logits,
+    teacher_result_line,
+)
 from pipeline.models import build_model
 from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import is_sequence_spec, train_sequence_teacher
 
 
-def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dict:
+def train_teacher(
+    cfg: TeacherConfig, log: Callable[[str], None] = print, progress: bool = True
+) -> dict:
     """Train ``cfg.members`` teachers and write ``member-<i>.pt`` + ``ensemble.json`` under
     ``cfg.out``.
+
+    Args:
+        cfg: what to train.
+        log: receives the run's lines (per epoch, per member, the ensemble's result).
+        progress: a bar per epoch on a terminal, progress lines in a long epoch elsewhere.
 
     Returns:
         The ensemble summary written to ``ensemble.json`` (members' and ensemble test metrics).
     """
     cfg.validate()
     if is_sequence_spec(cfg.dataset):  # language models: next-token cross-entropy per position
-        return train_sequence_teacher(cfg, log)
+        return train_sequence_teacher(cfg, log, progress)
     device = resolve_device(cfg.device)
     train = load_dataset(cfg.dataset, cfg.data_dir)
     if not train.labeled:
@@ -85,6 +98,7 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
             history_csv=out / f"member-{i}.history.csv",
             log=log,
             desc=f"member {i}",
+            progress=progress,
         )
         metrics = None
         if test is not None:
@@ -121,10 +135,7 @@ def train_teacher(cfg: TeacherConfig, log: Callable[[str], None] = print) -> dic
     if test is not None:
         res = evaluate_ensemble(models, test.x, test.y, device, test.num_classes)
         summary["test"] = {"dataset": test.spec, **res}
-        log(
-            f"ensemble of {cfg.members}: {res['ensemble']['errors']} test errors "
-            f"({percent(res['ensemble']['accuracy'])} accuracy) on {test.spec}"
-        )
+        log(teacher_result_line(summary))
     # Last and atomically: reuse (``recorded_config``) takes a readable ensemble.json as finished.
     atomic_write_json(out / "ensemble.json", summary)
     return summary

@@ -184,3 +184,50 @@ def test_tv_models_build_and_load_local_weights(tmp_path: Path) -> None:
         load_checkpoint("tv:resnet18:weights=/nonexistent.pt")
     with pytest.raises(ModelSpecError, match="no classification model 'resnet7'"):
         build_model("tv:resnet7", (3, 32, 32), 3)
+
+
+def test_loader_workers_capped_to_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.data import lazy
+
+    monkeypatch.setattr(lazy.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert [lazy.loader_workers(n) for n in (0, 1, 2, 4)] == [0, 1, 2, 2]
+    assert lazy.workers_note(2) is None and lazy.workers_note(0) is None
+    assert lazy.workers_note(4) == (
+        "note: --loader-workers 4 reduced to 2: this process may use 2 CPU cores, and more "
+        "decoding processes would only compete for them"
+    )
+
+
+def test_more_loader_workers_than_cores_one_note_no_torch_warning(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's --loader-workers 4 on a machine with fewer cores: cache-logits and
+    train-student start one worker per core, say so once each, and torch warns of nothing."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    spec = f"folder:{folder}:train:size=8:mode=grey"
+    teacher, cache = tmp_path / "t", tmp_path / "c.zarr"
+    common = ["--device", "cpu", "--loader-workers", "4"]
+    run = CliRunner().invoke
+    # One usable core, as torch's own check sees it too (it reads the same affinity mask).
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = run(main, ["train-teacher", "--dataset", spec, "--model", "mlp:8", "--epochs", "1",
+                       "--members", "1", "--eval", "", "--out", str(teacher),
+                       "--device", "cpu"])  # fmt: skip
+        c = run(main, ["cache-logits", "--teacher", str(teacher), "--dataset", spec,
+                       "--out", str(cache), "--quiet", *common])  # fmt: skip
+        s = run(main, ["train-student", "--cache", str(cache), "--student", "mlp:8", "--epochs",
+                       "1", "--eval", f"folder:{folder}:test:size=8:mode=grey",
+                       "--out", str(tmp_path / "s"), *common])  # fmt: skip
+    assert [r.exit_code, c.exit_code, s.exit_code] == [0, 0, 0], r.output + c.output + s.output
+    note = "note: --loader-workers 4 reduced to 1: this process may use 1 CPU core,"
+    assert c.output.count(note) == 1 and s.output.count(note) == 1
+    # Torch warns neither of the worker count nor of a folder's rows converted one by one.
+    torch_said = ("worker processes in total", "list of numpy.ndarrays")
+    assert [w for w in caught if any(t in str(w.message) for t in torch_said)] == []

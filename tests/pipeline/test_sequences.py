@@ -417,3 +417,26 @@ def test_token_caches_are_bit_identical_over_dask(tiny_gpt: tuple, tmp_path: Pat
     on_dask = build_token_cache(spec, teacher, tmp_path / "dask.zarr", workers=2)
     for k in local:
         np.testing.assert_array_equal(local[k], on_dask[k])
+
+
+def test_cache_info_and_completion_line_count_token_rows(corpus: Path, tmp_path: Path) -> None:
+    """30 sequences of 12 positions are 360 rows; a shard of 7 sequences holds 84 of them (info
+    once said "rows 30 (unlabeled)" and "7 rows per shard"); 256 byte classes are summarised."""
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    spec = f"text:{corpus}:train:seq=12:count=30"
+    teacher = echo_teacher(tmp_path / "echo.pt", load_dataset(spec))
+    out = tmp_path / "c.zarr"
+    res = build_cache(
+        CacheConfig(teachers=[str(teacher)], dataset=spec, out=str(out), rows_per_shard=7),
+        log=lambda s: None,
+        progress=False,
+    )
+    assert "complete: 360 rows (30 sequences x 12 token positions) x 256 classes" in res.message
+    text = CliRunner().invoke(main, ["cache", "info", str(out)]).output
+    assert "rows       360 (30 sequences x 12 token positions; labels: the next tokens" in text
+    assert "(7 sequences = 84 rows per shard)" in text
+    classes = next(line for line in text.splitlines() if line.startswith("classes"))
+    assert classes.endswith("(all 256: `cache info --json`, class_names)") and len(classes) < 100

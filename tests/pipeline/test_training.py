@@ -463,3 +463,41 @@ def test_evaluation_every_n_steps_and_a_callback_that_stops(task: tuple) -> None
     assert len(calls) == 3  # steps 2 and 4, then the epoch's end
     assert sum("epoch 1 step 2: test_errors=" in line for line in lines) == 1
     assert model.training is False
+
+
+def test_in_memory_source_stacks_a_list_of_rows_without_torchs_slow_path_warning() -> None:
+    import warnings
+
+    import numpy as np
+
+    from pipeline.training.loop import InMemorySource
+
+    rows = [np.full((2, 2), i, np.float32) for i in range(5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Creating a tensor from a list of numpy.ndarrays ..."
+        src = InMemorySource(rows, np.arange(5), batch_size=2, shuffle=False)
+    assert src.x.shape == (5, 2, 2) and float(src.x[3, 0, 0]) == 3.0
+
+
+def test_a_long_epoch_prints_progress_lines_where_no_bar_draws(
+    task: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Output redirected (pytest's stderr is no terminal): a line every KD_PROGRESS_SECONDS of an
+    epoch with batches done, rows per second and time left; none in an epoch shorter than that."""
+    import re
+
+    x = task[0]
+    batches = -(-len(x) // 32)
+    monkeypatch.setenv("KD_PROGRESS_SECONDS", "0")  # every batch counts as a long wait
+    lines: list[str] = []
+    _fit(task, epochs=2, log=lines.append)
+    progress = [line for line in lines if " batches, " in line]
+    assert [line.split(",")[0] for line in progress] == [
+        f"train epoch {e}/2: {b}/{batches} batches" for e in (1, 2) for b in range(1, batches)
+    ]
+    assert all(re.fullmatch(r"[^,]+, [\d,]+ rows/s, \d+s left", line) for line in progress)
+    quiet: list[str] = []
+    _fit(task, epochs=1, log=quiet.append, progress=False)  # --quiet: no progress at all
+    monkeypatch.delenv("KD_PROGRESS_SECONDS")  # the default 30 s: a short epoch says nothing
+    _fit(task, epochs=1, log=quiet.append)
+    assert [line for line in quiet if " batches, " in line] == [] and len(quiet) == 2

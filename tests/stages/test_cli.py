@@ -106,6 +106,26 @@ def cli_teacher(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> tup
     return out, res
 
 
+def test_train_teacher_quiet_prints_the_result_only(
+    tmp_path: Path, npz_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KD_PROGRESS_SECONDS", "0")  # progress lines would show if not hidden
+    out = tmp_path / "ens"
+    res = _invoke(
+        ["train-teacher", "--dataset", f"npz:{npz_path}:train", "--eval", f"npz:{npz_path}:test",
+         "--model", "mlp:8", "--epochs", "1", "--members", "1", "--device", "cpu", "--quiet",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    e = json.loads((out / "ensemble.json").read_text())["test"]["ensemble"]
+    assert res.output.splitlines() == [
+        f"ensemble of 1: {e['errors']} test errors ({100 * e['accuracy']:.2f} % accuracy) on "
+        f"npz:{npz_path}:test",
+        f"wrote {out}; next: kd-pipeline cache-logits --teacher {out} "
+        f"--dataset npz:{npz_path}:train",
+    ]
+
+
 def test_train_teacher_writes_members_and_summary(
     cli_teacher: tuple[Path, Result], npz_path: Path
 ) -> None:

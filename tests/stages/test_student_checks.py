@@ -67,8 +67,9 @@ def user_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ),
         (
             "py:json:loads",
-            "error: student py:json:loads: cannot be built for inputs of shape (1, 8, 8) and 5 "
-            "classes (TypeError: loads() missing 1 required positional argument: 's')",
+            "error: model spec 'py:json:loads': the factory json.loads(in_shape=(1, 8, 8), "
+            "num_classes=5) raised TypeError: loads() missing 1 required positional argument: "
+            "'s'; fix that factory (the error is in it, not in kd-pipeline)",
         ),
         (
             "py:kd_user_students:no_tensor",
@@ -129,23 +130,30 @@ def test_a_run_of_another_config_is_not_replaced_without_overwrite(
     assert "overwrite" not in json.loads((out / "config.json").read_text())  # not part of a run
 
 
-def test_the_same_config_again_says_it_replaces_the_run(cache_path: Path, tmp_path: Path) -> None:
+def test_a_finished_run_is_reused_from_any_copy_of_its_cache_and_overwrite_retrains(
+    cache_path: Path, tmp_path: Path
+) -> None:
+    """One rule with demo and sweep: the same config on the same cache is reused, also when the
+    cache is read from elsewhere (the README's bucket-then-bundle walkthrough once exited 2)."""
+    import shutil
+
     out = tmp_path / "run"
-    args = [
-        "--cache",
-        str(cache_path),
-        "--student",
-        "mlp:16",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
-    assert train(*args)[0] == 0
-    code, output = train(*args)
+    args = ["--student", "mlp:16", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    code, first = train("--cache", str(cache_path), *args, "--quiet")
+    assert code == 0, first
+    result = next(line for line in first.splitlines() if line.startswith("student: "))
+    assert "test errors (" in result and "% accuracy" in result  # --quiet keeps the result
+    before = (out / "metrics.json").read_bytes()
+
+    copy = tmp_path / "elsewhere" / cache_path.name
+    shutil.copytree(cache_path, copy)
+    code, output = train("--cache", str(copy), *args)
+    assert code == 0, output
+    assert f"reusing the finished run in {out} (the same config on the same soft targets" in output
+    assert result in output and output.count(f"wrote {out}") == 1
+    assert (out / "metrics.json").read_bytes() == before
+
+    code, output = train("--cache", str(cache_path), *args, "--overwrite")
     assert code == 0, output
     assert f"replacing the run in {out} (the same config, trained again)" in output
-    # "wrote DIR" once: the library's last line no longer repeats the CLI's.
-    assert output.count(f"wrote {out}") == 1
+    assert output.count("student: ") == 1 and output.count(f"wrote {out}") == 1

@@ -244,3 +244,16 @@ def test_quick_consistency_experiment_writes_its_report(tmp_path: Path, npz_path
     assert len(arms["online KD + live augmentation"]["errors"]) == 2
     assert arms["view cache K = 2"]["bytes"] > arms["view cache K = 1"]["bytes"] > 0
     assert (out / "consistency.png").is_file()
+
+
+def test_cache_info_counts_every_views_row(view_cache: Path) -> None:
+    """600 samples x 4 views: 2400 rows, 200 of them per 50-sample shard, and the augment line
+    (a view cache once showed its sample count as its rows and no views)."""
+    res = CliRunner().invoke(main, ["cache", "info", str(view_cache)])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "rows       2400 (600 samples x 4 views; labeled)" in out
+    assert "(50 samples = 200 rows per shard)" in out
+    spec = json.loads(CliRunner().invoke(main, ["cache", "info", str(view_cache), "--json"]).output)
+    assert spec["rows"] == 2400 and spec["views"] == 4 and spec["positions"] == 1
+    assert f"views      4 per sample, augment {spec['augment']}; view 0 is the input itself" in out

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from pipeline.devices import resolve_device
+from pipeline.experiments.plots import optional_plot
 from pipeline.experiments.reproduce.artefacts import Run
 from pipeline.experiments.reproduce.recipes import (
     EXPERIMENT_NAMES,
@@ -86,7 +87,7 @@ def run_reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> d
         log(f"== {name}")
         t = time.perf_counter()
         sec = EXPERIMENTS[name](run)
-        sec.plot = draw_plot(sec, run.out)
+        sec.plot = optional_plot(lambda sec=sec: draw_plot(sec, run.out), log)
         sec.seconds = time.perf_counter() - t
         sections.append(sec)
     summary = {

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, MissingExtraError
 
 SIMILARITIES = ("log-moment", "covariance")
 MODULARITY_TOLERANCE = (
@@ -128,7 +128,12 @@ def cluster_classes(
     Returns:
         The clustering (see :class:`Clustering`).
     """
-    from sklearn.cluster import KMeans  # local: the rest of the library does not need scikit-learn
+    try:  # local: the rest of the library does not need scikit-learn (the specialists extra)
+        from sklearn.cluster import KMeans
+    except ImportError:
+        raise MissingExtraError(
+            "clustering classes for specialists", "scikit-learn", "specialists"
+        ) from None
 
     p = np.asarray(probs, dtype=np.float64)
     c = p.shape[1]

@@ -40,7 +40,7 @@ from pipeline.experiments.specialists.specialist import (
     transfer_set,
 )
 from pipeline.files import atomic_write_json, atomic_write_text
-from pipeline.metrics import predict_logits
+from pipeline.metrics import percent, predict_logits
 from pipeline.models import check_trusted, trusting
 
 if TYPE_CHECKING:
@@ -297,8 +297,9 @@ def evaluate_all(cfg: SpecialistsConfig, log: Callable[[str], None] = print) -> 
     atomic_write_text(out / "report.md", report)
     g, c = main["generalist"], main["combined"]
     log(
-        f"generalist {g['errors']} errors ({g['accuracy']:.2%}), "
-        f"generalist + specialists {c['errors']} errors ({c['accuracy']:.2%}) on {test.spec}; "
+        f"generalist {g['errors']} errors ({percent(g['accuracy'])}), "
+        f"generalist + specialists {c['errors']} errors ({percent(c['accuracy'])}) "
+        f"on {test.spec}; "
         f"wrote {out / 'report.md'}"
     )
     return result
