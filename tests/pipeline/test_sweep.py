@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import SweepConfig
+from pipeline.config import StudentConfig, SweepConfig
 from pipeline.errors import ConfigError
 from pipeline.experiments.sweep import (
     RESULT_FIELDS,
@@ -28,24 +28,28 @@ from pipeline.training.loop import TrainConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def sweep_config(cache: Path, out: Path, **kw) -> SweepConfig:
-    base = dict(
-        cache=str(cache),
+def sweep_config(
+    cache: Path, out: Path, train: TrainConfig | None = None, **kw: object
+) -> SweepConfig:
+    """A small grid over ``cache`` on the CPU; ``train`` replaces the base's training settings."""
+    base = StudentConfig(
+        cache=str(cache), device="cpu", train=train or TrainConfig(epochs=2, batch_size=64)
+    )
+    grid = dict(
+        base=base,
         temperatures=[2.0, 8.0],
         alphas=[0.5, 1.0],
         students=["mlp:16"],
         seeds=[0],
         out=str(out),
-        device="cpu",
         torch_threads=1,
-        train=TrainConfig(epochs=2, batch_size=64),
     )
-    return SweepConfig(**{**base, **kw})
+    return SweepConfig(**{**grid, **kw})
 
 
 def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:
     cfg = SweepConfig(
-        cache="c",
+        base=StudentConfig(cache="c"),
         temperatures=[1, 4],
         alphas=[0.9],
         students=["mlp:8", "mlp:30,30"],
@@ -75,13 +79,12 @@ def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:
 
 def test_every_config_problem_is_reported_at_once() -> None:
     cfg = SweepConfig(
-        cache="c",
+        base=StudentConfig(cache="c", loss="nope"),
         temperatures=[0, 2, 2],
         alphas=[1.5],
         students=[],
         seeds=[],
         workers=-1,
-        loss="nope",
         out="",
     )
     with pytest.raises(ConfigError) as e:
@@ -102,7 +105,7 @@ def test_every_config_problem_is_reported_at_once() -> None:
 
 def test_settings_that_would_share_a_run_directory_are_refused() -> None:
     cfg = SweepConfig(
-        cache="c",
+        base=StudentConfig(cache="c"),
         students=["torchscript:a/b.pt", "torchscript:a_b.pt"],
         temperatures=[4],
         alphas=[0.9],

@@ -125,13 +125,15 @@ def test_cli_builds_the_same_config_as_the_library(monkeypatch: pytest.MonkeyPat
     )
     assert res.exit_code == 0, res.output
     expected = SweepConfig(
-        cache="c.zarr",
+        base=StudentConfig(
+            cache="c.zarr",
+            memory_budget=64 << 20,
+            train=dataclasses.replace(TrainConfig(), epochs=3, grad_clip=None),
+        ),
         temperatures=[2.0, 4.0],
         alphas=[1.0],
         students=["mlp:8", "mlp:16"],
-        memory_budget=64 << 20,
         out="o",
-        train=dataclasses.replace(TrainConfig(), epochs=3, grad_clip=None),
     )
     assert seen["cfg"] == expected
 
