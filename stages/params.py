@@ -234,6 +234,22 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
             for cls, params in reversed(selected)
             for p in reversed(params)
         ]
+        _refuse_shared_flags(fn.__name__, command.__click_params__)
         return command
 
     return decorate
+
+
+def _refuse_shared_flags(command: str, params: list[click.Parameter]) -> None:
+    """Two fields with one flag (a nested config's and its owner's) would leave one of them
+    unreachable from the command line: an error when the command is defined, not a lost option.
+    """
+    seen: dict[str, str] = {}
+    for param in params:
+        for flag in getattr(param, "opts", []):
+            owner = getattr(param, FIELD_ATTR)
+            if seen.setdefault(flag, owner) != owner:
+                raise TypeError(
+                    f"{command}: {flag} is declared by both {seen[flag]} and {owner}; exclude "
+                    "one (Only(..., exclude=...)) or mark it owned (nested_config(owned=...))"
+                )
