@@ -23,6 +23,7 @@ from pipeline.files import location_stem, slug
 from pipeline.models import with_options
 from pipeline.options import (
     field_problems,
+    nested_config,
     option,
     parse_class_deltas,
     parse_floats,
@@ -621,17 +622,39 @@ def setting_name(student: str, temperature: float, alpha: float, seed: int) -> s
     return f"{slug(student)}-T{temperature:g}-a{alpha:g}-s{seed}"
 
 
+#: What a sweep's axes set in each setting's :class:`StudentConfig` (dotted field paths).
+SWEEP_AXES = {
+    "students": "student",
+    "temperatures": "temperature",
+    "alphas": "alpha",
+    "seeds": "train.seed",
+}
+#: Every StudentConfig field a sweep sets per setting: the axes' fields, and the run directory
+#: (OUT/runs/<setting>), which the sweep replaces when it holds another run (it owns its runs).
+SWEEP_OWNED = (*SWEEP_AXES.values(), "out", "overwrite")
+
+
+def _field_at(config: object, path: str) -> object:
+    """``config``'s value at a dotted field path, e.g. ``train.seed``."""
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
 @dataclass
 class SweepConfig:
-    """``sweep``: the cross product students x temperatures x alphas x seeds, each setting one
-    ``train-student``.
+    """``sweep``: a grid over one :class:`StudentConfig`.
 
-    Every setting runs :func:`pipeline.distill.train_student` with a :class:`StudentConfig` made
-    from these fields (``make_student_config``), so a sweep row and a ``train-student`` run with the
-    same options are the same run.
+    ``base`` is the ``train-student`` config every setting starts from; each setting is ``base``
+    with its student, temperature, alpha and seed from the axes (students x temperatures x alphas
+    x seeds) and its run directory ``OUT/runs/<setting>`` (:meth:`setting_config`). No option of
+    a single run is declared here again, so every ``train-student`` option reaches a sweep (the
+    CLI offers all of them, less the fields in :data:`SWEEP_OWNED`), and a sweep row and a
+    ``train-student`` run with the same options are the same run. The other fields are the
+    sweep's own: where it runs its settings and where it writes.
     """
 
-    cache: str = option("", help="The logit cache every setting trains from.")
+    base: StudentConfig = nested_config(StudentConfig, owned=SWEEP_OWNED)
     temperatures: list[float] = option(
         default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 20.0],
         flag="--temperature",
@@ -650,57 +673,20 @@ class SweepConfig:
         help="Comma-separated soft-term weights (1 - alpha weighs the hard labels).",
     )
     students: list[str] = option(
-        default_factory=lambda: ["mlp:800,800"],
+        default_factory=lambda: [StudentConfig().student],
         flag="--student",
         multiple=True,
         show=show_list,
         help="Student model spec; repeat for several.",
     )
     seeds: list[int] = option(
-        default_factory=lambda: [0],
+        default_factory=lambda: [TrainConfig().seed],
         parse=parse_ints,
         show=show_list,
         metavar="N,N,...",
         least=0,
         help="Comma-separated seeds (one run per seed).",
     )
-    loss: str = option("kd", choices=LOSSES, help="The loss of every setting (see train-student).")
-    ensemble: str = option(
-        "mean-probs",
-        choices=ENSEMBLE_METHODS,
-        help="How cache members are combined (see train-student).",
-    )
-    members: list[int] | None = members_option(
-        "Comma-separated member indices of the cache [default: all]."
-    )
-    eval: str | None = option(
-        None, help="Labeled test set [default: the transfer set's test split]."
-    )
-    val: str | None = option(
-        None,
-        metavar="SPEC",
-        help="Per setting: a held-out labeled set that chooses each run's epoch (see "
-        "train-student --val) [default: none, the last epoch].",
-    )
-    memory_budget: int = option(
-        2 << 30,
-        parse=parse_size,
-        show=show_size,
-        metavar="SIZE",
-        most=MAX_MEMORY,
-        help="Per setting (see train-student).",
-    )
-    online_teacher: list[str] | None = option(
-        None,
-        multiple=True,
-        exists=True,
-        help="Baseline: every setting distils from a live teacher forward pass instead of a cache.",
-    )
-    views_per_epoch: int = option(1, help="From a view cache (see train-student).")
-    augment: str | None = option(
-        None, metavar="SPEC", help="Live augmentation of every setting (see train-student)."
-    )
-    dataset: str | None = option(None, help=DATASET_HELP)
     workers: int | None = option(
         None,
         help="Worker processes of a local dask cluster [default: 2]; "
@@ -715,23 +701,26 @@ class SweepConfig:
         help="Torch threads per worker (0: the cores divided by the "
         "workers, so they do not oversubscribe).",
     )
-    out: str = option("", help="Sweep directory [default: data/sweeps/<cache>].")
-    device: str = device_option()
-    data_dir: str | None = data_dir_option()
-    storage_options: dict = storage_options_option()
-    trust_code: list[str] = trust_code_option()
-    train: TrainConfig = field(
-        default_factory=TrainConfig
-    )  # its seed is replaced by each setting's
+    out: str = option(
+        "",
+        help="Sweep directory; each setting's run directory is OUT/runs/<setting> "
+        "[default: data/sweeps/<cache>].",
+    )
 
     def resolve(self) -> SweepConfig:
         """This config with ``out`` named from the cache when not given."""
-        name = location_stem(self.cache) if self.cache else "online"
+        name = location_stem(self.base.cache) if self.base.cache else "online"
         return self if self.out else replace(self, out=output_dir("sweeps", name))
 
     def validate(self) -> None:
-        problems = field_problems(self)
-        for name in ("temperatures", "alphas", "students", "seeds"):
+        """Refuse a bad grid, and everything a single run of it would refuse, all at once.
+
+        The settings share every option but the axes, so what ``train-student`` would refuse
+        is reported once for the grid (with each axis value checked on its own), not once per
+        setting after some of them have trained.
+        """
+        problems = field_problems(self) + field_problems(self.base)
+        for name in SWEEP_AXES:
             values = getattr(self, name)
             if not values:
                 problems.append(f"{name} must have at least one value")
@@ -748,6 +737,7 @@ class SweepConfig:
             problems.append(f"torch_threads must be >= 0, got {self.torch_threads}")
         if not self.out:
             problems.append("--out SWEEP_DIR must be given")
+        problems += self.owned_problems()
         names: dict[str, tuple] = {}
         for st in self.students:
             for t in self.temperatures:
@@ -760,51 +750,60 @@ class SweepConfig:
                         )
                     names[name] = (st, t, al)
         # Everything a single run would refuse, reported once for the whole grid.
-        student = self.students[0] if self.students else "mlp:8"
-        problems += self.student_config(student, 1.0, 0.5, 0, out="probe").shared_problems()
-        _raise_all(problems, self.train)
+        probe = self.setting_config(
+            self.students[0] if self.students else self.base.student,
+            1.0,
+            0.5,
+            self.seeds[0] if self.seeds else self.base.train.seed,
+            out="probe",
+        )
+        problems += probe.shared_problems()
+        _raise_all(problems, probe.train)
 
-    def student_config(
+    def owned_problems(self) -> list[str]:
+        """A value in ``base`` that each setting replaces would be silently ignored: refused."""
+        default = StudentConfig()
+        axis_of = {path: name for name, path in SWEEP_AXES.items()}
+        problems = []
+        for path in SWEEP_OWNED:
+            value = _field_at(self.base, path)
+            if value == _field_at(default, path):
+                continue
+            why = (
+                f"each setting's comes from {axis_of[path]}"
+                if path in axis_of
+                else "each setting's run directory is OUT/runs/<setting>, replaced by the sweep "
+                "when it holds another run"
+            )
+            problems.append(
+                f"base.{path} = {value!r} would be ignored: {why}; leave it at its default"
+            )
+        return problems
+
+    def setting_config(
         self, student: str, temperature: float, alpha: float, seed: int, out: str
     ) -> StudentConfig:
-        """The one-run config of a setting: exactly what ``train-student`` would build from the same
-        options.
-        """
-        return StudentConfig(
-            cache=self.cache,
+        """The one-run config of a setting: ``base`` with the setting's axis values and run
+        directory, exactly what ``train-student`` would build from the same options."""
+        return replace(
+            self.base,
             student=student,
             temperature=temperature,
             alpha=alpha,
-            loss=self.loss,
-            ensemble=self.ensemble,
-            members=self.members,
-            eval=self.eval,
-            val=self.val,
-            memory_budget=self.memory_budget,
-            online_teacher=self.online_teacher,
-            views_per_epoch=self.views_per_epoch,
-            augment=self.augment,
-            dataset=self.dataset,
             out=out,
-            device=self.device,
-            data_dir=self.data_dir,
-            storage_options=self.storage_options,
-            trust_code=self.trust_code,
             # A sweep owns its run directories: it says which setting it replaces, and does.
             overwrite=True,
-            train=replace(self.train, seed=seed),
+            train=replace(self.base.train, seed=seed),
         )
 
     @property
     def cache_location(self) -> CacheLocation | None:
         """The cache every setting reads, resolved once; None for an online teacher."""
-        from pipeline.cache.location import CacheLocation
-
-        return CacheLocation.parse(self.cache, self.storage_options) if self.cache else None
+        return self.base.cache_location
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["storage_options"] = redact_secrets(self.storage_options)
+        d["base"] = self.base.to_dict()  # credentials redacted, as a run records them
         return d
 
 

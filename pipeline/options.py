@@ -24,6 +24,8 @@ from typing import Any
 from pipeline.errors import NOT_FINITE
 
 META_KEY = "kd_option"
+#: A nested config field's metadata: the sub-fields (dotted paths) its owner sets itself.
+OWNED_KEY = "kd_owned"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,24 @@ def option(
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def nested_config(cls: type, owned: Iterable[str] = ()) -> Any:
+    """A field holding a whole nested config ``cls`` (its declared options become the command's).
+
+    Args:
+        cls: The nested config dataclass; its default instance is the field's default.
+        owned: Dotted paths of ``cls``'s fields (``"temperature"``, ``"train.seed"``) that the
+            owning config sets itself (a sweep sets each setting's temperature and run
+            directory): the command line offers no flag for them, and the owner's
+            ``validate()`` refuses a value given there in Python.
+    """
+    return dataclasses.field(default_factory=cls, metadata={OWNED_KEY: tuple(owned)})
+
+
+def owned(field: dataclasses.Field) -> tuple[str, ...]:
+    """The dotted paths of a nested config field that its owner sets (see :func:`nested_config`)."""
+    return tuple(field.metadata.get(OWNED_KEY, ()))
 
 
 def declared(field: dataclasses.Field) -> Option | None:

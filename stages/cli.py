@@ -151,15 +151,17 @@ def train_student(cfg: StudentConfig, display: Display) -> None:
 
 
 @main.command()
-@configured(Only(SweepConfig, exclude=("train__seed",)), Only(Display, "dry_run", "quiet"))
+@configured(SweepConfig, Only(Display, "dry_run", "quiet"))
 @click.pass_context
 def sweep(ctx: click.Context, cfg: SweepConfig, display: Display) -> None:
     """Train a grid (students x temperatures x alphas x seeds) from one cache, each setting a dask
     task.
 
-    Each setting is exactly one train-student run with its own run directory under OUT/runs.
+    Each setting is exactly one train-student run, with every train-student option but the axes
+    (-T, --alpha, --student, --seeds take lists here) and its run directory OUT/runs/<setting>.
     Results stream into OUT/results.csv and results.json as settings finish; the end prints a
-    Markdown table (best per student in bold) and writes OUT/test_error_vs_temperature.png.
+    Markdown table (best per student in bold) and writes OUT/test_error_vs_temperature.png (a
+    token cache: test perplexity and bits per byte, OUT/test_perplexity_vs_temperature.png).
     Re-running the same command resumes: finished settings are read back, failed or missing ones
     are trained. Exit status 1 if any setting failed, 130 if interrupted.
     """

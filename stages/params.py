@@ -1,7 +1,8 @@
 """Click parameters generated from the config fields' declarations (``pipeline.options``).
 
 ``@configured(StudentConfig, Only(Display, "quiet"))`` adds one click parameter per declared field
-(nested config dataclasses such as ``train: TrainConfig`` are flattened into the same command) and
+(nested config dataclasses such as ``train: TrainConfig`` are flattened into the same command, at
+any depth, less the fields a nested config's owner sets itself) and
 calls the command with the built configs instead of loose keyword arguments. Only values the user
 actually typed override a config's own defaults, so a default exists once: on its field.
 """
@@ -19,7 +20,7 @@ import click
 from click.core import ParameterSource
 
 from pipeline.errors import ConfigError, KDError, distinct_problems
-from pipeline.options import Option, declared, field_problems, nested
+from pipeline.options import Option, declared, field_problems, nested, owned
 
 #: The attribute every generated click parameter carries: ``"StudentConfig.temperature"``.
 FIELD_ATTR = "kd_field"
@@ -53,16 +54,24 @@ class _Param:
         return "__".join(self.path)
 
 
-def _params(cls: type, base: Any, prefix: tuple[str, ...] = ()) -> Iterator[_Param]:
+def _params(
+    cls: type, base: Any, prefix: tuple[str, ...] = (), skip: frozenset = frozenset()
+) -> Iterator[_Param]:
+    """The declared fields of ``cls`` (nested configs flattened), less the paths in ``skip``
+    (those a nested config's owner sets itself, see :func:`pipeline.options.nested_config`)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        path = (*prefix, f.name)
+        if path in skip:
+            continue
         value = getattr(base, f.name)
         if nested(hints[f.name]):
-            yield from _params(hints[f.name], value, (*prefix, f.name))
+            inner = skip | {(*path, *o.split(".")) for o in owned(f)}
+            yield from _params(hints[f.name], value, path, inner)
             continue
         opt = declared(f)
         if opt is not None:
-            yield _Param((*prefix, f.name), cls, f, opt, value, hints[f.name])
+            yield _Param(path, cls, f, opt, value, hints[f.name])
 
 
 class Parsed(click.ParamType):
@@ -184,11 +193,17 @@ def build(cls: type, params: list[_Param], kwargs: dict, ctx: click.Context) -> 
         if ctx.get_parameter_source(dest) in (None, ParameterSource.DEFAULT):
             continue
         changes.setdefault(p.path[:-1], {})[p.path[-1]] = _value(p, kwargs[dest])
-    top = changes.pop((), {})
-    for path, values in changes.items():  # nested configs: replace inside the default instance
-        inner = functools.reduce(getattr, path, base)
-        top[path[0]] = dataclasses.replace(inner, **values)
-    return dataclasses.replace(base, **top)
+    for path, values in changes.items():  # nested configs (at any depth): replaced in place
+        base = _replaced(base, path, values)
+    return base
+
+
+def _replaced(config: Any, path: tuple[str, ...], values: dict[str, Any]) -> Any:
+    """``config`` with ``values`` set in the nested config at ``path`` (``()``: itself)."""
+    if not path:
+        return dataclasses.replace(config, **values)
+    inner = _replaced(getattr(config, path[0]), path[1:], values)
+    return dataclasses.replace(config, **{path[0]: inner})
 
 
 def check_all(configs: list[Any]) -> list[str]:
@@ -236,6 +251,22 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
             for cls, params in reversed(selected)
             for p in reversed(params)
         ]
+        _refuse_shared_flags(fn.__name__, command.__click_params__)
         return command
 
     return decorate
+
+
+def _refuse_shared_flags(command: str, params: list[click.Parameter]) -> None:
+    """Two fields with one flag (a nested config's and its owner's) would leave one of them
+    unreachable from the command line: an error when the command is defined, not a lost option.
+    """
+    seen: dict[str, str] = {}
+    for param in params:
+        for flag in getattr(param, "opts", []):
+            owner = getattr(param, FIELD_ATTR)
+            if seen.setdefault(flag, owner) != owner:
+                raise TypeError(
+                    f"{command}: {flag} is declared by both {seen[flag]} and {owner}; exclude "
+                    "one (Only(..., exclude=...)) or mark it owned (nested_config(owned=...))"
+                )

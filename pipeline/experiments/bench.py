@@ -51,7 +51,7 @@ import torch
 from pipeline.cache.format import LogitCache, create_cache, mark_complete, shard_bounds, write_shard
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.config import CacheConfig, SweepConfig, device_option
+from pipeline.config import CacheConfig, StudentConfig, SweepConfig, device_option
 from pipeline.datasets import fingerprint_arrays, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.experiments.storage import byte_table as storage_byte_table
@@ -311,15 +311,17 @@ def _p2(
                 else {"online_teacher": teachers, "dataset": data.spec}
             )
             cfg = SweepConfig(
-                **source,
+                base=StudentConfig(
+                    **source,
+                    eval="",
+                    device=device_name,
+                    train=TrainConfig(epochs=epochs, batch_size=128),
+                ),
                 temperatures=[2.0, 4.0, 8.0, 20.0][:k],
                 alphas=[0.9],
                 students=[STUDENT],
-                eval="",
                 workers=0,
                 out=str(root / f"p2-{kind}-{next(counter)}"),
-                device=device_name,
-                train=TrainConfig(epochs=epochs, batch_size=128),
             )
             res = run_sweep(cfg, log=lambda s: None, progress=False)
             if res.failed or res.trained != k:

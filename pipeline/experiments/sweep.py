@@ -13,7 +13,8 @@ process with ``workers=0``::
                                   (+ train.log, error.txt on failure)
       results.csv, results.json   one row per setting, rewritten as each setting finishes
       results.md                  the Markdown table (best setting per student in bold)
-      test_error_vs_temperature.png
+      test_error_vs_temperature.png       (image classes: test errors)
+      test_perplexity_vs_temperature.png  (a token cache: test perplexity)
 
 Resuming is by content, not by "the directory exists": a setting is finished when its run
 directory's ``metrics.json`` (written last, atomically) records exactly the setting's config and the
@@ -56,6 +57,8 @@ RESULT_FIELDS = [
     "test_accuracy",
     "test_nll",
     "test_ece",
+    "test_perplexity",
+    "test_bits_per_byte",
     "teacher_agreement",
     "train_seconds",
     "wall_seconds",
@@ -63,7 +66,7 @@ RESULT_FIELDS = [
     "run_dir",
     "error",
 ]
-PLOT_NAME = "test_error_vs_temperature.png"
+PLOT_NAME = "test_error_vs_temperature.png"  # image classes; a token cache's: Measure.plot_name
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,9 @@ def grid(cfg: SweepConfig) -> list[Setting]:
 
 
 def setting_config(cfg: SweepConfig, setting: Setting) -> StudentConfig:
-    return cfg.student_config(
+    """The setting's ``train-student`` config: the sweep's base with the setting's values, run in
+    ``OUT/runs/<setting>``."""
+    return cfg.setting_config(
         setting.student,
         setting.temperature,
         setting.alpha,
@@ -105,11 +110,12 @@ def setting_config(cfg: SweepConfig, setting: Setting) -> StudentConfig:
 def source_fingerprint(cfg: SweepConfig) -> dict:
     """What the soft targets come from: the cache's fingerprint, or the online teachers' checkpoint
     hashes."""
-    if cfg.cache:
-        cache = LogitCache(cfg.cache_location)
-        members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
+    base = cfg.base
+    if base.cache:
+        cache = LogitCache(cfg.cache_location, allow_partial=base.allow_partial)
+        members = base.members if base.members is not None else list(range(len(cache.members)))
         return {"cache": cache_fingerprint(cache.header, members), "rows": cache.n}
-    paths = [p for t in cfg.online_teacher or [] for p in member_paths(t)]
+    paths = [p for t in base.online_teacher or [] for p in member_paths(t)]
     return {"online_teacher": [file_sha256(p) for p in paths]}
 
 
@@ -200,8 +206,8 @@ def make_row(setting: Setting, cfg: SweepConfig, outcome: dict) -> dict:
         "temperature": setting.temperature,
         "alpha": setting.alpha,
         "seed": setting.seed,
-        "loss": cfg.loss,
-        "ensemble": cfg.ensemble,
+        "loss": cfg.base.loss,
+        "ensemble": cfg.base.ensemble,
         "status": outcome["status"],
         "run_dir": str(Path(cfg.out) / "runs" / setting.name),
         "error": outcome.get("error", ""),
@@ -215,7 +221,10 @@ def make_row(setting: Setting, cfg: SweepConfig, outcome: dict) -> dict:
             test_accuracy=test.get("accuracy"),
             test_nll=test.get("nll"),
             test_ece=test.get("ece"),
-            teacher_agreement=m.get("teacher_agreement_transfer"),
+            test_perplexity=test.get("perplexity"),
+            test_bits_per_byte=test.get("bits_per_byte"),
+            # Image runs measure agreement on the transfer set; sequence runs on the test tokens.
+            teacher_agreement=m.get("teacher_agreement_transfer", test.get("teacher_agreement")),
             train_seconds=m.get("train_seconds"),
             wall_seconds=m.get("wall_seconds"),
             epochs=m.get("epochs"),
@@ -252,14 +261,15 @@ def plan_text(cfg: SweepConfig) -> tuple[list[Setting], str]:
             + ("done" if d else "to run")
         )
     rows = fp.get("rows")
-    cost = pending * cfg.train.epochs
+    epochs = cfg.base.train.epochs
+    cost = pending * epochs
     lines.append(
         f"\n{len(settings)} settings = {len(cfg.students)} students x "
         f"{len(cfg.temperatures)} temperatures x {len(cfg.alphas)} alphas x "
         f"{len(cfg.seeds)} seeds; {sum(done)} done, {pending} to run"
     )
     lines.append(
-        f"estimated cost: {pending} settings x {cfg.train.epochs} epochs = {cost} student-epochs"
+        f"estimated cost: {pending} settings x {epochs} epochs = {cost} student-epochs"
         + (f" over {rows} cached rows each ({cost * rows:,} row passes)" if rows else "")
         + f", on {_workers_text(cfg)}"
     )
@@ -325,7 +335,7 @@ def run_sweep(
         if outcome["status"] == "ok":
             res.trained += 1
             r = rows[setting.name]
-            say(f"{setting.name}: {r['test_errors']} test errors ({outcome['seconds']:.1f}s)")
+            say(f"{setting.name}: {measure_of([r]).describe(r)} ({outcome['seconds']:.1f}s)")
         else:
             res.failed += 1
             say(f"{setting.name}: FAILED: {outcome['error']}")
@@ -361,7 +371,7 @@ def run_sweep(
     (out / "results.md").write_text(res.table + "\n")
     from pipeline.experiments.plots import optional_plot
 
-    plot = optional_plot(lambda: plot_results(res.rows, out / PLOT_NAME), log)
+    plot = optional_plot(lambda: plot_results(res.rows, out), log)
     if plot:
         res.files["plot"] = str(plot)
     res.seconds = time.perf_counter() - t0
@@ -404,7 +414,7 @@ def _run_dask(
     with dask_cluster(
         _n_workers(cfg),
         cfg.scheduler,
-        gpu=resolve_device(cfg.device).type == "cuda",
+        gpu=resolve_device(cfg.base.device).type == "cuda",
         torch_threads=cfg.torch_threads,
         quiet_workers=True,
     ) as cluster:
@@ -469,71 +479,141 @@ def _mean(values: list) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+@dataclass(frozen=True)
+class Measure:
+    """What a sweep ranks its settings by (lower is better), and the columns shown beside it.
+
+    Image students are ranked by test errors; students of a token cache by test perplexity (their
+    error count, argmax tokens, says little about a language model).
+    """
+
+    key: str  # the ranked row field
+    title: str  # its column header, axis label and log line
+    columns: tuple[tuple[str, str, Callable[[float], str]], ...]  # (header, row field, format)
+    plot_name: str
+    digits: int  # decimals of a mean over seeds (and of a single value, for non-counts)
+
+    def cell(self, values: list) -> str:
+        """One setting's value, or its mean ± sd over seeds."""
+        if len(values) > 1:
+            return (
+                f"{_mean(values):.{self.digits}f} ± {statistics.stdev(values):.{self.digits}f}"
+            )
+        v = values[0]
+        return str(v) if isinstance(v, int) else f"{v:.{self.digits}f}"
+
+    def describe(self, row: dict) -> str:
+        """A finished setting's log line: ``812 test errors`` or ``test perplexity 7.812``."""
+        v = row[self.key]
+        if self.key == "test_errors":
+            return f"{v} test errors"
+        return f"{self.title} {v:.{self.digits}f}" if v is not None else "no test set"
+
+
+def _fixed(digits: int) -> Callable[[float], str]:
+    return lambda v: f"{v:.{digits}f}"
+
+
+ERRORS = Measure(
+    "test_errors",
+    "test errors",
+    (
+        ("accuracy", "test_accuracy", percent),
+        ("NLL", "test_nll", _fixed(4)),
+        ("ECE", "test_ece", _fixed(4)),
+        ("teacher agreement", "teacher_agreement", _fixed(4)),
+        ("train s", "train_seconds", _fixed(1)),
+    ),
+    PLOT_NAME,
+    1,
+)
+PERPLEXITY = Measure(
+    "test_perplexity",
+    "test perplexity",
+    (
+        ("bits/byte", "test_bits_per_byte", _fixed(4)),
+        ("token accuracy", "test_accuracy", percent),
+        ("NLL/token", "test_nll", _fixed(4)),
+        ("teacher agreement (test)", "teacher_agreement", _fixed(4)),
+        ("train s", "train_seconds", _fixed(1)),
+    ),
+    "test_perplexity_vs_temperature.png",
+    3,
+)
+
+
+def measure_of(rows: list[dict]) -> Measure:
+    """Perplexity when the finished rows are a sequence model's (they record it), else errors."""
+    seq = any(r.get("test_perplexity") is not None for r in rows if r["status"] == "ok")
+    return PERPLEXITY if seq else ERRORS
+
+
 def markdown_table(rows: list[dict], cfg: SweepConfig) -> str:
-    """One line per (student, T, alpha), means over seeds; each student's lowest mean test error in
-    bold."""
+    """One line per (student, T, alpha), means over seeds; each student's lowest mean test error
+    (a token cache's: test perplexity) in bold."""
+    measure = measure_of(rows)
     groups = _group(rows)
     seeds = max((len(v) for v in groups.values()), default=1)
+    heads = [h for h, _, _ in measure.columns]
     head = (
-        "| student | T | alpha | test errors"
+        f"| student | T | alpha | {measure.title}"
         + (" (mean ± sd over seeds)" if seeds > 1 else "")
-        + " | accuracy | NLL | ECE | teacher agreement | train s |"
+        + " | "
+        + " | ".join(heads)
+        + " |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    blanks = "| " * len(heads) + "|"
+    lines = [head, "|---|---|---|---|" + "---|" * len(heads)]
     best: dict[str, float] = {}
     for (student, _, _), rs in groups.items():
-        ok = [r["test_errors"] for r in rs if r["status"] == "ok" and r["test_errors"] is not None]
+        ok = [r[measure.key] for r in rs if r["status"] == "ok" and r[measure.key] is not None]
         if ok and len(ok) == len(rs):
             best[student] = min(best.get(student, math.inf), _mean(ok))
     for (student, t, a), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
         if len(ok) < len(rs):
             failed = next(r for r in rs if r["status"] != "ok")
-            reason = " ".join(failed["error"].split()).replace("|", "/")[
-                :80
-            ]  # one table cell: no newlines, no |
-            lines.append(f"| {student} | {t:g} | {a:g} | failed: {reason} | | | | | |")
+            # one table cell: no newlines, no |
+            reason = " ".join(failed["error"].split()).replace("|", "/")[:80]
+            lines.append(f"| {student} | {t:g} | {a:g} | failed: {reason} {blanks}")
             continue
-        errs = [r["test_errors"] for r in ok]
-        if None in errs:
-            lines.append(f"| {student} | {t:g} | {a:g} | (no test set) | | | | | |")
+        values = [r[measure.key] for r in ok]
+        if None in values:
+            lines.append(f"| {student} | {t:g} | {a:g} | (no test set) {blanks}")
             continue
-        mean = _mean(errs)
-        cell = f"{mean:.1f} ± {statistics.stdev(errs):.1f}" if len(errs) > 1 else f"{errs[0]}"
-        if best.get(student) == mean:
+        cell = measure.cell(values)
+        if best.get(student) == _mean(values):
             cell = f"**{cell}**"
-
-        def avg(key: str, fmt: str, rs: list[dict] = ok) -> str:
-            vals = [r[key] for r in rs if r[key] is not None]
-            return format(_mean(vals), fmt) if vals else ""
-
-        acc = [r["test_accuracy"] for r in ok if r["test_accuracy"] is not None]
-        accuracy = percent(_mean(acc)) if acc else ""
-        lines.append(
-            f"| {student} | {t:g} | {a:g} | {cell} | {accuracy} | "
-            f"{avg('test_nll', '.4f')} | {avg('test_ece', '.4f')} | "
-            f"{avg('teacher_agreement', '.4f')} | {avg('train_seconds', '.1f')} |"
-        )
+        others = []
+        for _, key, fmt in measure.columns:
+            vals = [r[key] for r in ok if r.get(key) is not None]
+            others.append(fmt(_mean(vals)) if vals else "")
+        lines.append(f"| {student} | {t:g} | {a:g} | {cell} | " + " | ".join(others) + " |")
+    base = cfg.base
     source = (
-        f"cache {cfg.cache}"
-        if cfg.cache
-        else "online teacher " + ", ".join(cfg.online_teacher or [])
+        f"cache {base.cache}"
+        if base.cache
+        else "online teacher " + ", ".join(base.online_teacher or [])
     )
     return (
-        f"Sweep over {source}: loss {cfg.loss}, ensemble {cfg.ensemble}, "
-        f"{cfg.train.epochs} epochs, "
+        f"Sweep over {source}: loss {base.loss}, ensemble {base.ensemble}, "
+        f"{base.train.epochs} epochs, "
         f"{seeds} seed(s); bold: each student's best.\n\n" + "\n".join(lines)
     )
 
 
-def plot_results(rows: list[dict], path: Path) -> Path | None:
-    """Test errors vs temperature (log scale), one line per alpha, one panel per student; min-max
-    bars over seeds.
+def plot_results(rows: list[dict], out: Path) -> Path | None:
+    """Test errors (a token cache's: test perplexity) vs temperature (log scale), one line per
+    alpha, one panel per student; min-max bars over seeds. Written into ``out`` as the measure's
+    ``plot_name``.
 
     Returns:
-        The PNG's path, or None when there is nothing to plot (no finished rows with test errors).
+        The PNG's path, or None when there is nothing to plot (no finished rows with a test
+        measure).
     """
-    groups = _group([r for r in rows if r["status"] == "ok" and r["test_errors"] is not None])
+    measure = measure_of(rows)
+    key = measure.key
+    groups = _group([r for r in rows if r["status"] == "ok" and r[key] is not None])
     if not groups:
         return None
     from pipeline.experiments.plots import pyplot, save
@@ -546,7 +626,7 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
         temps: set[float] = set()
         for a in alphas:
             pts = sorted(
-                (k[1], [r["test_errors"] for r in v])
+                (k[1], [r[key] for r in v])
                 for k, v in groups.items()
                 if k[0] == student and k[2] == a
             )
@@ -561,11 +641,11 @@ def plot_results(rows: list[dict], path: Path) -> Path | None:
         ax.set_xticklabels([f"{t:g}" for t in sorted(temps)])
         ax.minorticks_off()
         ax.set_xlabel("temperature T")
-        ax.set_ylabel("test errors")
+        ax.set_ylabel(measure.title)
         ax.set_title(student)
         ax.grid(alpha=0.3)
         ax.legend()
-    return save(fig, path, dpi=110)
+    return save(fig, Path(out) / measure.plot_name, dpi=110)
 
 
 def sweep_command(

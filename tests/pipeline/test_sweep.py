@@ -5,13 +5,16 @@ others."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import textwrap
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import SweepConfig
+from pipeline.config import SWEEP_OWNED, StudentConfig, SweepConfig
 from pipeline.errors import ConfigError
 from pipeline.experiments.sweep import (
     RESULT_FIELDS,
@@ -22,30 +25,35 @@ from pipeline.experiments.sweep import (
     run_sweep,
     setting_config,
 )
+from pipeline.options import declared
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def sweep_config(cache: Path, out: Path, **kw) -> SweepConfig:
-    base = dict(
-        cache=str(cache),
+def sweep_config(
+    cache: Path, out: Path, train: TrainConfig | None = None, **kw: object
+) -> SweepConfig:
+    """A small grid over ``cache`` on the CPU; ``train`` replaces the base's training settings."""
+    base = StudentConfig(
+        cache=str(cache), device="cpu", train=train or TrainConfig(epochs=2, batch_size=64)
+    )
+    grid = dict(
+        base=base,
         temperatures=[2.0, 8.0],
         alphas=[0.5, 1.0],
         students=["mlp:16"],
         seeds=[0],
         out=str(out),
-        device="cpu",
         torch_threads=1,
-        train=TrainConfig(epochs=2, batch_size=64),
     )
-    return SweepConfig(**{**base, **kw})
+    return SweepConfig(**{**grid, **kw})
 
 
 def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:
     cfg = SweepConfig(
-        cache="c",
+        base=StudentConfig(cache="c"),
         temperatures=[1, 4],
         alphas=[0.9],
         students=["mlp:8", "mlp:30,30"],
@@ -75,13 +83,12 @@ def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:
 
 def test_every_config_problem_is_reported_at_once() -> None:
     cfg = SweepConfig(
-        cache="c",
+        base=StudentConfig(cache="c", loss="nope"),
         temperatures=[0, 2, 2],
         alphas=[1.5],
         students=[],
         seeds=[],
         workers=-1,
-        loss="nope",
         out="",
     )
     with pytest.raises(ConfigError) as e:
@@ -102,7 +109,7 @@ def test_every_config_problem_is_reported_at_once() -> None:
 
 def test_settings_that_would_share_a_run_directory_are_refused() -> None:
     cfg = SweepConfig(
-        cache="c",
+        base=StudentConfig(cache="c"),
         students=["torchscript:a/b.pt", "torchscript:a_b.pt"],
         temperatures=[4],
         alphas=[0.9],
@@ -210,7 +217,7 @@ def test_a_failing_setting_is_recorded_and_the_others_finish(
     assert ok["status"] == "ok" and ok["test_errors"] is not None
     # The student's own error, as one message naming the spec (no bare RuntimeError).
     table = markdown_table(res.rows, cfg)
-    assert "failed: student py:broken_student:make: cannot be built" in table
+    assert "failed: model spec 'py:broken_student:make': the factory broken_student.make(" in table
     # A failed setting is retried on the next run; the finished one is not.
     again = run_sweep(cfg, log=lambda s: None, progress=False)
     assert (again.trained, again.reused, again.failed) == (0, 1, 1)
@@ -226,3 +233,116 @@ def test_dry_run_lists_the_grid_and_its_cost(cache_path: Path, tmp_path: Path) -
         in text
     )
     assert not (tmp_path / "sweep").exists()  # a dry run writes nothing
+
+
+def other_value(annotation: object, default: object, choices: list[str] | None) -> object:
+    """A valid-looking value of ``annotation``'s type that differs from ``default``."""
+    if choices is not None:
+        return next(c for c in choices if c != default)
+    if isinstance(annotation, types.UnionType):  # X | None: the X
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    kind = typing.get_origin(annotation) or annotation
+    inner = typing.get_args(annotation)
+    if kind is bool:
+        return not default
+    if kind is int:
+        return (default or 0) + 3
+    if kind is float:
+        return (default or 0.0) + 0.25
+    if kind is str:
+        return f"{default or 'given'}-changed"
+    if kind is list:
+        return [3] if inner == (int,) else ["changed-a", "changed-b"]
+    if kind is dict:
+        return {3: 1.5} if inner == (int, float) else {"region": "changed"}
+    raise AssertionError(f"no test value for {annotation}")
+
+
+def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, object]]:
+    """Every field of ``cls`` and of its nested configs: (dotted path, field, annotation)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += leaf_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", f, hints[f.name]))
+    return out
+
+
+def with_value(config: object, path: str, value: object) -> object:
+    head, _, rest = path.partition(".")
+    if rest:
+        value = with_value(getattr(config, head), rest, value)
+    return dataclasses.replace(config, **{head: value})
+
+
+def value_at(config: object, path: str) -> object:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def test_every_student_option_reaches_every_setting(tmp_path: Path) -> None:
+    """Each field of StudentConfig (and its TrainConfig) given to the sweep's base with a
+    non-default value is in every setting's config; the axes' fields take the setting's value."""
+    default = StudentConfig()
+    fields = leaf_fields(StudentConfig)
+    assert {"allow_partial", "class_bias", "fit_bias_on", "loader_workers", "val"} <= {
+        p for p, _, _ in fields
+    }
+    assert "train.epochs" in {p for p, _, _ in fields}
+    base, given = default, {}
+    for path, f, annotation in fields:
+        if path in SWEEP_OWNED:
+            continue
+        opt = declared(f)
+        value = other_value(annotation, value_at(default, path), opt and opt.choice_names())
+        assert value != value_at(default, path), path
+        base, given[path] = with_value(base, path, value), value
+    cfg = SweepConfig(
+        base=base,
+        temperatures=[3.0, 5.0],
+        alphas=[0.25],
+        students=["mlp:7", "mlp:9"],
+        seeds=[4, 6],
+        out=str(tmp_path / "sweep"),
+    )
+    assert cfg.owned_problems() == []
+    settings = grid(cfg)
+    assert len(settings) == 8
+    for s in settings:
+        scfg = setting_config(cfg, s)
+        per_setting = {
+            "student": s.student,
+            "temperature": s.temperature,
+            "alpha": s.alpha,
+            "train.seed": s.seed,
+            "out": str(tmp_path / "sweep" / "runs" / s.name),
+            "overwrite": True,
+        }
+        assert set(per_setting) == set(SWEEP_OWNED)
+        for path, _, _ in fields:
+            want = per_setting[path] if path in per_setting else given[path]
+            assert value_at(scfg, path) == want, (s.name, path)
+
+
+def test_values_the_settings_replace_are_refused_in_the_base() -> None:
+    cfg = SweepConfig(
+        base=StudentConfig(
+            cache="c", temperature=4.0, student="mlp:8", out="elsewhere", train=TrainConfig(seed=3)
+        ),
+        out="o",
+    )
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    text = str(e.value)
+    for part in (
+        "base.temperature = 4.0 would be ignored: each setting's comes from temperatures",
+        "base.student = 'mlp:8' would be ignored: each setting's comes from students",
+        "base.train.seed = 3 would be ignored: each setting's comes from seeds",
+        "base.out = 'elsewhere' would be ignored: each setting's run directory is "
+        "OUT/runs/<setting>",
+    ):
+        assert part in text
+    assert "alpha" not in text  # left at its default: nothing to refuse

@@ -20,7 +20,7 @@ def test_default_outputs_are_under_the_current_directory(
     monkeypatch.chdir(tmp_path)
     assert TeacherConfig(model="mlp:8").resolve().out == "data/teachers/mlp-8"
     assert DemoConfig().resolve().out == "data/demo"
-    assert SweepConfig(cache="c/x.zarr").resolve().out == "data/sweeps/x"
+    assert SweepConfig(base=StudentConfig(cache="c/x.zarr")).resolve().out == "data/sweeps/x"
     assert SpecialistsConfig(cache="x.zarr.zip").resolve().out == "data/specialists/x"
     run = StudentConfig(cache="x.zarr", student="mlp:8").resolve().out
     assert run == "data/runs/x-mlp-8-kd-mean-probs-T20-a0.9-s0"

@@ -125,13 +125,15 @@ def test_cli_builds_the_same_config_as_the_library(monkeypatch: pytest.MonkeyPat
     )
     assert res.exit_code == 0, res.output
     expected = SweepConfig(
-        cache="c.zarr",
+        base=StudentConfig(
+            cache="c.zarr",
+            memory_budget=64 << 20,
+            train=dataclasses.replace(TrainConfig(), epochs=3, grad_clip=None),
+        ),
         temperatures=[2.0, 4.0],
         alphas=[1.0],
         students=["mlp:8", "mlp:16"],
-        memory_budget=64 << 20,
         out="o",
-        train=dataclasses.replace(TrainConfig(), epochs=3, grad_clip=None),
     )
     assert seen["cfg"] == expected
 
@@ -150,3 +152,25 @@ def test_bad_values_name_the_option() -> None:
     assert "--memory-budget" in res.output and "expected a size like 512M" in res.output
     res = CliRunner().invoke(main, ["train-student", "--cache", "c", "--class-bias", "3"])
     assert res.exit_code == 2 and "expected CLASS=DELTA" in res.output
+
+
+def test_a_flag_two_fields_declare_is_refused_and_owned_fields_are_not_offered() -> None:
+    from pipeline.options import nested_config, option
+    from stages.params import configured
+
+    @dataclasses.dataclass
+    class Grid:
+        base: StudentConfig = dataclasses.field(default_factory=StudentConfig)
+        out: str = option("", help="The grid's own directory.")
+
+    with pytest.raises(TypeError, match="--out is declared by both Grid.out and StudentConfig.out"):
+        configured(Grid)(lambda cfg: None)
+
+    @dataclasses.dataclass
+    class Owned:
+        base: StudentConfig = nested_config(StudentConfig, owned=("out", "train.seed"))
+        out: str = option("", help="The grid's own directory.")
+
+    params = configured(Owned)(lambda cfg: None).__click_params__
+    flags = {p.opts[0]: getattr(p, FIELD_ATTR) for p in params}
+    assert flags["--out"] == "Owned.out" and "--seed" not in flags and "--epochs" in flags

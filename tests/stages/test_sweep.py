@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from stages.cli import main
+from stages.params import FIELD_ATTR
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -253,3 +254,153 @@ def test_sigterm_stops_an_in_process_sweep_like_ctrl_c(cache_path: Path, tmp_pat
     # The setting that was running when the signal came has no metrics.json: it is not taken for
     # finished.
     assert not (out / "runs" / "mlp-64-T2-a1-s0" / "metrics.json").exists()
+
+
+def test_sweep_offers_every_train_student_option_but_the_per_setting_ones() -> None:
+    def flags(command: str) -> dict[str, str]:
+        return {p.opts[0]: getattr(p, FIELD_ATTR) for p in main.commands[command].params}
+
+    single, grid = flags("train-student"), flags("sweep")
+    # The sweep seeds each setting from --seeds and replaces its own run directories.
+    assert set(single) - set(grid) == {"--seed", "--overwrite"}
+    axes = {"--temperature", "--alpha", "--student", "--out"}  # lists (and the sweep directory)
+    for flag in set(single) & set(grid) - axes:
+        assert grid[flag] == single[flag], flag  # the same field's declaration
+    assert {grid[f] for f in axes} == {
+        "SweepConfig.temperatures",
+        "SweepConfig.alphas",
+        "SweepConfig.students",
+        "SweepConfig.out",
+    }
+
+
+def test_options_sweeps_once_dropped_reach_the_runs(
+    npz_path: Path, teacher_dir: Path, tmp_path: Path
+) -> None:
+    """--allow-partial, --class-bias, --fit-bias-on and --loader-workers reach every run's
+    config.json, and act: a partial cache trains, class 3 (absent) gets a fitted bias."""
+    import zarr
+
+    cache = tmp_path / "no3.zarr"
+    made = CliRunner().invoke(
+        main,
+        ["cache-logits", "--teacher", str(teacher_dir)]
+        + ["--dataset", f"npz:{npz_path}:train:exclude=3"]  # class 3 absent: a bias to fit
+        + ["--rows-per-shard", "64", "--device", "cpu", "--quiet", "--out", str(cache)],
+    )
+    assert made.exit_code == 0, made.output
+    # An interrupted cache: shard 1 of member 0 not done.
+    group = zarr.open_group(str(cache), mode="r+", use_consolidated=False)
+    group["members/0/done"][1] = 0
+    header = dict(group.attrs["kd_cache"])
+    header["complete"] = False
+    header["completed_at"] = None
+    group.attrs["kd_cache"] = header
+    out = tmp_path / "sweep"
+    args = [
+        "sweep",
+        "--cache",
+        str(cache),
+        "-T",
+        "2,4",
+        "--alpha",
+        "0.9",
+        "--student",
+        "mlp:16",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    refused = CliRunner().invoke(main, args)
+    # Without --allow-partial the sweep refuses the cache before any setting, as train-student does.
+    assert refused.exit_code == 2 and "the cache is partial" in refused.output, refused.output
+    assert "pass --allow-partial" in refused.output and not (out / "runs").exists()
+    extra = [
+        "--allow-partial",
+        "--class-bias",
+        "1=+0.5",
+        "--fit-bias-on",
+        f"npz:{npz_path}:test",
+        "--loader-workers",
+        "0",
+    ]
+    res = CliRunner().invoke(main, [*args, *extra])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for r in rows:
+        config = json.loads((Path(r["run_dir"]) / "config.json").read_text())
+        assert config["allow_partial"] is True
+        assert config["class_bias"] == {"1": 0.5}
+        assert config["fit_bias_on"] == f"npz:{npz_path}:test"
+        assert config["loader_workers"] == 0
+        metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["metrics"]
+        assert metrics["bias"]["fitted"]["classes"] == [3]
+        assert metrics["bias"]["manual"] == {"1": 0.5}
+
+
+def test_a_token_cache_sweep_reports_perplexity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Students of a token cache are ranked by test perplexity (bits per byte beside), in the
+    table, results.json and the plot, not by token error counts."""
+    from tests.pipeline.test_sequences import make_corpus
+
+    monkeypatch.setenv("KD_OUTPUT_DIR", str(tmp_path / "data"))
+    corpus = make_corpus(tmp_path / "corpus.txt", lines=200)
+    spec = f"text:{corpus}:train:seq=16:count=32"
+    test = f"text:{corpus}:test:seq=16:count=8"
+    common = ["--epochs", "1", "--batch-size", "16", "--eval", test, "--device", "cpu"]
+    run = CliRunner().invoke
+    teacher = tmp_path / "teacher"
+    res = run(
+        main,
+        ["train-teacher", "--dataset", spec, "--model", "gpt:layers=1,dim=16,heads=2,ctx=16"]
+        + ["--members", "1", "--out", str(teacher), *common],
+    )
+    assert res.exit_code == 0, res.output
+    cache = tmp_path / "tokens.zarr"
+    res = run(
+        main,
+        ["cache-logits", "--teacher", str(teacher), "--dataset", spec, "--store", "topk:8"]
+        + ["--device", "cpu", "--quiet", "--out", str(cache)],
+    )
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "sweep"
+    res = run(
+        main,
+        ["sweep", "--cache", str(cache), "-T", "1,2", "--alpha", "0.5,1", "--workers", "0"]
+        + ["--student", "gpt:layers=1,dim=8,heads=2,ctx=16", "--quiet", "--out", str(out)]
+        + common,
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["metrics"]
+        assert r["test_perplexity"] == metrics["test"]["perplexity"] > 1
+        assert r["test_bits_per_byte"] == metrics["test"]["bits_per_byte"] > 0
+    table = (out / "results.md").read_text()
+    assert "| student | T | alpha | test perplexity | bits/byte | token accuracy |" in table
+    assert "test errors" not in table
+    best = min(r["test_perplexity"] for r in rows)
+    for r in rows:
+        cell = f"{r['test_perplexity']:.3f}"
+        cell = f"**{cell}**" if r["test_perplexity"] == best else cell
+        line = (
+            f"| {r['student']} | {r['temperature']:g} | {r['alpha']:g} | {cell} | "
+            f"{r['test_bits_per_byte']:.4f} |"
+        )
+        assert line in table, (line, table)
+    assert table.count("**") == 2 and table.strip() in res.output
+    first = rows[0]
+    assert f"{first['setting']}: test perplexity {first['test_perplexity']:.3f}" in res.output
+    plot = out / "test_perplexity_vs_temperature.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot:    {plot}" in res.output and not (out / "test_error_vs_temperature.png").exists()

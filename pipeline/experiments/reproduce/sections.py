@@ -266,17 +266,19 @@ def temperature(run: Run) -> Temperature:
     spec = run.spec(fraction=s.temperature_fraction or 1.0)
     cache = run.cache(spec)
     cfg = SweepConfig(
-        cache=cache,
+        base=StudentConfig(
+            cache=cache,
+            eval=run.test_spec,
+            device=run.cfg.device,
+            data_dir=run.cfg.data_dir,
+            train=TrainConfig(epochs=s.student_epochs),
+        ),
         temperatures=s.temperatures,
         alphas=s.temperature_alphas,
         students=[run.cfg.student, run.cfg.narrow_student],
         seeds=[run.cfg.seed],
-        eval=run.test_spec,
         workers=s.workers,
         out=str(run.out / "runs" / "temperature-sweep"),
-        device=run.cfg.device,
-        data_dir=run.cfg.data_dir,
-        train=TrainConfig(epochs=s.student_epochs),
     )
     res = run_sweep(cfg, log=run.log, progress=False)
     for r in res.rows:
