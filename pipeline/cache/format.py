@@ -152,6 +152,7 @@ from pipeline.cache.kinds import (
     summarise_fidelity,
 )
 from pipeline.cache.location import (
+    COPY_MARKER,
     MAX_METADATA_BYTES,
     CacheLocation,
     CacheLock,
@@ -160,6 +161,7 @@ from pipeline.cache.location import (
     list_keys,
     local_path,
     put_bytes,
+    refuse_unfinished_copy,
 )
 from pipeline.data.content import CONTENT_DIGESTS, CONTENT_KEY, DIGEST_BYTES, DIGESTS_ARRAY
 from pipeline.errors import CacheError, KDError
@@ -782,6 +784,7 @@ class LogitCache:
                 f"cache-logits --out {self.location} ...`"
             )
         self.store = self.location.open("r")  # read-only: reading never writes
+        refuse_unfinished_copy(self.store, self.location.display)
         check_metadata_size(self.store, self.location.display)
         try:
             self.group = zarr.open_group(_NoFillStore(self.store), mode="r", use_consolidated=False)
@@ -1214,6 +1217,8 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
             names = {c.name for c in p.iterdir() if not c.name.startswith(CacheLock.NAME)}
             if not names or CREATING_MARKER in names:
                 return None  # empty, or a creation that was interrupted: (re-)created by the writer
+            if COPY_MARKER in names:
+                refuse_unfinished_copy(where.open("r"), where.display)
         if not (p / "zarr.json").is_file():
             raise CacheError(
                 f"{where}: exists but is not a Zarr store; choose another --out or remove it"
@@ -1226,6 +1231,8 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
         names = {k for k in list_keys(store) if not k.startswith(CacheLock.NAME)}
         if not names or CREATING_MARKER in names:
             return None
+        if COPY_MARKER in names:
+            refuse_unfinished_copy(store, where.display)
         if "zarr.json" not in names:
             raise CacheError(
                 f"{where}: holds objects but no zarr.json (not a Zarr store, or a "
