@@ -201,7 +201,12 @@ def _verify(
 ) -> None:
     """The checks, in order; one that finds the cache unreadable (``CacheError``) stops the rest."""
     store, sizes = _stored_objects(where)
-    _check_keys(sizes, rep, copying)
+    if COPY_MARKER in sizes and not copying:
+        rep.problems.append(
+            f"{COPY_MARKER} present: an unfinished copy (a `kd-pipeline cache copy` into it was "
+            "interrupted or did not verify); re-run that copy to complete it, or remove it"
+        )
+    _check_keys(sizes, rep)
     if rep.problems:
         return
     group, h = _read_verified_header(store, where)
@@ -256,14 +261,8 @@ def _stored_objects(where: CacheLocation) -> tuple[Store, dict[str, int]]:
     return store, sizes
 
 
-def _check_keys(sizes: dict[str, int], rep: VerifyReport, copying: bool = False) -> None:
-    """Oversized metadata, an interrupted creation or copy (problems) and a writer's lock (a
-    note)."""
-    if COPY_MARKER in sizes and not copying:
-        rep.problems.append(
-            f"{COPY_MARKER} present: an unfinished copy (a `kd-pipeline cache copy` into it was "
-            "interrupted or did not verify); re-run that copy to complete it, or remove it"
-        )
+def _check_keys(sizes: dict[str, int], rep: VerifyReport) -> None:
+    """Oversized metadata, an interrupted creation (problems) and a writer's lock (a note)."""
     for key, size in sizes.items():
         if _is_meta(key) and size > MAX_METADATA_BYTES:
             rep.problems.append(f"metadata {key} is {size} bytes (limit {MAX_METADATA_BYTES})")
