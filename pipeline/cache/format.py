@@ -787,13 +787,20 @@ class LogitCache:
         refuse_unfinished_copy(self.store, self.location.display)
         check_metadata_size(self.store, self.location.display)
         try:
-            self.group = zarr.open_group(_NoFillStore(self.store), mode="r", use_consolidated=False)
+            # zarr_format=3: zarr reads zarr.json alone. Left to guess, it reads the format 2 documents
+            # concurrently, and when the guard refuses zarr.json those reads are left unretrieved
+            # ("Future exception was never retrieved" at exit).
+            self.group = zarr.open_group(
+                _NoFillStore(self.store), mode="r", use_consolidated=False, zarr_format=3
+            )
         except zarr.errors.GroupNotFoundError as e:  # zarr's text names its internals
             raise CacheError(
                 f"{self.location}: not a logit cache (no zarr.json at its root); "
                 "give the directory, NAME.zarr.zip or s3:// URL that "
                 "`kd-pipeline cache-logits --out` wrote"
             ) from e
+        except KDError:
+            raise  # the read guard's own message names the document and what is wrong with it
         except Exception as e:  # zarr raises several types for a non-group path
             raise CacheError(
                 f"{self.location}: not a Zarr v3 group ({type(e).__name__}: {e})"
@@ -1240,7 +1247,7 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
                 "complete it); choose another --out"
             )
     check_metadata_size(store, where.display)
-    group = zarr.open_group(store, mode="r", use_consolidated=False)
+    group = zarr.open_group(store, mode="r", use_consolidated=False, zarr_format=3)
     return group_header(group, where.display)
 
 

@@ -294,7 +294,8 @@ def _check_group_metadata(
 def _read_verified_header(store: Store, where: CacheLocation) -> tuple[zarr.Group, CacheHeader]:
     """The root group and its header, checked against the format schema."""
     try:
-        group = zarr.open_group(store, mode="r", use_consolidated=False)
+        # zarr_format=3: one read (see LogitCache: a guessed format leaves failed reads behind).
+        group = zarr.open_group(store, mode="r", use_consolidated=False, zarr_format=3)
         attrs = group.attrs.get(ATTR_KEY)
     except KDError:
         raise  # the guard's own message names the document and what is wrong with it
