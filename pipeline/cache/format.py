@@ -787,9 +787,9 @@ class LogitCache:
         refuse_unfinished_copy(self.store, self.location.display)
         check_metadata_size(self.store, self.location.display)
         try:
-            # zarr_format=3: zarr reads zarr.json alone. Left to guess, it reads the format 2 documents
-            # concurrently, and when the guard refuses zarr.json those reads are left unretrieved
-            # ("Future exception was never retrieved" at exit).
+            # zarr_format=3: zarr reads zarr.json alone. Left to guess, it reads the format 2
+            # documents concurrently, and when the guard refuses zarr.json those reads are left
+            # unretrieved ("Future exception was never retrieved" at exit).
             self.group = zarr.open_group(
                 _NoFillStore(self.store), mode="r", use_consolidated=False, zarr_format=3
             )
