@@ -35,7 +35,8 @@ _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 # --storage-option KEY=VALUE (or --storage-option=KEY=VALUE) in free text, VALUE up to a blank or
 # a quote (a shell-quoted value is masked by redact_command, which parses the command).
 _FLAG_IN_TEXT = re.compile(
-    r"(?P<flag>--storage-option(?:=|\s+))(?P<key>[^=\s'\"]+)=(?P<value>'[^']*'|\"[^\"]*\"|\S+)"
+    r"(?P<flag>--storage-option(?:=|\s+))(?P<key>[^=\s'\"]+)="
+    r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s'\"]+)"
 )
 # torch's advice on a refused pickle (and any like it): loading untrusted pickles runs code.
 _UNSAFE_ADVICE = re.compile(
