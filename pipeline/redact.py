@@ -119,16 +119,17 @@ def redact_command(command: str) -> str:
     except ValueError:  # unbalanced quotes: not a command we wrote; mask what the text shows
         return redact_text(command)
     out: list[str] = []
-    after_flag = False
+    after_flag = changed = False
     for w in words:
         if after_flag or w.startswith(STORAGE_FLAG + "="):
             prefix = STORAGE_FLAG + "=" if not after_flag else ""
             key, eq, _ = w.removeprefix(prefix).partition("=")
             if eq and is_secret(key):
-                w = f"{prefix}{key}={MASK}"
+                w, changed = f"{prefix}{key}={MASK}", True
         after_flag = w == STORAGE_FLAG
         out.append(w)
-    return redact_text(shlex.join(out))
+    # A command without credentials is kept as it was written (re-quoting would change headers).
+    return redact_text(shlex.join(out) if changed else command)
 
 
 def redact_record(obj: Any) -> Any:
