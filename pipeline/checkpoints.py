@@ -30,6 +30,7 @@ import torch
 from pipeline.errors import CheckpointError, KDError
 from pipeline.files import atomic_write
 from pipeline.models import KDModel, build_model, check_trusted
+from pipeline.redact import load_failure
 from pipeline.tv import teacher_meta as tv_teacher_meta
 
 if TYPE_CHECKING:
@@ -131,8 +132,7 @@ def load_checkpoint(
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or unsafe files
         raise CheckpointError(
-            f"{path}: cannot load as a kd-pipeline checkpoint with weights_only=True "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"{path}: cannot load as a kd-pipeline checkpoint ({load_failure(e)}); "
             "is it damaged, or not written by kd-pipeline?"
         ) from e
     if not isinstance(blob, dict) or "kd_checkpoint" not in blob:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from pipeline.cache.kinds import TAIL_TEMPERATURES
-from pipeline.cache.location import parse_storage_options, redact_options
+from pipeline.cache.location import parse_storage_options
 from pipeline.checks import collect, in_range, one_of, positive, temperature
 from pipeline.distributed import refuse_torchrun
 from pipeline.errors import ConfigError
@@ -33,6 +33,7 @@ from pipeline.options import (
     show_list,
     show_size,
 )
+from pipeline.redact import redact_options
 from pipeline.training.loop import TrainConfig
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ class EvaluateConfig:
             raise ConfigError(problems)
 
 
-# One rule for what is a credential: the cache location's (it imports without torch).
+# One rule for what is a credential: pipeline.redact's (it imports without torch).
 redact_secrets = redact_options
 
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.redact import redact_record
+
 __all__ = [
     "atomic_path",
     "atomic_write",
@@ -83,12 +85,14 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> P
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, **dumps: Any) -> Path:
     """Write ``json.dumps(obj, indent=indent, **dumps)`` to ``path`` atomically.
 
-    No trailing newline: every JSON file of a run has always been written without one.
+    Every JSON record the tool writes passes here, so here it is redacted
+    (:func:`pipeline.redact.redact_record`): no credential reaches a file. No trailing newline:
+    every JSON file of a run has always been written without one.
 
     Returns:
         ``path``.
     """
-    return atomic_write_text(path, json.dumps(obj, indent=indent, **dumps))
+    return atomic_write_text(path, json.dumps(redact_record(obj), indent=indent, **dumps))
 
 
 def _create_beside(path: Path) -> Path:

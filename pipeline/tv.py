@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelSpecError
+from pipeline.redact import load_failure
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,7 +129,7 @@ def read_weights(spec: str, file: str) -> dict[str, torch.Tensor]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for damaged or unsafe files
         raise ModelSpecError(
-            f"model spec {spec!r}: {path} does not load with weights_only=True ({e}); "
+            f"model spec {spec!r}: {path} does not load as plain tensors ({load_failure(e)}); "
             "save a state dict: torch.save(model.state_dict(), FILE)"
         ) from e
     for key in ("model", "state_dict", "model_state_dict"):

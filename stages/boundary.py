@@ -7,6 +7,7 @@ import os
 import click
 
 from pipeline.errors import explain
+from pipeline.redact import scrub_message
 
 
 class KDGroup(click.Group):
@@ -26,7 +27,8 @@ class KDGroup(click.Group):
             err = explain(e)
             if err is None and os.environ.get("KD_TRACEBACK"):
                 raise
-            click.echo(f"error: {err or _bug(e)}", err=True)
+            # The one redaction rule: no credential, no advice to unpickle a refused file.
+            click.echo(f"error: {scrub_message(str(err or _bug(e)))}", err=True)
             ctx.exit(2)
 
 

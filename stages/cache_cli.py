@@ -8,6 +8,7 @@ import sys
 import click
 
 from pipeline.config import CacheToolConfig, Display
+from pipeline.redact import redact_record
 from stages.boundary import KDGroup
 from stages.params import Only, configured
 from stages.show import format_cache_info
@@ -30,7 +31,8 @@ def cache_info(cfg: CacheToolConfig, display: Display) -> None:
     completeness."""
     from pipeline.cache.format import LogitCache
 
-    info = LogitCache(cfg.location(), allow_partial=True).info().to_dict()
+    # Redacted as every record is: a header written before redaction may hold credentials.
+    info = redact_record(LogitCache(cfg.location(), allow_partial=True).info().to_dict())
     click.echo(json.dumps(info, indent=2) if display.json else format_cache_info(info))
 
 

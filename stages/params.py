@@ -220,6 +220,23 @@ def check_all(configs: list[Any]) -> list[str]:
     return distinct_problems(problems)
 
 
+# Configs whose ``out`` is a cache by design: cache-logits writes (resumes) one; copy and pack
+# check their destination themselves (an unfinished copy of the same source is resumed).
+CACHE_OUTPUTS = ("CacheConfig", "CacheToolConfig")
+
+
+def _refuse_cache_outputs(cfg: Any) -> None:
+    """Every other command's output locations (``out``, ``*_out``) must not be a cache."""
+    if not dataclasses.is_dataclass(cfg) or type(cfg).__name__ in CACHE_OUTPUTS:
+        return
+    from pipeline.cache.location import refuse_cache_output
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if (f.name == "out" or f.name.endswith("_out")) and isinstance(value, str) and value:
+            refuse_cache_output(value, "--" + f.name.replace("_", "-"))
+
+
 def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
     """Decorator: generate the click parameters of ``specs`` and call the command with configs.
 
@@ -244,6 +261,8 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
             problems = check_all(configs)
             if problems:
                 raise ConfigError(problems)
+            for cfg in configs:
+                _refuse_cache_outputs(cfg)
             return fn(*configs)
 
         command.__click_params__ = [  # click reads this list bottom-up, as its decorators do

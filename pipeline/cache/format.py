@@ -156,6 +156,7 @@ from pipeline.cache.kinds import (
     summarise_fidelity,
 )
 from pipeline.cache.location import (
+    COPY_MARKER,
     MAX_METADATA_BYTES,
     CacheLocation,
     CacheLock,
@@ -164,6 +165,7 @@ from pipeline.cache.location import (
     list_keys,
     local_path,
     put_bytes,
+    refuse_unfinished_copy,
 )
 from pipeline.cache.rows import row_index_problems, view_param_problems, view_plan
 from pipeline.data.content import CONTENT_DIGESTS, CONTENT_KEY, DIGEST_BYTES, DIGESTS_ARRAY
@@ -804,15 +806,23 @@ class LogitCache:
                 f"cache-logits --out {self.location} ...`"
             )
         self.store = self.location.open("r")  # read-only: reading never writes
+        refuse_unfinished_copy(self.store, self.location.display)
         check_metadata_size(self.store, self.location.display)
         try:
-            self.group = zarr.open_group(_NoFillStore(self.store), mode="r", use_consolidated=False)
+            # zarr_format=3: zarr reads zarr.json alone. Left to guess, it reads the format 2
+            # documents concurrently, and when the guard refuses zarr.json those reads are left
+            # unretrieved ("Future exception was never retrieved" at exit).
+            self.group = zarr.open_group(
+                _NoFillStore(self.store), mode="r", use_consolidated=False, zarr_format=3
+            )
         except zarr.errors.GroupNotFoundError as e:  # zarr's text names its internals
             raise CacheError(
                 f"{self.location}: not a logit cache (no zarr.json at its root); "
                 "give the directory, NAME.zarr.zip or s3:// URL that "
                 "`kd-pipeline cache-logits --out` wrote"
             ) from e
+        except KDError:
+            raise  # the read guard's own message names the document and what is wrong with it
         except Exception as e:  # zarr raises several types for a non-group path
             raise CacheError(
                 f"{self.location}: not a Zarr v3 group ({type(e).__name__}: {e})"
@@ -1266,6 +1276,8 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
             names = {c.name for c in p.iterdir() if not c.name.startswith(CacheLock.NAME)}
             if not names or CREATING_MARKER in names:
                 return None  # empty, or a creation that was interrupted: (re-)created by the writer
+            if COPY_MARKER in names:
+                refuse_unfinished_copy(where.open("r"), where.display)
         if not (p / "zarr.json").is_file():
             raise CacheError(
                 f"{where}: exists but is not a Zarr store; choose another --out or remove it"
@@ -1278,6 +1290,8 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
         names = {k for k in list_keys(store) if not k.startswith(CacheLock.NAME)}
         if not names or CREATING_MARKER in names:
             return None
+        if COPY_MARKER in names:
+            refuse_unfinished_copy(store, where.display)
         if "zarr.json" not in names:
             raise CacheError(
                 f"{where}: holds objects but no zarr.json (not a Zarr store, or a "
@@ -1285,7 +1299,7 @@ def read_header(location: str | Path | CacheLocation) -> CacheHeader | None:
                 "complete it); choose another --out"
             )
     check_metadata_size(store, where.display)
-    group = zarr.open_group(store, mode="r", use_consolidated=False)
+    group = zarr.open_group(store, mode="r", use_consolidated=False, zarr_format=3)
     return group_header(group, where.display)
 
 

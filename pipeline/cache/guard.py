@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
-from zarr.storage import WrapperStore, ZipStore
+from zarr.storage import LocalStore, WrapperStore, ZipStore
 
 from pipeline.cache.header import ATTR_KEY, CacheHeader, expected_arrays
 from pipeline.errors import CacheError, KDError, storage_errors
@@ -442,8 +443,24 @@ class GuardedStore(WrapperStore[Store]):
     async def _read(
         self, key: str, prototype: BufferPrototype, byte_range: ByteRequest
     ) -> Buffer | None:
+        self._refuse_links(key)
         with storage_errors(self.where, keep=KEEP):
             return await self._store.get(key, prototype, byte_range)
+
+    def _refuse_links(self, key: str) -> None:
+        """A directory cache holds regular files and folders only: a symbolic link could point at
+        any file of this machine, which a copy would then upload (bundles refuse links too)."""
+        if not isinstance(self._store, LocalStore):
+            return
+        path = str(self._store.root)
+        for part in key.split("/"):
+            path = os.path.join(path, part)
+            if os.path.islink(path):
+                raise CacheError(
+                    f"{self.where}: {key} is a symbolic link; a cache directory holds only "
+                    "regular files and folders (a link can point at any file of this machine). "
+                    f"Refusing to read it. {REFUSE}"
+                )
 
     def _check_metadata(self, key: str, data: bytes) -> None:
         what = f"{self.where}: {key}"

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from pipeline.cache.kinds import FIDELITY_FIELDS, STORAGE_KINDS, StorageSpec
 from pipeline.data.content import CONTENT_DIGESTS, CONTENT_KEY, DIGEST_BYTES, DIGESTS_ARRAY
 from pipeline.errors import CacheError
+from pipeline.redact import redact_command
 
 FORMAT_NAME = "kd-pipeline-logit-cache"
 FORMAT_VERSION = 2  # what this kd-pipeline writes; it reads every version up to this one
@@ -391,6 +392,9 @@ class CacheHeader(_Record):
         values = cls._values(d)
         values["dataset"] = DatasetRecord.from_dict(d["dataset"])
         values["members"] = tuple(MemberRecord.from_dict(m) for m in d["members"])
+        if isinstance(values.get("command"), str):
+            # Caches made before commands were redacted may hold credentials: never passed on.
+            values["command"] = redact_command(values["command"])
         return cls(**values)
 
     @classmethod
@@ -440,7 +444,7 @@ class CacheHeader(_Record):
             tool="kd-pipeline",
             tool_version=tool_version,
             created=created,
-            command=command,
+            command=redact_command(command),  # a header is shared: never a credential in it
             complete=False,
             completed_at=None,
             # A cache without views has no augment key: its header is what it always was.

@@ -53,6 +53,8 @@ from pipeline.cache.guard import MAX_METADATA_BYTES as MAX_METADATA_BYTES
 from pipeline.cache.guard import GuardedStore, check_bundle
 from pipeline.errors import CacheError, StorageError, explain, storage_errors
 from pipeline.files import location_stem
+from pipeline.redact import is_secret, register_secrets, secret_values
+from pipeline.redact import redact_options as redact_options
 
 ZIP_SUFFIX = ".zip"
 MAX_ZIP_ENTRIES = 2_000_000
@@ -62,9 +64,11 @@ MAX_ZIP_TOTAL_BYTES = 1 << 40
 LEASE_NAME = "kd-writer.lock"
 LEASE_SECONDS = 120.0  # an object-store lease not renewed for this long is taken over
 LEASE_RENEW_SECONDS = 30.0
+# Present from a `cache copy`'s first write until its destination verified: a store holding it is
+# an unfinished copy, refused by every reader (its JSON names the source and the source's identity).
+COPY_MARKER = "kd-copy-incomplete"
 
 Kind = Literal["dir", "zip", "url"]
-SECRET_WORDS = ("key", "secret", "token", "password")  # the one rule (config uses it too)
 
 
 # ------------------------------------------------------------------------------------ location text
@@ -130,12 +134,14 @@ def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
             )
         d[leaf] = parsed
     _refuse_contradictions(out)
+    # Credentials given here are masked wherever this process prints or records them.
+    register_secrets(secret_values(out))
     return out
 
 
 def _shown(key: str, value: Any) -> str:
     """A value for a message: a credential's never (the message may be logged or shared)."""
-    return "***" if any(w in key.lower() for w in SECRET_WORDS) else repr(value)
+    return "***" if is_secret(key) else repr(value)
 
 
 def _refuse_contradictions(options: Mapping[str, Any]) -> None:
@@ -160,17 +166,6 @@ def _refuse_contradictions(options: Mapping[str, Any]) -> None:
             f"--storage-option endpoint_url={outer} contradicts client_kwargs.endpoint_url="
             f"{inner}; give one endpoint (endpoint_url=URL)"
         )
-
-
-def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` with credential-like keys' values (key, secret, token, password) as ``"***"``."""
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        if isinstance(v, Mapping):
-            out[k] = redact_options(v)
-        else:
-            out[k] = "***" if any(w in k.lower() for w in SECRET_WORDS) else v
-    return out
 
 
 def _fsspec_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -236,6 +231,27 @@ def validate_zip(path: str | Path) -> None:
             f"{path}: refusing this bundle: {shown}. A cache bundle holds only "
             "relative Zarr keys (zarr.json, ids/c/0, members/0/logits/c/0/0, ...). Do "
             "not use it; ask its sender for a bundle made by `kd-pipeline cache pack`"
+        )
+
+
+def refuse_cache_output(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output location that is (or is becoming) a cache: writing a run, a report or a
+    teacher into it would mix files into the cache (``cache verify`` then fails it) or replace it.
+
+    Raises:
+        CacheError: ``path`` is a ``.zarr.zip`` bundle, or a directory holding a cache's root
+            ``zarr.json``, a creation marker or an unfinished copy's marker.
+    """
+    if is_url(path):
+        return  # runs are written to local directories; a URL output is refused where parsed
+    p = local_path(path)
+    is_cache = (p.is_file() and is_zip(p)) or (
+        p.is_dir() and any((p / n).exists() for n in ("zarr.json", COPY_MARKER, "kd-creating"))
+    )
+    if is_cache:
+        raise CacheError(
+            f"{flag} {path} is a logit cache; an output written into it would damage it. "
+            f"Choose another {flag} (e.g. data/runs/NAME)"
         )
 
 
@@ -469,6 +485,26 @@ def key_sizes(store: Store) -> dict[str, int]:
 def get_bytes(store: Store, key: str) -> bytes | None:
     buf = sync(store.get(key, prototype=default_buffer_prototype()))
     return None if buf is None else buf.to_bytes()
+
+
+def refuse_unfinished_copy(store: Store, where: str) -> None:
+    """Refuse a store that an unfinished ``cache copy`` left (its :data:`COPY_MARKER` is there).
+
+    Raises:
+        CacheError: naming the copy's source and what to do.
+    """
+    raw = get_bytes(store, COPY_MARKER)
+    if raw is None:
+        return
+    try:
+        source = json.loads(raw).get("source", "?")
+    except (ValueError, AttributeError):
+        source = "?"
+    raise CacheError(
+        f"{where}: INCOMPLETE: an unfinished copy of {source} (a `kd-pipeline cache copy` into it "
+        "was interrupted, failed or did not verify); complete it by re-running `kd-pipeline "
+        f"cache copy {source} {where}`, or remove it"
+    )
 
 
 def put_bytes(store: Store, key: str, data: bytes) -> None:

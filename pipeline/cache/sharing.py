@@ -22,15 +22,18 @@ This module imports without torch (the dataset check imports :mod:`pipeline.data
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import posixpath
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import Store
@@ -47,6 +50,7 @@ from pipeline.cache.format import (
 )
 from pipeline.cache.guard import read_json
 from pipeline.cache.location import (
+    COPY_MARKER,
     LEASE_NAME,
     MAX_METADATA_BYTES,
     ZIP_SUFFIX,
@@ -66,6 +70,7 @@ from pipeline.errors import CacheError, KDError, StorageError, explain, storage_
 if TYPE_CHECKING:
     from pipeline.datasets import Dataset
 from pipeline.progress import Bar, progress_bar
+from pipeline.redact import redact_record
 
 META = "zarr.json"
 COPY_CONCURRENCY = 16  # objects in flight at once while copying
@@ -76,10 +81,14 @@ def _is_meta(key: str) -> bool:
 
 
 def _is_bookkeeping(key: str) -> bool:
-    """The writer lock/lease, the creation marker and zarr's temp files of a killed write
-    (``*.partial``): never copied, never part of a cache's content."""
+    """The writer lock/lease, the creation and unfinished-copy markers and zarr's temp files of a
+    killed write (``*.partial``): never copied, never part of a cache's content."""
     name = key.rsplit("/", 1)[-1]
-    return name.startswith(LEASE_NAME) or name == CREATING_MARKER or name.endswith(".partial")
+    return (
+        name.startswith(LEASE_NAME)
+        or name in (CREATING_MARKER, COPY_MARKER)
+        or name.endswith(".partial")
+    )
 
 
 def own_keys(h: CacheHeader) -> set[str]:
@@ -155,6 +164,7 @@ def verify_cache(
     dataset: str | None = None,
     data_dir: str | None = None,
     progress: bool = False,
+    copying: bool = False,
 ) -> VerifyReport:
     """Check a cache end to end; see the module docstring. Never raises for a problem with the cache
     itself; a storage failure (``StorageError``) is raised.
@@ -163,12 +173,14 @@ def verify_cache(
         dataset: a dataset spec whose fingerprint must match the cache's (e.g. the transfer set you
             hold).
         progress: show a progress bar over the chunks.
+        copying: the copy that is writing the cache verifies it: its unfinished-copy marker, which
+            it removes once the cache verified, is no problem.
     """
     t0 = time.perf_counter()
     where = CacheLocation.parse(location)
     rep = VerifyReport(where.display)
     try:
-        _verify(where, dataset, data_dir, progress, rep)
+        _verify(where, dataset, data_dir, progress, rep, copying)
     except StorageError:
         raise  # the store could not be read (credentials, network, disk): not the cache's fault
     except KDError as e:
@@ -186,9 +198,15 @@ def _verify(
     data_dir: str | None,
     progress: bool,
     rep: VerifyReport,
+    copying: bool = False,
 ) -> None:
     """The checks, in order; one that finds the cache unreadable (``CacheError``) stops the rest."""
     store, sizes = _stored_objects(where)
+    if COPY_MARKER in sizes and not copying:
+        rep.problems.append(
+            f"{COPY_MARKER} present: an unfinished copy (a `kd-pipeline cache copy` into it was "
+            "interrupted or did not verify); re-run that copy to complete it, or remove it"
+        )
     _check_keys(sizes, rep)
     if rep.problems:
         return
@@ -280,7 +298,8 @@ def _check_group_metadata(
 def _read_verified_header(store: Store, where: CacheLocation) -> tuple[zarr.Group, CacheHeader]:
     """The root group and its header, checked against the format schema."""
     try:
-        group = zarr.open_group(store, mode="r", use_consolidated=False)
+        # zarr_format=3: one read (see LogitCache: a guessed format leaves failed reads behind).
+        group = zarr.open_group(store, mode="r", use_consolidated=False, zarr_format=3)
         attrs = group.attrs.get(ATTR_KEY)
     except KDError:
         raise  # the guard's own message names the document and what is wrong with it
@@ -529,6 +548,12 @@ def _check_values(name: str, values: np.ndarray, h: CacheHeader, rep: VerifyRepo
         rep.problems += [p for p in row_index_problems(h, *pair) if p.startswith(f"array {name}")]
 
 
+def _no_bytes(e: Exception) -> str:
+    """An error's text without the stored bytes it quotes (zarr's checksum error shows a chunk's
+    last 4 bytes): a message never echoes what a file holds, which may not be the cache's."""
+    return re.sub(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"", "<bytes>", str(e))[:300]
+
+
 def _check_completion(
     h: CacheHeader, done: dict[int, np.ndarray], writer: bool, rep: VerifyReport
 ) -> None:
@@ -654,7 +679,7 @@ def _read_chunks(
             except StorageError:
                 raise  # the store failed, not the chunk
             except Exception as e:  # noqa: BLE001 - crc32c mismatch, zstd failure, truncation
-                rep.problems.append(f"chunk {key} is corrupt ({type(e).__name__}: {e})")
+                rep.problems.append(f"chunk {key} is corrupt ({type(e).__name__}: {_no_bytes(e)})")
     for _, key in present:
         rep.chunks_read += 1
         rep.bytes_read += sizes[key]
@@ -705,9 +730,18 @@ def copy_cache(
 ) -> CopyResult:
     """Copy a cache between any two locations (dir, ``.zarr.zip``, ``s3://``), resumably; verify it.
 
+    A directory or object-store destination is marked unfinished (:data:`COPY_MARKER`) before its
+    first object is written and unmarked only once it verified, so a copy that is killed, fails
+    or does not verify is refused by every reader; re-running the copy resumes it. A destination
+    that holds anything else (another cache, other objects, an unfinished copy of another
+    source) is refused before anything is written. Every source object passes its checks (the
+    read guard's, and its chunk checksum) before it is written anywhere; a header's recorded
+    credentials are never carried over.
+
     Raises:
-        CacheError: the source is not a cache or is being created, the destination holds another
-            cache, or the copy does not verify (with the verify report).
+        CacheError: the source is not a cache, is being created or is an unfinished copy; the
+            destination holds something else; a source object fails its checks; or the copy does
+            not verify (with the verify report).
     """
     t0 = time.perf_counter()
     source_at, target_at = CacheLocation.parse(src), CacheLocation.parse(dst)
@@ -719,6 +753,11 @@ def copy_cache(
         raise CacheError(
             f"{source_at}: the cache is still being created (or its creation was "
             "interrupted); finish it with cache-logits first"
+        )
+    if COPY_MARKER in sizes:
+        raise CacheError(
+            f"{source_at}: an unfinished copy (a `kd-pipeline cache copy` into it did not "
+            "finish or did not verify); complete it by re-running that copy, then copy it"
         )
     if any(k.rsplit("/", 1)[-1].startswith(LEASE_NAME) for k in sizes):
         log(
@@ -743,33 +782,19 @@ def copy_cache(
         )
     keys = [k for k in sizes if not _is_bookkeeping(k)]
     data_keys = [k for k in keys if not _is_meta(k)]
-    # Metadata last, deepest first, the root's zarr.json at the very end: until it lands, the copy
-    # is no cache.
+    # Metadata last, deepest first, the root's zarr.json at the very end.
     meta_keys = sorted((k for k in keys if _is_meta(k)), key=lambda k: (-k.count("/"), k))
+    plan = _CopyPlan(
+        source, sizes, _redacted_root(root_meta), _checksummed_arrays(source, src_header)
+    )
     with storage_errors(target_at.display):  # failures writing name the destination
         if target_at.kind == "zip":
-            copied, skipped, nbytes = _copy_to_zip(
-                source, sizes, data_keys + meta_keys, target_at, progress
-            )
+            copied, skipped, nbytes = _copy_to_zip(plan, data_keys + meta_keys, target_at, progress)
+            report = _verify_copy(plan, keys, target_at, progress)
         else:
-            copied, skipped, nbytes = _copy_to_store(
-                source, sizes, data_keys, meta_keys, src_header, target_at, progress
+            copied, skipped, nbytes, report = _copy_to_store(
+                plan, data_keys, meta_keys, src_header, source_at, target_at, progress
             )
-    report = verify_cache(target_at, progress=progress)
-    if report.ok:
-        dst_sizes = {
-            k: s for k, s in key_sizes(target_at.open("r")).items() if not _is_bookkeeping(k)
-        }
-        differ = sorted(k for k in keys if dst_sizes.get(k) != sizes[k])
-        if differ:
-            report.problems.append(
-                f"{len(differ)} objects differ in size from the source: {differ[:5]}"
-            )
-    if not report.ok:
-        raise CacheError(
-            f"the copy at {target_at} does not verify; re-run the copy to repair it:\n"
-            f"{report.format()}"
-        )
     return CopyResult(
         source_at.display,
         target_at.display,
@@ -781,48 +806,196 @@ def copy_cache(
     )
 
 
+@dataclass
+class _CopyPlan:
+    """What a copy reads and how each object is checked and (the root) rewritten.
+
+    Attributes:
+        root: the root ``zarr.json`` as the destination gets it: the source's, or (a header that
+            recorded credentials) rewritten without them.
+        checksummed: the arrays whose chunks end in a crc32c, checked before they are written.
+    """
+
+    source: Store
+    sizes: dict[str, int]
+    root: bytes | None
+    checksummed: frozenset[str]
+
+    def expected_size(self, key: str) -> int:
+        return len(self.root) if key == META and self.root is not None else self.sizes[key]
+
+    def check(self, key: str, data: bytes) -> bytes:
+        """The bytes to write for ``key`` (read from the source), once they passed their checks.
+
+        Raises:
+            CacheError: a chunk whose checksum does not match (its bytes are not echoed).
+        """
+        if key == META and self.root is not None:
+            return self.root
+        array = key.rpartition("/c/")[0] if "/c/" in "/" + key else ""
+        if array in self.checksummed and not _crc_ok(data):
+            raise CacheError(
+                f"the source's chunk {key} fails its checksum (crc32c): the source is damaged, "
+                "so the copy stopped before writing it. Check the source with `kd-pipeline "
+                "cache verify` and get a good copy of it"
+            )
+        return data
+
+
+def _crc_ok(data: bytes) -> bool:
+    return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
+
+
+def _checksummed_arrays(source: Store, h: CacheHeader) -> frozenset[str]:
+    """The cache's arrays whose codecs end in crc32c (all of them, in every cache kd-pipeline
+    wrote), read from their metadata through the read guard."""
+    out = set()
+    for name, *_ in expected_arrays(h):
+        try:
+            meta = sync(read_json(source, f"{name}/{META}", name))
+        except KDError:
+            continue  # damaged metadata: the copy's verification names it
+        codecs = meta.get("codecs") if isinstance(meta, dict) else None
+        if isinstance(codecs, list) and codecs and _codec_name(codecs[-1]) == "crc32c":
+            out.add(name)
+    return frozenset(out)
+
+
+def _codec_name(codec: Any) -> str | None:
+    return (
+        codec.get("name") if isinstance(codec, dict) else codec if isinstance(codec, str) else None
+    )
+
+
+def _redacted_root(root_meta: Any) -> bytes | None:
+    """The source's root ``zarr.json`` without recorded credentials, or None when it has none.
+
+    Caches written before headers were redacted may record ``--storage-option secret=...`` in their
+    ``command``: a copy or bundle never carries it on.
+    """
+    attrs = root_meta.get("attributes") if isinstance(root_meta, dict) else None
+    header = attrs.get(ATTR_KEY) if isinstance(attrs, dict) else None
+    if not isinstance(header, dict):
+        return None
+    clean = redact_record(header)
+    if clean == header:
+        return None
+    meta = {**root_meta, "attributes": {**attrs, ATTR_KEY: clean}}
+    return json.dumps(meta, indent=2).encode()
+
+
+def copy_identity(header: Any) -> str | None:
+    """What makes two cache headers the same cache at possibly different states: every field but
+    those a writer changes as it fills the cache (``complete``, ``completed_at``) and the recorded
+    ``command``. None for something that is not a header."""
+    if not isinstance(header, dict):
+        return None
+    fixed = {k: v for k, v in header.items() if k not in ("complete", "completed_at", "command")}
+    return "sha256:" + hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+
+
+def _verify_copy(
+    plan: _CopyPlan,
+    keys: list[str],
+    target_at: CacheLocation,
+    progress: bool,
+    copying: bool = False,
+) -> VerifyReport:
+    """Verify the destination and compare its objects' sizes with the source's.
+
+    Raises:
+        CacheError: it does not verify (with the report).
+    """
+    report = verify_cache(target_at, progress=progress, copying=copying)
+    if report.ok:
+        dst_sizes = {
+            k: s for k, s in key_sizes(target_at.open("r")).items() if not _is_bookkeeping(k)
+        }
+        differ = sorted(k for k in keys if dst_sizes.get(k) != plan.expected_size(k))
+        if differ:
+            report.problems.append(
+                f"{len(differ)} objects differ in size from the source: {differ[:5]}"
+            )
+    if not report.ok:
+        marked = (
+            f" It stays marked unfinished ({COPY_MARKER}), so nothing reads it;" if copying else ""
+        )
+        raise CacheError(
+            f"the copy at {target_at} does not verify.{marked} check the source with "
+            "`kd-pipeline cache verify`, then re-run the copy to repair it, or remove "
+            f"{target_at}:\n{report.format()}"
+        )
+    return report
+
+
+def _check_destination(
+    target: Store, dst: CacheLocation, src_header: CacheHeader, source_at: CacheLocation
+) -> dict[str, int]:
+    """What the destination holds ({key: size}, bookkeeping left out), if a copy may write there.
+
+    A copy may write into an empty location, into an unfinished copy of the same cache, or over
+    the same cache (an earlier or equal state of it: the copy brings it up to date).
+
+    Raises:
+        CacheError: anything else (another cache, other objects, an unfinished copy of another
+            cache), before anything is written.
+    """
+    listed = key_sizes(target)
+    have = {k: s for k, s in listed.items() if not _is_bookkeeping(k)}
+    ours = copy_identity(src_header.to_dict())
+    if COPY_MARKER in listed:
+        marker = _json(get_bytes(target, COPY_MARKER))
+        marker = marker if isinstance(marker, dict) else {}
+        if marker.get("identity") != ours:
+            raise CacheError(
+                f"{dst} is an unfinished copy of another cache ({marker.get('source', '?')}), "
+                f"not of {source_at}; copy to a new location, or remove {dst} first"
+            )
+        return have  # resume it
+    if not have:
+        return have
+    if META not in have:
+        raise CacheError(
+            f"{dst} already holds other objects ({_some(sorted(have), 3)}) and is not a "
+            "cache; copy into a new location inside it, e.g. "
+            f"{dst.text}/{_name_of(src_header)}"
+        )
+    try:
+        found = sync(read_json(target, META, dst.display))
+        theirs = (found.get("attributes") or {}).get(ATTR_KEY)
+    except (KDError, AttributeError):  # not JSON, too big or deep, not an object
+        theirs = None
+    if copy_identity(theirs) != ours:
+        raise CacheError(
+            f"{dst} already holds something else (another cache, or something that is not "
+            f"a cache); refusing to write over it. Copy {source_at} to a new location, or "
+            f"remove {dst} first"
+        )
+    return have
+
+
 def _copy_to_store(
-    source: Store,
-    sizes: dict[str, int],
+    plan: _CopyPlan,
     data_keys: list[str],
     meta_keys: list[str],
     src_header: CacheHeader,
+    source_at: CacheLocation,
     dst: CacheLocation,
     progress: bool,
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, VerifyReport]:
     if dst.kind != "url":
         dst.local_path.mkdir(parents=True, exist_ok=True)
     target = dst.open("w")
     with dst.lock():  # no cache-logits (or other copy) writes it meanwhile
-        have = {k: s for k, s in key_sizes(target).items() if not _is_bookkeeping(k)}
-        foreign = sorted(k for k in have if k not in sizes)
-        if META not in have and foreign:
-            # Objects but no cache root: a folder of other things (like `cp SRC DIR/`), not a half
-            # copy.
-            raise CacheError(
-                f"{dst} already holds other objects ({', '.join(foreign[:3])}, ...) "
-                "and is not a cache; copy into a new location inside it, e.g. "
-                f"{dst.text}/{_name_of(src_header)}"
-            )
-        if META in have:
-            try:
-                found = sync(read_json(target, META, dst.display))
-                theirs = (found.get("attributes") or {}).get(ATTR_KEY)
-            except (CacheError, AttributeError):  # not JSON, too big or deep, not an object
-                theirs = None
-            if not _same_cache(theirs, src_header):
-                raise CacheError(
-                    f"{dst} already holds something else (another cache or not a "
-                    "cache); copy to a new location, or remove it first"
-                )
-            if get_bytes(target, META) != get_bytes(source, META):
-                # The destination's root metadata describes an older state: drop it first so that,
-                # until the copy is whole again, the destination is not taken for a complete cache.
-                delete_key(target, META)
-                have.pop(META)
+        have = _check_destination(target, dst, src_header, source_at)
+        # The marker goes first and leaves last: until the copy verified, every reader refuses
+        # the destination (a killed copy never looks complete), and a re-run knows it as ours.
+        marker = {"source": source_at.display, "identity": copy_identity(src_header.to_dict())}
+        put_bytes(target, COPY_MARKER, json.dumps(marker).encode())
         counts = {"copied": 0, "skipped": 0, "bytes": 0}
+        keys = data_keys + meta_keys
         bar = progress_bar(
-            total=sum(sizes[k] for k in data_keys + meta_keys),
+            total=sum(plan.sizes[k] for k in keys),
             enabled=progress,
             unit="B",
             unit_scale=True,
@@ -834,14 +1007,20 @@ def _copy_to_store(
             # last.
             for i in range(0, len(data_keys), COPY_CONCURRENCY):
                 batch = data_keys[i : i + COPY_CONCURRENCY]
-                sync(_gather(*(_copy_object(source, target, k, have, counts) for k in batch)))
-                bar.update(sum(sizes[k] for k in batch))
+                sync(
+                    _gather(
+                        *(_copy_object(plan.source, target, k, have, counts, plan) for k in batch)
+                    )
+                )
+                bar.update(sum(plan.sizes[k] for k in batch))
             for key in meta_keys:
-                sync(_copy_object(source, target, key, have, counts))
-                bar.update(sizes[key])
+                sync(_copy_object(plan.source, target, key, have, counts, plan))
+                bar.update(plan.sizes[key])
         finally:
             bar.close()
-    return counts["copied"], counts["skipped"], counts["bytes"]
+        report = _verify_copy(plan, data_keys + meta_keys, dst, progress, copying=True)
+        delete_key(target, COPY_MARKER)
+    return counts["copied"], counts["skipped"], counts["bytes"], report
 
 
 def _name_of(header: CacheHeader) -> str:
@@ -851,19 +1030,36 @@ def _name_of(header: CacheHeader) -> str:
 
 
 async def _gather(*coros: Any) -> None:
-    await asyncio.gather(*coros)  # created inside zarr's event loop (sync() runs it there)
+    """Run ``coros`` concurrently (created inside zarr's event loop: sync() runs it there).
+
+    The first failure cancels the rest and every outcome is retrieved, so a failed batch leaves
+    no task running on, and no "exception was never retrieved" warning behind.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _copy_object(
-    source: Store, target: Store, key: str, have: dict[str, int], counts: dict[str, int]
+    source: Store,
+    target: Store,
+    key: str,
+    have: dict[str, int],
+    counts: dict[str, int],
+    plan: _CopyPlan | None = None,
 ) -> None:
     """Copy one object unless the destination already holds the same bytes (how a re-run
-    resumes)."""
+    resumes); with ``plan``, only once the object passed its checks (nothing unchecked is
+    written)."""
     proto = default_buffer_prototype()
     buf = await source.get(key, prototype=proto)
     if buf is None:  # removed from the source since we listed it
         return
-    data = buf.to_bytes()
+    data = buf.to_bytes() if plan is None else plan.check(key, buf.to_bytes())
     if have.get(key) == len(data):
         theirs = await target.get(key, prototype=proto)
         if theirs is not None and theirs.to_bytes() == data:
@@ -875,7 +1071,7 @@ async def _copy_object(
 
 
 def _copy_to_zip(
-    source: Store, sizes: dict[str, int], keys: list[str], dst: CacheLocation, progress: bool
+    plan: _CopyPlan, keys: list[str], dst: CacheLocation, progress: bool
 ) -> tuple[int, int, int]:
     """Write a bundle once: into ``NAME.partial.zarr.zip``, closed, validated and verified, then
     renamed into place; a bundle that does not verify is removed, so DST never holds an unsound
@@ -884,7 +1080,7 @@ def _copy_to_zip(
     if path.exists():
         validate_zip(path)
         have = key_sizes(dst.open("r"))
-        if all(have.get(k) == sizes[k] for k in keys) and verify_cache(dst).ok:
+        if all(have.get(k) == plan.expected_size(k) for k in keys) and verify_cache(dst).ok:
             return 0, len(keys), 0  # already an identical, sound bundle
         raise CacheError(
             f"{dst} exists and is not a sound copy of the source; bundles are written "
@@ -897,7 +1093,7 @@ def _copy_to_zip(
     )  # a bundle interrupted midway is rewritten whole (a zip cannot be resumed)
     partial = CacheLocation.parse(tmp)
     try:
-        nbytes = _write_zip(source, sizes, keys, partial, progress)
+        nbytes = _write_zip(plan, keys, partial, progress)
         validate_zip(tmp)
         report = verify_cache(partial, progress=progress)
     except BaseException:
@@ -914,23 +1110,26 @@ def _copy_to_zip(
     return len(keys), 0, nbytes
 
 
-def _write_zip(
-    source: Store, sizes: dict[str, int], keys: list[str], partial: CacheLocation, progress: bool
-) -> int:
+def _write_zip(plan: _CopyPlan, keys: list[str], partial: CacheLocation, progress: bool) -> int:
     """Write ``keys`` of ``source`` into the new bundle ``partial``; returns the bytes written."""
     z = partial.create_zip()
     nbytes = 0
     bar = progress_bar(
-        total=sum(sizes[k] for k in keys), enabled=progress, unit="B", unit_scale=True, desc="pack"
+        total=sum(plan.sizes[k] for k in keys),
+        enabled=progress,
+        unit="B",
+        unit_scale=True,
+        desc="pack",
     )
     try:
         for key in keys:
-            data = get_bytes(source, key)
+            data = get_bytes(plan.source, key)
             if data is None:
                 continue
+            data = plan.check(key, data)  # nothing unchecked goes into the bundle
             put_bytes(z, key, data)
             nbytes += len(data)
-            bar.update(sizes[key])
+            bar.update(plan.sizes[key])
     finally:
         bar.close()
         z.close()
@@ -967,6 +1166,8 @@ class CacheSummary:
         return self.header is None
 
     def line(self) -> str:
+        if self.header is None and str(self.error).startswith("INCOMPLETE:"):
+            return f"{self.location}  {self.error}"  # an unfinished copy says so, not "unreadable"
         if self.header is None:
             return f"{self.location}  UNREADABLE: {self.error}"
         h = self.header

@@ -43,6 +43,7 @@ from pipeline.errors import KDError
 from pipeline.files import atomic_write, atomic_write_json
 from pipeline.metrics import percent
 from pipeline.progress import progress_bar
+from pipeline.redact import scrub_message
 
 RESULT_FIELDS = [
     "setting",
@@ -162,7 +163,7 @@ def run_setting(scfg: StudentConfig, torch_threads: int = 0) -> dict:
     with open(out / "train.log", "w") as logf:
 
         def log(line: str) -> None:
-            logf.write(line + "\n")
+            logf.write(scrub_message(line) + "\n")
             logf.flush()
 
         try:
@@ -170,7 +171,7 @@ def run_setting(scfg: StudentConfig, torch_threads: int = 0) -> dict:
             return {"status": "ok", "result": result, "seconds": time.perf_counter() - t0}
         except Exception as e:  # noqa: BLE001 - a failed setting is a result, the sweep goes on
             message = str(e) if isinstance(e, KDError) else f"{type(e).__name__}: {e}"
-            (out / "error.txt").write_text(traceback.format_exc())
+            (out / "error.txt").write_text(scrub_message(traceback.format_exc()))
             log(f"failed: {message}")
             return {"status": "failed", "error": message, "seconds": time.perf_counter() - t0}
 
