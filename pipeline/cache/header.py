@@ -174,6 +174,8 @@ def _storage_problems(i: int, storage: dict, num_classes: int) -> list[str]:
     ts = storage.get("sample_temperature")
     if len({float(t) for t in temps}) != len(temps):
         problems.append(f"member {i} storage temperatures {temps} repeat a temperature")
+    if not STORAGE_KINDS[kind].SIZED and size is not None:
+        problems.append(f"member {i} storage {kind} takes no size, found size={size!r}")
     if kind == "topk" and isinstance(size, int) and size > num_classes:
         problems.append(f"member {i} storage topk:{size} keeps more than the {num_classes} classes")
     if kind == "sampled":

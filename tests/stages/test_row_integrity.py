@@ -207,6 +207,12 @@ CASES: list[tuple[str, str, Damage, str]] = [
     ("tokens", "row-start-huge", put("row_start", 3, 10**9), "read"),
     ("tokens", "row-count-zero", put("row_count", 0, 0), "read"),
     ("tokens", "tail-above-bound", add("members/0/tail_lse", 4, 50), "read"),
+    (
+        "views",
+        "dense-storage-size",
+        header(lambda h: h["members"][0]["storage"].__setitem__("size", 7)),
+        "read",
+    ),
     ("views", "shift-2-made-1", _shift_param(2.0, 1.0), "read"),
     ("views", "shift-made-half", _shift_param(-2.0, 0.5), "read"),
     ("views", "shift-out-of-range", _shift_param(1.0, 100.0), "read"),
