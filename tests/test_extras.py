@@ -56,9 +56,17 @@ def test_a_missing_scikit_learn_names_the_specialists_extra(
 def test_an_s3_cache_without_s3fs_is_one_error_naming_the_s3_extra(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import importlib
+
     from stages.cli import main
 
     monkeypatch.setitem(sys.modules, "s3fs", None)
+    # fsspec keeps the class of a backend an earlier test imported: forget it here.
+    # (``fsspec.registry`` the attribute is a mapping view; the module holds the dict.)
+    known = importlib.import_module("fsspec.registry")._registry
+    for proto in ("s3", "s3a"):
+        if proto in known:
+            monkeypatch.delitem(known, proto)
     res = CliRunner().invoke(main, ["cache", "info", "s3://team-kd/caches/x.zarr"])
     assert res.exit_code == 2, res.output
     assert "pip install 'kd-pipeline[s3]'" in res.output and "Traceback" not in res.output

@@ -108,12 +108,11 @@ def setting_config(cfg: SweepConfig, setting: Setting) -> StudentConfig:
     )
 
 
-def source_fingerprint(cfg: SweepConfig) -> dict:
-    """What the soft targets come from: the cache's fingerprint, or the online teachers' checkpoint
-    hashes."""
-    base = cfg.base
+def source_fingerprint(base: StudentConfig) -> dict:
+    """What a run's soft targets come from: the cache's fingerprint, or the online teachers'
+    checkpoint hashes (a sweep passes its base config; ``train-student`` its own)."""
     if base.cache:
-        cache = LogitCache(cfg.cache_location, allow_partial=base.allow_partial)
+        cache = LogitCache(base.cache_location, allow_partial=base.allow_partial)
         members = base.members if base.members is not None else list(range(len(cache.members)))
         return {"cache": cache_fingerprint(cache.header, members), "rows": cache.n}
     paths = [p for t in base.online_teacher or [] for p in member_paths(t)]
@@ -252,7 +251,7 @@ def plan_text(cfg: SweepConfig) -> tuple[list[Setting], str]:
     student-epochs."""
     cfg.validate()
     settings = grid(cfg)
-    fp = source_fingerprint(cfg)
+    fp = source_fingerprint(cfg.base)
     done = [finished_result(setting_config(cfg, s), fp) is not None for s in settings]
     pending = len(settings) - sum(done)
     lines = [f"{'#':>3}  {'setting':<40} {'student':<20} {'T':>6} {'alpha':>6} {'seed':>5}  status"]
@@ -298,7 +297,7 @@ def run_sweep(
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = grid(cfg)
-    fp = source_fingerprint(cfg)
+    fp = source_fingerprint(cfg.base)
     atomic_write_json(
         out / "sweep.json",
         {"config": cfg.to_dict(), "source": fp, "settings": [s.name for s in settings]},

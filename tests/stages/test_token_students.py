@@ -183,3 +183,41 @@ def test_two_ranks_train_a_token_student_from_a_bundle_and_s3(
         assert code == 0, out
     for name, where in (("zip", str(bundle)), ("s3", url)):
         _same_run(*ddp_vs_one(lm, tmp_path / name, where))
+
+
+@pytest.mark.slow
+def test_a_token_cache_ten_times_the_budget_streams_within_it(tmp_path: Path) -> None:
+    """Peak RSS of ``train-student`` on a dense token cache whose rows are over 10x the
+    ``--memory-budget`` (streamed) against the same command on a cache of a few sequences: the
+    growth stays within the budget plus a fixed allowance (allocator arenas, torch's buffers)."""
+    from tests.stages.test_folder_memory import peak_rss
+
+    budget, allowance = 4 << 20, 300 << 20
+    corpus = make_corpus(tmp_path / "c.txt", lines=4000)
+    teacher = tmp_path / "teacher"
+    code, out = cli(
+        *("train-teacher", "--dataset", f"text:{corpus}:train:seq=16:count=64"),
+        *("--model", "gpt:layers=1,dim=16,heads=2", "--members", "1", "--epochs", "1"),
+        *("--eval", "", "--out", str(teacher), "--device", "cpu"),
+    )
+    assert code == 0, out
+    rss = {}
+    for name, count in (("small", 64), ("big", 3200)):  # 3,200 x 16 rows x 1 KiB: 50 MiB
+        spec = f"text:{corpus}:train:seq=16:count={count}"
+        cache = tmp_path / f"{name}.zarr"
+        code, out = cli(
+            *("cache-logits", "--teacher", str(teacher), "--dataset", spec, "--store", "dense"),
+            *("--rows-per-shard", "64", "--out", str(cache), "--quiet"),
+        )
+        assert code == 0, out
+        run = tmp_path / f"run-{name}"
+        rss[name] = peak_rss(
+            *("train-student", "--cache", str(cache), "--student", STUDENT, "--epochs", "1"),
+            *("--memory-budget", str(budget), "--eval", "", "--out", str(run), "--quiet"),
+            *("--device", "cpu"),
+        )
+        mode = json.loads((run / "metrics.json").read_text())["cache"]["loader"]["mode"]
+        assert mode == ("stream" if name == "big" else "memory")
+    growth = rss["big"] - rss["small"]
+    print(f"peak RSS {rss['small'] >> 20} -> {rss['big'] >> 20} MiB (budget {budget >> 20} MiB)")
+    assert growth <= budget + allowance, growth
