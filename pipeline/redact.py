@@ -22,7 +22,19 @@ import shlex
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+# A name containing any of these holds a credential: cloud keys and tokens, passwords, HTTP
+# authorisation headers (client_kwargs.headers.Authorization), Azure SAS signatures.
+SECRET_WORDS = (
+    "key",
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "credential",
+    "auth",
+    "sas",
+    "signature",
+)
 MASK = "***"
 STORAGE_FLAG = "--storage-option"
 

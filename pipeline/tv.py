@@ -33,9 +33,11 @@ OPTIONS = ("weights", "norm", "classes")
 # How to get a torchvision that loads: PyPI's default wheels are CUDA builds, which do not load
 # next to a CPU-only torch (their ops are compiled against another torch build).
 MATCHING_TORCHVISION = (
-    "install the torchvision build that matches your torch: for a CPU-only torch, pip install "
-    "torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu (0.28.0 goes with "
-    "torch 2.13), or pip uninstall torchvision if you do not need tv: models or folder images"
+    "install the torchvision build that matches your torch: the release made for your torch "
+    "version (see the table at https://github.com/pytorch/vision#installation; torch 2.13 goes "
+    "with torchvision 0.28) from the same index, for a CPU-only torch pip install "
+    "torchvision==VERSION --index-url https://download.pytorch.org/whl/cpu; or pip uninstall "
+    "torchvision if you do not need tv: models or folder images"
 )
 
 

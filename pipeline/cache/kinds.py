@@ -488,8 +488,13 @@ class Sampled(StorageKind):
         if not problems:
             # The whole row's log-sum-exp is at least any one of its logits / T.
             t = np.asarray(spec.temperatures, dtype=np.float64)
-            vmax = values.astype(np.float64).max(axis=1)[:, None]
-            slack = (np.abs(vmax) * 2.0**-10 + 1e-3) / t
+            v64 = values.astype(np.float64)
+            vmax = v64.max(axis=1)[:, None]
+            # Every stored value is rounded (float16: by up to |v| 2^-11), and at a high T the
+            # drawn classes weigh about equally: the slack follows the row's largest |value|,
+            # plus float32's rounding of the stored lse.
+            slack = (np.abs(v64).max(axis=1)[:, None] * 2.0**-10 + 1e-3) / t
+            slack = slack + np.abs(lse) * 2.0**-20
             low = np.flatnonzero((lse < vmax / t - slack).any(axis=1))
             if low.size:
                 problems.append(

@@ -211,6 +211,7 @@ def _draw_problem(
     start, stop = h.row_bounds(shard)
     draws = cache.__dict__.setdefault("_replay_draws", {})
     if (member, shard) not in draws:
+        draws.clear()  # rows come in order: one shard's uniforms at a time bound the memory
         rng = np.random.default_rng([h.seed or 0, member, shard])
         draws[(member, shard)] = rng.random((stop - start, idx.size))
     u = np.sort(draws[(member, shard)][row - start])

@@ -114,7 +114,10 @@ def source_fingerprint(base: StudentConfig) -> dict:
     if base.cache:
         cache = LogitCache(base.cache_location, allow_partial=base.allow_partial)
         members = base.members if base.members is not None else list(range(len(cache.members)))
-        return {"cache": cache_fingerprint(cache.header, members), "rows": cache.n}
+        # The finished shards too: a run on a partial cache is not the run on more of it.
+        shards = len(cache.done_shards(members))
+        fingerprint = cache_fingerprint(cache.header, members)
+        return {"cache": fingerprint, "rows": cache.n, "shards": shards}
     paths = [p for t in base.online_teacher or [] for p in member_paths(t)]
     return {"online_teacher": [file_sha256(p) for p in paths]}
 
@@ -134,7 +137,10 @@ def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
     if not same_run_config(previous.get("config") or {}, scfg.to_dict()):
         return None
     if "cache" in fingerprint:
-        ok = previous.get("cache", {}).get("fingerprint") == fingerprint["cache"]
+        before = previous.get("cache", {})
+        ok = before.get("fingerprint") == fingerprint["cache"] and before.get(
+            "shards_used", fingerprint["shards"]
+        ) == fingerprint["shards"]
     else:
         ok = previous.get("online_teacher", {}).get("checkpoints") == fingerprint["online_teacher"]
     return previous if ok else None

@@ -73,7 +73,6 @@ from pipeline.training.loop import BestEpoch, InMemorySource, fit
 from pipeline.training.losses import combine_members, make_loss
 from pipeline.training.sequence import (
     SequenceTask,
-    cached_teacher,
     check_same_tokenizer,
     is_token_cache,
     online_token_teacher,
@@ -223,7 +222,7 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks =
     # Options added to StudentConfig since that run take their defaults: still the same config.
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
     now = json.loads(json.dumps(run_config(cfg, ranks)))
-    diffs = _differences({**defaults, **recorded}, now)
+    diffs = _differences(with_defaults(defaults, recorded), now)
     # Only where the cache was read from differs (a bucket, then its bundle): the same run when
     # it is the same cache.
     if (
@@ -252,11 +251,24 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks =
 ACCESS_FIELDS = ("cache", "storage_options")
 
 
+def with_defaults(defaults: dict, recorded: dict) -> dict:
+    """A recorded config completed with today's defaults, nested configs too: options added
+    since the run was made (``train.grad_accum``, ...) take the value the run had in effect."""
+    out = dict(defaults)
+    for k, v in recorded.items():
+        d = defaults.get(k)
+        nested = isinstance(d, dict) and isinstance(v, dict) and k != "class_bias"
+        out[k] = with_defaults(d, v) if nested else v
+    return out
+
+
 def same_run_config(recorded: dict, now: dict) -> bool:
     """Whether two recorded run configs (``config.json``) describe the same run, apart from where
     the cache was read from (the callers compare the caches' fingerprints)."""
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
-    before = {k: v for k, v in {**defaults, **recorded}.items() if k not in ACCESS_FIELDS}
+    before = {
+        k: v for k, v in with_defaults(defaults, recorded).items() if k not in ACCESS_FIELDS
+    }
     after = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in ACCESS_FIELDS}
     return before == after
 
@@ -323,6 +335,10 @@ def _cache_targets(
 ) -> SoftTargets:
     """Open the cache, check members, dataset and labels, and plan the loader (memory or stream)."""
     cache = LogitCache(cfg.cache_location, allow_partial=cfg.allow_partial)
+    tokens = is_token_cache(cache)
+    refused = (SEQUENCE if tokens else CLASSIFICATION).refused(cfg)
+    if refused:  # before the transfer set and the rows are loaded
+        raise ConfigError(refused)
     members = cfg.members if cfg.members is not None else list(range(len(cache.members)))
     bad = [m for m in members if m >= len(cache.members)]
     if bad:
@@ -331,7 +347,7 @@ def _cache_targets(
         )
     check_member_kinds(cache, members, cfg.ensemble, cfg.loss)
     # --dataset: this machine's copy of the cache's transfer set (checked by fingerprint).
-    if cfg.dataset and is_token_cache(cache):  # say that the tokenizer differs, not only that
+    if cfg.dataset and tokens:  # say that the tokenizer differs, not only that
         want = dict(cache.dataset.extra.get("tokenizer") or {})  # the fingerprint does
         check_same_tokenizer(
             want, load_dataset(cfg.dataset, cfg.data_dir), "--dataset", f"the cache {cfg.cache} was"
@@ -357,7 +373,6 @@ def _cache_targets(
             f"members {members}); wait for cache-logits to finish some, or run it "
             f"(`kd-pipeline cache-logits ... --out {cache.location}` resumes)"
         )
-    tokens = is_token_cache(cache)
     views = view_use(cfg, cache)
     common = {
         "members": members,
@@ -421,7 +436,6 @@ def _cache_targets(
         describe=f"{plan.mode} loader" + (f", views {views.mode}" if views.mode != "none" else ""),
         augment=live_transform(cfg.augment, cfg.train.seed) if cfg.augment and not tokens else None,
         task=SEQUENCE if tokens else CLASSIFICATION,
-        teacher=cached_teacher(cache, members, device, cfg.trust_code) if tokens else None,
     )
 
 

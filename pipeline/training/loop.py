@@ -76,8 +76,8 @@ class TrainConfig:
     max_steps: int | None = option(
         None,
         metavar="N",
-        help="Stop after N optimiser steps (the schedule spans them), even mid-epoch "
-        "[default: --epochs decides].",
+        help="Train for N optimiser steps instead of --epochs (as many epochs as they take, the "
+        "last one stopped mid-way; the schedule spans exactly them) [default: --epochs decides].",
     )
     precision: str = option(
         "fp32",
@@ -529,15 +529,21 @@ def fit(
         )
     opt = make_optimizer(model, cfg)
     per_epoch = max(1, math.ceil(len(source) / cfg.grad_accum))
-    total_steps = cfg.epochs * per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    epochs = cfg.epochs
+    total_steps = epochs * per_epoch
+    if cfg.max_steps is not None:  # a step budget replaces the epochs: as many as it takes
+        total_steps = cfg.max_steps
+        epochs = math.ceil(total_steps / per_epoch)
     sched = make_schedule(opt, cfg, total_steps)
     hooks: list[Callback] = []
     if evaluate is not None:
         steps_csv = None
         if history_csv is not None and cfg.eval_every:
-            steps_csv = Path(history_csv).with_name("steps.csv")  # beside the epoch history
+            # beside the epoch history, named like it (a teacher's members each have their own)
+            name = Path(history_csv).name
+            steps_csv = Path(history_csv).with_name(
+                name.replace("history", "steps") if "history" in name else f"steps-{name}"
+            )
         hooks.append(Evaluation(evaluate, cfg.eval_every, log, steps_csv))
     if keep_best is not None:
         hooks.append(KeepBest(keep_best))
@@ -546,9 +552,9 @@ def fit(
         hooks.append(HistoryFile(history_csv))
     if log is not None:
         hooks.append(EpochLog(log))
-    state = FitState(model, cfg, desc, cfg.epochs, total_steps)
+    state = FitState(model, cfg, desc, epochs, total_steps)
     step = _Stepper(net, model, opt, sched, cfg, device, ranks)
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         state.epoch = epoch + 1
         model.train()
         t0 = time.perf_counter()
@@ -556,14 +562,14 @@ def fit(
             source.epoch(epoch),
             total=len(source),
             enabled=progress,
-            desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"{desc} epoch {epoch + 1}/{epochs}",
             leave=False,
             unit="batch",
         )
         sums = _Sums(device)
         # Redirected into a log, a long epoch says how far it is every LINE_SECONDS instead.
         lines = progress_lines(
-            len(source), f"{desc} epoch {epoch + 1}/{cfg.epochs}", log, enabled=progress, bar=bar
+            len(source), f"{desc} epoch {epoch + 1}/{epochs}", log, enabled=progress, bar=bar
         )
         batches = iter(bar)
         n = len(source)
@@ -579,9 +585,12 @@ def fit(
                 with torch.inference_mode():
                     tb = teacher_fn(xb)
                 tb = tb.clone()  # leave inference mode: autograd may touch it in the loss
-            # The last batches of an epoch may be fewer than grad_accum: they still make a step.
-            last = (i + 1) % cfg.grad_accum == 0 or i + 1 == n
-            logits, parts = step.forward_backward(xb, tb, yb, loss_fn, last)
+            # The last batches of an epoch may be fewer than grad_accum: they still make a step,
+            # each weighted by the group it is in (a mean over the group's batches).
+            first = i - i % cfg.grad_accum
+            group = min(cfg.grad_accum, n - first)
+            last = i + 1 == first + group
+            logits, parts = step.forward_backward(xb, tb, yb, loss_fn, last, group)
             sums.add(parts, logits, yb, xb.shape[0])
             if lines is not None:
                 lines.update(xb.shape[0])
@@ -644,6 +653,7 @@ class _Stepper:
         yb: torch.Tensor | None,
         loss_fn: Callable,
         last: bool,
+        group: int = 1,
     ) -> tuple[torch.Tensor, dict]:
         sync = contextlib.nullcontext()
         if self.ranks.distributed and not last:
@@ -653,7 +663,7 @@ class _Stepper:
                 logits = self.net(xb)
             # The loss in float32 whatever the forward's precision (log-softmax at T, KL sums).
             parts = loss_fn(logits.float(), tb, yb)
-            loss = parts["loss"] / self.cfg.grad_accum
+            loss = parts["loss"] / group
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return logits, parts
 

@@ -411,7 +411,7 @@ def cached_teacher(
     m = cache.members[members[0]]
     try:
         (lm,) = load_models([m.path], device, trust)  # type: ignore[list-item]
-    except (KDError, OSError, ValueError):
+    except (KDError, OSError, ValueError, RuntimeError):  # RuntimeError: out of device memory
         return None
     return lm.model if lm.sha256 == m.checkpoint_sha256 else None
 
@@ -454,8 +454,8 @@ class SequenceTask:
         ]
         if cfg.views_per_epoch != default.views_per_epoch:
             out.append(
-                "--views-per-epoch is for view caches of images; token caches have one row per "
-                "position"
+                f"--views-per-epoch {cfg.views_per_epoch} is for view caches of images; token "
+                "caches have one row per position"
             )
         return out
 
@@ -536,7 +536,11 @@ class SequenceTask:
         """The test set's next-token metrics, with the teacher's agreement when it is at hand."""
         if test is None:
             return {}
-        met = sequence_metrics(student, test, device, targets.teacher)  # type: ignore[arg-type]
+        teacher = targets.teacher
+        if teacher is None and targets.cache is not None:
+            # The cache's teacher, for agreement: loaded only here, on the rank that measures.
+            teacher = cached_teacher(targets.cache, targets.members, device, cfg.trust_code)
+        met = sequence_metrics(student, test, device, teacher)  # type: ignore[arg-type]
         return {"test": {"dataset": test.spec, **met}}
 
     def describe_result(self, t: dict, test: Dataset) -> str:

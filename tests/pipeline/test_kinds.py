@@ -206,3 +206,33 @@ def test_fidelity_is_zero_for_lossless_storage_and_the_exact_kl_for_topk() -> No
     spec, a = encode("sampled:8", v)
     fid = summarise_fidelity(spec, measure_fidelity(spec, v, a, np.random.default_rng(0))[None])
     assert fid["kl_mean"] == [None] * 5 and 0 < fid["kept_mass_mean"][0] < 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("ts", [1.0, 20.0])
+def test_what_the_writer_stores_passes_every_read_time_check(dtype: str, ts: float) -> None:
+    """No false refusal: rows of many scales and offsets, extreme recorded temperatures, draws
+    that cover almost all the mass (each stored value rounded, all weighing alike at T = 20)."""
+    rng = np.random.default_rng(0)
+    for c, scale, offset in ((3, 0.01, 0.0), (10, 1.0, -50.0), (10, 10.0, 40.0), (300, 3.0, 0.0)):
+        logits = (rng.normal(0, scale, (64, c)) + offset).astype(np.float32)
+        logits[0] = np.log(np.array([0.95] + [0.05 / (c - 1)] * (c - 1)))
+        for temps in ((1.0, 2.0, 4.0, 8.0, 20.0), (0.01, 1.0, 1000.0)):
+            for text in ("sampled:256", "sampled:4", f"topk:{min(4, c)}", f"topk:{c}"):
+                spec = StorageSpec.parse(text, c, temps, ts)
+                arrays = spec.impl.encode(spec, logits, dtype, np.random.default_rng(1))
+                assert spec.impl.check(spec, arrays, c) == [], (c, scale, offset, temps, text)
+
+
+def test_edited_log_sum_exps_break_the_curve_checks() -> None:
+    """A sampled row's lse at an interior temperature raised, or the columns reordered: the
+    recorded values are no longer one convex curve in 1/T."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 3, (32, 20)).astype(np.float32)
+    spec = StorageSpec.parse("sampled:8", 20)
+    arrays = spec.impl.encode(spec, logits, "float16", np.random.default_rng(0))
+    raised = {**arrays, "lse": arrays["lse"].copy()}
+    raised["lse"][:, 2] += 3.0  # T = 4
+    assert any("not convex in 1/T" in p for p in spec.impl.check(spec, raised, 20))
+    flipped = {**arrays, "lse": arrays["lse"][:, ::-1].copy()}
+    assert spec.impl.check(spec, flipped, 20)

@@ -134,3 +134,29 @@ def test_sparse_targets_index_concatenate_and_move_like_a_tensor() -> None:
     assert tg.to("cpu").index.device.type == "cpu"
     dense_top = combine_members(torch.from_numpy(v), "mean-probs", 2.0).argmax(1)
     assert torch.equal(targets(v, f"topk:{C}", "mean-probs", 2.0).top_class(), dense_top)
+
+
+def test_the_negative_kl_stop_needs_an_exact_temperature_and_enough_rows() -> None:
+    """At a recorded T the estimate is unbiased, so a batch mean far below 0 is damage; at an
+    interpolated T (the lse is overestimated, biasing it negative) or on a handful of rows it
+    says nothing, and training goes on."""
+    from pipeline.errors import CacheError
+
+    rng = np.random.default_rng(0)
+    c = 50
+    logits = rng.normal(0, 2, (256, c)).astype(np.float32)
+    logits[:, 0] += 10.0  # a peaked teacher: interpolation in 1/T is far off
+    spec = StorageSpec.parse("sampled:16", c)
+    arrays = spec.impl.encode(spec, logits, "float32", np.random.default_rng(1))
+    student = torch.from_numpy(logits)  # a student equal to the teacher: KL = 0
+    ok = sparse_rows([spec], [arrays], c, "mean-probs", 1.0)
+    assert ok.exact and float(sparse_kl(student, ok, 1.0).mean()) == pytest.approx(0.0, abs=0.05)
+    shifted = {**arrays, "lse": arrays["lse"].copy()}
+    shifted["lse"][:, 0] += 3.0  # T = 1, the sampling temperature
+    bad = sparse_rows([spec], [shifted], c, "mean-probs", 1.0)
+    with pytest.raises(CacheError, match="KL estimate over a batch of 256 rows is -3"):
+        sparse_kl(student, bad, 1.0)
+    sparse_kl(student[:16], bad[:16], 1.0)  # too few rows for a verdict
+    between = sparse_rows([spec], [arrays], c, "mean-probs", 3.0)
+    assert not between.exact
+    sparse_kl(student, between, 3.0)  # interpolated: biased, never refused

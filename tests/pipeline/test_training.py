@@ -421,6 +421,34 @@ def test_max_steps_stops_mid_epoch_and_the_schedule_spans_them(task: tuple) -> N
     assert probe.steps == list(range(1, 18))
     assert [r["epoch"] for r in history] == [1, 2] and history[-1]["steps"] == 17
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end
+    # a step budget replaces --epochs: as many epochs as it takes
+    _, history, probe = _train(task, 32, epochs=1, max_steps=30)
+    assert probe.steps[-1] == 30 and [r["epoch"] for r in history] == [1, 2, 3]
+
+
+def test_a_short_last_accumulation_group_is_a_mean_over_its_own_batches(task: tuple) -> None:
+    """384 rows in batches of 64 = 6 batches; accumulating 4 makes groups of 4 and 2: the second
+    step is the mean over its 2 batches, i.e. one batch of 128, as training with 256 then 128
+    rows per step would give (SGD: any weighting error would show in the weights)."""
+    sgd = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "lr_schedule": "constant"}
+    acc, _, probe = _train(task, 64, epochs=1, grad_accum=4, **sgd)
+    assert probe.steps == [1, 2]
+    x, y, *_ = task
+    torch.manual_seed(0)
+    ref = build_model("mlp:32", (1, 8, 8), 5, input_stats=(0.0, 1.0))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    order = torch.from_numpy(np.random.default_rng([0, 0]).permutation(384))
+    for lo, hi in ((0, 256), (256, 384)):
+        idx = order[lo:hi]
+        loss = DistillationLoss(1.0, 0.0)(
+            ref(torch.as_tensor(x[:384])[idx]), None, torch.as_tensor(y[:384])[idx]
+        )["loss"]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 5.0)
+        opt.step()
+    for a, b in zip(ref.state_dict().values(), acc.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast_trains_on_the_cpu_and_fp16_is_refused_there(task: tuple) -> None:

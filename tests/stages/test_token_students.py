@@ -108,7 +108,7 @@ def test_val_chooses_the_epoch_by_validation_perplexity(lm: dict, tmp_path: Path
     [
         (["--class-bias", "3=1.0"], "--class-bias is not supported for token sequences"),
         (["--augment", "shift:1"], "--augment is not supported for token sequences"),
-        (["--views-per-epoch", "2"], "--views-per-epoch 2: "),
+        (["--views-per-epoch", "2"], "--views-per-epoch 2 is for view caches of images"),
     ],
 )
 def test_options_sequences_cannot_honour_are_refused(
