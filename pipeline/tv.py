@@ -32,13 +32,24 @@ OPTIONS = ("weights", "norm", "classes")
 
 # How to get a torchvision that loads: PyPI's default wheels are CUDA builds, which do not load
 # next to a CPU-only torch (their ops are compiled against another torch build).
-MATCHING_TORCHVISION = (
-    "install the torchvision build that matches your torch: the release made for your torch "
-    "version (see the table at https://github.com/pytorch/vision#installation; torch 2.13 goes "
-    "with torchvision 0.28) from the same index, for a CPU-only torch pip install "
-    "torchvision==VERSION --index-url https://download.pytorch.org/whl/cpu; or pip uninstall "
-    "torchvision if you do not need tv: models or folder images"
-)
+def matching_torchvision(torch_version: str | None = None) -> str:
+    """How to install the torchvision release made for this torch (torchvision 0.(m + 15) goes
+    with torch 2.m: 0.28 with 2.13, 0.29 with 2.14), from the index of this torch's build."""
+    v = (torch_version or torch.__version__).split("+")
+    major, minor = (int(p) for p in v[0].split(".")[:2])
+    local = v[1] if len(v) > 1 else ""
+    pin = f"torchvision==0.{minor + 15}.*" if major == 2 else "torchvision"
+    index = (
+        f" --index-url https://download.pytorch.org/whl/{local}"
+        if local.startswith(("cpu", "cu", "rocm"))
+        else ""
+    )
+    return (
+        f"install the torchvision release that matches your torch: pip install '{pin}'{index}, "
+        "or pip uninstall torchvision if you do not need tv: models or folder images"
+    )
+
+
 
 
 def torchvision_problem() -> str | None:
@@ -60,7 +71,7 @@ def torchvision_problem() -> str | None:
             have = "?"
         return (
             f"the installed torchvision {have} does not load with torch {torch.__version__} "
-            f"({type(e).__name__}: {str(e)[:120]}); {MATCHING_TORCHVISION}"
+            f"({type(e).__name__}: {str(e)[:120]}); {matching_torchvision()}"
         )
     return None
 
@@ -76,7 +87,7 @@ def _torchvision():
     except Exception as e:  # noqa: BLE001 - a build for another torch fails while loading its ops
         raise ModelSpecError(
             f"tv: models need torchvision, but the installed one does not load with torch "
-            f"{torch.__version__} ({type(e).__name__}: {str(e)[:120]}): {MATCHING_TORCHVISION}"
+            f"{torch.__version__} ({type(e).__name__}: {str(e)[:120]}): {matching_torchvision()}"
         ) from None
     return torchvision
 

@@ -32,7 +32,7 @@ def test_the_mismatch_is_named_with_the_cpu_index(broken_torchvision: None) -> N
     assert problem is not None
     assert f"does not load with torch {torch.__version__}" in problem
     assert "(RuntimeError: operator torchvision::nms does not exist)" in problem
-    assert "pip install torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu" in (
+    assert "pip install 'torchvision==0.28.*' --index-url https://download.pytorch.org/whl/cpu" in (
         problem
     )
 
@@ -73,3 +73,15 @@ def test_an_hf_model_that_fails_to_load_names_torchvision(
     assert msg.startswith(f"hf:{lm}: cannot load it (ModuleNotFoundError: Could not import")
     assert "the likely cause: the installed torchvision" in msg
     assert "--index-url https://download.pytorch.org/whl/cpu" in msg
+
+
+def test_the_matching_torchvision_follows_the_torch_version() -> None:
+    from pipeline.tv import matching_torchvision
+
+    assert "pip install 'torchvision==0.28.*' --index-url https://download.pytorch.org/whl/cpu" in (
+        matching_torchvision("2.13.0+cpu")
+    )
+    assert "'torchvision==0.29.*' --index-url https://download.pytorch.org/whl/cu128" in (
+        matching_torchvision("2.14.1+cu128")
+    )
+    assert "pip install 'torchvision==0.24.*'," in matching_torchvision("2.9.1")
