@@ -138,9 +138,10 @@ def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
         return None
     if "cache" in fingerprint:
         before = previous.get("cache", {})
-        ok = before.get("fingerprint") == fingerprint["cache"] and before.get(
-            "shards_used", fingerprint["shards"]
-        ) == fingerprint["shards"]
+        shards = fingerprint.get("shards")  # finished shards now, when the caller counted them
+        ok = before.get("fingerprint") == fingerprint["cache"] and (
+            shards is None or before.get("shards_used", shards) == shards
+        )
     else:
         ok = previous.get("online_teacher", {}).get("checkpoints") == fingerprint["online_teacher"]
     return previous if ok else None
