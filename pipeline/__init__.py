@@ -6,6 +6,7 @@ nothing here imports ``stages``):
 - ``errors``: the one exception type users see (``KDError``) and its kinds, and ``explain``,
   the one translation of storage and OS failures into them.
 - ``files``: atomic writes (temp file, fsync, rename) and ``slug``, the spec -> name rule.
+- ``redact``: the one redaction rule: credentials are never recorded or printed.
 - ``progress``: ``progress_bar``, drawn only on a terminal (never into log files, never empty).
 - ``checks``: the field checks every config and loss shares (``positive``, ``in_range``, ...).
 - ``options``: how a config field declares its command-line option (``option(...)``), and the
@@ -27,7 +28,8 @@ nothing here imports ``stages``):
 - ``training/``: ``losses`` (the paper's losses and ensemble means: registries), ``loop`` (the
   one training loop, ``TrainConfig``), ``loader`` (streaming cached soft targets), ``teacher``
   (teacher ensembles), ``distill`` (stage two, a recipe: soft-target source, student, fit,
-  finish).
+  finish, over a task: classification here, tokens in ``sequence``), ``sequence`` (what token
+  students and teachers differ in), ``targets`` (sparse soft targets), ``views`` (view caches).
 - ``config``: the configs of every step, each option declared once on its field.
 - ``evaluation``: test metrics of a checkpoint or an ensemble.
 - ``experiments/``: ``sweep`` (grids as dask tasks), ``specialists/`` (clustering, one
