@@ -736,8 +736,20 @@ class CacheLock:
                     f"for it to finish, or remove {self.path} if that process is gone"
                 ) from None
             self.held = True
+            self._remove_stale_temps(me["pid"])
             return self
         raise CacheError(f"{self.path}: could not take the writer lock")
+
+    def _remove_stale_temps(self, mine: int) -> None:
+        """Delete lock temp files of writers killed between writing and unlinking them (a kill
+        can land there; the lock itself is then taken over, its temp file would stay forever)."""
+        for tmp in self.path.parent.glob(f"{self.NAME}.*.tmp"):
+            try:
+                pid = int(tmp.name[len(self.NAME) + 1 : -len(".tmp")])
+            except ValueError:
+                continue
+            if pid != mine and not _pid_alive(pid):
+                tmp.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:

@@ -795,6 +795,25 @@ def test_live_lock_is_refused_dead_lock_is_taken_over(
     assert not lock.exists()
 
 
+def test_a_killed_writers_lock_temp_file_is_removed_by_the_next_writer(tmp_path: Path) -> None:
+    """A SIGKILL between writing the lock's temp file and unlinking it leaves the temp file; the
+    next writer removes it (a live writer's is kept)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{CacheLock.NAME}.{dead.pid}.tmp"
+    stale.write_text("{}")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f"{CacheLock.NAME}.{sleeper.pid}.tmp"
+        live.write_text("{}")
+        lock = CacheLock(tmp_path).acquire()
+        assert not stale.exists() and live.exists()
+        lock.release()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_lock_of_another_host_is_not_taken_over(tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
