@@ -55,7 +55,13 @@ def main() -> None:
     npz:FILE:train, with modifiers exclude=3 | keep=0,1 | fraction=0.03 | count=1000 | seed=N.
 
     Outputs without --out go under data/ in the current directory (or $KD_OUTPUT_DIR).
+
+    Freed memory is kept for reuse rather than returned to the kernel after every batch (glibc;
+    KD_MALLOC=default keeps the C library's own settings).
     """
+    from pipeline.allocator import keep_freed_memory
+
+    keep_freed_memory()
 
 
 @main.command("train-teacher")
