@@ -6,39 +6,31 @@ from pathlib import Path
 
 from pipeline.metrics import percent
 
+# evaluate's columns: (header, width, the cell of one member's metrics).
+_CLASSIFIER_COLUMNS = (
+    ("errors", 7, lambda m: str(m["errors"])),
+    ("accuracy", 9, lambda m: percent(m["accuracy"])),
+    ("NLL", 7, lambda m: f"{m['nll']:.4f}"),
+    ("ECE", 7, lambda m: f"{m['ece']:.4f}"),
+)
+_SEQUENCE_COLUMNS = (  # language models: next-token perplexity, bits per byte, token accuracy
+    ("perplexity", 10, lambda m: f"{m['perplexity']:.3f}"),
+    ("bits/byte", 9, lambda m: f"{m['bits_per_byte']:.4f}"),
+    ("accuracy", 9, lambda m: percent(m["accuracy"])),
+    ("tokens", 8, lambda m: str(m["tokens"])),
+)
+
 
 def evaluation_table(res: dict) -> str:
     """``evaluate``'s result as one line per member (and the ensemble when there are several)."""
-    if res.get("sequence"):
-        return _sequence_evaluation_table(res)
-    lines = [
-        f"{'model':<28} {'errors':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7}   on {res['dataset']}"
-    ]
+    columns = _SEQUENCE_COLUMNS if res.get("sequence") else _CLASSIFIER_COLUMNS
+    head = " ".join(f"{h:>{w}}" for h, w, _ in columns)
+    lines = [f"{'model':<28} {head}   on {res['dataset']}"]
     rows = [(Path(p).name, m) for p, m in zip(res["paths"], res["members"], strict=True)]
     if len(rows) > 1:
         rows.append((f"ensemble ({res['method']})", res["ensemble"]))
     for name, m in rows:
-        lines.append(
-            f"{name:<28} {m['errors']:>7} {percent(m['accuracy']):>9} {m['nll']:>7.4f} "
-            f"{m['ece']:>7.4f}"
-        )
-    return "\n".join(lines)
-
-
-def _sequence_evaluation_table(res: dict) -> str:
-    """``evaluate`` of language models: next-token perplexity, bits per byte, token accuracy."""
-    lines = [
-        f"{'model':<28} {'perplexity':>10} {'bits/byte':>9} {'accuracy':>9} {'tokens':>8}"
-        f"   on {res['dataset']}"
-    ]
-    rows = [(Path(p).name, m) for p, m in zip(res["paths"], res["members"], strict=True)]
-    if len(rows) > 1:
-        rows.append((f"ensemble ({res['method']})", res["ensemble"]))
-    for name, m in rows:
-        lines.append(
-            f"{name:<28} {m['perplexity']:>10.3f} {m['bits_per_byte']:>9.4f} "
-            f"{percent(m['accuracy']):>9} {m['tokens']:>8}"
-        )
+        lines.append(f"{name:<28} " + " ".join(f"{cell(m):>{w}}" for _, w, cell in columns))
     return "\n".join(lines)
 
 

@@ -67,6 +67,7 @@ from pipeline.training.loader import (
     StreamingCacheSource,
     cache_source,
     check_member_kinds,
+    finished_shards,
     shard_targets,
 )
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
@@ -366,13 +367,7 @@ def _cache_targets(
     # The run's one snapshot of the finished shards: the loader serves these and the record counts
     # them, however many a writer finishes meanwhile. Each shard read is checked against the
     # dataset's labels (the cache's labels could have been rewritten to other valid classes).
-    shards = cache.done_shards(members)
-    if not len(shards):
-        raise CacheError(
-            f"{cache.location}: no finished shards yet (0/{cache.n_shards} done for "
-            f"members {members}); wait for cache-logits to finish some, or run it "
-            f"(`kd-pipeline cache-logits ... --out {cache.location}` resumes)"
-        )
+    shards = finished_shards(cache, members)  # every source: image, view or token rows
     views = view_use(cfg, cache)
     common = {
         "members": members,

@@ -458,6 +458,24 @@ def _take(targets: torch.Tensor | SparseTargets, idx: np.ndarray) -> torch.Tenso
     return torch.index_select(targets, 0, torch.from_numpy(idx))
 
 
+def finished_shards(
+    cache: LogitCache, members: list[int], shards: np.ndarray | None = None
+) -> np.ndarray:
+    """The shards a run serves (``shards``, else every chosen member's finished ones).
+
+    Raises:
+        CacheError: none is finished: training on 0 rows would still write a student.
+    """
+    shards = cache.done_shards(members) if shards is None else np.asarray(shards, dtype=np.int64)
+    if not len(shards):
+        raise CacheError(
+            f"{cache.location}: no finished shards yet (0/{cache.n_shards} done for "
+            f"members {members}); wait for cache-logits to finish some, or run it "
+            f"(`kd-pipeline cache-logits ... --out {cache.location}` resumes)"
+        )
+    return shards
+
+
 def cache_source(
     cache: LogitCache,
     x: np.ndarray,
@@ -483,13 +501,7 @@ def cache_source(
         CacheError: no shard is finished (training on 0 rows would still write a student), or what
             the reader refuses in a shard (in memory mode here, while streaming during the epoch).
     """
-    shards = cache.done_shards(members) if shards is None else np.asarray(shards, dtype=np.int64)
-    if not len(shards):
-        raise CacheError(
-            f"{cache.location}: no finished shards yet (0/{cache.n_shards} done for "
-            f"members {members}); wait for cache-logits to finish some, or run it "
-            f"(`kd-pipeline cache-logits ... --out {cache.location}` resumes)"
-        )
+    shards = finished_shards(cache, members, shards)
     plan = plan_loader(cache, x, members, shards, budget)
     if plan.mode == "stream":
         return StreamingCacheSource(
