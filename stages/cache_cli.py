@@ -29,7 +29,7 @@ def cache_group() -> None:
 def cache_info(cfg: CacheToolConfig, display: Display) -> None:
     """Describe CACHE: rows, classes, members, dtype, codecs, shards done, size, dataset,
     completeness."""
-    from pipeline.cache.format import LogitCache
+    from pipeline.cache.read import LogitCache
 
     # Redacted as every record is: a header written before redaction may hold credentials.
     info = redact_record(LogitCache(cfg.location(), allow_partial=True).info().to_dict())
@@ -54,7 +54,7 @@ def cache_verify(cfg: CacheToolConfig, display: Display) -> None:
     """Read every chunk of CACHE (checksums) and check it against the format: exit 1 naming each
     problem. With --replay N --teacher PATH, also re-run the teacher on N stored views rebuilt
     from their parameters."""
-    from pipeline.cache.sharing import verify_cache
+    from pipeline.cache.verify import verify_cache
 
     cfg.validate()
     report = verify_cache(
@@ -81,7 +81,7 @@ def cache_verify(cfg: CacheToolConfig, display: Display) -> None:
 @configured(Only(CacheToolConfig, "cache", "out", "storage_options"), Only(Display, "quiet"))
 def cache_pack(cfg: CacheToolConfig, display: Display) -> None:
     """Bundle CACHE into the single file OUT (NAME.zarr.zip), written once, then verified."""
-    from pipeline.cache.sharing import pack_cache
+    from pipeline.cache.copying import pack_cache
 
     res = pack_cache(cfg.location(), cfg.out, progress=not display.quiet, log=click.echo)
     click.echo(res.message)
@@ -92,7 +92,7 @@ def cache_pack(cfg: CacheToolConfig, display: Display) -> None:
 def cache_copy(cfg: CacheToolConfig, display: Display) -> None:
     """Copy CACHE to OUT (directory, NAME.zarr.zip or s3://), verify the copy; a re-run resumes an
     interrupted one."""
-    from pipeline.cache.sharing import copy_cache
+    from pipeline.cache.copying import copy_cache
 
     res = copy_cache(
         cfg.location(), cfg.location("out"), progress=not display.quiet, log=click.echo
@@ -104,7 +104,7 @@ def cache_copy(cfg: CacheToolConfig, display: Display) -> None:
 @configured(Only(CacheToolConfig, "prefix", "storage_options"))
 def cache_ls(cfg: CacheToolConfig) -> None:
     """List the caches under PREFIX (a directory or s3://bucket/prefix), one summary line each."""
-    from pipeline.cache.sharing import list_caches
+    from pipeline.cache.listing import list_caches
 
     found = list_caches(cfg.location("prefix"))
     for s in found:

@@ -59,7 +59,7 @@ CLASSES_SHOWN = 10
 def format_cache_info(i: dict) -> str:
     """``cache info``'s text form: samples, rows per sample (views, token positions), classes
     summarised, members with their accuracy as a percentage."""
-    from pipeline.cache.format import describe_rows  # zarr: only for the commands that need it
+    from pipeline.cache.info import describe_rows  # zarr: only for the commands that need it
 
     ratio = i["size_on_disk"] / i["raw_float32_size"] if i["raw_float32_size"] else float("nan")
     views, positions = i.get("views") or 1, i.get("positions") or 1

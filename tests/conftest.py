@@ -151,7 +151,8 @@ def logits_cache(tmp_path: Path):
     """
     import numpy as np
 
-    from pipeline.cache.format import create_cache, mark_complete, write_shard
+    from pipeline.cache.create import create_cache
+    from pipeline.cache.write import mark_complete, write_shard
     from pipeline.datasets import load_dataset
 
     count = [0]

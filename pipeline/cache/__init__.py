@@ -1,20 +1,32 @@
-"""The logit cache: its Zarr format, where it lives, how it is written, verified and shared.
+"""The logit cache: its Zarr format, where it lives, how it is written, read, verified and shared.
+
+The format (version 2; version 1 still reads) is specified in docs/cache-format.md.
 
 - ``location``: where a cache lives (a directory, a ``.zarr.zip`` bundle or ``s3://``), resolved
   once into a :class:`CacheLocation` that opens its stores, says if it exists and locks it.
-- ``header``: the header of format version 1 as a frozen, typed :class:`CacheHeader`.
+- ``header``: the header of format versions 1 and 2 as a frozen, typed :class:`CacheHeader`.
 - ``guard``: what a cache's stored bytes may be (sizes, nesting, codecs, zstd frame sizes) before
   zarr parses or decompresses them; every read-only store is a ``GuardedStore``.
-- ``format``: the layout of format version 1, and ``LogitCache``, the reader (no torch needed).
-- ``writer``: stage one, teachers run once over a transfer set into a cache (planned: create,
-  resume, add members; then executed).
-- ``sharing``: verify, pack, copy and list caches.
+- ``layout``: the markers, codecs and shard bounds of the format; ``kinds``: how a member's rows
+  are stored (dense, top-k, sampled); ``rows``: the row index and views' parameters re-derived
+  from the header.
+- ``create`` (the schema), ``write`` (shards, then their done flags; completion): the writing
+  primitives. ``writer``: stage one, teachers run once over a transfer set into a cache (planned:
+  create, resume, add members; then executed).
+- ``read``: ``LogitCache``, the reader (no torch needed), with ``read_checks`` (what it checks on
+  what it serves), ``lookup`` (whether a location holds a cache, and its header) and ``info``
+  (what ``cache info`` shows).
+- ``verify`` and ``verify_chunks``: ``cache verify``; ``copying`` (with ``copy_plan`` and
+  ``bundle``): ``cache copy`` and ``cache pack``; ``listing``: ``cache ls``; ``objects``: which
+  stored objects are a cache's own; ``reports``: what verify and copy report.
+- ``replay``: re-running a teacher on stored views (``cache verify --replay``).
 - ``transfer``: the transfer set behind a cache: the spec it records, or this machine's copy
   (``--dataset``).
 """
 
-from pipeline.cache.format import LogitCache, cache_fingerprint, read_header
 from pipeline.cache.header import CacheHeader
 from pipeline.cache.location import CacheLocation
+from pipeline.cache.lookup import cache_fingerprint, read_header
+from pipeline.cache.read import LogitCache
 
 __all__ = ["CacheHeader", "CacheLocation", "LogitCache", "cache_fingerprint", "read_header"]

@@ -328,7 +328,7 @@ class MemberRecord(_Record):
 
 @dataclass(frozen=True)
 class CacheHeader(_Record):
-    """A cache's header, format ``kd-pipeline-logit-cache`` v1 (see :mod:`pipeline.cache.format`).
+    """A cache's header, format ``kd-pipeline-logit-cache`` v1 (see docs/cache-format.md).
 
     Read with :meth:`from_dict` (strict); :meth:`to_dict` gives the JSON the writer always wrote.
     """

@@ -48,7 +48,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, ZipStore
 
-# MAX_METADATA_BYTES lives with the other read limits in guard.py; format.py imports it from here.
+# MAX_METADATA_BYTES lives with the other read limits in guard.py; lookup and verify import it here.
 from pipeline.cache.guard import MAX_METADATA_BYTES as MAX_METADATA_BYTES
 from pipeline.cache.guard import GuardedStore, check_bundle
 from pipeline.errors import CacheError, StorageError, explain, storage_errors

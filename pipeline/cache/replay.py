@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from pipeline.augment import ViewPlan
-from pipeline.cache.format import LogitCache
 from pipeline.cache.header import thaw
 from pipeline.cache.kinds import logsumexp
 from pipeline.cache.location import CacheLocation
+from pipeline.cache.read import LogitCache
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import load_checkpoint, member_paths
 from pipeline.errors import CacheError

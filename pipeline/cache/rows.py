@@ -1,7 +1,7 @@
 """The checks of a cache's row keys: the row index and the views' parameters.
 
 A format-2 cache is a table of rows keyed by (sample, view, position)
-(:mod:`pipeline.cache.format`).
+(docs/cache-format.md).
 What a storage kind stores in a row is checked by the kind (:meth:`StorageKind.check`); what says
 *which* row belongs to which sample and view is checked here, by every reader (training's memory
 and streaming loaders, DDP ranks, workers), by ``cache verify`` and before ``cache copy``/``pack``

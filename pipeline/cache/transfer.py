@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.datasets import Dataset, load_dataset, parse_spec
 from pipeline.errors import CacheError, DatasetError
 

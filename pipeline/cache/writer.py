@@ -5,7 +5,7 @@ and decides what to do (nothing is written): create a new cache, resume a partia
 to a complete one, or nothing (already complete), as a :class:`CachePlan` with the (shard, members)
 tasks still missing (the done flags, never "a file exists") and the shard layout.
 :func:`execute_plan` then does it: creates the schema or the new members' arrays, computes the
-tasks, writes whole shards and only then their flags (:func:`pipeline.cache.format.write_shards`:
+tasks, writes whole shards and only then their flags (:func:`pipeline.cache.write.write_shards`:
 the data of a batch of member-shards in one round trip to zarr, then their flags in a second), and
 marks the cache complete last. A single process overlaps inference with compression and writing
 through a writer thread, which stores each member-shard with its flag as it arrives; with
@@ -30,23 +30,14 @@ import torch
 import zarr
 
 from pipeline.augment import ViewPlan
-from pipeline.cache.format import (
-    CacheHeader,
-    CacheLock,
-    LogitCache,
-    add_member_arrays,
-    create_cache,
-    describe_rows,
-    digest_write,
-    group_header,
-    mark_complete,
-    read_header,
-    remove_partial_files,
-    shard_bounds,
-    write_shards,
-)
-from pipeline.cache.header import thaw
-from pipeline.cache.location import CacheLocation
+from pipeline.cache.create import add_member_arrays, create_cache
+from pipeline.cache.header import CacheHeader, thaw
+from pipeline.cache.info import describe_rows
+from pipeline.cache.layout import group_header, shard_bounds
+from pipeline.cache.location import CacheLocation, CacheLock
+from pipeline.cache.lookup import read_header
+from pipeline.cache.read import LogitCache
+from pipeline.cache.write import digest_write, mark_complete, remove_partial_files, write_shards
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
 from pipeline.config import CacheConfig
 from pipeline.data.lazy import is_lazy, workers_note

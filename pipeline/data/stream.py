@@ -16,7 +16,7 @@ from pipeline.data.content import content_fingerprint
 from pipeline.data.lazy import digest_check, is_lazy
 
 if TYPE_CHECKING:
-    from pipeline.cache.format import LogitCache
+    from pipeline.cache.read import LogitCache
     from pipeline.datasets import Dataset
 
 

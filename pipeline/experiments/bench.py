@@ -48,7 +48,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.format import LogitCache, create_cache, mark_complete, shard_bounds, write_shard
+from pipeline.cache.create import create_cache
+from pipeline.cache.layout import shard_bounds
+from pipeline.cache.read import LogitCache
+from pipeline.cache.write import mark_complete, write_shard
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import CacheConfig, StudentConfig, SweepConfig, device_option
@@ -558,7 +561,7 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.training.loader import cache_source
 location, budget = sys.argv[1], int(sys.argv[2])
 cache = LogitCache(location)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checks import collect, in_range, temperature
 from pipeline.config import (

@@ -35,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.format import LogitCache, create_cache, mark_complete, write_shard
+from pipeline.cache.create import create_cache
 from pipeline.cache.kinds import StorageSpec, bytes_per_row
+from pipeline.cache.read import LogitCache
+from pipeline.cache.write import mark_complete, write_shard
 from pipeline.checks import collect, in_range, temperature
 from pipeline.config import (
     CacheConfig,

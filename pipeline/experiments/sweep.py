@@ -36,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import file_sha256, member_paths
 from pipeline.config import StudentConfig, SweepConfig, setting_name
 from pipeline.errors import KDError

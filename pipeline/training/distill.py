@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
 from pipeline.config import StudentConfig

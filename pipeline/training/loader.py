@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.data.lazy import is_lazy
 from pipeline.distributed import balanced, shard_spans, stream_steps
 from pipeline.errors import CacheError, ConfigError

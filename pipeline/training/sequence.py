@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_models, save_checkpoint
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.datasets import Dataset, default_eval_spec, load_dataset

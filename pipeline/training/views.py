@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import ViewPlan, live_augment, view_uniforms
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.config import StudentConfig
 from pipeline.distributed import batch_spans
 from pipeline.errors import ConfigError

@@ -24,15 +24,11 @@ import torch
 import zarr
 
 from pipeline import __version__
-from pipeline.cache.format import (
-    ATTR_KEY,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    CacheLock,
-    LogitCache,
-    MissingChunkError,
-    read_header,
-)
+from pipeline.cache.header import ATTR_KEY, FORMAT_NAME, FORMAT_VERSION
+from pipeline.cache.location import CacheLock
+from pipeline.cache.lookup import read_header
+from pipeline.cache.read import LogitCache
+from pipeline.cache.read_checks import MissingChunkError
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from pipeline.config import CacheConfig, TeacherConfig
@@ -891,7 +887,7 @@ def test_creation_killed_midway_is_redone(
 ) -> None:
     """Killed while the schema was being written: the creation marker is there, the header is not
     whole."""
-    from pipeline.cache.format import CREATING_MARKER
+    from pipeline.cache.layout import CREATING_MARKER
 
     shutil.rmtree(cache_copy / "members/1")
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)
@@ -938,7 +934,7 @@ def test_add_member_killed_after_the_header_named_it_is_finished(
 ) -> None:
     """Killed after the header listed member 2 (cache partial): the message says how to finish it,
     and that works."""
-    from pipeline.cache.format import add_member_arrays
+    from pipeline.cache.create import add_member_arrays
 
     g = zarr.open_group(str(cache_copy), mode="r+", use_consolidated=False)
     add_member_arrays(g, load_checkpoint(new_teacher).identity())
@@ -969,9 +965,9 @@ def fixture_objects() -> dict[str, bytes]:
 
 def test_a_cache_written_before_the_location_change_reads_and_verifies(tmp_path: Path) -> None:
     """The fixture was written by the code before CacheLocation / CacheHeader (commit 144087a)."""
-    from pipeline.cache import sharing
-    from pipeline.cache.format import cache_fingerprint
+    from pipeline.cache import copying, verify
     from pipeline.cache.header import CacheHeader
+    from pipeline.cache.lookup import cache_fingerprint
     from tests.fixtures import make_v1_cache as v1
 
     given = v1.inputs()
@@ -982,7 +978,7 @@ def test_a_cache_written_before_the_location_change_reads_and_verifies(tmp_path:
     assert np.array_equal(cache.read_logits(3), given["logits"][:, 48:].astype(np.float16))
     assert [m.path for m in cache.members] == [m["path"] for m in given["members"]]
     assert cache.members[1].metrics["per_class_errors"] == (1, 0, 2, 0, 1)
-    report = sharing.verify_cache(FIXTURE)
+    report = verify.verify_cache(FIXTURE)
     assert report.ok and report.chunks_read == 24, report.problems
     # The typed header gives back the very JSON it was read from: same keys, order and values.
     raw = json.loads(fixture_objects()["zarr.json"])["attributes"][ATTR_KEY]
@@ -1000,7 +996,7 @@ def test_a_cache_written_before_the_location_change_reads_and_verifies(tmp_path:
     expected = "sha256:" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     assert cache_fingerprint(cache.header) == expected == cache_fingerprint(raw)
     # Copied by today's code into a directory: object for object the same bytes, and it verifies.
-    res = sharing.copy_cache(FIXTURE, tmp_path / "copy.zarr", progress=False, log=lambda s: None)
+    res = copying.copy_cache(FIXTURE, tmp_path / "copy.zarr", progress=False, log=lambda s: None)
     assert res.report.ok and res.copied == len(fixture_objects())
     assert {
         str(p.relative_to(tmp_path / "copy.zarr")): p.read_bytes()
@@ -1015,12 +1011,13 @@ def test_the_same_inputs_written_today_keep_every_v1_data_chunk(
     """create_cache / write_shard / mark_complete now write format 2; a dense member's data is
     still stored exactly as format 1 stored it (same chunks, same bytes): only the header, the
     row index and the fidelity measurements are new."""
-    from pipeline.cache import format as fmt
+    from pipeline.cache import create, write
     from tests.fixtures import make_v1_cache as v1
 
     raw = json.loads(fixture_objects()["zarr.json"])["attributes"][ATTR_KEY]
-    monkeypatch.setattr(fmt, "now", lambda: v1.FROZEN)  # the fixture's frozen timestamps
-    monkeypatch.setattr(fmt, "__version__", raw["tool_version"])
+    for module in (create, write):
+        monkeypatch.setattr(module, "now", lambda: v1.FROZEN)  # the fixture's frozen timestamps
+    monkeypatch.setattr(create, "__version__", raw["tool_version"])
     out = tmp_path / "today.zarr"
     v1.write(out)
     today = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -1158,7 +1155,7 @@ class _RecordingStore(zarr.storage.LocalStore):
 
 
 def _empty_cache(tmp_path: Path, members: int, n: int = 12, c: int = 5, rps: int = 4) -> Path:
-    from pipeline.cache.format import create_cache
+    from pipeline.cache.create import create_cache
 
     x = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
     np.savez(tmp_path / "d.npz", x_train=x, x_test=x, y_test=np.zeros(n, np.int64))
@@ -1185,7 +1182,7 @@ def test_write_shards_stores_every_flag_after_all_the_batch_data(tmp_path: Path)
     """A batch of member-shards: every data chunk (logits, fidelity) is stored before the first
     done flag, so a writer killed between them leaves no flag over missing data; what is read
     back is what was given."""
-    from pipeline.cache.format import write_shards
+    from pipeline.cache.write import write_shards
 
     location = _empty_cache(tmp_path, members=2)
     store = _RecordingStore(location)
@@ -1209,7 +1206,7 @@ def test_write_shards_stores_every_flag_after_all_the_batch_data(tmp_path: Path)
 def test_write_shards_keeps_the_items_before_a_refused_one_and_flags_nothing_after(
     tmp_path: Path,
 ) -> None:
-    from pipeline.cache.format import write_shards
+    from pipeline.cache.write import write_shards
 
     location = _empty_cache(tmp_path, members=1)
     group = zarr.open_group(location, mode="r+", use_consolidated=False)

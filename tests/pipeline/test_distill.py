@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, load_models
 from pipeline.config import CacheConfig, StudentConfig, TeacherConfig

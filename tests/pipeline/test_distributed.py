@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.datasets import load_dataset
 from pipeline.distributed import (
     SINGLE,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError
 from pipeline.training import loader
@@ -383,7 +383,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
     import numpy as np, psutil, torch
     torch.set_num_threads(1)
-    from pipeline.cache.format import LogitCache
+    from pipeline.cache.read import LogitCache
     from pipeline.datasets import load_dataset
     from pipeline.training.loader import cache_source
 
@@ -437,7 +437,8 @@ def test_streaming_memory_stays_near_the_budget_on_a_cache_larger_than_it(tmp_pa
     threshold, freed 4-8 MB buffers stay in the heap: measured ~175 MiB growth for this stream,
     ~35 MiB after malloc_trim, flat across epochs.
     """
-    from pipeline.cache.format import create_cache, mark_complete, write_shard
+    from pipeline.cache.create import create_cache
+    from pipeline.cache.write import mark_complete, write_shard
 
     n, c, rows_per_shard, budget = 40_000, 1000, 1000, 32 << 20
     rng = np.random.default_rng(0)

@@ -52,7 +52,7 @@ def test_cache_verify_bar_ends_at_100_percent(
 ) -> None:
     """It counted metadata and done flags in its total but not as they were read: it stopped at
     84-91 %."""
-    from pipeline.cache.sharing import verify_cache
+    from pipeline.cache.verify import verify_cache
 
     tty = Terminal()
     monkeypatch.setattr(sys, "stderr", tty)

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import save_checkpoint
 from pipeline.config import CacheConfig

@@ -421,7 +421,7 @@ def test_steps_out_of_order_and_wrong_generalist_are_clear_errors(
     cfg = SpecialistsConfig(cache=str(planted["cache"]), out=str(tmp_path / "x"), device="cpu")
     with pytest.raises(KDError, match="run `kd-pipeline specialists cluster`"):
         train_all(cfg, log=lambda s: None)
-    from pipeline.cache.format import LogitCache
+    from pipeline.cache.read import LogitCache
     from pipeline.experiments.specialists import generalist_members
 
     with pytest.raises(CheckpointError, match="must be the checkpoints the cache was made with"):

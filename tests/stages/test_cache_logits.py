@@ -21,7 +21,9 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cache.format import ATTR_KEY, CacheLock, LogitCache
+from pipeline.cache.header import ATTR_KEY
+from pipeline.cache.location import CacheLock
+from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
 from pipeline.datasets import load_dataset

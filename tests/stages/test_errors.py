@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cache import sharing
+from pipeline.cache import copying, listing
 from tests.conftest import S3_BUCKET, free_port
 from tests.pipeline.test_guard import rle_frame
 
@@ -567,7 +567,7 @@ def test_a_bundle_holding_a_huge_chunk_is_refused_before_it_is_inflated(
     cache_path: Path, tmp_path: Path
 ) -> None:
     good = tmp_path / "good.zarr.zip"
-    sharing.pack_cache(cache_path, good, progress=False, log=lambda s: None)
+    copying.pack_cache(cache_path, good, progress=False, log=lambda s: None)
     bomb = rewrite_bundle(good, tmp_path / "bomb.zarr.zip", {"members/0/logits/c/0/0": 256 << 20})
     assert bomb.stat().st_size < 2 << 20  # 256 MiB of zeros, deflated
     says = "entry 'members/0/logits/c/0/0' expands to 268435456 bytes"
@@ -609,7 +609,7 @@ def test_a_bundle_with_objects_besides_the_cache_is_not_copied_or_packed(
     cache_path: Path, tmp_path: Path
 ) -> None:
     good = tmp_path / "good.zarr.zip"
-    sharing.pack_cache(cache_path, good, progress=False, log=lambda s: None)
+    copying.pack_cache(cache_path, good, progress=False, log=lambda s: None)
     big = rewrite_bundle(good, tmp_path / "big.zarr.zip", {f"junk/{i}": 2 << 20 for i in range(20)})
     for cmd, out in (("copy", tmp_path / "c.zarr"), ("pack", tmp_path / "p.zarr.zip")):
         one_error(
@@ -639,7 +639,7 @@ def test_a_bug_is_one_line_too(cache_path: Path, monkeypatch: pytest.MonkeyPatch
     def broken(prefix: object) -> list:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sharing, "list_caches", broken)
+    monkeypatch.setattr(listing, "list_caches", broken)
     monkeypatch.delenv("KD_TRACEBACK", raising=False)
     one_error(
         *cli("cache", "ls", str(cache_path)), "internal error (RuntimeError: boom)", "this is a bug"

@@ -22,9 +22,11 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cache import sharing
-from pipeline.cache.format import ATTR_KEY, CacheLock, LogitCache, read_header
-from pipeline.cache.location import StoreLease, get_bytes, key_sizes, open_store
+from pipeline.cache import copying, listing, reports, verify
+from pipeline.cache.header import ATTR_KEY
+from pipeline.cache.location import CacheLock, StoreLease, get_bytes, key_sizes, open_store
+from pipeline.cache.lookup import read_header
+from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
 from pipeline.errors import CacheError, StorageError
@@ -144,8 +146,8 @@ def test_train_student_from_s3_and_zip_matches_local(
 ) -> None:
     local = tmp_path / "local.zarr"
     bundle = tmp_path / "local.zarr.zip"
-    sharing.copy_cache(s3_cache, local, progress=False, log=lambda s: None)
-    sharing.pack_cache(local, bundle, progress=False, log=lambda s: None)
+    copying.copy_cache(s3_cache, local, progress=False, log=lambda s: None)
+    copying.pack_cache(local, bundle, progress=False, log=lambda s: None)
     results = {}
     for name, cache in (("s3", s3_cache), ("dir", str(local)), ("zip", str(bundle))):
         out = tmp_path / f"run-{name}"
@@ -190,7 +192,7 @@ def test_specialists_run_from_s3_with_storage_options_and_from_a_bundle_match_lo
     the endpoint reaches the reader only through the option (the session's AWS_ENDPOINT_URL is
     removed here)."""
     bundle = tmp_path / "task.zarr.zip"
-    sharing.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
+    copying.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     runs = {}
     for name, cache, extra in (
@@ -278,7 +280,7 @@ def test_verify_checks_dataset_fingerprint_and_missing_chunks(
     )
     assert code == 1 and "fingerprint" in out
     broken = tmp_path / "broken.zarr"
-    sharing.copy_cache(cache_path, broken, progress=False, log=lambda s: None)
+    copying.copy_cache(cache_path, broken, progress=False, log=lambda s: None)
     (broken / "members/0/logits/c/7/0").unlink()
     code, out = invoke("cache", "verify", str(broken), "--quiet")
     assert code == 1 and "chunk members/0/logits/c/7/0 is missing" in out
@@ -288,7 +290,7 @@ def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(
     s3_cache: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dst = s3_url("interrupted/task.zarr")
-    real_copy, calls = sharing._copy_object, [0]
+    real_copy, calls = copying._copy_object, [0]
 
     async def dying_copy(*args) -> None:  # noqa: ANN002
         calls[0] += 1
@@ -296,15 +298,15 @@ def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(
             raise ConnectionError("network dropped")  # half-way through the copy
         await real_copy(*args)
 
-    monkeypatch.setattr(sharing, "_copy_object", dying_copy)
+    monkeypatch.setattr(copying, "_copy_object", dying_copy)
     with pytest.raises(StorageError, match=f"{dst}: cannot reach the storage endpoint"):
-        sharing.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
-    monkeypatch.setattr(sharing, "_copy_object", real_copy)
+        copying.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
+    monkeypatch.setattr(copying, "_copy_object", real_copy)
     # Half a copy: marked unfinished, data objects only, so no reader takes it for a cache.
     with pytest.raises(CacheError, match=f"{dst}: INCOMPLETE: an unfinished copy of {s3_cache}"):
         read_header(dst)
     assert invoke("cache", "verify", dst, "--quiet")[0] == 1
-    res = sharing.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
+    res = copying.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
     total = len(all_objects(s3_cache))
     assert res.skipped >= 16 and res.copied + res.skipped == total and res.report.ok, (
         res.copied,
@@ -321,12 +323,12 @@ def test_cache_ls_lists_caches_under_a_prefix(
     assert f"{s3_cache}  complete  members=2 (mlp:32" in out and "N=600  classes=5" in out
     assert "1 cache(s)" in out
     root = tmp_path / "shelf"
-    sharing.copy_cache(cache_path, root / "a.zarr", progress=False, log=lambda s: None)
-    sharing.copy_cache(
+    copying.copy_cache(cache_path, root / "a.zarr", progress=False, log=lambda s: None)
+    copying.copy_cache(
         partial_cache_path, root / "sub" / "b.zarr", progress=False, log=lambda s: None
     )
-    sharing.pack_cache(cache_path, root / "c.zarr.zip", progress=False, log=lambda s: None)
-    lines = [s.line() for s in sharing.list_caches(root)]
+    copying.pack_cache(cache_path, root / "c.zarr.zip", progress=False, log=lambda s: None)
+    lines = [s.line() for s in listing.list_caches(root)]
     assert len(lines) == 3, lines
     assert lines[0].startswith(f"{root / 'a.zarr'}  complete")
     assert lines[1].startswith(f"{root / 'c.zarr.zip'}  complete")
@@ -339,7 +341,7 @@ def hostile_zip(
 ) -> Path:
     """A real bundle of ``cache_path`` plus one bad entry."""
     path = tmp_path / name
-    sharing.pack_cache(cache_path, path, progress=False, log=lambda s: None)
+    copying.pack_cache(cache_path, path, progress=False, log=lambda s: None)
     with zipfile.ZipFile(path, "a") as z:
         info = zipfile.ZipInfo(entry)
         if symlink:
@@ -376,7 +378,7 @@ def test_zip_is_read_only(
     tmp_path: Path, cache_path: Path, teacher_dir: Path, npz_path: Path
 ) -> None:
     bundle = tmp_path / "c.zarr.zip"
-    sharing.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
+    copying.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
     before = bundle.read_bytes()
     code, out = invoke(
         "cache-logits",
@@ -569,18 +571,18 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(
         progress=False,
     )
     assert (out / "labels" / "c" / "0").is_file()  # every chunk is stored now
-    assert sharing.verify_cache(out).ok
+    assert verify.verify_cache(out).ok
     # A cache from before that change has no object for it. Only the dataset can tell it from a
     # deleted chunk: with --dataset it is sound (the fill value is the data), else a problem.
     (out / "labels" / "c" / "0").unlink()
     spec = f"npz:{tmp_path / 'sorted.npz'}:train"
-    report = sharing.verify_cache(out, dataset=spec)
+    report = verify.verify_cache(out, dataset=spec)
     assert report.ok, report.problems
     assert any(
         "labels/c/0 is absent, and the dataset's labels there are all class 0" in n
         for n in report.notes
     )
-    report = sharing.verify_cache(out)
+    report = verify.verify_cache(out)
     assert report.problems == [
         "chunk labels/c/0 is missing (a cache made before every chunk was "
         "stored omits an all-class-0 labels chunk: --dataset SPEC checks "
@@ -611,18 +613,18 @@ def test_copy_into_a_folder_of_other_caches_is_refused(cache_path: Path, tmp_pat
     """`cache copy A caches/` (as with cp) must not spill A's objects into the folder holding other
     caches."""
     folder = tmp_path / "caches"
-    sharing.copy_cache(cache_path, folder / "a.zarr", progress=False, log=lambda s: None)
+    copying.copy_cache(cache_path, folder / "a.zarr", progress=False, log=lambda s: None)
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
     with pytest.raises(
         CacheError,
         match="already holds other objects .* and is not a cache; copy into a new location",
     ):
-        sharing.copy_cache(cache_path, folder, progress=False, log=lambda s: None)
+        copying.copy_cache(cache_path, folder, progress=False, log=lambda s: None)
     assert (
         sorted(p.relative_to(folder) for p in folder.rglob("*") if p.name != "kd-writer.lock")
         == before
     )
-    assert [s.location for s in sharing.list_caches(folder)] == [str(folder / "a.zarr")]
+    assert [s.location for s in listing.list_caches(folder)] == [str(folder / "a.zarr")]
 
 
 def test_a_failed_renewal_keeps_a_lease_that_is_still_ours(s3_server: str) -> None:
@@ -711,7 +713,7 @@ def test_damaged_s3_cache_is_refused_by_train_student_and_named_by_verify(
     s3_cache: str, tmp_path: Path
 ) -> None:
     url = s3_url("damaged/task.zarr")
-    sharing.copy_cache(s3_cache, url, progress=False, log=lambda s: None)
+    copying.copy_cache(s3_cache, url, progress=False, log=lambda s: None)
     s3 = boto3.client("s3")
     args = (
         "train-student",
@@ -755,14 +757,14 @@ def test_verify_of_a_cache_being_filled_reports_pending_not_missing(
     written = chunk.read_bytes()
     chunk.unlink()
     (cache / CacheLock.NAME).write_text(json.dumps({"pid": os.getpid(), "host": "writer-host"}))
-    listed = sharing._check_keys
+    listed = verify._check_keys
 
-    def listed_then_the_writer_finishes_shard_3(sizes: dict, rep: sharing.VerifyReport) -> None:
+    def listed_then_the_writer_finishes_shard_3(sizes: dict, rep: reports.VerifyReport) -> None:
         listed(sizes, rep)
         chunk.write_bytes(written)  # the writer's order: the shard's data, then its done flag
         group["members/0/done"][3] = 1
 
-    monkeypatch.setattr(sharing, "_check_keys", listed_then_the_writer_finishes_shard_3)
+    monkeypatch.setattr(verify, "_check_keys", listed_then_the_writer_finishes_shard_3)
     code, out = invoke("cache", "verify", str(cache), "--quiet")
     assert code == 0, out
     assert "missing" not in out and "result     OK" in out
@@ -778,7 +780,7 @@ def test_cache_ls_lists_a_damaged_cache_as_unreadable_and_goes_on(
     shelf = tmp_path / "shelf"
     shelf.mkdir()
     damaged(cache_path, shelf, "dir", remove("members/1/done/c/3"))  # shelf/damaged.zarr
-    sharing.copy_cache(cache_path, shelf / "sound.zarr", progress=False, log=lambda s: None)
+    copying.copy_cache(cache_path, shelf / "sound.zarr", progress=False, log=lambda s: None)
     code, out = invoke("cache", "ls", str(shelf))
     assert code == 0, out
     assert f"{shelf / 'damaged.zarr'}  UNREADABLE: " in out and "done flags are missing" in out

@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache import sharing
+from pipeline.cache import copying, reports
 from pipeline.cache.location import COPY_MARKER
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
@@ -84,8 +84,8 @@ def leaked(texts: dict[str, bytes | str], secrets: tuple[str, ...] = CREDS) -> l
     return out
 
 
-def copy_quietly(src: str | Path, dst: str | Path) -> sharing.CopyResult:
-    return sharing.copy_cache(src, dst, progress=False, log=lambda s: None)
+def copy_quietly(src: str | Path, dst: str | Path) -> reports.CopyResult:
+    return copying.copy_cache(src, dst, progress=False, log=lambda s: None)
 
 
 # ------------------------------------------------------------------------------------ the rule
@@ -263,7 +263,7 @@ def test_copy_onto_another_cache_is_refused_and_leaves_it_whole(
     assert code == 0 and "600 rows x 5 classes x 2 member(s), 3 shards" in out, out
     # A bundle that exists is refused too, and kept as it was.
     bundle = tmp_path / "b.zarr.zip"
-    sharing.pack_cache(other_cache, bundle, progress=False, log=lambda s: None)
+    copying.pack_cache(other_cache, bundle, progress=False, log=lambda s: None)
     kept = bundle.read_bytes()
     code, out = invoke("cache", "pack", str(cache_path), str(bundle), "--quiet")
     assert code == 2 and "is not a sound copy of the source" in out, out
@@ -284,17 +284,17 @@ def test_a_killed_copy_is_incomplete_everywhere_until_a_rerun_completes_it(
     cache_path: Path, npz_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dst = tmp_path / "shelf" / "c.zarr"
-    real_copy = sharing._copy_object
+    real_copy = copying._copy_object
 
     async def dying_copy(*args) -> None:  # noqa: ANN002
         if args[2] == "zarr.json":  # every other object written: the disk fills at the last
             raise OSError(28, "No space left on device")
         await real_copy(*args)
 
-    monkeypatch.setattr(sharing, "_copy_object", dying_copy)
+    monkeypatch.setattr(copying, "_copy_object", dying_copy)
     with pytest.raises(StorageError, match="no space left on the device"):
         copy_quietly(cache_path, dst)
-    monkeypatch.setattr(sharing, "_copy_object", real_copy)
+    monkeypatch.setattr(copying, "_copy_object", real_copy)
     assert (dst / COPY_MARKER).exists() and (dst / "members/0/logits/zarr.json").exists()
     # Simulate the worst moment: the root's zarr.json landed, the verification did not run.
     shutil.copy(cache_path / "zarr.json", dst / "zarr.json")
@@ -380,7 +380,7 @@ def test_outputs_of_other_commands_refuse_a_cache(
     shutil.copytree(other_cache, b)
     before = files_under(b)
     bundle = tmp_path / "b.zarr.zip"
-    sharing.pack_cache(other_cache, bundle, progress=False, log=lambda s: None)
+    copying.pack_cache(other_cache, bundle, progress=False, log=lambda s: None)
     for out_at in (b, bundle):
         code, out = invoke(
             "train-student", "--cache", str(cache_path), "--student", "mlp:8", "--epochs", "1",

@@ -13,7 +13,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.cache.format import ATTR_KEY, LogitCache
+from pipeline.cache.header import ATTR_KEY
+from pipeline.cache.read import LogitCache
 from stages.cli import main
 
 pytestmark = [

@@ -12,7 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_checkpoint
 from pipeline.datasets import load_dataset
 from pipeline.metrics import predict_logits

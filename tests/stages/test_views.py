@@ -18,7 +18,8 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.augment import ViewPlan
-from pipeline.cache.format import ATTR_KEY, LogitCache
+from pipeline.cache.header import ATTR_KEY
+from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_checkpoint, member_paths
 from pipeline.config import StudentConfig
 from pipeline.datasets import load_dataset

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig, StudentConfig, SweepConfig
 from pipeline.experiments.reproduce.artefacts import Run, read_history, student_metrics

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.location import CacheLocation
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import LoadedModel, load_checkpoint, member_paths, save_checkpoint
 from pipeline.datasets import Dataset

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.cache.format import LogitCache, cache_fingerprint
+from pipeline.cache.lookup import cache_fingerprint
+from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_checkpoint
 from pipeline.datasets import resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
