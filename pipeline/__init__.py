@@ -21,7 +21,8 @@ nothing here imports ``stages``):
 - ``cluster``: starting or joining a dask cluster for every step that maps tasks.
 - ``cache/``: the Zarr logit cache: ``header`` (the typed header), ``guard`` (stored bytes
   checked against the header before zarr parses or decompresses them), ``location`` (where it
-  lives), ``layout``, ``create``, ``write`` (the format's layout, schema and shard writes; the
+  lives; with ``zipcheck``, ``store_keys`` and ``lock``, the writer lock), ``layout``,
+  ``create``, ``write`` (the format's layout, schema and shard writes; the
   format is specified in docs/cache-format.md), ``read`` (``LogitCache``, the reader; imports
   without torch), ``rows`` (the row index and views' parameters re-derived from the header:
   every reader's checks), ``writer`` (stage one), ``verify``, ``copying``, ``listing`` (cache

@@ -3,7 +3,9 @@
 The format (version 2; version 1 still reads) is specified in docs/cache-format.md.
 
 - ``location``: where a cache lives (a directory, a ``.zarr.zip`` bundle or ``s3://``), resolved
-  once into a :class:`CacheLocation` that opens its stores, says if it exists and locks it.
+  once into a :class:`CacheLocation` that opens its stores and says if it exists; ``zipcheck``:
+  a bundle's entries checked before zarr reads them; ``store_keys``: key-level reads and writes
+  on any store; ``lock``: the writer lock (a lock file, or an object store's lease).
 - ``header``: the header of format versions 1 and 2 as a frozen, typed :class:`CacheHeader`.
 - ``guard``: what a cache's stored bytes may be (sizes, nesting, codecs, zstd frame sizes) before
   zarr parses or decompresses them; every read-only store is a ``GuardedStore``.

@@ -6,15 +6,10 @@ from __future__ import annotations
 import os
 
 from pipeline.cache.copy_plan import CopyPlan
-from pipeline.cache.location import (
-    ZIP_SUFFIX,
-    CacheLocation,
-    get_bytes,
-    key_sizes,
-    put_bytes,
-    validate_zip,
-)
+from pipeline.cache.location import ZIP_SUFFIX, CacheLocation
+from pipeline.cache.store_keys import get_bytes, key_sizes, put_bytes
 from pipeline.cache.verify import verify_cache
+from pipeline.cache.zipcheck import validate_zip
 from pipeline.errors import CacheError
 from pipeline.progress import progress_bar
 

@@ -25,15 +25,8 @@ from pipeline.cache.copy_plan import CopyPlan, checksummed_arrays, redacted_root
 from pipeline.cache.guard import read_json
 from pipeline.cache.header import ATTR_KEY, CacheHeader
 from pipeline.cache.layout import CREATING_MARKER
-from pipeline.cache.location import (
-    COPY_MARKER,
-    LEASE_NAME,
-    CacheLocation,
-    delete_key,
-    get_bytes,
-    key_sizes,
-    put_bytes,
-)
+from pipeline.cache.location import CacheLocation
+from pipeline.cache.lock import LEASE_NAME, CacheLock
 from pipeline.cache.objects import (
     META,
     foreign_keys,
@@ -43,6 +36,7 @@ from pipeline.cache.objects import (
     some_keys,
 )
 from pipeline.cache.reports import CopyResult, VerifyReport
+from pipeline.cache.store_keys import COPY_MARKER, delete_key, get_bytes, key_sizes, put_bytes
 from pipeline.cache.verify import verify_cache
 from pipeline.errors import CacheError, KDError, storage_errors
 from pipeline.progress import progress_bar
@@ -234,7 +228,7 @@ def _copy_to_store(
     if dst.kind != "url":
         dst.local_path.mkdir(parents=True, exist_ok=True)
     target = dst.open("w")
-    with dst.lock():  # no cache-logits (or other copy) writes it meanwhile
+    with CacheLock(dst):  # no cache-logits (or other copy) writes it meanwhile
         have = _check_destination(target, dst, src_header, source_at)
         # The marker goes first and leaves last: until the copy verified, every reader refuses
         # the destination (a killed copy never looks complete), and a re-run knows it as ours.

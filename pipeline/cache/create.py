@@ -34,14 +34,9 @@ from pipeline.cache.layout import (
     now,
     set_header,
 )
-from pipeline.cache.location import (
-    CacheLocation,
-    CacheLock,
-    delete_key,
-    list_keys,
-    local_path,
-    put_bytes,
-)
+from pipeline.cache.location import CacheLocation, local_path
+from pipeline.cache.lock import CacheLock
+from pipeline.cache.store_keys import delete_key, list_keys, put_bytes
 from pipeline.data.content import CONTENT_DIGESTS, CONTENT_KEY, DIGEST_BYTES, DIGESTS_ARRAY
 from pipeline.errors import CacheError
 

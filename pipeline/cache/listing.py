@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cache.header import CacheHeader
-from pipeline.cache.location import ZIP_SUFFIX, CacheLocation, key_sizes
+from pipeline.cache.location import ZIP_SUFFIX, CacheLocation
 from pipeline.cache.objects import META, is_meta
 from pipeline.cache.read import LogitCache
+from pipeline.cache.store_keys import key_sizes
 from pipeline.errors import CacheError, explain
 
 

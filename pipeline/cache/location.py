@@ -15,15 +15,15 @@ A location is one of
 :class:`CacheLocation` is that choice made once at the edge (like zarr's ``StorePath`` /
 ``make_store_path``): the normalised text, its kind (``"dir"``, ``"zip"`` or ``"url"``) and its
 storage options, with what callers need: :meth:`~CacheLocation.open` (read-only or writable store,
-each opened once per value), :meth:`~CacheLocation.exists`, :meth:`~CacheLocation.lock` (a
-directory's lock file or an object store's lease), :attr:`~CacheLocation.name` and
-:attr:`~CacheLocation.display`. Library functions take one and accept a plain ``str`` / ``Path`` for
+each opened once per value), :meth:`~CacheLocation.exists`, :attr:`~CacheLocation.name` and
+:attr:`~CacheLocation.display`. Its writer lock is ``CacheLock(location)``
+(:mod:`pipeline.cache.lock`). Library functions take one and accept a plain ``str`` / ``Path`` for
 convenience (``CacheLocation.parse`` at their entry).
 
 Read-only opens use read-only stores, so opening a cache for reading can never write to it. A zip is
-validated before zarr sees it (no absolute names, no ``..``, no symlinks, sane sizes). Also here:
-key-level helpers that work on any of the three stores (list, sizes, get, put, delete) and the
-writer lock (:class:`CacheLock`, with :class:`StoreLease` for object stores).
+validated before zarr sees it (:mod:`pipeline.cache.zipcheck`: no absolute names, no ``..``, no
+symlinks, sane sizes). Key-level helpers that work on any of the three stores (list, sizes, get,
+put, delete) are in :mod:`pipeline.cache.store_keys`.
 
 This module imports without torch.
 """
@@ -31,42 +31,25 @@ This module imports without torch.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import stat
-import threading
-import time
-import uuid
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 # MAX_METADATA_BYTES lives with the other read limits in guard.py; lookup and verify import it here.
 from pipeline.cache.guard import MAX_METADATA_BYTES as MAX_METADATA_BYTES
 from pipeline.cache.guard import GuardedStore, check_bundle
-from pipeline.errors import CacheError, StorageError, explain, storage_errors
+from pipeline.cache.store_keys import COPY_MARKER, list_keys
+from pipeline.cache.zipcheck import validate_zip
+from pipeline.errors import CacheError
 from pipeline.files import location_stem
 from pipeline.redact import is_secret, register_secrets, secret_values
 from pipeline.redact import redact_options as redact_options
 
 ZIP_SUFFIX = ".zip"
-MAX_ZIP_ENTRIES = 2_000_000
-MAX_ZIP_ENTRY_BYTES = 4 << 30  # a logit chunk is one shard of one member: far below this
-MAX_ZIP_TOTAL_BYTES = 1 << 40
-
-LEASE_NAME = "kd-writer.lock"
-LEASE_SECONDS = 120.0  # an object-store lease not renewed for this long is taken over
-LEASE_RENEW_SECONDS = 30.0
-# Present from a `cache copy`'s first write until its destination verified: a store holding it is
-# an unfinished copy, refused by every reader (its JSON names the source and the source's identity).
-COPY_MARKER = "kd-copy-incomplete"
 
 Kind = Literal["dir", "zip", "url"]
 
@@ -174,64 +157,6 @@ def _fsspec_options(storage_options: Mapping[str, Any]) -> dict[str, Any]:
     # the store between our listings, so never trust a cached one.
     opts.setdefault("use_listings_cache", False)
     return opts
-
-
-# --------------------------------------------------------------------------------------------- zips
-def validate_zip(path: str | Path) -> None:
-    """Refuse a zip whose entries could escape or exhaust: absolute names, ``..``, symlinks, sizes.
-
-    Raises:
-        CacheError: what was found and what to do.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CacheError(
-            f"{path}: no such cache bundle; make one with `kd-pipeline cache pack CACHE {path}`"
-        )
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CacheError(
-            f"{path}: not a readable zip file ({e}); expected a bundle made by "
-            "`kd-pipeline cache pack`. Get a good copy"
-        ) from None
-    with zf:
-        infos = zf.infolist()
-        problems = []
-        if len(infos) > MAX_ZIP_ENTRIES:
-            problems.append(f"{len(infos)} entries (limit {MAX_ZIP_ENTRIES})")
-        names: set[str] = set()
-        total = 0
-        for info in infos:
-            name = info.filename
-            parts = PurePosixPath(name.replace("\\", "/")).parts
-            if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-                problems.append(f"entry {name!r} has an absolute path")
-            elif ".." in parts:
-                problems.append(f"entry {name!r} contains '..'")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                problems.append(f"entry {name!r} is a symlink")
-            if info.flag_bits & 0x1:
-                problems.append(f"entry {name!r} is encrypted")
-            if info.file_size > MAX_ZIP_ENTRY_BYTES:
-                problems.append(
-                    f"entry {name!r} is {info.file_size} bytes (limit {MAX_ZIP_ENTRY_BYTES})"
-                )
-            if name in names:
-                problems.append(f"entry {name!r} appears twice")
-            names.add(name)
-            total += info.file_size
-        if total > MAX_ZIP_TOTAL_BYTES:
-            problems.append(f"{total} bytes uncompressed in all (limit {MAX_ZIP_TOTAL_BYTES})")
-    if problems:
-        shown = "; ".join(problems[:10]) + (
-            f"; ... ({len(problems)} problems in all)" if len(problems) > 10 else ""
-        )
-        raise CacheError(
-            f"{path}: refusing this bundle: {shown}. A cache bundle holds only "
-            "relative Zarr keys (zarr.json, ids/c/0, members/0/logits/c/0/0, ...). Do "
-            "not use it; ask its sender for a bundle made by `kd-pipeline cache pack`"
-        )
 
 
 def refuse_cache_output(path: str | Path, flag: str = "--out") -> None:
@@ -433,10 +358,6 @@ class CacheLocation:
             return local_path(self.text).exists()
         return bool(list_keys(self.open("r"), limit=1))
 
-    def lock(self) -> CacheLock:
-        """The writer lock of this cache, not yet taken (a context manager, or ``acquire()``)."""
-        return CacheLock(self)
-
 
 def open_store(
     location: str | Path | CacheLocation,
@@ -445,339 +366,3 @@ def open_store(
 ) -> Store:
     """``CacheLocation.parse(location, storage_options).open(mode)``: for one-off uses (tests)."""
     return CacheLocation.parse(location, storage_options).open(mode)
-
-
-# --------------------------------------------------------------------------------------- store keys
-def list_keys(store: Store, limit: int | None = None) -> list[str]:
-    """Every key of a store, sorted (``limit``: stop after that many, unsorted)."""
-
-    async def collect() -> list[str]:
-        out = []
-        async for k in store.list():
-            out.append(k)
-            if limit is not None and len(out) >= limit:
-                break
-        return out
-
-    keys = sync(collect())
-    return keys if limit is not None else sorted(keys)
-
-
-def key_sizes(store: Store) -> dict[str, int]:
-    """{key: size in bytes} of every key, with as few requests as the store allows."""
-    if isinstance(store, GuardedStore):
-        with storage_errors(store.where, keep=(FileNotFoundError,)):
-            return key_sizes(store.inner)
-    if isinstance(store, FsspecStore):
-        found = sync(store.fs._find(store.path, detail=True, withdirs=False))
-        base = store.path.rstrip("/") + "/"
-        return {
-            name.removeprefix(base): int(info.get("size") or 0)
-            for name, info in sorted(found.items())
-        }
-    if isinstance(store, ZipStore):
-        if not store._is_open:
-            sync(store._open())
-        return {i.filename: i.file_size for i in store._zf.infolist() if not i.is_dir()}
-    return {k: int(sync(store.getsize(k))) for k in list_keys(store)}
-
-
-def get_bytes(store: Store, key: str) -> bytes | None:
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
-
-
-def refuse_unfinished_copy(store: Store, where: str) -> None:
-    """Refuse a store that an unfinished ``cache copy`` left (its :data:`COPY_MARKER` is there).
-
-    Raises:
-        CacheError: naming the copy's source and what to do.
-    """
-    raw = get_bytes(store, COPY_MARKER)
-    if raw is None:
-        return
-    try:
-        source = json.loads(raw).get("source", "?")
-    except (ValueError, AttributeError):
-        source = "?"
-    raise CacheError(
-        f"{where}: INCOMPLETE: an unfinished copy of {source} (a `kd-pipeline cache copy` into it "
-        "was interrupted, failed or did not verify); complete it by re-running `kd-pipeline "
-        f"cache copy {source} {where}`, or remove it"
-    )
-
-
-def put_bytes(store: Store, key: str, data: bytes) -> None:
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
-
-
-def delete_key(store: Store, key: str) -> None:
-    sync(store.delete(key))
-
-
-# -------------------------------------------------------------------------------------------- lease
-def _clock(epoch: object) -> str:
-    """``HH:MM:SS`` local time of a POSIX timestamp (a lease's expiry)."""
-    return time.strftime("%H:%M:%S", time.localtime(float(epoch)))  # type: ignore[arg-type]
-
-
-class StoreLease:
-    """An object-store cache's writer lock: ``<cache>/kd-writer.lock``, a lease (owner, expiry).
-
-    Taking it is one conditional PUT (``If-None-Match: *``), which S3 (and moto) perform atomically:
-    of two writers exactly one creates the object, and the second is refused with a message naming
-    the first. A lease whose expiry has passed (its writer died without releasing it) is taken over
-    by a compare-and-swap PUT (``If-Match: <its ETag>``), so two writers taking over the same dead
-    lease cannot both win either. The holder renews it every ``LEASE_RENEW_SECONDS`` (again
-    compare-and-swap on its own ETag); a renewal that fails means the lease was lost (the holder
-    stalled past its expiry and another writer took over), which :meth:`check` reports before the
-    cache is marked complete.
-
-    Limits: stores without conditional writes are refused (no silent fallback). A writer frozen
-    longer than ``LEASE_SECONDS`` loses its lease and may still write shards before it notices;
-    those shards carry the same deterministic bytes the new writer computes, and each shard is one
-    object, so the damage is duplicate work.
-    """
-
-    def __init__(self, location: str | CacheLocation, seconds: float = LEASE_SECONDS) -> None:
-        where = CacheLocation.parse(location)
-        self.location = where.display
-        store = where.open("w")
-        if not isinstance(store, FsspecStore):
-            raise CacheError(f"{where}: an object-store lease needs an object-store URL (s3://...)")
-        self.fs = store.fs
-        self.key = f"{store.path.rstrip('/')}/{LEASE_NAME}"
-        self.seconds = seconds
-        self.owner = uuid.uuid4().hex
-        self.etag: str | None = None
-        self.lost: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _body(self) -> bytes:
-        now = time.time()
-        return json.dumps(
-            {
-                "owner": self.owner,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "renewed": now,
-                "expires": now + self.seconds,
-            }
-        ).encode()
-
-    def _put(self, **cond: str) -> str:
-        out = sync(self.fs._pipe_file(self.key, self._body(), **cond))
-        return out["ETag"]
-
-    def read(self) -> tuple[dict, str | None]:
-        """(the lease's content, its ETag), or ({}, None) when there is none."""
-        try:
-            info = sync(self.fs._info(self.key))
-            body = sync(self.fs._cat_file(self.key))
-        except FileNotFoundError:
-            return {}, None
-        try:
-            content = json.loads(body)
-        except ValueError:
-            content = {}
-        return (content if isinstance(content, dict) else {}), info.get("ETag")
-
-    def acquire(self) -> StoreLease:
-        for _ in range(3):
-            try:
-                self.etag = self._put(mode="create")
-            except FileExistsError:
-                other, etag = self.read()
-                if etag is None:
-                    continue  # released between our PUT and our read: try again
-                if float(other.get("expires", 0)) > time.time():
-                    raise CacheError(
-                        f"{self.location}: another process is writing this cache (pid "
-                        f"{other.get('pid')} on {other.get('host')}, since {other.get('since')}, "
-                        f"lease {other.get('owner')} valid until "
-                        f"{_clock(other.get('expires', 0))}); wait for it to finish, or for its "
-                        "lease to expire if that process is gone"
-                    ) from None
-                try:  # expired: take it over, atomically against other takers
-                    self.etag = self._put(IfMatch=etag)
-                except (OSError, FileExistsError):
-                    continue  # someone else took it over (or renewed it) first: look again
-            except OSError as e:
-                # A missing bucket or refused credentials fail this first write too: say that, not
-                # that conditional writes are missing.
-                reason = explain(e, self.location)
-                if isinstance(reason, StorageError) and not _conditional_write_refused(e):
-                    raise reason from e
-                raise CacheError(
-                    f"{self.location}: could not take the writer lease ({e}); the "
-                    "object store must support conditional writes (If-None-Match), as "
-                    "AWS S3 does"
-                ) from None
-            self._thread = threading.Thread(target=self._renew_loop, name="kd-lease", daemon=True)
-            self._thread.start()
-            return self
-        raise CacheError(
-            f"{self.location}: could not take the writer lease (it changed hands while we tried)"
-        )
-
-    def _renew_loop(self) -> None:
-        renewed = time.time()
-        while not self._stop.wait(min(LEASE_RENEW_SECONDS, self.seconds / 4)):
-            try:
-                self.etag = self._put(IfMatch=self.etag or "")
-                renewed = time.time()
-                continue
-            except Exception as e:  # noqa: BLE001 - decided below; reported by check()
-                error = f"{type(e).__name__}: {e}"
-            # A failed renewal is not yet a lost lease: a throttled or dropped request leaves it
-            # ours. It is lost when someone else holds it, or when we could not renew it before it
-            # expired.
-            try:
-                other, _ = self.read()
-                taken = other.get("owner") != self.owner
-            except Exception:  # noqa: BLE001 - the store is unreachable: only expiry decides
-                taken = False
-            if taken or time.time() > renewed + self.seconds:
-                self.lost = (
-                    error if not taken else f"taken over by lease {other.get('owner')} ({error})"
-                )
-                return
-
-    def check(self) -> None:
-        """Raise if the lease was lost (taken over by another writer after this one stalled)."""
-        if self.lost:
-            raise CacheError(
-                f"{self.location}: this writer lost its lease ({self.lost}); another "
-                "process may be writing the cache. Re-run the command to resume it"
-            )
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self.etag is not None and not self.lost:
-            other, etag = self.read()
-            if other.get("owner") == self.owner:  # never delete a lease someone else took over
-                sync(self.fs._rm_file(self.key))
-        self.etag = None
-
-
-def _conditional_write_refused(e: BaseException) -> bool:
-    """Whether the store rejected the conditional PUT itself (501 NotImplemented, or a 400 naming
-    the If-None-Match header), rather than failing for a reason any write would."""
-    for cause in (e, e.__cause__, e.__context__):
-        response = getattr(cause, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            text = str(response.get("Error", {}).get("Message", ""))
-            return code in ("NotImplemented", "501") or "If-None-Match" in text
-    return "If-None-Match" in str(e) or "NotImplemented" in str(e)
-
-
-# --------------------------------------------------------------------------------------------- lock
-class CacheLock:
-    """One writer at a time: ``CACHE/kd-writer.lock`` (created exclusively) names the writer.
-
-    In a directory: a lock left by a process that died (SIGKILL) on this host is taken over; a live
-    one makes the second writer fail with a message naming the first. The lock file appears with its
-    content (written to a temp file, then hard-linked into place), so a kill can never leave an
-    empty lock that names no one. In an object store (``s3://``) the same key holds a lease taken
-    with a conditional PUT (see :class:`StoreLease`).
-    """
-
-    NAME = LEASE_NAME
-
-    def __init__(self, location: str | Path | CacheLocation) -> None:
-        where = CacheLocation.parse(location)
-        self.lease = StoreLease(where) if where.kind == "url" else None
-        self.path = local_path(where.text) / self.NAME if self.lease is None else None
-        self.held = False
-
-    def check(self) -> None:
-        """Raise ``CacheError`` if an object-store lease was lost meanwhile (a lock file is not)."""
-        if self.lease is not None:
-            self.lease.check()
-
-    def acquire(self) -> CacheLock:
-        if self.lease is not None:
-            self.lease.acquire()
-            self.held = True
-            return self
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        tmp = self.path.with_name(f"{self.NAME}.{me['pid']}.tmp")
-        try:
-            tmp.write_text(json.dumps(me))  # inside: a full disk must not leave it behind
-            return self._acquire(tmp, me)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _acquire(self, tmp: Path, me: dict) -> CacheLock:
-        for _ in range(2):
-            try:
-                os.link(tmp, self.path)  # atomic, and fails if the lock exists
-            except FileExistsError:
-                try:
-                    other = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    other = {}
-                if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
-                    self.path.unlink(missing_ok=True)  # stale: its writer is gone
-                    continue
-                raise CacheError(
-                    f"{self.path.parent}: another process is writing this cache (pid "
-                    f"{other.get('pid')} on {other.get('host')}, since {other.get('since')}); wait "
-                    f"for it to finish, or remove {self.path} if that process is gone"
-                ) from None
-            self.held = True
-            self._remove_stale_temps(me["pid"])
-            return self
-        raise CacheError(f"{self.path}: could not take the writer lock")
-
-    def _remove_stale_temps(self, mine: int) -> None:
-        """Delete lock temp files of writers killed between writing and unlinking them (a kill
-        can land there; the lock itself is then taken over, its temp file would stay forever)."""
-        for tmp in self.path.parent.glob(f"{self.NAME}.*.tmp"):
-            try:
-                pid = int(tmp.name[len(self.NAME) + 1 : -len(".tmp")])
-            except ValueError:
-                continue
-            if pid != mine and not _pid_alive(pid):
-                tmp.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        if self.held:
-            if self.lease is not None:
-                self.lease.release()
-            else:
-                self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> CacheLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed child not yet reaped) is gone for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True

@@ -12,15 +12,9 @@ from zarr.core.sync import sync
 
 from pipeline.cache.header import CacheHeader
 from pipeline.cache.layout import CREATING_MARKER, group_header
-from pipeline.cache.location import (
-    COPY_MARKER,
-    MAX_METADATA_BYTES,
-    CacheLocation,
-    CacheLock,
-    list_keys,
-    local_path,
-    refuse_unfinished_copy,
-)
+from pipeline.cache.location import MAX_METADATA_BYTES, CacheLocation, local_path
+from pipeline.cache.lock import CacheLock
+from pipeline.cache.store_keys import COPY_MARKER, list_keys, refuse_unfinished_copy
 from pipeline.errors import CacheError
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from pipeline.cache.header import CacheHeader, expected_arrays
 from pipeline.cache.layout import CREATING_MARKER
-from pipeline.cache.location import COPY_MARKER, LEASE_NAME
+from pipeline.cache.lock import LEASE_NAME
+from pipeline.cache.store_keys import COPY_MARKER
 
 META = "zarr.json"
 

@@ -24,7 +24,7 @@ from pipeline.cache.header import (
 from pipeline.cache.info import CacheInfo
 from pipeline.cache.kinds import StorageSpec
 from pipeline.cache.layout import array_handle, group_header, ids_list, row_ids
-from pipeline.cache.location import CacheLocation, key_sizes, refuse_unfinished_copy
+from pipeline.cache.location import CacheLocation
 from pipeline.cache.lookup import check_metadata_size
 from pipeline.cache.read_checks import (
     REPAIR,
@@ -36,6 +36,7 @@ from pipeline.cache.read_checks import (
     chunk_of,
 )
 from pipeline.cache.rows import row_index_problems, view_param_problems, view_plan
+from pipeline.cache.store_keys import key_sizes, refuse_unfinished_copy
 from pipeline.data.content import DIGESTS_ARRAY
 from pipeline.errors import CacheError, KDError
 

@@ -24,14 +24,8 @@ from zarr.abc.store import Store
 
 from pipeline.cache.header import ATTR_KEY, CacheHeader, expected_arrays
 from pipeline.cache.layout import CREATING_MARKER
-from pipeline.cache.location import (
-    COPY_MARKER,
-    LEASE_NAME,
-    MAX_METADATA_BYTES,
-    CacheLocation,
-    get_bytes,
-    key_sizes,
-)
+from pipeline.cache.location import MAX_METADATA_BYTES, CacheLocation
+from pipeline.cache.lock import LEASE_NAME
 from pipeline.cache.objects import (
     META,
     foreign_keys,
@@ -42,6 +36,7 @@ from pipeline.cache.objects import (
     some_keys,
 )
 from pipeline.cache.reports import VerifyReport
+from pipeline.cache.store_keys import COPY_MARKER, get_bytes, key_sizes
 from pipeline.cache.verify_chunks import check_arrays, read_data, read_done_flags
 from pipeline.data.content import DIGESTS_ARRAY
 from pipeline.data.lazy import is_lazy

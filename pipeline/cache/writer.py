@@ -34,7 +34,8 @@ from pipeline.cache.create import add_member_arrays, create_cache
 from pipeline.cache.header import CacheHeader, thaw
 from pipeline.cache.info import describe_rows
 from pipeline.cache.layout import group_header, shard_bounds
-from pipeline.cache.location import CacheLocation, CacheLock
+from pipeline.cache.location import CacheLocation
+from pipeline.cache.lock import CacheLock
 from pipeline.cache.lookup import read_header
 from pipeline.cache.read import LogitCache
 from pipeline.cache.write import digest_write, mark_complete, remove_partial_files, write_shards
@@ -561,7 +562,7 @@ def _build(
         root.parent.mkdir(parents=True, exist_ok=True)
         if existing is None:
             root.mkdir(parents=True, exist_ok=True)
-    with location.lock() as lock:
+    with CacheLock(location) as lock:
         plan = plan_cache(cfg, location, inputs)  # under the lock: no other writer changes it now
         if plan.action == "already-complete":
             return CacheResult(

@@ -22,7 +22,7 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.cache.header import ATTR_KEY
-from pipeline.cache.location import CacheLock
+from pipeline.cache.lock import CacheLock
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig

@@ -24,9 +24,11 @@ from click.testing import CliRunner
 
 from pipeline.cache import copying, listing, reports, verify
 from pipeline.cache.header import ATTR_KEY
-from pipeline.cache.location import CacheLock, StoreLease, get_bytes, key_sizes, open_store
+from pipeline.cache.location import open_store
+from pipeline.cache.lock import CacheLock, StoreLease
 from pipeline.cache.lookup import read_header
 from pipeline.cache.read import LogitCache
+from pipeline.cache.store_keys import get_bytes, key_sizes
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
 from pipeline.errors import CacheError, StorageError

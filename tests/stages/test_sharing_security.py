@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cache import copying, reports
-from pipeline.cache.location import COPY_MARKER
+from pipeline.cache.store_keys import COPY_MARKER
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
 from pipeline.errors import CacheError, StorageError
