@@ -37,7 +37,8 @@ nothing here imports ``stages``):
 - ``evaluation``: test metrics of a checkpoint or an ensemble.
 - ``experiments/``: ``sweep`` (grids as dask tasks), ``specialists/`` (clustering, one
   specialist, the combination, the steps), ``reproduce/`` (recipes, shared artefacts, sections
-  measured as records, the report rendered from them), ``bench``, ``demo``, ``plots``.
+  measured as records, the report rendered from them), ``bench`` (with ``bench_timing``,
+  ``bench_figures``, ``bench_report``), ``demo``, ``plots``.
 """
 
 __version__ = "0.1.0"
