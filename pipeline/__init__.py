@@ -36,9 +36,9 @@ nothing here imports ``stages``):
 - ``config``: the configs of every step, each option declared once on its field.
 - ``evaluation``: test metrics of a checkpoint or an ensemble.
 - ``experiments/``: ``sweep`` (grids as dask tasks), ``specialists/`` (clustering, one
-  specialist, the combination, the steps), ``reproduce/`` (recipes, shared artefacts, sections
-  measured as records, the report rendered from them), ``bench`` (with ``bench_timing``,
-  ``bench_figures``, ``bench_report``), ``demo``, ``plots``.
+  specialist, the combination, the steps), ``reproduce/`` (recipes, shared artefacts, each
+  experiment measured as a record in its own module, the report rendered from them), ``bench``
+  (with ``bench_timing``, ``bench_figures``, ``bench_report``), ``demo``, ``plots``.
 """
 
 __version__ = "0.1.0"

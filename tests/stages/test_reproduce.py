@@ -255,7 +255,7 @@ def test_report_counts_each_run_once_and_reuse_only_across_invocations(
 
 
 def test_omitted_class_verdict_needs_more_than_noise() -> None:
-    from pipeline.experiments.reproduce.sections import count_noise, omitted_verdict
+    from pipeline.experiments.reproduce.omitted_class import count_noise, omitted_verdict
 
     holds, verdict = omitted_verdict(3, 2, 1, 0.5, 0.2)
     assert not holds

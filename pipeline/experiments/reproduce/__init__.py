@@ -17,8 +17,9 @@ Modules:
 
 - ``recipes``: :class:`ReproduceConfig`, the scales, teacher recipes and the paper's figures (data).
 - ``artefacts``: :class:`~.artefacts.Run`, the shared teacher, caches and student runs.
-- ``sections``: the four experiments (:data:`EXPERIMENTS`), each measured into a record with a
-  verdict.
+- ``sections``: what an experiment's record is (:class:`~.sections.Section`); the experiments
+  (:data:`EXPERIMENTS`), each measured into a record with a verdict: ``main_table``,
+  ``temperature``, ``omitted_class``, ``small_data``, ``consistency``.
 - ``report``: the records as Markdown (:func:`~.report.render_report`) and charts.
 """
 
@@ -36,6 +37,9 @@ import torch
 from pipeline.devices import resolve_device
 from pipeline.experiments.plots import optional_plot
 from pipeline.experiments.reproduce.artefacts import Run
+from pipeline.experiments.reproduce.consistency import consistency
+from pipeline.experiments.reproduce.main_table import main_table
+from pipeline.experiments.reproduce.omitted_class import omitted_class
 from pipeline.experiments.reproduce.recipes import (
     EXPERIMENT_NAMES,
     HOLDOUT,
@@ -48,7 +52,9 @@ from pipeline.experiments.reproduce.recipes import (
     TeacherRecipe,
 )
 from pipeline.experiments.reproduce.report import Header, draw_plot, render_report
-from pipeline.experiments.reproduce.sections import EXPERIMENTS, Section
+from pipeline.experiments.reproduce.sections import Section
+from pipeline.experiments.reproduce.small_data import small_data
+from pipeline.experiments.reproduce.temperature import temperature
 from pipeline.training.teacher import recorded_config
 
 __all__ = [
@@ -69,6 +75,15 @@ __all__ = [
     "render_report",
     "run_reproduce",
 ]
+
+#: The experiments by name, in the report's order.
+EXPERIMENTS: dict[str, Callable[[Run], Section]] = {
+    "main-table": main_table,
+    "temperature": temperature,
+    "omitted-class": omitted_class,
+    "small-data": small_data,
+    "consistency": consistency,
+}
 
 
 def run_reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict:

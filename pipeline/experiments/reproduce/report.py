@@ -13,16 +13,13 @@ from pathlib import Path
 
 from pipeline.config import TeacherConfig
 from pipeline.experiments.plots import bar_chart, line_chart
+from pipeline.experiments.reproduce.consistency import Consistency
+from pipeline.experiments.reproduce.main_table import MainTable
+from pipeline.experiments.reproduce.omitted_class import OmittedClass
 from pipeline.experiments.reproduce.recipes import PAPER, ReproduceConfig, TeacherRecipe
-from pipeline.experiments.reproduce.sections import (
-    Consistency,
-    MainTable,
-    OmittedClass,
-    Section,
-    SmallData,
-    Temperature,
-    pct,
-)
+from pipeline.experiments.reproduce.sections import Section, pct
+from pipeline.experiments.reproduce.small_data import SmallData
+from pipeline.experiments.reproduce.temperature import Temperature
 
 
 @dataclass
