@@ -25,8 +25,8 @@ nothing here imports ``stages``):
   ``create``, ``write`` (the format's layout, schema and shard writes; the
   format is specified in docs/cache-format.md), ``read`` (``LogitCache``, the reader; imports
   without torch), ``rows`` (the row index and views' parameters re-derived from the header:
-  every reader's checks), ``writer`` (stage one), ``verify``, ``copying``, ``listing`` (cache
-  verify, copy/pack, ls),
+  every reader's checks), ``plan`` and ``writer`` (stage one), ``verify``, ``copying``,
+  ``listing`` (cache verify, copy/pack, ls),
   ``transfer`` (the transfer set behind a cache: recorded, or the user's copy by fingerprint).
 - ``training/``: ``losses`` (the paper's losses and ensemble means: registries), ``loop`` (the
   one training loop, ``TrainConfig``), ``loader`` (streaming cached soft targets), ``teacher``

@@ -13,8 +13,8 @@ The format (version 2; version 1 still reads) is specified in docs/cache-format.
   are stored (dense, top-k, sampled); ``rows``: the row index and views' parameters re-derived
   from the header.
 - ``create`` (the schema), ``write`` (shards, then their done flags; completion): the writing
-  primitives. ``writer``: stage one, teachers run once over a transfer set into a cache (planned:
-  create, resume, add members; then executed).
+  primitives. ``writer``: stage one, teachers run once over a transfer set into a cache (planned
+  by ``plan``: create, resume, add members; then executed).
 - ``read``: ``LogitCache``, the reader (no torch needed), with ``read_checks`` (what it checks on
   what it serves), ``lookup`` (whether a location holds a cache, and its header) and ``info``
   (what ``cache info`` shows).
