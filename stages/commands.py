@@ -126,7 +126,9 @@ def train_student(cfg: StudentConfig, display: Display) -> None:
         line = student_result_line(result)
         if line and not printed:  # --quiet hides progress, never the result
             click.echo(line)
-        click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
+        click.echo(
+            f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json, config.toml)"
+        )
 
 
 @click.command()
