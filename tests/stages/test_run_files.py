@@ -278,3 +278,13 @@ def test_the_group_lists_each_command_with_its_own_short_help() -> None:
     assert set(COMMANDS) == set(main.commands)
     for name, (_, short) in COMMANDS.items():
         assert main.commands[name].get_short_help_str(10_000) == short, name
+
+
+def test_a_specialists_directory_records_its_run_file(cache_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "spec"
+    args = ["--cache", str(cache_path), "--specialists", "2", "--out", str(out), "--device", "cpu"]
+    code, log = cli("specialists", "cluster", *args)
+    assert code == 0, log
+    recorded = (out / RUN_FILE).read_text()
+    assert printed("specialists", "cluster", *args) == recorded
+    assert printed("specialists", "cluster", "--config", str(out / RUN_FILE)) == recorded
