@@ -377,7 +377,7 @@ def _unknown(key: str, known: list[str]) -> str:
 
 
 def file_values(
-    fields: list[Declared], table: Mapping[str, Any], source: str
+    fields: Iterable[Declared], table: Mapping[str, Any], source: str
 ) -> dict[tuple[str, ...], Any]:
     """The field values a run file gives, by field path.
 
@@ -390,6 +390,7 @@ def file_values(
         ConfigError: every unknown key (named, with the key meant where one is close) and every
             value its field refuses, all at once.
     """
+    fields = list(fields)
     by_path = {d.path: d for d in fields}
     sections = {d.path[:i] for d in fields for i in range(1, len(d.path))}
     known = sorted(d.key for d in fields)
