@@ -5,6 +5,10 @@
 any depth, less the fields a nested config's owner sets itself) and
 calls the command with the built configs instead of loose keyword arguments. Only values the user
 actually typed override a config's own defaults, so a default exists once: on its field.
+
+Every configured command also takes ``--config FILE.toml`` (the same fields by name, read first;
+typed options override them) and ``--print-config`` (the resolved configs as that TOML, then exit
+0): see ``pipeline/runfile.py`` and ``docs/run-files.md``.
 """
 
 from __future__ import annotations
@@ -305,6 +309,10 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
     fields get :func:`~pipeline.options.field_problems` (finite, within their declared bounds)
     too, with or without a ``validate()``, and the problems of all the command's configs are
     reported together, once each.
+
+    With ``--config FILE``, the file's values are set first and typed options over them (a
+    problem of the file, such as an unknown key, is reported before anything is built); with
+    ``--print-config``, the checked configs are printed as TOML instead of running the command.
     """
     selected = [_selected(s) for s in specs]
     every = [p for _, params in selected for p in params]
