@@ -14,6 +14,7 @@ a run directory that describes itself (:func:`finish_run`)::
                       bias fitting
       history.csv     per epoch: loss parts, train errors, test errors, seconds
       config.json     the resolved config
+      config.toml     the same run as a run file: train-student --config config.toml replays it
 
 Under ``torchrun`` (see :mod:`pipeline.distributed`) every rank runs this recipe on its share of
 each epoch; the student is trained through DDP, and rank 0 alone logs, evaluates and writes the run
@@ -28,7 +29,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, percent, predict_logits
 from pipeline.models import KDModel, build_model
+from pipeline.runfile import write_run_file
 from pipeline.sequences.data import is_sequence
 from pipeline.training.loader import (
     StreamingCacheSource,
@@ -656,6 +658,9 @@ def fit_student(
         for name in ("metrics.json", "student.pt"):
             (out / name).unlink(missing_ok=True)
         atomic_write_json(out / "config.json", run_config(cfg, ranks))
+        # Its replayable twin (train-student --config OUT/config.toml); --overwrite is how this
+        # invocation treated --out, not part of the run (config.json leaves it out too).
+        write_run_file(out, replace(cfg, overwrite=False))
     source = targets.source
     if os.environ.get(RECORD_ROWS_VAR):
         source = RowRecorder(source, os.environ[RECORD_ROWS_VAR], ranks.rank)

@@ -43,6 +43,7 @@ from pipeline.experiments.specialists.specialist import (
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.metrics import percent, predict_logits
 from pipeline.models import check_trusted, trusting
+from pipeline.runfile import write_run_file
 
 if TYPE_CHECKING:
     from pipeline.config import SpecialistsConfig
@@ -71,6 +72,7 @@ def _write_config(cfg: SpecialistsConfig, step: str) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {"step": step, **cfg.to_dict()})
+    write_run_file(out, cfg)  # kd-pipeline specialists STEP --config OUT/config.toml replays it
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
