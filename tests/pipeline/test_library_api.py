@@ -1,0 +1,219 @@
+"""The library API (``pipeline.api``): ``CacheDataset`` over every kind of cache and ``kd_loss``,
+checked against stage two's own loader and loss on real caches written by the real CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.api import CacheDataset, SparseTargets, collate_soft_targets, kd_loss
+from pipeline.config import StudentConfig
+from pipeline.errors import ConfigError, DistributedError
+from pipeline.training.distill import CLASSIFICATION, SEQUENCE, setup_soft_targets
+from pipeline.training.loop import TrainConfig
+from stages.cli import main
+from tests.pipeline.test_sequences import make_corpus
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
+]
+CPU = torch.device("cpu")
+
+
+def cli(*args: str) -> None:
+    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="module")
+def caches(
+    tmp_path_factory: pytest.TempPathFactory,
+    teacher_dir: Path,
+    npz_path: Path,
+    cache_path: Path,
+    one_torch_thread: None,
+) -> dict[str, Path]:
+    """The session's dense cache, and top-k, sampled and view caches of the same teacher."""
+    root = tmp_path_factory.mktemp("api")
+    out = {"dense": cache_path}
+    base = ["--teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train", "--device", "cpu"]
+    for store in ("topk:2", "sampled:3"):
+        out[store] = root / f"{store[:4]}.zarr"
+        cli("cache-logits", *base, "--store", store, "--rows-per-shard", "128",
+            "--out", str(out[store]), "--quiet")  # fmt: skip
+    out["views"] = root / "views.zarr"
+    cli("cache-logits", *base, "--views", "3", "--augment", "shift:2", "--include-identity",
+        "--rows-per-shard", "100", "--out", str(out["views"]), "--quiet")  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
+    """A dense token cache of a 1-layer gpt teacher over 48 sequences of 16 tokens."""
+    root = tmp_path_factory.mktemp("api-tokens")
+    corpus = make_corpus(root / "c.txt", lines=200)
+    spec = f"text:{corpus}:train:seq=16:count=48"
+    cli("train-teacher", "--dataset", spec, "--model", "gpt:layers=1,dim=16,heads=2",
+        "--members", "1", "--epochs", "1", "--batch-size", "16", "--eval", "",
+        "--out", str(root / "teacher"), "--device", "cpu")  # fmt: skip
+    cli("cache-logits", "--teacher", str(root / "teacher"), "--dataset", spec, "--store",
+        "topk:4", "--rows-per-shard", "8", "--out", str(root / "t.zarr"), "--quiet")  # fmt: skip
+    return root / "t.zarr"
+
+
+def stage_two_batch(cache: Path, t: float, alpha: float, batch: int, seed: int) -> tuple:
+    """Stage two's first batch of epoch 0 and its loss, as ``train-student`` sets them up."""
+    cfg = StudentConfig(
+        cache=str(cache), temperature=t, alpha=alpha, train=TrainConfig(batch_size=batch, seed=seed)
+    )
+    targets = setup_soft_targets(cfg, CPU, lambda line: None)
+    return next(iter(targets.source.epoch(0))), targets.task.loss(cfg), targets.task
+
+
+def first_batch(ds: CacheDataset, n: int) -> dict:
+    items = []
+    for item in ds:
+        items.append(item)
+        if len(items) == n:
+            break
+    return collate_soft_targets(items)
+
+
+def same_targets(a: torch.Tensor | SparseTargets, b: torch.Tensor | SparseTargets) -> None:
+    if isinstance(a, SparseTargets):
+        assert isinstance(b, SparseTargets) and a.kind == b.kind
+        for f in SparseTargets._ROW_FIELDS:
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    else:
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk:2", "sampled:3", "views"])
+def test_batches_and_kd_loss_equal_stage_twos(caches: dict[str, Path], kind: str) -> None:
+    """The dataset serves stage two's rows in stage two's order (the same seed and block size),
+    and kd_loss on them is the loss train-student minimises, to the bit."""
+    (xb, tb, yb), stage_loss, task = stage_two_batch(caches[kind], 3.0, 0.7, 40, seed=5)
+    assert task is CLASSIFICATION
+    ds = CacheDataset(caches[kind], temperature=3.0, seed=5, block_rows=40)
+    batch = first_batch(ds, 40)
+    assert torch.equal(batch["inputs"], xb) and torch.equal(batch["labels"], yb)
+    same_targets(batch["targets"], tb)
+    logits = torch.randn(40, ds.num_classes, generator=torch.Generator().manual_seed(1)) * 3
+    want = stage_loss(logits, tb, yb)
+    got = kd_loss(logits, batch["targets"], 3.0, 0.7, batch["labels"], return_parts=True)
+    for part in ("loss", "soft", "hard"):
+        assert torch.equal(got[part], want[part]), part
+    assert float(got["soft"]) > 0 and float(got["hard"]) > 0
+    assert torch.equal(kd_loss(logits, batch["targets"], 3.0, 0.7, batch["labels"]), want["loss"])
+
+
+def test_kd_loss_is_the_papers_formula_on_dense_targets() -> None:
+    g = torch.Generator().manual_seed(0)
+    z, v, y = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g) * 4, torch.arange(8) % 5
+    t, a = 4.0, 0.25
+    p, log_q = torch.softmax(v / t, 1), torch.log_softmax(z / t, 1)
+    kl = (p * (p.log() - log_q)).sum(1).mean()
+    want = a * t * t * kl + (1 - a) * torch.nn.functional.cross_entropy(z, y)
+    assert torch.allclose(kd_loss(z, v, t, a, y), want, atol=1e-6)
+    assert torch.allclose(kd_loss(z, None, t, 0.0, y), torch.nn.functional.cross_entropy(z, y))
+    with pytest.raises(ConfigError, match="hard labels"):
+        kd_loss(z, v, t, 0.5)
+    with pytest.raises(ConfigError, match="6 classes, the targets 5"):
+        kd_loss(torch.randn(8, 6), v, t, 1.0)
+
+
+def test_token_batches_and_kd_loss_equal_stage_twos(token_cache: Path) -> None:
+    (xb, tb, yb), stage_loss, task = stage_two_batch(token_cache, 2.0, 0.5, 6, seed=3)
+    assert task is SEQUENCE
+    ds = CacheDataset(token_cache, temperature=2.0, seed=3, block_rows=6)
+    assert ds.tokens and ds.labeled and len(ds) == 48
+    batch = first_batch(ds, 6)
+    p = 16
+    assert batch["inputs"].shape == (6, p) and batch["labels"].shape == (6, p)
+    assert isinstance(batch["targets"], SparseTargets) and batch["targets"].index.shape == (
+        1, 6, p, 4
+    )
+    assert torch.equal(batch["inputs"], xb) and torch.equal(batch["labels"], yb)
+    same_targets(batch["targets"], tb)
+    logits = torch.randn(6, p, ds.num_classes, generator=torch.Generator().manual_seed(2))
+    # Stage two's loop flattens a sequence batch to rows (pipeline.training.loop.fit).
+    want = stage_loss(logits.reshape(-1, ds.num_classes), tb.flat(), yb.reshape(-1))
+    got = kd_loss(logits, batch["targets"], 2.0, 0.5, batch["labels"], return_parts=True)
+    for part in ("loss", "soft", "hard"):
+        assert torch.equal(got[part], want[part]), part
+
+
+def rows_served(ds: CacheDataset, epoch: int, **loader: object) -> np.ndarray:
+    """The epoch's inputs, as rows of the transfer set (each input is unique)."""
+    ds.set_epoch(epoch)
+    x = torch.cat([b["inputs"] for b in ds.loader(batch_size=50, **loader)])
+    flat = ds.data.x.reshape(len(ds.data.x), -1)
+    lookup = {row.tobytes(): i for i, row in enumerate(flat)}
+    return np.array([lookup[r.numpy().tobytes()] for r in x.reshape(len(x), -1)])
+
+
+def test_streamed_under_a_small_budget_every_row_once_with_its_targets(
+    caches: dict[str, Path],
+) -> None:
+    memory = CacheDataset(caches["dense"], temperature=2.0)
+    stream = CacheDataset(caches["dense"], temperature=2.0, memory_budget=40_000)
+    assert memory.plan.mode == "memory" and stream.plan.mode == "stream"
+    for epoch in (0, 1):
+        rows = rows_served(stream, epoch)
+        assert sorted(rows) == list(range(600))
+    # The same row's targets either way (the members combined at T).
+    by_row = {}
+    for item in memory:
+        by_row[item["inputs"].numpy().tobytes()] = item["targets"]
+    for item in stream:
+        assert torch.allclose(by_row[item["inputs"].numpy().tobytes()], item["targets"])
+    # Loader workers split the shards: still every row once.
+    rows = rows_served(stream, 2, num_workers=2)
+    assert sorted(rows) == list(range(600))
+
+
+@pytest.mark.parametrize("budget", [2 << 30, 40_000])
+def test_ranks_serve_disjoint_equal_shares(caches: dict[str, Path], budget: int) -> None:
+    shares = [
+        CacheDataset(caches["dense"], memory_budget=budget, rank=r, world_size=3) for r in range(3)
+    ]
+    lengths = {len(s) for s in shares}
+    assert len(lengths) == 1 and 3 * lengths.pop() >= 600 - 3
+    served = [rows_served(s, 1) for s in shares]
+    assert all(len(r) == len(shares[0]) for r in served)
+    union = np.concatenate(served)
+    assert len(set(union.tolist())) == len(union)  # disjoint
+    with pytest.raises(DistributedError, match="num_workers=0"):
+        rows_served(shares[0], 0, num_workers=2)
+    loader = torch.utils.data.DataLoader(shares[0], batch_size=8, num_workers=2)
+    with pytest.raises(DistributedError, match="num_workers=0"):  # raised in a worker
+        next(iter(loader))
+    with pytest.raises(ConfigError, match="rank=3 with world_size=3"):
+        CacheDataset(caches["dense"], rank=3, world_size=3)
+
+
+def test_views_are_replayed_per_epoch(caches: dict[str, Path]) -> None:
+    ds = CacheDataset(caches["views"], views_per_epoch=2, temperature=2.0)
+    assert len(ds) == 1200
+    ds.set_epoch(0)
+    a = torch.stack([it["inputs"] for it in ds])
+    ds.set_epoch(1)
+    b = torch.stack([it["inputs"] for it in ds])
+    assert a.shape == (1200, 1, 8, 8) and not torch.equal(a, b)
+    with pytest.raises(ConfigError, match="more than the 3 view"):
+        CacheDataset(caches["views"], views_per_epoch=4)
+
+
+def test_bad_arguments_are_refused(caches: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError) as e:
+        CacheDataset(caches["dense"], temperature=0, ensemble="median")
+    assert "temperature" in str(e.value) and "ensemble" in str(e.value)
+    with pytest.raises(ConfigError, match="out of range"):
+        CacheDataset(caches["dense"], members=[2])
+    with pytest.raises(ConfigError, match="mean-logits"):
+        CacheDataset(caches["sampled:3"], ensemble="mean-logits")
