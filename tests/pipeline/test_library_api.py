@@ -114,7 +114,8 @@ def test_batches_and_kd_loss_equal_stage_twos(caches: dict[str, Path], kind: str
 
 def test_kd_loss_is_the_papers_formula_on_dense_targets() -> None:
     g = torch.Generator().manual_seed(0)
-    z, v, y = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g) * 4, torch.arange(8) % 5
+    z, v = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g) * 4
+    y = torch.arange(8) % 5
     t, a = 4.0, 0.25
     p, log_q = torch.softmax(v / t, 1), torch.log_softmax(z / t, 1)
     kl = (p * (p.log() - log_q)).sum(1).mean()
@@ -135,9 +136,8 @@ def test_token_batches_and_kd_loss_equal_stage_twos(token_cache: Path) -> None:
     batch = first_batch(ds, 6)
     p = 16
     assert batch["inputs"].shape == (6, p) and batch["labels"].shape == (6, p)
-    assert isinstance(batch["targets"], SparseTargets) and batch["targets"].index.shape == (
-        1, 6, p, 4
-    )
+    sparse = batch["targets"]
+    assert isinstance(sparse, SparseTargets) and sparse.index.shape == (1, 6, p, 4)
     assert torch.equal(batch["inputs"], xb) and torch.equal(batch["labels"], yb)
     same_targets(batch["targets"], tb)
     logits = torch.randn(6, p, ds.num_classes, generator=torch.Generator().manual_seed(2))
