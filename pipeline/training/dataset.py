@@ -34,6 +34,7 @@ same number of steps. Call :meth:`CacheDataset.set_epoch` before each epoch for 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from pipeline.config import StudentConfig
 from pipeline.distributed import batch_spans
 from pipeline.errors import ConfigError, DistributedError
 from pipeline.sequences.data import is_sequence
+from pipeline.training.distill import soft_target_record
 from pipeline.training.loader import (
     StreamingCacheSource,
     cache_source,
@@ -154,6 +156,13 @@ class CacheDataset(torch.utils.data.IterableDataset):
             )
         check_member_kinds(cache, self.members, ensemble)
         self.temperature, self.ensemble, self.seed = float(temperature), ensemble, seed
+        # What train-student records (storage, exactness at T, what the loss matches), and the
+        # note it prints (a T whose sparse tails are interpolated) as a warning.
+        self.soft_targets = soft_target_record(
+            cache, self.members, StudentConfig(temperature=self.temperature)
+        )
+        if "note" in self.soft_targets:
+            warnings.warn(self.soft_targets["note"], UserWarning, stacklevel=2)
         self.data = load_transfer_set(cache, dataset, data_dir)
         self.tokens = is_token_cache(cache)
         common: dict[str, Any] = {

@@ -3,6 +3,10 @@ checked against stage two's own loader and loss on real caches written by the re
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,7 @@ from pipeline.errors import ConfigError, DistributedError
 from pipeline.training.distill import CLASSIFICATION, SEQUENCE, setup_soft_targets
 from pipeline.training.loop import TrainConfig
 from stages.cli import main
+from tests.optional import require
 from tests.pipeline.test_sequences import make_corpus
 
 pytestmark = [
@@ -23,6 +28,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
 ]
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> None:
@@ -54,12 +60,13 @@ def caches(
 
 @pytest.fixture(scope="module")
 def token_cache(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Path:
-    """A dense token cache of a 1-layer gpt teacher over 48 sequences of 16 tokens."""
+    """A top-k token cache of a 1-layer gpt teacher over 96 sequences of 16 tokens (trained
+    enough that its top token is the next one about a fifth of the time)."""
     root = tmp_path_factory.mktemp("api-tokens")
     corpus = make_corpus(root / "c.txt", lines=200)
-    spec = f"text:{corpus}:train:seq=16:count=48"
-    cli("train-teacher", "--dataset", spec, "--model", "gpt:layers=1,dim=16,heads=2",
-        "--members", "1", "--epochs", "1", "--batch-size", "16", "--eval", "",
+    spec = f"text:{corpus}:train:seq=16:count=96"
+    cli("train-teacher", "--dataset", spec, "--model", "gpt:layers=1,dim=32,heads=2",
+        "--members", "1", "--epochs", "4", "--batch-size", "16", "--lr", "0.01", "--eval", "",
         "--out", str(root / "teacher"), "--device", "cpu")  # fmt: skip
     cli("cache-logits", "--teacher", str(root / "teacher"), "--dataset", spec, "--store",
         "topk:4", "--rows-per-shard", "8", "--out", str(root / "t.zarr"), "--quiet")  # fmt: skip
@@ -97,19 +104,19 @@ def same_targets(a: torch.Tensor | SparseTargets, b: torch.Tensor | SparseTarget
 def test_batches_and_kd_loss_equal_stage_twos(caches: dict[str, Path], kind: str) -> None:
     """The dataset serves stage two's rows in stage two's order (the same seed and block size),
     and kd_loss on them is the loss train-student minimises, to the bit."""
-    (xb, tb, yb), stage_loss, task = stage_two_batch(caches[kind], 3.0, 0.7, 40, seed=5)
+    (xb, tb, yb), stage_loss, task = stage_two_batch(caches[kind], 4.0, 0.7, 40, seed=5)
     assert task is CLASSIFICATION
-    ds = CacheDataset(caches[kind], temperature=3.0, seed=5, block_rows=40)
+    ds = CacheDataset(caches[kind], temperature=4.0, seed=5, block_rows=40)
     batch = first_batch(ds, 40)
     assert torch.equal(batch["inputs"], xb) and torch.equal(batch["labels"], yb)
     same_targets(batch["targets"], tb)
     logits = torch.randn(40, ds.num_classes, generator=torch.Generator().manual_seed(1)) * 3
     want = stage_loss(logits, tb, yb)
-    got = kd_loss(logits, batch["targets"], 3.0, 0.7, batch["labels"], return_parts=True)
+    got = kd_loss(logits, batch["targets"], 4.0, 0.7, batch["labels"], return_parts=True)
     for part in ("loss", "soft", "hard"):
         assert torch.equal(got[part], want[part]), part
     assert float(got["soft"]) > 0 and float(got["hard"]) > 0
-    assert torch.equal(kd_loss(logits, batch["targets"], 3.0, 0.7, batch["labels"]), want["loss"])
+    assert torch.equal(kd_loss(logits, batch["targets"], 4.0, 0.7, batch["labels"]), want["loss"])
 
 
 def test_kd_loss_is_the_papers_formula_on_dense_targets() -> None:
@@ -132,7 +139,7 @@ def test_token_batches_and_kd_loss_equal_stage_twos(token_cache: Path) -> None:
     (xb, tb, yb), stage_loss, task = stage_two_batch(token_cache, 2.0, 0.5, 6, seed=3)
     assert task is SEQUENCE
     ds = CacheDataset(token_cache, temperature=2.0, seed=3, block_rows=6)
-    assert ds.tokens and ds.labeled and len(ds) == 48
+    assert ds.tokens and ds.labeled and len(ds) == 96
     batch = first_batch(ds, 6)
     p = 16
     assert batch["inputs"].shape == (6, p) and batch["labels"].shape == (6, p)
@@ -217,3 +224,42 @@ def test_bad_arguments_are_refused(caches: dict[str, Path]) -> None:
         CacheDataset(caches["dense"], members=[2])
     with pytest.raises(ConfigError, match="mean-logits"):
         CacheDataset(caches["sampled:3"], ensemble="mean-logits")
+
+
+def test_a_temperature_the_sparse_cache_did_not_record_is_noted(caches: dict[str, Path]) -> None:
+    """What train-student prints as a note (interpolated tails) is a warning here."""
+    with pytest.warns(UserWarning, match="T=3.0 is not a recorded temperature"):
+        ds = CacheDataset(caches["topk:2"], temperature=3.0)
+    assert ds.soft_targets["exact"] is False and ds.soft_targets["storage"] == ["topk:2"] * 2
+    exact = CacheDataset(caches["topk:2"], temperature=4.0)
+    assert exact.soft_targets["exact"] is True
+
+
+# ------------------------------------------------------------------------------------ examples
+def run_example(name: str, *args: str) -> dict:
+    """Run ``examples/NAME`` as a user would (a script, this tree importable); its JSON line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, str(REPO / "examples" / name), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_the_plain_loop_example_distils_a_student(caches: dict[str, Path]) -> None:
+    out = run_example("plain_loop.py", str(caches["dense"]), "--epochs", "4")
+    assert len(out["losses"]) == 4 and out["losses"][-1] < 0.8 * out["losses"][0]
+    assert out["agreement_before"] < 0.5 and out["agreement_after"] > 0.9
+
+
+def test_the_hf_trainer_example_distils_a_gpt2(token_cache: Path, tmp_path: Path) -> None:
+    require("accelerate")  # transformers' Trainer needs it
+    out = run_example("hf_trainer.py", str(token_cache), str(tmp_path / "run"), "--epochs", "3")
+    losses = out["losses"]
+    assert len(losses) >= 8 and losses[-1] < 0.75 * losses[0]
+    assert out["agreement_after"] > out["agreement_before"] + 0.3
