@@ -177,3 +177,28 @@ def test_what_hf_image_cannot_honour_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ModelSpecError, match="no config.json"):
         build_model(f"hf-image:{vit}", (3, 16, 16), 3)
+
+
+@pytest.mark.filterwarnings("ignore:.*torchvision.*")
+def test_an_hf_image_dataset_is_cached_the_same_way(folder: Path, tmp_path: Path) -> None:
+    """The folder's files as a ``datasets`` image column saved to disk (``hf:DIR:SPLIT``)."""
+    datasets = require("datasets")
+    from PIL import Image
+
+    files = images(folder)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES))}
+    )
+    labels = [CLASSES.index(f.parent.name) for f in files]
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.open(f).convert("RGB") for f in files], "label": labels},
+        features=features,
+    )
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dd"))
+    vit = save_vit(tmp_path / "vit")
+    cache = cache_logits(
+        f"hf-image:{vit}", f"hf:{tmp_path / 'dd'}:train:size=16", tmp_path / "c.zarr"
+    )
+    want = processor_logits(vit, files)
+    np.testing.assert_allclose(stored(cache), want.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.array_equal(cache.read_labels(0), labels[:5])
