@@ -263,3 +263,15 @@ def test_the_hf_trainer_example_distils_a_gpt2(token_cache: Path, tmp_path: Path
     losses = out["losses"]
     assert len(losses) >= 8 and losses[-1] < 0.75 * losses[0]
     assert out["agreement_after"] > out["agreement_before"] + 0.3
+
+
+def test_the_docs_code_is_the_examples_code() -> None:
+    """Every code block of docs/library-api.md headed ``# examples/NAME.py`` is a verbatim part
+    of that file, which the tests above run: the page and the examples cannot drift apart."""
+    page = (REPO / "docs" / "library-api.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in page.split("```python\n")[1:]]
+    quoted = [b for b in blocks if b.startswith("# examples/")]
+    assert len(quoted) == 3
+    for block in quoted:
+        head, _, code = block.partition("\n")
+        assert code.strip() and code in (REPO / head[2:]).read_text(), head
