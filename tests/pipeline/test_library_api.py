@@ -204,6 +204,64 @@ def test_ranks_serve_disjoint_equal_shares(caches: dict[str, Path], budget: int)
         CacheDataset(caches["dense"], rank=3, world_size=3)
 
 
+DDP_SCRIPT = """
+import json, sys
+import numpy as np
+import torch
+import torch.distributed as dist
+from pipeline.api import CacheDataset, kd_loss
+
+cache, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+ds = CacheDataset(cache, temperature=2.0, memory_budget=budget)  # rank, world: torch.distributed's
+student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, ds.num_classes))
+model = torch.nn.parallel.DistributedDataParallel(student)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+steps, seen = [], []
+for epoch in range(2):
+    ds.set_epoch(epoch)
+    n = 0
+    for batch in ds.loader(batch_size=32):
+        loss = kd_loss(model(batch["inputs"]), batch["targets"], 2.0, 0.9, batch["labels"])
+        opt.zero_grad()
+        loss.backward()  # DDP averages the gradients: every rank must take this step
+        opt.step()
+        n += 1
+        seen += [x.numpy().tobytes().hex() for x in batch["inputs"]] if epoch == 0 else []
+    steps.append(n)
+record = {"rank": dist.get_rank(), "world": ds.world_size, "len": len(ds), "steps": steps,
+          "seen": seen, "weights": [float(w) for w in student[1].weight.flatten()]}
+with open(f"{out}-{dist.get_rank()}.json", "w") as f:
+    json.dump(record, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("budget", [2 << 30, 40_000])
+def test_under_torchrun_each_rank_trains_on_its_share(
+    caches: dict[str, Path], tmp_path: Path, budget: int
+) -> None:
+    """Two DDP processes (torchrun, gloo): the ranks come from torch.distributed, their shares
+    are disjoint, they take the same steps (no hang), and DDP keeps their weights equal."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "rank"
+    res = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(script), str(caches["dense"]),
+         str(budget), str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    a, b = (json.loads(Path(f"{out}-{r}.json").read_text()) for r in (0, 1))
+    assert a["world"] == b["world"] == 2 and a["len"] == b["len"] == 300
+    assert a["steps"] == b["steps"] == [10, 10]
+    assert not set(a["seen"]) & set(b["seen"]) and len(a["seen"]) == len(b["seen"]) == 300
+    assert a["weights"] == b["weights"]
+
+
 def test_views_are_replayed_per_epoch(caches: dict[str, Path]) -> None:
     ds = CacheDataset(caches["views"], views_per_epoch=2, temperature=2.0)
     assert len(ds) == 1200
