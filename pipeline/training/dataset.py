@@ -47,7 +47,7 @@ from pipeline.cache.transfer import load_transfer_set
 from pipeline.checks import collect, one_of, positive
 from pipeline.config import StudentConfig
 from pipeline.distributed import batch_spans
-from pipeline.errors import ConfigError, DistributedError
+from pipeline.errors import CacheError, ConfigError, DistributedError
 from pipeline.sequences.data import is_sequence
 from pipeline.training.distill import soft_target_record
 from pipeline.training.loader import (
@@ -176,8 +176,15 @@ class CacheDataset(torch.utils.data.IterableDataset):
             "rank": (self.rank, self.world_size),
         }
         if self.tokens:
+            if views_per_epoch != 1:  # refused, as train-student refuses it, never ignored
+                raise ConfigError(
+                    [
+                        f"views_per_epoch={views_per_epoch}: {cache.location} is a token cache, "
+                        "which holds no augmented views; leave views_per_epoch at 1"
+                    ]
+                )
             if not is_sequence(self.data):
-                raise ConfigError([f"{cache.location}: its transfer set is not a sequence dataset"])
+                raise CacheError(f"{cache.location}: its transfer set is not a sequence dataset")
             self.source, self.plan = token_source(cache, self.data, **common)  # type: ignore[arg-type]
         else:
             # The same decision train-student makes for --views-per-epoch (refusals included).

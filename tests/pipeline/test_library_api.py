@@ -153,6 +153,8 @@ def test_token_batches_and_kd_loss_equal_stage_twos(token_cache: Path) -> None:
     got = kd_loss(logits, batch["targets"], 2.0, 0.5, batch["labels"], return_parts=True)
     for part in ("loss", "soft", "hard"):
         assert torch.equal(got[part], want[part]), part
+    with pytest.raises(ConfigError, match="token cache, which holds no augmented views"):
+        CacheDataset(token_cache, views_per_epoch=2)
 
 
 def rows_served(ds: CacheDataset, epoch: int, **loader: object) -> np.ndarray:
