@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline import hf_image
 from pipeline.errors import CheckpointError, KDError
 from pipeline.files import atomic_write
 from pipeline.models import KDModel, build_model, check_trusted
@@ -93,8 +94,9 @@ class LoadedModel:
     sha256: str
 
     def identity(self) -> dict:
-        """JSON identity of this model for cache and run metadata."""
-        return {
+        """JSON identity of this model for cache and run metadata (with ``preprocess`` for a
+        teacher whose input preprocessing is part of it: ``hf-image:``)."""
+        out = {
             "path": str(self.path),
             "checkpoint_sha256": self.sha256,
             "model_spec": self.meta.get("model_spec"),
@@ -103,6 +105,9 @@ class LoadedModel:
             "train_dataset_fingerprint": (self.meta.get("dataset") or {}).get("fingerprint"),
             "metrics": self.meta.get("metrics"),
         }
+        if "preprocess" in self.meta:
+            out["preprocess"] = self.meta["preprocess"]
+        return out
 
 
 def load_checkpoint(
@@ -168,14 +173,16 @@ def load_checkpoint(
 
 
 def is_model_spec(path: str | Path) -> bool:
-    """Whether a teacher given where a checkpoint is expected is a ``tv:`` model spec."""
-    return isinstance(path, str) and path.startswith("tv:")
+    """Whether a teacher given where a checkpoint is expected is a ``tv:`` or ``hf-image:`` model
+    spec."""
+    return isinstance(path, str) and path.startswith(("tv:", f"{hf_image.PREFIX}:"))
 
 
 def _load_spec_teacher(spec: str, device: torch.device | str) -> LoadedModel:
     """A teacher people already have: a ``tv:NAME:weights=FILE`` spec, built and loaded (its
     identity hashes the architecture, normalisation and the weights' bytes)."""
-    full, meta, sha = tv_teacher_meta(spec)
+    hf = spec.startswith(f"{hf_image.PREFIX}:")
+    full, meta, sha = (hf_image.teacher_meta if hf else tv_teacher_meta)(spec)
     model = build_model(full, (None, None, None), meta["num_classes"])
     model.to(device).eval()
     return LoadedModel(model, meta, Path(spec), sha)

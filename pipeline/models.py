@@ -13,6 +13,8 @@ A model spec is ``NAME[:ARG][:key=value...]``:
 - ``tv:NAME[:weights=FILE][:norm=imagenet|none][:classes=N]`` — a torchvision architecture
   (``resnet18``, ``mobilenet_v3_small``, ``vit_b_16``, ...), weights from a local file only
   (:mod:`pipeline.tv`).
+- ``hf-image:DIR`` — a ``transformers`` image classifier and its image processor saved in DIR,
+  the processor's resize and normalisation inside the model (:mod:`pipeline.hf_image`).
 
 The last two run code the spec names. A spec typed on the command line is the user's own choice;
 one *recorded* in a checkpoint or a cache was chosen by whoever made that file, so it is built only
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import tv
+from pipeline import hf_image, tv
 from pipeline.errors import ModelSpecError, UntrustedCodeError
 
 
@@ -309,6 +311,10 @@ def _build_py(
 register_model("tv", "tv:NAME[:weights=FILE][:norm=imagenet|none] a torchvision architecture")(
     tv.build_tv
 )
+register_model(
+    hf_image.PREFIX,
+    "hf-image:DIR a transformers image classifier saved locally (pip install '.[hf]')",
+)(hf_image.build_hf_image)
 
 
 def code_source(spec: str) -> str | None:
