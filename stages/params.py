@@ -80,13 +80,14 @@ class Parsed(click.ParamType):
 
 
 class ExistingOrHF(click.Path):
-    """An existing path, or ``hf:DIR`` (a transformers model directory, checked when loaded)."""
+    """An existing path, or ``hf:DIR`` / ``hf-image:DIR`` (a transformers model directory,
+    checked when loaded)."""
 
     def __init__(self) -> None:
         super().__init__(exists=True)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and value.startswith("hf:"):
+        if isinstance(value, str) and value.startswith(("hf:", "hf-image:")):
             return value
         return super().convert(value, param, ctx)
 
