@@ -16,8 +16,8 @@ must exit N, default 0). Each ``expect: TEXT`` line names text the block's outpu
 Every page's tested blocks run in order, each as one ``bash -e -o pipefail`` script, in one fresh
 directory per page that holds the shipped data (``data/fashion-mnist``, ``data/kjv``), with this
 interpreter's ``python`` and ``kd-pipeline`` first on ``PATH`` and the repository importable: what a
-reader who cloned the repository and ran the quick start's install has. Blocks left untested say
-why in their page (a GPU, a cluster, torchvision, or minutes of training).
+reader who cloned the repository and ran the quick start's install has. Every other ``bash`` block
+says why it is not run, in a comment the test reads: ``<!-- untested: a GPU and a cluster -->``.
 """
 
 from __future__ import annotations
@@ -120,6 +120,43 @@ def run_block(block: Block, cwd: Path) -> str:
     for text in block.expect:
         assert text in out, f"{where}: expected {text!r} in its output:\n{out}"
     return out
+
+
+def test_every_bash_block_is_tested_or_says_why_not() -> None:
+    for page in sorted(DOCS.glob("*.md")):
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line != "```bash":
+                continue
+            before = next((ln for ln in reversed(lines[:i]) if ln.strip()), "")
+            untested = re.fullmatch(r"<!-- untested: \S.* -->", before)
+            assert untested or before == "-->" or re.fullmatch(r"<!-- tested.*-->", before), (
+                f"docs/{page.name}:{i + 1}: a bash block neither tested nor saying why not "
+                "(<!-- tested --> or <!-- untested: REASON -->)"
+            )
+
+
+def test_markers_parse(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n<!-- tested -->\n```bash\necho one\n```\n\n"
+        "<!-- tested: slow s3 exit=2\nexpect: two words\nexpect: three\n-->\n\n"
+        "```bash\necho two words three; exit 2\n```\n\n"
+        "<!-- untested: a GPU -->\n```bash\nnvidia-smi\n```\n"
+    )
+    first, second = marked_blocks(page)
+    assert (first.code, first.options, first.expect, first.line) == ("echo one\n", [], [], 3)
+    assert second.options == ["slow", "s3", "exit=2"] and second.exit_status == 2
+    assert second.expect == ["two words", "three"]
+    assert run_block(second, tmp_path).strip() == "two words three"
+    with pytest.raises(AssertionError, match="expected 'three'"):
+        run_block(Block("page.md", 1, "echo two words\n", [], ["three"]), tmp_path)
+    page.write_text("<!-- tested: fast -->\n```bash\ntrue\n```\n")
+    with pytest.raises(AssertionError, match="unknown option"):
+        marked_blocks(page)
+    page.write_text("<!-- tested -->\n```python\npass\n```\n")
+    with pytest.raises(AssertionError, match="followed by a ```bash block"):
+        marked_blocks(page)
 
 
 def test_every_tested_marker_is_found() -> None:
