@@ -10,7 +10,8 @@ first V logits (:func:`token_rows`), so padded logits never reach a cache or a l
   blocks with learned positions and a causal mask; ``ctx`` must cover the dataset's length P.
 - ``hf:DIR``: a causal language model saved locally with ``transformers``
   (``save_pretrained``), loaded with ``local_files_only`` (never a download) and without remote
-  code. ``pip install 'kd-pipeline[hf]'``.
+  code (unless ``--trust-code DIR``); a directory holding only a ``config.json`` builds the
+  architecture with seeded random weights (a student). ``pip install 'kd-pipeline[hf]'``.
 """
 
 from __future__ import annotations
@@ -97,28 +98,44 @@ def _build_gpt(spec: str, parts: list[str], in_shape: tuple[int, ...], num_class
 
 
 class HFCausalLM(nn.Module):
-    """A ``transformers`` causal LM from a local directory: (B, P) ids -> (B, P, W) logits."""
+    """A ``transformers`` causal LM from a local directory: (B, P) ids -> (B, P, W) logits.
+
+    ``DIR`` holds a ``config.json`` and, for a pretrained model, its weights; a directory with a
+    config only builds the architecture with freshly initialised weights (seeded by the caller's
+    ``torch.manual_seed``), e.g. a student to distil into. Nothing is ever downloaded
+    (``local_files_only``), and a config that names custom code (``auto_map``) is refused unless
+    the directory is allowed with ``--trust-code DIR`` (:func:`pipeline.sequences.hf.trusted_code`).
+    """
 
     token_inputs = True
 
     def __init__(self, directory: str) -> None:
         super().__init__()
+        from pipeline.sequences.hf import (
+            custom_code_problem,
+            has_weights,
+            import_transformers,
+            read_config,
+        )
+
+        spec = f"hf:{directory}"
+        transformers = import_transformers(spec)
+        root = Path(directory)
+        config = read_config(root, spec)
+        trust = custom_code_problem(root, config, spec)  # raises unless allowed
+        kw: dict = {"local_files_only": True}
+        if trust:  # only for a directory the user allowed: never by default
+            kw["trust_remote_code"] = True
+        self.directory = directory
+        self.pretrained = has_weights(root)
         try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise ModelSpecError(
-                f"hf:{directory} needs the `transformers` package: pip install 'kd-pipeline[hf]'"
-                + _torchvision_note()
-            ) from None
-        if not (Path(directory) / "config.json").is_file():
-            raise ModelSpecError(
-                f"hf:{directory}: no config.json there; give a directory written by a "
-                "transformers model's save_pretrained (nothing is downloaded)"
-            )
-        try:
-            self.lm = AutoModelForCausalLM.from_pretrained(
-                directory, local_files_only=True, trust_remote_code=False
-            )
+            if self.pretrained:
+                self.lm = transformers.AutoModelForCausalLM.from_pretrained(directory, **kw)
+            else:
+                cfg = transformers.AutoConfig.from_pretrained(directory, **kw)
+                self.lm = transformers.AutoModelForCausalLM.from_config(
+                    cfg, **({"trust_remote_code": True} if trust else {})
+                )
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
             raise ModelSpecError(
                 f"hf:{directory}: cannot load it ({type(e).__name__}: {e})" + _torchvision_note()

@@ -14,6 +14,8 @@ a run directory that describes itself (:func:`finish_run`)::
                       bias fitting
       history.csv     per epoch: loss parts, train errors, test errors, seconds
       config.json     the resolved config
+      hf/             an hf:DIR student, also as transformers' save_pretrained (safetensors) with
+                      the tokenizer: AutoModelForCausalLM.from_pretrained(RUN_DIR/hf)
 
 Under ``torchrun`` (see :mod:`pipeline.distributed`) every rank runs this recipe on its share of
 each epoch; the student is trained through DDP, and rank 0 alone logs, evaluates and writes the run
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -654,6 +657,7 @@ def fit_student(
         # it, and an interrupted retraining never leaves them beside the new config.json.
         for name in ("metrics.json", "student.pt"):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "hf", ignore_errors=True)  # an hf:DIR student's export
         atomic_write_json(out / "config.json", run_config(cfg, ranks))
     source = targets.source
     if os.environ.get(RECORD_ROWS_VAR):
@@ -746,6 +750,7 @@ def finish_run(
         "device": describe_device(device),
     }
     save_checkpoint(out / "student.pt", student, meta)
+    task.save_outputs(student, targets, out)
     result = {**targets.record, "metrics": metrics, "config": run_config(cfg, ranks)}
     atomic_write_json(out / "metrics.json", result)
     if test is not None:
@@ -852,6 +857,9 @@ class ClassificationTask:
             f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
             f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f}) on {test.spec}"
         )
+
+    def save_outputs(self, student: torch.nn.Module, targets: SoftTargets, out: Path) -> None:
+        """Nothing beside ``student.pt`` for classifiers."""
 
     def checkpoint_meta(self, targets: SoftTargets) -> dict:
         data = targets.data
