@@ -96,7 +96,8 @@ def trust_code_option() -> list[str]:
         multiple=True,
         metavar="MODULE",
         help="Allow a checkpoint or cache whose recorded model spec is py:MODULE:FACTORY (or "
-        "torchscript:PATH) to import MODULE and its submodules (or load PATH); repeatable. "
+        "torchscript:PATH) to import MODULE and its submodules (or load PATH), or an hf:DIR "
+        "model whose config.json names custom code (auto_map) to run it (give DIR); repeatable. "
         "Without it such a file is refused: its author, not you, chose that code.",
     )
 

@@ -342,3 +342,48 @@ def test_a_transformers_that_fails_to_import_is_named(
         "hf:somewhere: transformers is installed but fails to import (RuntimeError: operator "
         "torchvision::nms missing); a broken optional dependency of it, not the model"
     )
+
+
+def test_trust_code_runs_the_allowed_directory_only(
+    world: dict, distilled: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --trust-code DIR, a config whose auto_map names its own classes (a GPT-2 subclass
+    here) trains, and hf/ carries the code; another directory stays refused."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # transformers appends its module cache
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    config = {
+        "model_type": "tiny-custom",
+        "architectures": ["TinyLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_tiny.TinyConfig",
+            "AutoModelForCausalLM": "modeling_tiny.TinyLM",
+        },
+        "vocab_size": world["vocab"], "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2,
+    }  # fmt: skip
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "configuration_tiny.py").write_text(
+        "from transformers import GPT2Config\n\n\nclass TinyConfig(GPT2Config):\n"
+        "    model_type = 'tiny-custom'\n"
+    )
+    (custom / "modeling_tiny.py").write_text(
+        "from transformers import GPT2LMHeadModel\n\nfrom .configuration_tiny import TinyConfig"
+        "\n\n\nclass TinyLM(GPT2LMHeadModel):\n    config_class = TinyConfig\n"
+    )
+    args = ("--epochs", "1", "--batch-size", "16", "--device", "cpu")
+    code, out = cli(
+        "train-student", "--cache", str(distilled["cache"]), "--student", f"hf:{custom}",
+        "--trust-code", str(tmp_path / "elsewhere"), *args, "--out", str(tmp_path / "refused"),
+    )  # fmt: skip
+    assert code == 2 and f"--trust-code {custom}" in out, out
+    code, out = cli(
+        "train-student", "--cache", str(distilled["cache"]), "--student", f"hf:{custom}",
+        "--trust-code", str(custom), *args, "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert code == 0, out
+    exported = json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
+    assert exported["architectures"] == ["TinyLM"]
+    assert (tmp_path / "run" / "hf" / "modeling_tiny.py").is_file()
