@@ -455,36 +455,8 @@ register_dataset(
 )(lazy_sources.load_folder)
 
 
-@register_dataset(
-    "hf",
-    ("dir", "split"),
-    "a Hugging Face dataset on disk: hf:DIR:SPLIT[:x=image:y=label][:size=S...], or its text "
-    "as token sequences: hf:DIR:SPLIT:text=COLUMN[:tokenizer=PATH][:seq=128]",
-    (*lazy_sources.HF_OPTIONS, "text", "tokenizer", "seq", "test"),
-)
-def _hf(directory: str, split: str, data_dir: str | None = None, **options: str) -> object:
-    """One ``hf:`` prefix, two sources: ``text=COLUMN`` selects text packed into token sequences
-    (:mod:`pipeline.sequences.hf_text`), else an image / array source
-    (:func:`pipeline.data.sources.load_hf`); their options do not mix."""
-    from pipeline.sequences.hf_text import TEXT_OPTIONS, load_hf_text
-
-    spec = f"hf:{directory}:{split}"
-    text_keys = [k for k in options if k in TEXT_OPTIONS]
-    image_keys = [k for k in options if k not in TEXT_OPTIONS]
-    if "text" in options:
-        if image_keys:
-            raise DatasetError(
-                f"{spec}: text= reads a text column as token sequences; "
-                f"{', '.join(k + '=' for k in image_keys)} apply to image or array columns "
-                "(without text=)"
-            )
-        return load_hf_text(directory, split, **options)
-    if text_keys:
-        raise DatasetError(
-            f"{spec}: {', '.join(k + '=' for k in text_keys)} apply to text columns; name the "
-            "column with text=COLUMN (e.g. text=text)"
-        )
-    return lazy_sources.load_hf(directory, split, data_dir, **options)
+# "hf" (images and arrays, or text with text=COLUMN) is registered by pipeline.sequences.hf_text,
+# which chooses between the two sources.
 
 
 register_dataset("py", ("module", "factory"), "a user's torch Dataset: py:package.module:factory")(

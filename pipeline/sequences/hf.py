@@ -29,12 +29,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import nn
+
 from pipeline.errors import ModelSpecError, UntrustedCodeError
 from pipeline.models import is_trusted
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from pipeline.sequences.tokenizers import Tokenizer
 
 # Weight files transformers' from_pretrained reads; a directory with none is a config to build.
@@ -67,8 +68,6 @@ def import_transformers(spec: str) -> ModuleType:
     An installed transformers that fails to import is named as such, with the likely cause (a
     torchvision built for another torch), not as a missing package.
     """
-    from pipeline.sequences.models import _torchvision_note
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: local_files_only everywhere
     try:
         import transformers
@@ -180,7 +179,6 @@ def export_hf(model: nn.Module, out: Path, tokenizer: Tokenizer | None) -> Path 
     The directory is written beside ``out`` and renamed into place, so a run never shows half an
     export. Returns ``out``, or None when ``model`` is not a transformers model.
     """
-    from pipeline.sequences.models import HFCausalLM
     from pipeline.sequences.tokenizers import JsonTokenizer
 
     body = getattr(model, "body", model)
@@ -219,3 +217,56 @@ def hf_export_dirs(out: Path, members: int) -> Sequence[Path]:
     if members == 1:
         return [out / "hf"]
     return [out / "hf" / f"member-{i}" for i in range(members)]
+
+
+# ------------------------------------------------------------------------------------ the model
+class HFCausalLM(nn.Module):
+    """A ``transformers`` causal LM from a local directory: (B, P) ids -> (B, P, W) logits.
+
+    ``DIR`` holds a ``config.json`` and, for a pretrained model, its weights; a directory with a
+    config only builds the architecture with freshly initialised weights (seeded by the caller's
+    ``torch.manual_seed``), e.g. a student to distil into. Nothing is ever downloaded
+    (``local_files_only``), and a config that names custom code (``auto_map``) is refused unless
+    the directory is allowed with ``--trust-code DIR`` (:func:`pipeline.sequences.hf.trusted_code`).
+    """
+
+    token_inputs = True
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        spec = f"hf:{directory}"
+        transformers = import_transformers(spec)
+        root = Path(directory)
+        config = read_config(root, spec)
+        trust = custom_code_problem(root, config, spec)  # raises unless allowed
+        kw: dict = {"local_files_only": True}
+        if trust:  # only for a directory the user allowed: never by default
+            kw["trust_remote_code"] = True
+        self.directory = directory
+        self.pretrained = has_weights(root)
+        try:
+            if self.pretrained:
+                self.lm = transformers.AutoModelForCausalLM.from_pretrained(directory, **kw)
+            else:
+                cfg = transformers.AutoConfig.from_pretrained(directory, **kw)
+                self.lm = transformers.AutoModelForCausalLM.from_config(
+                    cfg, **({"trust_remote_code": True} if trust else {})
+                )
+        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+            raise ModelSpecError(
+                f"hf:{directory}: cannot load it ({type(e).__name__}: {e})" + _torchvision_note()
+            ) from e
+        self.width = int(self.lm.config.vocab_size)
+        self.ctx = int(getattr(self.lm.config, "max_position_embeddings", 0) or 1 << 30)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=x.long(), use_cache=False).logits
+
+
+def _torchvision_note() -> str:
+    """The likely cause when transformers fails to import or load a model: it imports a present
+    torchvision, and one built for another torch fails with errors that name other modules."""
+    from pipeline.tv import torchvision_problem
+
+    problem = torchvision_problem()
+    return f"; the likely cause: {problem}" if problem else ""

@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import _Base
+from pipeline.data import sources as lazy_sources
+from pipeline.datasets import _Base, register_dataset
 from pipeline.errors import DatasetError
 from pipeline.sequences.data import (
     DEFAULT_SEQ,
@@ -54,6 +55,38 @@ TEXT_OPTIONS = ("text", "tokenizer", "seq", "test")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
 SEPARATOR = "\n\n"  # between documents when the tokenizer has no end-of-sequence token
 FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+@register_dataset(
+    "hf",
+    ("dir", "split"),
+    "a Hugging Face dataset on disk: hf:DIR:SPLIT[:x=image:y=label][:size=S...], or its text "
+    "as token sequences: hf:DIR:SPLIT:text=COLUMN[:tokenizer=PATH][:seq=128]",
+    (*lazy_sources.HF_OPTIONS, *TEXT_OPTIONS),
+)
+def load_hf_any(
+    directory: str, split: str, data_dir: str | None = None, **options: str
+) -> _Base | lazy_sources.LazyBase:
+    """One ``hf:`` prefix, two sources: ``text=COLUMN`` selects text packed into token sequences
+    (:func:`load_hf_text`), else the image / array source (:func:`pipeline.data.sources.load_hf`);
+    their options do not mix."""
+    spec = f"hf:{directory}:{split}"
+    text_keys = [k for k in options if k in TEXT_OPTIONS]
+    image_keys = [k for k in options if k not in TEXT_OPTIONS]
+    if "text" in options:
+        if image_keys:
+            raise DatasetError(
+                f"{spec}: text= reads a text column as token sequences; "
+                f"{', '.join(k + '=' for k in image_keys)} apply to image or array columns "
+                "(without text=)"
+            )
+        return load_hf_text(directory, split, **options)
+    if text_keys:
+        raise DatasetError(
+            f"{spec}: {', '.join(k + '=' for k in text_keys)} apply to text columns; name the "
+            "column with text=COLUMN (e.g. text=text)"
+        )
+    return lazy_sources.load_hf(directory, split, data_dir, **options)
 
 
 def load_hf_text(

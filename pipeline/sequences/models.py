@@ -17,13 +17,13 @@ first V logits (:func:`token_rows`), so padded logits never reach a cache or a l
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.errors import ModelSpecError
 from pipeline.models import _opts, _positive_int, _prob, register_model
+from pipeline.sequences.hf import HFCausalLM
 
 
 class GPT(nn.Module):
@@ -95,65 +95,6 @@ def _build_gpt(spec: str, parts: list[str], in_shape: tuple[int, ...], num_class
     return GPT(
         width, o.get("layers", 4), o.get("dim", 256), o.get("heads", 4), ctx, o.get("dropout", 0.1)
     )
-
-
-class HFCausalLM(nn.Module):
-    """A ``transformers`` causal LM from a local directory: (B, P) ids -> (B, P, W) logits.
-
-    ``DIR`` holds a ``config.json`` and, for a pretrained model, its weights; a directory with a
-    config only builds the architecture with freshly initialised weights (seeded by the caller's
-    ``torch.manual_seed``), e.g. a student to distil into. Nothing is ever downloaded
-    (``local_files_only``), and a config that names custom code (``auto_map``) is refused unless
-    the directory is allowed with ``--trust-code DIR`` (:func:`pipeline.sequences.hf.trusted_code`).
-    """
-
-    token_inputs = True
-
-    def __init__(self, directory: str) -> None:
-        super().__init__()
-        from pipeline.sequences.hf import (
-            custom_code_problem,
-            has_weights,
-            import_transformers,
-            read_config,
-        )
-
-        spec = f"hf:{directory}"
-        transformers = import_transformers(spec)
-        root = Path(directory)
-        config = read_config(root, spec)
-        trust = custom_code_problem(root, config, spec)  # raises unless allowed
-        kw: dict = {"local_files_only": True}
-        if trust:  # only for a directory the user allowed: never by default
-            kw["trust_remote_code"] = True
-        self.directory = directory
-        self.pretrained = has_weights(root)
-        try:
-            if self.pretrained:
-                self.lm = transformers.AutoModelForCausalLM.from_pretrained(directory, **kw)
-            else:
-                cfg = transformers.AutoConfig.from_pretrained(directory, **kw)
-                self.lm = transformers.AutoModelForCausalLM.from_config(
-                    cfg, **({"trust_remote_code": True} if trust else {})
-                )
-        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise ModelSpecError(
-                f"hf:{directory}: cannot load it ({type(e).__name__}: {e})" + _torchvision_note()
-            ) from e
-        self.width = int(self.lm.config.vocab_size)
-        self.ctx = int(getattr(self.lm.config, "max_position_embeddings", 0) or 1 << 30)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=x.long(), use_cache=False).logits
-
-
-def _torchvision_note() -> str:
-    """The likely cause when transformers fails to import or load a model: it imports a present
-    torchvision, and one built for another torch fails with errors that name other modules."""
-    from pipeline.tv import torchvision_problem
-
-    problem = torchvision_problem()
-    return f"; the likely cause: {problem}" if problem else ""
 
 
 @register_model("hf", "hf:DIR a transformers causal LM saved locally (pip install '.[hf]')")

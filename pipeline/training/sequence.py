@@ -42,8 +42,14 @@ from pipeline.files import atomic_write_json
 from pipeline.metrics import percent
 from pipeline.models import KDModel, build_model
 from pipeline.sequences.data import PAD, SequenceDataset, is_sequence, tokenizer_record
-from pipeline.sequences.hf import export_hf, hf_export_dirs, student_problems, trusted_code
-from pipeline.sequences.models import HFCausalLM, token_rows
+from pipeline.sequences.hf import (
+    HFCausalLM,
+    export_hf,
+    hf_export_dirs,
+    student_problems,
+    trusted_code,
+)
+from pipeline.sequences.models import token_rows
 from pipeline.training.loader import LoaderPlan, StreamingCacheSource, plan_loader, shard_targets
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
 from pipeline.training.losses import DistillationLoss, combine_members, make_loss
