@@ -200,6 +200,12 @@ def load_hf_model(
     root = Path(directory)
     with trusted_code(trust_code):
         model = build_model(f"hf:{directory}", (0,), 1)
+    if not model.body.pretrained:  # type: ignore[union-attr]
+        raise CheckpointError(
+            f"hf:{directory} holds a config.json but no weights (model.safetensors or "
+            "pytorch_model.bin): as a teacher it would give random logits. Train it first "
+            f"(kd-pipeline train-teacher --model hf:{directory}) and give the trained teacher"
+        )
     meta: dict = {"model_spec": f"hf:{directory}", "in_shape": [], "sequence": True}
     width = int(model.body.width)  # type: ignore[union-attr]
     if (root / "tokenizer.json").is_file():

@@ -387,3 +387,24 @@ def test_trust_code_runs_the_allowed_directory_only(
     exported = json.loads((tmp_path / "run" / "hf" / "config.json").read_text())
     assert exported["architectures"] == ["TinyLM"]
     assert (tmp_path / "run" / "hf" / "modeling_tiny.py").is_file()
+
+
+def test_a_config_alone_is_seeded_and_no_teacher(world: dict, tmp_path: Path) -> None:
+    """A config-only directory builds the same weights under the same seed, other ones under
+    another; given as a teacher it is refused (random logits), naming train-teacher."""
+    import torch
+
+    from pipeline.checkpoints import load_hf_model
+    from pipeline.errors import CheckpointError
+    from pipeline.models import build_model
+
+    def weights(seed: int) -> dict:
+        torch.manual_seed(seed)
+        return build_model(f"hf:{world['student']}", (SEQ,), world["vocab"]).state_dict()
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(CheckpointError, match="holds a config.json but no weights") as e:
+        load_hf_model(str(world["student"]))
+    assert f"kd-pipeline train-teacher --model hf:{world['student']}" in str(e.value)
