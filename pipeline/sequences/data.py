@@ -77,7 +77,7 @@ class SequenceDataset(Dataset):
         h.update(self.tokenizer.sha256.encode())
         if self.mask is not None:
             h.update(np.ascontiguousarray(self.mask, dtype=np.uint8).tobytes())
-        if self.doc_starts is not None:  # documents separated without an EOS token
+        if self.doc_starts is not None:  # not implied by the ids where documents end in text
             h.update(b"doc_starts")
             h.update(np.packbits(self.doc_starts).tobytes())
         return "sha256:" + h.hexdigest()

@@ -4,7 +4,7 @@
   ``trust_remote_code`` is passed (as True) only for a directory the user allowed with
   ``--trust-code DIR``: a ``config.json`` with an ``auto_map`` (custom modelling code shipped
   beside the weights) is otherwise refused before transformers sees it (:func:`trusted_code`,
-  :func:`custom_code_problem`).
+  :func:`custom_code_allowed`).
 - **A config is enough.** A directory without weight files builds the architecture with seeded
   random weights (a student to distil into, or a teacher to train).
 - **The vocabulary must match.** A student's ``vocab_size`` must equal the cache's vocabulary V
@@ -107,7 +107,7 @@ def has_weights(root: Path) -> bool:
     return any((root / f).is_file() for f in WEIGHT_FILES) or any(root.glob("*.safetensors"))
 
 
-def custom_code_problem(root: Path, config: dict, spec: str) -> bool:
+def custom_code_allowed(root: Path, config: dict, spec: str) -> bool:
     """Whether ``root``'s custom code may run: False without ``auto_map``; True when the user
     allowed the directory (``--trust-code DIR``).
 
@@ -238,7 +238,7 @@ class HFCausalLM(nn.Module):
         transformers = import_transformers(spec)
         root = Path(directory)
         config = read_config(root, spec)
-        trust = custom_code_problem(root, config, spec)  # raises unless allowed
+        trust = custom_code_allowed(root, config, spec)  # raises when not allowed
         kw: dict = {"local_files_only": True}
         if trust:  # only for a directory the user allowed: never by default
             kw["trust_remote_code"] = True
