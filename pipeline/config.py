@@ -96,7 +96,8 @@ def trust_code_option() -> list[str]:
         multiple=True,
         metavar="MODULE",
         help="Allow a checkpoint or cache whose recorded model spec is py:MODULE:FACTORY (or "
-        "torchscript:PATH) to import MODULE and its submodules (or load PATH); repeatable. "
+        "torchscript:PATH) to import MODULE and its submodules (or load PATH), or an hf:DIR "
+        "model whose config.json names custom code (auto_map) to run it (give DIR); repeatable. "
         "Without it such a file is refused: its author, not you, chose that code.",
     )
 
@@ -134,7 +135,8 @@ class TeacherConfig:
     model: str = option(
         "mlp:1200,1200",
         help="Model spec: mlp:H1,H2,...[:key=value], cnn[:...], "
-        "torchscript:PATH, py:module:factory.",
+        "torchscript:PATH, py:module:factory; on token data gpt:... or hf:DIR (a transformers "
+        "causal LM, or a config.json alone for random weights).",
     )
     input_dropout: float | None = option(None, help="Dropout on the inputs (mlp) [default: 0.2].")
     dropout: float | None = option(
@@ -155,6 +157,13 @@ class TeacherConfig:
     out: str = option("", help="Ensemble directory [default: data/teachers/<model>].")
     device: str = device_option()
     data_dir: str | None = data_dir_option()
+    trust_code: list[str] = option(
+        default_factory=list,
+        multiple=True,
+        metavar="DIR",
+        help="Allow an hf:DIR model whose config.json names custom code (auto_map) to run it; "
+        "without it such a model is refused (nothing is imported from DIR).",
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def resolve(self) -> TeacherConfig:
@@ -182,6 +191,11 @@ class TeacherConfig:
             problems.append(f"--dropout applies to mlp and cnn models, not {kind}")
         if not self.out:
             problems.append("out (the ensemble directory) must be given")
+        if self.trust_code and kind != "hf":
+            problems.append(
+                f"--trust-code allows an hf:DIR model's custom code; {kind} models have none "
+                "to allow (a py: model you name is your own code)"
+            )
         _raise_all(problems, self.train)
 
     def recipe(self) -> dict:
@@ -192,7 +206,7 @@ class TeacherConfig:
         ``--data-dir`` do not make an existing teacher look different.
         """
         d = self.to_dict()
-        for key in ("out", "device", "data_dir", "eval"):
+        for key in ("out", "device", "data_dir", "eval", "trust_code"):
             d.pop(key)
         return d
 

@@ -453,12 +453,8 @@ register_dataset(
     "image folder DIR/SPLIT/CLASS/*.png|jpg: folder:DIR:SPLIT[:size=S:crop=C:mode=rgb|grey]",
     lazy_sources.IMAGE_OPTIONS,
 )(lazy_sources.load_folder)
-register_dataset(
-    "hf",
-    ("dir", "split"),
-    "a Hugging Face dataset on disk: hf:DIR:SPLIT[:x=image:y=label][:size=S...]",
-    lazy_sources.HF_OPTIONS,
-)(lazy_sources.load_hf)
+# "hf" (images and arrays, or text with text=COLUMN) is registered by pipeline.sequences.hf_text,
+# which chooses between the two sources.
 register_dataset("py", ("module", "factory"), "a user's torch Dataset: py:package.module:factory")(
     lazy_sources.load_py
 )

@@ -126,8 +126,10 @@ def train_student(cfg: StudentConfig, display: Display) -> None:
         line = student_result_line(result)
         if line and not printed:  # --quiet hides progress, never the result
             click.echo(line)
+        hf = ", hf/ (transformers)" if (Path(cfg.out) / "hf").is_dir() else ""
         click.echo(
-            f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json, config.toml)"
+            f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json, "
+            f"config.toml{hf})"
         )
 
 

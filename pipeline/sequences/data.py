@@ -57,10 +57,13 @@ class SequenceDataset(Dataset):
     Attributes:
         tokenizer: the tokenizer the ids belong to.
         mask: (N, P) bool, False on padding; None when every position is real.
+        doc_starts: (N, P) bool, True where a document begins (packed documents of an ``hf:``
+            text source); None when the source has no documents. Attention is not blocked there.
     """
 
     tokenizer: Tokenizer = field(default_factory=Tokenizer)
     mask: np.ndarray | None = None
+    doc_starts: np.ndarray | None = None
 
     @property
     def positions(self) -> int:
@@ -74,6 +77,9 @@ class SequenceDataset(Dataset):
         h.update(self.tokenizer.sha256.encode())
         if self.mask is not None:
             h.update(np.ascontiguousarray(self.mask, dtype=np.uint8).tobytes())
+        if self.doc_starts is not None:  # not implied by the ids where documents end in text
+            h.update(b"doc_starts")
+            h.update(np.packbits(self.doc_starts).tobytes())
         return "sha256:" + h.hexdigest()
 
     def describe(self) -> dict:
@@ -292,7 +298,12 @@ class _IdsOnly(Tokenizer):
 
 
 def _base(
-    x: np.ndarray, y: np.ndarray, mask: np.ndarray | None, tok: Tokenizer, source: dict
+    x: np.ndarray,
+    y: np.ndarray,
+    mask: np.ndarray | None,
+    tok: Tokenizer,
+    source: dict,
+    doc_starts: np.ndarray | None = None,
 ) -> _Base:
     # Labels stay class indices for the generic checks (masked positions read as 0 there); the
     # sequence dataset puts the markers back once the rows are chosen.
@@ -313,6 +324,7 @@ def _base(
             modifiers=data.modifiers,
             tokenizer=tok,
             mask=None if mask is None else mask[kept],
+            doc_starts=None if doc_starts is None else doc_starts[kept],
         )
 
     return _Base(x, clean, names, source, extend)

@@ -15,6 +15,8 @@ a run directory that describes itself (:func:`finish_run`)::
       history.csv     per epoch: loss parts, train errors, test errors, seconds
       config.json     the resolved config
       config.toml     the same run as a run file: train-student --config config.toml replays it
+      hf/             an hf:DIR student, also as transformers' save_pretrained (safetensors) with
+                      the tokenizer: AutoModelForCausalLM.from_pretrained(RUN_DIR/hf)
 
 Under ``torchrun`` (see :mod:`pipeline.distributed`) every rank runs this recipe on its share of
 each epoch; the student is trained through DDP, and rank 0 alone logs, evaluates and writes the run
@@ -27,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -657,6 +660,7 @@ def fit_student(
         # it, and an interrupted retraining never leaves them beside the new config.json.
         for name in ("metrics.json", "student.pt"):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "hf", ignore_errors=True)  # an hf:DIR student's export
         atomic_write_json(out / "config.json", run_config(cfg, ranks))
         # Its replayable twin (train-student --config OUT/config.toml); --overwrite is how this
         # invocation treated --out, not part of the run (config.json leaves it out too).
@@ -752,6 +756,7 @@ def finish_run(
         "device": describe_device(device),
     }
     save_checkpoint(out / "student.pt", student, meta)
+    task.save_outputs(student, targets, out)
     result = {**targets.record, "metrics": metrics, "config": run_config(cfg, ranks)}
     atomic_write_json(out / "metrics.json", result)
     if test is not None:
@@ -858,6 +863,9 @@ class ClassificationTask:
             f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
             f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f}) on {test.spec}"
         )
+
+    def save_outputs(self, student: torch.nn.Module, targets: SoftTargets, out: Path) -> None:
+        """Nothing beside ``student.pt`` for classifiers."""
 
     def checkpoint_meta(self, targets: SoftTargets) -> dict:
         data = targets.data
