@@ -153,7 +153,9 @@ def train_student(cfg: StudentConfig, display: Display) -> None:
         line = student_result_line(result)
         if line and not printed:  # --quiet hides progress, never the result
             click.echo(line)
-        click.echo(f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json)")
+        files = "student.pt, metrics.json, history.csv, metrics.jsonl, config.json"
+        tracked = "".join(f", {name}/" for name in cfg.train.log_to)  # a tracker's folder
+        click.echo(f"wrote {cfg.out} ({files}{tracked})")
 
 
 @main.command()
