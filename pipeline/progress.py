@@ -10,8 +10,14 @@ multiprocessing semaphore). In a dask worker process that semaphore outlives a w
 Ctrl-C, and the resource tracker then warns of "leaked semaphore objects" at exit.
 
 Where no bar draws but progress is wanted (output redirected to a log, a batch job), a long loop
-says how far it is with :class:`ProgressLines`: one plain line at most every
-:data:`LINE_SECONDS` seconds, so a log shows a run is alive without a line per step.
+says how far it is with :class:`ProgressLines`: a plain line with the rate and the time left
+every :data:`LINE_SECONDS` seconds, or sooner at each further tenth of the loop, but never
+within :data:`LINE_GAP` of the previous line; so a log shows a run is alive without a line
+per step, and a loop shorter than that says nothing. :func:`progress_bar` returns such lines
+(a :class:`LineBar`) instead of a bar that would not draw, so every step with a bar (caching,
+``cache verify``, ``cache copy``/``pack``, sweeps) has them; training epochs count batches and
+rows and use :class:`ProgressLines` directly. ``$KD_PROGRESS_SECONDS`` sets the interval (the
+gap is a third of it; 0: a line at every update, for tests).
 """
 
 from __future__ import annotations
@@ -31,26 +37,34 @@ def progress_bar(
     total: float | None = None,
     enabled: bool = True,
     file: IO[str] | None = None,
+    log: Callable[[str], None] | None = print,
     **kwargs: Any,
 ) -> Bar:
-    """A tqdm bar that draws only on a terminal (see the module docstring).
+    """A tqdm bar that draws only on a terminal; elsewhere progress lines (see the module
+    docstring).
 
     Args:
         iterable: what to iterate over, as for ``tqdm``; None for a bar updated by hand.
         total: how many units make 100 %; 0 turns the bar off.
-        enabled: False for ``--quiet`` (never draw).
+        enabled: False for ``--quiet`` (never draw, no lines).
         file: the stream (tqdm's default: stderr); it must be a terminal for the bar to draw.
-        **kwargs: passed to ``tqdm`` (``desc``, ``unit``, ``leave``, ...).
+        log: where the progress lines go when the bar does not draw (the command's output);
+            None: no lines either.
+        **kwargs: passed to ``tqdm`` (``desc``, ``unit``, ``unit_scale``, ``leave``, ...).
 
     Returns:
-        A tqdm bar, or a :class:`NoBar` that accepts the same calls and draws nothing (check
-        ``bar.disable`` before routing messages through ``bar.write``).
+        A tqdm bar, a :class:`LineBar` or a :class:`NoBar`: the latter two accept the same calls
+        and draw nothing (check ``bar.disable`` before routing messages through ``bar.write``).
     """
     stream = file if file is not None else sys.stderr
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    if not (enabled and total != 0 and _isatty(stream)):
+    if not (enabled and total != 0):
         return NoBar(iterable)
+    if not _isatty(stream):
+        if log is None or not total:  # no total, no time left to say
+            return NoBar(iterable)
+        return LineBar(iterable, total, kwargs.get("desc") or "progress", log, kwargs)
     return tqdm(iterable, total=total, file=stream, **kwargs)
 
 
@@ -78,6 +92,49 @@ class NoBar:
         print(s)
 
 
+class LineBar(NoBar):
+    """What :func:`progress_bar` returns where no bar draws but progress is wanted: the same
+    calls, counted into :class:`ProgressLines` (``cache-logits: 1920/6000 rows, 5,310 rows/s,
+    1s left``; ``verify: 12.0 MB/40.0 MB, 3.1 MB/s, 9s left`` for a bar counting bytes).
+
+    Args:
+        iterable: iterated over as by a bar (each item counts 1).
+        total: units that make the whole loop.
+        desc: the lines' start.
+        log: where the lines go.
+        bar_kwargs: the bar's ``unit`` (``B`` with ``unit_scale``: sizes in bytes).
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable | None,
+        total: float,
+        desc: str,
+        log: Callable[[str], None],
+        bar_kwargs: dict[str, Any],
+    ) -> None:
+        super().__init__(iterable)
+        unit = str(bar_kwargs.get("unit", "it"))
+        nbytes = unit == "B" and bool(bar_kwargs.get("unit_scale"))
+        units = unit if nbytes else _plural(unit)
+        self.lines = ProgressLines(int(total), desc, log, units=units, rate_units=units)
+        self.lines.nbytes = nbytes
+
+    def __iter__(self) -> Iterator:
+        for item in super().__iter__():
+            yield item
+            self.update(1)
+
+    def update(self, n: float = 1) -> None:
+        """Count ``n`` units; a line when it is time (see :class:`ProgressLines`)."""
+        self.n += n
+        self.lines.update(int(n), int(n))
+
+
+def _plural(unit: str) -> str:
+    return unit if unit.endswith("s") else unit + ("es" if unit.endswith(("ch", "sh")) else "s")
+
+
 def _isatty(stream: IO[str]) -> bool:
     try:
         return bool(stream.isatty())
@@ -85,8 +142,14 @@ def _isatty(stream: IO[str]) -> bool:
         return False
 
 
-#: Seconds between two progress lines where no bar draws; ``$KD_PROGRESS_SECONDS`` overrides it.
+#: The longest wait between two progress lines where no bar draws (seconds);
+#: ``$KD_PROGRESS_SECONDS`` overrides it.
 LINE_SECONDS = 30.0
+#: A line also each time another 1/LINE_PARTS of the loop is done (sooner than LINE_SECONDS) ...
+LINE_PARTS = 10
+#: ... but never within this part of the interval after the previous line (10 s by default), so
+#: a short loop prints nothing and a log holds at most one line per LINE_GAP * LINE_SECONDS.
+LINE_GAP = 1 / 3
 
 
 def line_seconds() -> float:
@@ -101,8 +164,9 @@ def line_seconds() -> float:
 
 class ProgressLines:
     """A long loop's progress as plain lines where no bar draws: ``DESC: 120/400 batches,
-    5,310 rows/s, 2m 10s left``, at most one every ``interval`` seconds (none for a loop
-    shorter than that).
+    5,310 rows/s, 2m 10s left``, one every ``interval`` seconds, or at each further tenth of the
+    loop once a third of ``interval`` passed since the previous line (none for a loop shorter
+    than that, none at its end: the loop's own end line says the rest).
 
     Args:
         total: steps that make the whole loop (e.g. batches in an epoch).
@@ -110,7 +174,11 @@ class ProgressLines:
         log: where the lines go (the command's output).
         units: what the steps are called in the line (plural).
         interval: seconds between lines (default :func:`line_seconds`).
+        rate_units: what the rate counts (``rows``: ``5,310 rows/s``).
     """
+
+    #: Steps and rates are bytes: written as sizes (``12.0 MB``, ``3.1 MB/s``).
+    nbytes = False
 
     def __init__(
         self,
@@ -119,26 +187,51 @@ class ProgressLines:
         log: Callable[[str], None],
         units: str = "batches",
         interval: float | None = None,
+        rate_units: str = "rows",
     ) -> None:
         self.total, self.desc, self.log, self.units = total, desc, log, units
+        self.rate_units = rate_units
         self.interval = line_seconds() if interval is None else interval
         self.done = self.rows = 0
         self.start = self.last = time.monotonic()
+        self.tenths = 0  # the tenths of the loop done at the last line
 
-    def update(self, rows: int) -> None:
-        """Count one step of ``rows`` rows; print a line when ``interval`` has passed."""
-        self.done += 1
+    def update(self, rows: int, steps: int = 1) -> None:
+        """Count ``steps`` steps of ``rows`` rows in all; print a line when it is time."""
+        self.done += steps
         self.rows += rows
         now = time.monotonic()
-        if now - self.last < self.interval or self.done >= self.total:
+        if self.done >= self.total:
             return  # the loop's own end line says the rest
-        self.last = now
+        tenths = self.done * LINE_PARTS // self.total
+        gap = now - self.last
+        if gap < self.interval and (tenths <= self.tenths or gap < self.interval * LINE_GAP):
+            return
+        self.last, self.tenths = now, tenths
         spent = max(now - self.start, 1e-9)
         left = spent / self.done * (self.total - self.done)
-        self.log(
-            f"{self.desc}: {self.done}/{self.total} {self.units}, "
-            f"{self.rows / spent:,.0f} rows/s, {_duration(left)} left"
-        )
+        if self.nbytes:
+            counted = f"{_size(self.done)}/{_size(self.total)}, {_size(self.rows / spent)}/s"
+        else:
+            counted = (
+                f"{self.done}/{self.total} {self.units}, "
+                f"{_rate(self.rows / spent)} {self.rate_units}/s"
+            )
+        self.log(f"{self.desc}: {counted}, {_duration(left)} left")
+
+
+def _rate(r: float) -> str:
+    """``5,310``, or ``0.05`` for a slow loop (a sweep's settings per second)."""
+    return f"{r:,.0f}" if r >= 10 else f"{r:.2f}"
+
+
+def _size(n: float) -> str:
+    """``812 B``, ``12.0 MB``: a byte count in decimal units, as tqdm's unit_scale shows it."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def progress_lines(

@@ -340,7 +340,9 @@ def run_sweep(
     def ordered() -> list[dict]:
         return [rows[s.name] for s in settings if s.name in rows]
 
-    bar = progress_bar(total=len(pending), enabled=progress, unit="setting", desc="sweep")
+    bar = progress_bar(
+        total=len(pending), enabled=progress, log=log, unit="setting", desc="sweep"
+    )
     say = log if bar.disable else bar.write  # above a drawn bar; else the caller's own log
 
     def finish(setting: Setting, outcome: dict) -> None:

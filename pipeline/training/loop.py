@@ -551,6 +551,7 @@ def fit(
                 source.epoch(epoch),
                 total=len(source),
                 enabled=progress,
+                log=None,  # no bar: the epoch's own lines below count batches and rows
                 desc=f"{desc} epoch {epoch + 1}/{epochs}",
                 leave=False,
                 unit="batch",
