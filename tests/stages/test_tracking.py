@@ -142,14 +142,20 @@ def test_train_teacher_tracks_each_member(npz_path: Path, tmp_path: Path) -> Non
 
 
 def test_a_sweep_tracks_one_run_per_setting(cache_path: Path, tmp_path: Path) -> None:
+    """Each setting is a run of its own (its own metrics.jsonl and event files); a finished
+    sweep asked for again with --log-to trains again the settings that lack the log."""
     require("tensorboard")
     out = tmp_path / "sweep"
-    code, output = invoke(
+    args = [
         "sweep", "--cache", str(cache_path), "-T", "2,8", "--alpha", "0.9", "--student",
         "mlp:16", "--epochs", "1", "--batch-size", "64", "--workers", "0", "--device", "cpu",
-        "--quiet", "--log-to", "tensorboard", "--out", str(out),
-    )  # fmt: skip
+        "--out", str(out),
+    ]  # fmt: skip
+    assert invoke(*args, "--quiet")[0] == 0
+    code, output = invoke(*args, "--log-to", "tensorboard")
     assert code == 0, output
+    assert "mlp-16-T2-a0.9-s0: its run has no tensorboard log; it will be trained again" in output
+    assert "2 settings, 0 already done, 2 to run" in output
     for setting, t in (("mlp-16-T2-a0.9-s0", 2.0), ("mlp-16-T8-a0.9-s0", 8.0)):
         run = out / "runs" / setting
         assert records(run / "metrics.jsonl")[0]["config"]["temperature"] == t
