@@ -117,8 +117,9 @@ class LineBar(NoBar):
         unit = str(bar_kwargs.get("unit", "it"))
         nbytes = unit == "B" and bool(bar_kwargs.get("unit_scale"))
         units = unit if nbytes else _plural(unit)
-        self.lines = ProgressLines(int(total), desc, log, units=units, rate_units=units)
-        self.lines.nbytes = nbytes
+        self.lines = ProgressLines(
+            int(total), desc, log, units=units, rate_units=units, nbytes=nbytes
+        )
 
     def __iter__(self) -> Iterator:
         for item in super().__iter__():
@@ -175,10 +176,8 @@ class ProgressLines:
         units: what the steps are called in the line (plural).
         interval: seconds between lines (default :func:`line_seconds`).
         rate_units: what the rate counts (``rows``: ``5,310 rows/s``).
+        nbytes: steps and rates are bytes, written as sizes (``12.0 MB``, ``3.1 MB/s``).
     """
-
-    #: Steps and rates are bytes: written as sizes (``12.0 MB``, ``3.1 MB/s``).
-    nbytes = False
 
     def __init__(
         self,
@@ -188,9 +187,10 @@ class ProgressLines:
         units: str = "batches",
         interval: float | None = None,
         rate_units: str = "rows",
+        nbytes: bool = False,
     ) -> None:
         self.total, self.desc, self.log, self.units = total, desc, log, units
-        self.rate_units = rate_units
+        self.rate_units, self.nbytes = rate_units, nbytes
         self.interval = line_seconds() if interval is None else interval
         self.done = self.rows = 0
         self.start = self.last = time.monotonic()
