@@ -24,6 +24,7 @@ and read :data:`FLUSH_STEPS` steps at a time (one sync each), so tracking adds n
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -182,9 +183,8 @@ class Tracking(Callback):
             s.start(config)
 
     def on_step_end(self, state: FitState) -> None:
-        record = {"record": "step", "epoch": state.epoch, "step": state.step}
+        record = {"record": "step", "epoch": state.epoch, "step": state.step, "lr": state.step_lr}
         self.pending.append((record, dict(state.step_values)))
-        record["lr"] = state.step_lr
         if state.step_eval is not None:
             self.pending.append(({"record": "eval", **state.step_eval}, {}))
         if len(self.pending) >= FLUSH_STEPS:
@@ -204,7 +204,10 @@ class Tracking(Callback):
             s.close()
 
     def on_fit_error(self, state: FitState) -> None:
-        self.on_fit_end(state)
+        # What was tracked so far is written; the training's own error is the one to report
+        # (not a second one from a device that failed with it).
+        with contextlib.suppress(Exception):
+            self.on_fit_end(state)
 
     def _flush(self) -> None:
         if not self.pending:
