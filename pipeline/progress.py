@@ -12,12 +12,14 @@ Ctrl-C, and the resource tracker then warns of "leaked semaphore objects" at exi
 Where no bar draws but progress is wanted (output redirected to a log, a batch job), a long loop
 says how far it is with :class:`ProgressLines`: a plain line with the rate and the time left
 every :data:`LINE_SECONDS` seconds, or sooner at each further tenth of the loop, but never
-within :data:`LINE_GAP` of the previous line; so a log shows a run is alive without a line
-per step, and a loop shorter than that says nothing. :func:`progress_bar` returns such lines
-(a :class:`LineBar`) instead of a bar that would not draw, so every step with a bar (caching,
+within a third of that (:data:`LINE_GAP`) after the previous line; so a log shows a run is
+alive without a line per step, and a loop shorter than that says nothing.
+:func:`progress_bar` returns such lines (a :class:`LineBar`) instead of a bar that would not
+draw, and adds them to a bar that draws on the terminal while the output goes to a file
+(:class:`BarAndLines`: ``kd-pipeline ... > log``). So every step with a bar (caching,
 ``cache verify``, ``cache copy``/``pack``, sweeps) has them; training epochs count batches and
-rows and use :class:`ProgressLines` directly. ``$KD_PROGRESS_SECONDS`` sets the interval (the
-gap is a third of it; 0: a line at every update, for tests).
+rows and use :class:`ProgressLines` directly. ``$KD_PROGRESS_SECONDS`` sets the interval (0: a
+line at every update, for tests).
 """
 
 from __future__ import annotations
@@ -61,11 +63,16 @@ def progress_bar(
         total = len(iterable)
     if not (enabled and total != 0):
         return NoBar(iterable)
+    desc = kwargs.get("desc") or "progress"
     if not _isatty(stream):
         if log is None or not total:  # no total, no time left to say
             return NoBar(iterable)
-        return LineBar(iterable, total, kwargs.get("desc") or "progress", log, kwargs)
-    return tqdm(iterable, total=total, file=stream, **kwargs)
+        return LineBar(iterable, total, desc, log, kwargs)
+    bar = tqdm(iterable, total=total, file=stream, **kwargs)
+    if log is not None and total and not _isatty(sys.stdout):
+        # The bar draws on the terminal while the output goes to a file: the file gets the lines.
+        return BarAndLines(bar, LineBar(None, total, desc, log, kwargs))
+    return bar
 
 
 class NoBar:
@@ -130,6 +137,35 @@ class LineBar(NoBar):
         """Count ``n`` units; a line when it is time (see :class:`ProgressLines`)."""
         self.n += n
         self.lines.update(int(n), int(n))
+
+
+class BarAndLines:
+    """A drawn bar (stderr is a terminal) that also counts into progress lines for an output
+    that is not one (``kd-pipeline ... > log``): the calls a bar takes, passed to both."""
+
+    disable = False
+
+    def __init__(self, bar: tqdm, lines: LineBar) -> None:
+        self.bar, self.lines = bar, lines
+
+    @property
+    def n(self) -> float:
+        return self.bar.n
+
+    def __iter__(self) -> Iterator:
+        for item in self.bar:
+            yield item
+            self.lines.update(1)
+
+    def update(self, n: float = 1) -> None:
+        self.bar.update(n)
+        self.lines.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def write(self, s: str) -> None:
+        self.bar.write(s)
 
 
 def _plural(unit: str) -> str:
@@ -243,8 +279,10 @@ def progress_lines(
     bar: Bar | None = None,
 ) -> ProgressLines | None:
     """:class:`ProgressLines` for a loop where progress is wanted (``enabled``, a ``log``) and
-    ``bar`` (the loop's :func:`progress_bar`) does not draw; None otherwise."""
-    if not enabled or log is None or total <= 1 or (bar is not None and not bar.disable):
+    ``bar`` (the loop's :func:`progress_bar`) does not draw, or draws while the output (stdout)
+    is not a terminal; None otherwise."""
+    drawn = bar is not None and not bar.disable and _isatty(sys.stdout)
+    if not enabled or log is None or total <= 1 or drawn:
         return None
     return ProgressLines(total, desc, log)
 
@@ -260,4 +298,4 @@ def _duration(seconds: float) -> str:
 
 
 #: What :func:`progress_bar` returns, for annotations.
-Bar = tqdm | NoBar
+Bar = tqdm | NoBar | BarAndLines

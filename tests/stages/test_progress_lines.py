@@ -3,6 +3,7 @@ its rate and the time left (at a bounded interval), and ``--quiet`` prints none.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -10,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipeline import progress
 from stages.cli import main
+from tests.conftest import make_image_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -126,3 +129,43 @@ def test_lines_come_every_interval_or_each_tenth_but_never_closer_than_the_gap(
     assert len(long) == 39  # bounded: 1,000 s / 30 s, and a few more at the tenths
     assert [s.split()[1] for s in lines_of(60)] == ["10/60", "20/60", "30/60", "40/60", "50/60"]
     assert lines_of(9) == []
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal (as a user's stderr does)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_bar_on_the_terminal_and_lines_in_the_redirected_output(
+    cache_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``kd-pipeline ... > log``: stderr is a terminal (the bar draws there), stdout a file (it
+    gets the lines); the same for a training epoch's lines through its log."""
+    from pipeline.cache.sharing import verify_cache
+    from pipeline.training.loop import InMemorySource, TrainConfig, fit
+    from pipeline.training.losses import DistillationLoss
+
+    tty = Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.setenv("KD_PROGRESS_SECONDS", "0")
+    assert verify_cache(cache_path, progress=True).ok
+    assert "verify: 100%" in tty.getvalue()  # the bar
+    lines = capsys.readouterr().out.splitlines()  # pytest's stdout: no terminal
+    assert lines and all(re.fullmatch(r"verify: .+/s" + LEFT, s) for s in lines), lines
+
+    x, y = make_image_task(600, 0)
+    logged: list[str] = []
+    fit(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].size, 5)),
+        InMemorySource(x, y, batch_size=100),
+        DistillationLoss(alpha=0.0),
+        TrainConfig(epochs=1, batch_size=100),
+        torch.device("cpu"),
+        log=logged.append,
+    )
+    assert "train epoch 1/1:   0%" in tty.getvalue()  # the epoch's bar (cleared at its end)
+    assert [s.split(",")[0] for s in logged if " batches, " in s] == [
+        f"train epoch 1/1: {b}/6 batches" for b in range(1, 6)
+    ]
