@@ -126,11 +126,10 @@ def train_student(cfg: StudentConfig, display: Display) -> None:
         line = student_result_line(result)
         if line and not printed:  # --quiet hides progress, never the result
             click.echo(line)
+        files = "student.pt, metrics.json, history.csv, metrics.jsonl, config.json, config.toml"
+        tracked = "".join(f", {name}/" for name in cfg.train.log_to)  # a tracker's folder
         hf = ", hf/ (transformers)" if (Path(cfg.out) / "hf").is_dir() else ""
-        click.echo(
-            f"wrote {cfg.out} (student.pt, metrics.json, history.csv, config.json, "
-            f"config.toml{hf})"
-        )
+        click.echo(f"wrote {cfg.out} ({files}{tracked}{hf})")
 
 
 @click.command()

@@ -655,7 +655,7 @@ def execute_plan(
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}"
     )
     bar = progress_bar(
-        total=rows, enabled=progress, unit="row", unit_scale=True, desc="cache-logits"
+        total=rows, enabled=progress, log=log, unit="row", unit_scale=True, desc="cache-logits"
     )
     try:
         if on_dask:

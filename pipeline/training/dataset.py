@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from pipeline.cache.format import LogitCache
 from pipeline.cache.location import CacheLocation
+from pipeline.cache.read import LogitCache
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checks import collect, one_of, positive
 from pipeline.config import StudentConfig

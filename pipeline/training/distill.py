@@ -228,8 +228,8 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks =
         return
     # Options added to StudentConfig since that run take their defaults: still the same config.
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
-    now = json.loads(json.dumps(run_config(cfg, ranks)))
-    diffs = _differences(with_defaults(defaults, recorded), now)
+    now = _identity(json.loads(json.dumps(run_config(cfg, ranks))))
+    diffs = _differences(_identity(with_defaults(defaults, recorded)), now)
     # Only where the cache was read from differs (a bucket, then its bundle): the same run when
     # it is the same cache.
     if (
@@ -274,10 +274,26 @@ def same_run_config(recorded: dict, now: dict) -> bool:
     the cache was read from (the callers compare the caches' fingerprints)."""
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
     before = {
-        k: v for k, v in with_defaults(defaults, recorded).items() if k not in ACCESS_FIELDS
+        k: v
+        for k, v in _identity(with_defaults(defaults, recorded)).items()
+        if k not in ACCESS_FIELDS
     }
-    after = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in ACCESS_FIELDS}
+    now = _identity(json.loads(json.dumps(now)))
+    after = {k: v for k, v in now.items() if k not in ACCESS_FIELDS}
     return before == after
+
+
+# Where a run's metrics are also logged, not what the run is: a run trained again with
+# --log-to tensorboard (or a finished sweep re-run with it) is the same run.
+TRACKING_FIELDS = ("log_to",)
+
+
+def _identity(config: dict) -> dict:
+    """A recorded run config without its :data:`TRACKING_FIELDS` (in ``train``)."""
+    train = config.get("train")
+    if not isinstance(train, dict):
+        return config
+    return {**config, "train": {k: v for k, v in train.items() if k not in TRACKING_FIELDS}}
 
 
 def _cache_fingerprint(cfg: StudentConfig) -> str | None:
@@ -698,6 +714,7 @@ def fit_student(
         progress=progress,
         ranks=ranks,
         keep_best=best,
+        config=run_config(cfg, ranks),
     )
 
 

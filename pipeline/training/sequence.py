@@ -89,6 +89,12 @@ class SequenceLoss:
     def __init__(self, inner: DistillationLoss) -> None:
         self.inner = inner
 
+    @property
+    def measures_nll(self) -> bool:
+        """Whether the hard term is computed (``alpha < 1``): then it is the mean next-token NLL,
+        which the tracking reports with its perplexity."""
+        return self.inner.alpha < 1
+
     def __call__(
         self, logits: torch.Tensor, teacher: Targets | None, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -266,6 +272,7 @@ def train_sequence_teacher(
             log=log,
             desc=f"member {i}",
             progress=progress,
+            config={**cfg.to_dict(), "member": i, "seed": seed},
         )
         metrics = None
         if test is not None:

@@ -99,6 +99,7 @@ def train_teacher(
             log=log,
             desc=f"member {i}",
             progress=progress,
+            config={**cfg.to_dict(), "member": i, "seed": seed},
         )
         metrics = None
         if test is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache.format import LogitCache
+from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_checkpoint
 from pipeline.errors import ModelSpecError
 from pipeline.models import build_model

@@ -134,7 +134,7 @@ def run_ddp(tmp: Path, cache: str, run: Path, *extra: str) -> dict:
     assert names == sorted(
         ["config.json", "config.toml", "student.pt", "metrics.json"] + ["history.csv"] * EPOCHS
     )
-    assert sorted(p.name for p in run.iterdir()) == sorted(set(names))
+    assert sorted(p.name for p in run.iterdir()) == sorted({*names, "metrics.jsonl"})
     want = {"world_size": 2, "backend": "gloo", "batch_size_per_rank": 32}
     assert json.loads((run / "config.json").read_text())["distributed"] == {
         **want,
