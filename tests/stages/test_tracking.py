@@ -88,8 +88,8 @@ def test_tensorboard_event_files_hold_the_history_and_each_step(
         "--log-to", "tensorboard", "--out", str(out),
     )  # fmt: skip
     assert code == 0, output
-    assert f"wrote {out} (student.pt, metrics.json, history.csv, metrics.jsonl, config.json, " \
-        "tensorboard/)" in output  # fmt: skip
+    files = "student.pt, metrics.json, history.csv, metrics.jsonl, config.json, config.toml"
+    assert f"wrote {out} ({files}, tensorboard/)" in output
     got = scalars(out / "tensorboard")
     rows = history(out / "history.csv")
     for key in ("loss", "soft", "hard", "train_errors", "lr"):
