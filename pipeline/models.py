@@ -29,7 +29,6 @@ import importlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +36,8 @@ from torch import nn
 
 from pipeline import tv
 from pipeline.errors import ModelSpecError, UntrustedCodeError
+from pipeline.registry import Registry
+from pipeline.specs import int_list, positive_float, positive_int, probability, spec_options
 
 
 class KDModel(nn.Module):
@@ -157,84 +158,35 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-@dataclass
-class ModelBuilder:
-    name: str
-    build: Callable[..., nn.Module]
-    help: str
-
-
-MODELS: dict[str, ModelBuilder] = {}
+#: Model spec names -> ``build(spec, parts, in_shape, num_classes) -> nn.Module`` (``parts``: the
+#: spec's ``:``-separated items after the name). Sequence models (``gpt:``, ``hf:``) join from
+#: ``pipeline.sequences.models`` (listed in :data:`pipeline.builtins.BUILTINS`); plug-ins from
+#: the entry point group ``kd_pipeline.models``.
+MODELS: Registry[Callable[..., nn.Module]] = Registry("models", "model", ModelSpecError, sort=True)
 
 
 def register_model(name: str, help: str) -> Callable:
-    """Register ``fn(arg, options, in_shape, num_classes) -> nn.Module`` under ``name``."""
-
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS[name] = ModelBuilder(name, fn, help)
-        return fn
-
-    return wrap
+    """``@MODELS.register(name, help)``: a decorator for ``build(spec, parts, in_shape,
+    num_classes) -> nn.Module``, kept under its old name for existing callers."""
+    return MODELS.register(name, help)
 
 
-def _opts(spec: str, items: list[str], allowed: dict[str, Callable]) -> dict:
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or key not in allowed:
-            raise ModelSpecError(
-                f"model spec {spec!r}: unknown option {item!r}; expected key=value with key in "
-                f"{', '.join(allowed)}"
-            )
-        try:
-            out[key] = allowed[key](value)
-        except ValueError:
-            raise ModelSpecError(f"model spec {spec!r}: bad value for {key}: {value!r}") from None
-    return out
-
-
-def _int_list(v: str) -> list[int]:
-    vals = [int(s) for s in v.split(",") if s]
-    if not vals or any(s <= 0 for s in vals):
-        raise ValueError(v)
-    return vals
-
-
-def _positive_int(v: str) -> int:
-    n = int(v)
-    if n <= 0:
-        raise ValueError(v)
-    return n
-
-
-def _positive_float(v: str) -> float:
-    x = float(v)
-    if not x > 0:  # also refuses nan
-        raise ValueError(v)
-    return x
-
-
-def _prob(v: str) -> float:
-    p = float(v)
-    if not 0 <= p < 1:
-        raise ValueError(v)
-    return p
-
-
-@register_model("mlp", "mlp:H1,H2,...[:input_dropout=P][:dropout=P][:max_norm=X] ReLU MLP")
+@MODELS.register("mlp", "mlp:H1,H2,...[:input_dropout=P][:dropout=P][:max_norm=X] ReLU MLP")
 def _build_mlp(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
     if not parts or "=" in parts[0]:
         raise ModelSpecError(f"model spec {spec!r}: mlp needs hidden widths, e.g. mlp:800,800")
     try:
-        hidden = _int_list(parts[0])
+        hidden = int_list(parts[0])
     except ValueError:
         raise ModelSpecError(
             f"model spec {spec!r}: hidden widths must be positive integers like 800,800"
         ) from None
-    o = _opts(
-        spec, parts[1:], {"input_dropout": _prob, "dropout": _prob, "max_norm": _positive_float}
+    o = spec_options(
+        spec,
+        parts[1:],
+        {"input_dropout": probability, "dropout": probability, "max_norm": positive_float},
     )
     return MLP(
         math.prod(in_shape),
@@ -246,11 +198,13 @@ def _build_mlp(
     )
 
 
-@register_model("cnn", "cnn[:channels=32,64][:hidden=128][:dropout=P] small conv net for images")
+@MODELS.register("cnn", "cnn[:channels=32,64][:hidden=128][:dropout=P] small conv net for images")
 def _build_cnn(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
-    o = _opts(spec, parts, {"channels": _int_list, "hidden": _positive_int, "dropout": _prob})
+    o = spec_options(
+        spec, parts, {"channels": int_list, "hidden": positive_int, "dropout": probability}
+    )
     return SmallCNN(
         in_shape,
         num_classes,
@@ -260,7 +214,7 @@ def _build_cnn(
     )
 
 
-@register_model("torchscript", "torchscript:PATH a user's TorchScript module")
+@MODELS.register("torchscript", "torchscript:PATH a user's TorchScript module")
 def _build_torchscript(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -274,7 +228,7 @@ def _build_torchscript(
         return torch.jit.load(str(path), map_location="cpu")
 
 
-@register_model("py", "py:package.module:factory a user's factory(in_shape=..., num_classes=...)")
+@MODELS.register("py", "py:package.module:factory a user's factory(in_shape=..., num_classes=...)")
 def _build_py(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -306,8 +260,8 @@ def _build_py(
     return model
 
 
-register_model("tv", "tv:NAME[:weights=FILE][:norm=imagenet|none] a torchvision architecture")(
-    tv.build_tv
+MODELS.register(
+    "tv", "tv:NAME[:weights=FILE][:norm=imagenet|none] a torchvision architecture", tv.build_tv
 )
 
 
@@ -383,15 +337,11 @@ def build_model(
         A ``KDModel`` mapping raw inputs (B, *in_shape) to logits (B, C).
     """
     name, _, rest = spec.partition(":")
-    if name not in MODELS:
-        raise ModelSpecError(
-            f"unknown model {name!r} in spec {spec!r}; known: {', '.join(sorted(MODELS))} "
-            "(e.g. mlp:800,800, cnn)"
-        )
+    build = MODELS.get(name, where=f" in spec {spec!r}")
     if num_classes < 1:
         raise ModelSpecError(f"model spec {spec!r}: num_classes must be >= 1, got {num_classes}")
     parts = rest.split(":") if rest else []
-    body = MODELS[name].build(spec, parts, tuple(in_shape), num_classes)
+    body = build(spec, parts, tuple(in_shape), num_classes)
     return KDModel(spec, body, input_stats, num_classes)
 
 
@@ -405,8 +355,3 @@ def with_options(spec: str, **options: float | None) -> str:
     keep = [p for p in parts if p.partition("=")[0] not in given or "=" not in p]
     extra = [f"{k}={v}" for k, v in options.items() if v is not None]
     return ":".join([name, *keep, *extra])
-
-
-# Sequence models (gpt:, hf:) live in their own package and register themselves on import;
-# imported last, when the registry they use is defined.
-from pipeline import sequences as _sequences  # noqa: E402,F401

@@ -102,4 +102,3 @@ def test_plugins_load_from_entry_points_on_first_lookup(
     assert reg.get("triple")(5) == 15
     assert reg.help("triple") == "Three times x."
     assert reg["self"] == 1
-

@@ -1,6 +1,4 @@
-"""Sequence data: tokenisers (:mod:`.tokenizers`) and token-sequence datasets (:mod:`.data`,
-which registers the ``text:`` and ``tokens:`` dataset sources) and sequence models
-(:mod:`.models`: ``gpt:``, ``hf:DIR``)."""
-
-from pipeline.sequences import data as data  # registers the sources
-from pipeline.sequences import models as models  # registers gpt: and hf:
+"""Sequence data: tokenisers (:mod:`.tokenizers`), token-sequence datasets (:mod:`.data`: the
+``text:`` and ``tokens:`` dataset sources) and sequence models (:mod:`.models`: ``gpt:``,
+``hf:DIR``). Both registries import their modules on first lookup (the one built-ins list,
+:data:`pipeline.builtins.BUILTINS`); importing this package imports neither."""

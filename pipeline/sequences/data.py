@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import Dataset, _Base, data_root, register_dataset
+from pipeline.datasets import Dataset, data_root, register_dataset
 from pipeline.errors import DatasetError
 from pipeline.sequences.tokenizers import (
     JsonTokenizer,
@@ -41,6 +41,7 @@ from pipeline.sequences.tokenizers import (
     save_tokenizer,
     train_bpe,
 )
+from pipeline.specs import SourceData
 
 NO_LABEL = -100  # a position with no next-token target (soft targets still apply)
 PAD = -101  # padding: neither term sees it
@@ -194,7 +195,7 @@ def _text(
     vocab: int | None = None,
     tokenizer: str | None = None,
     test: float = DEFAULT_TEST_SHARE,
-) -> _Base:
+) -> SourceData:
     if split not in SPLITS:
         raise DatasetError(f"text:{file}:{split}: the split must be train or test")
     path = Path(file)
@@ -215,7 +216,7 @@ def _text(
     ("file", "split"),
     "token ids in a .npz: x_<split> (N, P) [y_<split>, mask_<split>, vocab_size, tokenizer]",
 )
-def _tokens(file: str, split: str, data_dir: str | None = None) -> _Base:
+def _tokens(file: str, split: str, data_dir: str | None = None) -> SourceData:
     path = Path(file)
     if not path.is_file():
         raise DatasetError(f"tokens:{file}: no such file")
@@ -293,7 +294,7 @@ class _IdsOnly(Tokenizer):
 
 def _base(
     x: np.ndarray, y: np.ndarray, mask: np.ndarray | None, tok: Tokenizer, source: dict
-) -> _Base:
+) -> SourceData:
     # Labels stay class indices for the generic checks (masked positions read as 0 there); the
     # sequence dataset puts the markers back once the rows are chosen.
     markers = y < 0
@@ -315,4 +316,4 @@ def _base(
             mask=None if mask is None else mask[kept],
         )
 
-    return _Base(x, clean, names, source, extend)
+    return SourceData(x, clean, names, source, extend)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelSpecError
-from pipeline.models import _opts, _positive_int, _prob, register_model
+from pipeline.models import MODELS
+from pipeline.specs import positive_int, probability, spec_options
 
 
 class GPT(nn.Module):
@@ -67,20 +68,20 @@ class GPT(nn.Module):
         return self.head(self.norm(h))
 
 
-@register_model(
+@MODELS.register(
     "gpt", "gpt[:layers=4][:dim=256][:heads=4][:ctx=256][:pad=N] small causal transformer"
 )
 def _build_gpt(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> GPT:
-    o = _opts(
+    o = spec_options(
         spec,
         [p for part in parts for p in part.split(",") if p],  # gpt:layers=4,dim=256 or :-separated
         {
-            "layers": _positive_int,
-            "dim": _positive_int,
-            "heads": _positive_int,
-            "ctx": _positive_int,
-            "dropout": _prob,
-            "pad": _positive_int,
+            "layers": positive_int,
+            "dim": positive_int,
+            "heads": positive_int,
+            "ctx": positive_int,
+            "dropout": probability,
+            "pad": positive_int,
         },
     )
     ctx = o.get("ctx", 256)
@@ -139,7 +140,7 @@ def _torchvision_note() -> str:
     return f"; the likely cause: {problem}" if problem else ""
 
 
-@register_model("hf", "hf:DIR a transformers causal LM saved locally (pip install '.[hf]')")
+@MODELS.register("hf", "hf:DIR a transformers causal LM saved locally (pip install '.[hf]')")
 def _build_hf(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> HFCausalLM:
