@@ -84,7 +84,9 @@ def combine_blocks(raw: list[torch.Tensor], method: str, temperature: float) -> 
     if len(raw) == 1:
         return raw[0].float()
     if method not in ("mean-probs", "mean-logits"):
-        return combine_members(torch.stack(raw), method, temperature)  # refuses it, by name
+        # Another registered method (or an unknown name, which it refuses) combines in one piece;
+        # these two have a blocked float32 path here that never holds (M, rows, C) float32.
+        return combine_members(torch.stack(raw), method, temperature)
     out = torch.empty(rows, c, dtype=torch.float32)
     step = max(1, min(rows, COMBINE_BLOCK_ELEMENTS // (len(raw) * c)))
     block = torch.empty(len(raw), step, c, dtype=torch.float32)

@@ -36,9 +36,35 @@ import torch.nn.functional as F
 
 from pipeline.checks import collect, in_range, positive
 from pipeline.errors import ConfigError
+from pipeline.registry import Registry
 from pipeline.training.targets import SparseTargets, kept_logit_mse, sparse_kl
 
-ENSEMBLE_METHODS = ("mean-probs", "mean-logits")
+
+def _config_error(message: str) -> ConfigError:
+    return ConfigError([message])
+
+
+#: Loss names -> their classes, called as ``cls(temperature=T, alpha=a)``; plug-ins from the entry
+#: point group ``kd_pipeline.losses``.
+LOSSES: Registry[Callable[..., DistillationLoss]] = Registry("losses", "loss", _config_error)
+#: Ensemble method names -> ``combine(v, T)``: (M, B, C) float32 member logits -> (B, C) logits
+#: (see :func:`combine_members`); plug-ins from ``kd_pipeline.ensemble_methods``.
+ENSEMBLE_METHODS: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry(
+    "ensemble_methods", "ensemble method", _config_error
+)
+
+
+@ENSEMBLE_METHODS.register("mean-probs", "the arithmetic mean of the members' probabilities")
+def _mean_probs(v: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T * log(mean_m softmax(v_m / T))`` (log-sum-exp, stable)."""
+    logp = torch.log_softmax(v / temperature, dim=-1)  # (M, B, C)
+    return temperature * (torch.logsumexp(logp, dim=0) - math.log(v.shape[0]))
+
+
+@ENSEMBLE_METHODS.register("mean-logits", "the mean of the logits (a renormalised geometric mean)")
+def _mean_logits(v: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``mean_m v_m`` (independent of T)."""
+    return v.mean(dim=0)
 
 
 def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -64,21 +90,13 @@ def combine_members(
 
     Args:
         member_logits: (M, B, C) raw logits of M members.
-        method: ``mean-probs`` or ``mean-logits``.
+        method: a name in :data:`ENSEMBLE_METHODS` (``mean-probs`` or ``mean-logits``).
         temperature: T used for ``mean-probs``.
 
     Returns:
         (B, C) float32 logits.
     """
-    v = member_logits.float()
-    if method == "mean-logits":
-        return v.mean(dim=0)
-    if method == "mean-probs":
-        logp = torch.log_softmax(v / temperature, dim=-1)  # (M, B, C)
-        return temperature * (torch.logsumexp(logp, dim=0) - math.log(v.shape[0]))
-    raise ConfigError(
-        [f"ensemble method must be one of {', '.join(ENSEMBLE_METHODS)}, got {method!r}"]
-    )
+    return ENSEMBLE_METHODS.get(method)(member_logits.float(), temperature)
 
 
 def _hard_term(
@@ -96,6 +114,7 @@ def _hard_term(
     return F.cross_entropy(student_logits.float(), labels)
 
 
+@LOSSES.register("kd", "the paper's loss: alpha T^2 KL(p_T || q_T) + (1 - alpha) CE")
 class DistillationLoss:
     """``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)`` (the paper's loss; alpha = soft
     weight).
@@ -145,6 +164,7 @@ class DistillationLoss:
         return {"loss": self.alpha * soft + (1.0 - self.alpha) * hard, "soft": soft, "hard": hard}
 
 
+@LOSSES.register("logit-mse", "logit matching (the high-temperature limit) + (1 - alpha) CE")
 class LogitMatchingLoss(DistillationLoss):
     """``alpha * (1 / 2C) * sum_i (z'_i - v'_i)^2 + (1 - alpha) * CE`` — logit matching, the high-T
     limit.
@@ -175,14 +195,6 @@ class LogitMatchingLoss(DistillationLoss):
         return 0.5 * diff.pow(2).mean(dim=-1).mean()
 
 
-LOSSES: dict[str, Callable[..., DistillationLoss]] = {
-    "kd": DistillationLoss,
-    "logit-mse": LogitMatchingLoss,
-}
-
-
 def make_loss(name: str, temperature: float, alpha: float) -> DistillationLoss:
     """Build a registered loss by name (``kd`` or ``logit-mse``)."""
-    if name not in LOSSES:
-        raise ConfigError([f"loss must be one of {', '.join(LOSSES)}, got {name!r}"])
-    return LOSSES[name](temperature=temperature, alpha=alpha)
+    return LOSSES.get(name)(temperature=temperature, alpha=alpha)
