@@ -21,5 +21,6 @@ BUILTINS: dict[str, tuple[str, ...]] = {
     "ensemble_methods": ("pipeline.training.losses",),
     "optimizers": ("pipeline.training.optim",),
     "lr_schedules": ("pipeline.training.optim",),
+    "precisions": ("pipeline.training.optim",),
     "similarities": ("pipeline.experiments.specialists.clustering",),
 }

@@ -193,7 +193,8 @@ class Registry(Mapping[str, T]):
         (``unknown loss 'x' (loss); expected one of ...``) naming the config ``field``."""
         if name in self:
             return None
-        return self.unknown(name, where=f" ({field})" if field != self.what else "")
+        same = field.replace("_", " ") == self.what
+        return self.unknown(name, where="" if same else f" ({field})")
 
     def unknown(self, name: object, *, where: str = "") -> str:
         """The message for an unknown ``name``: :func:`unknown_name` over :meth:`choices`."""
