@@ -18,7 +18,7 @@ BUILTINS: dict[str, tuple[str, ...]] = {
     "augmentations": ("pipeline.augment",),
     "storage_kinds": ("pipeline.cache.kinds",),
     "losses": ("pipeline.training.losses",),
-    "ensemble_methods": ("pipeline.training.losses",),
+    "ensemble_methods": ("pipeline.ensemble",),
     "optimizers": ("pipeline.training.optim",),
     "lr_schedules": ("pipeline.training.optim",),
     "precisions": ("pipeline.training.optim",),

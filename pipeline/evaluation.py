@@ -59,8 +59,8 @@ def _evaluate_sequences(models: list, data: Dataset, device: object, method: str
     import torch
     from torch import nn
 
+    from pipeline.ensemble import combine_members
     from pipeline.sequences.models import token_rows
-    from pipeline.training.losses import combine_members
     from pipeline.training.sequence import sequence_metrics
 
     v = data.num_classes

@@ -58,6 +58,7 @@ from pipeline.distributed import (
     broadcast,
     process_group,
 )
+from pipeline.ensemble import combine_members
 from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, percent, predict_logits
@@ -71,7 +72,7 @@ from pipeline.training.loader import (
     shard_targets,
 )
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
-from pipeline.training.losses import combine_members, make_loss
+from pipeline.training.losses import make_loss
 from pipeline.training.sequence import (
     SequenceTask,
     check_same_tokenizer,
@@ -267,9 +268,7 @@ def same_run_config(recorded: dict, now: dict) -> bool:
     """Whether two recorded run configs (``config.json``) describe the same run, apart from where
     the cache was read from (the callers compare the caches' fingerprints)."""
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
-    before = {
-        k: v for k, v in with_defaults(defaults, recorded).items() if k not in ACCESS_FIELDS
-    }
+    before = {k: v for k, v in with_defaults(defaults, recorded).items() if k not in ACCESS_FIELDS}
     after = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in ACCESS_FIELDS}
     return before == after
 

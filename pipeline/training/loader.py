@@ -37,9 +37,9 @@ import torch
 from pipeline.cache.format import LogitCache
 from pipeline.data.lazy import is_lazy
 from pipeline.distributed import balanced, shard_spans, stream_steps
+from pipeline.ensemble import combine_members
 from pipeline.errors import CacheError, ConfigError
 from pipeline.training.loop import Batch, InMemorySource
-from pipeline.training.losses import combine_members
 from pipeline.training.targets import SparseTargets, sparse_rows
 
 PREFETCH_SHARDS = 2
@@ -64,7 +64,7 @@ def combined_shard(
 
 
 def combine_blocks(raw: list[torch.Tensor], method: str, temperature: float) -> torch.Tensor:
-    """:func:`pipeline.training.losses.combine_members` of M members' (rows, C) logits, in row
+    """:func:`pipeline.ensemble.combine_members` of M members' (rows, C) logits, in row
     blocks through one reused float32 buffer.
 
     The float32 temporaries then stay within ``COMBINE_BLOCK_ELEMENTS`` x 2 (the block and its
@@ -243,9 +243,9 @@ def plan_loader(
         target + in_bytes + 8
     ) + READ_THREADS * (
         cache.rows_per_shard * raw_bytes
-        + 2 * 4 * min(
-            COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * rows_per_sample * len(members) * c
-        )
+        + 2
+        * 4
+        * min(COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * rows_per_sample * len(members) * c)
     )
     buffer_rows = max(0, budget - prefetch) // per_row
     return LoaderPlan(
@@ -265,7 +265,7 @@ class StreamingCacheSource:
         cache: an open cache.
         x: (N, *shape) inputs of the cache's dataset (row i of the cache is row i of the dataset).
         members: member indices to combine.
-        method, temperature: ensemble combination (see ``losses.combine_members``).
+        method, temperature: ensemble combination (see :func:`pipeline.ensemble.combine_members`).
         shards: which shards to serve (the finished ones).
         batch_size: rows per batch.
         buffer_shards: shards shuffled together.

@@ -1,4 +1,4 @@
-"""The paper's losses behind one signature, and ensemble combination.
+"""The paper's losses behind one signature (a registry); ensembles are combined in :mod:`pipeline.ensemble`.
 
 Every loss is called as ``loss(student_logits, teacher_logits, labels) -> dict`` with
 ``student_logits`` (B, C), ``teacher_logits`` (B, C) or None, ``labels`` (B,) int64 or None, and
@@ -28,13 +28,13 @@ logits of magnitude 1e4 give finite losses and gradients.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.checks import collect, in_range, positive
+from pipeline.ensemble import ENSEMBLE_METHODS, combine_members  # noqa: F401  (their old home)
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 from pipeline.training.targets import SparseTargets, kept_logit_mse, sparse_kl
@@ -47,24 +47,6 @@ def _config_error(message: str) -> ConfigError:
 #: Loss names -> their classes, called as ``cls(temperature=T, alpha=a)``; plug-ins from the entry
 #: point group ``kd_pipeline.losses``.
 LOSSES: Registry[Callable[..., DistillationLoss]] = Registry("losses", "loss", _config_error)
-#: Ensemble method names -> ``combine(v, T)``: (M, B, C) float32 member logits -> (B, C) logits
-#: (see :func:`combine_members`); plug-ins from ``kd_pipeline.ensemble_methods``.
-ENSEMBLE_METHODS: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry(
-    "ensemble_methods", "ensemble method", _config_error
-)
-
-
-@ENSEMBLE_METHODS.register("mean-probs", "the arithmetic mean of the members' probabilities")
-def _mean_probs(v: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T * log(mean_m softmax(v_m / T))`` (log-sum-exp, stable)."""
-    logp = torch.log_softmax(v / temperature, dim=-1)  # (M, B, C)
-    return temperature * (torch.logsumexp(logp, dim=0) - math.log(v.shape[0]))
-
-
-@ENSEMBLE_METHODS.register("mean-logits", "the mean of the logits (a renormalised geometric mean)")
-def _mean_logits(v: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``mean_m v_m`` (independent of T)."""
-    return v.mean(dim=0)
 
 
 def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -73,30 +55,6 @@ def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     Shapes (..., C) -> (..., C).
     """
     return torch.softmax(logits.float() / temperature, dim=-1)
-
-
-def combine_members(
-    member_logits: torch.Tensor, method: str = "mean-probs", temperature: float = 1.0
-) -> torch.Tensor:
-    """Combine an ensemble's logits into one set of logits.
-
-    The result ``v`` is such that ``softmax(v / T)`` is the ensemble's distribution at temperature
-    T:
-
-    - ``mean-probs``: the arithmetic mean of the members' ``softmax(v_m / T)``;
-      ``v = T * log(mean_m softmax(v_m / T))`` (log-sum-exp, stable).
-    - ``mean-logits``: the geometric mean of the members' distributions, renormalised, which is
-      ``softmax(mean_m v_m / T)``; ``v = mean_m v_m`` (independent of T).
-
-    Args:
-        member_logits: (M, B, C) raw logits of M members.
-        method: a name in :data:`ENSEMBLE_METHODS` (``mean-probs`` or ``mean-logits``).
-        temperature: T used for ``mean-probs``.
-
-    Returns:
-        (B, C) float32 logits.
-    """
-    return ENSEMBLE_METHODS.get(method)(member_logits.float(), temperature)
 
 
 def _hard_term(

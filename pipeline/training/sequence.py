@@ -37,6 +37,7 @@ from pipeline.checkpoints import load_models, save_checkpoint
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.datasets import Dataset, default_eval_spec, load_dataset
 from pipeline.devices import describe_device, resolve_device
+from pipeline.ensemble import combine_members
 from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import percent
@@ -45,7 +46,7 @@ from pipeline.sequences.data import PAD, SequenceDataset, is_sequence, tokenizer
 from pipeline.sequences.models import token_rows
 from pipeline.training.loader import LoaderPlan, StreamingCacheSource, plan_loader, shard_targets
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
-from pipeline.training.losses import DistillationLoss, combine_members, make_loss
+from pipeline.training.losses import DistillationLoss, make_loss
 from pipeline.training.targets import SparseTargets, cat_targets, group_rows
 
 SEQUENCE_SOURCES = ("text", "tokens")

@@ -134,10 +134,7 @@ class SparseTargets:
             return self
         return replace(
             self,
-            **{
-                f: getattr(self, f).flatten(1, 2)
-                for f in self._ROW_FIELDS
-            },
+            **{f: getattr(self, f).flatten(1, 2) for f in self._ROW_FIELDS},
         )
 
     def probs(self) -> torch.Tensor:
@@ -156,9 +153,7 @@ class SparseTargets:
         return self.probs().argmax(dim=1)
 
 
-def group_rows(
-    targets: torch.Tensor | SparseTargets, per: int
-) -> torch.Tensor | SparseTargets:
+def group_rows(targets: torch.Tensor | SparseTargets, per: int) -> torch.Tensor | SparseTargets:
     """A sample's ``per`` consecutive rows as one item: dense (rows, C) -> (rows / per, per, C);
     sparse via :meth:`SparseTargets.grouped`. ``per`` = 1 changes nothing."""
     if per == 1:
