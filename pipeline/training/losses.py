@@ -1,4 +1,4 @@
-"""The paper's losses behind one signature (a registry); ensembles are combined in :mod:`pipeline.ensemble`.
+"""The paper's losses behind one signature, a registry (ensembles: :mod:`pipeline.ensemble`).
 
 Every loss is called as ``loss(student_logits, teacher_logits, labels) -> dict`` with
 ``student_logits`` (B, C), ``teacher_logits`` (B, C) or None, ``labels`` (B,) int64 or None, and
