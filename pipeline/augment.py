@@ -346,6 +346,17 @@ def parse_augment(spec: str) -> Augment:
     return Augment(tuple(out))
 
 
+def augment_problems(spec: str | None) -> list[str]:
+    """What is wrong with an --augment spec (nothing when it parses or is not given)."""
+    if spec is None:
+        return []
+    try:
+        parse_augment(spec)
+    except ConfigError as e:
+        return list(e.problems)
+    return []
+
+
 EXAMPLE = "shift:2, crop:pad=4+flip or rrc:scale=0.35,1+flip"
 
 

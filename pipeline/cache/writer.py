@@ -30,6 +30,7 @@ import torch
 import zarr
 
 from pipeline.augment import ViewPlan
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.format import (
     CacheHeader,
     CacheLock,
@@ -48,7 +49,6 @@ from pipeline.cache.format import (
 from pipeline.cache.header import thaw
 from pipeline.cache.location import CacheLocation
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
-from pipeline.config import CacheConfig
 from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device

@@ -48,18 +48,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.format import LogitCache, create_cache, mark_complete, shard_bounds, write_shard
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.config import CacheConfig, StudentConfig, SweepConfig, device_option
 from pipeline.datasets import fingerprint_arrays, load_dataset
 from pipeline.devices import describe_device, resolve_device
+from pipeline.experiments.config import SweepConfig
 from pipeline.experiments.storage import byte_table as storage_byte_table
 from pipeline.experiments.sweep import run_sweep
 from pipeline.files import slug
 from pipeline.metrics import predict_logits
 from pipeline.models import build_model
 from pipeline.options import option
+from pipeline.step_options import device_option
+from pipeline.training.config import StudentConfig
 from pipeline.training.loader import StreamingCacheSource, cache_source
 from pipeline.training.loop import InMemorySource, TrainConfig, fit
 from pipeline.training.losses import DistillationLoss

@@ -26,12 +26,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.format import LogitCache
 from pipeline.checks import collect, in_range, temperature
-from pipeline.config import CacheConfig, StudentConfig, TeacherConfig, device_option, output_dir
 from pipeline.errors import ConfigError
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.options import field_problems, option, parse_ints, show_list
+from pipeline.step_options import device_option, output_dir
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.loop import TrainConfig
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "kjv" / "kjv.txt.gz"

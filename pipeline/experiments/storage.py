@@ -35,18 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.format import LogitCache, create_cache, mark_complete, write_shard
 from pipeline.cache.kinds import StorageSpec, bytes_per_row
 from pipeline.checks import collect, in_range, temperature
-from pipeline.config import (
-    CacheConfig,
-    StudentConfig,
-    TeacherConfig,
-    device_option,
-    output_dir,
-)
 from pipeline.errors import ConfigError
 from pipeline.options import field_problems, option, parse_floats, parse_ints, show_list
+from pipeline.step_options import device_option, output_dir
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.loop import TrainConfig
 
 DEFAULT_STORES = ("dense", "topk:1", "topk:5", "topk:20", "topk:100", "sampled:4", "sampled:16")

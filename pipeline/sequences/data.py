@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import Dataset, data_root, register_dataset
+from pipeline.datasets import Dataset, register_dataset
 from pipeline.errors import DatasetError
+from pipeline.files import data_root
 from pipeline.sequences.tokenizers import (
     JsonTokenizer,
     Tokenizer,

@@ -38,7 +38,6 @@ import torch
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
-from pipeline.config import StudentConfig
 from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.data.stream import watch_content
 from pipeline.datasets import (
@@ -64,6 +63,7 @@ from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, percent, predict_logits
 from pipeline.models import KDModel, build_model
 from pipeline.sequences.data import is_sequence
+from pipeline.training.config import StudentConfig
 from pipeline.training.loader import (
     StreamingCacheSource,
     cache_source,

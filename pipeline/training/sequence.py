@@ -34,7 +34,6 @@ from torch import nn
 
 from pipeline.cache.format import LogitCache
 from pipeline.checkpoints import load_models, save_checkpoint
-from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.datasets import Dataset, default_eval_spec, load_dataset
 from pipeline.devices import describe_device, resolve_device
 from pipeline.ensemble import combine_members
@@ -44,6 +43,7 @@ from pipeline.metrics import percent
 from pipeline.models import KDModel, build_model
 from pipeline.sequences.data import PAD, SequenceDataset, is_sequence, tokenizer_record
 from pipeline.sequences.models import token_rows
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.loader import LoaderPlan, StreamingCacheSource, plan_loader, shard_targets
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
 from pipeline.training.losses import DistillationLoss, make_loss

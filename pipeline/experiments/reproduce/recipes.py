@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pipeline.config import data_dir_option, device_option, output_dir, trust_code_option
 from pipeline.errors import ConfigError
 from pipeline.files import slug
 from pipeline.options import field_problems, option, parse_ints, show_list
+from pipeline.step_options import data_dir_option, device_option, output_dir, trust_code_option
 
 
 @dataclass
@@ -279,7 +279,7 @@ class ReproduceConfig:
                 f"--kept-classes {self.kept_classes}"
             )
         if "consistency" in names:
-            from pipeline.config import augment_problems
+            from pipeline.augment import augment_problems
 
             problems += augment_problems(self.augment)
             if not self.views or min(self.views) < 1 or not self.seeds:
