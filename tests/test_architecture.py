@@ -424,6 +424,21 @@ def test_unknown_names_have_one_wording(registry: str, name: str) -> None:
     assert f"unknown {reg.what} {name!r}; expected one of {', '.join(reg.choices())}" in text
 
 
+def test_the_module_index_names_every_module() -> None:
+    """``pipeline/__init__.py`` indexes every module (a sub-package's own ``__init__`` may index
+    its modules instead), so the index cannot fall behind the tree again."""
+    missing = []
+    for info in pkgutil.walk_packages([str(ROOT / "pipeline")], "pipeline."):
+        parts = info.name.split(".")
+        indexes = [importlib.import_module(".".join(parts[:i])) for i in range(1, len(parts))]
+        # ``stream`` in its package's index, ``data.stream`` or ``data/`` in a higher one
+        names = {".".join(parts[k:]) for k in range(1, len(parts))}
+        names |= {n + "/" for n in names}
+        if not any(f"``{n}``" in (m.__doc__ or "") for m in indexes for n in names):
+            missing.append(info.name)
+    assert missing == []
+
+
 def test_the_cli_is_small() -> None:
     """Options are generated from config fields, so the CLI is wiring only (it had 666 lines)."""
     lines = (ROOT / "stages" / "cli.py").read_text().count("\n")
