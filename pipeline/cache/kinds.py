@@ -230,6 +230,33 @@ class StorageKind:
     SYNTAX: ClassVar[str] = ""
     SIZED: ClassVar[bool] = False
     SPARSE: ClassVar[bool] = True
+    #: A sparse kind's rows are importance-weighted draws (an unbiased estimate of the KL),
+    #: rather than exact kept probabilities plus one tail bucket.
+    WEIGHTED: ClassVar[bool] = False
+    #: What stage two's KL matches on this kind's rows (recorded with a run).
+    MATCHES: ClassVar[str] = ""
+    #: What is interpolated at a temperature the kind did not record ("the ... interpolated").
+    INTERPOLATED: ClassVar[str] = ""
+
+    @staticmethod
+    def soft_targets(
+        spec: StorageSpec,
+        arrays: Mapping[str, np.ndarray],
+        values: np.ndarray,
+        num_classes: int,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """A sparse member's soft targets at temperature ``t`` from its stored arrays.
+
+        Args:
+            values: (rows, n) the stored ``values`` as float64.
+
+        Returns:
+            ``logp`` (rows, n) the stored classes' log-probabilities at ``t``; ``rest`` (rows,)
+            the log-mass outside them (``-inf`` when none); ``weight`` (rows, n) each stored
+            entry's weight in the KL; whether ``t`` was recorded (else interpolated).
+        """
+        raise NotImplementedError("dense rows are soft targets as they are")
 
     @staticmethod
     def sized(
@@ -363,6 +390,23 @@ class Dense(StorageKind):
 class TopK(StorageKind):
     SYNTAX = "topk:K"
     SIZED = True
+    MATCHES = "the (K+1)-bucket distribution: top K classes + one tail bucket"
+    INTERPOLATED = "tail mass is"
+
+    @staticmethod
+    def soft_targets(
+        spec: StorageSpec,
+        arrays: Mapping[str, np.ndarray],
+        values: np.ndarray,
+        num_classes: int,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        tail_n = num_classes - values.shape[1]
+        ceiling = values[:, -1] / t + math.log(tail_n) if tail_n else None
+        tail, hit = lse_at(arrays["tail_lse"], spec.temperatures, t, tail_n, ceiling)
+        kept = values / t
+        total = np.logaddexp(logsumexp(kept, axis=1), tail)
+        return kept - total[:, None], tail - total, np.ones_like(values), hit
 
     @staticmethod
     def sized(
@@ -478,6 +522,24 @@ class TopK(StorageKind):
 class Sampled(StorageKind):
     SYNTAX = "sampled:S"
     SIZED = True
+    WEIGHTED = True
+    MATCHES = "an unbiased importance-sampled estimate of the full KL"
+    INTERPOLATED = "importance weights are"
+
+    @staticmethod
+    def soft_targets(
+        spec: StorageSpec,
+        arrays: Mapping[str, np.ndarray],
+        values: np.ndarray,
+        num_classes: int,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        lse_t, hit = lse_at(arrays["lse"], spec.temperatures, t, num_classes)
+        ts = float(spec.sample_temperature or 1.0)
+        lse_s, _ = lse_at(arrays["lse"], spec.temperatures, ts, num_classes)
+        lp = values / t - lse_t[:, None]
+        weight = np.exp(lp - (values / ts - lse_s[:, None])) / values.shape[1]
+        return lp, np.zeros(values.shape[0]), weight, hit
 
     @staticmethod
     def sized(

@@ -445,19 +445,16 @@ def soft_target_record(cache: LogitCache, members: list[int], cfg: StudentConfig
     exact = temperature_exact(sparse, cfg.temperature)
     out["recorded_temperatures"] = list(sparse[0].temperatures)
     out["exact"] = exact
-    kind = sparse[0].kind
+    kind = sparse[0].impl
     if cfg.loss == "logit-mse":
         out["loss_matches"] = "the kept logits only (row mean of the kept ones removed)"
-    elif kind == "topk":
-        out["loss_matches"] = "the (K+1)-bucket distribution: top K classes + one tail bucket"
     else:
-        out["loss_matches"] = "an unbiased importance-sampled estimate of the full KL"
+        out["loss_matches"] = kind.MATCHES
     notes = []
     if not exact and cfg.loss != "logit-mse":
-        what = "tail mass is" if kind == "topk" else "importance weights are"
         notes.append(
             f"T={cfg.temperature} is not a recorded temperature ({out['recorded_temperatures']}):"
-            f" the {what} interpolated, not exact"
+            f" the {kind.INTERPOLATED} interpolated, not exact"
         )
     if cfg.loss == "logit-mse":
         notes.append("--loss logit-mse on a topk cache matches the kept logits only")

@@ -156,7 +156,7 @@ def check_member_kinds(
             + ", ".join(f"{m} ({s.text})" for m, s in specs.items())
             + " are stored in different kinds; choose members of one kind with --members"
         )
-    elif any(s.kind == "sampled" for s in specs.values()):
+    elif any(s.impl.WEIGHTED for s in specs.values()):
         if method == "mean-logits" and len(members) > 1:
             problems.append(
                 "--ensemble mean-logits (a geometric mean) needs every member's value on every "

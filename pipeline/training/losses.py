@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache.kinds import STORAGE_KINDS
 from pipeline.checks import collect, in_range, positive
 from pipeline.ensemble import ENSEMBLE_METHODS, combine_members  # noqa: F401  (their old home)
 from pipeline.errors import ConfigError
@@ -140,7 +141,7 @@ class LogitMatchingLoss(DistillationLoss):
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | SparseTargets
     ) -> torch.Tensor:
         if isinstance(teacher_logits, SparseTargets):
-            if teacher_logits.kind != "topk":
+            if STORAGE_KINDS[teacher_logits.kind].WEIGHTED:
                 raise ConfigError(
                     [
                         "--loss logit-mse needs a dense or topk cache: sampled rows hold a few "
