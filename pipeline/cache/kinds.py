@@ -233,6 +233,8 @@ class StorageKind:
     #: A sparse kind's rows are importance-weighted draws (an unbiased estimate of the KL),
     #: rather than exact kept probabilities plus one tail bucket.
     WEIGHTED: ClassVar[bool] = False
+    #: The stored classes are the row's largest logits (``cache verify --replay`` checks it).
+    KEEPS_TOP: ClassVar[bool] = False
     #: What stage two's KL matches on this kind's rows (recorded with a run).
     MATCHES: ClassVar[str] = ""
     #: What is interpolated at a temperature the kind did not record ("the ... interpolated").
@@ -257,6 +259,22 @@ class StorageKind:
             entry's weight in the KL; whether ``t`` was recorded (else interpolated).
         """
         raise NotImplementedError("dense rows are soft targets as they are")
+
+    @staticmethod
+    def derived(
+        spec: StorageSpec, logits: np.ndarray, indices: np.ndarray, stored: Mapping[str, np.ndarray]
+    ) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """What a sparse row derives from its full logits, for ``cache verify --replay``.
+
+        Args:
+            logits: (C,) float64 the row's full logits, recomputed by the teacher.
+            indices: (n,) the stored classes. stored: the row's stored arrays.
+
+        Returns:
+            The derived array's name, its values recomputed from ``logits`` and as stored (one
+            per recorded temperature); None when the row derives nothing.
+        """
+        return None
 
     @staticmethod
     def sized(
@@ -390,8 +408,19 @@ class Dense(StorageKind):
 class TopK(StorageKind):
     SYNTAX = "topk:K"
     SIZED = True
+    KEEPS_TOP = True
     MATCHES = "the (K+1)-bucket distribution: top K classes + one tail bucket"
     INTERPOLATED = "tail mass is"
+
+    @staticmethod
+    def derived(
+        spec: StorageSpec, logits: np.ndarray, indices: np.ndarray, stored: Mapping[str, np.ndarray]
+    ) -> tuple[str, np.ndarray, np.ndarray] | None:
+        rest = np.delete(logits, indices)
+        if not rest.size:
+            return None
+        want = np.array([logsumexp(rest / t) for t in spec.temperatures])
+        return "tail_lse", want, stored["tail_lse"].astype(np.float64)
 
     @staticmethod
     def soft_targets(
@@ -525,6 +554,13 @@ class Sampled(StorageKind):
     WEIGHTED = True
     MATCHES = "an unbiased importance-sampled estimate of the full KL"
     INTERPOLATED = "importance weights are"
+
+    @staticmethod
+    def derived(
+        spec: StorageSpec, logits: np.ndarray, indices: np.ndarray, stored: Mapping[str, np.ndarray]
+    ) -> tuple[str, np.ndarray, np.ndarray] | None:
+        want = np.array([logsumexp(logits / t) for t in spec.temperatures])
+        return "lse", want, stored["lse"].astype(np.float64)
 
     @staticmethod
     def soft_targets(
