@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.cache.kinds import STORAGE_KINDS, StorageSpec
+from pipeline.ensemble import ENSEMBLE_METHODS
 from pipeline.errors import CacheError
 
 
@@ -254,7 +255,7 @@ def sparse_kl(
     t = targets
     members = t.index.shape[0]
     weighted = STORAGE_KINDS[t.kind].WEIGHTED
-    if not weighted and t.method == "mean-logits" and members > 1:
+    if not weighted and ENSEMBLE_METHODS.get(t.method).geometric and members > 1:
         return _geometric_bucket_kl(log_q, t)
     out = log_q.new_zeros(log_q.shape[0])
     for m in range(members):
