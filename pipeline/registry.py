@@ -143,7 +143,14 @@ class Registry(Mapping[str, T]):
             for ep in entry_points(group=f"kd_pipeline.{self.name}"):
                 if ep.name in self._entries:
                     continue  # a built-in keeps its name; the plug-in's module registered it
-                obj = ep.load()
+                try:
+                    obj = ep.load()
+                except Exception as e:  # a broken plug-in: say which, not a bare traceback
+                    raise self.error(
+                        f"the {self.what} plug-in {ep.name!r} ({ep.value}, entry point group "
+                        f"kd_pipeline.{self.name}) failed to load: {type(e).__name__}: {e}; "
+                        "fix or uninstall the package that provides it"
+                    ) from e
                 if ep.name not in self._entries:
                     doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()
                     self.register(ep.name, doc[0] if doc else f"plug-in {ep.value}", obj)

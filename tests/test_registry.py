@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 
 from pipeline.errors import ConfigError, ModelSpecError
 from pipeline.registry import Registry, unknown_name
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_decorator_and_call_forms_register_with_help() -> None:
@@ -102,3 +106,40 @@ def test_plugins_load_from_entry_points_on_first_lookup(
     assert reg.get("triple")(5) == 15
     assert reg.help("triple") == "Three times x."
     assert reg["self"] == 1
+
+
+def test_a_broken_plugin_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _install_plugin(
+        tmp_path,
+        "kd_pipeline.test-broken",
+        ["bad = kdplug_broken:thing"],
+        "kdplug_broken",
+        "1 / 0\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    reg: Registry[int] = Registry("test-broken", "loss", lambda m: ConfigError([m]))
+    with pytest.raises(ConfigError) as info:
+        reg.get("bad")
+    assert (
+        "the loss plug-in 'bad' (kdplug_broken:thing, entry point group kd_pipeline.test-broken) "
+        "failed to load: ZeroDivisionError: division by zero" in str(info.value)
+    )
+
+
+def test_built_ins_above_a_registry_join_on_the_first_lookup() -> None:
+    """The token-sequence sources and models live above datasets.py and models.py; the registries
+    import them (pipeline.builtins) on their first lookup, not when they are imported."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from pipeline.datasets import DATASETS
+        from pipeline.models import MODELS
+        before = "pipeline.sequences.data" in sys.modules
+        print(before, "text" in DATASETS, "gpt" in MODELS, "pipeline.sequences.data" in sys.modules)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.split() == ["False", "True", "True", "True"]
