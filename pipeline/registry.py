@@ -33,6 +33,7 @@ Standard library only, so every layer may import it.
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -98,6 +99,7 @@ class Registry(Mapping[str, T]):
         self._entries: dict[str, Entry[T]] = {}
         self._loaded = False
         self._loading = False
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"Registry({self.name!r}: {', '.join(self._entries)})"
@@ -134,6 +136,12 @@ class Registry(Mapping[str, T]):
     # ---------------------------------------------------------------------------------- loading
     def _load(self) -> None:
         """Import the built-in modules and the plug-ins, once (on the first lookup)."""
+        if self._loaded:
+            return
+        with self._lock:  # loader threads may look names up at once: one of them loads
+            self._load_once()
+
+    def _load_once(self) -> None:
         if self._loaded or self._loading:
             return
         self._loading = True  # a built-in module that looks a name up while importing
