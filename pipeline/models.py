@@ -28,7 +28,8 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -158,20 +159,47 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-#: Model spec names -> ``build(spec, parts, in_shape, num_classes) -> nn.Module`` (``parts``: the
-#: spec's ``:``-separated items after the name). Sequence models (``gpt:``, ``hf:``) join from
+@dataclass(frozen=True)
+class ModelBuilder:
+    """A registered model spec.
+
+    Attributes:
+        build: ``build(spec, parts, in_shape, num_classes) -> nn.Module`` (``parts``: the spec's
+            ``:``-separated items after the name).
+        flags: the teacher options (``--input-dropout``, ``--dropout``, ``--max-norm``) the
+            model takes as spec options, each with the value it gets when neither the flag nor
+            the spec sets it (None: the model's own default).
+    """
+
+    build: Callable[..., nn.Module]
+    flags: Mapping[str, float | None] = field(default_factory=dict)
+
+
+#: Model spec names -> :class:`ModelBuilder`. Sequence models (``gpt:``, ``hf:``) join from
 #: ``pipeline.sequences.models`` (listed in :data:`pipeline.builtins.BUILTINS`); plug-ins from
-#: the entry point group ``kd_pipeline.models``.
-MODELS: Registry[Callable[..., nn.Module]] = Registry("models", "model", ModelSpecError, sort=True)
+#: the entry point group ``kd_pipeline.models`` (a module that calls :func:`register_model`).
+MODELS: Registry[ModelBuilder] = Registry("models", "model", ModelSpecError, sort=True)
 
 
-def register_model(name: str, help: str) -> Callable:
-    """``@MODELS.register(name, help)``: a decorator for ``build(spec, parts, in_shape,
-    num_classes) -> nn.Module``, kept under its old name for existing callers."""
-    return MODELS.register(name, help)
+def register_model(
+    name: str, help: str, flags: Mapping[str, float | None] | None = None
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """A decorator registering ``build(spec, parts, in_shape, num_classes) -> nn.Module`` in
+    :data:`MODELS` as ``name``, with its one-line help and teacher ``flags``."""
+
+    def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS.register(name, help, ModelBuilder(build, dict(flags or {})))
+        return build
+
+    return wrap
 
 
-@MODELS.register("mlp", "mlp:H1,H2,...[:input_dropout=P][:dropout=P][:max_norm=X] ReLU MLP")
+@register_model(
+    "mlp",
+    "mlp:H1,H2,...[:input_dropout=P][:dropout=P][:max_norm=X] ReLU MLP",
+    # The paper's teacher: dropout 0.2 on the inputs and 0.5 on hidden units.
+    {"input_dropout": 0.2, "dropout": 0.5, "max_norm": None},
+)
 def _build_mlp(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -198,7 +226,11 @@ def _build_mlp(
     )
 
 
-@MODELS.register("cnn", "cnn[:channels=32,64][:hidden=128][:dropout=P] small conv net for images")
+@register_model(
+    "cnn",
+    "cnn[:channels=32,64][:hidden=128][:dropout=P] small conv net for images",
+    {"dropout": None},
+)
 def _build_cnn(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -214,7 +246,7 @@ def _build_cnn(
     )
 
 
-@MODELS.register("torchscript", "torchscript:PATH a user's TorchScript module")
+@register_model("torchscript", "torchscript:PATH a user's TorchScript module")
 def _build_torchscript(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -228,7 +260,7 @@ def _build_torchscript(
         return torch.jit.load(str(path), map_location="cpu")
 
 
-@MODELS.register("py", "py:package.module:factory a user's factory(in_shape=..., num_classes=...)")
+@register_model("py", "py:package.module:factory a user's factory(in_shape=..., num_classes=...)")
 def _build_py(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
@@ -260,8 +292,8 @@ def _build_py(
     return model
 
 
-MODELS.register(
-    "tv", "tv:NAME[:weights=FILE][:norm=imagenet|none] a torchvision architecture", tv.build_tv
+register_model("tv", "tv:NAME[:weights=FILE][:norm=imagenet|none] a torchvision architecture")(
+    tv.build_tv
 )
 
 
@@ -337,7 +369,7 @@ def build_model(
         A ``KDModel`` mapping raw inputs (B, *in_shape) to logits (B, C).
     """
     name, _, rest = spec.partition(":")
-    build = MODELS.get(name, where=f" in spec {spec!r}")
+    build = MODELS.get(name, where=f" in spec {spec!r}").build
     if num_classes < 1:
         raise ModelSpecError(f"model spec {spec!r}: num_classes must be >= 1, got {num_classes}")
     parts = rest.split(":") if rest else []

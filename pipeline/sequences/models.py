@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelSpecError
-from pipeline.models import MODELS
+from pipeline.models import register_model
 from pipeline.specs import positive_int, probability, spec_options
 
 
@@ -68,7 +68,7 @@ class GPT(nn.Module):
         return self.head(self.norm(h))
 
 
-@MODELS.register(
+@register_model(
     "gpt", "gpt[:layers=4][:dim=256][:heads=4][:ctx=256][:pad=N] small causal transformer"
 )
 def _build_gpt(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> GPT:
@@ -140,7 +140,7 @@ def _torchvision_note() -> str:
     return f"; the likely cause: {problem}" if problem else ""
 
 
-@MODELS.register("hf", "hf:DIR a transformers causal LM saved locally (pip install '.[hf]')")
+@register_model("hf", "hf:DIR a transformers causal LM saved locally (pip install '.[hf]')")
 def _build_hf(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> HFCausalLM:

@@ -18,7 +18,7 @@ from pipeline.cache.config import storage_options_option
 from pipeline.checks import collect, in_range, positive, temperature
 from pipeline.ensemble import ENSEMBLE_METHODS
 from pipeline.files import location_stem, slug
-from pipeline.models import with_options
+from pipeline.models import MODELS, with_options
 from pipeline.options import (
     field_problems,
     option,
@@ -42,6 +42,8 @@ from pipeline.training.losses import LOSSES
 if TYPE_CHECKING:
     from pipeline.cache.location import CacheLocation
 
+#: The teacher options a model spec may take (see ``ModelBuilder.flags``).
+TEACHER_FLAGS = ("input_dropout", "dropout", "max_norm")
 MAX_MEMORY = 1 << 50  # 1 PiB: a --memory-budget above it is a typo, not a machine
 
 DATASET_HELP = (
@@ -98,13 +100,15 @@ class TeacherConfig:
             if v is not None and not 0 <= v < 1:
                 problems.append(f"{name} must be in [0, 1), got {v}")
         kind = self.model.partition(":")[0]
-        if kind != "mlp" and (self.input_dropout is not None or self.max_norm is not None):
-            problems.append(
-                f"--input-dropout and --max-norm apply to mlp models, not {kind}; put the model's "
-                "own options in its spec"
-            )
-        if kind not in ("mlp", "cnn") and self.dropout is not None:
-            problems.append(f"--dropout applies to mlp and cnn models, not {kind}")
+        builder = MODELS.get(kind, None)
+        takes = builder.flags if builder is not None else {}
+        for flag in TEACHER_FLAGS:
+            if getattr(self, flag) is not None and flag not in takes:
+                models = " and ".join(n for n in MODELS if flag in MODELS[n].flags)
+                problems.append(
+                    f"--{flag.replace('_', '-')} applies to {models} models, not {kind}; put the "
+                    "model's own options in its spec"
+                )
         if not self.out:
             problems.append("out (the ensemble directory) must be given")
         raise_all(problems, self.train)
@@ -125,23 +129,17 @@ class TeacherConfig:
         """The model spec with the dropout / max-norm options resolved into it (the paper's defaults
         for mlp).
         """
-        kind = self.model.partition(":")[0]
-        if kind == "mlp":
-            own = {p.partition("=")[0] for p in self.model.split(":")[1:] if "=" in p}
+        builder = MODELS.get(self.model.partition(":")[0], None)
+        if builder is None or not builder.flags:
+            return self.model
+        own = {p.partition("=")[0] for p in self.model.split(":")[1:] if "=" in p}
 
-            def pick(key: str, flag: float | None, paper: float) -> float | None:
-                # The flag wins; else the spec's own value stays; else the paper's default.
-                return flag if flag is not None else (None if key in own else paper)
+        def pick(key: str, default: float | None) -> float | None:
+            # The flag wins; else the spec's own value stays; else the model's default.
+            flag = getattr(self, key)
+            return flag if flag is not None else (None if key in own else default)
 
-            return with_options(
-                self.model,
-                input_dropout=pick("input_dropout", self.input_dropout, 0.2),
-                dropout=pick("dropout", self.dropout, 0.5),
-                max_norm=self.max_norm,
-            )
-        if kind == "cnn":
-            return with_options(self.model, dropout=self.dropout)
-        return self.model
+        return with_options(self.model, **{k: pick(k, d) for k, d in builder.flags.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)
