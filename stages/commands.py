@@ -15,20 +15,17 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import (
-    CacheConfig,
-    Display,
-    EvaluateConfig,
-    StudentConfig,
-    SweepConfig,
-    TeacherConfig,
-)
+from pipeline.cache.config import CacheConfig
 from pipeline.errors import KDError
+from pipeline.evaluation import EvaluateConfig
 from pipeline.experiments.bench import BenchConfig
+from pipeline.experiments.config import SweepConfig
 from pipeline.experiments.demo import DemoConfig
 from pipeline.experiments.reproduce import ReproduceConfig
 from pipeline.experiments.sequence import SequenceStudyConfig
 from pipeline.experiments.storage import StorageStudyConfig
+from pipeline.step_options import Display
+from pipeline.training.config import StudentConfig, TeacherConfig
 from stages.params import Only, configured
 from stages.show import evaluation_table, student_result_line
 

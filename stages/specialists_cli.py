@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.config import SpecialistsConfig
+from pipeline.experiments.specialists.config import SpecialistsConfig
 from stages.boundary import KDGroup
 from stages.params import configured
 

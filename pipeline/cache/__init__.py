@@ -4,15 +4,18 @@ The format (version 2; version 1 still reads) is specified in docs/cache-format.
 
 - ``location``: where a cache lives (a directory, a ``.zarr.zip`` bundle or ``s3://``), resolved
   once into a :class:`CacheLocation` that opens its stores, says if it exists and locks it.
-- ``header``: the header of format versions 1 and 2 as a frozen, typed :class:`CacheHeader`.
+- ``kinds``: how one member's rows are stored (``dense``, ``topk:K``, ``sampled:S``): a registry
+  of storage kinds, each with its arrays, encoding, checks, fidelity and training-side maths.
+- ``header``: the header of format version 2 (it reads version 1 too) as a frozen, typed
+  :class:`CacheHeader`.
 - ``guard``: what a cache's stored bytes may be (sizes, nesting, codecs, zstd frame sizes) before
   zarr parses or decompresses them; every read-only store is a ``GuardedStore``.
-- ``layout``: the markers, codecs and shard bounds of the format; ``kinds``: how a member's rows
-  are stored (dense, top-k, sampled); ``rows``: the row index and views' parameters re-derived
-  from the header.
+- ``layout``: the markers, codecs and shard bounds of the format (specified in
+  docs/cache-format.md); ``rows``: the row index and views' parameters re-derived from the header.
 - ``create`` (the schema), ``write`` (shards, then their done flags; completion): the writing
   primitives. ``writer``: stage one, teachers run once over a transfer set into a cache (planned:
-  create, resume, add members; then executed).
+  create, resume, add members; then executed); ``config``: the configs of ``cache-logits`` and
+  the ``cache`` tools.
 - ``read``: ``LogitCache``, the reader (no torch needed), with ``read_checks`` (what it checks on
   what it serves), ``lookup`` (whether a location holds a cache, and its header) and ``info``
   (what ``cache info`` shows).
@@ -22,6 +25,8 @@ The format (version 2; version 1 still reads) is specified in docs/cache-format.
 - ``replay``: re-running a teacher on stored views (``cache verify --replay``).
 - ``transfer``: the transfer set behind a cache: the spec it records, or this machine's copy
   (``--dataset``).
+- ``replay``: ``cache verify --replay``: stored rows recomputed from the teacher.
+- ``config``: the configs of ``cache-logits`` and the ``cache`` tools, ``--storage-option``.
 """
 
 from pipeline.cache.header import CacheHeader

@@ -30,6 +30,7 @@ import torch
 import zarr
 
 from pipeline.augment import ViewPlan
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.create import add_member_arrays, create_cache
 from pipeline.cache.header import CacheHeader, thaw
 from pipeline.cache.info import describe_rows
@@ -39,7 +40,6 @@ from pipeline.cache.lookup import read_header
 from pipeline.cache.read import LogitCache
 from pipeline.cache.write import digest_write, mark_complete, remove_partial_files, write_shards
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
-from pipeline.config import CacheConfig
 from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device

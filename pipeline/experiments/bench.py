@@ -48,31 +48,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.create import create_cache
 from pipeline.cache.layout import shard_bounds
 from pipeline.cache.read import LogitCache
 from pipeline.cache.write import mark_complete, write_shard
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.config import CacheConfig, StudentConfig, SweepConfig, device_option
 from pipeline.datasets import fingerprint_arrays, load_dataset
 from pipeline.devices import describe_device, resolve_device
+from pipeline.errors import ConfigError
+from pipeline.experiments.config import SweepConfig
 from pipeline.experiments.storage import byte_table as storage_byte_table
 from pipeline.experiments.sweep import run_sweep
 from pipeline.files import slug
 from pipeline.metrics import predict_logits
 from pipeline.models import build_model
 from pipeline.options import option
+from pipeline.registry import Registry
+from pipeline.step_options import device_option
+from pipeline.training.config import StudentConfig
 from pipeline.training.loader import StreamingCacheSource, cache_source
 from pipeline.training.loop import InMemorySource, TrainConfig, fit
 from pipeline.training.losses import DistillationLoss
 
-SCALES = {
-    # rows of the transfer set, repetitions, student epochs timed per repetition
-    "small": {"rows": 10_000, "repeats": 3},
-    "medium": {"rows": 60_000, "repeats": 3},
-    "large": {"rows": 60_000, "repeats": 5},
-}
+# rows of the transfer set, repetitions, student epochs timed per repetition
+SCALES: Registry[dict] = Registry("bench_scales", "scale", lambda message: ConfigError([message]))
+SCALES.register("small", "10,000 rows, 3 repetitions", {"rows": 10_000, "repeats": 3})
+SCALES.register("medium", "60,000 rows, 3 repetitions", {"rows": 60_000, "repeats": 3})
+SCALES.register("large", "60,000 rows, 5 repetitions", {"rows": 60_000, "repeats": 5})
 
 
 @dataclass

@@ -39,12 +39,13 @@ from pathlib import Path
 from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import file_sha256, member_paths
-from pipeline.config import StudentConfig, SweepConfig, setting_name
 from pipeline.errors import KDError
+from pipeline.experiments.config import SweepConfig, setting_name
 from pipeline.files import atomic_write, atomic_write_json
 from pipeline.metrics import percent
 from pipeline.progress import progress_bar
 from pipeline.redact import scrub_message
+from pipeline.training.config import StudentConfig
 
 RESULT_FIELDS = [
     "setting",
@@ -512,9 +513,7 @@ class Measure:
     def cell(self, values: list) -> str:
         """One setting's value, or its mean ± sd over seeds."""
         if len(values) > 1:
-            return (
-                f"{_mean(values):.{self.digits}f} ± {statistics.stdev(values):.{self.digits}f}"
-            )
+            return f"{_mean(values):.{self.digits}f} ± {statistics.stdev(values):.{self.digits}f}"
         v = values[0]
         return str(v) if isinstance(v, int) else f"{v:.{self.digits}f}"
 

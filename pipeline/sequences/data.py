@@ -33,14 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import Dataset, _Base, data_root, register_dataset
+from pipeline.datasets import Dataset, register_dataset
 from pipeline.errors import DatasetError
+from pipeline.files import data_root
 from pipeline.sequences.tokenizers import (
     JsonTokenizer,
     Tokenizer,
     save_tokenizer,
     train_bpe,
 )
+from pipeline.specs import SourceData
 
 NO_LABEL = -100  # a position with no next-token target (soft targets still apply)
 PAD = -101  # padding: neither term sees it
@@ -200,7 +202,7 @@ def _text(
     vocab: int | None = None,
     tokenizer: str | None = None,
     test: float = DEFAULT_TEST_SHARE,
-) -> _Base:
+) -> SourceData:
     if split not in SPLITS:
         raise DatasetError(f"text:{file}:{split}: the split must be train or test")
     path = Path(file)
@@ -221,7 +223,7 @@ def _text(
     ("file", "split"),
     "token ids in a .npz: x_<split> (N, P) [y_<split>, mask_<split>, vocab_size, tokenizer]",
 )
-def _tokens(file: str, split: str, data_dir: str | None = None) -> _Base:
+def _tokens(file: str, split: str, data_dir: str | None = None) -> SourceData:
     path = Path(file)
     if not path.is_file():
         raise DatasetError(f"tokens:{file}: no such file")
@@ -304,7 +306,7 @@ def _base(
     tok: Tokenizer,
     source: dict,
     doc_starts: np.ndarray | None = None,
-) -> _Base:
+) -> SourceData:
     # Labels stay class indices for the generic checks (masked positions read as 0 there); the
     # sequence dataset puts the markers back once the rows are chosen.
     markers = y < 0
@@ -327,4 +329,4 @@ def _base(
             doc_starts=None if doc_starts is None else doc_starts[kept],
         )
 
-    return _Base(x, clean, names, source, extend)
+    return SourceData(x, clean, names, source, extend)

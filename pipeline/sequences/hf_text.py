@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data import sources as lazy_sources
-from pipeline.datasets import _Base, register_dataset
+from pipeline.datasets import register_dataset
 from pipeline.errors import DatasetError
 from pipeline.sequences.data import (
     DEFAULT_SEQ,
@@ -50,6 +50,7 @@ from pipeline.sequences.data import (
     cut_sequences,
 )
 from pipeline.sequences.tokenizers import JsonTokenizer, Tokenizer
+from pipeline.specs import SourceData
 
 TEXT_OPTIONS = ("text", "tokenizer", "seq", "test")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
@@ -66,7 +67,7 @@ FILE_SUFFIXES = (".parquet", ".jsonl", ".json")
 )
 def load_hf_any(
     directory: str, split: str, data_dir: str | None = None, **options: str
-) -> _Base | lazy_sources.LazyBase:
+) -> SourceData | lazy_sources.LazyBase:
     """One ``hf:`` prefix, two sources: ``text=COLUMN`` selects text packed into token sequences
     (:func:`load_hf_text`), else the image / array source (:func:`pipeline.data.sources.load_hf`);
     their options do not mix."""
@@ -96,7 +97,7 @@ def load_hf_text(
     tokenizer: str | None = None,
     seq: str | None = None,
     test: str | None = None,
-) -> _Base:
+) -> SourceData:
     """The ``hf:DIR:SPLIT:text=COLUMN`` source (see the module docstring) as token sequences."""
     spec = f"hf:{directory}:{split}:text={text}"
     length = _option(spec, "seq", seq, _positive, DEFAULT_SEQ)

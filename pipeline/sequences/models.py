@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import ModelSpecError
-from pipeline.models import _opts, _positive_int, _prob, register_model
+from pipeline.models import register_model
 from pipeline.sequences.hf import HFCausalLM
+from pipeline.specs import positive_int, probability, spec_options
 
 
 class GPT(nn.Module):
@@ -72,16 +73,16 @@ class GPT(nn.Module):
     "gpt", "gpt[:layers=4][:dim=256][:heads=4][:ctx=256][:pad=N] small causal transformer"
 )
 def _build_gpt(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> GPT:
-    o = _opts(
+    o = spec_options(
         spec,
         [p for part in parts for p in part.split(",") if p],  # gpt:layers=4,dim=256 or :-separated
         {
-            "layers": _positive_int,
-            "dim": _positive_int,
-            "heads": _positive_int,
-            "ctx": _positive_int,
-            "dropout": _prob,
-            "pad": _positive_int,
+            "layers": positive_int,
+            "dim": positive_int,
+            "heads": positive_int,
+            "ctx": positive_int,
+            "dropout": probability,
+            "pad": positive_int,
         },
     )
     ctx = o.get("ctx", 256)

@@ -45,10 +45,10 @@ from pipeline.cache.location import CacheLocation
 from pipeline.cache.read import LogitCache
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checks import collect, one_of, positive
-from pipeline.config import StudentConfig
 from pipeline.distributed import batch_spans
 from pipeline.errors import CacheError, ConfigError, DistributedError
 from pipeline.sequences.data import is_sequence
+from pipeline.training.config import StudentConfig
 from pipeline.training.distill import soft_target_record
 from pipeline.training.loader import (
     StreamingCacheSource,

@@ -43,7 +43,6 @@ from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
-from pipeline.config import StudentConfig
 from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.data.stream import watch_content
 from pipeline.datasets import (
@@ -63,12 +62,14 @@ from pipeline.distributed import (
     broadcast,
     process_group,
 )
+from pipeline.ensemble import combine_members
 from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, percent, predict_logits
 from pipeline.models import KDModel, build_model
 from pipeline.runfile import write_run_file
 from pipeline.sequences.data import is_sequence
+from pipeline.training.config import StudentConfig
 from pipeline.training.loader import (
     StreamingCacheSource,
     cache_source,
@@ -77,7 +78,7 @@ from pipeline.training.loader import (
     shard_targets,
 )
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
-from pipeline.training.losses import combine_members, make_loss
+from pipeline.training.losses import make_loss
 from pipeline.training.sequence import (
     SequenceTask,
     check_same_tokenizer,
@@ -468,19 +469,16 @@ def soft_target_record(cache: LogitCache, members: list[int], cfg: StudentConfig
     exact = temperature_exact(sparse, cfg.temperature)
     out["recorded_temperatures"] = list(sparse[0].temperatures)
     out["exact"] = exact
-    kind = sparse[0].kind
+    kind = sparse[0].impl
     if cfg.loss == "logit-mse":
         out["loss_matches"] = "the kept logits only (row mean of the kept ones removed)"
-    elif kind == "topk":
-        out["loss_matches"] = "the (K+1)-bucket distribution: top K classes + one tail bucket"
     else:
-        out["loss_matches"] = "an unbiased importance-sampled estimate of the full KL"
+        out["loss_matches"] = kind.MATCHES
     notes = []
     if not exact and cfg.loss != "logit-mse":
-        what = "tail mass is" if kind == "topk" else "importance weights are"
         notes.append(
             f"T={cfg.temperature} is not a recorded temperature ({out['recorded_temperatures']}):"
-            f" the {what} interpolated, not exact"
+            f" the {kind.INTERPOLATED} interpolated, not exact"
         )
     if cfg.loss == "logit-mse":
         notes.append("--loss logit-mse on a topk cache matches the kept logits only")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checks import at_least, collect, in_range, one_of, positive
+from pipeline.checks import at_least, collect, in_range, positive
 from pipeline.data.lazy import is_lazy
 from pipeline.distributed import SINGLE, Ranks, all_sum, batch_spans, training_seed
 from pipeline.errors import ConfigError, KDError
@@ -29,12 +29,15 @@ from pipeline.options import field_problems, option, parse_clip
 from pipeline.progress import progress_bar, progress_lines
 from pipeline.training.callbacks import Callback, FitState
 from pipeline.training.losses import DistillationLoss
+from pipeline.training.optim import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    make_optimizer,
+    make_schedule,
+)
 from pipeline.training.targets import flat_rows
 from pipeline.training.tracking import LOGGERS, check_trackers, tracking_hooks
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("cosine", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 # A batch: raw inputs (B, *shape), teacher logits (B, C) or None, labels (B,) or None.
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -115,17 +118,17 @@ class TrainConfig:
             at_least("epochs", self.epochs, 1),
             at_least("batch_size", self.batch_size, 1),
             positive("lr", self.lr),
-            one_of("optimizer", self.optimizer, OPTIMIZERS),
-            one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES, prose=True),
+            OPTIMIZERS.problem("optimizer", self.optimizer),
+            LR_SCHEDULES.problem("lr_schedule", self.lr_schedule),
             positive("grad_clip", self.grad_clip, optional=True),
             at_least("warmup_steps", self.warmup_steps, 0),
             at_least("grad_accum", self.grad_accum, 1),
             None if self.max_steps is None else at_least("max_steps", self.max_steps, 1),
             None if self.eval_every is None else at_least("eval_every", self.eval_every, 1),
-            one_of("precision", self.precision, PRECISIONS),
+            PRECISIONS.problem("precision", self.precision),
             in_range("momentum", self.momentum, 0, 1),
             at_least("weight_decay", self.weight_decay, 0),
-            *(one_of("log_to", name, tuple(LOGGERS)) for name in self.log_to),
+            *(LOGGERS.problem("log_to", name) for name in self.log_to),
         )
         if problems:
             raise ConfigError(problems)
@@ -137,7 +140,7 @@ class TrainConfig:
         Raises:
             ConfigError: fp16 autocast off a GPU (the CPU's autocast is bf16 only).
         """
-        if self.precision == "fp16" and device.type != "cuda":
+        if PRECISIONS[self.precision].loss_scaling and device.type != "cuda":
             raise ConfigError(
                 [
                     f"--precision fp16 needs a GPU (the device is {device.type}); use bf16 on "
@@ -256,17 +259,6 @@ def random_shift(
         sel = (key == k).nonzero(as_tuple=True)[0]
         out[sel] = padded[sel, :, 2 * s - oy : 2 * s - oy + h, 2 * s - ox : 2 * s - ox + w]
     return out
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class BestEpoch:
@@ -410,26 +402,6 @@ class EpochLog(Callback):
 
 def _short(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def make_schedule(
-    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Linear warmup over ``cfg.warmup_steps`` from 0, then ``cfg.lr_schedule`` (cosine decays to
-    0 at ``total_steps``; constant holds the peak); None when neither changes the rate."""
-    warm = cfg.warmup_steps
-    if cfg.lr_schedule != "cosine" and not warm:
-        return None
-    decay = max(1, total_steps - warm)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if cfg.lr_schedule != "cosine":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, decay) / decay))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def fit(
@@ -638,8 +610,9 @@ class _Stepper:
         self.net, self.model, self.opt, self.sched, self.cfg = net, model, opt, sched, cfg
         self.device, self.ranks = device, ranks
         self.non_blocking = device.type == "cuda"
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        precision = PRECISIONS[cfg.precision]
+        self.dtype = None if precision.autocast is None else getattr(torch, precision.autocast)
+        self.scaler = torch.amp.GradScaler("cuda") if precision.loss_scaling else None
         self.constrain = getattr(model, "constrain", None)
         opt.zero_grad(set_to_none=True)
 

@@ -34,9 +34,9 @@ from torch import nn
 
 from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_models, save_checkpoint
-from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.datasets import Dataset, default_eval_spec, load_dataset
 from pipeline.devices import describe_device, resolve_device
+from pipeline.ensemble import combine_members
 from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import percent
@@ -50,9 +50,10 @@ from pipeline.sequences.hf import (
     trusted_code,
 )
 from pipeline.sequences.models import token_rows
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.loader import LoaderPlan, StreamingCacheSource, plan_loader, shard_targets
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
-from pipeline.training.losses import DistillationLoss, combine_members, make_loss
+from pipeline.training.losses import DistillationLoss, make_loss
 from pipeline.training.targets import SparseTargets, cat_targets, group_rows
 
 SEQUENCE_SOURCES = ("text", "tokens")

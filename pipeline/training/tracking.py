@@ -35,6 +35,7 @@ from typing import IO, Any
 import torch
 
 from pipeline.errors import ConfigError, MissingExtraError
+from pipeline.registry import Registry
 from pipeline.training.callbacks import Callback, FitState
 
 #: Steps whose values are read from the device (and written) together.
@@ -132,9 +133,14 @@ class TensorBoard(Sink):
         self.writer.close()
 
 
-#: The trackers ``--log-to`` offers: name -> the sink that writes them. (A plain dict behind
-#: :func:`tracker` for now, to move onto the project's generic registry as it comes.)
-LOGGERS: dict[str, type[TensorBoard]] = {"tensorboard": TensorBoard}
+def _config_error(message: str) -> ConfigError:
+    return ConfigError([message])
+
+
+#: The trackers ``--log-to`` offers: name -> the sink that writes them; plug-ins from the entry
+#: point group ``kd_pipeline.trackers``.
+LOGGERS: Registry[type[TensorBoard]] = Registry("trackers", "tracker", _config_error)
+LOGGERS.register("tensorboard", "TensorBoard event files in RUN/tensorboard/", TensorBoard)
 
 
 def tracker(name: str) -> type[TensorBoard]:
@@ -143,10 +149,7 @@ def tracker(name: str) -> type[TensorBoard]:
     Raises:
         ConfigError: no tracker has that name.
     """
-    try:
-        return LOGGERS[name]
-    except KeyError:
-        raise ConfigError([f"--log-to must be one of {', '.join(LOGGERS)}, got {name!r}"]) from None
+    return LOGGERS.get(name)
 
 
 def check_trackers(names: Sequence[str]) -> None:

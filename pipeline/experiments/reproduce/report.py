@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import TeacherConfig
 from pipeline.experiments.plots import bar_chart, line_chart
 from pipeline.experiments.reproduce.recipes import PAPER, ReproduceConfig, TeacherRecipe
 from pipeline.experiments.reproduce.sections import (
@@ -23,6 +22,7 @@ from pipeline.experiments.reproduce.sections import (
     Temperature,
     pct,
 )
+from pipeline.training.config import TeacherConfig
 
 
 @dataclass

@@ -17,14 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig, StudentConfig, SweepConfig
+from pipeline.experiments.config import SweepConfig
 from pipeline.experiments.reproduce.artefacts import Run, read_history, student_metrics
 from pipeline.experiments.reproduce.recipes import HOLDOUT, MAIN_RECIPE
 from pipeline.experiments.sweep import finished_result, run_sweep
 from pipeline.files import slug
+from pipeline.training.config import StudentConfig
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 
