@@ -19,7 +19,8 @@ Specs compose transforms with ``+``; a transform's arguments follow its name aft
     crop:pad=4+flip         random 28x28 crop of the zero-padded image, then a horizontal flip
     rrc:scale=0.35,1+flip   random resized crop (area 35-100 %, aspect 3/4-4/3), then a flip
 
-A new transform is one :func:`register` entry. This module imports without torch.
+A new transform is one :data:`TRANSFORMS` entry (``@TRANSFORMS.register``). This module
+imports without torch.
 """
 
 from __future__ import annotations
@@ -33,11 +34,19 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.registry import Registry
 
 AUGMENT_VERSION = 1  # the semantics of every transform's parameters; bump when one changes
 
 
 # ------------------------------------------------------------------------------------- transforms
+#: Transform names -> their classes (the spec syntax and the CLI offer them); plug-ins from the
+#: entry point group ``kd_pipeline.augmentations``.
+TRANSFORMS: Registry[type[Transform]] = Registry(
+    "augmentations", "transform", lambda message: ConfigError([message])
+)
+
+
 @dataclass(frozen=True)
 class Transform:
     """One registered transform with its arguments resolved.
@@ -96,6 +105,7 @@ def _translate(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, pad: int) -> np.nd
     return out
 
 
+@TRANSFORMS.register("shift", "shift:S translate by up to S pixels, zero fill")
 @dataclass(frozen=True)
 class Shift(Transform):
     """``shift:S``: translate by an integer (dy, dx) uniform in [-S, S]^2, zero fill."""
@@ -117,6 +127,7 @@ class Shift(Transform):
         return _translate(x, p[:, 0], p[:, 1], self.max) if self.max else x.copy()
 
 
+@TRANSFORMS.register("crop", "crop:pad=P a crop of the zero-padded image (RandomCrop(padding=P))")
 @dataclass(frozen=True)
 class Crop(Transform):
     """``crop:pad=P``: an H x W crop of the image zero-padded by P, at a uniform offset (top, left)
@@ -139,6 +150,7 @@ class Crop(Transform):
         return _translate(x, self.pad - p[:, 0], self.pad - p[:, 1], self.pad)
 
 
+@TRANSFORMS.register("flip", "flip[:p=0.5] mirror left-right with probability p")
 @dataclass(frozen=True)
 class Flip(Transform):
     """``flip[:p=0.5]``: mirror left-right with probability p (parameter: 1 flipped, 0 not)."""
@@ -161,6 +173,7 @@ class Flip(Transform):
         return out
 
 
+@TRANSFORMS.register("rrc", "rrc:scale=LO,HI[:ratio=LO,HI] RandomResizedCrop to the input size")
 @dataclass(frozen=True)
 class ResizedCrop(Transform):
     """``rrc:scale=LO,HI[:ratio=LO,HI]``: torchvision's ``RandomResizedCrop`` to the input size.
@@ -232,19 +245,6 @@ def _sample_grid(start: np.ndarray, size: np.ndarray, out: int) -> tuple[np.ndar
     lo = lo.astype(np.int64)
     hi = np.minimum(lo + 1, limit)
     return np.stack([lo, hi], -1), np.stack([1 - frac, frac], -1)
-
-
-TRANSFORMS: dict[str, type[Transform]] = {}
-
-
-def register(cls: type[Transform]) -> type[Transform]:
-    """Add a transform to the registry (the spec syntax and the CLI offer it)."""
-    TRANSFORMS[cls.NAME] = cls
-    return cls
-
-
-for _cls in (Shift, Crop, Flip, ResizedCrop):
-    register(_cls)
 
 
 # ----------------------------------------------------------------------------------- composition
@@ -341,16 +341,20 @@ def parse_augment(spec: str) -> Augment:
     out = []
     for part in spec.strip().split("+"):
         name, *args = part.strip().split(":")
-        cls = TRANSFORMS.get(name)
-        if cls is None:
-            raise ConfigError(
-                [
-                    f"--augment {spec}: unknown transform {name!r}; expected one of "
-                    f"{', '.join(TRANSFORMS)} (e.g. {EXAMPLE})"
-                ]
-            )
+        cls = TRANSFORMS.get(name, where=f" in --augment {spec}")
         out.append(_build(cls, args, spec))
     return Augment(tuple(out))
+
+
+def augment_problems(spec: str | None) -> list[str]:
+    """What is wrong with an --augment spec (nothing when it parses or is not given)."""
+    if spec is None:
+        return []
+    try:
+        parse_augment(spec)
+    except ConfigError as e:
+        return list(e.problems)
+    return []
 
 
 EXAMPLE = "shift:2, crop:pad=4+flip or rrc:scale=0.35,1+flip"

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipeline import hf_image
 from pipeline.errors import CheckpointError, KDError
 from pipeline.files import atomic_write
 from pipeline.models import KDModel, build_model, check_trusted
 from pipeline.redact import load_failure
+from pipeline.sequences.hf import trusted_code
 from pipeline.tv import teacher_meta as tv_teacher_meta
 
 if TYPE_CHECKING:
@@ -93,8 +95,9 @@ class LoadedModel:
     sha256: str
 
     def identity(self) -> dict:
-        """JSON identity of this model for cache and run metadata."""
-        return {
+        """JSON identity of this model for cache and run metadata (with ``preprocess`` for a
+        teacher whose input preprocessing is part of it: ``hf-image:``)."""
+        out = {
             "path": str(self.path),
             "checkpoint_sha256": self.sha256,
             "model_spec": self.meta.get("model_spec"),
@@ -103,6 +106,9 @@ class LoadedModel:
             "train_dataset_fingerprint": (self.meta.get("dataset") or {}).get("fingerprint"),
             "metrics": self.meta.get("metrics"),
         }
+        if "preprocess" in self.meta:
+            out["preprocess"] = self.meta["preprocess"]
+        return out
 
 
 def load_checkpoint(
@@ -124,7 +130,7 @@ def load_checkpoint(
     if is_model_spec(path):
         return _load_spec_teacher(str(path), device)
     if str(path).startswith("hf:"):
-        return load_hf_model(str(path)[3:], device)
+        return load_hf_model(str(path)[3:], device, trust_code)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -156,7 +162,8 @@ def load_checkpoint(
     if not isinstance(meta["model_spec"], str):
         raise CheckpointError(f"{path}: damaged kd-pipeline checkpoint: model_spec is not a string")
     check_trusted(meta["model_spec"], trust_code, str(path))
-    model = build_model(meta["model_spec"], tuple(meta["in_shape"]), int(meta["num_classes"]))
+    with trusted_code(trust_code):  # an hf:DIR spec with custom code: only a directory allowed
+        model = build_model(meta["model_spec"], tuple(meta["in_shape"]), int(meta["num_classes"]))
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
@@ -168,21 +175,28 @@ def load_checkpoint(
 
 
 def is_model_spec(path: str | Path) -> bool:
-    """Whether a teacher given where a checkpoint is expected is a ``tv:`` model spec."""
-    return isinstance(path, str) and path.startswith("tv:")
+    """Whether a teacher given where a checkpoint is expected is a ``tv:`` or ``hf-image:`` model
+    spec."""
+    return isinstance(path, str) and path.startswith(("tv:", f"{hf_image.PREFIX}:"))
 
 
 def _load_spec_teacher(spec: str, device: torch.device | str) -> LoadedModel:
     """A teacher people already have: a ``tv:NAME:weights=FILE`` spec, built and loaded (its
     identity hashes the architecture, normalisation and the weights' bytes)."""
-    full, meta, sha = tv_teacher_meta(spec)
+    hf = spec.startswith(f"{hf_image.PREFIX}:")
+    full, meta, sha = (hf_image.teacher_meta if hf else tv_teacher_meta)(spec)
     model = build_model(full, (None, None, None), meta["num_classes"])
     model.to(device).eval()
     return LoadedModel(model, meta, Path(spec), sha)
 
 
-def load_hf_model(directory: str, device: torch.device | str = "cpu") -> LoadedModel:
+def load_hf_model(
+    directory: str, device: torch.device | str = "cpu", trust_code: Sequence[str] = ()
+) -> LoadedModel:
     """A ``transformers`` causal LM saved in ``directory`` as a teacher (``hf:DIR``).
+
+    Its custom code (``auto_map`` in ``config.json``) runs only when ``trust_code`` names the
+    directory (``--trust-code DIR``).
 
     Its identity is a hash of the directory's files; its classes are the real vocabulary of the
     ``tokenizer.json`` beside it (the head may be wider: padded logits are dropped), else the
@@ -191,7 +205,14 @@ def load_hf_model(directory: str, device: torch.device | str = "cpu") -> LoadedM
     from pipeline.sequences.tokenizers import JsonTokenizer  # optional: tokenizers
 
     root = Path(directory)
-    model = build_model(f"hf:{directory}", (0,), 1)
+    with trusted_code(trust_code):
+        model = build_model(f"hf:{directory}", (0,), 1)
+    if not model.body.pretrained:  # type: ignore[union-attr]
+        raise CheckpointError(
+            f"hf:{directory} holds a config.json but no weights (model.safetensors or "
+            "pytorch_model.bin): as a teacher it would give random logits. Train it first "
+            f"(kd-pipeline train-teacher --model hf:{directory}) and give the trained teacher"
+        )
     meta: dict = {"model_spec": f"hf:{directory}", "in_shape": [], "sequence": True}
     width = int(model.body.width)  # type: ignore[union-attr]
     if (root / "tokenizer.json").is_file():

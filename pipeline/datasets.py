@@ -49,6 +49,8 @@ import numpy as np
 from pipeline.data import sources as lazy_sources
 from pipeline.data.lazy import is_lazy
 from pipeline.errors import ConfigError, DatasetError
+from pipeline.registry import Registry
+from pipeline.specs import SourceData
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -192,19 +194,6 @@ def fingerprint_arrays(x: np.ndarray, y: np.ndarray | None) -> str:
 
 # ----------------------------------------------------------------------------------------- registry
 @dataclass
-class _Base:
-    """What a source returns: the unmodified split."""
-
-    x: np.ndarray
-    y: np.ndarray | None
-    class_names: list[str]
-    source: dict
-    # Sources with per-sample state beyond x and y (token sequences: masks, a tokenizer) finish
-    # the dataset: ``extend(dataset, kept)`` with the rows the modifiers kept (indices into x).
-    extend: Callable[[Dataset, np.ndarray], Dataset] | None = None
-
-
-@dataclass
 class DatasetSource:
     """A registered dataset source: how many positional args its spec takes, and its loader.
 
@@ -214,12 +203,16 @@ class DatasetSource:
 
     name: str
     args: tuple[str, ...]
-    load: Callable[..., _Base]
+    load: Callable[..., SourceData]
     help: str
     options: dict[str, Callable[[str], object]] = field(default_factory=dict)
 
 
-DATASETS: dict[str, DatasetSource] = {}
+#: Dataset source names -> their :class:`DatasetSource`. Token-sequence sources (``text:``,
+#: ``tokens:``) join from ``pipeline.sequences.data`` (listed in
+#: :data:`pipeline.builtins.BUILTINS`); plug-ins from the entry point group
+#: ``kd_pipeline.datasets`` (a module that calls :func:`register_dataset` on import).
+DATASETS: Registry[DatasetSource] = Registry("datasets", "dataset", DatasetError, sort=True)
 
 
 def register_dataset(
@@ -228,28 +221,17 @@ def register_dataset(
     help: str,
     options: dict[str, Callable[[str], object]] | tuple[str, ...] | None = None,
 ) -> Callable:
-    """Register a loader ``fn(*args, data_dir=..., **options) -> _Base`` under ``name``."""
+    """Register a loader ``fn(*args, data_dir=..., **options) -> SourceData`` under ``name``
+    in :data:`DATASETS` (a decorator); ``args`` name the spec's positional parts."""
 
     # Options given by name only keep their values as text; a mapping names each one's parser.
     parsers = {k: str for k in options} if isinstance(options, tuple) else dict(options or {})
 
-    def wrap(fn: Callable[..., _Base]) -> Callable[..., _Base]:
-        DATASETS[name] = DatasetSource(name, args, fn, help, parsers)
+    def wrap(fn: Callable[..., SourceData]) -> Callable[..., SourceData]:
+        DATASETS.register(name, help, DatasetSource(name, args, fn, help, parsers))
         return fn
 
     return wrap
-
-
-def data_root() -> Path:
-    """Where runs put their outputs by default: ``$KD_OUTPUT_DIR``, else ``data/`` under the
-    current directory.
-
-    Never the checkout's own ``data/`` from elsewhere: an installed tool writes where it is run
-    (as ``git`` or ``make`` do), so two projects on one machine do not share one output tree. The
-    path stays relative, so what runs record and print is what the user would type.
-    """
-    env = os.environ.get("KD_OUTPUT_DIR")
-    return Path(env) if env else Path("data")
 
 
 def _shipped_fashion_mnist_dir(data_dir: str | None) -> Path:
@@ -377,14 +359,14 @@ def read_idx_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]
 @register_dataset(
     "fashion-mnist", ("split",), "the shipped Fashion-MNIST: fashion-mnist:train|test"
 )
-def _fashion_mnist(split: str, data_dir: str | None = None) -> _Base:
+def _fashion_mnist(split: str, data_dir: str | None = None) -> SourceData:
     directory = _shipped_fashion_mnist_dir(data_dir)
     x, y = read_idx_split(directory, split)
-    return _Base(x, y, FASHION_MNIST_CLASSES, {"dir": str(directory)})
+    return SourceData(x, y, FASHION_MNIST_CLASSES, {"dir": str(directory)})
 
 
 @register_dataset("mnist", ("split",), "MNIST from --data-dir or $KD_DATA_DIR: mnist:train|test")
-def _mnist(split: str, data_dir: str | None = None) -> _Base:
+def _mnist(split: str, data_dir: str | None = None) -> SourceData:
     root = data_dir or os.environ.get("KD_DATA_DIR")
     if not root:
         raise DatasetError(
@@ -398,23 +380,23 @@ def _mnist(split: str, data_dir: str | None = None) -> _Base:
     ):
         directory = directory / "mnist"
     x, y = read_idx_split(directory, split)
-    return _Base(x, y, MNIST_CLASSES, {"dir": str(directory)})
+    return SourceData(x, y, MNIST_CLASSES, {"dir": str(directory)})
 
 
 @register_dataset("idx", ("dir", "split"), "any MNIST-style IDX directory: idx:DIR:train|test")
-def _idx(directory: str, split: str, data_dir: str | None = None) -> _Base:
+def _idx(directory: str, split: str, data_dir: str | None = None) -> SourceData:
     path = Path(directory)
     if not path.is_dir():
         raise DatasetError(f"idx:{directory}: no such directory")
     x, y = read_idx_split(path, split)
     n_classes = int(y.max()) + 1 if y.size else 0
-    return _Base(x, y, [str(i) for i in range(n_classes)], {"dir": str(path.resolve())})
+    return SourceData(x, y, [str(i) for i in range(n_classes)], {"dir": str(path.resolve())})
 
 
 @register_dataset(
     "npz", ("file", "split"), "arrays x_<split> [, y_<split>] in a .npz: npz:FILE:SPLIT"
 )
-def _npz(file: str, split: str, data_dir: str | None = None) -> _Base:
+def _npz(file: str, split: str, data_dir: str | None = None) -> SourceData:
     path = Path(file)
     if not path.is_file():
         raise DatasetError(f"npz:{file}: no such file")
@@ -444,7 +426,7 @@ def _npz(file: str, split: str, data_dir: str | None = None) -> _Base:
         raise DatasetError(
             f"{path}: x_{split} has {x.shape[0]} rows but y_{split} has {y.shape[0]}"
         )
-    return _Base(x, y, names, {"file": str(path.resolve())})
+    return SourceData(x, y, names, {"file": str(path.resolve())})
 
 
 register_dataset(
@@ -453,12 +435,8 @@ register_dataset(
     "image folder DIR/SPLIT/CLASS/*.png|jpg: folder:DIR:SPLIT[:size=S:crop=C:mode=rgb|grey]",
     lazy_sources.IMAGE_OPTIONS,
 )(lazy_sources.load_folder)
-register_dataset(
-    "hf",
-    ("dir", "split"),
-    "a Hugging Face dataset on disk: hf:DIR:SPLIT[:x=image:y=label][:size=S...]",
-    lazy_sources.HF_OPTIONS,
-)(lazy_sources.load_hf)
+# "hf" (images and arrays, or text with text=COLUMN) is registered by pipeline.sequences.hf_text,
+# which chooses between the two sources.
 register_dataset("py", ("module", "factory"), "a user's torch Dataset: py:package.module:factory")(
     lazy_sources.load_py
 )
@@ -481,12 +459,7 @@ def parse_spec(spec: str) -> tuple[DatasetSource, list[str], dict]:
     """Split ``spec`` into its source, positional args and modifiers (validated)."""
     parts = spec.split(":")
     name = parts[0]
-    if name not in DATASETS:
-        raise DatasetError(
-            f"unknown dataset {name!r} in spec {spec!r}; known: {', '.join(sorted(DATASETS))} "
-            "(e.g. fashion-mnist:train, idx:DIR:test, npz:FILE:train)"
-        )
-    source = DATASETS[name]
+    source = DATASETS.get(name, where=f" in spec {spec!r}")
     n = len(source.args)
     args = parts[1 : 1 + n]
     if len(args) != n or any("=" in a for a in args):
@@ -738,8 +711,3 @@ def resolve_eval_set(
         if log is not None:
             log(f"warning: no evaluation set ({e}); pass --eval SPEC to name one")
         return None
-
-
-# Sources defined in their own modules register themselves on import (token sequences: text:,
-# tokens:); imported last, when everything they use from here is defined.
-from pipeline import sequences as _sequences  # noqa: E402,F401

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pipeline.checkpoints import fit_problems, load_models
-from pipeline.config import EvaluateConfig
+from pipeline.checks import collect
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import resolve_device
-from pipeline.errors import KDError
+from pipeline.ensemble import ENSEMBLE_METHODS
+from pipeline.errors import ConfigError, KDError
 from pipeline.metrics import evaluate_ensemble
+from pipeline.options import field_problems, option
 from pipeline.sequences.data import is_sequence
+from pipeline.step_options import data_dir_option, device_option, trust_code_option
+
+
+@dataclass
+class EvaluateConfig:
+    """``evaluate``: test metrics of a checkpoint or an ensemble on a labeled dataset."""
+
+    model: str = option(
+        "", required=True, exists=True, help="A checkpoint (.pt) or an ensemble directory."
+    )
+    dataset: str = option("fashion-mnist:test", help="Labeled dataset spec.")
+    ensemble: str = option(
+        "mean-probs",
+        choices=ENSEMBLE_METHODS,
+        help="How members are combined: arithmetic (mean-probs) or geometric (mean-logits) mean.",
+    )
+    batch_size: int = option(1024, help="Rows per forward pass.")
+    device: str = device_option()
+    data_dir: str | None = data_dir_option()
+    trust_code: list[str] = trust_code_option()
+
+    def validate(self) -> None:
+        problems = field_problems(self)
+        if not self.model:
+            problems.append("model (a checkpoint or ensemble directory) must be given")
+        problems += collect(ENSEMBLE_METHODS.problem("ensemble", self.ensemble))
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if problems:
+            raise ConfigError(problems)
 
 
 def evaluate_models(cfg: EvaluateConfig) -> dict:
@@ -59,8 +93,8 @@ def _evaluate_sequences(models: list, data: Dataset, device: object, method: str
     import torch
     from torch import nn
 
+    from pipeline.ensemble import combine_members
     from pipeline.sequences.models import token_rows
-    from pipeline.training.losses import combine_members
     from pipeline.training.sequence import sequence_metrics
 
     v = data.num_classes

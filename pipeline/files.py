@@ -162,3 +162,15 @@ def location_stem(location: str | Path) -> str:
     ``s3://bucket/prefix/fmnist.zarr/`` all give ``fmnist``."""
     name = Path(str(location).rstrip("/")).name
     return name.removesuffix(".zip").removesuffix(".zarr")
+
+
+def data_root() -> Path:
+    """Where runs put their outputs by default: ``$KD_OUTPUT_DIR``, else ``data/`` under the
+    current directory.
+
+    Never the checkout's own ``data/`` from elsewhere: an installed tool writes where it is run
+    (as ``git`` or ``make`` do), so two projects on one machine do not share one output tree. The
+    path stays relative, so what runs record and print is what the user would type.
+    """
+    env = os.environ.get("KD_OUTPUT_DIR")
+    return Path(env) if env else Path("data")

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.ensemble import combine_members
+
 ECE_BINS = 15
 
 
@@ -130,16 +132,12 @@ def evaluate_ensemble(
     Args:
         models: members, each mapping raw inputs (B, *shape) to logits (B, C).
         x: (N, *shape) raw inputs. y: (N,) labels.
-        method: how members are combined (see ``losses.combine_members``).
+        method: how members are combined (see :func:`pipeline.ensemble.combine_members`).
 
     Returns:
         ``{"members": [metrics, ...], "ensemble": metrics}``; one member gives
         ensemble == members[0].
     """
-    from pipeline.training.losses import (
-        combine_members,
-    )  # local: metrics stays importable on its own
-
     labels = torch.as_tensor(y).long()
     member_logits = [predict_logits(m, x, device, batch_size) for m in models]
     members = [classification_metrics(lg, labels, num_classes) for lg in member_logits]

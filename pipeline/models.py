@@ -13,6 +13,8 @@ A model spec is ``NAME[:ARG][:key=value...]``:
 - ``tv:NAME[:weights=FILE][:norm=imagenet|none][:classes=N]`` — a torchvision architecture
   (``resnet18``, ``mobilenet_v3_small``, ``vit_b_16``, ...), weights from a local file only
   (:mod:`pipeline.tv`).
+- ``hf-image:DIR`` — a ``transformers`` image classifier and its image processor saved in DIR,
+  the processor's resize and normalisation inside the model (:mod:`pipeline.hf_image`).
 
 The last two run code the spec names. A spec typed on the command line is the user's own choice;
 one *recorded* in a checkpoint or a cache was chosen by whoever made that file, so it is built only
@@ -28,15 +30,17 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline import tv
+from pipeline import hf_image, tv
 from pipeline.errors import ModelSpecError, UntrustedCodeError
+from pipeline.registry import Registry
+from pipeline.specs import int_list, positive_float, positive_int, probability, spec_options
 
 
 class KDModel(nn.Module):
@@ -157,84 +161,62 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelBuilder:
-    name: str
+    """A registered model spec.
+
+    Attributes:
+        build: ``build(spec, parts, in_shape, num_classes) -> nn.Module`` (``parts``: the spec's
+            ``:``-separated items after the name).
+        flags: the teacher options (``--input-dropout``, ``--dropout``, ``--max-norm``) the
+            model takes as spec options, each with the value it gets when neither the flag nor
+            the spec sets it (None: the model's own default).
+    """
+
     build: Callable[..., nn.Module]
-    help: str
+    flags: Mapping[str, float | None] = field(default_factory=dict)
 
 
-MODELS: dict[str, ModelBuilder] = {}
+#: Model spec names -> :class:`ModelBuilder`. Sequence models (``gpt:``, ``hf:``) join from
+#: ``pipeline.sequences.models`` (listed in :data:`pipeline.builtins.BUILTINS`); plug-ins from
+#: the entry point group ``kd_pipeline.models`` (a module that calls :func:`register_model`).
+MODELS: Registry[ModelBuilder] = Registry("models", "model", ModelSpecError, sort=True)
 
 
-def register_model(name: str, help: str) -> Callable:
-    """Register ``fn(arg, options, in_shape, num_classes) -> nn.Module`` under ``name``."""
+def register_model(
+    name: str, help: str, flags: Mapping[str, float | None] | None = None
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """A decorator registering ``build(spec, parts, in_shape, num_classes) -> nn.Module`` in
+    :data:`MODELS` as ``name``, with its one-line help and teacher ``flags``."""
 
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS[name] = ModelBuilder(name, fn, help)
-        return fn
+    def wrap(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS.register(name, help, ModelBuilder(build, dict(flags or {})))
+        return build
 
     return wrap
 
 
-def _opts(spec: str, items: list[str], allowed: dict[str, Callable]) -> dict:
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or key not in allowed:
-            raise ModelSpecError(
-                f"model spec {spec!r}: unknown option {item!r}; expected key=value with key in "
-                f"{', '.join(allowed)}"
-            )
-        try:
-            out[key] = allowed[key](value)
-        except ValueError:
-            raise ModelSpecError(f"model spec {spec!r}: bad value for {key}: {value!r}") from None
-    return out
-
-
-def _int_list(v: str) -> list[int]:
-    vals = [int(s) for s in v.split(",") if s]
-    if not vals or any(s <= 0 for s in vals):
-        raise ValueError(v)
-    return vals
-
-
-def _positive_int(v: str) -> int:
-    n = int(v)
-    if n <= 0:
-        raise ValueError(v)
-    return n
-
-
-def _positive_float(v: str) -> float:
-    x = float(v)
-    if not x > 0:  # also refuses nan
-        raise ValueError(v)
-    return x
-
-
-def _prob(v: str) -> float:
-    p = float(v)
-    if not 0 <= p < 1:
-        raise ValueError(v)
-    return p
-
-
-@register_model("mlp", "mlp:H1,H2,...[:input_dropout=P][:dropout=P][:max_norm=X] ReLU MLP")
+@register_model(
+    "mlp",
+    "mlp:H1,H2,...[:input_dropout=P][:dropout=P][:max_norm=X] ReLU MLP",
+    # The paper's teacher: dropout 0.2 on the inputs and 0.5 on hidden units.
+    {"input_dropout": 0.2, "dropout": 0.5, "max_norm": None},
+)
 def _build_mlp(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
     if not parts or "=" in parts[0]:
         raise ModelSpecError(f"model spec {spec!r}: mlp needs hidden widths, e.g. mlp:800,800")
     try:
-        hidden = _int_list(parts[0])
+        hidden = int_list(parts[0])
     except ValueError:
         raise ModelSpecError(
             f"model spec {spec!r}: hidden widths must be positive integers like 800,800"
         ) from None
-    o = _opts(
-        spec, parts[1:], {"input_dropout": _prob, "dropout": _prob, "max_norm": _positive_float}
+    o = spec_options(
+        spec,
+        parts[1:],
+        {"input_dropout": probability, "dropout": probability, "max_norm": positive_float},
     )
     return MLP(
         math.prod(in_shape),
@@ -246,11 +228,17 @@ def _build_mlp(
     )
 
 
-@register_model("cnn", "cnn[:channels=32,64][:hidden=128][:dropout=P] small conv net for images")
+@register_model(
+    "cnn",
+    "cnn[:channels=32,64][:hidden=128][:dropout=P] small conv net for images",
+    {"dropout": None},
+)
 def _build_cnn(
     spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
-    o = _opts(spec, parts, {"channels": _int_list, "hidden": _positive_int, "dropout": _prob})
+    o = spec_options(
+        spec, parts, {"channels": int_list, "hidden": positive_int, "dropout": probability}
+    )
     return SmallCNN(
         in_shape,
         num_classes,
@@ -309,6 +297,10 @@ def _build_py(
 register_model("tv", "tv:NAME[:weights=FILE][:norm=imagenet|none] a torchvision architecture")(
     tv.build_tv
 )
+register_model(
+    hf_image.PREFIX,
+    "hf-image:DIR a transformers image classifier saved locally (pip install '.[hf]')",
+)(hf_image.build_hf_image)
 
 
 def code_source(spec: str) -> str | None:
@@ -383,15 +375,11 @@ def build_model(
         A ``KDModel`` mapping raw inputs (B, *in_shape) to logits (B, C).
     """
     name, _, rest = spec.partition(":")
-    if name not in MODELS:
-        raise ModelSpecError(
-            f"unknown model {name!r} in spec {spec!r}; known: {', '.join(sorted(MODELS))} "
-            "(e.g. mlp:800,800, cnn)"
-        )
+    build = MODELS.get(name, where=f" in spec {spec!r}").build
     if num_classes < 1:
         raise ModelSpecError(f"model spec {spec!r}: num_classes must be >= 1, got {num_classes}")
     parts = rest.split(":") if rest else []
-    body = MODELS[name].build(spec, parts, tuple(in_shape), num_classes)
+    body = build(spec, parts, tuple(in_shape), num_classes)
     return KDModel(spec, body, input_stats, num_classes)
 
 
@@ -405,8 +393,3 @@ def with_options(spec: str, **options: float | None) -> str:
     keep = [p for p in parts if p.partition("=")[0] not in given or "=" not in p]
     extra = [f"{k}={v}" for k, v in options.items() if v is not None]
     return ":".join([name, *keep, *extra])
-
-
-# Sequence models (gpt:, hf:) live in their own package and register themselves on import;
-# imported last, when the registry they use is defined.
-from pipeline import sequences as _sequences  # noqa: E402,F401

@@ -7,8 +7,9 @@ import sys
 
 import click
 
-from pipeline.config import CacheToolConfig, Display
+from pipeline.cache.config import CacheToolConfig
 from pipeline.redact import redact_record
+from pipeline.step_options import Display
 from stages.boundary import KDGroup
 from stages.params import Only, configured
 from stages.show import format_cache_info

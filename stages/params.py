@@ -5,13 +5,16 @@
 any depth, less the fields a nested config's owner sets itself) and
 calls the command with the built configs instead of loose keyword arguments. Only values the user
 actually typed override a config's own defaults, so a default exists once: on its field.
+
+Every configured command also takes ``--config FILE.toml`` (the same fields by name, read first;
+typed options override them) and ``--print-config`` (the resolved configs as that TOML, then exit
+0): see ``pipeline/runfile.py`` and ``docs/run-files.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +23,17 @@ import click
 from click.core import ParameterSource
 
 from pipeline.errors import ConfigError, KDError, distinct_problems
-from pipeline.options import Option, declared, field_problems, nested, owned
+from pipeline.options import field_problems
+from pipeline.runfile import (
+    Declared,
+    RunFile,
+    config_table,
+    declared_fields,
+    dump_toml,
+    file_values,
+    load_toml,
+    scalar_type,
+)
 
 #: The attribute every generated click parameter carries: ``"StudentConfig.temperature"``.
 FIELD_ATTR = "kd_field"
@@ -40,38 +53,14 @@ class Only:
         object.__setattr__(self, "exclude", exclude)
 
 
-@dataclass(frozen=True)
-class _Param:
-    path: tuple[str, ...]  # ("train", "epochs")
-    owner: type  # the dataclass that declares the field
-    field: dataclasses.Field
-    option: Option
-    default: Any
-    annotation: Any
-
-    @property
-    def dest(self) -> str:
-        return "__".join(self.path)
+# One declared field at its place in a command's configs (shared with run files).
+_Param = Declared
 
 
-def _params(
-    cls: type, base: Any, prefix: tuple[str, ...] = (), skip: frozenset = frozenset()
-) -> Iterator[_Param]:
-    """The declared fields of ``cls`` (nested configs flattened), less the paths in ``skip``
-    (those a nested config's owner sets itself, see :func:`pipeline.options.nested_config`)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = (*prefix, f.name)
-        if path in skip:
-            continue
-        value = getattr(base, f.name)
-        if nested(hints[f.name]):
-            inner = skip | {(*path, *o.split(".")) for o in owned(f)}
-            yield from _params(hints[f.name], value, path, inner)
-            continue
-        opt = declared(f)
-        if opt is not None:
-            yield _Param(path, cls, f, opt, value, hints[f.name])
+def _params(cls: type, base: Any) -> Iterator[_Param]:
+    """The declared fields of ``cls`` (nested configs flattened), less those a nested config's
+    owner sets itself (see :func:`pipeline.options.nested_config`)."""
+    return declared_fields(cls, base)
 
 
 class Parsed(click.ParamType):
@@ -90,28 +79,86 @@ class Parsed(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-def _scalar_type(annotation: Any) -> type:
-    """``int | None`` -> int; lists, dicts and anything else -> str (parsed by the declaration)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    t = args[0] if len(args) == 1 else str
-    return t if t in (int, float, str, bool) else str
-
-
 class ExistingOrHF(click.Path):
-    """An existing path, or ``hf:DIR`` (a transformers model directory, checked when loaded)."""
+    """An existing path, or ``hf:DIR`` / ``hf-image:DIR`` (a transformers model directory,
+    checked when loaded)."""
 
     def __init__(self) -> None:
         super().__init__(exists=True)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and value.startswith("hf:"):
+        if isinstance(value, str) and value.startswith(("hf:", "hf-image:")):
             return value
         return super().convert(value, param, ctx)
 
 
+#: The click names of ``--config`` and ``--print-config`` (no config field's dest is like them).
+RUN_FILE_DESTS = ("run_file__config", "run_file__print_config")
+#: Configs that say how a command prints, not what it runs: accepted in a run file, never
+#: printed by ``--print-config`` (nor recorded with a run).
+NOT_RECORDED = ("Display",)
+
+#: ``ctx.meta`` key: the run file ``--config`` named (eager: read before the other options).
+CONFIG_META = "kd_config_file"
+
+
+class _FileFilled:
+    """A required parameter that a ``--config`` file may give instead: click's own check is
+    skipped when a file is named, and :func:`configured` checks it once the file is read."""
+
+    required: bool
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        if not (self.required and ctx.meta.get(CONFIG_META)):
+            return super().process_value(ctx, value)  # type: ignore[misc]
+        self.required = False
+        try:
+            return super().process_value(ctx, value)  # type: ignore[misc]
+        finally:
+            self.required = True
+
+
+class _Option(_FileFilled, click.Option):
+    pass
+
+
+class _Argument(_FileFilled, click.Argument):
+    pass
+
+
+def _run_file_params() -> list[click.Parameter]:
+    """``--config FILE.toml`` (eager, so required options may come from it) and
+    ``--print-config``, declared on :class:`pipeline.runfile.RunFile`."""
+    fields = {d.path[-1]: d for d in declared_fields(RunFile)}
+
+    def remember(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        ctx.meta[CONFIG_META] = value
+        return value
+
+    config, show = fields["config"], fields["print_config"]
+    params = [
+        click.Option(
+            [*config.option.names("config"), RUN_FILE_DESTS[0]],
+            type=click.Path(exists=True, dir_okay=False),
+            is_eager=True,
+            callback=remember,
+            metavar=config.option.metavar,
+            help=config.option.help,
+        ),
+        click.Option(
+            [*show.option.names("print_config"), RUN_FILE_DESTS[1]],
+            is_flag=True,
+            help=show.option.help,
+        ),
+    ]
+    for p, d in zip(params, (config, show), strict=True):
+        setattr(p, FIELD_ATTR, f"RunFile.{d.field.name}")
+    return params
+
+
 def _click_param(p: _Param, dest: str) -> click.Parameter:
     opt = p.option
-    ctype: Any = _scalar_type(p.annotation)
+    ctype: Any = scalar_type(p.annotation)
     if opt.choices is not None:
         ctype = click.Choice(opt.choice_names())
     elif opt.exists:
@@ -121,7 +168,7 @@ def _click_param(p: _Param, dest: str) -> click.Parameter:
     elif opt.parse is not None:
         ctype = str  # each item as typed; the declared parse takes them all (KEY=VALUE pairs)
     if opt.argument:
-        param: click.Parameter = click.Argument(
+        param: click.Parameter = _Argument(
             [dest], required=opt.required, type=ctype, metavar=opt.metavar
         )
     else:
@@ -137,7 +184,7 @@ def _click_param(p: _Param, dest: str) -> click.Parameter:
             default = opt.show(p.default)
         else:
             default = p.default
-        param = click.Option(
+        param = _Option(
             names,
             type=None if flag else ctype,
             is_flag=flag,
@@ -184,15 +231,31 @@ def _value(p: _Param, raw: Any) -> Any:
     return raw
 
 
-def build(cls: type, params: list[_Param], kwargs: dict, ctx: click.Context) -> Any:
-    """The config ``cls`` with the values the user gave; every other field keeps its default."""
+def _typed(ctx: click.Context, dest: str) -> bool:
+    """Whether the user gave the parameter ``dest`` on the command line (not its default)."""
+    return ctx.get_parameter_source(dest) not in (None, ParameterSource.DEFAULT)
+
+
+def build(
+    cls: type,
+    params: list[_Param],
+    kwargs: dict,
+    ctx: click.Context,
+    from_file: dict[tuple[str, ...], Any] | None = None,
+) -> Any:
+    """The config ``cls`` with the values the user gave: a run file's (``from_file``, by field
+    path), then the command line's over them; every other field keeps its default."""
     base = cls()
     changes: dict[tuple[str, ...], dict[str, Any]] = {}
     for p in params:
         dest = _dest(cls, p)
-        if ctx.get_parameter_source(dest) in (None, ParameterSource.DEFAULT):
+        if _typed(ctx, dest):
+            value = _value(p, kwargs[dest])
+        elif from_file is not None and p.path in from_file:
+            value = from_file[p.path]
+        else:
             continue
-        changes.setdefault(p.path[:-1], {})[p.path[-1]] = _value(p, kwargs[dest])
+        changes.setdefault(p.path[:-1], {})[p.path[-1]] = value
     for path, values in changes.items():  # nested configs (at any depth): replaced in place
         base = _replaced(base, path, values)
     return base
@@ -247,33 +310,79 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
     fields get :func:`~pipeline.options.field_problems` (finite, within their declared bounds)
     too, with or without a ``validate()``, and the problems of all the command's configs are
     reported together, once each.
+
+    With ``--config FILE``, the file's values are set first and typed options over them (a
+    problem of the file, such as an unknown key, is reported before anything is built); with
+    ``--print-config``, the checked configs are printed as TOML instead of running the command.
     """
     selected = [_selected(s) for s in specs]
+    every = [p for _, params in selected for p in params]
+    _refuse_shared_keys(every)
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
             ctx = click.get_current_context()
+            file, show = (kwargs.pop(dest, None) for dest in RUN_FILE_DESTS)
+            from_file = None
+            if file is not None:
+                from_file = file_values(every, load_toml(file), f"--config {file}")
+                _require(ctx, selected, from_file)
             configs = []
             for cls, params in selected:
-                cfg = build(cls, params, kwargs, ctx)
+                cfg = build(cls, params, kwargs, ctx, from_file)
                 configs.append(cfg.resolve() if hasattr(cfg, "resolve") else cfg)
             problems = check_all(configs)
             if problems:
                 raise ConfigError(problems)
+            if show:
+                recorded = [
+                    (cfg, params)
+                    for cfg, (cls, params) in zip(configs, selected, strict=True)
+                    if cls.__name__ not in NOT_RECORDED
+                ]
+                click.echo(dump_toml(config_table(recorded)), nl=False)
+                return None
             for cfg in configs:
                 _refuse_cache_outputs(cfg)
             return fn(*configs)
 
         command.__click_params__ = [  # click reads this list bottom-up, as its decorators do
-            _click_param(p, _dest(cls, p))
-            for cls, params in reversed(selected)
-            for p in reversed(params)
+            *reversed(_run_file_params()),
+            *(
+                _click_param(p, _dest(cls, p))
+                for cls, params in reversed(selected)
+                for p in reversed(params)
+            ),
         ]
         _refuse_shared_flags(fn.__name__, command.__click_params__)
         return command
 
     return decorate
+
+
+def _require(
+    ctx: click.Context, selected: list[tuple[type, list[_Param]]], from_file: dict
+) -> None:
+    """Click's check of required parameters, skipped while a run file might give them: each
+    one neither typed nor in the file is missing, as click would say."""
+    by_name = {param.name: param for param in ctx.command.params}
+    for cls, params in selected:
+        for p in params:
+            dest = _dest(cls, p)
+            if p.option.required and not _typed(ctx, dest) and p.path not in from_file:
+                raise click.MissingParameter(ctx=ctx, param=by_name[dest])
+
+
+def _refuse_shared_keys(params: list[_Param]) -> None:
+    """Two configs of one command with a field of the same name would share one run-file key."""
+    seen: dict[tuple[str, ...], type] = {}
+    for p in params:
+        if seen.setdefault(p.path, p.owner) is not p.owner:
+            raise TypeError(
+                f"{'.'.join(p.path)} is a field of both {seen[p.path].__name__} and "
+                f"{p.owner.__name__}: one run-file key cannot fill both"
+            )
 
 
 def _refuse_shared_flags(command: str, params: list[click.Parameter]) -> None:

@@ -12,7 +12,12 @@ from click.testing import CliRunner
 
 from pipeline.errors import MissingExtraError
 
-EXTRAS = {"s3fs": "s3", "matplotlib": "plots", "sklearn": "specialists"}
+EXTRAS = {
+    "s3fs": "s3",
+    "matplotlib": "plots",
+    "sklearn": "specialists",
+    "tensorboard": "tensorboard",
+}
 
 
 def test_the_cli_and_the_core_stages_import_no_extra() -> None:

@@ -176,20 +176,7 @@ def _storage_problems(i: int, storage: dict, num_classes: int) -> list[str]:
         problems.append(f"member {i} storage temperatures {temps} repeat a temperature")
     if not STORAGE_KINDS[kind].SIZED and size is not None:
         problems.append(f"member {i} storage {kind} takes no size, found size={size!r}")
-    if kind == "topk" and isinstance(size, int) and size > num_classes:
-        problems.append(f"member {i} storage topk:{size} keeps more than the {num_classes} classes")
-    if kind == "sampled":
-        if not (
-            isinstance(ts, int | float)
-            and not isinstance(ts, bool)
-            and any(math.isclose(float(ts), float(t)) for t in temps)
-        ):
-            problems.append(
-                f"member {i} storage sampled has sample_temperature {ts!r}, which should be one "
-                f"of its temperatures {temps}"
-            )
-    elif ts is not None:
-        problems.append(f"member {i} storage {kind} records a sample_temperature ({ts!r})")
+    problems += STORAGE_KINDS[kind].record_problems(i, size, temps, ts, num_classes)
     return problems
 
 

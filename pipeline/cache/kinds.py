@@ -3,7 +3,8 @@
 A storage kind turns a block of raw logits (rows, C) into the arrays it stores, checks stored
 arrays (``cache verify``), measures what it loses (fidelity, recorded at write time, when the
 full logits are still in hand) and says how many bytes a row costs. The kinds are a registry
-(:data:`STORAGE_KINDS`): a new kind is one entry. This module imports without torch.
+(:data:`STORAGE_KINDS`, a :class:`pipeline.registry.Registry`): a new kind is one entry. This
+module imports without torch.
 
 The kinds (``v`` a row's raw logits, ``T`` a temperature,
 ``lse_T(S) = log sum_{i in S} exp(v_i/T)``):
@@ -43,6 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+
+from pipeline.registry import Registry, unknown_name
 
 TAIL_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)
 FIDELITY_ROWS = 64  # rows per shard whose fidelity is measured at write time
@@ -114,6 +117,11 @@ def lse_at(
     return out, False
 
 
+#: Storage kind names -> their classes; plug-ins from the entry point group
+#: ``kd_pipeline.storage_kinds``. A kind's name is its ``SYNTAX`` up to the ``:``.
+STORAGE_KINDS: Registry[type[StorageKind]] = Registry("storage_kinds", "storage kind", ValueError)
+
+
 @dataclass(frozen=True)
 class StorageSpec:
     """How a member's rows are stored: the kind, its size (K or S) and its temperatures.
@@ -121,7 +129,7 @@ class StorageSpec:
     Recorded in the member's header entry (``storage``) as :meth:`to_dict` gives it.
 
     Attributes:
-        kind: a key of :data:`STORAGE_KINDS`.
+        kind: a name in :data:`STORAGE_KINDS`.
         size: K for ``topk``, S for ``sampled``; None for ``dense``.
         temperatures: the recorded temperatures (tail or row log-sum-exp, fidelity).
         sample_temperature: Ts for ``sampled`` (one of ``temperatures``); None otherwise.
@@ -152,7 +160,9 @@ class StorageSpec:
             text = "dense" if num_classes <= AUTO_DENSE_MAX_CLASSES else f"topk:{AUTO_TOPK}"
         name, _, size = text.partition(":")
         if name not in STORAGE_KINDS:
-            raise ValueError(f"storage {text!r}: expected one of {', '.join(STORE_CHOICES)}")
+            raise ValueError(
+                unknown_name("storage kind", name, store_choices(), f" in storage {text!r}")
+            )
         kind = STORAGE_KINDS[name]
         if not kind.SIZED:
             if size:
@@ -166,14 +176,7 @@ class StorageSpec:
             raise ValueError(f"storage {text!r}: the size must be >= 1")
         # Sorted and distinct: each names one column of tail_lse / lse.
         temps = tuple(sorted({float(t) for t in temperatures}))
-        ts = None
-        if name == "sampled":
-            ts = float(sample_temperature)
-            if not any(math.isclose(ts, t) for t in temps):
-                temps = tuple(sorted((*temps, ts)))
-        if name == "topk":
-            n = min(n, num_classes)
-        return cls(name, n, temps, ts)
+        return cls(name, *kind.sized(n, temps, num_classes, float(sample_temperature)))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> StorageSpec:
@@ -211,7 +214,8 @@ class StorageSpec:
 
     @property
     def sparse(self) -> bool:
-        return self.kind != "dense"
+        """Whether the rows hold fewer than all C classes (stage two trains on sparse targets)."""
+        return self.impl.SPARSE
 
     def identity(self) -> dict[str, Any]:
         """What makes two members' stored rows the same (fingerprints): not the fidelity."""
@@ -225,6 +229,73 @@ class StorageKind:
 
     SYNTAX: ClassVar[str] = ""
     SIZED: ClassVar[bool] = False
+    SPARSE: ClassVar[bool] = True
+    #: A sparse kind's rows are importance-weighted draws (an unbiased estimate of the KL),
+    #: rather than exact kept probabilities plus one tail bucket.
+    WEIGHTED: ClassVar[bool] = False
+    #: The stored classes are the row's largest logits (``cache verify --replay`` checks it).
+    KEEPS_TOP: ClassVar[bool] = False
+    #: What stage two's KL matches on this kind's rows (recorded with a run).
+    MATCHES: ClassVar[str] = ""
+    #: What is interpolated at a temperature the kind did not record ("the ... interpolated").
+    INTERPOLATED: ClassVar[str] = ""
+
+    @staticmethod
+    def soft_targets(
+        spec: StorageSpec,
+        arrays: Mapping[str, np.ndarray],
+        values: np.ndarray,
+        num_classes: int,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """A sparse member's soft targets at temperature ``t`` from its stored arrays.
+
+        Args:
+            values: (rows, n) the stored ``values`` as float64.
+
+        Returns:
+            ``logp`` (rows, n) the stored classes' log-probabilities at ``t``; ``rest`` (rows,)
+            the log-mass outside them (``-inf`` when none); ``weight`` (rows, n) each stored
+            entry's weight in the KL; whether ``t`` was recorded (else interpolated).
+        """
+        raise NotImplementedError("dense rows are soft targets as they are")
+
+    @staticmethod
+    def derived(
+        spec: StorageSpec, logits: np.ndarray, indices: np.ndarray, stored: Mapping[str, np.ndarray]
+    ) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """What a sparse row derives from its full logits, for ``cache verify --replay``.
+
+        Args:
+            logits: (C,) float64 the row's full logits, recomputed by the teacher.
+            indices: (n,) the stored classes. stored: the row's stored arrays.
+
+        Returns:
+            The derived array's name, its values recomputed from ``logits`` and as stored (one
+            per recorded temperature); None when the row derives nothing.
+        """
+        return None
+
+    @staticmethod
+    def sized(
+        size: int, temperatures: tuple[float, ...], num_classes: int, sample_temperature: float
+    ) -> tuple[int, tuple[float, ...], float | None]:
+        """A sized kind's (size, temperatures, sample temperature) for ``--store NAME:SIZE``
+        over ``num_classes`` classes, from the sorted distinct ``temperatures`` asked for."""
+        return size, temperatures, None
+
+    @classmethod
+    def record_problems(
+        cls, i: int, size: object, temperatures: list, sample_temperature: object, num_classes: int
+    ) -> list[str]:
+        """What is wrong with member ``i``'s header record of this kind beyond its types (the
+        size and temperatures are checked for every kind by the header)."""
+        if sample_temperature is not None:
+            name = cls.SYNTAX.partition(":")[0]
+            return [
+                f"member {i} storage {name} records a sample_temperature ({sample_temperature!r})"
+            ]
+        return []
 
     @staticmethod
     def arrays(spec: StorageSpec, num_classes: int, dtype: str) -> list[tuple[str, int, str]]:
@@ -301,8 +372,10 @@ def _softmax_and_log(v: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
     return e / total, z - np.log(total)
 
 
+@STORAGE_KINDS.register("dense", "dense: every logit, in the cache's dtype")
 class Dense(StorageKind):
     SYNTAX = "dense"
+    SPARSE = False
 
     @staticmethod
     def arrays(spec: StorageSpec, num_classes: int, dtype: str) -> list[tuple[str, int, str]]:
@@ -331,9 +404,57 @@ class Dense(StorageKind):
         return _finite_rows("logits", arrays["logits"])
 
 
+@STORAGE_KINDS.register("topk", "topk:K the K largest logits and the tail's log-sum-exp")
 class TopK(StorageKind):
     SYNTAX = "topk:K"
     SIZED = True
+    KEEPS_TOP = True
+    MATCHES = "the (K+1)-bucket distribution: top K classes + one tail bucket"
+    INTERPOLATED = "tail mass is"
+
+    @staticmethod
+    def derived(
+        spec: StorageSpec, logits: np.ndarray, indices: np.ndarray, stored: Mapping[str, np.ndarray]
+    ) -> tuple[str, np.ndarray, np.ndarray] | None:
+        rest = np.delete(logits, indices)
+        if not rest.size:
+            return None
+        want = np.array([logsumexp(rest / t) for t in spec.temperatures])
+        return "tail_lse", want, stored["tail_lse"].astype(np.float64)
+
+    @staticmethod
+    def soft_targets(
+        spec: StorageSpec,
+        arrays: Mapping[str, np.ndarray],
+        values: np.ndarray,
+        num_classes: int,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        tail_n = num_classes - values.shape[1]
+        ceiling = values[:, -1] / t + math.log(tail_n) if tail_n else None
+        tail, hit = lse_at(arrays["tail_lse"], spec.temperatures, t, tail_n, ceiling)
+        kept = values / t
+        total = np.logaddexp(logsumexp(kept, axis=1), tail)
+        return kept - total[:, None], tail - total, np.ones_like(values), hit
+
+    @staticmethod
+    def sized(
+        size: int, temperatures: tuple[float, ...], num_classes: int, sample_temperature: float
+    ) -> tuple[int, tuple[float, ...], float | None]:
+        return min(size, num_classes), temperatures, None  # K = C keeps every class
+
+    @classmethod
+    def record_problems(
+        cls, i: int, size: object, temperatures: list, sample_temperature: object, num_classes: int
+    ) -> list[str]:
+        problems = []
+        if isinstance(size, int) and size > num_classes:
+            problems.append(
+                f"member {i} storage topk:{size} keeps more than the {num_classes} classes"
+            )
+        return problems + super().record_problems(
+            i, size, temperatures, sample_temperature, num_classes
+        )
 
     @staticmethod
     def arrays(spec: StorageSpec, num_classes: int, dtype: str) -> list[tuple[str, int, str]]:
@@ -426,9 +547,61 @@ class TopK(StorageKind):
         return problems
 
 
+@STORAGE_KINDS.register("sampled", "sampled:S S classes drawn from the teacher, with their logits")
 class Sampled(StorageKind):
     SYNTAX = "sampled:S"
     SIZED = True
+    WEIGHTED = True
+    MATCHES = "an unbiased importance-sampled estimate of the full KL"
+    INTERPOLATED = "importance weights are"
+
+    @staticmethod
+    def derived(
+        spec: StorageSpec, logits: np.ndarray, indices: np.ndarray, stored: Mapping[str, np.ndarray]
+    ) -> tuple[str, np.ndarray, np.ndarray] | None:
+        want = np.array([logsumexp(logits / t) for t in spec.temperatures])
+        return "lse", want, stored["lse"].astype(np.float64)
+
+    @staticmethod
+    def soft_targets(
+        spec: StorageSpec,
+        arrays: Mapping[str, np.ndarray],
+        values: np.ndarray,
+        num_classes: int,
+        t: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        lse_t, hit = lse_at(arrays["lse"], spec.temperatures, t, num_classes)
+        ts = float(spec.sample_temperature or 1.0)
+        lse_s, _ = lse_at(arrays["lse"], spec.temperatures, ts, num_classes)
+        lp = values / t - lse_t[:, None]
+        weight = np.exp(lp - (values / ts - lse_s[:, None])) / values.shape[1]
+        return lp, np.zeros(values.shape[0]), weight, hit
+
+    @staticmethod
+    def sized(
+        size: int, temperatures: tuple[float, ...], num_classes: int, sample_temperature: float
+    ) -> tuple[int, tuple[float, ...], float | None]:
+        # The importance weights use the sampling temperature's column: it is always recorded.
+        ts = sample_temperature
+        if not any(math.isclose(ts, t) for t in temperatures):
+            temperatures = tuple(sorted((*temperatures, ts)))
+        return size, temperatures, ts
+
+    @classmethod
+    def record_problems(
+        cls, i: int, size: object, temperatures: list, sample_temperature: object, num_classes: int
+    ) -> list[str]:
+        ts = sample_temperature
+        if not (
+            isinstance(ts, int | float)
+            and not isinstance(ts, bool)
+            and any(math.isclose(float(ts), float(t)) for t in temperatures)
+        ):
+            return [
+                f"member {i} storage sampled has sample_temperature {ts!r}, which should be one "
+                f"of its temperatures {temperatures}"
+            ]
+        return []
 
     @staticmethod
     def arrays(spec: StorageSpec, num_classes: int, dtype: str) -> list[tuple[str, int, str]]:
@@ -508,9 +681,12 @@ class Sampled(StorageKind):
                 distinct = np.ones(v.shape, dtype=bool)
                 distinct[:, 1:] = np.diff(i64, axis=1) != 0  # indices are sorted
                 shifted = np.where(distinct, v - vmax.astype(np.float32), -np.inf)
-                drawn = np.stack(
-                    [np.log(np.exp(shifted / np.float32(tj)).sum(axis=1)) for tj in t], axis=1
-                ) + vmax / t
+                drawn = (
+                    np.stack(
+                        [np.log(np.exp(shifted / np.float32(tj)).sum(axis=1)) for tj in t], axis=1
+                    )
+                    + vmax / t
+                )
                 low = np.flatnonzero((lse < drawn - slack).any(axis=1))
                 if low.size:
                     problems.append(
@@ -600,8 +776,9 @@ def _temperature_index(spec: StorageSpec, t: float) -> int:
     raise ValueError(f"temperature {t} is not recorded ({list(spec.temperatures)})")
 
 
-STORAGE_KINDS: dict[str, type[StorageKind]] = {"dense": Dense, "topk": TopK, "sampled": Sampled}
-STORE_CHOICES = ("auto", *(STORAGE_KINDS[k].SYNTAX for k in STORAGE_KINDS))
+def store_choices() -> list[str]:
+    """What ``--store`` takes: ``auto`` and each kind's syntax (``dense``, ``topk:K``, ...)."""
+    return ["auto", *(STORAGE_KINDS[k].SYNTAX for k in STORAGE_KINDS)]
 
 
 # ---------------------------------------------------------------------------------------- fidelity

@@ -16,6 +16,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from pipeline.augment import ViewPlan
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.header import CacheHeader, thaw
 from pipeline.cache.info import describe_rows
 from pipeline.cache.layout import shard_bounds
@@ -23,7 +24,6 @@ from pipeline.cache.location import CacheLocation
 from pipeline.cache.lookup import read_header
 from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import LoadedModel, fit_problems, load_checkpoint, member_paths
-from pipeline.config import CacheConfig
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.sequences.data import is_sequence, tokenizer_record

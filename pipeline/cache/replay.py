@@ -25,7 +25,6 @@ import torch
 
 from pipeline.augment import ViewPlan
 from pipeline.cache.header import thaw
-from pipeline.cache.kinds import logsumexp
 from pipeline.cache.location import CacheLocation
 from pipeline.cache.read import LogitCache
 from pipeline.cache.transfer import load_transfer_set
@@ -136,7 +135,7 @@ def replay_views(
             problem = None
             if ratio > 1:
                 problem = f"logits differ from the cached ones by up to {float(diff.max()):.4g}"
-            elif h.storage(m).kind == "topk":
+            elif h.storage(m).impl.KEEPS_TOP:
                 rest = np.delete(fresh[i], cls)
                 if rest.size and rest.max() > values.astype(np.float32).min() + tol.max():
                     problem = "its stored classes are not the teacher's top k on the rebuilt view"
@@ -170,17 +169,10 @@ def _derived_problem(
     v = fresh.astype(np.float64)
     temps = np.asarray(spec.temperatures, dtype=np.float64)
     idx = stored["indices"].astype(np.int64)
-    if spec.kind == "topk":
-        rest = np.delete(v, idx)
-        if not rest.size:
-            return None
-        want = np.array([logsumexp(rest / t) for t in temps])
-        got = stored["tail_lse"].astype(np.float64)
-        what = "tail_lse"
-    else:
-        want = np.array([logsumexp(v / t) for t in temps])
-        got = stored["lse"].astype(np.float64)
-        what = "lse"
+    derived = spec.impl.derived(spec, v, idx, stored)
+    if derived is None:
+        return None
+    what, want, got = derived
     # The teacher's logits agree to FLOAT32_TOLERANCE relative; a log-sum-exp moves by at most
     # the largest logit change / T.
     tol = FLOAT32_TOLERANCE * (np.maximum(np.abs(want), 1) + np.abs(v).max() / temps)
@@ -188,10 +180,9 @@ def _derived_problem(
     if off.size:
         j = int(off[0])
         return (
-            f"its {what} at T={temps[j]:g} is {got[j]:.6g}, the teacher's logits give "
-            f"{want[j]:.6g}"
+            f"its {what} at T={temps[j]:g} is {got[j]:.6g}, the teacher's logits give {want[j]:.6g}"
         )
-    if spec.kind == "sampled":
+    if spec.impl.WEIGHTED:  # weighted rows are seeded draws: redraw them
         return _draw_problem(cache, member, row, v, idx)
     return None
 

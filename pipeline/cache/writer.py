@@ -31,6 +31,7 @@ import torch
 import zarr
 
 from pipeline.augment import ViewPlan
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.create import add_member_arrays, create_cache
 from pipeline.cache.header import CacheHeader
 from pipeline.cache.layout import group_header, shard_bounds
@@ -48,7 +49,6 @@ from pipeline.cache.plan import (
 )
 from pipeline.cache.write import digest_write, mark_complete, remove_partial_files, write_shards
 from pipeline.checkpoints import load_checkpoint
-from pipeline.config import CacheConfig
 from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import describe_device, resolve_device
@@ -340,7 +340,7 @@ def execute_plan(
         f"{len(plan.members)} member(s), {rows} rows, on {describe_device(device)}"
     )
     bar = progress_bar(
-        total=rows, enabled=progress, unit="row", unit_scale=True, desc="cache-logits"
+        total=rows, enabled=progress, log=log, unit="row", unit_scale=True, desc="cache-logits"
     )
     try:
         if on_dask:

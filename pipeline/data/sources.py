@@ -12,7 +12,8 @@ keep, fraction / count with seed) and sample ids work as for in-memory sources.
 - ``hf:DIR:SPLIT[:x=image][:y=label][:size=S][:crop=C][:mode=...]``: a ``datasets`` dataset saved
   with ``save_to_disk`` (``DIR`` holding a DatasetDict, or ``DIR/SPLIT`` a Dataset) or parquet files
   (``DIR/SPLIT/*.parquet``, ``DIR/SPLIT-*.parquet``), memory-mapped, offline. Image columns are
-  preprocessed like folder images; array columns are taken as they are.
+  preprocessed like folder images; array columns are taken as they are. (With ``text=COLUMN``
+  the ``hf:`` prefix is the text source of :mod:`pipeline.sequences.hf_text` instead.)
 - ``py:package.module:factory``: ``factory()`` returns a map-style torch ``Dataset`` whose items are
   ``(input, label)`` or inputs alone (unlabeled). Labels come from its ``targets`` (or ``labels``)
   attribute when it has one, else from one pass over the items; class names from ``classes``.

@@ -45,12 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint
-from pipeline.config import CacheConfig, device_option
 from pipeline.datasets import load_dataset
 from pipeline.devices import describe_device, resolve_device
+from pipeline.errors import ConfigError
 from pipeline.experiments.bench_figures import p1, p2, p3_folder, p4, p4_rss, p6
 from pipeline.experiments.bench_report import bench_warnings, format_table, verdict
 from pipeline.experiments.bench_timing import (
@@ -63,13 +64,14 @@ from pipeline.experiments.bench_timing import (
 )
 from pipeline.metrics import predict_logits
 from pipeline.options import option
+from pipeline.registry import Registry
+from pipeline.step_options import device_option
 
-SCALES = {
-    # rows of the transfer set, repetitions, student epochs timed per repetition
-    "small": {"rows": 10_000, "repeats": 3},
-    "medium": {"rows": 60_000, "repeats": 3},
-    "large": {"rows": 60_000, "repeats": 5},
-}
+# rows of the transfer set, repetitions, student epochs timed per repetition
+SCALES: Registry[dict] = Registry("bench_scales", "scale", lambda message: ConfigError([message]))
+SCALES.register("small", "10,000 rows, 3 repetitions", {"rows": 10_000, "repeats": 3})
+SCALES.register("medium", "60,000 rows, 3 repetitions", {"rows": 60_000, "repeats": 3})
+SCALES.register("large", "60,000 rows, 5 repetitions", {"rows": 60_000, "repeats": 5})
 
 
 @dataclass

@@ -19,21 +19,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.create import create_cache
 from pipeline.cache.layout import shard_bounds
 from pipeline.cache.read import LogitCache
 from pipeline.cache.write import mark_complete, write_shard
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint
-from pipeline.config import CacheConfig, StudentConfig, SweepConfig
 from pipeline.datasets import fingerprint_arrays, load_dataset
 from pipeline.devices import resolve_device
 from pipeline.experiments.bench_timing import MEMBERS, STUDENT, TEACHER, make_teachers, median_time
+from pipeline.experiments.config import SweepConfig
 from pipeline.experiments.storage import byte_table as storage_byte_table
 from pipeline.experiments.sweep import run_sweep
 from pipeline.files import slug
 from pipeline.metrics import predict_logits
 from pipeline.models import build_model
+from pipeline.training.config import StudentConfig
 from pipeline.training.loader import StreamingCacheSource, cache_source
 from pipeline.training.loop import InMemorySource, TrainConfig, fit
 from pipeline.training.losses import DistillationLoss

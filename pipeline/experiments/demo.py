@@ -20,27 +20,22 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checks import collect, in_range, temperature
-from pipeline.config import (
-    CacheConfig,
-    EvaluateConfig,
-    StudentConfig,
-    TeacherConfig,
-    device_option,
-    output_dir,
-)
 from pipeline.datasets import FASHION_MNIST_CLASSES
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, KDError
-from pipeline.evaluation import evaluate_models
+from pipeline.evaluation import EvaluateConfig, evaluate_models
 from pipeline.experiments.plots import bar_chart, optional_plot
 from pipeline.experiments.sweep import finished_result
 from pipeline.metrics import percent
 from pipeline.models import build_model
 from pipeline.options import field_problems, option, parse_floats, show_list
+from pipeline.step_options import device_option, output_dir
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher

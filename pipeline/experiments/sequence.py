@@ -26,17 +26,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.read import LogitCache
 from pipeline.checks import collect, in_range, temperature
-from pipeline.config import CacheConfig, StudentConfig, TeacherConfig, device_option, output_dir
 from pipeline.errors import ConfigError
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.options import field_problems, option, parse_ints, show_list
+from pipeline.registry import Registry
+from pipeline.step_options import device_option, output_dir
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.loop import TrainConfig
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "kjv" / "kjv.txt.gz"
-SCALES = {
-    "quick": {  # a smoke test (about a minute)
+SCALES: Registry[dict] = Registry(
+    "sequence_scales", "scale", lambda message: ConfigError([message])
+)
+SCALES.register(
+    "quick",
+    "a smoke test (about a minute)",
+    {  # a smoke test (about a minute)
         "seq": 32,
         "train": 200,
         "test": 40,
@@ -45,7 +53,11 @@ SCALES = {
         "t_epochs": 1,
         "epochs": 1,
     },
-    "full": {  # about 20-30 minutes on 2 shared CPU cores
+)
+SCALES.register(
+    "full",
+    "2,000 sequences of 64 tokens",
+    {  # about 20-30 minutes on 2 shared CPU cores
         "seq": 64,
         "train": 2000,
         "test": 250,
@@ -54,7 +66,7 @@ SCALES = {
         "t_epochs": 5,
         "epochs": 3,
     },
-}
+)
 DEFAULT_STORES = ("dense", "topk:1", "topk:8", "topk:32", "sampled:16")
 
 
@@ -64,7 +76,7 @@ class SequenceStudyConfig:
 
     scale: str = option(
         "full",
-        choices=tuple(SCALES),
+        choices=SCALES,
         help="full: 2,000 sequences of 64 tokens (about 20-30 minutes on 2 CPU cores); "
         "quick: a smoke test.",
     )

@@ -35,26 +35,26 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.create import create_cache
 from pipeline.cache.kinds import StorageSpec, bytes_per_row
 from pipeline.cache.read import LogitCache
 from pipeline.cache.write import mark_complete, write_shard
 from pipeline.checks import collect, in_range, temperature
-from pipeline.config import (
-    CacheConfig,
-    StudentConfig,
-    TeacherConfig,
-    device_option,
-    output_dir,
-)
 from pipeline.errors import ConfigError
 from pipeline.options import field_problems, option, parse_floats, parse_ints, show_list
+from pipeline.registry import Registry
+from pipeline.step_options import device_option, output_dir
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.loop import TrainConfig
 
 DEFAULT_STORES = ("dense", "topk:1", "topk:5", "topk:20", "topk:100", "sampled:4", "sampled:16")
-SCALES = {
-    # classes, groups, train rows, test rows, teacher epochs, student epochs
-    "quick": {
+# classes, groups, train rows, test rows, teacher epochs, student epochs
+SCALES: Registry[dict] = Registry("storage_scales", "scale", lambda message: ConfigError([message]))
+SCALES.register(
+    "quick",
+    "100 classes, a few epochs (a smoke test)",
+    {
         "classes": 100,
         "groups": 10,
         "train": 4000,
@@ -62,7 +62,11 @@ SCALES = {
         "t_epochs": 4,
         "epochs": 4,
     },
-    "full": {
+)
+SCALES.register(
+    "full",
+    "1,000 classes, the study's scale",
+    {
         "classes": 1000,
         "groups": 100,
         "train": 20_000,
@@ -70,7 +74,7 @@ SCALES = {
         "t_epochs": 12,
         "epochs": 10,
     },
-}
+)
 
 
 def _parse_stores(value: str | Sequence[str]) -> list[str]:
@@ -134,7 +138,7 @@ class StorageStudyConfig:
     def validate(self) -> None:
         problems = field_problems(self) + collect(in_range("alpha", self.alpha, 0, 1))
         if self.scale not in SCALES:
-            problems.append(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+            problems.append(SCALES.unknown(self.scale))
         if not self.seeds or not self.temperatures:
             problems.append("--seeds and --temperatures need at least one value each")
         problems += collect(*(temperature("temperatures", t) for t in self.temperatures))

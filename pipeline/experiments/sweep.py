@@ -39,12 +39,13 @@ from pathlib import Path
 from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import file_sha256, member_paths
-from pipeline.config import StudentConfig, SweepConfig, setting_name
 from pipeline.errors import KDError
+from pipeline.experiments.config import SweepConfig, setting_name
 from pipeline.files import atomic_write, atomic_write_json
 from pipeline.metrics import percent
 from pipeline.progress import progress_bar
 from pipeline.redact import scrub_message
+from pipeline.training.config import StudentConfig
 
 RESULT_FIELDS = [
     "setting",
@@ -125,7 +126,10 @@ def source_fingerprint(base: StudentConfig) -> dict:
 
 def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
     """The run's recorded result if it is a finished run of exactly this config on the same soft
-    targets."""
+    targets, with the logs of every ``--log-to`` tracker asked for now (where the metrics are
+    also logged is not part of what a run is, but a run without those logs is trained again)."""
+    if not all((Path(scfg.out) / name).is_dir() for name in scfg.train.log_to):
+        return None
     path = Path(scfg.out) / "metrics.json"
     try:
         previous = json.loads(path.read_text())
@@ -321,7 +325,10 @@ def run_sweep(
             res.reused += 1
             res.reused_settings.add(s.name)
         else:
-            if (Path(scfg.out) / "metrics.json").exists():
+            missing = [n for n in scfg.train.log_to if not (Path(scfg.out) / n).is_dir()]
+            if (Path(scfg.out) / "metrics.json").exists() and missing:
+                log(f"{s.name}: its run has no {', '.join(missing)} log; it will be trained again")
+            elif (Path(scfg.out) / "metrics.json").exists():
                 log(
                     f"{s.name}: its run directory holds a run with another config or cache; "
                     "it will be replaced"
@@ -335,7 +342,9 @@ def run_sweep(
     def ordered() -> list[dict]:
         return [rows[s.name] for s in settings if s.name in rows]
 
-    bar = progress_bar(total=len(pending), enabled=progress, unit="setting", desc="sweep")
+    bar = progress_bar(
+        total=len(pending), enabled=progress, log=log, unit="setting", desc="sweep"
+    )
     say = log if bar.disable else bar.write  # above a drawn bar; else the caller's own log
 
     def finish(setting: Setting, outcome: dict) -> None:
@@ -504,9 +513,7 @@ class Measure:
     def cell(self, values: list) -> str:
         """One setting's value, or its mean ± sd over seeds."""
         if len(values) > 1:
-            return (
-                f"{_mean(values):.{self.digits}f} ± {statistics.stdev(values):.{self.digits}f}"
-            )
+            return f"{_mean(values):.{self.digits}f} ± {statistics.stdev(values):.{self.digits}f}"
         v = values[0]
         return str(v) if isinstance(v, int) else f"{v:.{self.digits}f}"
 

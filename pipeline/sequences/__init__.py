@@ -1,6 +1,6 @@
-"""Sequence data: tokenisers (:mod:`.tokenizers`) and token-sequence datasets (:mod:`.data`,
-which registers the ``text:`` and ``tokens:`` dataset sources) and sequence models
-(:mod:`.models`: ``gpt:``, ``hf:DIR``)."""
-
-from pipeline.sequences import data as data  # registers the sources
-from pipeline.sequences import models as models  # registers gpt: and hf:
+"""Sequence data: tokenisers (:mod:`.tokenizers`), token-sequence datasets (:mod:`.data`: the
+``text:`` and ``tokens:`` dataset sources; :mod:`.hf_text`: the ``hf:`` source, text with
+``text=COLUMN``, else images and arrays) and sequence models (:mod:`.models`: ``gpt:``, ``hf:DIR``
+from :mod:`.hf`, which also holds the Hugging Face rules and export). The registries import these
+modules on first lookup (the one built-ins list, :data:`pipeline.builtins.BUILTINS`); importing
+this package imports none of them."""

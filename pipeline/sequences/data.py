@@ -33,14 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import Dataset, _Base, data_root, register_dataset
+from pipeline.datasets import Dataset, register_dataset
 from pipeline.errors import DatasetError
+from pipeline.files import data_root
 from pipeline.sequences.tokenizers import (
     JsonTokenizer,
     Tokenizer,
     save_tokenizer,
     train_bpe,
 )
+from pipeline.specs import SourceData
 
 NO_LABEL = -100  # a position with no next-token target (soft targets still apply)
 PAD = -101  # padding: neither term sees it
@@ -57,10 +59,13 @@ class SequenceDataset(Dataset):
     Attributes:
         tokenizer: the tokenizer the ids belong to.
         mask: (N, P) bool, False on padding; None when every position is real.
+        doc_starts: (N, P) bool, True where a document begins (packed documents of an ``hf:``
+            text source); None when the source has no documents. Attention is not blocked there.
     """
 
     tokenizer: Tokenizer = field(default_factory=Tokenizer)
     mask: np.ndarray | None = None
+    doc_starts: np.ndarray | None = None
 
     @property
     def positions(self) -> int:
@@ -74,6 +79,9 @@ class SequenceDataset(Dataset):
         h.update(self.tokenizer.sha256.encode())
         if self.mask is not None:
             h.update(np.ascontiguousarray(self.mask, dtype=np.uint8).tobytes())
+        if self.doc_starts is not None:  # not implied by the ids where documents end in text
+            h.update(b"doc_starts")
+            h.update(np.packbits(self.doc_starts).tobytes())
         return "sha256:" + h.hexdigest()
 
     def describe(self) -> dict:
@@ -194,7 +202,7 @@ def _text(
     vocab: int | None = None,
     tokenizer: str | None = None,
     test: float = DEFAULT_TEST_SHARE,
-) -> _Base:
+) -> SourceData:
     if split not in SPLITS:
         raise DatasetError(f"text:{file}:{split}: the split must be train or test")
     path = Path(file)
@@ -215,7 +223,7 @@ def _text(
     ("file", "split"),
     "token ids in a .npz: x_<split> (N, P) [y_<split>, mask_<split>, vocab_size, tokenizer]",
 )
-def _tokens(file: str, split: str, data_dir: str | None = None) -> _Base:
+def _tokens(file: str, split: str, data_dir: str | None = None) -> SourceData:
     path = Path(file)
     if not path.is_file():
         raise DatasetError(f"tokens:{file}: no such file")
@@ -292,8 +300,13 @@ class _IdsOnly(Tokenizer):
 
 
 def _base(
-    x: np.ndarray, y: np.ndarray, mask: np.ndarray | None, tok: Tokenizer, source: dict
-) -> _Base:
+    x: np.ndarray,
+    y: np.ndarray,
+    mask: np.ndarray | None,
+    tok: Tokenizer,
+    source: dict,
+    doc_starts: np.ndarray | None = None,
+) -> SourceData:
     # Labels stay class indices for the generic checks (masked positions read as 0 there); the
     # sequence dataset puts the markers back once the rows are chosen.
     markers = y < 0
@@ -313,6 +326,7 @@ def _base(
             modifiers=data.modifiers,
             tokenizer=tok,
             mask=None if mask is None else mask[kept],
+            doc_starts=None if doc_starts is None else doc_starts[kept],
         )
 
-    return _Base(x, clean, names, source, extend)
+    return SourceData(x, clean, names, source, extend)

@@ -10,19 +10,21 @@ first V logits (:func:`token_rows`), so padded logits never reach a cache or a l
   blocks with learned positions and a causal mask; ``ctx`` must cover the dataset's length P.
 - ``hf:DIR``: a causal language model saved locally with ``transformers``
   (``save_pretrained``), loaded with ``local_files_only`` (never a download) and without remote
-  code. ``pip install 'kd-pipeline[hf]'``.
+  code (unless ``--trust-code DIR``); a directory holding only a ``config.json`` builds the
+  architecture with seeded random weights (a student). ``pip install 'kd-pipeline[hf]'``.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.errors import ModelSpecError
-from pipeline.models import _opts, _positive_int, _prob, register_model
+from pipeline.models import register_model
+from pipeline.sequences.hf import HFCausalLM
+from pipeline.specs import positive_int, probability, spec_options
 
 
 class GPT(nn.Module):
@@ -71,16 +73,16 @@ class GPT(nn.Module):
     "gpt", "gpt[:layers=4][:dim=256][:heads=4][:ctx=256][:pad=N] small causal transformer"
 )
 def _build_gpt(spec: str, parts: list[str], in_shape: tuple[int, ...], num_classes: int) -> GPT:
-    o = _opts(
+    o = spec_options(
         spec,
         [p for part in parts for p in part.split(",") if p],  # gpt:layers=4,dim=256 or :-separated
         {
-            "layers": _positive_int,
-            "dim": _positive_int,
-            "heads": _positive_int,
-            "ctx": _positive_int,
-            "dropout": _prob,
-            "pad": _positive_int,
+            "layers": positive_int,
+            "dim": positive_int,
+            "heads": positive_int,
+            "ctx": positive_int,
+            "dropout": probability,
+            "pad": positive_int,
         },
     )
     ctx = o.get("ctx", 256)
@@ -94,49 +96,6 @@ def _build_gpt(spec: str, parts: list[str], in_shape: tuple[int, ...], num_class
     return GPT(
         width, o.get("layers", 4), o.get("dim", 256), o.get("heads", 4), ctx, o.get("dropout", 0.1)
     )
-
-
-class HFCausalLM(nn.Module):
-    """A ``transformers`` causal LM from a local directory: (B, P) ids -> (B, P, W) logits."""
-
-    token_inputs = True
-
-    def __init__(self, directory: str) -> None:
-        super().__init__()
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise ModelSpecError(
-                f"hf:{directory} needs the `transformers` package: pip install 'kd-pipeline[hf]'"
-                + _torchvision_note()
-            ) from None
-        if not (Path(directory) / "config.json").is_file():
-            raise ModelSpecError(
-                f"hf:{directory}: no config.json there; give a directory written by a "
-                "transformers model's save_pretrained (nothing is downloaded)"
-            )
-        try:
-            self.lm = AutoModelForCausalLM.from_pretrained(
-                directory, local_files_only=True, trust_remote_code=False
-            )
-        except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-            raise ModelSpecError(
-                f"hf:{directory}: cannot load it ({type(e).__name__}: {e})" + _torchvision_note()
-            ) from e
-        self.width = int(self.lm.config.vocab_size)
-        self.ctx = int(getattr(self.lm.config, "max_position_embeddings", 0) or 1 << 30)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=x.long(), use_cache=False).logits
-
-
-def _torchvision_note() -> str:
-    """The likely cause when transformers fails to import or load a model: it imports a present
-    torchvision, and one built for another torch fails with errors that name other modules."""
-    from pipeline.tv import torchvision_problem
-
-    problem = torchvision_problem()
-    return f"; the likely cause: {problem}" if problem else ""
 
 
 @register_model("hf", "hf:DIR a transformers causal LM saved locally (pip install '.[hf]')")

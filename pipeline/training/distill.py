@@ -14,6 +14,9 @@ a run directory that describes itself (:func:`finish_run`)::
                       bias fitting
       history.csv     per epoch: loss parts, train errors, test errors, seconds
       config.json     the resolved config
+      config.toml     the same run as a run file: train-student --config config.toml replays it
+      hf/             an hf:DIR student, also as transformers' save_pretrained (safetensors) with
+                      the tokenizer: AutoModelForCausalLM.from_pretrained(RUN_DIR/hf)
 
 Under ``torchrun`` (see :mod:`pipeline.distributed`) every rank runs this recipe on its share of
 each epoch; the student is trained through DDP, and rank 0 alone logs, evaluates and writes the run
@@ -26,9 +29,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,6 @@ from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
 from pipeline.cache.transfer import load_transfer_set
 from pipeline.checkpoints import fit_problems, load_models, save_checkpoint
-from pipeline.config import StudentConfig
 from pipeline.data.lazy import is_lazy, workers_note
 from pipeline.data.stream import watch_content
 from pipeline.datasets import (
@@ -59,11 +62,14 @@ from pipeline.distributed import (
     broadcast,
     process_group,
 )
+from pipeline.ensemble import combine_members
 from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import classification_metrics, percent, predict_logits
 from pipeline.models import KDModel, build_model
+from pipeline.runfile import write_run_file
 from pipeline.sequences.data import is_sequence
+from pipeline.training.config import StudentConfig
 from pipeline.training.loader import (
     StreamingCacheSource,
     cache_source,
@@ -72,7 +78,7 @@ from pipeline.training.loader import (
     shard_targets,
 )
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
-from pipeline.training.losses import combine_members, make_loss
+from pipeline.training.losses import make_loss
 from pipeline.training.sequence import (
     SequenceTask,
     check_same_tokenizer,
@@ -223,8 +229,8 @@ def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks =
         return
     # Options added to StudentConfig since that run take their defaults: still the same config.
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
-    now = json.loads(json.dumps(run_config(cfg, ranks)))
-    diffs = _differences(with_defaults(defaults, recorded), now)
+    now = _identity(json.loads(json.dumps(run_config(cfg, ranks))))
+    diffs = _differences(_identity(with_defaults(defaults, recorded)), now)
     # Only where the cache was read from differs (a bucket, then its bundle): the same run when
     # it is the same cache.
     if (
@@ -269,10 +275,26 @@ def same_run_config(recorded: dict, now: dict) -> bool:
     the cache was read from (the callers compare the caches' fingerprints)."""
     defaults = json.loads(json.dumps(StudentConfig().to_dict()))
     before = {
-        k: v for k, v in with_defaults(defaults, recorded).items() if k not in ACCESS_FIELDS
+        k: v
+        for k, v in _identity(with_defaults(defaults, recorded)).items()
+        if k not in ACCESS_FIELDS
     }
-    after = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in ACCESS_FIELDS}
+    now = _identity(json.loads(json.dumps(now)))
+    after = {k: v for k, v in now.items() if k not in ACCESS_FIELDS}
     return before == after
+
+
+# Where a run's metrics are also logged, not what the run is: a run trained again with
+# --log-to tensorboard (or a finished sweep re-run with it) is the same run.
+TRACKING_FIELDS = ("log_to",)
+
+
+def _identity(config: dict) -> dict:
+    """A recorded run config without its :data:`TRACKING_FIELDS` (in ``train``)."""
+    train = config.get("train")
+    if not isinstance(train, dict):
+        return config
+    return {**config, "train": {k: v for k, v in train.items() if k not in TRACKING_FIELDS}}
 
 
 def _cache_fingerprint(cfg: StudentConfig) -> str | None:
@@ -447,19 +469,16 @@ def soft_target_record(cache: LogitCache, members: list[int], cfg: StudentConfig
     exact = temperature_exact(sparse, cfg.temperature)
     out["recorded_temperatures"] = list(sparse[0].temperatures)
     out["exact"] = exact
-    kind = sparse[0].kind
+    kind = sparse[0].impl
     if cfg.loss == "logit-mse":
         out["loss_matches"] = "the kept logits only (row mean of the kept ones removed)"
-    elif kind == "topk":
-        out["loss_matches"] = "the (K+1)-bucket distribution: top K classes + one tail bucket"
     else:
-        out["loss_matches"] = "an unbiased importance-sampled estimate of the full KL"
+        out["loss_matches"] = kind.MATCHES
     notes = []
     if not exact and cfg.loss != "logit-mse":
-        what = "tail mass is" if kind == "topk" else "importance weights are"
         notes.append(
             f"T={cfg.temperature} is not a recorded temperature ({out['recorded_temperatures']}):"
-            f" the {what} interpolated, not exact"
+            f" the {kind.INTERPOLATED} interpolated, not exact"
         )
     if cfg.loss == "logit-mse":
         notes.append("--loss logit-mse on a topk cache matches the kept logits only")
@@ -655,7 +674,11 @@ def fit_student(
         # it, and an interrupted retraining never leaves them beside the new config.json.
         for name in ("metrics.json", "student.pt"):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "hf", ignore_errors=True)  # an hf:DIR student's export
         atomic_write_json(out / "config.json", run_config(cfg, ranks))
+        # Its replayable twin (train-student --config OUT/config.toml); --overwrite is how this
+        # invocation treated --out, not part of the run (config.json leaves it out too).
+        write_run_file(out, replace(cfg, overwrite=False))
     source = targets.source
     if os.environ.get(RECORD_ROWS_VAR):
         source = RowRecorder(source, os.environ[RECORD_ROWS_VAR], ranks.rank)
@@ -689,6 +712,7 @@ def fit_student(
         progress=progress,
         ranks=ranks,
         keep_best=best,
+        config=run_config(cfg, ranks),
     )
 
 
@@ -747,6 +771,7 @@ def finish_run(
         "device": describe_device(device),
     }
     save_checkpoint(out / "student.pt", student, meta)
+    task.save_outputs(student, targets, out)
     result = {**targets.record, "metrics": metrics, "config": run_config(cfg, ranks)}
     atomic_write_json(out / "metrics.json", result)
     if test is not None:
@@ -853,6 +878,9 @@ class ClassificationTask:
             f"student: {t['errors']} test errors ({percent(t['accuracy'])} accuracy, "
             f"NLL {t['nll']:.4f}, ECE {t['ece']:.4f}) on {test.spec}"
         )
+
+    def save_outputs(self, student: torch.nn.Module, targets: SoftTargets, out: Path) -> None:
+        """Nothing beside ``student.pt`` for classifiers."""
 
     def checkpoint_meta(self, targets: SoftTargets) -> dict:
         data = targets.data

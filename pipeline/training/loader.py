@@ -37,9 +37,9 @@ import torch
 from pipeline.cache.read import LogitCache
 from pipeline.data.lazy import is_lazy
 from pipeline.distributed import balanced, shard_spans, stream_steps
+from pipeline.ensemble import ENSEMBLE_METHODS, combine_members
 from pipeline.errors import CacheError, ConfigError
 from pipeline.training.loop import Batch, InMemorySource
-from pipeline.training.losses import combine_members
 from pipeline.training.targets import SparseTargets, sparse_rows
 
 PREFETCH_SHARDS = 2
@@ -64,7 +64,7 @@ def combined_shard(
 
 
 def combine_blocks(raw: list[torch.Tensor], method: str, temperature: float) -> torch.Tensor:
-    """:func:`pipeline.training.losses.combine_members` of M members' (rows, C) logits, in row
+    """:func:`pipeline.ensemble.combine_members` of M members' (rows, C) logits, in row
     blocks through one reused float32 buffer.
 
     The float32 temporaries then stay within ``COMBINE_BLOCK_ELEMENTS`` x 2 (the block and its
@@ -83,8 +83,9 @@ def combine_blocks(raw: list[torch.Tensor], method: str, temperature: float) -> 
     rows, c = raw[0].shape
     if len(raw) == 1:
         return raw[0].float()
-    if method not in ("mean-probs", "mean-logits"):
-        return combine_members(torch.stack(raw), method, temperature)  # refuses it, by name
+    into = ENSEMBLE_METHODS.get(method).into
+    if into is None:  # a method without a blocked form combines in one piece
+        return combine_members(torch.stack(raw), method, temperature)
     out = torch.empty(rows, c, dtype=torch.float32)
     step = max(1, min(rows, COMBINE_BLOCK_ELEMENTS // (len(raw) * c)))
     block = torch.empty(len(raw), step, c, dtype=torch.float32)
@@ -93,10 +94,7 @@ def combine_blocks(raw: list[torch.Tensor], method: str, temperature: float) -> 
         v, o = block[:, :n], out[start : start + n]
         for k, member in enumerate(raw):
             v[k].copy_(member[start : start + n])  # float16 -> float32 into the reused block
-        if method == "mean-logits":
-            torch.mean(v, dim=0, out=o)
-            continue
-        low = _mean_probs(v, o, temperature)
+        low = into(v, o, temperature)
         if low.numel():
             # Classes whose probability underflows in every member: those rows are recombined in
             # log space from the stored logits (the block was overwritten).
@@ -105,35 +103,6 @@ def combine_blocks(raw: list[torch.Tensor], method: str, temperature: float) -> 
                 torch.stack([member[idx] for member in raw]), method, temperature
             )
     return out
-
-
-# Below this a float32 probability has lost precision (a subnormal) or underflowed to 0.
-_TINY = float(torch.finfo(torch.float32).tiny)
-
-
-def _mean_probs(v: torch.Tensor, out: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T * log(mean_m softmax(v_m / T))`` into ``out``, overwriting ``v``.
-
-    Args:
-        v: (M, n, C) float32 raw logits of M members (a scratch block: it is overwritten).
-        out: (n, C) float32.
-
-    Returns:
-        (k,) int64 the rows of ``out`` that are not exact here (a class's mean probability below
-        float32's smallest normal number) and must be recombined in log space.
-    """
-    members = v.shape[0]
-    v.mul_(1.0 / temperature)
-    # Each member's probabilities from its own row maximum: exp of values <= 0, so none
-    # overflows; classes far below the top may underflow, which the check below catches.
-    v.sub_(v.amax(dim=2, keepdim=True)).exp_()
-    inv = v.sum(dim=2, keepdim=True).reciprocal_()  # (M, n, 1): 1 / each member's partition sum
-    torch.mul(v[0], inv[0], out=out)
-    for k in range(1, members):
-        out.addcmul_(v[k], inv[k])  # the sum of the members' probabilities
-    low = (out.amin(dim=1) < _TINY * members).nonzero().flatten()
-    out.log_().sub_(math.log(members)).mul_(temperature)
-    return low
 
 
 def check_member_kinds(
@@ -154,10 +123,10 @@ def check_member_kinds(
             + ", ".join(f"{m} ({s.text})" for m, s in specs.items())
             + " are stored in different kinds; choose members of one kind with --members"
         )
-    elif any(s.kind == "sampled" for s in specs.values()):
-        if method == "mean-logits" and len(members) > 1:
+    elif any(s.impl.WEIGHTED for s in specs.values()):
+        if ENSEMBLE_METHODS.get(method).geometric and len(members) > 1:
             problems.append(
-                "--ensemble mean-logits (a geometric mean) needs every member's value on every "
+                f"--ensemble {method} (a geometric mean) needs every member's value on every "
                 "class; sampled members hold a few drawn classes each: use --ensemble mean-probs"
             )
         if loss == "logit-mse":
@@ -241,9 +210,9 @@ def plan_loader(
         target + in_bytes + 8
     ) + READ_THREADS * (
         cache.rows_per_shard * raw_bytes
-        + 2 * 4 * min(
-            COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * rows_per_sample * len(members) * c
-        )
+        + 2
+        * 4
+        * min(COMBINE_BLOCK_ELEMENTS, cache.rows_per_shard * rows_per_sample * len(members) * c)
     )
     buffer_rows = max(0, budget - prefetch) // per_row
     return LoaderPlan(
@@ -263,7 +232,7 @@ class StreamingCacheSource:
         cache: an open cache.
         x: (N, *shape) inputs of the cache's dataset (row i of the cache is row i of the dataset).
         members: member indices to combine.
-        method, temperature: ensemble combination (see ``losses.combine_members``).
+        method, temperature: ensemble combination (see :func:`pipeline.ensemble.combine_members`).
         shards: which shards to serve (the finished ones).
         batch_size: rows per batch.
         buffer_shards: shards shuffled together.

@@ -13,26 +13,31 @@ import csv
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checks import at_least, collect, in_range, one_of, positive
+from pipeline.checks import at_least, collect, in_range, positive
 from pipeline.data.lazy import is_lazy
 from pipeline.distributed import SINGLE, Ranks, all_sum, batch_spans, training_seed
 from pipeline.errors import ConfigError, KDError
 from pipeline.files import atomic_write
 from pipeline.options import field_problems, option, parse_clip
 from pipeline.progress import progress_bar, progress_lines
+from pipeline.training.callbacks import Callback, FitState
 from pipeline.training.losses import DistillationLoss
+from pipeline.training.optim import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    make_optimizer,
+    make_schedule,
+)
 from pipeline.training.targets import flat_rows
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = ("cosine", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
+from pipeline.training.tracking import LOGGERS, check_trackers, tracking_hooks
 
 # A batch: raw inputs (B, *shape), teacher logits (B, C) or None, labels (B,) or None.
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -97,6 +102,15 @@ class TrainConfig:
         help="Seed for weight initialisation, dropout and shuffling (dataset "
         "subsets take their own seed=).",
     )
+    log_to: list[str] = option(
+        default_factory=list,
+        multiple=True,
+        choices=LOGGERS,
+        metavar="TRACKER",
+        help="Also log the metrics to this tracker (repeatable): tensorboard writes event files "
+        "in the run directory's tensorboard/ folder (needs the tensorboard extra). "
+        "metrics.jsonl is written either way.",
+    )
 
     def validate(self) -> None:
         """Raise ``ConfigError`` listing every invalid field at once."""
@@ -104,19 +118,21 @@ class TrainConfig:
             at_least("epochs", self.epochs, 1),
             at_least("batch_size", self.batch_size, 1),
             positive("lr", self.lr),
-            one_of("optimizer", self.optimizer, OPTIMIZERS),
-            one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES, prose=True),
+            OPTIMIZERS.problem("optimizer", self.optimizer),
+            LR_SCHEDULES.problem("lr_schedule", self.lr_schedule),
             positive("grad_clip", self.grad_clip, optional=True),
             at_least("warmup_steps", self.warmup_steps, 0),
             at_least("grad_accum", self.grad_accum, 1),
             None if self.max_steps is None else at_least("max_steps", self.max_steps, 1),
             None if self.eval_every is None else at_least("eval_every", self.eval_every, 1),
-            one_of("precision", self.precision, PRECISIONS),
+            PRECISIONS.problem("precision", self.precision),
             in_range("momentum", self.momentum, 0, 1),
             at_least("weight_decay", self.weight_decay, 0),
+            *(LOGGERS.problem("log_to", name) for name in self.log_to),
         )
         if problems:
             raise ConfigError(problems)
+        check_trackers(self.log_to)  # a missing package: refused before anything trains
 
     def check_device(self, device: torch.device) -> None:
         """Refuse a precision the device cannot run (checked once the device is known).
@@ -124,7 +140,7 @@ class TrainConfig:
         Raises:
             ConfigError: fp16 autocast off a GPU (the CPU's autocast is bf16 only).
         """
-        if self.precision == "fp16" and device.type != "cuda":
+        if PRECISIONS[self.precision].loss_scaling and device.type != "cuda":
             raise ConfigError(
                 [
                     f"--precision fp16 needs a GPU (the device is {device.type}); use bf16 on "
@@ -245,17 +261,6 @@ def random_shift(
     return out
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 class BestEpoch:
     """Keeps the weights of the epoch with the best validation score (model selection).
 
@@ -305,42 +310,6 @@ class BatchSource:
         raise NotImplementedError
 
 
-@dataclass
-class FitState:
-    """What :func:`fit` shares with its callbacks while it trains.
-
-    Attributes:
-        model: the plain module being trained (not the DDP wrapper); ``epochs``: the planned
-        passes; ``epoch``: the current one (1-based once it started); ``step``: optimiser steps
-        so far; ``total_steps``: what the schedule spans; ``history``: the epoch rows so far;
-        ``stop``: set by a callback (or ``--max-steps``) to end training after this step.
-    """
-
-    model: nn.Module
-    cfg: TrainConfig
-    desc: str
-    epochs: int
-    total_steps: int
-    epoch: int = 0
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    stop: bool = False
-
-
-class Callback:
-    """Something :func:`fit` calls as it trains; each hook is optional. The model is in eval mode
-    during ``on_evaluate`` / ``on_epoch_end`` hooks that measure (``Evaluation`` sets it)."""
-
-    def on_step_end(self, state: FitState) -> None:
-        """After each optimiser step (``state.step`` counts them)."""
-
-    def on_epoch_end(self, state: FitState, row: dict) -> None:
-        """After each epoch with its row (callbacks may add keys; later ones see them)."""
-
-    def on_fit_end(self, state: FitState) -> None:
-        """Once, after the last step."""
-
-
 class Evaluation(Callback):
     """Measures the model after each epoch (its dict merged into the epoch row) and, with
     ``every``, every N optimiser steps within epochs (those rows kept in ``steps`` and logged).
@@ -373,6 +342,7 @@ class Evaluation(Callback):
         if self.every and state.step % self.every == 0:
             row = {"epoch": state.epoch, "step": state.step, **self._measure(state.model)}
             self.steps.append(row)
+            state.step_eval = row  # for the callbacks after this one (tracking)
             if self.steps_csv is not None:
                 write_history_csv(self.steps_csv, self.steps)
             if self.log is not None and len(row) > 2:
@@ -434,26 +404,6 @@ def _short(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def make_schedule(
-    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Linear warmup over ``cfg.warmup_steps`` from 0, then ``cfg.lr_schedule`` (cosine decays to
-    0 at ``total_steps``; constant holds the peak); None when neither changes the rate."""
-    warm = cfg.warmup_steps
-    if cfg.lr_schedule != "cosine" and not warm:
-        return None
-    decay = max(1, total_steps - warm)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if cfg.lr_schedule != "cosine":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, decay) / decay))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def fit(
     model: nn.Module,
     source: InMemorySource | BatchSource,
@@ -471,13 +421,15 @@ def fit(
     ranks: Ranks = SINGLE,
     keep_best: BestEpoch | None = None,
     callbacks: Sequence[Callback] = (),
+    config: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; return one dict per epoch.
 
     The loop itself only trains: what happens around it (measuring, logging, the history file,
     keeping the best epoch) are :class:`Callback` objects, in this order: ``evaluate``
     (:class:`Evaluation`, also every ``cfg.eval_every`` steps), ``keep_best`` (:class:`KeepBest`),
-    ``callbacks``, ``history_csv`` (:class:`HistoryFile`), ``log`` (:class:`EpochLog`).
+    ``callbacks``, with ``history_csv`` the tracking (``metrics.jsonl`` and ``cfg.log_to``:
+    :mod:`pipeline.training.tracking`) and :class:`HistoryFile`, ``log`` (:class:`EpochLog`).
 
     Args:
         model: maps raw inputs (B, *shape) to logits (B, C); already on ``device``.
@@ -496,7 +448,9 @@ def fit(
         evaluate: model (in eval mode) -> measurements merged into each epoch row (e.g.
             ``test_errors``); with ``cfg.eval_every`` also every N steps (logged, and written to
             ``steps.csv`` beside ``history_csv``).
-        history_csv: if given, the per-epoch rows are written there (rewritten after every epoch).
+        history_csv: if given, the per-epoch rows are written there (rewritten after every epoch),
+            and the step and epoch metrics beside it as JSON lines (``metrics.jsonl``), and to
+            the trackers of ``cfg.log_to`` (TensorBoard) in the same directory.
         log: receives one summary line per epoch.
         desc: progress-bar label.
         progress: show a progress bar per epoch on a terminal; elsewhere (a log file), a line
@@ -511,6 +465,7 @@ def fit(
             return its key), and at the end ``model`` holds the chosen epoch's weights; each row
             gets ``selected`` (True when it was the best so far).
         callbacks: more :class:`Callback` objects.
+        config: the resolved config the tracking records once (default: ``cfg``'s fields).
 
     Returns:
         Per-epoch rows: ``epoch``, ``loss``, ``soft``, ``hard`` (means over rows), ``train_errors``,
@@ -549,75 +504,89 @@ def fit(
         hooks.append(KeepBest(keep_best))
     hooks += list(callbacks)
     if history_csv is not None:
+        # The loss's hard term is a token student's next-token NLL: tracked as its perplexity too.
+        token_nll = bool(getattr(loss_fn, "measures_nll", False))
+        hooks += tracking_hooks(
+            history_csv, cfg.log_to, cfg.to_dict() if config is None else config, token_nll
+        )
         hooks.append(HistoryFile(history_csv))
     if log is not None:
         hooks.append(EpochLog(log))
     state = FitState(model, cfg, desc, epochs, total_steps)
     step = _Stepper(net, model, opt, sched, cfg, device, ranks)
-    for epoch in range(epochs):
-        state.epoch = epoch + 1
-        model.train()
-        t0 = time.perf_counter()
-        bar = progress_bar(
-            source.epoch(epoch),
-            total=len(source),
-            enabled=progress,
-            desc=f"{desc} epoch {epoch + 1}/{epochs}",
-            leave=False,
-            unit="batch",
-        )
-        sums = _Sums(device)
-        # Redirected into a log, a long epoch says how far it is every LINE_SECONDS instead.
-        lines = progress_lines(
-            len(source), f"{desc} epoch {epoch + 1}/{epochs}", log, enabled=progress, bar=bar
-        )
-        batches = iter(bar)
-        n = len(source)
-        for i, (xb, tb, yb) in enumerate(batches):
-            xb = xb.to(device, non_blocking=step.non_blocking)
-            # A sample of several rows (a sequence's positions) comes with its targets and
-            # labels grouped per sample, (B, P, ...): the losses take one row per position.
-            tb = flat_rows(None if tb is None else tb.to(device, non_blocking=step.non_blocking))
-            yb = None if yb is None else yb.to(device, non_blocking=step.non_blocking).reshape(-1)
-            if augment is not None:
-                xb = augment(xb)
-            if tb is None and teacher_fn is not None:
-                with torch.inference_mode():
-                    tb = teacher_fn(xb)
-                tb = tb.clone()  # leave inference mode: autograd may touch it in the loss
-            # The last batches of an epoch may be fewer than grad_accum: they still make a step,
-            # each weighted by the group it is in (a mean over the group's batches).
-            first = i - i % cfg.grad_accum
-            group = min(cfg.grad_accum, n - first)
-            last = i + 1 == first + group
-            logits, parts = step.forward_backward(xb, tb, yb, loss_fn, last, group)
-            sums.add(parts, logits, yb, xb.shape[0])
-            if lines is not None:
-                lines.update(xb.shape[0])
-            if last:
-                step.update()
-                state.step += 1
-                for h in hooks:
-                    h.on_step_end(state)
-                if cfg.max_steps is not None and state.step >= cfg.max_steps:
-                    state.stop = True
-                if state.stop:
-                    break
-        if hasattr(bar, "close"):
-            bar.close()
-        row = sums.row(ranks, device, epoch + 1)
-        if not math.isfinite(row["loss"]):
-            raise KDError(
-                f"training diverged in epoch {epoch + 1}: the loss is {row['loss']}; lower --lr, "
-                "keep the default --optimizer adam and --grad-clip, or check the inputs"
+    try:
+        for epoch in range(epochs):
+            state.epoch = epoch + 1
+            model.train()
+            t0 = time.perf_counter()
+            bar = progress_bar(
+                source.epoch(epoch),
+                total=len(source),
+                enabled=progress,
+                log=None,  # no bar: the epoch's own lines below count batches and rows
+                desc=f"{desc} epoch {epoch + 1}/{epochs}",
+                leave=False,
+                unit="batch",
             )
-        row.update(lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
-        row["steps"] = state.step
-        for h in hooks:
-            h.on_epoch_end(state, row)
-        state.history.append(row)
-        if state.stop:
-            break
+            sums = _Sums(device)
+            # Redirected into a log, a long epoch says how far it is every LINE_SECONDS instead.
+            lines = progress_lines(
+                len(source), f"{desc} epoch {epoch + 1}/{epochs}", log, enabled=progress, bar=bar
+            )
+            batches = iter(bar)
+            n = len(source)
+            for i, (xb, tb, yb) in enumerate(batches):
+                xb = xb.to(device, non_blocking=step.non_blocking)
+                # A sample of several rows (a sequence's positions) comes with its targets and
+                # labels grouped per sample, (B, P, ...): the losses take one row per position.
+                nb = step.non_blocking
+                tb = flat_rows(None if tb is None else tb.to(device, non_blocking=nb))
+                yb = None if yb is None else yb.to(device, non_blocking=nb).reshape(-1)
+                if augment is not None:
+                    xb = augment(xb)
+                if tb is None and teacher_fn is not None:
+                    with torch.inference_mode():
+                        tb = teacher_fn(xb)
+                    tb = tb.clone()  # leave inference mode: autograd may touch it in the loss
+                # The last batches of an epoch may be fewer than grad_accum: they still make a step,
+                # each weighted by the group it is in (a mean over the group's batches).
+                first = i - i % cfg.grad_accum
+                group = min(cfg.grad_accum, n - first)
+                last = i + 1 == first + group
+                logits, parts = step.forward_backward(xb, tb, yb, loss_fn, last, group)
+                sums.add(parts, logits, yb, xb.shape[0])
+                if lines is not None:
+                    lines.update(xb.shape[0])
+                if last:
+                    state.step_lr = opt.param_groups[0]["lr"]  # the rate this step uses
+                    step.update()
+                    state.step += 1
+                    state.step_values, state.step_eval = sums.take_step(), None
+                    for h in hooks:
+                        h.on_step_end(state)
+                    if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                        state.stop = True
+                    if state.stop:
+                        break
+            if hasattr(bar, "close"):
+                bar.close()
+            row = sums.row(ranks, device, epoch + 1)
+            if not math.isfinite(row["loss"]):
+                raise KDError(
+                    f"training diverged in epoch {epoch + 1}: the loss is {row['loss']}; lower "
+                    "--lr, keep the default --optimizer adam and --grad-clip, or check the inputs"
+                )
+            row.update(lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
+            row["steps"] = state.step
+            for h in hooks:
+                h.on_epoch_end(state, row)
+            state.history.append(row)
+            if state.stop:
+                break
+    except BaseException:
+        for h in hooks:  # what the trackers hold so far is written, the failure re-raised
+            h.on_fit_error(state)
+        raise
     for h in hooks:
         h.on_fit_end(state)
     model.eval()
@@ -641,8 +610,9 @@ class _Stepper:
         self.net, self.model, self.opt, self.sched, self.cfg = net, model, opt, sched, cfg
         self.device, self.ranks = device, ranks
         self.non_blocking = device.type == "cuda"
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        precision = PRECISIONS[cfg.precision]
+        self.dtype = None if precision.autocast is None else getattr(torch, precision.autocast)
+        self.scaler = torch.amp.GradScaler("cuda") if precision.loss_scaling else None
         self.constrain = getattr(model, "constrain", None)
         opt.zero_grad(set_to_none=True)
 
@@ -692,18 +662,42 @@ class _Sums:
         self.sums = {k: torch.zeros((), device=device) for k in ("loss", "soft", "hard")}
         self.wrong = torch.zeros((), device=device, dtype=torch.long)
         self.rows = self.labeled = 0
+        self._new_step()
+
+    def _new_step(self) -> None:
+        # The current optimiser step's own sums (not a difference of the epoch's: float32 sums
+        # of a long epoch would lose a step's digits).
+        zero = self.wrong.new_zeros(())
+        self.step_sums = {k: torch.zeros_like(v) for k, v in self.sums.items()}
+        self.step_wrong, self.step_rows, self.step_labeled = zero, 0, 0
+
+    def take_step(self) -> dict[str, torch.Tensor]:
+        """The step since the last call: mean ``loss``, ``soft``, ``hard`` over its rows and its
+        ``train_errors`` (-1: no labels), as 0-d tensors on the device (no sync here)."""
+        n = max(self.step_rows, 1)
+        out = {k: v / n for k, v in self.step_sums.items()}
+        out["train_errors"] = self.step_wrong if self.step_labeled else self.step_wrong - 1
+        self._new_step()
+        return out
 
     def add(self, parts: dict, logits: torch.Tensor, yb: torch.Tensor | None, b: int) -> None:
         self.rows += b
+        self.step_rows += b
         with torch.no_grad():
             for k in self.sums:
-                self.sums[k] += parts[k].detach() * b
+                part = parts[k].detach() * b
+                self.sums[k] += part
+                self.step_sums[k] += part
             if yb is not None:
                 # Negative labels (token positions without a next token, padding) count neither
                 # as errors nor as labeled rows.
                 counted = yb >= 0
-                self.wrong += ((logits.argmax(dim=1) != yb) & counted).sum()
-                self.labeled += int(counted.sum()) if yb.shape[0] != b else b
+                wrong = ((logits.argmax(dim=1) != yb) & counted).sum()
+                self.wrong += wrong
+                self.step_wrong += wrong
+                labeled = int(counted.sum()) if yb.shape[0] != b else b
+                self.labeled += labeled
+                self.step_labeled += labeled
 
     def row(self, ranks: Ranks, device: torch.device, epoch: int) -> dict:
         sums, wrong, rows, labeled = self.sums, self.wrong, self.rows, self.labeled

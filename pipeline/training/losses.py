@@ -1,4 +1,4 @@
-"""The paper's losses behind one signature, and ensemble combination.
+"""The paper's losses behind one signature, a registry (ensembles: :mod:`pipeline.ensemble`).
 
 Every loss is called as ``loss(student_logits, teacher_logits, labels) -> dict`` with
 ``student_logits`` (B, C), ``teacher_logits`` (B, C) or None, ``labels`` (B,) int64 or None, and
@@ -28,17 +28,26 @@ logits of magnitude 1e4 give finite losses and gradients.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache.kinds import STORAGE_KINDS
 from pipeline.checks import collect, in_range, positive
+from pipeline.ensemble import ENSEMBLE_METHODS, combine_members  # noqa: F401  (their old home)
 from pipeline.errors import ConfigError
+from pipeline.registry import Registry
 from pipeline.training.targets import SparseTargets, kept_logit_mse, sparse_kl
 
-ENSEMBLE_METHODS = ("mean-probs", "mean-logits")
+
+def _config_error(message: str) -> ConfigError:
+    return ConfigError([message])
+
+
+#: Loss names -> their classes, called as ``cls(temperature=T, alpha=a)``; plug-ins from the entry
+#: point group ``kd_pipeline.losses``.
+LOSSES: Registry[Callable[..., DistillationLoss]] = Registry("losses", "loss", _config_error)
 
 
 def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -47,38 +56,6 @@ def softmax_t(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     Shapes (..., C) -> (..., C).
     """
     return torch.softmax(logits.float() / temperature, dim=-1)
-
-
-def combine_members(
-    member_logits: torch.Tensor, method: str = "mean-probs", temperature: float = 1.0
-) -> torch.Tensor:
-    """Combine an ensemble's logits into one set of logits.
-
-    The result ``v`` is such that ``softmax(v / T)`` is the ensemble's distribution at temperature
-    T:
-
-    - ``mean-probs``: the arithmetic mean of the members' ``softmax(v_m / T)``;
-      ``v = T * log(mean_m softmax(v_m / T))`` (log-sum-exp, stable).
-    - ``mean-logits``: the geometric mean of the members' distributions, renormalised, which is
-      ``softmax(mean_m v_m / T)``; ``v = mean_m v_m`` (independent of T).
-
-    Args:
-        member_logits: (M, B, C) raw logits of M members.
-        method: ``mean-probs`` or ``mean-logits``.
-        temperature: T used for ``mean-probs``.
-
-    Returns:
-        (B, C) float32 logits.
-    """
-    v = member_logits.float()
-    if method == "mean-logits":
-        return v.mean(dim=0)
-    if method == "mean-probs":
-        logp = torch.log_softmax(v / temperature, dim=-1)  # (M, B, C)
-        return temperature * (torch.logsumexp(logp, dim=0) - math.log(v.shape[0]))
-    raise ConfigError(
-        [f"ensemble method must be one of {', '.join(ENSEMBLE_METHODS)}, got {method!r}"]
-    )
 
 
 def _hard_term(
@@ -96,6 +73,7 @@ def _hard_term(
     return F.cross_entropy(student_logits.float(), labels)
 
 
+@LOSSES.register("kd", "the paper's loss: alpha T^2 KL(p_T || q_T) + (1 - alpha) CE")
 class DistillationLoss:
     """``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(y, q_1)`` (the paper's loss; alpha = soft
     weight).
@@ -145,6 +123,7 @@ class DistillationLoss:
         return {"loss": self.alpha * soft + (1.0 - self.alpha) * hard, "soft": soft, "hard": hard}
 
 
+@LOSSES.register("logit-mse", "logit matching (the high-temperature limit) + (1 - alpha) CE")
 class LogitMatchingLoss(DistillationLoss):
     """``alpha * (1 / 2C) * sum_i (z'_i - v'_i)^2 + (1 - alpha) * CE`` — logit matching, the high-T
     limit.
@@ -162,7 +141,7 @@ class LogitMatchingLoss(DistillationLoss):
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | SparseTargets
     ) -> torch.Tensor:
         if isinstance(teacher_logits, SparseTargets):
-            if teacher_logits.kind != "topk":
+            if STORAGE_KINDS[teacher_logits.kind].WEIGHTED:
                 raise ConfigError(
                     [
                         "--loss logit-mse needs a dense or topk cache: sampled rows hold a few "
@@ -175,14 +154,6 @@ class LogitMatchingLoss(DistillationLoss):
         return 0.5 * diff.pow(2).mean(dim=-1).mean()
 
 
-LOSSES: dict[str, Callable[..., DistillationLoss]] = {
-    "kd": DistillationLoss,
-    "logit-mse": LogitMatchingLoss,
-}
-
-
 def make_loss(name: str, temperature: float, alpha: float) -> DistillationLoss:
     """Build a registered loss by name (``kd`` or ``logit-mse``)."""
-    if name not in LOSSES:
-        raise ConfigError([f"loss must be one of {', '.join(LOSSES)}, got {name!r}"])
-    return LOSSES[name](temperature=temperature, alpha=alpha)
+    return LOSSES.get(name)(temperature=temperature, alpha=alpha)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +34,26 @@ from torch import nn
 
 from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_models, save_checkpoint
-from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.datasets import Dataset, default_eval_spec, load_dataset
 from pipeline.devices import describe_device, resolve_device
+from pipeline.ensemble import combine_members
 from pipeline.errors import CacheError, ConfigError, KDError, ModelSpecError
 from pipeline.files import atomic_write_json
 from pipeline.metrics import percent
 from pipeline.models import KDModel, build_model
 from pipeline.sequences.data import PAD, SequenceDataset, is_sequence, tokenizer_record
+from pipeline.sequences.hf import (
+    HFCausalLM,
+    export_hf,
+    hf_export_dirs,
+    student_problems,
+    trusted_code,
+)
 from pipeline.sequences.models import token_rows
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.loader import LoaderPlan, StreamingCacheSource, plan_loader, shard_targets
 from pipeline.training.loop import BestEpoch, InMemorySource, fit
-from pipeline.training.losses import DistillationLoss, combine_members, make_loss
+from pipeline.training.losses import DistillationLoss, make_loss
 from pipeline.training.targets import SparseTargets, cat_targets, group_rows
 
 SEQUENCE_SOURCES = ("text", "tokens")
@@ -81,6 +89,12 @@ class SequenceLoss:
 
     def __init__(self, inner: DistillationLoss) -> None:
         self.inner = inner
+
+    @property
+    def measures_nll(self) -> bool:
+        """Whether the hard term is computed (``alpha < 1``): then it is the mean next-token NLL,
+        which the tracking reports with its perplexity."""
+        return self.inner.alpha < 1
 
     def __call__(
         self, logits: torch.Tensor, teacher: Targets | None, labels: torch.Tensor
@@ -163,8 +177,14 @@ def _nll_record(total_nats: float, tokens: int, n_bytes: int) -> dict:
 
 # ------------------------------------------------------------------------------------- detection
 def is_sequence_spec(spec: str | None) -> bool:
-    """Whether a dataset spec names a sequence source (``text:``, ``tokens:``)."""
-    return bool(spec) and spec.partition(":")[0] in SEQUENCE_SOURCES  # type: ignore[union-attr]
+    """Whether a dataset spec names a sequence source (``text:``, ``tokens:``, or ``hf:`` with a
+    ``text=COLUMN`` modifier)."""
+    if not spec:
+        return False
+    kind = spec.partition(":")[0]
+    return kind in SEQUENCE_SOURCES or (
+        kind == "hf" and any(p.startswith("text=") for p in spec.split(":")[3:])
+    )
 
 
 def _test_set(spec: str | None, train: SequenceDataset, data_dir: str | None) -> Dataset | None:
@@ -228,7 +248,7 @@ def train_sequence_teacher(
     for i in range(cfg.members):
         seed = cfg.train.seed + i
         torch.manual_seed(seed)
-        model = _build(spec, train).to(device)
+        model = _build(spec, train, trust_code=cfg.trust_code, against=train.spec).to(device)
         member_cfg = type(cfg.train)(**{**cfg.train.to_dict(), "seed": seed})
         source = InMemorySource(train.x, train.y, batch_size=member_cfg.batch_size, seed=seed)
 
@@ -253,6 +273,7 @@ def train_sequence_teacher(
             log=log,
             desc=f"member {i}",
             progress=progress,
+            config={**cfg.to_dict(), "member": i, "seed": seed},
         )
         metrics = None
         if test is not None:
@@ -280,6 +301,8 @@ def train_sequence_teacher(
             "final_epoch": history[-1] if history else None,
         }
         paths.append(save_checkpoint(out / f"member-{i}.pt", model, meta))  # type: ignore[arg-type]
+        # A transformers model is also written for transformers alone (hf/, or hf/member-<i>).
+        export_hf(model, hf_export_dirs(out, cfg.members)[i], train.tokenizer)
         summaries.append(metrics)
     summary = {
         "members": [p.name for p in paths],
@@ -295,15 +318,28 @@ def train_sequence_teacher(
 
 
 def _build(
-    spec: str, data: SequenceDataset, input_stats: tuple[float, float] = (0.0, 1.0)
+    spec: str,
+    data: SequenceDataset,
+    input_stats: tuple[float, float] = (0.0, 1.0),
+    trust_code: Sequence[str] = (),
+    against: str = "the cache's",
 ) -> KDModel:
-    """A sequence model for ``data`` (P positions, V tokens), checked to read token ids."""
-    model = build_model(spec, data.sample_shape, data.num_classes, input_stats)
+    """A sequence model for ``data`` (P positions, V tokens), checked to read token ids, and an
+    ``hf:DIR`` model checked to fit the vocabulary and the sequences (before any forward pass:
+    an id beyond its embedding would fail inside transformers)."""
+    with trusted_code(trust_code):
+        model = build_model(spec, data.sample_shape, data.num_classes, input_stats)
     if not getattr(model.body, "token_inputs", False):
         raise ModelSpecError(
             f"model {spec} does not read token sequences; {data.spec} holds tokens: use a "
             "sequence model (gpt:layers=2,dim=64,heads=4,ctx=128 or hf:DIR)"
         )
+    if isinstance(model.body, HFCausalLM):
+        problems = student_problems(
+            model.body, data.num_classes, data.tokenizer, data.positions, against
+        )
+        if problems:
+            raise ConfigError(problems)
     return model
 
 
@@ -466,7 +502,7 @@ class SequenceTask:
         """The student (seeded), checked to read token ids and to output the whole vocabulary."""
         data = targets.data
         torch.manual_seed(cfg.train.seed)
-        student = _build(cfg.student, data).to(device)
+        student = _build(cfg.student, data, trust_code=cfg.trust_code).to(device)
         v = data.num_classes
         student.eval()
         with torch.no_grad():
@@ -554,6 +590,11 @@ class SequenceTask:
             f"kept epoch {best.epoch} of {epochs}: validation perplexity "
             f"{best.row['val_perplexity']:.3f} on --val {val.spec}"
         )
+
+    def save_outputs(self, student: nn.Module, targets: Any, out: Path) -> None:
+        """Beside ``student.pt``: an ``hf:DIR`` student as ``hf/`` (``save_pretrained``, with
+        the data's tokenizer), which transformers loads without kd-pipeline."""
+        export_hf(student, out / "hf", targets.data.tokenizer)
 
     def checkpoint_meta(self, targets: Any) -> dict:
         data = targets.data

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from pipeline.cache.kinds import StorageSpec, logsumexp, lse_at
+from pipeline.cache.kinds import STORAGE_KINDS, StorageSpec
+from pipeline.ensemble import ENSEMBLE_METHODS
 from pipeline.errors import CacheError
 
 
@@ -134,10 +135,7 @@ class SparseTargets:
             return self
         return replace(
             self,
-            **{
-                f: getattr(self, f).flatten(1, 2)
-                for f in self._ROW_FIELDS
-            },
+            **{f: getattr(self, f).flatten(1, 2) for f in self._ROW_FIELDS},
         )
 
     def probs(self) -> torch.Tensor:
@@ -146,7 +144,7 @@ class SparseTargets:
         out = torch.zeros(rows, self.num_classes, dtype=torch.float32, device=self.index.device)
         # Top-k: the kept probabilities; sampled: the draws' weights, whose sum per class is an
         # unbiased estimate of its probability at T.
-        mass = self.weight if self.kind == "sampled" else self.logp.exp()
+        mass = self.weight if STORAGE_KINDS[self.kind].WEIGHTED else self.logp.exp()
         for m in range(members):
             out.scatter_add_(1, self.index[m], mass[m])
         return out / members
@@ -156,9 +154,7 @@ class SparseTargets:
         return self.probs().argmax(dim=1)
 
 
-def group_rows(
-    targets: torch.Tensor | SparseTargets, per: int
-) -> torch.Tensor | SparseTargets:
+def group_rows(targets: torch.Tensor | SparseTargets, per: int) -> torch.Tensor | SparseTargets:
     """A sample's ``per`` consecutive rows as one item: dense (rows, C) -> (rows / per, per, C);
     sparse via :meth:`SparseTargets.grouped`. ``per`` = 1 changes nothing."""
     if per == 1:
@@ -204,26 +200,11 @@ def sparse_rows(
     exact = True
     for spec, a in zip(specs, arrays, strict=True):
         v = a["values"].astype(np.float64)
-        k = v.shape[1]
-        if kind == "topk":
-            tail_n = num_classes - k
-            ceiling = v[:, -1] / t + math.log(tail_n) if tail_n else None
-            tail, hit = lse_at(a["tail_lse"], spec.temperatures, t, tail_n, ceiling)
-            exact = exact and hit
-            kept = v / t
-            total = np.logaddexp(logsumexp(kept, axis=1), tail)
-            logp.append(kept - total[:, None])
-            rest.append(tail - total)
-            weight.append(np.ones_like(v))
-        else:
-            lse_t, hit = lse_at(a["lse"], spec.temperatures, t, num_classes)
-            exact = exact and hit
-            ts = float(spec.sample_temperature or 1.0)
-            lse_s, _ = lse_at(a["lse"], spec.temperatures, ts, num_classes)
-            lp = v / t - lse_t[:, None]
-            logp.append(lp)
-            rest.append(np.zeros(v.shape[0]))
-            weight.append(np.exp(lp - (v / ts - lse_s[:, None])) / k)
+        lp, r, w, hit = spec.impl.soft_targets(spec, a, v, num_classes, t)
+        exact = exact and hit
+        logp.append(lp)
+        rest.append(r)
+        weight.append(w)
         index.append(a["indices"].astype(np.int64))
         values.append(v)
 
@@ -273,12 +254,13 @@ def sparse_kl(
     log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     t = targets
     members = t.index.shape[0]
-    if t.kind == "topk" and t.method == "mean-logits" and members > 1:
+    weighted = STORAGE_KINDS[t.kind].WEIGHTED
+    if not weighted and ENSEMBLE_METHODS.get(t.method).geometric and members > 1:
         return _geometric_bucket_kl(log_q, t)
     out = log_q.new_zeros(log_q.shape[0])
     for m in range(members):
         lq = log_q.gather(1, t.index[m])
-        if t.kind == "sampled":
+        if weighted:
             estimate = (t.weight[m] * (t.logp[m] - lq)).sum(dim=1)
             if t.exact:
                 check_sampled_estimate(estimate, m)

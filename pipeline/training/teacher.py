@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoints import save_checkpoint
-from pipeline.config import TeacherConfig
 from pipeline.datasets import load_dataset, resolve_eval_set
 from pipeline.devices import describe_device, resolve_device
 from pipeline.errors import KDError
@@ -24,6 +23,7 @@ from pipeline.metrics import (
     teacher_result_line,
 )
 from pipeline.models import build_model
+from pipeline.training.config import TeacherConfig
 from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import is_sequence_spec, train_sequence_teacher
@@ -99,6 +99,7 @@ def train_teacher(
             log=log,
             desc=f"member {i}",
             progress=progress,
+            config={**cfg.to_dict(), "member": i, "seed": seed},
         )
         metrics = None
         if test is not None:

@@ -29,9 +29,9 @@ import torch
 
 from pipeline.augment import ViewPlan, live_augment, view_uniforms
 from pipeline.cache.read import LogitCache
-from pipeline.config import StudentConfig
 from pipeline.distributed import batch_spans
 from pipeline.errors import ConfigError
+from pipeline.training.config import StudentConfig
 from pipeline.training.loader import (
     PREFETCH_SHARDS,
     LoaderPlan,

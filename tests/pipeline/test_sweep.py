@@ -101,7 +101,7 @@ def test_every_config_problem_is_reported_at_once() -> None:
         "students must have at least one value",
         "seeds must have at least one value",
         "workers must be >= 0",
-        "loss must be one of",
+        "unknown loss 'nope'; expected one of",
         "--out SWEEP_DIR must be given",
     ):
         assert part in text

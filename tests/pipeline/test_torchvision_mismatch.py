@@ -67,6 +67,7 @@ def test_an_hf_model_that_fails_to_load_names_torchvision(
     lm = tmp_path / "lm"
     lm.mkdir()
     (lm / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (lm / "model.safetensors").write_bytes(b"")  # weights: from_pretrained (a config alone: init)
     with pytest.raises(ModelSpecError) as e:
         HFCausalLM(str(lm))
     msg = str(e.value)

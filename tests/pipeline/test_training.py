@@ -304,8 +304,8 @@ def test_train_config_validate_lists_all_problems() -> None:
         "epochs must be >= 1, got 0",
         "batch_size must be >= 1, got 0",
         "lr must be > 0, got 0.0",
-        "optimizer must be one of adam, adamw, sgd, got 'lbfgs'",
-        "lr_schedule must be cosine or constant, got 'step'",
+        "unknown optimizer 'lbfgs'; expected one of adam, adamw, sgd",
+        "unknown lr schedule 'step'; expected one of cosine, constant",
         "grad_clip must be > 0 or None, got -1.0",
     ):
         assert fragment in msg

@@ -383,7 +383,12 @@ def test_no_space_while_saving_the_student_cleans_up(
     monkeypatch.setattr(torch, "save", full_disk_save)
     run = tmp_path / "run"
     one_error(*train(cache_path, run), "no space left on the device", "student.pt.tmp-")
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "history.csv"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json",
+        "config.toml",
+        "history.csv",
+        "metrics.jsonl",
+    ]
 
 
 # -------------------------------------------------------------------------- trusting code

@@ -116,6 +116,11 @@ HONOURED: dict[str, tuple[list[str], Check]] = {
     "precision": (["--precision", "bf16"], lambda r: r["config"]["train"]["precision"] == "bf16"),
     "eval_every": (["--eval-every", "3"], lambda r: (r["out"] / "steps.csv").exists()),
     "seed": (["--seed", "3"], lambda r: r["config"]["train"]["seed"] == 3),
+    # event files read back: tests/stages/test_tracking.py
+    "log_to": (
+        ["--log-to", "tensorboard"],
+        lambda r: any((r["out"] / "tensorboard").glob("events.out.tfevents.*")),
+    ),
 }
 
 # source -> {field: the words of its refusal}; everything else a source honours.

@@ -131,8 +131,10 @@ def run_ddp(tmp: Path, cache: str, run: Path, *extra: str) -> dict:
     log = (watch / "rank0.log").read_text().splitlines()
     renamed = [line.split()[-1] for line in log if line.startswith("os.rename")]
     names = sorted(Path(p).name for p in renamed)
-    assert names == sorted(["config.json", "student.pt", "metrics.json"] + ["history.csv"] * EPOCHS)
-    assert sorted(p.name for p in run.iterdir()) == sorted(set(names))
+    assert names == sorted(
+        ["config.json", "config.toml", "student.pt", "metrics.json"] + ["history.csv"] * EPOCHS
+    )
+    assert sorted(p.name for p in run.iterdir()) == sorted({*names, "metrics.jsonl"})
     want = {"world_size": 2, "backend": "gloo", "batch_size_per_rank": 32}
     assert json.loads((run / "config.json").read_text())["distributed"] == {
         **want,

@@ -49,12 +49,15 @@ def test_train_student_writes_a_run_directory_that_describes_itself(
         "--quiet",
     )
     assert code == 0, output
-    assert f"wrote {out} (student.pt, metrics.json, history.csv, config.json)" in output
+    files = "student.pt, metrics.json, history.csv, metrics.jsonl, config.json, config.toml"
+    assert f"wrote {out} ({files})" in output
     assert {p.name for p in out.iterdir()} == {
         "student.pt",
         "metrics.json",
         "history.csv",
+        "metrics.jsonl",
         "config.json",
+        "config.toml",
     }
 
     config = json.loads((out / "config.json").read_text())

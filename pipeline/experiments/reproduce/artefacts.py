@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint
-from pipeline.config import CacheConfig, EvaluateConfig, StudentConfig, TeacherConfig
 from pipeline.datasets import Dataset, load_dataset
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, KDError
-from pipeline.evaluation import evaluate_models
+from pipeline.evaluation import EvaluateConfig, evaluate_models
 from pipeline.experiments.reproduce.recipes import (
     HOLDOUT,
     MAIN_RECIPE,
@@ -40,6 +40,7 @@ from pipeline.experiments.sweep import finished_result
 from pipeline.files import slug
 from pipeline.metrics import classification_metrics, predict_logits
 from pipeline.models import build_model, trusting
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher

@@ -10,11 +10,11 @@ import numpy as np
 
 from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
-from pipeline.config import StudentConfig
 from pipeline.experiments.reproduce.artefacts import Run
 from pipeline.experiments.reproduce.sections import Section, timed_cache
 from pipeline.experiments.sweep import finished_result
 from pipeline.files import slug
+from pipeline.training.config import StudentConfig
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 

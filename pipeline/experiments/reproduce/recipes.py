@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from pipeline.config import data_dir_option, device_option, output_dir, trust_code_option
 from pipeline.errors import ConfigError
 from pipeline.files import slug
 from pipeline.options import field_problems, option, parse_ints, show_list
+from pipeline.registry import Registry
+from pipeline.step_options import data_dir_option, device_option, output_dir, trust_code_option
 
 
 @dataclass
@@ -123,8 +124,13 @@ class Scale:
     main_epochs: int  # main-table: every arm's epochs (each keeps its best epoch on validation)
 
 
-SCALES = {
-    "quick": Scale(
+SCALES: Registry[Scale] = Registry(
+    "reproduce_scales", "scale", lambda message: ConfigError([message])
+)
+SCALES.register(
+    "quick",
+    "small transfer sets and few epochs (a smoke test)",
+    Scale(
         train_count=2000,
         student_epochs=10,
         temperatures=[1.0, 4.0, 20.0],
@@ -135,7 +141,11 @@ SCALES = {
         workers=0,
         main_epochs=8,
     ),
-    "full": Scale(
+)
+SCALES.register(
+    "full",
+    "the paper's settings",
+    Scale(
         train_count=None,
         student_epochs=20,
         temperatures=[1.0, 2.0, 4.0, 8.0, 20.0],
@@ -146,7 +156,7 @@ SCALES = {
         workers=2,
         main_epochs=30,
     ),
-}
+)
 
 # The paper's figures (MNIST unless said otherwise), quoted in each report section.
 PAPER = {
@@ -264,7 +274,7 @@ class ReproduceConfig:
             if n not in EXPERIMENT_NAMES
         ]
         if self.scale not in SCALES:
-            problems.append(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+            problems.append(SCALES.unknown(self.scale))
         if ":train" in self.dataset or ":test" in self.dataset:
             problems.append(
                 f"--dataset names a source without its split (e.g. fashion-mnist, npz:FILE), got "
@@ -279,7 +289,7 @@ class ReproduceConfig:
                 f"--kept-classes {self.kept_classes}"
             )
         if "consistency" in names:
-            from pipeline.config import augment_problems
+            from pipeline.augment import augment_problems
 
             problems += augment_problems(self.augment)
             if not self.views or min(self.views) < 1 or not self.seeds:

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import TeacherConfig
 from pipeline.experiments.plots import bar_chart, line_chart
 from pipeline.experiments.reproduce.consistency import Consistency
 from pipeline.experiments.reproduce.main_table import MainTable
@@ -20,6 +19,7 @@ from pipeline.experiments.reproduce.recipes import PAPER, ReproduceConfig, Teach
 from pipeline.experiments.reproduce.sections import Section, pct
 from pipeline.experiments.reproduce.small_data import SmallData
 from pipeline.experiments.reproduce.temperature import Temperature
+from pipeline.training.config import TeacherConfig
 
 
 @dataclass

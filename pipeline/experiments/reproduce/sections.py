@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig
 from pipeline.experiments.reproduce.artefacts import Run
 from pipeline.files import slug
 

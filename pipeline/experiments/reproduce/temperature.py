@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import StudentConfig, SweepConfig
+from pipeline.experiments.config import SweepConfig
 from pipeline.experiments.reproduce.artefacts import Run
 from pipeline.experiments.reproduce.sections import Section
 from pipeline.experiments.sweep import run_sweep
+from pipeline.training.config import StudentConfig
 from pipeline.training.loop import TrainConfig
 
 

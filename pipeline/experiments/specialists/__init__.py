@@ -6,16 +6,14 @@ the cache holds) and on the one training loop, :func:`pipeline.training.fit`. Th
 order of the method:
 
 - ``clustering``: which classes the generalist confuses (k-means on a class-similarity matrix,
-  automatic K by modularity); :data:`SIMILARITIES`. numpy only: the configs import it.
+  automatic K by modularity); :data:`SIMILARITIES` (a registry). numpy only.
+- ``config``: ``SpecialistsConfig``, the options of every step, and :data:`SPECIALIST_INITS`.
 - ``specialist``: one specialist: the class map onto its classes + a dustbin, its training rows,
   its initial weights from a generalist member, and its training (a dask task).
 - ``combine``: the test-time KL combination of generalist and specialists, its measurement
   (Table 4) and the Markdown report.
 - ``steps``: ``cluster`` / ``train`` / ``evaluate``, the steps that read a ``SpecialistsConfig``
   and write the output directory; :func:`run_steps`.
-
-Nothing here imports :mod:`pipeline.config` at run time (the steps name the config type for type
-checking only), so the config can import from this package without an import circle.
 """
 
 from pipeline.experiments.specialists.clustering import (

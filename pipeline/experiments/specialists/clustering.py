@@ -11,20 +11,27 @@ keeps the raw one. Automatic K: the largest K in 2..C-1 whose k-means partition 
 of the best modularity of the co-prediction graph (weights ``E[p_i p_j]``, i ≠ j). Clusters of one
 class get no specialist.
 
-This module imports nothing of the library but its errors, so ``SpecialistsConfig`` can check
-``similarity`` against :data:`SIMILARITIES` cheaply and without an import circle.
+The similarities are a registry (:data:`SIMILARITIES`). This module imports nothing of the
+library but its errors and the registry (numpy, no torch), so ``SpecialistsConfig`` can check
+``similarity`` against it cheaply.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from pipeline.errors import ConfigError, MissingExtraError
+from pipeline.registry import Registry
 
-SIMILARITIES = ("log-moment", "covariance")
+#: Similarity names -> ``matrix(p)``: (N, C) float64 probabilities -> the (C, C) matrix whose
+#: columns k-means clusters; plug-ins from the entry point group ``kd_pipeline.similarities``.
+SIMILARITIES: Registry[Callable[[np.ndarray], np.ndarray]] = Registry(
+    "similarities", "similarity", lambda message: ConfigError([message])
+)
 MODULARITY_TOLERANCE = (
     0.005  # automatic K: the largest K whose modularity is within 0.5 % of the best
 )
@@ -36,16 +43,21 @@ def coprediction(probs: np.ndarray) -> np.ndarray:
     return p.T @ p / max(1, p.shape[0])
 
 
+@SIMILARITIES.register("log-moment", "log E[p p^T]: how much probability classes get together")
+def _log_moment(p: np.ndarray) -> np.ndarray:
+    # The floor keeps never-co-predicted pairs finite (float16 caches give exact zeros).
+    return np.log(np.maximum(coprediction(p), 1e-12))
+
+
+@SIMILARITIES.register("covariance", "the raw covariance of the predicted probabilities")
+def _covariance(p: np.ndarray) -> np.ndarray:
+    return np.cov(p, rowvar=False)
+
+
 def similarity_matrix(probs: np.ndarray, kind: str = "log-moment") -> np.ndarray:
     """The (C, C) matrix whose columns k-means clusters (see the module docstring for why
-    ``log-moment``)."""
-    p = np.asarray(probs, dtype=np.float64)
-    if kind == "covariance":
-        return np.cov(p, rowvar=False)
-    if kind == "log-moment":
-        # The floor keeps never-co-predicted pairs finite (float16 caches give exact zeros).
-        return np.log(np.maximum(coprediction(p), 1e-12))
-    raise ConfigError([f"similarity must be one of {', '.join(SIMILARITIES)}, got {kind!r}"])
+    ``log-moment``): (N, C) probabilities -> (C, C) float64."""
+    return SIMILARITIES.get(kind)(np.asarray(probs, dtype=np.float64))
 
 
 def modularity(weights: np.ndarray, labels: np.ndarray) -> float:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from pipeline.checkpoints import LoadedModel
+from pipeline.ensemble import combine_members
 from pipeline.experiments.specialists.specialist import collapse_log_probs
 from pipeline.metrics import classification_metrics, predict_logits
-from pipeline.training.losses import combine_members
 
 
 def active_specialists(log_pg: torch.Tensor, groups: list[list[int]], top_n: int) -> torch.Tensor:

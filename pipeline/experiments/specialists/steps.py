@@ -5,10 +5,6 @@ writes into it.
 (:func:`train_all`) -> ``specialists/<k>/specialist.pt`` and ``specialists.json``; ``evaluate``
 (:func:`evaluate_all`) -> ``evaluation.json`` and ``report.md``; every step records
 ``config.json``. :data:`STEPS` lists them in order.
-
-The config type is imported for type checking only: nothing in this package imports
-:mod:`pipeline.config` at run time, so the config can import
-:data:`~pipeline.experiments.specialists.clustering.SIMILARITIES` without an import circle.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +28,7 @@ from pipeline.experiments.specialists.combine import (
     evaluation_report,
     generalist_log_probs,
 )
+from pipeline.experiments.specialists.config import SpecialistsConfig
 from pipeline.experiments.specialists.specialist import (
     SpecialistTask,
     cached_generalist,
@@ -43,9 +39,7 @@ from pipeline.experiments.specialists.specialist import (
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.metrics import percent, predict_logits
 from pipeline.models import check_trusted, trusting
-
-if TYPE_CHECKING:
-    from pipeline.config import SpecialistsConfig
+from pipeline.runfile import write_run_file
 
 
 def check_groups(groups: list[list[int]], num_classes: int) -> None:
@@ -71,6 +65,7 @@ def _write_config(cfg: SpecialistsConfig, step: str) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {"step": step, **cfg.to_dict()})
+    write_run_file(out, cfg)  # kd-pipeline specialists STEP --config OUT/config.toml replays it
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
