@@ -23,7 +23,7 @@ import click
 from click.core import ParameterSource
 
 from pipeline.errors import ConfigError, KDError, distinct_problems
-from pipeline.options import field_problems
+from pipeline.options import Option, field_problems
 from pipeline.runfile import (
     Declared,
     RunFile,
@@ -156,6 +156,18 @@ def _run_file_params() -> list[click.Parameter]:
     return params
 
 
+def _with_choice_help(opt: Option) -> str | None:
+    """The option's help, followed by each choice's own one-line help when its choices are a
+    registry (``adam: torch.optim.Adam; sgd: ...``): the registry, not the option, describes a
+    choice, so a new entry documents itself in ``--help``."""
+    entries = getattr(opt.choices, "entry", None)
+    names = opt.choice_names() or []
+    if entries is None or not opt.help or all(f"{n}:" in opt.help for n in names):
+        return opt.help  # not a registry, or the help already describes every choice
+    described = "; ".join(f"{n}: {entries(n).help}" for n in names)
+    return f"{opt.help} Choices: {described}."
+
+
 def _click_param(p: _Param, dest: str) -> click.Parameter:
     opt = p.option
     ctype: Any = scalar_type(p.annotation)
@@ -191,7 +203,7 @@ def _click_param(p: _Param, dest: str) -> click.Parameter:
             default=default,
             multiple=opt.multiple,
             required=opt.required,
-            help=opt.help,
+            help=_with_choice_help(opt),
             show_default=default is not None,
             metavar=opt.metavar,
         )
