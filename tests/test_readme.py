@@ -115,7 +115,7 @@ def test_the_sparse_walkthrough_runs_as_written(
     from pipeline.config import TeacherConfig
     from pipeline.training.loop import TrainConfig
     from pipeline.training.teacher import train_teacher
-    from tests.conftest import write_npz
+    from tests.helpers.data import write_npz
 
     # What the section starts from: a transfer set with more classes than topk:20 keeps, and a
     # teacher on it (small: the student's defaults train on 200 rows).

@@ -40,7 +40,7 @@ from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError, CheckpointError
 from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import train_teacher
-from tests.conftest import write_npz
+from tests.helpers.data import write_npz
 
 REPO = Path(__file__).resolve().parents[2]
 RPS = 64  # rows per shard: 600 rows -> 10 shards (the last one short)

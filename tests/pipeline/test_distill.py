@@ -21,7 +21,7 @@ from pipeline.errors import CacheError, ConfigError, KDError
 from pipeline.metrics import predict_logits
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
-from tests.conftest import make_image_task, write_npz
+from tests.helpers.data import make_image_task, write_npz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -25,41 +25,13 @@ from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import SequenceLoss, token_source
 from pipeline.training.targets import flat_rows
 from stages.cli import main
-from tests.optional import require
+from tests.helpers.data import make_corpus
+from tests.helpers.optional import require
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
     pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
 ]
-
-WORDS = [
-    "the",
-    "lord",
-    "said",
-    "unto",
-    "moses",
-    "and",
-    "aaron",
-    "speak",
-    "children",
-    "of",
-    "israel",
-    "land",
-    "water",
-    "light",
-    "day",
-]
-
-
-def make_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
-    """A seeded English-like corpus (one 'verse' per line), a few tens of KB."""
-    rng = np.random.default_rng(seed)
-    text = "".join(
-        f"{i} " + " ".join(rng.choice(WORDS, size=rng.integers(6, 14))) + ".\n"
-        for i in range(lines)
-    )
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

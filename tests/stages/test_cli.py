@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from pipeline import __version__
 from pipeline.checkpoints import load_checkpoint
 from pipeline.datasets import load_dataset
 from stages.cli import main
+from tests.helpers.cli import invoke
 
 
 def _commands(
@@ -32,24 +33,20 @@ def _commands(
 ALL_COMMANDS = _commands(main)
 
 
-def _invoke(args: list[str]) -> Result:
-    return CliRunner().invoke(main, args, catch_exceptions=True)
-
-
 def test_the_command_tree_is_what_we_test() -> None:
     names = {" ".join(p) for p, _ in ALL_COMMANDS}
     assert {"train-teacher", "evaluate", "cache-logits", "cache", "cache info", "demo"} <= names
 
 
 def test_group_help_and_version() -> None:
-    res = _invoke(["--help"])
+    res = invoke(*["--help"])
     assert res.exit_code == 0, res.output
     assert "Knowledge distillation" in res.output
     for path, _ in ALL_COMMANDS:
         if len(path) == 1:
             assert path[0] in res.output
-    assert _invoke(["-h"]).output == res.output
-    ver = _invoke(["--version"])
+    assert invoke(*["-h"]).output == res.output
+    ver = invoke(*["--version"])
     assert ver.exit_code == 0 and __version__ in ver.output
 
 
@@ -57,7 +54,7 @@ def test_group_help_and_version() -> None:
 def test_every_subcommand_has_help_and_every_option_is_documented(
     path: tuple[str, ...], cmd: click.Command
 ) -> None:
-    res = _invoke([*path, "--help"])
+    res = invoke(*[*path, "--help"])
     assert res.exit_code == 0, res.output
     assert (
         f"Usage: main {' '.join(path)}" in res.output or f"{' '.join(path)} [OPTIONS]" in res.output
@@ -80,8 +77,8 @@ def test_group_options_are_documented() -> None:
 @pytest.fixture(scope="module")
 def cli_teacher(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> tuple[Path, Result]:
     out = tmp_path_factory.mktemp("cli-teacher") / "ens"
-    res = _invoke(
-        [
+    res = invoke(
+        *[
             "train-teacher",
             "--dataset",
             f"npz:{npz_path}:train",
@@ -111,8 +108,8 @@ def test_train_teacher_quiet_prints_the_result_only(
 ) -> None:
     monkeypatch.setenv("KD_PROGRESS_SECONDS", "0")  # progress lines would show if not hidden
     out = tmp_path / "ens"
-    res = _invoke(
-        ["train-teacher", "--dataset", f"npz:{npz_path}:train", "--eval", f"npz:{npz_path}:test",
+    res = invoke(
+        *["train-teacher", "--dataset", f"npz:{npz_path}:train", "--eval", f"npz:{npz_path}:test",
          "--model", "mlp:8", "--epochs", "1", "--members", "1", "--device", "cpu", "--quiet",
          "--out", str(out)]
     )  # fmt: skip
@@ -154,8 +151,8 @@ def test_train_teacher_writes_members_and_summary(
 
 def test_evaluate_json_is_consistent(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        [
+    res = invoke(
+        *[
             "evaluate",
             "--model",
             str(out),
@@ -188,8 +185,8 @@ def test_evaluate_json_is_consistent(cli_teacher: tuple[Path, Result], npz_path:
 
 def test_evaluate_table(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        [
+    res = invoke(
+        *[
             "evaluate",
             "--model",
             str(out / "member-1.pt"),
@@ -217,8 +214,8 @@ def _assert_clean_error(res: Result, *fragments: str) -> None:
 
 
 def test_bad_dataset_spec_exits_2_without_traceback(tmp_path: Path) -> None:
-    res = _invoke(
-        [
+    res = invoke(
+        *[
             "train-teacher",
             "--dataset",
             "bogus:train",
@@ -231,8 +228,8 @@ def test_bad_dataset_spec_exits_2_without_traceback(tmp_path: Path) -> None:
         ]
     )
     _assert_clean_error(res, "unknown dataset 'bogus'")
-    res = _invoke(
-        [
+    res = invoke(
+        *[
             "train-teacher",
             "--dataset",
             "fashion-mnist:train:fraction=2",
@@ -249,8 +246,8 @@ def test_bad_dataset_spec_exits_2_without_traceback(tmp_path: Path) -> None:
 
 def test_bad_dataset_spec_on_evaluate(cli_teacher: tuple[Path, Result]) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        [
+    res = invoke(
+        *[
             "evaluate",
             "--model",
             str(out),
@@ -264,8 +261,8 @@ def test_bad_dataset_spec_on_evaluate(cli_teacher: tuple[Path, Result]) -> None:
 
 
 def test_invalid_config_lists_problems(tmp_path: Path) -> None:
-    res = _invoke(
-        [
+    res = invoke(
+        *[
             "train-teacher",
             "--members",
             "0",
@@ -287,14 +284,14 @@ def test_device_cuda_without_cuda_exits_2(
     cli_teacher: tuple[Path, Result], npz_path: Path, tmp_path: Path
 ) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        ["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "cuda"]
+    res = invoke(
+        *["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "cuda"]
     )
     _assert_clean_error(
         res, "--device cuda was asked for but torch sees no CUDA device", "--device cpu"
     )
-    res = _invoke(
-        [
+    res = invoke(
+        *[
             "train-teacher",
             "--dataset",
             f"npz:{npz_path}:train",
@@ -312,7 +309,7 @@ def test_device_cuda_without_cuda_exits_2(
 
 def test_unknown_device_name(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        ["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "tpu"]
+    res = invoke(
+        *["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "tpu"]
     )
     _assert_clean_error(res, "unknown device 'tpu'")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import click
 import pytest
@@ -14,28 +13,7 @@ from pipeline.options import declared, show_size
 from pipeline.training.loop import TrainConfig
 from stages.cli import main
 from stages.params import FIELD_ATTR
-
-
-def commands(group: click.Group, prefix: str = "") -> Iterator[tuple[str, click.Command]]:
-    for name, cmd in group.commands.items():
-        if isinstance(cmd, click.Group):
-            yield from commands(cmd, f"{prefix}{name} ")
-        else:
-            yield f"{prefix}{name}", cmd
-
-
-def field_of(qualified: str) -> dataclasses.Field:
-    """The config field ``Class.field`` names: the class is looked up in every loaded module of
-    the library (the CLI has imported each command's config)."""
-    import sys
-
-    cls_name, name = qualified.split(".")
-    for mod_name, mod in sorted(sys.modules.items()):
-        cls = getattr(mod, cls_name, None) if mod_name.startswith("pipeline") else None
-        if cls is not None and dataclasses.is_dataclass(cls):
-            return {f.name: f for f in dataclasses.fields(cls)}[name]
-    raise AssertionError(f"no config class {cls_name}")
-
+from tests.helpers.cli import commands, field_of
 
 ALL = list(commands(main))
 

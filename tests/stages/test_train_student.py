@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.checkpoints import load_checkpoint
 from pipeline.datasets import load_dataset
 from pipeline.metrics import predict_logits
-from stages.cli import main
-from tests.conftest import damaged, edit_header, relabel, remove, write
+from tests.helpers.cli import cli
+from tests.helpers.damage import damaged, edit_header, relabel, remove, write
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,8 +24,8 @@ BASE = ["--student", "mlp:32", "--batch-size", "64", "--device", "cpu"]
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["train-student", *args], catch_exceptions=False)
-    return result.exit_code, result.output
+    """``kd-pipeline train-student ARGS`` in process."""
+    return cli("train-student", *args)
 
 
 def test_train_student_writes_a_run_directory_that_describes_itself(
@@ -251,7 +250,7 @@ def test_unlabeled_transfer_set_with_alpha_below_one_exits_2(
 ) -> None:
     from pipeline.cache.writer import build_cache
     from pipeline.config import CacheConfig
-    from tests.conftest import write_npz
+    from tests.helpers.data import write_npz
 
     unlabeled = write_npz(tmp_path / "u.npz", labeled=False)
     cache = tmp_path / "u.zarr"
