@@ -20,9 +20,11 @@ def write_logits_cache(
     dtype: str = "float32",
     in_dim: int = 2,
     seed: int = 0,
-) -> tuple[Path, str]:
+    out: str | None = None,
+) -> tuple[Path | str, str]:
     """A complete cache holding ``member_logits`` (M, N, C) (no teacher), on an npz dataset of
-    matching rows, written as ``BASE.npz`` and ``BASE.zarr``.
+    matching rows, written as ``BASE.npz`` and ``BASE.zarr`` (or ``out``: any location the writer
+    takes, such as an ``s3://`` URL).
 
     The dataset's inputs are seeded random (N, in_dim) float32 and its test split is the same
     inputs (with the labels, or zeros). Returns ``(cache location, transfer-set spec)``.
@@ -53,7 +55,7 @@ def write_logits_cache(
         }
         for i in range(m)
     ]
-    location = base.with_suffix(".zarr")
+    location = base.with_suffix(".zarr") if out is None else out
     group = create_cache(
         location,
         dataset=data.describe(),
