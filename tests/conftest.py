@@ -13,6 +13,7 @@ import pytest
 from tests.helpers.caches import teacher_cache, write_logits_cache
 from tests.helpers.data import write_npz
 from tests.helpers.s3 import moto_server
+from tests.helpers.writer import make, spec_of, train
 
 # Tests must not depend on where they run or on this machine's thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -135,3 +136,38 @@ def s3_server():
     pytest.importorskip("moto.server")
     with moto_server() as endpoint:
         yield endpoint
+
+
+# ------------------------------------------------------------------- the cache writer's tests
+@pytest.fixture(scope="module")
+def dataset_spec(npz_path: Path) -> str:
+    """``npz:<npz_path>:train``."""
+    return spec_of(npz_path)
+
+
+@pytest.fixture(scope="module")
+def complete_cache(
+    tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, dataset_spec: str
+) -> Path:
+    """A complete float16 cache of the 2-member teacher over the 600-row set, 10 shards. Tests copy
+    it."""
+    out = tmp_path_factory.mktemp("cache") / "c.zarr"
+    res = make(out, [teacher_dir], dataset_spec)
+    assert res.status == "created"
+    return out
+
+
+@pytest.fixture
+def cache_copy(complete_cache: Path, tmp_path: Path) -> Path:
+    """A copy of ``complete_cache`` a test may damage."""
+    import shutil
+
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(complete_cache, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def new_teacher(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> Path:
+    """A separately trained mlp:16 teacher (seed 7) on the same data: a candidate new member."""
+    return train(tmp_path_factory.mktemp("new-teacher"), npz_path, "mlp:16", seed=7) / "member-0.pt"
