@@ -22,9 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig
-from tests.helpers.caches import assert_same_cache, done_count
+from tests.helpers.caches import assert_same_cache, done_count, teacher_cache
 from tests.helpers.data import write_npz
 from tests.helpers.process import REPO, free_port, run, subprocess_env
 from tests.helpers.process import cli_command as cli
@@ -134,18 +132,7 @@ def single(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, rows_spe
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build_cache(
-            CacheConfig(
-                teachers=[str(teacher_dir)],
-                dataset=rows_spec,
-                out=str(out),
-                device="cpu",
-                batch_size=250,
-                rows_per_shard=ROWS_PER_SHARD,
-            ),
-            log=lambda s: None,
-            progress=False,
-        )
+        teacher_cache(teacher_dir, rows_spec, out, batch_size=250, rows_per_shard=ROWS_PER_SHARD)
     finally:
         torch.set_num_threads(threads)
     return out

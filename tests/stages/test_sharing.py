@@ -27,7 +27,7 @@ from pipeline.cache.location import StoreLease, get_bytes, key_sizes, open_store
 from pipeline.cache.writer import build_cache
 from pipeline.config import CacheConfig
 from pipeline.errors import CacheError, StorageError
-from tests.helpers.caches import raw_arrays
+from tests.helpers.caches import raw_arrays, teacher_cache
 from tests.helpers.cli import cli
 from tests.helpers.damage import damaged, edit_header, relabel, remove, write
 from tests.helpers.data import make_image_task, write_npz
@@ -537,17 +537,7 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(
     y[:64] = 0  # the first shard holds only class 0
     np.savez(tmp_path / "sorted.npz", x_train=x[order], y_train=y, num_classes=np.int64(5))
     out = tmp_path / "sorted.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher_dir)],
-            dataset=f"npz:{tmp_path / 'sorted.npz'}:train",
-            out=str(out),
-            rows_per_shard=64,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher_dir, f"npz:{tmp_path / 'sorted.npz'}:train", out, rows_per_shard=64)
     assert (out / "labels" / "c" / "0").is_file()  # every chunk is stored now
     assert sharing.verify_cache(out).ok
     # A cache from before that change has no object for it. Only the dataset can tell it from a

@@ -17,8 +17,6 @@ import torch
 
 from pipeline.cache import sharing
 from pipeline.cache.location import COPY_MARKER
-from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig
 from pipeline.errors import CacheError, StorageError
 from pipeline.redact import (
     load_failure,
@@ -28,6 +26,7 @@ from pipeline.redact import (
     redact_text,
     scrub_message,
 )
+from tests.helpers.caches import teacher_cache
 from tests.helpers.cli import cli
 from tests.helpers.damage import edit_header
 from tests.helpers.process import kd
@@ -212,17 +211,7 @@ def other_cache(
     """Another cache of the same teachers and dataset, in shards of 200 rows (not 64): the same
     fingerprint, a different cache. Never write to it."""
     out = tmp_path_factory.mktemp("other") / "other.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher_dir)],
-            dataset=f"npz:{npz_path}:train",
-            out=str(out),
-            rows_per_shard=200,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher_dir, f"npz:{npz_path}:train", out, rows_per_shard=200)
     return out
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.caches import teacher_cache
 from tests.helpers.data import write_npz
 from tests.helpers.process import run
 from tests.helpers.s3 import S3_BUCKET
@@ -93,23 +94,11 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(
 def stream_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path) -> Path:
     """5000 rows in shards of 256 (the last 136): over 1 MiB in memory mode, so a 1 MiB budget
     streams it."""
-    from pipeline.cache.writer import build_cache
-    from pipeline.config import CacheConfig
 
     root = tmp_path_factory.mktemp("stream")
     npz = write_npz(root / "big.npz", n_train=5000)
     out = root / "big.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher_dir)],
-            dataset=f"npz:{npz}:train",
-            out=str(out),
-            rows_per_shard=256,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher_dir, f"npz:{npz}:train", out, rows_per_shard=256)
     return out
 
 

@@ -15,6 +15,7 @@ from pipeline.cache.format import LogitCache, cache_fingerprint
 from pipeline.checkpoints import load_checkpoint
 from pipeline.datasets import load_dataset
 from pipeline.metrics import predict_logits
+from tests.helpers.caches import teacher_cache
 from tests.helpers.cli import cli
 from tests.helpers.damage import damaged, edit_header, relabel, remove, write
 
@@ -248,23 +249,11 @@ def test_online_teacher_baseline_through_the_cli(
 def test_unlabeled_transfer_set_with_alpha_below_one_exits_2(
     teacher_dir: Path, tmp_path: Path
 ) -> None:
-    from pipeline.cache.writer import build_cache
-    from pipeline.config import CacheConfig
     from tests.helpers.data import write_npz
 
     unlabeled = write_npz(tmp_path / "u.npz", labeled=False)
     cache = tmp_path / "u.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher_dir)],
-            dataset=f"npz:{unlabeled}:train",
-            out=str(cache),
-            rows_per_shard=128,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher_dir, f"npz:{unlabeled}:train", cache, rows_per_shard=128)
     code, output = run_cli(
         "--cache", str(cache), *BASE, "--alpha", "0.5", "--out", str(tmp_path / "r")
     )
