@@ -83,10 +83,6 @@ Experiments:
   module, the report rendered from them), ``storage`` (the storage-kind study), ``sequence`` (the
   token study), ``bench`` (with ``bench_timing``, ``bench_figures``, ``bench_report``), ``demo``,
   ``plots``.
-
-Re-exports:
-
-- ``config``: every step's config under its old import path; nothing in the library imports it.
 """
 
 __version__ = "0.1.0"

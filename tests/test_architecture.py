@@ -63,7 +63,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # api: the library's face for other training loops (a dataset over a cache, kd_loss).
     ("training", ("pipeline.training", "pipeline.evaluation", "pipeline.api")),
     ("experiments", ("pipeline.experiments",)),
-    ("re-exports", ("pipeline.config",)),
     ("cli", ("stages",)),
 ]
 

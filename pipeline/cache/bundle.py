@@ -7,6 +7,7 @@ import os
 
 from pipeline.cache.copy_plan import CopyPlan
 from pipeline.cache.location import ZIP_SUFFIX, CacheLocation
+from pipeline.cache.objects import META
 from pipeline.cache.store_keys import get_bytes, key_sizes, put_bytes
 from pipeline.cache.verify import verify_cache
 from pipeline.cache.zipcheck import validate_zip
@@ -23,8 +24,16 @@ def copy_to_zip(
     path = dst.local_path
     if path.exists():
         validate_zip(path)
-        have = key_sizes(dst.open("r"))
-        if all(have.get(k) == plan.expected_size(k) for k in keys) and verify_cache(dst).ok:
+        existing = dst.open("r")
+        have = key_sizes(existing)
+        # Equal sizes alone do not make the same cache (another cache of the same shape has
+        # them): its root metadata (the header) must be what this copy would write.
+        same_header = get_bytes(existing, META) == plan.check(META, get_bytes(plan.source, META))
+        if (
+            same_header
+            and all(have.get(k) == plan.expected_size(k) for k in keys)
+            and verify_cache(dst).ok
+        ):
             return 0, len(keys), 0  # already an identical, sound bundle
         raise CacheError(
             f"{dst} exists and is not a sound copy of the source; bundles are written "

@@ -519,7 +519,10 @@ class TopK(StorageKind):
             problems.append(f"values are not sorted descending in rows {unsorted[:10].tolist()}")
         k = values.shape[1]
         if np.isnan(tail).any() or (k < num_classes and np.isinf(tail).any()):
-            bad = np.flatnonzero((~np.isfinite(tail)).any(axis=1))
+            # With every class kept (K = C) the tail is empty and -inf in every row: only NaN is
+            # wrong there, and only its rows are named.
+            wrong = np.isnan(tail) if k == num_classes else ~np.isfinite(tail)
+            bad = np.flatnonzero(wrong.any(axis=1))
             problems.append(f"tail_lse holds NaN/inf in rows {bad[:10].tolist()}")
         elif k < num_classes and not problems:
             # Every tail class is <= the smallest kept value, so at each T the tail's

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import struct
@@ -21,32 +20,12 @@ from pipeline.datasets import (
     parse_spec,
 )
 from pipeline.errors import DatasetError
-from tests.conftest import make_image_task, write_npz
+from tests.helpers.data import idx_bytes, make_image_task, write_idx, write_npz
 
 ALL_IDX_NAMES = [n for pair in IDX_FILES.values() for n in pair]
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def idx_bytes(arr: np.ndarray, magic_type: int = 0x08) -> bytes:
-    """An IDX file: magic (0, 0, type, ndim), big-endian dims, then the uint8 data."""
-    header = bytes([0, 0, magic_type, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
-
-
-def write_idx(
-    directory: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool
-) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    img_name, lab_name = IDX_FILES[split]
-    for name, arr in ((img_name, images), (lab_name, labels)):
-        data = idx_bytes(arr)
-        if gz:
-            (directory / (name + ".gz")).write_bytes(gzip.compress(data))
-        else:
-            (directory / name).write_bytes(data)
-    return directory
-
-
 def tiny_idx_split(
     n: int = 7, h: int = 4, w: int = 3, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

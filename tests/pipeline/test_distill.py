@@ -14,15 +14,15 @@ import torch
 
 from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
-from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint, load_models
-from pipeline.config import CacheConfig, StudentConfig, TeacherConfig
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError, ConfigError, KDError
 from pipeline.metrics import predict_logits
+from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
-from tests.conftest import make_image_task, write_npz
+from tests.helpers.caches import teacher_cache
+from tests.helpers.data import make_image_task, write_npz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,18 +36,7 @@ def quiet(_: str) -> None:
 def _cache(
     teacher: Path, spec: str, out: Path, dtype: str | None = None, rows_per_shard: int = 64
 ) -> Path:
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher)],
-            dataset=spec,
-            out=str(out),
-            dtype=dtype,
-            rows_per_shard=rows_per_shard,
-            device="cpu",
-        ),
-        log=quiet,
-        progress=False,
-    )
+    teacher_cache(teacher, spec, out, dtype=dtype, rows_per_shard=rows_per_shard)
     return out
 
 

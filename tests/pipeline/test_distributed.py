@@ -170,7 +170,7 @@ def test_launch_variables() -> None:
 
 
 def test_dask_commands_refuse_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.config import CacheConfig
+    from pipeline.cache.config import CacheConfig
     from pipeline.errors import ConfigError
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)

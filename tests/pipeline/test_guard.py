@@ -23,23 +23,7 @@ from pipeline.cache.guard import (
     zstd_content_size,
 )
 from pipeline.errors import CacheError, KDError, StorageError, explain, storage_errors
-
-
-def rle_frame(blocks: int, content_size: int | None) -> bytes:
-    """A zstd frame of ``blocks`` RLE blocks of 128 KiB zeros, declaring ``content_size`` (8-byte
-    field) or no size at all: a few bytes that decode to ``blocks`` x 128 KiB."""
-    magic = (0xFD2FB528).to_bytes(4, "little")
-    # Frame header: no size and a window descriptor (2 MiB), or an 8-byte size field.
-    head = (
-        bytes([0x00, 0x58])
-        if content_size is None
-        else bytes([0xC0, 0x58]) + content_size.to_bytes(8, "little")
-    )
-    body = b"".join(
-        ((i == blocks - 1) | (1 << 1) | ((1 << 17) << 3)).to_bytes(3, "little") + b"\0"
-        for i in range(blocks)
-    )
-    return magic + head + body
+from tests.helpers.damage import rle_frame
 
 
 # ------------------------------------------------------------------------------------ JSON

@@ -17,8 +17,8 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.errors import ModelSpecError
 from pipeline.models import build_model
 from stages.cli import main
-from tests.image_folders import CLASSES, make_image_folder
-from tests.optional import require
+from tests.helpers.images import CLASSES, make_image_folder
+from tests.helpers.optional import require
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),

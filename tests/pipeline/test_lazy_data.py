@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.datasets import default_eval_spec, load_dataset
 from pipeline.errors import DatasetError, ModelSpecError
-from tests.image_folders import CLASSES, make_image_folder, tv_weights
-from tests.optional import require
+from tests.helpers.images import CLASSES, make_image_folder, tv_weights
+from tests.helpers.optional import require
 
 pytest.importorskip("PIL")
 

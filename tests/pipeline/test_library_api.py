@@ -15,13 +15,13 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.api import CacheDataset, SparseTargets, collate_soft_targets, kd_loss
-from pipeline.config import StudentConfig
 from pipeline.errors import ConfigError, DistributedError
+from pipeline.training.config import StudentConfig
 from pipeline.training.distill import CLASSIFICATION, SEQUENCE, setup_soft_targets
 from pipeline.training.loop import TrainConfig
 from stages.cli import main
-from tests.optional import require
-from tests.pipeline.test_sequences import make_corpus
+from tests.helpers.data import make_corpus
+from tests.helpers.optional import require
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),

@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import save_checkpoint
-from pipeline.config import CacheConfig
 from pipeline.datasets import default_eval_spec, load_dataset
 from pipeline.models import KDModel, register_model
 from pipeline.sequences.data import NO_LABEL, PAD, SequenceDataset, tokenizer_record
@@ -25,41 +25,13 @@ from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import SequenceLoss, token_source
 from pipeline.training.targets import flat_rows
 from stages.cli import main
-from tests.optional import require
+from tests.helpers.data import make_corpus
+from tests.helpers.optional import require
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
     pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
 ]
-
-WORDS = [
-    "the",
-    "lord",
-    "said",
-    "unto",
-    "moses",
-    "and",
-    "aaron",
-    "speak",
-    "children",
-    "of",
-    "israel",
-    "land",
-    "water",
-    "light",
-    "day",
-]
-
-
-def make_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
-    """A seeded English-like corpus (one 'verse' per line), a few tens of KB."""
-    rng = np.random.default_rng(seed)
-    text = "".join(
-        f"{i} " + " ".join(rng.choice(WORDS, size=rng.integers(6, 14))) + ".\n"
-        for i in range(lines)
-    )
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +328,7 @@ def test_hf_dir_teacher_with_padded_heads(corpus: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_gpt(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """(dataset spec, teacher directory): a 1-layer gpt trained for one epoch (seconds)."""
-    from pipeline.config import TeacherConfig
+    from pipeline.training.config import TeacherConfig
     from pipeline.training.teacher import train_teacher
 
     spec = f"text:{corpus}:train:seq=16:count=40"

@@ -12,7 +12,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.config import SpecialistsConfig
 from pipeline.errors import CheckpointError, ConfigError, KDError
 from pipeline.experiments.specialists import (
     active_specialists,
@@ -28,8 +27,10 @@ from pipeline.experiments.specialists import (
     table4,
     train_all,
 )
+from pipeline.experiments.specialists.config import SpecialistsConfig
 from pipeline.models import build_model
 from pipeline.training.loop import TrainConfig
+from tests.helpers.caches import teacher_cache
 
 GROUPS = [[0, 1, 2], [3, 4, 5]]  # planted confusable groups; 6 is confused with nothing
 
@@ -283,8 +284,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) ->
     planted groups) on the planted task, its cache, and a full specialists run with K = 3 (automatic
     K is tested above on planted probabilities: this generalist is weak enough to spread some
     probability onto class 6 as well)."""
-    from pipeline.cache.writer import build_cache
-    from pipeline.config import CacheConfig, TeacherConfig
+    from pipeline.training.config import TeacherConfig
     from pipeline.training.teacher import train_teacher
     from stages.cli import main
 
@@ -307,17 +307,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) ->
         log=lambda s: None,
     )
     cache = base / "gen.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher)],
-            dataset=f"npz:{npz}:train",
-            out=str(cache),
-            rows_per_shard=512,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher, f"npz:{npz}:train", cache, rows_per_shard=512)
     out = base / "spec"
     res = CliRunner().invoke(
         main,
@@ -437,21 +427,14 @@ def test_steps_refuse_clusters_and_specialists_of_another_cache(
     generalists."""
     import shutil
 
-    from pipeline.cache.writer import build_cache
-    from pipeline.config import CacheConfig
     from pipeline.errors import CacheError
 
     other = tmp_path / "other.zarr"  # same data, the first 2000 rows only: another cache
-    build_cache(
-        CacheConfig(
-            teachers=[str(planted["teacher"])],
-            dataset=f"npz:{planted['npz']}:train:count=2000",
-            out=str(other),
-            rows_per_shard=512,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
+    teacher_cache(
+        planted["teacher"],
+        f"npz:{planted['npz']}:train:count=2000",
+        other,
+        rows_per_shard=512,
     )
     out = tmp_path / "spec"
     shutil.copytree(planted["out"], out)
@@ -501,24 +484,12 @@ def test_a_moved_transfer_set_is_found_with_dataset(planted: dict, tmp_path: Pat
     --no-sensitivity combines once."""
     import shutil
 
-    from pipeline.cache.writer import build_cache
-    from pipeline.config import CacheConfig
     from stages.cli import main
 
     moved = tmp_path / "moved.npz"
     shutil.copy(planted["npz"], moved)
     cache = tmp_path / "theirs.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(planted["teacher"])],
-            dataset=f"npz:{moved}:train",
-            out=str(cache),
-            rows_per_shard=512,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(planted["teacher"], f"npz:{moved}:train", cache, rows_per_shard=512)
     moved.unlink()
     out = tmp_path / "spec"
     shutil.copytree(planted["out"], out)

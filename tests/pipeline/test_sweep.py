@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import SWEEP_OWNED, StudentConfig, SweepConfig
 from pipeline.errors import ConfigError
+from pipeline.experiments.config import SWEEP_OWNED, SweepConfig
 from pipeline.experiments.sweep import (
     RESULT_FIELDS,
     Setting,
@@ -26,6 +26,7 @@ from pipeline.experiments.sweep import (
     setting_config,
 )
 from pipeline.options import declared
+from pipeline.training.config import StudentConfig
 from pipeline.training.distill import train_student
 from pipeline.training.loop import TrainConfig
 

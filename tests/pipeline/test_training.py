@@ -24,7 +24,7 @@ from pipeline.training.loop import (
     write_history_csv,
 )
 from pipeline.training.losses import DistillationLoss
-from tests.conftest import make_image_task
+from tests.helpers.data import make_image_task
 
 CPU = torch.device("cpu")
 HISTORY_KEYS = {

@@ -10,8 +10,6 @@ import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,17 +19,18 @@ import torch
 import zarr
 from click.testing import CliRunner
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.header import ATTR_KEY
 from pipeline.cache.lock import CacheLock
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig
 from pipeline.datasets import load_dataset
 from pipeline.errors import CacheError
 from stages.cli import main
-from tests.conftest import write_npz
+from tests.helpers.caches import assert_same_cache, done_count
+from tests.helpers.data import make_image_task, write_npz
+from tests.helpers.process import cli_command, run, start, wait_for_path
 
-REPO = Path(__file__).resolve().parents[2]
 N_BIG = 20000
 BIG_ARGS = ["--rows-per-shard", "500", "--batch-size", "250", "--device", "cpu"]
 N_SHARDS = N_BIG // 500
@@ -44,15 +43,8 @@ pytestmark = [
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def cli_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def cli_cmd(teacher: Path, dataset: str, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "stages.cli",
+    return cli_command(
         "cache-logits",
         "--teacher",
         str(teacher),
@@ -63,49 +55,7 @@ def cli_cmd(teacher: Path, dataset: str, out: Path, *extra: str) -> list[str]:
         "--quiet",
         *BIG_ARGS,
         *extra,
-    ]
-
-
-def run_cli(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
-
-
-def raw_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a cache, raw (float16 logits stay float16), by name."""
-    g = zarr.open_group(str(path), mode="r", use_consolidated=False)
-    h = g.attrs[ATTR_KEY]
-    names = ["ids", "labels"] + [
-        f"members/{m['index']}/{a}" for m in h["members"] for a in ("logits", "done")
-    ]
-    return {name: g[name][:] for name in names}
-
-
-def assert_same_cache(got: Path, ref: Path) -> None:
-    a, b = raw_arrays(got), raw_arrays(ref)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert np.array_equal(a[name], b[name]), f"{name} differs between {got} and {ref}"
-    ha = zarr.open_group(str(got), mode="r", use_consolidated=False).attrs[ATTR_KEY]
-    hb = zarr.open_group(str(ref), mode="r", use_consolidated=False).attrs[ATTR_KEY]
-    assert ha["complete"] is True and hb["complete"] is True
-    for key in ("n", "num_classes", "rows_per_shard", "n_shards", "dtype", "dataset"):
-        assert ha[key] == hb[key], key
-    assert [m["checkpoint_sha256"] for m in ha["members"]] == [
-        m["checkpoint_sha256"] for m in hb["members"]
-    ]
-
-
-def done_count(path: Path) -> int | None:
-    """Member-shards marked done, read raw (None while the store has no header yet)."""
-    try:
-        g = zarr.open_group(str(path), mode="r", use_consolidated=False)
-        h = g.attrs[ATTR_KEY]
-        return sum(int(g[f"members/{m['index']}/done"][:].sum()) for m in h["members"])
-    except Exception:  # noqa: BLE001 - killed before the schema was complete
-        return None
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -151,16 +101,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, big_s
 
 
 # --------------------------------------------------------------------------------------- 4. SIGKILL
-def wait_for_dir(path: Path, p: subprocess.Popen, timeout: float = 60) -> bool:
-    """Poll until ``path`` exists (True), or the process ends or the timeout passes (False)."""
-    end = time.perf_counter() + timeout
-    while time.perf_counter() < end and p.poll() is None:
-        if path.exists():
-            return True
-        time.sleep(0.002)
-    return False
-
-
 def kill_and_resume(
     root: Path,
     teacher: Path,
@@ -209,13 +149,8 @@ def kill_and_resume(
             cache = root / f"c{len(stats['caches'])}.zarr"
             stats["caches"].append(cache)
         t0 = time.perf_counter()
-        p = subprocess.Popen(
+        p = start(
             cli_cmd(teacher, spec, cache),
-            cwd=REPO,
-            env=cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
         )
         stats["launches"] += 1
         lines: list[str] = []
@@ -223,7 +158,7 @@ def kill_and_resume(
         if not cache.exists() and rng.random() < 0.5:
             # A fresh cache: kill while it is being created (lock, schema, ids, labels, member
             # arrays).
-            stats["creating"] += wait_for_dir(cache, p) and 1
+            stats["creating"] += wait_for_path(cache, p) and 1
             time.sleep(rng.uniform(0.0, 0.15))
         elif early:
             time.sleep(rng.uniform(0.7, 1.05) * t_line)
@@ -254,7 +189,7 @@ def kill_and_resume(
         assert_same_cache(cache, ref["path"])
         cache = None
     if cache is not None:  # the last one was killed: resume it to completion
-        done = run_cli(cli_cmd(teacher, spec, cache))
+        done = run(cli_cmd(teacher, spec, cache), timeout=180)
         stats["launches"] += 1
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"{cache} complete" in done.stdout or "already complete" in done.stdout
@@ -314,13 +249,8 @@ def test_second_writer_is_refused_while_the_first_runs(
     lock.
     """
     out = tmp_path / "c.zarr"
-    p = subprocess.Popen(
+    p = start(
         cli_cmd(teacher_dir, big_spec, out, "--batch-size", "50"),
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
     try:
         for line in p.stdout:
@@ -526,8 +456,6 @@ def test_labels_that_are_not_classes_are_refused_before_any_work(
 ) -> None:
     """An npz whose labels fall outside 0..C-1 used to be cached, then to break train-student and
     evaluate with an IndexError; every command refuses it when it loads it."""
-    from tests.conftest import make_image_task
-
     x, y = make_image_task(100, seed=3, classes=5)
     y[[7, 40]] = bad
     npz = tmp_path / "bad.npz"
@@ -600,13 +528,8 @@ def test_ctrl_c_says_a_rerun_resumes_and_it_does(
     # machine) is tried again.
     for attempt in range(8):
         out = tmp_path / f"c{attempt}.zarr"
-        p = subprocess.Popen(
+        p = start(
             cli_cmd(teacher_dir, big_spec, out),
-            cwd=REPO,
-            env=cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
             start_new_session=True,
             # As a terminal's shell starts it: SIGINT neither blocked nor ignored (a mask or an
             # ignored disposition left in this test process by other tests' libraries would be
@@ -628,7 +551,7 @@ def test_ctrl_c_says_a_rerun_resumes_and_it_does(
             "interrupted: every finished shard is kept; re-run the same command to resume" in output
         )
         assert "Aborted!" not in output and "Traceback" not in output
-        rerun = run_cli(cli_cmd(teacher_dir, big_spec, out))
+        rerun = run(cli_cmd(teacher_dir, big_spec, out), timeout=180)
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         # "resumed", or "created" when the signal came before the writer thread made the schema.
         assert "resumed" in rerun.stdout or "created" in rerun.stdout

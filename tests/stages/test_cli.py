@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from pipeline import __version__
 from pipeline.checkpoints import load_checkpoint
 from pipeline.datasets import load_dataset
 from stages.cli import main
+from tests.helpers.cli import invoke
 
 
 def _commands(
@@ -32,24 +33,20 @@ def _commands(
 ALL_COMMANDS = _commands(main)
 
 
-def _invoke(args: list[str]) -> Result:
-    return CliRunner().invoke(main, args, catch_exceptions=True)
-
-
 def test_the_command_tree_is_what_we_test() -> None:
     names = {" ".join(p) for p, _ in ALL_COMMANDS}
     assert {"train-teacher", "evaluate", "cache-logits", "cache", "cache info", "demo"} <= names
 
 
 def test_group_help_and_version() -> None:
-    res = _invoke(["--help"])
+    res = invoke("--help")
     assert res.exit_code == 0, res.output
     assert "Knowledge distillation" in res.output
     for path, _ in ALL_COMMANDS:
         if len(path) == 1:
             assert path[0] in res.output
-    assert _invoke(["-h"]).output == res.output
-    ver = _invoke(["--version"])
+    assert invoke("-h").output == res.output
+    ver = invoke("--version")
     assert ver.exit_code == 0 and __version__ in ver.output
 
 
@@ -57,7 +54,7 @@ def test_group_help_and_version() -> None:
 def test_every_subcommand_has_help_and_every_option_is_documented(
     path: tuple[str, ...], cmd: click.Command
 ) -> None:
-    res = _invoke([*path, "--help"])
+    res = invoke(*path, "--help")
     assert res.exit_code == 0, res.output
     assert (
         f"Usage: main {' '.join(path)}" in res.output or f"{' '.join(path)} [OPTIONS]" in res.output
@@ -80,28 +77,26 @@ def test_group_options_are_documented() -> None:
 @pytest.fixture(scope="module")
 def cli_teacher(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> tuple[Path, Result]:
     out = tmp_path_factory.mktemp("cli-teacher") / "ens"
-    res = _invoke(
-        [
-            "train-teacher",
-            "--dataset",
-            f"npz:{npz_path}:train",
-            "--eval",
-            f"npz:{npz_path}:test",
-            "--model",
-            "mlp:32",
-            "--epochs",
-            "2",
-            "--members",
-            "2",
-            "--jitter",
-            "0",
-            "--device",
-            "cpu",
-            "--batch-size",
-            "64",
-            "--out",
-            str(out),
-        ]
+    res = invoke(
+        "train-teacher",
+        "--dataset",
+        f"npz:{npz_path}:train",
+        "--eval",
+        f"npz:{npz_path}:test",
+        "--model",
+        "mlp:32",
+        "--epochs",
+        "2",
+        "--members",
+        "2",
+        "--jitter",
+        "0",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "64",
+        "--out",
+        str(out),
     )
     return out, res
 
@@ -111,10 +106,10 @@ def test_train_teacher_quiet_prints_the_result_only(
 ) -> None:
     monkeypatch.setenv("KD_PROGRESS_SECONDS", "0")  # progress lines would show if not hidden
     out = tmp_path / "ens"
-    res = _invoke(
-        ["train-teacher", "--dataset", f"npz:{npz_path}:train", "--eval", f"npz:{npz_path}:test",
-         "--model", "mlp:8", "--epochs", "1", "--members", "1", "--device", "cpu", "--quiet",
-         "--out", str(out)]
+    res = invoke(
+        "train-teacher", "--dataset", f"npz:{npz_path}:train", "--eval", f"npz:{npz_path}:test",
+        "--model", "mlp:8", "--epochs", "1", "--members", "1", "--device", "cpu", "--quiet",
+        "--out", str(out)
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     e = json.loads((out / "ensemble.json").read_text())["test"]["ensemble"]
@@ -154,17 +149,15 @@ def test_train_teacher_writes_members_and_summary(
 
 def test_evaluate_json_is_consistent(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        [
-            "evaluate",
-            "--model",
-            str(out),
-            "--dataset",
-            f"npz:{npz_path}:test",
-            "--json",
-            "--device",
-            "cpu",
-        ]
+    res = invoke(
+        "evaluate",
+        "--model",
+        str(out),
+        "--dataset",
+        f"npz:{npz_path}:test",
+        "--json",
+        "--device",
+        "cpu",
     )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
@@ -188,18 +181,16 @@ def test_evaluate_json_is_consistent(cli_teacher: tuple[Path, Result], npz_path:
 
 def test_evaluate_table(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        [
-            "evaluate",
-            "--model",
-            str(out / "member-1.pt"),
-            "--dataset",
-            f"npz:{npz_path}:test",
-            "--device",
-            "cpu",
-            "--ensemble",
-            "mean-logits",
-        ]
+    res = invoke(
+        "evaluate",
+        "--model",
+        str(out / "member-1.pt"),
+        "--dataset",
+        f"npz:{npz_path}:test",
+        "--device",
+        "cpu",
+        "--ensemble",
+        "mean-logits",
     )
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
@@ -217,67 +208,59 @@ def _assert_clean_error(res: Result, *fragments: str) -> None:
 
 
 def test_bad_dataset_spec_exits_2_without_traceback(tmp_path: Path) -> None:
-    res = _invoke(
-        [
-            "train-teacher",
-            "--dataset",
-            "bogus:train",
-            "--eval",
-            "",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "t"),
-        ]
+    res = invoke(
+        "train-teacher",
+        "--dataset",
+        "bogus:train",
+        "--eval",
+        "",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "t"),
     )
     _assert_clean_error(res, "unknown dataset 'bogus'")
-    res = _invoke(
-        [
-            "train-teacher",
-            "--dataset",
-            "fashion-mnist:train:fraction=2",
-            "--eval",
-            "",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "t"),
-        ]
+    res = invoke(
+        "train-teacher",
+        "--dataset",
+        "fashion-mnist:train:fraction=2",
+        "--eval",
+        "",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "t"),
     )
     _assert_clean_error(res, "fraction= expects a number in (0, 1]")
 
 
 def test_bad_dataset_spec_on_evaluate(cli_teacher: tuple[Path, Result]) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        [
-            "evaluate",
-            "--model",
-            str(out),
-            "--dataset",
-            "npz:/no/such/file.npz:test",
-            "--device",
-            "cpu",
-        ]
+    res = invoke(
+        "evaluate",
+        "--model",
+        str(out),
+        "--dataset",
+        "npz:/no/such/file.npz:test",
+        "--device",
+        "cpu",
     )
     _assert_clean_error(res, "no such file")
 
 
 def test_invalid_config_lists_problems(tmp_path: Path) -> None:
-    res = _invoke(
-        [
-            "train-teacher",
-            "--members",
-            "0",
-            "--jitter",
-            "-1",
-            "--epochs",
-            "0",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "t"),
-        ]
+    res = invoke(
+        "train-teacher",
+        "--members",
+        "0",
+        "--jitter",
+        "-1",
+        "--epochs",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "t"),
     )
     _assert_clean_error(res, "members must be >= 1", "jitter must be >= 0", "epochs must be >= 1")
 
@@ -287,24 +270,22 @@ def test_device_cuda_without_cuda_exits_2(
     cli_teacher: tuple[Path, Result], npz_path: Path, tmp_path: Path
 ) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        ["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "cuda"]
+    res = invoke(
+        "evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "cuda"
     )
     _assert_clean_error(
         res, "--device cuda was asked for but torch sees no CUDA device", "--device cpu"
     )
-    res = _invoke(
-        [
-            "train-teacher",
-            "--dataset",
-            f"npz:{npz_path}:train",
-            "--eval",
-            "",
-            "--device",
-            "cuda",
-            "--out",
-            str(tmp_path / "t"),
-        ]
+    res = invoke(
+        "train-teacher",
+        "--dataset",
+        f"npz:{npz_path}:train",
+        "--eval",
+        "",
+        "--device",
+        "cuda",
+        "--out",
+        str(tmp_path / "t"),
     )
     _assert_clean_error(res, "no CUDA device")
     assert not (tmp_path / "t" / "member-0.pt").exists()
@@ -312,7 +293,7 @@ def test_device_cuda_without_cuda_exits_2(
 
 def test_unknown_device_name(cli_teacher: tuple[Path, Result], npz_path: Path) -> None:
     out, _ = cli_teacher
-    res = _invoke(
-        ["evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "tpu"]
+    res = invoke(
+        "evaluate", "--model", str(out), "--dataset", f"npz:{npz_path}:test", "--device", "tpu"
     )
     _assert_clean_error(res, "unknown device 'tpu'")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig
-from tests.conftest import S3_BUCKET, free_port, write_npz
-from tests.stages.test_cache_logits import assert_same_cache, done_count
+from tests.helpers.caches import assert_same_cache, done_count, teacher_cache
+from tests.helpers.data import write_npz
+from tests.helpers.process import REPO, free_port, run, subprocess_env
+from tests.helpers.process import cli_command as cli
+from tests.helpers.s3 import S3_BUCKET
 
-REPO = Path(__file__).resolve().parents[2]
 N_ROWS = 20000
 ROWS_PER_SHARD = 250
 N_SHARDS = N_ROWS // ROWS_PER_SHARD
@@ -39,19 +38,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
     pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
 ]
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment of every process started here: this checkout first on the path (workers
-    unpickle tasks that name ``pipeline`` functions), one torch thread, unbuffered output."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {
-        **os.environ,
-        "PYTHONPATH": path,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 def dask_command() -> str:
@@ -146,31 +132,10 @@ def single(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path, rows_spe
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build_cache(
-            CacheConfig(
-                teachers=[str(teacher_dir)],
-                dataset=rows_spec,
-                out=str(out),
-                device="cpu",
-                batch_size=250,
-                rows_per_shard=ROWS_PER_SHARD,
-            ),
-            log=lambda s: None,
-            progress=False,
-        )
+        teacher_cache(teacher_dir, rows_spec, out, batch_size=250, rows_per_shard=ROWS_PER_SHARD)
     finally:
         torch.set_num_threads(threads)
     return out
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "stages.cli", *args]
-
-
-def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
 
 
 def cache_cmd(teacher: Path, spec: str, out: Path | str, scheduler: str) -> list[str]:

@@ -22,13 +22,13 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from pipeline.cache import copying, listing
-from tests.conftest import S3_BUCKET, free_port
-from tests.pipeline.test_guard import rle_frame
+from tests.helpers.cli import cli, one_error
+from tests.helpers.damage import flip_first_byte, rle_frame
+from tests.helpers.process import free_port, kd, peak_rss
+from tests.helpers.s3 import S3_BUCKET
 
-REPO = Path(__file__).resolve().parents[2]
 ZEN = "Beautiful is better than ugly"
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
@@ -36,36 +36,9 @@ pytestmark = [
 ]
 
 
-def cli(*args: str) -> tuple[int, str]:
-    """Run the CLI in process; any exception that got past it fails the test."""
-    from stages.cli import main
-
-    result = CliRunner().invoke(main, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"the CLI let {result.exception!r} through") from result.exception
-    return result.exit_code, result.output
-
-
-def one_error(code: int, out: str, *facts: str) -> str:
-    """Exit 2 with exactly one ``error:`` line holding every fact; returns that line."""
-    assert code == 2, out
-    assert "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, out
-    for fact in facts:
-        assert fact in lines[0], (fact, lines[0])
-    return lines[0]
-
-
 def copy_of(cache: Path, to: Path) -> Path:
     shutil.copytree(cache, to)
     return to
-
-
-def flip_first_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[0] ^= 0x01  # "{" -> "z": one flipped bit, no longer JSON
-    path.write_bytes(bytes(data))
 
 
 def train(cache: str | Path, out: Path, *extra: str) -> tuple[int, str]:
@@ -443,24 +416,7 @@ def test_a_checkpoint_naming_this_never_prints_the_zen_of_python(
         )
         assert ZEN not in out and "this" not in sys.modules
     # The real process: nothing on stdout or stderr but the one line.
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stages.cli",
-            "evaluate",
-            "--model",
-            str(ckpt),
-            "--dataset",
-            f"npz:{npz_path}:test",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = kd("evaluate", "--model", str(ckpt), "--dataset", f"npz:{npz_path}:test")
     assert done.returncode == 2 and done.stdout == "" and ZEN not in done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
 
@@ -547,27 +503,6 @@ def rewrite_bundle(src: Path, dst: Path, replace: dict[str, int | bytes]) -> Pat
     return dst
 
 
-def peak_rss_mib(*args: str) -> tuple[int, str, float]:
-    """Run the CLI in a fresh process: (exit code, stderr, peak resident memory in MiB)."""
-    code = (
-        "import resource, sys; from stages.cli import main\n"
-        "try:\n    main(sys.argv[1:])\n"
-        "except SystemExit as e:\n"
-        "    sys.stderr.write(f'rss={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}')\n"
-        "    raise\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=300,
-    )
-    rss = float(done.stderr.rsplit("rss=", 1)[1]) / 1024
-    return done.returncode, done.stderr, rss
-
-
 def test_a_bundle_holding_a_huge_chunk_is_refused_before_it_is_inflated(
     cache_path: Path, tmp_path: Path
 ) -> None:
@@ -581,10 +516,10 @@ def test_a_bundle_holding_a_huge_chunk_is_refused_before_it_is_inflated(
     one_error(*train(bomb, tmp_path / "run"), "refusing this bundle", says)
     one_error(*cli("cache", "copy", str(bomb), str(tmp_path / "c.zarr"), "--quiet"), says)
     assert not (tmp_path / "c.zarr").exists()
-    code, err, bomb_rss = peak_rss_mib("cache", "verify", str(bomb), "--quiet")
+    code, err, bomb_rss = peak_rss("cache", "verify", str(bomb), "--quiet")
     assert code == 1 and "Traceback" not in err
-    code, _, good_rss = peak_rss_mib("cache", "verify", str(good), "--quiet")
-    assert code == 0 and bomb_rss < good_rss + 64, (bomb_rss, good_rss)
+    code, _, good_rss = peak_rss("cache", "verify", str(good), "--quiet")
+    assert code == 0 and bomb_rss < good_rss + (64 << 20), (bomb_rss, good_rss)
 
 
 def crc(data: bytes) -> bytes:

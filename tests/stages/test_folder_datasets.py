@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +14,9 @@ import pytest
 import zarr
 
 from pipeline.cache.header import ATTR_KEY
-from tests.image_folders import make_image_folder, tv_weights
-from tests.optional import usable
+from tests.helpers.images import make_image_folder, tv_weights
+from tests.helpers.optional import usable
+from tests.helpers.process import cli_command, kd, start
 
 pytest.importorskip("PIL")
 # A torchvision teacher where torchvision loads; otherwise (CI's CPU-only torch next to PyPI's CUDA
@@ -25,29 +24,8 @@ pytest.importorskip("PIL")
 TV = usable("torchvision")
 pytestmark = pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning")
 
-REPO = Path(__file__).resolve().parents[2]
 PER_CLASS = {"train": 200, "test": 50}  # 750 PNG files
 ROWS_PER_SHARD = "64"
-
-
-def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def kd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "stages.cli", *args],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +106,11 @@ def test_dask_workers_write_a_bit_identical_cache(setup: dict, tmp_path: Path) -
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(setup: dict, tmp_path: Path) -> None:
     out = tmp_path / "k.zarr"
-    cmd = [sys.executable, "-m", "stages.cli", "cache-logits", *setup["args"], "--out", str(out)]
-    p = subprocess.Popen(
+    cmd = cli_command("cache-logits", *setup["args"], "--out", str(out))
+    p = start(
         [*cmd, "--loader-workers", "2", "--quiet"],
-        cwd=REPO,
-        env=env(),
+        stdout=None,
+        stderr=None,
         start_new_session=True,  # its DataLoader workers die with it
     )
     deadline = time.monotonic() + 120

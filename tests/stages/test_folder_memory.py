@@ -5,48 +5,18 @@ same commands on a folder of a few images (slow: thousands of PNG files)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.image_folders import make_image_folder
+from tests.helpers.images import make_image_folder
+from tests.helpers.process import kd, peak_rss
 
 pytest.importorskip("PIL")
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 BUDGET = 1 << 20  # --memory-budget of train-student: 1 MiB, the least it takes
 ALLOWANCE = 100 << 20  # a fixed allowance: allocator arenas, torch's per-batch buffers, zarr caches
-
-# Runs one CLI command in this process and prints its own peak RSS (DataLoader workers are other
-# processes: what grows with the data here is the main process's buffers).
-RUN = """
-import json, resource, sys
-from stages.cli import main
-rc = 1
-try:
-    rc = main(sys.argv[1:], standalone_mode=False) or 0
-finally:
-    print("PEAK_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-sys.exit(rc)
-"""
-
-
-def peak_rss(*args: str) -> int:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-c", RUN, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    return int(r.stdout.rsplit("PEAK_RSS", 1)[1].split()[0])
 
 
 def run_both(root: Path, per_class: int, teacher: Path) -> tuple[int, int]:
@@ -56,7 +26,7 @@ def run_both(root: Path, per_class: int, teacher: Path) -> tuple[int, int]:
     spec = f"folder:{imgs}:train"
     cache = root / "c.zarr"
     common = ["--loader-workers", "2", "--device", "cpu"]
-    cache_rss = peak_rss(
+    code, out, cache_rss = peak_rss(
         "cache-logits",
         "--teacher",
         str(teacher),
@@ -69,8 +39,9 @@ def run_both(root: Path, per_class: int, teacher: Path) -> tuple[int, int]:
         "--quiet",
         *common,
     )
+    assert code == 0, out
     run = root / "run"
-    train_rss = peak_rss(
+    code, out, train_rss = peak_rss(
         "train-student",
         "--cache",
         str(cache),
@@ -87,6 +58,7 @@ def run_both(root: Path, per_class: int, teacher: Path) -> tuple[int, int]:
         "--quiet",
         *common,
     )
+    assert code == 0, out
     mode = json.loads((run / "metrics.json").read_text())["cache"]["loader"]["mode"]
     assert mode == ("stream" if per_class * 3 * 32 * 32 * 3 > BUDGET else "memory")
     return cache_rss, train_rss
@@ -94,14 +66,10 @@ def run_both(root: Path, per_class: int, teacher: Path) -> tuple[int, int]:
 
 def test_peak_memory_does_not_grow_with_the_folder(tmp_path: Path) -> None:
     imgs = make_image_folder(tmp_path / "teach", {"train": 20}, seed=0)
-    r = subprocess.run(
-        [sys.executable, "-m", "stages.cli", "train-teacher", "--dataset", f"folder:{imgs}:train"]
-        + ["--model", "mlp:16", "--members", "1", "--epochs", "1", "--jitter", "0", "--eval", ""]
-        + ["--out", str(tmp_path / "teacher"), "--device", "cpu"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
+    r = kd(
+        *("train-teacher", "--dataset", f"folder:{imgs}:train", "--model", "mlp:16"),
+        *("--members", "1", "--epochs", "1", "--jitter", "0", "--eval", ""),
+        *("--out", str(tmp_path / "teacher"), "--device", "cpu"),
         timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -15,17 +15,15 @@ a directory and a bundle, 6 on S3); ``-m slow`` tries all 75 mutations in the th
 from __future__ import annotations
 
 import json
-import shutil
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from numcodecs import CRC32C, Zstd
 
-from stages.cli import main
+from tests.helpers.cli import cli
+from tests.helpers.damage import damaged
 
 FUZZ_DEFAULT = 24  # mutations in the default suite (all of them run with -m slow)
 TRAIN = [
@@ -41,16 +39,6 @@ TRAIN = [
     "-T",
     "4",
 ]
-
-
-def run(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(main, list(args))
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        import traceback
-
-        tb = "".join(traceback.format_exception(res.exception))
-        pytest.fail(f"kd-pipeline {' '.join(args)} raised instead of refusing:\n{tb}")
-    return res.exit_code, res.output
 
 
 # ------------------------------------------------------------------------------- the mutations
@@ -121,9 +109,9 @@ def cases(cache_keys: list[str]) -> list[tuple[str, str]]:
 def baseline(cache_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """What each read command gives on the undamaged cache."""
     tmp = tmp_path_factory.mktemp("fuzz-base")
-    code, info = run("cache", "info", str(cache_path), "--json")
+    code, info = cli("cache", "info", str(cache_path), "--json")
     assert code == 0
-    code, _ = run("train-student", "--cache", str(cache_path), *TRAIN, "--out", str(tmp / "r"))
+    code, _ = cli("train-student", "--cache", str(cache_path), *TRAIN, "--out", str(tmp / "r"))
     assert code == 0
     metrics = json.loads((tmp / "r" / "metrics.json").read_text())
     return {"info": json.loads(info), "test": metrics["metrics"]["test"]}
@@ -131,34 +119,15 @@ def baseline(cache_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 def mutate(cache_path: Path, where: Path, key: str, how: str, kind: str) -> Path | str:
     """A copy of the cache with ``key`` damaged by ``how``: a directory, a bundle or an S3 URL."""
-    work = where / "cache.zarr"
-    shutil.copytree(cache_path, work)
-    target = work / key
-    if how == DELETE:
-        target.unlink()
-    else:
-        target.write_bytes(MUTATIONS[how](target.read_bytes(), seed=len(key)))
-    if kind == "dir":
-        return work
-    if kind == "s3":
-        import boto3
 
-        from tests.conftest import S3_BUCKET
+    def damage(root: Path) -> None:
+        target = root / key
+        if how == DELETE:
+            target.unlink()
+        else:
+            target.write_bytes(MUTATIONS[how](target.read_bytes(), seed=len(key)))
 
-        prefix = f"fuzz/{where.name}/cache.zarr"
-        client = boto3.client("s3")
-        for p in sorted(work.rglob("*")):
-            if p.is_file():
-                client.put_object(
-                    Bucket=S3_BUCKET, Key=f"{prefix}/{p.relative_to(work)}", Body=p.read_bytes()
-                )
-        return f"s3://{S3_BUCKET}/{prefix}"
-    bundle = where / "cache.zarr.zip"
-    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as z:
-        for p in sorted(work.rglob("*")):
-            if p.is_file():
-                z.write(p, str(p.relative_to(work)))
-    return bundle
+    return damaged(cache_path, where, kind, damage, name="cache")
 
 
 def changed(cache_path: Path, key: str, how: str) -> bool:
@@ -180,7 +149,7 @@ def _content(value: object) -> object:
 
 
 def check_cache(location: str, base: dict, damaged: bool, tmp: Path, extra: tuple = ()) -> None:
-    code, out = run("cache", "info", location, "--json", *extra)
+    code, out = cli("cache", "info", location, "--json", *extra)
     if code == 0:
         info = json.loads(out)
         for k in ("n", "num_classes", "members", "dataset", "shards_done", "complete"):
@@ -189,11 +158,11 @@ def check_cache(location: str, base: dict, damaged: bool, tmp: Path, extra: tupl
             )
     else:
         assert code == 2 and "error:" in out, out
-    code, out = run("cache", "verify", location, "--quiet", *extra)
+    code, out = cli("cache", "verify", location, "--quiet", *extra)
     assert code in (0, 1, 2), out
     if damaged:
         assert code != 0, f"cache verify said OK on a damaged cache:\n{out}"
-    code, out = run("train-student", "--cache", location, *TRAIN, "--out", str(tmp / "run"), *extra)
+    code, out = cli("train-student", "--cache", location, *TRAIN, "--out", str(tmp / "run"), *extra)
     if code == 0:  # only when what it read is intact: then it must be exactly the baseline
         got = json.loads((tmp / "run" / "metrics.json").read_text())["metrics"]["test"]
         assert got["errors"] == base["test"]["errors"]

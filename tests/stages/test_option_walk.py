@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from pipeline.config import StudentConfig
 from pipeline.datasets import load_dataset
+from pipeline.training.config import StudentConfig
 from pipeline.training.loop import TrainConfig
-from stages.cli import main
-from tests.pipeline.test_sequences import make_corpus
+from tests.helpers.cli import cli
+from tests.helpers.data import make_corpus
 
 SOURCES = ("dense", "topk", "tokens", "online")
 Run = dict  # {"out": Path, "metrics": dict, "config": dict, "history": [rows], "student": meta}
@@ -57,8 +56,9 @@ HONOURED: dict[str, tuple[list[str], Check]] = {
     "eval": ([], lambda r: r["metrics"]["metrics"]["test"]["dataset"] == r["eval"]),
     "val": (
         [],
-        lambda r: r["metrics"]["metrics"]["selection"]["on"] == r["val"]
-        and "val_nll" in r["history"][0],
+        lambda r: (
+            r["metrics"]["metrics"]["selection"]["on"] == r["val"] and "val_nll" in r["history"][0]
+        ),
     ),
     "memory_budget": (
         ["--memory-budget", "1MiB"],
@@ -163,13 +163,6 @@ def test_every_option_has_a_decision_for_every_source() -> None:
 
 
 # ------------------------------------------------------------------------------------ the runs
-def cli(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(main, list(args))
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, res.output
-
-
 @pytest.fixture(scope="module")
 def sources(
     tmp_path_factory: pytest.TempPathFactory,
@@ -234,9 +227,7 @@ def run_all(src: dict, out: Path, names: list[str], batch: int) -> Run:
     assert code == 0, output
     metrics = json.loads((out / "metrics.json").read_text())
     with open(out / "history.csv") as f:
-        history = [
-            {k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)
-        ]
+        history = [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
     meta = torch.load(out / "student.pt", weights_only=True)["meta"]
     n = metrics.get("cache", {}).get("rows_used") or 480
     return {
@@ -260,9 +251,7 @@ def _num(v: str) -> object:
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_every_honoured_option_shows_in_the_run(
-    sources: dict, tmp_path: Path, source: str
-) -> None:
+def test_every_honoured_option_shows_in_the_run(sources: dict, tmp_path: Path, source: str) -> None:
     refused = REFUSED[source]
     names = [n for n in fields() if n in HONOURED and n not in refused]
     run = run_all(sources[source], tmp_path / "run", names, batch=32)

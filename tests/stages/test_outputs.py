@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.config import SpecialistsConfig, StudentConfig, SweepConfig, TeacherConfig
+from pipeline.experiments.config import SweepConfig
 from pipeline.experiments.demo import DemoConfig
+from pipeline.experiments.specialists.config import SpecialistsConfig
+from pipeline.training.config import StudentConfig, TeacherConfig
 from stages.cli import main
 
 

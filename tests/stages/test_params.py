@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from pipeline.config import StudentConfig, SweepConfig
+from pipeline.experiments.config import SweepConfig
 from pipeline.options import declared, show_size
+from pipeline.training.config import StudentConfig
 from pipeline.training.loop import TrainConfig
 from stages.cli import main
 from stages.params import FIELD_ATTR
-
-
-def commands(group: click.Group, prefix: str = "") -> Iterator[tuple[str, click.Command]]:
-    for name, cmd in group.commands.items():
-        if isinstance(cmd, click.Group):
-            yield from commands(cmd, f"{prefix}{name} ")
-        else:
-            yield f"{prefix}{name}", cmd
-
-
-def field_of(qualified: str) -> dataclasses.Field:
-    """The config field ``Class.field`` names: the class is looked up in every loaded module of
-    the library (the CLI has imported each command's config)."""
-    import sys
-
-    cls_name, name = qualified.split(".")
-    for mod_name, mod in sorted(sys.modules.items()):
-        cls = getattr(mod, cls_name, None) if mod_name.startswith("pipeline") else None
-        if cls is not None and dataclasses.is_dataclass(cls):
-            return {f.name: f for f in dataclasses.fields(cls)}[name]
-    raise AssertionError(f"no config class {cls_name}")
-
+from tests.helpers.cli import commands, field_of
 
 ALL = list(commands(main))
 
@@ -140,7 +119,7 @@ def test_cli_builds_the_same_config_as_the_library(monkeypatch: pytest.MonkeyPat
 
 def test_specialists_default_epochs_agree() -> None:
     """The library and the CLI once disagreed (3 vs 10 epochs); there is one default now."""
-    from pipeline.config import SpecialistsConfig
+    from pipeline.experiments.specialists.config import SpecialistsConfig
 
     param = {p.opts[0]: p for p in main.commands["specialists"].commands["run"].params}
     assert param["--epochs"].default == SpecialistsConfig().train.epochs == 10

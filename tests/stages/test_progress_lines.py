@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from pipeline import progress
 from stages.cli import main
-from tests.conftest import make_image_task
+from tests.helpers.data import make_image_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

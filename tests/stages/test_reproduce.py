@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.experiments.reproduce.recipes import MAIN_RECIPE
 from stages.cli import main
-from tests.conftest import write_npz
+from tests.helpers.data import write_npz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,19 +16,15 @@ with ``-m slow``). The rules:
 
 from __future__ import annotations
 
-import json
-import shutil
-import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 
-from stages.cli import main
-from tests.conftest import S3_BUCKET
+from tests.helpers.caches import kind_caches
+from tests.helpers.cli import cli
+from tests.helpers.damage import Damage, add, damaged, edit, header, put
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
@@ -42,16 +38,6 @@ TOKEN_TRAIN = [
 ]
 
 
-def cli(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(main, list(args))
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        import traceback
-
-        tb = "".join(traceback.format_exception(res.exception))
-        pytest.fail(f"kd-pipeline {' '.join(args)} raised instead of refusing:\n{tb}")
-    return res.exit_code, res.output
-
-
 # ------------------------------------------------------------------------------------ the caches
 @pytest.fixture(scope="module")
 def caches(
@@ -61,80 +47,13 @@ def caches(
     one_torch_thread: None,
 ) -> dict[str, dict]:
     """One small cache of each row kind: {kind: {path, teacher, train args}}."""
-    root = tmp_path_factory.mktemp("rows")
-    image = ["--teacher", str(teacher_dir), "--dataset", f"npz:{npz_path}:train"]
-    made = {
-        "topk": [*image, "--store", "topk:2", "--rows-per-shard", "128"],
-        "sampled": [*image, "--store", "sampled:3", "--rows-per-shard", "128"],
-        "views": [*image, "--views", "4", "--augment", "shift:2+flip", "--rows-per-shard", "50"],
+    made = kind_caches(tmp_path_factory.mktemp("rows"), teacher_dir, npz_path)
+    return {
+        k: {**c, "train": TOKEN_TRAIN if k == "tokens" else IMAGE_TRAIN} for k, c in made.items()
     }
-    out = {}
-    for kind, args in made.items():
-        path = root / f"{kind}.zarr"
-        code, output = cli("cache-logits", *args, "--out", str(path), "--device", "cpu", "--quiet")
-        assert code == 0, output
-        out[kind] = {"path": path, "teacher": teacher_dir, "train": IMAGE_TRAIN}
-    # A token cache: a 1-layer gpt teacher over a small seeded corpus.
-    from tests.pipeline.test_sequences import make_corpus
-
-    corpus = make_corpus(root / "c.txt")
-    spec = f"text:{corpus}:train:seq=16:count=40"
-    gpt = "gpt:layers=1,dim=16,heads=2,ctx=16"
-    code, output = cli(
-        *("train-teacher", "--dataset", spec, "--model", gpt, "--members", "1", "--epochs", "1"),
-        *("--batch-size", "16", "--eval", "", "--out", str(root / "gpt"), "--device", "cpu"),
-    )
-    assert code == 0, output
-    path = root / "tokens.zarr"
-    code, output = cli(
-        *("cache-logits", "--teacher", str(root / "gpt"), "--dataset", spec),
-        *("--store", "topk:4", "--rows-per-shard", "8", "--out", str(path), "--quiet"),
-    )
-    assert code == 0, output
-    out["tokens"] = {"path": path, "teacher": root / "gpt", "train": TOKEN_TRAIN}
-    return out
 
 
 # ---------------------------------------------------------------------------------- the damage
-Damage = Callable[[Path], None]
-
-
-def edit(array: str, change: Callable[[np.ndarray], None]) -> Damage:
-    """Rewrite a whole array after ``change`` edits it in place (valid chunks: zarr writes)."""
-
-    def apply(root: Path) -> None:
-        arr = zarr.open_group(str(root), mode="r+", use_consolidated=False)[array]
-        a = arr[...]
-        change(a)
-        arr.with_config({"write_empty_chunks": True})[...] = a
-
-    return apply
-
-
-def header(change: Callable[[dict], None]) -> Damage:
-    def apply(root: Path) -> None:
-        g = zarr.open_group(str(root), mode="r+", use_consolidated=False)
-        h = json.loads(json.dumps(dict(g.attrs["kd_cache"])))
-        change(h)
-        g.attrs["kd_cache"] = h
-
-    return apply
-
-
-def _set(a: np.ndarray, index: tuple, value: object) -> None:
-    a[index] = value
-
-
-def put(array: str, index: tuple | int, value: object) -> Damage:
-    """``array[index] = value``."""
-    return edit(array, lambda a: _set(a, index, value))
-
-
-def add(array: str, row: int, delta: float) -> Damage:
-    """``array[row] += delta``."""
-    return edit(array, lambda a: _set(a, row, a[row] + delta))
-
-
 def _swap_rows(a: np.ndarray, i: int, j: int) -> None:
     a[[i, j]] = a[[j, i]]
 
@@ -227,35 +146,9 @@ CASES: list[tuple[str, str, Damage, str]] = [
 ]
 
 
-def damaged_copy(src: Path, tmp: Path, damage: Damage, location: str) -> str:
-    tmp.mkdir(parents=True, exist_ok=True)
-    work = tmp / "cache.zarr"
-    shutil.copytree(src, work)
-    damage(work)
-    if location == "dir":
-        return str(work)
-    if location == "zip":
-        bundle = tmp / "cache.zarr.zip"
-        with zipfile.ZipFile(bundle, "w") as z:
-            for p in sorted(work.rglob("*")):
-                if p.is_file():
-                    z.write(p, p.relative_to(work).as_posix())
-        return str(bundle)
-    import boto3
-
-    prefix = f"rows/{tmp.name}/cache.zarr"
-    client = boto3.client("s3")
-    for p in sorted(work.rglob("*")):
-        if p.is_file():
-            client.put_object(
-                Bucket=S3_BUCKET, Key=f"{prefix}/{p.relative_to(work)}", Body=p.read_bytes()
-            )
-    return f"s3://{S3_BUCKET}/{prefix}"
-
-
 def check(caches: dict, tmp: Path, kind: str, damage: Damage, caught: str, location: str) -> None:
     c = caches[kind]
-    where = damaged_copy(c["path"], tmp, damage, location)
+    where = str(damaged(c["path"], tmp, location, damage, name="cache"))
     v_code, v_out = cli("cache", "verify", where, "--quiet")
     assert v_code in (0, 1, 2), v_out
     assert "Traceback" not in v_out
@@ -320,7 +213,7 @@ def test_a_negative_sampled_kl_estimate_stops_training(caches: dict, tmp_path: P
     args = [*c["train"], "-T", "1", "--epochs", "2"]
     code, out = cli("train-student", "--cache", str(c["path"]), *args, "--out", str(tmp_path / "a"))
     assert code == 0, out  # the undamaged cache: estimates are noisy, never refused
-    where = damaged_copy(c["path"], tmp_path / "d", _lse_plus(1.0, 3.0), "dir")
+    where = str(damaged(c["path"], tmp_path / "d", "dir", _lse_plus(1.0, 3.0), name="cache"))
     code, out = cli("train-student", "--cache", where, *args, "--out", str(tmp_path / "b"))
     assert code == 2 and "sampled member 0's KL estimate over a batch" in out, out
     assert "never negative" in out and "Traceback" not in out

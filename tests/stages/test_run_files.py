@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from pipeline.runfile import RUN_FILE, Section, dump_toml
 from stages.cli import COMMANDS, main
-from tests.stages.shipped_configs import CONFIGS, shipped, text
-from tests.stages.test_params import ALL
+from tests.helpers.cli import commands
+from tests.helpers.shipped_configs import CONFIGS, shipped, text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,7 +85,7 @@ NEEDS = {
 }
 
 
-@pytest.mark.parametrize("name", [n for n, _ in ALL])
+@pytest.mark.parametrize("name", [n for n, _ in commands(main)])
 def test_print_config_round_trips_for_every_command(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,7 +252,7 @@ def test_every_shipped_config_holds_what_its_run_runs_and_round_trips(
     path = CONFIGS / name
     command, _ = shipped()[name]
     # The file is the config its run runs (built by that code), as --print-config writes it.
-    assert path.read_text() == text(name), "regenerate: python -m tests.stages.shipped_configs"
+    assert path.read_text() == text(name), "regenerate: python -m tests.helpers.shipped_configs"
     first = printed(*command, "--config", str(path))
     assert tomllib.loads(first) == tomllib.loads(path.read_text())
     assert replayed(command, first, tmp_path) == first
@@ -268,7 +268,7 @@ def test_the_group_help_and_version_import_no_torch(flag: str) -> None:
     code = (
         "import sys\nfrom stages.cli import main\n"
         f"try:\n    main([{flag!r}])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "print('torch' in sys.modules, 'pipeline.config' in sys.modules)\n"
+        "print('torch' in sys.modules, 'pipeline.training.config' in sys.modules)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip().splitlines()[-1] == "False False", res.stdout + res.stderr

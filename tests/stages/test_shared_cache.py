@@ -8,13 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.read import LogitCache
 from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig
-from stages.cli import main
-from tests.conftest import write_npz
+from tests.helpers.cli import cli
+from tests.helpers.data import write_npz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,16 +51,11 @@ def teammate(tmp_path_factory: pytest.TempPathFactory, npz_path: Path, teacher_d
     return {"cache": root / "shared.zarr", "bob": bob}
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return res.exit_code, res.output
-
-
 def test_the_recorded_path_is_named_with_how_to_repoint_it(
     teammate: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.chdir(teammate["bob"])
-    code, out = invoke(
+    code, out = cli(
         "train-student",
         "--cache",
         str(teammate["cache"]),
@@ -83,7 +77,7 @@ def test_train_student_with_the_local_copy_records_what_it_used(
 ) -> None:
     monkeypatch.chdir(teammate["bob"])
     out = tmp_path / "run"
-    code, output = invoke(
+    code, output = cli(
         "train-student",
         "--cache",
         str(teammate["cache"]),
@@ -111,7 +105,7 @@ def test_a_dataset_with_another_fingerprint_is_refused_naming_both(
     teammate: dict, tmp_path: Path
 ) -> None:
     other = write_npz(tmp_path / "other.npz", seed=7)
-    code, out = invoke(
+    code, out = cli(
         "train-student",
         "--cache",
         str(teammate["cache"]),
@@ -134,7 +128,7 @@ def test_a_dataset_with_another_fingerprint_is_refused_naming_both(
 def test_a_missing_dataset_file_is_named_as_the_given_option(
     teammate: dict, tmp_path: Path
 ) -> None:
-    code, out = invoke(
+    code, out = cli(
         "train-student",
         "--cache",
         str(teammate["cache"]),
@@ -152,7 +146,7 @@ def test_sweep_passes_the_local_copy_to_every_setting(
 ) -> None:
     monkeypatch.chdir(teammate["bob"])
     out = tmp_path / "sweep"
-    code, output = invoke(
+    code, output = cli(
         "sweep",
         "--cache",
         str(teammate["cache"]),

@@ -20,34 +20,28 @@ import boto3
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 
 from pipeline.cache import copying, listing, reports, verify
-from pipeline.cache.header import ATTR_KEY
+from pipeline.cache.config import CacheConfig
 from pipeline.cache.location import open_store
 from pipeline.cache.lock import CacheLock, StoreLease
 from pipeline.cache.lookup import read_header
 from pipeline.cache.read import LogitCache
 from pipeline.cache.store_keys import get_bytes, key_sizes
 from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig
 from pipeline.errors import CacheError, StorageError
-from stages.cli import main
-from tests.conftest import S3_BUCKET, damaged, edit_header, relabel, remove, write, write_npz
+from tests.helpers.caches import raw_arrays, teacher_cache
+from tests.helpers.cli import cli
+from tests.helpers.damage import damaged, edit_header, relabel, remove, write
+from tests.helpers.data import make_image_task, write_npz
+from tests.helpers.process import REPO
+from tests.helpers.s3 import S3_BUCKET, s3_url
 
-REPO = Path(__file__).resolve().parents[2]
 RPS = "64"
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
     pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
 ]
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
 
 
 def all_objects(location: str | Path) -> dict[str, bytes]:
@@ -60,26 +54,13 @@ def all_objects(location: str | Path) -> dict[str, bytes]:
     }
 
 
-def raw_arrays(location: str | Path) -> dict[str, np.ndarray]:
-    g = zarr.open_group(open_store(location, "r"), mode="r", use_consolidated=False)
-    h = g.attrs[ATTR_KEY]
-    names = ["ids", "labels"] + [
-        f"members/{m['index']}/{a}" for m in h["members"] for a in ("logits", "done")
-    ]
-    return {n: g[n][:] for n in names}
-
-
-def s3_url(name: str) -> str:
-    return f"s3://{S3_BUCKET}/{name}"
-
-
 # ----------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def s3_cache(s3_server: str, teacher_dir: Path, npz_path: Path) -> str:
     """``cache-logits --out s3://...`` (the real CLI command, in process): the same cache as
     ``cache_path``."""
     url = s3_url("team/task.zarr")
-    code, out = invoke(
+    code, out = cli(
         "cache-logits",
         "--teacher",
         str(teacher_dir),
@@ -107,12 +88,12 @@ def test_s3_cache_is_the_local_cache_and_verifies(s3_cache: str, cache_path: Pat
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
     assert read_header(s3_cache).complete is True
-    code, out = invoke("cache", "verify", s3_cache, "--quiet")
+    code, out = cli("cache", "verify", s3_cache, "--quiet")
     assert code == 0, out
     assert (
         "result     OK" in out and "read       100 chunks" in out
     )  # ids, labels, 2 x (logits, done): 10 each
-    code, out = invoke("cache", "info", s3_cache)
+    code, out = cli("cache", "info", s3_cache)
     assert code == 0 and "status     complete: 10/10 shards" in out
     # Reading never wrote: no lock, no marker, nothing new in the bucket.
     assert not [k for k in key_sizes(open_store(s3_cache)) if k.startswith("kd-")]
@@ -121,25 +102,25 @@ def test_s3_cache_is_the_local_cache_and_verifies(s3_cache: str, cache_path: Pat
 def test_copy_s3_to_dir_and_zip_round_trips_bit_for_bit(s3_cache: str, tmp_path: Path) -> None:
     src = all_objects(s3_cache)
     local, bundle = tmp_path / "copy.zarr", tmp_path / "copy.zarr.zip"
-    code, out = invoke("cache", "copy", s3_cache, str(local), "--quiet")
+    code, out = cli("cache", "copy", s3_cache, str(local), "--quiet")
     assert code == 0, out
     assert f"{len(src)} objects" in out and "verified" in out
     assert all_objects(local) == src
-    code, out = invoke("cache", "copy", s3_cache, str(bundle), "--quiet")
+    code, out = cli("cache", "copy", s3_cache, str(bundle), "--quiet")
     assert code == 0, out
     assert all_objects(bundle) == src
     # dir -> s3 -> dir again, and pack of the local copy: still the same bytes.
     back = s3_url("roundtrip/copy.zarr")
-    assert invoke("cache", "copy", str(local), back, "--quiet")[0] == 0
+    assert cli("cache", "copy", str(local), back, "--quiet")[0] == 0
     assert all_objects(back) == src
     packed = tmp_path / "packed.zarr.zip"
-    code, out = invoke("cache", "pack", back, str(packed), "--quiet")
+    code, out = cli("cache", "pack", back, str(packed), "--quiet")
     assert code == 0, out
     assert all_objects(packed) == src
     with zipfile.ZipFile(packed) as z:
         assert not any(n.startswith("kd-") for n in z.namelist())
     # A re-run is a no-op that still verifies.
-    code, out = invoke("cache", "copy", s3_cache, str(local), "--quiet")
+    code, out = cli("cache", "copy", s3_cache, str(local), "--quiet")
     assert code == 0 and f"0 objects (0.00 MiB) written, {len(src)} already there" in out
 
 
@@ -153,7 +134,7 @@ def test_train_student_from_s3_and_zip_matches_local(
     results = {}
     for name, cache in (("s3", s3_cache), ("dir", str(local)), ("zip", str(bundle))):
         out = tmp_path / f"run-{name}"
-        code, text = invoke(
+        code, text = cli(
             "train-student",
             "--cache",
             cache,
@@ -203,7 +184,7 @@ def test_specialists_run_from_s3_with_storage_options_and_from_a_bundle_match_lo
         ("s3", s3_cache, ["--storage-option", f"endpoint_url={s3_server}"]),
     ):
         out = tmp_path / f"spec-{name}"
-        code, text = invoke(
+        code, text = cli(
             "specialists",
             "run",
             "--cache",
@@ -250,13 +231,13 @@ def test_flipped_byte_in_one_s3_object_fails_verify_naming_it(
     s3_server: str, cache_path: Path
 ) -> None:
     url = s3_url("flip/task.zarr")
-    assert invoke("cache", "copy", str(cache_path), url, "--quiet")[0] == 0  # local -> s3
+    assert cli("cache", "copy", str(cache_path), url, "--quiet")[0] == 0  # local -> s3
     key = "members/1/logits/c/3/0"
     s3 = boto3.client("s3")
     body = bytearray(s3.get_object(Bucket=S3_BUCKET, Key=f"flip/task.zarr/{key}")["Body"].read())
     body[len(body) // 2] ^= 0x01
     s3.put_object(Bucket=S3_BUCKET, Key=f"flip/task.zarr/{key}", Body=bytes(body))
-    code, out = invoke("cache", "verify", url, "--quiet")
+    code, out = cli("cache", "verify", url, "--quiet")
     assert code == 1, out
     assert f"chunk {key} is corrupt" in out and "1 PROBLEM(S)" in out
     with pytest.raises(
@@ -268,11 +249,11 @@ def test_flipped_byte_in_one_s3_object_fails_verify_naming_it(
 def test_verify_checks_dataset_fingerprint_and_missing_chunks(
     cache_path: Path, npz_path: Path, tmp_path: Path
 ) -> None:
-    code, out = invoke(
+    code, out = cli(
         "cache", "verify", str(cache_path), "--dataset", f"npz:{npz_path}:train", "--quiet"
     )
     assert code == 0 and "matches" in out, out
-    code, out = invoke(
+    code, out = cli(
         "cache",
         "verify",
         str(cache_path),
@@ -284,7 +265,7 @@ def test_verify_checks_dataset_fingerprint_and_missing_chunks(
     broken = tmp_path / "broken.zarr"
     copying.copy_cache(cache_path, broken, progress=False, log=lambda s: None)
     (broken / "members/0/logits/c/7/0").unlink()
-    code, out = invoke("cache", "verify", str(broken), "--quiet")
+    code, out = cli("cache", "verify", str(broken), "--quiet")
     assert code == 1 and "chunk members/0/logits/c/7/0 is missing" in out
 
 
@@ -307,7 +288,7 @@ def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(
     # Half a copy: marked unfinished, data objects only, so no reader takes it for a cache.
     with pytest.raises(CacheError, match=f"{dst}: INCOMPLETE: an unfinished copy of {s3_cache}"):
         read_header(dst)
-    assert invoke("cache", "verify", dst, "--quiet")[0] == 1
+    assert cli("cache", "verify", dst, "--quiet")[0] == 1
     res = copying.copy_cache(s3_cache, dst, progress=False, log=lambda s: None)
     total = len(all_objects(s3_cache))
     assert res.skipped >= 16 and res.copied + res.skipped == total and res.report.ok, (
@@ -320,7 +301,7 @@ def test_interrupted_copy_resumes_and_is_never_taken_for_a_cache(
 def test_cache_ls_lists_caches_under_a_prefix(
     s3_cache: str, tmp_path: Path, cache_path: Path, partial_cache_path: Path
 ) -> None:
-    code, out = invoke("cache", "ls", s3_url("team"))
+    code, out = cli("cache", "ls", s3_url("team"))
     assert code == 0, out
     assert f"{s3_cache}  complete  members=2 (mlp:32" in out and "N=600  classes=5" in out
     assert "1 cache(s)" in out
@@ -367,9 +348,9 @@ def test_zip_with_escaping_entry_is_refused(
     bad = hostile_zip(tmp_path, cache_path, "bad.zarr.zip", entry, symlink)
     with pytest.raises(CacheError, match=f"refusing this bundle: entry '{entry}' {says}"):
         LogitCache(bad)
-    code, out = invoke("cache", "verify", str(bad), "--quiet")
+    code, out = cli("cache", "verify", str(bad), "--quiet")
     assert code == 1 and says in out
-    code, out = invoke(
+    code, out = cli(
         "train-student", "--cache", str(bad), "--device", "cpu", "--out", str(tmp_path / "r")
     )
     assert code == 2 and "refusing this bundle" in out and "Traceback" not in out
@@ -382,7 +363,7 @@ def test_zip_is_read_only(
     bundle = tmp_path / "c.zarr.zip"
     copying.pack_cache(cache_path, bundle, progress=False, log=lambda s: None)
     before = bundle.read_bytes()
-    code, out = invoke(
+    code, out = cli(
         "cache-logits",
         "--teacher",
         str(teacher_dir),
@@ -518,7 +499,7 @@ def test_sweep_streams_from_s3_with_the_same_rows_as_local(
     rows = {}
     for name, cache in (("s3", s3_cache), ("dir", str(cache_path))):
         out = tmp_path / f"sweep-{name}"
-        code, text = invoke(
+        code, text = cli(
             "sweep",
             "--cache",
             cache,
@@ -553,25 +534,13 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(
 ) -> None:
     """zarr skips chunks equal to the fill value unless told not to: such a shard must not read as
     damage."""
-    from tests.conftest import make_image_task
-
     x, y = make_image_task(128, seed=5, classes=5)
     order = np.argsort(y, kind="stable")
     y = y[order]
     y[:64] = 0  # the first shard holds only class 0
     np.savez(tmp_path / "sorted.npz", x_train=x[order], y_train=y, num_classes=np.int64(5))
     out = tmp_path / "sorted.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher_dir)],
-            dataset=f"npz:{tmp_path / 'sorted.npz'}:train",
-            out=str(out),
-            rows_per_shard=64,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher_dir, f"npz:{tmp_path / 'sorted.npz'}:train", out, rows_per_shard=64)
     assert (out / "labels" / "c" / "0").is_file()  # every chunk is stored now
     assert verify.verify_cache(out).ok
     # A cache from before that change has no object for it. Only the dataset can tell it from a
@@ -594,7 +563,7 @@ def test_verify_accepts_a_shard_whose_labels_are_all_class_0(
     with pytest.raises(CacheError, match="chunk labels/c/0 .* is missing"):
         LogitCache(out).read_labels(0)
     assert np.array_equal(LogitCache(out).read_labels(0, truth=y), np.zeros(64, dtype=np.int64))
-    code, text = invoke(
+    code, text = cli(
         "train-student",
         "--cache",
         str(out),
@@ -704,9 +673,7 @@ def test_verify_names_each_damage(
 ) -> None:
     damage, says = VERIFY_DAMAGES[case]
     cache = damaged(cache_path, tmp_path, kind, damage)
-    code, out = invoke(
-        "cache", "verify", str(cache), "--dataset", f"npz:{npz_path}:train", "--quiet"
-    )
+    code, out = cli("cache", "verify", str(cache), "--dataset", f"npz:{npz_path}:train", "--quiet")
     assert code == 1, out
     assert says in out, out  # (a consequence may follow: 0s read for a missing chunk differ, ...)
 
@@ -729,16 +696,16 @@ def test_damaged_s3_cache_is_refused_by_train_student_and_named_by_verify(
         "cpu",
     )
     s3.delete_object(Bucket=S3_BUCKET, Key="damaged/task.zarr/members/0/logits/c/4/0")
-    code, out = invoke(*args, "--out", str(tmp_path / "a"))
+    code, out = cli(*args, "--out", str(tmp_path / "a"))
     assert code == 2, out
     assert (
         "chunk members/0/logits/c/4/0 (member 0's logits, shard 4: rows 256..319) is missing" in out
     )
     s3.delete_object(Bucket=S3_BUCKET, Key="damaged/task.zarr/members/1/done/c/3")
-    code, out = invoke(*args, "--out", str(tmp_path / "b"))
+    code, out = cli(*args, "--out", str(tmp_path / "b"))
     assert code == 2 and "done flags are missing or zero (member 1 shards [3])" in out, out
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-    code, out = invoke("cache", "verify", url, "--quiet")
+    code, out = cli("cache", "verify", url, "--quiet")
     assert code == 1 and "2 PROBLEM(S)" in out and "chunk members/0/logits/c/4/0 is missing" in out
     assert "member-shards are not marked done: member 1 shards [3]" in out
 
@@ -767,7 +734,7 @@ def test_verify_of_a_cache_being_filled_reports_pending_not_missing(
         group["members/0/done"][3] = 1
 
     monkeypatch.setattr(verify, "_check_keys", listed_then_the_writer_finishes_shard_3)
-    code, out = invoke("cache", "verify", str(cache), "--quiet")
+    code, out = cli("cache", "verify", str(cache), "--quiet")
     assert code == 0, out
     assert "missing" not in out and "result     OK" in out
     assert (
@@ -783,7 +750,7 @@ def test_cache_ls_lists_a_damaged_cache_as_unreadable_and_goes_on(
     shelf.mkdir()
     damaged(cache_path, shelf, "dir", remove("members/1/done/c/3"))  # shelf/damaged.zarr
     copying.copy_cache(cache_path, shelf / "sound.zarr", progress=False, log=lambda s: None)
-    code, out = invoke("cache", "ls", str(shelf))
+    code, out = cli("cache", "ls", str(shelf))
     assert code == 0, out
     assert f"{shelf / 'damaged.zarr'}  UNREADABLE: " in out and "done flags are missing" in out
     assert f"{shelf / 'sound.zarr'}  complete" in out

@@ -7,22 +7,16 @@ unpickle it. Real stores, moto's S3 server on 127.0.0.1, the real CLI.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from pipeline.cache import copying, reports
 from pipeline.cache.store_keys import COPY_MARKER
-from pipeline.cache.writer import build_cache
-from pipeline.config import CacheConfig
 from pipeline.errors import CacheError, StorageError
 from pipeline.redact import (
     load_failure,
@@ -32,10 +26,12 @@ from pipeline.redact import (
     redact_text,
     scrub_message,
 )
-from stages.cli import main
-from tests.conftest import S3_BUCKET, edit_header
+from tests.helpers.caches import teacher_cache
+from tests.helpers.cli import cli
+from tests.helpers.damage import edit_header
+from tests.helpers.process import kd
+from tests.helpers.s3 import S3_BUCKET
 
-REPO = Path(__file__).resolve().parents[2]
 SECRET, KEY, TOKEN = "sEcReT-5501", "kEy-id-7702", "tOkEn-9903"
 CREDS = (SECRET, KEY, TOKEN)
 NOISE = ("Traceback", "never retrieved", "Exception ignored")
@@ -43,26 +39,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
     pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
 ]
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command in its own process (``sys.argv`` is what a header records)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "stages.cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def files_under(root: Path) -> dict[str, bytes]:
@@ -129,7 +105,7 @@ def test_secret_storage_options_are_never_recorded_or_printed(
     opts = [f"secret={SECRET}", f"key={KEY}", f"token={TOKEN}"]
     flags = [a for o in opts for a in ("--storage-option", o)]
     printed: dict[str, str] = {}
-    made = cli(
+    made = kd(
         "cache-logits",
         "--teacher",
         str(teacher_dir),
@@ -150,7 +126,7 @@ def test_secret_storage_options_are_never_recorded_or_printed(
     command = header["attributes"]["kd_cache"]["command"]
     assert "--storage-option 'secret=***'" in command and f"--out {url}" in command, command
     for args in (["cache", "info", url], ["cache", "info", url, "--json"]):
-        code, out = invoke(*args, *flags)
+        code, out = cli(*args, *flags)
         assert code == 0, out
         printed[" ".join(args)] = out
     copy, bundle, run = tmp_path / "c.zarr", tmp_path / "c.zarr.zip", tmp_path / "run"
@@ -159,10 +135,10 @@ def test_secret_storage_options_are_never_recorded_or_printed(
         ["cache", "pack", url, str(bundle), "--quiet"],
         ["cache", "verify", url, "--quiet"],
     ):
-        code, out = invoke(*args, *flags)
+        code, out = cli(*args, *flags)
         assert code == 0, out
         printed[" ".join(args[:2])] = out
-    trained = cli(
+    trained = kd(
         "train-student",
         "--cache",
         url,
@@ -207,13 +183,13 @@ def test_a_header_that_already_records_secrets_is_neither_printed_nor_carried(
     assert SECRET in (old / "zarr.json").read_text()
     outputs = {}
     for args in (["cache", "info", str(old)], ["cache", "info", str(old), "--json"]):
-        code, outputs[" ".join(args)] = invoke(*args)
+        code, outputs[" ".join(args)] = cli(*args)
         assert code == 0, outputs
     info = json.loads(outputs[f"cache info {old} --json"])
     assert info["command"] == redact_command(recorded) and "secret=***" in info["command"]
     copy, bundle = tmp_path / "copy.zarr", tmp_path / "b.zarr.zip"
-    assert invoke("cache", "copy", str(old), str(copy), "--quiet")[0] == 0
-    assert invoke("cache", "pack", str(old), str(bundle), "--quiet")[0] == 0
+    assert cli("cache", "copy", str(old), str(copy), "--quiet")[0] == 0
+    assert cli("cache", "pack", str(old), str(bundle), "--quiet")[0] == 0
     import zipfile
 
     with zipfile.ZipFile(bundle) as z:
@@ -223,8 +199,8 @@ def test_a_header_that_already_records_secrets_is_neither_printed_nor_carried(
     theirs = json.loads((copy / "zarr.json").read_text())["attributes"]["kd_cache"]
     ours = json.loads((old / "zarr.json").read_text())["attributes"]["kd_cache"]
     assert {**ours, "command": None} == {**theirs, "command": None}
-    assert invoke("cache", "verify", str(copy), "--quiet")[0] == 0
-    assert invoke("cache", "verify", str(bundle), "--quiet")[0] == 0
+    assert cli("cache", "verify", str(copy), "--quiet")[0] == 0
+    assert cli("cache", "verify", str(bundle), "--quiet")[0] == 0
 
 
 # ------------------------------------------------------------------------ a copy never destroys
@@ -235,17 +211,7 @@ def other_cache(
     """Another cache of the same teachers and dataset, in shards of 200 rows (not 64): the same
     fingerprint, a different cache. Never write to it."""
     out = tmp_path_factory.mktemp("other") / "other.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher_dir)],
-            dataset=f"npz:{npz_path}:train",
-            out=str(out),
-            rows_per_shard=200,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher_dir, f"npz:{npz_path}:train", out, rows_per_shard=200)
     return out
 
 
@@ -255,24 +221,24 @@ def test_copy_onto_another_cache_is_refused_and_leaves_it_whole(
     b = tmp_path / "b.zarr"
     shutil.copytree(other_cache, b)
     before = files_under(b)
-    code, out = invoke("cache", "copy", str(cache_path), str(b), "--quiet")
+    code, out = cli("cache", "copy", str(cache_path), str(b), "--quiet")
     assert code == 2, out
     assert f"{b} already holds something else (another cache" in out and "remove" in out
     assert {k: v for k, v in files_under(b).items() if "kd-writer" not in k} == before
-    code, out = invoke("cache", "verify", str(b), "--quiet")
+    code, out = cli("cache", "verify", str(b), "--quiet")
     assert code == 0 and "600 rows x 5 classes x 2 member(s), 3 shards" in out, out
     # A bundle that exists is refused too, and kept as it was.
     bundle = tmp_path / "b.zarr.zip"
     copying.pack_cache(other_cache, bundle, progress=False, log=lambda s: None)
     kept = bundle.read_bytes()
-    code, out = invoke("cache", "pack", str(cache_path), str(bundle), "--quiet")
+    code, out = cli("cache", "pack", str(cache_path), str(bundle), "--quiet")
     assert code == 2 and "is not a sound copy of the source" in out, out
     assert bundle.read_bytes() == kept
 
 
 def test_copy_into_a_non_empty_s3_prefix_is_refused(s3_server: str, cache_path: Path) -> None:
     boto3.client("s3").put_object(Bucket=S3_BUCKET, Key="notes/x.zarr/readme.txt", Body=b"hi")
-    code, out = invoke("cache", "copy", str(cache_path), f"s3://{S3_BUCKET}/notes/x.zarr")
+    code, out = cli("cache", "copy", str(cache_path), f"s3://{S3_BUCKET}/notes/x.zarr")
     assert code == 2 and "already holds other objects (readme.txt)" in out, out
     assert set(bucket_objects("notes/")) <= {
         "notes/x.zarr/readme.txt",
@@ -299,15 +265,15 @@ def test_a_killed_copy_is_incomplete_everywhere_until_a_rerun_completes_it(
     # Simulate the worst moment: the root's zarr.json landed, the verification did not run.
     shutil.copy(cache_path / "zarr.json", dst / "zarr.json")
     incomplete = f"{dst}: INCOMPLETE: an unfinished copy of {cache_path}"
-    code, out = invoke("cache", "ls", str(tmp_path / "shelf"))
+    code, out = cli("cache", "ls", str(tmp_path / "shelf"))
     assert (
         code == 0 and f"{dst}  INCOMPLETE: an unfinished copy" in out and "  complete  " not in out
     )
-    code, out = invoke("cache", "info", str(dst))
+    code, out = cli("cache", "info", str(dst))
     assert code == 2 and incomplete in out, out
-    code, out = invoke("cache", "verify", str(dst), "--quiet")
+    code, out = cli("cache", "verify", str(dst), "--quiet")
     assert code == 1 and f"{COPY_MARKER} present: an unfinished copy" in out, out
-    code, out = invoke(
+    code, out = cli(
         "train-student", "--cache", str(dst), "--student", "mlp:8", "--epochs", "1",
         "--device", "cpu", "--out", str(tmp_path / "run"), "--quiet",
     )  # fmt: skip
@@ -320,7 +286,7 @@ def test_a_killed_copy_is_incomplete_everywhere_until_a_rerun_completes_it(
     assert (
         res.report.ok and res.copied == 0 and res.skipped > 60 and not (dst / COPY_MARKER).exists()
     )
-    code, out = invoke("cache", "ls", str(tmp_path / "shelf"))
+    code, out = cli("cache", "ls", str(tmp_path / "shelf"))
     assert f"{dst}  complete" in out, out
 
 
@@ -345,14 +311,14 @@ def test_a_copy_that_fails_its_checks_uploads_nothing_unchecked_and_is_marked(
     chunk.unlink()
     chunk.symlink_to(outside)
     url = f"s3://{S3_BUCKET}/checked/linked.zarr"
-    code, out = invoke("cache", "copy", str(linked), url, "--quiet")
+    code, out = cli("cache", "copy", str(linked), url, "--quiet")
     assert code == 2 and "members/0/logits/c/2/0 is a symbolic link" in out, out
     assert "PRIVATE" not in out and "RIVA" not in out
     objects = bucket_objects("checked/linked.zarr/")
     assert "checked/linked.zarr/members/0/logits/c/2/0" not in objects
     assert not any(b"PRIVATE" in v for v in objects.values())
     assert "checked/linked.zarr/" + COPY_MARKER in objects
-    code, out = invoke("cache", "verify", str(linked), "--quiet")
+    code, out = cli("cache", "verify", str(linked), "--quiet")
     assert code == 1 and "is a symbolic link" in out and "PRIVATE" not in out, out
 
     flipped = tmp_path / "flipped.zarr"
@@ -362,13 +328,13 @@ def test_a_copy_that_fails_its_checks_uploads_nothing_unchecked_and_is_marked(
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     url = f"s3://{S3_BUCKET}/checked/flipped.zarr"
-    code, out = invoke("cache", "copy", str(flipped), url, "--quiet")
+    code, out = cli("cache", "copy", str(flipped), url, "--quiet")
     assert code == 2 and "chunk members/1/logits/c/4/0 fails its checksum (crc32c)" in out, out
     objects = bucket_objects("checked/flipped.zarr/")
     assert "checked/flipped.zarr/members/1/logits/c/4/0" not in objects
-    code, out = invoke("cache", "ls", f"s3://{S3_BUCKET}/checked")
+    code, out = cli("cache", "ls", f"s3://{S3_BUCKET}/checked")
     assert "  complete  " not in out, out
-    code, out = invoke("cache", "verify", str(flipped), "--quiet")
+    code, out = cli("cache", "verify", str(flipped), "--quiet")
     assert code == 1 and "chunk members/1/logits/c/4/0 is corrupt" in out, out
     assert "b'" not in out  # zarr's message quotes the stored checksum bytes: never echoed
 
@@ -382,12 +348,12 @@ def test_outputs_of_other_commands_refuse_a_cache(
     bundle = tmp_path / "b.zarr.zip"
     copying.pack_cache(other_cache, bundle, progress=False, log=lambda s: None)
     for out_at in (b, bundle):
-        code, out = invoke(
+        code, out = cli(
             "train-student", "--cache", str(cache_path), "--student", "mlp:8", "--epochs", "1",
             "--device", "cpu", "--out", str(out_at), "--quiet",
         )  # fmt: skip
         assert code == 2 and f"--out {out_at} is a logit cache" in out, out
-    code, out = invoke("train-teacher", "--dataset", "npz:x.npz:train", "--out", str(b))
+    code, out = cli("train-teacher", "--dataset", "npz:x.npz:train", "--out", str(b))
     assert code == 2 and f"--out {b} is a logit cache" in out, out
     assert files_under(b) == before
 
@@ -413,7 +379,7 @@ def test_refusals_leave_no_traceback_or_asyncio_warning(
     # zarr's concurrent reads still pending (so one long-lived process does not show them).
     for args, want in cases:
         for _ in range(2):
-            r = cli(*args, timeout=120)
+            r = kd(*args, timeout=120)
             assert r.returncode == want, (args, r.stdout, r.stderr)
             assert not [n for n in NOISE if n in r.stderr + r.stdout], (args, r.stderr)
 
@@ -432,7 +398,7 @@ def test_a_pickled_checkpoint_is_refused_without_advice_to_unpickle_it(
     assert (
         "numpy.random" in reason and "weights_only" not in reason and "safe_globals" not in reason
     )
-    code, out = invoke("evaluate", "--model", str(bad), "--dataset", f"npz:{npz_path}:test")
+    code, out = cli("evaluate", "--model", str(bad), "--dataset", f"npz:{npz_path}:test")
     assert code == 2 and f"{bad}: cannot load as a kd-pipeline checkpoint" in out, out
     assert "pickled Python object" in out
     for advice in ("weights_only=False", "set to `False`", "safe_globals", "allowlist"):

@@ -11,22 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
 
 from pipeline.cache.header import ATTR_KEY
 from pipeline.cache.read import LogitCache
-from stages.cli import main
+from tests.helpers.cli import cli
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
     pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
 ]
 STORES = ("topk:2", "sampled:3")
-
-
-def cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def make_cache(teacher_dir: Path, npz: Path, out: Path, store: str, *extra: str) -> Path:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from stages.cli import main
+from tests.helpers.cli import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,8 +19,8 @@ QUICK = ["--epochs", "1", "--batch-size", "64", "--device", "cpu", "--quiet"]
 
 
 def train(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(main, ["train-student", *args], catch_exceptions=False)
-    return res.exit_code, res.output
+    """``kd-pipeline train-student ARGS`` in process."""
+    return cli("train-student", *args)
 
 
 @pytest.fixture

@@ -350,7 +350,7 @@ def test_a_token_cache_sweep_reports_perplexity(
 ) -> None:
     """Students of a token cache are ranked by test perplexity (bits per byte beside), in the
     table, results.json and the plot, not by token error counts."""
-    from tests.pipeline.test_sequences import make_corpus
+    from tests.helpers.data import make_corpus
 
     monkeypatch.setenv("KD_OUTPUT_DIR", str(tmp_path / "data"))
     corpus = make_corpus(tmp_path / "corpus.txt", lines=200)

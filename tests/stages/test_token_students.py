@@ -10,22 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from stages.cli import main
-from tests.conftest import S3_BUCKET
-from tests.pipeline.test_sequences import make_corpus
-from tests.stages.test_torchrun import rows_per_epoch, single, torchrun
+from tests.helpers.cli import cli
+from tests.helpers.data import make_corpus
+from tests.helpers.process import peak_rss
+from tests.helpers.s3 import S3_BUCKET
+from tests.helpers.torchrun import rows_per_epoch, single, torchrun
 
 STUDENT = "gpt:layers=1,dim=8,heads=2,ctx=16"
 EPOCHS = 3
-
-
-def cli(*args: str) -> tuple[int, str]:
-    res = CliRunner().invoke(main, list(args))
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, res.output
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +143,7 @@ def ddp_vs_one(lm: dict, tmp: Path, cache: str) -> tuple[dict, dict]:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count(f"wrote {tmp / 'ddp'}") == 1  # rank 0 alone
-    sizes = rows_per_epoch(tmp / "rows", 96)  # every sequence once per epoch, over the ranks
+    sizes = rows_per_epoch(tmp / "rows", 96, EPOCHS)  # every sequence once an epoch over ranks
     assert all(abs(a - b) <= 1 for a, b in sizes)
     one = single(tmp, [*args, "--batch-size", "16", "--out", str(tmp / "one")])
     assert one.returncode == 0, one.stdout + one.stderr
@@ -190,8 +183,6 @@ def test_a_token_cache_ten_times_the_budget_streams_within_it(tmp_path: Path) ->
     """Peak RSS of ``train-student`` on a dense token cache whose rows are over 10x the
     ``--memory-budget`` (streamed) against the same command on a cache of a few sequences: the
     growth stays within the budget plus a fixed allowance (allocator arenas, torch's buffers)."""
-    from tests.stages.test_folder_memory import peak_rss
-
     budget, allowance = 4 << 20, 300 << 20
     corpus = make_corpus(tmp_path / "c.txt", lines=4000)
     teacher = tmp_path / "teacher"
@@ -211,11 +202,12 @@ def test_a_token_cache_ten_times_the_budget_streams_within_it(tmp_path: Path) ->
         )
         assert code == 0, out
         run = tmp_path / f"run-{name}"
-        rss[name] = peak_rss(
+        code, out, rss[name] = peak_rss(
             *("train-student", "--cache", str(cache), "--student", STUDENT, "--epochs", "1"),
             *("--memory-budget", str(budget), "--eval", "", "--out", str(run), "--quiet"),
             *("--device", "cpu"),
         )
+        assert code == 0, out
         mode = json.loads((run / "metrics.json").read_text())["cache"]["loader"]["mode"]
         assert mode == ("stream" if name == "big" else "memory")
     growth = rss["big"] - rss["small"]

@@ -18,93 +18,19 @@ errors within 5 % of the test rows.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.conftest import S3_BUCKET, write_npz
+from tests.helpers.caches import teacher_cache
+from tests.helpers.data import write_npz
+from tests.helpers.process import run
+from tests.helpers.s3 import S3_BUCKET
+from tests.helpers.torchrun import TORCHRUN, env, rows_per_epoch, single, torchrun
 
-REPO = Path(__file__).resolve().parents[2]
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 COMMON = ["--student", "mlp:16", "-T", "4", "--alpha", "0.9", "--device", "cpu", "--quiet"]
 EPOCHS = 3
-
-# Logs what the launched processes write under $KD_TEST_WATCH (per rank, at exit).
-WATCH = textwrap.dedent(
-    """
-    import atexit, os, sys
-
-    _root = os.environ.get("KD_TEST_WATCH")
-    if _root and "RANK" in os.environ:
-        _seen = []
-
-        def _path(p):
-            try:
-                return os.path.abspath(os.fsdecode(p))
-            except TypeError:
-                return ""
-
-        def _hook(event, args):
-            if event == "open" and isinstance(args[1], str) and any(c in args[1] for c in "wax+"):
-                paths = [_path(args[0])]
-            elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir"):
-                paths = [_path(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
-            else:
-                return
-            if any(p.startswith(_root) for p in paths):
-                _seen.append(event + " " + " ".join(paths))
-
-        def _save():
-            name = os.path.join(os.environ["KD_TEST_WATCH_LOG"], "rank%s.log" % os.environ["RANK"])
-            with open(name, "w") as f:
-                f.write("\\n".join(_seen))
-
-        atexit.register(_save)
-        sys.addaudithook(_hook)
-    """
-)
-
-
-def env(tmp: Path, **extra: str) -> dict[str, str]:
-    (tmp / "site").mkdir(parents=True, exist_ok=True)
-    (tmp / "site" / "sitecustomize.py").write_text(WATCH)
-    path = os.pathsep.join([str(tmp / "site"), str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {
-        **os.environ,
-        "PYTHONPATH": path.rstrip(os.pathsep),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
-
-
-def torchrun(tmp: Path, args: list[str], **extra: str) -> subprocess.CompletedProcess:
-    cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "stages.cli", *args]
-    return subprocess.run(
-        cmd, cwd=REPO, env=env(tmp, **extra), capture_output=True, text=True, timeout=300
-    )
-
-
-def single(tmp: Path, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "stages.cli", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(tmp), capture_output=True, text=True, timeout=300)
-
-
-def rows_per_epoch(directory: Path, n: int) -> list[list[int]]:
-    """Rows each rank trained on per epoch, checked to cover all ``n`` rows exactly once."""
-    sizes = []
-    for epoch in range(EPOCHS):
-        parts = [np.load(directory / f"rows-rank{r}-epoch{epoch}.npy") for r in range(2)]
-        everyone = np.concatenate(parts)
-        assert len(everyone) == n and np.array_equal(np.sort(everyone), np.arange(n)), epoch
-        sizes.append([len(p) for p in parts])
-    return sizes
 
 
 def run_ddp(tmp: Path, cache: str, run: Path, *extra: str) -> dict:
@@ -123,7 +49,7 @@ def run_ddp(tmp: Path, cache: str, run: Path, *extra: str) -> dict:
     assert res.stdout.count(f"wrote {run}") == 1  # printed by rank 0 only
     metrics = json.loads((run / "metrics.json").read_text())
     n = metrics["cache"]["rows_used"]
-    sizes = rows_per_epoch(rows, n)
+    sizes = rows_per_epoch(rows, n, EPOCHS)
     assert all(abs(a - b) <= 1 for a, b in sizes)  # balanced shares
     # Rank 0 alone wrote the run directory; each result file was put in place once (history.csv
     # once per epoch, as on one process).
@@ -170,23 +96,11 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(
 def stream_cache(tmp_path_factory: pytest.TempPathFactory, teacher_dir: Path) -> Path:
     """5000 rows in shards of 256 (the last 136): over 1 MiB in memory mode, so a 1 MiB budget
     streams it."""
-    from pipeline.cache.writer import build_cache
-    from pipeline.config import CacheConfig
 
     root = tmp_path_factory.mktemp("stream")
     npz = write_npz(root / "big.npz", n_train=5000)
     out = root / "big.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher_dir)],
-            dataset=f"npz:{npz}:train",
-            out=str(out),
-            rows_per_shard=256,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher_dir, f"npz:{npz}:train", out, rows_per_shard=256)
     return out
 
 
@@ -237,9 +151,7 @@ def test_ranks_that_disagree_are_refused_with_one_message(tmp_path: Path) -> Non
         )
     )
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(script)]
-    res = subprocess.run(
-        cmd, cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=120
-    )
+    res = run(cmd, timeout=120, env=env(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr
     want = (
         "the 2 processes of this torchrun job disagree: rank 0 has rows=600, rank 1 has "

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from stages.cli import main
-from tests.optional import require
+from tests.helpers.optional import require
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from pipeline.cache.lookup import cache_fingerprint
 from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_checkpoint
 from pipeline.datasets import load_dataset
 from pipeline.metrics import predict_logits
-from stages.cli import main
-from tests.conftest import damaged, edit_header, relabel, remove, write
+from tests.helpers.caches import teacher_cache
+from tests.helpers.cli import cli
+from tests.helpers.damage import damaged, edit_header, relabel, remove, write
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,8 +26,8 @@ BASE = ["--student", "mlp:32", "--batch-size", "64", "--device", "cpu"]
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["train-student", *args], catch_exceptions=False)
-    return result.exit_code, result.output
+    """``kd-pipeline train-student ARGS`` in process."""
+    return cli("train-student", *args)
 
 
 def test_train_student_writes_a_run_directory_that_describes_itself(
@@ -253,23 +253,11 @@ def test_online_teacher_baseline_through_the_cli(
 def test_unlabeled_transfer_set_with_alpha_below_one_exits_2(
     teacher_dir: Path, tmp_path: Path
 ) -> None:
-    from pipeline.cache.writer import build_cache
-    from pipeline.config import CacheConfig
-    from tests.conftest import write_npz
+    from tests.helpers.data import write_npz
 
     unlabeled = write_npz(tmp_path / "u.npz", labeled=False)
     cache = tmp_path / "u.zarr"
-    build_cache(
-        CacheConfig(
-            teachers=[str(teacher_dir)],
-            dataset=f"npz:{unlabeled}:train",
-            out=str(cache),
-            rows_per_shard=128,
-            device="cpu",
-        ),
-        log=lambda s: None,
-        progress=False,
-    )
+    teacher_cache(teacher_dir, f"npz:{unlabeled}:train", cache, rows_per_shard=128)
     code, output = run_cli(
         "--cache", str(cache), *BASE, "--alpha", "0.5", "--out", str(tmp_path / "r")
     )

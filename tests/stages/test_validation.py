@@ -14,8 +14,7 @@ import pytest
 
 from pipeline.options import INT_LIMIT
 from stages.params import FIELD_ATTR
-from tests.stages.test_errors import cli, one_error
-from tests.stages.test_params import ALL, field_of
+from tests.helpers.cli import cli, commands, field_of, one_error
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
@@ -26,7 +25,7 @@ pytestmark = [
 def numeric_params() -> list[tuple[str, click.Command, click.Parameter, str]]:
     """(command, its click command, the parameter, "float" or "int") for every numeric option."""
     found = []
-    for name, cmd in ALL:
+    for name, cmd in commands():
         for param in cmd.params:
             qualified = getattr(param, FIELD_ATTR, None)
             if qualified is None or isinstance(param, click.Argument):
@@ -177,8 +176,8 @@ def test_every_problem_of_every_config_is_reported_at_once(tmp_path: Path) -> No
 
 
 def test_field_problems_walks_lists_and_mappings() -> None:
-    from pipeline.config import StudentConfig
     from pipeline.options import field_problems
+    from pipeline.training.config import StudentConfig
 
     cfg = StudentConfig(cache="c", out="o", class_bias={3: float("nan")}, memory_budget=1 << 60)
     assert field_problems(cfg) == [
@@ -233,7 +232,7 @@ def test_resuming_with_another_seed_is_refused_and_the_cache_kept(
 
 
 # ----------------------------------------------------------------------- users' code that fails
-USER_CODE = '''
+USER_CODE = """
 import numpy as np
 
 
@@ -267,7 +266,7 @@ def raising():
 
 def model(in_shape, num_classes):
     raise ValueError("no such layer")
-'''
+"""
 
 
 @pytest.fixture
@@ -369,7 +368,7 @@ def test_verify_dataset_after_a_file_was_added_to_the_folder_reports_the_fingerp
     import numpy as np
     from PIL import Image
 
-    from tests.image_folders import make_image_folder
+    from tests.helpers.images import make_image_folder
 
     imgs = make_image_folder(tmp_path / "imgs", {"train": 6, "test": 2})
     spec = f"folder:{imgs}:train"

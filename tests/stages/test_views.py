@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,12 +19,12 @@ from pipeline.augment import ViewPlan
 from pipeline.cache.header import ATTR_KEY
 from pipeline.cache.read import LogitCache
 from pipeline.checkpoints import load_checkpoint, member_paths
-from pipeline.config import StudentConfig
 from pipeline.datasets import load_dataset
+from pipeline.training.config import StudentConfig
 from pipeline.training.views import view_source, view_use
 from stages.cli import main
-from tests.conftest import write_npz
-from tests.stages.test_cache_logits import REPO, cli_env, run_cli
+from tests.helpers.data import write_npz
+from tests.helpers.process import cli_command, kill, run, start
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
@@ -37,10 +35,10 @@ ARGS = ["--views", "4", "--augment", AUG, "--include-identity", "--rows-per-shar
 
 
 def cache_cmd(teacher: Path, spec: str, out: Path, *extra: str) -> list[str]:
-    return [
-        *(sys.executable, "-m", "stages.cli", "cache-logits", "--teacher", str(teacher)),
+    return cli_command(
+        *("cache-logits", "--teacher", str(teacher)),
         *("--dataset", spec, "--out", str(out), "--quiet", "--device", "cpu", *ARGS, *extra),
-    ]
+    )
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
@@ -185,23 +183,19 @@ def test_view_cache_resumes_after_sigkill_and_on_dask_workers_bit_identically(
 ) -> None:
     spec = f"npz:{write_npz(tmp_path / 'big.npz', n_train=6000, n_test=10)}:train"
     ref = tmp_path / "ref.zarr"
-    done = run_cli(cache_cmd(teacher_dir, spec, ref))
+    done = run(cache_cmd(teacher_dir, spec, ref), timeout=180)
     assert done.returncode == 0, done.stderr
     rng = random.Random(5)
     killed = tmp_path / "killed.zarr"
     for _ in range(3):
-        p = subprocess.Popen(
+        p = start(
             cache_cmd(teacher_dir, spec, killed),
-            cwd=REPO,
-            env=cli_env(),
-            text=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         time.sleep(rng.uniform(1.0, 2.5))
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    resumed = run_cli(cache_cmd(teacher_dir, spec, killed))
+        kill(p)
+    resumed = run(cache_cmd(teacher_dir, spec, killed), timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     assert_same(killed, ref)
     runner = CliRunner()

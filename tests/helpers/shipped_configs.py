@@ -2,7 +2,7 @@
 code that runs it (the demo's own ``DemoConfig`` steps, ``ReproduceConfig`` at each scale), so a
 file cannot drift from what the demo or ``reproduce`` runs.
 
-``python -m tests.stages.shipped_configs`` (re)writes the files from this table;
+``python -m tests.helpers.shipped_configs`` (re)writes the files from this table;
 ``tests/stages/test_run_files.py`` checks them.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import CacheConfig
+from pipeline.cache.config import CacheConfig
 from pipeline.experiments.demo import DemoConfig
 from pipeline.experiments.reproduce import ReproduceConfig
 from pipeline.runfile import run_toml
