@@ -1,4 +1,5 @@
-"""The documentation's tested commands run as written, and the CLI reference is current.
+"""The documentation's tested commands run as written; the generated CLI reference and module
+tree are current.
 
 A fenced ``bash`` block in ``docs/*.md`` is *tested* when the line before it (a blank line between
 is allowed) is an HTML comment that MkDocs renders as nothing::
@@ -22,6 +23,7 @@ says why it is not run, in a comment the test reads: ``<!-- untested: a GPU and 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -33,6 +35,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+SCRIPTS = ROOT / "scripts"
 
 #: A tested block: the comment (its options and expectations) and the bash fence after it.
 BLOCK = re.compile(
@@ -189,3 +192,40 @@ def test_cli_reference_is_current() -> None:
         timeout=300,
     )
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_module_tree_is_current() -> None:
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_module_tree.py"), "--check"],
+        env=shell_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_module_tree_summaries_and_markers() -> None:
+    """The tree's one-line summaries: a first sentence, cut where it is too long; the page around
+    the markers kept as written."""
+    spec = importlib.util.spec_from_file_location("gen_module_tree", SCRIPTS / "gen_module_tree.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    # A period inside brackets does not end the sentence; markup is shown as plain text.
+    doc = "Specialists (Hinton et al. 2015, section 5) on :class:`~a.b.Cache` rows.\n\nMore."
+    assert gen.summary(doc) == "Specialists (Hinton et al. 2015, section 5) on Cache rows"
+    assert gen.summary("Losses (ensembles: :mod:`pipeline.ensemble`).") == (
+        "Losses (ensembles: pipeline.ensemble)"
+    )
+    long = (
+        "Lazy inputs: a split that stays on disk, decoded batch by batch through a torch\n"
+        "``DataLoader`` (one per epoch)."
+    )
+    assert gen.summary(long) == "Lazy inputs: a split that stays on disk"
+    assert gen.summary(None) == ""
+    page = f"# A\n\nbefore\n\n{gen.BEGIN}\nold tree\n{gen.END}\n\nafter\n"
+    new = gen.updated(page, gen.render())
+    assert new.startswith("# A\n\nbefore\n\n" + gen.BEGIN) and new.endswith(gen.END + "\n\nafter\n")
+    assert "old tree" not in new
+    assert "    kinds.py" in new and "stages/" in new

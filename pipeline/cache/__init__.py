@@ -1,4 +1,4 @@
-"""The logit cache: its Zarr format, where it lives, how it is written, read, verified and shared.
+"""The logit cache: its Zarr format, location, writing, reading, checking and sharing.
 
 The format (version 2; version 1 still reads) is specified in docs/cache-format.md.
 

@@ -1,5 +1,6 @@
-"""Packing a cache into a single-file ``.zarr.zip`` bundle: written once, verified, then renamed
-into place (a zip cannot be resumed)."""
+"""Packing a cache into a single-file ``.zarr.zip`` bundle, written whole then renamed into place.
+
+The bundle is written once, verified, then renamed into place (a zip cannot be resumed)."""
 
 from __future__ import annotations
 

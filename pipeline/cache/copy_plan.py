@@ -1,5 +1,7 @@
-"""What a copy reads and how each object is checked (chunk checksums) and, the root's metadata,
-rewritten (without recorded credentials) before it is written anywhere."""
+"""A copy's plan: what it reads, how each object is checked, what it rewrites before writing.
+
+Each chunk is checked by its checksum; the root's metadata is rewritten (without recorded
+credentials) before it is written anywhere."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The cache header (``attributes["kd_cache"]``, format versions 1 and 2) as a frozen, typed value.
+"""The cache header as a frozen, typed value (``attributes["kd_cache"]``, format versions 1, 2).
 
 :class:`CacheHeader` is read with :meth:`CacheHeader.from_dict`, which checks the JSON against the
 format schema (:func:`validate_header`, the same checks and messages as always), and written with

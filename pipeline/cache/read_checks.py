@@ -1,5 +1,6 @@
-"""What the reader checks on the bytes it serves: missing data chunks, non-finite values and
-class indices out of range; and the advice its errors end with."""
+"""What the reader checks on the bytes it serves, and the advice its errors end with.
+
+It refuses missing data chunks, non-finite values and class indices out of range."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""``cache verify --replay N --teacher PATH``: the proof that a cache's rows are what the teacher
-gives.
+"""The proof that a cache's rows are what the teacher gives (``cache verify --replay N``).
+
+``cache verify --replay N --teacher PATH`` re-runs the teacher PATH on N stored rows.
 
 N stored rows are drawn (seeded), each view's input is rebuilt from the original sample and the
 view's stored parameters (:meth:`pipeline.augment.Augment.apply`), the teacher runs on it, and

@@ -1,6 +1,7 @@
-"""Key-level helpers that work on any of the three stores (directory, bundle, object store): list,
-sizes, get, put, delete; and the unfinished copy's marker key (:data:`COPY_MARKER`), refused by
-every reader.
+"""Key-level helpers over any of the three stores: list, sizes, get, put, delete.
+
+They work on a directory, a bundle or an object store alike. Here too is the unfinished copy's
+marker key (:data:`COPY_MARKER`), refused by every reader.
 
 This module imports without torch.
 """

@@ -1,4 +1,4 @@
-"""The transfer set behind a cache: the spec it records, or the user's own copy of that data.
+"""The transfer set behind a cache: the spec it records, or the user's copy of that data.
 
 A cache records the dataset spec it was made with (``npz:mine.npz:train``, a path on the machine
 and in the directory where it was made) and the data's fingerprint. On a teammate's machine the

@@ -1,5 +1,6 @@
-"""Checking a ``.zarr.zip`` bundle's entries before zarr sees them: no absolute names, no ``..``, no
-symlinks, no encrypted or duplicate entries, sane sizes (:func:`validate_zip`).
+"""Checking a ``.zarr.zip`` bundle's entries before zarr sees them (:func:`validate_zip`).
+
+No absolute names, no ``..``, no symlinks, no encrypted or duplicate entries, sane sizes.
 
 This module imports without torch.
 """

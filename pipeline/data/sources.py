@@ -1,4 +1,4 @@
-"""The lazy dataset sources: image folders, Hugging Face datasets on disk, a user's torch Dataset.
+"""Lazy dataset sources: image folders, Hugging Face datasets on disk, a user's torch Dataset.
 
 Each loader returns a :class:`LazyBase` (the unmodified split: lazy inputs, labels, class names,
 where it came from); :mod:`pipeline.datasets` registers them, so the modifiers (holdout, exclude /

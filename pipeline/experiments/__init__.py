@@ -1,5 +1,4 @@
-"""Experiments built on the two stages: sweeps, specialists, the paper's tables, the bench and the
-demo.
+"""Experiments on the two stages: sweeps, specialists, paper tables, the bench and demo.
 
 - ``sweep``: a grid of students from one cache, as dask tasks.
 - ``specialists``: specialist ensembles on a generalist's cache (paper section 5); a package:

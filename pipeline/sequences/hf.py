@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs as teachers and students: loading rules, checks, and the export.
+"""Hugging Face causal LMs as teachers and students: loading rules, checks and the export.
 
 - **Offline, no foreign code.** ``transformers`` is always called with ``local_files_only=True``;
   ``trust_remote_code`` is passed (as True) only for a directory the user allowed with

@@ -1,5 +1,6 @@
-"""Text from a Hugging Face dataset on disk, packed into token sequences: the ``hf:`` source with
-``text=COLUMN``.
+"""The ``hf:`` source with ``text=COLUMN``: a Hugging Face dataset's text as token sequences.
+
+The text comes from a dataset on disk and is packed into token sequences.
 
 ``hf:DIR:SPLIT:text=COLUMN[:tokenizer=PATH][:seq=N][:test=F]``, where ``DIR`` is
 

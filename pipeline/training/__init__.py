@@ -1,5 +1,4 @@
-"""Training and losses: the paper's losses, the one training loop, the cache loader and the three
-trainers.
+"""Training: the paper's losses, the one training loop, the cache loader, the trainers.
 
 - ``losses``: the paper's losses behind one signature, and ensemble combination (the registries of
   both).

@@ -1,4 +1,4 @@
-"""Sparse soft targets: a batch of top-k or sampled teacher rows at the run's temperature.
+"""Sparse soft targets: a batch of top-k or sampled teacher rows at one temperature.
 
 A cache's sparse members (``topk:K``, ``sampled:S``; see :mod:`pipeline.cache.kinds`) reach the
 loss as a :class:`SparseTargets` instead of a dense (B, C) tensor: per member, the kept (or drawn)

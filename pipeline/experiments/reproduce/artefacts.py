@@ -1,4 +1,4 @@
-"""The shared artefacts of one reproduce directory: a teacher, a cache per transfer set, students.
+"""What one reproduce directory shares: a teacher, a cache per transfer set, the students.
 
 :class:`Run` calls the same steps a user would call (``train-teacher``, ``evaluate``,
 ``cache-logits``, ``train-student``) and reuses what an earlier invocation made when its recorded

@@ -1,5 +1,7 @@
-"""The consistency experiment: the same student, epochs and seeds trained from caches of one or
-several augmented views of each sample and with online distillation, over seeds.
+"""The consistency experiment: one student trained from view caches and by online distillation.
+
+The same student, epochs and seeds are trained from caches of one or several augmented views of
+each sample and with online distillation, over seeds.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What ``kd-pipeline reproduce`` runs: its config, scales, teacher recipes and the paper's figures.
+"""What ``reproduce`` runs: its config, scales, teacher recipes and the paper's figures.
 
 Plain data: nothing here trains, measures or writes. ``quick`` subsamples the training set and
 trains briefly (a smoke test, minutes on 2 CPU cores); ``full`` uses the whole training set and

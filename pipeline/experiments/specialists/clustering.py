@@ -1,4 +1,4 @@
-"""Clustering the classes a generalist confuses (paper section 5, step 1); numpy, no torch.
+"""Clustering the classes a generalist confuses (paper section 5, step 1), in numpy.
 
 The generalist's predicted class probabilities ``p`` over the transfer set give the class-by-class
 covariance; k-means (scikit-learn) clusters its columns. The raw covariance is ``E[p pᵀ] − π πᵀ``:

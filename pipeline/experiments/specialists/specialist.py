@@ -1,4 +1,4 @@
-"""One specialist (paper section 5, step 2): class map, training rows, initial weights, training.
+"""One specialist (paper section 5, step 2): its class map, rows, initial weights and training.
 
 Specialist m predicts its classes S_m plus one *dustbin* class (every other class). Its training
 rows are every transfer-set row of S_m plus as many rows drawn (seeded) from the rest
