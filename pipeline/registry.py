@@ -27,7 +27,7 @@ of a module:
   point then names the module or any object in it); otherwise the object the entry point loads
   is registered under the entry point's name, with its docstring's first line as help.
 
-Standard library only, so every layer may import it.
+The standard library and ``pipeline.errors`` only, so every layer may import it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar, overload
 
 from pipeline.builtins import BUILTINS
+from pipeline.errors import KDError
 
 __all__ = ["Entry", "Registry", "unknown_name"]
 
@@ -154,7 +155,9 @@ class Registry(Mapping[str, T]):
                 try:
                     obj = ep.load()
                 except Exception as e:  # a broken plug-in: say which, not a bare traceback
-                    raise self.error(
+                    # A KDError whatever this registry's own error kind: the CLI prints it as the
+                    # user's problem to fix (exit 2), never as an internal error.
+                    raise KDError(
                         f"the {self.what} plug-in {ep.name!r} ({ep.value}, entry point group "
                         f"kd_pipeline.{self.name}) failed to load: {type(e).__name__}: {e}; "
                         "fix or uninstall the package that provides it"
