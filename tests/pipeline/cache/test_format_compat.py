@@ -21,7 +21,7 @@ from pipeline.cache.verify import verify_cache
 from pipeline.checkpoints import load_checkpoint
 from tests.fixtures.make_v2_caches import KINDS, cache_command
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FIXTURES = REPO / "tests" / "fixtures" / "v2"
 #: What differs between two writes of the same inputs: the clock and the folder they ran in.
 VOLATILE = {"created", "added", "completed_at", "file"}
