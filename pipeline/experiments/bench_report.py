@@ -106,7 +106,7 @@ def format_table(results: dict) -> str:
         lines.append(
             _row(
                 key,
-                f"cache-logits {v['cache_logits_s']:.2f}s / inference "
+                f"cache-logits {v['cache_logits_s']:.2f}s{_rate(v)} / inference "
                 f"{v['inference_only_s']:.2f}s ({key[3:]})",
                 f"{v['ratio']:.3f}",
                 v,
@@ -171,6 +171,12 @@ def format_table(results: dict) -> str:
     if warnings:
         lines += ["", *(f"warning: {w}" for w in warnings)]
     return "\n".join(lines)
+
+
+def _rate(v: dict) -> str:
+    """`` (12,345 rows/s)``: the cache's absolute rate, when the figure has it (older reports
+    did not record it)."""
+    return f" ({v['cache_rows_per_s']:,.0f} rows/s)" if "cache_rows_per_s" in v else ""
 
 
 def _classes(key: str) -> int:
