@@ -246,8 +246,13 @@ class HFSource(RowSource):
         }
 
 
-def _hf_open(root: Path, split: str, spec: str) -> Any:
-    """The split as a memory-mapped ``datasets.Dataset``, from local files only."""
+def import_datasets(spec: str) -> Any:
+    """The ``datasets`` package, offline (never a download), or one message saying why it
+    cannot be used (not installed; or failing to import, with the likely cause).
+
+    Raises:
+        DatasetError: it cannot be imported.
+    """
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never a download
     try:
         import datasets
@@ -264,6 +269,12 @@ def _hf_open(root: Path, split: str, spec: str) -> Any:
             f"{spec}: cannot import the `datasets` package ({type(e).__name__}: {e})"
             + (f"; the likely cause: {problem}" if problem else "")
         ) from None
+    return datasets
+
+
+def _hf_open(root: Path, split: str, spec: str) -> Any:
+    """The split as a memory-mapped ``datasets.Dataset``, from local files only."""
+    datasets = import_datasets(spec)
     if (root / "dataset_dict.json").is_file():
         dd = datasets.load_from_disk(str(root))
         if split not in dd:

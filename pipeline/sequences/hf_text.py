@@ -32,7 +32,6 @@ dataset's fingerprint (as for ``text:``), so a cache made with another tokenizer
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -183,22 +182,7 @@ def eos_id(tok: Tokenizer) -> int | None:
 
 def _datasets(spec: str) -> Any:
     """The ``datasets`` module (offline), or one message saying why it cannot be used."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never a download
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetError(
-            f"{spec}: hf: sources need the `datasets` package, which is not installed: "
-            "pip install 'kd-pipeline[hf]'"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - e.g. a torchvision built for another torch
-        from pipeline.tv import torchvision_problem
-
-        problem = torchvision_problem()
-        raise DatasetError(
-            f"{spec}: cannot import the `datasets` package ({type(e).__name__}: {e})"
-            + (f"; the likely cause: {problem}" if problem else "")
-        ) from None
+    datasets = lazy_sources.import_datasets(spec)
     datasets.disable_progress_bars()  # drawn into log files too
     return datasets
 
