@@ -371,7 +371,16 @@ def from_toml(d: Declared, raw: Any) -> Any:
 def _unknown(key: str, known: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
     placed = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
-    close = placed or difflib.get_close_matches(key, known, n=1)
+    # Closeness of the names alone: on whole dotted keys a shared "train." prefix makes any
+    # two keys of that table look alike (train.bogus -> train.log_to).
+    by_leaf: dict[str, list[str]] = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    table = key.rpartition(".")[0]
+    close = placed or [
+        min(by_leaf[name], key=lambda k: k.rpartition(".")[0] != table)
+        for name in difflib.get_close_matches(leaf, list(by_leaf), n=1)
+    ]
     hint = f"; did you mean {close[0]}?" if close else ""
     return f"unknown key {key!r}{hint}"
 
