@@ -108,6 +108,14 @@ def scalar_type(annotation: Any) -> type:
     return t if t in (int, float, str, bool) else str
 
 
+def _takes_list(annotation: Any) -> bool:
+    """Whether a field holds a list (``list[int] | None``, ``list[float]``), not one value."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_origin(annotation) in (list, tuple) or any(
+        typing.get_origin(a) in (list, tuple) for a in args
+    )
+
+
 def value_at(config: Any, path: Iterable[str]) -> Any:
     """``config``'s value at a field path, e.g. ``("train", "seed")``."""
     for name in path:
@@ -342,7 +350,10 @@ def from_toml(d: Declared, raw: Any) -> Any:
             raise ValueError(f"expected {_expected(d)}, {found}")
         if isinstance(raw, list) and any(isinstance(x, bool) for x in raw):
             raise ValueError(f"expected {_expected(d)}, {found}")
-        if isinstance(raw, int) and scalar_type(d.annotation) is int:
+        listed = _takes_list(d.annotation)
+        if isinstance(raw, list) and not listed:  # memory_budget = [1] is not a size
+            raise ValueError(f"expected {_expected(d)}, {found}")
+        if isinstance(raw, int) and not listed and scalar_type(d.annotation) is int:
             return raw  # exact (a size in bytes); the parser would go through a float
         return opt.parse(",".join(map(str, raw)) if isinstance(raw, list) else str(raw))
     t = scalar_type(d.annotation)
