@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ModelSpecError
+from pipeline.progress import transformers_bars_on_terminal_only
 
 PREFIX = "hf-image"
 # Pillow's resample codes, as processors record them, and the torch mode that stands for each.
@@ -167,9 +168,10 @@ def _load(spec: str, directory: Path) -> nn.Module:
             "image classifier's save_pretrained (nothing is downloaded)"
         )
     try:
-        return AutoModelForImageClassification.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=False
-        )
+        with transformers_bars_on_terminal_only():
+            return AutoModelForImageClassification.from_pretrained(
+                str(directory), local_files_only=True, trust_remote_code=False
+            )
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         auto_map = _auto_map(directory)
         if auto_map:

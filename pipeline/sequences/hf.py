@@ -34,6 +34,7 @@ from torch import nn
 
 from pipeline.errors import ModelSpecError, UntrustedCodeError
 from pipeline.models import is_trusted
+from pipeline.progress import transformers_bars_on_terminal_only
 
 if TYPE_CHECKING:
     from pipeline.sequences.tokenizers import Tokenizer
@@ -187,10 +188,8 @@ def export_hf(model: nn.Module, out: Path, tokenizer: Tokenizer | None) -> Path 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # its bars are drawn into log files too
-    body.lm.save_pretrained(str(tmp), safe_serialization=True)
+    with transformers_bars_on_terminal_only():
+        body.lm.save_pretrained(str(tmp), safe_serialization=True)
     if isinstance(tokenizer, JsonTokenizer):
         _save_tokenizer(tokenizer, tmp)
     shutil.rmtree(out, ignore_errors=True)
@@ -245,19 +244,23 @@ class HFCausalLM(nn.Module):
         self.directory = directory
         self.pretrained = has_weights(root)
         try:
-            if self.pretrained:
-                self.lm = transformers.AutoModelForCausalLM.from_pretrained(directory, **kw)
-            else:
-                cfg = transformers.AutoConfig.from_pretrained(directory, **kw)
-                self.lm = transformers.AutoModelForCausalLM.from_config(
-                    cfg, **({"trust_remote_code": True} if trust else {})
-                )
+            with transformers_bars_on_terminal_only():
+                self.lm = self._build(transformers, directory, kw, trust)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
             raise ModelSpecError(
                 f"hf:{directory}: cannot load it ({type(e).__name__}: {e})" + _torchvision_note()
             ) from e
         self.width = int(self.lm.config.vocab_size)
         self.ctx = int(getattr(self.lm.config, "max_position_embeddings", 0) or 1 << 30)
+
+    def _build(self, transformers: ModuleType, directory: str, kw: dict, trust: bool) -> nn.Module:
+        """The model: its weights when the directory has them, else built from its config."""
+        if self.pretrained:
+            return transformers.AutoModelForCausalLM.from_pretrained(directory, **kw)
+        cfg = transformers.AutoConfig.from_pretrained(directory, **kw)
+        return transformers.AutoModelForCausalLM.from_config(
+            cfg, **({"trust_remote_code": True} if trust else {})
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=x.long(), use_cache=False).logits
