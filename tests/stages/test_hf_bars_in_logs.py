@@ -55,7 +55,8 @@ def test_no_transformers_bars_in_a_log(tmp_path: Path) -> None:
     log = kd("cache-logits", "--teacher", f"hf:{model}", "--dataset", spec, "--store", "topk:4",
              "--out", str(tmp_path / "c.zarr"), cwd=tmp_path)  # fmt: skip
     log += kd("train-student", "--cache", str(tmp_path / "c.zarr"), "--student", f"hf:{model}",
-              "--epochs", "1", "--eval", "", "--out", str(tmp_path / "run"), cwd=tmp_path)  # fmt: skip
+              "--epochs", "1", "--eval", "", "--out", str(tmp_path / "run"),
+              cwd=tmp_path)  # fmt: skip
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
     assert "wrote" in log
     for bar in BARS:
