@@ -390,7 +390,7 @@ def _unknown(key: str, known: list[str]) -> str:
     table = key.rpartition(".")[0]
     close = placed or [
         min(by_leaf[name], key=lambda k: k.rpartition(".")[0] != table)
-        for name in difflib.get_close_matches(leaf, list(by_leaf), n=1)
+        for name in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
     ]
     hint = f"; did you mean {close[0]}?" if close else ""
     return f"unknown key {key!r}{hint}"

@@ -25,3 +25,17 @@ def test_a_hint_only_for_a_name_that_is_alike(tmp_path: Path) -> None:
         "unknown key 'train.lrr'; did you mean train.lr?",
     ]
     assert not (tmp_path / "data").exists()
+
+
+def test_a_teacher_file_given_to_train_student_names_no_false_hint() -> None:
+    """``dropout`` is not "out" (a hint needs three quarters of the name alike)."""
+    teacher = Path(__file__).resolve().parents[2] / "configs" / "demo" / "teacher.toml"
+    res = CliRunner().invoke(main, ["train-student", "--config", str(teacher), "--print-config"])
+    assert res.exit_code == 2, res.output
+    lines = [line.split(": ", 1)[1] for line in res.output.splitlines() if "--config" in line]
+    assert sorted(lines) == [
+        "unknown key 'dropout'",
+        "unknown key 'input_dropout'",
+        "unknown key 'jitter'",
+        "unknown key 'model'",
+    ]
