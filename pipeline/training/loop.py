@@ -40,6 +40,15 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
+def _once(name: str, values: list[str]) -> str | None:
+    """A problem when ``values`` repeats one: two TensorBoard writers in one folder would show
+    every point twice."""
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if not twice:
+        return None
+    return f"{name} names {', '.join(twice)} more than once; give each tracker once"
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by every training mode.
@@ -126,6 +135,7 @@ class TrainConfig:
             in_range("momentum", self.momentum, 0, 1),
             at_least("weight_decay", self.weight_decay, 0),
             *(one_of("log_to", name, tuple(LOGGERS)) for name in self.log_to),
+            _once("log_to", self.log_to),
         )
         if problems:
             raise ConfigError(problems)
