@@ -130,6 +130,22 @@ def custom_code_allowed(root: Path, config: dict, spec: str) -> bool:
     )
 
 
+def missing_code_files(root: Path, auto_map: Any) -> list[str]:
+    """The code files an allowed ``auto_map`` names that ``root`` lacks: ``module.Class`` needs
+    ``root/module.py``; ``repo--module.Class`` (code in another repository) is never there, as
+    nothing is downloaded."""
+    refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    missing = []
+    for ref in refs:
+        for one in ref if isinstance(ref, list) else [ref]:
+            if not isinstance(one, str) or "." not in one:  # e.g. a tokenizer pair's None
+                continue
+            module = one.rsplit(".", 1)[0]
+            if "--" in module or not (root / f"{module.replace('.', '/')}.py").is_file():
+                missing.append(f"{module}.py" if "--" not in module else one)
+    return sorted(set(missing))
+
+
 def student_problems(
     body: Any, vocab: int, tokenizer: Tokenizer, positions: int, against: str = "the cache's"
 ) -> list[str]:
@@ -241,6 +257,13 @@ class HFCausalLM(nn.Module):
         kw: dict = {"local_files_only": True}
         if trust:  # only for a directory the user allowed: never by default
             kw["trust_remote_code"] = True
+            missing = missing_code_files(root, config.get("auto_map"))
+            if missing:  # else transformers' message points to the Hub, where nothing is read
+                raise ModelSpecError(
+                    f"{spec}: its config.json names custom code that is not in {root}: "
+                    f"{', '.join(missing)}; models are read from their directory alone "
+                    "(nothing is downloaded): put the code files beside config.json"
+                )
         self.directory = directory
         self.pretrained = has_weights(root)
         try:
