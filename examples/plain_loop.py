@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 import torch
 
@@ -32,6 +33,14 @@ def agreement(student: torch.nn.Module, ds: CacheDataset) -> float:
 def main(cache: str, temperature: float, alpha: float, epochs: int, lr: float) -> dict:
     torch.manual_seed(0)
     ds = CacheDataset(cache, temperature=temperature)
+    if ds.tokens:
+        # An MLP over one sample's raw inputs cannot read token ids: a language model can.
+        print(
+            f"error: {cache} is a token cache (sequences of {ds.sample_shape[0]} tokens); this "
+            "example trains an MLP classifier. Use examples/hf_trainer.py for token caches.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     alpha = alpha if ds.labeled else 1.0  # no hard labels: the soft term alone
     mean, std = ds.input_stats
     student = torch.nn.Sequential(

@@ -17,7 +17,8 @@ Foundation:
   ``data_root`` (where outputs go by default).
 - ``redact``: the one redaction rule: credentials are never recorded or printed.
 - ``progress``: ``progress_bar``, drawn only on a terminal (never into log files, never empty),
-  and ``progress_lines``, bounded progress lines when stdout is a log file.
+  and ``progress_lines``, bounded progress lines when stdout is a log file; transformers' own
+  bars are shown on a terminal only.
 - ``checks``: the field checks every config and loss shares (``positive``, ``in_range``, ...).
 - ``options``: how a config field declares its command-line option (``option(...)``), and the
   parsers for sizes, comma lists and ``CLASS=DELTA``; ``step_options``: the options several

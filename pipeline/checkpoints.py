@@ -210,8 +210,9 @@ def load_hf_model(
     if not model.body.pretrained:  # type: ignore[union-attr]
         raise CheckpointError(
             f"hf:{directory} holds a config.json but no weights (model.safetensors or "
-            "pytorch_model.bin): as a teacher it would give random logits. Train it first "
-            f"(kd-pipeline train-teacher --model hf:{directory}) and give the trained teacher"
+            "pytorch_model.bin): as a teacher or evaluated it would give random logits. Train "
+            f"it first (kd-pipeline train-teacher --model hf:{directory}) and give the trained "
+            "model"
         )
     meta: dict = {"model_spec": f"hf:{directory}", "in_shape": [], "sequence": True}
     width = int(model.body.width)  # type: ignore[union-attr]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ModelSpecError
+from pipeline.progress import transformers_bars_on_terminal_only
 
 PREFIX = "hf-image"
 # Pillow's resample codes, as processors record them, and the torch mode that stands for each.
@@ -167,11 +168,34 @@ def _load(spec: str, directory: Path) -> nn.Module:
             "image classifier's save_pretrained (nothing is downloaded)"
         )
     try:
-        return AutoModelForImageClassification.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=False
-        )
+        with transformers_bars_on_terminal_only():
+            return AutoModelForImageClassification.from_pretrained(
+                str(directory), local_files_only=True, trust_remote_code=False
+            )
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        auto_map = _auto_map(directory)
+        if auto_map:
+            # transformers' own message asks for trust_remote_code=True, which no option of
+            # kd-pipeline passes for image classifiers: say what is wrong in our terms.
+            raise ModelSpecError(
+                f"{spec}: its config.json names custom modelling code (auto_map: {auto_map}) "
+                "for an architecture transformers does not ship; hf-image: teachers never run "
+                "a directory's own code (--trust-code does not apply to them), and nothing was "
+                "imported. Give a model of an architecture transformers ships (ViT, ResNet, "
+                "ConvNeXt, ...), or export yours as torchscript:PATH"
+            ) from None
         raise ModelSpecError(f"{spec}: cannot load it as an image classifier ({e})") from e
+
+
+def _auto_map(directory: Path) -> str:
+    """The custom classes ``directory``'s config.json names (``auto_map``), or ``""``."""
+    try:
+        auto_map = json.loads((directory / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if isinstance(auto_map, dict):
+        return ", ".join(sorted(map(str, auto_map.values())))
+    return str(auto_map) if auto_map else ""
 
 
 class HFImageClassifier(nn.Module):

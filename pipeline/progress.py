@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 from tqdm.auto import tqdm
@@ -177,6 +178,31 @@ def _isatty(stream: IO[str]) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+@contextmanager
+def transformers_bars_on_terminal_only() -> Iterator[None]:
+    """Within this block, ``transformers``' own bars (``Loading weights``, ``Writing model
+    shards``) draw only where kd-pipeline's would: on a terminal (stderr), never into a log.
+
+    Their state is restored after the block, so a library user's setting is kept. Without
+    transformers installed (or importable) the block runs as it is.
+    """
+    if _isatty(sys.stderr):
+        yield
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except Exception:  # noqa: BLE001 - absent or broken: the caller reports that itself
+        yield
+        return
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 #: The longest wait between two progress lines where no bar draws (seconds);

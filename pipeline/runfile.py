@@ -108,6 +108,14 @@ def scalar_type(annotation: Any) -> type:
     return t if t in (int, float, str, bool) else str
 
 
+def _takes_list(annotation: Any) -> bool:
+    """Whether a field holds a list (``list[int] | None``, ``list[float]``), not one value."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return typing.get_origin(annotation) in (list, tuple) or any(
+        typing.get_origin(a) in (list, tuple) for a in args
+    )
+
+
 def value_at(config: Any, path: Iterable[str]) -> Any:
     """``config``'s value at a field path, e.g. ``("train", "seed")``."""
     for name in path:
@@ -342,7 +350,10 @@ def from_toml(d: Declared, raw: Any) -> Any:
             raise ValueError(f"expected {_expected(d)}, {found}")
         if isinstance(raw, list) and any(isinstance(x, bool) for x in raw):
             raise ValueError(f"expected {_expected(d)}, {found}")
-        if isinstance(raw, int) and scalar_type(d.annotation) is int:
+        listed = _takes_list(d.annotation)
+        if isinstance(raw, list) and not listed:  # memory_budget = [1] is not a size
+            raise ValueError(f"expected {_expected(d)}, {found}")
+        if isinstance(raw, int) and not listed and scalar_type(d.annotation) is int:
             return raw  # exact (a size in bytes); the parser would go through a float
         return opt.parse(",".join(map(str, raw)) if isinstance(raw, list) else str(raw))
     t = scalar_type(d.annotation)
@@ -371,7 +382,16 @@ def from_toml(d: Declared, raw: Any) -> Any:
 def _unknown(key: str, known: list[str]) -> str:
     leaf = key.rsplit(".", 1)[-1]
     placed = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
-    close = placed or difflib.get_close_matches(key, known, n=1)
+    # Closeness of the names alone: on whole dotted keys a shared "train." prefix makes any
+    # two keys of that table look alike (train.bogus -> train.log_to).
+    by_leaf: dict[str, list[str]] = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    table = key.rpartition(".")[0]
+    close = placed or [
+        min(by_leaf[name], key=lambda k: k.rpartition(".")[0] != table)
+        for name in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    ]
     hint = f"; did you mean {close[0]}?" if close else ""
     return f"unknown key {key!r}{hint}"
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from pipeline.errors import ModelSpecError, UntrustedCodeError
 from pipeline.models import is_trusted
+from pipeline.progress import transformers_bars_on_terminal_only
 
 if TYPE_CHECKING:
     from pipeline.sequences.tokenizers import Tokenizer
@@ -129,6 +130,22 @@ def custom_code_allowed(root: Path, config: dict, spec: str) -> bool:
     )
 
 
+def missing_code_files(root: Path, auto_map: Any) -> list[str]:
+    """The code files an allowed ``auto_map`` names that ``root`` lacks: ``module.Class`` needs
+    ``root/module.py``; ``repo--module.Class`` (code in another repository) is never there, as
+    nothing is downloaded."""
+    refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+    missing = []
+    for ref in refs:
+        for one in ref if isinstance(ref, list) else [ref]:
+            if not isinstance(one, str) or "." not in one:  # e.g. a tokenizer pair's None
+                continue
+            module = one.rsplit(".", 1)[0]
+            if "--" in module or not (root / f"{module.replace('.', '/')}.py").is_file():
+                missing.append(f"{module}.py" if "--" not in module else one)
+    return sorted(set(missing))
+
+
 def student_problems(
     body: Any, vocab: int, tokenizer: Tokenizer, positions: int, against: str = "the cache's"
 ) -> list[str]:
@@ -187,10 +204,8 @@ def export_hf(model: nn.Module, out: Path, tokenizer: Tokenizer | None) -> Path 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # its bars are drawn into log files too
-    body.lm.save_pretrained(str(tmp), safe_serialization=True)
+    with transformers_bars_on_terminal_only():
+        body.lm.save_pretrained(str(tmp), safe_serialization=True)
     if isinstance(tokenizer, JsonTokenizer):
         _save_tokenizer(tokenizer, tmp)
     shutil.rmtree(out, ignore_errors=True)
@@ -242,22 +257,33 @@ class HFCausalLM(nn.Module):
         kw: dict = {"local_files_only": True}
         if trust:  # only for a directory the user allowed: never by default
             kw["trust_remote_code"] = True
+            missing = missing_code_files(root, config.get("auto_map"))
+            if missing:  # else transformers' message points to the Hub, where nothing is read
+                raise ModelSpecError(
+                    f"{spec}: its config.json names custom code that is not in {root}: "
+                    f"{', '.join(missing)}; models are read from their directory alone "
+                    "(nothing is downloaded): put the code files beside config.json"
+                )
         self.directory = directory
         self.pretrained = has_weights(root)
         try:
-            if self.pretrained:
-                self.lm = transformers.AutoModelForCausalLM.from_pretrained(directory, **kw)
-            else:
-                cfg = transformers.AutoConfig.from_pretrained(directory, **kw)
-                self.lm = transformers.AutoModelForCausalLM.from_config(
-                    cfg, **({"trust_remote_code": True} if trust else {})
-                )
+            with transformers_bars_on_terminal_only():
+                self.lm = self._build(transformers, directory, kw, trust)
         except Exception as e:  # noqa: BLE001 - transformers raises many kinds
             raise ModelSpecError(
                 f"hf:{directory}: cannot load it ({type(e).__name__}: {e})" + _torchvision_note()
             ) from e
         self.width = int(self.lm.config.vocab_size)
         self.ctx = int(getattr(self.lm.config, "max_position_embeddings", 0) or 1 << 30)
+
+    def _build(self, transformers: ModuleType, directory: str, kw: dict, trust: bool) -> nn.Module:
+        """The model: its weights when the directory has them, else built from its config."""
+        if self.pretrained:
+            return transformers.AutoModelForCausalLM.from_pretrained(directory, **kw)
+        cfg = transformers.AutoConfig.from_pretrained(directory, **kw)
+        return transformers.AutoModelForCausalLM.from_config(
+            cfg, **({"trust_remote_code": True} if trust else {})
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=x.long(), use_cache=False).logits

@@ -43,6 +43,15 @@ from pipeline.training.tracking import LOGGERS, check_trackers, tracking_hooks
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
+def _once(name: str, values: list[str]) -> str | None:
+    """A problem when ``values`` repeats one: two TensorBoard writers in one folder would show
+    every point twice."""
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if not twice:
+        return None
+    return f"{name} names {', '.join(twice)} more than once; give each tracker once"
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by every training mode.
@@ -129,6 +138,7 @@ class TrainConfig:
             in_range("momentum", self.momentum, 0, 1),
             at_least("weight_decay", self.weight_decay, 0),
             *(LOGGERS.problem("log_to", name) for name in self.log_to),
+            _once("log_to", self.log_to),
         )
         if problems:
             raise ConfigError(problems)

@@ -139,7 +139,11 @@ class SparseTargets:
         )
 
     def probs(self) -> torch.Tensor:
-        """(B, C) the members' mean mass per class (kept classes only; tails left out)."""
+        """(B, C) the members' mean mass per class (kept classes only; tails left out); (B, P, C)
+        for grouped targets (a batch of token sequences, as ``CacheDataset`` serves them)."""
+        if self.is_grouped:
+            batch, positions = self.index.shape[1:3]
+            return self.flat().probs().reshape(batch, positions, self.num_classes)
         members, rows, _ = self.index.shape
         out = torch.zeros(rows, self.num_classes, dtype=torch.float32, device=self.index.device)
         # Top-k: the kept probabilities; sampled: the draws' weights, whose sum per class is an
@@ -150,8 +154,9 @@ class SparseTargets:
         return out / members
 
     def top_class(self) -> torch.Tensor:
-        """(B,) the class the ensemble ranks first (the top-1 of the stored classes' mass)."""
-        return self.probs().argmax(dim=1)
+        """(B,) the class the ensemble ranks first (the top-1 of the stored classes' mass); (B, P)
+        for grouped targets, as a dense (B, P, C) batch's ``argmax(-1)``."""
+        return self.probs().argmax(dim=-1)
 
 
 def group_rows(targets: torch.Tensor | SparseTargets, per: int) -> torch.Tensor | SparseTargets:

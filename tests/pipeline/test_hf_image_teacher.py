@@ -17,6 +17,7 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.errors import ModelSpecError
 from pipeline.models import build_model
 from stages.cli import main
+from tests.helpers.hf_models import MEAN, STD, save_resnet, save_vit
 from tests.helpers.images import CLASSES, make_image_folder
 from tests.helpers.optional import require
 
@@ -24,47 +25,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning"),
     pytest.mark.filterwarnings("ignore:Object at kd-writer.lock:UserWarning"),
 ]
-LABELS = {i: name for i, name in enumerate(CLASSES)}
-MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
-
-
-def save_vit(out: Path, side: int = 16) -> Path:
-    """A seeded random 1-layer ViT for side x side images and its (Pillow) image processor."""
-    tf = require("transformers")
-    torch.manual_seed(0)
-    config = tf.ViTConfig(
-        image_size=side,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=37,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-    )
-    tf.ViTForImageClassification(config).save_pretrained(out)
-    processor = tf.ViTImageProcessorPil(
-        size={"height": side, "width": side}, image_mean=MEAN, image_std=STD
-    )
-    processor.save_pretrained(out)
-    return out
-
-
-def save_resnet(out: Path, side: int = 16) -> Path:
-    """A seeded random 1-stage ResNet and a ConvNeXt-style processor (shortest edge, crop_pct)."""
-    tf = require("transformers")
-    torch.manual_seed(1)
-    config = tf.ResNetConfig(
-        embedding_size=8, hidden_sizes=[16], depths=[1], id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-    )  # fmt: skip
-    tf.ResNetForImageClassification(config).save_pretrained(out)
-    tf.ConvNextImageProcessorPil(
-        size={"shortest_edge": side}, crop_pct=0.8, image_mean=MEAN, image_std=STD
-    ).save_pretrained(out)
-    return out
-
-
 def cache_logits(teacher: str, dataset: str, out: Path) -> LogitCache:
     res = CliRunner().invoke(
         main,
