@@ -78,13 +78,15 @@ def load_hf_any(
         if image_keys:
             raise DatasetError(
                 f"{spec}: text= reads a text column as token sequences; "
-                f"{', '.join(k + '=' for k in image_keys)} apply to image or array columns "
+                f"{', '.join(k + '=' for k in image_keys)} {_apply(image_keys)} to image or "
+                "array columns "
                 "(without text=)"
             )
         return load_hf_text(directory, split, **options)
     if text_keys:
         raise DatasetError(
-            f"{spec}: {', '.join(k + '=' for k in text_keys)} apply to text columns; name the "
+            f"{spec}: {', '.join(k + '=' for k in text_keys)} {_apply(text_keys)} to text "
+            "columns; name the "
             "column with text=COLUMN (e.g. text=text)"
         )
     return lazy_sources.load_hf(directory, split, data_dir, **options)
@@ -178,6 +180,11 @@ def eos_id(tok: Tokenizer) -> int | None:
         if i is not None:
             return int(i)
     return None
+
+
+def _apply(keys: list[str]) -> str:
+    """``applies`` for one option, ``apply`` for several (the messages name them)."""
+    return "applies" if len(keys) == 1 else "apply"
 
 
 def _datasets(spec: str) -> Any:

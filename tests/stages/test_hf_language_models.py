@@ -146,8 +146,8 @@ def test_one_jsonl_file_is_divided_by_document(world: dict, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("suffix", "needle"),
     [
-        (":text=text:x=image", "x= apply to image or array columns"),
-        (":seq=8", "seq= apply to text columns; name the column with text=COLUMN"),
+        (":text=text:x=image", "x= applies to image or array columns"),
+        (":seq=8", "seq= applies to text columns; name the column with text=COLUMN"),
         (":text=body", "no text column 'body'; columns: ['text']"),
     ],
 )
