@@ -396,6 +396,16 @@ def _unknown(key: str, known: list[str]) -> str:
     return f"unknown key {key!r}{hint}"
 
 
+class FileProblems(ConfigError):
+    """A run file's unknown keys and unparsable values (``problems``), with the field values
+    that did parse (``values``, by field path), so that the caller can check those as well and
+    report everything at once."""
+
+    def __init__(self, problems: list[str], values: dict[tuple[str, ...], Any]) -> None:
+        super().__init__(problems)
+        self.values = values
+
+
 def file_values(
     fields: Iterable[Declared], table: Mapping[str, Any], source: str
 ) -> dict[tuple[str, ...], Any]:
@@ -407,8 +417,8 @@ def file_values(
         source: How problems name the file (``--config run.toml``).
 
     Raises:
-        ConfigError: every unknown key (named, with the key meant where one is close) and every
-            value its field refuses, all at once.
+        FileProblems: every unknown key (named, with the key meant where one is close) and every
+            value its field refuses, all at once (with the values that parsed).
     """
     fields = list(fields)
     by_path = {d.path: d for d in fields}
@@ -437,5 +447,7 @@ def file_values(
 
     walk(table, ())
     if problems:
-        raise ConfigError(problems)
+        # The values that did parse ride along: the command checks the config built from them
+        # too, so a file's unknown keys, bad types and out-of-range values come in one report.
+        raise FileProblems(problems, values)
     return values

@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError, KDError, distinct_problems
 from pipeline.options import Option, field_problems
 from pipeline.runfile import (
     Declared,
+    FileProblems,
     RunFile,
     config_table,
     declared_fields,
@@ -336,15 +337,18 @@ def configured(*specs: type | Only) -> Callable[[Callable], Callable]:
         def command(**kwargs: Any) -> Any:
             ctx = click.get_current_context()
             file, show = (kwargs.pop(dest, None) for dest in RUN_FILE_DESTS)
-            from_file = None
+            from_file, file_problems = None, []
             if file is not None:
-                from_file = file_values(every, load_toml(file), f"--config {file}")
+                try:
+                    from_file = file_values(every, load_toml(file), f"--config {file}")
+                except FileProblems as e:  # reported with the checks of what did parse
+                    from_file, file_problems = e.values, e.problems
                 _require(ctx, selected, from_file)
             configs = []
             for cls, params in selected:
                 cfg = build(cls, params, kwargs, ctx, from_file)
                 configs.append(cfg.resolve() if hasattr(cfg, "resolve") else cfg)
-            problems = check_all(configs)
+            problems = file_problems + check_all(configs)
             if problems:
                 raise ConfigError(problems)
             if show:

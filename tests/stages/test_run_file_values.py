@@ -44,3 +44,18 @@ def test_a_list_for_a_one_value_field_is_refused(tmp_path: Path) -> None:
     assert code == 0, out
     assert tomllib.loads(out)["members"] == [0, 2]
     assert tomllib.loads(out)["memory_budget"] == 2 * 1024**3
+
+
+def test_a_files_unknown_keys_bad_types_and_out_of_range_values_come_in_one_report(
+    tmp_path: Path,
+) -> None:
+    """Fixing a run file is one round: the checks of the values that parsed are reported with the
+    keys and types the file got wrong (they were a second run's surprise)."""
+    run = tmp_path / "run.toml"
+    run.write_text('cache = "c.zarr"\nepochs = 3\n[train]\nlr = "fast"\nseed = -2\n')
+    res = CliRunner().invoke(main, ["train-student", "--config", str(run), "--print-config"])
+    assert res.exit_code == 2, res.output
+    assert "unknown key 'epochs'" in res.output
+    assert "train.lr: expected a number" in res.output
+    assert "seed" in res.output and "-2" in res.output
+    assert "Traceback" not in res.output
