@@ -135,7 +135,7 @@ def finished_result(scfg: StudentConfig, fingerprint: dict) -> dict | None:
         previous = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    from pipeline.training.distill import same_run_config
+    from pipeline.training.run_dir import same_run_config
 
     # Options added to StudentConfig after a run was made take their defaults there, and the
     # cache's location may differ (a bucket, its bundle): still the same run on the same cache.

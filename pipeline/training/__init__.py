@@ -5,5 +5,10 @@
 - ``loop``: the one training loop every mode uses (``fit``), its sources and ``TrainConfig``.
 - ``loader``: streaming cached soft targets into training within a memory budget.
 - ``teacher``: training a teacher ensemble (``train-teacher``).
-- ``distill``: stage two, a student from a cache or a live teacher (``train-student``).
+- ``distill``: stage two, a student from a cache or a live teacher (``train-student``): the
+  recipe.
+- ``soft_targets``: the recipe's soft-target source, a cache or a live teacher.
+- ``classification``: the recipe for classifiers (the soft targets, the student, the task).
+- ``bias``: output-bias correction for transfer sets that omit classes.
+- ``run_dir``: a student's run directory as a record (its config; whether a run is the same).
 """

@@ -49,7 +49,6 @@ from pipeline.distributed import batch_spans
 from pipeline.errors import CacheError, ConfigError, DistributedError
 from pipeline.sequences.data import is_sequence
 from pipeline.training.config import StudentConfig
-from pipeline.training.distill import soft_target_record
 from pipeline.training.loader import (
     StreamingCacheSource,
     cache_source,
@@ -58,6 +57,7 @@ from pipeline.training.loader import (
 )
 from pipeline.training.losses import ENSEMBLE_METHODS
 from pipeline.training.sequence import is_token_cache, token_source
+from pipeline.training.soft_targets import soft_target_record
 from pipeline.training.targets import SparseTargets
 from pipeline.training.views import view_source, view_use
 

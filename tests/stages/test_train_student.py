@@ -395,18 +395,18 @@ def test_one_run_uses_one_snapshot_of_the_done_shards(
 
     import zarr
 
-    import pipeline.training.distill as distill
+    import pipeline.training.soft_targets as soft_targets
 
     cache = tmp_path / "filling.zarr"
     shutil.copytree(partial_cache_path, cache)
-    real = distill.cache_source
+    real = soft_targets.cache_source
 
     def source_then_writer_finishes(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         made = real(*args, **kwargs)
         zarr.open_group(str(cache), mode="r+", use_consolidated=False)["members/0/done"][3] = 1
         return made
 
-    monkeypatch.setattr(distill, "cache_source", source_then_writer_finishes)
+    monkeypatch.setattr(soft_targets, "cache_source", source_then_writer_finishes)
     out = tmp_path / "run"
     code, output = run_cli(
         "--cache",
