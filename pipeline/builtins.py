@@ -16,7 +16,7 @@ BUILTINS: dict[str, tuple[str, ...]] = {
     "datasets": ("pipeline.datasets", "pipeline.sequences.data", "pipeline.sequences.hf_text"),
     "models": ("pipeline.models", "pipeline.sequences.models"),
     "augmentations": ("pipeline.augment",),
-    "storage_kinds": ("pipeline.cache.kinds",),
+    "storage_kinds": ("pipeline.cache.builtin_kinds",),
     "losses": ("pipeline.training.losses",),
     "ensemble_methods": ("pipeline.ensemble",),
     "optimizers": ("pipeline.training.optim",),

@@ -8,6 +8,8 @@ The format (version 2; version 1 still reads) is specified in docs/cache-format.
   on any store; ``lock``: the writer lock (a lock file, or an object store's lease).
 - ``kinds``: how one member's rows are stored (``dense``, ``topk:K``, ``sampled:S``): a registry
   of storage kinds, each with its arrays, encoding, checks, fidelity and training-side maths.
+- ``builtin_kinds``: the built-in storage kinds (``dense``, ``topk``, ``sampled``).
+- ``kind_maths``: the maths the storage kinds share (log-sum-exp, ``lse_at``, convexity checks).
 - ``header``: the header of format version 2 (it reads version 1 too) as a frozen, typed
   :class:`CacheHeader`.
 - ``guard``: what a cache's stored bytes may be (sizes, nesting, codecs, zstd frame sizes) before

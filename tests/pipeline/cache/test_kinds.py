@@ -7,15 +7,13 @@ import math
 import numpy as np
 import pytest
 
+from pipeline.cache.builtin_kinds import sampled_weights
+from pipeline.cache.kind_maths import index_dtype, logsumexp, lse_at
 from pipeline.cache.kinds import (
     AUTO_DENSE_MAX_CLASSES,
     StorageSpec,
     bytes_per_row,
-    index_dtype,
-    logsumexp,
-    lse_at,
     measure_fidelity,
-    sampled_weights,
     summarise_fidelity,
 )
 
