@@ -93,7 +93,7 @@ def _num(v: float) -> str:
 
 def _translate(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, pad: int) -> np.ndarray:
     """Each image's content moved down by ``dy`` and right by ``dx`` pixels (|d| <= pad), zero
-    fill: one slice per distinct offset, as ``loop.random_shift`` does."""
+    fill: one slice per distinct offset, as ``sources.random_shift`` does."""
     n, _, h, w = x.shape
     padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     out = np.empty_like(x)

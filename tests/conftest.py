@@ -31,8 +31,8 @@ def npz_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory, npz_path: Path) -> Path:
     """A real 2-member mlp:32 teacher ensemble trained on ``npz_path`` (seconds on a CPU)."""
     from pipeline.training.config import TeacherConfig
-    from pipeline.training.loop import TrainConfig
     from pipeline.training.teacher import train_teacher
+    from pipeline.training.train_config import TrainConfig
 
     out = tmp_path_factory.mktemp("teacher")
     train_teacher(

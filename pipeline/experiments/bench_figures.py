@@ -37,8 +37,10 @@ from pipeline.metrics import predict_logits
 from pipeline.models import build_model
 from pipeline.training.config import StudentConfig
 from pipeline.training.loader import StreamingCacheSource, cache_source
-from pipeline.training.loop import InMemorySource, TrainConfig, fit
+from pipeline.training.loop import fit
 from pipeline.training.losses import DistillationLoss
+from pipeline.training.sources import InMemorySource
+from pipeline.training.train_config import TrainConfig
 
 
 def p1(cache: LogitCache, data, device: torch.device, reps: int, sync: Callable[[], None]) -> dict:

@@ -22,7 +22,7 @@ from pipeline.options import (
 )
 from pipeline.step_options import output_dir, raise_all
 from pipeline.training.config import StudentConfig
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from pipeline.cache.location import CacheLocation

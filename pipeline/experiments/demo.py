@@ -37,8 +37,8 @@ from pipeline.options import field_problems, option, parse_floats, show_list
 from pipeline.step_options import device_option, output_dir
 from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.distill import train_student
-from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher
+from pipeline.training.train_config import TrainConfig
 
 FASHION_MNIST_SHAPE = (1, 28, 28)
 

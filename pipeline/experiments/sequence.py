@@ -35,7 +35,7 @@ from pipeline.options import field_problems, option, parse_ints, show_list
 from pipeline.registry import Registry
 from pipeline.step_options import device_option, output_dir
 from pipeline.training.config import StudentConfig, TeacherConfig
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 
 CORPUS = Path(__file__).resolve().parents[2] / "data" / "kjv" / "kjv.txt.gz"
 SCALES: Registry[dict] = Registry(

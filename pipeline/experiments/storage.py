@@ -46,7 +46,7 @@ from pipeline.options import field_problems, option, parse_floats, parse_ints, s
 from pipeline.registry import Registry
 from pipeline.step_options import device_option, output_dir
 from pipeline.training.config import StudentConfig, TeacherConfig
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 
 DEFAULT_STORES = ("dense", "topk:1", "topk:5", "topk:20", "topk:100", "sampled:4", "sampled:16")
 # classes, groups, train rows, test rows, teacher epochs, student epochs

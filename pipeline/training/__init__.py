@@ -2,7 +2,10 @@
 
 - ``losses``: the paper's losses behind one signature, and ensemble combination (the registries of
   both).
-- ``loop``: the one training loop every mode uses (``fit``), its sources and ``TrainConfig``.
+- ``loop``: the one training loop every mode uses (``fit``).
+- ``train_config``: ``TrainConfig``, the loop's options.
+- ``sources``: what the loop trains on (``InMemorySource``, the ``BatchSource`` protocol).
+- ``fit_callbacks``: the callbacks every fit uses (measuring, model selection, history, epoch line).
 - ``loader``: streaming cached soft targets into training within a memory budget.
 - ``teacher``: training a teacher ensemble (``train-teacher``).
 - ``distill``: stage two, a student from a cache or a live teacher (``train-student``): the

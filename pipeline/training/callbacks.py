@@ -1,9 +1,9 @@
 """What the training loop shares with the code around it: :class:`FitState` and :class:`Callback`.
 
-Apart from :mod:`pipeline.training.loop` (which defines the callbacks every fit uses: measuring,
-model selection, the history file, the epoch line) so that other modules can add callbacks
-(:mod:`pipeline.training.tracking`: metrics as JSON lines, TensorBoard) and the loop can use
-theirs without an import circle.
+Apart from :mod:`pipeline.training.fit_callbacks` (which defines the callbacks every fit uses:
+measuring, model selection, the history file, the epoch line) so that other modules can add
+callbacks (:mod:`pipeline.training.tracking`: metrics as JSON lines, TensorBoard) and the loop can
+use theirs without an import circle.
 """
 
 from __future__ import annotations

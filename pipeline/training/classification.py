@@ -24,12 +24,13 @@ from pipeline.metrics import classification_metrics, percent, predict_logits
 from pipeline.models import KDModel, build_model
 from pipeline.training.bias import apply_bias
 from pipeline.training.config import StudentConfig
+from pipeline.training.fit_callbacks import BestEpoch
 from pipeline.training.loader import (
     StreamingCacheSource,
     shard_targets,
 )
-from pipeline.training.loop import BestEpoch, InMemorySource
 from pipeline.training.losses import make_loss
+from pipeline.training.sources import InMemorySource
 from pipeline.training.targets import SparseTargets
 from pipeline.training.views import shard_inputs, view_use
 

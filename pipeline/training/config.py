@@ -1,6 +1,6 @@
 """The configs of the training steps: ``train-teacher`` (:class:`TeacherConfig`) and
 ``train-student`` (:class:`StudentConfig`); both carry the optimisation settings
-(:class:`pipeline.training.loop.TrainConfig`).
+(:class:`pipeline.training.train_config.TrainConfig`).
 
 Each option is declared once on its field (:func:`pipeline.options.option`), with choices from
 the registries (losses, ensemble methods); ``validate()`` reports every problem at once
@@ -36,8 +36,8 @@ from pipeline.step_options import (
     raise_all,
     trust_code_option,
 )
-from pipeline.training.loop import TrainConfig
 from pipeline.training.losses import LOSSES
+from pipeline.training.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from pipeline.cache.location import CacheLocation

@@ -58,7 +58,8 @@ from pipeline.runfile import write_run_file
 from pipeline.training.bias import check_bias_options, shared_samples
 from pipeline.training.classification import SoftTargets
 from pipeline.training.config import StudentConfig
-from pipeline.training.loop import BestEpoch, fit
+from pipeline.training.fit_callbacks import BestEpoch
+from pipeline.training.loop import fit
 from pipeline.training.run_dir import check_run_dir, run_config
 from pipeline.training.soft_targets import setup_soft_targets
 

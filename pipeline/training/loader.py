@@ -39,7 +39,7 @@ from pipeline.data.lazy import is_lazy
 from pipeline.distributed import balanced, shard_spans, stream_steps
 from pipeline.ensemble import ENSEMBLE_METHODS, combine_members
 from pipeline.errors import CacheError, ConfigError
-from pipeline.training.loop import Batch, InMemorySource
+from pipeline.training.sources import Batch, InMemorySource
 from pipeline.training.targets import SparseTargets, sparse_rows
 
 PREFETCH_SHARDS = 2

@@ -51,9 +51,11 @@ from pipeline.sequences.hf import (
 )
 from pipeline.sequences.models import token_rows
 from pipeline.training.config import StudentConfig, TeacherConfig
+from pipeline.training.fit_callbacks import BestEpoch
 from pipeline.training.loader import LoaderPlan, StreamingCacheSource, plan_loader, shard_targets
-from pipeline.training.loop import BestEpoch, InMemorySource, fit
+from pipeline.training.loop import fit
 from pipeline.training.losses import DistillationLoss, make_loss
+from pipeline.training.sources import InMemorySource
 from pipeline.training.targets import SparseTargets, cat_targets, group_rows
 
 SEQUENCE_SOURCES = ("text", "tokens")

@@ -32,7 +32,6 @@ from pipeline.training.loader import (
     check_member_kinds,
     finished_shards,
 )
-from pipeline.training.loop import InMemorySource
 from pipeline.training.sequence import (
     SequenceTask,
     check_same_tokenizer,
@@ -40,6 +39,7 @@ from pipeline.training.sequence import (
     online_token_teacher,
     token_source,
 )
+from pipeline.training.sources import InMemorySource
 from pipeline.training.targets import temperature_exact
 from pipeline.training.views import live_transform, view_source, view_use
 

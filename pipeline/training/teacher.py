@@ -24,9 +24,11 @@ from pipeline.metrics import (
 )
 from pipeline.models import build_model
 from pipeline.training.config import TeacherConfig
-from pipeline.training.loop import InMemorySource, TrainConfig, fit, random_shift
+from pipeline.training.loop import fit
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import is_sequence_spec, train_sequence_teacher
+from pipeline.training.sources import InMemorySource, random_shift
+from pipeline.training.train_config import TrainConfig
 
 
 def train_teacher(

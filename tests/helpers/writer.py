@@ -88,8 +88,8 @@ def train(out: Path, npz: Path, model: str, seed: int, members: int = 1, epochs:
     """A ``model`` teacher of ``members`` members trained on ``npz:NPZ:train`` (no dropout, no
     jitter, no eval set), seeded."""
     from pipeline.training.config import TeacherConfig
-    from pipeline.training.loop import TrainConfig
     from pipeline.training.teacher import train_teacher
+    from pipeline.training.train_config import TrainConfig
 
     train_teacher(
         TeacherConfig(

@@ -26,7 +26,7 @@ from pipeline.distributed import (
 )
 from pipeline.errors import DistributedError
 from pipeline.training.loader import StreamingCacheSource, cache_source
-from pipeline.training.loop import InMemorySource
+from pipeline.training.sources import InMemorySource
 
 CASES = [(600, 32, 2), (601, 100, 2), (600, 17, 7), (5, 1, 4), (7, 3, 3), (64, 64, 1), (3, 8, 3)]
 

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.datasets import load_dataset
 from pipeline.training.config import StudentConfig
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 from tests.helpers.cli import cli
 from tests.helpers.data import make_corpus
 

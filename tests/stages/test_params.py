@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from pipeline.experiments.config import SweepConfig
 from pipeline.options import declared, show_size
 from pipeline.training.config import StudentConfig
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 from stages.cli import main
 from stages.params import FIELD_ATTR
 from tests.helpers.cli import commands, field_of

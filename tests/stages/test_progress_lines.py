@@ -144,8 +144,10 @@ def test_a_bar_on_the_terminal_and_lines_in_the_redirected_output(
     """``kd-pipeline ... > log``: stderr is a terminal (the bar draws there), stdout a file (it
     gets the lines); the same for a training epoch's lines through its log."""
     from pipeline.cache.verify import verify_cache
-    from pipeline.training.loop import InMemorySource, TrainConfig, fit
+    from pipeline.training.loop import fit
     from pipeline.training.losses import DistillationLoss
+    from pipeline.training.sources import InMemorySource
+    from pipeline.training.train_config import TrainConfig
 
     tty = Terminal()
     monkeypatch.setattr(sys, "stderr", tty)

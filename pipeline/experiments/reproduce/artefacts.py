@@ -42,8 +42,8 @@ from pipeline.metrics import classification_metrics, predict_logits
 from pipeline.models import build_model, trusting
 from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.distill import train_student
-from pipeline.training.loop import TrainConfig
 from pipeline.training.teacher import recorded_config, train_teacher
+from pipeline.training.train_config import TrainConfig
 
 
 def check_against_data(cfg: ReproduceConfig, train: Dataset) -> None:

@@ -18,7 +18,7 @@ from pipeline.experiments.sweep import finished_result
 from pipeline.files import slug
 from pipeline.training.config import StudentConfig
 from pipeline.training.distill import train_student
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 
 
 # ------------------------------------------------------------------------------------ consistency

@@ -11,7 +11,7 @@ from pipeline.experiments.reproduce.artefacts import Run
 from pipeline.experiments.reproduce.sections import Section
 from pipeline.experiments.sweep import run_sweep
 from pipeline.training.config import StudentConfig
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 
 
 # ------------------------------------------------------------------------------------ temperature

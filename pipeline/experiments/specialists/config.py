@@ -23,7 +23,7 @@ from pipeline.step_options import (
     raise_all,
     trust_code_option,
 )
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from pipeline.cache.location import CacheLocation

@@ -32,8 +32,10 @@ from pipeline.errors import CacheError, CheckpointError, ConfigError
 from pipeline.files import atomic_write_json
 from pipeline.models import KDModel, build_model, check_trusted
 from pipeline.training.loader import combined_shard
-from pipeline.training.loop import InMemorySource, TrainConfig, fit
+from pipeline.training.loop import fit
 from pipeline.training.losses import make_loss
+from pipeline.training.sources import InMemorySource
+from pipeline.training.train_config import TrainConfig
 
 DUSTBIN = "dustbin"
 

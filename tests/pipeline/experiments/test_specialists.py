@@ -29,7 +29,7 @@ from pipeline.experiments.specialists import (
 )
 from pipeline.experiments.specialists.config import SpecialistsConfig
 from pipeline.models import build_model
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 from tests.helpers.caches import teacher_cache
 
 GROUPS = [[0, 1, 2], [3, 4, 5]]  # planted confusable groups; 6 is confused with nothing

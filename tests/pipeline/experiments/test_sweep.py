@@ -28,7 +28,7 @@ from pipeline.experiments.sweep import (
 from pipeline.options import declared
 from pipeline.training.config import StudentConfig
 from pipeline.training.distill import train_student
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,10 +20,10 @@ from pipeline.datasets import default_eval_spec, load_dataset
 from pipeline.models import KDModel, register_model
 from pipeline.sequences.data import NO_LABEL, PAD, SequenceDataset, tokenizer_record
 from pipeline.sequences.tokenizers import Tokenizer, train_bpe
-from pipeline.training.loop import TrainConfig
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import SequenceLoss, token_source
 from pipeline.training.targets import flat_rows
+from pipeline.training.train_config import TrainConfig
 from stages.cli import main
 from tests.helpers.data import make_corpus
 from tests.helpers.optional import require

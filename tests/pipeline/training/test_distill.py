@@ -20,7 +20,7 @@ from pipeline.errors import CacheError, ConfigError, KDError
 from pipeline.metrics import predict_logits
 from pipeline.training.config import StudentConfig, TeacherConfig
 from pipeline.training.distill import train_student
-from pipeline.training.loop import TrainConfig
+from pipeline.training.train_config import TrainConfig
 from tests.helpers.caches import teacher_cache
 from tests.helpers.data import make_image_task, write_npz
 

@@ -18,8 +18,8 @@ from pipeline.api import CacheDataset, SparseTargets, collate_soft_targets, kd_l
 from pipeline.errors import ConfigError, DistributedError
 from pipeline.training.classification import CLASSIFICATION
 from pipeline.training.config import StudentConfig
-from pipeline.training.loop import TrainConfig
 from pipeline.training.soft_targets import SEQUENCE, setup_soft_targets
+from pipeline.training.train_config import TrainConfig
 from stages.cli import main
 from tests.helpers.data import make_corpus
 from tests.helpers.optional import require

@@ -27,8 +27,8 @@ from pipeline.training.loader import (
     cache_source,
     plan_loader,
 )
-from pipeline.training.loop import InMemorySource
 from pipeline.training.losses import combine_members
+from pipeline.training.sources import InMemorySource
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "read_threads")
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from pipeline.errors import KDError
-from pipeline.training.loop import InMemorySource, TrainConfig, fit
+from pipeline.training.loop import fit
 from pipeline.training.losses import DistillationLoss
 from pipeline.training.sequence import SequenceLoss
+from pipeline.training.sources import InMemorySource
+from pipeline.training.train_config import TrainConfig
 
 
 def _data(n: int = 96, c: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

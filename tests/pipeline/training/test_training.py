@@ -13,17 +13,11 @@ import torch
 from pipeline.errors import ConfigError, KDError
 from pipeline.metrics import classification_metrics, predict_logits
 from pipeline.models import build_model
-from pipeline.training.loop import (
-    Callback,
-    FitState,
-    InMemorySource,
-    TrainConfig,
-    fit,
-    make_schedule,
-    random_shift,
-    write_history_csv,
-)
+from pipeline.training.fit_callbacks import write_history_csv
+from pipeline.training.loop import Callback, FitState, fit, make_schedule
 from pipeline.training.losses import DistillationLoss
+from pipeline.training.sources import InMemorySource, random_shift
+from pipeline.training.train_config import TrainConfig
 from tests.helpers.data import make_image_task
 
 CPU = torch.device("cpu")
@@ -335,7 +329,7 @@ def test_fit_validates_its_config_first(task: tuple) -> None:
 
 
 def test_best_epoch_keeps_the_fewest_errors_then_the_lowest_nll_then_the_earliest() -> None:
-    from pipeline.training.loop import BestEpoch
+    from pipeline.training.fit_callbacks import BestEpoch
 
     model = torch.nn.Linear(2, 1)
     best = BestEpoch()
@@ -498,7 +492,7 @@ def test_in_memory_source_stacks_a_list_of_rows_without_torchs_slow_path_warning
 
     import numpy as np
 
-    from pipeline.training.loop import InMemorySource
+    from pipeline.training.sources import InMemorySource
 
     rows = [np.full((2, 2), i, np.float32) for i in range(5)]
     with warnings.catch_warnings():
