@@ -35,9 +35,10 @@ Foundation:
 Data and models:
 
 - ``data/``: ``lazy`` (inputs decoded when sliced), ``sources`` (image folders, Hugging Face
-  datasets on disk, a user's torch Dataset), ``content`` (per-sample digests).
-- ``datasets``: dataset specs (``NAME:SPLIT[:key=value...]``), the dataset registry,
-  fingerprints, and ``resolve_eval_set`` (what ``--eval`` means, for every step).
+  datasets on disk, a user's torch Dataset), ``content`` (per-sample digests), ``idx`` (IDX
+  files read into arrays), ``fingerprint`` (a dataset's content fingerprint).
+- ``datasets``: dataset specs (``NAME:SPLIT[:key=value...]``), the dataset registry, and
+  ``resolve_eval_set`` (what ``--eval`` means, for every step).
 - ``augment``: augmentation specs (``shift:2``, ``crop:pad=4+flip``), the transform registry,
   and the seeded view parameters of view caches.
 - ``models``: model specs (``mlp:1200,1200``, ``cnn``, ``torchscript:PATH``,

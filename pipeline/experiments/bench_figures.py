@@ -26,7 +26,8 @@ from pipeline.cache.read import LogitCache
 from pipeline.cache.write import mark_complete, write_shard
 from pipeline.cache.writer import build_cache
 from pipeline.checkpoints import load_checkpoint
-from pipeline.datasets import fingerprint_arrays, load_dataset
+from pipeline.data.fingerprint import fingerprint_arrays
+from pipeline.datasets import load_dataset
 from pipeline.devices import resolve_device
 from pipeline.experiments.bench_timing import MEMBERS, STUDENT, TEACHER, make_teachers, median_time
 from pipeline.experiments.config import SweepConfig

@@ -87,8 +87,8 @@ def write_idx(
     directory: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool
 ) -> Path:
     """The MNIST-style IDX pair of ``split`` (images (N, H, W) uint8, labels (N,)) under
-    ``directory``, with the file names ``pipeline.datasets.IDX_FILES`` gives, gzipped or not."""
-    from pipeline.datasets import IDX_FILES
+    ``directory``, with the file names ``pipeline.data.idx.IDX_FILES`` gives, gzipped or not."""
+    from pipeline.data.idx import IDX_FILES
 
     directory.mkdir(parents=True, exist_ok=True)
     img_name, lab_name = IDX_FILES[split]

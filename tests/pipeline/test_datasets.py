@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.data.fingerprint import fingerprint_arrays
+from pipeline.data.idx import IDX_FILES
 from pipeline.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,
-    IDX_FILES,
     canonical_spec,
-    fingerprint_arrays,
     load_dataset,
     parse_spec,
 )
@@ -474,7 +474,7 @@ def test_idx_reads_are_memoised_per_file_version(tmp_path: Path) -> None:
     """A second load of the same IDX file is served from memory, as a copy; a changed file is read
     again.
     """
-    from pipeline import datasets
+    from pipeline.data import idx
 
     d = tmp_path / "idx"
     d.mkdir()
@@ -494,7 +494,7 @@ def test_idx_reads_are_memoised_per_file_version(tmp_path: Path) -> None:
     first.x[:] = 0  # a caller's writes never reach the memo
     again = load_dataset(f"idx:{d}:train")
     assert np.array_equal(again.x[:, 0], imgs)
-    assert any(k[0].endswith(IDX_FILES["train"][0]) for k in datasets._IDX_MEMO)
+    assert any(k[0].endswith(IDX_FILES["train"][0]) for k in idx._IDX_MEMO)
     write(
         255 - imgs
     )  # new content, same size: the modification time tells (set apart explicitly here, since
