@@ -72,7 +72,7 @@ class SoftTargets:
             self.task = CLASSIFICATION
 
 
-# ---------------------------------------------------------------------------------- 2. the student
+# --------------------------------------------------------------- the student (step 2 of the recipe)
 def build_student(cfg: StudentConfig, targets: SoftTargets, device: torch.device) -> KDModel:
     """The student (seeded), checked to output one logit per teacher class.
 

@@ -3,9 +3,11 @@
 :func:`train_student` is the one code path behind ``train-student`` (and sweeps, the demo and
 the experiments). It is a recipe of four steps, each a function of its own: set up the soft-target
 source (a cache, checked against the dataset it records, or a live teacher:
-:func:`setup_soft_targets`), build and check the student (:func:`build_student`), fit it with
-:func:`pipeline.training.fit` (:func:`fit_student`), and finish: correct biases, measure, and write
-a run directory that describes itself (:func:`finish_run`)::
+:func:`pipeline.training.soft_targets.setup_soft_targets`), build and check the student
+(:func:`pipeline.training.classification.build_student`), fit it with
+:func:`pipeline.training.fit` (:func:`fit_student`), and finish: correct biases
+(:mod:`pipeline.training.bias`), measure, and write a run directory that describes itself
+(:func:`finish_run`; what it records: :mod:`pipeline.training.run_dir`)::
 
     RUN_DIR/
       student.pt      checkpoint (weights_only-safe) with the resolved config, the cache
@@ -71,10 +73,12 @@ def train_student(
 
     A recipe of named steps, each of which can be read (and tested) on its own:
 
-    1. set up the soft-target source: a cache or a live teacher (:func:`setup_soft_targets`);
-    2. build and check the student (:func:`build_student`), and resolve what it is measured on
-       (:func:`~pipeline.datasets.resolve_eval_set`; :func:`check_bias_options`, so that a bad bias
-       option fails before training, not after);
+    1. set up the soft-target source: a cache or a live teacher
+       (:func:`~pipeline.training.soft_targets.setup_soft_targets`);
+    2. build and check the student (:func:`~pipeline.training.classification.build_student`), and
+       resolve what it is measured on (:func:`~pipeline.datasets.resolve_eval_set`;
+       :func:`~pipeline.training.bias.check_bias_options`, so that a bad bias option fails before
+       training, not after);
     3. fit it (:func:`fit_student`);
     4. finish: bias correction, evaluation, the run directory (:func:`finish_run`).
 

@@ -35,8 +35,9 @@ def run_config(cfg: StudentConfig, ranks: Ranks = SINGLE) -> dict:
 
 def check_run_dir(cfg: StudentConfig, log: Callable[[str], None], ranks: Ranks = SINGLE) -> None:
     """Refuse to replace a run of another config in ``cfg.out`` unless ``--overwrite``; say so
-    when a run is replaced (it is, once training starts: :func:`fit_student`). A run on another
-    number of processes is another config (its effective batch differs).
+    when a run is replaced (it is, once training starts:
+    :func:`~pipeline.training.distill.fit_student`). A run on another number of processes is
+    another config (its effective batch differs).
 
     Raises:
         ConfigError: ``cfg.out`` holds a run of another config and ``cfg.overwrite`` is off.

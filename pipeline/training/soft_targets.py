@@ -44,7 +44,7 @@ from pipeline.training.targets import temperature_exact
 from pipeline.training.views import live_transform, view_source, view_use
 
 
-# ------------------------------------------------------------------------------ 1. the soft targets
+# ---------------------------------------------------------- the soft targets (step 1 of the recipe)
 def setup_soft_targets(
     cfg: StudentConfig, device: torch.device, log: Callable[[str], None], ranks: Ranks = SINGLE
 ) -> SoftTargets:
