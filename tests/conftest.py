@@ -6,6 +6,7 @@ S3 API.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,19 @@ from tests.helpers.writer import make, spec_of, train
 
 # Tests must not depend on where they run or on this machine's thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(autouse=True)
+def _no_allocator_settings_leak() -> Iterator[None]:
+    """A CLI command run in this process (CliRunner) exports its allocator settings
+    (``MALLOC_*_``, :mod:`pipeline.allocator`) for its children; later tests' subprocesses must
+    not inherit them, or their memory measurements measure kept freed memory."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        if k not in before:
+            del os.environ[k]
+    os.environ.update(before)
 
 
 @pytest.fixture(scope="session")
