@@ -99,7 +99,9 @@ class DaskProcesses:
                     p.terminate()
             for p in self.procs.values():
                 try:
-                    p.wait(timeout=20)
+                    # A worker whose scheduler is gone can linger in its own shutdown; nothing is
+                    # left to save, so it is killed after a few seconds (20 s cost 40 s a run).
+                    p.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()

@@ -48,6 +48,7 @@ def kd(*args: str, cwd: Path) -> str:
     return res.stdout
 
 
+@pytest.mark.slow  # a real teacher, cache and HF student run with output in a file (13 s)
 @pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
 def test_no_transformers_bars_in_a_log(tmp_path: Path) -> None:
     model = save_llama(tmp_path / "llama")
